@@ -1,0 +1,294 @@
+//! Collectives on a [`Ring`]: allreduce (sum and mean) and broadcast.
+//!
+//! ## Design
+//! The allreduce is the bandwidth-optimal ring algorithm: the buffer is cut into
+//! `world` chunks; `world − 1` reduce-scatter steps leave each rank owning one fully
+//! summed chunk, and `world − 1` all-gather steps hand every owned chunk round the
+//! ring. Each rank sends and receives `2·(world − 1)/world` of the buffer in all,
+//! independent of the worker count.
+//!
+//! In step `k` (of `2·(world − 1)`) rank `r` sends chunk `(r − k) mod world` and
+//! receives chunk `(r − k − 1) mod world`, adding it during reduce-scatter and copying
+//! it during all-gather. The chunk received in step `k` is the one sent in step
+//! `k + 1`, so chunks are cut into pieces and each received piece is forwarded the
+//! moment it is reduced: a writer thread sends while the caller's thread receives and
+//! reduces, and the ring works as a pipeline instead of `2·(world − 1)` barriers.
+//!
+//! Any length works: chunks are balanced (`len·c/world` boundaries), so a buffer
+//! shorter than the ring simply has empty chunks, which send nothing.
+
+use std::net::TcpStream;
+use std::sync::mpsc;
+use std::thread;
+
+use crate::frame::{FrameKind, read_frame, write_frame};
+use crate::{CommError, Ring};
+
+/// Floats per piece: 256 KiB frames keep the pipeline full without large copies.
+const PIECE: usize = 64 * 1024;
+
+fn chunk_bounds(len: usize, world: usize, chunk: usize) -> (usize, usize) {
+    (len * chunk / world, len * (chunk + 1) / world)
+}
+
+fn pieces(start: usize, end: usize) -> impl Iterator<Item = (usize, usize)> {
+    (start..end).step_by(PIECE).map(move |s| (s, (s + PIECE).min(end)))
+}
+
+fn encode(values: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(values.len() * 4);
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+/// Runs `body` with a writer thread that sends every queued piece to `next`.
+/// Returns the first error of either side.
+fn with_writer<T>(
+    next: &mut TcpStream,
+    peer: String,
+    body: impl FnOnce(&mpsc::Sender<Vec<u8>>) -> Result<T, CommError>,
+) -> Result<T, CommError> {
+    thread::scope(|scope| {
+        // Unbounded on purpose: a bounded queue can deadlock the ring when every rank
+        // blocks on enqueueing while no rank reads. At most one buffer's worth waits.
+        let (tx, rx) = mpsc::channel::<Vec<u8>>();
+        let writer = scope.spawn(move || -> Result<(), CommError> {
+            for piece in rx {
+                write_frame(next, FrameKind::Data, &piece)
+                    .map_err(|e| CommError::io(format!("sending to {peer}"), e))?;
+            }
+            Ok(())
+        });
+        let result = body(&tx);
+        drop(tx);
+        let sent = writer.join().map_err(|_| CommError::Config("writer thread panicked".into()))?;
+        let value = result?;
+        sent?;
+        Ok(value)
+    })
+}
+
+impl Ring {
+    fn peers(&mut self) -> (&mut TcpStream, &mut TcpStream, String, String) {
+        let world = self.config.world;
+        let rank = self.config.rank;
+        let next = format!("rank {}", (rank + 1) % world);
+        let prev = format!("rank {}", (rank + world - 1) % world);
+        let (Some(n), Some(p)) = (self.next.as_mut(), self.prev.as_mut()) else {
+            unreachable!("a ring of more than one worker has both streams");
+        };
+        (n, p, next, prev)
+    }
+
+    /// Sums `buf` element-wise across all ranks; every rank ends with the same sum.
+    pub fn allreduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        let world = self.config.world;
+        let rank = self.config.rank;
+        let max = self.config.max_frame;
+        if world == 1 || buf.is_empty() {
+            return Ok(());
+        }
+        let len = buf.len();
+        let steps = 2 * (world - 1);
+        let (next, prev, next_name, prev_name) = self.peers();
+        with_writer(next, next_name, |tx| {
+            let (s, e) = chunk_bounds(len, world, rank);
+            for (a, b) in pieces(s, e) {
+                tx.send(encode(&buf[a..b])).ok();
+            }
+            let mut frame = Vec::new();
+            for k in 0..steps {
+                let chunk = (rank + 2 * world - k - 1) % world;
+                let reducing = k < world - 1;
+                let forwarding = k + 1 < steps;
+                let (s, e) = chunk_bounds(len, world, chunk);
+                for (a, b) in pieces(s, e) {
+                    read_frame(prev, &mut frame, max, &prev_name, "allreduce")?;
+                    if frame.len() != (b - a) * 4 {
+                        return Err(CommError::Protocol {
+                            peer: prev_name,
+                            reason: format!(
+                                "allreduce piece of {} bytes where {} were expected (peers disagree on the buffer length?)",
+                                frame.len(),
+                                (b - a) * 4
+                            ),
+                        });
+                    }
+                    let dst = &mut buf[a..b];
+                    for (d, bytes) in dst.iter_mut().zip(frame.chunks_exact(4)) {
+                        let v = f32::from_le_bytes(bytes.try_into().expect("4 bytes"));
+                        if reducing { *d += v } else { *d = v }
+                    }
+                    if forwarding {
+                        tx.send(encode(dst)).ok();
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Averages `buf` across all ranks.
+    pub fn allreduce_mean(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        self.allreduce_sum(buf)?;
+        let n = self.config.world as f32;
+        buf.iter_mut().for_each(|v| *v /= n);
+        Ok(())
+    }
+
+    /// Copies `root`'s `buf` to every rank (pipelined along the ring).
+    pub fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        let world = self.config.world;
+        let rank = self.config.rank;
+        let max = self.config.max_frame;
+        if root >= world {
+            return Err(CommError::Config(format!("broadcast root {root} outside a ring of {world}")));
+        }
+        if world == 1 || buf.is_empty() {
+            return Ok(());
+        }
+        let last = (root + world - 1) % world;
+        let (next, prev, next_name, prev_name) = self.peers();
+        with_writer(next, next_name, |tx| {
+            if rank == root {
+                for (a, b) in pieces(0, buf.len()) {
+                    tx.send(encode(&buf[a..b])).ok();
+                }
+                return Ok(());
+            }
+            let mut frame = Vec::new();
+            for (a, b) in pieces(0, buf.len()) {
+                read_frame(prev, &mut frame, max, &prev_name, "broadcast")?;
+                if frame.len() != (b - a) * 4 {
+                    return Err(CommError::Protocol {
+                        peer: prev_name,
+                        reason: "broadcast piece of unexpected length".into(),
+                    });
+                }
+                for (d, bytes) in buf[a..b].iter_mut().zip(frame.chunks_exact(4)) {
+                    *d = f32::from_le_bytes(bytes.try_into().expect("4 bytes"));
+                }
+                if rank != last {
+                    tx.send(frame.clone()).ok();
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+
+    use super::*;
+    use crate::RingConfig;
+
+    /// Runs `f` on a real loopback ring of `world` threads and returns each rank's result.
+    pub(crate) fn on_ring<T: Send>(world: usize, f: impl Fn(&mut Ring) -> T + Sync) -> Vec<T> {
+        let listeners: Vec<_> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        thread::scope(|s| {
+            let handles: Vec<_> = listeners
+                .into_iter()
+                .enumerate()
+                .map(|(rank, l)| {
+                    let addrs = &addrs;
+                    let f = &f;
+                    s.spawn(move || {
+                        let cfg = RingConfig::new(rank, world, "test", "token");
+                        let mut ring = Ring::form(cfg, l, addrs).unwrap();
+                        f(&mut ring)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    fn input(rank: usize, len: usize) -> Vec<f32> {
+        // Small integers keep float sums exact, so equality can be exact too.
+        (0..len).map(|i| ((i * 7 + rank * 13) % 31) as f32 - 15.0).collect()
+    }
+
+    #[test]
+    fn allreduce_equals_sequential_sum() {
+        for world in 1..=5 {
+            for len in [0usize, 1, 7, 1000, (1 << 20) + 3] {
+                let results = on_ring(world, |ring| {
+                    let mut buf = input(ring.rank(), len);
+                    ring.allreduce_sum(&mut buf).unwrap();
+                    buf
+                });
+                let inputs: Vec<Vec<f32>> = (0..world).map(|r| input(r, len)).collect();
+                let expected: Vec<f32> = (0..len).map(|i| inputs.iter().map(|v| v[i]).sum()).collect();
+                for (rank, got) in results.iter().enumerate() {
+                    assert_eq!(got, &expected, "world {world}, len {len}, rank {rank}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn allreduce_is_reusable_and_mean_divides() {
+        let results = on_ring(3, |ring| {
+            let mut a = vec![ring.rank() as f32; 10];
+            ring.allreduce_mean(&mut a).unwrap();
+            let mut b = vec![1.0f32; 5];
+            ring.allreduce_sum(&mut b).unwrap();
+            (a, b)
+        });
+        for (a, b) in results {
+            assert_eq!(a, vec![1.0; 10]);
+            assert_eq!(b, vec![3.0; 5]);
+        }
+    }
+
+    #[test]
+    fn broadcast_from_every_root() {
+        for world in 1..=4 {
+            for root in 0..world {
+                let results = on_ring(world, |ring| {
+                    let mut buf = input(ring.rank(), 70_000);
+                    ring.broadcast(&mut buf, root).unwrap();
+                    buf
+                });
+                for got in results {
+                    assert_eq!(got, input(root, 70_000));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_lengths_are_reported_not_hung() {
+        let results = on_ring(2, |ring| {
+            let mut buf = vec![1.0; if ring.rank() == 0 { 10 } else { 12 }];
+            ring.allreduce_sum(&mut buf).map_err(|e| e.to_string())
+        });
+        assert!(results.iter().any(|r| r.as_ref().is_err_and(|e| e.contains("disagree"))), "{results:?}");
+    }
+
+    #[test]
+    fn wrong_token_cannot_join_a_ring() {
+        let l0 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l1 = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addrs = [l0.local_addr().unwrap(), l1.local_addr().unwrap()];
+        let (r0, r1) = thread::scope(|s| {
+            let a = s.spawn(|| {
+                let mut cfg = RingConfig::new(0, 2, "job", "right");
+                cfg.connect_timeout = std::time::Duration::from_secs(2);
+                Ring::form(cfg, l0, &addrs)
+            });
+            let b = s.spawn(|| {
+                let mut cfg = RingConfig::new(1, 2, "job", "wrong");
+                cfg.connect_timeout = std::time::Duration::from_secs(2);
+                Ring::form(cfg, l1, &addrs)
+            });
+            (a.join().unwrap(), b.join().unwrap())
+        });
+        assert!(r0.is_err() && r1.is_err());
+    }
+}

@@ -1,0 +1,21 @@
+//! Hetero's data plane: tensors travel here, never through the gRPC control plane.
+//!
+//! Three layers, each in its own module, read from the bottom up:
+//! - [`frame`]: length-prefixed frames on a TCP stream, with a size limit so a
+//!   corrupt or hostile length cannot make us allocate gigabytes;
+//! - [`handshake`]: a mutual HMAC challenge–response proving both ends hold the
+//!   cluster token (the token itself never crosses the wire);
+//! - [`ring`] and [`collectives`]: a ring of workers and the collectives built on it
+//!   (bandwidth-optimal allreduce as reduce-scatter + all-gather, broadcast).
+//!
+//! Everything is blocking `std::net`: a training worker is synchronous burn code and
+//! needs no async runtime on its hot path.
+
+pub mod collectives;
+pub mod error;
+pub mod frame;
+pub mod handshake;
+pub mod ring;
+
+pub use error::CommError;
+pub use ring::{Ring, RingConfig};

@@ -1,0 +1,190 @@
+//! A ring of workers: each rank holds one authenticated TCP stream to its successor
+//! (it only writes there) and one from its predecessor (it only reads there).
+//!
+//! Forming the ring is symmetric and needs no coordinator beyond the address list:
+//! every rank listens (the listener is bound *before* addresses are exchanged, so a
+//! connect never races a bind), connects to `rank + 1` and accepts `rank − 1`.
+//! Connections that fail the handshake — a stranger, another job, a wrong token — are
+//! refused and the rank keeps waiting for the right one until the deadline.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::CommError;
+use crate::frame::DEFAULT_MAX_FRAME;
+use crate::handshake;
+
+/// Who this rank is and how it talks to the others.
+#[derive(Debug, Clone)]
+pub struct RingConfig {
+    /// This worker's rank, `0..world`.
+    pub rank: usize,
+    /// Number of workers in the ring.
+    pub world: usize,
+    /// Job-unique session name; peers of another session are refused.
+    pub session: String,
+    /// The cluster token both ends must hold.
+    pub token: String,
+    /// Largest frame accepted from a peer.
+    pub max_frame: u32,
+    /// How long forming the ring may take.
+    pub connect_timeout: Duration,
+    /// How long one read may block before the peer is declared lost. Collectives wait
+    /// for the slowest worker's compute, so this is minutes, not milliseconds.
+    pub io_timeout: Duration,
+}
+
+impl RingConfig {
+    /// A configuration with default limits.
+    pub fn new(rank: usize, world: usize, session: impl Into<String>, token: impl Into<String>) -> Self {
+        RingConfig {
+            rank,
+            world,
+            session: session.into(),
+            token: token.into(),
+            max_frame: DEFAULT_MAX_FRAME,
+            connect_timeout: Duration::from_secs(60),
+            io_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// A formed ring. Collectives live in [`crate::collectives`].
+#[derive(Debug)]
+pub struct Ring {
+    pub(crate) config: RingConfig,
+    /// Stream to `rank + 1` (write side). `None` when `world == 1`.
+    pub(crate) next: Option<TcpStream>,
+    /// Stream from `rank − 1` (read side). `None` when `world == 1`.
+    pub(crate) prev: Option<TcpStream>,
+}
+
+impl Ring {
+    /// This worker's rank.
+    pub fn rank(&self) -> usize {
+        self.config.rank
+    }
+
+    /// Number of workers.
+    pub fn world(&self) -> usize {
+        self.config.world
+    }
+
+    /// Forms the ring. `listener` must be the one whose address stands at
+    /// `addrs[config.rank]`.
+    pub fn form(config: RingConfig, listener: TcpListener, addrs: &[SocketAddr]) -> Result<Ring, CommError> {
+        let RingConfig { rank, world, .. } = config;
+        if world == 0 || rank >= world {
+            return Err(CommError::Config(format!("rank {rank} is not in a ring of {world}")));
+        }
+        if addrs.len() != world {
+            return Err(CommError::Config(format!(
+                "{} addresses for a ring of {world}",
+                addrs.len()
+            )));
+        }
+        if world == 1 {
+            return Ok(Ring {
+                config,
+                next: None,
+                prev: None,
+            });
+        }
+        let deadline = Instant::now() + config.connect_timeout;
+        let prev_rank = (rank + world - 1) % world;
+        let next_addr = addrs[(rank + 1) % world];
+
+        let acceptor = {
+            let config = config.clone();
+            thread::spawn(move || accept_prev(&listener, &config, prev_rank as u32, deadline))
+        };
+        let next = connect_next(next_addr, &config, deadline);
+        let prev = acceptor.join().map_err(|_| CommError::Config("acceptor thread panicked".into()))?;
+        let (next, prev) = (next?, prev?);
+        for s in [&next, &prev] {
+            s.set_nodelay(true).map_err(|e| CommError::io("setting TCP_NODELAY", e))?;
+            s.set_read_timeout(Some(config.io_timeout))
+                .map_err(|e| CommError::io("setting a read timeout", e))?;
+            s.set_write_timeout(Some(config.io_timeout))
+                .map_err(|e| CommError::io("setting a write timeout", e))?;
+        }
+        Ok(Ring {
+            config,
+            next: Some(next),
+            prev: Some(prev),
+        })
+    }
+}
+
+fn connect_next(addr: SocketAddr, config: &RingConfig, deadline: Instant) -> Result<TcpStream, CommError> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(CommError::io(
+                format!("connecting to rank {} at {addr}", (config.rank + 1) % config.world),
+                io::Error::new(io::ErrorKind::TimedOut, "ring formation timed out"),
+            ));
+        }
+        match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(5))) {
+            Ok(mut s) => {
+                s.set_read_timeout(Some(left)).ok();
+                handshake::connect(&mut s, &config.token, &config.session, config.rank as u32)?;
+                s.set_read_timeout(None).ok();
+                return Ok(s);
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut) => {
+                thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(CommError::io(format!("connecting to {addr}"), e)),
+        }
+    }
+}
+
+fn accept_prev(
+    listener: &TcpListener,
+    config: &RingConfig,
+    prev_rank: u32,
+    deadline: Instant,
+) -> Result<TcpStream, CommError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| CommError::io("configuring the listener", e))?;
+    let mut last_refusal: Option<CommError> = None;
+    loop {
+        if Instant::now() >= deadline {
+            let why = last_refusal.map(|e| format!(" (last refusal: {e})")).unwrap_or_default();
+            return Err(CommError::io(
+                format!("waiting for rank {prev_rank} to connect{why}"),
+                io::Error::new(io::ErrorKind::TimedOut, "ring formation timed out"),
+            ));
+        }
+        match listener.accept() {
+            Ok((mut s, peer)) => {
+                s.set_nonblocking(false).map_err(|e| CommError::io("configuring a stream", e))?;
+                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+                s.set_read_timeout(Some(left)).ok();
+                match handshake::accept(&mut s, &config.token, &config.session) {
+                    Ok(r) if r == prev_rank => {
+                        s.set_read_timeout(None).ok();
+                        return Ok(s);
+                    }
+                    Ok(r) => {
+                        tracing::warn!(%peer, rank = r, expected = prev_rank, "unexpected rank connected; refused");
+                        last_refusal = Some(CommError::Protocol {
+                            peer: peer.to_string(),
+                            reason: format!("rank {r} connected where rank {prev_rank} was expected"),
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "data-plane connection refused");
+                        last_refusal = Some(e);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(10)),
+            Err(e) => return Err(CommError::io("accepting a data-plane connection", e)),
+        }
+    }
+}

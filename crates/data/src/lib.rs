@@ -1,0 +1,18 @@
+//! Datasets Hetero trains on, and how a dataset is split among workers.
+//!
+//! - [`idx`] reads the IDX format (gzip or raw) with every length checked, so a
+//!   truncated or foreign file is an error naming the file, never a panic;
+//! - [`mnist`] turns the four Fashion-MNIST IDX files into an image dataset;
+//! - [`shard`] decides which sample indices each worker owns and in what order it
+//!   visits them, deterministically from a seed.
+//!
+//! This crate knows nothing of burn: samples are plain `u8`/`f32` slices, and turning
+//! them into tensors is the model's business.
+
+pub mod error;
+pub mod idx;
+pub mod mnist;
+pub mod shard;
+
+pub use error::DataError;
+pub use mnist::ImageDataset;

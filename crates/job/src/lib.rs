@@ -1,0 +1,13 @@
+//! Hetero job specs: the TOML file a user submits, parsed and validated before
+//! anything runs.
+//!
+//! Validation is strict and specific: an unknown key, a value of the wrong type, a
+//! value outside what is allowed — each is its own [`SpecError`] naming the key, the
+//! value and what would be accepted. `docs/job-spec.md` documents every key; the
+//! tests in [`spec`] hold one bad spec per error.
+
+pub mod error;
+pub mod spec;
+
+pub use error::SpecError;
+pub use spec::{Backend, ClusterSpec, DatasetSpec, JobSpec, ModelKind, Optimizer, TaskSpec, TrainingSpec};

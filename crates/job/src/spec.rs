@@ -1,0 +1,511 @@
+//! The job spec's shape, its parser and its validator.
+//!
+//! ```toml
+//! name = "fashion-mnist"
+//! [model]     kind = "cnn"                       # cnn | mlp | custom
+//! [dataset]   kind = "fashion-mnist", path = "…", train_limit, test_limit
+//! [training]  epochs, global_batch_size, optimizer, learning_rate, loss, seed
+//! [cluster]   workers, backend, threads_per_worker
+//! [output]    dir
+//! [task]      program, params                     # only with model.kind = "custom"
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::{Table, Value};
+
+use crate::SpecError;
+
+/// A validated job spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// Human name of the job.
+    pub name: String,
+    /// What to train.
+    pub model: ModelKind,
+    /// On what.
+    pub dataset: DatasetSpec,
+    /// How.
+    pub training: TrainingSpec,
+    /// With how many workers, on which backend.
+    pub cluster: ClusterSpec,
+    /// Where results go (a job folder is created inside).
+    pub output_dir: PathBuf,
+    /// A user's own training program, when `model = custom`.
+    pub task: Option<TaskSpec>,
+}
+
+/// Built-in models, or a user's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    /// conv 1→32 3×3, pool, conv 32→64 3×3, pool, fc 3136→128, fc 128→10.
+    Cnn,
+    /// 784→256→10 with ReLU.
+    Mlp,
+    /// The program named in `[task]`.
+    Custom,
+}
+
+/// The data set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetSpec {
+    /// Format; only `fashion-mnist` (IDX files) for now.
+    pub kind: String,
+    /// Folder holding the files (resolved against the spec file's folder).
+    pub path: PathBuf,
+    /// Use only the first N training samples (0 = all).
+    pub train_limit: usize,
+    /// Use only the first N test samples (0 = all).
+    pub test_limit: usize,
+}
+
+/// Optimisers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Optimizer {
+    /// Adam with burn's defaults (β = 0.9, 0.999).
+    Adam,
+    /// Plain stochastic gradient descent.
+    Sgd,
+}
+
+/// Training hyper-parameters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSpec {
+    /// Passes over the training set.
+    pub epochs: usize,
+    /// Samples per step summed over all workers.
+    pub global_batch_size: usize,
+    /// Optimiser.
+    pub optimizer: Optimizer,
+    /// Learning rate.
+    pub learning_rate: f64,
+    /// Seed for initialisation and data order.
+    pub seed: u64,
+}
+
+/// Compute backends a worker can run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// The fastest backend this build can drive on the worker's machine.
+    Auto,
+    /// burn's pure-Rust CPU backend.
+    Flex,
+}
+
+/// Cluster shape.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterSpec {
+    /// Number of worker processes.
+    pub workers: usize,
+    /// Backend for every worker.
+    pub backend: Backend,
+    /// Compute threads per worker (0 = share the machine's cores evenly).
+    pub threads_per_worker: usize,
+}
+
+/// A user's own training program.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// Path of the program (resolved against the spec file's folder).
+    pub program: PathBuf,
+    /// Free-form parameters handed to the program as JSON.
+    pub params: serde_json::Value,
+}
+
+const TOP: &[&str] = &["name", "model", "dataset", "training", "cluster", "output", "task"];
+const MODEL: &[&str] = &["kind"];
+const DATASET: &[&str] = &["kind", "path", "train_limit", "test_limit"];
+const TRAINING: &[&str] = &["epochs", "global_batch_size", "optimizer", "learning_rate", "loss", "seed"];
+const CLUSTER: &[&str] = &["workers", "backend", "threads_per_worker"];
+const OUTPUT: &[&str] = &["dir"];
+const TASK: &[&str] = &["program", "params"];
+
+/// Most workers one job may ask for.
+pub const MAX_WORKERS: usize = 256;
+
+impl JobSpec {
+    /// Parses and validates a spec; relative paths stay as written.
+    pub fn parse(text: &str) -> Result<JobSpec, SpecError> {
+        let root: Table = text.parse().map_err(|e: toml::de::Error| SpecError::Syntax(e.to_string()))?;
+        let top = Section::new("", &root, TOP)?;
+        let name = top.string("name")?.unwrap_or_else(|| "job".into());
+        if name.is_empty() || name.len() > 100 || name.chars().any(|c| c.is_control()) {
+            return Err(top.invalid("name", &name, "a name is 1 to 100 printable characters"));
+        }
+
+        let model = top.section("model", MODEL)?;
+        let model_kind = match model.string("kind")?.as_deref() {
+            Some("cnn") | None => ModelKind::Cnn,
+            Some("mlp") => ModelKind::Mlp,
+            Some("custom") => ModelKind::Custom,
+            Some(other) => return Err(model.invalid("kind", other, "one of: cnn, mlp, custom")),
+        };
+
+        let ds = top.section("dataset", DATASET)?;
+        let kind = ds.string("kind")?.unwrap_or_else(|| "fashion-mnist".into());
+        if kind != "fashion-mnist" {
+            return Err(ds.invalid("kind", &kind, "one of: fashion-mnist"));
+        }
+        let path = ds.string("path")?.ok_or_else(|| ds.missing("path", "folder with the IDX files"))?;
+        let dataset = DatasetSpec {
+            kind,
+            path: PathBuf::from(path),
+            train_limit: ds.int("train_limit", 0, usize::MAX)?.unwrap_or(0),
+            test_limit: ds.int("test_limit", 0, usize::MAX)?.unwrap_or(0),
+        };
+
+        let tr = top.section("training", TRAINING)?;
+        let optimizer = match tr.string("optimizer")?.as_deref() {
+            Some("adam") | None => Optimizer::Adam,
+            Some("sgd") => Optimizer::Sgd,
+            Some(other) => return Err(tr.invalid("optimizer", other, "one of: adam, sgd")),
+        };
+        if let Some(loss) = tr.string("loss")?
+            && loss != "cross-entropy"
+        {
+            return Err(tr.invalid("loss", &loss, "one of: cross-entropy"));
+        }
+        let learning_rate = tr.float("learning_rate")?.unwrap_or(1e-3);
+        if !(learning_rate.is_finite() && learning_rate > 0.0 && learning_rate <= 10.0) {
+            return Err(tr.invalid("learning_rate", &learning_rate.to_string(), "a number in (0, 10]"));
+        }
+        let training = TrainingSpec {
+            epochs: tr.int("epochs", 1, 100_000)?.unwrap_or(1),
+            global_batch_size: tr.int("global_batch_size", 1, 1 << 20)?.unwrap_or(128),
+            optimizer,
+            learning_rate,
+            seed: tr.int("seed", 0, usize::MAX)?.unwrap_or(42) as u64,
+        };
+
+        let cl = top.section("cluster", CLUSTER)?;
+        let backend = match cl.string("backend")?.as_deref() {
+            Some("auto") | None => Backend::Auto,
+            Some("flex") => Backend::Flex,
+            Some(other) => return Err(cl.invalid("backend", other, "one of: auto, flex")),
+        };
+        let cluster = ClusterSpec {
+            workers: cl.int("workers", 1, MAX_WORKERS)?.unwrap_or(1),
+            backend,
+            threads_per_worker: cl.int("threads_per_worker", 0, 1024)?.unwrap_or(0),
+        };
+        if training.global_batch_size < cluster.workers {
+            return Err(tr.invalid(
+                "global_batch_size",
+                &training.global_batch_size.to_string(),
+                &format!("it must be at least cluster.workers ({}) so every worker gets a sample", cluster.workers),
+            ));
+        }
+
+        let out = top.section("output", OUTPUT)?;
+        let output_dir = PathBuf::from(out.string("dir")?.unwrap_or_else(|| "runs".into()));
+
+        let task = match (model_kind, root.contains_key("task")) {
+            (ModelKind::Custom, true) => {
+                let t = top.section("task", TASK)?;
+                let program = t.string("program")?.ok_or_else(|| t.missing("program", "path of your training program"))?;
+                let params = match t.table.get("params") {
+                    None => serde_json::Value::Object(Default::default()),
+                    Some(Value::Table(p)) => serde_json::to_value(p).map_err(|e| t.invalid("params", "…", &e.to_string()))?,
+                    Some(v) => return Err(t.wrong_type("params", "a table", v)),
+                };
+                Some(TaskSpec {
+                    program: PathBuf::from(program),
+                    params,
+                })
+            }
+            (ModelKind::Custom, false) => {
+                return Err(SpecError::Missing {
+                    key: "task.program".into(),
+                    what: "model.kind = \"custom\" needs the program that holds your training code".into(),
+                });
+            }
+            (_, true) => {
+                return Err(SpecError::InvalidValue {
+                    key: "task".into(),
+                    value: "[task]".into(),
+                    allowed: "a [task] section is only read when model.kind = \"custom\"".into(),
+                });
+            }
+            (_, false) => None,
+        };
+
+        Ok(JobSpec {
+            name,
+            model: model_kind,
+            dataset,
+            training,
+            cluster,
+            output_dir,
+            task,
+        })
+    }
+
+    /// Reads and parses a spec file; relative paths are resolved against its folder.
+    pub fn load(path: &Path) -> Result<JobSpec, SpecError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| SpecError::Syntax(format!("cannot read {}: {e}", path.display())))?;
+        let mut spec = JobSpec::parse(&text)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+        spec.resolve_paths(&base);
+        Ok(spec)
+    }
+
+    /// Makes relative paths absolute against `base`.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.dataset.path);
+        if let Some(task) = &mut self.task {
+            resolve(&mut task.program);
+        }
+    }
+
+    /// The spec as JSON, the form it travels in between processes.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("a spec always serialises")
+    }
+
+    /// Reads the JSON form written by [`JobSpec::to_json`].
+    pub fn from_json(text: &str) -> Result<JobSpec, SpecError> {
+        serde_json::from_str(text).map_err(|e| SpecError::Syntax(format!("spec JSON: {e}")))
+    }
+}
+
+/// One table of the spec, with its dotted path for error messages.
+struct Section<'a> {
+    path: String,
+    table: &'a Table,
+}
+
+static EMPTY: std::sync::LazyLock<Table> = std::sync::LazyLock::new(Table::new);
+
+fn type_name(v: &Value) -> String {
+    match v {
+        Value::String(s) => format!("the string \"{s}\""),
+        Value::Integer(i) => format!("the integer {i}"),
+        Value::Float(f) => format!("the number {f}"),
+        Value::Boolean(b) => format!("the boolean {b}"),
+        Value::Datetime(d) => format!("the date {d}"),
+        Value::Array(_) => "an array".into(),
+        Value::Table(_) => "a table".into(),
+    }
+}
+
+impl<'a> Section<'a> {
+    fn new(path: &str, table: &'a Table, allowed: &[&str]) -> Result<Self, SpecError> {
+        let section = Section {
+            path: path.to_string(),
+            table,
+        };
+        for key in table.keys() {
+            if !allowed.contains(&key.as_str()) {
+                return Err(SpecError::UnknownKey {
+                    key: section.key(key),
+                    allowed: allowed.iter().map(|s| s.to_string()).collect(),
+                });
+            }
+        }
+        Ok(section)
+    }
+
+    fn key(&self, k: &str) -> String {
+        if self.path.is_empty() { k.to_string() } else { format!("{}.{k}", self.path) }
+    }
+
+    fn section(&self, name: &str, allowed: &[&str]) -> Result<Section<'a>, SpecError> {
+        match self.table.get(name) {
+            None => Section::new(&self.key(name), &EMPTY, allowed),
+            Some(Value::Table(t)) => Section::new(&self.key(name), t, allowed),
+            Some(v) => Err(self.wrong_type(name, "a table", v)),
+        }
+    }
+
+    fn wrong_type(&self, k: &str, expected: &str, v: &Value) -> SpecError {
+        SpecError::WrongType {
+            key: self.key(k),
+            expected: expected.into(),
+            found: type_name(v),
+        }
+    }
+
+    fn invalid(&self, k: &str, value: &str, allowed: &str) -> SpecError {
+        SpecError::InvalidValue {
+            key: self.key(k),
+            value: format!("\"{value}\""),
+            allowed: allowed.into(),
+        }
+    }
+
+    fn missing(&self, k: &str, what: &str) -> SpecError {
+        SpecError::Missing {
+            key: self.key(k),
+            what: what.into(),
+        }
+    }
+
+    fn string(&self, k: &str) -> Result<Option<String>, SpecError> {
+        match self.table.get(k) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(v) => Err(self.wrong_type(k, "a string", v)),
+        }
+    }
+
+    fn int(&self, k: &str, min: usize, max: usize) -> Result<Option<usize>, SpecError> {
+        match self.table.get(k) {
+            None => Ok(None),
+            Some(Value::Integer(i)) => match usize::try_from(*i) {
+                Ok(u) if u >= min && u <= max => Ok(Some(u)),
+                _ => Err(SpecError::InvalidValue {
+                    key: self.key(k),
+                    value: i.to_string(),
+                    allowed: if max == usize::MAX {
+                        format!("an integer of at least {min}")
+                    } else {
+                        format!("an integer from {min} to {max}")
+                    },
+                }),
+            },
+            Some(v) => Err(self.wrong_type(k, "an integer", v)),
+        }
+    }
+
+    fn float(&self, k: &str) -> Result<Option<f64>, SpecError> {
+        match self.table.get(k) {
+            None => Ok(None),
+            Some(Value::Float(f)) => Ok(Some(*f)),
+            Some(Value::Integer(i)) => Ok(Some(*i as f64)),
+            Some(v) => Err(self.wrong_type(k, "a number", v)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "fmnist"
+[model]
+kind = "cnn"
+[dataset]
+path = "data/fashion-mnist"
+train_limit = 3000
+[training]
+epochs = 2
+global_batch_size = 96
+optimizer = "adam"
+learning_rate = 0.001
+[cluster]
+workers = 3
+"#;
+
+    fn with(extra: &str) -> Result<JobSpec, SpecError> {
+        JobSpec::parse(&format!("{GOOD}\n{extra}"))
+    }
+
+    fn edit(from: &str, to: &str) -> Result<JobSpec, SpecError> {
+        assert!(GOOD.contains(from));
+        JobSpec::parse(&GOOD.replace(from, to))
+    }
+
+    #[test]
+    fn good_spec_parses_with_defaults() {
+        let s = JobSpec::parse(GOOD).unwrap();
+        assert_eq!(s.cluster.workers, 3);
+        assert_eq!(s.training.global_batch_size, 96);
+        assert_eq!(s.model, ModelKind::Cnn);
+        assert_eq!(s.cluster.backend, Backend::Auto);
+        assert_eq!(s.training.seed, 42);
+        assert_eq!(s.output_dir, PathBuf::from("runs"));
+        assert_eq!(JobSpec::from_json(&s.to_json()).unwrap(), s);
+    }
+
+    #[test]
+    fn syntax_error() {
+        assert!(matches!(JobSpec::parse("name = "), Err(SpecError::Syntax(_))));
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_alternatives() {
+        let err = edit("epochs = 2", "epoch = 2").unwrap_err();
+        assert!(matches!(&err, SpecError::UnknownKey { key, allowed } if key == "training.epoch" && allowed.contains(&"epochs".to_string())));
+        assert!(err.to_string().contains("training.epoch"));
+        let err = with("[extra]\nx = 1").unwrap_err();
+        assert!(matches!(err, SpecError::UnknownKey { key, .. } if key == "extra"));
+    }
+
+    #[test]
+    fn wrong_type() {
+        let err = edit("workers = 3", "workers = \"three\"").unwrap_err();
+        assert_eq!(
+            err,
+            SpecError::WrongType {
+                key: "cluster.workers".into(),
+                expected: "an integer".into(),
+                found: "the string \"three\"".into()
+            }
+        );
+    }
+
+    #[test]
+    fn out_of_range_values() {
+        let err = edit("workers = 3", "workers = 0").unwrap_err();
+        assert!(matches!(&err, SpecError::InvalidValue { key, value, .. } if key == "cluster.workers" && value == "0"));
+        let err = edit("epochs = 2", "epochs = -1").unwrap_err();
+        assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "training.epochs"));
+        let err = edit("learning_rate = 0.001", "learning_rate = -0.1").unwrap_err();
+        assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "training.learning_rate"));
+        let err = edit("global_batch_size = 96", "global_batch_size = 2").unwrap_err();
+        assert!(err.to_string().contains("at least cluster.workers (3)"), "{err}");
+    }
+
+    #[test]
+    fn unknown_enum_values_list_the_choices() {
+        let err = edit("kind = \"cnn\"", "kind = \"resnet\"").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "`model.kind` = \"resnet\" is not allowed; one of: cnn, mlp, custom"
+        );
+        let err = edit("optimizer = \"adam\"", "optimizer = \"lion\"").unwrap_err();
+        assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "training.optimizer"));
+        let err = with("[output]\ndir = 3").unwrap_err();
+        assert!(matches!(err, SpecError::WrongType { key, .. } if key == "output.dir"));
+    }
+
+    #[test]
+    fn missing_dataset_path() {
+        let err = edit("path = \"data/fashion-mnist\"", "").unwrap_err();
+        assert!(matches!(err, SpecError::Missing { key, .. } if key == "dataset.path"));
+    }
+
+    #[test]
+    fn custom_task_needs_a_program_and_task_needs_custom() {
+        let err = edit("kind = \"cnn\"", "kind = \"custom\"").unwrap_err();
+        assert!(matches!(err, SpecError::Missing { key, .. } if key == "task.program"));
+        let err = with("[task]\nprogram = \"x\"").unwrap_err();
+        assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "task"));
+        let s = JobSpec::parse(&format!(
+            "{}\n[task]\nprogram = \"bin/mine\"\nparams = {{ hidden = 64 }}",
+            GOOD.replace("kind = \"cnn\"", "kind = \"custom\"")
+        ))
+        .unwrap();
+        let task = s.task.unwrap();
+        assert_eq!(task.params["hidden"], 64);
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_spec_folder() {
+        let mut s = JobSpec::parse(GOOD).unwrap();
+        s.resolve_paths(Path::new("/specs"));
+        assert_eq!(s.dataset.path, PathBuf::from("/specs/data/fashion-mnist"));
+    }
+}
