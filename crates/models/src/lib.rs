@@ -1,1 +1,21 @@
-//! hetero-models
+//! Built-in models Hetero can train without any user code.
+//!
+//! Every model here is an image classifier: it takes `[batch, 1, 28, 28]` pixels
+//! (normalised) and returns `[batch, 10]` logits. They are ordinary burn modules,
+//! generic over the backend, so the same code runs on every device kind.
+
+use burn::prelude::*;
+
+pub mod cnn;
+pub mod mlp;
+
+pub use cnn::{Cnn, CnnConfig};
+pub use mlp::{Mlp, MlpConfig};
+
+/// An image classifier: the one thing the built-in training task needs of a model.
+pub trait Classifier<B: Backend>: Module<B> {
+    /// # Shapes
+    /// - images: `[batch, 1, height, width]`
+    /// - returns: `[batch, classes]` logits
+    fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2>;
+}

@@ -1,1 +1,24 @@
-//! hetero-train
+//! Data-parallel training on a ring of workers, and the [`Task`] trait through which
+//! a user's ordinary single-machine training code runs distributed unchanged.
+//!
+//! Reading order:
+//! - [`task`]: what Hetero needs from training code (model, data, loss, optimiser);
+//! - [`image_task`]: the built-in task (Fashion-MNIST with the models of `hetero-models`);
+//! - [`params`]: flattening parameters and gradients into one buffer for collectives;
+//! - [`trainer`]: one data-parallel step and the epoch loop, with progress events;
+//! - [`report`]: the events and the run summary a worker emits.
+//!
+//! **Invariant:** this crate never talks to the control plane; it sees only a
+//! [`hetero_comm::Ring`] and reports through a callback.
+
+pub mod error;
+pub mod image_task;
+pub mod params;
+pub mod report;
+pub mod task;
+pub mod trainer;
+
+pub use error::TrainError;
+pub use report::{Event, RunSummary, WorkerFigures};
+pub use task::{Evaluation, Task, TaskContext};
+pub use trainer::{TrainOptions, Trainer, train};
