@@ -1,1 +1,41 @@
-//! hetero-cluster
+//! Hetero's cluster: the coordinator (task-manager node), the agent that runs on
+//! every machine, and the embedded store that lets a restarted coordinator lose
+//! nothing it accepted.
+//!
+//! Reading order:
+//! - [`records`]: jobs, tasks and nodes as the coordinator knows them, and their
+//!   conversion to and from the wire types (the only place both meet);
+//! - [`store`]: those records in redb;
+//! - [`scheduler`]: where a queued job's workers go (pure, tested alone);
+//! - [`coordinator`]: the gRPC service and the monitor loop;
+//! - [`agent`]: registration, heartbeats, worker processes, log forwarding;
+//! - [`client`]: a token-carrying gRPC client for users, agents and workers.
+//!
+//! **Invariant:** tensors never pass through this crate; it moves specs, states,
+//! logs and progress events.
+
+pub mod agent;
+pub mod client;
+pub mod coordinator;
+pub mod error;
+pub mod records;
+pub mod scheduler;
+pub mod store;
+
+pub use error::ClusterError;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// A fresh random cluster token (32 hex characters).
+pub fn new_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,373 @@
+//! The agent: one per machine. It offers the machine's devices to the coordinator
+//! as resource groups, heartbeats, starts one worker *process* per assigned task,
+//! forwards each worker's output (log lines and progress events) and reports how
+//! every worker ended — a crash is reported with its exit status and last lines,
+//! never lost.
+//!
+//! Worker protocol (both the built-in `hetero worker` and a user's own program):
+//! the agent passes `HETERO_*` environment variables (see [`WorkerEnv`]); the worker
+//! prints ordinary log lines, and progress events as `@hetero-event <json>` lines on
+//! stdout; exit status 0 means success.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hetero_proto::{self as pb, PROTOCOL_VERSION};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::client::{Client, connect};
+use crate::records::TaskState;
+use crate::ClusterError;
+
+/// Prefix of a worker's stdout line that carries a progress event.
+pub const EVENT_PREFIX: &str = "@hetero-event ";
+
+/// Environment variables that tell a worker who it is.
+pub struct WorkerEnv;
+
+impl WorkerEnv {
+    /// Coordinator address.
+    pub const COORDINATOR: &'static str = "HETERO_COORDINATOR";
+    /// Cluster token.
+    pub const TOKEN: &'static str = "HETERO_TOKEN";
+    /// Job id.
+    pub const JOB_ID: &'static str = "HETERO_JOB_ID";
+    /// Task id.
+    pub const TASK_ID: &'static str = "HETERO_TASK_ID";
+    /// Rank in the ring.
+    pub const RANK: &'static str = "HETERO_RANK";
+    /// Ring size.
+    pub const WORLD: &'static str = "HETERO_WORLD";
+    /// Path of the job spec (JSON).
+    pub const SPEC_FILE: &'static str = "HETERO_SPEC_FILE";
+    /// The job's output folder.
+    pub const OUTPUT_DIR: &'static str = "HETERO_OUTPUT_DIR";
+    /// Host the data-plane listener binds to.
+    pub const DATA_HOST: &'static str = "HETERO_DATA_HOST";
+}
+
+/// How an agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Coordinator address (`host:port`).
+    pub coordinator: String,
+    /// Cluster token.
+    pub token: String,
+    /// Workers this machine runs at once.
+    pub slots: u32,
+    /// Where workers' spec files go.
+    pub work_dir: PathBuf,
+    /// The program that runs built-in workers (`<it> worker`).
+    pub worker_program: PathBuf,
+    /// Address workers' data-plane listeners bind to (reachable by other machines).
+    pub data_host: String,
+    /// This machine's name.
+    pub hostname: String,
+}
+
+/// The devices of this machine, as resource groups.
+pub fn discover_groups(slots: u32) -> Vec<pb::ResourceGroup> {
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    vec![pb::ResourceGroup {
+        kind: "cpu".into(),
+        devices: cores,
+        memory_bytes: sys.total_memory(),
+        worker_slots: slots.max(1),
+    }]
+}
+
+struct Running {
+    cancel: Option<oneshot::Sender<()>>,
+}
+
+type Tasks = Arc<Mutex<HashMap<String, Running>>>;
+
+/// Runs the agent until `shutdown` becomes true; its workers are killed then.
+pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), ClusterError> {
+    let tasks: Tasks = Arc::default();
+    let mut client: Option<Client> = None;
+    let mut agent_id = String::new();
+    let mut interval = Duration::from_millis(500);
+    let mut warned = false;
+    while !*shutdown.borrow() {
+        if client.is_none() {
+            match connect(&config.coordinator, &config.token).await {
+                Ok(c) => client = Some(c),
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(error = %e, "coordinator unreachable; retrying");
+                        warned = true;
+                    }
+                }
+            }
+        }
+        if let Some(c) = client.as_mut() {
+            if agent_id.is_empty() {
+                let req = pb::RegisterAgentRequest {
+                    protocol_version: PROTOCOL_VERSION,
+                    agent_id: String::new(),
+                    hostname: config.hostname.clone(),
+                    groups: discover_groups(config.slots),
+                };
+                match c.register_agent(req).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        tracing::info!(agent_id = %r.agent_id, "registered with the coordinator");
+                        agent_id = r.agent_id;
+                        interval = Duration::from_millis(r.heartbeat_interval_ms.max(50) as u64);
+                        warned = false;
+                    }
+                    Err(s) if s.code() == tonic::Code::Unauthenticated || s.code() == tonic::Code::FailedPrecondition => {
+                        return Err(ClusterError::rpc("registering with the coordinator", s));
+                    }
+                    Err(s) => {
+                        tracing::warn!(status = %s, "registration failed; retrying");
+                        client = None;
+                    }
+                }
+            } else {
+                let list = {
+                    let t = tasks.lock().unwrap_or_else(|p| p.into_inner());
+                    t.keys()
+                        .map(|id| pb::TaskStatus {
+                            task_id: id.clone(),
+                            state: pb::TaskState::Running as i32,
+                        })
+                        .collect()
+                };
+                let req = pb::HeartbeatRequest {
+                    agent_id: agent_id.clone(),
+                    tasks: list,
+                };
+                match c.heartbeat(req).await {
+                    Ok(r) => {
+                        let r = r.into_inner();
+                        warned = false;
+                        if r.reregister {
+                            agent_id.clear();
+                            continue;
+                        }
+                        for id in r.cancel_task_ids {
+                            let mut t = tasks.lock().unwrap_or_else(|p| p.into_inner());
+                            if let Some(cancel) = t.get_mut(&id).and_then(|r| r.cancel.take()) {
+                                let _ = cancel.send(());
+                            }
+                        }
+                        for a in r.start {
+                            start_worker(&config, &agent_id, c.clone(), &tasks, a);
+                        }
+                    }
+                    Err(s) => {
+                        if !warned {
+                            tracing::warn!(status = %s, "heartbeat failed; retrying");
+                            warned = true;
+                        }
+                        client = None;
+                    }
+                }
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+    // Workers are spawned with kill_on_drop; cancelling them ends their processes.
+    for (_, r) in tasks.lock().unwrap_or_else(|p| p.into_inner()).iter_mut() {
+        if let Some(c) = r.cancel.take() {
+            let _ = c.send(());
+        }
+    }
+    Ok(())
+}
+
+/// Registers the task as running (synchronously, so the next heartbeat lists it)
+/// and starts its supervising tokio task.
+fn start_worker(config: &AgentConfig, agent_id: &str, client: Client, tasks: &Tasks, a: pb::TaskAssignment) {
+    let (cancel_tx, cancel_rx) = oneshot::channel();
+    tasks.lock().unwrap_or_else(|p| p.into_inner()).insert(
+        a.task_id.clone(),
+        Running {
+            cancel: Some(cancel_tx),
+        },
+    );
+    let config = config.clone();
+    let agent_id = agent_id.to_string();
+    let tasks = tasks.clone();
+    tokio::spawn(async move {
+        let task_id = a.task_id.clone();
+        let (state, message) = supervise(&config, &agent_id, client.clone(), &a, cancel_rx).await;
+        report_final(client, &agent_id, &task_id, state, message).await;
+        tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(&task_id);
+    });
+}
+
+/// Retries the final report until the coordinator takes it (it may be restarting).
+async fn report_final(mut client: Client, agent_id: &str, task_id: &str, state: TaskState, message: String) {
+    let req = pb::ReportTaskRequest {
+        agent_id: agent_id.to_string(),
+        task_id: task_id.to_string(),
+        state: pb::TaskState::from(state) as i32,
+        message,
+        log_lines: vec![],
+        events_json: vec![],
+    };
+    for attempt in 0..60 {
+        match client.report_task(req.clone()).await {
+            Ok(_) => return,
+            Err(s) if s.code() == tonic::Code::NotFound => return,
+            Err(s) => {
+                if attempt == 0 {
+                    tracing::warn!(status = %s, task_id, "could not report a worker's end; retrying");
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    tracing::error!(task_id, "gave up reporting a worker's end");
+}
+
+fn worker_command(config: &AgentConfig, a: &pb::TaskAssignment, spec_file: &Path) -> Command {
+    let mut cmd = if a.program.is_empty() {
+        let mut c = Command::new(&config.worker_program);
+        c.arg("worker");
+        c
+    } else {
+        Command::new(&a.program)
+    };
+    cmd.env(WorkerEnv::COORDINATOR, &config.coordinator)
+        .env(WorkerEnv::TOKEN, &config.token)
+        .env(WorkerEnv::JOB_ID, &a.job_id)
+        .env(WorkerEnv::TASK_ID, &a.task_id)
+        .env(WorkerEnv::RANK, a.rank.to_string())
+        .env(WorkerEnv::WORLD, a.world_size.to_string())
+        .env(WorkerEnv::SPEC_FILE, spec_file)
+        .env(WorkerEnv::OUTPUT_DIR, &a.output_dir)
+        .env(WorkerEnv::DATA_HOST, &config.data_host)
+        .env("RAYON_NUM_THREADS", a.threads.max(1).to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Runs one worker to its end; returns how it ended and why.
+async fn supervise(
+    config: &AgentConfig,
+    agent_id: &str,
+    mut client: Client,
+    a: &pb::TaskAssignment,
+    mut cancel: oneshot::Receiver<()>,
+) -> (TaskState, String) {
+    let dir = config.work_dir.join(&a.job_id).join(format!("rank-{}", a.rank));
+    let spec_file = dir.join("spec.json");
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&spec_file, &a.spec_json)) {
+        return (TaskState::Failed, format!("cannot write {}: {e}", spec_file.display()));
+    }
+    let mut child = match worker_command(config, a, &spec_file).spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let program = if a.program.is_empty() { config.worker_program.display().to_string() } else { a.program.clone() };
+            return (TaskState::Failed, format!("cannot start worker program {program}: {e}"));
+        }
+    };
+    let (line_tx, mut line_rx) = mpsc::channel::<String>(1024);
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    for stream in [Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>, Box::new(stderr)] {
+        let tx = line_tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if tx.send(line).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(line_tx);
+
+    let mut tail: VecDeque<String> = VecDeque::new();
+    let mut logs = Vec::new();
+    let mut events = Vec::new();
+    let mut flush = tokio::time::interval(Duration::from_millis(250));
+    let mut cancelled = false;
+    let mut output_open = true;
+    let status = loop {
+        tokio::select! {
+            line = line_rx.recv(), if output_open => match line {
+                Some(line) => {
+                    if let Some(event) = line.strip_prefix(EVENT_PREFIX) {
+                        events.push(event.to_string());
+                    } else {
+                        if tail.len() == 20 { tail.pop_front(); }
+                        tail.push_back(line.clone());
+                        logs.push(line);
+                    }
+                    if logs.len() + events.len() >= 200 {
+                        send_output(&mut client, agent_id, &a.task_id, &mut logs, &mut events).await;
+                    }
+                }
+                None => output_open = false,
+            },
+            _ = flush.tick() => send_output(&mut client, agent_id, &a.task_id, &mut logs, &mut events).await,
+            _ = &mut cancel, if !cancelled => {
+                cancelled = true;
+                let _ = child.start_kill();
+            }
+            status = child.wait(), if !output_open => break status,
+        }
+    };
+    send_output(&mut client, agent_id, &a.task_id, &mut logs, &mut events).await;
+    match status {
+        _ if cancelled => (TaskState::Cancelled, "stopped on request".into()),
+        Ok(s) if s.success() => (TaskState::Succeeded, "exited 0".into()),
+        Ok(s) => {
+            let how = match (s.code(), exit_signal(&s)) {
+                (Some(code), _) => format!("exited with status {code}"),
+                (None, Some(sig)) => format!("killed by signal {sig}"),
+                _ => "ended abnormally".into(),
+            };
+            let tail: Vec<String> = tail.into_iter().collect();
+            (TaskState::Failed, format!("{how}; last lines:\n{}", tail.join("\n")))
+        }
+        Err(e) => (TaskState::Failed, format!("lost track of the worker process: {e}")),
+    }
+}
+
+#[cfg(unix)]
+fn exit_signal(s: &std::process::ExitStatus) -> Option<i32> {
+    use std::os::unix::process::ExitStatusExt;
+    s.signal()
+}
+
+#[cfg(not(unix))]
+fn exit_signal(_: &std::process::ExitStatus) -> Option<i32> {
+    None
+}
+
+async fn send_output(client: &mut Client, agent_id: &str, task_id: &str, logs: &mut Vec<String>, events: &mut Vec<String>) {
+    if logs.is_empty() && events.is_empty() {
+        return;
+    }
+    let req = pb::ReportTaskRequest {
+        agent_id: agent_id.to_string(),
+        task_id: task_id.to_string(),
+        state: pb::TaskState::Unspecified as i32,
+        message: String::new(),
+        log_lines: std::mem::take(logs),
+        events_json: std::mem::take(events),
+    };
+    // Output is best effort while the coordinator is away; the final state is not.
+    if let Err(s) = client.report_task(req).await {
+        tracing::debug!(status = %s, task_id, "dropped worker output");
+    }
+}

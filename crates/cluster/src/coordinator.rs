@@ -1,0 +1,654 @@
+//! The coordinator: the task-manager node of seed 001.
+//!
+//! It accepts jobs, places their workers on agents (gang placement, see
+//! [`crate::scheduler`]), hands assignments out in heartbeat replies, lets workers
+//! find each other (rendezvous), keeps every job's log, and decides each job's end.
+//!
+//! ## Design
+//! All state sits in one [`State`] behind a mutex; handlers validate, lock, change,
+//! write through to the [`Store`] and unlock — no await while locked. What an agent
+//! must do (start or stop a task) is *derived* from that state at each heartbeat
+//! rather than queued, so a restarted coordinator, which reloads the state, owes no
+//! agent a message it forgot.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use hetero_job::JobSpec;
+use hetero_proto::auth::CheckToken;
+use hetero_proto::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
+use hetero_proto::{self as pb, PROTOCOL_VERSION};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::Stream;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::service::interceptor::InterceptedService;
+use tonic::{Request, Response, Status};
+
+use crate::records::{GroupRecord, JobRecord, JobState, NodeRecord, TaskRecord, TaskState, task_state_from_wire};
+use crate::scheduler::{self, Capacity};
+use crate::store::{LogRecord, Store};
+use crate::{ClusterError, now_ms};
+
+/// How a coordinator runs.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// The redb file.
+    pub store_path: PathBuf,
+    /// The cluster token every call must carry.
+    pub token: String,
+    /// How often agents heartbeat.
+    pub heartbeat_interval: Duration,
+    /// Silence after which a node is dead and its tasks fail.
+    pub dead_after: Duration,
+}
+
+impl CoordinatorConfig {
+    /// Defaults: heartbeat every 500 ms, dead after 10 s of silence.
+    pub fn new(store_path: impl Into<PathBuf>, token: impl Into<String>) -> Self {
+        CoordinatorConfig {
+            store_path: store_path.into(),
+            token: token.into(),
+            heartbeat_interval: Duration::from_millis(500),
+            dead_after: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    jobs: BTreeMap<String, JobRecord>,
+    nodes: BTreeMap<String, NodeRecord>,
+    /// Data-plane address of each rank, per running job.
+    rendezvous: HashMap<String, Vec<Option<String>>>,
+    /// Last log sequence number per job.
+    log_seq: HashMap<String, u64>,
+    next_job: u64,
+    next_node: u64,
+}
+
+struct Inner {
+    state: Mutex<State>,
+    store: Store,
+    config: CoordinatorConfig,
+    /// Bumped whenever a log line is appended, to wake log followers.
+    log_tick: watch::Sender<u64>,
+}
+
+/// A coordinator; clone it freely (it is a handle).
+#[derive(Clone)]
+pub struct Coordinator {
+    inner: Arc<Inner>,
+}
+
+fn job_number(id: &str) -> u64 {
+    id.strip_prefix("job-").and_then(|n| n.parse().ok()).unwrap_or(0)
+}
+
+fn store_status(e: ClusterError) -> Status {
+    Status::internal(format!("the coordinator's store failed: {e}"))
+}
+
+impl Coordinator {
+    /// Opens the store and reloads every job and node it holds.
+    pub fn open(config: CoordinatorConfig) -> Result<Coordinator, ClusterError> {
+        let store = Store::open(&config.store_path)?;
+        let mut state = State::default();
+        for job in store.jobs()? {
+            state.next_job = state.next_job.max(job_number(&job.job_id));
+            state.jobs.insert(job.job_id.clone(), job);
+        }
+        let now = now_ms();
+        for mut node in store.nodes()? {
+            // A fresh grace period: agents that still live will heartbeat again soon.
+            node.last_heartbeat_ms = now;
+            let n = node.agent_id.strip_prefix("node-").and_then(|n| n.parse().ok()).unwrap_or(0);
+            state.next_node = state.next_node.max(n);
+            state.nodes.insert(node.agent_id.clone(), node);
+        }
+        let (log_tick, _) = watch::channel(0);
+        Ok(Coordinator {
+            inner: Arc::new(Inner {
+                state: Mutex::new(state),
+                store,
+                config,
+                log_tick,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The tonic service, behind the token check.
+    pub fn service(&self) -> InterceptedService<CoordinatorServer<Coordinator>, CheckToken> {
+        CoordinatorServer::with_interceptor(self.clone(), CheckToken::new(self.inner.config.token.clone()))
+    }
+
+    /// Serves gRPC on `listener` and runs the node monitor until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ClusterError> {
+        let monitor = {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_millis(250));
+                loop {
+                    tick.tick().await;
+                    me.check_nodes();
+                }
+            })
+        };
+        let result = tonic::transport::Server::builder()
+            .add_service(self.service())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            .await;
+        monitor.abort();
+        result.map_err(|e| ClusterError::io("serving gRPC", std::io::Error::other(e)))
+    }
+
+    fn append_log(&self, st: &mut State, job_id: &str, rank: i32, kind: &str, texts: Vec<String>) {
+        if texts.is_empty() {
+            return;
+        }
+        let seq = match st.log_seq.get(job_id) {
+            Some(s) => *s,
+            None => self.inner.store.last_log_seq(job_id).unwrap_or(0),
+        };
+        let now = now_ms();
+        let lines: Vec<LogRecord> = texts
+            .into_iter()
+            .enumerate()
+            .map(|(i, text)| LogRecord {
+                seq: seq + 1 + i as u64,
+                rank,
+                unix_ms: now,
+                kind: kind.to_string(),
+                text,
+            })
+            .collect();
+        let last = lines.last().map_or(seq, |l| l.seq);
+        if let Err(e) = self.inner.store.append_logs(job_id, &lines) {
+            tracing::error!(error = %e, job_id, "could not store log lines");
+            return;
+        }
+        st.log_seq.insert(job_id.to_string(), last);
+        self.inner.log_tick.send_modify(|t| *t += 1);
+    }
+
+    fn save_job(&self, job: &JobRecord) {
+        if let Err(e) = self.inner.store.put_job(job) {
+            tracing::error!(error = %e, job_id = %job.job_id, "could not store job");
+        }
+    }
+
+    /// Ends `job_id` in `state` with `message`, cancelling its live tasks.
+    fn finish_job(&self, st: &mut State, job_id: &str, state: JobState, message: String) {
+        let Some(job) = st.jobs.get_mut(job_id) else { return };
+        if job.state.is_final() {
+            return;
+        }
+        job.state = state;
+        job.message = message.clone();
+        job.finished_ms = now_ms();
+        for t in &mut job.tasks {
+            if !t.state.is_final() {
+                t.state = TaskState::Cancelled;
+                if t.message.is_empty() {
+                    t.message = format!("stopped: job {}", format!("{state:?}").to_lowercase());
+                }
+            }
+        }
+        let job = job.clone();
+        self.save_job(&job);
+        st.rendezvous.remove(job_id);
+        let line = format!("job {}: {message}", format!("{state:?}").to_lowercase());
+        self.append_log(st, job_id, -1, "state", vec![line]);
+    }
+
+    /// Decides a running job's end from its tasks.
+    fn settle_job(&self, st: &mut State, job_id: &str) {
+        let Some(job) = st.jobs.get(job_id) else { return };
+        if job.state != JobState::Running {
+            return;
+        }
+        if let Some(failed) = job.tasks.iter().find(|t| t.state == TaskState::Failed) {
+            let msg = format!("worker rank {} failed: {}", failed.rank, failed.message);
+            self.finish_job(st, job_id, JobState::Failed, msg);
+        } else if job.tasks.iter().all(|t| t.state == TaskState::Succeeded) {
+            self.finish_job(st, job_id, JobState::Succeeded, "all workers finished".into());
+        }
+    }
+
+    fn is_alive(&self, node: &NodeRecord, now: i64) -> bool {
+        now - node.last_heartbeat_ms < self.inner.config.dead_after.as_millis() as i64
+    }
+
+    /// Places every queued job that fits now, in submission order.
+    fn schedule(&self, st: &mut State) {
+        let now = now_ms();
+        let queued: Vec<String> =
+            st.jobs.values().filter(|j| j.state == JobState::Queued).map(|j| j.job_id.clone()).collect();
+        for job_id in queued {
+            let mut busy: HashMap<&str, u32> = HashMap::new();
+            for t in st.jobs.values().flat_map(|j| &j.tasks).filter(|t| !t.state.is_final()) {
+                *busy.entry(t.agent_id.as_str()).or_default() += 1;
+            }
+            let capacity: Vec<Capacity> = st
+                .nodes
+                .values()
+                .filter(|n| self.is_alive(n, now))
+                .map(|n| Capacity {
+                    agent_id: n.agent_id.clone(),
+                    free_slots: n.slots().saturating_sub(busy.get(n.agent_id.as_str()).copied().unwrap_or(0)),
+                })
+                .collect();
+            let job = &st.jobs[&job_id];
+            let Some(placement) = scheduler::place(job.workers, &capacity) else { continue };
+            let mut per_node: HashMap<&str, u32> = HashMap::new();
+            for a in &placement {
+                *per_node.entry(a.as_str()).or_default() += 1;
+            }
+            let tasks: Vec<TaskRecord> = placement
+                .iter()
+                .enumerate()
+                .map(|(rank, agent)| {
+                    let threads = if job.threads_per_worker > 0 {
+                        job.threads_per_worker
+                    } else {
+                        (st.nodes[agent].cores() / per_node[agent.as_str()]).max(1)
+                    };
+                    TaskRecord {
+                        task_id: format!("{job_id}-r{rank}"),
+                        rank: rank as u32,
+                        agent_id: agent.clone(),
+                        role: if rank == 0 { "compute, ring leader".into() } else { "compute".into() },
+                        state: TaskState::Pending,
+                        message: String::new(),
+                        delivered: false,
+                        threads,
+                    }
+                })
+                .collect();
+            let summary: Vec<String> = tasks.iter().map(|t| format!("rank {} → {}", t.rank, t.agent_id)).collect();
+            let job = st.jobs.get_mut(&job_id).expect("listed above");
+            job.tasks = tasks;
+            job.state = JobState::Running;
+            job.started_ms = now;
+            job.message = "placed".into();
+            let saved = job.clone();
+            st.rendezvous.insert(job_id.clone(), vec![None; saved.workers as usize]);
+            self.save_job(&saved);
+            self.append_log(st, &job_id, -1, "state", vec![format!("job running: {}", summary.join(", "))]);
+        }
+    }
+
+    /// Fails the tasks of nodes that stopped heartbeating.
+    fn check_nodes(&self) {
+        let mut st = self.lock();
+        let now = now_ms();
+        let dead: HashSet<String> =
+            st.nodes.values().filter(|n| !self.is_alive(n, now)).map(|n| n.agent_id.clone()).collect();
+        if dead.is_empty() {
+            return;
+        }
+        let mut touched = Vec::new();
+        for job in st.jobs.values_mut().filter(|j| j.state == JobState::Running) {
+            for t in job.tasks.iter_mut().filter(|t| !t.state.is_final() && dead.contains(&t.agent_id)) {
+                t.state = TaskState::Failed;
+                t.message = format!("node {} stopped heartbeating", t.agent_id);
+                touched.push(job.job_id.clone());
+            }
+        }
+        for job_id in touched {
+            tracing::warn!(job_id, "a node died under a running job");
+            self.settle_job(&mut st, &job_id);
+        }
+    }
+
+    fn reconcile(&self, st: &mut State, agent_id: &str, reported: &HashMap<String, Option<TaskState>>) -> pb::HeartbeatResponse {
+        let mut resp = pb::HeartbeatResponse::default();
+        let mut changed = Vec::new();
+        let mut known = HashSet::new();
+        for job in st.jobs.values_mut() {
+            let mut dirty = false;
+            for t in job.tasks.iter_mut().filter(|t| t.agent_id == agent_id) {
+                known.insert(t.task_id.clone());
+                let running_there = reported.contains_key(&t.task_id);
+                if t.state.is_final() {
+                    if running_there && t.state != TaskState::Succeeded {
+                        resp.cancel_task_ids.push(t.task_id.clone());
+                    }
+                    continue;
+                }
+                if !t.delivered {
+                    t.delivered = true;
+                    dirty = true;
+                    resp.start.push(pb::TaskAssignment {
+                        task_id: t.task_id.clone(),
+                        job_id: job.job_id.clone(),
+                        rank: t.rank,
+                        world_size: job.workers,
+                        spec_json: job.spec_json.clone(),
+                        output_dir: job.output_dir.clone(),
+                        program: job.program.clone(),
+                        threads: t.threads,
+                    });
+                } else if !running_there {
+                    t.state = TaskState::Failed;
+                    t.message = format!("agent {agent_id} no longer runs this worker (agent restarted?)");
+                    dirty = true;
+                } else if t.state == TaskState::Pending {
+                    t.state = TaskState::Running;
+                    dirty = true;
+                }
+            }
+            if dirty {
+                changed.push(job.job_id.clone());
+                let job = job.clone();
+                self.save_job(&job);
+            }
+        }
+        for id in reported.keys().filter(|id| !known.contains(*id)) {
+            resp.cancel_task_ids.push(id.clone());
+        }
+        for job_id in changed {
+            self.settle_job(st, &job_id);
+        }
+        resp
+    }
+}
+
+type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogEntry, Status>> + Send>>;
+
+fn to_entry(job_id: &str, l: LogRecord) -> pb::LogEntry {
+    pb::LogEntry {
+        seq: l.seq,
+        job_id: job_id.to_string(),
+        rank: l.rank,
+        unix_ms: l.unix_ms,
+        kind: l.kind,
+        text: l.text,
+    }
+}
+
+#[tonic::async_trait]
+impl CoordinatorRpc for Coordinator {
+    async fn register_agent(&self, req: Request<pb::RegisterAgentRequest>) -> Result<Response<pb::RegisterAgentResponse>, Status> {
+        let req = req.into_inner();
+        if req.protocol_version != PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "agent speaks protocol {}, this coordinator speaks {PROTOCOL_VERSION}; run the same Hetero version",
+                req.protocol_version
+            )));
+        }
+        if req.groups.is_empty() {
+            return Err(Status::invalid_argument("an agent must offer at least one resource group"));
+        }
+        if let Some(g) = req.groups.iter().find(|g| g.kind.is_empty() || g.worker_slots == 0) {
+            return Err(Status::invalid_argument(format!(
+                "resource group {:?} needs a kind and at least one worker slot",
+                g.kind
+            )));
+        }
+        let mut st = self.lock();
+        let agent_id = if !req.agent_id.is_empty() && st.nodes.contains_key(&req.agent_id) {
+            req.agent_id.clone()
+        } else {
+            st.next_node += 1;
+            format!("node-{}", st.next_node)
+        };
+        let node = NodeRecord {
+            agent_id: agent_id.clone(),
+            hostname: req.hostname,
+            groups: req.groups.iter().map(GroupRecord::from).collect(),
+            last_heartbeat_ms: now_ms(),
+        };
+        self.inner.store.put_node(&node).map_err(store_status)?;
+        tracing::info!(agent_id, hostname = %node.hostname, slots = node.slots(), "agent registered");
+        st.nodes.insert(agent_id.clone(), node);
+        self.schedule(&mut st);
+        Ok(Response::new(pb::RegisterAgentResponse {
+            agent_id,
+            heartbeat_interval_ms: self.inner.config.heartbeat_interval.as_millis() as u32,
+        }))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let req = req.into_inner();
+        let mut st = self.lock();
+        let Some(node) = st.nodes.get_mut(&req.agent_id) else {
+            return Ok(Response::new(pb::HeartbeatResponse {
+                reregister: true,
+                ..Default::default()
+            }));
+        };
+        node.last_heartbeat_ms = now_ms();
+        let reported: HashMap<String, Option<TaskState>> =
+            req.tasks.iter().map(|t| (t.task_id.clone(), task_state_from_wire(t.state))).collect();
+        self.schedule(&mut st);
+        let resp = self.reconcile(&mut st, &req.agent_id, &reported);
+        Ok(Response::new(resp))
+    }
+
+    async fn report_task(&self, req: Request<pb::ReportTaskRequest>) -> Result<Response<pb::ReportTaskResponse>, Status> {
+        let req = req.into_inner();
+        let mut st = self.lock();
+        let Some((job_id, rank)) = st.jobs.values().find_map(|j| {
+            j.tasks
+                .iter()
+                .find(|t| t.task_id == req.task_id && t.agent_id == req.agent_id)
+                .map(|t| (j.job_id.clone(), t.rank))
+        }) else {
+            return Err(Status::not_found(format!("no task {} on agent {}", req.task_id, req.agent_id)));
+        };
+        self.append_log(&mut st, &job_id, rank as i32, "log", req.log_lines);
+        for event in &req.events_json {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(event)
+                && v["type"] == "done"
+                && let Some(job) = st.jobs.get_mut(&job_id)
+            {
+                job.summary_json = v["summary"].to_string();
+                let job = job.clone();
+                self.save_job(&job);
+            }
+        }
+        self.append_log(&mut st, &job_id, rank as i32, "event", req.events_json);
+        if let Some(state) = task_state_from_wire(req.state) {
+            let job = st.jobs.get_mut(&job_id).expect("found above");
+            let task = job.tasks.iter_mut().find(|t| t.task_id == req.task_id).expect("found above");
+            if !task.state.is_final() {
+                task.state = state;
+                task.message = req.message.clone();
+                let job = job.clone();
+                self.save_job(&job);
+                let line = format!("worker rank {rank} {}: {}", format!("{state:?}").to_lowercase(), req.message);
+                self.append_log(&mut st, &job_id, rank as i32, "state", vec![line]);
+                self.settle_job(&mut st, &job_id);
+                self.schedule(&mut st);
+            }
+        }
+        Ok(Response::new(pb::ReportTaskResponse {}))
+    }
+
+    async fn rendezvous(&self, req: Request<pb::RendezvousRequest>) -> Result<Response<pb::RendezvousResponse>, Status> {
+        let req = req.into_inner();
+        let mut st = self.lock();
+        let state = st.jobs.get(&req.job_id).map(|j| j.state);
+        match state {
+            None => return Err(Status::not_found(format!("no job {}", req.job_id))),
+            Some(JobState::Running) => {}
+            Some(s) => return Err(Status::failed_precondition(format!("job {} is {s:?}", req.job_id))),
+        }
+        let slots = st.rendezvous.entry(req.job_id.clone()).or_default();
+        let Some(slot) = slots.get_mut(req.rank as usize) else {
+            return Err(Status::invalid_argument(format!("rank {} is outside the job", req.rank)));
+        };
+        if req.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!("{:?} is not a socket address", req.address)));
+        }
+        *slot = Some(req.address);
+        let ready = slots.iter().all(Option::is_some);
+        let addresses = if ready { slots.iter().flatten().cloned().collect() } else { vec![] };
+        Ok(Response::new(pb::RendezvousResponse { ready, addresses }))
+    }
+
+    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let req = req.into_inner();
+        let mut spec = JobSpec::parse(&req.spec_toml).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if !req.base_dir.is_empty() {
+            spec.resolve_paths(Path::new(&req.base_dir));
+        }
+        let mut st = self.lock();
+        st.next_job += 1;
+        let job_id = format!("job-{:06}", st.next_job);
+        let output_dir = spec.output_dir.join(&job_id);
+        let output_dir = if output_dir.is_relative() && !req.base_dir.is_empty() {
+            Path::new(&req.base_dir).join(output_dir)
+        } else {
+            output_dir
+        };
+        let job = JobRecord {
+            job_id: job_id.clone(),
+            name: spec.name.clone(),
+            spec_json: spec.to_json(),
+            workers: spec.cluster.workers as u32,
+            program: spec.task.as_ref().map(|t| t.program.display().to_string()).unwrap_or_default(),
+            threads_per_worker: spec.cluster.threads_per_worker as u32,
+            output_dir: output_dir.display().to_string(),
+            state: JobState::Queued,
+            message: "waiting for resources".into(),
+            submitted_ms: now_ms(),
+            started_ms: 0,
+            finished_ms: 0,
+            tasks: vec![],
+            summary_json: String::new(),
+        };
+        self.inner.store.put_job(&job).map_err(store_status)?;
+        st.jobs.insert(job_id.clone(), job);
+        let line = format!("job queued: {} worker(s)", spec.cluster.workers);
+        self.append_log(&mut st, &job_id, -1, "state", vec![line]);
+        self.schedule(&mut st);
+        Ok(Response::new(pb::SubmitJobResponse { job_id }))
+    }
+
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobInfo>, Status> {
+        let id = req.into_inner().job_id;
+        let st = self.lock();
+        st.jobs
+            .get(&id)
+            .map(|j| Response::new(pb::JobInfo::from(j)))
+            .ok_or_else(|| Status::not_found(format!("no job {id}")))
+    }
+
+    async fn list_jobs(&self, _req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+        let st = self.lock();
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: st.jobs.values().map(pb::JobInfo::from).collect(),
+        }))
+    }
+
+    type StreamLogsStream = LogStream;
+
+    async fn stream_logs(&self, req: Request<pb::StreamLogsRequest>) -> Result<Response<LogStream>, Status> {
+        let req = req.into_inner();
+        if !self.lock().jobs.contains_key(&req.job_id) {
+            return Err(Status::not_found(format!("no job {}", req.job_id)));
+        }
+        let (tx, rx) = mpsc::channel(256);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut tick = me.inner.log_tick.subscribe();
+            let mut after = req.after_seq;
+            loop {
+                // Read the job's state *before* its logs: a job seen final here has
+                // all of its lines stored, so the last read below gets them all.
+                let ended = me.lock().jobs.get(&req.job_id).is_none_or(|j| j.state.is_final());
+                loop {
+                    let lines = match me.inner.store.logs(&req.job_id, after, 500) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            let _ = tx.send(Err(store_status(e))).await;
+                            return;
+                        }
+                    };
+                    if lines.is_empty() {
+                        break;
+                    }
+                    for l in lines {
+                        after = l.seq;
+                        if tx.send(Ok(to_entry(&req.job_id, l))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                if !req.follow || ended {
+                    return;
+                }
+                tokio::select! {
+                    _ = tick.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+        let id = req.into_inner().job_id;
+        let mut st = self.lock();
+        let Some(job) = st.jobs.get(&id) else {
+            return Err(Status::not_found(format!("no job {id}")));
+        };
+        if !job.state.is_final() {
+            self.finish_job(&mut st, &id, JobState::Cancelled, "cancelled by the user".into());
+            self.schedule(&mut st);
+        }
+        let state = st.jobs[&id].state;
+        Ok(Response::new(pb::CancelJobResponse {
+            state: pb::JobState::from(state) as i32,
+        }))
+    }
+
+    async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let st = self.lock();
+        let now = now_ms();
+        let interval = self.inner.config.heartbeat_interval.as_millis() as i64;
+        let nodes = st
+            .nodes
+            .values()
+            .map(|n| {
+                let silent = now - n.last_heartbeat_ms;
+                let status = if !self.is_alive(n, now) {
+                    "dead"
+                } else if silent > 3 * interval {
+                    "suspect"
+                } else {
+                    "alive"
+                };
+                let busy = st
+                    .jobs
+                    .values()
+                    .flat_map(|j| &j.tasks)
+                    .filter(|t| t.agent_id == n.agent_id && !t.state.is_final())
+                    .count() as u32;
+                pb::NodeInfo {
+                    agent_id: n.agent_id.clone(),
+                    hostname: n.hostname.clone(),
+                    status: status.into(),
+                    last_heartbeat_unix_ms: n.last_heartbeat_ms,
+                    groups: n.groups.iter().map(pb::ResourceGroup::from).collect(),
+                    busy_slots: busy,
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+}

@@ -1,0 +1,253 @@
+//! What the coordinator knows: jobs, their tasks, and the nodes (agents) that run
+//! them — plain serde types, stored as JSON in redb and converted to wire types here.
+
+use hetero_proto as pb;
+use serde::{Deserialize, Serialize};
+
+/// A job's life: queued → running → one of the three ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    /// Waiting for resources.
+    Queued,
+    /// Its workers were placed.
+    Running,
+    /// Every worker finished.
+    Succeeded,
+    /// A worker failed; the message says which and why.
+    Failed,
+    /// A user cancelled it.
+    Cancelled,
+}
+
+impl JobState {
+    /// Whether the job has ended.
+    pub fn is_final(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+    }
+}
+
+/// One worker of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TaskState {
+    /// Placed on an agent, not yet reported running.
+    Pending,
+    /// The worker process runs.
+    Running,
+    /// Exited 0.
+    Succeeded,
+    /// Exited otherwise, or its node was lost.
+    Failed,
+    /// Stopped on request.
+    Cancelled,
+}
+
+impl TaskState {
+    /// Whether the task has ended.
+    pub fn is_final(self) -> bool {
+        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled)
+    }
+}
+
+/// A placed worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// `<job>-r<rank>`.
+    pub task_id: String,
+    /// Rank in the job's ring.
+    pub rank: u32,
+    /// The agent that runs it.
+    pub agent_id: String,
+    /// Its role in the job.
+    pub role: String,
+    /// Its state.
+    pub state: TaskState,
+    /// Why it ended (with last log lines on failure).
+    pub message: String,
+    /// Whether the agent has been told to start it.
+    pub delivered: bool,
+    /// Compute threads it may use.
+    pub threads: u32,
+}
+
+/// An accepted job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// `job-000001`, …
+    pub job_id: String,
+    /// From the spec.
+    pub name: String,
+    /// The validated spec, as JSON.
+    pub spec_json: String,
+    /// Workers asked for.
+    pub workers: u32,
+    /// Program of a custom task (empty: built-in worker).
+    pub program: String,
+    /// Compute threads per worker asked for (0: share the node's cores).
+    pub threads_per_worker: u32,
+    /// Where the job's results go.
+    pub output_dir: String,
+    /// Its state.
+    pub state: JobState,
+    /// Why it is in that state.
+    pub message: String,
+    /// Timestamps (Unix ms; 0 = not yet).
+    pub submitted_ms: i64,
+    /// When it started.
+    pub started_ms: i64,
+    /// When it ended.
+    pub finished_ms: i64,
+    /// Its workers, once placed.
+    pub tasks: Vec<TaskRecord>,
+    /// Rank 0's run summary (JSON), once done.
+    pub summary_json: String,
+}
+
+/// A registered agent and its resource groups.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// `node-1`, …
+    pub agent_id: String,
+    /// Machine name.
+    pub hostname: String,
+    /// Its resource groups.
+    pub groups: Vec<GroupRecord>,
+    /// Last heartbeat (Unix ms).
+    pub last_heartbeat_ms: i64,
+}
+
+/// A group of devices of one kind on one agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    /// Device kind.
+    pub kind: String,
+    /// Device count (cores for a CPU).
+    pub devices: u32,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+    /// Workers it runs at once.
+    pub worker_slots: u32,
+}
+
+impl NodeRecord {
+    /// Workers this node runs at once.
+    pub fn slots(&self) -> u32 {
+        self.groups.iter().map(|g| g.worker_slots).sum()
+    }
+
+    /// Cores (devices) of its CPU groups.
+    pub fn cores(&self) -> u32 {
+        self.groups.iter().filter(|g| g.kind == "cpu").map(|g| g.devices).sum::<u32>().max(1)
+    }
+}
+
+impl From<JobState> for pb::JobState {
+    fn from(s: JobState) -> Self {
+        match s {
+            JobState::Queued => pb::JobState::Queued,
+            JobState::Running => pb::JobState::Running,
+            JobState::Succeeded => pb::JobState::Succeeded,
+            JobState::Failed => pb::JobState::Failed,
+            JobState::Cancelled => pb::JobState::Cancelled,
+        }
+    }
+}
+
+impl From<TaskState> for pb::TaskState {
+    fn from(s: TaskState) -> Self {
+        match s {
+            TaskState::Pending => pb::TaskState::Pending,
+            TaskState::Running => pb::TaskState::Running,
+            TaskState::Succeeded => pb::TaskState::Succeeded,
+            TaskState::Failed => pb::TaskState::Failed,
+            TaskState::Cancelled => pb::TaskState::Cancelled,
+        }
+    }
+}
+
+/// The wire's task state, if it names one.
+pub fn task_state_from_wire(s: i32) -> Option<TaskState> {
+    match pb::TaskState::try_from(s).ok()? {
+        pb::TaskState::Unspecified => None,
+        pb::TaskState::Pending => Some(TaskState::Pending),
+        pb::TaskState::Running => Some(TaskState::Running),
+        pb::TaskState::Succeeded => Some(TaskState::Succeeded),
+        pb::TaskState::Failed => Some(TaskState::Failed),
+        pb::TaskState::Cancelled => Some(TaskState::Cancelled),
+    }
+}
+
+/// Lower-case name of a wire job state, for people.
+pub fn job_state_name(s: i32) -> &'static str {
+    match pb::JobState::try_from(s).unwrap_or(pb::JobState::Unspecified) {
+        pb::JobState::Unspecified => "unknown",
+        pb::JobState::Queued => "queued",
+        pb::JobState::Running => "running",
+        pb::JobState::Succeeded => "succeeded",
+        pb::JobState::Failed => "failed",
+        pb::JobState::Cancelled => "cancelled",
+    }
+}
+
+/// Lower-case name of a wire task state, for people.
+pub fn task_state_name(s: i32) -> &'static str {
+    match task_state_from_wire(s) {
+        None => "unknown",
+        Some(TaskState::Pending) => "pending",
+        Some(TaskState::Running) => "running",
+        Some(TaskState::Succeeded) => "succeeded",
+        Some(TaskState::Failed) => "failed",
+        Some(TaskState::Cancelled) => "cancelled",
+    }
+}
+
+impl From<&JobRecord> for pb::JobInfo {
+    fn from(j: &JobRecord) -> Self {
+        pb::JobInfo {
+            job_id: j.job_id.clone(),
+            name: j.name.clone(),
+            state: pb::JobState::from(j.state) as i32,
+            message: j.message.clone(),
+            submitted_unix_ms: j.submitted_ms,
+            started_unix_ms: j.started_ms,
+            finished_unix_ms: j.finished_ms,
+            workers: j.workers,
+            tasks: j
+                .tasks
+                .iter()
+                .map(|t| pb::TaskInfo {
+                    task_id: t.task_id.clone(),
+                    rank: t.rank,
+                    agent_id: t.agent_id.clone(),
+                    role: t.role.clone(),
+                    state: pb::TaskState::from(t.state) as i32,
+                    message: t.message.clone(),
+                })
+                .collect(),
+            output_dir: j.output_dir.clone(),
+            summary_json: j.summary_json.clone(),
+            spec_json: j.spec_json.clone(),
+        }
+    }
+}
+
+impl From<&GroupRecord> for pb::ResourceGroup {
+    fn from(g: &GroupRecord) -> Self {
+        pb::ResourceGroup {
+            kind: g.kind.clone(),
+            devices: g.devices,
+            memory_bytes: g.memory_bytes,
+            worker_slots: g.worker_slots,
+        }
+    }
+}
+
+impl From<&pb::ResourceGroup> for GroupRecord {
+    fn from(g: &pb::ResourceGroup) -> Self {
+        GroupRecord {
+            kind: g.kind.clone(),
+            devices: g.devices,
+            memory_bytes: g.memory_bytes,
+            worker_slots: g.worker_slots,
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! The coordinator's embedded store (redb): jobs, nodes and every log line.
+//!
+//! Every change the coordinator accepts is committed here before the call that
+//! caused it returns, so a coordinator killed at any moment and started again on
+//! the same file still lists every job it accepted, with its logs.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::ClusterError;
+use crate::records::{JobRecord, NodeRecord};
+
+const JOBS: TableDefinition<&str, &str> = TableDefinition::new("jobs");
+const NODES: TableDefinition<&str, &str> = TableDefinition::new("nodes");
+const LOGS: TableDefinition<(&str, u64), &str> = TableDefinition::new("logs");
+
+/// One stored log line.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogRecord {
+    /// Position in the job's log, from 1.
+    pub seq: u64,
+    /// Worker rank, or −1 for the coordinator.
+    pub rank: i32,
+    /// When (Unix ms).
+    pub unix_ms: i64,
+    /// `log`, `event` or `state`.
+    pub kind: String,
+    /// The line.
+    pub text: String,
+}
+
+/// The open database.
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Store, ClusterError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| ClusterError::io(format!("creating {}", dir.display()), e))?;
+        }
+        let db = Database::create(path).map_err(|e| ClusterError::Store {
+            path: path.display().to_string(),
+            message: format!("cannot open: {e}"),
+        })?;
+        let store = Store {
+            db,
+            path: path.to_path_buf(),
+        };
+        store.write(|tx| {
+            tx.open_table(JOBS)?;
+            tx.open_table(NODES)?;
+            tx.open_table(LOGS)?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    fn err(&self, e: impl std::fmt::Display) -> ClusterError {
+        ClusterError::Store {
+            path: self.path.display().to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    fn write(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>) -> Result<(), ClusterError> {
+        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
+        f(&tx).map_err(|e| self.err(e))?;
+        tx.commit().map_err(|e| self.err(e))
+    }
+
+    /// Saves (inserts or replaces) a job.
+    pub fn put_job(&self, job: &JobRecord) -> Result<(), ClusterError> {
+        let json = serde_json::to_string(job).expect("records serialise");
+        self.write(|tx| {
+            tx.open_table(JOBS)?.insert(job.job_id.as_str(), json.as_str())?;
+            Ok(())
+        })
+    }
+
+    /// Saves (inserts or replaces) a node.
+    pub fn put_node(&self, node: &NodeRecord) -> Result<(), ClusterError> {
+        let json = serde_json::to_string(node).expect("records serialise");
+        self.write(|tx| {
+            tx.open_table(NODES)?.insert(node.agent_id.as_str(), json.as_str())?;
+            Ok(())
+        })
+    }
+
+    /// Appends log lines to a job's log.
+    pub fn append_logs(&self, job_id: &str, lines: &[LogRecord]) -> Result<(), ClusterError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        self.write(|tx| {
+            let mut t = tx.open_table(LOGS)?;
+            for l in lines {
+                let json = serde_json::to_string(l).expect("records serialise");
+                t.insert((job_id, l.seq), json.as_str())?;
+            }
+            Ok(())
+        })
+    }
+
+    fn all<T: for<'de> Deserialize<'de>>(&self, def: TableDefinition<&str, &str>) -> Result<Vec<T>, ClusterError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = tx.open_table(def).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            let record = serde_json::from_str(v.value())
+                .map_err(|e| self.err(format!("record {} is corrupt: {e}", k.value())))?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// Every job, in id order.
+    pub fn jobs(&self) -> Result<Vec<JobRecord>, ClusterError> {
+        self.all(JOBS)
+    }
+
+    /// Every node.
+    pub fn nodes(&self) -> Result<Vec<NodeRecord>, ClusterError> {
+        self.all(NODES)
+    }
+
+    /// A job's log lines with `seq > after`, at most `limit` of them.
+    pub fn logs(&self, job_id: &str, after: u64, limit: usize) -> Result<Vec<LogRecord>, ClusterError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = tx.open_table(LOGS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        let range = table
+            .range((job_id, after.saturating_add(1))..=(job_id, u64::MAX))
+            .map_err(|e| self.err(e))?;
+        for row in range.take(limit) {
+            let (_, v) = row.map_err(|e| self.err(e))?;
+            out.push(serde_json::from_str(v.value()).map_err(|e| self.err(format!("corrupt log line: {e}")))?);
+        }
+        Ok(out)
+    }
+
+    /// The highest log sequence number of a job (0 when it has none).
+    pub fn last_log_seq(&self, job_id: &str) -> Result<u64, ClusterError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = tx.open_table(LOGS).map_err(|e| self.err(e))?;
+        let last = table
+            .range((job_id, 0)..=(job_id, u64::MAX))
+            .map_err(|e| self.err(e))?
+            .next_back()
+            .transpose()
+            .map_err(|e| self.err(e))?
+            .map(|(k, _)| k.value().1);
+        Ok(last.unwrap_or(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::JobState;
+
+    fn job(id: &str) -> JobRecord {
+        JobRecord {
+            job_id: id.into(),
+            name: "n".into(),
+            spec_json: "{}".into(),
+            workers: 2,
+            program: String::new(),
+            threads_per_worker: 0,
+            output_dir: "/tmp".into(),
+            state: JobState::Queued,
+            message: String::new(),
+            submitted_ms: 1,
+            started_ms: 0,
+            finished_ms: 0,
+            tasks: vec![],
+            summary_json: String::new(),
+        }
+    }
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        {
+            let s = Store::open(&path).unwrap();
+            s.put_job(&job("job-000001")).unwrap();
+            let mut j = job("job-000002");
+            j.state = JobState::Running;
+            s.put_job(&j).unwrap();
+            let line = |seq| LogRecord {
+                seq,
+                rank: 0,
+                unix_ms: 0,
+                kind: "log".into(),
+                text: format!("line {seq}"),
+            };
+            s.append_logs("job-000002", &[line(1), line(2), line(3)]).unwrap();
+            s.append_logs("job-000001", &[line(1)]).unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let jobs = s.jobs().unwrap();
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(jobs[1].state, JobState::Running);
+        let logs = s.logs("job-000002", 1, 10).unwrap();
+        assert_eq!(logs.iter().map(|l| l.seq).collect::<Vec<_>>(), vec![2, 3]);
+        assert_eq!(s.last_log_seq("job-000002").unwrap(), 3);
+        assert_eq!(s.last_log_seq("job-000003").unwrap(), 0);
+    }
+}
