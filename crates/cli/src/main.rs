@@ -1,1 +1,183 @@
-fn main() {}
+//! `hetero`: one binary for every role — the embedded local cluster, the
+//! coordinator, the agent, the worker process, the user's client and benchmarks.
+//! It is thin glue over the library crates; errors are printed with their whole
+//! chain and turn into a non-zero exit status.
+
+mod bench;
+mod client_cmds;
+mod data_cmd;
+mod follow;
+mod local;
+mod server_cmds;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Train one model across unlike devices as a single job.
+#[derive(Parser)]
+#[command(name = "hetero", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Where the client finds the coordinator and its token.
+#[derive(clap::Args, Clone)]
+pub struct Connection {
+    /// Coordinator address (host:port).
+    #[arg(long, env = "HETERO_COORDINATOR", default_value = "127.0.0.1:7070", global = true)]
+    coordinator: String,
+    /// Cluster token (default: read from <data-dir>/token, as written by `hetero coordinator`).
+    #[arg(long, env = "HETERO_TOKEN", global = true, hide_env_values = true)]
+    token: Option<String>,
+    /// The coordinator's data folder, to find its token file.
+    #[arg(long, default_value = ".hetero", global = true)]
+    data_dir: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a job on an embedded cluster on this machine (coordinator, agent, workers).
+    Local {
+        /// The job spec (TOML).
+        spec: PathBuf,
+        /// Override `cluster.workers`.
+        #[arg(long)]
+        workers: Option<usize>,
+    },
+    /// Run the coordinator (the task-manager node).
+    Coordinator {
+        /// Address to serve gRPC on.
+        #[arg(long, default_value = "0.0.0.0:7070")]
+        listen: String,
+        /// Folder for the store and the token file.
+        #[arg(long, default_value = ".hetero")]
+        data_dir: PathBuf,
+        /// Cluster token (default: reuse <data-dir>/token, or create one).
+        #[arg(long, env = "HETERO_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Seconds without a heartbeat before a node is declared dead.
+        #[arg(long, default_value_t = 10)]
+        dead_after: u64,
+    },
+    /// Run an agent: offer this machine's devices to a coordinator and run workers.
+    Agent {
+        #[command(flatten)]
+        conn: Connection,
+        /// Workers this machine runs at once (default: its core count).
+        #[arg(long)]
+        slots: Option<u32>,
+        /// Address other machines reach this one's workers at.
+        #[arg(long, default_value = "127.0.0.1")]
+        data_host: String,
+        /// Folder for workers' files.
+        #[arg(long, default_value = ".hetero/agent")]
+        work_dir: PathBuf,
+    },
+    /// Submit a job spec to the coordinator.
+    Submit {
+        #[command(flatten)]
+        conn: Connection,
+        /// The job spec (TOML).
+        spec: PathBuf,
+        /// Watch the job until it ends.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Show one job, or list all jobs.
+    Status {
+        #[command(flatten)]
+        conn: Connection,
+        /// A job id.
+        job: Option<String>,
+    },
+    /// Print a job's log.
+    Logs {
+        #[command(flatten)]
+        conn: Connection,
+        /// A job id.
+        job: String,
+        /// Keep printing until the job ends.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Cancel a job.
+    Cancel {
+        #[command(flatten)]
+        conn: Connection,
+        /// A job id.
+        job: String,
+    },
+    /// List the cluster's nodes and resource groups.
+    Nodes {
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Data sets: fetch them, or cut subsets.
+    Data {
+        #[command(subcommand)]
+        command: data_cmd::DataCommand,
+    },
+    /// Benchmarks that print figures against a baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
+    /// Run as a worker process (started by an agent, not by hand).
+    #[command(hide = true)]
+    Worker,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if matches!(cli.command, Command::Worker) {
+        return match hetero_worker::builtin::run() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("worker failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HETERO_LOG").unwrap_or_else(|_| "warn,hetero=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Local { spec, workers } => local::run(&spec, workers),
+        Command::Coordinator {
+            listen,
+            data_dir,
+            token,
+            dead_after,
+        } => server_cmds::coordinator(&listen, &data_dir, token, dead_after),
+        Command::Agent {
+            conn,
+            slots,
+            data_host,
+            work_dir,
+        } => server_cmds::agent(&conn, slots, &data_host, &work_dir),
+        Command::Submit { conn, spec, follow } => client_cmds::submit(&conn, &spec, follow),
+        Command::Status { conn, job } => client_cmds::status(&conn, job.as_deref()),
+        Command::Logs { conn, job, follow } => client_cmds::logs(&conn, &job, follow),
+        Command::Cancel { conn, job } => client_cmds::cancel(&conn, &job),
+        Command::Nodes { conn } => client_cmds::nodes(&conn),
+        Command::Data { command } => data_cmd::run(command),
+        Command::Bench { command } => bench::run(command),
+        Command::Worker => unreachable!("handled above"),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

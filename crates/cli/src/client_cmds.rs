@@ -1,0 +1,147 @@
+//! The user's commands against a running coordinator: submit, status, logs,
+//! cancel, nodes.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use hetero_cluster::client::{Client, connect};
+use hetero_cluster::records::{job_state_name, task_state_name};
+use hetero_job::JobSpec;
+use hetero_proto as pb;
+use tokio_stream::StreamExt;
+
+use crate::server_cmds::resolve_token;
+use crate::{Connection, follow};
+
+fn with_client<T>(conn: &Connection, f: impl AsyncFnOnce(&mut Client) -> Result<T>) -> Result<T> {
+    let token = resolve_token(conn)?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async {
+        let mut client = connect(&conn.coordinator, &token).await?;
+        f(&mut client).await
+    })
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+/// `hetero submit`.
+pub fn submit(conn: &Connection, spec_path: &Path, follow_it: bool) -> Result<ExitCode> {
+    // Validate here first: the user sees the error before anything travels.
+    JobSpec::load(spec_path).with_context(|| format!("in {}", spec_path.display()))?;
+    let text = std::fs::read_to_string(spec_path)?;
+    let base = std::path::absolute(spec_path.parent().unwrap_or(Path::new(".")))?;
+    with_client(conn, async |c| {
+        let job_id = c
+            .submit_job(pb::SubmitJobRequest {
+                spec_toml: text,
+                base_dir: base.display().to_string(),
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .job_id;
+        println!("{job_id}");
+        if !follow_it {
+            return Ok(ExitCode::SUCCESS);
+        }
+        let info = follow::follow_job(c, &job_id, true).await?;
+        Ok(if follow::print_outcome(&info) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    })
+}
+
+fn fmt_time(ms: i64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let secs = ms / 1000;
+    format!("{:02}:{:02}:{:02} UTC", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
+}
+
+/// `hetero status [JOB]`.
+pub fn status(conn: &Connection, job: Option<&str>) -> Result<ExitCode> {
+    with_client(conn, async |c| {
+        match job {
+            Some(id) => {
+                let j = c.get_job(pb::GetJobRequest { job_id: id.into() }).await.map_err(status_error)?.into_inner();
+                println!("job        {} ({})", j.job_id, j.name);
+                println!("state      {}: {}", job_state_name(j.state), j.message);
+                println!("submitted  {}   started {}   finished {}", fmt_time(j.submitted_unix_ms), fmt_time(j.started_unix_ms), fmt_time(j.finished_unix_ms));
+                println!("output     {}", j.output_dir);
+                println!("roles      task manager: the coordinator; {} compute worker(s) in one allreduce ring", j.workers);
+                println!("{:>6}  {:<10} {:<22} {:<10} message", "rank", "node", "role", "state");
+                for t in &j.tasks {
+                    let first_line = t.message.lines().next().unwrap_or("");
+                    println!("{:>6}  {:<10} {:<22} {:<10} {first_line}", t.rank, t.agent_id, t.role, task_state_name(t.state));
+                }
+                if let Ok(s) = serde_json::from_str::<hetero_train::RunSummary>(&j.summary_json) {
+                    follow::print_summary(&s);
+                }
+            }
+            None => {
+                let jobs = c.list_jobs(pb::ListJobsRequest {}).await.map_err(status_error)?.into_inner().jobs;
+                println!("{:<12} {:<24} {:<10} {:>7}  message", "job", "name", "state", "workers");
+                for j in jobs {
+                    println!("{:<12} {:<24} {:<10} {:>7}  {}", j.job_id, j.name, job_state_name(j.state), j.workers, j.message);
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `hetero logs JOB [--follow]`.
+pub fn logs(conn: &Connection, job: &str, follow_it: bool) -> Result<ExitCode> {
+    with_client(conn, async |c| {
+        let mut stream = c
+            .stream_logs(pb::StreamLogsRequest {
+                job_id: job.into(),
+                after_seq: 0,
+                follow: follow_it,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        while let Some(entry) = stream.next().await {
+            let e = entry.map_err(status_error)?;
+            let who = if e.rank < 0 { "coordinator".to_string() } else { format!("worker {}", e.rank) };
+            println!("{} [{who}] {}{}", fmt_time(e.unix_ms), if e.kind == "event" { "event " } else { "" }, e.text);
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `hetero cancel JOB`.
+pub fn cancel(conn: &Connection, job: &str) -> Result<ExitCode> {
+    with_client(conn, async |c| {
+        let r = c.cancel_job(pb::CancelJobRequest { job_id: job.into() }).await.map_err(status_error)?.into_inner();
+        println!("{job}: {}", job_state_name(r.state));
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// `hetero nodes`.
+pub fn nodes(conn: &Connection) -> Result<ExitCode> {
+    with_client(conn, async |c| {
+        let nodes = c.list_nodes(pb::ListNodesRequest {}).await.map_err(status_error)?.into_inner().nodes;
+        println!("{:<10} {:<16} {:<8} {:<6} {:>7} {:>10} {:>6}", "node", "host", "status", "kind", "devices", "memory", "busy");
+        for n in nodes {
+            for g in &n.groups {
+                println!(
+                    "{:<10} {:<16} {:<8} {:<6} {:>7} {:>8.1}GB {:>3}/{:<3}",
+                    n.agent_id,
+                    n.hostname,
+                    n.status,
+                    g.kind,
+                    g.devices,
+                    g.memory_bytes as f64 / 1e9,
+                    n.busy_slots,
+                    g.worker_slots
+                );
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}

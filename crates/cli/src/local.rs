@@ -1,0 +1,86 @@
+//! `hetero local`: the embedded default. A coordinator, one agent and the job's
+//! worker processes on this machine, talking real gRPC and a real TCP data plane,
+//! exactly as a multi-machine cluster does.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use hetero_cluster::agent::{self, AgentConfig};
+use hetero_cluster::coordinator::{Coordinator, CoordinatorConfig};
+use hetero_job::JobSpec;
+use hetero_proto as pb;
+use tokio::sync::watch;
+
+use crate::{data_cmd, follow};
+
+/// The spec's text with `cluster.workers` replaced, when asked.
+pub fn spec_text(path: &Path, workers: Option<usize>) -> Result<String> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let Some(w) = workers else { return Ok(text) };
+    let mut table: toml::Table = text.parse().with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let cluster = table
+        .entry("cluster")
+        .or_insert_with(|| toml::Value::Table(Default::default()))
+        .as_table_mut()
+        .context("`cluster` must be a table")?;
+    cluster.insert("workers".into(), toml::Value::Integer(w as i64));
+    Ok(toml::to_string(&table)?)
+}
+
+/// Runs the job in `spec_path` on an embedded cluster and reports how it went.
+pub fn run(spec_path: &Path, workers: Option<usize>) -> Result<ExitCode> {
+    let text = spec_text(spec_path, workers)?;
+    let base = std::path::absolute(spec_path.parent().unwrap_or(Path::new(".")))?;
+    let mut spec = JobSpec::parse(&text).with_context(|| format!("in {}", spec_path.display()))?;
+    spec.resolve_paths(&base);
+    if spec.task.is_none() {
+        data_cmd::ensure_fashion_mnist(&spec.dataset.path)?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let scratch = tempfile::tempdir().context("creating the local cluster's folder")?;
+        let token = hetero_cluster::new_token();
+        let coordinator = Coordinator::open(CoordinatorConfig::new(scratch.path().join("coordinator.redb"), &token))?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?.to_string();
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut stop_server = stop_rx.clone();
+        let server = tokio::spawn(coordinator.serve(listener, async move {
+            let _ = stop_server.changed().await;
+        }));
+        let agent = tokio::spawn(agent::run(
+            AgentConfig {
+                coordinator: address.clone(),
+                token: token.clone(),
+                slots: spec.cluster.workers as u32,
+                work_dir: scratch.path().join("agent"),
+                worker_program: std::env::current_exe()?,
+                data_host: "127.0.0.1".into(),
+                hostname: "local".into(),
+            },
+            stop_rx,
+        ));
+        println!(
+            "local cluster: coordinator on {address}, one agent, {} worker process(es)",
+            spec.cluster.workers
+        );
+        let mut client = hetero_cluster::client::connect(&address, &token).await?;
+        let job_id = client
+            .submit_job(pb::SubmitJobRequest {
+                spec_toml: text,
+                base_dir: base.display().to_string(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("the coordinator refused the job: {}", s.message()))?
+            .into_inner()
+            .job_id;
+        println!("submitted {job_id}: {} ({} epoch(s), global batch {})", spec.name, spec.training.epochs, spec.training.global_batch_size);
+        let info = follow::follow_job(&mut client, &job_id, true).await?;
+        let ok = follow::print_outcome(&info);
+        let _ = stop_tx.send(true);
+        let _ = agent.await;
+        let _ = server.await;
+        Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    })
+}

@@ -1,0 +1,93 @@
+//! `hetero coordinator` and `hetero agent`: the long-running roles of a real cluster.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use hetero_cluster::agent::{self, AgentConfig};
+use hetero_cluster::coordinator::{Coordinator, CoordinatorConfig};
+use tokio::sync::watch;
+
+use crate::Connection;
+
+/// The token in `<data_dir>/token`, if there is one.
+pub fn read_token_file(data_dir: &Path) -> Option<String> {
+    std::fs::read_to_string(data_dir.join("token")).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+}
+
+/// The token a client or agent should use.
+pub fn resolve_token(conn: &Connection) -> Result<String> {
+    if let Some(t) = &conn.token {
+        return Ok(t.clone());
+    }
+    match read_token_file(&conn.data_dir) {
+        Some(t) => Ok(t),
+        None => bail!(
+            "no cluster token: pass --token or set HETERO_TOKEN (the coordinator prints it and writes it to {}/token)",
+            conn.data_dir.display()
+        ),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+/// Runs the coordinator until Ctrl-C.
+pub fn coordinator(listen: &str, data_dir: &Path, token: Option<String>, dead_after: u64) -> Result<ExitCode> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let token = match token.or_else(|| read_token_file(data_dir)) {
+        Some(t) => t,
+        None => {
+            let t = hetero_cluster::new_token();
+            let path = data_dir.join("token");
+            std::fs::write(&path, &t).with_context(|| format!("writing {}", path.display()))?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            }
+            t
+        }
+    };
+    let mut config = CoordinatorConfig::new(data_dir.join("coordinator.redb"), &token);
+    config.dead_after = std::time::Duration::from_secs(dead_after.max(1));
+    let coordinator = Coordinator::open(config)?;
+    runtime()?.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+        println!("coordinator listening on {}", listener.local_addr()?);
+        println!("cluster token: {token}  (also in {}/token)", data_dir.display());
+        coordinator
+            .serve(listener, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+/// Runs an agent until Ctrl-C.
+pub fn agent(conn: &Connection, slots: Option<u32>, data_host: &str, work_dir: &Path) -> Result<ExitCode> {
+    let token = resolve_token(conn)?;
+    let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    let hostname = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "agent".into());
+    let config = AgentConfig {
+        coordinator: conn.coordinator.clone(),
+        token,
+        slots: slots.unwrap_or(cores),
+        work_dir: std::path::absolute(work_dir)?,
+        worker_program: std::env::current_exe()?,
+        data_host: data_host.to_string(),
+        hostname,
+    };
+    println!("agent: {} worker slot(s), coordinator {}", config.slots, config.coordinator);
+    runtime()?.block_on(async move {
+        let (tx, rx) = watch::channel(false);
+        tokio::spawn(async move {
+            let _ = tokio::signal::ctrl_c().await;
+            let _ = tx.send(true);
+        });
+        agent::run(config, rx).await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}

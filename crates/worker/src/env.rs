@@ -1,0 +1,66 @@
+//! Who this worker is, read from the environment its agent set.
+
+use std::path::PathBuf;
+
+use hetero_cluster::agent::WorkerEnv;
+use hetero_job::JobSpec;
+
+use crate::WorkerError;
+
+/// Everything a worker is told at start.
+#[derive(Debug, Clone)]
+pub struct WorkerSetup {
+    /// Coordinator address.
+    pub coordinator: String,
+    /// Cluster token.
+    pub token: String,
+    /// Job id (also the data-plane session).
+    pub job_id: String,
+    /// Rank.
+    pub rank: usize,
+    /// Ring size.
+    pub world: usize,
+    /// The job spec.
+    pub spec: JobSpec,
+    /// Where results go.
+    pub output_dir: PathBuf,
+    /// Host to bind the data plane on.
+    pub data_host: String,
+}
+
+fn var(name: &str) -> Result<String, WorkerError> {
+    std::env::var(name).map_err(|_| {
+        WorkerError::Setup(format!(
+            "{name} is not set: workers are started by a Hetero agent (run a job with `hetero local` or `hetero submit`)"
+        ))
+    })
+}
+
+fn number(name: &str) -> Result<usize, WorkerError> {
+    let v = var(name)?;
+    v.parse().map_err(|_| WorkerError::Setup(format!("{name}={v:?} is not a number")))
+}
+
+impl WorkerSetup {
+    /// Reads the `HETERO_*` variables and the spec file they name.
+    pub fn from_env() -> Result<WorkerSetup, WorkerError> {
+        let spec_file = var(WorkerEnv::SPEC_FILE)?;
+        let text = std::fs::read_to_string(&spec_file)
+            .map_err(|e| WorkerError::Setup(format!("cannot read the job spec {spec_file}: {e}")))?;
+        let spec = JobSpec::from_json(&text).map_err(|e| WorkerError::Setup(e.to_string()))?;
+        let setup = WorkerSetup {
+            coordinator: var(WorkerEnv::COORDINATOR)?,
+            token: var(WorkerEnv::TOKEN)?,
+            job_id: var(WorkerEnv::JOB_ID)?,
+            rank: number(WorkerEnv::RANK)?,
+            world: number(WorkerEnv::WORLD)?,
+            spec,
+            output_dir: PathBuf::from(var(WorkerEnv::OUTPUT_DIR)?),
+            data_host: std::env::var(WorkerEnv::DATA_HOST).unwrap_or_else(|_| "127.0.0.1".into()),
+        };
+        if setup.rank >= setup.world {
+            return Err(WorkerError::Setup(format!("rank {} outside a ring of {}", setup.rank, setup.world)));
+        }
+        Ok(setup)
+    }
+}

@@ -1,0 +1,128 @@
+//! The runtime of one worker process, shared by the built-in `hetero worker` and by
+//! every user program that holds its own [`hetero_train::Task`].
+//!
+//! A worker: reads who it is from the `HETERO_*` environment its agent set
+//! ([`env`]), picks its compute device ([`backend`]), binds its data-plane listener,
+//! finds its peers through the coordinator ([`rendezvous`]), forms the ring, trains,
+//! and prints progress as `@hetero-event` lines that the agent forwards.
+//!
+//! A user's program is three lines:
+//! ```ignore
+//! fn main() -> std::process::ExitCode {
+//!     hetero_worker::run(|ctx, _device| MyTask::new(ctx))
+//! }
+//! ```
+
+pub mod backend;
+pub mod builtin;
+pub mod env;
+pub mod rendezvous;
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::process::ExitCode;
+
+use hetero_cluster::agent::EVENT_PREFIX;
+use hetero_comm::{Ring, RingConfig};
+use hetero_train::{Event, Task, TaskContext, TrainOptions};
+
+pub use backend::{SystemBackend, SystemDevice};
+pub use env::WorkerSetup;
+
+/// Why a worker stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The environment is not a worker's environment.
+    #[error("{0}")]
+    Setup(String),
+    /// Finding the peers failed.
+    #[error("rendezvous: {0}")]
+    Rendezvous(String),
+    /// The data plane failed.
+    #[error("data plane: {0}")]
+    Comm(#[from] hetero_comm::CommError),
+    /// Training failed.
+    #[error("{0}")]
+    Train(#[from] hetero_train::TrainError),
+    /// The task could not be built.
+    #[error("task: {0}")]
+    Task(String),
+}
+
+/// Prints one progress event for the agent.
+pub fn emit(event: &Event) {
+    let json = serde_json::to_string(event).expect("events serialise");
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{EVENT_PREFIX}{json}");
+    let _ = out.flush();
+}
+
+/// Runs a worker whose task `make_task` builds; returns the process exit code.
+pub fn run<T, F>(make_task: F) -> ExitCode
+where
+    T: Task<SystemBackend>,
+    F: FnOnce(&TaskContext, &SystemDevice) -> Result<T, String>,
+{
+    match try_run(make_task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("worker failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// [`run`], returning the error instead of an exit code.
+pub fn try_run<T, F>(make_task: F) -> Result<(), WorkerError>
+where
+    T: Task<SystemBackend>,
+    F: FnOnce(&TaskContext, &SystemDevice) -> Result<T, String>,
+{
+    let setup = WorkerSetup::from_env()?;
+    let (device, backend_name) = backend::device(setup.spec.cluster.backend);
+    let ctx = TaskContext {
+        spec: setup.spec.clone(),
+        rank: setup.rank,
+        world: setup.world,
+    };
+    eprintln!(
+        "rank {}/{} of {} on {backend_name} ({} thread(s))",
+        setup.rank,
+        setup.world,
+        setup.job_id,
+        std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into())
+    );
+    let task = make_task(&ctx, &device).map_err(WorkerError::Task)?;
+
+    let listener = TcpListener::bind((setup.data_host.as_str(), 0))
+        .map_err(|e| WorkerError::Setup(format!("cannot bind a data-plane port on {}: {e}", setup.data_host)))?;
+    let address = listener.local_addr().map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let peers = rendezvous::exchange(&setup, address)?;
+    let config = RingConfig::new(setup.rank, setup.world, setup.job_id.clone(), setup.token.clone());
+    let mut ring = Ring::form(config, listener, &peers)?;
+    eprintln!("ring formed: {} worker(s)", setup.world);
+
+    let spec = &setup.spec;
+    let mut options = TrainOptions::new(spec.training.epochs, spec.training.global_batch_size, spec.training.seed);
+    options.backend = backend_name.to_string();
+    let summary = hetero_train::train(task, device, &mut ring, options, &mut |e| {
+        // Epoch events are the same on every rank; rank 0 speaks for the job.
+        if setup.rank == 0 || matches!(e, Event::Step { .. }) {
+            emit(&e)
+        }
+    })?;
+    if setup.rank == 0 {
+        std::fs::create_dir_all(&setup.output_dir)
+            .and_then(|_| {
+                std::fs::write(
+                    setup.output_dir.join("summary.json"),
+                    serde_json::to_string_pretty(&summary).expect("summary serialises"),
+                )
+            })
+            .map_err(|e| WorkerError::Setup(format!("cannot write {}/summary.json: {e}", setup.output_dir.display())))?;
+        emit(&Event::Done {
+            summary: Box::new(summary),
+        });
+    }
+    Ok(())
+}
