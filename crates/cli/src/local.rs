@@ -6,11 +6,9 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use hetero_cluster::agent::{self, AgentConfig};
-use hetero_cluster::coordinator::{Coordinator, CoordinatorConfig};
+use hetero_cluster::local::LocalCluster;
 use hetero_job::JobSpec;
 use hetero_proto as pb;
-use tokio::sync::watch;
 
 use crate::{data_cmd, follow};
 
@@ -39,33 +37,12 @@ pub fn run(spec_path: &Path, workers: Option<usize>) -> Result<ExitCode> {
     }
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
-        let scratch = tempfile::tempdir().context("creating the local cluster's folder")?;
-        let token = hetero_cluster::new_token();
-        let coordinator = Coordinator::open(CoordinatorConfig::new(scratch.path().join("coordinator.redb"), &token))?;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let address = listener.local_addr()?.to_string();
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let mut stop_server = stop_rx.clone();
-        let server = tokio::spawn(coordinator.serve(listener, async move {
-            let _ = stop_server.changed().await;
-        }));
-        let agent = tokio::spawn(agent::run(
-            AgentConfig {
-                coordinator: address.clone(),
-                token: token.clone(),
-                slots: spec.cluster.workers as u32,
-                work_dir: scratch.path().join("agent"),
-                worker_program: std::env::current_exe()?,
-                data_host: "127.0.0.1".into(),
-                hostname: "local".into(),
-            },
-            stop_rx,
-        ));
+        let cluster = LocalCluster::start(spec.cluster.workers as u32, std::env::current_exe()?).await?;
         println!(
-            "local cluster: coordinator on {address}, one agent, {} worker process(es)",
-            spec.cluster.workers
+            "local cluster: coordinator on {}, one agent, {} worker process(es)",
+            cluster.address, spec.cluster.workers
         );
-        let mut client = hetero_cluster::client::connect(&address, &token).await?;
+        let mut client = cluster.client().await?;
         let job_id = client
             .submit_job(pb::SubmitJobRequest {
                 spec_toml: text,
@@ -75,12 +52,13 @@ pub fn run(spec_path: &Path, workers: Option<usize>) -> Result<ExitCode> {
             .map_err(|s| anyhow::anyhow!("the coordinator refused the job: {}", s.message()))?
             .into_inner()
             .job_id;
-        println!("submitted {job_id}: {} ({} epoch(s), global batch {})", spec.name, spec.training.epochs, spec.training.global_batch_size);
+        println!(
+            "submitted {job_id}: {} ({} epoch(s), global batch {})",
+            spec.name, spec.training.epochs, spec.training.global_batch_size
+        );
         let info = follow::follow_job(&mut client, &job_id, true).await?;
         let ok = follow::print_outcome(&info);
-        let _ = stop_tx.send(true);
-        let _ = agent.await;
-        let _ = server.await;
+        cluster.shutdown().await;
         Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
     })
 }

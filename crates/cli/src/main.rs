@@ -143,7 +143,7 @@ fn main() -> ExitCode {
     }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HETERO_LOG").unwrap_or_else(|_| "warn,hetero=info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("HETERO_LOG").unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();

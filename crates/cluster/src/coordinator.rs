@@ -508,12 +508,8 @@ impl CoordinatorRpc for Coordinator {
         let mut st = self.lock();
         st.next_job += 1;
         let job_id = format!("job-{:06}", st.next_job);
+        // Relative paths were resolved against `base_dir` above.
         let output_dir = spec.output_dir.join(&job_id);
-        let output_dir = if output_dir.is_relative() && !req.base_dir.is_empty() {
-            Path::new(&req.base_dir).join(output_dir)
-        } else {
-            output_dir
-        };
         let job = JobRecord {
             job_id: job_id.clone(),
             name: spec.name.clone(),

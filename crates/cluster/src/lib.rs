@@ -9,13 +9,15 @@
 //! - [`scheduler`]: where a queued job's workers go (pure, tested alone);
 //! - [`coordinator`]: the gRPC service and the monitor loop;
 //! - [`agent`]: registration, heartbeats, worker processes, log forwarding;
-//! - [`client`]: a token-carrying gRPC client for users, agents and workers.
+//! - [`client`]: a token-carrying gRPC client for users, agents and workers;
+//! - [`local`]: a whole cluster inside one process, for `hetero local` and tests.
 //!
 //! **Invariant:** tensors never pass through this crate; it moves specs, states,
 //! logs and progress events.
 
 pub mod agent;
 pub mod client;
+pub mod local;
 pub mod coordinator;
 pub mod error;
 pub mod records;

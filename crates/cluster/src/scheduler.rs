@@ -57,8 +57,11 @@ mod tests {
     fn spreads_evenly() {
         let p = place(4, &[cap("a", 4), cap("b", 4)]).unwrap();
         assert_eq!(p.iter().filter(|a| *a == "a").count(), 2);
-        let p = place(3, &[cap("a", 1), cap("b", 5)]).unwrap();
-        assert_eq!(p, vec!["b", "b", "a"]);
+        let p = place(2, &[cap("a", 2), cap("b", 2)]).unwrap();
+        assert_eq!(p, vec!["a", "b"]);
+        // The emptier node takes ranks until it is no emptier than the others.
+        let p = place(5, &[cap("a", 2), cap("b", 5)]).unwrap();
+        assert_eq!(p, vec!["b", "b", "b", "a", "b"]);
     }
 
     #[test]

@@ -259,10 +259,11 @@ impl JobSpec {
     pub fn resolve_paths(&mut self, base: &Path) {
         let resolve = |p: &mut PathBuf| {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = normalize(&base.join(&*p));
             }
         };
         resolve(&mut self.dataset.path);
+        resolve(&mut self.output_dir);
         if let Some(task) = &mut self.task {
             resolve(&mut task.program);
         }
@@ -277,6 +278,22 @@ impl JobSpec {
     pub fn from_json(text: &str) -> Result<JobSpec, SpecError> {
         serde_json::from_str(text).map_err(|e| SpecError::Syntax(format!("spec JSON: {e}")))
     }
+}
+
+/// Removes `.` and `dir/..` pairs without touching the file system.
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 /// One table of the spec, with its dotted path for error messages.
@@ -505,7 +522,11 @@ workers = 3
     #[test]
     fn relative_paths_resolve_against_the_spec_folder() {
         let mut s = JobSpec::parse(GOOD).unwrap();
-        s.resolve_paths(Path::new("/specs"));
-        assert_eq!(s.dataset.path, PathBuf::from("/specs/data/fashion-mnist"));
+        s.resolve_paths(Path::new("/specs/examples"));
+        assert_eq!(s.dataset.path, PathBuf::from("/specs/examples/data/fashion-mnist"));
+        let mut s = JobSpec::parse(&GOOD.replace("data/fashion-mnist", "../data/./x")).unwrap();
+        s.resolve_paths(Path::new("/specs/examples"));
+        assert_eq!(s.dataset.path, PathBuf::from("/specs/data/x"));
+        assert_eq!(s.output_dir, PathBuf::from("/specs/examples/runs"));
     }
 }

@@ -1,0 +1,79 @@
+//! An embedded cluster in this process: a coordinator on a loopback port and one
+//! agent whose workers are real child processes. `hetero local` runs jobs on it,
+//! and integration tests use it as their setup helper.
+
+use std::path::PathBuf;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::agent::{self, AgentConfig};
+use crate::client::{Client, connect};
+use crate::coordinator::{Coordinator, CoordinatorConfig};
+use crate::ClusterError;
+
+/// A running embedded cluster; [`LocalCluster::shutdown`] stops it and its workers.
+pub struct LocalCluster {
+    /// The coordinator's address.
+    pub address: String,
+    /// The cluster token.
+    pub token: String,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<Result<(), ClusterError>>,
+    agent: JoinHandle<Result<(), ClusterError>>,
+    _scratch: tempfile::TempDir,
+}
+
+impl LocalCluster {
+    /// Starts a coordinator and one agent with `slots` worker slots whose built-in
+    /// workers run `worker_program worker`.
+    pub async fn start(slots: u32, worker_program: PathBuf) -> Result<LocalCluster, ClusterError> {
+        let scratch = tempfile::tempdir().map_err(|e| ClusterError::io("creating the cluster's folder", e))?;
+        let token = crate::new_token();
+        let coordinator = Coordinator::open(CoordinatorConfig::new(scratch.path().join("coordinator.redb"), &token))?;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| ClusterError::io("binding a loopback port", e))?;
+        let address = listener
+            .local_addr()
+            .map_err(|e| ClusterError::io("reading the bound port", e))?
+            .to_string();
+        let (stop, stop_rx) = watch::channel(false);
+        let mut stop_server = stop_rx.clone();
+        let server = tokio::spawn(coordinator.serve(listener, async move {
+            let _ = stop_server.changed().await;
+        }));
+        let agent = tokio::spawn(agent::run(
+            AgentConfig {
+                coordinator: address.clone(),
+                token: token.clone(),
+                slots,
+                work_dir: scratch.path().join("agent"),
+                worker_program,
+                data_host: "127.0.0.1".into(),
+                hostname: "local".into(),
+            },
+            stop_rx,
+        ));
+        Ok(LocalCluster {
+            address,
+            token,
+            stop,
+            server,
+            agent,
+            _scratch: scratch,
+        })
+    }
+
+    /// A client of this cluster's coordinator.
+    pub async fn client(&self) -> Result<Client, ClusterError> {
+        connect(&self.address, &self.token).await
+    }
+
+    /// Stops the agent (killing its workers) and the coordinator.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.agent.await;
+        let _ = self.server.await;
+    }
+}

@@ -1,0 +1,227 @@
+//! The control plane end to end: real gRPC on loopback, a real redb file, real
+//! worker processes (small shell programs standing in for a user's training
+//! program, so these tests exercise the agent and coordinator, not burn).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use hetero_cluster::client::{Client, connect};
+use hetero_cluster::coordinator::{Coordinator, CoordinatorConfig};
+use hetero_cluster::local::LocalCluster;
+use hetero_proto as pb;
+use tokio::sync::watch;
+
+fn data_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fashion-mnist-subset")
+}
+
+fn custom_spec(program: &Path, workers: usize) -> String {
+    format!(
+        "name = \"t\"\n[model]\nkind = \"custom\"\n[task]\nprogram = \"{}\"\n[dataset]\npath = \"{}\"\n[cluster]\nworkers = {workers}\n[training]\nglobal_batch_size = 8\n[output]\ndir = \"{}\"\n",
+        program.display(),
+        data_dir().display(),
+        std::env::temp_dir().join("hetero-test-runs").display()
+    )
+}
+
+fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    path
+}
+
+async fn submit(client: &mut Client, spec: String) -> String {
+    client
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: spec,
+            base_dir: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .job_id
+}
+
+async fn wait_for(client: &mut Client, job_id: &str, done: impl Fn(&pb::JobInfo) -> bool) -> pb::JobInfo {
+    let started = Instant::now();
+    loop {
+        let info = client.get_job(pb::GetJobRequest { job_id: job_id.into() }).await.unwrap().into_inner();
+        if done(&info) {
+            return info;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "job never got there: {info:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn ended(info: &pb::JobInfo) -> bool {
+    info.state >= pb::JobState::Succeeded as i32
+}
+
+#[tokio::test]
+async fn a_crashing_worker_fails_its_job_with_its_last_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let crash = script(dir.path(), "crash.sh", "echo \"loading data\"\necho \"boom: out of memory\" >&2\nexit 3");
+    let cluster = LocalCluster::start(2, "/bin/false".into()).await.unwrap();
+    let mut client = cluster.client().await.unwrap();
+    let job = submit(&mut client, custom_spec(&crash, 2)).await;
+    let info = wait_for(&mut client, &job, ended).await;
+    assert_eq!(info.state, pb::JobState::Failed as i32, "{info:?}");
+    assert!(info.message.contains("exited with status 3"), "{}", info.message);
+    assert!(info.message.contains("boom: out of memory"), "{}", info.message);
+    let failed = info.tasks.iter().find(|t| t.state == pb::TaskState::Failed as i32).unwrap();
+    assert!(failed.message.contains("loading data"));
+    // The log holds the worker's lines too.
+    let mut stream = client
+        .stream_logs(pb::StreamLogsRequest {
+            job_id: job.clone(),
+            after_seq: 0,
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut texts = Vec::new();
+    while let Some(e) = tokio_stream::StreamExt::next(&mut stream).await {
+        texts.push(e.unwrap().text);
+    }
+    assert!(texts.iter().any(|t| t == "boom: out of memory"), "{texts:?}");
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_missing_program_is_reported() {
+    let cluster = LocalCluster::start(1, "/bin/false".into()).await.unwrap();
+    let mut client = cluster.client().await.unwrap();
+    let job = submit(&mut client, custom_spec(Path::new("/nonexistent/trainer"), 1)).await;
+    let info = wait_for(&mut client, &job, ended).await;
+    assert_eq!(info.state, pb::JobState::Failed as i32);
+    assert!(info.message.contains("cannot start worker program /nonexistent/trainer"), "{}", info.message);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancelling_stops_running_workers_and_frees_the_slots() {
+    let dir = tempfile::tempdir().unwrap();
+    let sleeper = script(dir.path(), "sleep.sh", "echo started\nexec sleep 300");
+    let quick = script(dir.path(), "quick.sh", "echo done");
+    let cluster = LocalCluster::start(2, "/bin/false".into()).await.unwrap();
+    let mut client = cluster.client().await.unwrap();
+    let job = submit(&mut client, custom_spec(&sleeper, 2)).await;
+    // A second job cannot start while the first holds both slots.
+    let second = submit(&mut client, custom_spec(&quick, 1)).await;
+    wait_for(&mut client, &job, |i| i.tasks.iter().all(|t| t.state == pb::TaskState::Running as i32)).await;
+    let queued = client.get_job(pb::GetJobRequest { job_id: second.clone() }).await.unwrap().into_inner();
+    assert_eq!(queued.state, pb::JobState::Queued as i32);
+    let r = client.cancel_job(pb::CancelJobRequest { job_id: job.clone() }).await.unwrap().into_inner();
+    assert_eq!(r.state, pb::JobState::Cancelled as i32);
+    let info = wait_for(&mut client, &second, ended).await;
+    assert_eq!(info.state, pb::JobState::Succeeded as i32, "{info:?}");
+    let first = client.get_job(pb::GetJobRequest { job_id: job }).await.unwrap().into_inner();
+    assert!(first.tasks.iter().all(|t| t.state == pb::TaskState::Cancelled as i32));
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn wrong_or_missing_token_is_refused_and_changes_nothing() {
+    let cluster = LocalCluster::start(1, "/bin/false".into()).await.unwrap();
+    let mut intruder = connect(&cluster.address, "not-the-token").await.unwrap();
+    let spec = custom_spec(Path::new("/bin/true"), 1);
+    let err = intruder
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: spec.clone(),
+            base_dir: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let err = intruder
+        .register_agent(pb::RegisterAgentRequest {
+            protocol_version: hetero_proto::PROTOCOL_VERSION,
+            agent_id: String::new(),
+            hostname: "evil".into(),
+            groups: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    assert_eq!(intruder.list_jobs(pb::ListJobsRequest {}).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+
+    // No token at all.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.address))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut bare = pb::coordinator_client::CoordinatorClient::new(channel);
+    let err = bare.cancel_job(pb::CancelJobRequest { job_id: "job-000001".into() }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+    let mut client = cluster.client().await.unwrap();
+    assert!(client.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner().jobs.is_empty());
+    let nodes = client.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    assert!(nodes.iter().all(|n| n.hostname != "evil"));
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_bad_spec_is_refused_with_the_key_named() {
+    let cluster = LocalCluster::start(1, "/bin/false".into()).await.unwrap();
+    let mut client = cluster.client().await.unwrap();
+    let err = client
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: custom_spec(Path::new("/bin/true"), 1).replace("[training]\n", "[training]\nepoch = 3\n"),
+            base_dir: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("training.epoch"), "{}", err.message());
+    assert!(client.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner().jobs.is_empty());
+    cluster.shutdown().await;
+}
+
+async fn serve(path: &Path, token: &str) -> (String, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let coordinator = Coordinator::open(CoordinatorConfig::new(path, token)).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let (tx, mut rx) = watch::channel(false);
+    let handle = tokio::spawn(async move {
+        coordinator
+            .serve(listener, async move {
+                let _ = rx.changed().await;
+            })
+            .await
+            .unwrap();
+    });
+    (address, tx, handle)
+}
+
+#[tokio::test]
+async fn a_restarted_coordinator_still_lists_accepted_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("coordinator.redb");
+    let (address, stop, handle) = serve(&store, "tok").await;
+    let mut client = connect(&address, "tok").await.unwrap();
+    let a = submit(&mut client, custom_spec(Path::new("/bin/true"), 2)).await;
+    let b = submit(&mut client, custom_spec(Path::new("/bin/true"), 1)).await;
+    client.cancel_job(pb::CancelJobRequest { job_id: b.clone() }).await.unwrap();
+    drop(client);
+    stop.send(true).unwrap();
+    handle.await.unwrap();
+
+    let (address, stop, handle) = serve(&store, "tok").await;
+    let mut client = connect(&address, "tok").await.unwrap();
+    let jobs = client.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner().jobs;
+    let ids: Vec<_> = jobs.iter().map(|j| j.job_id.clone()).collect();
+    assert_eq!(ids, vec![a.clone(), b.clone()]);
+    assert_eq!(jobs[0].state, pb::JobState::Queued as i32);
+    assert_eq!(jobs[1].state, pb::JobState::Cancelled as i32);
+    // New jobs continue the numbering instead of reusing an id.
+    let c = submit(&mut client, custom_spec(Path::new("/bin/true"), 1)).await;
+    assert_eq!(c, "job-000003");
+    stop.send(true).unwrap();
+    handle.await.unwrap();
+}
