@@ -1,0 +1,175 @@
+//! The `hetero` binary as a user runs it: separate processes, real gRPC and TCP on
+//! loopback, the committed Fashion-MNIST subset.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn hetero() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hetero"));
+    c.env_remove("HETERO_TOKEN").env_remove("HETERO_COORDINATOR");
+    c
+}
+
+fn subset() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fashion-mnist-subset")
+}
+
+fn write_spec(dir: &Path, body: &str) -> PathBuf {
+    let path = dir.join("job.toml");
+    std::fs::write(&path, body).unwrap();
+    path
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+#[test]
+fn local_cluster_trains_the_cnn_across_three_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        dir.path(),
+        &format!(
+            "name = \"e2e\"\n[model]\nkind = \"cnn\"\n[dataset]\npath = \"{}\"\ntrain_limit = 3000\ntest_limit = 600\n\
+             [training]\nepochs = 2\nglobal_batch_size = 48\n[cluster]\nworkers = 3\n[output]\ndir = \"runs\"\n",
+            subset().display()
+        ),
+    );
+    let out = hetero().arg("local").arg(&spec).output().unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("epoch 2/2"), "{log}");
+    let summary_path = dir.path().join("runs/job-000001/summary.json");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap()).unwrap();
+    assert_eq!(summary["workers"], 3);
+    // Chance is ln(10) ≈ 2.30; the last epoch must be far below it and below the first.
+    let first = summary["first_epoch_loss"].as_f64().unwrap();
+    let last = summary["last_epoch_loss"].as_f64().unwrap();
+    assert!(last < first && last < 0.75, "loss {first} → {last}\n{log}");
+    assert!(summary["test_accuracy"].as_f64().unwrap() > 0.7, "{summary}");
+    let per_worker = summary["per_worker"].as_array().unwrap();
+    assert_eq!(per_worker.len(), 3);
+    assert!(per_worker.iter().all(|w| w["samples"] == per_worker[0]["samples"]));
+}
+
+#[test]
+fn bad_spec_names_the_key_and_runs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(dir.path(), "[model]\nkind = \"resnet\"\n[dataset]\npath = \"x\"\n");
+    let out = hetero().arg("local").arg(&spec).output().unwrap();
+    assert!(!out.status.success());
+    let log = text(&out);
+    assert!(log.contains("`model.kind` = \"resnet\" is not allowed; one of: cnn, mlp, custom"), "{log}");
+    assert!(!log.contains("local cluster"), "{log}");
+    assert!(!dir.path().join("runs").exists());
+}
+
+#[test]
+fn truncated_dataset_fails_the_job_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for f in std::fs::read_dir(subset()).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), data.join(f.file_name())).unwrap();
+    }
+    let images = data.join("train-images-idx3-ubyte.gz");
+    let bytes = std::fs::read(&images).unwrap();
+    std::fs::write(&images, &bytes[..bytes.len() / 2]).unwrap();
+    let spec = write_spec(
+        dir.path(),
+        &format!("[model]\nkind = \"mlp\"\n[dataset]\npath = \"{}\"\n[cluster]\nworkers = 2\n", data.display()),
+    );
+    let out = hetero().arg("local").arg(&spec).output().unwrap();
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    assert!(log.contains("failed"), "{log}");
+    assert!(log.contains("train-images-idx3-ubyte.gz is not a valid IDX"), "{log}");
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_coordinator(port: u16, data_dir: &Path) -> Killed {
+    let child = hetero()
+        .args(["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(data_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(20), "coordinator did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Killed(child)
+}
+
+fn client(cmd: &str, port: u16, data_dir: &Path) -> Command {
+    let mut c = hetero();
+    c.arg(cmd).arg("--coordinator").arg(format!("127.0.0.1:{port}")).arg("--data-dir").arg(data_dir);
+    c
+}
+
+#[test]
+fn a_coordinator_killed_and_restarted_still_lists_its_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let port = free_port();
+    let coordinator = start_coordinator(port, &state);
+
+    // An agent with one slot registers; a job asking for four workers stays queued.
+    let _agent = Killed(
+        client("agent", port, &state)
+            .args(["--slots", "1", "--work-dir"])
+            .arg(dir.path().join("agent"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let spec = write_spec(
+        dir.path(),
+        &format!("name = \"waits\"\n[dataset]\npath = \"{}\"\n[cluster]\nworkers = 4\n", subset().display()),
+    );
+    let out = client("submit", port, &state).arg(&spec).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let job_id = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(job_id, "job-000001");
+    let started = Instant::now();
+    loop {
+        let out = client("nodes", port, &state).output().unwrap();
+        if text(&out).contains("node-1") {
+            assert!(text(&out).contains("cpu"), "{}", text(&out));
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "agent never registered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    drop(coordinator); // SIGKILL: no chance to flush anything
+    let _coordinator = start_coordinator(port, &state);
+    let out = client("status", port, &state).output().unwrap();
+    let listing = text(&out);
+    assert!(out.status.success(), "{listing}");
+    assert!(listing.contains("job-000001") && listing.contains("waits") && listing.contains("queued"), "{listing}");
+
+    // The wrong token is refused by the restarted coordinator too.
+    let out = client("status", port, &state).args(["--token", "wrong"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("wrong cluster token"), "{}", text(&out));
+
+    let out = client("cancel", port, &state).arg(&job_id).output().unwrap();
+    assert!(text(&out).contains("cancelled"), "{}", text(&out));
+}
