@@ -56,31 +56,50 @@ pub enum BenchCommand {
 pub fn run(command: BenchCommand) -> Result<ExitCode> {
     match command {
         BenchCommand::Allreduce { workers, max_mib } => allreduce(&workers, max_mib)?,
-        BenchCommand::Train { model, steps, batch, data } => train(&model, steps, batch, &data)?,
+        BenchCommand::Train {
+            model,
+            steps,
+            batch,
+            data,
+        } => train(&model, steps, batch, &data)?,
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn rings(world: usize) -> Result<Vec<Ring>> {
-    let listeners: Vec<_> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
-    let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr()).collect::<Result<_, _>>()?;
+    let listeners: Vec<_> = (0..world)
+        .map(|_| TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<_, _>>()?;
+    let addrs: Vec<_> = listeners
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<Result<_, _>>()?;
     let handles: Vec<_> = listeners
         .into_iter()
         .enumerate()
         .map(|(rank, l)| {
             let addrs = addrs.clone();
-            thread::spawn(move || Ring::form(RingConfig::new(rank, world, "bench", "bench"), l, &addrs))
+            thread::spawn(move || {
+                Ring::form(RingConfig::new(rank, world, "bench", "bench"), l, &addrs)
+            })
         })
         .collect();
     handles
         .into_iter()
-        .map(|h| h.join().map_err(|_| anyhow::anyhow!("ring thread panicked"))?.context("forming the ring"))
+        .map(|h| {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("ring thread panicked"))?
+                .context("forming the ring")
+        })
         .collect()
 }
 
 fn allreduce(worker_counts: &[usize], max_mib: usize) -> Result<()> {
     println!("ring allreduce over loopback TCP (each worker a thread with its own sockets)");
-    println!("{:>8} {:>10} {:>10} {:>12} {:>12}", "workers", "size", "time", "algbw GB/s", "busbw GB/s");
+    println!(
+        "{:>8} {:>10} {:>10} {:>12} {:>12}",
+        "workers", "size", "time", "algbw GB/s", "busbw GB/s"
+    );
     for &world in worker_counts {
         let mut rings = rings(world)?;
         let mut bytes = 4096usize;
@@ -103,12 +122,19 @@ fn allreduce(worker_counts: &[usize], max_mib: usize) -> Result<()> {
                         })
                     })
                     .collect();
-                handles.into_iter().map(|h| h.join().expect("bench thread")).collect()
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("bench thread"))
+                    .collect()
             });
             let t = times.into_iter().max().unwrap_or_default().as_secs_f64();
             let algbw = bytes as f64 / t / 1e9;
             let busbw = algbw * 2.0 * (world - 1) as f64 / world as f64;
-            println!("{world:>8} {:>10} {:>8.3}ms {algbw:>12.3} {busbw:>12.3}", human(bytes), t * 1e3);
+            println!(
+                "{world:>8} {:>10} {:>8.3}ms {algbw:>12.3} {busbw:>12.3}",
+                human(bytes),
+                t * 1e3
+            );
             bytes *= 4;
         }
     }
@@ -116,7 +142,11 @@ fn allreduce(worker_counts: &[usize], max_mib: usize) -> Result<()> {
 }
 
 fn human(bytes: usize) -> String {
-    if bytes >= 1 << 20 { format!("{} MiB", bytes >> 20) } else { format!("{} KiB", bytes >> 10) }
+    if bytes >= 1 << 20 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{} KiB", bytes >> 10)
+    }
 }
 
 /// Samples per second of a plain burn loop: forward, backward, Adam — nothing else.
@@ -131,7 +161,9 @@ fn plain_loop<B: AutodiffBackend, M: AutodiffModule<B> + Classifier<B>>(
     let mut optim = AdamConfig::new().init::<B, M>();
     let loss_fn = burn::nn::loss::CrossEntropyLossConfig::new().init(device);
     let mut run = |model: M, step: usize| {
-        let idx: Vec<usize> = (0..batch).map(|i| (step * batch + i) % data.len()).collect();
+        let idx: Vec<usize> = (0..batch)
+            .map(|i| (step * batch + i) % data.len())
+            .collect();
         let b = image_batch::<B>(data, &idx, device);
         let loss = loss_fn.forward(model.forward(b.images), b.labels);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -155,11 +187,18 @@ where
     F: Fn(&hetero_worker::SystemDevice) -> M + Send + 'static,
 {
     let (device, _) = hetero_worker::backend::device(hetero_job::Backend::Auto);
-    let task = ImageTask::new(data.clone(), data.clone(), hetero_job::Optimizer::Adam, 1e-3, init);
+    let task = ImageTask::new(
+        data.clone(),
+        data.clone(),
+        hetero_job::Optimizer::Adam,
+        1e-3,
+        init,
+    );
     let mut ring = rings(1)?.pop().expect("one ring");
     let mut trainer = Trainer::new(task, device, &mut ring, TrainOptions::new(1, batch, 1))?;
     let len = data.len();
-    let idx = |step: usize| -> Vec<usize> { (0..batch).map(|i| (step * batch + i) % len).collect() };
+    let idx =
+        |step: usize| -> Vec<usize> { (0..batch).map(|i| (step * batch + i) % len).collect() };
     for s in 0..3 {
         trainer.step(&idx(s))?;
     }
@@ -174,28 +213,81 @@ fn train(model: &str, steps: usize, batch: usize, dir: &std::path::Path) -> Resu
     let data = ImageDataset::load(dir, Split::Train)?;
     type Plain = Autodiff<Flex>;
     let device = Default::default();
-    println!("{model}, batch {batch}, {steps} timed steps, {} threads", rayon_threads());
+    println!(
+        "{model}, batch {batch}, {steps} timed steps, {} threads",
+        rayon_threads()
+    );
     // Alternate the two measurements so drifting machine load hits both alike.
-    let (mut plain, mut system) = (Vec::new(), Vec::new());
+    let (dispatch_device, _) = hetero_worker::backend::device(hetero_job::Backend::Auto);
+    type Dispatch = hetero_worker::SystemBackend;
+    let (mut plain, mut plain_dispatch, mut system) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..2 {
         match model {
             "cnn" => {
-                plain.push(plain_loop::<Plain, _>(CnnConfig::new().init(&device), &data, batch, steps, &device));
-                system.push(system_loop(|d| CnnConfig::new().init(d), &data, batch, steps)?);
+                plain.push(plain_loop::<Plain, _>(
+                    CnnConfig::new().init(&device),
+                    &data,
+                    batch,
+                    steps,
+                    &device,
+                ));
+                plain_dispatch.push(plain_loop::<Dispatch, _>(
+                    CnnConfig::new().init(&dispatch_device),
+                    &data,
+                    batch,
+                    steps,
+                    &dispatch_device,
+                ));
+                system.push(system_loop(
+                    |d| CnnConfig::new().init(d),
+                    &data,
+                    batch,
+                    steps,
+                )?);
             }
             "mlp" => {
-                plain.push(plain_loop::<Plain, _>(MlpConfig::new().init(&device), &data, batch, steps, &device));
-                system.push(system_loop(|d| MlpConfig::new().init(d), &data, batch, steps)?);
+                plain.push(plain_loop::<Plain, _>(
+                    MlpConfig::new().init(&device),
+                    &data,
+                    batch,
+                    steps,
+                    &device,
+                ));
+                plain_dispatch.push(plain_loop::<Dispatch, _>(
+                    MlpConfig::new().init(&dispatch_device),
+                    &data,
+                    batch,
+                    steps,
+                    &dispatch_device,
+                ));
+                system.push(system_loop(
+                    |d| MlpConfig::new().init(d),
+                    &data,
+                    batch,
+                    steps,
+                )?);
             }
             other => anyhow::bail!("unknown model {other:?}; choose cnn or mlp"),
         }
     }
     let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
-    let (p, s) = (best(&plain), best(&system));
-    println!("{:<34} {:>12}", "", "samples/s");
-    println!("{:<34} {p:>12.0}", "plain burn loop (Autodiff<Flex>)");
-    println!("{:<34} {s:>12.0}", "hetero worker step (Dispatch/flex)");
-    println!("ratio system / plain: {:.3}", s / p);
+    let (p, d, s) = (best(&plain), best(&plain_dispatch), best(&system));
+    println!("{:<40} {:>12} {:>8}", "", "samples/s", "ratio");
+    println!(
+        "{:<40} {p:>12.0} {:>8.3}",
+        "plain burn loop (Autodiff<Flex>)", 1.0
+    );
+    println!(
+        "{:<40} {d:>12.0} {:>8.3}",
+        "plain burn loop (Dispatch/flex)",
+        d / p
+    );
+    println!(
+        "{:<40} {s:>12.0} {:>8.3}",
+        "hetero worker step (Dispatch/flex)",
+        s / p
+    );
+    println!("system / plain loop: {:.3}", s / p);
     Ok(())
 }
 

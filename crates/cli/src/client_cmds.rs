@@ -16,7 +16,9 @@ use crate::{Connection, follow};
 
 fn with_client<T>(conn: &Connection, f: impl AsyncFnOnce(&mut Client) -> Result<T>) -> Result<T> {
     let token = resolve_token(conn)?;
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         let mut client = connect(&conn.coordinator, &token).await?;
         f(&mut client).await
@@ -48,7 +50,11 @@ pub fn submit(conn: &Connection, spec_path: &Path, follow_it: bool) -> Result<Ex
             return Ok(ExitCode::SUCCESS);
         }
         let info = follow::follow_job(c, &job_id, true).await?;
-        Ok(if follow::print_outcome(&info) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        Ok(if follow::print_outcome(&info) {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
     })
 }
 
@@ -57,7 +63,12 @@ fn fmt_time(ms: i64) -> String {
         return "-".into();
     }
     let secs = ms / 1000;
-    format!("{:02}:{:02}:{:02} UTC", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
+    format!(
+        "{:02}:{:02}:{:02} UTC",
+        (secs / 3600) % 24,
+        (secs / 60) % 60,
+        secs % 60
+    )
 }
 
 /// `hetero status [JOB]`.
@@ -65,26 +76,62 @@ pub fn status(conn: &Connection, job: Option<&str>) -> Result<ExitCode> {
     with_client(conn, async |c| {
         match job {
             Some(id) => {
-                let j = c.get_job(pb::GetJobRequest { job_id: id.into() }).await.map_err(status_error)?.into_inner();
+                let j = c
+                    .get_job(pb::GetJobRequest { job_id: id.into() })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
                 println!("job        {} ({})", j.job_id, j.name);
                 println!("state      {}: {}", job_state_name(j.state), j.message);
-                println!("submitted  {}   started {}   finished {}", fmt_time(j.submitted_unix_ms), fmt_time(j.started_unix_ms), fmt_time(j.finished_unix_ms));
+                println!(
+                    "submitted  {}   started {}   finished {}",
+                    fmt_time(j.submitted_unix_ms),
+                    fmt_time(j.started_unix_ms),
+                    fmt_time(j.finished_unix_ms)
+                );
                 println!("output     {}", j.output_dir);
-                println!("roles      task manager: the coordinator; {} compute worker(s) in one allreduce ring", j.workers);
-                println!("{:>6}  {:<10} {:<22} {:<10} message", "rank", "node", "role", "state");
+                println!(
+                    "roles      task manager: the coordinator; {} compute worker(s) in one allreduce ring",
+                    j.workers
+                );
+                println!(
+                    "{:>6}  {:<10} {:<22} {:<10} message",
+                    "rank", "node", "role", "state"
+                );
                 for t in &j.tasks {
                     let first_line = t.message.lines().next().unwrap_or("");
-                    println!("{:>6}  {:<10} {:<22} {:<10} {first_line}", t.rank, t.agent_id, t.role, task_state_name(t.state));
+                    println!(
+                        "{:>6}  {:<10} {:<22} {:<10} {first_line}",
+                        t.rank,
+                        t.agent_id,
+                        t.role,
+                        task_state_name(t.state)
+                    );
                 }
                 if let Ok(s) = serde_json::from_str::<hetero_train::RunSummary>(&j.summary_json) {
                     follow::print_summary(&s);
                 }
             }
             None => {
-                let jobs = c.list_jobs(pb::ListJobsRequest {}).await.map_err(status_error)?.into_inner().jobs;
-                println!("{:<12} {:<24} {:<10} {:>7}  message", "job", "name", "state", "workers");
+                let jobs = c
+                    .list_jobs(pb::ListJobsRequest {})
+                    .await
+                    .map_err(status_error)?
+                    .into_inner()
+                    .jobs;
+                println!(
+                    "{:<12} {:<24} {:<10} {:>7}  message",
+                    "job", "name", "state", "workers"
+                );
                 for j in jobs {
-                    println!("{:<12} {:<24} {:<10} {:>7}  {}", j.job_id, j.name, job_state_name(j.state), j.workers, j.message);
+                    println!(
+                        "{:<12} {:<24} {:<10} {:>7}  {}",
+                        j.job_id,
+                        j.name,
+                        job_state_name(j.state),
+                        j.workers,
+                        j.message
+                    );
                 }
             }
         }
@@ -106,8 +153,17 @@ pub fn logs(conn: &Connection, job: &str, follow_it: bool) -> Result<ExitCode> {
             .into_inner();
         while let Some(entry) = stream.next().await {
             let e = entry.map_err(status_error)?;
-            let who = if e.rank < 0 { "coordinator".to_string() } else { format!("worker {}", e.rank) };
-            println!("{} [{who}] {}{}", fmt_time(e.unix_ms), if e.kind == "event" { "event " } else { "" }, e.text);
+            let who = if e.rank < 0 {
+                "coordinator".to_string()
+            } else {
+                format!("worker {}", e.rank)
+            };
+            println!(
+                "{} [{who}] {}{}",
+                fmt_time(e.unix_ms),
+                if e.kind == "event" { "event " } else { "" },
+                e.text
+            );
         }
         Ok(ExitCode::SUCCESS)
     })
@@ -116,7 +172,11 @@ pub fn logs(conn: &Connection, job: &str, follow_it: bool) -> Result<ExitCode> {
 /// `hetero cancel JOB`.
 pub fn cancel(conn: &Connection, job: &str) -> Result<ExitCode> {
     with_client(conn, async |c| {
-        let r = c.cancel_job(pb::CancelJobRequest { job_id: job.into() }).await.map_err(status_error)?.into_inner();
+        let r = c
+            .cancel_job(pb::CancelJobRequest { job_id: job.into() })
+            .await
+            .map_err(status_error)?
+            .into_inner();
         println!("{job}: {}", job_state_name(r.state));
         Ok(ExitCode::SUCCESS)
     })
@@ -125,8 +185,16 @@ pub fn cancel(conn: &Connection, job: &str) -> Result<ExitCode> {
 /// `hetero nodes`.
 pub fn nodes(conn: &Connection) -> Result<ExitCode> {
     with_client(conn, async |c| {
-        let nodes = c.list_nodes(pb::ListNodesRequest {}).await.map_err(status_error)?.into_inner().nodes;
-        println!("{:<10} {:<16} {:<8} {:<6} {:>7} {:>10} {:>6}", "node", "host", "status", "kind", "devices", "memory", "busy");
+        let nodes = c
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .nodes;
+        println!(
+            "{:<10} {:<16} {:<8} {:<6} {:>7} {:>10} {:>6}",
+            "node", "host", "status", "kind", "devices", "memory", "busy"
+        );
         for n in nodes {
             for g in &n.groups {
                 println!(

@@ -48,13 +48,21 @@ pub fn run(command: DataCommand) -> Result<ExitCode> {
             }
             fetch_fashion_mnist(from.as_deref(), &to)?;
         }
-        DataCommand::Subset { from, to, train, test } => {
+        DataCommand::Subset {
+            from,
+            to,
+            train,
+            test,
+        } => {
             for (split, n) in [(Split::Train, train), (Split::Test, test)] {
                 let mut ds = ImageDataset::load(&from, split)?;
                 ds.truncate(n);
                 ds.save(&to, split)?;
             }
-            println!("wrote {train} training and {test} test images to {}", to.display());
+            println!(
+                "wrote {train} training and {test} test images to {}",
+                to.display()
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -91,17 +99,31 @@ pub fn fetch_fashion_mnist(from: Option<&Path>, to: &Path) -> Result<()> {
     }
     if let Some(src) = from {
         if !is_complete(src) {
-            bail!("{} does not hold the four Fashion-MNIST IDX files{FASHION_MNIST_HINT}", src.display());
+            bail!(
+                "{} does not hold the four Fashion-MNIST IDX files{FASHION_MNIST_HINT}",
+                src.display()
+            );
         }
         copy_all(src, to)?;
-        println!("copied Fashion-MNIST from {} to {}", src.display(), to.display());
+        println!(
+            "copied Fashion-MNIST from {} to {}",
+            src.display(),
+            to.display()
+        );
         return Ok(());
     }
     let debian = Path::new(DEBIAN_FASHION_MNIST);
     if !is_complete(debian) && can_apt_install() {
-        println!("installing Debian's dataset-fashion-mnist package (apt-get install -y dataset-fashion-mnist)");
+        println!(
+            "installing Debian's dataset-fashion-mnist package (apt-get install -y dataset-fashion-mnist)"
+        );
         let ok = std::process::Command::new("apt-get")
-            .args(["install", "-y", "--no-install-recommends", "dataset-fashion-mnist"])
+            .args([
+                "install",
+                "-y",
+                "--no-install-recommends",
+                "dataset-fashion-mnist",
+            ])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .status()
             .map(|s| s.success())
@@ -110,7 +132,12 @@ pub fn fetch_fashion_mnist(from: Option<&Path>, to: &Path) -> Result<()> {
             println!("apt-get install failed; trying once more after apt-get update");
             let _ = std::process::Command::new("apt-get").arg("update").status();
             let _ = std::process::Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends", "dataset-fashion-mnist"])
+                .args([
+                    "install",
+                    "-y",
+                    "--no-install-recommends",
+                    "dataset-fashion-mnist",
+                ])
                 .env("DEBIAN_FRONTEND", "noninteractive")
                 .status();
         }
@@ -124,11 +151,18 @@ pub fn fetch_fashion_mnist(from: Option<&Path>, to: &Path) -> Result<()> {
         );
     }
     copy_all(debian, to)?;
-    println!("copied Fashion-MNIST from {DEBIAN_FASHION_MNIST} to {}", to.display());
+    println!(
+        "copied Fashion-MNIST from {DEBIAN_FASHION_MNIST} to {}",
+        to.display()
+    );
     Ok(())
 }
 
 fn can_apt_install() -> bool {
-    let root = std::process::Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false);
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.trim_ascii() == b"0")
+        .unwrap_or(false);
     root && Path::new("/usr/bin/apt-get").exists()
 }

@@ -26,7 +26,11 @@ struct Display {
 impl Display {
     fn new(epochs: usize) -> Self {
         let tty = std::io::stderr().is_terminal();
-        let target = if tty { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
+        let target = if tty {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
         Display {
             multi: MultiProgress::with_draw_target(target),
             bars: BTreeMap::new(),
@@ -50,20 +54,29 @@ impl Display {
         let bar = self.bars.entry(rank).or_insert_with(|| {
             let bar = self.multi.add(ProgressBar::new(total));
             bar.set_style(
-                ProgressStyle::with_template("{prefix:>9} [{bar:30.cyan/blue}] {pos}/{len} steps  {msg}")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix:>9} [{bar:30.cyan/blue}] {pos}/{len} steps  {msg}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             bar.set_prefix(format!("worker {rank}"));
             bar
         });
         bar.set_length(total);
         bar.set_position((epoch * steps + step + 1) as u64);
-        let msg = format!("epoch {}/{epochs}  loss {loss:.4}  {rate:.0} samples/s", epoch + 1);
+        let msg = format!(
+            "epoch {}/{epochs}  loss {loss:.4}  {rate:.0} samples/s",
+            epoch + 1
+        );
         bar.set_message(msg.clone());
         if !self.tty && rank == 0 && self.last_plain.elapsed() > Duration::from_secs(5) {
             self.last_plain = Instant::now();
-            println!("worker 0: step {}/{}  {msg}", epoch * steps + step + 1, total);
+            println!(
+                "worker 0: step {}/{}  {msg}",
+                epoch * steps + step + 1,
+                total
+            );
         }
     }
 
@@ -77,11 +90,15 @@ impl Display {
 /// Follows `job_id`'s log until the job ends; returns its final information.
 pub async fn follow_job(client: &mut Client, job_id: &str, show_logs: bool) -> Result<pb::JobInfo> {
     let info = client
-        .get_job(pb::GetJobRequest { job_id: job_id.into() })
+        .get_job(pb::GetJobRequest {
+            job_id: job_id.into(),
+        })
         .await
         .with_context(|| format!("looking up {job_id}"))?
         .into_inner();
-    let epochs = JobSpec::from_json(&info.spec_json).map(|s| s.training.epochs).unwrap_or(1);
+    let epochs = JobSpec::from_json(&info.spec_json)
+        .map(|s| s.training.epochs)
+        .unwrap_or(1);
     let mut display = Display::new(epochs);
     let mut after = 0;
     loop {
@@ -99,9 +116,17 @@ pub async fn follow_job(client: &mut Client, job_id: &str, show_logs: bool) -> R
                     show(&mut display, &entry, show_logs);
                 }
             }
-            Err(s) => display.line(format!("(log stream interrupted: {}; retrying)", s.message())),
+            Err(s) => display.line(format!(
+                "(log stream interrupted: {}; retrying)",
+                s.message()
+            )),
         }
-        let info = client.get_job(pb::GetJobRequest { job_id: job_id.into() }).await?.into_inner();
+        let info = client
+            .get_job(pb::GetJobRequest {
+                job_id: job_id.into(),
+            })
+            .await?
+            .into_inner();
         if matches!(
             pb::JobState::try_from(info.state),
             Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled)
@@ -130,7 +155,9 @@ fn show(display: &mut Display, entry: &pb::LogEntry, show_logs: bool) {
                 elapsed_secs,
                 ..
             }) => {
-                let acc = test_accuracy.map(|a| format!("  test accuracy {:.2}%", a * 100.0)).unwrap_or_default();
+                let acc = test_accuracy
+                    .map(|a| format!("  test accuracy {:.2}%", a * 100.0))
+                    .unwrap_or_default();
                 display.line(format!(
                     "epoch {}/{}  train loss {train_loss:.4}{acc}  ({elapsed_secs:.1} s)",
                     epoch + 1,
@@ -153,12 +180,22 @@ pub fn print_outcome(info: &pb::JobInfo) -> bool {
     } else {
         0.0
     };
-    println!("\njob {} ({}) {state} after {secs:.1} s: {}", info.job_id, info.name, info.message);
+    println!(
+        "\njob {} ({}) {state} after {secs:.1} s: {}",
+        info.job_id, info.name, info.message
+    );
     if let Ok(summary) = serde_json::from_str::<RunSummary>(&info.summary_json) {
         print_summary(&summary);
-        println!("summary: {}/summary.json", info.output_dir);
+        println!(
+            "summary: {0}/summary.json   loss curve: {0}/loss.svg",
+            info.output_dir
+        );
     }
-    for t in info.tasks.iter().filter(|t| t.state == pb::TaskState::Failed as i32) {
+    for t in info
+        .tasks
+        .iter()
+        .filter(|t| t.state == pb::TaskState::Failed as i32)
+    {
         println!("worker rank {} on {}: {}", t.rank, t.agent_id, t.message);
     }
     info.state == pb::JobState::Succeeded as i32
@@ -169,10 +206,22 @@ pub fn print_summary(s: &RunSummary) {
     if let Some(acc) = s.test_accuracy {
         println!("  test accuracy   {:.2} %", acc * 100.0);
     }
-    println!("  train loss      {:.4} → {:.4}", s.first_epoch_loss, s.last_epoch_loss);
-    println!("  throughput      {:.0} samples/s over {} worker(s) on {}", s.samples_per_sec, s.workers, s.backend);
-    println!("  wall time       {:.1} s for {} epoch(s)", s.wall_secs, s.epochs);
-    println!("  {:>6} {:>10} {:>10} {:>10} {:>11}", "worker", "samples", "compute s", "comm s", "samples/s");
+    println!(
+        "  train loss      {:.4} → {:.4}",
+        s.first_epoch_loss, s.last_epoch_loss
+    );
+    println!(
+        "  throughput      {:.0} samples/s over {} worker(s) on {}",
+        s.samples_per_sec, s.workers, s.backend
+    );
+    println!(
+        "  wall time       {:.1} s for {} epoch(s)",
+        s.wall_secs, s.epochs
+    );
+    println!(
+        "  {:>6} {:>10} {:>10} {:>10} {:>11}",
+        "worker", "samples", "compute s", "comm s", "samples/s"
+    );
     for w in &s.per_worker {
         println!(
             "  {:>6} {:>10} {:>10.1} {:>10.1} {:>11.0}",

@@ -14,9 +14,12 @@ use crate::{data_cmd, follow};
 
 /// The spec's text with `cluster.workers` replaced, when asked.
 pub fn spec_text(path: &Path, workers: Option<usize>) -> Result<String> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let Some(w) = workers else { return Ok(text) };
-    let mut table: toml::Table = text.parse().with_context(|| format!("{} is not valid TOML", path.display()))?;
+    let mut table: toml::Table = text
+        .parse()
+        .with_context(|| format!("{} is not valid TOML", path.display()))?;
     let cluster = table
         .entry("cluster")
         .or_insert_with(|| toml::Value::Table(Default::default()))
@@ -35,9 +38,13 @@ pub fn run(spec_path: &Path, workers: Option<usize>) -> Result<ExitCode> {
     if spec.task.is_none() {
         data_cmd::ensure_fashion_mnist(&spec.dataset.path)?;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
-        let cluster = LocalCluster::start(spec.cluster.workers as u32, std::env::current_exe()?).await?;
+        let cluster =
+            LocalCluster::start(spec.cluster.workers as u32, std::env::current_exe()?).await?;
         println!(
             "local cluster: coordinator on {}, one agent, {} worker process(es)",
             cluster.address, spec.cluster.workers
@@ -59,6 +66,10 @@ pub fn run(spec_path: &Path, workers: Option<usize>) -> Result<ExitCode> {
         let info = follow::follow_job(&mut client, &job_id, true).await?;
         let ok = follow::print_outcome(&info);
         cluster.shutdown().await;
-        Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        Ok(if ok {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
     })
 }

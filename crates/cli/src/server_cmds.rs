@@ -12,7 +12,10 @@ use crate::Connection;
 
 /// The token in `<data_dir>/token`, if there is one.
 pub fn read_token_file(data_dir: &Path) -> Option<String> {
-    std::fs::read_to_string(data_dir.join("token")).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+    std::fs::read_to_string(data_dir.join("token"))
+        .ok()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
 }
 
 /// The token a client or agent should use.
@@ -30,12 +33,20 @@ pub fn resolve_token(conn: &Connection) -> Result<String> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
 }
 
 /// Runs the coordinator until Ctrl-C.
-pub fn coordinator(listen: &str, data_dir: &Path, token: Option<String>, dead_after: u64) -> Result<ExitCode> {
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+pub fn coordinator(
+    listen: &str,
+    data_dir: &Path,
+    token: Option<String>,
+    dead_after: u64,
+) -> Result<ExitCode> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
     let token = match token.or_else(|| read_token_file(data_dir)) {
         Some(t) => t,
         None => {
@@ -54,9 +65,14 @@ pub fn coordinator(listen: &str, data_dir: &Path, token: Option<String>, dead_af
     config.dead_after = std::time::Duration::from_secs(dead_after.max(1));
     let coordinator = Coordinator::open(config)?;
     runtime()?.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
         println!("coordinator listening on {}", listener.local_addr()?);
-        println!("cluster token: {token}  (also in {}/token)", data_dir.display());
+        println!(
+            "cluster token: {token}  (also in {}/token)",
+            data_dir.display()
+        );
         coordinator
             .serve(listener, async {
                 let _ = tokio::signal::ctrl_c().await;
@@ -67,10 +83,19 @@ pub fn coordinator(listen: &str, data_dir: &Path, token: Option<String>, dead_af
 }
 
 /// Runs an agent until Ctrl-C.
-pub fn agent(conn: &Connection, slots: Option<u32>, data_host: &str, work_dir: &Path) -> Result<ExitCode> {
+pub fn agent(
+    conn: &Connection,
+    slots: Option<u32>,
+    data_host: &str,
+    work_dir: &Path,
+) -> Result<ExitCode> {
     let token = resolve_token(conn)?;
-    let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
-    let hostname = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "agent".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    let hostname = std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "agent".into());
     let config = AgentConfig {
         coordinator: conn.coordinator.clone(),
         token,
@@ -80,7 +105,10 @@ pub fn agent(conn: &Connection, slots: Option<u32>, data_host: &str, work_dir: &
         data_host: data_host.to_string(),
         hostname,
     };
-    println!("agent: {} worker slot(s), coordinator {}", config.slots, config.coordinator);
+    println!(
+        "agent: {} worker slot(s), coordinator {}",
+        config.slots, config.coordinator
+    );
     runtime()?.block_on(async move {
         let (tx, rx) = watch::channel(false);
         tokio::spawn(async move {

@@ -20,9 +20,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::ClusterError;
 use crate::client::{Client, connect};
 use crate::records::TaskState;
-use crate::ClusterError;
 
 /// Prefix of a worker's stdout line that carries a progress event.
 pub const EVENT_PREFIX: &str = "@hetero-event ";
@@ -74,7 +74,9 @@ pub struct AgentConfig {
 pub fn discover_groups(slots: u32) -> Vec<pb::ResourceGroup> {
     let mut sys = sysinfo::System::new();
     sys.refresh_memory();
-    let cores = std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
     vec![pb::ResourceGroup {
         kind: "cpu".into(),
         devices: cores,
@@ -90,7 +92,10 @@ struct Running {
 type Tasks = Arc<Mutex<HashMap<String, Running>>>;
 
 /// Runs the agent until `shutdown` becomes true; its workers are killed then.
-pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), ClusterError> {
+pub async fn run(
+    config: AgentConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), ClusterError> {
     let tasks: Tasks = Arc::default();
     let mut client: Option<Client> = None;
     let mut agent_id = String::new();
@@ -124,7 +129,10 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Re
                         interval = Duration::from_millis(r.heartbeat_interval_ms.max(50) as u64);
                         warned = false;
                     }
-                    Err(s) if s.code() == tonic::Code::Unauthenticated || s.code() == tonic::Code::FailedPrecondition => {
+                    Err(s)
+                        if s.code() == tonic::Code::Unauthenticated
+                            || s.code() == tonic::Code::FailedPrecondition =>
+                    {
                         return Err(ClusterError::rpc("registering with the coordinator", s));
                     }
                     Err(s) => {
@@ -190,7 +198,13 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Re
 
 /// Registers the task as running (synchronously, so the next heartbeat lists it)
 /// and starts its supervising tokio task.
-fn start_worker(config: &AgentConfig, agent_id: &str, client: Client, tasks: &Tasks, a: pb::TaskAssignment) {
+fn start_worker(
+    config: &AgentConfig,
+    agent_id: &str,
+    client: Client,
+    tasks: &Tasks,
+    a: pb::TaskAssignment,
+) {
     let (cancel_tx, cancel_rx) = oneshot::channel();
     tasks.lock().unwrap_or_else(|p| p.into_inner()).insert(
         a.task_id.clone(),
@@ -205,12 +219,21 @@ fn start_worker(config: &AgentConfig, agent_id: &str, client: Client, tasks: &Ta
         let task_id = a.task_id.clone();
         let (state, message) = supervise(&config, &agent_id, client.clone(), &a, cancel_rx).await;
         report_final(client, &agent_id, &task_id, state, message).await;
-        tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(&task_id);
+        tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&task_id);
     });
 }
 
 /// Retries the final report until the coordinator takes it (it may be restarting).
-async fn report_final(mut client: Client, agent_id: &str, task_id: &str, state: TaskState, message: String) {
+async fn report_final(
+    mut client: Client,
+    agent_id: &str,
+    task_id: &str,
+    state: TaskState,
+    message: String,
+) {
     let req = pb::ReportTaskRequest {
         agent_id: agent_id.to_string(),
         task_id: task_id.to_string(),
@@ -267,22 +290,40 @@ async fn supervise(
     a: &pb::TaskAssignment,
     mut cancel: oneshot::Receiver<()>,
 ) -> (TaskState, String) {
-    let dir = config.work_dir.join(&a.job_id).join(format!("rank-{}", a.rank));
+    let dir = config
+        .work_dir
+        .join(&a.job_id)
+        .join(format!("rank-{}", a.rank));
     let spec_file = dir.join("spec.json");
-    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&spec_file, &a.spec_json)) {
-        return (TaskState::Failed, format!("cannot write {}: {e}", spec_file.display()));
+    if let Err(e) =
+        std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&spec_file, &a.spec_json))
+    {
+        return (
+            TaskState::Failed,
+            format!("cannot write {}: {e}", spec_file.display()),
+        );
     }
     let mut child = match worker_command(config, a, &spec_file).spawn() {
         Ok(c) => c,
         Err(e) => {
-            let program = if a.program.is_empty() { config.worker_program.display().to_string() } else { a.program.clone() };
-            return (TaskState::Failed, format!("cannot start worker program {program}: {e}"));
+            let program = if a.program.is_empty() {
+                config.worker_program.display().to_string()
+            } else {
+                a.program.clone()
+            };
+            return (
+                TaskState::Failed,
+                format!("cannot start worker program {program}: {e}"),
+            );
         }
     };
     let (line_tx, mut line_rx) = mpsc::channel::<String>(1024);
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
-    for stream in [Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>, Box::new(stderr)] {
+    for stream in [
+        Box::new(stdout) as Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+        Box::new(stderr),
+    ] {
         let tx = line_tx.clone();
         tokio::spawn(async move {
             let mut lines = BufReader::new(stream).lines();
@@ -337,9 +378,15 @@ async fn supervise(
                 _ => "ended abnormally".into(),
             };
             let tail: Vec<String> = tail.into_iter().collect();
-            (TaskState::Failed, format!("{how}; last lines:\n{}", tail.join("\n")))
+            (
+                TaskState::Failed,
+                format!("{how}; last lines:\n{}", tail.join("\n")),
+            )
         }
-        Err(e) => (TaskState::Failed, format!("lost track of the worker process: {e}")),
+        Err(e) => (
+            TaskState::Failed,
+            format!("lost track of the worker process: {e}"),
+        ),
     }
 }
 
@@ -354,7 +401,13 @@ fn exit_signal(_: &std::process::ExitStatus) -> Option<i32> {
     None
 }
 
-async fn send_output(client: &mut Client, agent_id: &str, task_id: &str, logs: &mut Vec<String>, events: &mut Vec<String>) {
+async fn send_output(
+    client: &mut Client,
+    agent_id: &str,
+    task_id: &str,
+    logs: &mut Vec<String>,
+    events: &mut Vec<String>,
+) {
     if logs.is_empty() && events.is_empty() {
         return;
     }

@@ -34,6 +34,5 @@ pub async fn connect(address: &str, token: &str) -> Result<Client, ClusterError>
         .tcp_nodelay(true);
     let channel = endpoint.connect().await.map_err(|e| fail(e.to_string()))?;
     let attach = AttachToken::new(token).map_err(fail)?;
-    Ok(CoordinatorClient::with_interceptor(channel, attach)
-        .max_decoding_message_size(64 << 20))
+    Ok(CoordinatorClient::with_interceptor(channel, attach).max_decoding_message_size(64 << 20))
 }

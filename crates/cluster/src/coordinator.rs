@@ -28,7 +28,9 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
-use crate::records::{GroupRecord, JobRecord, JobState, NodeRecord, TaskRecord, TaskState, task_state_from_wire};
+use crate::records::{
+    GroupRecord, JobRecord, JobState, NodeRecord, TaskRecord, TaskState, task_state_from_wire,
+};
 use crate::scheduler::{self, Capacity};
 use crate::store::{LogRecord, Store};
 use crate::{ClusterError, now_ms};
@@ -85,7 +87,9 @@ pub struct Coordinator {
 }
 
 fn job_number(id: &str) -> u64 {
-    id.strip_prefix("job-").and_then(|n| n.parse().ok()).unwrap_or(0)
+    id.strip_prefix("job-")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 fn store_status(e: ClusterError) -> Status {
@@ -105,7 +109,11 @@ impl Coordinator {
         for mut node in store.nodes()? {
             // A fresh grace period: agents that still live will heartbeat again soon.
             node.last_heartbeat_ms = now;
-            let n = node.agent_id.strip_prefix("node-").and_then(|n| n.parse().ok()).unwrap_or(0);
+            let n = node
+                .agent_id
+                .strip_prefix("node-")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
             state.next_node = state.next_node.max(n);
             state.nodes.insert(node.agent_id.clone(), node);
         }
@@ -126,7 +134,10 @@ impl Coordinator {
 
     /// The tonic service, behind the token check.
     pub fn service(&self) -> InterceptedService<CoordinatorServer<Coordinator>, CheckToken> {
-        CoordinatorServer::with_interceptor(self.clone(), CheckToken::new(self.inner.config.token.clone()))
+        CoordinatorServer::with_interceptor(
+            self.clone(),
+            CheckToken::new(self.inner.config.token.clone()),
+        )
     }
 
     /// Serves gRPC on `listener` and runs the node monitor until `shutdown` resolves.
@@ -190,7 +201,9 @@ impl Coordinator {
 
     /// Ends `job_id` in `state` with `message`, cancelling its live tasks.
     fn finish_job(&self, st: &mut State, job_id: &str, state: JobState, message: String) {
-        let Some(job) = st.jobs.get_mut(job_id) else { return };
+        let Some(job) = st.jobs.get_mut(job_id) else {
+            return;
+        };
         if job.state.is_final() {
             return;
         }
@@ -214,7 +227,9 @@ impl Coordinator {
 
     /// Decides a running job's end from its tasks.
     fn settle_job(&self, st: &mut State, job_id: &str) {
-        let Some(job) = st.jobs.get(job_id) else { return };
+        let Some(job) = st.jobs.get(job_id) else {
+            return;
+        };
         if job.state != JobState::Running {
             return;
         }
@@ -222,7 +237,12 @@ impl Coordinator {
             let msg = format!("worker rank {} failed: {}", failed.rank, failed.message);
             self.finish_job(st, job_id, JobState::Failed, msg);
         } else if job.tasks.iter().all(|t| t.state == TaskState::Succeeded) {
-            self.finish_job(st, job_id, JobState::Succeeded, "all workers finished".into());
+            self.finish_job(
+                st,
+                job_id,
+                JobState::Succeeded,
+                "all workers finished".into(),
+            );
         }
     }
 
@@ -233,11 +253,20 @@ impl Coordinator {
     /// Places every queued job that fits now, in submission order.
     fn schedule(&self, st: &mut State) {
         let now = now_ms();
-        let queued: Vec<String> =
-            st.jobs.values().filter(|j| j.state == JobState::Queued).map(|j| j.job_id.clone()).collect();
+        let queued: Vec<String> = st
+            .jobs
+            .values()
+            .filter(|j| j.state == JobState::Queued)
+            .map(|j| j.job_id.clone())
+            .collect();
         for job_id in queued {
             let mut busy: HashMap<&str, u32> = HashMap::new();
-            for t in st.jobs.values().flat_map(|j| &j.tasks).filter(|t| !t.state.is_final()) {
+            for t in st
+                .jobs
+                .values()
+                .flat_map(|j| &j.tasks)
+                .filter(|t| !t.state.is_final())
+            {
                 *busy.entry(t.agent_id.as_str()).or_default() += 1;
             }
             let capacity: Vec<Capacity> = st
@@ -246,11 +275,15 @@ impl Coordinator {
                 .filter(|n| self.is_alive(n, now))
                 .map(|n| Capacity {
                     agent_id: n.agent_id.clone(),
-                    free_slots: n.slots().saturating_sub(busy.get(n.agent_id.as_str()).copied().unwrap_or(0)),
+                    free_slots: n
+                        .slots()
+                        .saturating_sub(busy.get(n.agent_id.as_str()).copied().unwrap_or(0)),
                 })
                 .collect();
             let job = &st.jobs[&job_id];
-            let Some(placement) = scheduler::place(job.workers, &capacity) else { continue };
+            let Some(placement) = scheduler::place(job.workers, &capacity) else {
+                continue;
+            };
             let mut per_node: HashMap<&str, u32> = HashMap::new();
             for a in &placement {
                 *per_node.entry(a.as_str()).or_default() += 1;
@@ -268,7 +301,11 @@ impl Coordinator {
                         task_id: format!("{job_id}-r{rank}"),
                         rank: rank as u32,
                         agent_id: agent.clone(),
-                        role: if rank == 0 { "compute, ring leader".into() } else { "compute".into() },
+                        role: if rank == 0 {
+                            "compute, ring leader".into()
+                        } else {
+                            "compute".into()
+                        },
                         state: TaskState::Pending,
                         message: String::new(),
                         delivered: false,
@@ -276,16 +313,26 @@ impl Coordinator {
                     }
                 })
                 .collect();
-            let summary: Vec<String> = tasks.iter().map(|t| format!("rank {} → {}", t.rank, t.agent_id)).collect();
+            let summary: Vec<String> = tasks
+                .iter()
+                .map(|t| format!("rank {} → {}", t.rank, t.agent_id))
+                .collect();
             let job = st.jobs.get_mut(&job_id).expect("listed above");
             job.tasks = tasks;
             job.state = JobState::Running;
             job.started_ms = now;
             job.message = "placed".into();
             let saved = job.clone();
-            st.rendezvous.insert(job_id.clone(), vec![None; saved.workers as usize]);
+            st.rendezvous
+                .insert(job_id.clone(), vec![None; saved.workers as usize]);
             self.save_job(&saved);
-            self.append_log(st, &job_id, -1, "state", vec![format!("job running: {}", summary.join(", "))]);
+            self.append_log(
+                st,
+                &job_id,
+                -1,
+                "state",
+                vec![format!("job running: {}", summary.join(", "))],
+            );
         }
     }
 
@@ -293,14 +340,26 @@ impl Coordinator {
     fn check_nodes(&self) {
         let mut st = self.lock();
         let now = now_ms();
-        let dead: HashSet<String> =
-            st.nodes.values().filter(|n| !self.is_alive(n, now)).map(|n| n.agent_id.clone()).collect();
+        let dead: HashSet<String> = st
+            .nodes
+            .values()
+            .filter(|n| !self.is_alive(n, now))
+            .map(|n| n.agent_id.clone())
+            .collect();
         if dead.is_empty() {
             return;
         }
         let mut touched = Vec::new();
-        for job in st.jobs.values_mut().filter(|j| j.state == JobState::Running) {
-            for t in job.tasks.iter_mut().filter(|t| !t.state.is_final() && dead.contains(&t.agent_id)) {
+        for job in st
+            .jobs
+            .values_mut()
+            .filter(|j| j.state == JobState::Running)
+        {
+            for t in job
+                .tasks
+                .iter_mut()
+                .filter(|t| !t.state.is_final() && dead.contains(&t.agent_id))
+            {
                 t.state = TaskState::Failed;
                 t.message = format!("node {} stopped heartbeating", t.agent_id);
                 touched.push(job.job_id.clone());
@@ -312,7 +371,12 @@ impl Coordinator {
         }
     }
 
-    fn reconcile(&self, st: &mut State, agent_id: &str, reported: &HashMap<String, Option<TaskState>>) -> pb::HeartbeatResponse {
+    fn reconcile(
+        &self,
+        st: &mut State,
+        agent_id: &str,
+        reported: &HashMap<String, Option<TaskState>>,
+    ) -> pb::HeartbeatResponse {
         let mut resp = pb::HeartbeatResponse::default();
         let mut changed = Vec::new();
         let mut known = HashSet::new();
@@ -342,7 +406,8 @@ impl Coordinator {
                     });
                 } else if !running_there {
                     t.state = TaskState::Failed;
-                    t.message = format!("agent {agent_id} no longer runs this worker (agent restarted?)");
+                    t.message =
+                        format!("agent {agent_id} no longer runs this worker (agent restarted?)");
                     dirty = true;
                 } else if t.state == TaskState::Pending {
                     t.state = TaskState::Running;
@@ -380,7 +445,10 @@ fn to_entry(job_id: &str, l: LogRecord) -> pb::LogEntry {
 
 #[tonic::async_trait]
 impl CoordinatorRpc for Coordinator {
-    async fn register_agent(&self, req: Request<pb::RegisterAgentRequest>) -> Result<Response<pb::RegisterAgentResponse>, Status> {
+    async fn register_agent(
+        &self,
+        req: Request<pb::RegisterAgentRequest>,
+    ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
         let req = req.into_inner();
         if req.protocol_version != PROTOCOL_VERSION {
             return Err(Status::failed_precondition(format!(
@@ -389,9 +457,15 @@ impl CoordinatorRpc for Coordinator {
             )));
         }
         if req.groups.is_empty() {
-            return Err(Status::invalid_argument("an agent must offer at least one resource group"));
+            return Err(Status::invalid_argument(
+                "an agent must offer at least one resource group",
+            ));
         }
-        if let Some(g) = req.groups.iter().find(|g| g.kind.is_empty() || g.worker_slots == 0) {
+        if let Some(g) = req
+            .groups
+            .iter()
+            .find(|g| g.kind.is_empty() || g.worker_slots == 0)
+        {
             return Err(Status::invalid_argument(format!(
                 "resource group {:?} needs a kind and at least one worker slot",
                 g.kind
@@ -420,7 +494,10 @@ impl CoordinatorRpc for Coordinator {
         }))
     }
 
-    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = req.into_inner();
         let mut st = self.lock();
         let Some(node) = st.nodes.get_mut(&req.agent_id) else {
@@ -430,14 +507,20 @@ impl CoordinatorRpc for Coordinator {
             }));
         };
         node.last_heartbeat_ms = now_ms();
-        let reported: HashMap<String, Option<TaskState>> =
-            req.tasks.iter().map(|t| (t.task_id.clone(), task_state_from_wire(t.state))).collect();
+        let reported: HashMap<String, Option<TaskState>> = req
+            .tasks
+            .iter()
+            .map(|t| (t.task_id.clone(), task_state_from_wire(t.state)))
+            .collect();
         self.schedule(&mut st);
         let resp = self.reconcile(&mut st, &req.agent_id, &reported);
         Ok(Response::new(resp))
     }
 
-    async fn report_task(&self, req: Request<pb::ReportTaskRequest>) -> Result<Response<pb::ReportTaskResponse>, Status> {
+    async fn report_task(
+        &self,
+        req: Request<pb::ReportTaskRequest>,
+    ) -> Result<Response<pb::ReportTaskResponse>, Status> {
         let req = req.into_inner();
         let mut st = self.lock();
         let Some((job_id, rank)) = st.jobs.values().find_map(|j| {
@@ -446,7 +529,10 @@ impl CoordinatorRpc for Coordinator {
                 .find(|t| t.task_id == req.task_id && t.agent_id == req.agent_id)
                 .map(|t| (j.job_id.clone(), t.rank))
         }) else {
-            return Err(Status::not_found(format!("no task {} on agent {}", req.task_id, req.agent_id)));
+            return Err(Status::not_found(format!(
+                "no task {} on agent {}",
+                req.task_id, req.agent_id
+            )));
         };
         self.append_log(&mut st, &job_id, rank as i32, "log", req.log_lines);
         for event in &req.events_json {
@@ -462,13 +548,21 @@ impl CoordinatorRpc for Coordinator {
         self.append_log(&mut st, &job_id, rank as i32, "event", req.events_json);
         if let Some(state) = task_state_from_wire(req.state) {
             let job = st.jobs.get_mut(&job_id).expect("found above");
-            let task = job.tasks.iter_mut().find(|t| t.task_id == req.task_id).expect("found above");
+            let task = job
+                .tasks
+                .iter_mut()
+                .find(|t| t.task_id == req.task_id)
+                .expect("found above");
             if !task.state.is_final() {
                 task.state = state;
                 task.message = req.message.clone();
                 let job = job.clone();
                 self.save_job(&job);
-                let line = format!("worker rank {rank} {}: {}", format!("{state:?}").to_lowercase(), req.message);
+                let line = format!(
+                    "worker rank {rank} {}: {}",
+                    format!("{state:?}").to_lowercase(),
+                    req.message
+                );
                 self.append_log(&mut st, &job_id, rank as i32, "state", vec![line]);
                 self.settle_job(&mut st, &job_id);
                 self.schedule(&mut st);
@@ -477,31 +571,53 @@ impl CoordinatorRpc for Coordinator {
         Ok(Response::new(pb::ReportTaskResponse {}))
     }
 
-    async fn rendezvous(&self, req: Request<pb::RendezvousRequest>) -> Result<Response<pb::RendezvousResponse>, Status> {
+    async fn rendezvous(
+        &self,
+        req: Request<pb::RendezvousRequest>,
+    ) -> Result<Response<pb::RendezvousResponse>, Status> {
         let req = req.into_inner();
         let mut st = self.lock();
         let state = st.jobs.get(&req.job_id).map(|j| j.state);
         match state {
             None => return Err(Status::not_found(format!("no job {}", req.job_id))),
             Some(JobState::Running) => {}
-            Some(s) => return Err(Status::failed_precondition(format!("job {} is {s:?}", req.job_id))),
+            Some(s) => {
+                return Err(Status::failed_precondition(format!(
+                    "job {} is {s:?}",
+                    req.job_id
+                )));
+            }
         }
         let slots = st.rendezvous.entry(req.job_id.clone()).or_default();
         let Some(slot) = slots.get_mut(req.rank as usize) else {
-            return Err(Status::invalid_argument(format!("rank {} is outside the job", req.rank)));
+            return Err(Status::invalid_argument(format!(
+                "rank {} is outside the job",
+                req.rank
+            )));
         };
         if req.address.parse::<std::net::SocketAddr>().is_err() {
-            return Err(Status::invalid_argument(format!("{:?} is not a socket address", req.address)));
+            return Err(Status::invalid_argument(format!(
+                "{:?} is not a socket address",
+                req.address
+            )));
         }
         *slot = Some(req.address);
         let ready = slots.iter().all(Option::is_some);
-        let addresses = if ready { slots.iter().flatten().cloned().collect() } else { vec![] };
+        let addresses = if ready {
+            slots.iter().flatten().cloned().collect()
+        } else {
+            vec![]
+        };
         Ok(Response::new(pb::RendezvousResponse { ready, addresses }))
     }
 
-    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+    async fn submit_job(
+        &self,
+        req: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let req = req.into_inner();
-        let mut spec = JobSpec::parse(&req.spec_toml).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut spec =
+            JobSpec::parse(&req.spec_toml).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !req.base_dir.is_empty() {
             spec.resolve_paths(Path::new(&req.base_dir));
         }
@@ -515,7 +631,11 @@ impl CoordinatorRpc for Coordinator {
             name: spec.name.clone(),
             spec_json: spec.to_json(),
             workers: spec.cluster.workers as u32,
-            program: spec.task.as_ref().map(|t| t.program.display().to_string()).unwrap_or_default(),
+            program: spec
+                .task
+                .as_ref()
+                .map(|t| t.program.display().to_string())
+                .unwrap_or_default(),
             threads_per_worker: spec.cluster.threads_per_worker as u32,
             output_dir: output_dir.display().to_string(),
             state: JobState::Queued,
@@ -534,7 +654,10 @@ impl CoordinatorRpc for Coordinator {
         Ok(Response::new(pb::SubmitJobResponse { job_id }))
     }
 
-    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobInfo>, Status> {
+    async fn get_job(
+        &self,
+        req: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::JobInfo>, Status> {
         let id = req.into_inner().job_id;
         let st = self.lock();
         st.jobs
@@ -543,7 +666,10 @@ impl CoordinatorRpc for Coordinator {
             .ok_or_else(|| Status::not_found(format!("no job {id}")))
     }
 
-    async fn list_jobs(&self, _req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list_jobs(
+        &self,
+        _req: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
         let st = self.lock();
         Ok(Response::new(pb::ListJobsResponse {
             jobs: st.jobs.values().map(pb::JobInfo::from).collect(),
@@ -552,7 +678,10 @@ impl CoordinatorRpc for Coordinator {
 
     type StreamLogsStream = LogStream;
 
-    async fn stream_logs(&self, req: Request<pb::StreamLogsRequest>) -> Result<Response<LogStream>, Status> {
+    async fn stream_logs(
+        &self,
+        req: Request<pb::StreamLogsRequest>,
+    ) -> Result<Response<LogStream>, Status> {
         let req = req.into_inner();
         if !self.lock().jobs.contains_key(&req.job_id) {
             return Err(Status::not_found(format!("no job {}", req.job_id)));
@@ -565,7 +694,11 @@ impl CoordinatorRpc for Coordinator {
             loop {
                 // Read the job's state *before* its logs: a job seen final here has
                 // all of its lines stored, so the last read below gets them all.
-                let ended = me.lock().jobs.get(&req.job_id).is_none_or(|j| j.state.is_final());
+                let ended = me
+                    .lock()
+                    .jobs
+                    .get(&req.job_id)
+                    .is_none_or(|j| j.state.is_final());
                 loop {
                     let lines = match me.inner.store.logs(&req.job_id, after, 500) {
                         Ok(l) => l,
@@ -597,14 +730,22 @@ impl CoordinatorRpc for Coordinator {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
+    async fn cancel_job(
+        &self,
+        req: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::CancelJobResponse>, Status> {
         let id = req.into_inner().job_id;
         let mut st = self.lock();
         let Some(job) = st.jobs.get(&id) else {
             return Err(Status::not_found(format!("no job {id}")));
         };
         if !job.state.is_final() {
-            self.finish_job(&mut st, &id, JobState::Cancelled, "cancelled by the user".into());
+            self.finish_job(
+                &mut st,
+                &id,
+                JobState::Cancelled,
+                "cancelled by the user".into(),
+            );
             self.schedule(&mut st);
         }
         let state = st.jobs[&id].state;
@@ -613,7 +754,10 @@ impl CoordinatorRpc for Coordinator {
         }))
     }
 
-    async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list_nodes(
+        &self,
+        _req: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
         let st = self.lock();
         let now = now_ms();
         let interval = self.inner.config.heartbeat_interval.as_millis() as i64;

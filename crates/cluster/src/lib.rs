@@ -17,9 +17,9 @@
 
 pub mod agent;
 pub mod client;
-pub mod local;
 pub mod coordinator;
 pub mod error;
+pub mod local;
 pub mod records;
 pub mod scheduler;
 pub mod store;

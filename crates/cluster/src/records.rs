@@ -22,7 +22,10 @@ pub enum JobState {
 impl JobState {
     /// Whether the job has ended.
     pub fn is_final(self) -> bool {
-        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
     }
 }
 
@@ -44,7 +47,10 @@ pub enum TaskState {
 impl TaskState {
     /// Whether the task has ended.
     pub fn is_final(self) -> bool {
-        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled)
+        matches!(
+            self,
+            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
+        )
     }
 }
 
@@ -136,7 +142,12 @@ impl NodeRecord {
 
     /// Cores (devices) of its CPU groups.
     pub fn cores(&self) -> u32 {
-        self.groups.iter().filter(|g| g.kind == "cpu").map(|g| g.devices).sum::<u32>().max(1)
+        self.groups
+            .iter()
+            .filter(|g| g.kind == "cpu")
+            .map(|g| g.devices)
+            .sum::<u32>()
+            .max(1)
     }
 }
 

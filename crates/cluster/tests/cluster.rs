@@ -44,14 +44,27 @@ async fn submit(client: &mut Client, spec: String) -> String {
         .job_id
 }
 
-async fn wait_for(client: &mut Client, job_id: &str, done: impl Fn(&pb::JobInfo) -> bool) -> pb::JobInfo {
+async fn wait_for(
+    client: &mut Client,
+    job_id: &str,
+    done: impl Fn(&pb::JobInfo) -> bool,
+) -> pb::JobInfo {
     let started = Instant::now();
     loop {
-        let info = client.get_job(pb::GetJobRequest { job_id: job_id.into() }).await.unwrap().into_inner();
+        let info = client
+            .get_job(pb::GetJobRequest {
+                job_id: job_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
         if done(&info) {
             return info;
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "job never got there: {info:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "job never got there: {info:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -63,15 +76,31 @@ fn ended(info: &pb::JobInfo) -> bool {
 #[tokio::test]
 async fn a_crashing_worker_fails_its_job_with_its_last_lines() {
     let dir = tempfile::tempdir().unwrap();
-    let crash = script(dir.path(), "crash.sh", "echo \"loading data\"\necho \"boom: out of memory\" >&2\nexit 3");
+    let crash = script(
+        dir.path(),
+        "crash.sh",
+        "echo \"loading data\"\necho \"boom: out of memory\" >&2\nexit 3",
+    );
     let cluster = LocalCluster::start(2, "/bin/false".into()).await.unwrap();
     let mut client = cluster.client().await.unwrap();
     let job = submit(&mut client, custom_spec(&crash, 2)).await;
     let info = wait_for(&mut client, &job, ended).await;
     assert_eq!(info.state, pb::JobState::Failed as i32, "{info:?}");
-    assert!(info.message.contains("exited with status 3"), "{}", info.message);
-    assert!(info.message.contains("boom: out of memory"), "{}", info.message);
-    let failed = info.tasks.iter().find(|t| t.state == pb::TaskState::Failed as i32).unwrap();
+    assert!(
+        info.message.contains("exited with status 3"),
+        "{}",
+        info.message
+    );
+    assert!(
+        info.message.contains("boom: out of memory"),
+        "{}",
+        info.message
+    );
+    let failed = info
+        .tasks
+        .iter()
+        .find(|t| t.state == pb::TaskState::Failed as i32)
+        .unwrap();
     assert!(failed.message.contains("loading data"));
     // The log holds the worker's lines too.
     let mut stream = client
@@ -87,7 +116,10 @@ async fn a_crashing_worker_fails_its_job_with_its_last_lines() {
     while let Some(e) = tokio_stream::StreamExt::next(&mut stream).await {
         texts.push(e.unwrap().text);
     }
-    assert!(texts.iter().any(|t| t == "boom: out of memory"), "{texts:?}");
+    assert!(
+        texts.iter().any(|t| t == "boom: out of memory"),
+        "{texts:?}"
+    );
     cluster.shutdown().await;
 }
 
@@ -95,10 +127,19 @@ async fn a_crashing_worker_fails_its_job_with_its_last_lines() {
 async fn a_missing_program_is_reported() {
     let cluster = LocalCluster::start(1, "/bin/false".into()).await.unwrap();
     let mut client = cluster.client().await.unwrap();
-    let job = submit(&mut client, custom_spec(Path::new("/nonexistent/trainer"), 1)).await;
+    let job = submit(
+        &mut client,
+        custom_spec(Path::new("/nonexistent/trainer"), 1),
+    )
+    .await;
     let info = wait_for(&mut client, &job, ended).await;
     assert_eq!(info.state, pb::JobState::Failed as i32);
-    assert!(info.message.contains("cannot start worker program /nonexistent/trainer"), "{}", info.message);
+    assert!(
+        info.message
+            .contains("cannot start worker program /nonexistent/trainer"),
+        "{}",
+        info.message
+    );
     cluster.shutdown().await;
 }
 
@@ -112,15 +153,41 @@ async fn cancelling_stops_running_workers_and_frees_the_slots() {
     let job = submit(&mut client, custom_spec(&sleeper, 2)).await;
     // A second job cannot start while the first holds both slots.
     let second = submit(&mut client, custom_spec(&quick, 1)).await;
-    wait_for(&mut client, &job, |i| i.tasks.iter().all(|t| t.state == pb::TaskState::Running as i32)).await;
-    let queued = client.get_job(pb::GetJobRequest { job_id: second.clone() }).await.unwrap().into_inner();
+    wait_for(&mut client, &job, |i| {
+        i.tasks
+            .iter()
+            .all(|t| t.state == pb::TaskState::Running as i32)
+    })
+    .await;
+    let queued = client
+        .get_job(pb::GetJobRequest {
+            job_id: second.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(queued.state, pb::JobState::Queued as i32);
-    let r = client.cancel_job(pb::CancelJobRequest { job_id: job.clone() }).await.unwrap().into_inner();
+    let r = client
+        .cancel_job(pb::CancelJobRequest {
+            job_id: job.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.state, pb::JobState::Cancelled as i32);
     let info = wait_for(&mut client, &second, ended).await;
     assert_eq!(info.state, pb::JobState::Succeeded as i32, "{info:?}");
-    let first = client.get_job(pb::GetJobRequest { job_id: job }).await.unwrap().into_inner();
-    assert!(first.tasks.iter().all(|t| t.state == pb::TaskState::Cancelled as i32));
+    let first = client
+        .get_job(pb::GetJobRequest { job_id: job })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        first
+            .tasks
+            .iter()
+            .all(|t| t.state == pb::TaskState::Cancelled as i32)
+    );
     cluster.shutdown().await;
 }
 
@@ -147,7 +214,14 @@ async fn wrong_or_missing_token_is_refused_and_changes_nothing() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
-    assert_eq!(intruder.list_jobs(pb::ListJobsRequest {}).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+    assert_eq!(
+        intruder
+            .list_jobs(pb::ListJobsRequest {})
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::Unauthenticated
+    );
 
     // No token at all.
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.address))
@@ -156,12 +230,30 @@ async fn wrong_or_missing_token_is_refused_and_changes_nothing() {
         .await
         .unwrap();
     let mut bare = pb::coordinator_client::CoordinatorClient::new(channel);
-    let err = bare.cancel_job(pb::CancelJobRequest { job_id: "job-000001".into() }).await.unwrap_err();
+    let err = bare
+        .cancel_job(pb::CancelJobRequest {
+            job_id: "job-000001".into(),
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
 
     let mut client = cluster.client().await.unwrap();
-    assert!(client.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner().jobs.is_empty());
-    let nodes = client.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    assert!(
+        client
+            .list_jobs(pb::ListJobsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs
+            .is_empty()
+    );
+    let nodes = client
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
     assert!(nodes.iter().all(|n| n.hostname != "evil"));
     cluster.shutdown().await;
 }
@@ -172,18 +264,34 @@ async fn a_bad_spec_is_refused_with_the_key_named() {
     let mut client = cluster.client().await.unwrap();
     let err = client
         .submit_job(pb::SubmitJobRequest {
-            spec_toml: custom_spec(Path::new("/bin/true"), 1).replace("[training]\n", "[training]\nepoch = 3\n"),
+            spec_toml: custom_spec(Path::new("/bin/true"), 1)
+                .replace("[training]\n", "[training]\nepoch = 3\n"),
             base_dir: String::new(),
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("training.epoch"), "{}", err.message());
-    assert!(client.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner().jobs.is_empty());
+    assert!(
+        err.message().contains("training.epoch"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        client
+            .list_jobs(pb::ListJobsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .jobs
+            .is_empty()
+    );
     cluster.shutdown().await;
 }
 
-async fn serve(path: &Path, token: &str) -> (String, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+async fn serve(
+    path: &Path,
+    token: &str,
+) -> (String, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
     let coordinator = Coordinator::open(CoordinatorConfig::new(path, token)).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
@@ -207,14 +315,22 @@ async fn a_restarted_coordinator_still_lists_accepted_jobs() {
     let mut client = connect(&address, "tok").await.unwrap();
     let a = submit(&mut client, custom_spec(Path::new("/bin/true"), 2)).await;
     let b = submit(&mut client, custom_spec(Path::new("/bin/true"), 1)).await;
-    client.cancel_job(pb::CancelJobRequest { job_id: b.clone() }).await.unwrap();
+    client
+        .cancel_job(pb::CancelJobRequest { job_id: b.clone() })
+        .await
+        .unwrap();
     drop(client);
     stop.send(true).unwrap();
     handle.await.unwrap();
 
     let (address, stop, handle) = serve(&store, "tok").await;
     let mut client = connect(&address, "tok").await.unwrap();
-    let jobs = client.list_jobs(pb::ListJobsRequest {}).await.unwrap().into_inner().jobs;
+    let jobs = client
+        .list_jobs(pb::ListJobsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .jobs;
     let ids: Vec<_> = jobs.iter().map(|j| j.job_id.clone()).collect();
     assert_eq!(ids, vec![a.clone(), b.clone()]);
     assert_eq!(jobs[0].state, pb::JobState::Queued as i32);

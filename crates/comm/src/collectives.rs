@@ -32,7 +32,9 @@ fn chunk_bounds(len: usize, world: usize, chunk: usize) -> (usize, usize) {
 }
 
 fn pieces(start: usize, end: usize) -> impl Iterator<Item = (usize, usize)> {
-    (start..end).step_by(PIECE).map(move |s| (s, (s + PIECE).min(end)))
+    (start..end)
+        .step_by(PIECE)
+        .map(move |s| (s, (s + PIECE).min(end)))
 }
 
 fn encode(values: &[f32]) -> Vec<u8> {
@@ -63,7 +65,9 @@ fn with_writer<T>(
         });
         let result = body(&tx);
         drop(tx);
-        let sent = writer.join().map_err(|_| CommError::Config("writer thread panicked".into()))?;
+        let sent = writer
+            .join()
+            .map_err(|_| CommError::Config("writer thread panicked".into()))?;
         let value = result?;
         sent?;
         Ok(value)
@@ -144,7 +148,9 @@ impl Ring {
         let rank = self.config.rank;
         let max = self.config.max_frame;
         if root >= world {
-            return Err(CommError::Config(format!("broadcast root {root} outside a ring of {world}")));
+            return Err(CommError::Config(format!(
+                "broadcast root {root} outside a ring of {world}"
+            )));
         }
         if world == 1 || buf.is_empty() {
             return Ok(());
@@ -188,7 +194,9 @@ mod tests {
 
     /// Runs `f` on a real loopback ring of `world` threads and returns each rank's result.
     pub(crate) fn on_ring<T: Send>(world: usize, f: impl Fn(&mut Ring) -> T + Sync) -> Vec<T> {
-        let listeners: Vec<_> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let listeners: Vec<_> = (0..world)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
         let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
         thread::scope(|s| {
             let handles: Vec<_> = listeners
@@ -210,7 +218,9 @@ mod tests {
 
     fn input(rank: usize, len: usize) -> Vec<f32> {
         // Small integers keep float sums exact, so equality can be exact too.
-        (0..len).map(|i| ((i * 7 + rank * 13) % 31) as f32 - 15.0).collect()
+        (0..len)
+            .map(|i| ((i * 7 + rank * 13) % 31) as f32 - 15.0)
+            .collect()
     }
 
     #[test]
@@ -223,7 +233,9 @@ mod tests {
                     buf
                 });
                 let inputs: Vec<Vec<f32>> = (0..world).map(|r| input(r, len)).collect();
-                let expected: Vec<f32> = (0..len).map(|i| inputs.iter().map(|v| v[i]).sum()).collect();
+                let expected: Vec<f32> = (0..len)
+                    .map(|i| inputs.iter().map(|v| v[i]).sum())
+                    .collect();
                 for (rank, got) in results.iter().enumerate() {
                     assert_eq!(got, &expected, "world {world}, len {len}, rank {rank}");
                 }
@@ -268,7 +280,12 @@ mod tests {
             let mut buf = vec![1.0; if ring.rank() == 0 { 10 } else { 12 }];
             ring.allreduce_sum(&mut buf).map_err(|e| e.to_string())
         });
-        assert!(results.iter().any(|r| r.as_ref().is_err_and(|e| e.contains("disagree"))), "{results:?}");
+        assert!(
+            results
+                .iter()
+                .any(|r| r.as_ref().is_err_and(|e| e.contains("disagree"))),
+            "{results:?}"
+        );
     }
 
     #[test]

@@ -99,7 +99,11 @@ pub fn connect(
 
     let reply = read_hello(stream, &peer)?;
     if reply.len() != 4 + 2 + NONCE + MAC || &reply[..4] != MAGIC {
-        return Err(refuse(stream, &peer, "malformed reply (not a Hetero worker)".into()));
+        return Err(refuse(
+            stream,
+            &peer,
+            "malformed reply (not a Hetero worker)".into(),
+        ));
     }
     let version = u16::from_le_bytes([reply[4], reply[5]]);
     if version != PROTOCOL_VERSION {
@@ -118,7 +122,16 @@ pub fn connect(
             "the peer does not hold this cluster's token (or serves another job)".into(),
         ));
     }
-    let proof = mac(token, &[b"connector", session.as_bytes(), ns, &nc, &rank.to_le_bytes()]);
+    let proof = mac(
+        token,
+        &[
+            b"connector",
+            session.as_bytes(),
+            ns,
+            &nc,
+            &rank.to_le_bytes(),
+        ],
+    );
     write_frame(stream, FrameKind::Hello, &proof).map_err(io_err(&peer))?;
     let verdict = read_hello(stream, &peer)?;
     if verdict != [1] {
@@ -139,7 +152,11 @@ pub fn accept(stream: &mut TcpStream, token: &str, session: &str) -> Result<u32,
         .unwrap_or_else(|_| "?".into());
     let hello = read_hello(stream, &peer)?;
     if hello.len() < 12 || &hello[..4] != MAGIC {
-        return Err(refuse(stream, &peer, "not a Hetero data-plane hello".into()));
+        return Err(refuse(
+            stream,
+            &peer,
+            "not a Hetero data-plane hello".into(),
+        ));
     }
     let version = u16::from_le_bytes([hello[4], hello[5]]);
     if version != PROTOCOL_VERSION {
@@ -175,7 +192,16 @@ pub fn accept(stream: &mut TcpStream, token: &str, session: &str) -> Result<u32,
     write_frame(stream, FrameKind::Hello, &reply).map_err(io_err(&peer))?;
 
     let proof = read_hello(stream, &peer)?;
-    let expected = mac(token, &[b"connector", session.as_bytes(), &ns, nc, &rank.to_le_bytes()]);
+    let expected = mac(
+        token,
+        &[
+            b"connector",
+            session.as_bytes(),
+            &ns,
+            nc,
+            &rank.to_le_bytes(),
+        ],
+    );
     if proof != expected {
         return Err(refuse(
             stream,

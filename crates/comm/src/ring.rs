@@ -38,7 +38,12 @@ pub struct RingConfig {
 
 impl RingConfig {
     /// A configuration with default limits.
-    pub fn new(rank: usize, world: usize, session: impl Into<String>, token: impl Into<String>) -> Self {
+    pub fn new(
+        rank: usize,
+        world: usize,
+        session: impl Into<String>,
+        token: impl Into<String>,
+    ) -> Self {
         RingConfig {
             rank,
             world,
@@ -74,10 +79,16 @@ impl Ring {
 
     /// Forms the ring. `listener` must be the one whose address stands at
     /// `addrs[config.rank]`.
-    pub fn form(config: RingConfig, listener: TcpListener, addrs: &[SocketAddr]) -> Result<Ring, CommError> {
+    pub fn form(
+        config: RingConfig,
+        listener: TcpListener,
+        addrs: &[SocketAddr],
+    ) -> Result<Ring, CommError> {
         let RingConfig { rank, world, .. } = config;
         if world == 0 || rank >= world {
-            return Err(CommError::Config(format!("rank {rank} is not in a ring of {world}")));
+            return Err(CommError::Config(format!(
+                "rank {rank} is not in a ring of {world}"
+            )));
         }
         if addrs.len() != world {
             return Err(CommError::Config(format!(
@@ -101,10 +112,13 @@ impl Ring {
             thread::spawn(move || accept_prev(&listener, &config, prev_rank as u32, deadline))
         };
         let next = connect_next(next_addr, &config, deadline);
-        let prev = acceptor.join().map_err(|_| CommError::Config("acceptor thread panicked".into()))?;
+        let prev = acceptor
+            .join()
+            .map_err(|_| CommError::Config("acceptor thread panicked".into()))?;
         let (next, prev) = (next?, prev?);
         for s in [&next, &prev] {
-            s.set_nodelay(true).map_err(|e| CommError::io("setting TCP_NODELAY", e))?;
+            s.set_nodelay(true)
+                .map_err(|e| CommError::io("setting TCP_NODELAY", e))?;
             s.set_read_timeout(Some(config.io_timeout))
                 .map_err(|e| CommError::io("setting a read timeout", e))?;
             s.set_write_timeout(Some(config.io_timeout))
@@ -118,12 +132,19 @@ impl Ring {
     }
 }
 
-fn connect_next(addr: SocketAddr, config: &RingConfig, deadline: Instant) -> Result<TcpStream, CommError> {
+fn connect_next(
+    addr: SocketAddr,
+    config: &RingConfig,
+    deadline: Instant,
+) -> Result<TcpStream, CommError> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(CommError::io(
-                format!("connecting to rank {} at {addr}", (config.rank + 1) % config.world),
+                format!(
+                    "connecting to rank {} at {addr}",
+                    (config.rank + 1) % config.world
+                ),
                 io::Error::new(io::ErrorKind::TimedOut, "ring formation timed out"),
             ));
         }
@@ -134,7 +155,12 @@ fn connect_next(addr: SocketAddr, config: &RingConfig, deadline: Instant) -> Res
                 s.set_read_timeout(None).ok();
                 return Ok(s);
             }
-            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut
+                ) =>
+            {
                 thread::sleep(Duration::from_millis(50));
             }
             Err(e) => return Err(CommError::io(format!("connecting to {addr}"), e)),
@@ -154,7 +180,9 @@ fn accept_prev(
     let mut last_refusal: Option<CommError> = None;
     loop {
         if Instant::now() >= deadline {
-            let why = last_refusal.map(|e| format!(" (last refusal: {e})")).unwrap_or_default();
+            let why = last_refusal
+                .map(|e| format!(" (last refusal: {e})"))
+                .unwrap_or_default();
             return Err(CommError::io(
                 format!("waiting for rank {prev_rank} to connect{why}"),
                 io::Error::new(io::ErrorKind::TimedOut, "ring formation timed out"),
@@ -162,8 +190,11 @@ fn accept_prev(
         }
         match listener.accept() {
             Ok((mut s, peer)) => {
-                s.set_nonblocking(false).map_err(|e| CommError::io("configuring a stream", e))?;
-                let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(100));
+                s.set_nonblocking(false)
+                    .map_err(|e| CommError::io("configuring a stream", e))?;
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(100));
                 s.set_read_timeout(Some(left)).ok();
                 match handshake::accept(&mut s, &config.token, &config.session) {
                     Ok(r) if r == prev_rank => {
@@ -174,7 +205,9 @@ fn accept_prev(
                         tracing::warn!(%peer, rank = r, expected = prev_rank, "unexpected rank connected; refused");
                         last_refusal = Some(CommError::Protocol {
                             peer: peer.to_string(),
-                            reason: format!("rank {r} connected where rank {prev_rank} was expected"),
+                            reason: format!(
+                                "rank {r} connected where rank {prev_rank} was expected"
+                            ),
                         });
                     }
                     Err(e) => {
@@ -183,7 +216,9 @@ fn accept_prev(
                     }
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(10)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(Duration::from_millis(10))
+            }
             Err(e) => return Err(CommError::io("accepting a data-plane connection", e)),
         }
     }

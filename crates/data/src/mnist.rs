@@ -70,8 +70,14 @@ impl ImageDataset {
 
     /// Loads one split from `dir`, accepting `.gz` or raw files.
     pub fn load(dir: &Path, split: Split) -> Result<Self, DataError> {
-        let images = read_idx(&find(dir, &format!("{}-images-idx3-ubyte", split.prefix()))?)?;
-        let labels = read_idx(&find(dir, &format!("{}-labels-idx1-ubyte", split.prefix()))?)?;
+        let images = read_idx(&find(
+            dir,
+            &format!("{}-images-idx3-ubyte", split.prefix()),
+        )?)?;
+        let labels = read_idx(&find(
+            dir,
+            &format!("{}-labels-idx1-ubyte", split.prefix()),
+        )?)?;
         if images.dims.len() != 3 || labels.dims.len() != 1 {
             return Err(DataError::Inconsistent(format!(
                 "{}: images must have 3 dimensions and labels 1 (found {:?} and {:?})",
@@ -156,9 +162,14 @@ fn find(dir: &Path, stem: &str) -> Result<PathBuf, DataError> {
 
 /// Whether `dir` holds all four Fashion-MNIST files.
 pub fn is_complete(dir: &Path) -> bool {
-    ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-        .iter()
-        .all(|stem| find(dir, stem).is_ok())
+    [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ]
+    .iter()
+    .all(|stem| find(dir, stem).is_ok())
 }
 
 #[cfg(test)]
@@ -190,8 +201,13 @@ mod tests {
     #[test]
     fn missing_files_explain_how_to_get_them() {
         let dir = tempfile::tempdir().unwrap();
-        let err = ImageDataset::load(dir.path(), Split::Train).unwrap_err().to_string();
-        assert!(err.contains("train-images-idx3-ubyte") && err.contains("hetero data fetch"), "{err}");
+        let err = ImageDataset::load(dir.path(), Split::Train)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("train-images-idx3-ubyte") && err.contains("hetero data fetch"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -205,7 +221,9 @@ mod tests {
             dir.path().join("train-labels-idx1-ubyte.gz"),
         )
         .unwrap();
-        let err = ImageDataset::load(dir.path(), Split::Train).unwrap_err().to_string();
+        let err = ImageDataset::load(dir.path(), Split::Train)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("5 images but 4 labels"), "{err}");
     }
 }

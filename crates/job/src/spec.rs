@@ -116,10 +116,19 @@ pub struct TaskSpec {
     pub params: serde_json::Value,
 }
 
-const TOP: &[&str] = &["name", "model", "dataset", "training", "cluster", "output", "task"];
+const TOP: &[&str] = &[
+    "name", "model", "dataset", "training", "cluster", "output", "task",
+];
 const MODEL: &[&str] = &["kind"];
 const DATASET: &[&str] = &["kind", "path", "train_limit", "test_limit"];
-const TRAINING: &[&str] = &["epochs", "global_batch_size", "optimizer", "learning_rate", "loss", "seed"];
+const TRAINING: &[&str] = &[
+    "epochs",
+    "global_batch_size",
+    "optimizer",
+    "learning_rate",
+    "loss",
+    "seed",
+];
 const CLUSTER: &[&str] = &["workers", "backend", "threads_per_worker"];
 const OUTPUT: &[&str] = &["dir"];
 const TASK: &[&str] = &["program", "params"];
@@ -130,7 +139,9 @@ pub const MAX_WORKERS: usize = 256;
 impl JobSpec {
     /// Parses and validates a spec; relative paths stay as written.
     pub fn parse(text: &str) -> Result<JobSpec, SpecError> {
-        let root: Table = text.parse().map_err(|e: toml::de::Error| SpecError::Syntax(e.to_string()))?;
+        let root: Table = text
+            .parse()
+            .map_err(|e: toml::de::Error| SpecError::Syntax(e.to_string()))?;
         let top = Section::new("", &root, TOP)?;
         let name = top.string("name")?.unwrap_or_else(|| "job".into());
         if name.is_empty() || name.len() > 100 || name.chars().any(|c| c.is_control()) {
@@ -150,7 +161,9 @@ impl JobSpec {
         if kind != "fashion-mnist" {
             return Err(ds.invalid("kind", &kind, "one of: fashion-mnist"));
         }
-        let path = ds.string("path")?.ok_or_else(|| ds.missing("path", "folder with the IDX files"))?;
+        let path = ds
+            .string("path")?
+            .ok_or_else(|| ds.missing("path", "folder with the IDX files"))?;
         let dataset = DatasetSpec {
             kind,
             path: PathBuf::from(path),
@@ -171,7 +184,11 @@ impl JobSpec {
         }
         let learning_rate = tr.float("learning_rate")?.unwrap_or(1e-3);
         if !(learning_rate.is_finite() && learning_rate > 0.0 && learning_rate <= 10.0) {
-            return Err(tr.invalid("learning_rate", &learning_rate.to_string(), "a number in (0, 10]"));
+            return Err(tr.invalid(
+                "learning_rate",
+                &learning_rate.to_string(),
+                "a number in (0, 10]",
+            ));
         }
         let training = TrainingSpec {
             epochs: tr.int("epochs", 1, 100_000)?.unwrap_or(1),
@@ -196,7 +213,10 @@ impl JobSpec {
             return Err(tr.invalid(
                 "global_batch_size",
                 &training.global_batch_size.to_string(),
-                &format!("it must be at least cluster.workers ({}) so every worker gets a sample", cluster.workers),
+                &format!(
+                    "it must be at least cluster.workers ({}) so every worker gets a sample",
+                    cluster.workers
+                ),
             ));
         }
 
@@ -206,10 +226,13 @@ impl JobSpec {
         let task = match (model_kind, root.contains_key("task")) {
             (ModelKind::Custom, true) => {
                 let t = top.section("task", TASK)?;
-                let program = t.string("program")?.ok_or_else(|| t.missing("program", "path of your training program"))?;
+                let program = t
+                    .string("program")?
+                    .ok_or_else(|| t.missing("program", "path of your training program"))?;
                 let params = match t.table.get("params") {
                     None => serde_json::Value::Object(Default::default()),
-                    Some(Value::Table(p)) => serde_json::to_value(p).map_err(|e| t.invalid("params", "…", &e.to_string()))?,
+                    Some(Value::Table(p)) => serde_json::to_value(p)
+                        .map_err(|e| t.invalid("params", "…", &e.to_string()))?,
                     Some(v) => return Err(t.wrong_type("params", "a table", v)),
                 };
                 Some(TaskSpec {
@@ -220,7 +243,8 @@ impl JobSpec {
             (ModelKind::Custom, false) => {
                 return Err(SpecError::Missing {
                     key: "task.program".into(),
-                    what: "model.kind = \"custom\" needs the program that holds your training code".into(),
+                    what: "model.kind = \"custom\" needs the program that holds your training code"
+                        .into(),
                 });
             }
             (_, true) => {
@@ -287,7 +311,9 @@ fn normalize(path: &Path) -> PathBuf {
     for c in path.components() {
         match c {
             Component::CurDir => {}
-            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
                 out.pop();
             }
             other => out.push(other.as_os_str()),
@@ -334,7 +360,11 @@ impl<'a> Section<'a> {
     }
 
     fn key(&self, k: &str) -> String {
-        if self.path.is_empty() { k.to_string() } else { format!("{}.{k}", self.path) }
+        if self.path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{}.{k}", self.path)
+        }
     }
 
     fn section(&self, name: &str, allowed: &[&str]) -> Result<Section<'a>, SpecError> {
@@ -448,13 +478,18 @@ workers = 3
 
     #[test]
     fn syntax_error() {
-        assert!(matches!(JobSpec::parse("name = "), Err(SpecError::Syntax(_))));
+        assert!(matches!(
+            JobSpec::parse("name = "),
+            Err(SpecError::Syntax(_))
+        ));
     }
 
     #[test]
     fn unknown_key_names_key_and_alternatives() {
         let err = edit("epochs = 2", "epoch = 2").unwrap_err();
-        assert!(matches!(&err, SpecError::UnknownKey { key, allowed } if key == "training.epoch" && allowed.contains(&"epochs".to_string())));
+        assert!(
+            matches!(&err, SpecError::UnknownKey { key, allowed } if key == "training.epoch" && allowed.contains(&"epochs".to_string()))
+        );
         assert!(err.to_string().contains("training.epoch"));
         let err = with("[extra]\nx = 1").unwrap_err();
         assert!(matches!(err, SpecError::UnknownKey { key, .. } if key == "extra"));
@@ -476,13 +511,20 @@ workers = 3
     #[test]
     fn out_of_range_values() {
         let err = edit("workers = 3", "workers = 0").unwrap_err();
-        assert!(matches!(&err, SpecError::InvalidValue { key, value, .. } if key == "cluster.workers" && value == "0"));
+        assert!(
+            matches!(&err, SpecError::InvalidValue { key, value, .. } if key == "cluster.workers" && value == "0")
+        );
         let err = edit("epochs = 2", "epochs = -1").unwrap_err();
         assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "training.epochs"));
         let err = edit("learning_rate = 0.001", "learning_rate = -0.1").unwrap_err();
-        assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "training.learning_rate"));
+        assert!(
+            matches!(err, SpecError::InvalidValue { key, .. } if key == "training.learning_rate")
+        );
         let err = edit("global_batch_size = 96", "global_batch_size = 2").unwrap_err();
-        assert!(err.to_string().contains("at least cluster.workers (3)"), "{err}");
+        assert!(
+            err.to_string().contains("at least cluster.workers (3)"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -523,7 +565,10 @@ workers = 3
     fn relative_paths_resolve_against_the_spec_folder() {
         let mut s = JobSpec::parse(GOOD).unwrap();
         s.resolve_paths(Path::new("/specs/examples"));
-        assert_eq!(s.dataset.path, PathBuf::from("/specs/examples/data/fashion-mnist"));
+        assert_eq!(
+            s.dataset.path,
+            PathBuf::from("/specs/examples/data/fashion-mnist")
+        );
         let mut s = JobSpec::parse(&GOOD.replace("data/fashion-mnist", "../data/./x")).unwrap();
         s.resolve_paths(Path::new("/specs/examples"));
         assert_eq!(s.dataset.path, PathBuf::from("/specs/data/x"));

@@ -17,7 +17,9 @@ pub struct CheckToken {
 impl CheckToken {
     /// Accepts only `token`.
     pub fn new(token: impl Into<String>) -> Self {
-        CheckToken { expected: format!("Bearer {}", token.into()) }
+        CheckToken {
+            expected: format!("Bearer {}", token.into()),
+        }
     }
 }
 
@@ -31,7 +33,9 @@ impl Interceptor for CheckToken {
         match request.metadata().get("authorization") {
             Some(v) if constant_time_eq(v.as_bytes(), self.expected.as_bytes()) => Ok(request),
             Some(_) => Err(Status::unauthenticated("wrong cluster token")),
-            None => Err(Status::unauthenticated("missing cluster token (authorization metadata)")),
+            None => Err(Status::unauthenticated(
+                "missing cluster token (authorization metadata)",
+            )),
         }
     }
 }
@@ -54,7 +58,9 @@ impl AttachToken {
 
 impl Interceptor for AttachToken {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request.metadata_mut().insert("authorization", self.value.clone());
+        request
+            .metadata_mut()
+            .insert("authorization", self.value.clone());
         Ok(request)
     }
 }
@@ -66,10 +72,16 @@ mod tests {
     #[test]
     fn token_check() {
         let mut check = CheckToken::new("s3cret");
-        assert_eq!(check.call(Request::new(())).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            check.call(Request::new(())).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
         let mut wrong = AttachToken::new("nope").unwrap();
         let req = wrong.call(Request::new(())).unwrap();
-        assert_eq!(check.call(req).unwrap_err().code(), tonic::Code::Unauthenticated);
+        assert_eq!(
+            check.call(req).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
         let mut right = AttachToken::new("s3cret").unwrap();
         let req = right.call(Request::new(())).unwrap();
         assert!(check.call(req).is_ok());

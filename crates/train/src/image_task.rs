@@ -29,16 +29,27 @@ pub struct ImageBatch<B: Backend> {
 }
 
 /// Turns the images at `indices` into a normalised batch.
-pub fn image_batch<B: Backend>(data: &ImageDataset, indices: &[usize], device: &B::Device) -> ImageBatch<B> {
+pub fn image_batch<B: Backend>(
+    data: &ImageDataset,
+    indices: &[usize],
+    device: &B::Device,
+) -> ImageBatch<B> {
     let n = indices.len();
     let mut pixels = Vec::with_capacity(n * data.rows * data.cols);
     let mut labels = Vec::with_capacity(n);
     for &i in indices {
-        pixels.extend(data.image(i).iter().map(|&p| (p as f32 / 255.0 - MEAN) / STD));
+        pixels.extend(
+            data.image(i)
+                .iter()
+                .map(|&p| (p as f32 / 255.0 - MEAN) / STD),
+        );
         labels.push(data.labels[i] as i64);
     }
     ImageBatch {
-        images: Tensor::from_data(TensorData::new(pixels, [n, 1, data.rows, data.cols]), device),
+        images: Tensor::from_data(
+            TensorData::new(pixels, [n, 1, data.rows, data.cols]),
+            device,
+        ),
         labels: Tensor::from_data(TensorData::new(labels, [n]), device),
     }
 }
@@ -84,7 +95,10 @@ where
     }
 
     /// The task a job spec describes: loads its dataset (with the spec's limits).
-    pub fn from_spec(spec: &JobSpec, init: impl Fn(&B::Device) -> M + Send + 'static) -> Result<Self, TrainError> {
+    pub fn from_spec(
+        spec: &JobSpec,
+        init: impl Fn(&B::Device) -> M + Send + 'static,
+    ) -> Result<Self, TrainError> {
         let dir = &spec.dataset.path;
         let mut train = ImageDataset::load(dir, Split::Train)?;
         let mut test = ImageDataset::load(dir, Split::Test)?;
@@ -102,7 +116,13 @@ where
                 train.cols
             )));
         }
-        Ok(Self::new(train, test, spec.training.optimizer, spec.training.learning_rate, init))
+        Ok(Self::new(
+            train,
+            test,
+            spec.training.optimizer,
+            spec.training.learning_rate,
+            init,
+        ))
     }
 }
 
@@ -145,7 +165,12 @@ where
         let count = batch.labels.dims()[0];
         let logits = model.forward(batch.images);
         let predicted = logits.clone().argmax(1).flatten::<1>(0, 1);
-        let correct = predicted.equal(batch.labels.clone()).int().sum().into_scalar().elem::<f64>();
+        let correct = predicted
+            .equal(batch.labels.clone())
+            .int()
+            .sum()
+            .into_scalar()
+            .elem::<f64>();
         let loss = CrossEntropyLossConfig::new()
             .init(&logits.device())
             .forward(logits, batch.labels)

@@ -19,7 +19,7 @@ use hetero_comm::Ring;
 use hetero_data::shard;
 
 use crate::params;
-use crate::report::{EpochRecord, Event, RunSummary, WorkerFigures};
+use crate::report::{EpochRecord, Event, LOSS_CURVE_POINTS, RunSummary, WorkerFigures, downsample};
 use crate::{Evaluation, Task, TrainError};
 
 /// How to train.
@@ -67,7 +67,12 @@ pub struct Trainer<'r, B: AutodiffBackend, T: Task<B>> {
 
 impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
     /// Seeds burn, builds the model and adopts rank 0's parameters.
-    pub fn new(task: T, device: B::Device, ring: &'r mut Ring, options: TrainOptions) -> Result<Self, TrainError> {
+    pub fn new(
+        task: T,
+        device: B::Device,
+        ring: &'r mut Ring,
+        options: TrainOptions,
+    ) -> Result<Self, TrainError> {
         if options.global_batch < ring.world() {
             return Err(TrainError::Config(format!(
                 "global batch {} is smaller than the {} workers",
@@ -76,12 +81,15 @@ impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
             )));
         }
         B::seed(&device, options.seed);
-        let model = task.model(&device);
-        let mut flat = params::flatten(&model);
+        let mut model = task.model(&device);
         let started = Instant::now();
-        ring.broadcast(&mut flat, 0)?;
+        // One worker has no one to agree with: its own initial model is the global one.
+        if ring.world() > 1 {
+            let mut flat = params::flatten(&model);
+            ring.broadcast(&mut flat, 0)?;
+            model = params::load(model, &flat);
+        }
         let comm = started.elapsed();
-        let model = params::load(model, &flat);
         Ok(Trainer {
             task,
             model: Some(model),
@@ -111,8 +119,8 @@ impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
         let model = self.model.take().expect("model is present between steps");
         let batch = self.task.train_batch(indices, &self.device);
         let loss = self.task.loss(&model, batch);
-        let local_loss = loss.clone().into_scalar().elem::<f32>();
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let local_loss = loss.into_scalar().elem::<f32>();
         let weight = indices.len() as f32 / self.options.global_batch as f32;
         let (mut flat, layout) = params::take_grads::<B, _>(&model, &mut grads, weight);
         flat.push(local_loss * weight);
@@ -181,11 +189,14 @@ impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
         let started = Instant::now();
         let mut history = Vec::new();
         let mut last_event = Instant::now() - o.event_interval;
-        let (mut window_start, mut window_samples) = (Instant::now(), 0usize);
+        let (mut window_start, mut window_samples): (Instant, usize);
         let mut last_eval = None;
+        let mut losses = Vec::with_capacity(steps * o.epochs);
         for epoch in 0..o.epochs {
             let order = shard::epoch_order(&my_shard, o.seed, epoch, rank);
             let mut loss_sum = 0.0f64;
+            // The rate shown is training speed: evaluation time stays out of it.
+            (window_start, window_samples) = (Instant::now(), 0);
             for step in 0..steps {
                 let loss = self.step(&order[step * local..(step + 1) * local])?;
                 if !loss.is_finite() {
@@ -194,9 +205,11 @@ impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
                     )));
                 }
                 loss_sum += loss as f64;
+                losses.push(loss);
                 window_samples += local;
                 if last_event.elapsed() >= o.event_interval || step + 1 == steps {
-                    let rate = window_samples as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
+                    let rate =
+                        window_samples as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
                     on_event(Event::Step {
                         epoch,
                         step,
@@ -244,6 +257,7 @@ impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
             wall_secs: wall,
             history,
             per_worker,
+            loss_curve: downsample(&losses, LOSS_CURVE_POINTS),
         })
     }
 
@@ -313,14 +327,18 @@ mod tests {
     }
 
     fn ring_of(world: usize) -> Vec<Ring> {
-        let listeners: Vec<_> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let listeners: Vec<_> = (0..world)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
         let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
         let handles: Vec<_> = listeners
             .into_iter()
             .enumerate()
             .map(|(rank, l)| {
                 let addrs = addrs.clone();
-                thread::spawn(move || Ring::form(RingConfig::new(rank, world, "t", "k"), l, &addrs).unwrap())
+                thread::spawn(move || {
+                    Ring::form(RingConfig::new(rank, world, "t", "k"), l, &addrs).unwrap()
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -330,10 +348,15 @@ mod tests {
     /// initialising at once would otherwise draw interleaved numbers.
     fn cnn_task(optimizer: Optimizer) -> ImageTask<B, hetero_models::Cnn<B>> {
         static INITIAL: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
-        let initial = INITIAL.get_or_init(|| params::flatten(&CnnConfig::new().init::<B>(&Default::default())));
-        ImageTask::new(synthetic(64, 1), synthetic(20, 2), optimizer, 1e-2, move |d| {
-            params::load(CnnConfig::new().init(d), initial)
-        })
+        let initial = INITIAL
+            .get_or_init(|| params::flatten(&CnnConfig::new().init::<B>(&Default::default())));
+        ImageTask::new(
+            synthetic(64, 1),
+            synthetic(20, 2),
+            optimizer,
+            1e-2,
+            move |d| params::load(CnnConfig::new().init(d), initial),
+        )
     }
 
     /// The batch-equivalence guarantee: two workers with B/2 each end where one
@@ -343,8 +366,13 @@ mod tests {
         for optimizer in [Optimizer::Sgd, Optimizer::Adam] {
             let batches: Vec<Vec<usize>> = (0..3).map(|s| (s * 8..s * 8 + 8).collect()).collect();
             let mut solo_ring = ring_of(1).pop().unwrap();
-            let mut solo =
-                Trainer::new(cnn_task(optimizer), Default::default(), &mut solo_ring, TrainOptions::new(1, 8, 5)).unwrap();
+            let mut solo = Trainer::new(
+                cnn_task(optimizer),
+                Default::default(),
+                &mut solo_ring,
+                TrainOptions::new(1, 8, 5),
+            )
+            .unwrap();
             for b in &batches {
                 solo.step(b).unwrap();
             }
@@ -374,13 +402,19 @@ mod tests {
                     .collect();
                 handles.into_iter().map(|h| h.join().unwrap()).collect()
             });
-            assert_eq!(results[0], results[1], "workers drifted apart ({optimizer:?})");
+            assert_eq!(
+                results[0], results[1],
+                "workers drifted apart ({optimizer:?})"
+            );
             let worst = expected
                 .iter()
                 .zip(&results[0])
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(worst < 1e-4, "{optimizer:?}: max parameter difference {worst}");
+            assert!(
+                worst < 1e-4,
+                "{optimizer:?}: max parameter difference {worst}"
+            );
             let initial = params::flatten(&cnn_task(optimizer).model(&Default::default()));
             assert_ne!(expected, initial, "training moved the parameters");
         }
@@ -389,29 +423,59 @@ mod tests {
     #[test]
     fn run_learns_and_reports() {
         let mut rings = ring_of(1);
-        let task = ImageTask::<B, _>::new(synthetic(400, 3), synthetic(100, 4), Optimizer::Adam, 1e-2, |d| {
-            MlpConfig::new().with_hidden(32).init(d)
-        });
+        let task = ImageTask::<B, _>::new(
+            synthetic(400, 3),
+            synthetic(100, 4),
+            Optimizer::Adam,
+            1e-2,
+            |d| MlpConfig::new().with_hidden(32).init(d),
+        );
         let mut events = Vec::new();
-        let summary = train(task, Default::default(), &mut rings[0], TrainOptions::new(3, 40, 1), &mut |e| {
-            events.push(e)
-        })
+        let summary = train(
+            task,
+            Default::default(),
+            &mut rings[0],
+            TrainOptions::new(3, 40, 1),
+            &mut |e| events.push(e),
+        )
         .unwrap();
-        assert!(summary.last_epoch_loss < summary.first_epoch_loss * 0.5, "{summary:?}");
+        assert!(
+            summary.last_epoch_loss < summary.first_epoch_loss * 0.5,
+            "{summary:?}"
+        );
         assert!(summary.test_accuracy.unwrap() > 0.5, "{summary:?}");
         assert_eq!(summary.per_worker[0].samples, 3 * 10 * 40);
-        assert_eq!(events.iter().filter(|e| matches!(e, Event::Epoch { .. })).count(), 3);
+        assert_eq!(
+            events
+                .iter()
+                .filter(|e| matches!(e, Event::Epoch { .. }))
+                .count(),
+            3
+        );
     }
 
     #[test]
     fn too_small_a_dataset_is_a_clear_error() {
         let mut rings = ring_of(1);
-        let task = ImageTask::<B, _>::new(synthetic(10, 3), synthetic(0, 4), Optimizer::Sgd, 1e-3, |d| {
-            MlpConfig::new().with_hidden(4).init(d)
-        });
-        let err = train(task, Default::default(), &mut rings[0], TrainOptions::new(1, 64, 1), &mut |_| {})
-            .err()
-            .unwrap();
-        assert!(err.to_string().contains("cannot fill one global batch"), "{err}");
+        let task = ImageTask::<B, _>::new(
+            synthetic(10, 3),
+            synthetic(0, 4),
+            Optimizer::Sgd,
+            1e-3,
+            |d| MlpConfig::new().with_hidden(4).init(d),
+        );
+        let err = train(
+            task,
+            Default::default(),
+            &mut rings[0],
+            TrainOptions::new(1, 64, 1),
+            &mut |_| {},
+        )
+        .err()
+        .unwrap();
+        assert!(
+            err.to_string().contains("cannot fill one global batch"),
+            "{err}"
+        );
     }
 }

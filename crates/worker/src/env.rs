@@ -38,15 +38,17 @@ fn var(name: &str) -> Result<String, WorkerError> {
 
 fn number(name: &str) -> Result<usize, WorkerError> {
     let v = var(name)?;
-    v.parse().map_err(|_| WorkerError::Setup(format!("{name}={v:?} is not a number")))
+    v.parse()
+        .map_err(|_| WorkerError::Setup(format!("{name}={v:?} is not a number")))
 }
 
 impl WorkerSetup {
     /// Reads the `HETERO_*` variables and the spec file they name.
     pub fn from_env() -> Result<WorkerSetup, WorkerError> {
         let spec_file = var(WorkerEnv::SPEC_FILE)?;
-        let text = std::fs::read_to_string(&spec_file)
-            .map_err(|e| WorkerError::Setup(format!("cannot read the job spec {spec_file}: {e}")))?;
+        let text = std::fs::read_to_string(&spec_file).map_err(|e| {
+            WorkerError::Setup(format!("cannot read the job spec {spec_file}: {e}"))
+        })?;
         let spec = JobSpec::from_json(&text).map_err(|e| WorkerError::Setup(e.to_string()))?;
         let setup = WorkerSetup {
             coordinator: var(WorkerEnv::COORDINATOR)?,
@@ -59,7 +61,10 @@ impl WorkerSetup {
             data_host: std::env::var(WorkerEnv::DATA_HOST).unwrap_or_else(|_| "127.0.0.1".into()),
         };
         if setup.rank >= setup.world {
-            return Err(WorkerError::Setup(format!("rank {} outside a ring of {}", setup.rank, setup.world)));
+            return Err(WorkerError::Setup(format!(
+                "rank {} outside a ring of {}",
+                setup.rank, setup.world
+            )));
         }
         Ok(setup)
     }

@@ -7,7 +7,7 @@
 //! and prints progress as `@hetero-event` lines that the agent forwards.
 //!
 //! A user's program is three lines:
-//! ```ignore
+//! ```text
 //! fn main() -> std::process::ExitCode {
 //!     hetero_worker::run(|ctx, _device| MyTask::new(ctx))
 //! }
@@ -94,16 +94,31 @@ where
     );
     let task = make_task(&ctx, &device).map_err(WorkerError::Task)?;
 
-    let listener = TcpListener::bind((setup.data_host.as_str(), 0))
-        .map_err(|e| WorkerError::Setup(format!("cannot bind a data-plane port on {}: {e}", setup.data_host)))?;
-    let address = listener.local_addr().map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let listener = TcpListener::bind((setup.data_host.as_str(), 0)).map_err(|e| {
+        WorkerError::Setup(format!(
+            "cannot bind a data-plane port on {}: {e}",
+            setup.data_host
+        ))
+    })?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| WorkerError::Setup(e.to_string()))?;
     let peers = rendezvous::exchange(&setup, address)?;
-    let config = RingConfig::new(setup.rank, setup.world, setup.job_id.clone(), setup.token.clone());
+    let config = RingConfig::new(
+        setup.rank,
+        setup.world,
+        setup.job_id.clone(),
+        setup.token.clone(),
+    );
     let mut ring = Ring::form(config, listener, &peers)?;
     eprintln!("ring formed: {} worker(s)", setup.world);
 
     let spec = &setup.spec;
-    let mut options = TrainOptions::new(spec.training.epochs, spec.training.global_batch_size, spec.training.seed);
+    let mut options = TrainOptions::new(
+        spec.training.epochs,
+        spec.training.global_batch_size,
+        spec.training.seed,
+    );
     options.backend = backend_name.to_string();
     let summary = hetero_train::train(task, device, &mut ring, options, &mut |e| {
         // Epoch events are the same on every rank; rank 0 speaks for the job.
@@ -112,14 +127,27 @@ where
         }
     })?;
     if setup.rank == 0 {
-        std::fs::create_dir_all(&setup.output_dir)
+        let dir = &setup.output_dir;
+        let title = format!(
+            "{}: training loss ({} workers)",
+            setup.spec.name, setup.world
+        );
+        std::fs::create_dir_all(dir)
             .and_then(|_| {
                 std::fs::write(
-                    setup.output_dir.join("summary.json"),
+                    dir.join("summary.json"),
                     serde_json::to_string_pretty(&summary).expect("summary serialises"),
                 )
             })
-            .map_err(|e| WorkerError::Setup(format!("cannot write {}/summary.json: {e}", setup.output_dir.display())))?;
+            .and_then(|_| {
+                std::fs::write(
+                    dir.join("loss.svg"),
+                    hetero_train::report::loss_curve_svg(&summary.loss_curve, &title),
+                )
+            })
+            .map_err(|e| {
+                WorkerError::Setup(format!("cannot write results into {}: {e}", dir.display()))
+            })?;
         emit(&Event::Done {
             summary: Box::new(summary),
         });

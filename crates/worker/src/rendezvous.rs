@@ -37,7 +37,10 @@ pub fn exchange(setup: &WorkerSetup, address: SocketAddr) -> Result<Vec<SocketAd
                 return resp
                     .addresses
                     .iter()
-                    .map(|a| a.parse().map_err(|_| WorkerError::Rendezvous(format!("bad peer address {a:?}"))))
+                    .map(|a| {
+                        a.parse()
+                            .map_err(|_| WorkerError::Rendezvous(format!("bad peer address {a:?}")))
+                    })
                     .collect();
             }
             if started.elapsed() > RENDEZVOUS_TIMEOUT {

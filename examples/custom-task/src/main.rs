@@ -75,14 +75,23 @@ pub struct MyTask<B: AutodiffBackend> {
 impl<B: AutodiffBackend> MyTask<B> {
     fn new(ctx: &TaskContext) -> Result<Self, String> {
         let spec = &ctx.spec;
-        let params = spec.task.as_ref().map(|t| t.params.clone()).unwrap_or_default();
+        let params = spec
+            .task
+            .as_ref()
+            .map(|t| t.params.clone())
+            .unwrap_or_default();
         let hidden = params.get("hidden").and_then(|v| v.as_u64()).unwrap_or(128) as usize;
-        let dropout = params.get("dropout").and_then(|v| v.as_f64()).unwrap_or(0.1);
+        let dropout = params
+            .get("dropout")
+            .and_then(|v| v.as_f64())
+            .unwrap_or(0.1);
         if !(0.0..1.0).contains(&dropout) {
             return Err(format!("task.params.dropout = {dropout} must be in [0, 1)"));
         }
-        let mut train = ImageDataset::load(&spec.dataset.path, Split::Train).map_err(|e| e.to_string())?;
-        let mut test = ImageDataset::load(&spec.dataset.path, Split::Test).map_err(|e| e.to_string())?;
+        let mut train =
+            ImageDataset::load(&spec.dataset.path, Split::Train).map_err(|e| e.to_string())?;
+        let mut test =
+            ImageDataset::load(&spec.dataset.path, Split::Test).map_err(|e| e.to_string())?;
         if spec.dataset.train_limit > 0 {
             train.truncate(spec.dataset.train_limit);
         }
@@ -126,7 +135,9 @@ impl<B: AutodiffBackend> Task<B> for MyTask<B> {
 
     fn loss(&self, model: &DeepMlp<B>, batch: ImageBatch<B>) -> Tensor<B, 1> {
         let logits = model.forward(batch.images);
-        CrossEntropyLossConfig::new().init(&logits.device()).forward(logits, batch.labels)
+        CrossEntropyLossConfig::new()
+            .init(&logits.device())
+            .forward(logits, batch.labels)
     }
 
     fn evaluate(&self, model: &DeepMlp<B>, batch: ImageBatch<B>) -> Evaluation {
@@ -136,8 +147,18 @@ impl<B: AutodiffBackend> Task<B> for MyTask<B> {
         let labels = batch.labels.inner();
         let n = labels.dims()[0];
         let logits = model.forward(images);
-        let correct = logits.clone().argmax(1).flatten::<1>(0, 1).equal(labels.clone()).int().sum().into_scalar();
-        let loss = CrossEntropyLossConfig::new().init(&logits.device()).forward(logits, labels).into_scalar();
+        let correct = logits
+            .clone()
+            .argmax(1)
+            .flatten::<1>(0, 1)
+            .equal(labels.clone())
+            .int()
+            .sum()
+            .into_scalar();
+        let loss = CrossEntropyLossConfig::new()
+            .init(&logits.device())
+            .forward(logits, labels)
+            .into_scalar();
         Evaluation {
             loss_sum: loss.elem::<f64>() * n as f64,
             correct: correct.elem::<f64>(),
