@@ -5,7 +5,6 @@
 //! - `train`: one worker's training speed through the whole system (dispatch backend,
 //!   gradient flattening, allreduce path) against a plain burn loop of the same model.
 
-use std::net::TcpListener;
 use std::process::ExitCode;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -16,7 +15,7 @@ use burn::module::AutodiffModule;
 use burn::optim::{AdamConfig, GradientsParams, Optimizer};
 use burn::tensor::backend::AutodiffBackend;
 use clap::Subcommand;
-use hetero_comm::{Ring, RingConfig};
+use hetero_comm::Ring;
 use hetero_data::ImageDataset;
 use hetero_data::mnist::Split;
 use hetero_models::{Classifier, CnnConfig, MlpConfig};
@@ -67,31 +66,7 @@ pub fn run(command: BenchCommand) -> Result<ExitCode> {
 }
 
 fn rings(world: usize) -> Result<Vec<Ring>> {
-    let listeners: Vec<_> = (0..world)
-        .map(|_| TcpListener::bind("127.0.0.1:0"))
-        .collect::<Result<_, _>>()?;
-    let addrs: Vec<_> = listeners
-        .iter()
-        .map(|l| l.local_addr())
-        .collect::<Result<_, _>>()?;
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, l)| {
-            let addrs = addrs.clone();
-            thread::spawn(move || {
-                Ring::form(RingConfig::new(rank, world, "bench", "bench"), l, &addrs)
-            })
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| {
-            h.join()
-                .map_err(|_| anyhow::anyhow!("ring thread panicked"))?
-                .context("forming the ring")
-        })
-        .collect()
+    hetero_comm::ring::loopback(world, "bench", "bench").context("forming a loopback ring")
 }
 
 fn allreduce(worker_counts: &[usize], max_mib: usize) -> Result<()> {
@@ -122,10 +97,7 @@ fn allreduce(worker_counts: &[usize], max_mib: usize) -> Result<()> {
                         })
                     })
                     .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("bench thread"))
-                    .collect()
+                handles.into_iter().map(|h| h.join().expect("bench thread")).collect()
             });
             let t = times.into_iter().max().unwrap_or_default().as_secs_f64();
             let algbw = bytes as f64 / t / 1e9;
@@ -161,9 +133,7 @@ fn plain_loop<B: AutodiffBackend, M: AutodiffModule<B> + Classifier<B>>(
     let mut optim = AdamConfig::new().init::<B, M>();
     let loss_fn = burn::nn::loss::CrossEntropyLossConfig::new().init(device);
     let mut run = |model: M, step: usize| {
-        let idx: Vec<usize> = (0..batch)
-            .map(|i| (step * batch + i) % data.len())
-            .collect();
+        let idx: Vec<usize> = (0..batch).map(|i| (step * batch + i) % data.len()).collect();
         let b = image_batch::<B>(data, &idx, device);
         let loss = loss_fn.forward(model.forward(b.images), b.labels);
         let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -187,18 +157,11 @@ where
     F: Fn(&hetero_worker::SystemDevice) -> M + Send + 'static,
 {
     let (device, _) = hetero_worker::backend::device(hetero_job::Backend::Auto);
-    let task = ImageTask::new(
-        data.clone(),
-        data.clone(),
-        hetero_job::Optimizer::Adam,
-        1e-3,
-        init,
-    );
+    let task = ImageTask::new(data.clone(), data.clone(), hetero_job::Optimizer::Adam, 1e-3, init);
     let mut ring = rings(1)?.pop().expect("one ring");
     let mut trainer = Trainer::new(task, device, &mut ring, TrainOptions::new(1, batch, 1))?;
     let len = data.len();
-    let idx =
-        |step: usize| -> Vec<usize> { (0..batch).map(|i| (step * batch + i) % len).collect() };
+    let idx = |step: usize| -> Vec<usize> { (0..batch).map(|i| (step * batch + i) % len).collect() };
     for s in 0..3 {
         trainer.step(&idx(s))?;
     }
@@ -221,72 +184,38 @@ fn train(model: &str, steps: usize, batch: usize, dir: &std::path::Path) -> Resu
     let (dispatch_device, _) = hetero_worker::backend::device(hetero_job::Backend::Auto);
     type Dispatch = hetero_worker::SystemBackend;
     let (mut plain, mut plain_dispatch, mut system) = (Vec::new(), Vec::new(), Vec::new());
+    macro_rules! measure {
+        ($config:expr) => {{
+            plain.push(plain_loop::<Plain, _>(
+                $config.init(&device),
+                &data,
+                batch,
+                steps,
+                &device,
+            ));
+            plain_dispatch.push(plain_loop::<Dispatch, _>(
+                $config.init(&dispatch_device),
+                &data,
+                batch,
+                steps,
+                &dispatch_device,
+            ));
+            system.push(system_loop(|d| $config.init(d), &data, batch, steps)?);
+        }};
+    }
     for _ in 0..2 {
         match model {
-            "cnn" => {
-                plain.push(plain_loop::<Plain, _>(
-                    CnnConfig::new().init(&device),
-                    &data,
-                    batch,
-                    steps,
-                    &device,
-                ));
-                plain_dispatch.push(plain_loop::<Dispatch, _>(
-                    CnnConfig::new().init(&dispatch_device),
-                    &data,
-                    batch,
-                    steps,
-                    &dispatch_device,
-                ));
-                system.push(system_loop(
-                    |d| CnnConfig::new().init(d),
-                    &data,
-                    batch,
-                    steps,
-                )?);
-            }
-            "mlp" => {
-                plain.push(plain_loop::<Plain, _>(
-                    MlpConfig::new().init(&device),
-                    &data,
-                    batch,
-                    steps,
-                    &device,
-                ));
-                plain_dispatch.push(plain_loop::<Dispatch, _>(
-                    MlpConfig::new().init(&dispatch_device),
-                    &data,
-                    batch,
-                    steps,
-                    &dispatch_device,
-                ));
-                system.push(system_loop(
-                    |d| MlpConfig::new().init(d),
-                    &data,
-                    batch,
-                    steps,
-                )?);
-            }
+            "cnn" => measure!(CnnConfig::new()),
+            "mlp" => measure!(MlpConfig::new()),
             other => anyhow::bail!("unknown model {other:?}; choose cnn or mlp"),
         }
     }
     let best = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
     let (p, d, s) = (best(&plain), best(&plain_dispatch), best(&system));
     println!("{:<40} {:>12} {:>8}", "", "samples/s", "ratio");
-    println!(
-        "{:<40} {p:>12.0} {:>8.3}",
-        "plain burn loop (Autodiff<Flex>)", 1.0
-    );
-    println!(
-        "{:<40} {d:>12.0} {:>8.3}",
-        "plain burn loop (Dispatch/flex)",
-        d / p
-    );
-    println!(
-        "{:<40} {s:>12.0} {:>8.3}",
-        "hetero worker step (Dispatch/flex)",
-        s / p
-    );
+    println!("{:<40} {p:>12.0} {:>8.3}", "plain burn loop (Autodiff<Flex>)", 1.0);
+    println!("{:<40} {d:>12.0} {:>8.3}", "plain burn loop (Dispatch/flex)", d / p);
+    println!("{:<40} {s:>12.0} {:>8.3}", "hetero worker step (Dispatch/flex)", s / p);
     println!("system / plain loop: {:.3}", s / p);
     Ok(())
 }

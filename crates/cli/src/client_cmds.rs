@@ -16,9 +16,7 @@ use crate::{Connection, follow};
 
 fn with_client<T>(conn: &Connection, f: impl AsyncFnOnce(&mut Client) -> Result<T>) -> Result<T> {
     let token = resolve_token(conn)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
         let mut client = connect(&conn.coordinator, &token).await?;
         f(&mut client).await
@@ -63,12 +61,7 @@ fn fmt_time(ms: i64) -> String {
         return "-".into();
     }
     let secs = ms / 1000;
-    format!(
-        "{:02}:{:02}:{:02} UTC",
-        (secs / 3600) % 24,
-        (secs / 60) % 60,
-        secs % 60
-    )
+    format!("{:02}:{:02}:{:02} UTC", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
 }
 
 /// `hetero status [JOB]`.
@@ -94,10 +87,7 @@ pub fn status(conn: &Connection, job: Option<&str>) -> Result<ExitCode> {
                     "roles      task manager: the coordinator; {} compute worker(s) in one allreduce ring",
                     j.workers
                 );
-                println!(
-                    "{:>6}  {:<10} {:<22} {:<10} message",
-                    "rank", "node", "role", "state"
-                );
+                println!("{:>6}  {:<10} {:<22} {:<10} message", "rank", "node", "role", "state");
                 for t in &j.tasks {
                     let first_line = t.message.lines().next().unwrap_or("");
                     println!(
@@ -119,10 +109,7 @@ pub fn status(conn: &Connection, job: Option<&str>) -> Result<ExitCode> {
                     .map_err(status_error)?
                     .into_inner()
                     .jobs;
-                println!(
-                    "{:<12} {:<24} {:<10} {:>7}  message",
-                    "job", "name", "state", "workers"
-                );
+                println!("{:<12} {:<24} {:<10} {:>7}  message", "job", "name", "state", "workers");
                 for j in jobs {
                     println!(
                         "{:<12} {:<24} {:<10} {:>7}  {}",

@@ -48,21 +48,13 @@ pub fn run(command: DataCommand) -> Result<ExitCode> {
             }
             fetch_fashion_mnist(from.as_deref(), &to)?;
         }
-        DataCommand::Subset {
-            from,
-            to,
-            train,
-            test,
-        } => {
+        DataCommand::Subset { from, to, train, test } => {
             for (split, n) in [(Split::Train, train), (Split::Test, test)] {
                 let mut ds = ImageDataset::load(&from, split)?;
                 ds.truncate(n);
                 ds.save(&to, split)?;
             }
-            println!(
-                "wrote {train} training and {test} test images to {}",
-                to.display()
-            );
+            println!("wrote {train} training and {test} test images to {}", to.display());
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -105,41 +97,23 @@ pub fn fetch_fashion_mnist(from: Option<&Path>, to: &Path) -> Result<()> {
             );
         }
         copy_all(src, to)?;
-        println!(
-            "copied Fashion-MNIST from {} to {}",
-            src.display(),
-            to.display()
-        );
+        println!("copied Fashion-MNIST from {} to {}", src.display(), to.display());
         return Ok(());
     }
     let debian = Path::new(DEBIAN_FASHION_MNIST);
     if !is_complete(debian) && can_apt_install() {
-        println!(
-            "installing Debian's dataset-fashion-mnist package (apt-get install -y dataset-fashion-mnist)"
-        );
-        let ok = std::process::Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "--no-install-recommends",
-                "dataset-fashion-mnist",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !ok {
+        println!("installing Debian's dataset-fashion-mnist package (apt-get install -y dataset-fashion-mnist)");
+        let install = || {
+            std::process::Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends", "dataset-fashion-mnist"])
+                .env("DEBIAN_FRONTEND", "noninteractive")
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !install() {
             println!("apt-get install failed; trying once more after apt-get update");
             let _ = std::process::Command::new("apt-get").arg("update").status();
-            let _ = std::process::Command::new("apt-get")
-                .args([
-                    "install",
-                    "-y",
-                    "--no-install-recommends",
-                    "dataset-fashion-mnist",
-                ])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .status();
+            install();
         }
     }
     if !is_complete(debian) {
@@ -151,10 +125,7 @@ pub fn fetch_fashion_mnist(from: Option<&Path>, to: &Path) -> Result<()> {
         );
     }
     copy_all(debian, to)?;
-    println!(
-        "copied Fashion-MNIST from {DEBIAN_FASHION_MNIST} to {}",
-        to.display()
-    );
+    println!("copied Fashion-MNIST from {DEBIAN_FASHION_MNIST} to {}", to.display());
     Ok(())
 }
 

@@ -54,29 +54,20 @@ impl Display {
         let bar = self.bars.entry(rank).or_insert_with(|| {
             let bar = self.multi.add(ProgressBar::new(total));
             bar.set_style(
-                ProgressStyle::with_template(
-                    "{prefix:>9} [{bar:30.cyan/blue}] {pos}/{len} steps  {msg}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
+                ProgressStyle::with_template("{prefix:>9} [{bar:30.cyan/blue}] {pos}/{len} steps  {msg}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
             );
             bar.set_prefix(format!("worker {rank}"));
             bar
         });
         bar.set_length(total);
         bar.set_position((epoch * steps + step + 1) as u64);
-        let msg = format!(
-            "epoch {}/{epochs}  loss {loss:.4}  {rate:.0} samples/s",
-            epoch + 1
-        );
+        let msg = format!("epoch {}/{epochs}  loss {loss:.4}  {rate:.0} samples/s", epoch + 1);
         bar.set_message(msg.clone());
         if !self.tty && rank == 0 && self.last_plain.elapsed() > Duration::from_secs(5) {
             self.last_plain = Instant::now();
-            println!(
-                "worker 0: step {}/{}  {msg}",
-                epoch * steps + step + 1,
-                total
-            );
+            println!("worker 0: step {}/{}  {msg}", epoch * steps + step + 1, total);
         }
     }
 
@@ -90,9 +81,7 @@ impl Display {
 /// Follows `job_id`'s log until the job ends; returns its final information.
 pub async fn follow_job(client: &mut Client, job_id: &str, show_logs: bool) -> Result<pb::JobInfo> {
     let info = client
-        .get_job(pb::GetJobRequest {
-            job_id: job_id.into(),
-        })
+        .get_job(pb::GetJobRequest { job_id: job_id.into() })
         .await
         .with_context(|| format!("looking up {job_id}"))?
         .into_inner();
@@ -116,15 +105,10 @@ pub async fn follow_job(client: &mut Client, job_id: &str, show_logs: bool) -> R
                     show(&mut display, &entry, show_logs);
                 }
             }
-            Err(s) => display.line(format!(
-                "(log stream interrupted: {}; retrying)",
-                s.message()
-            )),
+            Err(s) => display.line(format!("(log stream interrupted: {}; retrying)", s.message())),
         }
         let info = client
-            .get_job(pb::GetJobRequest {
-                job_id: job_id.into(),
-            })
+            .get_job(pb::GetJobRequest { job_id: job_id.into() })
             .await?
             .into_inner();
         if matches!(
@@ -186,16 +170,9 @@ pub fn print_outcome(info: &pb::JobInfo) -> bool {
     );
     if let Ok(summary) = serde_json::from_str::<RunSummary>(&info.summary_json) {
         print_summary(&summary);
-        println!(
-            "summary: {0}/summary.json   loss curve: {0}/loss.svg",
-            info.output_dir
-        );
+        println!("summary: {0}/summary.json   loss curve: {0}/loss.svg", info.output_dir);
     }
-    for t in info
-        .tasks
-        .iter()
-        .filter(|t| t.state == pb::TaskState::Failed as i32)
-    {
+    for t in info.tasks.iter().filter(|t| t.state == pb::TaskState::Failed as i32) {
         println!("worker rank {} on {}: {}", t.rank, t.agent_id, t.message);
     }
     info.state == pb::JobState::Succeeded as i32
@@ -206,18 +183,12 @@ pub fn print_summary(s: &RunSummary) {
     if let Some(acc) = s.test_accuracy {
         println!("  test accuracy   {:.2} %", acc * 100.0);
     }
-    println!(
-        "  train loss      {:.4} → {:.4}",
-        s.first_epoch_loss, s.last_epoch_loss
-    );
+    println!("  train loss      {:.4} → {:.4}", s.first_epoch_loss, s.last_epoch_loss);
     println!(
         "  throughput      {:.0} samples/s over {} worker(s) on {}",
         s.samples_per_sec, s.workers, s.backend
     );
-    println!(
-        "  wall time       {:.1} s for {} epoch(s)",
-        s.wall_secs, s.epochs
-    );
+    println!("  wall time       {:.1} s for {} epoch(s)", s.wall_secs, s.epochs);
     println!(
         "  {:>6} {:>10} {:>10} {:>10} {:>11}",
         "worker", "samples", "compute s", "comm s", "samples/s"

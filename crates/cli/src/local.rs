@@ -14,8 +14,7 @@ use crate::{data_cmd, follow};
 
 /// The spec's text with `cluster.workers` replaced, when asked.
 pub fn spec_text(path: &Path, workers: Option<usize>) -> Result<String> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     let Some(w) = workers else { return Ok(text) };
     let mut table: toml::Table = text
         .parse()
@@ -43,8 +42,7 @@ pub fn run(spec_path: &Path, workers: Option<usize>) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let cluster =
-            LocalCluster::start(spec.cluster.workers as u32, std::env::current_exe()?).await?;
+        let cluster = LocalCluster::start(spec.cluster.workers as u32, std::env::current_exe()?).await?;
         println!(
             "local cluster: coordinator on {}, one agent, {} worker process(es)",
             cluster.address, spec.cluster.workers
@@ -66,10 +64,6 @@ pub fn run(spec_path: &Path, workers: Option<usize>) -> Result<ExitCode> {
         let info = follow::follow_job(&mut client, &job_id, true).await?;
         let ok = follow::print_outcome(&info);
         cluster.shutdown().await;
-        Ok(if ok {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        })
+        Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
     })
 }

@@ -27,12 +27,7 @@ struct Cli {
 #[derive(clap::Args, Clone)]
 pub struct Connection {
     /// Coordinator address (host:port).
-    #[arg(
-        long,
-        env = "HETERO_COORDINATOR",
-        default_value = "127.0.0.1:7070",
-        global = true
-    )]
+    #[arg(long, env = "HETERO_COORDINATOR", default_value = "127.0.0.1:7070", global = true)]
     coordinator: String,
     /// Cluster token (default: read from <data-dir>/token, as written by `hetero coordinator`).
     #[arg(long, env = "HETERO_TOKEN", global = true, hide_env_values = true)]
@@ -147,10 +142,7 @@ fn main() -> ExitCode {
         };
     }
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("HETERO_LOG")
-                .unwrap_or_else(|_| "warn".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("HETERO_LOG").unwrap_or_else(|_| "warn".into()))
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {

@@ -33,20 +33,12 @@ pub fn resolve_token(conn: &Connection) -> Result<String> {
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 /// Runs the coordinator until Ctrl-C.
-pub fn coordinator(
-    listen: &str,
-    data_dir: &Path,
-    token: Option<String>,
-    dead_after: u64,
-) -> Result<ExitCode> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("creating {}", data_dir.display()))?;
+pub fn coordinator(listen: &str, data_dir: &Path, token: Option<String>, dead_after: u64) -> Result<ExitCode> {
+    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let token = match token.or_else(|| read_token_file(data_dir)) {
         Some(t) => t,
         None => {
@@ -69,10 +61,7 @@ pub fn coordinator(
             .await
             .with_context(|| format!("binding {listen}"))?;
         println!("coordinator listening on {}", listener.local_addr()?);
-        println!(
-            "cluster token: {token}  (also in {}/token)",
-            data_dir.display()
-        );
+        println!("cluster token: {token}  (also in {}/token)", data_dir.display());
         coordinator
             .serve(listener, async {
                 let _ = tokio::signal::ctrl_c().await;
@@ -83,12 +72,7 @@ pub fn coordinator(
 }
 
 /// Runs an agent until Ctrl-C.
-pub fn agent(
-    conn: &Connection,
-    slots: Option<u32>,
-    data_host: &str,
-    work_dir: &Path,
-) -> Result<ExitCode> {
+pub fn agent(conn: &Connection, slots: Option<u32>, data_host: &str, work_dir: &Path) -> Result<ExitCode> {
     let token = resolve_token(conn)?;
     let cores = std::thread::available_parallelism()
         .map(|n| n.get() as u32)

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 fn hetero() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_hetero"));
-    c.env_remove("HETERO_TOKEN")
-        .env_remove("HETERO_COORDINATOR");
+    c.env_remove("HETERO_TOKEN").env_remove("HETERO_COORDINATOR");
     c
 }
 
@@ -46,24 +45,16 @@ fn local_cluster_trains_the_cnn_across_three_processes() {
     assert!(out.status.success(), "{log}");
     assert!(log.contains("epoch 2/2"), "{log}");
     let summary_path = dir.path().join("runs/job-000001/summary.json");
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap()).unwrap();
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap()).unwrap();
     assert_eq!(summary["workers"], 3);
     // Chance is ln(10) ≈ 2.30; the last epoch must be far below it and below the first.
     let first = summary["first_epoch_loss"].as_f64().unwrap();
     let last = summary["last_epoch_loss"].as_f64().unwrap();
     assert!(last < first && last < 0.75, "loss {first} → {last}\n{log}");
-    assert!(
-        summary["test_accuracy"].as_f64().unwrap() > 0.7,
-        "{summary}"
-    );
+    assert!(summary["test_accuracy"].as_f64().unwrap() > 0.7, "{summary}");
     let per_worker = summary["per_worker"].as_array().unwrap();
     assert_eq!(per_worker.len(), 3);
-    assert!(
-        per_worker
-            .iter()
-            .all(|w| w["samples"] == per_worker[0]["samples"])
-    );
+    assert!(per_worker.iter().all(|w| w["samples"] == per_worker[0]["samples"]));
     let curve = summary["loss_curve"].as_array().unwrap();
     assert!(curve.len() > 10);
     let svg = std::fs::read_to_string(dir.path().join("runs/job-000001/loss.svg")).unwrap();
@@ -73,10 +64,7 @@ fn local_cluster_trains_the_cnn_across_three_processes() {
 #[test]
 fn bad_spec_names_the_key_and_runs_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(
-        dir.path(),
-        "[model]\nkind = \"resnet\"\n[dataset]\npath = \"x\"\n",
-    );
+    let spec = write_spec(dir.path(), "[model]\nkind = \"resnet\"\n[dataset]\npath = \"x\"\n");
     let out = hetero().arg("local").arg(&spec).output().unwrap();
     assert!(!out.status.success());
     let log = text(&out);
@@ -111,10 +99,7 @@ fn truncated_dataset_fails_the_job_with_a_clear_message() {
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
     assert!(log.contains("failed"), "{log}");
-    assert!(
-        log.contains("train-images-idx3-ubyte.gz is not a valid IDX"),
-        "{log}"
-    );
+    assert!(log.contains("train-images-idx3-ubyte.gz is not a valid IDX"), "{log}");
 }
 
 fn free_port() -> u16 {
@@ -135,12 +120,7 @@ impl Drop for Killed {
 
 fn start_coordinator(port: u16, data_dir: &Path) -> Killed {
     let child = hetero()
-        .args([
-            "coordinator",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--data-dir",
-        ])
+        .args(["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
         .arg(data_dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -148,10 +128,7 @@ fn start_coordinator(port: u16, data_dir: &Path) -> Killed {
         .unwrap();
     let started = Instant::now();
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "coordinator did not start"
-        );
+        assert!(started.elapsed() < Duration::from_secs(20), "coordinator did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
     Killed(child)
@@ -202,10 +179,7 @@ fn a_coordinator_killed_and_restarted_still_lists_its_jobs() {
             assert!(text(&out).contains("cpu"), "{}", text(&out));
             break;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "agent never registered"
-        );
+        assert!(started.elapsed() < Duration::from_secs(20), "agent never registered");
         std::thread::sleep(Duration::from_millis(100));
     }
 
@@ -227,10 +201,7 @@ fn a_coordinator_killed_and_restarted_still_lists_its_jobs() {
     assert!(!out.status.success());
     assert!(text(&out).contains("wrong cluster token"), "{}", text(&out));
 
-    let out = client("cancel", port, &state)
-        .arg(&job_id)
-        .output()
-        .unwrap();
+    let out = client("cancel", port, &state).arg(&job_id).output().unwrap();
     assert!(text(&out).contains("cancelled"), "{}", text(&out));
 }
 
@@ -253,15 +224,7 @@ fn every_source_file_says_what_it_is_for() {
     walk(&root.join("examples"), &mut files);
     let missing: Vec<_> = files
         .iter()
-        .filter(|f| {
-            !std::fs::read_to_string(f)
-                .unwrap()
-                .trim_start()
-                .starts_with("//!")
-        })
+        .filter(|f| !std::fs::read_to_string(f).unwrap().trim_start().starts_with("//!"))
         .collect();
-    assert!(
-        missing.is_empty(),
-        "files without a //! header: {missing:?}"
-    );
+    assert!(missing.is_empty(), "files without a //! header: {missing:?}");
 }

@@ -92,10 +92,7 @@ struct Running {
 type Tasks = Arc<Mutex<HashMap<String, Running>>>;
 
 /// Runs the agent until `shutdown` becomes true; its workers are killed then.
-pub async fn run(
-    config: AgentConfig,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), ClusterError> {
+pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), ClusterError> {
     let tasks: Tasks = Arc::default();
     let mut client: Option<Client> = None;
     let mut agent_id = String::new();
@@ -130,8 +127,7 @@ pub async fn run(
                         warned = false;
                     }
                     Err(s)
-                        if s.code() == tonic::Code::Unauthenticated
-                            || s.code() == tonic::Code::FailedPrecondition =>
+                        if s.code() == tonic::Code::Unauthenticated || s.code() == tonic::Code::FailedPrecondition =>
                     {
                         return Err(ClusterError::rpc("registering with the coordinator", s));
                     }
@@ -198,13 +194,7 @@ pub async fn run(
 
 /// Registers the task as running (synchronously, so the next heartbeat lists it)
 /// and starts its supervising tokio task.
-fn start_worker(
-    config: &AgentConfig,
-    agent_id: &str,
-    client: Client,
-    tasks: &Tasks,
-    a: pb::TaskAssignment,
-) {
+fn start_worker(config: &AgentConfig, agent_id: &str, client: Client, tasks: &Tasks, a: pb::TaskAssignment) {
     let (cancel_tx, cancel_rx) = oneshot::channel();
     tasks.lock().unwrap_or_else(|p| p.into_inner()).insert(
         a.task_id.clone(),
@@ -219,21 +209,12 @@ fn start_worker(
         let task_id = a.task_id.clone();
         let (state, message) = supervise(&config, &agent_id, client.clone(), &a, cancel_rx).await;
         report_final(client, &agent_id, &task_id, state, message).await;
-        tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&task_id);
+        tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(&task_id);
     });
 }
 
 /// Retries the final report until the coordinator takes it (it may be restarting).
-async fn report_final(
-    mut client: Client,
-    agent_id: &str,
-    task_id: &str,
-    state: TaskState,
-    message: String,
-) {
+async fn report_final(mut client: Client, agent_id: &str, task_id: &str, state: TaskState, message: String) {
     let req = pb::ReportTaskRequest {
         agent_id: agent_id.to_string(),
         task_id: task_id.to_string(),
@@ -290,18 +271,10 @@ async fn supervise(
     a: &pb::TaskAssignment,
     mut cancel: oneshot::Receiver<()>,
 ) -> (TaskState, String) {
-    let dir = config
-        .work_dir
-        .join(&a.job_id)
-        .join(format!("rank-{}", a.rank));
+    let dir = config.work_dir.join(&a.job_id).join(format!("rank-{}", a.rank));
     let spec_file = dir.join("spec.json");
-    if let Err(e) =
-        std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&spec_file, &a.spec_json))
-    {
-        return (
-            TaskState::Failed,
-            format!("cannot write {}: {e}", spec_file.display()),
-        );
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&spec_file, &a.spec_json)) {
+        return (TaskState::Failed, format!("cannot write {}: {e}", spec_file.display()));
     }
     let mut child = match worker_command(config, a, &spec_file).spawn() {
         Ok(c) => c,
@@ -311,10 +284,7 @@ async fn supervise(
             } else {
                 a.program.clone()
             };
-            return (
-                TaskState::Failed,
-                format!("cannot start worker program {program}: {e}"),
-            );
+            return (TaskState::Failed, format!("cannot start worker program {program}: {e}"));
         }
     };
     let (line_tx, mut line_rx) = mpsc::channel::<String>(1024);
@@ -378,15 +348,9 @@ async fn supervise(
                 _ => "ended abnormally".into(),
             };
             let tail: Vec<String> = tail.into_iter().collect();
-            (
-                TaskState::Failed,
-                format!("{how}; last lines:\n{}", tail.join("\n")),
-            )
+            (TaskState::Failed, format!("{how}; last lines:\n{}", tail.join("\n")))
         }
-        Err(e) => (
-            TaskState::Failed,
-            format!("lost track of the worker process: {e}"),
-        ),
+        Err(e) => (TaskState::Failed, format!("lost track of the worker process: {e}")),
     }
 }
 

@@ -28,9 +28,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
-use crate::records::{
-    GroupRecord, JobRecord, JobState, NodeRecord, TaskRecord, TaskState, task_state_from_wire,
-};
+use crate::records::{GroupRecord, JobRecord, JobState, NodeRecord, TaskRecord, TaskState, task_state_from_wire};
 use crate::scheduler::{self, Capacity};
 use crate::store::{LogRecord, Store};
 use crate::{ClusterError, now_ms};
@@ -87,9 +85,7 @@ pub struct Coordinator {
 }
 
 fn job_number(id: &str) -> u64 {
-    id.strip_prefix("job-")
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+    id.strip_prefix("job-").and_then(|n| n.parse().ok()).unwrap_or(0)
 }
 
 fn store_status(e: ClusterError) -> Status {
@@ -134,10 +130,7 @@ impl Coordinator {
 
     /// The tonic service, behind the token check.
     pub fn service(&self) -> InterceptedService<CoordinatorServer<Coordinator>, CheckToken> {
-        CoordinatorServer::with_interceptor(
-            self.clone(),
-            CheckToken::new(self.inner.config.token.clone()),
-        )
+        CoordinatorServer::with_interceptor(self.clone(), CheckToken::new(self.inner.config.token.clone()))
     }
 
     /// Serves gRPC on `listener` and runs the node monitor until `shutdown` resolves.
@@ -237,12 +230,7 @@ impl Coordinator {
             let msg = format!("worker rank {} failed: {}", failed.rank, failed.message);
             self.finish_job(st, job_id, JobState::Failed, msg);
         } else if job.tasks.iter().all(|t| t.state == TaskState::Succeeded) {
-            self.finish_job(
-                st,
-                job_id,
-                JobState::Succeeded,
-                "all workers finished".into(),
-            );
+            self.finish_job(st, job_id, JobState::Succeeded, "all workers finished".into());
         }
     }
 
@@ -261,12 +249,7 @@ impl Coordinator {
             .collect();
         for job_id in queued {
             let mut busy: HashMap<&str, u32> = HashMap::new();
-            for t in st
-                .jobs
-                .values()
-                .flat_map(|j| &j.tasks)
-                .filter(|t| !t.state.is_final())
-            {
+            for t in st.jobs.values().flat_map(|j| &j.tasks).filter(|t| !t.state.is_final()) {
                 *busy.entry(t.agent_id.as_str()).or_default() += 1;
             }
             let capacity: Vec<Capacity> = st
@@ -323,8 +306,7 @@ impl Coordinator {
             job.started_ms = now;
             job.message = "placed".into();
             let saved = job.clone();
-            st.rendezvous
-                .insert(job_id.clone(), vec![None; saved.workers as usize]);
+            st.rendezvous.insert(job_id.clone(), vec![None; saved.workers as usize]);
             self.save_job(&saved);
             self.append_log(
                 st,
@@ -350,11 +332,7 @@ impl Coordinator {
             return;
         }
         let mut touched = Vec::new();
-        for job in st
-            .jobs
-            .values_mut()
-            .filter(|j| j.state == JobState::Running)
-        {
+        for job in st.jobs.values_mut().filter(|j| j.state == JobState::Running) {
             for t in job
                 .tasks
                 .iter_mut()
@@ -406,8 +384,7 @@ impl Coordinator {
                     });
                 } else if !running_there {
                     t.state = TaskState::Failed;
-                    t.message =
-                        format!("agent {agent_id} no longer runs this worker (agent restarted?)");
+                    t.message = format!("agent {agent_id} no longer runs this worker (agent restarted?)");
                     dirty = true;
                 } else if t.state == TaskState::Pending {
                     t.state = TaskState::Running;
@@ -461,11 +438,7 @@ impl CoordinatorRpc for Coordinator {
                 "an agent must offer at least one resource group",
             ));
         }
-        if let Some(g) = req
-            .groups
-            .iter()
-            .find(|g| g.kind.is_empty() || g.worker_slots == 0)
-        {
+        if let Some(g) = req.groups.iter().find(|g| g.kind.is_empty() || g.worker_slots == 0) {
             return Err(Status::invalid_argument(format!(
                 "resource group {:?} needs a kind and at least one worker slot",
                 g.kind
@@ -494,10 +467,7 @@ impl CoordinatorRpc for Coordinator {
         }))
     }
 
-    async fn heartbeat(
-        &self,
-        req: Request<pb::HeartbeatRequest>,
-    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = req.into_inner();
         let mut st = self.lock();
         let Some(node) = st.nodes.get_mut(&req.agent_id) else {
@@ -582,10 +552,7 @@ impl CoordinatorRpc for Coordinator {
             None => return Err(Status::not_found(format!("no job {}", req.job_id))),
             Some(JobState::Running) => {}
             Some(s) => {
-                return Err(Status::failed_precondition(format!(
-                    "job {} is {s:?}",
-                    req.job_id
-                )));
+                return Err(Status::failed_precondition(format!("job {} is {s:?}", req.job_id)));
             }
         }
         let slots = st.rendezvous.entry(req.job_id.clone()).or_default();
@@ -611,13 +578,9 @@ impl CoordinatorRpc for Coordinator {
         Ok(Response::new(pb::RendezvousResponse { ready, addresses }))
     }
 
-    async fn submit_job(
-        &self,
-        req: Request<pb::SubmitJobRequest>,
-    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+    async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let req = req.into_inner();
-        let mut spec =
-            JobSpec::parse(&req.spec_toml).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut spec = JobSpec::parse(&req.spec_toml).map_err(|e| Status::invalid_argument(e.to_string()))?;
         if !req.base_dir.is_empty() {
             spec.resolve_paths(Path::new(&req.base_dir));
         }
@@ -654,10 +617,7 @@ impl CoordinatorRpc for Coordinator {
         Ok(Response::new(pb::SubmitJobResponse { job_id }))
     }
 
-    async fn get_job(
-        &self,
-        req: Request<pb::GetJobRequest>,
-    ) -> Result<Response<pb::JobInfo>, Status> {
+    async fn get_job(&self, req: Request<pb::GetJobRequest>) -> Result<Response<pb::JobInfo>, Status> {
         let id = req.into_inner().job_id;
         let st = self.lock();
         st.jobs
@@ -666,10 +626,7 @@ impl CoordinatorRpc for Coordinator {
             .ok_or_else(|| Status::not_found(format!("no job {id}")))
     }
 
-    async fn list_jobs(
-        &self,
-        _req: Request<pb::ListJobsRequest>,
-    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+    async fn list_jobs(&self, _req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
         let st = self.lock();
         Ok(Response::new(pb::ListJobsResponse {
             jobs: st.jobs.values().map(pb::JobInfo::from).collect(),
@@ -678,10 +635,7 @@ impl CoordinatorRpc for Coordinator {
 
     type StreamLogsStream = LogStream;
 
-    async fn stream_logs(
-        &self,
-        req: Request<pb::StreamLogsRequest>,
-    ) -> Result<Response<LogStream>, Status> {
+    async fn stream_logs(&self, req: Request<pb::StreamLogsRequest>) -> Result<Response<LogStream>, Status> {
         let req = req.into_inner();
         if !self.lock().jobs.contains_key(&req.job_id) {
             return Err(Status::not_found(format!("no job {}", req.job_id)));
@@ -694,11 +648,7 @@ impl CoordinatorRpc for Coordinator {
             loop {
                 // Read the job's state *before* its logs: a job seen final here has
                 // all of its lines stored, so the last read below gets them all.
-                let ended = me
-                    .lock()
-                    .jobs
-                    .get(&req.job_id)
-                    .is_none_or(|j| j.state.is_final());
+                let ended = me.lock().jobs.get(&req.job_id).is_none_or(|j| j.state.is_final());
                 loop {
                     let lines = match me.inner.store.logs(&req.job_id, after, 500) {
                         Ok(l) => l,
@@ -730,22 +680,14 @@ impl CoordinatorRpc for Coordinator {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn cancel_job(
-        &self,
-        req: Request<pb::CancelJobRequest>,
-    ) -> Result<Response<pb::CancelJobResponse>, Status> {
+    async fn cancel_job(&self, req: Request<pb::CancelJobRequest>) -> Result<Response<pb::CancelJobResponse>, Status> {
         let id = req.into_inner().job_id;
         let mut st = self.lock();
         let Some(job) = st.jobs.get(&id) else {
             return Err(Status::not_found(format!("no job {id}")));
         };
         if !job.state.is_final() {
-            self.finish_job(
-                &mut st,
-                &id,
-                JobState::Cancelled,
-                "cancelled by the user".into(),
-            );
+            self.finish_job(&mut st, &id, JobState::Cancelled, "cancelled by the user".into());
             self.schedule(&mut st);
         }
         let state = st.jobs[&id].state;
@@ -754,10 +696,7 @@ impl CoordinatorRpc for Coordinator {
         }))
     }
 
-    async fn list_nodes(
-        &self,
-        _req: Request<pb::ListNodesRequest>,
-    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
         let st = self.lock();
         let now = now_ms();
         let interval = self.inner.config.heartbeat_interval.as_millis() as i64;

@@ -28,13 +28,9 @@ impl LocalCluster {
     /// Starts a coordinator and one agent with `slots` worker slots whose built-in
     /// workers run `worker_program worker`.
     pub async fn start(slots: u32, worker_program: PathBuf) -> Result<LocalCluster, ClusterError> {
-        let scratch = tempfile::tempdir()
-            .map_err(|e| ClusterError::io("creating the cluster's folder", e))?;
+        let scratch = tempfile::tempdir().map_err(|e| ClusterError::io("creating the cluster's folder", e))?;
         let token = crate::new_token();
-        let coordinator = Coordinator::open(CoordinatorConfig::new(
-            scratch.path().join("coordinator.redb"),
-            &token,
-        ))?;
+        let coordinator = Coordinator::open(CoordinatorConfig::new(scratch.path().join("coordinator.redb"), &token))?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| ClusterError::io("binding a loopback port", e))?;

@@ -22,10 +22,7 @@ pub enum JobState {
 impl JobState {
     /// Whether the job has ended.
     pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            JobState::Succeeded | JobState::Failed | JobState::Cancelled
-        )
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
     }
 }
 
@@ -47,10 +44,7 @@ pub enum TaskState {
 impl TaskState {
     /// Whether the task has ended.
     pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled
-        )
+        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Cancelled)
     }
 }
 

@@ -41,8 +41,7 @@ impl Store {
     /// Opens (or creates) the store at `path`.
     pub fn open(path: &Path) -> Result<Store, ClusterError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| ClusterError::io(format!("creating {}", dir.display()), e))?;
+            std::fs::create_dir_all(dir).map_err(|e| ClusterError::io(format!("creating {}", dir.display()), e))?;
         }
         let db = Database::create(path).map_err(|e| ClusterError::Store {
             path: path.display().to_string(),
@@ -68,10 +67,7 @@ impl Store {
         }
     }
 
-    fn write(
-        &self,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>,
-    ) -> Result<(), ClusterError> {
+    fn write(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>) -> Result<(), ClusterError> {
         let tx = self.db.begin_write().map_err(|e| self.err(e))?;
         f(&tx).map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))
@@ -81,8 +77,7 @@ impl Store {
     pub fn put_job(&self, job: &JobRecord) -> Result<(), ClusterError> {
         let json = serde_json::to_string(job).expect("records serialise");
         self.write(|tx| {
-            tx.open_table(JOBS)?
-                .insert(job.job_id.as_str(), json.as_str())?;
+            tx.open_table(JOBS)?.insert(job.job_id.as_str(), json.as_str())?;
             Ok(())
         })
     }
@@ -91,8 +86,7 @@ impl Store {
     pub fn put_node(&self, node: &NodeRecord) -> Result<(), ClusterError> {
         let json = serde_json::to_string(node).expect("records serialise");
         self.write(|tx| {
-            tx.open_table(NODES)?
-                .insert(node.agent_id.as_str(), json.as_str())?;
+            tx.open_table(NODES)?.insert(node.agent_id.as_str(), json.as_str())?;
             Ok(())
         })
     }
@@ -112,10 +106,7 @@ impl Store {
         })
     }
 
-    fn all<T: for<'de> Deserialize<'de>>(
-        &self,
-        def: TableDefinition<&str, &str>,
-    ) -> Result<Vec<T>, ClusterError> {
+    fn all<T: for<'de> Deserialize<'de>>(&self, def: TableDefinition<&str, &str>) -> Result<Vec<T>, ClusterError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = tx.open_table(def).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
@@ -139,12 +130,7 @@ impl Store {
     }
 
     /// A job's log lines with `seq > after`, at most `limit` of them.
-    pub fn logs(
-        &self,
-        job_id: &str,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<LogRecord>, ClusterError> {
+    pub fn logs(&self, job_id: &str, after: u64, limit: usize) -> Result<Vec<LogRecord>, ClusterError> {
         let tx = self.db.begin_read().map_err(|e| self.err(e))?;
         let table = tx.open_table(LOGS).map_err(|e| self.err(e))?;
         let mut out = Vec::new();
@@ -153,10 +139,7 @@ impl Store {
             .map_err(|e| self.err(e))?;
         for row in range.take(limit) {
             let (_, v) = row.map_err(|e| self.err(e))?;
-            out.push(
-                serde_json::from_str(v.value())
-                    .map_err(|e| self.err(format!("corrupt log line: {e}")))?,
-            );
+            out.push(serde_json::from_str(v.value()).map_err(|e| self.err(format!("corrupt log line: {e}")))?);
         }
         Ok(out)
     }
@@ -217,8 +200,7 @@ mod tests {
                 kind: "log".into(),
                 text: format!("line {seq}"),
             };
-            s.append_logs("job-000002", &[line(1), line(2), line(3)])
-                .unwrap();
+            s.append_logs("job-000002", &[line(1), line(2), line(3)]).unwrap();
             s.append_logs("job-000001", &[line(1)]).unwrap();
         }
         let s = Store::open(&path).unwrap();

@@ -44,17 +44,11 @@ async fn submit(client: &mut Client, spec: String) -> String {
         .job_id
 }
 
-async fn wait_for(
-    client: &mut Client,
-    job_id: &str,
-    done: impl Fn(&pb::JobInfo) -> bool,
-) -> pb::JobInfo {
+async fn wait_for(client: &mut Client, job_id: &str, done: impl Fn(&pb::JobInfo) -> bool) -> pb::JobInfo {
     let started = Instant::now();
     loop {
         let info = client
-            .get_job(pb::GetJobRequest {
-                job_id: job_id.into(),
-            })
+            .get_job(pb::GetJobRequest { job_id: job_id.into() })
             .await
             .unwrap()
             .into_inner();
@@ -86,16 +80,8 @@ async fn a_crashing_worker_fails_its_job_with_its_last_lines() {
     let job = submit(&mut client, custom_spec(&crash, 2)).await;
     let info = wait_for(&mut client, &job, ended).await;
     assert_eq!(info.state, pb::JobState::Failed as i32, "{info:?}");
-    assert!(
-        info.message.contains("exited with status 3"),
-        "{}",
-        info.message
-    );
-    assert!(
-        info.message.contains("boom: out of memory"),
-        "{}",
-        info.message
-    );
+    assert!(info.message.contains("exited with status 3"), "{}", info.message);
+    assert!(info.message.contains("boom: out of memory"), "{}", info.message);
     let failed = info
         .tasks
         .iter()
@@ -116,10 +102,7 @@ async fn a_crashing_worker_fails_its_job_with_its_last_lines() {
     while let Some(e) = tokio_stream::StreamExt::next(&mut stream).await {
         texts.push(e.unwrap().text);
     }
-    assert!(
-        texts.iter().any(|t| t == "boom: out of memory"),
-        "{texts:?}"
-    );
+    assert!(texts.iter().any(|t| t == "boom: out of memory"), "{texts:?}");
     cluster.shutdown().await;
 }
 
@@ -127,11 +110,7 @@ async fn a_crashing_worker_fails_its_job_with_its_last_lines() {
 async fn a_missing_program_is_reported() {
     let cluster = LocalCluster::start(1, "/bin/false".into()).await.unwrap();
     let mut client = cluster.client().await.unwrap();
-    let job = submit(
-        &mut client,
-        custom_spec(Path::new("/nonexistent/trainer"), 1),
-    )
-    .await;
+    let job = submit(&mut client, custom_spec(Path::new("/nonexistent/trainer"), 1)).await;
     let info = wait_for(&mut client, &job, ended).await;
     assert_eq!(info.state, pb::JobState::Failed as i32);
     assert!(
@@ -154,23 +133,17 @@ async fn cancelling_stops_running_workers_and_frees_the_slots() {
     // A second job cannot start while the first holds both slots.
     let second = submit(&mut client, custom_spec(&quick, 1)).await;
     wait_for(&mut client, &job, |i| {
-        i.tasks
-            .iter()
-            .all(|t| t.state == pb::TaskState::Running as i32)
+        i.tasks.iter().all(|t| t.state == pb::TaskState::Running as i32)
     })
     .await;
     let queued = client
-        .get_job(pb::GetJobRequest {
-            job_id: second.clone(),
-        })
+        .get_job(pb::GetJobRequest { job_id: second.clone() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(queued.state, pb::JobState::Queued as i32);
     let r = client
-        .cancel_job(pb::CancelJobRequest {
-            job_id: job.clone(),
-        })
+        .cancel_job(pb::CancelJobRequest { job_id: job.clone() })
         .await
         .unwrap()
         .into_inner();
@@ -182,12 +155,7 @@ async fn cancelling_stops_running_workers_and_frees_the_slots() {
         .await
         .unwrap()
         .into_inner();
-    assert!(
-        first
-            .tasks
-            .iter()
-            .all(|t| t.state == pb::TaskState::Cancelled as i32)
-    );
+    assert!(first.tasks.iter().all(|t| t.state == pb::TaskState::Cancelled as i32));
     cluster.shutdown().await;
 }
 
@@ -215,11 +183,7 @@ async fn wrong_or_missing_token_is_refused_and_changes_nothing() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     assert_eq!(
-        intruder
-            .list_jobs(pb::ListJobsRequest {})
-            .await
-            .unwrap_err()
-            .code(),
+        intruder.list_jobs(pb::ListJobsRequest {}).await.unwrap_err().code(),
         tonic::Code::Unauthenticated
     );
 
@@ -264,18 +228,13 @@ async fn a_bad_spec_is_refused_with_the_key_named() {
     let mut client = cluster.client().await.unwrap();
     let err = client
         .submit_job(pb::SubmitJobRequest {
-            spec_toml: custom_spec(Path::new("/bin/true"), 1)
-                .replace("[training]\n", "[training]\nepoch = 3\n"),
+            spec_toml: custom_spec(Path::new("/bin/true"), 1).replace("[training]\n", "[training]\nepoch = 3\n"),
             base_dir: String::new(),
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(
-        err.message().contains("training.epoch"),
-        "{}",
-        err.message()
-    );
+    assert!(err.message().contains("training.epoch"), "{}", err.message());
     assert!(
         client
             .list_jobs(pb::ListJobsRequest {})
@@ -288,10 +247,7 @@ async fn a_bad_spec_is_refused_with_the_key_named() {
     cluster.shutdown().await;
 }
 
-async fn serve(
-    path: &Path,
-    token: &str,
-) -> (String, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+async fn serve(path: &Path, token: &str) -> (String, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
     let coordinator = Coordinator::open(CoordinatorConfig::new(path, token)).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();

@@ -32,9 +32,7 @@ fn chunk_bounds(len: usize, world: usize, chunk: usize) -> (usize, usize) {
 }
 
 fn pieces(start: usize, end: usize) -> impl Iterator<Item = (usize, usize)> {
-    (start..end)
-        .step_by(PIECE)
-        .map(move |s| (s, (s + PIECE).min(end)))
+    (start..end).step_by(PIECE).map(move |s| (s, (s + PIECE).min(end)))
 }
 
 fn encode(values: &[f32]) -> Vec<u8> {
@@ -194,9 +192,7 @@ mod tests {
 
     /// Runs `f` on a real loopback ring of `world` threads and returns each rank's result.
     pub(crate) fn on_ring<T: Send>(world: usize, f: impl Fn(&mut Ring) -> T + Sync) -> Vec<T> {
-        let listeners: Vec<_> = (0..world)
-            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
+        let listeners: Vec<_> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
         let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
         thread::scope(|s| {
             let handles: Vec<_> = listeners
@@ -218,9 +214,7 @@ mod tests {
 
     fn input(rank: usize, len: usize) -> Vec<f32> {
         // Small integers keep float sums exact, so equality can be exact too.
-        (0..len)
-            .map(|i| ((i * 7 + rank * 13) % 31) as f32 - 15.0)
-            .collect()
+        (0..len).map(|i| ((i * 7 + rank * 13) % 31) as f32 - 15.0).collect()
     }
 
     #[test]
@@ -233,9 +227,7 @@ mod tests {
                     buf
                 });
                 let inputs: Vec<Vec<f32>> = (0..world).map(|r| input(r, len)).collect();
-                let expected: Vec<f32> = (0..len)
-                    .map(|i| inputs.iter().map(|v| v[i]).sum())
-                    .collect();
+                let expected: Vec<f32> = (0..len).map(|i| inputs.iter().map(|v| v[i]).sum()).collect();
                 for (rank, got) in results.iter().enumerate() {
                     assert_eq!(got, &expected, "world {world}, len {len}, rank {rank}");
                 }

@@ -64,10 +64,7 @@ pub fn read_frame(
                 during,
             }
         } else {
-            CommError::io(
-                format!("reading a frame header from {peer} during {during}"),
-                e,
-            )
+            CommError::io(format!("reading a frame header from {peer} during {during}"), e)
         });
     }
     let kind = FrameKind::from_byte(header[0]).ok_or_else(|| CommError::Protocol {
@@ -112,10 +109,7 @@ mod tests {
         write_frame(&mut wire, FrameKind::Data, b"").unwrap();
         let mut r = &wire[..];
         let mut buf = Vec::new();
-        assert_eq!(
-            read_frame(&mut r, &mut buf, 100, "t", "test").unwrap(),
-            FrameKind::Data
-        );
+        assert_eq!(read_frame(&mut r, &mut buf, 100, "t", "test").unwrap(), FrameKind::Data);
         assert_eq!(buf, b"hello");
         read_frame(&mut r, &mut buf, 100, "t", "test").unwrap();
         assert!(buf.is_empty());
@@ -126,9 +120,7 @@ mod tests {
         let mut wire = vec![FrameKind::Data as u8];
         wire.extend_from_slice(&u32::MAX.to_le_bytes());
         let err = read_frame(&mut &wire[..], &mut Vec::new(), 1024, "t", "test").unwrap_err();
-        assert!(
-            matches!(err, CommError::FrameTooLarge { len, max: 1024 } if len == u32::MAX as u64)
-        );
+        assert!(matches!(err, CommError::FrameTooLarge { len, max: 1024 } if len == u32::MAX as u64));
     }
 
     #[test]

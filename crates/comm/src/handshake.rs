@@ -77,16 +77,8 @@ fn io_err(peer: &str) -> impl Fn(std::io::Error) -> CommError + '_ {
 }
 
 /// Authenticates the connecting side of `stream` as `rank` of `session`.
-pub fn connect(
-    stream: &mut TcpStream,
-    token: &str,
-    session: &str,
-    rank: u32,
-) -> Result<(), CommError> {
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
+pub fn connect(stream: &mut TcpStream, token: &str, session: &str, rank: u32) -> Result<(), CommError> {
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let nc = nonce();
     let mut hello = Vec::with_capacity(64 + session.len());
     hello.extend_from_slice(MAGIC);
@@ -99,11 +91,7 @@ pub fn connect(
 
     let reply = read_hello(stream, &peer)?;
     if reply.len() != 4 + 2 + NONCE + MAC || &reply[..4] != MAGIC {
-        return Err(refuse(
-            stream,
-            &peer,
-            "malformed reply (not a Hetero worker)".into(),
-        ));
+        return Err(refuse(stream, &peer, "malformed reply (not a Hetero worker)".into()));
     }
     let version = u16::from_le_bytes([reply[4], reply[5]]);
     if version != PROTOCOL_VERSION {
@@ -122,16 +110,7 @@ pub fn connect(
             "the peer does not hold this cluster's token (or serves another job)".into(),
         ));
     }
-    let proof = mac(
-        token,
-        &[
-            b"connector",
-            session.as_bytes(),
-            ns,
-            &nc,
-            &rank.to_le_bytes(),
-        ],
-    );
+    let proof = mac(token, &[b"connector", session.as_bytes(), ns, &nc, &rank.to_le_bytes()]);
     write_frame(stream, FrameKind::Hello, &proof).map_err(io_err(&peer))?;
     let verdict = read_hello(stream, &peer)?;
     if verdict != [1] {
@@ -146,17 +125,10 @@ pub fn connect(
 /// Authenticates the accepting side of `stream` for `session`; returns the rank the
 /// connector claimed (and proved with the token).
 pub fn accept(stream: &mut TcpStream, token: &str, session: &str) -> Result<u32, CommError> {
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|_| "?".into());
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let hello = read_hello(stream, &peer)?;
     if hello.len() < 12 || &hello[..4] != MAGIC {
-        return Err(refuse(
-            stream,
-            &peer,
-            "not a Hetero data-plane hello".into(),
-        ));
+        return Err(refuse(stream, &peer, "not a Hetero data-plane hello".into()));
     }
     let version = u16::from_le_bytes([hello[4], hello[5]]);
     if version != PROTOCOL_VERSION {
@@ -192,16 +164,7 @@ pub fn accept(stream: &mut TcpStream, token: &str, session: &str) -> Result<u32,
     write_frame(stream, FrameKind::Hello, &reply).map_err(io_err(&peer))?;
 
     let proof = read_hello(stream, &peer)?;
-    let expected = mac(
-        token,
-        &[
-            b"connector",
-            session.as_bytes(),
-            &ns,
-            nc,
-            &rank.to_le_bytes(),
-        ],
-    );
+    let expected = mac(token, &[b"connector", session.as_bytes(), &ns, nc, &rank.to_le_bytes()]);
     if proof != expected {
         return Err(refuse(
             stream,

@@ -38,12 +38,7 @@ pub struct RingConfig {
 
 impl RingConfig {
     /// A configuration with default limits.
-    pub fn new(
-        rank: usize,
-        world: usize,
-        session: impl Into<String>,
-        token: impl Into<String>,
-    ) -> Self {
+    pub fn new(rank: usize, world: usize, session: impl Into<String>, token: impl Into<String>) -> Self {
         RingConfig {
             rank,
             world,
@@ -79,16 +74,10 @@ impl Ring {
 
     /// Forms the ring. `listener` must be the one whose address stands at
     /// `addrs[config.rank]`.
-    pub fn form(
-        config: RingConfig,
-        listener: TcpListener,
-        addrs: &[SocketAddr],
-    ) -> Result<Ring, CommError> {
+    pub fn form(config: RingConfig, listener: TcpListener, addrs: &[SocketAddr]) -> Result<Ring, CommError> {
         let RingConfig { rank, world, .. } = config;
         if world == 0 || rank >= world {
-            return Err(CommError::Config(format!(
-                "rank {rank} is not in a ring of {world}"
-            )));
+            return Err(CommError::Config(format!("rank {rank} is not in a ring of {world}")));
         }
         if addrs.len() != world {
             return Err(CommError::Config(format!(
@@ -132,19 +121,36 @@ impl Ring {
     }
 }
 
-fn connect_next(
-    addr: SocketAddr,
-    config: &RingConfig,
-    deadline: Instant,
-) -> Result<TcpStream, CommError> {
+/// A whole ring on loopback inside this process, one [`Ring`] per rank (formed by
+/// threads in parallel): for tests and benchmarks.
+pub fn loopback(world: usize, session: &str, token: &str) -> Result<Vec<Ring>, CommError> {
+    let listeners = (0..world)
+        .map(|_| TcpListener::bind("127.0.0.1:0").map_err(|e| CommError::io("binding a loopback port", e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let addrs = listeners
+        .iter()
+        .map(|l| l.local_addr().map_err(|e| CommError::io("reading a bound port", e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let (addrs, config) = (addrs.clone(), RingConfig::new(rank, world, session, token));
+            thread::spawn(move || Ring::form(config, l, &addrs))
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().map_err(|_| CommError::Config("ring thread panicked".into()))?)
+        .collect()
+}
+
+fn connect_next(addr: SocketAddr, config: &RingConfig, deadline: Instant) -> Result<TcpStream, CommError> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(CommError::io(
-                format!(
-                    "connecting to rank {} at {addr}",
-                    (config.rank + 1) % config.world
-                ),
+                format!("connecting to rank {} at {addr}", (config.rank + 1) % config.world),
                 io::Error::new(io::ErrorKind::TimedOut, "ring formation timed out"),
             ));
         }
@@ -155,12 +161,7 @@ fn connect_next(
                 s.set_read_timeout(None).ok();
                 return Ok(s);
             }
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut) => {
                 thread::sleep(Duration::from_millis(50));
             }
             Err(e) => return Err(CommError::io(format!("connecting to {addr}"), e)),
@@ -205,9 +206,7 @@ fn accept_prev(
                         tracing::warn!(%peer, rank = r, expected = prev_rank, "unexpected rank connected; refused");
                         last_refusal = Some(CommError::Protocol {
                             peer: peer.to_string(),
-                            reason: format!(
-                                "rank {r} connected where rank {prev_rank} was expected"
-                            ),
+                            reason: format!("rank {r} connected where rank {prev_rank} was expected"),
                         });
                     }
                     Err(e) => {
@@ -216,9 +215,7 @@ fn accept_prev(
                     }
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                thread::sleep(Duration::from_millis(10))
-            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(10)),
             Err(e) => return Err(CommError::io("accepting a data-plane connection", e)),
         }
     }

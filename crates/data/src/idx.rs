@@ -61,10 +61,7 @@ pub fn parse_idx(bytes: &[u8]) -> Result<IdxArray, String> {
         ));
     }
     if bytes[2] != 0x08 {
-        return Err(format!(
-            "element type {:#04x} is not unsigned byte (0x08)",
-            bytes[2]
-        ));
+        return Err(format!("element type {:#04x} is not unsigned byte (0x08)", bytes[2]));
     }
     let ndims = bytes[3] as usize;
     if ndims == 0 || ndims > 4 {
@@ -151,11 +148,7 @@ mod tests {
         bytes.pop();
         let err = parse_idx(&bytes).unwrap_err();
         assert!(err.contains("truncated"), "{err}");
-        assert!(
-            parse_idx(&bytes[..6])
-                .unwrap_err()
-                .contains("truncated header")
-        );
+        assert!(parse_idx(&bytes[..6]).unwrap_err().contains("truncated header"));
     }
 
     #[test]
@@ -172,9 +165,7 @@ mod tests {
 
     #[test]
     fn missing_file_names_the_path() {
-        let err = read_idx(Path::new("/nonexistent/x.gz"))
-            .unwrap_err()
-            .to_string();
+        let err = read_idx(Path::new("/nonexistent/x.gz")).unwrap_err().to_string();
         assert!(err.contains("/nonexistent/x.gz"), "{err}");
     }
 }

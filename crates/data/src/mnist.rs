@@ -70,14 +70,8 @@ impl ImageDataset {
 
     /// Loads one split from `dir`, accepting `.gz` or raw files.
     pub fn load(dir: &Path, split: Split) -> Result<Self, DataError> {
-        let images = read_idx(&find(
-            dir,
-            &format!("{}-images-idx3-ubyte", split.prefix()),
-        )?)?;
-        let labels = read_idx(&find(
-            dir,
-            &format!("{}-labels-idx1-ubyte", split.prefix()),
-        )?)?;
+        let images = read_idx(&find(dir, &format!("{}-images-idx3-ubyte", split.prefix()))?)?;
+        let labels = read_idx(&find(dir, &format!("{}-labels-idx1-ubyte", split.prefix()))?)?;
         if images.dims.len() != 3 || labels.dims.len() != 1 {
             return Err(DataError::Inconsistent(format!(
                 "{}: images must have 3 dimensions and labels 1 (found {:?} and {:?})",
@@ -201,9 +195,7 @@ mod tests {
     #[test]
     fn missing_files_explain_how_to_get_them() {
         let dir = tempfile::tempdir().unwrap();
-        let err = ImageDataset::load(dir.path(), Split::Train)
-            .unwrap_err()
-            .to_string();
+        let err = ImageDataset::load(dir.path(), Split::Train).unwrap_err().to_string();
         assert!(
             err.contains("train-images-idx3-ubyte") && err.contains("hetero data fetch"),
             "{err}"
@@ -221,9 +213,7 @@ mod tests {
             dir.path().join("train-labels-idx1-ubyte.gz"),
         )
         .unwrap();
-        let err = ImageDataset::load(dir.path(), Split::Train)
-            .unwrap_err()
-            .to_string();
+        let err = ImageDataset::load(dir.path(), Split::Train).unwrap_err().to_string();
         assert!(err.contains("5 images but 4 labels"), "{err}");
     }
 }

@@ -59,9 +59,7 @@ mod tests {
     #[test]
     fn shards_partition_the_dataset() {
         for world in 1..=5 {
-            let mut all: Vec<usize> = (0..world)
-                .flat_map(|r| even_shard(103, world, r, 7))
-                .collect();
+            let mut all: Vec<usize> = (0..world).flat_map(|r| even_shard(103, world, r, 7)).collect();
             all.sort();
             assert_eq!(all, (0..103).collect::<Vec<_>>());
         }

@@ -116,9 +116,7 @@ pub struct TaskSpec {
     pub params: serde_json::Value,
 }
 
-const TOP: &[&str] = &[
-    "name", "model", "dataset", "training", "cluster", "output", "task",
-];
+const TOP: &[&str] = &["name", "model", "dataset", "training", "cluster", "output", "task"];
 const MODEL: &[&str] = &["kind"];
 const DATASET: &[&str] = &["kind", "path", "train_limit", "test_limit"];
 const TRAINING: &[&str] = &[
@@ -184,11 +182,7 @@ impl JobSpec {
         }
         let learning_rate = tr.float("learning_rate")?.unwrap_or(1e-3);
         if !(learning_rate.is_finite() && learning_rate > 0.0 && learning_rate <= 10.0) {
-            return Err(tr.invalid(
-                "learning_rate",
-                &learning_rate.to_string(),
-                "a number in (0, 10]",
-            ));
+            return Err(tr.invalid("learning_rate", &learning_rate.to_string(), "a number in (0, 10]"));
         }
         let training = TrainingSpec {
             epochs: tr.int("epochs", 1, 100_000)?.unwrap_or(1),
@@ -231,8 +225,9 @@ impl JobSpec {
                     .ok_or_else(|| t.missing("program", "path of your training program"))?;
                 let params = match t.table.get("params") {
                     None => serde_json::Value::Object(Default::default()),
-                    Some(Value::Table(p)) => serde_json::to_value(p)
-                        .map_err(|e| t.invalid("params", "…", &e.to_string()))?,
+                    Some(Value::Table(p)) => {
+                        serde_json::to_value(p).map_err(|e| t.invalid("params", "…", &e.to_string()))?
+                    }
                     Some(v) => return Err(t.wrong_type("params", "a table", v)),
                 };
                 Some(TaskSpec {
@@ -243,8 +238,7 @@ impl JobSpec {
             (ModelKind::Custom, false) => {
                 return Err(SpecError::Missing {
                     key: "task.program".into(),
-                    what: "model.kind = \"custom\" needs the program that holds your training code"
-                        .into(),
+                    what: "model.kind = \"custom\" needs the program that holds your training code".into(),
                 });
             }
             (_, true) => {
@@ -311,9 +305,7 @@ fn normalize(path: &Path) -> PathBuf {
     for c in path.components() {
         match c {
             Component::CurDir => {}
-            Component::ParentDir
-                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
-            {
+            Component::ParentDir if matches!(out.components().next_back(), Some(Component::Normal(_))) => {
                 out.pop();
             }
             other => out.push(other.as_os_str()),
@@ -478,10 +470,7 @@ workers = 3
 
     #[test]
     fn syntax_error() {
-        assert!(matches!(
-            JobSpec::parse("name = "),
-            Err(SpecError::Syntax(_))
-        ));
+        assert!(matches!(JobSpec::parse("name = "), Err(SpecError::Syntax(_))));
     }
 
     #[test]
@@ -511,20 +500,13 @@ workers = 3
     #[test]
     fn out_of_range_values() {
         let err = edit("workers = 3", "workers = 0").unwrap_err();
-        assert!(
-            matches!(&err, SpecError::InvalidValue { key, value, .. } if key == "cluster.workers" && value == "0")
-        );
+        assert!(matches!(&err, SpecError::InvalidValue { key, value, .. } if key == "cluster.workers" && value == "0"));
         let err = edit("epochs = 2", "epochs = -1").unwrap_err();
         assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "training.epochs"));
         let err = edit("learning_rate = 0.001", "learning_rate = -0.1").unwrap_err();
-        assert!(
-            matches!(err, SpecError::InvalidValue { key, .. } if key == "training.learning_rate")
-        );
+        assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "training.learning_rate"));
         let err = edit("global_batch_size = 96", "global_batch_size = 2").unwrap_err();
-        assert!(
-            err.to_string().contains("at least cluster.workers (3)"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("at least cluster.workers (3)"), "{err}");
     }
 
     #[test]
@@ -565,10 +547,7 @@ workers = 3
     fn relative_paths_resolve_against_the_spec_folder() {
         let mut s = JobSpec::parse(GOOD).unwrap();
         s.resolve_paths(Path::new("/specs/examples"));
-        assert_eq!(
-            s.dataset.path,
-            PathBuf::from("/specs/examples/data/fashion-mnist")
-        );
+        assert_eq!(s.dataset.path, PathBuf::from("/specs/examples/data/fashion-mnist"));
         let mut s = JobSpec::parse(&GOOD.replace("data/fashion-mnist", "../data/./x")).unwrap();
         s.resolve_paths(Path::new("/specs/examples"));
         assert_eq!(s.dataset.path, PathBuf::from("/specs/data/x"));

@@ -52,9 +52,7 @@ impl CnnConfig {
 
 impl<B: Backend> Classifier<B> for Cnn<B> {
     fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
-        let x = self
-            .pool
-            .forward(self.act.forward(self.conv1.forward(images))); // (B, 32, 14, 14)
+        let x = self.pool.forward(self.act.forward(self.conv1.forward(images))); // (B, 32, 14, 14)
         let x = self.pool.forward(self.act.forward(self.conv2.forward(x))); // (B, 64, 7, 7)
         let x = x.flatten::<2>(1, 3); // (B, 3136)
         self.fc2.forward(self.act.forward(self.fc1.forward(x))) // (B, classes)

@@ -58,9 +58,7 @@ impl AttachToken {
 
 impl Interceptor for AttachToken {
     fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.value.clone());
+        request.metadata_mut().insert("authorization", self.value.clone());
         Ok(request)
     }
 }
@@ -78,10 +76,7 @@ mod tests {
         );
         let mut wrong = AttachToken::new("nope").unwrap();
         let req = wrong.call(Request::new(())).unwrap();
-        assert_eq!(
-            check.call(req).unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
+        assert_eq!(check.call(req).unwrap_err().code(), tonic::Code::Unauthenticated);
         let mut right = AttachToken::new("s3cret").unwrap();
         let req = right.call(Request::new(())).unwrap();
         assert!(check.call(req).is_ok());

@@ -29,27 +29,16 @@ pub struct ImageBatch<B: Backend> {
 }
 
 /// Turns the images at `indices` into a normalised batch.
-pub fn image_batch<B: Backend>(
-    data: &ImageDataset,
-    indices: &[usize],
-    device: &B::Device,
-) -> ImageBatch<B> {
+pub fn image_batch<B: Backend>(data: &ImageDataset, indices: &[usize], device: &B::Device) -> ImageBatch<B> {
     let n = indices.len();
     let mut pixels = Vec::with_capacity(n * data.rows * data.cols);
     let mut labels = Vec::with_capacity(n);
     for &i in indices {
-        pixels.extend(
-            data.image(i)
-                .iter()
-                .map(|&p| (p as f32 / 255.0 - MEAN) / STD),
-        );
+        pixels.extend(data.image(i).iter().map(|&p| (p as f32 / 255.0 - MEAN) / STD));
         labels.push(data.labels[i] as i64);
     }
     ImageBatch {
-        images: Tensor::from_data(
-            TensorData::new(pixels, [n, 1, data.rows, data.cols]),
-            device,
-        ),
+        images: Tensor::from_data(TensorData::new(pixels, [n, 1, data.rows, data.cols]), device),
         labels: Tensor::from_data(TensorData::new(labels, [n]), device),
     }
 }
@@ -59,11 +48,14 @@ enum Optim<B: AutodiffBackend, M: AutodiffModule<B>> {
     Sgd(OptimizerAdaptor<Sgd<B::InnerBackend>, M, B>),
 }
 
+/// Builds a freshly initialised model on a device.
+type ModelInit<B, M> = Box<dyn Fn(&<B as burn::tensor::backend::BackendTypes>::Device) -> M + Send>;
+
 /// An image classifier `M` trained on an image dataset.
 pub struct ImageTask<B: AutodiffBackend, M: AutodiffModule<B>> {
     train: ImageDataset,
     test: ImageDataset,
-    init: Box<dyn Fn(&B::Device) -> M + Send>,
+    init: ModelInit<B, M>,
     optim: Optim<B, M>,
     learning_rate: f64,
 }
@@ -95,10 +87,7 @@ where
     }
 
     /// The task a job spec describes: loads its dataset (with the spec's limits).
-    pub fn from_spec(
-        spec: &JobSpec,
-        init: impl Fn(&B::Device) -> M + Send + 'static,
-    ) -> Result<Self, TrainError> {
+    pub fn from_spec(spec: &JobSpec, init: impl Fn(&B::Device) -> M + Send + 'static) -> Result<Self, TrainError> {
         let dir = &spec.dataset.path;
         let mut train = ImageDataset::load(dir, Split::Train)?;
         let mut test = ImageDataset::load(dir, Split::Test)?;

@@ -17,8 +17,7 @@ pub fn flatten<B: Backend, M: Module<B>>(model: &M) -> Vec<f32> {
     impl<B: Backend> ModuleVisitor<B> for Collect {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             let data = param.val().into_data().convert::<f32>();
-            self.0
-                .extend(data.to_vec::<f32>().expect("converted to f32"));
+            self.0.extend(data.to_vec::<f32>().expect("converted to f32"));
         }
     }
     let mut c = Collect(Vec::new());
@@ -56,8 +55,7 @@ pub fn load<B: Backend, M: Module<B>>(model: M, flat: &[f32]) -> M {
             let values = self.flat[self.at..self.at + n].to_vec();
             self.at += n;
             param.map(|old| {
-                let fresh =
-                    Tensor::<B, D>::from_data(TensorData::new(values, shape), &old.device());
+                let fresh = Tensor::<B, D>::from_data(TensorData::new(values, shape), &old.device());
                 if old.is_require_grad() {
                     fresh.require_grad()
                 } else {
@@ -103,22 +101,14 @@ pub fn take_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
                     let device = g.device();
                     let data = g.into_data().convert::<f32>();
                     let scale = self.scale;
-                    self.flat.extend(
-                        data.to_vec::<f32>()
-                            .expect("f32")
-                            .into_iter()
-                            .map(|v| v * scale),
-                    );
+                    self.flat
+                        .extend(data.to_vec::<f32>().expect("f32").into_iter().map(|v| v * scale));
                     self.device.get_or_insert(device.clone());
                     self.layout.entries.push((param.id, shape.to_vec(), device));
                 }
                 None => {
-                    let device = self
-                        .device
-                        .clone()
-                        .unwrap_or_else(|| param.val().inner().device());
-                    self.flat
-                        .extend(std::iter::repeat_n(0.0, shape.num_elements()));
+                    let device = self.device.clone().unwrap_or_else(|| param.val().inner().device());
+                    self.flat.extend(std::iter::repeat_n(0.0, shape.num_elements()));
                     self.layout.entries.push((param.id, shape.to_vec(), device));
                 }
             }
@@ -128,9 +118,7 @@ pub fn take_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
         grads,
         scale,
         flat: Vec::new(),
-        layout: GradLayout {
-            entries: Vec::new(),
-        },
+        layout: GradLayout { entries: Vec::new() },
         device: None,
     };
     model.visit(&mut t);
@@ -138,10 +126,7 @@ pub fn take_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
 }
 
 /// Rebuilds gradients from a flat buffer laid out by [`take_grads`].
-pub fn grads_from_flat<B: AutodiffBackend>(
-    layout: &GradLayout<B>,
-    flat: &[f32],
-) -> GradientsParams {
+pub fn grads_from_flat<B: AutodiffBackend>(layout: &GradLayout<B>, flat: &[f32]) -> GradientsParams {
     fn register<B: Backend, const D: usize>(
         grads: &mut GradientsParams,
         id: ParamId,

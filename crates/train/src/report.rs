@@ -150,13 +150,7 @@ mod tests {
     fn svg_has_one_point_per_value() {
         let svg = loss_curve_svg(&[2.3, 1.0, 0.5], "loss");
         assert!(svg.starts_with("<svg"));
-        let pts = svg
-            .split("points=\"")
-            .nth(1)
-            .unwrap()
-            .split('"')
-            .next()
-            .unwrap();
+        let pts = svg.split("points=\"").nth(1).unwrap().split('"').next().unwrap();
         assert_eq!(pts.split(' ').count(), 3);
     }
 }

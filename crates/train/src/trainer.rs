@@ -67,12 +67,7 @@ pub struct Trainer<'r, B: AutodiffBackend, T: Task<B>> {
 
 impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
     /// Seeds burn, builds the model and adopts rank 0's parameters.
-    pub fn new(
-        task: T,
-        device: B::Device,
-        ring: &'r mut Ring,
-        options: TrainOptions,
-    ) -> Result<Self, TrainError> {
+    pub fn new(task: T, device: B::Device, ring: &'r mut Ring, options: TrainOptions) -> Result<Self, TrainError> {
         if options.global_batch < ring.world() {
             return Err(TrainError::Config(format!(
                 "global batch {} is smaller than the {} workers",
@@ -208,8 +203,7 @@ impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
                 losses.push(loss);
                 window_samples += local;
                 if last_event.elapsed() >= o.event_interval || step + 1 == steps {
-                    let rate =
-                        window_samples as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
+                    let rate = window_samples as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
                     on_event(Event::Step {
                         epoch,
                         step,
@@ -294,11 +288,9 @@ pub fn train<B: AutodiffBackend, T: Task<B>>(
 
 #[cfg(test)]
 mod tests {
-    use std::net::TcpListener;
     use std::thread;
 
     use burn::backend::{Autodiff, Flex};
-    use hetero_comm::RingConfig;
     use hetero_data::ImageDataset;
     use hetero_job::Optimizer;
     use hetero_models::{CnnConfig, MlpConfig};
@@ -327,36 +319,17 @@ mod tests {
     }
 
     fn ring_of(world: usize) -> Vec<Ring> {
-        let listeners: Vec<_> = (0..world)
-            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let addrs = addrs.clone();
-                thread::spawn(move || {
-                    Ring::form(RingConfig::new(rank, world, "t", "k"), l, &addrs).unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+        hetero_comm::ring::loopback(world, "t", "k").unwrap()
     }
 
     /// Every task starts from the same weights: burn's RNG is global, so threads
     /// initialising at once would otherwise draw interleaved numbers.
     fn cnn_task(optimizer: Optimizer) -> ImageTask<B, hetero_models::Cnn<B>> {
         static INITIAL: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
-        let initial = INITIAL
-            .get_or_init(|| params::flatten(&CnnConfig::new().init::<B>(&Default::default())));
-        ImageTask::new(
-            synthetic(64, 1),
-            synthetic(20, 2),
-            optimizer,
-            1e-2,
-            move |d| params::load(CnnConfig::new().init(d), initial),
-        )
+        let initial = INITIAL.get_or_init(|| params::flatten(&CnnConfig::new().init::<B>(&Default::default())));
+        ImageTask::new(synthetic(64, 1), synthetic(20, 2), optimizer, 1e-2, move |d| {
+            params::load(CnnConfig::new().init(d), initial)
+        })
     }
 
     /// The batch-equivalence guarantee: two workers with B/2 each end where one
@@ -402,19 +375,13 @@ mod tests {
                     .collect();
                 handles.into_iter().map(|h| h.join().unwrap()).collect()
             });
-            assert_eq!(
-                results[0], results[1],
-                "workers drifted apart ({optimizer:?})"
-            );
+            assert_eq!(results[0], results[1], "workers drifted apart ({optimizer:?})");
             let worst = expected
                 .iter()
                 .zip(&results[0])
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(
-                worst < 1e-4,
-                "{optimizer:?}: max parameter difference {worst}"
-            );
+            assert!(worst < 1e-4, "{optimizer:?}: max parameter difference {worst}");
             let initial = params::flatten(&cnn_task(optimizer).model(&Default::default()));
             assert_ne!(expected, initial, "training moved the parameters");
         }
@@ -423,13 +390,9 @@ mod tests {
     #[test]
     fn run_learns_and_reports() {
         let mut rings = ring_of(1);
-        let task = ImageTask::<B, _>::new(
-            synthetic(400, 3),
-            synthetic(100, 4),
-            Optimizer::Adam,
-            1e-2,
-            |d| MlpConfig::new().with_hidden(32).init(d),
-        );
+        let task = ImageTask::<B, _>::new(synthetic(400, 3), synthetic(100, 4), Optimizer::Adam, 1e-2, |d| {
+            MlpConfig::new().with_hidden(32).init(d)
+        });
         let mut events = Vec::new();
         let summary = train(
             task,
@@ -439,31 +402,18 @@ mod tests {
             &mut |e| events.push(e),
         )
         .unwrap();
-        assert!(
-            summary.last_epoch_loss < summary.first_epoch_loss * 0.5,
-            "{summary:?}"
-        );
+        assert!(summary.last_epoch_loss < summary.first_epoch_loss * 0.5, "{summary:?}");
         assert!(summary.test_accuracy.unwrap() > 0.5, "{summary:?}");
         assert_eq!(summary.per_worker[0].samples, 3 * 10 * 40);
-        assert_eq!(
-            events
-                .iter()
-                .filter(|e| matches!(e, Event::Epoch { .. }))
-                .count(),
-            3
-        );
+        assert_eq!(events.iter().filter(|e| matches!(e, Event::Epoch { .. })).count(), 3);
     }
 
     #[test]
     fn too_small_a_dataset_is_a_clear_error() {
         let mut rings = ring_of(1);
-        let task = ImageTask::<B, _>::new(
-            synthetic(10, 3),
-            synthetic(0, 4),
-            Optimizer::Sgd,
-            1e-3,
-            |d| MlpConfig::new().with_hidden(4).init(d),
-        );
+        let task = ImageTask::<B, _>::new(synthetic(10, 3), synthetic(0, 4), Optimizer::Sgd, 1e-3, |d| {
+            MlpConfig::new().with_hidden(4).init(d)
+        });
         let err = train(
             task,
             Default::default(),
@@ -473,9 +423,6 @@ mod tests {
         )
         .err()
         .unwrap();
-        assert!(
-            err.to_string().contains("cannot fill one global batch"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("cannot fill one global batch"), "{err}");
     }
 }

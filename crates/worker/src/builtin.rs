@@ -18,8 +18,7 @@ pub fn run() -> Result<(), WorkerError> {
             ImageTask::from_spec(&ctx.spec, |d| MlpConfig::new().init(d)).map_err(|e| e.to_string())
         }),
         ModelKind::Custom => Err(WorkerError::Setup(
-            "model.kind = \"custom\" runs the program named in [task], not the built-in worker"
-                .into(),
+            "model.kind = \"custom\" runs the program named in [task], not the built-in worker".into(),
         )),
     }
 }

@@ -46,9 +46,8 @@ impl WorkerSetup {
     /// Reads the `HETERO_*` variables and the spec file they name.
     pub fn from_env() -> Result<WorkerSetup, WorkerError> {
         let spec_file = var(WorkerEnv::SPEC_FILE)?;
-        let text = std::fs::read_to_string(&spec_file).map_err(|e| {
-            WorkerError::Setup(format!("cannot read the job spec {spec_file}: {e}"))
-        })?;
+        let text = std::fs::read_to_string(&spec_file)
+            .map_err(|e| WorkerError::Setup(format!("cannot read the job spec {spec_file}: {e}")))?;
         let spec = JobSpec::from_json(&text).map_err(|e| WorkerError::Setup(e.to_string()))?;
         let setup = WorkerSetup {
             coordinator: var(WorkerEnv::COORDINATOR)?,

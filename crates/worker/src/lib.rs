@@ -94,22 +94,11 @@ where
     );
     let task = make_task(&ctx, &device).map_err(WorkerError::Task)?;
 
-    let listener = TcpListener::bind((setup.data_host.as_str(), 0)).map_err(|e| {
-        WorkerError::Setup(format!(
-            "cannot bind a data-plane port on {}: {e}",
-            setup.data_host
-        ))
-    })?;
-    let address = listener
-        .local_addr()
-        .map_err(|e| WorkerError::Setup(e.to_string()))?;
+    let listener = TcpListener::bind((setup.data_host.as_str(), 0))
+        .map_err(|e| WorkerError::Setup(format!("cannot bind a data-plane port on {}: {e}", setup.data_host)))?;
+    let address = listener.local_addr().map_err(|e| WorkerError::Setup(e.to_string()))?;
     let peers = rendezvous::exchange(&setup, address)?;
-    let config = RingConfig::new(
-        setup.rank,
-        setup.world,
-        setup.job_id.clone(),
-        setup.token.clone(),
-    );
+    let config = RingConfig::new(setup.rank, setup.world, setup.job_id.clone(), setup.token.clone());
     let mut ring = Ring::form(config, listener, &peers)?;
     eprintln!("ring formed: {} worker(s)", setup.world);
 
@@ -128,10 +117,7 @@ where
     })?;
     if setup.rank == 0 {
         let dir = &setup.output_dir;
-        let title = format!(
-            "{}: training loss ({} workers)",
-            setup.spec.name, setup.world
-        );
+        let title = format!("{}: training loss ({} workers)", setup.spec.name, setup.world);
         std::fs::create_dir_all(dir)
             .and_then(|_| {
                 std::fs::write(
@@ -145,9 +131,7 @@ where
                     hetero_train::report::loss_curve_svg(&summary.loss_curve, &title),
                 )
             })
-            .map_err(|e| {
-                WorkerError::Setup(format!("cannot write results into {}: {e}", dir.display()))
-            })?;
+            .map_err(|e| WorkerError::Setup(format!("cannot write results into {}: {e}", dir.display())))?;
         emit(&Event::Done {
             summary: Box::new(summary),
         });

@@ -75,23 +75,14 @@ pub struct MyTask<B: AutodiffBackend> {
 impl<B: AutodiffBackend> MyTask<B> {
     fn new(ctx: &TaskContext) -> Result<Self, String> {
         let spec = &ctx.spec;
-        let params = spec
-            .task
-            .as_ref()
-            .map(|t| t.params.clone())
-            .unwrap_or_default();
+        let params = spec.task.as_ref().map(|t| t.params.clone()).unwrap_or_default();
         let hidden = params.get("hidden").and_then(|v| v.as_u64()).unwrap_or(128) as usize;
-        let dropout = params
-            .get("dropout")
-            .and_then(|v| v.as_f64())
-            .unwrap_or(0.1);
+        let dropout = params.get("dropout").and_then(|v| v.as_f64()).unwrap_or(0.1);
         if !(0.0..1.0).contains(&dropout) {
             return Err(format!("task.params.dropout = {dropout} must be in [0, 1)"));
         }
-        let mut train =
-            ImageDataset::load(&spec.dataset.path, Split::Train).map_err(|e| e.to_string())?;
-        let mut test =
-            ImageDataset::load(&spec.dataset.path, Split::Test).map_err(|e| e.to_string())?;
+        let mut train = ImageDataset::load(&spec.dataset.path, Split::Train).map_err(|e| e.to_string())?;
+        let mut test = ImageDataset::load(&spec.dataset.path, Split::Test).map_err(|e| e.to_string())?;
         if spec.dataset.train_limit > 0 {
             train.truncate(spec.dataset.train_limit);
         }

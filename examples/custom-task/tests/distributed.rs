@@ -50,9 +50,7 @@ dir = "{out}"
     let started = Instant::now();
     let info = loop {
         let info = client
-            .get_job(pb::GetJobRequest {
-                job_id: job_id.clone(),
-            })
+            .get_job(pb::GetJobRequest { job_id: job_id.clone() })
             .await
             .unwrap()
             .into_inner();
@@ -67,21 +65,13 @@ dir = "{out}"
     };
     cluster.shutdown().await;
     assert_eq!(info.state, pb::JobState::Succeeded as i32, "{info:?}");
-    let summary: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(out.path().join(&job_id).join("summary.json")).unwrap(),
-    )
-    .unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join(&job_id).join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["workers"], 2);
     let first = summary["first_epoch_loss"].as_f64().unwrap();
     let last = summary["last_epoch_loss"].as_f64().unwrap();
     assert!(last < first, "loss did not fall: {first} → {last}");
     assert!(last < 0.8, "loss stayed high: {last}");
-    assert!(
-        summary["test_accuracy"].as_f64().unwrap() > 0.65,
-        "{summary}"
-    );
-    assert_eq!(
-        summary["per_worker"][0]["samples"],
-        summary["per_worker"][1]["samples"]
-    );
+    assert!(summary["test_accuracy"].as_f64().unwrap() > 0.65, "{summary}");
+    assert_eq!(summary["per_worker"][0]["samples"], summary["per_worker"][1]["samples"]);
 }
