@@ -29,7 +29,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
 use crate::records::{GroupRecord, JobRecord, JobState, NodeRecord, TaskRecord, TaskState, task_state_from_wire};
-use crate::scheduler::{self, Capacity};
+use crate::scheduler::{self, Demand, GroupCapacity, Queued};
 use crate::store::{LogRecord, Store};
 use crate::{ClusterError, now_ms};
 
@@ -238,7 +238,38 @@ impl Coordinator {
         now - node.last_heartbeat_ms < self.inner.config.dead_after.as_millis() as i64
     }
 
-    /// Places every queued job that fits now, in submission order.
+    /// Free capacity of every resource group on a live node.
+    fn capacities(&self, st: &State, now: i64) -> Vec<GroupCapacity> {
+        let mut used: HashMap<(&str, &str), (u32, u64)> = HashMap::new();
+        for t in st.jobs.values().flat_map(|j| &j.tasks).filter(|t| !t.state.is_final()) {
+            let u = used.entry((t.agent_id.as_str(), t.group.as_str())).or_default();
+            u.0 += 1;
+            u.1 += t.memory_mb;
+        }
+        st.nodes
+            .values()
+            .filter(|n| self.is_alive(n, now))
+            .flat_map(|n| {
+                let used = &used;
+                n.groups.iter().map(move |g| {
+                    let (slots, mem) = used
+                        .get(&(n.agent_id.as_str(), g.kind.as_str()))
+                        .copied()
+                        .unwrap_or_default();
+                    GroupCapacity {
+                        agent_id: n.agent_id.clone(),
+                        kind: g.kind.clone(),
+                        free_slots: g.worker_slots.saturating_sub(slots),
+                        free_memory_mb: (g.memory_bytes >> 20).saturating_sub(mem),
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Places every queued job whose dependencies succeeded and that fits now, in
+    /// queue order (priority, then submission). A job that does not fit does not
+    /// block smaller ones behind it.
     fn schedule(&self, st: &mut State) {
         let now = now_ms();
         let queued: Vec<String> = st
@@ -247,34 +278,58 @@ impl Coordinator {
             .filter(|j| j.state == JobState::Queued)
             .map(|j| j.job_id.clone())
             .collect();
-        for job_id in queued {
-            let mut busy: HashMap<&str, u32> = HashMap::new();
-            for t in st.jobs.values().flat_map(|j| &j.tasks).filter(|t| !t.state.is_final()) {
-                *busy.entry(t.agent_id.as_str()).or_default() += 1;
+        let keys: Vec<Queued> = queued
+            .iter()
+            .map(|id| Queued {
+                priority: st.jobs[id].priority,
+                sequence: job_number(id),
+            })
+            .collect();
+        for i in scheduler::queue_order(&keys) {
+            let job_id = &queued[i];
+            let job = &st.jobs[job_id];
+            let mut waiting = false;
+            let mut broken = None;
+            for dep in &job.after {
+                match st.jobs.get(dep).map(|d| d.state) {
+                    Some(JobState::Succeeded) => {}
+                    Some(JobState::Failed | JobState::Cancelled) | None => {
+                        broken = Some(format!("dependency {dep} did not succeed"));
+                        break;
+                    }
+                    Some(_) => waiting = true,
+                }
             }
-            let capacity: Vec<Capacity> = st
-                .nodes
-                .values()
-                .filter(|n| self.is_alive(n, now))
-                .map(|n| Capacity {
-                    agent_id: n.agent_id.clone(),
-                    free_slots: n
-                        .slots()
-                        .saturating_sub(busy.get(n.agent_id.as_str()).copied().unwrap_or(0)),
-                })
-                .collect();
-            let job = &st.jobs[&job_id];
-            let Some(placement) = scheduler::place(job.workers, &capacity) else {
+            if let Some(why) = broken {
+                self.finish_job(st, job_id, JobState::Failed, why);
+                continue;
+            }
+            if waiting {
+                continue;
+            }
+            let groups = self.capacities(st, now);
+            let demand = Demand {
+                workers: job.workers,
+                kind: if job.device.is_empty() {
+                    "cpu".into()
+                } else {
+                    job.device.clone()
+                },
+                memory_mb: job.memory_per_worker_mb,
+                policy: job.policy,
+            };
+            let Some(placement) = scheduler::place(&demand, &groups) else {
                 continue;
             };
             let mut per_node: HashMap<&str, u32> = HashMap::new();
-            for a in &placement {
-                *per_node.entry(a.as_str()).or_default() += 1;
+            for &g in &placement {
+                *per_node.entry(groups[g].agent_id.as_str()).or_default() += 1;
             }
             let tasks: Vec<TaskRecord> = placement
                 .iter()
                 .enumerate()
-                .map(|(rank, agent)| {
+                .map(|(rank, &g)| {
+                    let agent = &groups[g].agent_id;
                     let threads = if job.threads_per_worker > 0 {
                         job.threads_per_worker
                     } else {
@@ -293,14 +348,16 @@ impl Coordinator {
                         message: String::new(),
                         delivered: false,
                         threads,
+                        group: groups[g].kind.clone(),
+                        memory_mb: demand.memory_mb,
                     }
                 })
                 .collect();
             let summary: Vec<String> = tasks
                 .iter()
-                .map(|t| format!("rank {} → {}", t.rank, t.agent_id))
+                .map(|t| format!("rank {} → {}/{}", t.rank, t.agent_id, t.group))
                 .collect();
-            let job = st.jobs.get_mut(&job_id).expect("listed above");
+            let job = st.jobs.get_mut(job_id).expect("listed above");
             job.tasks = tasks;
             job.state = JobState::Running;
             job.started_ms = now;
@@ -310,7 +367,7 @@ impl Coordinator {
             self.save_job(&saved);
             self.append_log(
                 st,
-                &job_id,
+                job_id,
                 -1,
                 "state",
                 vec![format!("job running: {}", summary.join(", "))],
@@ -585,6 +642,11 @@ impl CoordinatorRpc for Coordinator {
             spec.resolve_paths(Path::new(&req.base_dir));
         }
         let mut st = self.lock();
+        if let Some(dep) = spec.scheduling.after.iter().find(|d| !st.jobs.contains_key(*d)) {
+            return Err(Status::invalid_argument(format!(
+                "scheduling.after names {dep}, which is not a job here"
+            )));
+        }
         st.next_job += 1;
         let job_id = format!("job-{:06}", st.next_job);
         // Relative paths were resolved against `base_dir` above.
@@ -608,6 +670,11 @@ impl CoordinatorRpc for Coordinator {
             finished_ms: 0,
             tasks: vec![],
             summary_json: String::new(),
+            priority: spec.scheduling.priority,
+            after: spec.scheduling.after.clone(),
+            policy: spec.scheduling.policy,
+            device: spec.cluster.device.clone(),
+            memory_per_worker_mb: spec.cluster.memory_per_worker_mb,
         };
         self.inner.store.put_job(&job).map_err(store_status)?;
         st.jobs.insert(job_id.clone(), job);

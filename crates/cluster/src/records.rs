@@ -67,6 +67,12 @@ pub struct TaskRecord {
     pub delivered: bool,
     /// Compute threads it may use.
     pub threads: u32,
+    /// Kind of the resource group it runs in.
+    #[serde(default)]
+    pub group: String,
+    /// Device memory reserved for it, in MiB.
+    #[serde(default)]
+    pub memory_mb: u64,
 }
 
 /// An accepted job.
@@ -100,6 +106,21 @@ pub struct JobRecord {
     pub tasks: Vec<TaskRecord>,
     /// Rank 0's run summary (JSON), once done.
     pub summary_json: String,
+    /// Queue priority (higher first).
+    #[serde(default)]
+    pub priority: i64,
+    /// Jobs that must succeed first.
+    #[serde(default)]
+    pub after: Vec<String>,
+    /// Placement policy.
+    #[serde(default)]
+    pub policy: hetero_job::Policy,
+    /// Device kind each worker needs.
+    #[serde(default)]
+    pub device: String,
+    /// Device memory each worker needs, in MiB.
+    #[serde(default)]
+    pub memory_per_worker_mb: u64,
 }
 
 /// A registered agent and its resource groups.

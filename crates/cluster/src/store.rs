@@ -180,6 +180,11 @@ mod tests {
             finished_ms: 0,
             tasks: vec![],
             summary_json: String::new(),
+            priority: 0,
+            after: vec![],
+            policy: Default::default(),
+            device: "cpu".into(),
+            memory_per_worker_mb: 0,
         }
     }
 

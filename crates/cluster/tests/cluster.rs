@@ -297,3 +297,95 @@ async fn a_restarted_coordinator_still_lists_accepted_jobs() {
     stop.send(true).unwrap();
     handle.await.unwrap();
 }
+
+fn with_scheduling(spec: String, scheduling: &str) -> String {
+    format!("{spec}[scheduling]\n{scheduling}\n")
+}
+
+#[tokio::test]
+async fn dependencies_wait_for_success_and_fail_after_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = script(dir.path(), "ok.sh", "sleep 0.3; echo ok");
+    let bad = script(dir.path(), "bad.sh", "exit 1");
+    let cluster = LocalCluster::start(2, "/bin/false".into()).await.unwrap();
+    let mut client = cluster.client().await.unwrap();
+    let a = submit(&mut client, custom_spec(&ok, 1)).await;
+    let b = submit(
+        &mut client,
+        with_scheduling(custom_spec(&ok, 1), &format!("after = [\"{a}\"]")),
+    )
+    .await;
+    // b must not start while a runs, although a slot is free.
+    let b_info = client
+        .get_job(pb::GetJobRequest { job_id: b.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b_info.state, pb::JobState::Queued as i32);
+    let b_info = wait_for(&mut client, &b, ended).await;
+    assert_eq!(b_info.state, pb::JobState::Succeeded as i32);
+    let a_info = client
+        .get_job(pb::GetJobRequest { job_id: a.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        b_info.started_unix_ms >= a_info.finished_unix_ms,
+        "{a_info:?} {b_info:?}"
+    );
+
+    let c = submit(&mut client, custom_spec(&bad, 1)).await;
+    let d = submit(
+        &mut client,
+        with_scheduling(custom_spec(&ok, 1), &format!("after = [\"{c}\"]")),
+    )
+    .await;
+    let d_info = wait_for(&mut client, &d, ended).await;
+    assert_eq!(d_info.state, pb::JobState::Failed as i32);
+    assert!(
+        d_info.message.contains(&format!("dependency {c} did not succeed")),
+        "{}",
+        d_info.message
+    );
+
+    let err = client
+        .submit_job(pb::SubmitJobRequest {
+            spec_toml: with_scheduling(custom_spec(&ok, 1), "after = [\"job-999999\"]"),
+            base_dir: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn higher_priority_starts_first_when_resources_free_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let sleeper = script(dir.path(), "sleep.sh", "exec sleep 300");
+    let cluster = LocalCluster::start(1, "/bin/false".into()).await.unwrap();
+    let mut client = cluster.client().await.unwrap();
+    let blocker = submit(&mut client, custom_spec(&sleeper, 1)).await;
+    wait_for(&mut client, &blocker, |i| i.state == pb::JobState::Running as i32).await;
+    let low = submit(&mut client, with_scheduling(custom_spec(&sleeper, 1), "priority = 0")).await;
+    let high = submit(&mut client, with_scheduling(custom_spec(&sleeper, 1), "priority = 5")).await;
+    client
+        .cancel_job(pb::CancelJobRequest { job_id: blocker })
+        .await
+        .unwrap();
+    wait_for(&mut client, &high, |i| i.state == pb::JobState::Running as i32).await;
+    let low_info = client
+        .get_job(pb::GetJobRequest { job_id: low.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        low_info.state,
+        pb::JobState::Queued as i32,
+        "the slot went to the lower priority"
+    );
+    client.cancel_job(pb::CancelJobRequest { job_id: high }).await.unwrap();
+    wait_for(&mut client, &low, |i| i.state == pb::JobState::Running as i32).await;
+    client.cancel_job(pb::CancelJobRequest { job_id: low }).await.unwrap();
+    cluster.shutdown().await;
+}

@@ -10,4 +10,6 @@ pub mod error;
 pub mod spec;
 
 pub use error::SpecError;
-pub use spec::{Backend, ClusterSpec, DatasetSpec, JobSpec, ModelKind, Optimizer, TaskSpec, TrainingSpec};
+pub use spec::{
+    Backend, ClusterSpec, DatasetSpec, JobSpec, ModelKind, Optimizer, Policy, SchedulingSpec, TaskSpec, TrainingSpec,
+};

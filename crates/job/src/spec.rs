@@ -5,7 +5,8 @@
 //! [model]     kind = "cnn"                       # cnn | mlp | custom
 //! [dataset]   kind = "fashion-mnist", path = "…", train_limit, test_limit
 //! [training]  epochs, global_batch_size, optimizer, learning_rate, loss, seed
-//! [cluster]   workers, backend, threads_per_worker
+//! [cluster]   workers, backend, threads_per_worker, device, memory_per_worker_mb
+//! [scheduling] priority, after, policy
 //! [output]    dir
 //! [task]      program, params                     # only with model.kind = "custom"
 //! ```
@@ -32,6 +33,9 @@ pub struct JobSpec {
     pub cluster: ClusterSpec,
     /// Where results go (a job folder is created inside).
     pub output_dir: PathBuf,
+    /// When and where the scheduler may start it.
+    #[serde(default)]
+    pub scheduling: SchedulingSpec,
     /// A user's own training program, when `model = custom`.
     pub task: Option<TaskSpec>,
 }
@@ -105,6 +109,38 @@ pub struct ClusterSpec {
     pub backend: Backend,
     /// Compute threads per worker (0 = share the machine's cores evenly).
     pub threads_per_worker: usize,
+    /// Device kind every worker needs (a resource group of this kind).
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Memory each worker needs on its device, in MiB (0 = no requirement).
+    #[serde(default)]
+    pub memory_per_worker_mb: u64,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+
+/// How the scheduler spreads a job's workers over resource groups.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Spread evenly over every group that has the resource.
+    #[default]
+    Uniform,
+    /// Fill the groups with the most free resources first.
+    ResourceState,
+}
+
+/// Queue order and dependencies.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SchedulingSpec {
+    /// Higher starts first (ties: submission order).
+    pub priority: i64,
+    /// Jobs that must succeed before this one starts.
+    pub after: Vec<String>,
+    /// Placement policy.
+    pub policy: Policy,
 }
 
 /// A user's own training program.
@@ -116,7 +152,16 @@ pub struct TaskSpec {
     pub params: serde_json::Value,
 }
 
-const TOP: &[&str] = &["name", "model", "dataset", "training", "cluster", "output", "task"];
+const TOP: &[&str] = &[
+    "name",
+    "model",
+    "dataset",
+    "training",
+    "cluster",
+    "output",
+    "task",
+    "scheduling",
+];
 const MODEL: &[&str] = &["kind"];
 const DATASET: &[&str] = &["kind", "path", "train_limit", "test_limit"];
 const TRAINING: &[&str] = &[
@@ -127,7 +172,14 @@ const TRAINING: &[&str] = &[
     "loss",
     "seed",
 ];
-const CLUSTER: &[&str] = &["workers", "backend", "threads_per_worker"];
+const CLUSTER: &[&str] = &[
+    "workers",
+    "backend",
+    "threads_per_worker",
+    "device",
+    "memory_per_worker_mb",
+];
+const SCHEDULING: &[&str] = &["priority", "after", "policy"];
 const OUTPUT: &[&str] = &["dir"];
 const TASK: &[&str] = &["program", "params"];
 
@@ -202,7 +254,21 @@ impl JobSpec {
             workers: cl.int("workers", 1, MAX_WORKERS)?.unwrap_or(1),
             backend,
             threads_per_worker: cl.int("threads_per_worker", 0, 1024)?.unwrap_or(0),
+            device: cl.string("device")?.unwrap_or_else(default_device),
+            memory_per_worker_mb: cl.int("memory_per_worker_mb", 0, 1 << 30)?.unwrap_or(0) as u64,
         };
+        if cluster.device.is_empty()
+            || !cluster
+                .device
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(cl.invalid(
+                "device",
+                &cluster.device,
+                "a device kind such as cpu, cuda, vulkan, npu (letters, digits, - and _)",
+            ));
+        }
         if training.global_batch_size < cluster.workers {
             return Err(tr.invalid(
                 "global_batch_size",
@@ -213,6 +279,41 @@ impl JobSpec {
                 ),
             ));
         }
+
+        let sc = top.section("scheduling", SCHEDULING)?;
+        let policy = match sc.string("policy")?.as_deref() {
+            Some("uniform") | None => Policy::Uniform,
+            Some("resource-state") => Policy::ResourceState,
+            Some(other) => return Err(sc.invalid("policy", other, "one of: uniform, resource-state")),
+        };
+        let priority = match sc.table.get("priority") {
+            None => 0,
+            Some(Value::Integer(i)) if (-1000..=1000).contains(i) => *i,
+            Some(Value::Integer(i)) => {
+                return Err(SpecError::InvalidValue {
+                    key: "scheduling.priority".into(),
+                    value: i.to_string(),
+                    allowed: "an integer from -1000 to 1000".into(),
+                });
+            }
+            Some(v) => return Err(sc.wrong_type("priority", "an integer", v)),
+        };
+        let after = match sc.table.get("after") {
+            None => vec![],
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| match v {
+                    Value::String(s) if !s.is_empty() => Ok(s.clone()),
+                    other => Err(sc.wrong_type("after", "an array of job ids", other)),
+                })
+                .collect::<Result<_, _>>()?,
+            Some(v) => return Err(sc.wrong_type("after", "an array of job ids", v)),
+        };
+        let scheduling = SchedulingSpec {
+            priority,
+            after,
+            policy,
+        };
 
         let out = top.section("output", OUTPUT)?;
         let output_dir = PathBuf::from(out.string("dir")?.unwrap_or_else(|| "runs".into()));
@@ -258,6 +359,7 @@ impl JobSpec {
             training,
             cluster,
             output_dir,
+            scheduling,
             task,
         })
     }
@@ -520,6 +622,23 @@ workers = 3
         assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "training.optimizer"));
         let err = with("[output]\ndir = 3").unwrap_err();
         assert!(matches!(err, SpecError::WrongType { key, .. } if key == "output.dir"));
+    }
+
+    #[test]
+    fn scheduling_and_requirements() {
+        let s = with("[scheduling]\npriority = 5\nafter = [\"job-000001\"]\npolicy = \"resource-state\"").unwrap();
+        assert_eq!(s.scheduling.priority, 5);
+        assert_eq!(s.scheduling.after, vec!["job-000001".to_string()]);
+        assert_eq!(s.scheduling.policy, Policy::ResourceState);
+        assert_eq!(s.cluster.device, "cpu");
+        let err = with("[scheduling]\npolicy = \"random\"").unwrap_err();
+        assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "scheduling.policy"));
+        let err = with("[scheduling]\nafter = \"job-1\"").unwrap_err();
+        assert!(matches!(err, SpecError::WrongType { key, .. } if key == "scheduling.after"));
+        let err = with("[scheduling]\npriority = 99999").unwrap_err();
+        assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "scheduling.priority"));
+        let err = edit("workers = 3", "workers = 3\ndevice = \"g p u\"").unwrap_err();
+        assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "cluster.device"));
     }
 
     #[test]
