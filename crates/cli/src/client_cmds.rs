@@ -87,15 +87,20 @@ pub fn status(conn: &Connection, job: Option<&str>) -> Result<ExitCode> {
                     "roles      task manager: the coordinator; {} compute worker(s) in one allreduce ring",
                     j.workers
                 );
-                println!("{:>6}  {:<10} {:<22} {:<10} message", "rank", "node", "role", "state");
+                println!(
+                    "{:>6}  {:<10} {:<22} {:<10} {:>8} {:>10}  message",
+                    "rank", "node", "role", "state", "loss", "samples/s"
+                );
                 for t in &j.tasks {
                     let first_line = t.message.lines().next().unwrap_or("");
                     println!(
-                        "{:>6}  {:<10} {:<22} {:<10} {first_line}",
+                        "{:>6}  {:<10} {:<22} {:<10} {:>8.4} {:>10.0}  {first_line}",
                         t.rank,
                         t.agent_id,
                         t.role,
-                        task_state_name(t.state)
+                        task_state_name(t.state),
+                        t.loss,
+                        t.samples_per_sec
                     );
                 }
                 if let Ok(s) = serde_json::from_str::<hetero_train::RunSummary>(&j.summary_json) {
@@ -169,6 +174,32 @@ pub fn cancel(conn: &Connection, job: &str) -> Result<ExitCode> {
     })
 }
 
+/// `hetero alerts`.
+pub fn alerts(conn: &Connection) -> Result<ExitCode> {
+    with_client(conn, async |c| {
+        let alerts = c
+            .list_alerts(pb::ListAlertsRequest { after_id: 0 })
+            .await
+            .map_err(status_error)?
+            .into_inner();
+        println!(
+            "{:>4}  {:<12} {:<9} {:<12} message",
+            "id", "time", "severity", "subject"
+        );
+        for a in alerts.alerts {
+            println!(
+                "{:>4}  {:<12} {:<9} {:<12} {}",
+                a.id,
+                fmt_time(a.unix_ms),
+                a.severity,
+                a.subject,
+                a.message
+            );
+        }
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
 /// `hetero nodes`.
 pub fn nodes(conn: &Connection) -> Result<ExitCode> {
     with_client(conn, async |c| {
@@ -179,13 +210,25 @@ pub fn nodes(conn: &Connection) -> Result<ExitCode> {
             .into_inner()
             .nodes;
         println!(
-            "{:<10} {:<16} {:<8} {:<6} {:>7} {:>10} {:>6}",
-            "node", "host", "status", "kind", "devices", "memory", "busy"
+            "{:<10} {:<16} {:<8} {:<6} {:>7} {:>10} {:>7} {:>11}",
+            "node", "host", "status", "kind", "devices", "memory", "busy", "util / mem"
         );
         for n in nodes {
             for g in &n.groups {
+                let usage = n
+                    .usage
+                    .iter()
+                    .find(|u| u.kind == g.kind)
+                    .map(|u| {
+                        format!(
+                            "{:.0}% / {:.1}GB",
+                            u.utilization * 100.0,
+                            u.memory_used_bytes as f64 / 1e9
+                        )
+                    })
+                    .unwrap_or_else(|| "-".into());
                 println!(
-                    "{:<10} {:<16} {:<8} {:<6} {:>7} {:>8.1}GB {:>3}/{:<3}",
+                    "{:<10} {:<16} {:<8} {:<6} {:>7} {:>8.1}GB {:>3}/{:<3} {:>11}",
                     n.agent_id,
                     n.hostname,
                     n.status,
@@ -193,7 +236,8 @@ pub fn nodes(conn: &Connection) -> Result<ExitCode> {
                     g.devices,
                     g.memory_bytes as f64 / 1e9,
                     n.busy_slots,
-                    g.worker_slots
+                    g.worker_slots,
+                    usage
                 );
             }
         }

@@ -61,6 +61,9 @@ enum Command {
         /// Seconds without a heartbeat before a node is declared dead.
         #[arg(long, default_value_t = 10)]
         dead_after: u64,
+        /// POST every alert as JSON to this http:// URL (retried, never blocking).
+        #[arg(long)]
+        alert_webhook: Option<String>,
     },
     /// Run an agent: offer this machine's devices to a coordinator and run workers.
     Agent {
@@ -115,6 +118,11 @@ enum Command {
         #[command(flatten)]
         conn: Connection,
     },
+    /// List alerts (dead or silent nodes, failed jobs).
+    Alerts {
+        #[command(flatten)]
+        conn: Connection,
+    },
     /// Data sets: fetch them, or cut subsets.
     Data {
         #[command(subcommand)]
@@ -152,7 +160,8 @@ fn main() -> ExitCode {
             data_dir,
             token,
             dead_after,
-        } => server_cmds::coordinator(&listen, &data_dir, token, dead_after),
+            alert_webhook,
+        } => server_cmds::coordinator(&listen, &data_dir, token, dead_after, alert_webhook.as_deref()),
         Command::Agent {
             conn,
             slots,
@@ -164,6 +173,7 @@ fn main() -> ExitCode {
         Command::Logs { conn, job, follow } => client_cmds::logs(&conn, &job, follow),
         Command::Cancel { conn, job } => client_cmds::cancel(&conn, &job),
         Command::Nodes { conn } => client_cmds::nodes(&conn),
+        Command::Alerts { conn } => client_cmds::alerts(&conn),
         Command::Data { command } => data_cmd::run(command),
         Command::Bench { command } => bench::run(command),
         Command::Worker => unreachable!("handled above"),

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use hetero_cluster::agent::{self, AgentConfig};
+use hetero_cluster::alerts::Webhook;
 use hetero_cluster::coordinator::{Coordinator, CoordinatorConfig};
 use tokio::sync::watch;
 
@@ -37,7 +38,13 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// Runs the coordinator until Ctrl-C.
-pub fn coordinator(listen: &str, data_dir: &Path, token: Option<String>, dead_after: u64) -> Result<ExitCode> {
+pub fn coordinator(
+    listen: &str,
+    data_dir: &Path,
+    token: Option<String>,
+    dead_after: u64,
+    alert_webhook: Option<&str>,
+) -> Result<ExitCode> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let token = match token.or_else(|| read_token_file(data_dir)) {
         Some(t) => t,
@@ -55,6 +62,10 @@ pub fn coordinator(listen: &str, data_dir: &Path, token: Option<String>, dead_af
     };
     let mut config = CoordinatorConfig::new(data_dir.join("coordinator.redb"), &token);
     config.dead_after = std::time::Duration::from_secs(dead_after.max(1));
+    config.alert_webhook = alert_webhook
+        .map(Webhook::parse)
+        .transpose()
+        .map_err(anyhow::Error::msg)?;
     let coordinator = Coordinator::open(config)?;
     runtime()?.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen)

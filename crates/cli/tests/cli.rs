@@ -228,3 +228,137 @@ fn every_source_file_says_what_it_is_for() {
         .collect();
     assert!(missing.is_empty(), "files without a //! header: {missing:?}");
 }
+
+/// A tiny HTTP server that records every request body it is sent.
+fn webhook_server() -> (u16, std::sync::mpsc::Receiver<String>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { break };
+            let mut buf = vec![0u8; 65536];
+            let mut got = 0;
+            // Read until the body announced by Content-Length has arrived.
+            loop {
+                let n = s.read(&mut buf[got..]).unwrap_or(0);
+                got += n;
+                let text = String::from_utf8_lossy(&buf[..got]).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("Content-Length: "))
+                        .and_then(|v| v.trim().parse::<usize>().ok())
+                        .unwrap_or(0);
+                    if body.len() >= len || n == 0 {
+                        let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                        let _ = tx.send(body.to_string());
+                        break;
+                    }
+                } else if n == 0 {
+                    break;
+                }
+            }
+        }
+    });
+    (port, rx)
+}
+
+#[test]
+fn a_killed_agent_fails_its_tasks_and_raises_an_alert_to_the_webhook() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (hook_port, hook) = webhook_server();
+    let port = free_port();
+    let child = hetero()
+        .args([
+            "coordinator",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--dead-after",
+            "2",
+            "--alert-webhook",
+        ])
+        .arg(format!("http://127.0.0.1:{hook_port}/alerts"))
+        .arg("--data-dir")
+        .arg(&state)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _coordinator = Killed(child);
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut agent = Killed(
+        client("agent", port, &state)
+            .args(["--slots", "1", "--work-dir"])
+            .arg(dir.path().join("agent"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The "training program" records its pid so the test can clean it up: killing
+    // an agent with SIGKILL leaves its children running, as on a real machine.
+    let pid_file = dir.path().join("worker.pid");
+    let program = dir.path().join("train.sh");
+    std::fs::write(
+        &program,
+        format!("#!/bin/sh\necho $$ > {}\nexec sleep 120\n", pid_file.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let spec = write_spec(
+        dir.path(),
+        &format!(
+            "name = \"victim\"\n[model]\nkind = \"custom\"\n[task]\nprogram = \"{}\"\n[dataset]\npath = \"{}\"\n",
+            program.display(),
+            subset().display()
+        ),
+    );
+    let out = client("submit", port, &state).arg(&spec).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    while !pid_file.exists() {
+        assert!(started.elapsed() < Duration::from_secs(30), "worker never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    agent.0.kill().unwrap(); // SIGKILL
+    let _ = agent.0.wait();
+    let killed_at = Instant::now();
+    let status = loop {
+        let out = client("status", port, &state).arg("job-000001").output().unwrap();
+        let t = text(&out);
+        if t.contains("state      failed") {
+            break t;
+        }
+        assert!(killed_at.elapsed() < Duration::from_secs(20), "job never failed:\n{t}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(status.contains("node-1 stopped heartbeating"), "{status}");
+
+    let alerts = text(&client("alerts", port, &state).output().unwrap());
+    assert!(
+        alerts.contains("critical") && alerts.contains("node node-1 is dead"),
+        "{alerts}"
+    );
+    let mut bodies = Vec::new();
+    while !bodies.iter().any(|b: &String| b.contains("is dead")) {
+        bodies.push(
+            hook.recv_timeout(Duration::from_secs(20))
+                .expect("the webhook received no dead-node alert"),
+        );
+    }
+    let alert: serde_json::Value = serde_json::from_str(bodies.last().unwrap()).unwrap();
+    assert_eq!(alert["severity"], "critical");
+    assert_eq!(alert["subject"], "node-1");
+
+    if let Ok(pid) = std::fs::read_to_string(&pid_file) {
+        let _ = Command::new("kill").arg("-9").arg(pid.trim()).status();
+    }
+}

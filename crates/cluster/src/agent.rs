@@ -98,6 +98,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Re
     let mut agent_id = String::new();
     let mut interval = Duration::from_millis(500);
     let mut warned = false;
+    let mut sys = sysinfo::System::new();
     while !*shutdown.borrow() {
         if client.is_none() {
             match connect(&config.coordinator, &config.token).await {
@@ -146,9 +147,16 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Re
                         })
                         .collect()
                 };
+                sys.refresh_cpu_usage();
+                sys.refresh_memory();
                 let req = pb::HeartbeatRequest {
                     agent_id: agent_id.clone(),
                     tasks: list,
+                    usage: vec![pb::DeviceUsage {
+                        kind: "cpu".into(),
+                        utilization: sys.global_cpu_usage() / 100.0,
+                        memory_used_bytes: sys.used_memory(),
+                    }],
                 };
                 match c.heartbeat(req).await {
                     Ok(r) => {

@@ -28,6 +28,7 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::service::interceptor::InterceptedService;
 use tonic::{Request, Response, Status};
 
+use crate::alerts::{AlertRecord, Webhook};
 use crate::records::{GroupRecord, JobRecord, JobState, NodeRecord, TaskRecord, TaskState, task_state_from_wire};
 use crate::scheduler::{self, Demand, GroupCapacity, Queued};
 use crate::store::{LogRecord, Store};
@@ -44,6 +45,8 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval: Duration,
     /// Silence after which a node is dead and its tasks fail.
     pub dead_after: Duration,
+    /// Where alerts are POSTed, if anywhere.
+    pub alert_webhook: Option<Webhook>,
 }
 
 impl CoordinatorConfig {
@@ -54,6 +57,7 @@ impl CoordinatorConfig {
             token: token.into(),
             heartbeat_interval: Duration::from_millis(500),
             dead_after: Duration::from_secs(10),
+            alert_webhook: None,
         }
     }
 }
@@ -68,6 +72,31 @@ struct State {
     log_seq: HashMap<String, u64>,
     next_job: u64,
     next_node: u64,
+    next_alert: u64,
+    /// Health last seen per node, to alert once per change.
+    health: HashMap<String, Health>,
+    /// Device usage from each node's last heartbeat.
+    usage: HashMap<String, Vec<pb::DeviceUsage>>,
+    /// Latest (loss, samples/s) each task reported.
+    metrics: HashMap<String, (f32, f64)>,
+}
+
+/// A node's health as the monitor sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    Alive,
+    Suspect,
+    Dead,
+}
+
+impl Health {
+    fn name(self) -> &'static str {
+        match self {
+            Health::Alive => "alive",
+            Health::Suspect => "suspect",
+            Health::Dead => "dead",
+        }
+    }
 }
 
 struct Inner {
@@ -76,6 +105,9 @@ struct Inner {
     config: CoordinatorConfig,
     /// Bumped whenever a log line is appended, to wake log followers.
     log_tick: watch::Sender<u64>,
+    /// Alerts on their way to the webhook (taken by `serve`, which delivers them).
+    alert_tx: mpsc::UnboundedSender<AlertRecord>,
+    alert_rx: Mutex<Option<mpsc::UnboundedReceiver<AlertRecord>>>,
 }
 
 /// A coordinator; clone it freely (it is a handle).
@@ -113,13 +145,17 @@ impl Coordinator {
             state.next_node = state.next_node.max(n);
             state.nodes.insert(node.agent_id.clone(), node);
         }
+        state.next_alert = store.alerts(0)?.last().map_or(0, |a| a.id);
         let (log_tick, _) = watch::channel(0);
+        let (alert_tx, alert_rx) = mpsc::unbounded_channel();
         Ok(Coordinator {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
                 store,
                 config,
                 log_tick,
+                alert_tx,
+                alert_rx: Mutex::new(Some(alert_rx)),
             }),
         })
     }
@@ -139,6 +175,13 @@ impl Coordinator {
         listener: TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ClusterError> {
+        let delivery = match (
+            &self.inner.config.alert_webhook,
+            self.inner.alert_rx.lock().ok().and_then(|mut r| r.take()),
+        ) {
+            (Some(hook), Some(rx)) => Some(tokio::spawn(crate::alerts::deliver(hook.clone(), rx))),
+            _ => None,
+        };
         let monitor = {
             let me = self.clone();
             tokio::spawn(async move {
@@ -154,6 +197,9 @@ impl Coordinator {
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await;
         monitor.abort();
+        if let Some(d) = delivery {
+            d.abort();
+        }
         result.map_err(|e| ClusterError::io("serving gRPC", std::io::Error::other(e)))
     }
 
@@ -186,6 +232,23 @@ impl Coordinator {
         self.inner.log_tick.send_modify(|t| *t += 1);
     }
 
+    /// Records, logs and (with a webhook) delivers an alert.
+    fn raise(&self, st: &mut State, severity: &str, subject: &str, message: String) {
+        st.next_alert += 1;
+        let alert = AlertRecord {
+            id: st.next_alert,
+            unix_ms: now_ms(),
+            severity: severity.into(),
+            subject: subject.into(),
+            message,
+        };
+        tracing::warn!(severity, subject, message = %alert.message, "alert");
+        if let Err(e) = self.inner.store.put_alert(&alert) {
+            tracing::error!(error = %e, "could not store an alert");
+        }
+        let _ = self.inner.alert_tx.send(alert);
+    }
+
     fn save_job(&self, job: &JobRecord) {
         if let Err(e) = self.inner.store.put_job(job) {
             tracing::error!(error = %e, job_id = %job.job_id, "could not store job");
@@ -214,6 +277,14 @@ impl Coordinator {
         let job = job.clone();
         self.save_job(&job);
         st.rendezvous.remove(job_id);
+        if state == JobState::Failed {
+            self.raise(
+                st,
+                "warning",
+                job_id,
+                format!("job {job_id} ({}) failed: {message}", job.name),
+            );
+        }
         let line = format!("job {}: {message}", format!("{state:?}").to_lowercase());
         self.append_log(st, job_id, -1, "state", vec![line]);
     }
@@ -375,34 +446,64 @@ impl Coordinator {
         }
     }
 
-    /// Fails the tasks of nodes that stopped heartbeating.
+    /// Follows every node's health from its heartbeats: a node silent for three
+    /// intervals is suspect, one silent for `dead_after` is dead and its tasks fail.
+    /// Each change raises one alert.
     fn check_nodes(&self) {
         let mut st = self.lock();
         let now = now_ms();
-        let dead: HashSet<String> = st
+        let interval = self.inner.config.heartbeat_interval.as_millis() as i64;
+        let changes: Vec<(String, Health, i64)> = st
             .nodes
             .values()
-            .filter(|n| !self.is_alive(n, now))
-            .map(|n| n.agent_id.clone())
+            .filter_map(|n| {
+                let silent = now - n.last_heartbeat_ms;
+                let health = if !self.is_alive(n, now) {
+                    Health::Dead
+                } else if silent > 3 * interval {
+                    Health::Suspect
+                } else {
+                    Health::Alive
+                };
+                let before = st.health.get(&n.agent_id).copied().unwrap_or(Health::Alive);
+                (before != health).then(|| (n.agent_id.clone(), health, silent))
+            })
             .collect();
-        if dead.is_empty() {
-            return;
-        }
-        let mut touched = Vec::new();
-        for job in st.jobs.values_mut().filter(|j| j.state == JobState::Running) {
-            for t in job
-                .tasks
-                .iter_mut()
-                .filter(|t| !t.state.is_final() && dead.contains(&t.agent_id))
-            {
-                t.state = TaskState::Failed;
-                t.message = format!("node {} stopped heartbeating", t.agent_id);
-                touched.push(job.job_id.clone());
+        for (node, health, silent) in changes {
+            st.health.insert(node.clone(), health);
+            match health {
+                Health::Alive => self.raise(&mut st, "info", &node, format!("node {node} is heartbeating again")),
+                Health::Suspect => self.raise(
+                    &mut st,
+                    "warning",
+                    &node,
+                    format!("node {node} missed heartbeats ({silent} ms silent)"),
+                ),
+                Health::Dead => {
+                    let mut touched = Vec::new();
+                    for job in st.jobs.values_mut().filter(|j| j.state == JobState::Running) {
+                        for t in job
+                            .tasks
+                            .iter_mut()
+                            .filter(|t| !t.state.is_final() && t.agent_id == node)
+                        {
+                            t.state = TaskState::Failed;
+                            t.message = format!("node {node} stopped heartbeating ({} s silent)", silent / 1000);
+                            touched.push(job.job_id.clone());
+                        }
+                    }
+                    touched.dedup();
+                    let msg = format!(
+                        "node {node} is dead: no heartbeat for {} s; {} running job(s) affected",
+                        silent / 1000,
+                        touched.len()
+                    );
+                    self.raise(&mut st, "critical", &node, msg);
+                    for job_id in touched {
+                        self.settle_job(&mut st, &job_id);
+                    }
+                }
             }
-        }
-        for job_id in touched {
-            tracing::warn!(job_id, "a node died under a running job");
-            self.settle_job(&mut st, &job_id);
         }
     }
 
@@ -461,6 +562,20 @@ impl Coordinator {
             self.settle_job(st, &job_id);
         }
         resp
+    }
+}
+
+impl State {
+    /// A job as the wire shows it, with its tasks' latest training metrics.
+    fn job_info(&self, j: &JobRecord) -> pb::JobInfo {
+        let mut info = pb::JobInfo::from(j);
+        for t in &mut info.tasks {
+            if let Some(&(loss, rate)) = self.metrics.get(&t.task_id) {
+                t.loss = loss;
+                t.samples_per_sec = rate;
+            }
+        }
+        info
     }
 }
 
@@ -534,6 +649,7 @@ impl CoordinatorRpc for Coordinator {
             }));
         };
         node.last_heartbeat_ms = now_ms();
+        st.usage.insert(req.agent_id.clone(), req.usage.clone());
         let reported: HashMap<String, Option<TaskState>> = req
             .tasks
             .iter()
@@ -563,8 +679,17 @@ impl CoordinatorRpc for Coordinator {
         };
         self.append_log(&mut st, &job_id, rank as i32, "log", req.log_lines);
         for event in &req.events_json {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(event)
-                && v["type"] == "done"
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(event) else {
+                continue;
+            };
+            if v["type"] == "step" {
+                let loss = v["loss"].as_f64().unwrap_or(f64::NAN) as f32;
+                st.metrics.insert(
+                    req.task_id.clone(),
+                    (loss, v["samples_per_sec"].as_f64().unwrap_or(0.0)),
+                );
+            }
+            if v["type"] == "done"
                 && let Some(job) = st.jobs.get_mut(&job_id)
             {
                 job.summary_json = v["summary"].to_string();
@@ -689,14 +814,14 @@ impl CoordinatorRpc for Coordinator {
         let st = self.lock();
         st.jobs
             .get(&id)
-            .map(|j| Response::new(pb::JobInfo::from(j)))
+            .map(|j| Response::new(st.job_info(j)))
             .ok_or_else(|| Status::not_found(format!("no job {id}")))
     }
 
     async fn list_jobs(&self, _req: Request<pb::ListJobsRequest>) -> Result<Response<pb::ListJobsResponse>, Status> {
         let st = self.lock();
         Ok(Response::new(pb::ListJobsResponse {
-            jobs: st.jobs.values().map(pb::JobInfo::from).collect(),
+            jobs: st.jobs.values().map(|j| st.job_info(j)).collect(),
         }))
     }
 
@@ -763,6 +888,29 @@ impl CoordinatorRpc for Coordinator {
         }))
     }
 
+    async fn list_alerts(
+        &self,
+        req: Request<pb::ListAlertsRequest>,
+    ) -> Result<Response<pb::ListAlertsResponse>, Status> {
+        let alerts = self
+            .inner
+            .store
+            .alerts(req.into_inner().after_id)
+            .map_err(store_status)?;
+        Ok(Response::new(pb::ListAlertsResponse {
+            alerts: alerts
+                .into_iter()
+                .map(|a| pb::Alert {
+                    id: a.id,
+                    unix_ms: a.unix_ms,
+                    severity: a.severity,
+                    subject: a.subject,
+                    message: a.message,
+                })
+                .collect(),
+        }))
+    }
+
     async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
         let st = self.lock();
         let now = now_ms();
@@ -773,12 +921,13 @@ impl CoordinatorRpc for Coordinator {
             .map(|n| {
                 let silent = now - n.last_heartbeat_ms;
                 let status = if !self.is_alive(n, now) {
-                    "dead"
+                    Health::Dead
                 } else if silent > 3 * interval {
-                    "suspect"
+                    Health::Suspect
                 } else {
-                    "alive"
-                };
+                    Health::Alive
+                }
+                .name();
                 let busy = st
                     .jobs
                     .values()
@@ -792,6 +941,7 @@ impl CoordinatorRpc for Coordinator {
                     last_heartbeat_unix_ms: n.last_heartbeat_ms,
                     groups: n.groups.iter().map(pb::ResourceGroup::from).collect(),
                     busy_slots: busy,
+                    usage: st.usage.get(&n.agent_id).cloned().unwrap_or_default(),
                 }
             })
             .collect();

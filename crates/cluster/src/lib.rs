@@ -8,6 +8,7 @@
 //! - [`store`]: those records in redb;
 //! - [`scheduler`]: where a queued job's workers go (pure, tested alone);
 //! - [`coordinator`]: the gRPC service and the monitor loop;
+//! - [`alerts`]: stored alerts and their webhook delivery;
 //! - [`agent`]: registration, heartbeats, worker processes, log forwarding;
 //! - [`client`]: a token-carrying gRPC client for users, agents and workers;
 //! - [`local`]: a whole cluster inside one process, for `hetero local` and tests.
@@ -16,6 +17,7 @@
 //! logs and progress events.
 
 pub mod agent;
+pub mod alerts;
 pub mod client;
 pub mod coordinator;
 pub mod error;

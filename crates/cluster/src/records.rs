@@ -247,6 +247,8 @@ impl From<&JobRecord> for pb::JobInfo {
                     role: t.role.clone(),
                     state: pb::TaskState::from(t.state) as i32,
                     message: t.message.clone(),
+                    loss: 0.0,
+                    samples_per_sec: 0.0,
                 })
                 .collect(),
             output_dir: j.output_dir.clone(),

@@ -10,11 +10,13 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::ClusterError;
+use crate::alerts::AlertRecord;
 use crate::records::{JobRecord, NodeRecord};
 
 const JOBS: TableDefinition<&str, &str> = TableDefinition::new("jobs");
 const NODES: TableDefinition<&str, &str> = TableDefinition::new("nodes");
 const LOGS: TableDefinition<(&str, u64), &str> = TableDefinition::new("logs");
+const ALERTS: TableDefinition<u64, &str> = TableDefinition::new("alerts");
 
 /// One stored log line.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +57,7 @@ impl Store {
             tx.open_table(JOBS)?;
             tx.open_table(NODES)?;
             tx.open_table(LOGS)?;
+            tx.open_table(ALERTS)?;
             Ok(())
         })?;
         Ok(store)
@@ -140,6 +143,27 @@ impl Store {
         for row in range.take(limit) {
             let (_, v) = row.map_err(|e| self.err(e))?;
             out.push(serde_json::from_str(v.value()).map_err(|e| self.err(format!("corrupt log line: {e}")))?);
+        }
+        Ok(out)
+    }
+
+    /// Saves an alert.
+    pub fn put_alert(&self, alert: &AlertRecord) -> Result<(), ClusterError> {
+        let json = serde_json::to_string(alert).expect("records serialise");
+        self.write(|tx| {
+            tx.open_table(ALERTS)?.insert(alert.id, json.as_str())?;
+            Ok(())
+        })
+    }
+
+    /// Alerts with `id > after`, oldest first.
+    pub fn alerts(&self, after: u64) -> Result<Vec<AlertRecord>, ClusterError> {
+        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
+        let table = tx.open_table(ALERTS).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in table.range(after.saturating_add(1)..).map_err(|e| self.err(e))? {
+            let (_, v) = row.map_err(|e| self.err(e))?;
+            out.push(serde_json::from_str(v.value()).map_err(|e| self.err(format!("corrupt alert: {e}")))?);
         }
         Ok(out)
     }
