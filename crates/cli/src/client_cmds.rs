@@ -201,8 +201,20 @@ pub fn alerts(conn: &Connection) -> Result<ExitCode> {
 }
 
 /// `hetero nodes`.
-pub fn nodes(conn: &Connection) -> Result<ExitCode> {
+pub fn nodes(conn: &Connection, set_score: Option<&str>) -> Result<ExitCode> {
     with_client(conn, async |c| {
+        if let Some(arg) = set_score {
+            let parsed = arg.split_once('=').and_then(|(target, score)| {
+                let (node, kind) = target.split_once('/')?;
+                Some((node.to_string(), kind.to_string(), score.parse::<f32>().ok()?))
+            });
+            let Some((agent_id, kind, score)) = parsed else {
+                anyhow::bail!("--set-score {arg:?}: expected NODE/KIND=SCORE, e.g. node-1/cpu=120");
+            };
+            c.set_group_score(pb::SetGroupScoreRequest { agent_id, kind, score })
+                .await
+                .map_err(status_error)?;
+        }
         let nodes = c
             .list_nodes(pb::ListNodesRequest {})
             .await
@@ -210,8 +222,8 @@ pub fn nodes(conn: &Connection) -> Result<ExitCode> {
             .into_inner()
             .nodes;
         println!(
-            "{:<10} {:<16} {:<8} {:<6} {:>7} {:>10} {:>7} {:>11}",
-            "node", "host", "status", "kind", "devices", "memory", "busy", "util / mem"
+            "{:<10} {:<16} {:<8} {:<6} {:>7} {:>10} {:>7} {:>11} {:>7} {:>6}",
+            "node", "host", "status", "kind", "devices", "memory", "busy", "util / mem", "score", "speed"
         );
         for n in nodes {
             for g in &n.groups {
@@ -228,7 +240,7 @@ pub fn nodes(conn: &Connection) -> Result<ExitCode> {
                     })
                     .unwrap_or_else(|| "-".into());
                 println!(
-                    "{:<10} {:<16} {:<8} {:<6} {:>7} {:>8.1}GB {:>3}/{:<3} {:>11}",
+                    "{:<10} {:<16} {:<8} {:<6} {:>7} {:>8.1}GB {:>3}/{:<3} {:>11} {:>7.1} {:>6.2}",
                     n.agent_id,
                     n.hostname,
                     n.status,
@@ -237,7 +249,9 @@ pub fn nodes(conn: &Connection) -> Result<ExitCode> {
                     g.memory_bytes as f64 / 1e9,
                     n.busy_slots,
                     g.worker_slots,
-                    usage
+                    usage,
+                    g.score,
+                    g.speed
                 );
             }
         }

@@ -42,7 +42,14 @@ pub fn run(spec_path: &Path, workers: Option<usize>) -> Result<ExitCode> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let cluster = LocalCluster::start(spec.cluster.workers as u32, std::env::current_exe()?).await?;
+        let program = std::env::current_exe()?;
+        let gflops = hetero_worker::backend::measure_gflops(hetero_job::Backend::Auto);
+        let cluster = LocalCluster::start_with(|agent| {
+            agent.slots = spec.cluster.workers as u32;
+            agent.worker_program = program;
+            agent.gflops = gflops;
+        })
+        .await?;
         println!(
             "local cluster: coordinator on {}, one agent, {} worker process(es)",
             cluster.address, spec.cluster.workers

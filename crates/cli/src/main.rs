@@ -78,6 +78,12 @@ enum Command {
         /// Folder for workers' files.
         #[arg(long, default_value = ".hetero/agent")]
         work_dir: PathBuf,
+        /// Configuration file: CPU slots, speed cap, declared devices (see docs/cluster.md).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Speed cap of this agent's CPU in (0, 1]: workers idle to emulate a slower device.
+        #[arg(long)]
+        speed: Option<f64>,
     },
     /// Submit a job spec to the coordinator.
     Submit {
@@ -117,6 +123,9 @@ enum Command {
     Nodes {
         #[command(flatten)]
         conn: Connection,
+        /// Override a group's compute score: NODE/KIND=SCORE (0 restores the measured one).
+        #[arg(long)]
+        set_score: Option<String>,
     },
     /// List alerts (dead or silent nodes, failed jobs).
     Alerts {
@@ -167,12 +176,14 @@ fn main() -> ExitCode {
             slots,
             data_host,
             work_dir,
-        } => server_cmds::agent(&conn, slots, &data_host, &work_dir),
+            config,
+            speed,
+        } => server_cmds::agent(&conn, slots, &data_host, &work_dir, config.as_deref(), speed),
         Command::Submit { conn, spec, follow } => client_cmds::submit(&conn, &spec, follow),
         Command::Status { conn, job } => client_cmds::status(&conn, job.as_deref()),
         Command::Logs { conn, job, follow } => client_cmds::logs(&conn, &job, follow),
         Command::Cancel { conn, job } => client_cmds::cancel(&conn, &job),
-        Command::Nodes { conn } => client_cmds::nodes(&conn),
+        Command::Nodes { conn, set_score } => client_cmds::nodes(&conn, set_score.as_deref()),
         Command::Alerts { conn } => client_cmds::alerts(&conn),
         Command::Data { command } => data_cmd::run(command),
         Command::Bench { command } => bench::run(command),

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use hetero_cluster::agent::{self, AgentConfig};
+use hetero_cluster::agent_config::AgentFile;
 use hetero_cluster::alerts::Webhook;
 use hetero_cluster::coordinator::{Coordinator, CoordinatorConfig};
 use tokio::sync::watch;
@@ -83,26 +84,47 @@ pub fn coordinator(
 }
 
 /// Runs an agent until Ctrl-C.
-pub fn agent(conn: &Connection, slots: Option<u32>, data_host: &str, work_dir: &Path) -> Result<ExitCode> {
+pub fn agent(
+    conn: &Connection,
+    slots: Option<u32>,
+    data_host: &str,
+    work_dir: &Path,
+    config_file: Option<&Path>,
+    speed: Option<f64>,
+) -> Result<ExitCode> {
     let token = resolve_token(conn)?;
+    let file = match config_file {
+        Some(path) => AgentFile::load(path).map_err(anyhow::Error::msg)?,
+        None => AgentFile::default(),
+    };
+    let speed = speed.or(file.speed).unwrap_or(1.0);
+    if !(speed > 0.0 && speed <= 1.0) {
+        bail!("--speed {speed} is not allowed; a speed cap is in (0, 1]");
+    }
     let cores = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
     let hostname = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "agent".into());
-    let config = AgentConfig {
-        coordinator: conn.coordinator.clone(),
+    let gflops = hetero_worker::backend::measure_gflops(hetero_job::Backend::Auto);
+    let mut config = AgentConfig::new(
+        conn.coordinator.clone(),
         token,
-        slots: slots.unwrap_or(cores),
-        work_dir: std::path::absolute(work_dir)?,
-        worker_program: std::env::current_exe()?,
-        data_host: data_host.to_string(),
-        hostname,
-    };
+        slots.or(file.slots).unwrap_or(cores),
+        std::path::absolute(work_dir)?,
+        std::env::current_exe()?,
+    );
+    config.data_host = data_host.to_string();
+    config.hostname = hostname;
+    config.speed = speed as f32;
+    config.gflops = gflops;
+    config.declared = file.devices;
     println!(
-        "agent: {} worker slot(s), coordinator {}",
-        config.slots, config.coordinator
+        "agent: cpu {} slot(s), {gflops:.1} GFLOP/s measured, speed cap {speed}; {} declared device kind(s); coordinator {}",
+        config.slots,
+        config.declared.len(),
+        config.coordinator
     );
     runtime()?.block_on(async move {
         let (tx, rx) = watch::channel(false);

@@ -21,6 +21,7 @@ use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::ClusterError;
+use crate::agent_config::DeclaredDevice;
 use crate::client::{Client, connect};
 use crate::records::TaskState;
 
@@ -49,6 +50,10 @@ impl WorkerEnv {
     pub const OUTPUT_DIR: &'static str = "HETERO_OUTPUT_DIR";
     /// Host the data-plane listener binds to.
     pub const DATA_HOST: &'static str = "HETERO_DATA_HOST";
+    /// Speed cap of the device, in (0, 1]: the worker slows itself to this fraction.
+    pub const SPEED: &'static str = "HETERO_SPEED";
+    /// The program declared for the worker's device kind, when it has one.
+    pub const DEVICE_COMMAND: &'static str = "HETERO_DEVICE_COMMAND";
 }
 
 /// How an agent runs.
@@ -68,21 +73,63 @@ pub struct AgentConfig {
     pub data_host: String,
     /// This machine's name.
     pub hostname: String,
+    /// Speed cap of the CPU group, in (0, 1] (1: full speed).
+    pub speed: f32,
+    /// Measured matmul GFLOP/s of the CPU group (0: not measured).
+    pub gflops: f32,
+    /// Devices declared in the agent's configuration file.
+    pub declared: Vec<DeclaredDevice>,
 }
 
-/// The devices of this machine, as resource groups.
-pub fn discover_groups(slots: u32) -> Vec<pb::ResourceGroup> {
+impl AgentConfig {
+    /// A configuration with full speed, no profile and no declared devices.
+    pub fn new(coordinator: String, token: String, slots: u32, work_dir: PathBuf, worker_program: PathBuf) -> Self {
+        AgentConfig {
+            coordinator,
+            token,
+            slots,
+            work_dir,
+            worker_program,
+            data_host: "127.0.0.1".into(),
+            hostname: "local".into(),
+            speed: 1.0,
+            gflops: 0.0,
+            declared: vec![],
+        }
+    }
+}
+
+/// The devices of this machine, as resource groups: the CPU (always) and every
+/// declared device kind.
+pub fn discover_groups(config: &AgentConfig) -> Vec<pb::ResourceGroup> {
     let mut sys = sysinfo::System::new();
     sys.refresh_memory();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
-    vec![pb::ResourceGroup {
+    let mut groups = vec![pb::ResourceGroup {
         kind: "cpu".into(),
         devices: cores,
         memory_bytes: sys.total_memory(),
-        worker_slots: slots.max(1),
-    }]
+        worker_slots: config.slots.max(1),
+        gflops: config.gflops,
+        speed: config.speed,
+        score: 0.0,
+        command: String::new(),
+    }];
+    for d in &config.declared {
+        groups.push(pb::ResourceGroup {
+            kind: d.kind.clone(),
+            devices: d.count,
+            memory_bytes: (d.memory_gb * d.count as f64 * 1e9) as u64,
+            worker_slots: d.slots.unwrap_or(d.count),
+            gflops: 0.0,
+            speed: 1.0,
+            score: 0.0,
+            command: d.command.display().to_string(),
+        });
+    }
+    groups
 }
 
 struct Running {
@@ -117,7 +164,7 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Re
                     protocol_version: PROTOCOL_VERSION,
                     agent_id: String::new(),
                     hostname: config.hostname.clone(),
-                    groups: discover_groups(config.slots),
+                    groups: discover_groups(&config),
                 };
                 match c.register_agent(req).await {
                     Ok(r) => {
@@ -247,13 +294,22 @@ async fn report_final(mut client: Client, agent_id: &str, task_id: &str, state: 
 }
 
 fn worker_command(config: &AgentConfig, a: &pb::TaskAssignment, spec_file: &Path) -> Command {
-    let mut cmd = if a.program.is_empty() {
-        let mut c = Command::new(&config.worker_program);
-        c.arg("worker");
-        c
-    } else {
-        Command::new(&a.program)
+    let declared = config.declared.iter().find(|d| d.kind == a.group);
+    let mut cmd = match (a.program.is_empty(), declared) {
+        (false, _) => Command::new(&a.program),
+        (true, Some(d)) => Command::new(&d.command),
+        (true, None) => {
+            let mut c = Command::new(&config.worker_program);
+            c.arg("worker");
+            c
+        }
     };
+    if let Some(d) = declared {
+        cmd.env(WorkerEnv::DEVICE_COMMAND, &d.command);
+    }
+    if a.group == "cpu" || a.group.is_empty() {
+        cmd.env(WorkerEnv::SPEED, config.speed.to_string());
+    }
     cmd.env(WorkerEnv::COORDINATOR, &config.coordinator)
         .env(WorkerEnv::TOKEN, &config.token)
         .env(WorkerEnv::JOB_ID, &a.job_id)

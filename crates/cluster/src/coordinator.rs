@@ -232,6 +232,35 @@ impl Coordinator {
         self.inner.log_tick.send_modify(|t| *t += 1);
     }
 
+    /// A node as the wire shows it: health, groups with scores, usage, busy slots.
+    fn node_info(&self, st: &State, n: &NodeRecord) -> pb::NodeInfo {
+        let now = now_ms();
+        let interval = self.inner.config.heartbeat_interval.as_millis() as i64;
+        let silent = now - n.last_heartbeat_ms;
+        let status = if !self.is_alive(n, now) {
+            Health::Dead
+        } else if silent > 3 * interval {
+            Health::Suspect
+        } else {
+            Health::Alive
+        };
+        let busy = st
+            .jobs
+            .values()
+            .flat_map(|j| &j.tasks)
+            .filter(|t| t.agent_id == n.agent_id && !t.state.is_final())
+            .count() as u32;
+        pb::NodeInfo {
+            agent_id: n.agent_id.clone(),
+            hostname: n.hostname.clone(),
+            status: status.name().into(),
+            last_heartbeat_unix_ms: n.last_heartbeat_ms,
+            groups: n.groups.iter().map(pb::ResourceGroup::from).collect(),
+            busy_slots: busy,
+            usage: st.usage.get(&n.agent_id).cloned().unwrap_or_default(),
+        }
+    }
+
     /// Records, logs and (with a webhook) delivers an alert.
     fn raise(&self, st: &mut State, severity: &str, subject: &str, message: String) {
         st.next_alert += 1;
@@ -539,6 +568,7 @@ impl Coordinator {
                         output_dir: job.output_dir.clone(),
                         program: job.program.clone(),
                         threads: t.threads,
+                        group: t.group.clone(),
                     });
                 } else if !running_there {
                     t.state = TaskState::Failed;
@@ -623,10 +653,18 @@ impl CoordinatorRpc for Coordinator {
             st.next_node += 1;
             format!("node-{}", st.next_node)
         };
+        let mut groups: Vec<GroupRecord> = req.groups.iter().map(GroupRecord::from).collect();
+        if let Some(old) = st.nodes.get(&agent_id) {
+            for g in &mut groups {
+                if let Some(o) = old.groups.iter().find(|o| o.kind == g.kind) {
+                    g.score_override = o.score_override;
+                }
+            }
+        }
         let node = NodeRecord {
             agent_id: agent_id.clone(),
             hostname: req.hostname,
-            groups: req.groups.iter().map(GroupRecord::from).collect(),
+            groups,
             last_heartbeat_ms: now_ms(),
         };
         self.inner.store.put_node(&node).map_err(store_status)?;
@@ -913,38 +951,31 @@ impl CoordinatorRpc for Coordinator {
 
     async fn list_nodes(&self, _req: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
         let st = self.lock();
-        let now = now_ms();
-        let interval = self.inner.config.heartbeat_interval.as_millis() as i64;
-        let nodes = st
-            .nodes
-            .values()
-            .map(|n| {
-                let silent = now - n.last_heartbeat_ms;
-                let status = if !self.is_alive(n, now) {
-                    Health::Dead
-                } else if silent > 3 * interval {
-                    Health::Suspect
-                } else {
-                    Health::Alive
-                }
-                .name();
-                let busy = st
-                    .jobs
-                    .values()
-                    .flat_map(|j| &j.tasks)
-                    .filter(|t| t.agent_id == n.agent_id && !t.state.is_final())
-                    .count() as u32;
-                pb::NodeInfo {
-                    agent_id: n.agent_id.clone(),
-                    hostname: n.hostname.clone(),
-                    status: status.into(),
-                    last_heartbeat_unix_ms: n.last_heartbeat_ms,
-                    groups: n.groups.iter().map(pb::ResourceGroup::from).collect(),
-                    busy_slots: busy,
-                    usage: st.usage.get(&n.agent_id).cloned().unwrap_or_default(),
-                }
-            })
-            .collect();
+        let nodes = st.nodes.values().map(|n| self.node_info(&st, n)).collect();
         Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn set_group_score(&self, req: Request<pb::SetGroupScoreRequest>) -> Result<Response<pb::NodeInfo>, Status> {
+        let req = req.into_inner();
+        if !req.score.is_finite() || req.score < 0.0 {
+            return Err(Status::invalid_argument(format!(
+                "score {} must be a number ≥ 0",
+                req.score
+            )));
+        }
+        let mut st = self.lock();
+        let Some(node) = st.nodes.get_mut(&req.agent_id) else {
+            return Err(Status::not_found(format!("no node {}", req.agent_id)));
+        };
+        let Some(group) = node.groups.iter_mut().find(|g| g.kind == req.kind) else {
+            return Err(Status::not_found(format!(
+                "node {} has no {} group",
+                req.agent_id, req.kind
+            )));
+        };
+        group.score_override = req.score;
+        let node = node.clone();
+        self.inner.store.put_node(&node).map_err(store_status)?;
+        Ok(Response::new(self.node_info(&st, &node)))
     }
 }

@@ -10,6 +10,7 @@
 //! - [`coordinator`]: the gRPC service and the monitor loop;
 //! - [`alerts`]: stored alerts and their webhook delivery;
 //! - [`agent`]: registration, heartbeats, worker processes, log forwarding;
+//! - [`agent_config`]: an agent's file of declared devices and speed cap;
 //! - [`client`]: a token-carrying gRPC client for users, agents and workers;
 //! - [`local`]: a whole cluster inside one process, for `hetero local` and tests.
 //!
@@ -17,6 +18,7 @@
 //! logs and progress events.
 
 pub mod agent;
+pub mod agent_config;
 pub mod alerts;
 pub mod client;
 pub mod coordinator;

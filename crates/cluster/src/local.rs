@@ -28,6 +28,16 @@ impl LocalCluster {
     /// Starts a coordinator and one agent with `slots` worker slots whose built-in
     /// workers run `worker_program worker`.
     pub async fn start(slots: u32, worker_program: PathBuf) -> Result<LocalCluster, ClusterError> {
+        Self::start_with(|config| {
+            config.slots = slots;
+            config.worker_program = worker_program;
+        })
+        .await
+    }
+
+    /// Starts a coordinator and one agent whose configuration `configure` adjusts
+    /// (slots, speed cap, declared devices, measured GFLOP/s …).
+    pub async fn start_with(configure: impl FnOnce(&mut AgentConfig)) -> Result<LocalCluster, ClusterError> {
         let scratch = tempfile::tempdir().map_err(|e| ClusterError::io("creating the cluster's folder", e))?;
         let token = crate::new_token();
         let coordinator = Coordinator::open(CoordinatorConfig::new(scratch.path().join("coordinator.redb"), &token))?;
@@ -43,18 +53,15 @@ impl LocalCluster {
         let server = tokio::spawn(coordinator.serve(listener, async move {
             let _ = stop_server.changed().await;
         }));
-        let agent = tokio::spawn(agent::run(
-            AgentConfig {
-                coordinator: address.clone(),
-                token: token.clone(),
-                slots,
-                work_dir: scratch.path().join("agent"),
-                worker_program,
-                data_host: "127.0.0.1".into(),
-                hostname: "local".into(),
-            },
-            stop_rx,
-        ));
+        let mut config = AgentConfig::new(
+            address.clone(),
+            token.clone(),
+            1,
+            scratch.path().join("agent"),
+            PathBuf::from("hetero"),
+        );
+        configure(&mut config);
+        let agent = tokio::spawn(agent::run(config, stop_rx));
         Ok(LocalCluster {
             address,
             token,

@@ -147,6 +147,34 @@ pub struct GroupRecord {
     pub memory_bytes: u64,
     /// Workers it runs at once.
     pub worker_slots: u32,
+    /// Measured matmul GFLOP/s of the whole group (0: not measured).
+    #[serde(default)]
+    pub gflops: f32,
+    /// Speed cap (1 = full speed).
+    #[serde(default = "full_speed")]
+    pub speed: f32,
+    /// Operator's override of the compute score (0: none).
+    #[serde(default)]
+    pub score_override: f32,
+    /// Program that runs workers on a declared device kind.
+    #[serde(default)]
+    pub command: String,
+}
+
+fn full_speed() -> f32 {
+    1.0
+}
+
+impl GroupRecord {
+    /// The compute score the scheduler and operators see: the override if set,
+    /// else measured GFLOP/s × speed cap.
+    pub fn score(&self) -> f32 {
+        if self.score_override > 0.0 {
+            self.score_override
+        } else {
+            self.gflops * self.speed
+        }
+    }
 }
 
 impl NodeRecord {
@@ -265,6 +293,10 @@ impl From<&GroupRecord> for pb::ResourceGroup {
             devices: g.devices,
             memory_bytes: g.memory_bytes,
             worker_slots: g.worker_slots,
+            gflops: g.gflops,
+            speed: g.speed,
+            score: g.score(),
+            command: g.command.clone(),
         }
     }
 }
@@ -276,6 +308,10 @@ impl From<&pb::ResourceGroup> for GroupRecord {
             devices: g.devices,
             memory_bytes: g.memory_bytes,
             worker_slots: g.worker_slots,
+            gflops: g.gflops,
+            speed: if g.speed > 0.0 { g.speed } else { 1.0 },
+            score_override: 0.0,
+            command: g.command.clone(),
         }
     }
 }

@@ -389,3 +389,110 @@ async fn higher_priority_starts_first_when_resources_free_up() {
     client.cancel_job(pb::CancelJobRequest { job_id: low }).await.unwrap();
     cluster.shutdown().await;
 }
+
+#[tokio::test]
+async fn declared_devices_are_registered_scheduled_and_run_their_command() {
+    use hetero_cluster::agent_config::AgentFile;
+    let dir = tempfile::tempdir().unwrap();
+    let runner = script(
+        dir.path(),
+        "npu-runner.sh",
+        "echo \"npu worker rank $HETERO_RANK of $HETERO_WORLD\"",
+    );
+    let file = AgentFile::parse(&format!(
+        "speed = 0.5\n[[device]]\nkind = \"npu\"\ncount = 2\nmemory_gb = 8\ncommand = \"{}\"\n",
+        runner.display()
+    ))
+    .unwrap();
+    let cluster = LocalCluster::start_with(|a| {
+        a.slots = 1;
+        a.worker_program = "/bin/false".into();
+        a.speed = file.speed.unwrap() as f32;
+        a.gflops = 100.0;
+        a.declared = file.devices;
+    })
+    .await
+    .unwrap();
+    let mut client = cluster.client().await.unwrap();
+    let started = Instant::now();
+    let nodes = loop {
+        let nodes = client
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes;
+        if !nodes.is_empty() {
+            break nodes;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let groups = &nodes[0].groups;
+    let npu = groups.iter().find(|g| g.kind == "npu").expect("npu group registered");
+    assert_eq!((npu.devices, npu.worker_slots), (2, 2));
+    assert_eq!(npu.memory_bytes, 16_000_000_000);
+    let cpu = groups.iter().find(|g| g.kind == "cpu").unwrap();
+    assert_eq!(cpu.score, 50.0, "score = measured 100 GFLOP/s × speed cap 0.5");
+
+    // An operator overrides the score; 0 restores the measured one.
+    let node = client
+        .set_group_score(pb::SetGroupScoreRequest {
+            agent_id: nodes[0].agent_id.clone(),
+            kind: "cpu".into(),
+            score: 80.0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(node.groups.iter().find(|g| g.kind == "cpu").unwrap().score, 80.0);
+    let err = client
+        .set_group_score(pb::SetGroupScoreRequest {
+            agent_id: nodes[0].agent_id.clone(),
+            kind: "tpu".into(),
+            score: 1.0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+
+    // A built-in job that needs NPUs runs the declared command on both NPU slots,
+    // although the CPU group has only one slot.
+    let spec = format!(
+        "[dataset]\npath = \"{}\"\n[cluster]\nworkers = 2\ndevice = \"npu\"\nmemory_per_worker_mb = 4000\n[training]\nglobal_batch_size = 8\n",
+        data_dir().display()
+    );
+    let job = submit(&mut client, spec.clone()).await;
+    let info = wait_for(&mut client, &job, ended).await;
+    assert_eq!(info.state, pb::JobState::Succeeded as i32, "{info:?}");
+    // More memory than an NPU has: the job waits instead of overbooking.
+    let big = submit(&mut client, spec.replace("4000", "9000")).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let waiting = client
+        .get_job(pb::GetJobRequest { job_id: big.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(waiting.state, pb::JobState::Queued as i32);
+    client.cancel_job(pb::CancelJobRequest { job_id: big }).await.unwrap();
+
+    // The CPU group's speed cap reaches its workers.
+    let echo = script(dir.path(), "speed.sh", "echo \"speed=$HETERO_SPEED\"");
+    let job = submit(&mut client, custom_spec(&echo, 1)).await;
+    wait_for(&mut client, &job, ended).await;
+    let mut stream = client
+        .stream_logs(pb::StreamLogsRequest {
+            job_id: job,
+            after_seq: 0,
+            follow: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut texts = Vec::new();
+    while let Some(e) = tokio_stream::StreamExt::next(&mut stream).await {
+        texts.push(e.unwrap().text);
+    }
+    assert!(texts.iter().any(|t| t == "speed=0.5"), "{texts:?}");
+    cluster.shutdown().await;
+}

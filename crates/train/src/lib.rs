@@ -21,4 +21,4 @@ pub mod trainer;
 pub use error::TrainError;
 pub use report::{Event, RunSummary, WorkerFigures};
 pub use task::{Evaluation, Task, TaskContext};
-pub use trainer::{TrainOptions, Trainer, train};
+pub use trainer::{TrainOptions, Trainer, throttle_delay, train};

@@ -37,6 +37,17 @@ pub struct TrainOptions {
     pub backend: String,
     /// Least time between two step events.
     pub event_interval: Duration,
+    /// Speed cap in (0, 1]: after computing, a worker idles so that its compute takes
+    /// `1 / speed` times as long — a documented knob to emulate a slower device.
+    pub speed: f64,
+}
+
+/// How long to idle after `compute` to run at `speed` of full speed.
+pub fn throttle_delay(compute: Duration, speed: f64) -> Duration {
+    if speed >= 1.0 || speed <= 0.0 || !speed.is_finite() {
+        return Duration::ZERO;
+    }
+    compute.mul_f64(1.0 / speed - 1.0)
 }
 
 impl TrainOptions {
@@ -49,6 +60,7 @@ impl TrainOptions {
             eval_batch: 500,
             backend: "flex".into(),
             event_interval: Duration::from_millis(500),
+            speed: 1.0,
         }
     }
 }
@@ -119,6 +131,7 @@ impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
         let weight = indices.len() as f32 / self.options.global_batch as f32;
         let (mut flat, layout) = params::take_grads::<B, _>(&model, &mut grads, weight);
         flat.push(local_loss * weight);
+        std::thread::sleep(throttle_delay(started.elapsed(), self.options.speed));
         let reduce_started = Instant::now();
         let reduced = self.ring.allreduce_sum(&mut flat);
         let comm = reduce_started.elapsed();
@@ -406,6 +419,15 @@ mod tests {
         assert!(summary.test_accuracy.unwrap() > 0.5, "{summary:?}");
         assert_eq!(summary.per_worker[0].samples, 3 * 10 * 40);
         assert_eq!(events.iter().filter(|e| matches!(e, Event::Epoch { .. })).count(), 3);
+    }
+
+    #[test]
+    fn throttle_stretches_compute_to_the_speed_cap() {
+        let c = Duration::from_millis(100);
+        assert_eq!(throttle_delay(c, 1.0), Duration::ZERO);
+        assert_eq!(throttle_delay(c, 0.5), Duration::from_millis(100));
+        assert_eq!(throttle_delay(c, 0.25), Duration::from_millis(300));
+        assert_eq!(throttle_delay(c, 0.0), Duration::ZERO);
     }
 
     #[test]

@@ -22,3 +22,22 @@ pub fn device(backend: Backend) -> (SystemDevice, &'static str) {
         ),
     }
 }
+
+/// Measured matmul throughput of `backend` with this process's threads, in GFLOP/s: the
+/// capability profile an agent reports when it registers.
+pub fn measure_gflops(backend: Backend) -> f32 {
+    use burn::prelude::*;
+    let (device, _) = device(backend);
+    let n = 256;
+    let a = Tensor::<SystemBackend, 2>::ones([n, n], &device);
+    let b = Tensor::<SystemBackend, 2>::ones([n, n], &device);
+    let _ = a.clone().matmul(b.clone()).into_data(); // warm-up
+    let started = std::time::Instant::now();
+    let mut rounds = 0u32;
+    while started.elapsed() < std::time::Duration::from_millis(300) {
+        let _ = a.clone().matmul(b.clone()).into_data();
+        rounds += 1;
+    }
+    let flops = 2.0 * (n * n * n) as f64 * rounds as f64;
+    (flops / started.elapsed().as_secs_f64() / 1e9) as f32
+}

@@ -26,6 +26,8 @@ pub struct WorkerSetup {
     pub output_dir: PathBuf,
     /// Host to bind the data plane on.
     pub data_host: String,
+    /// Speed cap of the device, in (0, 1].
+    pub speed: f64,
 }
 
 fn var(name: &str) -> Result<String, WorkerError> {
@@ -58,6 +60,12 @@ impl WorkerSetup {
             spec,
             output_dir: PathBuf::from(var(WorkerEnv::OUTPUT_DIR)?),
             data_host: std::env::var(WorkerEnv::DATA_HOST).unwrap_or_else(|_| "127.0.0.1".into()),
+            speed: match std::env::var(WorkerEnv::SPEED) {
+                Err(_) => 1.0,
+                Ok(v) => v.parse::<f64>().ok().filter(|s| *s > 0.0 && *s <= 1.0).ok_or_else(|| {
+                    WorkerError::Setup(format!("{}={v:?} is not a speed in (0, 1]", WorkerEnv::SPEED))
+                })?,
+            },
         };
         if setup.rank >= setup.world {
             return Err(WorkerError::Setup(format!(

@@ -109,6 +109,13 @@ where
         spec.training.seed,
     );
     options.backend = backend_name.to_string();
+    options.speed = setup.speed;
+    if setup.speed < 1.0 {
+        eprintln!(
+            "speed cap {}: this worker idles to emulate a slower device",
+            setup.speed
+        );
+    }
     let summary = hetero_train::train(task, device, &mut ring, options, &mut |e| {
         // Epoch events are the same on every rank; rank 0 speaks for the job.
         if setup.rank == 0 || matches!(e, Event::Step { .. }) {
