@@ -51,9 +51,10 @@ pub fn run(spec_path: &Path, workers: Option<usize>) -> Result<ExitCode> {
         })
         .await?;
         println!(
-            "local cluster: coordinator on {}, one agent, {} worker process(es)",
+            "local cluster: coordinator on {}, one agent ({gflops:.0} GFLOP/s measured), {} worker process(es)",
             cluster.address, spec.cluster.workers
         );
+        println!("dashboard: http://{}/", cluster.dashboard);
         let mut client = cluster.client().await?;
         let job_id = client
             .submit_job(pb::SubmitJobRequest {

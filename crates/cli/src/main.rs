@@ -64,6 +64,9 @@ enum Command {
         /// POST every alert as JSON to this http:// URL (retried, never blocking).
         #[arg(long)]
         alert_webhook: Option<String>,
+        /// Address of the web dashboard and /metrics (read-only; keep it private).
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        dashboard: String,
     },
     /// Run an agent: offer this machine's devices to a coordinator and run workers.
     Agent {
@@ -170,7 +173,15 @@ fn main() -> ExitCode {
             token,
             dead_after,
             alert_webhook,
-        } => server_cmds::coordinator(&listen, &data_dir, token, dead_after, alert_webhook.as_deref()),
+            dashboard,
+        } => server_cmds::coordinator(
+            &listen,
+            &data_dir,
+            token,
+            dead_after,
+            alert_webhook.as_deref(),
+            &dashboard,
+        ),
         Command::Agent {
             conn,
             slots,

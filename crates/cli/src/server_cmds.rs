@@ -45,6 +45,7 @@ pub fn coordinator(
     token: Option<String>,
     dead_after: u64,
     alert_webhook: Option<&str>,
+    dashboard: &str,
 ) -> Result<ExitCode> {
     std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
     let token = match token.or_else(|| read_token_file(data_dir)) {
@@ -73,6 +74,11 @@ pub fn coordinator(
             .await
             .with_context(|| format!("binding {listen}"))?;
         println!("coordinator listening on {}", listener.local_addr()?);
+        let board = tokio::net::TcpListener::bind(dashboard)
+            .await
+            .with_context(|| format!("binding {dashboard}"))?;
+        println!("dashboard and /metrics on http://{}/", board.local_addr()?);
+        tokio::spawn(coordinator.clone().serve_dashboard(board));
         println!("cluster token: {token}  (also in {}/token)", data_dir.display());
         coordinator
             .serve(listener, async {

@@ -120,7 +120,14 @@ impl Drop for Killed {
 
 fn start_coordinator(port: u16, data_dir: &Path) -> Killed {
     let child = hetero()
-        .args(["coordinator", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .args([
+            "coordinator",
+            "--dashboard",
+            "127.0.0.1:0",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
         .arg(data_dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -275,12 +282,12 @@ fn a_killed_agent_fails_its_tasks_and_raises_an_alert_to_the_webhook() {
     let child = hetero()
         .args([
             "coordinator",
+            "--dashboard",
+            "127.0.0.1:0",
             "--listen",
             &format!("127.0.0.1:{port}"),
-            "--dead-after",
-            "2",
-            "--alert-webhook",
         ])
+        .args(["--dead-after", "2", "--alert-webhook"])
         .arg(format!("http://127.0.0.1:{hook_port}/alerts"))
         .arg("--data-dir")
         .arg(&state)

@@ -79,7 +79,12 @@ struct State {
     usage: HashMap<String, Vec<pb::DeviceUsage>>,
     /// Latest (loss, samples/s) each task reported.
     metrics: HashMap<String, (f32, f64)>,
+    /// Per job, rank 0's (global step, loss, samples/s of the job) over time, capped.
+    history: HashMap<String, Vec<(u64, f32, f64)>>,
 }
+
+/// Points of a job's live chart kept in memory.
+const HISTORY_POINTS: usize = 5000;
 
 /// A node's health as the monitor sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +206,14 @@ impl Coordinator {
             d.abort();
         }
         result.map_err(|e| ClusterError::io("serving gRPC", std::io::Error::other(e)))
+    }
+
+    /// Serves the web dashboard and Prometheus `/metrics` on `listener` (plain HTTP,
+    /// read-only) until the process ends.
+    pub async fn serve_dashboard(self, listener: TcpListener) -> Result<(), ClusterError> {
+        axum::serve(listener, crate::dashboard::router(self))
+            .await
+            .map_err(|e| ClusterError::io("serving the dashboard", e))
     }
 
     fn append_log(&self, st: &mut State, job_id: &str, rank: i32, kind: &str, texts: Vec<String>) {
@@ -595,6 +608,43 @@ impl Coordinator {
     }
 }
 
+impl Coordinator {
+    /// Every node and job, the latest alerts: what the dashboard draws.
+    pub(crate) fn snapshot(&self) -> (Vec<pb::NodeInfo>, Vec<pb::JobInfo>, Vec<AlertRecord>) {
+        let st = self.lock();
+        let nodes = st.nodes.values().map(|n| self.node_info(&st, n)).collect();
+        let jobs = st.jobs.values().rev().map(|j| st.job_info(j)).collect();
+        drop(st);
+        let mut alerts = self.inner.store.alerts(0).unwrap_or_default();
+        let keep = alerts.len().saturating_sub(50);
+        alerts.drain(..keep);
+        alerts.reverse();
+        (nodes, jobs, alerts)
+    }
+
+    /// A job's live chart points and its last `lines` log lines.
+    pub(crate) fn job_detail(&self, job_id: &str, lines: usize) -> Option<(Vec<(u64, f32, f64)>, Vec<LogRecord>)> {
+        let st = self.lock();
+        if !st.jobs.contains_key(job_id) {
+            return None;
+        }
+        let history = st.history.get(job_id).cloned().unwrap_or_default();
+        let last = st.log_seq.get(job_id).copied().unwrap_or(0);
+        drop(st);
+        let last = if last == 0 {
+            self.inner.store.last_log_seq(job_id).unwrap_or(0)
+        } else {
+            last
+        };
+        let logs = self
+            .inner
+            .store
+            .logs(job_id, last.saturating_sub(lines as u64), lines)
+            .unwrap_or_default();
+        Some((history, logs))
+    }
+}
+
 impl State {
     /// A job as the wire shows it, with its tasks' latest training metrics.
     fn job_info(&self, j: &JobRecord) -> pb::JobInfo {
@@ -722,10 +772,20 @@ impl CoordinatorRpc for Coordinator {
             };
             if v["type"] == "step" {
                 let loss = v["loss"].as_f64().unwrap_or(f64::NAN) as f32;
-                st.metrics.insert(
-                    req.task_id.clone(),
-                    (loss, v["samples_per_sec"].as_f64().unwrap_or(0.0)),
-                );
+                let rate = v["samples_per_sec"].as_f64().unwrap_or(0.0);
+                st.metrics.insert(req.task_id.clone(), (loss, rate));
+                if rank == 0 {
+                    let steps = v["steps"].as_u64().unwrap_or(0);
+                    let step = v["epoch"].as_u64().unwrap_or(0) * steps + v["step"].as_u64().unwrap_or(0) + 1;
+                    let workers = st.jobs.get(&job_id).map_or(1, |j| j.workers) as f64;
+                    let points = st.history.entry(job_id.clone()).or_default();
+                    if points.len() >= HISTORY_POINTS {
+                        // Keep the whole run visible: drop every other point.
+                        let thinned: Vec<_> = points.iter().step_by(2).copied().collect();
+                        *points = thinned;
+                    }
+                    points.push((step, loss, rate * workers));
+                }
             }
             if v["type"] == "done"
                 && let Some(job) = st.jobs.get_mut(&job_id)

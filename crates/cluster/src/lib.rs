@@ -9,6 +9,7 @@
 //! - [`scheduler`]: where a queued job's workers go (pure, tested alone);
 //! - [`coordinator`]: the gRPC service and the monitor loop;
 //! - [`alerts`]: stored alerts and their webhook delivery;
+//! - [`dashboard`]: the web dashboard and Prometheus `/metrics`;
 //! - [`agent`]: registration, heartbeats, worker processes, log forwarding;
 //! - [`agent_config`]: an agent's file of declared devices and speed cap;
 //! - [`client`]: a token-carrying gRPC client for users, agents and workers;
@@ -22,6 +23,7 @@ pub mod agent_config;
 pub mod alerts;
 pub mod client;
 pub mod coordinator;
+pub mod dashboard;
 pub mod error;
 pub mod local;
 pub mod records;

@@ -1,4 +1,5 @@
-//! An embedded cluster in this process: a coordinator on a loopback port and one
+//! An embedded cluster in this process: a coordinator (with its dashboard) on
+//! loopback ports and one
 //! agent whose workers are real child processes. `hetero local` runs jobs on it,
 //! and integration tests use it as their setup helper.
 
@@ -18,6 +19,9 @@ pub struct LocalCluster {
     pub address: String,
     /// The cluster token.
     pub token: String,
+    /// Address of the web dashboard (`http://<it>/`).
+    pub dashboard: String,
+    dashboard_task: JoinHandle<Result<(), ClusterError>>,
     stop: watch::Sender<bool>,
     server: JoinHandle<Result<(), ClusterError>>,
     agent: JoinHandle<Result<(), ClusterError>>,
@@ -48,6 +52,14 @@ impl LocalCluster {
             .local_addr()
             .map_err(|e| ClusterError::io("reading the bound port", e))?
             .to_string();
+        let dashboard_listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| ClusterError::io("binding the dashboard port", e))?;
+        let dashboard = dashboard_listener
+            .local_addr()
+            .map_err(|e| ClusterError::io("reading the dashboard port", e))?
+            .to_string();
+        let dashboard_task = tokio::spawn(coordinator.clone().serve_dashboard(dashboard_listener));
         let (stop, stop_rx) = watch::channel(false);
         let mut stop_server = stop_rx.clone();
         let server = tokio::spawn(coordinator.serve(listener, async move {
@@ -65,6 +77,8 @@ impl LocalCluster {
         Ok(LocalCluster {
             address,
             token,
+            dashboard,
+            dashboard_task,
             stop,
             server,
             agent,
@@ -82,5 +96,6 @@ impl LocalCluster {
         let _ = self.stop.send(true);
         let _ = self.agent.await;
         let _ = self.server.await;
+        self.dashboard_task.abort();
     }
 }

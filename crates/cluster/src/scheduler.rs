@@ -44,11 +44,11 @@ fn room(d: &Demand, g: &GroupCapacity) -> u32 {
     if g.kind != d.kind {
         return 0;
     }
-    let by_memory = if d.memory_mb == 0 {
-        u32::MAX
-    } else {
-        (g.free_memory_mb / d.memory_mb).min(u32::MAX as u64) as u32
-    };
+    // No memory asked (division by zero): memory does not limit.
+    let by_memory = g
+        .free_memory_mb
+        .checked_div(d.memory_mb)
+        .map_or(u32::MAX, |m| m.min(u32::MAX as u64) as u32);
     g.free_slots.min(by_memory)
 }
 
