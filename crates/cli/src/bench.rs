@@ -3,7 +3,8 @@
 //! - `allreduce`: ring allreduce over real loopback TCP, algorithm and bus bandwidth
 //!   (nccl-tests definitions: busbw = algbw · 2(n−1)/n);
 //! - `train`: one worker's training speed through the whole system (dispatch backend,
-//!   gradient flattening, allreduce path) against a plain burn loop of the same model.
+//!   gradient flattening, allreduce path) against a plain burn loop of the same model;
+//! - `scheduler`: the coordinator under a burst of jobs (see [`crate::bench_scheduler`]).
 
 use std::process::ExitCode;
 use std::thread;
@@ -34,6 +35,15 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 64)]
         max_mib: usize,
     },
+    /// The coordinator under load: placement decisions/s and heartbeat latency.
+    Scheduler {
+        /// Jobs to submit.
+        #[arg(long, default_value_t = 1000)]
+        jobs: usize,
+        /// Simulated resource groups (one agent each, 4 slots).
+        #[arg(long, default_value_t = 100)]
+        groups: usize,
+    },
     /// Training speed of one worker through the system versus a plain burn loop.
     Train {
         /// Model: cnn or mlp.
@@ -55,6 +65,7 @@ pub enum BenchCommand {
 pub fn run(command: BenchCommand) -> Result<ExitCode> {
     match command {
         BenchCommand::Allreduce { workers, max_mib } => allreduce(&workers, max_mib)?,
+        BenchCommand::Scheduler { jobs, groups } => crate::bench_scheduler::run(jobs, groups)?,
         BenchCommand::Train {
             model,
             steps,
