@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use hetero_cluster::local::LocalCluster;
-use hetero_job::JobSpec;
+use hetero_job::{Backend, JobSpec};
 use hetero_proto as pb;
 
 use crate::{data_cmd, follow};
@@ -28,8 +28,23 @@ pub fn spec_text(path: &Path, workers: Option<usize>) -> Result<String> {
     Ok(toml::to_string(&table)?)
 }
 
+/// One `--group SPEED[:BACKEND]`.
+fn parse_group(arg: &str) -> Result<(f32, Backend)> {
+    let (speed, backend) = arg.split_once(':').unwrap_or((arg, "auto"));
+    let speed: f32 = speed.parse().ok().filter(|s| *s > 0.0 && *s <= 1.0).with_context(|| {
+        format!("--group {arg:?}: the speed must be a number in (0, 1], e.g. --group 0.5 or --group 1:ndarray")
+    })?;
+    let backend = Backend::from_name(backend)
+        .with_context(|| format!("--group {arg:?}: unknown backend {backend:?} (auto, flex, ndarray)"))?;
+    Ok((speed, backend))
+}
+
 /// Runs the job in `spec_path` on an embedded cluster and reports how it went.
-pub fn run(spec_path: &Path, workers: Option<usize>) -> Result<ExitCode> {
+pub fn run(spec_path: &Path, workers: Option<usize>, groups: &[String]) -> Result<ExitCode> {
+    let mut groups = groups.iter().map(|g| parse_group(g)).collect::<Result<Vec<_>>>()?;
+    if groups.is_empty() {
+        groups.push((1.0, Backend::Auto));
+    }
     let text = spec_text(spec_path, workers)?;
     let base = std::path::absolute(spec_path.parent().unwrap_or(Path::new(".")))?;
     let mut spec = JobSpec::parse(&text).with_context(|| format!("in {}", spec_path.display()))?;
@@ -43,17 +58,34 @@ pub fn run(spec_path: &Path, workers: Option<usize>) -> Result<ExitCode> {
         .build()?;
     rt.block_on(async move {
         let program = std::env::current_exe()?;
-        let gflops = hetero_worker::backend::measure_gflops(hetero_job::Backend::Auto);
-        let cluster = LocalCluster::start_with(|agent| {
-            agent.slots = spec.cluster.workers as u32;
-            agent.worker_program = program;
-            agent.gflops = gflops;
+        let slots = spec.cluster.workers.div_ceil(groups.len()) as u32;
+        let mut profiles = Vec::new();
+        for (_, backend) in &groups {
+            profiles.push(hetero_worker::backend::measure_gflops(*backend));
+        }
+        let cluster = LocalCluster::start_agents(groups.len(), |i, agent| {
+            let (speed, backend) = groups[i];
+            agent.slots = slots;
+            agent.worker_program = program.clone();
+            agent.gflops = profiles[i];
+            agent.speed = speed;
+            if backend != Backend::Auto {
+                agent.backend = backend.name().into();
+            }
         })
         .await?;
         println!(
-            "local cluster: coordinator on {}, one agent ({gflops:.0} GFLOP/s measured), {} worker process(es)",
-            cluster.address, spec.cluster.workers
+            "local cluster: coordinator on {}, {} agent(s), {} worker process(es)",
+            cluster.address,
+            groups.len(),
+            spec.cluster.workers
         );
+        for (i, ((speed, backend), gflops)) in groups.iter().zip(&profiles).enumerate() {
+            println!(
+                "  agent {i}: cpu group, {slots} slot(s), backend {}, speed cap {speed}, {gflops:.0} GFLOP/s measured",
+                backend.name()
+            );
+        }
         println!("dashboard: http://{}/", cluster.dashboard);
         let mut client = cluster.client().await?;
         let job_id = client

@@ -47,6 +47,10 @@ enum Command {
         /// Override `cluster.workers`.
         #[arg(long)]
         workers: Option<usize>,
+        /// Start one agent per `--group SPEED[:BACKEND]` (e.g. `--group 1 --group 0.5
+        /// --group 0.25:ndarray`): a local cluster of unlike resource groups.
+        #[arg(long = "group", value_name = "SPEED[:BACKEND]")]
+        groups: Vec<String>,
     },
     /// Run the coordinator (the task-manager node).
     Coordinator {
@@ -88,6 +92,9 @@ enum Command {
         /// Speed cap of this agent's CPU in (0, 1]: workers idle to emulate a slower device.
         #[arg(long)]
         speed: Option<f64>,
+        /// burn backend of this agent's CPU workers for jobs that ask for `auto`.
+        #[arg(long, default_value = "auto")]
+        backend: String,
     },
     /// Submit a job spec to the coordinator.
     Submit {
@@ -167,7 +174,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
-        Command::Local { spec, workers } => local::run(&spec, workers),
+        Command::Local { spec, workers, groups } => local::run(&spec, workers, &groups),
         Command::Coordinator {
             listen,
             data_dir,
@@ -190,7 +197,8 @@ fn main() -> ExitCode {
             work_dir,
             config,
             speed,
-        } => server_cmds::agent(&conn, slots, &data_host, &work_dir, config.as_deref(), speed),
+            backend,
+        } => server_cmds::agent(&conn, slots, &data_host, &work_dir, config.as_deref(), speed, &backend),
         Command::Submit { conn, spec, follow } => client_cmds::submit(&conn, &spec, follow),
         Command::Status { conn, job } => client_cmds::status(&conn, job.as_deref()),
         Command::Logs { conn, job, follow } => client_cmds::logs(&conn, &job, follow),

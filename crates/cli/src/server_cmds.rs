@@ -97,7 +97,10 @@ pub fn agent(
     work_dir: &Path,
     config_file: Option<&Path>,
     speed: Option<f64>,
+    backend: &str,
 ) -> Result<ExitCode> {
+    let backend = hetero_job::Backend::from_name(backend)
+        .with_context(|| format!("--backend {backend:?}: choose auto, flex or ndarray"))?;
     let token = resolve_token(conn)?;
     let file = match config_file {
         Some(path) => AgentFile::load(path).map_err(anyhow::Error::msg)?,
@@ -113,7 +116,7 @@ pub fn agent(
     let hostname = std::fs::read_to_string("/etc/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "agent".into());
-    let gflops = hetero_worker::backend::measure_gflops(hetero_job::Backend::Auto);
+    let gflops = hetero_worker::backend::measure_gflops(backend);
     let mut config = AgentConfig::new(
         conn.coordinator.clone(),
         token,
@@ -126,6 +129,9 @@ pub fn agent(
     config.speed = speed as f32;
     config.gflops = gflops;
     config.declared = file.devices;
+    if backend != hetero_job::Backend::Auto {
+        config.backend = backend.name().into();
+    }
     println!(
         "agent: cpu {} slot(s), {gflops:.1} GFLOP/s measured, speed cap {speed}; {} declared device kind(s); coordinator {}",
         config.slots,

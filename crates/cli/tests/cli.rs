@@ -369,3 +369,48 @@ fn a_killed_agent_fails_its_tasks_and_raises_an_alert_to_the_webhook() {
         let _ = Command::new("kill").arg("-9").arg(pid.trim()).status();
     }
 }
+
+#[test]
+fn a_local_cluster_of_unlike_groups_trains_one_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        dir.path(),
+        &format!(
+            "name = \"unlike\"\n[model]\nkind = \"mlp\"\n[dataset]\npath = \"{}\"\ntrain_limit = 2000\ntest_limit = 400\n\
+             [training]\nepochs = 2\nglobal_batch_size = 40\n[cluster]\nworkers = 2\n[output]\ndir = \"runs\"\n",
+            subset().display()
+        ),
+    );
+    let out = hetero()
+        .arg("local")
+        .arg(&spec)
+        .args(["--group", "1", "--group", "0.5:ndarray"])
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("2 agent(s)"), "{log}");
+    assert!(
+        log.contains("on flex") && log.contains("on ndarray"),
+        "both backends must run:\n{log}"
+    );
+    assert!(log.contains("speed cap 0.5: this worker idles"), "{log}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("runs/job-000001/summary.json")).unwrap())
+            .unwrap();
+    assert!(summary["last_epoch_loss"].as_f64().unwrap() < summary["first_epoch_loss"].as_f64().unwrap());
+    assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
+
+    let out = hetero()
+        .arg("local")
+        .arg(&spec)
+        .args(["--group", "2"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("the speed must be a number in (0, 1]"),
+        "{}",
+        text(&out)
+    );
+}

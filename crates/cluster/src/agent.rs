@@ -50,6 +50,8 @@ impl WorkerEnv {
     pub const OUTPUT_DIR: &'static str = "HETERO_OUTPUT_DIR";
     /// Host the data-plane listener binds to.
     pub const DATA_HOST: &'static str = "HETERO_DATA_HOST";
+    /// Backend of the worker's group (used when the job asks for `auto`).
+    pub const BACKEND: &'static str = "HETERO_BACKEND";
     /// Speed cap of the device, in (0, 1]: the worker slows itself to this fraction.
     pub const SPEED: &'static str = "HETERO_SPEED";
     /// The program declared for the worker's device kind, when it has one.
@@ -79,6 +81,9 @@ pub struct AgentConfig {
     pub gflops: f32,
     /// Devices declared in the agent's configuration file.
     pub declared: Vec<DeclaredDevice>,
+    /// Backend of the CPU group's workers when a job asks for `auto` (empty: the
+    /// fastest).
+    pub backend: String,
 }
 
 impl AgentConfig {
@@ -95,6 +100,7 @@ impl AgentConfig {
             speed: 1.0,
             gflops: 0.0,
             declared: vec![],
+            backend: String::new(),
         }
     }
 }
@@ -116,6 +122,7 @@ pub fn discover_groups(config: &AgentConfig) -> Vec<pb::ResourceGroup> {
         speed: config.speed,
         score: 0.0,
         command: String::new(),
+        backend: config.backend.clone(),
     }];
     for d in &config.declared {
         groups.push(pb::ResourceGroup {
@@ -127,6 +134,7 @@ pub fn discover_groups(config: &AgentConfig) -> Vec<pb::ResourceGroup> {
             speed: 1.0,
             score: 0.0,
             command: d.command.display().to_string(),
+            backend: String::new(),
         });
     }
     groups
@@ -309,6 +317,7 @@ fn worker_command(config: &AgentConfig, a: &pb::TaskAssignment, spec_file: &Path
     }
     if a.group == "cpu" || a.group.is_empty() {
         cmd.env(WorkerEnv::SPEED, config.speed.to_string());
+        cmd.env(WorkerEnv::BACKEND, &config.backend);
     }
     cmd.env(WorkerEnv::COORDINATOR, &config.coordinator)
         .env(WorkerEnv::TOKEN, &config.token)

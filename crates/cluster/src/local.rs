@@ -24,7 +24,7 @@ pub struct LocalCluster {
     dashboard_task: JoinHandle<Result<(), ClusterError>>,
     stop: watch::Sender<bool>,
     server: JoinHandle<Result<(), ClusterError>>,
-    agent: JoinHandle<Result<(), ClusterError>>,
+    agents: Vec<JoinHandle<Result<(), ClusterError>>>,
     _scratch: tempfile::TempDir,
 }
 
@@ -42,6 +42,21 @@ impl LocalCluster {
     /// Starts a coordinator and one agent whose configuration `configure` adjusts
     /// (slots, speed cap, declared devices, measured GFLOP/s …).
     pub async fn start_with(configure: impl FnOnce(&mut AgentConfig)) -> Result<LocalCluster, ClusterError> {
+        let mut configure = Some(configure);
+        Self::start_agents(1, |_, config| {
+            if let Some(f) = configure.take() {
+                f(config)
+            }
+        })
+        .await
+    }
+
+    /// Starts a coordinator and `agents` agents — unlike resource groups on one
+    /// machine when `configure(i, config)` gives them different speeds or backends.
+    pub async fn start_agents(
+        agents: usize,
+        mut configure: impl FnMut(usize, &mut AgentConfig),
+    ) -> Result<LocalCluster, ClusterError> {
         let scratch = tempfile::tempdir().map_err(|e| ClusterError::io("creating the cluster's folder", e))?;
         let token = crate::new_token();
         let coordinator = Coordinator::open(CoordinatorConfig::new(scratch.path().join("coordinator.redb"), &token))?;
@@ -65,15 +80,19 @@ impl LocalCluster {
         let server = tokio::spawn(coordinator.serve(listener, async move {
             let _ = stop_server.changed().await;
         }));
-        let mut config = AgentConfig::new(
-            address.clone(),
-            token.clone(),
-            1,
-            scratch.path().join("agent"),
-            PathBuf::from("hetero"),
-        );
-        configure(&mut config);
-        let agent = tokio::spawn(agent::run(config, stop_rx));
+        let mut handles = Vec::new();
+        for i in 0..agents.max(1) {
+            let mut config = AgentConfig::new(
+                address.clone(),
+                token.clone(),
+                1,
+                scratch.path().join(format!("agent-{i}")),
+                PathBuf::from("hetero"),
+            );
+            config.hostname = format!("local-{i}");
+            configure(i, &mut config);
+            handles.push(tokio::spawn(agent::run(config, stop_rx.clone())));
+        }
         Ok(LocalCluster {
             address,
             token,
@@ -81,7 +100,7 @@ impl LocalCluster {
             dashboard_task,
             stop,
             server,
-            agent,
+            agents: handles,
             _scratch: scratch,
         })
     }
@@ -94,7 +113,9 @@ impl LocalCluster {
     /// Stops the agent (killing its workers) and the coordinator.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
-        let _ = self.agent.await;
+        for agent in self.agents {
+            let _ = agent.await;
+        }
         let _ = self.server.await;
         self.dashboard_task.abort();
     }

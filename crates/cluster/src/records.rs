@@ -159,6 +159,9 @@ pub struct GroupRecord {
     /// Program that runs workers on a declared device kind.
     #[serde(default)]
     pub command: String,
+    /// burn backend of a CPU group's workers ("" = the fastest).
+    #[serde(default)]
+    pub backend: String,
 }
 
 fn full_speed() -> f32 {
@@ -297,6 +300,7 @@ impl From<&GroupRecord> for pb::ResourceGroup {
             speed: g.speed,
             score: g.score(),
             command: g.command.clone(),
+            backend: g.backend.clone(),
         }
     }
 }
@@ -312,6 +316,7 @@ impl From<&pb::ResourceGroup> for GroupRecord {
             speed: if g.speed > 0.0 { g.speed } else { 1.0 },
             score_override: 0.0,
             command: g.command.clone(),
+            backend: g.backend.clone(),
         }
     }
 }

@@ -98,6 +98,26 @@ pub enum Backend {
     Auto,
     /// burn's pure-Rust CPU backend.
     Flex,
+    /// burn's ndarray CPU backend (slower; a second, unlike CPU backend).
+    Ndarray,
+}
+
+impl Backend {
+    /// The name used in specs and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Flex => "flex",
+            Backend::Ndarray => "ndarray",
+        }
+    }
+
+    /// Parses a backend name.
+    pub fn from_name(name: &str) -> Option<Backend> {
+        [Backend::Auto, Backend::Flex, Backend::Ndarray]
+            .into_iter()
+            .find(|b| b.name() == name)
+    }
 }
 
 /// Cluster shape.
@@ -245,10 +265,11 @@ impl JobSpec {
         };
 
         let cl = top.section("cluster", CLUSTER)?;
-        let backend = match cl.string("backend")?.as_deref() {
-            Some("auto") | None => Backend::Auto,
-            Some("flex") => Backend::Flex,
-            Some(other) => return Err(cl.invalid("backend", other, "one of: auto, flex")),
+        let backend = match cl.string("backend")? {
+            None => Backend::Auto,
+            Some(name) => {
+                Backend::from_name(&name).ok_or_else(|| cl.invalid("backend", &name, "one of: auto, flex, ndarray"))?
+            }
         };
         let cluster = ClusterSpec {
             workers: cl.int("workers", 1, MAX_WORKERS)?.unwrap_or(1),

@@ -2,7 +2,8 @@
 //! `Dispatch` backend: one binary drives whichever backends it was built with.
 //!
 //! This build drives `flex` (burn's pure-Rust CPU backend, with AVX-512 kernels
-//! picked at run time). GPU backends (`cuda`, `rocm`, `vulkan`/`wgpu`) join behind
+//! picked at run time) and `ndarray` (burn's older CPU backend: an unlike second
+//! backend for heterogeneous tests). GPU backends (`cuda`, `rocm`, `vulkan`/`wgpu`) join behind
 //! cargo features; `auto` then prefers them.
 
 use burn::{Dispatch, DispatchDevice};
@@ -13,13 +14,28 @@ pub type SystemBackend = Dispatch;
 /// A device of [`SystemBackend`].
 pub type SystemDevice = DispatchDevice;
 
-/// The autodiff device for `backend`, and its name.
+/// The autodiff device for `backend`, and its name. `auto` is the fastest backend
+/// this build drives (today `flex`).
 pub fn device(backend: Backend) -> (SystemDevice, &'static str) {
     match backend {
         Backend::Auto | Backend::Flex => (
             DispatchDevice::autodiff(DispatchDevice::Flex(burn::backend::flex::FlexDevice)),
             "flex",
         ),
+        Backend::Ndarray => (
+            DispatchDevice::autodiff(DispatchDevice::NdArray(burn::backend::ndarray::NdArrayDevice::Cpu)),
+            "ndarray",
+        ),
+    }
+}
+
+/// The backend a worker runs on: the job's choice, unless it said `auto` and its
+/// agent's group names one (`HETERO_BACKEND`), which lets one job mix backends.
+pub fn choose(job: Backend, group: Option<&str>) -> Result<Backend, String> {
+    match (job, group) {
+        (Backend::Auto, Some(name)) => Backend::from_name(name)
+            .ok_or_else(|| format!("HETERO_BACKEND={name:?} is not a backend this build drives (flex, ndarray)")),
+        (b, _) => Ok(b),
     }
 }
 

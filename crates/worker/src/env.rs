@@ -28,6 +28,8 @@ pub struct WorkerSetup {
     pub data_host: String,
     /// Speed cap of the device, in (0, 1].
     pub speed: f64,
+    /// The backend the agent's group runs, if it names one.
+    pub backend: Option<String>,
 }
 
 fn var(name: &str) -> Result<String, WorkerError> {
@@ -60,6 +62,7 @@ impl WorkerSetup {
             spec,
             output_dir: PathBuf::from(var(WorkerEnv::OUTPUT_DIR)?),
             data_host: std::env::var(WorkerEnv::DATA_HOST).unwrap_or_else(|_| "127.0.0.1".into()),
+            backend: std::env::var(WorkerEnv::BACKEND).ok().filter(|b| !b.is_empty()),
             speed: match std::env::var(WorkerEnv::SPEED) {
                 Err(_) => 1.0,
                 Ok(v) => v.parse::<f64>().ok().filter(|s| *s > 0.0 && *s <= 1.0).ok_or_else(|| {

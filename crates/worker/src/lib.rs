@@ -79,7 +79,8 @@ where
     F: FnOnce(&TaskContext, &SystemDevice) -> Result<T, String>,
 {
     let setup = WorkerSetup::from_env()?;
-    let (device, backend_name) = backend::device(setup.spec.cluster.backend);
+    let chosen = backend::choose(setup.spec.cluster.backend, setup.backend.as_deref()).map_err(WorkerError::Setup)?;
+    let (device, backend_name) = backend::device(chosen);
     let ctx = TaskContext {
         spec: setup.spec.clone(),
         rank: setup.rank,
