@@ -80,8 +80,11 @@ struct State {
     /// Latest (loss, samples/s) each task reported.
     metrics: HashMap<String, (f32, f64)>,
     /// Per job, rank 0's (global step, loss, samples/s of the job) over time, capped.
-    history: HashMap<String, Vec<(u64, f32, f64)>>,
+    history: HashMap<String, Vec<ChartPoint>>,
 }
+
+/// One point of a job's live chart: (global step, loss, job samples/s).
+pub(crate) type ChartPoint = (u64, f32, f64);
 
 /// Points of a job's live chart kept in memory.
 const HISTORY_POINTS: usize = 5000;
@@ -623,7 +626,7 @@ impl Coordinator {
     }
 
     /// A job's live chart points and its last `lines` log lines.
-    pub(crate) fn job_detail(&self, job_id: &str, lines: usize) -> Option<(Vec<(u64, f32, f64)>, Vec<LogRecord>)> {
+    pub(crate) fn job_detail(&self, job_id: &str, lines: usize) -> Option<(Vec<ChartPoint>, Vec<LogRecord>)> {
         let st = self.lock();
         if !st.jobs.contains_key(job_id) {
             return None;

@@ -103,6 +103,11 @@ async fn a_crashing_worker_fails_its_job_with_its_last_lines() {
         texts.push(e.unwrap().text);
     }
     assert!(texts.iter().any(|t| t == "boom: out of memory"), "{texts:?}");
+    // The failed job's slots are free again: a job needing both starts and succeeds.
+    let quick = script(dir.path(), "quick.sh", "echo fine");
+    let next = submit(&mut client, custom_spec(&quick, 2)).await;
+    let info = wait_for(&mut client, &next, ended).await;
+    assert_eq!(info.state, pb::JobState::Succeeded as i32, "{info:?}");
     cluster.shutdown().await;
 }
 
