@@ -167,7 +167,7 @@ where
     M: AutodiffModule<hetero_worker::SystemBackend> + Classifier<hetero_worker::SystemBackend>,
     F: Fn(&hetero_worker::SystemDevice) -> M + Send + 'static,
 {
-    let (device, _) = hetero_worker::backend::device(hetero_job::Backend::Auto);
+    let (device, _) = hetero_worker::backend::device(hetero_job::Backend::Auto, 0).map_err(anyhow::Error::msg)?;
     let task = ImageTask::new(data.clone(), data.clone(), hetero_job::Optimizer::Adam, 1e-3, init);
     let mut ring = rings(1)?.pop().expect("one ring");
     let mut trainer = Trainer::new(task, device, &mut ring, TrainOptions::new(1, batch, 1))?;
@@ -192,7 +192,8 @@ fn train(model: &str, steps: usize, batch: usize, dir: &std::path::Path) -> Resu
         rayon_threads()
     );
     // Alternate the two measurements so drifting machine load hits both alike.
-    let (dispatch_device, _) = hetero_worker::backend::device(hetero_job::Backend::Auto);
+    let (dispatch_device, _) =
+        hetero_worker::backend::device(hetero_job::Backend::Auto, 0).map_err(anyhow::Error::msg)?;
     type Dispatch = hetero_worker::SystemBackend;
     let (mut plain, mut plain_dispatch, mut system) = (Vec::new(), Vec::new(), Vec::new());
     macro_rules! measure {

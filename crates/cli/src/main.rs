@@ -95,6 +95,10 @@ enum Command {
         /// burn backend of this agent's CPU workers for jobs that ask for `auto`.
         #[arg(long, default_value = "auto")]
         backend: String,
+        /// GPUs to offer: BACKEND:COUNT[:MEMORY_GB] (e.g. cuda:2:24), repeatable; needs a
+        /// build with that backend's feature.
+        #[arg(long = "gpu", value_name = "BACKEND:COUNT[:GB]")]
+        gpus: Vec<String>,
     },
     /// Submit a job spec to the coordinator.
     Submit {
@@ -198,7 +202,17 @@ fn main() -> ExitCode {
             config,
             speed,
             backend,
-        } => server_cmds::agent(&conn, slots, &data_host, &work_dir, config.as_deref(), speed, &backend),
+            gpus,
+        } => server_cmds::agent(
+            &conn,
+            slots,
+            &data_host,
+            &work_dir,
+            config.as_deref(),
+            speed,
+            &backend,
+            &gpus,
+        ),
         Command::Submit { conn, spec, follow } => client_cmds::submit(&conn, &spec, follow),
         Command::Status { conn, job } => client_cmds::status(&conn, job.as_deref()),
         Command::Logs { conn, job, follow } => client_cmds::logs(&conn, &job, follow),

@@ -4,7 +4,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use hetero_cluster::agent::{self, AgentConfig};
+use hetero_cluster::agent::{self, AgentConfig, GpuGroup};
 use hetero_cluster::agent_config::AgentFile;
 use hetero_cluster::alerts::Webhook;
 use hetero_cluster::coordinator::{Coordinator, CoordinatorConfig};
@@ -89,7 +89,33 @@ pub fn coordinator(
     })
 }
 
+/// One `--gpu BACKEND:COUNT[:GB]`, checked against the backends this build drives.
+fn parse_gpu(arg: &str) -> Result<GpuGroup> {
+    let parts: Vec<&str> = arg.split(':').collect();
+    let usage = || format!("--gpu {arg:?}: expected BACKEND:COUNT[:MEMORY_GB], e.g. cuda:2:24");
+    let (name, count) = match parts.as_slice() {
+        [b, c] | [b, c, _] => (*b, c.parse::<u32>().ok().filter(|c| *c > 0).with_context(usage)?),
+        _ => bail!(usage()),
+    };
+    let memory_gb = match parts.get(2) {
+        Some(m) => m.parse::<f64>().ok().filter(|m| *m > 0.0).with_context(usage)?,
+        None => 0.0,
+    };
+    let backend = hetero_job::Backend::from_name(name)
+        .filter(|b| b.is_gpu())
+        .with_context(|| format!("--gpu {arg:?}: {name:?} is not a GPU backend (cuda, rocm, vulkan)"))?;
+    if !hetero_worker::backend::compiled().contains(&backend) {
+        bail!("--gpu {arg:?}: this build does not drive {name}; rebuild with `--features {name}`");
+    }
+    Ok(GpuGroup {
+        backend: name.to_string(),
+        count,
+        memory_gb,
+    })
+}
+
 /// Runs an agent until Ctrl-C.
+#[allow(clippy::too_many_arguments)] // one per command-line option
 pub fn agent(
     conn: &Connection,
     slots: Option<u32>,
@@ -98,7 +124,9 @@ pub fn agent(
     config_file: Option<&Path>,
     speed: Option<f64>,
     backend: &str,
+    gpus: &[String],
 ) -> Result<ExitCode> {
+    let gpus = gpus.iter().map(|g| parse_gpu(g)).collect::<Result<Vec<_>>>()?;
     let backend = hetero_job::Backend::from_name(backend)
         .with_context(|| format!("--backend {backend:?}: choose auto, flex or ndarray"))?;
     let token = resolve_token(conn)?;
@@ -132,6 +160,7 @@ pub fn agent(
     if backend != hetero_job::Backend::Auto {
         config.backend = backend.name().into();
     }
+    config.gpus = gpus;
     println!(
         "agent: cpu {} slot(s), {gflops:.1} GFLOP/s measured, speed cap {speed}; {} declared device kind(s); coordinator {}",
         config.slots,

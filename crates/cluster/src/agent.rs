@@ -50,6 +50,8 @@ impl WorkerEnv {
     pub const OUTPUT_DIR: &'static str = "HETERO_OUTPUT_DIR";
     /// Host the data-plane listener binds to.
     pub const DATA_HOST: &'static str = "HETERO_DATA_HOST";
+    /// Index of the device the worker owns within its group.
+    pub const DEVICE_INDEX: &'static str = "HETERO_DEVICE_INDEX";
     /// Backend of the worker's group (used when the job asks for `auto`).
     pub const BACKEND: &'static str = "HETERO_BACKEND";
     /// Speed cap of the device, in (0, 1]: the worker slows itself to this fraction.
@@ -84,6 +86,19 @@ pub struct AgentConfig {
     /// Backend of the CPU group's workers when a job asks for `auto` (empty: the
     /// fastest).
     pub backend: String,
+    /// GPU groups driven by a burn backend this build has (`hetero agent --gpu cuda:2`).
+    pub gpus: Vec<GpuGroup>,
+}
+
+/// GPUs of one burn backend on this machine: one worker per device.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GpuGroup {
+    /// Backend name, also the group's kind: `cuda`, `rocm` or `vulkan`.
+    pub backend: String,
+    /// Devices.
+    pub count: u32,
+    /// Memory of each device, in GB.
+    pub memory_gb: f64,
 }
 
 impl AgentConfig {
@@ -101,6 +116,7 @@ impl AgentConfig {
             gflops: 0.0,
             declared: vec![],
             backend: String::new(),
+            gpus: vec![],
         }
     }
 }
@@ -124,6 +140,19 @@ pub fn discover_groups(config: &AgentConfig) -> Vec<pb::ResourceGroup> {
         command: String::new(),
         backend: config.backend.clone(),
     }];
+    for g in &config.gpus {
+        groups.push(pb::ResourceGroup {
+            kind: g.backend.clone(),
+            devices: g.count,
+            memory_bytes: (g.memory_gb * g.count as f64 * 1e9) as u64,
+            worker_slots: g.count,
+            gflops: 0.0,
+            speed: 1.0,
+            score: 0.0,
+            command: String::new(),
+            backend: g.backend.clone(),
+        });
+    }
     for d in &config.declared {
         groups.push(pb::ResourceGroup {
             kind: d.kind.clone(),
@@ -142,6 +171,8 @@ pub fn discover_groups(config: &AgentConfig) -> Vec<pb::ResourceGroup> {
 
 struct Running {
     cancel: Option<oneshot::Sender<()>>,
+    /// The group and device index the worker owns.
+    device: (String, usize),
 }
 
 type Tasks = Arc<Mutex<HashMap<String, Running>>>;
@@ -259,18 +290,27 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Re
 /// and starts its supervising tokio task.
 fn start_worker(config: &AgentConfig, agent_id: &str, client: Client, tasks: &Tasks, a: pb::TaskAssignment) {
     let (cancel_tx, cancel_rx) = oneshot::channel();
-    tasks.lock().unwrap_or_else(|p| p.into_inner()).insert(
-        a.task_id.clone(),
-        Running {
-            cancel: Some(cancel_tx),
-        },
-    );
+    let index = {
+        let mut running = tasks.lock().unwrap_or_else(|p| p.into_inner());
+        // The lowest device index of the group that no running worker owns.
+        let index = (0..)
+            .find(|i| !running.values().any(|r| r.device == (a.group.clone(), *i)))
+            .unwrap_or(0);
+        running.insert(
+            a.task_id.clone(),
+            Running {
+                cancel: Some(cancel_tx),
+                device: (a.group.clone(), index),
+            },
+        );
+        index
+    };
     let config = config.clone();
     let agent_id = agent_id.to_string();
     let tasks = tasks.clone();
     tokio::spawn(async move {
         let task_id = a.task_id.clone();
-        let (state, message) = supervise(&config, &agent_id, client.clone(), &a, cancel_rx).await;
+        let (state, message) = supervise(&config, &agent_id, client.clone(), &a, index, cancel_rx).await;
         report_final(client, &agent_id, &task_id, state, message).await;
         tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(&task_id);
     });
@@ -342,6 +382,7 @@ async fn supervise(
     agent_id: &str,
     mut client: Client,
     a: &pb::TaskAssignment,
+    device_index: usize,
     mut cancel: oneshot::Receiver<()>,
 ) -> (TaskState, String) {
     let dir = config.work_dir.join(&a.job_id).join(format!("rank-{}", a.rank));
@@ -349,7 +390,12 @@ async fn supervise(
     if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&spec_file, &a.spec_json)) {
         return (TaskState::Failed, format!("cannot write {}: {e}", spec_file.display()));
     }
-    let mut child = match worker_command(config, a, &spec_file).spawn() {
+    let mut command = worker_command(config, a, &spec_file);
+    command.env(WorkerEnv::DEVICE_INDEX, device_index.to_string());
+    if let Some(g) = config.gpus.iter().find(|g| g.backend == a.group) {
+        command.env(WorkerEnv::BACKEND, &g.backend);
+    }
+    let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
             let program = if a.program.is_empty() {

@@ -100,6 +100,12 @@ pub enum Backend {
     Flex,
     /// burn's ndarray CPU backend (slower; a second, unlike CPU backend).
     Ndarray,
+    /// NVIDIA GPUs through burn's CUDA backend (builds with `--features cuda`).
+    Cuda,
+    /// AMD GPUs through burn's ROCm backend (builds with `--features rocm`).
+    Rocm,
+    /// Vulkan GPUs through burn's wgpu backend (builds with `--features vulkan`).
+    Vulkan,
 }
 
 impl Backend {
@@ -109,7 +115,15 @@ impl Backend {
             Backend::Auto => "auto",
             Backend::Flex => "flex",
             Backend::Ndarray => "ndarray",
+            Backend::Cuda => "cuda",
+            Backend::Rocm => "rocm",
+            Backend::Vulkan => "vulkan",
         }
+    }
+
+    /// Whether this backend computes on a GPU (one worker per device).
+    pub fn is_gpu(self) -> bool {
+        matches!(self, Backend::Cuda | Backend::Rocm | Backend::Vulkan)
     }
 
     /// Parses a backend name.
@@ -267,9 +281,8 @@ impl JobSpec {
         let cl = top.section("cluster", CLUSTER)?;
         let backend = match cl.string("backend")? {
             None => Backend::Auto,
-            Some(name) => {
-                Backend::from_name(&name).ok_or_else(|| cl.invalid("backend", &name, "one of: auto, flex, ndarray"))?
-            }
+            Some(name) => Backend::from_name(&name)
+                .ok_or_else(|| cl.invalid("backend", &name, "one of: auto, flex, ndarray, cuda, rocm, vulkan"))?,
         };
         let cluster = ClusterSpec {
             workers: cl.int("workers", 1, MAX_WORKERS)?.unwrap_or(1),

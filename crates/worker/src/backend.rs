@@ -3,7 +3,9 @@
 //!
 //! This build drives `flex` (burn's pure-Rust CPU backend, with AVX-512 kernels
 //! picked at run time) and `ndarray` (burn's older CPU backend: an unlike second
-//! backend for heterogeneous tests). GPU backends (`cuda`, `rocm`, `vulkan`/`wgpu`) join behind
+//! backend for heterogeneous tests). GPU backends join with cargo features `cuda`,
+//! `rocm` and `vulkan`; a worker asked for one its build lacks fails with a message
+//! saying how to build it. GPU backends (`cuda`, `rocm`, `vulkan`/`wgpu`) join behind
 //! cargo features; `auto` then prefers them.
 
 use burn::{Dispatch, DispatchDevice};
@@ -14,27 +16,58 @@ pub type SystemBackend = Dispatch;
 /// A device of [`SystemBackend`].
 pub type SystemDevice = DispatchDevice;
 
-/// The autodiff device for `backend`, and its name. `auto` is the fastest backend
-/// this build drives (today `flex`).
-pub fn device(backend: Backend) -> (SystemDevice, &'static str) {
-    match backend {
-        Backend::Auto | Backend::Flex => (
-            DispatchDevice::autodiff(DispatchDevice::Flex(burn::backend::flex::FlexDevice)),
-            "flex",
-        ),
-        Backend::Ndarray => (
-            DispatchDevice::autodiff(DispatchDevice::NdArray(burn::backend::ndarray::NdArrayDevice::Cpu)),
-            "ndarray",
-        ),
+/// The autodiff device for `backend` (device `index` for GPUs), and its name. `auto`
+/// is the fastest CPU backend this build drives (`flex`). A backend this build was
+/// compiled without is an error that says how to get it.
+pub fn device(backend: Backend, index: usize) -> Result<(SystemDevice, &'static str), String> {
+    let missing = |name: &str| {
+        Err(format!(
+            "this build does not drive {name}: rebuild with `cargo build --release -p hetero-cli --features {name}`"
+        ))
+    };
+    let _ = index; // used only by GPU backends
+    let inner = match backend {
+        Backend::Auto | Backend::Flex => DispatchDevice::Flex(burn::backend::flex::FlexDevice),
+        Backend::Ndarray => DispatchDevice::NdArray(burn::backend::ndarray::NdArrayDevice::Cpu),
+        #[cfg(feature = "cuda")]
+        Backend::Cuda => DispatchDevice::Cuda(burn::backend::cuda::CudaDevice { index }),
+        #[cfg(feature = "rocm")]
+        Backend::Rocm => DispatchDevice::Rocm(burn::backend::rocm::RocmDevice { index }),
+        #[cfg(feature = "vulkan")]
+        Backend::Vulkan => DispatchDevice::Vulkan(burn::backend::wgpu::WgpuDevice::DiscreteGpu(index)),
+        #[allow(unreachable_patterns)]
+        other => return missing(other.name()),
+    };
+    let name = if backend == Backend::Auto {
+        "flex"
+    } else {
+        backend.name()
+    };
+    Ok((DispatchDevice::autodiff(inner), name))
+}
+
+/// The backends this build drives, fastest CPU backend first.
+pub fn compiled() -> Vec<Backend> {
+    let mut out = vec![Backend::Flex, Backend::Ndarray];
+    if cfg!(feature = "cuda") {
+        out.push(Backend::Cuda);
     }
+    if cfg!(feature = "rocm") {
+        out.push(Backend::Rocm);
+    }
+    if cfg!(feature = "vulkan") {
+        out.push(Backend::Vulkan);
+    }
+    out
 }
 
 /// The backend a worker runs on: the job's choice, unless it said `auto` and its
 /// agent's group names one (`HETERO_BACKEND`), which lets one job mix backends.
 pub fn choose(job: Backend, group: Option<&str>) -> Result<Backend, String> {
     match (job, group) {
-        (Backend::Auto, Some(name)) => Backend::from_name(name)
-            .ok_or_else(|| format!("HETERO_BACKEND={name:?} is not a backend this build drives (flex, ndarray)")),
+        (Backend::Auto, Some(name)) => {
+            Backend::from_name(name).ok_or_else(|| format!("HETERO_BACKEND={name:?} is not a backend name"))
+        }
         (b, _) => Ok(b),
     }
 }
@@ -43,7 +76,9 @@ pub fn choose(job: Backend, group: Option<&str>) -> Result<Backend, String> {
 /// capability profile an agent reports when it registers.
 pub fn measure_gflops(backend: Backend) -> f32 {
     use burn::prelude::*;
-    let (device, _) = device(backend);
+    let Ok((device, _)) = device(backend, 0) else {
+        return 0.0;
+    };
     let n = 256;
     let a = Tensor::<SystemBackend, 2>::ones([n, n], &device);
     let b = Tensor::<SystemBackend, 2>::ones([n, n], &device);

@@ -30,6 +30,8 @@ pub struct WorkerSetup {
     pub speed: f64,
     /// The backend the agent's group runs, if it names one.
     pub backend: Option<String>,
+    /// Which device of its group this worker owns (GPUs: one worker per device).
+    pub device_index: usize,
 }
 
 fn var(name: &str) -> Result<String, WorkerError> {
@@ -63,6 +65,10 @@ impl WorkerSetup {
             output_dir: PathBuf::from(var(WorkerEnv::OUTPUT_DIR)?),
             data_host: std::env::var(WorkerEnv::DATA_HOST).unwrap_or_else(|_| "127.0.0.1".into()),
             backend: std::env::var(WorkerEnv::BACKEND).ok().filter(|b| !b.is_empty()),
+            device_index: match std::env::var(WorkerEnv::DEVICE_INDEX) {
+                Err(_) => 0,
+                Ok(_) => number(WorkerEnv::DEVICE_INDEX)?,
+            },
             speed: match std::env::var(WorkerEnv::SPEED) {
                 Err(_) => 1.0,
                 Ok(v) => v.parse::<f64>().ok().filter(|s| *s > 0.0 && *s <= 1.0).ok_or_else(|| {

@@ -80,7 +80,7 @@ where
 {
     let setup = WorkerSetup::from_env()?;
     let chosen = backend::choose(setup.spec.cluster.backend, setup.backend.as_deref()).map_err(WorkerError::Setup)?;
-    let (device, backend_name) = backend::device(chosen);
+    let (device, backend_name) = backend::device(chosen, setup.device_index).map_err(WorkerError::Setup)?;
     let ctx = TaskContext {
         spec: setup.spec.clone(),
         rank: setup.rank,
