@@ -414,3 +414,32 @@ fn a_local_cluster_of_unlike_groups_trains_one_job() {
         text(&out)
     );
 }
+
+#[test]
+fn gpu_groups_need_a_build_with_their_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |gpu: &str| {
+        let out = hetero()
+            .args([
+                "agent",
+                "--token",
+                "t",
+                "--coordinator",
+                "127.0.0.1:9",
+                "--gpu",
+                gpu,
+                "--work-dir",
+            ])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        text(&out)
+    };
+    if !cfg!(feature = "cuda") {
+        assert!(run("cuda:2").contains("this build does not drive cuda; rebuild with `--features cuda`"));
+    }
+    assert!(run("flex:2").contains("not a GPU backend"));
+    assert!(run("cuda").contains("expected BACKEND:COUNT[:MEMORY_GB]"));
+    assert!(run("cuda:0").contains("expected BACKEND:COUNT[:MEMORY_GB]"));
+}

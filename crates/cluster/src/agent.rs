@@ -121,8 +121,26 @@ impl AgentConfig {
     }
 }
 
-/// The devices of this machine, as resource groups: the CPU (always) and every
-/// declared device kind.
+/// Adds the NVIDIA GPUs NVML finds (with the `nvml` feature) unless `--gpu cuda:…`
+/// already describes them.
+fn add_discovered_gpus(config: &mut AgentConfig) {
+    #[cfg(feature = "nvml")]
+    if !config.gpus.iter().any(|g| g.backend == "cuda")
+        && let Some((count, memory)) = crate::nvml::discover()
+    {
+        tracing::info!(count, "NVIDIA GPUs found through NVML");
+        config.gpus.push(GpuGroup {
+            backend: "cuda".into(),
+            count,
+            memory_gb: memory as f64 / 1e9,
+        });
+    }
+    #[cfg(not(feature = "nvml"))]
+    let _ = config;
+}
+
+/// The devices of this machine, as resource groups: the CPU (always), GPU groups and
+/// every declared device kind.
 pub fn discover_groups(config: &AgentConfig) -> Vec<pb::ResourceGroup> {
     let mut sys = sysinfo::System::new();
     sys.refresh_memory();
@@ -178,7 +196,8 @@ struct Running {
 type Tasks = Arc<Mutex<HashMap<String, Running>>>;
 
 /// Runs the agent until `shutdown` becomes true; its workers are killed then.
-pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), ClusterError> {
+pub async fn run(mut config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), ClusterError> {
+    add_discovered_gpus(&mut config);
     let tasks: Tasks = Arc::default();
     let mut client: Option<Client> = None;
     let mut agent_id = String::new();
@@ -235,14 +254,24 @@ pub async fn run(config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Re
                 };
                 sys.refresh_cpu_usage();
                 sys.refresh_memory();
+                #[allow(unused_mut)]
+                let mut usage = vec![pb::DeviceUsage {
+                    kind: "cpu".into(),
+                    utilization: sys.global_cpu_usage() / 100.0,
+                    memory_used_bytes: sys.used_memory(),
+                }];
+                #[cfg(feature = "nvml")]
+                if let Some((utilization, memory_used_bytes)) = crate::nvml::usage() {
+                    usage.push(pb::DeviceUsage {
+                        kind: "cuda".into(),
+                        utilization,
+                        memory_used_bytes,
+                    });
+                }
                 let req = pb::HeartbeatRequest {
                     agent_id: agent_id.clone(),
                     tasks: list,
-                    usage: vec![pb::DeviceUsage {
-                        kind: "cpu".into(),
-                        utilization: sys.global_cpu_usage() / 100.0,
-                        memory_used_bytes: sys.used_memory(),
-                    }],
+                    usage,
                 };
                 match c.heartbeat(req).await {
                     Ok(r) => {

@@ -26,6 +26,8 @@ pub mod coordinator;
 pub mod dashboard;
 pub mod error;
 pub mod local;
+#[cfg(feature = "nvml")]
+pub mod nvml;
 pub mod records;
 pub mod scheduler;
 pub mod store;

@@ -92,3 +92,29 @@ pub fn measure_gflops(backend: Backend) -> f32 {
     let flops = 2.0 * (n * n * n) as f64 * rounds as f64;
     (flops / started.elapsed().as_secs_f64() / 1e9) as f32
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_backends_are_always_there() {
+        assert_eq!(device(Backend::Auto, 0).unwrap().1, "flex");
+        assert_eq!(device(Backend::Ndarray, 0).unwrap().1, "ndarray");
+    }
+
+    #[test]
+    #[cfg(not(feature = "cuda"))]
+    fn a_missing_gpu_backend_says_how_to_build_it() {
+        let err = device(Backend::Cuda, 0).err().unwrap();
+        assert!(err.contains("--features cuda"), "{err}");
+    }
+
+    #[test]
+    fn auto_takes_the_group_backend() {
+        assert_eq!(choose(Backend::Auto, Some("ndarray")).unwrap(), Backend::Ndarray);
+        assert_eq!(choose(Backend::Flex, Some("ndarray")).unwrap(), Backend::Flex);
+        assert_eq!(choose(Backend::Auto, None).unwrap(), Backend::Auto);
+        assert!(choose(Backend::Auto, Some("tpu")).is_err());
+    }
+}
