@@ -121,6 +121,16 @@ impl Backend {
         }
     }
 
+    /// Every backend name a spec may use.
+    pub const ALL: [Backend; 6] = [
+        Backend::Auto,
+        Backend::Flex,
+        Backend::Ndarray,
+        Backend::Cuda,
+        Backend::Rocm,
+        Backend::Vulkan,
+    ];
+
     /// Whether this backend computes on a GPU (one worker per device).
     pub fn is_gpu(self) -> bool {
         matches!(self, Backend::Cuda | Backend::Rocm | Backend::Vulkan)
@@ -128,9 +138,7 @@ impl Backend {
 
     /// Parses a backend name.
     pub fn from_name(name: &str) -> Option<Backend> {
-        [Backend::Auto, Backend::Flex, Backend::Ndarray]
-            .into_iter()
-            .find(|b| b.name() == name)
+        Backend::ALL.into_iter().find(|b| b.name() == name)
     }
 }
 
@@ -602,6 +610,21 @@ workers = 3
         assert_eq!(s.training.seed, 42);
         assert_eq!(s.output_dir, PathBuf::from("runs"));
         assert_eq!(JobSpec::from_json(&s.to_json()).unwrap(), s);
+    }
+
+    #[test]
+    fn backend_names_round_trip() {
+        for b in Backend::ALL {
+            assert_eq!(Backend::from_name(b.name()), Some(b));
+        }
+        assert_eq!(Backend::from_name("tpu"), None);
+        assert_eq!(
+            edit("workers = 3", "workers = 3\nbackend = \"cuda\"")
+                .unwrap()
+                .cluster
+                .backend,
+            Backend::Cuda
+        );
     }
 
     #[test]
