@@ -36,3 +36,64 @@ pub async fn connect(address: &str, token: &str) -> Result<Client, ClusterError>
     let attach = AttachToken::new(token).map_err(fail)?;
     Ok(CoordinatorClient::with_interceptor(channel, attach).max_decoding_message_size(64 << 20))
 }
+
+/// Submits a job spec (TOML text; relative paths resolve against `base_dir`) and
+/// returns the job's id.
+pub async fn submit(client: &mut Client, spec_toml: &str, base_dir: &str) -> Result<String, ClusterError> {
+    let req = hetero_proto::SubmitJobRequest {
+        spec_toml: spec_toml.to_string(),
+        base_dir: base_dir.to_string(),
+    };
+    Ok(client
+        .submit_job(req)
+        .await
+        .map_err(|s| ClusterError::rpc("submitting a job", s))?
+        .into_inner()
+        .job_id)
+}
+
+/// Polls `job_id` until `done` holds for it, for at most `timeout`.
+pub async fn wait_for(
+    client: &mut Client,
+    job_id: &str,
+    timeout: Duration,
+    done: impl Fn(&hetero_proto::JobInfo) -> bool,
+) -> Result<hetero_proto::JobInfo, ClusterError> {
+    let started = std::time::Instant::now();
+    loop {
+        let req = hetero_proto::GetJobRequest { job_id: job_id.into() };
+        let info = client
+            .get_job(req)
+            .await
+            .map_err(|s| ClusterError::rpc("polling a job", s))?
+            .into_inner();
+        if done(&info) || started.elapsed() > timeout {
+            return Ok(info);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Whether a job has ended (succeeded, failed or cancelled).
+pub fn has_ended(info: &hetero_proto::JobInfo) -> bool {
+    info.state >= hetero_proto::JobState::Succeeded as i32
+}
+
+/// Every log line of `job_id` stored so far.
+pub async fn log_texts(client: &mut Client, job_id: &str) -> Result<Vec<String>, ClusterError> {
+    let req = hetero_proto::StreamLogsRequest {
+        job_id: job_id.into(),
+        after_seq: 0,
+        follow: false,
+    };
+    let mut stream = client
+        .stream_logs(req)
+        .await
+        .map_err(|s| ClusterError::rpc("reading a log", s))?
+        .into_inner();
+    let mut texts = Vec::new();
+    while let Some(entry) = tokio_stream::StreamExt::next(&mut stream).await {
+        texts.push(entry.map_err(|s| ClusterError::rpc("reading a log", s))?.text);
+    }
+    Ok(texts)
+}

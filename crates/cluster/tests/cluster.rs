@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hetero_cluster::client::{Client, connect};
+use hetero_cluster::client::{self, Client, connect};
 use hetero_cluster::coordinator::{Coordinator, CoordinatorConfig};
 use hetero_cluster::local::LocalCluster;
 use hetero_proto as pb;
@@ -33,38 +33,19 @@ fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
 }
 
 async fn submit(client: &mut Client, spec: String) -> String {
-    client
-        .submit_job(pb::SubmitJobRequest {
-            spec_toml: spec,
-            base_dir: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id
+    client::submit(client, &spec, "").await.unwrap()
 }
 
 async fn wait_for(client: &mut Client, job_id: &str, done: impl Fn(&pb::JobInfo) -> bool) -> pb::JobInfo {
-    let started = Instant::now();
-    loop {
-        let info = client
-            .get_job(pb::GetJobRequest { job_id: job_id.into() })
-            .await
-            .unwrap()
-            .into_inner();
-        if done(&info) {
-            return info;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "job never got there: {info:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let info = client::wait_for(client, job_id, Duration::from_secs(60), &done)
+        .await
+        .unwrap();
+    assert!(done(&info), "job never got there: {info:?}");
+    info
 }
 
 fn ended(info: &pb::JobInfo) -> bool {
-    info.state >= pb::JobState::Succeeded as i32
+    client::has_ended(info)
 }
 
 #[tokio::test]
@@ -89,19 +70,7 @@ async fn a_crashing_worker_fails_its_job_with_its_last_lines() {
         .unwrap();
     assert!(failed.message.contains("loading data"));
     // The log holds the worker's lines too.
-    let mut stream = client
-        .stream_logs(pb::StreamLogsRequest {
-            job_id: job.clone(),
-            after_seq: 0,
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut texts = Vec::new();
-    while let Some(e) = tokio_stream::StreamExt::next(&mut stream).await {
-        texts.push(e.unwrap().text);
-    }
+    let texts = client::log_texts(&mut client, &job).await.unwrap();
     assert!(texts.iter().any(|t| t == "boom: out of memory"), "{texts:?}");
     // The failed job's slots are free again: a job needing both starts and succeeds.
     let quick = script(dir.path(), "quick.sh", "echo fine");
@@ -485,19 +454,7 @@ async fn declared_devices_are_registered_scheduled_and_run_their_command() {
     let echo = script(dir.path(), "speed.sh", "echo \"speed=$HETERO_SPEED\"");
     let job = submit(&mut client, custom_spec(&echo, 1)).await;
     wait_for(&mut client, &job, ended).await;
-    let mut stream = client
-        .stream_logs(pb::StreamLogsRequest {
-            job_id: job,
-            after_seq: 0,
-            follow: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut texts = Vec::new();
-    while let Some(e) = tokio_stream::StreamExt::next(&mut stream).await {
-        texts.push(e.unwrap().text);
-    }
+    let texts = client::log_texts(&mut client, &job).await.unwrap();
     assert!(texts.iter().any(|t| t == "speed=0.5"), "{texts:?}");
     cluster.shutdown().await;
 }

@@ -65,15 +65,7 @@ async fn dashboard_shows_nodes_and_a_live_loss_chart() {
         program.display(),
         data.display()
     );
-    let job = client
-        .submit_job(pb::SubmitJobRequest {
-            spec_toml: spec,
-            base_dir: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .job_id;
+    let job = hetero_cluster::client::submit(&mut client, &spec, "").await.unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
     let url = format!("http://{}/", cluster.dashboard);

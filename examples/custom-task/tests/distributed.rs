@@ -2,8 +2,9 @@
 //! processes of an embedded cluster on the committed Fashion-MNIST subset.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use hetero_cluster::client;
 use hetero_cluster::local::LocalCluster;
 use hetero_proto as pb;
 
@@ -38,31 +39,10 @@ dir = "{out}"
     );
     let cluster = LocalCluster::start(2, "/bin/false".into()).await.unwrap();
     let mut client = cluster.client().await.unwrap();
-    let job_id = client
-        .submit_job(pb::SubmitJobRequest {
-            spec_toml: spec,
-            base_dir: String::new(),
-        })
+    let job_id = client::submit(&mut client, &spec, "").await.unwrap();
+    let info = client::wait_for(&mut client, &job_id, Duration::from_secs(300), client::has_ended)
         .await
-        .unwrap()
-        .into_inner()
-        .job_id;
-    let started = Instant::now();
-    let info = loop {
-        let info = client
-            .get_job(pb::GetJobRequest { job_id: job_id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if info.state >= pb::JobState::Succeeded as i32 {
-            break info;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(300),
-            "job did not end: {info:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+        .unwrap();
     cluster.shutdown().await;
     assert_eq!(info.state, pb::JobState::Succeeded as i32, "{info:?}");
     let summary: serde_json::Value =
