@@ -376,7 +376,7 @@ fn a_local_cluster_of_unlike_groups_trains_one_job() {
     let spec = write_spec(
         dir.path(),
         &format!(
-            "name = \"unlike\"\n[model]\nkind = \"mlp\"\n[dataset]\npath = \"{}\"\ntrain_limit = 2000\ntest_limit = 400\n\
+            "name = \"unlike\"\n[model]\nkind = \"mlp\"\n[dataset]\npath = \"{}\"\ntrain_limit = 2000\ntest_limit = 400\nsplit = \"weighted\"\n\
              [training]\nepochs = 2\nglobal_batch_size = 40\n[cluster]\nworkers = 2\n[output]\ndir = \"runs\"\n",
             subset().display()
         ),

@@ -50,6 +50,8 @@ impl WorkerEnv {
     pub const OUTPUT_DIR: &'static str = "HETERO_OUTPUT_DIR";
     /// Host the data-plane listener binds to.
     pub const DATA_HOST: &'static str = "HETERO_DATA_HOST";
+    /// Every rank's share of the work, comma-separated (absent: an even split).
+    pub const WEIGHTS: &'static str = "HETERO_WEIGHTS";
     /// Index of the device the worker owns within its group.
     pub const DEVICE_INDEX: &'static str = "HETERO_DEVICE_INDEX";
     /// Backend of the worker's group (used when the job asks for `auto`).
@@ -420,6 +422,10 @@ async fn supervise(
         return (TaskState::Failed, format!("cannot write {}: {e}", spec_file.display()));
     }
     let mut command = worker_command(config, a, &spec_file);
+    if !a.weights.is_empty() {
+        let weights: Vec<String> = a.weights.iter().map(|w| w.to_string()).collect();
+        command.env(WorkerEnv::WEIGHTS, weights.join(","));
+    }
     command.env(WorkerEnv::DEVICE_INDEX, device_index.to_string());
     if let Some(g) = config.gpus.iter().find(|g| g.backend == a.group) {
         command.env(WorkerEnv::BACKEND, &g.backend);

@@ -466,6 +466,11 @@ impl Coordinator {
                         threads,
                         group: groups[g].kind.clone(),
                         memory_mb: demand.memory_mb,
+                        weight: st.nodes[agent]
+                            .groups
+                            .iter()
+                            .find(|x| x.kind == groups[g].kind)
+                            .map_or(1.0, |x| x.score()),
                     }
                 })
                 .collect();
@@ -563,6 +568,11 @@ impl Coordinator {
         let mut known = HashSet::new();
         for job in st.jobs.values_mut() {
             let mut dirty = false;
+            let weights: Vec<f32> = if job.weighted {
+                job.tasks.iter().map(|t| t.weight).collect()
+            } else {
+                vec![]
+            };
             for t in job.tasks.iter_mut().filter(|t| t.agent_id == agent_id) {
                 known.insert(t.task_id.clone());
                 let running_there = reported.contains_key(&t.task_id);
@@ -585,6 +595,7 @@ impl Coordinator {
                         program: job.program.clone(),
                         threads: t.threads,
                         group: t.group.clone(),
+                        weights: weights.clone(),
                     });
                 } else if !running_there {
                     t.state = TaskState::Failed;
@@ -901,6 +912,7 @@ impl CoordinatorRpc for Coordinator {
             policy: spec.scheduling.policy,
             device: spec.cluster.device.clone(),
             memory_per_worker_mb: spec.cluster.memory_per_worker_mb,
+            weighted: spec.dataset.split == hetero_job::SplitKind::Weighted,
         };
         self.inner.store.put_job(&job).map_err(store_status)?;
         st.jobs.insert(job_id.clone(), job);

@@ -73,6 +73,13 @@ pub struct TaskRecord {
     /// Device memory reserved for it, in MiB.
     #[serde(default)]
     pub memory_mb: u64,
+    /// Its share of the job's work: its group's compute score at placement.
+    #[serde(default = "unit_weight")]
+    pub weight: f32,
+}
+
+fn unit_weight() -> f32 {
+    1.0
 }
 
 /// An accepted job.
@@ -121,6 +128,9 @@ pub struct JobRecord {
     /// Device memory each worker needs, in MiB.
     #[serde(default)]
     pub memory_per_worker_mb: u64,
+    /// Whether its data is split by compute score (else evenly).
+    #[serde(default)]
+    pub weighted: bool,
 }
 
 /// A registered agent and its resource groups.

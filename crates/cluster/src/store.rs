@@ -209,6 +209,7 @@ mod tests {
             policy: Default::default(),
             device: "cpu".into(),
             memory_per_worker_mb: 0,
+            weighted: false,
         }
     }
 

@@ -52,6 +52,106 @@ pub fn epoch_order(shard: &[usize], seed: u64, epoch: usize, rank: usize) -> Vec
     order
 }
 
+/// How a job's work is divided among its workers: by weight (each worker's share of
+/// the job's compute), or evenly when all weights are equal.
+///
+/// Worker `r` owns samples `[⌊len·W_r/W⌋, ⌊len·W_{r+1}/W⌋)` of the shuffled dataset
+/// (`W_r` the weights before `r`, `W` their sum) and contributes
+/// `local_batch(global, r)` samples to every global batch — at least one each, the
+/// rest in proportion to weight — so that unlike workers finish a step together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Split {
+    weights: Vec<f64>,
+}
+
+impl Split {
+    /// Equal shares for `world` workers.
+    pub fn even(world: usize) -> Split {
+        Split {
+            weights: vec![1.0; world.max(1)],
+        }
+    }
+
+    /// Shares proportional to `weights`; non-positive or non-finite weights make the
+    /// split even (a split must never starve a worker).
+    pub fn weighted(weights: &[f64]) -> Split {
+        if weights.is_empty() || weights.iter().any(|w| !(w.is_finite() && *w > 0.0)) {
+            return Split::even(weights.len());
+        }
+        Split {
+            weights: weights.to_vec(),
+        }
+    }
+
+    /// Number of workers.
+    pub fn world(&self) -> usize {
+        self.weights.len()
+    }
+
+    /// The dataset indices `[start, end)` (into the shuffled order) of worker `rank`:
+    /// cumulative shares, rounded down.
+    pub fn shard_bounds(&self, len: usize, rank: usize) -> (usize, usize) {
+        let sum: f64 = self.weights.iter().sum();
+        let cut = |i: usize| {
+            if i == self.weights.len() {
+                return len;
+            }
+            let before: f64 = self.weights[..i].iter().sum();
+            ((len as f64 * before / sum).floor() as usize).min(len)
+        };
+        (cut(rank), cut(rank + 1))
+    }
+
+    /// Every worker's part of a global batch: proportional to weight (largest
+    /// remainders round up), at least one each when `global ≥ world`, summing to
+    /// `global`.
+    pub fn local_batches(&self, global: usize) -> Vec<usize> {
+        let sum: f64 = self.weights.iter().sum();
+        let ideal: Vec<f64> = self.weights.iter().map(|w| global as f64 * w / sum).collect();
+        let least = usize::from(global >= self.world());
+        let mut parts: Vec<usize> = ideal.iter().map(|x| (x.floor() as usize).max(least)).collect();
+        while parts.iter().sum::<usize>() > global {
+            // Take from the part furthest above its ideal that can spare one.
+            let i = (0..parts.len())
+                .filter(|&i| parts[i] > least)
+                .max_by(|&a, &b| (parts[a] as f64 - ideal[a]).total_cmp(&(parts[b] as f64 - ideal[b])))
+                .expect("a part above the minimum exists while the sum is too large");
+            parts[i] -= 1;
+        }
+        while parts.iter().sum::<usize>() < global {
+            let i = (0..parts.len())
+                .max_by(|&a, &b| (ideal[a] - parts[a] as f64).total_cmp(&(ideal[b] - parts[b] as f64)))
+                .expect("at least one worker");
+            parts[i] += 1;
+        }
+        parts
+    }
+
+    /// Worker `rank`'s part of a global batch (see [`Split::local_batches`]).
+    pub fn local_batch(&self, global: usize, rank: usize) -> usize {
+        self.local_batches(global)[rank]
+    }
+
+    /// Steps per epoch: the worker whose shard runs out first decides.
+    pub fn steps_per_epoch(&self, len: usize, global: usize) -> usize {
+        (0..self.world())
+            .map(|r| {
+                let (a, b) = self.shard_bounds(len, r);
+                (b - a) / self.local_batch(global, r).max(1)
+            })
+            .min()
+            .unwrap_or(0)
+    }
+
+    /// The sample indices of worker `rank`, in no particular order.
+    pub fn shard(&self, len: usize, rank: usize, seed: u64) -> Vec<usize> {
+        let mut all: Vec<usize> = (0..len).collect();
+        all.shuffle(&mut StdRng::seed_from_u64(seed));
+        let (a, b) = self.shard_bounds(len, rank);
+        all[a..b].to_vec()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,6 +180,43 @@ mod tests {
         assert_eq!(steps_per_epoch(1000, 100, 3), 9);
         assert_eq!(steps_per_epoch(1000, 100, 1), 10);
         assert_eq!(steps_per_epoch(5, 100, 2), 0);
+    }
+
+    #[test]
+    fn weighted_split_partitions_and_follows_weights() {
+        let split = Split::weighted(&[4.0, 2.0, 1.0]);
+        let mut all: Vec<usize> = (0..3).flat_map(|r| split.shard(700, r, 3)).collect();
+        all.sort();
+        assert_eq!(all, (0..700).collect::<Vec<_>>(), "every sample in exactly one shard");
+        assert_eq!(
+            (0..3).map(|r| split.shard(700, r, 3).len()).collect::<Vec<_>>(),
+            vec![400, 200, 100]
+        );
+        let batches: Vec<usize> = (0..3).map(|r| split.local_batch(70, r)).collect();
+        assert_eq!(batches.iter().sum::<usize>(), 70);
+        assert_eq!(batches, vec![40, 20, 10]);
+        assert_eq!(split.steps_per_epoch(700, 70), 10);
+    }
+
+    #[test]
+    fn every_worker_gets_a_sample_however_small_its_weight() {
+        let split = Split::weighted(&[1000.0, 1.0]);
+        assert_eq!(split.local_batch(10, 1), 1);
+        assert_eq!(split.local_batch(10, 0) + split.local_batch(10, 1), 10);
+        // Bad weights fall back to an even split.
+        assert_eq!(Split::weighted(&[1.0, 0.0]), Split::even(2));
+        assert_eq!(Split::weighted(&[1.0, f64::NAN]), Split::even(2));
+    }
+
+    #[test]
+    fn even_split_matches_the_balanced_helpers() {
+        for world in 1..=5 {
+            let split = Split::even(world);
+            for r in 0..world {
+                assert_eq!(split.shard(103, r, 7), even_shard(103, world, r, 7));
+            }
+            assert_eq!((0..world).map(|r| split.local_batch(128, r)).sum::<usize>(), 128);
+        }
     }
 
     #[test]

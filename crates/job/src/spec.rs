@@ -63,6 +63,21 @@ pub struct DatasetSpec {
     pub train_limit: usize,
     /// Use only the first N test samples (0 = all).
     pub test_limit: usize,
+    /// How samples and batches are divided among workers.
+    #[serde(default)]
+    pub split: SplitKind,
+}
+
+/// How a dataset is divided among workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SplitKind {
+    /// Equal shards and local batches.
+    #[default]
+    Even,
+    /// Shards and local batches proportional to each worker's resource-group compute
+    /// score, so unlike workers finish a step together.
+    Weighted,
 }
 
 /// Optimisers.
@@ -205,7 +220,7 @@ const TOP: &[&str] = &[
     "scheduling",
 ];
 const MODEL: &[&str] = &["kind"];
-const DATASET: &[&str] = &["kind", "path", "train_limit", "test_limit"];
+const DATASET: &[&str] = &["kind", "path", "train_limit", "test_limit", "split"];
 const TRAINING: &[&str] = &[
     "epochs",
     "global_batch_size",
@@ -261,6 +276,11 @@ impl JobSpec {
             path: PathBuf::from(path),
             train_limit: ds.int("train_limit", 0, usize::MAX)?.unwrap_or(0),
             test_limit: ds.int("test_limit", 0, usize::MAX)?.unwrap_or(0),
+            split: match ds.string("split")?.as_deref() {
+                Some("even") | None => SplitKind::Even,
+                Some("weighted") => SplitKind::Weighted,
+                Some(other) => return Err(ds.invalid("split", other, "one of: even, weighted")),
+            },
         };
 
         let tr = top.section("training", TRAINING)?;
@@ -685,6 +705,11 @@ workers = 3
     fn scheduling_and_requirements() {
         let s = with("[scheduling]\npriority = 5\nafter = [\"job-000001\"]\npolicy = \"resource-state\"").unwrap();
         assert_eq!(s.scheduling.priority, 5);
+        assert_eq!(s.dataset.split, SplitKind::Even);
+        let w = edit("train_limit = 3000", "train_limit = 3000\nsplit = \"weighted\"").unwrap();
+        assert_eq!(w.dataset.split, SplitKind::Weighted);
+        let err = edit("train_limit = 3000", "train_limit = 3000\nsplit = \"random\"").unwrap_err();
+        assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "dataset.split"));
         assert_eq!(s.scheduling.after, vec!["job-000001".to_string()]);
         assert_eq!(s.scheduling.policy, Policy::ResourceState);
         assert_eq!(s.cluster.device, "cpu");

@@ -16,7 +16,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use hetero_comm::Ring;
-use hetero_data::shard;
+use hetero_data::shard::{self, Split};
 
 use crate::params;
 use crate::report::{EpochRecord, Event, LOSS_CURVE_POINTS, RunSummary, WorkerFigures, downsample};
@@ -37,6 +37,8 @@ pub struct TrainOptions {
     pub backend: String,
     /// Least time between two step events.
     pub event_interval: Duration,
+    /// Each worker's share of the work (its compute score); empty: an even split.
+    pub weights: Vec<f64>,
     /// Speed cap in (0, 1]: after computing, a worker idles so that its compute takes
     /// `1 / speed` times as long — a documented knob to emulate a slower device.
     pub speed: f64,
@@ -61,6 +63,7 @@ impl TrainOptions {
             backend: "flex".into(),
             event_interval: Duration::from_millis(500),
             speed: 1.0,
+            weights: vec![],
         }
     }
 }
@@ -185,15 +188,20 @@ impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
         let (rank, world) = (self.ring.rank(), self.ring.world());
         let o = self.options.clone();
         let len = self.task.train_len();
-        let steps = shard::steps_per_epoch(len, o.global_batch, world);
+        let split = if o.weights.len() == world {
+            Split::weighted(&o.weights)
+        } else {
+            Split::even(world)
+        };
+        let steps = split.steps_per_epoch(len, o.global_batch);
         if steps == 0 {
             return Err(TrainError::Config(format!(
                 "{len} training samples cannot fill one global batch of {} over {world} workers",
                 o.global_batch
             )));
         }
-        let my_shard = shard::even_shard(len, world, rank, o.seed);
-        let local = shard::local_batch(o.global_batch, world, rank);
+        let my_shard = split.shard(len, rank, o.seed);
+        let local = split.local_batch(o.global_batch, rank);
         let started = Instant::now();
         let mut history = Vec::new();
         let mut last_event = Instant::now() - o.event_interval;
@@ -398,6 +406,49 @@ mod tests {
             let initial = params::flatten(&cnn_task(optimizer).model(&Default::default()));
             assert_ne!(expected, initial, "training moved the parameters");
         }
+    }
+
+    /// The same with unlike workers: local batches of 5 and 3 (a weighted split)
+    /// still sum to exactly the gradient of the global batch of 8.
+    #[test]
+    fn unequal_local_batches_equal_one_full_batch() {
+        let batch: Vec<usize> = (0..8).collect();
+        let mut solo_ring = ring_of(1).pop().unwrap();
+        let mut solo = Trainer::new(
+            cnn_task(Optimizer::Sgd),
+            Default::default(),
+            &mut solo_ring,
+            TrainOptions::new(1, 8, 5),
+        )
+        .unwrap();
+        solo.step(&batch).unwrap();
+        solo.step(&batch).unwrap();
+        let expected = solo.parameters();
+        let parts = [&batch[..5], &batch[5..]];
+        let results: Vec<Vec<f32>> = thread::scope(|s| {
+            let handles: Vec<_> = ring_of(2)
+                .into_iter()
+                .zip(parts)
+                .map(|(mut ring, part)| {
+                    s.spawn(move || {
+                        let options = TrainOptions::new(1, 8, 5);
+                        let mut t =
+                            Trainer::new(cnn_task(Optimizer::Sgd), Default::default(), &mut ring, options).unwrap();
+                        t.step(part).unwrap();
+                        t.step(part).unwrap();
+                        t.parameters()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results[0], results[1]);
+        let worst = expected
+            .iter()
+            .zip(&results[0])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "max parameter difference {worst}");
     }
 
     #[test]

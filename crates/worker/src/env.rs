@@ -32,6 +32,8 @@ pub struct WorkerSetup {
     pub backend: Option<String>,
     /// Which device of its group this worker owns (GPUs: one worker per device).
     pub device_index: usize,
+    /// Every rank's share of the work (empty: an even split).
+    pub weights: Vec<f64>,
 }
 
 fn var(name: &str) -> Result<String, WorkerError> {
@@ -65,6 +67,16 @@ impl WorkerSetup {
             output_dir: PathBuf::from(var(WorkerEnv::OUTPUT_DIR)?),
             data_host: std::env::var(WorkerEnv::DATA_HOST).unwrap_or_else(|_| "127.0.0.1".into()),
             backend: std::env::var(WorkerEnv::BACKEND).ok().filter(|b| !b.is_empty()),
+            weights: match std::env::var(WorkerEnv::WEIGHTS) {
+                Err(_) => vec![],
+                Ok(v) => v
+                    .split(',')
+                    .map(|w| w.trim().parse::<f64>())
+                    .collect::<Result<_, _>>()
+                    .map_err(|_| {
+                        WorkerError::Setup(format!("{}={v:?} is not a list of numbers", WorkerEnv::WEIGHTS))
+                    })?,
+            },
             device_index: match std::env::var(WorkerEnv::DEVICE_INDEX) {
                 Err(_) => 0,
                 Ok(_) => number(WorkerEnv::DEVICE_INDEX)?,
@@ -76,6 +88,13 @@ impl WorkerSetup {
                 })?,
             },
         };
+        if !setup.weights.is_empty() && setup.weights.len() != setup.world {
+            return Err(WorkerError::Setup(format!(
+                "{} weights for a ring of {}",
+                setup.weights.len(),
+                setup.world
+            )));
+        }
         if setup.rank >= setup.world {
             return Err(WorkerError::Setup(format!(
                 "rank {} outside a ring of {}",

@@ -111,6 +111,10 @@ where
     );
     options.backend = backend_name.to_string();
     options.speed = setup.speed;
+    options.weights = setup.weights.clone();
+    if !options.weights.is_empty() {
+        eprintln!("weighted split: shares {:?}", options.weights);
+    }
     if setup.speed < 1.0 {
         eprintln!(
             "speed cap {}: this worker idles to emulate a slower device",
