@@ -118,7 +118,8 @@ impl Drop for Killed {
     }
 }
 
-fn start_coordinator(port: u16, data_dir: &Path) -> Killed {
+/// Starts `hetero coordinator` on `port` with `extra` options and waits until it listens.
+fn start_coordinator_with(port: u16, data_dir: &Path, extra: &[&str]) -> Killed {
     let child = hetero()
         .args([
             "coordinator",
@@ -126,8 +127,9 @@ fn start_coordinator(port: u16, data_dir: &Path) -> Killed {
             "127.0.0.1:0",
             "--listen",
             &format!("127.0.0.1:{port}"),
-            "--data-dir",
         ])
+        .args(extra)
+        .arg("--data-dir")
         .arg(data_dir)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -139,6 +141,10 @@ fn start_coordinator(port: u16, data_dir: &Path) -> Killed {
         std::thread::sleep(Duration::from_millis(50));
     }
     Killed(child)
+}
+
+fn start_coordinator(port: u16, data_dir: &Path) -> Killed {
+    start_coordinator_with(port, data_dir, &[])
 }
 
 fn client(cmd: &str, port: u16, data_dir: &Path) -> Command {
@@ -279,28 +285,9 @@ fn a_killed_agent_fails_its_tasks_and_raises_an_alert_to_the_webhook() {
     let state = dir.path().join("state");
     let (hook_port, hook) = webhook_server();
     let port = free_port();
-    let child = hetero()
-        .args([
-            "coordinator",
-            "--dashboard",
-            "127.0.0.1:0",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .args(["--dead-after", "2", "--alert-webhook"])
-        .arg(format!("http://127.0.0.1:{hook_port}/alerts"))
-        .arg("--data-dir")
-        .arg(&state)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _coordinator = Killed(child);
+    let hook_url = format!("http://127.0.0.1:{hook_port}/alerts");
+    let _coordinator = start_coordinator_with(port, &state, &["--dead-after", "2", "--alert-webhook", &hook_url]);
     let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(20));
-        std::thread::sleep(Duration::from_millis(50));
-    }
     let mut agent = Killed(
         client("agent", port, &state)
             .args(["--slots", "1", "--work-dir"])

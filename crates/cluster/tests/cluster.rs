@@ -44,6 +44,14 @@ async fn wait_for(client: &mut Client, job_id: &str, done: impl Fn(&pb::JobInfo)
     info
 }
 
+async fn get(client: &mut Client, job_id: &str) -> pb::JobInfo {
+    client
+        .get_job(pb::GetJobRequest { job_id: job_id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 fn ended(info: &pb::JobInfo) -> bool {
     client::has_ended(info)
 }
@@ -110,11 +118,7 @@ async fn cancelling_stops_running_workers_and_frees_the_slots() {
         i.tasks.iter().all(|t| t.state == pb::TaskState::Running as i32)
     })
     .await;
-    let queued = client
-        .get_job(pb::GetJobRequest { job_id: second.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let queued = get(&mut client, &second).await;
     assert_eq!(queued.state, pb::JobState::Queued as i32);
     let r = client
         .cancel_job(pb::CancelJobRequest { job_id: job.clone() })
@@ -124,11 +128,7 @@ async fn cancelling_stops_running_workers_and_frees_the_slots() {
     assert_eq!(r.state, pb::JobState::Cancelled as i32);
     let info = wait_for(&mut client, &second, ended).await;
     assert_eq!(info.state, pb::JobState::Succeeded as i32, "{info:?}");
-    let first = client
-        .get_job(pb::GetJobRequest { job_id: job })
-        .await
-        .unwrap()
-        .into_inner();
+    let first = get(&mut client, &job).await;
     assert!(first.tasks.iter().all(|t| t.state == pb::TaskState::Cancelled as i32));
     cluster.shutdown().await;
 }
@@ -290,19 +290,11 @@ async fn dependencies_wait_for_success_and_fail_after_failure() {
     )
     .await;
     // b must not start while a runs, although a slot is free.
-    let b_info = client
-        .get_job(pb::GetJobRequest { job_id: b.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let b_info = get(&mut client, &b).await;
     assert_eq!(b_info.state, pb::JobState::Queued as i32);
     let b_info = wait_for(&mut client, &b, ended).await;
     assert_eq!(b_info.state, pb::JobState::Succeeded as i32);
-    let a_info = client
-        .get_job(pb::GetJobRequest { job_id: a.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let a_info = get(&mut client, &a).await;
     assert!(
         b_info.started_unix_ms >= a_info.finished_unix_ms,
         "{a_info:?} {b_info:?}"
@@ -348,11 +340,7 @@ async fn higher_priority_starts_first_when_resources_free_up() {
         .await
         .unwrap();
     wait_for(&mut client, &high, |i| i.state == pb::JobState::Running as i32).await;
-    let low_info = client
-        .get_job(pb::GetJobRequest { job_id: low.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let low_info = get(&mut client, &low).await;
     assert_eq!(
         low_info.state,
         pb::JobState::Queued as i32,
@@ -442,11 +430,7 @@ async fn declared_devices_are_registered_scheduled_and_run_their_command() {
     // More memory than an NPU has: the job waits instead of overbooking.
     let big = submit(&mut client, spec.replace("4000", "9000")).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let waiting = client
-        .get_job(pb::GetJobRequest { job_id: big.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let waiting = get(&mut client, &big).await;
     assert_eq!(waiting.state, pb::JobState::Queued as i32);
     client.cancel_job(pb::CancelJobRequest { job_id: big }).await.unwrap();
 
