@@ -102,14 +102,6 @@ fn truncated_dataset_fails_the_job_with_a_clear_message() {
     assert!(log.contains("train-images-idx3-ubyte.gz is not a valid IDX"), "{log}");
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Killed(Child);
 impl Drop for Killed {
     fn drop(&mut self) {
@@ -118,9 +110,12 @@ impl Drop for Killed {
     }
 }
 
-/// Starts `hetero coordinator` on `port` with `extra` options and waits until it listens.
-fn start_coordinator_with(port: u16, data_dir: &Path, extra: &[&str]) -> Killed {
-    let child = hetero()
+/// Starts `hetero coordinator` on `port` (0: any free one, chosen by the
+/// coordinator itself, so parallel tests never race for a port) with `extra`
+/// options; returns it and the port it listens on.
+fn start_coordinator_with(port: u16, data_dir: &Path, extra: &[&str]) -> (Killed, u16) {
+    use std::io::BufRead;
+    let mut child = hetero()
         .args([
             "coordinator",
             "--dashboard",
@@ -131,19 +126,28 @@ fn start_coordinator_with(port: u16, data_dir: &Path, extra: &[&str]) -> Killed 
         .args(extra)
         .arg("--data-dir")
         .arg(data_dir)
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let started = Instant::now();
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(started.elapsed() < Duration::from_secs(20), "coordinator did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Killed(child)
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keep draining its output so its later lines never hit a closed pipe.
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(addr) = line.strip_prefix("coordinator listening on ") {
+                let _ = tx.send(addr.rsplit(':').next().unwrap().parse::<u16>().unwrap());
+            }
+        }
+    });
+    let killed = Killed(child);
+    let port = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("coordinator did not start");
+    (killed, port)
 }
 
-fn start_coordinator(port: u16, data_dir: &Path) -> Killed {
+fn start_coordinator(port: u16, data_dir: &Path) -> (Killed, u16) {
     start_coordinator_with(port, data_dir, &[])
 }
 
@@ -161,8 +165,7 @@ fn client(cmd: &str, port: u16, data_dir: &Path) -> Command {
 fn a_coordinator_killed_and_restarted_still_lists_its_jobs() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
-    let port = free_port();
-    let coordinator = start_coordinator(port, &state);
+    let (coordinator, port) = start_coordinator(0, &state);
 
     // An agent with one slot registers; a job asking for four workers stays queued.
     let _agent = Killed(
@@ -197,7 +200,7 @@ fn a_coordinator_killed_and_restarted_still_lists_its_jobs() {
     }
 
     drop(coordinator); // SIGKILL: no chance to flush anything
-    let _coordinator = start_coordinator(port, &state);
+    let (_coordinator, _) = start_coordinator(port, &state);
     let out = client("status", port, &state).output().unwrap();
     let listing = text(&out);
     assert!(out.status.success(), "{listing}");
@@ -284,9 +287,8 @@ fn a_killed_agent_fails_its_tasks_and_raises_an_alert_to_the_webhook() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");
     let (hook_port, hook) = webhook_server();
-    let port = free_port();
     let hook_url = format!("http://127.0.0.1:{hook_port}/alerts");
-    let _coordinator = start_coordinator_with(port, &state, &["--dead-after", "2", "--alert-webhook", &hook_url]);
+    let (_coordinator, port) = start_coordinator_with(0, &state, &["--dead-after", "2", "--alert-webhook", &hook_url]);
     let started = Instant::now();
     let mut agent = Killed(
         client("agent", port, &state)
