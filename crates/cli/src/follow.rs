@@ -184,6 +184,14 @@ pub fn print_summary(s: &RunSummary) {
         println!("  test accuracy   {:.2} %", acc * 100.0);
     }
     println!("  train loss      {:.4} → {:.4}", s.first_epoch_loss, s.last_epoch_loss);
+    if !s.seconds_to_accuracy.is_empty() {
+        let marks: Vec<String> = s
+            .seconds_to_accuracy
+            .iter()
+            .map(|(m, t)| format!("{m} % at {t:.1} s"))
+            .collect();
+        println!("  time to         {}", marks.join(", "));
+    }
     println!(
         "  throughput      {:.0} samples/s over {} worker(s) on {}",
         s.samples_per_sec, s.workers, s.backend

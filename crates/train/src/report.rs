@@ -82,9 +82,30 @@ pub struct RunSummary {
     pub history: Vec<EpochRecord>,
     /// Each worker's figures.
     pub per_worker: Vec<WorkerFigures>,
+    /// Seconds from the first step until the end-of-epoch evaluation first reached
+    /// each test accuracy in [`ACCURACY_MARKS`] (marks never reached are absent),
+    /// keyed by percent, e.g. `"89"`.
+    #[serde(default)]
+    pub seconds_to_accuracy: std::collections::BTreeMap<String, f64>,
     /// Global-batch training loss over the run, averaged into at most
     /// [`LOSS_CURVE_POINTS`] points (step order).
     pub loss_curve: Vec<f32>,
+}
+
+/// Test accuracies whose time of first arrival the summary records.
+pub const ACCURACY_MARKS: [u32; 4] = [85, 88, 89, 90];
+
+/// When each of [`ACCURACY_MARKS`] was first reached, from the epoch history.
+pub fn seconds_to_accuracy(history: &[EpochRecord]) -> std::collections::BTreeMap<String, f64> {
+    ACCURACY_MARKS
+        .iter()
+        .filter_map(|&mark| {
+            history
+                .iter()
+                .find(|e| e.test_accuracy.is_some_and(|a| a * 100.0 >= mark as f64 - 1e-9))
+                .map(|e| (mark.to_string(), e.elapsed_secs))
+        })
+        .collect()
 }
 
 /// Most points kept in [`RunSummary::loss_curve`].
@@ -139,6 +160,22 @@ pub fn loss_curve_svg(curve: &[f32], title: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn time_to_accuracy_takes_the_first_epoch_past_each_mark() {
+        let e = |epoch, acc, secs| EpochRecord {
+            epoch,
+            train_loss: 0.0,
+            test_accuracy: Some(acc),
+            elapsed_secs: secs,
+        };
+        let t = seconds_to_accuracy(&[e(0, 0.865, 37.5), e(1, 0.8993, 73.2), e(2, 0.9092, 108.1)]);
+        assert_eq!(t["85"], 37.5);
+        assert_eq!(t["88"], 73.2);
+        assert_eq!(t["89"], 73.2);
+        assert_eq!(t["90"], 108.1);
+        assert!(seconds_to_accuracy(&[e(0, 0.5, 1.0)]).is_empty());
+    }
 
     #[test]
     fn downsample_keeps_means() {

@@ -19,7 +19,9 @@ use hetero_comm::Ring;
 use hetero_data::shard::{self, Split};
 
 use crate::params;
-use crate::report::{EpochRecord, Event, LOSS_CURVE_POINTS, RunSummary, WorkerFigures, downsample};
+use crate::report::{
+    EpochRecord, Event, LOSS_CURVE_POINTS, RunSummary, WorkerFigures, downsample, seconds_to_accuracy,
+};
 use crate::{Evaluation, Task, TrainError};
 
 /// How to train.
@@ -270,6 +272,7 @@ impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
             last_epoch_loss: history.last().map_or(f64::NAN, |h| h.train_loss),
             samples_per_sec: total_samples as f64 / wall.max(1e-9),
             wall_secs: wall,
+            seconds_to_accuracy: seconds_to_accuracy(&history),
             history,
             per_worker,
             loss_curve: downsample(&losses, LOSS_CURVE_POINTS),
