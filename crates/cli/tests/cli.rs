@@ -147,6 +147,18 @@ fn start_coordinator_with(port: u16, data_dir: &Path, extra: &[&str]) -> (Killed
     (killed, port)
 }
 
+/// Starts `hetero agent` with one slot against the coordinator on `port`.
+fn start_agent(port: u16, data_dir: &Path, work_dir: &Path) -> Killed {
+    let child = client("agent", port, data_dir)
+        .args(["--slots", "1", "--work-dir"])
+        .arg(work_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    Killed(child)
+}
+
 fn start_coordinator(port: u16, data_dir: &Path) -> (Killed, u16) {
     start_coordinator_with(port, data_dir, &[])
 }
@@ -168,15 +180,7 @@ fn a_coordinator_killed_and_restarted_still_lists_its_jobs() {
     let (coordinator, port) = start_coordinator(0, &state);
 
     // An agent with one slot registers; a job asking for four workers stays queued.
-    let _agent = Killed(
-        client("agent", port, &state)
-            .args(["--slots", "1", "--work-dir"])
-            .arg(dir.path().join("agent"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let _agent = start_agent(port, &state, &dir.path().join("agent"));
     let spec = write_spec(
         dir.path(),
         &format!(
@@ -290,15 +294,7 @@ fn a_killed_agent_fails_its_tasks_and_raises_an_alert_to_the_webhook() {
     let hook_url = format!("http://127.0.0.1:{hook_port}/alerts");
     let (_coordinator, port) = start_coordinator_with(0, &state, &["--dead-after", "2", "--alert-webhook", &hook_url]);
     let started = Instant::now();
-    let mut agent = Killed(
-        client("agent", port, &state)
-            .args(["--slots", "1", "--work-dir"])
-            .arg(dir.path().join("agent"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut agent = start_agent(port, &state, &dir.path().join("agent"));
     // The "training program" records its pid so the test can clean it up: killing
     // an agent with SIGKILL leaves its children running, as on a real machine.
     let pid_file = dir.path().join("worker.pid");

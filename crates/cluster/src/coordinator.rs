@@ -250,16 +250,7 @@ impl Coordinator {
 
     /// A node as the wire shows it: health, groups with scores, usage, busy slots.
     fn node_info(&self, st: &State, n: &NodeRecord) -> pb::NodeInfo {
-        let now = now_ms();
-        let interval = self.inner.config.heartbeat_interval.as_millis() as i64;
-        let silent = now - n.last_heartbeat_ms;
-        let status = if !self.is_alive(n, now) {
-            Health::Dead
-        } else if silent > 3 * interval {
-            Health::Suspect
-        } else {
-            Health::Alive
-        };
+        let status = self.health(n, now_ms());
         let busy = st
             .jobs
             .values()
@@ -347,6 +338,18 @@ impl Coordinator {
             self.finish_job(st, job_id, JobState::Failed, msg);
         } else if job.tasks.iter().all(|t| t.state == TaskState::Succeeded) {
             self.finish_job(st, job_id, JobState::Succeeded, "all workers finished".into());
+        }
+    }
+
+    /// Dead after `dead_after` of silence, suspect after three missed heartbeats.
+    fn health(&self, node: &NodeRecord, now: i64) -> Health {
+        let interval = self.inner.config.heartbeat_interval.as_millis() as i64;
+        if !self.is_alive(node, now) {
+            Health::Dead
+        } else if now - node.last_heartbeat_ms > 3 * interval {
+            Health::Suspect
+        } else {
+            Health::Alive
         }
     }
 
@@ -502,19 +505,12 @@ impl Coordinator {
     fn check_nodes(&self) {
         let mut st = self.lock();
         let now = now_ms();
-        let interval = self.inner.config.heartbeat_interval.as_millis() as i64;
         let changes: Vec<(String, Health, i64)> = st
             .nodes
             .values()
             .filter_map(|n| {
                 let silent = now - n.last_heartbeat_ms;
-                let health = if !self.is_alive(n, now) {
-                    Health::Dead
-                } else if silent > 3 * interval {
-                    Health::Suspect
-                } else {
-                    Health::Alive
-                };
+                let health = self.health(n, now);
                 let before = st.health.get(&n.agent_id).copied().unwrap_or(Health::Alive);
                 (before != health).then(|| (n.agent_id.clone(), health, silent))
             })

@@ -1,13 +1,14 @@
 //! Which samples each worker trains on, and in what order.
 //!
-//! An even split: the dataset's indices are shuffled once with the job's seed and cut
-//! into `world` contiguous, balanced shards; each epoch a worker visits its own shard
-//! in a fresh order drawn from `(seed, epoch, rank)`. Every worker can compute every
-//! other worker's shard, so no index lists travel over the network.
+//! A [`Split`] — even, or weighted by each worker's compute share — cuts the
+//! dataset's indices, shuffled once with the job's seed, into one contiguous shard
+//! per worker; each epoch a worker visits its own shard in a fresh order drawn from
+//! `(seed, epoch, rank)`. Every worker can compute every other worker's shard, so no
+//! index lists travel over the network.
 //!
-//! A global batch of `B` samples is made of `local_batch(B, world, rank)` samples
-//! from each worker; the sizes differ by at most one, and gradients are weighted by
-//! them so that a step equals a single-machine step on the whole global batch.
+//! A global batch is made of each worker's `Split::local_batch`; gradients are
+//! weighted by those sizes so that a step equals a single-machine step on the whole
+//! global batch.
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -16,32 +17,6 @@ use rand::seq::SliceRandom;
 /// The balanced `[start, end)` of part `part` when `len` items are cut into `parts`.
 pub fn balanced(len: usize, parts: usize, part: usize) -> (usize, usize) {
     (len * part / parts, len * (part + 1) / parts)
-}
-
-/// This worker's share of a global batch.
-pub fn local_batch(global: usize, world: usize, rank: usize) -> usize {
-    let (a, b) = balanced(global, world, rank);
-    b - a
-}
-
-/// The sample indices of worker `rank` among `world`, in no particular order.
-pub fn even_shard(len: usize, world: usize, rank: usize, seed: u64) -> Vec<usize> {
-    let mut all: Vec<usize> = (0..len).collect();
-    all.shuffle(&mut StdRng::seed_from_u64(seed));
-    let (a, b) = balanced(len, world, rank);
-    all[a..b].to_vec()
-}
-
-/// Steps per epoch: every worker must take the same number, so the smallest shard
-/// decides (a partial last batch is dropped; the next epoch's order differs).
-pub fn steps_per_epoch(len: usize, global_batch: usize, world: usize) -> usize {
-    (0..world)
-        .map(|r| {
-            let (a, b) = balanced(len, world, r);
-            (b - a) / local_batch(global_batch, world, r).max(1)
-        })
-        .min()
-        .unwrap_or(0)
 }
 
 /// The shard's visiting order for `epoch`.
@@ -159,7 +134,8 @@ mod tests {
     #[test]
     fn shards_partition_the_dataset() {
         for world in 1..=5 {
-            let mut all: Vec<usize> = (0..world).flat_map(|r| even_shard(103, world, r, 7)).collect();
+            let split = Split::even(world);
+            let mut all: Vec<usize> = (0..world).flat_map(|r| split.shard(103, r, 7)).collect();
             all.sort();
             assert_eq!(all, (0..103).collect::<Vec<_>>());
         }
@@ -169,7 +145,7 @@ mod tests {
     fn local_batches_sum_to_global() {
         for world in 1..=7 {
             for global in [1usize, 10, 128, 129] {
-                let sum: usize = (0..world).map(|r| local_batch(global, world, r)).sum();
+                let sum: usize = (0..world).map(|r| Split::even(world).local_batch(global, r)).sum();
                 assert_eq!(sum, global);
             }
         }
@@ -177,9 +153,9 @@ mod tests {
 
     #[test]
     fn steps_fit_every_shard() {
-        assert_eq!(steps_per_epoch(1000, 100, 3), 9);
-        assert_eq!(steps_per_epoch(1000, 100, 1), 10);
-        assert_eq!(steps_per_epoch(5, 100, 2), 0);
+        assert_eq!(Split::even(3).steps_per_epoch(1000, 100), 9);
+        assert_eq!(Split::even(1).steps_per_epoch(1000, 100), 10);
+        assert_eq!(Split::even(2).steps_per_epoch(5, 100), 0);
     }
 
     #[test]
@@ -213,7 +189,7 @@ mod tests {
         for world in 1..=5 {
             let split = Split::even(world);
             for r in 0..world {
-                assert_eq!(split.shard(103, r, 7), even_shard(103, world, r, 7));
+                assert_eq!(split.shard_bounds(103, r), balanced(103, world, r));
             }
             assert_eq!((0..world).map(|r| split.local_batch(128, r)).sum::<usize>(), 128);
         }
@@ -221,7 +197,7 @@ mod tests {
 
     #[test]
     fn epoch_order_is_a_permutation_that_changes() {
-        let shard = even_shard(50, 2, 0, 1);
+        let shard = Split::even(2).shard(50, 0, 1);
         let a = epoch_order(&shard, 1, 0, 0);
         let b = epoch_order(&shard, 1, 1, 0);
         assert_ne!(a, b);
