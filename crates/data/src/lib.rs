@@ -4,11 +4,14 @@
 //!   truncated or foreign file is an error naming the file, never a panic;
 //! - [`mnist`] turns the four Fashion-MNIST IDX files into an image dataset;
 //! - [`shard`] decides which sample indices each worker owns and in what order it
-//!   visits them, deterministically from a seed.
+//!   visits them, deterministically from a seed;
+//! - [`assign`] follows the split through training: steps, neighbour exchange,
+//!   rebalancing and the migration of a dead worker's samples.
 //!
 //! This crate knows nothing of burn: samples are plain `u8`/`f32` slices, and turning
 //! them into tensors is the model's business.
 
+pub mod assign;
 pub mod error;
 pub mod idx;
 pub mod mnist;
