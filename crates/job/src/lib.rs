@@ -11,6 +11,6 @@ pub mod spec;
 
 pub use error::SpecError;
 pub use spec::{
-    Backend, ClusterSpec, DatasetSpec, JobSpec, ModelKind, Optimizer, Policy, SchedulingSpec, SplitKind, TaskSpec,
-    TrainingSpec,
+    Backend, ClusterSpec, DatasetSpec, JobSpec, ModelKind, Optimizer, Policy, SchedulingSpec, SplitKind, Strategy,
+    TaskSpec, TrainingSpec,
 };

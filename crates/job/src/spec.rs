@@ -3,8 +3,10 @@
 //! ```toml
 //! name = "fashion-mnist"
 //! [model]     kind = "cnn"                       # cnn | mlp | custom
-//! [dataset]   kind = "fashion-mnist", path = "…", train_limit, test_limit
-//! [training]  epochs, global_batch_size, optimizer, learning_rate, loss, seed
+//! [dataset]   kind = "fashion-mnist", path = "…", train_limit, test_limit, split,
+//!             exchange_fraction, rebalance
+//! [training]  epochs, global_batch_size, optimizer, learning_rate, loss, seed,
+//!             strategy, sync_every, staleness, checkpoint_every
 //! [cluster]   workers, backend, threads_per_worker, device, memory_per_worker_mb
 //! [scheduling] priority, after, policy
 //! [output]    dir
@@ -66,6 +68,12 @@ pub struct DatasetSpec {
     /// How samples and batches are divided among workers.
     #[serde(default)]
     pub split: SplitKind,
+    /// Share of each shard passed to the ring neighbour after every epoch.
+    #[serde(default)]
+    pub exchange_fraction: f64,
+    /// Re-split at epoch boundaries when measured throughput drifts from the split.
+    #[serde(default)]
+    pub rebalance: bool,
 }
 
 /// How a dataset is divided among workers.
@@ -103,6 +111,57 @@ pub struct TrainingSpec {
     pub learning_rate: f64,
     /// Seed for initialisation and data order.
     pub seed: u64,
+    /// How workers combine their work.
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Checkpoint every N epochs (0: never).
+    #[serde(default = "one")]
+    pub checkpoint_every: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+/// How workers combine their work into one model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum Strategy {
+    /// One ring allreduce of the gradients over all workers, every step.
+    #[default]
+    Allreduce,
+    /// An allreduce inside each resource group; the group leaders exchange with the
+    /// parameter server across groups.
+    Hierarchical,
+    /// Workers push gradients to a parameter server that holds the global model.
+    /// `staleness` 0: synchronous, weighted by sample count; above 0: asynchronous,
+    /// no worker more than `staleness` model versions ahead of the slowest.
+    ParameterServer {
+        /// Most model versions a worker may run ahead of the slowest (0: synchronous).
+        staleness: usize,
+    },
+    /// Each worker steps on its own; the models are averaged every `sync_every` steps.
+    LocalSgd {
+        /// Local steps between two averages.
+        sync_every: usize,
+    },
+}
+
+impl Strategy {
+    /// The name used in specs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::Allreduce => "allreduce",
+            Strategy::Hierarchical => "hierarchical",
+            Strategy::ParameterServer { .. } => "parameter-server",
+            Strategy::LocalSgd { .. } => "local-sgd",
+        }
+    }
+
+    /// Whether the job needs a parameter server.
+    pub fn uses_parameter_server(self) -> bool {
+        matches!(self, Strategy::Hierarchical | Strategy::ParameterServer { .. })
+    }
 }
 
 /// Compute backends a worker can run on.
@@ -220,7 +279,15 @@ const TOP: &[&str] = &[
     "scheduling",
 ];
 const MODEL: &[&str] = &["kind"];
-const DATASET: &[&str] = &["kind", "path", "train_limit", "test_limit", "split"];
+const DATASET: &[&str] = &[
+    "kind",
+    "path",
+    "train_limit",
+    "test_limit",
+    "split",
+    "exchange_fraction",
+    "rebalance",
+];
 const TRAINING: &[&str] = &[
     "epochs",
     "global_batch_size",
@@ -228,6 +295,10 @@ const TRAINING: &[&str] = &[
     "learning_rate",
     "loss",
     "seed",
+    "strategy",
+    "sync_every",
+    "staleness",
+    "checkpoint_every",
 ];
 const CLUSTER: &[&str] = &[
     "workers",
@@ -271,16 +342,23 @@ impl JobSpec {
         let path = ds
             .string("path")?
             .ok_or_else(|| ds.missing("path", "folder with the IDX files"))?;
+        let split = match ds.string("split")?.as_deref() {
+            Some("even") | None => SplitKind::Even,
+            Some("weighted") => SplitKind::Weighted,
+            Some(other) => return Err(ds.invalid("split", other, "one of: even, weighted")),
+        };
+        let exchange_fraction = ds.float("exchange_fraction")?.unwrap_or(0.0);
+        if !(0.0..=0.5).contains(&exchange_fraction) {
+            return Err(ds.invalid("exchange_fraction", &exchange_fraction.to_string(), "a number from 0 to 0.5"));
+        }
         let dataset = DatasetSpec {
             kind,
             path: PathBuf::from(path),
             train_limit: ds.int("train_limit", 0, usize::MAX)?.unwrap_or(0),
             test_limit: ds.int("test_limit", 0, usize::MAX)?.unwrap_or(0),
-            split: match ds.string("split")?.as_deref() {
-                Some("even") | None => SplitKind::Even,
-                Some("weighted") => SplitKind::Weighted,
-                Some(other) => return Err(ds.invalid("split", other, "one of: even, weighted")),
-            },
+            split,
+            exchange_fraction,
+            rebalance: ds.bool("rebalance")?.unwrap_or(split == SplitKind::Weighted),
         };
 
         let tr = top.section("training", TRAINING)?;
@@ -298,7 +376,38 @@ impl JobSpec {
         if !(learning_rate.is_finite() && learning_rate > 0.0 && learning_rate <= 10.0) {
             return Err(tr.invalid("learning_rate", &learning_rate.to_string(), "a number in (0, 10]"));
         }
+        let sync_every = tr.int("sync_every", 1, 1_000_000)?;
+        let staleness = tr.int("staleness", 0, 1000)?;
+        let strategy = match tr.string("strategy")?.as_deref() {
+            Some("allreduce") | None => Strategy::Allreduce,
+            Some("hierarchical") => Strategy::Hierarchical,
+            Some("parameter-server") => Strategy::ParameterServer {
+                staleness: staleness.unwrap_or(0),
+            },
+            Some("local-sgd") => Strategy::LocalSgd {
+                sync_every: sync_every.unwrap_or(8),
+            },
+            Some(other) => {
+                return Err(tr.invalid(
+                    "strategy",
+                    other,
+                    "one of: allreduce, hierarchical, parameter-server, local-sgd",
+                ));
+            }
+        };
+        if sync_every.is_some() && !matches!(strategy, Strategy::LocalSgd { .. }) {
+            return Err(tr.invalid("sync_every", "…", "sync_every is only read with strategy = \"local-sgd\""));
+        }
+        if staleness.is_some() && !matches!(strategy, Strategy::ParameterServer { .. }) {
+            return Err(tr.invalid(
+                "staleness",
+                "…",
+                "staleness is only read with strategy = \"parameter-server\"",
+            ));
+        }
         let training = TrainingSpec {
+            strategy,
+            checkpoint_every: tr.int("checkpoint_every", 0, 100_000)?.unwrap_or(1),
             epochs: tr.int("epochs", 1, 100_000)?.unwrap_or(1),
             global_batch_size: tr.int("global_batch_size", 1, 1 << 20)?.unwrap_or(128),
             optimizer,
@@ -581,6 +690,14 @@ impl<'a> Section<'a> {
         }
     }
 
+    fn bool(&self, k: &str) -> Result<Option<bool>, SpecError> {
+        match self.table.get(k) {
+            None => Ok(None),
+            Some(Value::Boolean(b)) => Ok(Some(*b)),
+            Some(v) => Err(self.wrong_type(k, "true or false", v)),
+        }
+    }
+
     fn float(&self, k: &str) -> Result<Option<f64>, SpecError> {
         match self.table.get(k) {
             None => Ok(None),
@@ -753,5 +870,35 @@ workers = 3
         s.resolve_paths(Path::new("/specs/examples"));
         assert_eq!(s.dataset.path, PathBuf::from("/specs/data/x"));
         assert_eq!(s.output_dir, PathBuf::from("/specs/examples/runs"));
+    }
+
+    #[test]
+    fn strategies_and_their_knobs() {
+        let s = edit("epochs = 2", "epochs = 2\nstrategy = \"local-sgd\"\nsync_every = 4").unwrap();
+        assert_eq!(s.training.strategy, Strategy::LocalSgd { sync_every: 4 });
+        let s = edit("epochs = 2", "epochs = 2\nstrategy = \"parameter-server\"\nstaleness = 2").unwrap();
+        assert_eq!(s.training.strategy, Strategy::ParameterServer { staleness: 2 });
+        assert!(s.training.strategy.uses_parameter_server());
+        let s = edit("epochs = 2", "epochs = 2\nstrategy = \"hierarchical\"").unwrap();
+        assert_eq!(s.training.strategy, Strategy::Hierarchical);
+        assert_eq!(JobSpec::parse(GOOD).unwrap().training.strategy, Strategy::Allreduce);
+        let err = edit("epochs = 2", "epochs = 2\nstrategy = \"gossip\"").unwrap_err();
+        assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "training.strategy"));
+        let err = edit("epochs = 2", "epochs = 2\nsync_every = 4").unwrap_err();
+        assert!(err.to_string().contains("local-sgd"), "{err}");
+        let s = JobSpec::from_json(&s.to_json()).unwrap();
+        assert_eq!(s.training.strategy, Strategy::Hierarchical);
+    }
+
+    #[test]
+    fn exchange_and_rebalance() {
+        let s = JobSpec::parse(GOOD).unwrap();
+        assert_eq!((s.dataset.exchange_fraction, s.dataset.rebalance), (0.0, false));
+        let s = edit("[dataset]", "[dataset]\nsplit = \"weighted\"\nexchange_fraction = 0.1").unwrap();
+        assert_eq!((s.dataset.exchange_fraction, s.dataset.rebalance), (0.1, true));
+        let err = edit("[dataset]", "[dataset]\nexchange_fraction = 0.9").unwrap_err();
+        assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "dataset.exchange_fraction"));
+        let err = edit("[dataset]", "[dataset]\nrebalance = \"yes\"").unwrap_err();
+        assert!(matches!(err, SpecError::WrongType { key, .. } if key == "dataset.rebalance"));
     }
 }
