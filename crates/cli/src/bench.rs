@@ -168,17 +168,18 @@ where
     F: Fn(&hetero_worker::SystemDevice) -> M + Send + 'static,
 {
     let (device, _) = hetero_worker::backend::device(hetero_job::Backend::Auto, 0).map_err(anyhow::Error::msg)?;
-    let task = ImageTask::new(data.clone(), data.clone(), hetero_job::Optimizer::Adam, 1e-3, init);
-    let mut ring = rings(1)?.pop().expect("one ring");
-    let mut trainer = Trainer::new(task, device, &mut ring, TrainOptions::new(1, batch, 1))?;
+    let task = ImageTask::new(data.clone(), data.clone(), init);
+    let ring = rings(1)?.pop().expect("one ring");
+    let options = TrainOptions::new(1, batch, 1).with_optimizer(hetero_job::Optimizer::Adam, 1e-3);
+    let mut trainer = Trainer::new(task, device, ring, options)?;
     let len = data.len();
     let idx = |step: usize| -> Vec<usize> { (0..batch).map(|i| (step * batch + i) % len).collect() };
     for s in 0..3 {
-        trainer.step(&idx(s))?;
+        trainer.step(&idx(s), batch)?;
     }
     let started = Instant::now();
     for s in 0..steps {
-        trainer.step(&idx(s + 3))?;
+        trainer.step(&idx(s + 3), batch)?;
     }
     Ok((steps * batch) as f64 / started.elapsed().as_secs_f64())
 }

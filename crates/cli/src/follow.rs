@@ -148,12 +148,33 @@ fn show(display: &mut Display, entry: &pb::LogEntry, show_logs: bool) {
                     display.epochs
                 ));
             }
+            Ok(Event::Rebalanced { epoch, shares }) => display.line(format!(
+                "epoch {}: throughput drifted from the split; new shares {}",
+                epoch + 1,
+                percentages(&shares)
+            )),
+            Ok(Event::Migrated {
+                epoch,
+                step,
+                lost,
+                workers,
+                shares,
+            }) => display.line(format!(
+                "epoch {}: lost worker rank {lost:?}; {workers} survivor(s) continue from step {step} with shares {}",
+                epoch + 1,
+                percentages(&shares)
+            )),
             Ok(Event::Done { .. }) | Err(_) => {}
         },
         "state" => display.line(format!("[coordinator] {}", entry.text)),
         _ if show_logs => display.line(format!("[worker {}] {}", entry.rank, entry.text)),
         _ => {}
     }
+}
+
+fn percentages(shares: &[f64]) -> String {
+    let parts: Vec<String> = shares.iter().map(|s| format!("{:.0}%", s * 100.0)).collect();
+    parts.join(" / ")
 }
 
 /// Prints how a job ended; `Ok(true)` when it succeeded.

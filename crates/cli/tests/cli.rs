@@ -428,3 +428,76 @@ fn gpu_groups_need_a_build_with_their_backend() {
     assert!(run("cuda").contains("expected BACKEND:COUNT[:MEMORY_GB]"));
     assert!(run("cuda:0").contains("expected BACKEND:COUNT[:MEMORY_GB]"));
 }
+
+/// The pid of the worker process of `rank` in a job of the coordinator on `port`
+/// (found by its environment, as an operator would with `ps e`).
+fn worker_pid(port: u16, rank: usize) -> Option<u32> {
+    let coordinator = format!("HETERO_COORDINATOR=127.0.0.1:{port}");
+    let rank = format!("HETERO_RANK={rank}");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let environ = std::fs::read(entry.path().join("environ")).ok()?;
+        let vars: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
+        let has = |v: &str| vars.iter().any(|x| *x == v.as_bytes());
+        (has(&coordinator) && has(&rank)).then_some(pid)
+    })
+}
+
+#[test]
+fn a_worker_killed_mid_epoch_migrates_its_samples_and_the_job_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_coordinator, port) = start_coordinator_with(0, &state, &["--dead-after", "3"]);
+    let _agents: Vec<Killed> = (0..3)
+        .map(|i| start_agent(port, &state, &dir.path().join(format!("agent{i}"))))
+        .collect();
+    let spec = write_spec(
+        dir.path(),
+        &format!(
+            "name = \"survivor\"\n[model]\nkind = \"cnn\"\n[dataset]\npath = \"{}\"\ntrain_limit = 3000\ntest_limit = 500\n\
+             [training]\nepochs = 3\nglobal_batch_size = 48\n[cluster]\nworkers = 3\nthreads_per_worker = 1\n\
+             [output]\ndir = \"{}\"\n",
+            subset().display(),
+            dir.path().join("runs").display()
+        ),
+    );
+    let out = client("submit", port, &state).arg(&spec).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Wait for the first epoch's end, then kill rank 2 in the middle of the second.
+    let started = Instant::now();
+    loop {
+        let logs = text(&client("logs", port, &state).arg("job-000001").output().unwrap());
+        if logs.contains("\"type\":\"epoch\"") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "no epoch ended:\n{logs}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pid = worker_pid(port, 2).expect("rank 2's worker process");
+    assert!(Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap().success());
+
+    let status = loop {
+        let t = text(&client("status", port, &state).arg("job-000001").output().unwrap());
+        if t.contains("state      succeeded") || t.contains("state      failed") {
+            break t;
+        }
+        assert!(started.elapsed() < Duration::from_secs(240), "job never ended:\n{t}");
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let logs = text(&client("logs", port, &state).arg("job-000001").output().unwrap());
+    assert!(status.contains("state      succeeded"), "{status}\n{logs}");
+    assert!(status.contains("rank 2 lost and migrated"), "{status}");
+    assert!(logs.contains("its samples migrate to the 2 surviving worker(s)"), "{logs}");
+    assert!(logs.contains("\"type\":\"migrated\""), "{logs}");
+    let alerts = text(&client("alerts", port, &state).output().unwrap());
+    assert!(alerts.contains("worker rank 2") && alerts.contains("lost"), "{alerts}");
+
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("runs/job-000001/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["lost_workers"], serde_json::json!([2]), "{summary}");
+    assert_eq!(summary["history"].as_array().unwrap().len(), 3, "{summary}");
+    assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
+}

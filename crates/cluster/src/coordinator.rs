@@ -68,6 +68,9 @@ struct State {
     nodes: BTreeMap<String, NodeRecord>,
     /// Data-plane address of each rank, per running job.
     rendezvous: HashMap<String, Vec<Option<String>>>,
+    /// Per job, the latest regroup after lost workers: generation and each
+    /// arrived survivor's (original rank → address).
+    regroups: HashMap<String, (u64, BTreeMap<u32, String>)>,
     /// Last log sequence number per job.
     log_seq: HashMap<String, u64>,
     next_job: u64,
@@ -313,6 +316,7 @@ impl Coordinator {
         let job = job.clone();
         self.save_job(&job);
         st.rendezvous.remove(job_id);
+        st.regroups.remove(job_id);
         if state == JobState::Failed {
             self.raise(
                 st,
@@ -333,12 +337,106 @@ impl Coordinator {
         if job.state != JobState::Running {
             return;
         }
-        if let Some(failed) = job.tasks.iter().find(|t| t.state == TaskState::Failed) {
+        let live = job.tasks.iter().filter(|t| !t.state.is_final()).count();
+        let newly_lost: Vec<usize> = (0..job.tasks.len())
+            .filter(|&i| job.tasks[i].state == TaskState::Failed && !job.tasks[i].migrated)
+            .collect();
+        if !newly_lost.is_empty() && job.formed && job.migratable && live > 0 {
+            // The survivors regroup by themselves; record the loss where users look.
+            let job = st.jobs.get_mut(job_id).expect("checked above");
+            let mut lines = Vec::new();
+            for &i in &newly_lost {
+                let t = &mut job.tasks[i];
+                t.migrated = true;
+                lines.push(format!(
+                    "worker rank {} on {} lost ({}): its samples migrate to the {live} surviving worker(s)",
+                    t.rank, t.agent_id, t.message
+                ));
+            }
+            let saved = job.clone();
+            self.save_job(&saved);
+            for line in lines {
+                self.raise(st, "warning", job_id, format!("job {job_id}: {line}"));
+                self.append_log(st, job_id, -1, "state", vec![line]);
+            }
+            return;
+        }
+        let job = &st.jobs[job_id];
+        let lost: Vec<String> = job
+            .tasks
+            .iter()
+            .filter(|t| t.migrated)
+            .map(|t| t.rank.to_string())
+            .collect();
+        if let Some(failed) = job.tasks.iter().find(|t| t.state == TaskState::Failed && !t.migrated) {
             let msg = format!("worker rank {} failed: {}", failed.rank, failed.message);
             self.finish_job(st, job_id, JobState::Failed, msg);
-        } else if job.tasks.iter().all(|t| t.state == TaskState::Succeeded) {
-            self.finish_job(st, job_id, JobState::Succeeded, "all workers finished".into());
+        } else if live == 0 && job.tasks.iter().any(|t| t.state == TaskState::Succeeded) {
+            let msg = if lost.is_empty() {
+                "all workers finished".to_string()
+            } else {
+                format!(
+                    "all surviving workers finished (rank {} lost and migrated)",
+                    lost.join(", ")
+                )
+            };
+            self.finish_job(st, job_id, JobState::Succeeded, msg);
+        } else if live == 0 {
+            self.finish_job(st, job_id, JobState::Failed, "every worker was lost".into());
         }
+    }
+
+    /// A rendezvous after lost workers: ready once every worker still alive has
+    /// arrived for `generation`; the members are the survivors in rank order.
+    fn regroup(&self, st: &mut State, req: pb::RendezvousRequest) -> Result<Response<pb::RendezvousResponse>, Status> {
+        let job = &st.jobs[&req.job_id];
+        let Some(task) = job.tasks.iter().find(|t| t.rank == req.rank) else {
+            return Err(Status::invalid_argument(format!("rank {} is outside the job", req.rank)));
+        };
+        if task.state.is_final() {
+            return Err(Status::failed_precondition(format!(
+                "worker rank {} was declared lost ({}); it cannot rejoin this ring",
+                req.rank, task.message
+            )));
+        }
+        if !job.migratable {
+            return Err(Status::failed_precondition(format!(
+                "job {} cannot continue without a lost worker (its strategy does not migrate)",
+                req.job_id
+            )));
+        }
+        let live: Vec<(u32, f32)> = job
+            .tasks
+            .iter()
+            .filter(|t| !t.state.is_final())
+            .map(|t| (t.rank, t.weight))
+            .collect();
+        let weighted = job.weighted;
+        let entry = st.regroups.entry(req.job_id.clone()).or_default();
+        if entry.0 < req.generation {
+            *entry = (req.generation, BTreeMap::new());
+        } else if entry.0 > req.generation {
+            return Err(Status::failed_precondition(format!(
+                "generation {} is over; the survivors are at generation {}",
+                req.generation, entry.0
+            )));
+        }
+        entry.1.insert(req.rank, req.address);
+        let ready = live.iter().all(|(r, _)| entry.1.contains_key(r));
+        let mut resp = pb::RendezvousResponse {
+            ready,
+            ..Default::default()
+        };
+        if ready {
+            for (rank, weight) in &live {
+                resp.members.push(*rank);
+                resp.addresses.push(entry.1[rank].clone());
+                if weighted {
+                    resp.weights.push(*weight);
+                }
+            }
+        }
+        Ok(Response::new(resp))
     }
 
     /// Dead after `dead_after` of silence, suspect after three missed heartbeats.
@@ -474,6 +572,7 @@ impl Coordinator {
                             .iter()
                             .find(|x| x.kind == groups[g].kind)
                             .map_or(1.0, |x| x.score()),
+                        migrated: false,
                     }
                 })
                 .collect();
@@ -845,6 +944,15 @@ impl CoordinatorRpc for Coordinator {
                 return Err(Status::failed_precondition(format!("job {} is {s:?}", req.job_id)));
             }
         }
+        if req.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(Status::invalid_argument(format!(
+                "{:?} is not a socket address",
+                req.address
+            )));
+        }
+        if req.generation > 0 {
+            return self.regroup(&mut st, req);
+        }
         let slots = st.rendezvous.entry(req.job_id.clone()).or_default();
         let Some(slot) = slots.get_mut(req.rank as usize) else {
             return Err(Status::invalid_argument(format!(
@@ -852,20 +960,25 @@ impl CoordinatorRpc for Coordinator {
                 req.rank
             )));
         };
-        if req.address.parse::<std::net::SocketAddr>().is_err() {
-            return Err(Status::invalid_argument(format!(
-                "{:?} is not a socket address",
-                req.address
-            )));
-        }
         *slot = Some(req.address);
         let ready = slots.iter().all(Option::is_some);
-        let addresses = if ready {
+        let addresses: Vec<String> = if ready {
             slots.iter().flatten().cloned().collect()
         } else {
             vec![]
         };
-        Ok(Response::new(pb::RendezvousResponse { ready, addresses }))
+        let members = if ready { (0..addresses.len() as u32).collect() } else { vec![] };
+        if ready && let Some(job) = st.jobs.get_mut(&req.job_id) && !job.formed {
+            job.formed = true;
+            let saved = job.clone();
+            self.save_job(&saved);
+        }
+        Ok(Response::new(pb::RendezvousResponse {
+            ready,
+            addresses,
+            members,
+            weights: vec![],
+        }))
     }
 
     async fn submit_job(&self, req: Request<pb::SubmitJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
@@ -909,6 +1022,8 @@ impl CoordinatorRpc for Coordinator {
             device: spec.cluster.device.clone(),
             memory_per_worker_mb: spec.cluster.memory_per_worker_mb,
             weighted: spec.dataset.split == hetero_job::SplitKind::Weighted,
+            migratable: spec.cluster.workers > 1 && !spec.training.strategy.uses_parameter_server(),
+            formed: false,
         };
         self.inner.store.put_job(&job).map_err(store_status)?;
         st.jobs.insert(job_id.clone(), job);

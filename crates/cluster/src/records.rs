@@ -76,6 +76,9 @@ pub struct TaskRecord {
     /// Its share of the job's work: its group's compute score at placement.
     #[serde(default = "unit_weight")]
     pub weight: f32,
+    /// The worker was lost after the ring formed and its work moved to the others.
+    #[serde(default)]
+    pub migrated: bool,
 }
 
 fn unit_weight() -> f32 {
@@ -131,6 +134,12 @@ pub struct JobRecord {
     /// Whether its data is split by compute score (else evenly).
     #[serde(default)]
     pub weighted: bool,
+    /// The job's strategy lets survivors take over a lost worker's samples.
+    #[serde(default)]
+    pub migratable: bool,
+    /// Every worker found its peers once (the first ring formed).
+    #[serde(default)]
+    pub formed: bool,
 }
 
 /// A registered agent and its resource groups.

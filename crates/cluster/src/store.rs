@@ -210,6 +210,8 @@ mod tests {
             device: "cpu".into(),
             memory_per_worker_mb: 0,
             weighted: false,
+            migratable: false,
+            formed: false,
         }
     }
 

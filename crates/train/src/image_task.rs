@@ -3,14 +3,12 @@
 
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{Adam, AdamConfig, GradientsParams, Optimizer, Sgd, SgdConfig};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::backend::AutodiffBackend;
 use hetero_data::ImageDataset;
 use hetero_data::mnist::Split;
-use hetero_job::{JobSpec, Optimizer as OptimizerKind};
+use hetero_job::JobSpec;
 use hetero_models::Classifier;
 
 use crate::{Evaluation, Task, TrainError};
@@ -43,11 +41,6 @@ pub fn image_batch<B: Backend>(data: &ImageDataset, indices: &[usize], device: &
     }
 }
 
-enum Optim<B: AutodiffBackend, M: AutodiffModule<B>> {
-    Adam(OptimizerAdaptor<Adam, M, B>),
-    Sgd(OptimizerAdaptor<Sgd<B::InnerBackend>, M, B>),
-}
-
 /// Builds a freshly initialised model on a device.
 type ModelInit<B, M> = Box<dyn Fn(&<B as burn::tensor::backend::BackendTypes>::Device) -> M + Send>;
 
@@ -56,8 +49,6 @@ pub struct ImageTask<B: AutodiffBackend, M: AutodiffModule<B>> {
     train: ImageDataset,
     test: ImageDataset,
     init: ModelInit<B, M>,
-    optim: Optim<B, M>,
-    learning_rate: f64,
 }
 
 impl<B, M> ImageTask<B, M>
@@ -69,20 +60,12 @@ where
     pub fn new(
         train: ImageDataset,
         test: ImageDataset,
-        optimizer: OptimizerKind,
-        learning_rate: f64,
         init: impl Fn(&B::Device) -> M + Send + 'static,
     ) -> Self {
-        let optim = match optimizer {
-            OptimizerKind::Adam => Optim::Adam(AdamConfig::new().init()),
-            OptimizerKind::Sgd => Optim::Sgd(SgdConfig::new().init()),
-        };
         ImageTask {
             train,
             test,
             init: Box::new(init),
-            optim,
-            learning_rate,
         }
     }
 
@@ -105,13 +88,7 @@ where
                 train.cols
             )));
         }
-        Ok(Self::new(
-            train,
-            test,
-            spec.training.optimizer,
-            spec.training.learning_rate,
-            init,
-        ))
+        Ok(Self::new(train, test, init))
     }
 }
 
@@ -169,13 +146,6 @@ where
             loss_sum: loss * count as f64,
             correct,
             count: count as f64,
-        }
-    }
-
-    fn apply_gradients(&mut self, model: M, grads: GradientsParams) -> M {
-        match &mut self.optim {
-            Optim::Adam(o) => o.step(self.learning_rate, model, grads),
-            Optim::Sgd(o) => o.step(self.learning_rate, model, grads),
         }
     }
 }

@@ -5,6 +5,9 @@
 //! - [`task`]: what Hetero needs from training code (model, data, loss, optimiser);
 //! - [`image_task`]: the built-in task (Fashion-MNIST with the models of `hetero-models`);
 //! - [`params`]: flattening parameters and gradients into one buffer for collectives;
+//! - [`optim`]: the optimiser, run by Hetero on flat buffers (so its state can be
+//!   checkpointed, handed over and held by a parameter server);
+//! - [`membership`]: how a run regroups when a worker is lost;
 //! - [`trainer`]: one data-parallel step and the epoch loop, with progress events;
 //! - [`report`]: the events and the run summary a worker emits.
 //!
@@ -13,6 +16,8 @@
 
 pub mod error;
 pub mod image_task;
+pub mod membership;
+pub mod optim;
 pub mod params;
 pub mod report;
 pub mod task;
@@ -21,4 +26,6 @@ pub mod trainer;
 pub use error::TrainError;
 pub use report::{Event, RunSummary, WorkerFigures};
 pub use task::{Evaluation, Task, TaskContext};
+pub use membership::{FixedMembership, Membership, Regroup};
+pub use optim::{FlatOptimizer, OptimizerConfig, OptimizerState};
 pub use trainer::{TrainOptions, Trainer, throttle_delay, train};

@@ -33,6 +33,28 @@ pub enum Event {
         /// Seconds since training started.
         elapsed_secs: f64,
     },
+    /// Measured throughput drifted from the split: shards and local batches now
+    /// follow `shares` (one per worker, summing to 1) from `epoch` on.
+    Rebalanced {
+        /// The first epoch with the new split.
+        epoch: usize,
+        /// Each worker's new share of the work.
+        shares: Vec<f64>,
+    },
+    /// Workers were lost mid-run: the survivors re-formed the ring, took over the
+    /// lost workers' samples and continued from the latest global model.
+    Migrated {
+        /// Epoch in which it happened.
+        epoch: usize,
+        /// Global optimiser step the survivors continued from.
+        step: u64,
+        /// Original ranks of the workers lost.
+        lost: Vec<usize>,
+        /// Workers left.
+        workers: usize,
+        /// Each survivor's new share of the work.
+        shares: Vec<f64>,
+    },
     /// The run finished; only rank 0 carries the summary.
     Done {
         /// The summary.
@@ -58,8 +80,17 @@ pub struct WorkerFigures {
 /// The machine-readable result of a run (`summary.json` in the job's folder).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {
-    /// Workers in the ring.
+    /// Workers at the start.
     pub workers: usize,
+    /// How the workers combined their work (`training.strategy`).
+    #[serde(default)]
+    pub strategy: String,
+    /// Original ranks of workers lost (and migrated away from) during the run.
+    #[serde(default)]
+    pub lost_workers: Vec<usize>,
+    /// Times the split was adjusted to measured throughput.
+    #[serde(default)]
+    pub rebalances: usize,
     /// Backend the workers ran on.
     pub backend: String,
     /// Epochs trained.

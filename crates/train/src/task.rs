@@ -1,13 +1,12 @@
 //! The contract between Hetero and training code.
 //!
 //! A [`Task`] is what a user already writes for one machine: build a model, turn
-//! sample indices into a batch, compute a mean loss, apply gradients with an
-//! optimiser. Hetero owns everything around it — which samples each worker sees, the
-//! gradient allreduce, evaluation across workers, progress and the summary — so the
-//! same task trains on one worker or many without a change.
+//! sample indices into a batch, compute a mean loss. Hetero owns everything around
+//! it — which samples each worker sees, the gradient aggregation, the optimiser
+//! (`training.optimizer` in the spec), evaluation across workers, progress and the
+//! summary — so the same task trains on one worker or many without a change.
 
 use burn::module::AutodiffModule;
-use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use hetero_job::JobSpec;
@@ -55,6 +54,4 @@ pub trait Task<B: AutodiffBackend> {
     fn loss(&self, model: &Self::Model, batch: Self::Batch) -> Tensor<B, 1>;
     /// Summed loss and accuracy over the batch.
     fn evaluate(&self, model: &Self::Model, batch: Self::Batch) -> Evaluation;
-    /// One optimiser step with gradients that are already averaged over all workers.
-    fn apply_gradients(&mut self, model: Self::Model, grads: GradientsParams) -> Self::Model;
 }

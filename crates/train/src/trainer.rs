@@ -1,23 +1,37 @@
-//! Synchronous data-parallel training over a [`Ring`].
+//! Data-parallel training over a [`Ring`], surviving the loss of workers.
 //!
-//! Every worker starts from rank 0's parameters (broadcast), trains on its own shard
-//! (`hetero_data::shard`), and after each backward pass the ring sums the gradients,
-//! each pre-multiplied by `local_batch / global_batch`. The sum is then exactly the
-//! gradient of the mean loss over the global batch, whatever the split, and every
-//! worker applies the same update — so a step on `n` workers equals a step on one
-//! machine with the whole batch, and the workers' parameters never drift apart.
+//! Every worker starts from rank 0's parameters (broadcast) and trains on its part of
+//! each global batch, as an [`Assignment`] says. Hetero owns the optimiser
+//! ([`crate::optim`]), so the whole training state is flat vectors. Strategies:
 //!
-//! The batch's mean loss travels in the same allreduce as the gradients (one extra
-//! float), so progress reporting costs no extra round trip.
+//! - **allreduce**: after each backward pass the ring sums the gradients, each
+//!   pre-multiplied by `local_batch / global_batch`. The sum is exactly the gradient
+//!   of the mean loss over the global batch, whatever the split, and every worker
+//!   applies the same update — so a step on `n` workers equals a step on one machine
+//!   with the whole batch, and the workers never drift apart. The batch's mean loss
+//!   travels in the same allreduce (one extra float).
+//! - **local-sgd**: each worker steps on its own gradients and the models are
+//!   averaged (weighted by batch share) every `sync_every` steps and at the end of
+//!   each epoch — one model-sized allreduce per `k` steps, for weak links.
+//!
+//! Between epochs the split can follow measured throughput ([`Event::Rebalanced`])
+//! and shards can pass a fraction of their samples to the ring neighbour. When the
+//! ring breaks, the trainer asks its [`Membership`] for a ring of the survivors, they
+//! adopt the most advanced survivor's model, optimiser and position, share out the
+//! lost workers' remaining samples, and go on ([`Event::Migrated`]).
 
 use std::time::{Duration, Instant};
 
-use burn::optim::GradientsParams;
 use burn::prelude::*;
+use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use hetero_comm::Ring;
+use hetero_data::assign::Assignment;
 use hetero_data::shard::{self, Split};
+use hetero_job::Strategy;
 
+use crate::membership::{FixedMembership, Membership};
+use crate::optim::{FlatOptimizer, OptimizerConfig};
 use crate::params;
 use crate::report::{
     EpochRecord, Event, LOSS_CURVE_POINTS, RunSummary, WorkerFigures, downsample, seconds_to_accuracy,
@@ -44,7 +58,18 @@ pub struct TrainOptions {
     /// Speed cap in (0, 1]: after computing, a worker idles so that its compute takes
     /// `1 / speed` times as long — a documented knob to emulate a slower device.
     pub speed: f64,
+    /// The optimiser.
+    pub optimizer: OptimizerConfig,
+    /// How workers combine their work (ring strategies: allreduce, local-sgd).
+    pub strategy: Strategy,
+    /// Share of each shard passed to the ring neighbour after every epoch.
+    pub exchange_fraction: f64,
+    /// Re-split between epochs when measured throughput drifts from the split.
+    pub rebalance: bool,
 }
+
+/// Relative drift of measured throughput from the split that triggers a rebalance.
+pub const REBALANCE_DRIFT: f64 = 0.10;
 
 /// How long to idle after `compute` to run at `speed` of full speed.
 pub fn throttle_delay(compute: Duration, speed: f64) -> Duration {
@@ -55,7 +80,7 @@ pub fn throttle_delay(compute: Duration, speed: f64) -> Duration {
 }
 
 impl TrainOptions {
-    /// Options with the usual evaluation batch and event rate.
+    /// Options with Adam at 1e-3, allreduce, the usual evaluation batch and event rate.
     pub fn new(epochs: usize, global_batch: usize, seed: u64) -> Self {
         TrainOptions {
             epochs,
@@ -66,25 +91,61 @@ impl TrainOptions {
             event_interval: Duration::from_millis(500),
             speed: 1.0,
             weights: vec![],
+            optimizer: OptimizerConfig {
+                kind: hetero_job::Optimizer::Adam,
+                learning_rate: 1e-3,
+            },
+            strategy: Strategy::Allreduce,
+            exchange_fraction: 0.0,
+            rebalance: false,
+        }
+    }
+
+    /// These options with `optimizer` at `learning_rate`.
+    pub fn with_optimizer(mut self, kind: hetero_job::Optimizer, learning_rate: f64) -> Self {
+        self.optimizer = OptimizerConfig { kind, learning_rate };
+        self
+    }
+
+    fn split(&self, weights: &[f64], world: usize) -> Split {
+        if weights.len() == world {
+            Split::weighted(weights)
+        } else {
+            Split::even(world)
         }
     }
 }
 
+/// Where a run is: the state every worker must agree on after a failure.
+struct Progress {
+    epoch: usize,
+    assignment: Assignment,
+}
+
 /// One worker's side of a data-parallel run.
-pub struct Trainer<'r, B: AutodiffBackend, T: Task<B>> {
+pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
     task: T,
     model: Option<T::Model>,
-    ring: &'r mut Ring,
+    params: Vec<f32>,
+    optimizer: FlatOptimizer,
+    ring: Option<Ring>,
+    membership: Box<dyn Membership>,
+    /// Original rank of each current ring member.
+    members: Vec<usize>,
+    generation: u64,
     device: B::Device,
     options: TrainOptions,
+    local_steps: usize,
     samples: u64,
     compute: Duration,
     comm: Duration,
+    lost: Vec<usize>,
+    rebalances: usize,
 }
 
-impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
+impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// Seeds burn, builds the model and adopts rank 0's parameters.
-    pub fn new(task: T, device: B::Device, ring: &'r mut Ring, options: TrainOptions) -> Result<Self, TrainError> {
+    pub fn new(task: T, device: B::Device, mut ring: Ring, options: TrainOptions) -> Result<Self, TrainError> {
         if options.global_batch < ring.world() {
             return Err(TrainError::Config(format!(
                 "global batch {} is smaller than the {} workers",
@@ -93,25 +154,45 @@ impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
             )));
         }
         B::seed(&device, options.seed);
-        let mut model = task.model(&device);
+        let model = task.model(&device);
         let started = Instant::now();
+        let mut flat = params::flatten(&model);
         // One worker has no one to agree with: its own initial model is the global one.
-        if ring.world() > 1 {
-            let mut flat = params::flatten(&model);
+        let model = if ring.world() > 1 {
             ring.broadcast(&mut flat, 0)?;
-            model = params::load(model, &flat);
-        }
+            params::load(model, &flat)
+        } else {
+            model
+        };
         let comm = started.elapsed();
         Ok(Trainer {
             task,
             model: Some(model),
-            ring,
+            optimizer: FlatOptimizer::new(options.optimizer, flat.len()),
+            params: flat,
+            members: (0..ring.world()).collect(),
+            ring: Some(ring),
+            membership: Box::new(FixedMembership),
+            generation: 0,
             device,
             options,
+            local_steps: 0,
             samples: 0,
             compute: Duration::ZERO,
             comm,
+            lost: vec![],
+            rebalances: 0,
         })
+    }
+
+    /// Lets the run survive lost workers by regrouping through `membership`.
+    pub fn with_membership(mut self, membership: Box<dyn Membership>) -> Self {
+        self.membership = membership;
+        self
+    }
+
+    fn ring(&mut self) -> &mut Ring {
+        self.ring.as_mut().expect("a ring is present between regroups")
     }
 
     /// The model as it is now.
@@ -119,49 +200,100 @@ impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
         self.model.as_ref().expect("model is present between steps")
     }
 
-    /// All parameters, flattened (identical on every worker).
+    /// All parameters, flattened (identical on every worker after a synchronous step).
     pub fn parameters(&self) -> Vec<f32> {
-        params::flatten(self.model())
+        self.params.clone()
     }
 
-    /// One synchronous step on this worker's samples `indices`; returns the mean
-    /// loss of the global batch.
-    pub fn step(&mut self, indices: &[usize]) -> Result<f32, TrainError> {
-        let started = Instant::now();
+    /// Local gradients of this worker's `indices`, each scaled by `scale`, and the
+    /// batch's mean loss. An empty batch contributes zeros.
+    fn local_gradients(&mut self, indices: &[usize], scale: f32) -> (Vec<f32>, f32) {
+        if indices.is_empty() {
+            return (vec![0.0; self.params.len()], 0.0);
+        }
         let model = self.model.take().expect("model is present between steps");
         let batch = self.task.train_batch(indices, &self.device);
         let loss = self.task.loss(&model, batch);
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         let local_loss = loss.into_scalar().elem::<f32>();
-        let weight = indices.len() as f32 / self.options.global_batch as f32;
-        let (mut flat, layout) = params::take_grads::<B, _>(&model, &mut grads, weight);
-        flat.push(local_loss * weight);
-        std::thread::sleep(throttle_delay(started.elapsed(), self.options.speed));
-        let reduce_started = Instant::now();
-        let reduced = self.ring.allreduce_sum(&mut flat);
-        let comm = reduce_started.elapsed();
-        if let Err(e) = reduced {
-            self.model = Some(model);
-            return Err(e.into());
-        }
-        let global_loss = flat.pop().expect("loss slot");
-        let grads = params::grads_from_flat(&layout, &flat);
-        self.model = Some(self.task.apply_gradients(model, grads));
+        let (flat, _) = params::take_grads::<B, _>(&model, &mut grads, scale);
+        self.model = Some(model);
+        (flat, local_loss)
+    }
+
+    /// Loads the flat parameters into the model.
+    fn load_params(&mut self) {
+        let model = self.model.take().expect("model is present between steps");
+        self.model = Some(params::load(model, &self.params));
+    }
+
+    /// One synchronous step on this worker's samples `indices`, part of a global
+    /// batch of `global` samples; returns the mean loss of the global batch (with
+    /// local-sgd between averages: of the local batch).
+    pub fn step(&mut self, indices: &[usize], global: usize) -> Result<f32, TrainError> {
+        let started = Instant::now();
+        let weight = indices.len() as f32 / global.max(1) as f32;
+        let mut comm = Duration::ZERO;
+        let loss = match self.options.strategy {
+            Strategy::LocalSgd { sync_every } => {
+                let (grads, local_loss) = self.local_gradients(indices, 1.0);
+                if !indices.is_empty() {
+                    self.optimizer.step(&mut self.params, &grads);
+                }
+                self.local_steps += 1;
+                std::thread::sleep(throttle_delay(started.elapsed(), self.options.speed));
+                if self.local_steps.is_multiple_of(sync_every) {
+                    let reduce = Instant::now();
+                    let global_loss = self.average_models(weight, local_loss * weight)?;
+                    comm = reduce.elapsed();
+                    global_loss
+                } else {
+                    self.load_params();
+                    local_loss
+                }
+            }
+            _ => {
+                let (mut flat, local_loss) = self.local_gradients(indices, weight);
+                flat.push(local_loss * weight);
+                std::thread::sleep(throttle_delay(started.elapsed(), self.options.speed));
+                let reduce = Instant::now();
+                self.ring().allreduce_sum(&mut flat)?;
+                comm = reduce.elapsed();
+                let global_loss = flat.pop().expect("loss slot");
+                self.optimizer.step(&mut self.params, &flat);
+                self.load_params();
+                global_loss
+            }
+        };
         self.samples += indices.len() as u64;
         self.comm += comm;
         self.compute += started.elapsed() - comm;
-        Ok(global_loss)
+        Ok(loss)
+    }
+
+    /// Replaces every worker's model by the average weighted by `weight` (this
+    /// worker's share); returns the sum of `loss_share` over the workers.
+    fn average_models(&mut self, weight: f32, loss_share: f32) -> Result<f32, TrainError> {
+        let mut flat: Vec<f32> = self.params.iter().map(|p| p * weight).collect();
+        flat.push(loss_share);
+        self.ring().allreduce_sum(&mut flat)?;
+        let loss = flat.pop().expect("loss slot");
+        self.params = flat;
+        self.load_params();
+        Ok(loss)
     }
 
     /// Evaluates the test set, each worker a balanced part; every worker gets the
-    /// totals.
+    /// totals, and `extra` (summed over workers) rides along.
     pub fn evaluate(&mut self) -> Result<Option<Evaluation>, TrainError> {
+        self.evaluate_with(&mut []).map(|(e, _)| e)
+    }
+
+    fn evaluate_with(&mut self, extra: &mut [f32]) -> Result<(Option<Evaluation>, ()), TrainError> {
         let len = self.task.test_len();
-        if len == 0 {
-            return Ok(None);
-        }
         let started = Instant::now();
-        let (a, b) = shard::balanced(len, self.ring.world(), self.ring.rank());
+        let (rank, world) = (self.ring().rank(), self.ring().world());
+        let (a, b) = shard::balanced(len, world, rank);
         let mut sums = Evaluation::default();
         let step = self.options.eval_batch.max(1);
         for start in (a..b).step_by(step) {
@@ -172,65 +304,193 @@ impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
             sums.correct += e.correct;
             sums.count += e.count;
         }
-        let mut buf = [sums.loss_sum as f32, sums.correct as f32, sums.count as f32];
+        let mut buf = vec![sums.loss_sum as f32, sums.correct as f32, sums.count as f32];
+        buf.extend_from_slice(extra);
         let computed = started.elapsed();
-        self.ring.allreduce_sum(&mut buf)?;
+        self.ring().allreduce_sum(&mut buf)?;
         self.comm += started.elapsed() - computed;
         self.compute += computed;
-        Ok(Some(Evaluation {
+        extra.copy_from_slice(&buf[3..]);
+        let eval = (len > 0).then(|| Evaluation {
             loss_sum: buf[0] as f64,
             correct: buf[1] as f64,
             count: buf[2] as f64,
+        });
+        Ok((eval, ()))
+    }
+
+    /// Retries `op` after regrouping for as long as the ring breaks and survivors
+    /// remain.
+    fn resilient<R>(
+        &mut self,
+        progress: &mut Progress,
+        on_event: &mut dyn FnMut(Event),
+        mut op: impl FnMut(&mut Self, &mut Progress) -> Result<R, TrainError>,
+    ) -> Result<R, TrainError> {
+        loop {
+            match op(self, progress) {
+                Err(TrainError::Comm(e)) => {
+                    let mut reason = e.to_string();
+                    // A second loss while regrouping just means regrouping again.
+                    while let Err(e) = self.recover(progress, &reason, on_event) {
+                        match e {
+                            TrainError::Comm(e) => reason = e.to_string(),
+                            other => return Err(other),
+                        }
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// After the ring broke: regroup with the survivors, adopt the most advanced
+    /// survivor's state, and hand the lost workers' samples to the survivors.
+    fn recover(&mut self, progress: &mut Progress, reason: &str, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+        // Closing our connections tells the neighbours at once.
+        self.ring = None;
+        self.generation += 1;
+        let regroup = self.membership.regroup(self.generation, reason)?;
+        let new_world = regroup.members.len();
+        let lost_positions: Vec<usize> = (0..self.members.len())
+            .filter(|p| !regroup.members.contains(&self.members[*p]))
+            .collect();
+        let lost: Vec<usize> = lost_positions.iter().map(|&p| self.members[p]).collect();
+        self.ring = Some(regroup.ring);
+        let rank = self.ring().rank();
+
+        // The survivor that got furthest (a step can complete on some workers and not
+        // on others) holds the latest global model; everyone adopts its state.
+        let mut steps = vec![0f32; new_world];
+        steps[rank] = self.optimizer.state().time as f32;
+        self.ring().allreduce_sum(&mut steps)?;
+        let owner = (0..new_world).fold(0, |best, r| if steps[r] > steps[best] { r } else { best });
+        let mut state = self.params.clone();
+        state.extend(self.optimizer.to_flat());
+        state.extend(progress.assignment.cursors().iter().map(|&c| c as f32));
+        state.push(progress.epoch as f32);
+        self.ring().broadcast(&mut state, owner)?;
+        let n = self.params.len();
+        let o = self.optimizer.flat_len();
+        let world = progress.assignment.world();
+        self.params.copy_from_slice(&state[..n]);
+        self.optimizer.load_flat(&state[n..n + o]);
+        let cursors: Vec<usize> = state[n + o..n + o + world].iter().map(|&c| c as usize).collect();
+        progress.epoch = state[n + o + world] as usize;
+        self.load_params();
+        progress.assignment.set_cursors(&cursors);
+        let split = self.options.split(&regroup.weights, new_world);
+        progress.assignment = progress.assignment.migrate(&lost_positions, &split, self.options.global_batch);
+        self.members = regroup.members;
+        self.options.weights = regroup.weights;
+        self.lost.extend(&lost);
+        on_event(Event::Migrated {
+            epoch: progress.epoch,
+            step: self.optimizer.state().time,
+            lost,
+            workers: new_world,
+            shares: shares(progress.assignment.batches()),
+        });
+        Ok(())
+    }
+
+    /// Between epochs: adjusts the split to the throughput each worker measured in
+    /// the epoch when it drifted by more than [`REBALANCE_DRIFT`].
+    fn rebalance(&mut self, progress: &mut Progress, rate: f64) -> Result<Option<Event>, TrainError> {
+        let world = self.ring().world();
+        let mut rates = vec![0f32; world];
+        rates[self.ring().rank()] = rate as f32;
+        self.ring().allreduce_sum(&mut rates)?;
+        let rates: Vec<f64> = rates.iter().map(|&r| r as f64).collect();
+        let total: f64 = rates.iter().sum();
+        if rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) || total <= 0.0 {
+            return Ok(None);
+        }
+        let current = shares(progress.assignment.batches());
+        let wanted: Vec<f64> = rates.iter().map(|r| r / total).collect();
+        let drift = current
+            .iter()
+            .zip(&wanted)
+            .map(|(c, w)| (w - c).abs() / c.max(1e-9))
+            .fold(0.0, f64::max);
+        if drift <= REBALANCE_DRIFT {
+            return Ok(None);
+        }
+        let split = Split::weighted(&wanted);
+        progress.assignment.rebalance(&split, self.options.global_batch);
+        self.options.weights = wanted;
+        self.rebalances += 1;
+        Ok(Some(Event::Rebalanced {
+            epoch: progress.epoch,
+            shares: shares(progress.assignment.batches()),
         }))
     }
 
     /// Trains for the configured epochs, evaluating after each, reporting through
     /// `on_event`; returns the run's summary (the same on every worker).
     pub fn run(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<RunSummary, TrainError> {
-        let (rank, world) = (self.ring.rank(), self.ring.world());
         let o = self.options.clone();
+        let world = self.ring().world();
         let len = self.task.train_len();
-        let split = if o.weights.len() == world {
-            Split::weighted(&o.weights)
-        } else {
-            Split::even(world)
-        };
-        let steps = split.steps_per_epoch(len, o.global_batch);
-        if steps == 0 {
+        let split = o.split(&o.weights, world);
+        if len < o.global_batch {
             return Err(TrainError::Config(format!(
                 "{len} training samples cannot fill one global batch of {} over {world} workers",
                 o.global_batch
             )));
         }
-        let my_shard = split.shard(len, rank, o.seed);
-        let local = split.local_batch(o.global_batch, rank);
+        let mut progress = Progress {
+            epoch: 0,
+            assignment: Assignment::new(len, &split, o.global_batch, o.seed),
+        };
         let started = Instant::now();
         let mut history = Vec::new();
         let mut last_event = Instant::now() - o.event_interval;
-        let (mut window_start, mut window_samples): (Instant, usize);
         let mut last_eval = None;
-        let mut losses = Vec::with_capacity(steps * o.epochs);
-        for epoch in 0..o.epochs {
-            let order = shard::epoch_order(&my_shard, o.seed, epoch, rank);
+        let mut losses = Vec::new();
+        while progress.epoch < o.epochs {
+            let epoch = progress.epoch;
+            progress.assignment.begin_epoch(o.seed, epoch);
+            let steps = progress.assignment.steps_left();
+            let mut loss_share = 0.0f64;
             let mut loss_sum = 0.0f64;
+            let (epoch_samples, epoch_compute) = (self.samples, self.compute);
             // The rate shown is training speed: evaluation time stays out of it.
-            (window_start, window_samples) = (Instant::now(), 0);
-            for step in 0..steps {
-                let loss = self.step(&order[step * local..(step + 1) * local])?;
+            let (mut window_start, mut window_samples) = (Instant::now(), 0usize);
+            let mut step = 0;
+            while !progress.assignment.epoch_done() {
+                let (loss, local) = self.resilient(&mut progress, on_event, |t, p| {
+                    let rank = t.ring().rank();
+                    let global = p.assignment.next_global_batch();
+                    let indices = p.assignment.next_batch(rank).to_vec();
+                    let last = p.assignment.steps_left() == 1;
+                    let mut loss = t.step(&indices, global)?;
+                    if last && matches!(t.options.strategy, Strategy::LocalSgd { .. }) {
+                        // Every epoch ends on one agreed model.
+                        let weight = indices.len() as f32 / global.max(1) as f32;
+                        loss = t.average_models(weight, loss * weight)?;
+                        t.local_steps = 0;
+                    }
+                    p.assignment.advance();
+                    Ok((loss, indices.len()))
+                })?;
                 if !loss.is_finite() {
                     return Err(TrainError::Task(format!(
                         "loss became {loss} at epoch {epoch}, step {step}; lower training.learning_rate"
                     )));
                 }
+                loss_share += loss as f64 * local as f64 / o.global_batch as f64;
                 loss_sum += loss as f64;
                 losses.push(loss);
                 window_samples += local;
-                if last_event.elapsed() >= o.event_interval || step + 1 == steps {
+                step += 1;
+                let done = progress.assignment.epoch_done();
+                if last_event.elapsed() >= o.event_interval || done {
                     let rate = window_samples as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
                     on_event(Event::Step {
                         epoch,
-                        step,
-                        steps,
+                        step: step - 1,
+                        steps: steps.max(step),
                         loss,
                         samples_per_sec: rate,
                     });
@@ -238,8 +498,21 @@ impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
                     (window_start, window_samples) = (Instant::now(), 0);
                 }
             }
-            let eval = self.evaluate()?;
-            let train_loss = loss_sum / steps as f64;
+            // The epoch's training loss: every worker's loss, weighted by its samples.
+            let mut extra = [loss_share as f32, 0.0];
+            let eval = self.resilient(&mut progress, on_event, |t, _| {
+                let mut e = extra;
+                let r = t.evaluate_with(&mut e)?.0;
+                Ok((r, e))
+            })?;
+            let (eval, sums) = eval;
+            extra = sums;
+            // With allreduce every worker already holds each step's global loss; with
+            // local steps the workers' weighted shares add up to it.
+            let train_loss = match o.strategy {
+                Strategy::LocalSgd { .. } => extra[0] as f64,
+                _ => loss_sum,
+            } / step.max(1) as f64;
             let test_accuracy = eval.map(|e| e.correct / e.count.max(1.0));
             let test_loss = eval.map(|e| e.loss_sum / e.count.max(1.0));
             let elapsed_secs = started.elapsed().as_secs_f64();
@@ -257,12 +530,31 @@ impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
                 elapsed_secs,
             });
             last_eval = eval;
+            progress.epoch += 1;
+            if progress.epoch < o.epochs {
+                let rate = (self.samples - epoch_samples) as f64 / (self.compute - epoch_compute).as_secs_f64().max(1e-9);
+                if o.rebalance && self.ring().world() > 1 {
+                    if let Some(e) = self.resilient(&mut progress, on_event, |t, p| t.rebalance(p, rate))? {
+                        on_event(e);
+                    }
+                }
+                let weights = shares(progress.assignment.batches());
+                progress.assignment.exchange(
+                    o.exchange_fraction,
+                    &Split::weighted(&weights),
+                    o.seed,
+                    progress.epoch,
+                );
+            }
         }
         let wall = started.elapsed().as_secs_f64();
-        let per_worker = self.gather_figures(wall)?;
+        let per_worker = self.resilient(&mut progress, on_event, |t, _| t.gather_figures(wall))?;
         let total_samples: u64 = per_worker.iter().map(|w| w.samples).sum();
         Ok(RunSummary {
-            workers: world,
+            workers: self.members.len() + self.lost.len(),
+            strategy: o.strategy.name().into(),
+            lost_workers: self.lost.clone(),
+            rebalances: self.rebalances,
             backend: o.backend.clone(),
             epochs: o.epochs,
             global_batch_size: o.global_batch,
@@ -279,15 +571,18 @@ impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
         })
     }
 
-    /// Every worker's figures, gathered by an allreduce of per-rank slots.
+    /// Every worker's figures, gathered by an allreduce of per-rank slots (by
+    /// original rank; lost workers report nothing).
     fn gather_figures(&mut self, wall: f64) -> Result<Vec<WorkerFigures>, TrainError> {
-        let (rank, world) = (self.ring.rank(), self.ring.world());
-        let mut slots = vec![0f32; world * 3];
-        slots[rank * 3] = self.samples as f32;
-        slots[rank * 3 + 1] = self.compute.as_secs_f32();
-        slots[rank * 3 + 2] = self.comm.as_secs_f32();
-        self.ring.allreduce_sum(&mut slots)?;
-        Ok((0..world)
+        let slots_for = self.members.len() + self.lost.len();
+        let rank = self.ring().rank();
+        let me = self.members[rank];
+        let mut slots = vec![0f32; slots_for * 3];
+        slots[me * 3] = self.samples as f32;
+        slots[me * 3 + 1] = self.compute.as_secs_f32();
+        slots[me * 3 + 2] = self.comm.as_secs_f32();
+        self.ring().allreduce_sum(&mut slots)?;
+        Ok((0..slots_for)
             .map(|r| WorkerFigures {
                 rank: r,
                 samples: slots[r * 3] as u64,
@@ -299,11 +594,17 @@ impl<'r, B: AutodiffBackend, T: Task<B>> Trainer<'r, B, T> {
     }
 }
 
+/// Each worker's share of the global batch.
+fn shares(batches: &[usize]) -> Vec<f64> {
+    let total = batches.iter().sum::<usize>().max(1) as f64;
+    batches.iter().map(|&b| b as f64 / total).collect()
+}
+
 /// Trains `task` on `device` over `ring` and returns the summary.
 pub fn train<B: AutodiffBackend, T: Task<B>>(
     task: T,
     device: B::Device,
-    ring: &mut Ring,
+    ring: Ring,
     options: TrainOptions,
     on_event: &mut dyn FnMut(Event),
 ) -> Result<RunSummary, TrainError> {
@@ -348,10 +649,10 @@ mod tests {
 
     /// Every task starts from the same weights: burn's RNG is global, so threads
     /// initialising at once would otherwise draw interleaved numbers.
-    fn cnn_task(optimizer: Optimizer) -> ImageTask<B, hetero_models::Cnn<B>> {
+    fn cnn_task() -> ImageTask<B, hetero_models::Cnn<B>> {
         static INITIAL: std::sync::OnceLock<Vec<f32>> = std::sync::OnceLock::new();
         let initial = INITIAL.get_or_init(|| params::flatten(&CnnConfig::new().init::<B>(&Default::default())));
-        ImageTask::new(synthetic(64, 1), synthetic(20, 2), optimizer, 1e-2, move |d| {
+        ImageTask::new(synthetic(64, 1), synthetic(20, 2), move |d| {
             params::load(CnnConfig::new().init(d), initial)
         })
     }
@@ -362,16 +663,16 @@ mod tests {
     fn two_half_batches_equal_one_full_batch() {
         for optimizer in [Optimizer::Sgd, Optimizer::Adam] {
             let batches: Vec<Vec<usize>> = (0..3).map(|s| (s * 8..s * 8 + 8).collect()).collect();
-            let mut solo_ring = ring_of(1).pop().unwrap();
+            let solo_ring = ring_of(1).pop().unwrap();
             let mut solo = Trainer::new(
-                cnn_task(optimizer),
+                cnn_task(),
                 Default::default(),
-                &mut solo_ring,
-                TrainOptions::new(1, 8, 5),
+                solo_ring,
+                TrainOptions::new(1, 8, 5).with_optimizer(optimizer, 1e-2),
             )
             .unwrap();
             for b in &batches {
-                solo.step(b).unwrap();
+                solo.step(b, 8).unwrap();
             }
             let expected = solo.parameters();
 
@@ -380,18 +681,18 @@ mod tests {
                 let handles: Vec<_> = rings
                     .into_iter()
                     .enumerate()
-                    .map(|(rank, mut ring)| {
+                    .map(|(rank, ring)| {
                         let batches = &batches;
                         s.spawn(move || {
                             let mut t = Trainer::new(
-                                cnn_task(optimizer),
+                                cnn_task(),
                                 Default::default(),
-                                &mut ring,
-                                TrainOptions::new(1, 8, 5),
+                                ring,
+                                TrainOptions::new(1, 8, 5).with_optimizer(optimizer, 1e-2),
                             )
                             .unwrap();
                             for b in batches {
-                                t.step(&b[rank * 4..rank * 4 + 4]).unwrap();
+                                t.step(&b[rank * 4..rank * 4 + 4], 8).unwrap();
                             }
                             t.parameters()
                         })
@@ -406,7 +707,7 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
             assert!(worst < 1e-4, "{optimizer:?}: max parameter difference {worst}");
-            let initial = params::flatten(&cnn_task(optimizer).model(&Default::default()));
+            let initial = params::flatten(&cnn_task().model(&Default::default()));
             assert_ne!(expected, initial, "training moved the parameters");
         }
     }
@@ -416,29 +717,28 @@ mod tests {
     #[test]
     fn unequal_local_batches_equal_one_full_batch() {
         let batch: Vec<usize> = (0..8).collect();
-        let mut solo_ring = ring_of(1).pop().unwrap();
+        let solo_ring = ring_of(1).pop().unwrap();
         let mut solo = Trainer::new(
-            cnn_task(Optimizer::Sgd),
+            cnn_task(),
             Default::default(),
-            &mut solo_ring,
-            TrainOptions::new(1, 8, 5),
+            solo_ring,
+            TrainOptions::new(1, 8, 5).with_optimizer(Optimizer::Sgd, 1e-2),
         )
         .unwrap();
-        solo.step(&batch).unwrap();
-        solo.step(&batch).unwrap();
+        solo.step(&batch, 8).unwrap();
+        solo.step(&batch, 8).unwrap();
         let expected = solo.parameters();
         let parts = [&batch[..5], &batch[5..]];
         let results: Vec<Vec<f32>> = thread::scope(|s| {
             let handles: Vec<_> = ring_of(2)
                 .into_iter()
                 .zip(parts)
-                .map(|(mut ring, part)| {
+                .map(|(ring, part)| {
                     s.spawn(move || {
-                        let options = TrainOptions::new(1, 8, 5);
-                        let mut t =
-                            Trainer::new(cnn_task(Optimizer::Sgd), Default::default(), &mut ring, options).unwrap();
-                        t.step(part).unwrap();
-                        t.step(part).unwrap();
+                        let options = TrainOptions::new(1, 8, 5).with_optimizer(Optimizer::Sgd, 1e-2);
+                        let mut t = Trainer::new(cnn_task(), Default::default(), ring, options).unwrap();
+                        t.step(part, 8).unwrap();
+                        t.step(part, 8).unwrap();
                         t.parameters()
                     })
                 })
@@ -456,16 +756,15 @@ mod tests {
 
     #[test]
     fn run_learns_and_reports() {
-        let mut rings = ring_of(1);
-        let task = ImageTask::<B, _>::new(synthetic(400, 3), synthetic(100, 4), Optimizer::Adam, 1e-2, |d| {
+        let task = ImageTask::<B, _>::new(synthetic(400, 3), synthetic(100, 4), |d| {
             MlpConfig::new().with_hidden(32).init(d)
         });
         let mut events = Vec::new();
         let summary = train(
             task,
             Default::default(),
-            &mut rings[0],
-            TrainOptions::new(3, 40, 1),
+            ring_of(1).pop().unwrap(),
+            TrainOptions::new(3, 40, 1).with_optimizer(Optimizer::Adam, 1e-2),
             &mut |e| events.push(e),
         )
         .unwrap();
@@ -486,19 +785,223 @@ mod tests {
 
     #[test]
     fn too_small_a_dataset_is_a_clear_error() {
-        let mut rings = ring_of(1);
-        let task = ImageTask::<B, _>::new(synthetic(10, 3), synthetic(0, 4), Optimizer::Sgd, 1e-3, |d| {
+        let task = ImageTask::<B, _>::new(synthetic(10, 3), synthetic(0, 4), |d| {
             MlpConfig::new().with_hidden(4).init(d)
         });
         let err = train(
             task,
             Default::default(),
-            &mut rings[0],
+            ring_of(1).pop().unwrap(),
             TrainOptions::new(1, 64, 1),
             &mut |_| {},
         )
         .err()
         .unwrap();
         assert!(err.to_string().contains("cannot fill one global batch"), "{err}");
+    }
+
+    /// Local SGD that averages after every step is, for plain SGD, exactly the
+    /// allreduce step: Σ s_w (p − lr·g_w) = p − lr·Σ s_w g_w.
+    #[test]
+    fn local_sgd_every_step_equals_allreduce_for_sgd() {
+        let batch: Vec<usize> = (0..8).collect();
+        let parts = [&batch[..5], &batch[5..]];
+        let run = |strategy: Strategy| -> Vec<Vec<f32>> {
+            thread::scope(|s| {
+                let handles: Vec<_> = ring_of(2)
+                    .into_iter()
+                    .zip(parts)
+                    .map(|(ring, part)| {
+                        s.spawn(move || {
+                            let mut options = TrainOptions::new(1, 8, 5).with_optimizer(Optimizer::Sgd, 1e-2);
+                            options.strategy = strategy;
+                            let mut t = Trainer::new(cnn_task(), Default::default(), ring, options).unwrap();
+                            for _ in 0..3 {
+                                t.step(part, 8).unwrap();
+                            }
+                            t.parameters()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            })
+        };
+        let allreduce = run(Strategy::Allreduce);
+        let local = run(Strategy::LocalSgd { sync_every: 1 });
+        let worst = allreduce[0]
+            .iter()
+            .zip(&local[0])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "max parameter difference {worst}");
+        // Between averages the models differ; after one they agree again.
+        let rare = run(Strategy::LocalSgd { sync_every: 2 });
+        assert_ne!(rare[0], rare[1], "3 steps with sync_every 2 end between averages");
+    }
+
+    /// A task that records which samples it trained on.
+    struct Recorded {
+        inner: ImageTask<B, hetero_models::Mlp<B>>,
+        seen: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+    }
+
+    impl Task<B> for Recorded {
+        type Model = hetero_models::Mlp<B>;
+        type Batch = crate::image_task::ImageBatch<B>;
+        fn train_len(&self) -> usize {
+            self.inner.train_len()
+        }
+        fn test_len(&self) -> usize {
+            self.inner.test_len()
+        }
+        fn model(&self, device: &<B as burn::tensor::backend::BackendTypes>::Device) -> Self::Model {
+            self.inner.model(device)
+        }
+        fn train_batch(&self, indices: &[usize], device: &<B as burn::tensor::backend::BackendTypes>::Device) -> Self::Batch {
+            self.seen.lock().unwrap().extend_from_slice(indices);
+            self.inner.train_batch(indices, device)
+        }
+        fn test_batch(&self, indices: &[usize], device: &<B as burn::tensor::backend::BackendTypes>::Device) -> Self::Batch {
+            self.inner.test_batch(indices, device)
+        }
+        fn loss(&self, model: &Self::Model, batch: Self::Batch) -> Tensor<B, 1> {
+            self.inner.loss(model, batch)
+        }
+        fn evaluate(&self, model: &Self::Model, batch: Self::Batch) -> Evaluation {
+            self.inner.evaluate(model, batch)
+        }
+    }
+
+    /// Survivors find each other through a shared board, as they would through the
+    /// coordinator's rendezvous.
+    struct Board {
+        me: usize,
+        expect: usize,
+        #[allow(clippy::type_complexity)]
+        board: std::sync::Arc<(std::sync::Mutex<Vec<(u64, usize, std::net::SocketAddr)>>, std::sync::Condvar)>,
+    }
+
+    impl Membership for Board {
+        fn regroup(&mut self, generation: u64, _reason: &str) -> Result<crate::Regroup, TrainError> {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let (lock, ready) = &*self.board;
+            let mut entries = lock.lock().unwrap();
+            entries.push((generation, self.me, listener.local_addr().unwrap()));
+            ready.notify_all();
+            let mut mine = loop {
+                let mine: Vec<_> = entries.iter().filter(|e| e.0 == generation).copied().collect();
+                if mine.len() == self.expect {
+                    break mine;
+                }
+                entries = ready.wait(entries).unwrap();
+            };
+            drop(entries);
+            mine.sort_by_key(|e| e.1);
+            let members: Vec<usize> = mine.iter().map(|e| e.1).collect();
+            let addrs: Vec<_> = mine.iter().map(|e| e.2).collect();
+            let rank = members.iter().position(|&m| m == self.me).unwrap();
+            let config = hetero_comm::RingConfig::new(rank, members.len(), format!("t#{generation}"), "k");
+            Ok(crate::Regroup {
+                ring: Ring::form(config, listener, &addrs)?,
+                members,
+                weights: vec![],
+            })
+        }
+    }
+
+    /// Kill one of three workers mid-epoch: the other two re-form the ring, take over
+    /// its samples and finish with the same model; nothing is lost, and only the one
+    /// step that was cut short is computed twice.
+    #[test]
+    fn survivors_finish_when_a_worker_dies_mid_epoch() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let board = std::sync::Arc::new((std::sync::Mutex::new(Vec::new()), std::sync::Condvar::new()));
+        let (len, global, epochs) = (240, 24, 2);
+        let results: Vec<thread::Result<RunSummary>> = thread::scope(|s| {
+            let handles: Vec<_> = ring_of(3)
+                .into_iter()
+                .enumerate()
+                .map(|(rank, ring)| {
+                    let (seen, board) = (seen.clone(), board.clone());
+                    s.spawn(move || {
+                        let task = Recorded {
+                            inner: ImageTask::new(synthetic(len, 3), synthetic(30, 4), |d| {
+                                MlpConfig::new().with_hidden(16).init(d)
+                            }),
+                            seen,
+                        };
+                        let task = DieAt {
+                            task,
+                            at: (rank == 2).then_some(4),
+                            calls: std::cell::Cell::new(0),
+                        };
+                        let options = TrainOptions::new(epochs, global, 7).with_optimizer(Optimizer::Adam, 1e-2);
+                        let mut t = Trainer::new(task, Default::default(), ring, options)
+                            .unwrap()
+                            .with_membership(Box::new(Board {
+                                me: rank,
+                                expect: 2,
+                                board,
+                            }));
+                        let mut events = vec![];
+                        let summary = t.run(&mut |e| events.push(e)).unwrap();
+                        assert!(events.iter().any(|e| matches!(e, Event::Migrated { lost, workers: 2, .. } if lost == &[2])));
+                        (summary, t.parameters())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().map(|(s, _)| s)).collect()
+        });
+        assert!(results[2].is_err(), "worker 2 died");
+        let a = results[0].as_ref().unwrap();
+        let b = results[1].as_ref().unwrap();
+        assert_eq!(a.lost_workers, vec![2]);
+        assert_eq!(a.test_accuracy, b.test_accuracy);
+        assert_eq!(a.history.len(), epochs);
+        let mut counts = vec![0usize; len];
+        for &i in seen.lock().unwrap().iter() {
+            counts[i] += 1;
+        }
+        assert!(counts.iter().all(|&c| c == epochs || c == epochs + 1), "every sample in every epoch");
+        let repeated = counts.iter().filter(|&&c| c > epochs).count();
+        assert!(repeated <= global, "only the interrupted step repeats ({repeated} samples)");
+    }
+
+    /// Wraps a task so that `train_batch` panics (the worker dies) at call `at`.
+    struct DieAt {
+        task: Recorded,
+        at: Option<usize>,
+        calls: std::cell::Cell<usize>,
+    }
+
+    impl Task<B> for DieAt {
+        type Model = hetero_models::Mlp<B>;
+        type Batch = crate::image_task::ImageBatch<B>;
+        fn train_len(&self) -> usize {
+            self.task.train_len()
+        }
+        fn test_len(&self) -> usize {
+            self.task.test_len()
+        }
+        fn model(&self, device: &<B as burn::tensor::backend::BackendTypes>::Device) -> Self::Model {
+            self.task.model(device)
+        }
+        fn train_batch(&self, indices: &[usize], device: &<B as burn::tensor::backend::BackendTypes>::Device) -> Self::Batch {
+            let n = self.calls.get();
+            self.calls.set(n + 1);
+            if Some(n) == self.at {
+                panic!("worker killed on purpose (test)");
+            }
+            self.task.train_batch(indices, device)
+        }
+        fn test_batch(&self, indices: &[usize], device: &<B as burn::tensor::backend::BackendTypes>::Device) -> Self::Batch {
+            self.task.test_batch(indices, device)
+        }
+        fn loss(&self, model: &Self::Model, batch: Self::Batch) -> Tensor<B, 1> {
+            self.task.loss(model, batch)
+        }
+        fn evaluate(&self, model: &Self::Model, batch: Self::Batch) -> Evaluation {
+            self.task.evaluate(model, batch)
+        }
     }
 }

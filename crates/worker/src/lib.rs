@@ -24,7 +24,7 @@ use std::process::ExitCode;
 
 use hetero_cluster::agent::EVENT_PREFIX;
 use hetero_comm::{Ring, RingConfig};
-use hetero_train::{Event, Task, TaskContext, TrainOptions};
+use hetero_train::{Event, Task, TaskContext, TrainOptions, Trainer};
 
 pub use backend::{SystemBackend, SystemDevice};
 pub use env::WorkerSetup;
@@ -100,7 +100,13 @@ where
     let address = listener.local_addr().map_err(|e| WorkerError::Setup(e.to_string()))?;
     let peers = rendezvous::exchange(&setup, address)?;
     let config = RingConfig::new(setup.rank, setup.world, setup.job_id.clone(), setup.token.clone());
-    let mut ring = Ring::form(config, listener, &peers)?;
+    let membership = rendezvous::CoordinatorMembership::new(
+        setup.clone(),
+        listener
+            .try_clone()
+            .map_err(|e| WorkerError::Setup(format!("cannot share the data-plane listener: {e}")))?,
+    );
+    let ring = Ring::form(config, listener, &peers)?;
     eprintln!("ring formed: {} worker(s)", setup.world);
 
     let spec = &setup.spec;
@@ -108,7 +114,11 @@ where
         spec.training.epochs,
         spec.training.global_batch_size,
         spec.training.seed,
-    );
+    )
+    .with_optimizer(spec.training.optimizer, spec.training.learning_rate);
+    options.strategy = spec.training.strategy;
+    options.exchange_fraction = spec.dataset.exchange_fraction;
+    options.rebalance = spec.dataset.rebalance;
     options.backend = backend_name.to_string();
     options.speed = setup.speed;
     options.weights = setup.weights.clone();
@@ -121,13 +131,20 @@ where
             setup.speed
         );
     }
-    let summary = hetero_train::train(task, device, &mut ring, options, &mut |e| {
-        // Epoch events are the same on every rank; rank 0 speaks for the job.
-        if setup.rank == 0 || matches!(e, Event::Step { .. }) {
+    let mut trainer = Trainer::new(task, device, ring, options)?.with_membership(Box::new(membership));
+    // Epoch events are the same on every rank; the lowest surviving rank speaks for
+    // the job (rank 0 until it is lost).
+    let (mut leader, mut gone) = (0, Vec::new());
+    let summary = trainer.run(&mut |e| {
+        if let Event::Migrated { lost, .. } = &e {
+            gone.extend_from_slice(lost);
+            leader = (0..setup.world).find(|r| !gone.contains(r)).unwrap_or(setup.rank);
+        }
+        if setup.rank == leader || matches!(e, Event::Step { .. }) {
             emit(&e)
         }
     })?;
-    if setup.rank == 0 {
+    if setup.rank == leader {
         let dir = &setup.output_dir;
         let title = format!("{}: training loss ({} workers)", setup.spec.name, setup.world);
         std::fs::create_dir_all(dir)

@@ -1,10 +1,11 @@
 //! A user's own training code, run distributed by Hetero without a change.
 //!
 //! Everything below `main` is what one would write for a single machine with burn:
-//! a model (a two-hidden-layer perceptron with dropout), how to batch the data,
-//! the loss, and the optimiser. Implementing [`Task`] is the only contact with
-//! Hetero; `hetero_worker::run` does the rest (rendezvous, ring, gradient
-//! allreduce, progress, summary). A job spec names this program:
+//! a model (a two-hidden-layer perceptron with dropout), how to batch the data and
+//! the loss. Implementing [`Task`] is the only contact with Hetero;
+//! `hetero_worker::run` does the rest (rendezvous, ring, gradient aggregation, the
+//! optimiser named by `training.optimizer`, progress, summary). A job spec names
+//! this program:
 //!
 //! ```toml
 //! [model]
@@ -19,8 +20,6 @@ use std::process::ExitCode;
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::nn::{Dropout, DropoutConfig, Linear, LinearConfig, Relu};
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{Adam, AdamConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use hetero_data::ImageDataset;
@@ -62,14 +61,13 @@ impl<B: Backend> DeepMlp<B> {
     }
 }
 
-/// The user's task: data, model, loss, optimiser.
+/// The user's task: data, model, loss.
 pub struct MyTask<B: AutodiffBackend> {
     train: ImageDataset,
     test: ImageDataset,
     hidden: usize,
     dropout: f64,
-    learning_rate: f64,
-    optim: OptimizerAdaptor<Adam, DeepMlp<B>, B>,
+    backend: std::marker::PhantomData<B>,
 }
 
 impl<B: AutodiffBackend> MyTask<B> {
@@ -94,8 +92,7 @@ impl<B: AutodiffBackend> MyTask<B> {
             test,
             hidden,
             dropout,
-            learning_rate: spec.training.learning_rate,
-            optim: AdamConfig::new().init(),
+            backend: std::marker::PhantomData,
         })
     }
 }
@@ -155,9 +152,5 @@ impl<B: AutodiffBackend> Task<B> for MyTask<B> {
             correct: correct.elem::<f64>(),
             count: n as f64,
         }
-    }
-
-    fn apply_gradients(&mut self, model: DeepMlp<B>, grads: GradientsParams) -> DeepMlp<B> {
-        self.optim.step(self.learning_rate, model, grads)
     }
 }
