@@ -163,6 +163,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    hetero_worker::memory::keep_freed_buffers();
     let cli = Cli::parse();
     if matches!(cli.command, Command::Worker) {
         return match hetero_worker::builtin::run() {

@@ -16,6 +16,7 @@
 pub mod backend;
 pub mod builtin;
 pub mod env;
+pub mod memory;
 pub mod rendezvous;
 
 use std::io::Write;
@@ -78,6 +79,7 @@ where
     T: Task<SystemBackend>,
     F: FnOnce(&TaskContext, &SystemDevice) -> Result<T, String>,
 {
+    memory::keep_freed_buffers();
     let setup = WorkerSetup::from_env()?;
     let chosen = backend::choose(setup.spec.cluster.backend, setup.backend.as_deref()).map_err(WorkerError::Setup)?;
     let (device, backend_name) = backend::device(chosen, setup.device_index).map_err(WorkerError::Setup)?;
