@@ -6,7 +6,8 @@
 //! - [`handshake`]: a mutual HMAC challenge–response proving both ends hold the
 //!   cluster token (the token itself never crosses the wire);
 //! - [`ring`] and [`collectives`]: a ring of workers and the collectives built on it
-//!   (bandwidth-optimal allreduce as reduce-scatter + all-gather, broadcast).
+//!   (bandwidth-optimal allreduce as reduce-scatter + all-gather, broadcast);
+//! - [`server`]: requests to a parameter server and its replies.
 //!
 //! Everything is blocking `std::net`: a training worker is synchronous burn code and
 //! needs no async runtime on its hot path.
@@ -16,6 +17,7 @@ pub mod error;
 pub mod frame;
 pub mod handshake;
 pub mod ring;
+pub mod server;
 
 pub use error::CommError;
 pub use ring::{Ring, RingConfig};

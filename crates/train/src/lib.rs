@@ -8,6 +8,8 @@
 //! - [`optim`]: the optimiser, run by Hetero on flat buffers (so its state can be
 //!   checkpointed, handed over and held by a parameter server);
 //! - [`membership`]: how a run regroups when a worker is lost;
+//! - [`param_server`]: the parameter server's aggregation (synchronous or with
+//!   bounded staleness);
 //! - [`trainer`]: one data-parallel step and the epoch loop, with progress events;
 //! - [`report`]: the events and the run summary a worker emits.
 //!
@@ -18,6 +20,7 @@ pub mod error;
 pub mod image_task;
 pub mod membership;
 pub mod optim;
+pub mod param_server;
 pub mod params;
 pub mod report;
 pub mod task;

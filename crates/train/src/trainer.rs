@@ -13,6 +13,11 @@
 //! - **local-sgd**: each worker steps on its own gradients and the models are
 //!   averaged (weighted by batch share) every `sync_every` steps and at the end of
 //!   each epoch — one model-sized allreduce per `k` steps, for weak links.
+//! - **parameter-server** and **hierarchical** ([`Topology::Server`]): the ring
+//!   holds only this worker's resource group (one worker for `parameter-server`);
+//!   the group sums its weighted gradients over it, its first member pushes the sum
+//!   to the parameter server ([`crate::param_server`]) and passes the model it gets
+//!   back around the group.
 //!
 //! Between epochs the split can follow measured throughput ([`Event::Rebalanced`])
 //! and shards can pass a fraction of their samples to the ring neighbour. When the
@@ -26,6 +31,7 @@ use burn::prelude::*;
 use burn::optim::GradientsParams;
 use burn::tensor::backend::AutodiffBackend;
 use hetero_comm::Ring;
+use hetero_comm::server::ServerClient;
 use hetero_data::assign::Assignment;
 use hetero_data::shard::{self, Split};
 use hetero_job::Strategy;
@@ -122,6 +128,27 @@ struct Progress {
     assignment: Assignment,
 }
 
+/// How this worker reaches the others.
+pub enum Topology {
+    /// The ring holds every worker.
+    Ring,
+    /// The ring holds this worker's group; the group's first member (`client` is
+    /// `Some` there) speaks to the parameter server for the group.
+    Server {
+        /// The connection to the server (group leaders only).
+        client: Option<ServerClient>,
+        /// `None`: the server aggregates synchronously; `Some(s)`: asynchronously
+        /// with staleness bound `s`.
+        staleness: Option<usize>,
+        /// This worker's rank among all workers.
+        rank: usize,
+        /// Number of workers.
+        world: usize,
+        /// The ranks (among all workers) of this worker's group, in ring order.
+        group: Vec<usize>,
+    },
+}
+
 /// One worker's side of a data-parallel run.
 pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
     task: T,
@@ -129,9 +156,12 @@ pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
     params: Vec<f32>,
     optimizer: FlatOptimizer,
     ring: Option<Ring>,
+    topology: Topology,
     membership: Box<dyn Membership>,
-    /// Original rank of each current ring member.
+    /// Original rank of each current worker, by current rank.
     members: Vec<usize>,
+    /// This worker's current rank among all workers.
+    rank: usize,
     generation: u64,
     device: B::Device,
     options: TrainOptions,
@@ -144,34 +174,76 @@ pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
 }
 
 impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
-    /// Seeds burn, builds the model and adopts rank 0's parameters.
-    pub fn new(task: T, device: B::Device, mut ring: Ring, options: TrainOptions) -> Result<Self, TrainError> {
-        if options.global_batch < ring.world() {
+    /// Seeds burn, builds the model and adopts rank 0's parameters; `ring` holds
+    /// every worker.
+    pub fn new(task: T, device: B::Device, ring: Ring, options: TrainOptions) -> Result<Self, TrainError> {
+        Self::with_topology(task, device, ring, Topology::Ring, options)
+    }
+
+    /// Like [`Trainer::new`], reaching the others as `topology` says; with a
+    /// parameter server, every worker starts from the server's model.
+    pub fn with_topology(
+        task: T,
+        device: B::Device,
+        mut ring: Ring,
+        mut topology: Topology,
+        options: TrainOptions,
+    ) -> Result<Self, TrainError> {
+        let world = match &topology {
+            Topology::Ring => ring.world(),
+            Topology::Server { world, group, .. } => {
+                if group.len() != ring.world() {
+                    return Err(TrainError::Config(format!(
+                        "a group of {} workers on a ring of {}",
+                        group.len(),
+                        ring.world()
+                    )));
+                }
+                *world
+            }
+        };
+        if options.global_batch < world {
             return Err(TrainError::Config(format!(
-                "global batch {} is smaller than the {} workers",
-                options.global_batch,
-                ring.world()
+                "global batch {} is smaller than the {world} workers",
+                options.global_batch
             )));
         }
         B::seed(&device, options.seed);
         let model = task.model(&device);
         let started = Instant::now();
         let mut flat = params::flatten(&model);
-        // One worker has no one to agree with: its own initial model is the global one.
-        let model = if ring.world() > 1 {
+        if let Topology::Server { client: Some(c), .. } = &mut topology {
+            let global = c.pull()?;
+            if global.len() != flat.len() {
+                return Err(TrainError::Config(format!(
+                    "the parameter server holds {} parameters, this worker's model has {}",
+                    global.len(),
+                    flat.len()
+                )));
+            }
+            flat = global;
+        }
+        // One worker has no one to agree with: its own initial model is the global
+        // one (and reloading it would only cost time).
+        let reload = ring.world() > 1 || matches!(topology, Topology::Server { .. });
+        if ring.world() > 1 {
             ring.broadcast(&mut flat, 0)?;
-            params::load(model, &flat)
-        } else {
-            model
-        };
+        }
+        let model = if reload { params::load(model, &flat) } else { model };
         let comm = started.elapsed();
+        let rank = match &topology {
+            Topology::Ring => ring.rank(),
+            Topology::Server { rank, .. } => *rank,
+        };
         Ok(Trainer {
             task,
             model: Some(model),
             optimizer: FlatOptimizer::new(options.optimizer, flat.len()),
             params: flat,
-            members: (0..ring.world()).collect(),
+            members: (0..world).collect(),
+            rank,
             ring: Some(ring),
+            topology,
             membership: Box::new(FixedMembership),
             generation: 0,
             device,
@@ -183,6 +255,23 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             lost: vec![],
             rebalances: 0,
         })
+    }
+
+    /// Sums `buf` over all workers (every worker gets the totals).
+    fn global_sum(&mut self, buf: &mut [f32]) -> Result<(), TrainError> {
+        self.ring().allreduce_sum(buf)?;
+        if let Topology::Server { client, .. } = &mut self.topology {
+            if let Some(c) = client {
+                c.sum(buf)?;
+            }
+            self.ring().broadcast(buf, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Number of workers.
+    fn world(&self) -> usize {
+        self.members.len()
     }
 
     /// Lets the run survive lost workers by regrouping through `membership`.
@@ -227,9 +316,11 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         self.model = Some(params::load(model, &self.params));
     }
 
-    /// One synchronous step on this worker's samples `indices`, part of a global
-    /// batch of `global` samples; returns the mean loss of the global batch (with
-    /// local-sgd between averages: of the local batch).
+    /// One step on this worker's samples `indices`, part of a batch of `global`
+    /// samples over which the gradient is averaged (the global batch; with an
+    /// asynchronous parameter server, this worker's group's batch, since each push
+    /// is a step of its own). Returns the batch's mean loss (with local-sgd between
+    /// averages: the local batch's).
     pub fn step(&mut self, indices: &[usize], global: usize) -> Result<f32, TrainError> {
         let started = Instant::now();
         let weight = indices.len() as f32 / global.max(1) as f32;
@@ -252,7 +343,30 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                     local_loss
                 }
             }
-            _ => {
+            Strategy::ParameterServer { .. } | Strategy::Hierarchical => {
+                let (mut flat, local_loss) = self.local_gradients(indices, weight);
+                flat.push(local_loss * weight);
+                std::thread::sleep(throttle_delay(started.elapsed(), self.options.speed));
+                let reduce = Instant::now();
+                self.ring().allreduce_sum(&mut flat)?;
+                if let Topology::Server { client: Some(c), .. } = &mut self.topology {
+                    flat = c.push(&flat)?;
+                }
+                self.ring().broadcast(&mut flat, 0)?;
+                comm = reduce.elapsed();
+                let loss = flat.pop().expect("loss slot");
+                if flat.len() != self.params.len() {
+                    return Err(TrainError::Config(format!(
+                        "the parameter server sent {} parameters for a model of {}",
+                        flat.len(),
+                        self.params.len()
+                    )));
+                }
+                self.params = flat;
+                self.load_params();
+                loss
+            }
+            Strategy::Allreduce => {
                 let (mut flat, local_loss) = self.local_gradients(indices, weight);
                 flat.push(local_loss * weight);
                 std::thread::sleep(throttle_delay(started.elapsed(), self.options.speed));
@@ -292,8 +406,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     fn evaluate_with(&mut self, extra: &mut [f32]) -> Result<(Option<Evaluation>, ()), TrainError> {
         let len = self.task.test_len();
         let started = Instant::now();
-        let (rank, world) = (self.ring().rank(), self.ring().world());
-        let (a, b) = shard::balanced(len, world, rank);
+        let (a, b) = shard::balanced(len, self.world(), self.rank);
         let mut sums = Evaluation::default();
         let step = self.options.eval_batch.max(1);
         for start in (a..b).step_by(step) {
@@ -307,7 +420,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         let mut buf = vec![sums.loss_sum as f32, sums.correct as f32, sums.count as f32];
         buf.extend_from_slice(extra);
         let computed = started.elapsed();
-        self.ring().allreduce_sum(&mut buf)?;
+        self.global_sum(&mut buf)?;
         self.comm += started.elapsed() - computed;
         self.compute += computed;
         extra.copy_from_slice(&buf[3..]);
@@ -347,6 +460,12 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// After the ring broke: regroup with the survivors, adopt the most advanced
     /// survivor's state, and hand the lost workers' samples to the survivors.
     fn recover(&mut self, progress: &mut Progress, reason: &str, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+        if matches!(self.topology, Topology::Server { .. }) {
+            return Err(TrainError::Config(format!(
+                "a worker was lost ({reason}); the {} strategy cannot continue without it",
+                self.options.strategy.name()
+            )));
+        }
         // Closing our connections tells the neighbours at once.
         self.ring = None;
         self.generation += 1;
@@ -358,6 +477,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         let lost: Vec<usize> = lost_positions.iter().map(|&p| self.members[p]).collect();
         self.ring = Some(regroup.ring);
         let rank = self.ring().rank();
+        self.rank = rank;
 
         // The survivor that got furthest (a step can complete on some workers and not
         // on others) holds the latest global model; everyone adopts its state.
@@ -397,10 +517,9 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// Between epochs: adjusts the split to the throughput each worker measured in
     /// the epoch when it drifted by more than [`REBALANCE_DRIFT`].
     fn rebalance(&mut self, progress: &mut Progress, rate: f64) -> Result<Option<Event>, TrainError> {
-        let world = self.ring().world();
-        let mut rates = vec![0f32; world];
-        rates[self.ring().rank()] = rate as f32;
-        self.ring().allreduce_sum(&mut rates)?;
+        let mut rates = vec![0f32; self.world()];
+        rates[self.rank] = rate as f32;
+        self.global_sum(&mut rates)?;
         let rates: Vec<f64> = rates.iter().map(|&r| r as f64).collect();
         let total: f64 = rates.iter().sum();
         if rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) || total <= 0.0 {
@@ -430,7 +549,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// `on_event`; returns the run's summary (the same on every worker).
     pub fn run(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<RunSummary, TrainError> {
         let o = self.options.clone();
-        let world = self.ring().world();
+        let world = self.world();
         let len = self.task.train_len();
         let split = o.split(&o.weights, world);
         if len < o.global_batch {
@@ -460,9 +579,16 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             let mut step = 0;
             while !progress.assignment.epoch_done() {
                 let (loss, local) = self.resilient(&mut progress, on_event, |t, p| {
-                    let rank = t.ring().rank();
-                    let global = p.assignment.next_global_batch();
-                    let indices = p.assignment.next_batch(rank).to_vec();
+                    let indices = p.assignment.next_batch(t.rank).to_vec();
+                    let global = match &t.topology {
+                        // Each asynchronous push is a step over its group's batch.
+                        Topology::Server {
+                            staleness: Some(_),
+                            group,
+                            ..
+                        } => group.iter().map(|&r| p.assignment.next_batch(r).len()).sum(),
+                        _ => p.assignment.next_global_batch(),
+                    };
                     let last = p.assignment.steps_left() == 1;
                     let mut loss = t.step(&indices, global)?;
                     if last && matches!(t.options.strategy, Strategy::LocalSgd { .. }) {
@@ -510,7 +636,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             // With allreduce every worker already holds each step's global loss; with
             // local steps the workers' weighted shares add up to it.
             let train_loss = match o.strategy {
-                Strategy::LocalSgd { .. } => extra[0] as f64,
+                Strategy::LocalSgd { .. } | Strategy::ParameterServer { staleness: 1.. } => extra[0] as f64,
                 _ => loss_sum,
             } / step.max(1) as f64;
             let test_accuracy = eval.map(|e| e.correct / e.count.max(1.0));
@@ -533,7 +659,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             progress.epoch += 1;
             if progress.epoch < o.epochs {
                 let rate = (self.samples - epoch_samples) as f64 / (self.compute - epoch_compute).as_secs_f64().max(1e-9);
-                if o.rebalance && self.ring().world() > 1 {
+                if o.rebalance && self.world() > 1 {
                     if let Some(e) = self.resilient(&mut progress, on_event, |t, p| t.rebalance(p, rate))? {
                         on_event(e);
                     }
@@ -550,6 +676,11 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         let wall = started.elapsed().as_secs_f64();
         let per_worker = self.resilient(&mut progress, on_event, |t, _| t.gather_figures(wall))?;
         let total_samples: u64 = per_worker.iter().map(|w| w.samples).sum();
+        if let Topology::Server { client, .. } = &mut self.topology
+            && let Some(c) = client.take()
+        {
+            c.bye()?;
+        }
         Ok(RunSummary {
             workers: self.members.len() + self.lost.len(),
             strategy: o.strategy.name().into(),
@@ -575,13 +706,12 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// original rank; lost workers report nothing).
     fn gather_figures(&mut self, wall: f64) -> Result<Vec<WorkerFigures>, TrainError> {
         let slots_for = self.members.len() + self.lost.len();
-        let rank = self.ring().rank();
-        let me = self.members[rank];
+        let me = self.members[self.rank];
         let mut slots = vec![0f32; slots_for * 3];
         slots[me * 3] = self.samples as f32;
         slots[me * 3 + 1] = self.compute.as_secs_f32();
         slots[me * 3 + 2] = self.comm.as_secs_f32();
-        self.ring().allreduce_sum(&mut slots)?;
+        self.global_sum(&mut slots)?;
         Ok((0..slots_for)
             .map(|r| WorkerFigures {
                 rank: r,
@@ -1003,5 +1133,130 @@ mod tests {
         fn evaluate(&self, model: &Self::Model, batch: Self::Batch) -> Evaluation {
             self.task.evaluate(model, batch)
         }
+    }
+
+    /// Starts a parameter server for `clients` on loopback, with `initial` as the
+    /// global model.
+    fn parameter_server(
+        clients: usize,
+        initial: Vec<f32>,
+        staleness: Option<usize>,
+    ) -> (std::net::SocketAddr, thread::JoinHandle<Result<crate::param_server::ServerReport, TrainError>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let handle = thread::spawn(move || {
+            let channels = hetero_comm::server::accept_clients(&listener, clients, "t", "k", Duration::from_secs(20))?;
+            let options = crate::param_server::ServerOptions {
+                staleness,
+                optimizer: OptimizerConfig {
+                    kind: Optimizer::Sgd,
+                    learning_rate: 1e-2,
+                },
+            };
+            crate::param_server::serve(channels, initial, options)
+        });
+        (addr, handle)
+    }
+
+    /// The parameter server (one group per worker) and the hierarchical strategy
+    /// (groups {0, 1} and {2}) take exactly the allreduce step.
+    #[test]
+    fn parameter_server_and_hierarchical_steps_equal_the_allreduce_step() {
+        let batch: Vec<usize> = (0..9).collect();
+        let parts = [&batch[..4], &batch[4..7], &batch[7..]];
+        let initial = params::flatten(&cnn_task().model(&Default::default()));
+        let mut solo = Trainer::new(
+            cnn_task(),
+            Default::default(),
+            ring_of(1).pop().unwrap(),
+            TrainOptions::new(1, 9, 5).with_optimizer(Optimizer::Sgd, 1e-2),
+        )
+        .unwrap();
+        for _ in 0..2 {
+            solo.step(&batch, 9).unwrap();
+        }
+        let expected = solo.parameters();
+        for (strategy, groups) in [
+            (Strategy::ParameterServer { staleness: 0 }, vec![vec![0], vec![1], vec![2]]),
+            (Strategy::Hierarchical, vec![vec![0, 1], vec![2]]),
+        ] {
+            let (addr, server) = parameter_server(groups.len(), initial.clone(), None);
+            let results: Vec<Vec<f32>> = thread::scope(|s| {
+                let mut handles = vec![];
+                for group in &groups {
+                    for (position, ring) in ring_of(group.len()).into_iter().enumerate() {
+                        let (group, rank) = (group.clone(), group[position]);
+                        handles.push(s.spawn(move || {
+                            let client = (position == 0).then(|| {
+                                ServerClient::connect(addr, "t", "k", rank as u32, Duration::from_secs(20)).unwrap()
+                            });
+                            let topology = Topology::Server {
+                                client,
+                                staleness: None,
+                                rank,
+                                world: 3,
+                                group,
+                            };
+                            let mut options = TrainOptions::new(1, 9, 5).with_optimizer(Optimizer::Sgd, 1e-2);
+                            options.strategy = strategy;
+                            let mut t =
+                                Trainer::with_topology(cnn_task(), Default::default(), ring, topology, options).unwrap();
+                            for _ in 0..2 {
+                                t.step(parts[rank], 9).unwrap();
+                            }
+                            let result = t.parameters();
+                            if let Topology::Server { client: Some(c), .. } = t.topology {
+                                c.bye().unwrap();
+                            }
+                            result
+                        }));
+                    }
+                }
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            let report = server.join().unwrap().unwrap();
+            assert_eq!(report.steps, 2, "{strategy:?}");
+            for r in &results {
+                let worst = expected.iter().zip(r).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(worst < 1e-5, "{strategy:?}: max parameter difference {worst}");
+            }
+        }
+    }
+
+    /// Asynchronous parameter server: workers run whole epochs and the loss falls.
+    #[test]
+    fn asynchronous_parameter_server_trains() {
+        let initial = params::flatten(&MlpConfig::new().with_hidden(16).init::<B>(&Default::default()));
+        let (addr, server) = parameter_server(2, initial, Some(2));
+        let summaries: Vec<RunSummary> = thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|rank| {
+                    s.spawn(move || {
+                        let client = ServerClient::connect(addr, "t", "k", rank as u32, Duration::from_secs(20)).unwrap();
+                        let topology = Topology::Server {
+                            client: Some(client),
+                            staleness: Some(2),
+                            rank,
+                            world: 2,
+                            group: vec![rank],
+                        };
+                        let task = ImageTask::<B, _>::new(synthetic(400, 3), synthetic(100, 4), |d| {
+                            MlpConfig::new().with_hidden(16).init(d)
+                        });
+                        let mut options = TrainOptions::new(3, 40, 1).with_optimizer(Optimizer::Sgd, 1e-2);
+                        options.strategy = Strategy::ParameterServer { staleness: 2 };
+                        let ring = ring_of(1).pop().unwrap();
+                        let mut t = Trainer::with_topology(task, Default::default(), ring, topology, options).unwrap();
+                        t.run(&mut |_| {}).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let report = server.join().unwrap().unwrap();
+        assert_eq!(report.pushes, 2 * 3 * 10, "every step of every worker was pushed");
+        let s = &summaries[0];
+        assert!(s.last_epoch_loss < s.first_epoch_loss, "{s:?}");
+        assert_eq!(summaries[0].test_accuracy, summaries[1].test_accuracy, "evaluation is global");
     }
 }
