@@ -501,3 +501,47 @@ fn a_worker_killed_mid_epoch_migrates_its_samples_and_the_job_completes() {
     assert_eq!(summary["history"].as_array().unwrap().len(), 3, "{summary}");
     assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
 }
+
+#[test]
+fn every_strategy_trains_through_separate_processes() {
+    for (strategy, extra) in [
+        ("local-sgd", "sync_every = 4"),
+        ("parameter-server", ""),
+        ("parameter-server", "staleness = 2"),
+        ("hierarchical", ""),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = write_spec(
+            dir.path(),
+            &format!(
+                "name = \"{strategy}\"\n[model]\nkind = \"mlp\"\n[dataset]\npath = \"{}\"\ntrain_limit = 1500\ntest_limit = 300\n\
+                 [training]\nepochs = 2\nglobal_batch_size = 30\nlearning_rate = 0.002\nstrategy = \"{strategy}\"\n{extra}\n\
+                 [cluster]\nworkers = 3\n[output]\ndir = \"runs\"\n",
+                subset().display()
+            ),
+        );
+        // Two agents with two slots each for three workers: two workers share a node,
+        // so `hierarchical` has a group of two and a group of one.
+        let out = hetero()
+            .arg("local")
+            .arg(&spec)
+            .args(["--group", "1", "--group", "1"])
+            .output()
+            .unwrap();
+        let log = text(&out);
+        assert!(out.status.success(), "{strategy} {extra}: {log}");
+        let summary: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("runs/job-000001/summary.json")).unwrap())
+                .unwrap();
+        assert_eq!(summary["strategy"], strategy, "{summary}");
+        let (first, last) = (
+            summary["first_epoch_loss"].as_f64().unwrap(),
+            summary["last_epoch_loss"].as_f64().unwrap(),
+        );
+        assert!(last < first && last < 1.0, "{strategy} {extra}: loss {first} → {last}\n{log}");
+        assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
+        if strategy != "local-sgd" {
+            assert!(log.contains("rank 3 → node-1/cpu"), "the parameter server is placed: {log}");
+        }
+    }
+}

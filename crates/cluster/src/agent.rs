@@ -58,6 +58,10 @@ impl WorkerEnv {
     pub const BACKEND: &'static str = "HETERO_BACKEND";
     /// Speed cap of the device, in (0, 1]: the worker slows itself to this fraction.
     pub const SPEED: &'static str = "HETERO_SPEED";
+    /// `parameter-server` for a job's server (absent: a worker).
+    pub const ROLE: &'static str = "HETERO_ROLE";
+    /// Every worker rank's resource group (`node/kind`), comma-separated.
+    pub const GROUPS: &'static str = "HETERO_GROUPS";
     /// The program declared for the worker's device kind, when it has one.
     pub const DEVICE_COMMAND: &'static str = "HETERO_DEVICE_COMMAND";
 }
@@ -427,6 +431,12 @@ async fn supervise(
         command.env(WorkerEnv::WEIGHTS, weights.join(","));
     }
     command.env(WorkerEnv::DEVICE_INDEX, device_index.to_string());
+    if !a.role.is_empty() {
+        command.env(WorkerEnv::ROLE, &a.role);
+    }
+    if !a.groups.is_empty() {
+        command.env(WorkerEnv::GROUPS, a.groups.join(","));
+    }
     if let Some(g) = config.gpus.iter().find(|g| g.backend == a.group) {
         command.env(WorkerEnv::BACKEND, &g.backend);
     }

@@ -127,6 +127,39 @@ pub struct Coordinator {
     inner: Arc<Inner>,
 }
 
+/// The role name of a job's parameter server (`HETERO_ROLE`).
+pub const SERVER_ROLE: &str = "parameter-server";
+
+/// The parameter server of a job whose workers are `placed`: rank `workers`, on the
+/// node that runs most of them (so most gradients cross no network), without taking
+/// a worker slot — it sums and steps, and waits on the network the rest of the time.
+fn server_task(job_id: &str, workers: u32, placed: &[TaskRecord]) -> TaskRecord {
+    let mut count: BTreeMap<&str, usize> = BTreeMap::new();
+    for t in placed {
+        *count.entry(t.agent_id.as_str()).or_default() += 1;
+    }
+    let most = count.values().copied().max().unwrap_or(0);
+    // Ties go to the node of the lowest rank.
+    let node = placed
+        .iter()
+        .find(|t| count[t.agent_id.as_str()] == most)
+        .map_or_else(String::new, |t| t.agent_id.clone());
+    TaskRecord {
+        task_id: format!("{job_id}-ps"),
+        rank: workers,
+        agent_id: node,
+        role: SERVER_ROLE.into(),
+        state: TaskState::Pending,
+        message: String::new(),
+        delivered: false,
+        threads: 1,
+        group: "cpu".into(),
+        memory_mb: 0,
+        weight: 0.0,
+        migrated: false,
+    }
+}
+
 fn job_number(id: &str) -> u64 {
     id.strip_prefix("job-").and_then(|n| n.parse().ok()).unwrap_or(0)
 }
@@ -458,7 +491,8 @@ impl Coordinator {
     /// Free capacity of every resource group on a live node.
     fn capacities(&self, st: &State, now: i64) -> Vec<GroupCapacity> {
         let mut used: HashMap<(&str, &str), (u32, u64)> = HashMap::new();
-        for t in st.jobs.values().flat_map(|j| &j.tasks).filter(|t| !t.state.is_final()) {
+        // A parameter server takes no worker slot (see `server_task`).
+        for t in st.jobs.values().flat_map(|j| &j.tasks).filter(|t| !t.state.is_final() && t.role != SERVER_ROLE) {
             let u = used.entry((t.agent_id.as_str(), t.group.as_str())).or_default();
             u.0 += 1;
             u.1 += t.memory_mb;
@@ -542,7 +576,7 @@ impl Coordinator {
             for &g in &placement {
                 *per_node.entry(groups[g].agent_id.as_str()).or_default() += 1;
             }
-            let tasks: Vec<TaskRecord> = placement
+            let mut tasks: Vec<TaskRecord> = placement
                 .iter()
                 .enumerate()
                 .map(|(rank, &g)| {
@@ -576,6 +610,9 @@ impl Coordinator {
                     }
                 })
                 .collect();
+            if job.server {
+                tasks.push(server_task(job_id, job.workers, &tasks));
+            }
             let summary: Vec<String> = tasks
                 .iter()
                 .map(|t| format!("rank {} → {}/{}", t.rank, t.agent_id, t.group))
@@ -586,7 +623,8 @@ impl Coordinator {
             job.started_ms = now;
             job.message = "placed".into();
             let saved = job.clone();
-            st.rendezvous.insert(job_id.clone(), vec![None; saved.workers as usize]);
+            let slots = saved.workers as usize + usize::from(saved.server);
+            st.rendezvous.insert(job_id.clone(), vec![None; slots]);
             self.save_job(&saved);
             self.append_log(
                 st,
@@ -663,11 +701,13 @@ impl Coordinator {
         let mut known = HashSet::new();
         for job in st.jobs.values_mut() {
             let mut dirty = false;
+            let workers: Vec<&TaskRecord> = job.tasks.iter().filter(|t| t.rank < job.workers).collect();
             let weights: Vec<f32> = if job.weighted {
-                job.tasks.iter().map(|t| t.weight).collect()
+                workers.iter().map(|t| t.weight).collect()
             } else {
                 vec![]
             };
+            let groups: Vec<String> = workers.iter().map(|t| format!("{}/{}", t.agent_id, t.group)).collect();
             for t in job.tasks.iter_mut().filter(|t| t.agent_id == agent_id) {
                 known.insert(t.task_id.clone());
                 let running_there = reported.contains_key(&t.task_id);
@@ -691,6 +731,12 @@ impl Coordinator {
                         threads: t.threads,
                         group: t.group.clone(),
                         weights: weights.clone(),
+                        role: if t.rank == job.workers {
+                            SERVER_ROLE.into()
+                        } else {
+                            String::new()
+                        },
+                        groups: groups.clone(),
                     });
                 } else if !running_there {
                     t.state = TaskState::Failed;
@@ -1023,6 +1069,7 @@ impl CoordinatorRpc for Coordinator {
             memory_per_worker_mb: spec.cluster.memory_per_worker_mb,
             weighted: spec.dataset.split == hetero_job::SplitKind::Weighted,
             migratable: spec.cluster.workers > 1 && !spec.training.strategy.uses_parameter_server(),
+            server: spec.training.strategy.uses_parameter_server(),
             formed: false,
         };
         self.inner.store.put_job(&job).map_err(store_status)?;

@@ -137,6 +137,9 @@ pub struct JobRecord {
     /// The job's strategy lets survivors take over a lost worker's samples.
     #[serde(default)]
     pub migratable: bool,
+    /// The job runs a parameter server (its last task).
+    #[serde(default)]
+    pub server: bool,
     /// Every worker found its peers once (the first ring formed).
     #[serde(default)]
     pub formed: bool,

@@ -211,6 +211,7 @@ mod tests {
             memory_per_worker_mb: 0,
             weighted: false,
             migratable: false,
+            server: false,
             formed: false,
         }
     }

@@ -34,6 +34,10 @@ pub struct WorkerSetup {
     pub device_index: usize,
     /// Every rank's share of the work (empty: an even split).
     pub weights: Vec<f64>,
+    /// Whether this process is the job's parameter server (rank `world`).
+    pub is_server: bool,
+    /// Every worker rank's resource group (`node/kind`; empty when not told).
+    pub groups: Vec<String>,
 }
 
 fn var(name: &str) -> Result<String, WorkerError> {
@@ -77,6 +81,20 @@ impl WorkerSetup {
                         WorkerError::Setup(format!("{}={v:?} is not a list of numbers", WorkerEnv::WEIGHTS))
                     })?,
             },
+            is_server: match std::env::var(WorkerEnv::ROLE) {
+                Err(_) => false,
+                Ok(r) if r == hetero_cluster::coordinator::SERVER_ROLE => true,
+                Ok(r) => {
+                    return Err(WorkerError::Setup(format!(
+                        "{}={r:?} is not a role (the only one is {:?})",
+                        WorkerEnv::ROLE,
+                        hetero_cluster::coordinator::SERVER_ROLE
+                    )));
+                }
+            },
+            groups: std::env::var(WorkerEnv::GROUPS)
+                .map(|g| g.split(',').map(str::to_string).collect())
+                .unwrap_or_default(),
             device_index: match std::env::var(WorkerEnv::DEVICE_INDEX) {
                 Err(_) => 0,
                 Ok(_) => number(WorkerEnv::DEVICE_INDEX)?,
@@ -95,7 +113,14 @@ impl WorkerSetup {
                 setup.world
             )));
         }
-        if setup.rank >= setup.world {
+        if !setup.groups.is_empty() && setup.groups.len() != setup.world {
+            return Err(WorkerError::Setup(format!(
+                "{} groups for {} workers",
+                setup.groups.len(),
+                setup.world
+            )));
+        }
+        if setup.rank >= setup.world + usize::from(setup.is_server) {
             return Err(WorkerError::Setup(format!(
                 "rank {} outside a ring of {}",
                 setup.rank, setup.world

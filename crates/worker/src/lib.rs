@@ -20,12 +20,17 @@ pub mod memory;
 pub mod rendezvous;
 
 use std::io::Write;
-use std::net::TcpListener;
+use std::net::{SocketAddr, TcpListener};
+use std::time::Duration;
 use std::process::ExitCode;
 
 use hetero_cluster::agent::EVENT_PREFIX;
+use hetero_comm::server::{ServerClient, accept_clients};
 use hetero_comm::{Ring, RingConfig};
-use hetero_train::{Event, Task, TaskContext, TrainOptions, Trainer};
+use hetero_job::Strategy;
+use hetero_train::param_server::ServerOptions;
+use hetero_train::trainer::Topology;
+use hetero_train::{Event, OptimizerConfig, Task, TaskContext, TrainOptions, Trainer};
 
 pub use backend::{SystemBackend, SystemDevice};
 pub use env::WorkerSetup;
@@ -88,10 +93,13 @@ where
         rank: setup.rank,
         world: setup.world,
     };
+    let who = if setup.is_server {
+        "parameter server".to_string()
+    } else {
+        format!("rank {}/{}", setup.rank, setup.world)
+    };
     eprintln!(
-        "rank {}/{} of {} on {backend_name} ({} thread(s))",
-        setup.rank,
-        setup.world,
+        "{who} of {} on {backend_name} ({} thread(s))",
         setup.job_id,
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into())
     );
@@ -101,15 +109,9 @@ where
         .map_err(|e| WorkerError::Setup(format!("cannot bind a data-plane port on {}: {e}", setup.data_host)))?;
     let address = listener.local_addr().map_err(|e| WorkerError::Setup(e.to_string()))?;
     let peers = rendezvous::exchange(&setup, address)?;
-    let config = RingConfig::new(setup.rank, setup.world, setup.job_id.clone(), setup.token.clone());
-    let membership = rendezvous::CoordinatorMembership::new(
-        setup.clone(),
-        listener
-            .try_clone()
-            .map_err(|e| WorkerError::Setup(format!("cannot share the data-plane listener: {e}")))?,
-    );
-    let ring = Ring::form(config, listener, &peers)?;
-    eprintln!("ring formed: {} worker(s)", setup.world);
+    if setup.is_server {
+        return serve_parameters(&setup, task, &device, listener);
+    }
 
     let spec = &setup.spec;
     let mut options = TrainOptions::new(
@@ -118,12 +120,12 @@ where
         spec.training.seed,
     )
     .with_optimizer(spec.training.optimizer, spec.training.learning_rate);
-    options.strategy = spec.training.strategy;
-    options.exchange_fraction = spec.dataset.exchange_fraction;
-    options.rebalance = spec.dataset.rebalance;
     options.backend = backend_name.to_string();
     options.speed = setup.speed;
     options.weights = setup.weights.clone();
+    options.strategy = spec.training.strategy;
+    options.exchange_fraction = spec.dataset.exchange_fraction;
+    options.rebalance = spec.dataset.rebalance;
     if !options.weights.is_empty() {
         eprintln!("weighted split: shares {:?}", options.weights);
     }
@@ -133,7 +135,20 @@ where
             setup.speed
         );
     }
-    let mut trainer = Trainer::new(task, device, ring, options)?.with_membership(Box::new(membership));
+    let mut trainer = if spec.training.strategy.uses_parameter_server() {
+        server_trainer(&setup, task, device, listener, &peers, options)?
+    } else {
+        let config = RingConfig::new(setup.rank, setup.world, setup.job_id.clone(), setup.token.clone());
+        let membership = rendezvous::CoordinatorMembership::new(
+            setup.clone(),
+            listener
+                .try_clone()
+                .map_err(|e| WorkerError::Setup(format!("cannot share the data-plane listener: {e}")))?,
+        );
+        let ring = Ring::form(config, listener, &peers)?;
+        eprintln!("ring formed: {} worker(s)", setup.world);
+        Trainer::new(task, device, ring, options)?.with_membership(Box::new(membership))
+    };
     // Epoch events are the same on every rank; the lowest surviving rank speaks for
     // the job (rank 0 until it is lost).
     let (mut leader, mut gone) = (0, Vec::new());
@@ -167,5 +182,113 @@ where
             summary: Box::new(summary),
         });
     }
+    Ok(())
+}
+
+/// Each worker rank's aggregation group: its resource group (`hierarchical`), or
+/// itself alone (`parameter-server`).
+fn aggregation_groups(setup: &WorkerSetup) -> Vec<String> {
+    match setup.spec.training.strategy {
+        Strategy::Hierarchical if setup.groups.len() == setup.world => setup.groups.clone(),
+        _ => (0..setup.world).map(|r| format!("rank-{r}")).collect(),
+    }
+}
+
+fn staleness(strategy: Strategy) -> Option<usize> {
+    match strategy {
+        Strategy::ParameterServer { staleness } if staleness > 0 => Some(staleness),
+        _ => None,
+    }
+}
+
+/// A worker of a parameter-server job: a ring over its group, and (for the group's
+/// first member) a connection to the server, whose address is the last of `peers`.
+fn server_trainer<T: Task<SystemBackend>>(
+    setup: &WorkerSetup,
+    task: T,
+    device: SystemDevice,
+    listener: TcpListener,
+    peers: &[SocketAddr],
+    options: TrainOptions,
+) -> Result<Trainer<SystemBackend, T>, WorkerError> {
+    let world = setup.world;
+    if peers.len() != world + 1 {
+        return Err(WorkerError::Rendezvous(format!(
+            "{} addresses for {world} workers and their parameter server",
+            peers.len()
+        )));
+    }
+    let groups = aggregation_groups(setup);
+    let mine = &groups[setup.rank];
+    let group: Vec<usize> = (0..world).filter(|&r| &groups[r] == mine).collect();
+    let position = group.iter().position(|&r| r == setup.rank).expect("a worker is in its own group");
+    let group_peers: Vec<SocketAddr> = group.iter().map(|&r| peers[r]).collect();
+    let session = format!("{}/{mine}", setup.job_id);
+    let ring = Ring::form(
+        RingConfig::new(position, group.len(), session, setup.token.clone()),
+        listener,
+        &group_peers,
+    )?;
+    let client = if position == 0 {
+        let client = ServerClient::connect(
+            peers[world],
+            &setup.job_id,
+            &setup.token,
+            setup.rank as u32,
+            Duration::from_secs(120),
+        )?;
+        eprintln!("group {mine} ({} worker(s)) leads to the parameter server at {}", group.len(), peers[world]);
+        Some(client)
+    } else {
+        None
+    };
+    let topology = Topology::Server {
+        client,
+        staleness: staleness(setup.spec.training.strategy),
+        rank: setup.rank,
+        world,
+        group,
+    };
+    Ok(Trainer::with_topology(task, device, ring, topology, options)?)
+}
+
+/// The parameter-server role: the global model (initialised as every worker would
+/// initialise it) and its optimiser, serving one client per aggregation group.
+fn serve_parameters<T: Task<SystemBackend>>(
+    setup: &WorkerSetup,
+    task: T,
+    device: &SystemDevice,
+    listener: TcpListener,
+) -> Result<(), WorkerError> {
+    use burn::tensor::backend::Backend;
+    let spec = &setup.spec;
+    SystemBackend::seed(device, spec.training.seed);
+    let params = hetero_train::params::flatten(&task.model(device));
+    let mut groups = aggregation_groups(setup);
+    groups.sort();
+    groups.dedup();
+    let staleness = staleness(spec.training.strategy);
+    eprintln!(
+        "parameter server for {} client(s), {} parameters, {}",
+        groups.len(),
+        params.len(),
+        match staleness {
+            None => "synchronous".to_string(),
+            Some(s) => format!("asynchronous, staleness ≤ {s}"),
+        }
+    );
+    let channels = accept_clients(&listener, groups.len(), &setup.job_id, &setup.token, Duration::from_secs(300))?;
+    let options = ServerOptions {
+        staleness,
+        optimizer: OptimizerConfig {
+            kind: spec.training.optimizer,
+            learning_rate: spec.training.learning_rate,
+        },
+    };
+    let report = hetero_train::param_server::serve(channels, params, options)?;
+    eprintln!(
+        "parameter server done: {} optimiser steps from {} pushes (widest lead {})",
+        report.steps, report.pushes, report.widest_gap
+    );
     Ok(())
 }
