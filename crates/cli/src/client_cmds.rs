@@ -43,16 +43,35 @@ pub fn submit(conn: &Connection, spec_path: &Path, follow_it: bool) -> Result<Ex
             .map_err(status_error)?
             .into_inner()
             .job_id;
-        println!("{job_id}");
-        if !follow_it {
-            return Ok(ExitCode::SUCCESS);
-        }
-        let info = follow::follow_job(c, &job_id, true).await?;
-        Ok(if follow::print_outcome(&info) {
-            ExitCode::SUCCESS
-        } else {
-            ExitCode::FAILURE
-        })
+        announce_and_follow(c, &job_id, follow_it).await
+    })
+}
+
+/// Prints a new job's id and, when asked, follows it to its end.
+async fn announce_and_follow(c: &mut Client, job_id: &str, follow_it: bool) -> Result<ExitCode> {
+    println!("{job_id}");
+    if !follow_it {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let info = follow::follow_job(c, job_id, true).await?;
+    Ok(if follow::print_outcome(&info) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `hetero resume JOB`.
+pub fn resume(conn: &Connection, job: &str, follow_it: bool) -> Result<ExitCode> {
+    with_client(conn, async |c| {
+        let job_id = c
+            .resume_job(pb::ResumeJobRequest { job_id: job.into() })
+            .await
+            .map_err(status_error)?
+            .into_inner()
+            .job_id;
+        eprintln!("{job} resumes as {job_id}");
+        announce_and_follow(c, &job_id, follow_it).await
     })
 }
 

@@ -134,6 +134,16 @@ enum Command {
         /// A job id.
         job: String,
     },
+    /// Start a failed or cancelled job again from its latest checkpoint, as a new job.
+    Resume {
+        #[command(flatten)]
+        conn: Connection,
+        /// The job id.
+        job: String,
+        /// Watch the new job until it ends.
+        #[arg(long)]
+        follow: bool,
+    },
     /// List the cluster's nodes and resource groups.
     Nodes {
         #[command(flatten)]
@@ -218,6 +228,7 @@ fn main() -> ExitCode {
         Command::Status { conn, job } => client_cmds::status(&conn, job.as_deref()),
         Command::Logs { conn, job, follow } => client_cmds::logs(&conn, &job, follow),
         Command::Cancel { conn, job } => client_cmds::cancel(&conn, &job),
+        Command::Resume { conn, job, follow } => client_cmds::resume(&conn, &job, follow),
         Command::Nodes { conn, set_score } => client_cmds::nodes(&conn, set_score.as_deref()),
         Command::Alerts { conn } => client_cmds::alerts(&conn),
         Command::Data { command } => data_cmd::run(command),

@@ -545,3 +545,51 @@ fn every_strategy_trains_through_separate_processes() {
         }
     }
 }
+
+#[test]
+fn a_cancelled_job_resumes_from_its_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_coordinator, port) = start_coordinator(0, &state);
+    let _agents: Vec<Killed> = (0..2)
+        .map(|i| start_agent(port, &state, &dir.path().join(format!("agent{i}"))))
+        .collect();
+    let spec = write_spec(
+        dir.path(),
+        &format!(
+            "name = \"long\"\n[model]\nkind = \"cnn\"\n[dataset]\npath = \"{}\"\ntrain_limit = 3000\ntest_limit = 500\n\
+             [training]\nepochs = 4\nglobal_batch_size = 48\n[cluster]\nworkers = 2\nthreads_per_worker = 1\n\
+             [output]\ndir = \"{}\"\n",
+            subset().display(),
+            dir.path().join("runs").display()
+        ),
+    );
+    let out = client("submit", port, &state).arg(&spec).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let checkpoint = dir.path().join("runs/job-000001/checkpoint.bin");
+    let started = Instant::now();
+    while !checkpoint.exists() {
+        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint was written");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = client("cancel", port, &state).arg("job-000001").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    let out = client("resume", port, &state).args(["job-000001", "--follow"]).output().unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("job-000001 resumes as job-000002"), "{log}");
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("runs/job-000002/summary.json")).unwrap(),
+    )
+    .unwrap();
+    let at = summary["resumed_at_epoch"].as_u64().expect("resumed") as usize;
+    assert!((1..4).contains(&at), "{summary}");
+    assert_eq!(summary["history"].as_array().unwrap().len(), 4, "{summary}");
+    assert!(summary["test_accuracy"].as_f64().unwrap() > 0.7, "{summary}");
+
+    // A finished job is not resumed, and the user is told why.
+    let out = client("resume", port, &state).arg("job-000002").output().unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("only a failed or cancelled job can be resumed"), "{}", text(&out));
+}

@@ -17,7 +17,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use hetero_job::JobSpec;
+use hetero_job::{CHECKPOINT_FILE, JobSpec};
 use hetero_proto::auth::CheckToken;
 use hetero_proto::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use hetero_proto::{self as pb, PROTOCOL_VERSION};
@@ -417,6 +417,54 @@ impl Coordinator {
         } else if live == 0 {
             self.finish_job(st, job_id, JobState::Failed, "every worker was lost".into());
         }
+    }
+
+    /// Queues a validated job; returns its id.
+    fn enqueue(&self, st: &mut State, spec: JobSpec) -> Result<String, Status> {
+        if let Some(dep) = spec.scheduling.after.iter().find(|d| !st.jobs.contains_key(*d)) {
+            return Err(Status::invalid_argument(format!(
+                "scheduling.after names {dep}, which is not a job here"
+            )));
+        }
+        st.next_job += 1;
+        let job_id = format!("job-{:06}", st.next_job);
+        // Relative paths were resolved against `base_dir` above.
+        let output_dir = spec.output_dir.join(&job_id);
+        let job = JobRecord {
+            job_id: job_id.clone(),
+            name: spec.name.clone(),
+            spec_json: spec.to_json(),
+            workers: spec.cluster.workers as u32,
+            program: spec
+                .task
+                .as_ref()
+                .map(|t| t.program.display().to_string())
+                .unwrap_or_default(),
+            threads_per_worker: spec.cluster.threads_per_worker as u32,
+            output_dir: output_dir.display().to_string(),
+            state: JobState::Queued,
+            message: "waiting for resources".into(),
+            submitted_ms: now_ms(),
+            started_ms: 0,
+            finished_ms: 0,
+            tasks: vec![],
+            summary_json: String::new(),
+            priority: spec.scheduling.priority,
+            after: spec.scheduling.after.clone(),
+            policy: spec.scheduling.policy,
+            device: spec.cluster.device.clone(),
+            memory_per_worker_mb: spec.cluster.memory_per_worker_mb,
+            weighted: spec.dataset.split == hetero_job::SplitKind::Weighted,
+            migratable: spec.cluster.workers > 1 && !spec.training.strategy.uses_parameter_server(),
+            server: spec.training.strategy.uses_parameter_server(),
+            formed: false,
+        };
+        self.inner.store.put_job(&job).map_err(store_status)?;
+        st.jobs.insert(job_id.clone(), job);
+        let line = format!("job queued: {} worker(s)", spec.cluster.workers);
+        self.append_log(st, &job_id, -1, "state", vec![line]);
+        self.schedule(st);
+        Ok(job_id)
     }
 
     /// A rendezvous after lost workers: ready once every worker still alive has
@@ -1034,49 +1082,38 @@ impl CoordinatorRpc for Coordinator {
             spec.resolve_paths(Path::new(&req.base_dir));
         }
         let mut st = self.lock();
-        if let Some(dep) = spec.scheduling.after.iter().find(|d| !st.jobs.contains_key(*d)) {
-            return Err(Status::invalid_argument(format!(
-                "scheduling.after names {dep}, which is not a job here"
+        let job_id = self.enqueue(&mut st, spec)?;
+        Ok(Response::new(pb::SubmitJobResponse { job_id }))
+    }
+
+    async fn resume_job(&self, req: Request<pb::ResumeJobRequest>) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let old_id = req.into_inner().job_id;
+        let mut st = self.lock();
+        let Some(old) = st.jobs.get(&old_id) else {
+            return Err(Status::not_found(format!("no job {old_id}")));
+        };
+        if !matches!(old.state, JobState::Failed | JobState::Cancelled) {
+            return Err(Status::failed_precondition(format!(
+                "job {old_id} is {}; only a failed or cancelled job can be resumed",
+                format!("{:?}", old.state).to_lowercase()
             )));
         }
-        st.next_job += 1;
-        let job_id = format!("job-{:06}", st.next_job);
-        // Relative paths were resolved against `base_dir` above.
-        let output_dir = spec.output_dir.join(&job_id);
-        let job = JobRecord {
-            job_id: job_id.clone(),
-            name: spec.name.clone(),
-            spec_json: spec.to_json(),
-            workers: spec.cluster.workers as u32,
-            program: spec
-                .task
-                .as_ref()
-                .map(|t| t.program.display().to_string())
-                .unwrap_or_default(),
-            threads_per_worker: spec.cluster.threads_per_worker as u32,
-            output_dir: output_dir.display().to_string(),
-            state: JobState::Queued,
-            message: "waiting for resources".into(),
-            submitted_ms: now_ms(),
-            started_ms: 0,
-            finished_ms: 0,
-            tasks: vec![],
-            summary_json: String::new(),
-            priority: spec.scheduling.priority,
-            after: spec.scheduling.after.clone(),
-            policy: spec.scheduling.policy,
-            device: spec.cluster.device.clone(),
-            memory_per_worker_mb: spec.cluster.memory_per_worker_mb,
-            weighted: spec.dataset.split == hetero_job::SplitKind::Weighted,
-            migratable: spec.cluster.workers > 1 && !spec.training.strategy.uses_parameter_server(),
-            server: spec.training.strategy.uses_parameter_server(),
-            formed: false,
+        let mut spec = JobSpec::from_json(&old.spec_json).map_err(|e| Status::internal(e.to_string()))?;
+        let own = Path::new(&old.output_dir).join(CHECKPOINT_FILE);
+        let checkpoint = if own.exists() {
+            own
+        } else if let Some(earlier) = spec.training.resume_from.clone().filter(|p| p.exists()) {
+            earlier
+        } else {
+            return Err(Status::failed_precondition(format!(
+                "job {old_id} left no checkpoint at {} (it stopped before its first one; see training.checkpoint_every)",
+                own.display()
+            )));
         };
-        self.inner.store.put_job(&job).map_err(store_status)?;
-        st.jobs.insert(job_id.clone(), job);
-        let line = format!("job queued: {} worker(s)", spec.cluster.workers);
+        spec.training.resume_from = Some(checkpoint.clone());
+        let job_id = self.enqueue(&mut st, spec)?;
+        let line = format!("resumes job {old_id} from {}", checkpoint.display());
         self.append_log(&mut st, &job_id, -1, "state", vec![line]);
-        self.schedule(&mut st);
         Ok(Response::new(pb::SubmitJobResponse { job_id }))
     }
 

@@ -10,6 +10,9 @@ pub mod error;
 pub mod spec;
 
 pub use error::SpecError;
+
+/// The checkpoint's file name in a job's output folder (next to `summary.json`).
+pub const CHECKPOINT_FILE: &str = "checkpoint.bin";
 pub use spec::{
     Backend, ClusterSpec, DatasetSpec, JobSpec, ModelKind, Optimizer, Policy, SchedulingSpec, SplitKind, Strategy,
     TaskSpec, TrainingSpec,

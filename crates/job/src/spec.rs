@@ -6,7 +6,7 @@
 //! [dataset]   kind = "fashion-mnist", path = "…", train_limit, test_limit, split,
 //!             exchange_fraction, rebalance
 //! [training]  epochs, global_batch_size, optimizer, learning_rate, loss, seed,
-//!             strategy, sync_every, staleness, checkpoint_every
+//!             strategy, sync_every, staleness, checkpoint_every, resume_from
 //! [cluster]   workers, backend, threads_per_worker, device, memory_per_worker_mb
 //! [scheduling] priority, after, policy
 //! [output]    dir
@@ -117,6 +117,9 @@ pub struct TrainingSpec {
     /// Checkpoint every N epochs (0: never).
     #[serde(default = "one")]
     pub checkpoint_every: usize,
+    /// Start from this checkpoint (written by an earlier run) instead of from scratch.
+    #[serde(default)]
+    pub resume_from: Option<PathBuf>,
 }
 
 fn one() -> usize {
@@ -299,6 +302,7 @@ const TRAINING: &[&str] = &[
     "sync_every",
     "staleness",
     "checkpoint_every",
+    "resume_from",
 ];
 const CLUSTER: &[&str] = &[
     "workers",
@@ -408,6 +412,7 @@ impl JobSpec {
         let training = TrainingSpec {
             strategy,
             checkpoint_every: tr.int("checkpoint_every", 0, 100_000)?.unwrap_or(1),
+            resume_from: tr.string("resume_from")?.map(PathBuf::from),
             epochs: tr.int("epochs", 1, 100_000)?.unwrap_or(1),
             global_batch_size: tr.int("global_batch_size", 1, 1 << 20)?.unwrap_or(128),
             optimizer,
@@ -555,6 +560,9 @@ impl JobSpec {
         };
         resolve(&mut self.dataset.path);
         resolve(&mut self.output_dir);
+        if let Some(r) = &mut self.training.resume_from {
+            resolve(r);
+        }
         if let Some(task) = &mut self.task {
             resolve(&mut task.program);
         }

@@ -8,6 +8,7 @@
 //! - [`optim`]: the optimiser, run by Hetero on flat buffers (so its state can be
 //!   checkpointed, handed over and held by a parameter server);
 //! - [`membership`]: how a run regroups when a worker is lost;
+//! - [`checkpoint`]: the training state in one self-checking file;
 //! - [`param_server`]: the parameter server's aggregation (synchronous or with
 //!   bounded staleness);
 //! - [`trainer`]: one data-parallel step and the epoch loop, with progress events;
@@ -16,6 +17,7 @@
 //! **Invariant:** this crate never talks to the control plane; it sees only a
 //! [`hetero_comm::Ring`] and reports through a callback.
 
+pub mod checkpoint;
 pub mod error;
 pub mod image_task;
 pub mod membership;

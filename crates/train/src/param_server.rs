@@ -23,7 +23,7 @@ use std::thread;
 use hetero_comm::server::{Channel, Op};
 
 use crate::TrainError;
-use crate::optim::{FlatOptimizer, OptimizerConfig};
+use crate::optim::{FlatOptimizer, OptimizerConfig, OptimizerState};
 
 /// How the server aggregates.
 #[derive(Debug, Clone, Copy)]
@@ -225,13 +225,23 @@ impl Shared {
     }
 }
 
-/// Serves `channels` (one per client) with the global model `params` until every
-/// client has said goodbye.
-pub fn serve(channels: Vec<(u32, Channel)>, params: Vec<f32>, options: ServerOptions) -> Result<ServerReport, TrainError> {
+/// Serves `channels` (one per client) with the global model `params` (and the
+/// optimiser continuing from `state`, when resuming) until every client has said
+/// goodbye.
+pub fn serve(
+    channels: Vec<(u32, Channel)>,
+    params: Vec<f32>,
+    state: Option<OptimizerState>,
+    options: ServerOptions,
+) -> Result<ServerReport, TrainError> {
     let clients = channels.len();
+    let mut optimizer = FlatOptimizer::new(options.optimizer, params.len());
+    if let Some(state) = state {
+        optimizer.restore(state).map_err(TrainError::Config)?;
+    }
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
-            optimizer: FlatOptimizer::new(options.optimizer, params.len()),
+            optimizer,
             params,
             push: Round::new(),
             sum: Round::new(),
@@ -295,7 +305,7 @@ mod tests {
                     learning_rate: 0.5,
                 },
             };
-            serve(channels, params, options)
+            serve(channels, params, None, options)
         });
         (addr, handle)
     }

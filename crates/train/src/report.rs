@@ -55,6 +55,13 @@ pub enum Event {
         /// Each survivor's new share of the work.
         shares: Vec<f64>,
     },
+    /// The training state after `epoch` epochs was saved to `path`.
+    Checkpointed {
+        /// Epochs done.
+        epoch: usize,
+        /// The checkpoint file.
+        path: String,
+    },
     /// The run finished; only rank 0 carries the summary.
     Done {
         /// The summary.
@@ -91,6 +98,9 @@ pub struct RunSummary {
     /// Times the split was adjusted to measured throughput.
     #[serde(default)]
     pub rebalances: usize,
+    /// The epoch this run resumed at from a checkpoint (absent: from scratch).
+    #[serde(default)]
+    pub resumed_at_epoch: Option<usize>,
     /// Backend the workers ran on.
     pub backend: String,
     /// Epochs trained.

@@ -25,6 +25,7 @@
 //! adopt the most advanced survivor's model, optimiser and position, share out the
 //! lost workers' remaining samples, and go on ([`Event::Migrated`]).
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use burn::prelude::*;
@@ -36,6 +37,7 @@ use hetero_data::assign::Assignment;
 use hetero_data::shard::{self, Split};
 use hetero_job::Strategy;
 
+use crate::checkpoint::Checkpoint;
 use crate::membership::{FixedMembership, Membership};
 use crate::optim::{FlatOptimizer, OptimizerConfig};
 use crate::params;
@@ -72,6 +74,12 @@ pub struct TrainOptions {
     pub exchange_fraction: f64,
     /// Re-split between epochs when measured throughput drifts from the split.
     pub rebalance: bool,
+    /// Where the lowest-ranked worker saves checkpoints (`None`: nowhere).
+    pub checkpoint: Option<PathBuf>,
+    /// Save a checkpoint every N epochs (and after the last; 0: never).
+    pub checkpoint_every: usize,
+    /// Start from this checkpoint.
+    pub resume: Option<PathBuf>,
 }
 
 /// Relative drift of measured throughput from the split that triggers a rebalance.
@@ -104,6 +112,9 @@ impl TrainOptions {
             strategy: Strategy::Allreduce,
             exchange_fraction: 0.0,
             rebalance: false,
+            checkpoint: None,
+            checkpoint_every: 1,
+            resume: None,
         }
     }
 
@@ -171,6 +182,8 @@ pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
     comm: Duration,
     lost: Vec<usize>,
     rebalances: usize,
+    /// Where a resumed run starts, and the epochs before it.
+    resumed: Option<(usize, Vec<EpochRecord>)>,
 }
 
 impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
@@ -231,6 +244,35 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         }
         let model = if reload { params::load(model, &flat) } else { model };
         let comm = started.elapsed();
+        let mut optimizer = FlatOptimizer::new(options.optimizer, flat.len());
+        let mut resumed = None;
+        if let Some(path) = &options.resume {
+            // Every worker reads the checkpoint itself, so a damaged one fails every
+            // worker with the same message before any of them trains.
+            let c = Checkpoint::load(path)?;
+            if c.params.len() != flat.len() {
+                return Err(TrainError::Config(format!(
+                    "checkpoint {} holds {} parameters; this job's model has {}",
+                    path.display(),
+                    c.params.len(),
+                    flat.len()
+                )));
+            }
+            if matches!(topology, Topology::Ring) {
+                flat = c.params;
+                if let Some(state) = c.optimizer
+                    && state.moment_1.len() == optimizer.state().moment_1.len()
+                {
+                    optimizer.restore(state).map_err(TrainError::Config)?;
+                }
+            }
+            resumed = Some((c.epoch, c.history));
+        }
+        let model = if resumed.is_some() && matches!(topology, Topology::Ring) {
+            params::load(model, &flat)
+        } else {
+            model
+        };
         let rank = match &topology {
             Topology::Ring => ring.rank(),
             Topology::Server { rank, .. } => *rank,
@@ -238,7 +280,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         Ok(Trainer {
             task,
             model: Some(model),
-            optimizer: FlatOptimizer::new(options.optimizer, flat.len()),
+            optimizer,
             params: flat,
             members: (0..world).collect(),
             rank,
@@ -254,6 +296,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             comm,
             lost: vec![],
             rebalances: 0,
+            resumed,
         })
     }
 
@@ -558,12 +601,14 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 o.global_batch
             )));
         }
+        let (first_epoch, mut history) = self.resumed.clone().unwrap_or_default();
         let mut progress = Progress {
-            epoch: 0,
+            epoch: first_epoch,
             assignment: Assignment::new(len, &split, o.global_batch, o.seed),
         };
+        // A resumed run's clock goes on from where the checkpointed run stopped.
+        let earlier = history.last().map_or(0.0, |h: &EpochRecord| h.elapsed_secs);
         let started = Instant::now();
-        let mut history = Vec::new();
         let mut last_event = Instant::now() - o.event_interval;
         let mut last_eval = None;
         let mut losses = Vec::new();
@@ -641,7 +686,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             } / step.max(1) as f64;
             let test_accuracy = eval.map(|e| e.correct / e.count.max(1.0));
             let test_loss = eval.map(|e| e.loss_sum / e.count.max(1.0));
-            let elapsed_secs = started.elapsed().as_secs_f64();
+            let elapsed_secs = earlier + started.elapsed().as_secs_f64();
             on_event(Event::Epoch {
                 epoch,
                 train_loss,
@@ -657,6 +702,23 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             });
             last_eval = eval;
             progress.epoch += 1;
+            let due = o.checkpoint_every > 0 && (progress.epoch % o.checkpoint_every == 0 || progress.epoch == o.epochs);
+            if let Some(path) = o.checkpoint.as_ref().filter(|_| due && self.rank == 0) {
+                Checkpoint {
+                    epoch: progress.epoch,
+                    params: self.params.clone(),
+                    // With a parameter server the optimiser lives there.
+                    optimizer: matches!(self.topology, Topology::Ring).then(|| self.optimizer.state().clone()),
+                    strategy: o.strategy.name().into(),
+                    workers: self.world(),
+                    history: history.clone(),
+                }
+                .save(path)?;
+                on_event(Event::Checkpointed {
+                    epoch: progress.epoch,
+                    path: path.display().to_string(),
+                });
+            }
             if progress.epoch < o.epochs {
                 let rate = (self.samples - epoch_samples) as f64 / (self.compute - epoch_compute).as_secs_f64().max(1e-9);
                 if o.rebalance && self.world() > 1 {
@@ -686,6 +748,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             strategy: o.strategy.name().into(),
             lost_workers: self.lost.clone(),
             rebalances: self.rebalances,
+            resumed_at_epoch: self.resumed.as_ref().map(|(e, _)| *e),
             backend: o.backend.clone(),
             epochs: o.epochs,
             global_batch_size: o.global_batch,
@@ -1153,7 +1216,7 @@ mod tests {
                     learning_rate: 1e-2,
                 },
             };
-            crate::param_server::serve(channels, initial, options)
+            crate::param_server::serve(channels, initial, None, options)
         });
         (addr, handle)
     }
@@ -1258,5 +1321,53 @@ mod tests {
         let s = &summaries[0];
         assert!(s.last_epoch_loss < s.first_epoch_loss, "{s:?}");
         assert_eq!(summaries[0].test_accuracy, summaries[1].test_accuracy, "evaluation is global");
+    }
+
+    /// Stopping after a checkpoint and resuming from it ends exactly where an
+    /// uninterrupted run ends: parameters, Adam's moments and the data order all
+    /// carry over.
+    #[test]
+    fn resuming_from_a_checkpoint_continues_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("checkpoint.bin");
+        let task = || {
+            ImageTask::<B, _>::new(synthetic(200, 3), synthetic(50, 4), |d| {
+                MlpConfig::new().with_hidden(16).init(d)
+            })
+        };
+        let options = |epochs: usize| {
+            let mut o = TrainOptions::new(epochs, 20, 9).with_optimizer(Optimizer::Adam, 1e-2);
+            o.checkpoint = Some(path.clone());
+            o
+        };
+        let mut straight = Trainer::new(task(), Default::default(), ring_of(1).pop().unwrap(), options(3)).unwrap();
+        let whole = straight.run(&mut |_| {}).unwrap();
+        let expected = straight.parameters();
+
+        let mut first = Trainer::new(task(), Default::default(), ring_of(1).pop().unwrap(), options(2)).unwrap();
+        let mut saved = vec![];
+        first
+            .run(&mut |e| {
+                if let Event::Checkpointed { epoch, .. } = e {
+                    saved.push(epoch)
+                }
+            })
+            .unwrap();
+        assert_eq!(saved, vec![1, 2]);
+        let mut again = options(3);
+        again.resume = Some(path.clone());
+        let mut second = Trainer::new(task(), Default::default(), ring_of(1).pop().unwrap(), again).unwrap();
+        let resumed = second.run(&mut |_| {}).unwrap();
+        assert_eq!(second.parameters(), expected);
+        assert_eq!(resumed.resumed_at_epoch, Some(2));
+        assert_eq!(resumed.history.len(), 3);
+        assert_eq!(resumed.test_accuracy, whole.test_accuracy);
+
+        // A checkpoint of another model is refused with both sizes named.
+        let mut wrong = TrainOptions::new(3, 20, 9);
+        wrong.resume = Some(path.clone());
+        let other = ImageTask::<B, _>::new(synthetic(200, 3), synthetic(50, 4), |d| MlpConfig::new().with_hidden(8).init(d));
+        let err = Trainer::new(other, Default::default(), ring_of(1).pop().unwrap(), wrong).err().unwrap();
+        assert!(err.to_string().contains("this job's model has"), "{err}");
     }
 }

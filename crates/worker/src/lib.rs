@@ -27,7 +27,8 @@ use std::process::ExitCode;
 use hetero_cluster::agent::EVENT_PREFIX;
 use hetero_comm::server::{ServerClient, accept_clients};
 use hetero_comm::{Ring, RingConfig};
-use hetero_job::Strategy;
+use hetero_job::{CHECKPOINT_FILE, Strategy};
+use hetero_train::checkpoint::Checkpoint;
 use hetero_train::param_server::ServerOptions;
 use hetero_train::trainer::Topology;
 use hetero_train::{Event, OptimizerConfig, Task, TaskContext, TrainOptions, Trainer};
@@ -126,6 +127,12 @@ where
     options.strategy = spec.training.strategy;
     options.exchange_fraction = spec.dataset.exchange_fraction;
     options.rebalance = spec.dataset.rebalance;
+    options.checkpoint = Some(setup.output_dir.join(CHECKPOINT_FILE));
+    options.checkpoint_every = spec.training.checkpoint_every;
+    options.resume = spec.training.resume_from.clone();
+    if let Some(path) = &options.resume {
+        eprintln!("resuming from {}", path.display());
+    }
     if !options.weights.is_empty() {
         eprintln!("weighted split: shares {:?}", options.weights);
     }
@@ -263,7 +270,22 @@ fn serve_parameters<T: Task<SystemBackend>>(
     use burn::tensor::backend::Backend;
     let spec = &setup.spec;
     SystemBackend::seed(device, spec.training.seed);
-    let params = hetero_train::params::flatten(&task.model(device));
+    let mut params = hetero_train::params::flatten(&task.model(device));
+    let mut state = None;
+    if let Some(path) = &spec.training.resume_from {
+        let c = Checkpoint::load(path)?;
+        if c.params.len() != params.len() {
+            return Err(WorkerError::Setup(format!(
+                "checkpoint {} holds {} parameters; this job's model has {}",
+                path.display(),
+                c.params.len(),
+                params.len()
+            )));
+        }
+        eprintln!("parameter server resumes from {} (epoch {})", path.display(), c.epoch);
+        params = c.params;
+        state = c.optimizer.filter(|o| o.moment_1.len() == params.len() || o.moment_1.is_empty());
+    }
     let mut groups = aggregation_groups(setup);
     groups.sort();
     groups.dedup();
@@ -285,7 +307,7 @@ fn serve_parameters<T: Task<SystemBackend>>(
             learning_rate: spec.training.learning_rate,
         },
     };
-    let report = hetero_train::param_server::serve(channels, params, options)?;
+    let report = hetero_train::param_server::serve(channels, params, state, options)?;
     eprintln!(
         "parameter server done: {} optimiser steps from {} pushes (widest lead {})",
         report.steps, report.pushes, report.widest_gap
