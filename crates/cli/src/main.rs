@@ -4,6 +4,7 @@
 //! chain and turn into a non-zero exit status.
 
 mod bench;
+mod bench_hetero;
 mod bench_scheduler;
 mod client_cmds;
 mod data_cmd;

@@ -33,4 +33,4 @@ pub use report::{Event, RunSummary, WorkerFigures};
 pub use task::{Evaluation, Task, TaskContext};
 pub use membership::{FixedMembership, Membership, Regroup};
 pub use optim::{FlatOptimizer, OptimizerConfig, OptimizerState};
-pub use trainer::{TrainOptions, Trainer, throttle_delay, train};
+pub use trainer::{Throttle, TrainOptions, Trainer, compute_threads, train};

@@ -63,8 +63,9 @@ pub struct TrainOptions {
     pub event_interval: Duration,
     /// Each worker's share of the work (its compute score); empty: an even split.
     pub weights: Vec<f64>,
-    /// Speed cap in (0, 1]: after computing, a worker idles so that its compute takes
-    /// `1 / speed` times as long — a documented knob to emulate a slower device.
+    /// Speed cap in (0, 1]: after computing, a worker idles so that its steps take
+    /// `1 / speed` times as long — a documented knob to emulate a slower device
+    /// (see [`Throttle`]).
     pub speed: f64,
     /// The optimiser.
     pub optimizer: OptimizerConfig,
@@ -83,14 +84,60 @@ pub struct TrainOptions {
 }
 
 /// Relative drift of measured throughput from the split that triggers a rebalance.
-pub const REBALANCE_DRIFT: f64 = 0.10;
+pub const REBALANCE_DRIFT: f64 = 0.05;
 
-/// How long to idle after `compute` to run at `speed` of full speed.
-pub fn throttle_delay(compute: Duration, speed: f64) -> Duration {
-    if speed >= 1.0 || speed <= 0.0 || !speed.is_finite() {
-        return Duration::ZERO;
+/// Emulates a device `speed` times as fast as this machine: after each step's
+/// compute the worker idles until the step has taken `1 / speed` times the work it
+/// needed. The work is the process's CPU time spread over its threads (capped by
+/// the wall time), so time spent waiting for a core that other workers on the same
+/// machine hold is not stretched as if the device were slow at it; and it is a
+/// running mean per sample, so a hiccup of the host (a page fault) delays the step
+/// by its own length, as it would delay the slower device, instead of `1 / speed`
+/// times its length.
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    speed: f64,
+    threads: f64,
+    per_sample: Option<f64>,
+}
+
+impl Throttle {
+    /// A throttle to `speed` in (0, 1] for a worker computing on `threads` threads;
+    /// other speeds never idle.
+    pub fn new(speed: f64, threads: usize) -> Throttle {
+        Throttle {
+            speed,
+            threads: threads.max(1) as f64,
+            per_sample: None,
+        }
     }
-    compute.mul_f64(1.0 / speed - 1.0)
+
+    /// How long to idle after a step that has taken `wall` so far and `cpu` of the
+    /// process's CPU time for `samples` samples.
+    pub fn delay(&mut self, wall: Duration, cpu: Duration, samples: usize) -> Duration {
+        if !(self.speed > 0.0 && self.speed < 1.0) || samples == 0 {
+            return Duration::ZERO;
+        }
+        let work = wall.as_secs_f64().min(cpu.as_secs_f64() / self.threads);
+        let now = work / samples as f64;
+        let typical = match self.per_sample {
+            None => now,
+            Some(mean) => 0.8 * mean + 0.2 * now,
+        };
+        self.per_sample = Some(typical);
+        let target = typical * samples as f64 / self.speed;
+        Duration::from_secs_f64((target - wall.as_secs_f64()).max(0.0))
+    }
+}
+
+/// Threads a worker computes on: `RAYON_NUM_THREADS` (set by its agent), else the
+/// machine's cores.
+pub fn compute_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n: &usize| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 impl TrainOptions {
@@ -177,6 +224,7 @@ pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
     device: B::Device,
     options: TrainOptions,
     local_steps: usize,
+    throttle: Throttle,
     samples: u64,
     compute: Duration,
     comm: Duration,
@@ -273,6 +321,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         } else {
             model
         };
+        let throttle = Throttle::new(options.speed, compute_threads());
         let rank = match &topology {
             Topology::Ring => ring.rank(),
             Topology::Server { rank, .. } => *rank,
@@ -281,6 +330,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             task,
             model: Some(model),
             optimizer,
+            throttle,
             params: flat,
             members: (0..world).collect(),
             rank,
@@ -366,6 +416,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// averages: the local batch's).
     pub fn step(&mut self, indices: &[usize], global: usize) -> Result<f32, TrainError> {
         let started = Instant::now();
+        let cpu = cpu_time::ProcessTime::now();
         let weight = indices.len() as f32 / global.max(1) as f32;
         let mut comm = Duration::ZERO;
         let loss = match self.options.strategy {
@@ -375,7 +426,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                     self.optimizer.step(&mut self.params, &grads);
                 }
                 self.local_steps += 1;
-                std::thread::sleep(throttle_delay(started.elapsed(), self.options.speed));
+                std::thread::sleep(self.throttle.delay(started.elapsed(), cpu.elapsed(), indices.len()));
                 if self.local_steps.is_multiple_of(sync_every) {
                     let reduce = Instant::now();
                     let global_loss = self.average_models(weight, local_loss * weight)?;
@@ -389,7 +440,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             Strategy::ParameterServer { .. } | Strategy::Hierarchical => {
                 let (mut flat, local_loss) = self.local_gradients(indices, weight);
                 flat.push(local_loss * weight);
-                std::thread::sleep(throttle_delay(started.elapsed(), self.options.speed));
+                std::thread::sleep(self.throttle.delay(started.elapsed(), cpu.elapsed(), indices.len()));
                 let reduce = Instant::now();
                 self.ring().allreduce_sum(&mut flat)?;
                 if let Topology::Server { client: Some(c), .. } = &mut self.topology {
@@ -412,7 +463,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             Strategy::Allreduce => {
                 let (mut flat, local_loss) = self.local_gradients(indices, weight);
                 flat.push(local_loss * weight);
-                std::thread::sleep(throttle_delay(started.elapsed(), self.options.speed));
+                std::thread::sleep(self.throttle.delay(started.elapsed(), cpu.elapsed(), indices.len()));
                 let reduce = Instant::now();
                 self.ring().allreduce_sum(&mut flat)?;
                 comm = reduce.elapsed();
@@ -969,11 +1020,20 @@ mod tests {
 
     #[test]
     fn throttle_stretches_compute_to_the_speed_cap() {
-        let c = Duration::from_millis(100);
-        assert_eq!(throttle_delay(c, 1.0), Duration::ZERO);
-        assert_eq!(throttle_delay(c, 0.5), Duration::from_millis(100));
-        assert_eq!(throttle_delay(c, 0.25), Duration::from_millis(300));
-        assert_eq!(throttle_delay(c, 0.0), Duration::ZERO);
+        let ms = Duration::from_millis;
+        let close = |d: Duration, secs: f64| (d.as_secs_f64() - secs).abs() < 1e-6;
+        assert_eq!(Throttle::new(1.0, 1).delay(ms(100), ms(100), 10), Duration::ZERO);
+        assert_eq!(Throttle::new(0.0, 1).delay(ms(100), ms(100), 10), Duration::ZERO);
+        assert!(close(Throttle::new(0.5, 1).delay(ms(100), ms(100), 10), 0.1));
+        let mut quarter = Throttle::new(0.25, 1);
+        assert!(close(quarter.delay(ms(100), ms(100), 10), 0.3));
+        // A 50 ms hiccup is not stretched fourfold: the typical work moves a fifth.
+        assert!(close(quarter.delay(ms(150), ms(150), 10), 0.44 - 0.15));
+        // Waiting for a core (wall > CPU time) is not work: 60 ms of CPU in 100 ms.
+        let mut half = Throttle::new(0.5, 1);
+        assert!(close(half.delay(ms(100), ms(60), 10), 0.02));
+        // Two threads: CPU time counts half.
+        assert!(close(Throttle::new(0.5, 2).delay(ms(100), ms(200), 10), 0.1));
     }
 
     #[test]
