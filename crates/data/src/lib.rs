@@ -3,6 +3,8 @@
 //! - [`idx`] reads the IDX format (gzip or raw) with every length checked, so a
 //!   truncated or foreign file is an error naming the file, never a panic;
 //! - [`mnist`] turns the four Fashion-MNIST IDX files into an image dataset;
+//! - [`csv`] and [`folder`] read images from CSV files and from class folders;
+//! - [`preprocess`] resizes, normalises and augments images;
 //! - [`shard`] decides which sample indices each worker owns and in what order it
 //!   visits them, deterministically from a seed;
 //! - [`assign`] follows the split through training: steps, neighbour exchange,
@@ -12,9 +14,12 @@
 //! them into tensors is the model's business.
 
 pub mod assign;
+pub mod csv;
 pub mod error;
+pub mod folder;
 pub mod idx;
 pub mod mnist;
+pub mod preprocess;
 pub mod shard;
 
 pub use error::DataError;

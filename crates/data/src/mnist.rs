@@ -32,7 +32,7 @@ pub const FASHION_MNIST_HINT: &str = " (get it with `hetero data fetch fashion-m
     or pass `--from DIR` with train-/t10k- images and labels IDX files)";
 
 /// Grey-scale images with one class label each.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ImageDataset {
     /// Pixels, `len × rows × cols`, row-major.
     pub pixels: Vec<u8>,
