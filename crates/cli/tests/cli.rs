@@ -593,3 +593,70 @@ fn a_cancelled_job_resumes_from_its_checkpoint() {
     assert!(!out.status.success());
     assert!(text(&out).contains("only a failed or cancelled job can be resumed"), "{}", text(&out));
 }
+
+/// The committed subset, exported as a user might have it: CSV files, and PNG
+/// class folders of 32×32 images.
+fn export_subset(dir: &Path, train_n: usize, test_n: usize) {
+    use hetero_data::ImageDataset;
+    use hetero_data::mnist::Split;
+    for (split, n, name) in [(Split::Train, train_n, "train"), (Split::Test, test_n, "test")] {
+        let mut d = ImageDataset::load(&subset(), split).unwrap();
+        d.truncate(n);
+        let header: Vec<String> = (0..784).map(|i| format!("pixel{i}")).collect();
+        let mut csv = format!("label,{}\n", header.join(","));
+        for i in 0..d.len() {
+            let row: Vec<String> = d.image(i).iter().map(|p| p.to_string()).collect();
+            csv.push_str(&format!("{},{}\n", d.labels[i], row.join(",")));
+            let big = hetero_data::preprocess::resize_image(d.image(i), 28, 28, 32, 32);
+            let path = dir.join(format!("folders/{name}/class-{}/{i}.png", d.labels[i]));
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            image::GrayImage::from_raw(32, 32, big).unwrap().save(&path).unwrap();
+        }
+        std::fs::create_dir_all(dir.join("csv")).unwrap();
+        std::fs::write(dir.join(format!("csv/{name}.csv")), csv).unwrap();
+    }
+}
+
+#[test]
+fn csv_files_and_image_folders_train_with_preprocessing() {
+    let dir = tempfile::tempdir().unwrap();
+    export_subset(dir.path(), 1500, 300);
+    for (kind, path, preprocess) in [
+        ("csv", "csv", "crop_padding = 2\nhorizontal_flip = true\nnoise_std = 0.05"),
+        ("image-folder", "folders", "resize = [28, 28]\nnormalize = \"dataset\""),
+    ] {
+        let spec = write_spec(
+            dir.path(),
+            &format!(
+                "name = \"{kind}\"\n[model]\nkind = \"mlp\"\n[dataset]\nkind = \"{kind}\"\npath = \"{}\"\n\
+                 [preprocess]\n{preprocess}\n[training]\nepochs = 2\nglobal_batch_size = 30\n[cluster]\nworkers = 2\n\
+                 [output]\ndir = \"runs-{kind}\"\n",
+                dir.path().join(path).display()
+            ),
+        );
+        let out = hetero().arg("local").arg(&spec).output().unwrap();
+        let log = text(&out);
+        assert!(out.status.success(), "{kind}: {log}");
+        let summary: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.path().join(format!("runs-{kind}/job-000001/summary.json"))).unwrap(),
+        )
+        .unwrap();
+        assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{kind}: {summary}");
+        assert!(
+            summary["last_epoch_loss"].as_f64().unwrap() < summary["first_epoch_loss"].as_f64().unwrap(),
+            "{kind}: {summary}"
+        );
+    }
+    // A CSV file with a broken row fails the job and says where.
+    std::fs::write(dir.path().join("csv/train.csv"), "label,a\n1,2\n3,x\n").unwrap();
+    let spec = write_spec(
+        dir.path(),
+        &format!(
+            "[dataset]\nkind = \"csv\"\npath = \"{}\"\nimage_shape = [1, 1]\n[model]\nkind = \"mlp\"\n[output]\ndir = \"runs-bad\"\n",
+            dir.path().join("csv").display()
+        ),
+    );
+    let out = hetero().arg("local").arg(&spec).output().unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out).contains("train.csv is not a valid CSV file: line 3, column \"a\": \"x\" is not a number"), "{}", text(&out));
+}

@@ -14,6 +14,7 @@ pub use error::SpecError;
 /// The checkpoint's file name in a job's output folder (next to `summary.json`).
 pub const CHECKPOINT_FILE: &str = "checkpoint.bin";
 pub use spec::{
-    Backend, ClusterSpec, DatasetSpec, JobSpec, ModelKind, Optimizer, Policy, SchedulingSpec, SplitKind, Strategy,
+    Backend, ClusterSpec, DATASET_KINDS, DatasetSpec, JobSpec, ModelKind, NormalizeSpec, Optimizer, Policy,
+    PreprocessSpec, SchedulingSpec, SplitKind, Strategy,
     TaskSpec, TrainingSpec,
 };

@@ -3,8 +3,10 @@
 //! ```toml
 //! name = "fashion-mnist"
 //! [model]     kind = "cnn"                       # cnn | mlp | custom
-//! [dataset]   kind = "fashion-mnist", path = "…", train_limit, test_limit, split,
-//!             exchange_fraction, rebalance
+//! [dataset]   kind = "fashion-mnist" | "idx" | "csv" | "image-folder", path = "…",
+//!             train_limit, test_limit, split, exchange_fraction, rebalance,
+//!             label_column, train_file, test_file, image_shape
+//! [preprocess] resize, normalize, crop_padding, horizontal_flip, noise_std
 //! [training]  epochs, global_batch_size, optimizer, learning_rate, loss, seed,
 //!             strategy, sync_every, staleness, checkpoint_every, resume_from
 //! [cluster]   workers, backend, threads_per_worker, device, memory_per_worker_mb
@@ -40,6 +42,43 @@ pub struct JobSpec {
     pub scheduling: SchedulingSpec,
     /// A user's own training program, when `model = custom`.
     pub task: Option<TaskSpec>,
+    /// How images are prepared.
+    #[serde(default)]
+    pub preprocess: PreprocessSpec,
+}
+
+/// Image preprocessing: at load time (resize), per sample (normalise) and per
+/// training sample (augmentations).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct PreprocessSpec {
+    /// Resize every image to `(rows, cols)`.
+    pub resize: Option<(usize, usize)>,
+    /// How pixel values are normalised.
+    pub normalize: NormalizeSpec,
+    /// Random shifts of up to ± this many pixels (pad and crop).
+    pub crop_padding: usize,
+    /// Random left–right mirroring.
+    pub horizontal_flip: bool,
+    /// Gaussian noise of this standard deviation on the normalised input.
+    pub noise_std: f64,
+}
+
+/// How pixel values `p` become inputs: `(p / 255 − mean) / std`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", tag = "kind")]
+pub enum NormalizeSpec {
+    /// Mean and standard deviation measured on the training set.
+    #[default]
+    Dataset,
+    /// `p / 255` as it is.
+    None,
+    /// Given values.
+    Fixed {
+        /// Mean of `p / 255`.
+        mean: f64,
+        /// Standard deviation of `p / 255`.
+        std: f64,
+    },
 }
 
 /// Built-in models, or a user's own.
@@ -74,6 +113,22 @@ pub struct DatasetSpec {
     /// Re-split at epoch boundaries when measured throughput drifts from the split.
     #[serde(default)]
     pub rebalance: bool,
+    /// CSV: the column holding the labels.
+    #[serde(default = "label")]
+    pub label_column: String,
+    /// CSV: the training file in `path` (default `train.csv`).
+    #[serde(default)]
+    pub train_file: Option<String>,
+    /// CSV: the test file in `path` (default `test.csv`; absent file: no test set).
+    #[serde(default)]
+    pub test_file: Option<String>,
+    /// CSV: the shape of the image a row's pixels make.
+    #[serde(default)]
+    pub image_shape: Option<(usize, usize)>,
+}
+
+fn label() -> String {
+    "label".into()
 }
 
 /// How a dataset is divided among workers.
@@ -280,6 +335,7 @@ const TOP: &[&str] = &[
     "output",
     "task",
     "scheduling",
+    "preprocess",
 ];
 const MODEL: &[&str] = &["kind"];
 const DATASET: &[&str] = &[
@@ -290,7 +346,14 @@ const DATASET: &[&str] = &[
     "split",
     "exchange_fraction",
     "rebalance",
+    "label_column",
+    "train_file",
+    "test_file",
+    "image_shape",
 ];
+const PREPROCESS: &[&str] = &["resize", "normalize", "crop_padding", "horizontal_flip", "noise_std"];
+/// Dataset formats a spec may name.
+pub const DATASET_KINDS: [&str; 4] = ["fashion-mnist", "idx", "csv", "image-folder"];
 const TRAINING: &[&str] = &[
     "epochs",
     "global_batch_size",
@@ -340,12 +403,18 @@ impl JobSpec {
 
         let ds = top.section("dataset", DATASET)?;
         let kind = ds.string("kind")?.unwrap_or_else(|| "fashion-mnist".into());
-        if kind != "fashion-mnist" {
-            return Err(ds.invalid("kind", &kind, "one of: fashion-mnist"));
+        if !DATASET_KINDS.contains(&kind.as_str()) {
+            return Err(ds.invalid("kind", &kind, &format!("one of: {}", DATASET_KINDS.join(", "))));
         }
         let path = ds
             .string("path")?
-            .ok_or_else(|| ds.missing("path", "folder with the IDX files"))?;
+            .ok_or_else(|| ds.missing("path", "folder with the dataset's files"))?;
+        let csv_only = ["label_column", "train_file", "test_file", "image_shape"];
+        if kind != "csv"
+            && let Some(k) = csv_only.iter().find(|k| ds.table.contains_key(**k))
+        {
+            return Err(ds.invalid(k, "…", "this key is only read with dataset.kind = \"csv\""));
+        }
         let split = match ds.string("split")?.as_deref() {
             Some("even") | None => SplitKind::Even,
             Some("weighted") => SplitKind::Weighted,
@@ -363,6 +432,39 @@ impl JobSpec {
             split,
             exchange_fraction,
             rebalance: ds.bool("rebalance")?.unwrap_or(split == SplitKind::Weighted),
+            label_column: ds.string("label_column")?.unwrap_or_else(label),
+            train_file: ds.string("train_file")?,
+            test_file: ds.string("test_file")?,
+            image_shape: ds.shape("image_shape")?,
+        };
+
+        let pp = top.section("preprocess", PREPROCESS)?;
+        let normalize = match pp.table.get("normalize") {
+            None => NormalizeSpec::Dataset,
+            Some(Value::String(s)) if s == "dataset" => NormalizeSpec::Dataset,
+            Some(Value::String(s)) if s == "none" => NormalizeSpec::None,
+            Some(Value::Array(a)) => match a.as_slice() {
+                [m, s] => match (m.as_float().or(m.as_integer().map(|i| i as f64)), s.as_float()) {
+                    (Some(mean), Some(std)) if std > 0.0 && mean.is_finite() => NormalizeSpec::Fixed { mean, std },
+                    _ => return Err(pp.invalid("normalize", "…", "[mean, std] with std > 0")),
+                },
+                _ => return Err(pp.invalid("normalize", "…", "[mean, std] with std > 0")),
+            },
+            Some(Value::String(s)) => {
+                return Err(pp.invalid("normalize", s, "\"dataset\", \"none\" or [mean, std]"));
+            }
+            Some(v) => return Err(pp.wrong_type("normalize", "\"dataset\", \"none\" or [mean, std]", v)),
+        };
+        let noise_std = pp.float("noise_std")?.unwrap_or(0.0);
+        if !(0.0..=10.0).contains(&noise_std) {
+            return Err(pp.invalid("noise_std", &noise_std.to_string(), "a number from 0 to 10"));
+        }
+        let preprocess = PreprocessSpec {
+            resize: pp.shape("resize")?,
+            normalize,
+            crop_padding: pp.int("crop_padding", 0, 64)?.unwrap_or(0),
+            horizontal_flip: pp.bool("horizontal_flip")?.unwrap_or(false),
+            noise_std,
         };
 
         let tr = top.section("training", TRAINING)?;
@@ -537,6 +639,7 @@ impl JobSpec {
             output_dir,
             scheduling,
             task,
+            preprocess,
         })
     }
 
@@ -695,6 +798,21 @@ impl<'a> Section<'a> {
                 }),
             },
             Some(v) => Err(self.wrong_type(k, "an integer", v)),
+        }
+    }
+
+    /// `[rows, cols]`, each from 1 to 4096.
+    fn shape(&self, k: &str) -> Result<Option<(usize, usize)>, SpecError> {
+        let expected = "[rows, cols] (integers from 1 to 4096)";
+        match self.table.get(k) {
+            None => Ok(None),
+            Some(Value::Array(a)) => match a.as_slice() {
+                [Value::Integer(r), Value::Integer(c)] if (1..=4096).contains(r) && (1..=4096).contains(c) => {
+                    Ok(Some((*r as usize, *c as usize)))
+                }
+                _ => Err(self.invalid(k, &Value::Array(a.clone()).to_string(), expected)),
+            },
+            Some(v) => Err(self.wrong_type(k, expected, v)),
         }
     }
 
@@ -908,5 +1026,34 @@ workers = 3
         assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "dataset.exchange_fraction"));
         let err = edit("[dataset]", "[dataset]\nrebalance = \"yes\"").unwrap_err();
         assert!(matches!(err, SpecError::WrongType { key, .. } if key == "dataset.rebalance"));
+    }
+
+    #[test]
+    fn datasets_and_preprocessing() {
+        let s = edit("[dataset]", "[dataset]\nkind = \"csv\"\nlabel_column = \"y\"\nimage_shape = [28, 28]").unwrap();
+        assert_eq!((s.dataset.kind.as_str(), s.dataset.label_column.as_str()), ("csv", "y"));
+        assert_eq!(s.dataset.image_shape, Some((28, 28)));
+        let err = edit("[dataset]", "[dataset]\nlabel_column = \"y\"").unwrap_err();
+        assert!(err.to_string().contains("only read with dataset.kind = \"csv\""), "{err}");
+        let err = edit("[dataset]", "[dataset]\nkind = \"parquet\"").unwrap_err();
+        assert!(err.to_string().contains("image-folder"), "{err}");
+
+        let s = with("[preprocess]\nresize = [32, 32]\nnormalize = [0.5, 0.25]\ncrop_padding = 2\nhorizontal_flip = true\nnoise_std = 0.1").unwrap();
+        assert_eq!(s.preprocess.resize, Some((32, 32)));
+        assert_eq!(s.preprocess.normalize, NormalizeSpec::Fixed { mean: 0.5, std: 0.25 });
+        assert_eq!((s.preprocess.crop_padding, s.preprocess.horizontal_flip), (2, true));
+        assert_eq!(JobSpec::from_json(&s.to_json()).unwrap(), s);
+        assert_eq!(JobSpec::parse(GOOD).unwrap().preprocess, PreprocessSpec::default());
+        for (bad, key) in [
+            ("resize = [0, 28]", "preprocess.resize"),
+            ("resize = 28", "preprocess.resize"),
+            ("normalize = \"zscore\"", "preprocess.normalize"),
+            ("normalize = [0.5, 0]", "preprocess.normalize"),
+            ("noise_std = -1", "preprocess.noise_std"),
+            ("crop = 2", "preprocess.crop"),
+        ] {
+            let err = with(&format!("[preprocess]\n{bad}")).unwrap_err();
+            assert!(err.to_string().contains(key), "{bad}: {err}");
+        }
     }
 }

@@ -1,5 +1,9 @@
 //! The built-in task: an image classifier from `hetero-models` trained with
-//! cross-entropy on an [`ImageDataset`] (Fashion-MNIST).
+//! cross-entropy on an [`ImageDataset`] — Fashion-MNIST's IDX files, CSV files or
+//! class folders ([`load_images`]) — normalised, and augmented as the spec's
+//! `[preprocess]` section says.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use burn::module::AutodiffModule;
 use burn::nn::loss::CrossEntropyLossConfig;
@@ -8,14 +12,22 @@ use burn::tensor::TensorData;
 use burn::tensor::backend::AutodiffBackend;
 use hetero_data::ImageDataset;
 use hetero_data::mnist::Split;
-use hetero_job::JobSpec;
+use hetero_data::preprocess::{self, Augment, Normalize};
+use hetero_job::{JobSpec, NormalizeSpec};
 use hetero_models::Classifier;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 
 use crate::{Evaluation, Task, TrainError};
 
-/// Fashion-MNIST pixel mean and standard deviation (of x/255 over the training set).
-const MEAN: f32 = 0.2860;
-const STD: f32 = 0.3530;
+/// Fashion-MNIST's pixel mean and standard deviation (of p/255 over the training set).
+pub const FASHION_MNIST: Normalize = Normalize {
+    mean: 0.2860,
+    std: 0.3530,
+};
+
+/// Classes the built-in models tell apart.
+pub const CLASSES: usize = 10;
 
 /// Images and their labels, on the device.
 #[derive(Debug, Clone)]
@@ -26,13 +38,31 @@ pub struct ImageBatch<B: Backend> {
     pub labels: Tensor<B, 1, Int>,
 }
 
-/// Turns the images at `indices` into a normalised batch.
+/// Turns the images at `indices` into a batch normalised as Fashion-MNIST.
 pub fn image_batch<B: Backend>(data: &ImageDataset, indices: &[usize], device: &B::Device) -> ImageBatch<B> {
+    prepared_batch(data, indices, &FASHION_MNIST, None, device)
+}
+
+/// Turns the images at `indices` into a batch normalised by `normalize` and, when
+/// given, augmented with draws from the generator.
+pub fn prepared_batch<B: Backend>(
+    data: &ImageDataset,
+    indices: &[usize],
+    normalize: &Normalize,
+    mut augment: Option<(&Augment, &mut StdRng)>,
+    device: &B::Device,
+) -> ImageBatch<B> {
     let n = indices.len();
-    let mut pixels = Vec::with_capacity(n * data.rows * data.cols);
+    let size = data.rows * data.cols;
+    let mut pixels = Vec::with_capacity(n * size);
     let mut labels = Vec::with_capacity(n);
+    let background = normalize.apply(0);
     for &i in indices {
-        pixels.extend(data.image(i).iter().map(|&p| (p as f32 / 255.0 - MEAN) / STD));
+        let start = pixels.len();
+        pixels.extend(data.image(i).iter().map(|&p| normalize.apply(p)));
+        if let Some((a, rng)) = augment.as_mut() {
+            a.apply(&mut pixels[start..start + size], data.rows, data.cols, background, rng);
+        }
         labels.push(data.labels[i] as i64);
     }
     ImageBatch {
@@ -49,6 +79,11 @@ pub struct ImageTask<B: AutodiffBackend, M: AutodiffModule<B>> {
     train: ImageDataset,
     test: ImageDataset,
     init: ModelInit<B, M>,
+    normalize: Normalize,
+    augment: Augment,
+    seed: u64,
+    /// Training batches made so far (each draws fresh augmentations).
+    draws: AtomicU64,
 }
 
 impl<B, M> ImageTask<B, M>
@@ -66,30 +101,119 @@ where
             train,
             test,
             init: Box::new(init),
+            normalize: FASHION_MNIST,
+            augment: Augment::default(),
+            seed: 0,
+            draws: AtomicU64::new(0),
         }
     }
 
-    /// The task a job spec describes: loads its dataset (with the spec's limits).
+    /// This task with `normalize`, and `augment` applied to training samples with
+    /// draws seeded from `seed`.
+    pub fn with_preprocessing(mut self, normalize: Normalize, augment: Augment, seed: u64) -> Self {
+        self.normalize = normalize;
+        self.augment = augment;
+        self.seed = seed;
+        self
+    }
+
+    /// The task a job spec describes: loads its dataset (with the spec's limits) and
+    /// prepares images as its `[preprocess]` section says.
     pub fn from_spec(spec: &JobSpec, init: impl Fn(&B::Device) -> M + Send + 'static) -> Result<Self, TrainError> {
-        let dir = &spec.dataset.path;
-        let mut train = ImageDataset::load(dir, Split::Train)?;
-        let mut test = ImageDataset::load(dir, Split::Test)?;
-        if spec.dataset.train_limit > 0 {
-            train.truncate(spec.dataset.train_limit);
-        }
-        if spec.dataset.test_limit > 0 {
-            test.truncate(spec.dataset.test_limit);
-        }
-        if (train.rows, train.cols) != (28, 28) || (test.rows, test.cols) != (28, 28) {
+        let (train, test) = load_images(spec)?;
+        if (train.rows, train.cols) != (28, 28) {
             return Err(TrainError::Config(format!(
-                "{}: the built-in models take 28×28 images, the files hold {}×{}",
-                dir.display(),
+                "{}: the built-in models take 28×28 images, the dataset holds {}×{} (set preprocess.resize = [28, 28])",
+                spec.dataset.path.display(),
                 train.rows,
                 train.cols
             )));
         }
-        Ok(Self::new(train, test, init))
+        if let Some(bad) = train.labels.iter().chain(&test.labels).find(|&&l| l as usize >= CLASSES) {
+            return Err(TrainError::Config(format!(
+                "{}: label {bad} is outside the {CLASSES} classes the built-in models tell apart",
+                spec.dataset.path.display()
+            )));
+        }
+        let p = &spec.preprocess;
+        let normalize = match p.normalize {
+            NormalizeSpec::Dataset => Normalize::of(&train),
+            NormalizeSpec::None => Normalize::IDENTITY,
+            NormalizeSpec::Fixed { mean, std } => Normalize {
+                mean: mean as f32,
+                std: std as f32,
+            },
+        };
+        let augment = Augment {
+            crop_padding: p.crop_padding,
+            horizontal_flip: p.horizontal_flip,
+            noise_std: p.noise_std as f32,
+        };
+        Ok(Self::new(train, test, init).with_preprocessing(normalize, augment, spec.training.seed))
     }
+}
+
+/// The training and test images a spec names, limited and resized as it says.
+/// Without a test set (a CSV dataset with no test file) the test set is empty.
+pub fn load_images(spec: &JobSpec) -> Result<(ImageDataset, ImageDataset), TrainError> {
+    let ds = &spec.dataset;
+    let dir = &ds.path;
+    let (mut train, mut test) = match ds.kind.as_str() {
+        "csv" => {
+            let file = |name: &Option<String>, default: &str| dir.join(name.as_deref().unwrap_or(default));
+            let train = hetero_data::csv::load(&file(&ds.train_file, "train.csv"), &ds.label_column, ds.image_shape)?;
+            let test_path = file(&ds.test_file, "test.csv");
+            let test = if test_path.exists() || ds.test_file.is_some() {
+                hetero_data::csv::load(&test_path, &ds.label_column, ds.image_shape)?
+            } else {
+                ImageDataset {
+                    pixels: vec![],
+                    labels: vec![],
+                    rows: train.rows,
+                    cols: train.cols,
+                }
+            };
+            (train, test)
+        }
+        "image-folder" => {
+            let classes = hetero_data::folder::classes(&dir.join("train"))?;
+            let shape = spec.preprocess.resize;
+            let train = hetero_data::folder::load(&dir.join("train"), &classes, shape)?;
+            let test = if dir.join("test").is_dir() {
+                hetero_data::folder::load(&dir.join("test"), &classes, Some((train.rows, train.cols)))?
+            } else {
+                ImageDataset {
+                    pixels: vec![],
+                    labels: vec![],
+                    rows: train.rows,
+                    cols: train.cols,
+                }
+            };
+            (train, test)
+        }
+        _ => (ImageDataset::load(dir, Split::Train)?, ImageDataset::load(dir, Split::Test)?),
+    };
+    if ds.train_limit > 0 {
+        train.truncate(ds.train_limit);
+    }
+    if ds.test_limit > 0 {
+        test.truncate(ds.test_limit);
+    }
+    if let Some((rows, cols)) = spec.preprocess.resize {
+        train = preprocess::resize(&train, rows, cols);
+        test = preprocess::resize(&test, rows, cols);
+    }
+    if (test.rows, test.cols) != (train.rows, train.cols) && !test.is_empty() {
+        return Err(TrainError::Config(format!(
+            "{}: training images are {}×{} but test images {}×{} (set preprocess.resize)",
+            dir.display(),
+            train.rows,
+            train.cols,
+            test.rows,
+            test.cols
+        )));
+    }
+    Ok((train, test))
 }
 
 impl<B, M> Task<B> for ImageTask<B, M>
@@ -113,11 +237,18 @@ where
     }
 
     fn train_batch(&self, indices: &[usize], device: &B::Device) -> ImageBatch<B> {
-        image_batch(&self.train, indices, device)
+        if self.augment.is_identity() {
+            return prepared_batch(&self.train, indices, &self.normalize, None, device);
+        }
+        // Fresh draws for every batch, reproducible from the seed.
+        let draw = self.draws.fetch_add(1, Ordering::Relaxed);
+        let first = indices.first().copied().unwrap_or(0) as u64;
+        let mut rng = StdRng::seed_from_u64(self.seed ^ draw.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (first << 20));
+        prepared_batch(&self.train, indices, &self.normalize, Some((&self.augment, &mut rng)), device)
     }
 
     fn test_batch(&self, indices: &[usize], device: &B::Device) -> ImageBatch<B> {
-        image_batch(&self.test, indices, device)
+        prepared_batch(&self.test, indices, &self.normalize, None, device)
     }
 
     fn loss(&self, model: &M, batch: ImageBatch<B>) -> Tensor<B, 1> {
