@@ -212,7 +212,10 @@ fn allreduce(worker_counts: &[usize], sizes: &Sizes) -> Result<()> {
                     .iter_mut()
                     .map(|ring| s.spawn(move || time_allreduce(ring, bytes / 4, iters)))
                     .collect();
-                handles.into_iter().map(|h| h.join().expect("bench thread")).collect::<Result<_>>()
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("bench thread"))
+                    .collect::<Result<_>>()
             })?;
             let t = times.into_iter().max().unwrap_or_default().as_secs_f64();
             sizes.row(world, bytes, t);
@@ -231,7 +234,10 @@ fn allreduce_between_processes(peers: &[std::net::SocketAddr], rank: usize, size
     let config = hetero_comm::RingConfig::new(rank, world, "bench-allreduce", token);
     let mut ring = Ring::form(config, listener, peers).context("forming the ring")?;
     if rank == 0 {
-        println!("ring allreduce between {world} processes: {}", peers.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", "));
+        println!(
+            "ring allreduce between {world} processes: {}",
+            peers.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(", ")
+        );
         sizes.header();
     }
     for bytes in sizes.each() {

@@ -43,7 +43,10 @@ pub fn run(b: &HeteroBench) -> Result<()> {
     }
     let data = std::path::absolute(b.data)?;
     if !hetero_data::mnist::is_complete(&data) {
-        bail!("{} does not hold Fashion-MNIST (try data/fashion-mnist-subset)", data.display());
+        bail!(
+            "{} does not hold Fashion-MNIST (try data/fashion-mnist-subset)",
+            data.display()
+        );
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -54,7 +57,11 @@ pub fn run(b: &HeteroBench) -> Result<()> {
     let solo_batch = (b.global_batch / n).max(1);
     println!(
         "heterogeneous efficiency: {} {}, {} samples × {} epoch(s), devices at {:?} of this machine",
-        b.model, if n == 1 { "worker" } else { "workers" }, b.train_limit, b.epochs, b.speeds
+        b.model,
+        if n == 1 { "worker" } else { "workers" },
+        b.train_limit,
+        b.epochs,
+        b.speeds
     );
     let mut solo = Vec::new();
     for &speed in b.speeds {

@@ -164,9 +164,7 @@ fn show(display: &mut Display, entry: &pb::LogEntry, show_logs: bool) {
                 epoch + 1,
                 percentages(&shares)
             )),
-            Ok(Event::Checkpointed { epoch, path }) => {
-                display.line(format!("checkpoint after epoch {epoch}: {path}"))
-            }
+            Ok(Event::Checkpointed { epoch, path }) => display.line(format!("checkpoint after epoch {epoch}: {path}")),
             Ok(Event::Done { .. }) | Err(_) => {}
         },
         "state" => display.line(format!("[coordinator] {}", entry.text)),

@@ -438,7 +438,7 @@ fn worker_pid(port: u16, rank: usize) -> Option<u32> {
         let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
         let environ = std::fs::read(entry.path().join("environ")).ok()?;
         let vars: Vec<&[u8]> = environ.split(|&b| b == 0).collect();
-        let has = |v: &str| vars.iter().any(|x| *x == v.as_bytes());
+        let has = |v: &str| vars.contains(&v.as_bytes());
         (has(&coordinator) && has(&rank)).then_some(pid)
     })
 }
@@ -475,7 +475,14 @@ fn a_worker_killed_mid_epoch_migrates_its_samples_and_the_job_completes() {
         std::thread::sleep(Duration::from_millis(200));
     }
     let pid = worker_pid(port, 2).expect("rank 2's worker process");
-    assert!(Command::new("kill").arg("-9").arg(pid.to_string()).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .arg("-9")
+            .arg(pid.to_string())
+            .status()
+            .unwrap()
+            .success()
+    );
 
     let status = loop {
         let t = text(&client("status", port, &state).arg("job-000001").output().unwrap());
@@ -488,15 +495,17 @@ fn a_worker_killed_mid_epoch_migrates_its_samples_and_the_job_completes() {
     let logs = text(&client("logs", port, &state).arg("job-000001").output().unwrap());
     assert!(status.contains("state      succeeded"), "{status}\n{logs}");
     assert!(status.contains("rank 2 lost and migrated"), "{status}");
-    assert!(logs.contains("its samples migrate to the 2 surviving worker(s)"), "{logs}");
+    assert!(
+        logs.contains("its samples migrate to the 2 surviving worker(s)"),
+        "{logs}"
+    );
     assert!(logs.contains("\"type\":\"migrated\""), "{logs}");
     let alerts = text(&client("alerts", port, &state).output().unwrap());
     assert!(alerts.contains("worker rank 2") && alerts.contains("lost"), "{alerts}");
 
-    let summary: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("runs/job-000001/summary.json")).unwrap(),
-    )
-    .unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("runs/job-000001/summary.json")).unwrap())
+            .unwrap();
     assert_eq!(summary["lost_workers"], serde_json::json!([2]), "{summary}");
     assert_eq!(summary["history"].as_array().unwrap().len(), 3, "{summary}");
     assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
@@ -538,10 +547,16 @@ fn every_strategy_trains_through_separate_processes() {
             summary["first_epoch_loss"].as_f64().unwrap(),
             summary["last_epoch_loss"].as_f64().unwrap(),
         );
-        assert!(last < first && last < 1.0, "{strategy} {extra}: loss {first} → {last}\n{log}");
+        assert!(
+            last < first && last < 1.0,
+            "{strategy} {extra}: loss {first} → {last}\n{log}"
+        );
         assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
         if strategy != "local-sgd" {
-            assert!(log.contains("rank 3 → node-1/cpu"), "the parameter server is placed: {log}");
+            assert!(
+                log.contains("rank 3 → node-1/cpu"),
+                "the parameter server is placed: {log}"
+            );
         }
     }
 }
@@ -569,20 +584,25 @@ fn a_cancelled_job_resumes_from_its_checkpoint() {
     let checkpoint = dir.path().join("runs/job-000001/checkpoint.bin");
     let started = Instant::now();
     while !checkpoint.exists() {
-        assert!(started.elapsed() < Duration::from_secs(120), "no checkpoint was written");
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "no checkpoint was written"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = client("cancel", port, &state).arg("job-000001").output().unwrap();
     assert!(out.status.success(), "{}", text(&out));
 
-    let out = client("resume", port, &state).args(["job-000001", "--follow"]).output().unwrap();
+    let out = client("resume", port, &state)
+        .args(["job-000001", "--follow"])
+        .output()
+        .unwrap();
     let log = text(&out);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("job-000001 resumes as job-000002"), "{log}");
-    let summary: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("runs/job-000002/summary.json")).unwrap(),
-    )
-    .unwrap();
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("runs/job-000002/summary.json")).unwrap())
+            .unwrap();
     let at = summary["resumed_at_epoch"].as_u64().expect("resumed") as usize;
     assert!((1..4).contains(&at), "{summary}");
     assert_eq!(summary["history"].as_array().unwrap().len(), 4, "{summary}");
@@ -591,7 +611,11 @@ fn a_cancelled_job_resumes_from_its_checkpoint() {
     // A finished job is not resumed, and the user is told why.
     let out = client("resume", port, &state).arg("job-000002").output().unwrap();
     assert!(!out.status.success());
-    assert!(text(&out).contains("only a failed or cancelled job can be resumed"), "{}", text(&out));
+    assert!(
+        text(&out).contains("only a failed or cancelled job can be resumed"),
+        "{}",
+        text(&out)
+    );
 }
 
 /// The committed subset, exported as a user might have it: CSV files, and PNG
@@ -622,7 +646,11 @@ fn csv_files_and_image_folders_train_with_preprocessing() {
     let dir = tempfile::tempdir().unwrap();
     export_subset(dir.path(), 1500, 300);
     for (kind, path, preprocess) in [
-        ("csv", "csv", "crop_padding = 2\nhorizontal_flip = true\nnoise_std = 0.05"),
+        (
+            "csv",
+            "csv",
+            "crop_padding = 2\nhorizontal_flip = true\nnoise_std = 0.05",
+        ),
         ("image-folder", "folders", "resize = [28, 28]\nnormalize = \"dataset\""),
     ] {
         let spec = write_spec(
@@ -658,5 +686,9 @@ fn csv_files_and_image_folders_train_with_preprocessing() {
     );
     let out = hetero().arg("local").arg(&spec).output().unwrap();
     assert!(!out.status.success());
-    assert!(text(&out).contains("train.csv is not a valid CSV file: line 3, column \"a\": \"x\" is not a number"), "{}", text(&out));
+    assert!(
+        text(&out).contains("train.csv is not a valid CSV file: line 3, column \"a\": \"x\" is not a number"),
+        "{}",
+        text(&out)
+    );
 }

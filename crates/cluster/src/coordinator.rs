@@ -472,7 +472,10 @@ impl Coordinator {
     fn regroup(&self, st: &mut State, req: pb::RendezvousRequest) -> Result<Response<pb::RendezvousResponse>, Status> {
         let job = &st.jobs[&req.job_id];
         let Some(task) = job.tasks.iter().find(|t| t.rank == req.rank) else {
-            return Err(Status::invalid_argument(format!("rank {} is outside the job", req.rank)));
+            return Err(Status::invalid_argument(format!(
+                "rank {} is outside the job",
+                req.rank
+            )));
         };
         if task.state.is_final() {
             return Err(Status::failed_precondition(format!(
@@ -540,7 +543,12 @@ impl Coordinator {
     fn capacities(&self, st: &State, now: i64) -> Vec<GroupCapacity> {
         let mut used: HashMap<(&str, &str), (u32, u64)> = HashMap::new();
         // A parameter server takes no worker slot (see `server_task`).
-        for t in st.jobs.values().flat_map(|j| &j.tasks).filter(|t| !t.state.is_final() && t.role != SERVER_ROLE) {
+        for t in st
+            .jobs
+            .values()
+            .flat_map(|j| &j.tasks)
+            .filter(|t| !t.state.is_final() && t.role != SERVER_ROLE)
+        {
             let u = used.entry((t.agent_id.as_str(), t.group.as_str())).or_default();
             u.0 += 1;
             u.1 += t.memory_mb;
@@ -1061,8 +1069,15 @@ impl CoordinatorRpc for Coordinator {
         } else {
             vec![]
         };
-        let members = if ready { (0..addresses.len() as u32).collect() } else { vec![] };
-        if ready && let Some(job) = st.jobs.get_mut(&req.job_id) && !job.formed {
+        let members = if ready {
+            (0..addresses.len() as u32).collect()
+        } else {
+            vec![]
+        };
+        if ready
+            && let Some(job) = st.jobs.get_mut(&req.job_id)
+            && !job.formed
+        {
             job.formed = true;
             let saved = job.clone();
             self.save_job(&saved);

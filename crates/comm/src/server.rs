@@ -57,7 +57,10 @@ impl Channel {
         stream
             .set_read_timeout(Some(io_timeout))
             .map_err(|e| CommError::io("setting a read timeout", e))?;
-        let writer = BufWriter::with_capacity(1 << 20, stream.try_clone().map_err(|e| CommError::io("cloning a stream", e))?);
+        let writer = BufWriter::with_capacity(
+            1 << 20,
+            stream.try_clone().map_err(|e| CommError::io("cloning a stream", e))?,
+        );
         Ok(Channel {
             reader: BufReader::with_capacity(1 << 20, stream),
             writer,
@@ -160,13 +163,22 @@ pub struct ServerClient {
 
 impl ServerClient {
     /// Connects to the server at `addr` as client `id` of job `session`.
-    pub fn connect(addr: SocketAddr, session: &str, token: &str, id: u32, timeout: Duration) -> Result<Self, CommError> {
+    pub fn connect(
+        addr: SocketAddr,
+        session: &str,
+        token: &str,
+        id: u32,
+        timeout: Duration,
+    ) -> Result<Self, CommError> {
         let deadline = Instant::now() + timeout;
         let mut stream = loop {
             match TcpStream::connect_timeout(&addr, Duration::from_secs(5)) {
                 Ok(s) => break s,
                 Err(e) if Instant::now() >= deadline => {
-                    return Err(CommError::io(format!("connecting to the parameter server at {addr}"), e));
+                    return Err(CommError::io(
+                        format!("connecting to the parameter server at {addr}"),
+                        e,
+                    ));
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
@@ -269,7 +281,9 @@ mod tests {
             assert_eq!(id, 7);
             while let Some((op, values)) = ch.recv().unwrap() {
                 match op {
-                    Op::Sum => ch.send(Op::Reply, &values.iter().map(|v| v * 2.0).collect::<Vec<_>>()).unwrap(),
+                    Op::Sum => ch
+                        .send(Op::Reply, &values.iter().map(|v| v * 2.0).collect::<Vec<_>>())
+                        .unwrap(),
                     Op::Push | Op::Pull => ch.send(Op::Reply, &values).unwrap(),
                     Op::Bye => break,
                     Op::Reply => panic!("a client sent a reply"),
@@ -291,8 +305,9 @@ mod tests {
     fn a_wrong_token_is_refused() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let server =
-            std::thread::spawn(move || accept_clients(&listener, 1, "job", "right", Duration::from_secs(2)).map(|_| ()));
+        let server = std::thread::spawn(move || {
+            accept_clients(&listener, 1, "job", "right", Duration::from_secs(2)).map(|_| ())
+        });
         assert!(ServerClient::connect(addr, "job", "wrong", 1, Duration::from_secs(5)).is_err());
         let err = server.join().unwrap().unwrap_err();
         assert!(err.to_string().contains("0 of 1 clients"), "{err}");

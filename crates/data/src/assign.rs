@@ -301,7 +301,10 @@ mod tests {
         let after_sizes: Vec<usize> = (0..3).map(|r| a.shard(r).len()).collect();
         assert_eq!(after_sizes, sizes, "shares are kept");
         let from_0_in_1 = a.shard(1).iter().filter(|i| before[0].contains(i)).count();
-        assert!(from_0_in_1 > 100, "worker 1 received part of worker 0's shard ({from_0_in_1})");
+        assert!(
+            from_0_in_1 > 100,
+            "worker 1 received part of worker 0's shard ({from_0_in_1})"
+        );
         a.begin_epoch(3, 1);
         let mut seen = HashMap::new();
         visit_rest(&mut a, &mut seen);
@@ -314,7 +317,10 @@ mod tests {
         let faster = Split::weighted(&[2.0, 1.0, 1.0]);
         a.rebalance(&faster, 60);
         assert_eq!(a.batches(), &[30, 15, 15]);
-        assert_eq!((0..3).map(|r| a.shard(r).len()).collect::<Vec<_>>(), vec![600, 300, 300]);
+        assert_eq!(
+            (0..3).map(|r| a.shard(r).len()).collect::<Vec<_>>(),
+            vec![600, 300, 300]
+        );
         assert_partition(&a, 1200);
         a.begin_epoch(1, 1);
         assert_eq!(a.steps_left(), 20);

@@ -27,7 +27,9 @@ fn read_text(path: &Path) -> Result<String, DataError> {
     let raw = std::fs::read(path).map_err(io)?;
     let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..]).read_to_end(&mut out).map_err(io)?;
+        flate2::read::GzDecoder::new(&raw[..])
+            .read_to_end(&mut out)
+            .map_err(io)?;
         out
     } else {
         raw
@@ -46,7 +48,9 @@ fn unquote(field: &str) -> &str {
 pub fn load(path: &Path, label_column: &str, shape: Option<(usize, usize)>) -> Result<ImageDataset, DataError> {
     let text = read_text(path)?;
     let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
-    let (_, header) = lines.next().ok_or_else(|| format_error(path, "the file is empty".into()))?;
+    let (_, header) = lines
+        .next()
+        .ok_or_else(|| format_error(path, "the file is empty".into()))?;
     let names: Vec<&str> = header.split(',').map(unquote).collect();
     let label_at = names.iter().position(|n| *n == label_column).ok_or_else(|| {
         let shown: Vec<&str> = names.iter().take(5).copied().collect();
@@ -89,7 +93,10 @@ pub fn load(path: &Path, label_column: &str, shape: Option<(usize, usize)>) -> R
         for (i, field) in fields.iter().enumerate() {
             let f = unquote(field);
             let v: f32 = f.parse().map_err(|_| {
-                format_error(path, format!("line {line_no}, column {:?}: {f:?} is not a number", names[i]))
+                format_error(
+                    path,
+                    format!("line {line_no}, column {:?}: {f:?} is not a number", names[i]),
+                )
             })?;
             if i == label_at {
                 if v.fract() != 0.0 || !(0.0..=255.0).contains(&v) {
@@ -171,6 +178,9 @@ mod tests {
         gz.write_all(b"label,x\n4,9\n").unwrap();
         gz.finish().unwrap();
         let d = load(&p, "label", None).unwrap();
-        assert_eq!((d.pixels.clone(), d.labels.clone(), d.rows, d.cols), (vec![9], vec![4], 1, 1));
+        assert_eq!(
+            (d.pixels.clone(), d.labels.clone(), d.rows, d.cols),
+            (vec![9], vec![4], 1, 1)
+        );
     }
 }

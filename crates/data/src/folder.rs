@@ -73,7 +73,10 @@ pub fn load(dir: &Path, classes: &[String], shape: Option<(usize, usize)>) -> Re
             continue;
         }
         for path in sorted_entries(&class_dir)? {
-            let ext = path.extension().map(|e| e.to_string_lossy().to_lowercase()).unwrap_or_default();
+            let ext = path
+                .extension()
+                .map(|e| e.to_string_lossy().to_lowercase())
+                .unwrap_or_default();
             if !EXTENSIONS.contains(&ext.as_str()) {
                 continue;
             }
@@ -120,7 +123,9 @@ mod tests {
 
     fn save(path: &Path, w: u32, h: u32, value: u8) {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        image::GrayImage::from_pixel(w, h, image::Luma([value])).save(path).unwrap();
+        image::GrayImage::from_pixel(w, h, image::Luma([value]))
+            .save(path)
+            .unwrap();
     }
 
     #[test]
@@ -146,18 +151,29 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         save(&dir.path().join("a/x/1.png"), 4, 4, 1);
         save(&dir.path().join("a/x/2.png"), 5, 4, 1);
-        let err = load(&dir.path().join("a"), &["x".into()], None).unwrap_err().to_string();
+        let err = load(&dir.path().join("a"), &["x".into()], None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("2.png is 4×5 but earlier images are 4×4"), "{err}");
 
         std::fs::create_dir_all(dir.path().join("b/y")).unwrap();
         std::fs::write(dir.path().join("b/y/broken.png"), b"not a png").unwrap();
-        let err = load(&dir.path().join("b"), &["y".into()], None).unwrap_err().to_string();
+        let err = load(&dir.path().join("b"), &["y".into()], None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("broken.png is not a valid image file"), "{err}");
 
-        let err = load(&dir.path().join("b"), &["z".into()], None).unwrap_err().to_string();
+        let err = load(&dir.path().join("b"), &["z".into()], None)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("\"y\" is not among the training classes"), "{err}");
 
         std::fs::create_dir_all(dir.path().join("empty")).unwrap();
-        assert!(classes(&dir.path().join("empty")).unwrap_err().to_string().contains("no class folders"));
+        assert!(
+            classes(&dir.path().join("empty"))
+                .unwrap_err()
+                .to_string()
+                .contains("no class folders")
+        );
     }
 }

@@ -199,7 +199,7 @@ mod tests {
             })
             .collect();
         let mirrored: Vec<f32> = image.chunks(4).flat_map(|r| r.iter().rev().copied()).collect();
-        assert!(flipped.iter().any(|x| *x == mirrored) && flipped.iter().any(|x| *x == image));
+        assert!(flipped.contains(&mirrored) && flipped.contains(&image));
 
         let crop = Augment {
             crop_padding: 1,

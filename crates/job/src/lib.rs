@@ -15,6 +15,5 @@ pub use error::SpecError;
 pub const CHECKPOINT_FILE: &str = "checkpoint.bin";
 pub use spec::{
     Backend, ClusterSpec, DATASET_KINDS, DatasetSpec, JobSpec, ModelKind, NormalizeSpec, Optimizer, Policy,
-    PreprocessSpec, SchedulingSpec, SplitKind, Strategy,
-    TaskSpec, TrainingSpec,
+    PreprocessSpec, SchedulingSpec, SplitKind, Strategy, TaskSpec, TrainingSpec,
 };

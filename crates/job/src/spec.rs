@@ -422,7 +422,11 @@ impl JobSpec {
         };
         let exchange_fraction = ds.float("exchange_fraction")?.unwrap_or(0.0);
         if !(0.0..=0.5).contains(&exchange_fraction) {
-            return Err(ds.invalid("exchange_fraction", &exchange_fraction.to_string(), "a number from 0 to 0.5"));
+            return Err(ds.invalid(
+                "exchange_fraction",
+                &exchange_fraction.to_string(),
+                "a number from 0 to 0.5",
+            ));
         }
         let dataset = DatasetSpec {
             kind,
@@ -502,7 +506,11 @@ impl JobSpec {
             }
         };
         if sync_every.is_some() && !matches!(strategy, Strategy::LocalSgd { .. }) {
-            return Err(tr.invalid("sync_every", "…", "sync_every is only read with strategy = \"local-sgd\""));
+            return Err(tr.invalid(
+                "sync_every",
+                "…",
+                "sync_every is only read with strategy = \"local-sgd\"",
+            ));
         }
         if staleness.is_some() && !matches!(strategy, Strategy::ParameterServer { .. }) {
             return Err(tr.invalid(
@@ -1002,7 +1010,11 @@ workers = 3
     fn strategies_and_their_knobs() {
         let s = edit("epochs = 2", "epochs = 2\nstrategy = \"local-sgd\"\nsync_every = 4").unwrap();
         assert_eq!(s.training.strategy, Strategy::LocalSgd { sync_every: 4 });
-        let s = edit("epochs = 2", "epochs = 2\nstrategy = \"parameter-server\"\nstaleness = 2").unwrap();
+        let s = edit(
+            "epochs = 2",
+            "epochs = 2\nstrategy = \"parameter-server\"\nstaleness = 2",
+        )
+        .unwrap();
         assert_eq!(s.training.strategy, Strategy::ParameterServer { staleness: 2 });
         assert!(s.training.strategy.uses_parameter_server());
         let s = edit("epochs = 2", "epochs = 2\nstrategy = \"hierarchical\"").unwrap();
@@ -1030,11 +1042,18 @@ workers = 3
 
     #[test]
     fn datasets_and_preprocessing() {
-        let s = edit("[dataset]", "[dataset]\nkind = \"csv\"\nlabel_column = \"y\"\nimage_shape = [28, 28]").unwrap();
+        let s = edit(
+            "[dataset]",
+            "[dataset]\nkind = \"csv\"\nlabel_column = \"y\"\nimage_shape = [28, 28]",
+        )
+        .unwrap();
         assert_eq!((s.dataset.kind.as_str(), s.dataset.label_column.as_str()), ("csv", "y"));
         assert_eq!(s.dataset.image_shape, Some((28, 28)));
         let err = edit("[dataset]", "[dataset]\nlabel_column = \"y\"").unwrap_err();
-        assert!(err.to_string().contains("only read with dataset.kind = \"csv\""), "{err}");
+        assert!(
+            err.to_string().contains("only read with dataset.kind = \"csv\""),
+            "{err}"
+        );
         let err = edit("[dataset]", "[dataset]\nkind = \"parquet\"").unwrap_err();
         assert!(err.to_string().contains("image-folder"), "{err}");
 

@@ -115,20 +115,26 @@ impl Checkpoint {
         }
         let version = u32::from_le_bytes(bytes[MAGIC.len()..MAGIC.len() + 4].try_into().expect("4 bytes"));
         if version != VERSION {
-            return Err(corrupt(path, format!("format version {version}, this build reads {VERSION}")));
+            return Err(corrupt(
+                path,
+                format!("format version {version}, this build reads {VERSION}"),
+            ));
         }
         let header_len = u64::from_le_bytes(bytes[MAGIC.len() + 4..fixed].try_into().expect("8 bytes")) as usize;
         let header_end = fixed
             .checked_add(header_len)
             .filter(|&e| e <= bytes.len() - 32)
             .ok_or_else(|| corrupt(path, format!("truncated ({} bytes, header says more)", bytes.len())))?;
-        let header: Header = serde_json::from_slice(&bytes[fixed..header_end])
-            .map_err(|e| corrupt(path, format!("bad header: {e}")))?;
+        let header: Header =
+            serde_json::from_slice(&bytes[fixed..header_end]).map_err(|e| corrupt(path, format!("bad header: {e}")))?;
         let expected = header_end + (header.parameters + 2 * header.moments) * 4 + 32;
         if bytes.len() != expected {
             return Err(corrupt(
                 path,
-                format!("truncated or padded: {} bytes where the header implies {expected}", bytes.len()),
+                format!(
+                    "truncated or padded: {} bytes where the header implies {expected}",
+                    bytes.len()
+                ),
             ));
         }
         let body = &bytes[..expected - 32];
@@ -221,7 +227,9 @@ mod tests {
         let err = Checkpoint::load(&path).unwrap_err().to_string();
         assert!(err.contains("not a Hetero checkpoint"), "{err}");
 
-        let err = Checkpoint::load(&dir.path().join("missing.bin")).unwrap_err().to_string();
+        let err = Checkpoint::load(&dir.path().join("missing.bin"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("cannot read checkpoint"), "{err}");
     }
 }

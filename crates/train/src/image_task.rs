@@ -92,11 +92,7 @@ where
     M: AutodiffModule<B> + Classifier<B>,
 {
     /// A task over the given data.
-    pub fn new(
-        train: ImageDataset,
-        test: ImageDataset,
-        init: impl Fn(&B::Device) -> M + Send + 'static,
-    ) -> Self {
+    pub fn new(train: ImageDataset, test: ImageDataset, init: impl Fn(&B::Device) -> M + Send + 'static) -> Self {
         ImageTask {
             train,
             test,
@@ -129,7 +125,12 @@ where
                 train.cols
             )));
         }
-        if let Some(bad) = train.labels.iter().chain(&test.labels).find(|&&l| l as usize >= CLASSES) {
+        if let Some(bad) = train
+            .labels
+            .iter()
+            .chain(&test.labels)
+            .find(|&&l| l as usize >= CLASSES)
+        {
             return Err(TrainError::Config(format!(
                 "{}: label {bad} is outside the {CLASSES} classes the built-in models tell apart",
                 spec.dataset.path.display()
@@ -191,7 +192,10 @@ pub fn load_images(spec: &JobSpec) -> Result<(ImageDataset, ImageDataset), Train
             };
             (train, test)
         }
-        _ => (ImageDataset::load(dir, Split::Train)?, ImageDataset::load(dir, Split::Test)?),
+        _ => (
+            ImageDataset::load(dir, Split::Train)?,
+            ImageDataset::load(dir, Split::Test)?,
+        ),
     };
     if ds.train_limit > 0 {
         train.truncate(ds.train_limit);
@@ -244,7 +248,13 @@ where
         let draw = self.draws.fetch_add(1, Ordering::Relaxed);
         let first = indices.first().copied().unwrap_or(0) as u64;
         let mut rng = StdRng::seed_from_u64(self.seed ^ draw.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (first << 20));
-        prepared_batch(&self.train, indices, &self.normalize, Some((&self.augment, &mut rng)), device)
+        prepared_batch(
+            &self.train,
+            indices,
+            &self.normalize,
+            Some((&self.augment, &mut rng)),
+            device,
+        )
     }
 
     fn test_batch(&self, indices: &[usize], device: &B::Device) -> ImageBatch<B> {

@@ -29,8 +29,8 @@ pub mod task;
 pub mod trainer;
 
 pub use error::TrainError;
-pub use report::{Event, RunSummary, WorkerFigures};
-pub use task::{Evaluation, Task, TaskContext};
 pub use membership::{FixedMembership, Membership, Regroup};
 pub use optim::{FlatOptimizer, OptimizerConfig, OptimizerState};
+pub use report::{Event, RunSummary, WorkerFigures};
+pub use task::{Evaluation, Task, TaskContext};
 pub use trainer::{Throttle, TrainOptions, Trainer, compute_threads, train};

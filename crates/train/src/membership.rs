@@ -31,6 +31,8 @@ pub struct FixedMembership;
 
 impl Membership for FixedMembership {
     fn regroup(&mut self, _generation: u64, reason: &str) -> Result<Regroup, TrainError> {
-        Err(TrainError::Config(format!("a worker was lost ({reason}) and this run cannot regroup")))
+        Err(TrainError::Config(format!(
+            "a worker was lost ({reason}) and this run cannot regroup"
+        )))
     }
 }

@@ -64,11 +64,20 @@ impl Round {
 
     /// Adds `values`; the last of `clients` arrivals computes the result with
     /// `finish`. Returns the round this arrival belongs to.
-    fn arrive(&mut self, values: &[f32], clients: usize, finish: impl FnOnce(&[f32]) -> Vec<f32>) -> Result<u64, String> {
+    fn arrive(
+        &mut self,
+        values: &[f32],
+        clients: usize,
+        finish: impl FnOnce(&[f32]) -> Vec<f32>,
+    ) -> Result<u64, String> {
         if self.arrived == 0 {
             self.acc = values.to_vec();
         } else if self.acc.len() != values.len() {
-            return Err(format!("a client sent {} values, others {}", values.len(), self.acc.len()));
+            return Err(format!(
+                "a client sent {} values, others {}",
+                values.len(),
+                self.acc.len()
+            ));
         } else {
             self.acc.iter_mut().zip(values).for_each(|(a, v)| *a += v);
         }
@@ -293,7 +302,14 @@ mod tests {
 
     use super::*;
 
-    fn start(clients: usize, params: Vec<f32>, staleness: Option<usize>) -> (std::net::SocketAddr, thread::JoinHandle<Result<ServerReport, TrainError>>) {
+    fn start(
+        clients: usize,
+        params: Vec<f32>,
+        staleness: Option<usize>,
+    ) -> (
+        std::net::SocketAddr,
+        thread::JoinHandle<Result<ServerReport, TrainError>>,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let handle = thread::spawn(move || {

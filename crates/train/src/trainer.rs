@@ -28,8 +28,8 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use burn::prelude::*;
 use burn::optim::GradientsParams;
+use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use hetero_comm::Ring;
 use hetero_comm::server::ServerClient;
@@ -553,7 +553,12 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
 
     /// After the ring broke: regroup with the survivors, adopt the most advanced
     /// survivor's state, and hand the lost workers' samples to the survivors.
-    fn recover(&mut self, progress: &mut Progress, reason: &str, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+    fn recover(
+        &mut self,
+        progress: &mut Progress,
+        reason: &str,
+        on_event: &mut dyn FnMut(Event),
+    ) -> Result<(), TrainError> {
         if matches!(self.topology, Topology::Server { .. }) {
             return Err(TrainError::Config(format!(
                 "a worker was lost ({reason}); the {} strategy cannot continue without it",
@@ -594,7 +599,9 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         self.load_params();
         progress.assignment.set_cursors(&cursors);
         let split = self.options.split(&regroup.weights, new_world);
-        progress.assignment = progress.assignment.migrate(&lost_positions, &split, self.options.global_batch);
+        progress.assignment = progress
+            .assignment
+            .migrate(&lost_positions, &split, self.options.global_batch);
         self.members = regroup.members;
         self.options.weights = regroup.weights;
         self.lost.extend(&lost);
@@ -753,7 +760,8 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             });
             last_eval = eval;
             progress.epoch += 1;
-            let due = o.checkpoint_every > 0 && (progress.epoch % o.checkpoint_every == 0 || progress.epoch == o.epochs);
+            let due = o.checkpoint_every > 0
+                && (progress.epoch.is_multiple_of(o.checkpoint_every) || progress.epoch == o.epochs);
             if let Some(path) = o.checkpoint.as_ref().filter(|_| due && self.rank == 0) {
                 Checkpoint {
                     epoch: progress.epoch,
@@ -771,19 +779,18 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 });
             }
             if progress.epoch < o.epochs {
-                let rate = (self.samples - epoch_samples) as f64 / (self.compute - epoch_compute).as_secs_f64().max(1e-9);
-                if o.rebalance && self.world() > 1 {
-                    if let Some(e) = self.resilient(&mut progress, on_event, |t, p| t.rebalance(p, rate))? {
-                        on_event(e);
-                    }
+                let rate =
+                    (self.samples - epoch_samples) as f64 / (self.compute - epoch_compute).as_secs_f64().max(1e-9);
+                if o.rebalance
+                    && self.world() > 1
+                    && let Some(e) = self.resilient(&mut progress, on_event, |t, p| t.rebalance(p, rate))?
+                {
+                    on_event(e);
                 }
                 let weights = shares(progress.assignment.batches());
-                progress.assignment.exchange(
-                    o.exchange_fraction,
-                    &Split::weighted(&weights),
-                    o.seed,
-                    progress.epoch,
-                );
+                progress
+                    .assignment
+                    .exchange(o.exchange_fraction, &Split::weighted(&weights), o.seed, progress.epoch);
             }
         }
         let wall = started.elapsed().as_secs_f64();
@@ -1110,11 +1117,19 @@ mod tests {
         fn model(&self, device: &<B as burn::tensor::backend::BackendTypes>::Device) -> Self::Model {
             self.inner.model(device)
         }
-        fn train_batch(&self, indices: &[usize], device: &<B as burn::tensor::backend::BackendTypes>::Device) -> Self::Batch {
+        fn train_batch(
+            &self,
+            indices: &[usize],
+            device: &<B as burn::tensor::backend::BackendTypes>::Device,
+        ) -> Self::Batch {
             self.seen.lock().unwrap().extend_from_slice(indices);
             self.inner.train_batch(indices, device)
         }
-        fn test_batch(&self, indices: &[usize], device: &<B as burn::tensor::backend::BackendTypes>::Device) -> Self::Batch {
+        fn test_batch(
+            &self,
+            indices: &[usize],
+            device: &<B as burn::tensor::backend::BackendTypes>::Device,
+        ) -> Self::Batch {
             self.inner.test_batch(indices, device)
         }
         fn loss(&self, model: &Self::Model, batch: Self::Batch) -> Tensor<B, 1> {
@@ -1131,7 +1146,10 @@ mod tests {
         me: usize,
         expect: usize,
         #[allow(clippy::type_complexity)]
-        board: std::sync::Arc<(std::sync::Mutex<Vec<(u64, usize, std::net::SocketAddr)>>, std::sync::Condvar)>,
+        board: std::sync::Arc<(
+            std::sync::Mutex<Vec<(u64, usize, std::net::SocketAddr)>>,
+            std::sync::Condvar,
+        )>,
     }
 
     impl Membership for Board {
@@ -1198,7 +1216,11 @@ mod tests {
                             }));
                         let mut events = vec![];
                         let summary = t.run(&mut |e| events.push(e)).unwrap();
-                        assert!(events.iter().any(|e| matches!(e, Event::Migrated { lost, workers: 2, .. } if lost == &[2])));
+                        assert!(
+                            events
+                                .iter()
+                                .any(|e| matches!(e, Event::Migrated { lost, workers: 2, .. } if lost == &[2]))
+                        );
                         (summary, t.parameters())
                     })
                 })
@@ -1215,9 +1237,15 @@ mod tests {
         for &i in seen.lock().unwrap().iter() {
             counts[i] += 1;
         }
-        assert!(counts.iter().all(|&c| c == epochs || c == epochs + 1), "every sample in every epoch");
+        assert!(
+            counts.iter().all(|&c| c == epochs || c == epochs + 1),
+            "every sample in every epoch"
+        );
         let repeated = counts.iter().filter(|&&c| c > epochs).count();
-        assert!(repeated <= global, "only the interrupted step repeats ({repeated} samples)");
+        assert!(
+            repeated <= global,
+            "only the interrupted step repeats ({repeated} samples)"
+        );
     }
 
     /// Wraps a task so that `train_batch` panics (the worker dies) at call `at`.
@@ -1239,7 +1267,11 @@ mod tests {
         fn model(&self, device: &<B as burn::tensor::backend::BackendTypes>::Device) -> Self::Model {
             self.task.model(device)
         }
-        fn train_batch(&self, indices: &[usize], device: &<B as burn::tensor::backend::BackendTypes>::Device) -> Self::Batch {
+        fn train_batch(
+            &self,
+            indices: &[usize],
+            device: &<B as burn::tensor::backend::BackendTypes>::Device,
+        ) -> Self::Batch {
             let n = self.calls.get();
             self.calls.set(n + 1);
             if Some(n) == self.at {
@@ -1247,7 +1279,11 @@ mod tests {
             }
             self.task.train_batch(indices, device)
         }
-        fn test_batch(&self, indices: &[usize], device: &<B as burn::tensor::backend::BackendTypes>::Device) -> Self::Batch {
+        fn test_batch(
+            &self,
+            indices: &[usize],
+            device: &<B as burn::tensor::backend::BackendTypes>::Device,
+        ) -> Self::Batch {
             self.task.test_batch(indices, device)
         }
         fn loss(&self, model: &Self::Model, batch: Self::Batch) -> Tensor<B, 1> {
@@ -1264,7 +1300,10 @@ mod tests {
         clients: usize,
         initial: Vec<f32>,
         staleness: Option<usize>,
-    ) -> (std::net::SocketAddr, thread::JoinHandle<Result<crate::param_server::ServerReport, TrainError>>) {
+    ) -> (
+        std::net::SocketAddr,
+        thread::JoinHandle<Result<crate::param_server::ServerReport, TrainError>>,
+    ) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let handle = thread::spawn(move || {
@@ -1300,7 +1339,10 @@ mod tests {
         }
         let expected = solo.parameters();
         for (strategy, groups) in [
-            (Strategy::ParameterServer { staleness: 0 }, vec![vec![0], vec![1], vec![2]]),
+            (
+                Strategy::ParameterServer { staleness: 0 },
+                vec![vec![0], vec![1], vec![2]],
+            ),
             (Strategy::Hierarchical, vec![vec![0, 1], vec![2]]),
         ] {
             let (addr, server) = parameter_server(groups.len(), initial.clone(), None);
@@ -1322,8 +1364,8 @@ mod tests {
                             };
                             let mut options = TrainOptions::new(1, 9, 5).with_optimizer(Optimizer::Sgd, 1e-2);
                             options.strategy = strategy;
-                            let mut t =
-                                Trainer::with_topology(cnn_task(), Default::default(), ring, topology, options).unwrap();
+                            let mut t = Trainer::with_topology(cnn_task(), Default::default(), ring, topology, options)
+                                .unwrap();
                             for _ in 0..2 {
                                 t.step(parts[rank], 9).unwrap();
                             }
@@ -1355,7 +1397,8 @@ mod tests {
             let handles: Vec<_> = (0..2)
                 .map(|rank| {
                     s.spawn(move || {
-                        let client = ServerClient::connect(addr, "t", "k", rank as u32, Duration::from_secs(20)).unwrap();
+                        let client =
+                            ServerClient::connect(addr, "t", "k", rank as u32, Duration::from_secs(20)).unwrap();
                         let topology = Topology::Server {
                             client: Some(client),
                             staleness: Some(2),
@@ -1380,7 +1423,10 @@ mod tests {
         assert_eq!(report.pushes, 2 * 3 * 10, "every step of every worker was pushed");
         let s = &summaries[0];
         assert!(s.last_epoch_loss < s.first_epoch_loss, "{s:?}");
-        assert_eq!(summaries[0].test_accuracy, summaries[1].test_accuracy, "evaluation is global");
+        assert_eq!(
+            summaries[0].test_accuracy, summaries[1].test_accuracy,
+            "evaluation is global"
+        );
     }
 
     /// Stopping after a checkpoint and resuming from it ends exactly where an
@@ -1426,8 +1472,12 @@ mod tests {
         // A checkpoint of another model is refused with both sizes named.
         let mut wrong = TrainOptions::new(3, 20, 9);
         wrong.resume = Some(path.clone());
-        let other = ImageTask::<B, _>::new(synthetic(200, 3), synthetic(50, 4), |d| MlpConfig::new().with_hidden(8).init(d));
-        let err = Trainer::new(other, Default::default(), ring_of(1).pop().unwrap(), wrong).err().unwrap();
+        let other = ImageTask::<B, _>::new(synthetic(200, 3), synthetic(50, 4), |d| {
+            MlpConfig::new().with_hidden(8).init(d)
+        });
+        let err = Trainer::new(other, Default::default(), ring_of(1).pop().unwrap(), wrong)
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("this job's model has"), "{err}");
     }
 }

@@ -21,8 +21,8 @@ pub mod rendezvous;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
-use std::time::Duration;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use hetero_cluster::agent::EVENT_PREFIX;
 use hetero_comm::server::{ServerClient, accept_clients};
@@ -228,7 +228,10 @@ fn server_trainer<T: Task<SystemBackend>>(
     let groups = aggregation_groups(setup);
     let mine = &groups[setup.rank];
     let group: Vec<usize> = (0..world).filter(|&r| &groups[r] == mine).collect();
-    let position = group.iter().position(|&r| r == setup.rank).expect("a worker is in its own group");
+    let position = group
+        .iter()
+        .position(|&r| r == setup.rank)
+        .expect("a worker is in its own group");
     let group_peers: Vec<SocketAddr> = group.iter().map(|&r| peers[r]).collect();
     let session = format!("{}/{mine}", setup.job_id);
     let ring = Ring::form(
@@ -244,7 +247,11 @@ fn server_trainer<T: Task<SystemBackend>>(
             setup.rank as u32,
             Duration::from_secs(120),
         )?;
-        eprintln!("group {mine} ({} worker(s)) leads to the parameter server at {}", group.len(), peers[world]);
+        eprintln!(
+            "group {mine} ({} worker(s)) leads to the parameter server at {}",
+            group.len(),
+            peers[world]
+        );
         Some(client)
     } else {
         None
@@ -284,7 +291,9 @@ fn serve_parameters<T: Task<SystemBackend>>(
         }
         eprintln!("parameter server resumes from {} (epoch {})", path.display(), c.epoch);
         params = c.params;
-        state = c.optimizer.filter(|o| o.moment_1.len() == params.len() || o.moment_1.is_empty());
+        state = c
+            .optimizer
+            .filter(|o| o.moment_1.len() == params.len() || o.moment_1.is_empty());
     }
     let mut groups = aggregation_groups(setup);
     groups.sort();
@@ -299,7 +308,13 @@ fn serve_parameters<T: Task<SystemBackend>>(
             Some(s) => format!("asynchronous, staleness ≤ {s}"),
         }
     );
-    let channels = accept_clients(&listener, groups.len(), &setup.job_id, &setup.token, Duration::from_secs(300))?;
+    let channels = accept_clients(
+        &listener,
+        groups.len(),
+        &setup.job_id,
+        &setup.token,
+        Duration::from_secs(300),
+    )?;
     let options = ServerOptions {
         staleness,
         optimizer: OptimizerConfig {
