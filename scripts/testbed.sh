@@ -17,7 +17,7 @@
 #                                                   one `hetero agent` per host, pinned
 #                                                   round-robin to the cores
 #   scripts/testbed.sh measure [--prefix NAME] [FROM TO]  TCP throughput FROM -> TO
-#                                                   (default host 1 -> host 2), ~3 s
+#                                                   (default host 1 -> host 2), ~4 s
 #   scripts/testbed.sh status [--prefix NAME]       hosts, caps and agents
 #
 # Layout (default prefix "hhost", subnet 10.77.0):
@@ -46,7 +46,7 @@ SLOTS=${TESTBED_SLOTS:-1}
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_DIR=$(dirname "$SCRIPT_DIR")
 MEASURE_PORT=5201
-MEASURE_SECONDS=3
+MEASURE_SECONDS=2.5
 
 die() { echo "testbed: $*" >&2; exit 1; }
 say() { echo "testbed: $*"; }
@@ -375,8 +375,10 @@ cmd_measure() {
     rate=$(cat "$(state_dir)/rate" 2>/dev/null || echo "?")
 
     # The receiver counts the bytes that arrive in a window of about
-    # MEASURE_SECONDS starting 0.5 s after the first byte (past TCP's start and
-    # tbf's initial burst), then closes; the sender sends until the connection is closed on it.
+    # MEASURE_SECONDS starting 1 s after the first byte, then closes. The first
+    # second is skipped: slow start overflows tbf's queue, and the recovery
+    # delivers held out-of-order data in a burst that would read above the cap.
+    # The sender sends until the connection is closed on it.
     # `timeout` bounds both whatever happens.
     local receiver sender out
     receiver='
@@ -395,7 +397,7 @@ while True:
         break
     now = time.monotonic()
     if not b: break
-    if t0 is None: t0 = now + 0.5; t1 = t0 + secs
+    if t0 is None: t0 = now + 1.0; t1 = t0 + secs
     if now < t0: continue
     if start is None: start = now
     elif now <= t1: n += len(b); last = now
