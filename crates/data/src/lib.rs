@@ -5,6 +5,8 @@
 //! - [`mnist`] turns the four Fashion-MNIST IDX files into an image dataset;
 //! - [`csv`] and [`folder`] read images from CSV files and from class folders;
 //! - [`preprocess`] resizes, normalises and augments images;
+//! - [`text`] reads text corpora and tokenizes them (bytes, characters, or a
+//!   Hugging Face `tokenizer.json`);
 //! - [`shard`] decides which sample indices each worker owns and in what order it
 //!   visits them, deterministically from a seed;
 //! - [`assign`] follows the split through training: steps, neighbour exchange,
@@ -21,6 +23,7 @@ pub mod idx;
 pub mod mnist;
 pub mod preprocess;
 pub mod shard;
+pub mod text;
 
 pub use error::DataError;
 pub use mnist::ImageDataset;

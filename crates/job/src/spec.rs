@@ -89,6 +89,8 @@ pub enum ModelKind {
     Cnn,
     /// 784→256→10 with ReLU.
     Mlp,
+    /// A small causal transformer language model (needs `dataset.kind = "text"`).
+    Transformer,
     /// The program named in `[task]`.
     Custom,
 }
@@ -125,6 +127,27 @@ pub struct DatasetSpec {
     /// CSV: the shape of the image a row's pixels make.
     #[serde(default)]
     pub image_shape: Option<(usize, usize)>,
+    /// Text: `byte`, `char`, or the path of a Hugging Face `tokenizer.json`.
+    #[serde(default = "byte")]
+    pub tokenizer: String,
+    /// Text: tokens per training window.
+    #[serde(default = "sixty_four")]
+    pub context: usize,
+    /// Text: the share of the corpus (its end) held out as the test set.
+    #[serde(default = "tenth")]
+    pub test_fraction: f64,
+}
+
+fn byte() -> String {
+    "byte".into()
+}
+
+fn sixty_four() -> usize {
+    64
+}
+
+fn tenth() -> f64 {
+    0.1
 }
 
 fn label() -> String {
@@ -350,10 +373,13 @@ const DATASET: &[&str] = &[
     "train_file",
     "test_file",
     "image_shape",
+    "tokenizer",
+    "context",
+    "test_fraction",
 ];
 const PREPROCESS: &[&str] = &["resize", "normalize", "crop_padding", "horizontal_flip", "noise_std"];
 /// Dataset formats a spec may name.
-pub const DATASET_KINDS: [&str; 4] = ["fashion-mnist", "idx", "csv", "image-folder"];
+pub const DATASET_KINDS: [&str; 5] = ["fashion-mnist", "idx", "csv", "image-folder", "text"];
 const TRAINING: &[&str] = &[
     "epochs",
     "global_batch_size",
@@ -397,8 +423,9 @@ impl JobSpec {
         let model_kind = match model.string("kind")?.as_deref() {
             Some("cnn") | None => ModelKind::Cnn,
             Some("mlp") => ModelKind::Mlp,
+            Some("transformer") => ModelKind::Transformer,
             Some("custom") => ModelKind::Custom,
-            Some(other) => return Err(model.invalid("kind", other, "one of: cnn, mlp, custom")),
+            Some(other) => return Err(model.invalid("kind", other, "one of: cnn, mlp, transformer, custom")),
         };
 
         let ds = top.section("dataset", DATASET)?;
@@ -414,6 +441,33 @@ impl JobSpec {
             && let Some(k) = csv_only.iter().find(|k| ds.table.contains_key(**k))
         {
             return Err(ds.invalid(k, "…", "this key is only read with dataset.kind = \"csv\""));
+        }
+        let text_only = ["tokenizer", "context", "test_fraction"];
+        if kind != "text"
+            && let Some(k) = text_only.iter().find(|k| ds.table.contains_key(**k))
+        {
+            return Err(ds.invalid(k, "…", "this key is only read with dataset.kind = \"text\""));
+        }
+        match (model_kind, kind == "text") {
+            (ModelKind::Transformer, false) => {
+                return Err(model.invalid(
+                    "kind",
+                    "transformer",
+                    "a language model: it needs dataset.kind = \"text\"",
+                ));
+            }
+            (ModelKind::Cnn | ModelKind::Mlp, true) => {
+                return Err(model.invalid(
+                    "kind",
+                    if model_kind == ModelKind::Cnn { "cnn" } else { "mlp" },
+                    "an image model; a text dataset needs model.kind = \"transformer\" (or custom)",
+                ));
+            }
+            _ => {}
+        }
+        let test_fraction = ds.float("test_fraction")?.unwrap_or(0.1);
+        if !(0.0..0.9).contains(&test_fraction) {
+            return Err(ds.invalid("test_fraction", &test_fraction.to_string(), "a number from 0 to 0.9"));
         }
         let split = match ds.string("split")?.as_deref() {
             Some("even") | None => SplitKind::Even,
@@ -440,6 +494,9 @@ impl JobSpec {
             train_file: ds.string("train_file")?,
             test_file: ds.string("test_file")?,
             image_shape: ds.shape("image_shape")?,
+            tokenizer: ds.string("tokenizer")?.unwrap_or_else(byte),
+            context: ds.int("context", 2, 4096)?.unwrap_or(64),
+            test_fraction,
         };
 
         let pp = top.section("preprocess", PREPROCESS)?;
@@ -673,6 +730,11 @@ impl JobSpec {
         resolve(&mut self.output_dir);
         if let Some(r) = &mut self.training.resume_from {
             resolve(r);
+        }
+        if !matches!(self.dataset.tokenizer.as_str(), "byte" | "char") {
+            let mut t = PathBuf::from(&self.dataset.tokenizer);
+            resolve(&mut t);
+            self.dataset.tokenizer = t.display().to_string();
         }
         if let Some(task) = &mut self.task {
             resolve(&mut task.program);
@@ -944,7 +1006,7 @@ workers = 3
         let err = edit("kind = \"cnn\"", "kind = \"resnet\"").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "`model.kind` = \"resnet\" is not allowed; one of: cnn, mlp, custom"
+            "`model.kind` = \"resnet\" is not allowed; one of: cnn, mlp, transformer, custom"
         );
         let err = edit("optimizer = \"adam\"", "optimizer = \"lion\"").unwrap_err();
         assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "training.optimizer"));
@@ -1074,5 +1136,31 @@ workers = 3
             let err = with(&format!("[preprocess]\n{bad}")).unwrap_err();
             assert!(err.to_string().contains(key), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn text_datasets_need_the_transformer() {
+        let text = GOOD.replace("kind = \"cnn\"", "kind = \"transformer\"").replace(
+            "[dataset]",
+            "[dataset]\nkind = \"text\"\ncontext = 32\ntokenizer = \"char\"",
+        );
+        let text = text.replace("train_limit = 3000\n", "");
+        let s = JobSpec::parse(&text).unwrap();
+        assert_eq!(
+            (s.model, s.dataset.context, s.dataset.tokenizer.as_str()),
+            (ModelKind::Transformer, 32, "char")
+        );
+        let err = JobSpec::parse(&GOOD.replace("kind = \"cnn\"", "kind = \"transformer\"")).unwrap_err();
+        assert!(err.to_string().contains("needs dataset.kind = \"text\""), "{err}");
+        let err = edit("[dataset]", "[dataset]\nkind = \"text\"").unwrap_err();
+        assert!(err.to_string().contains("model.kind = \"transformer\""), "{err}");
+        let err = edit("[dataset]", "[dataset]\ncontext = 8").unwrap_err();
+        assert!(
+            err.to_string().contains("only read with dataset.kind = \"text\""),
+            "{err}"
+        );
+        let mut s = JobSpec::parse(&text.replace("\"char\"", "\"tok/tokenizer.json\"")).unwrap();
+        s.resolve_paths(Path::new("/specs"));
+        assert_eq!(s.dataset.tokenizer, "/specs/tok/tokenizer.json");
     }
 }

@@ -1,15 +1,18 @@
 //! Built-in models Hetero can train without any user code.
 //!
-//! Every model here is an image classifier: it takes `[batch, 1, 28, 28]` pixels
-//! (normalised) and returns `[batch, 10]` logits. They are ordinary burn modules,
-//! generic over the backend, so the same code runs on every device kind.
+//! The image classifiers take `[batch, 1, 28, 28]` pixels (normalised) and return
+//! `[batch, 10]` logits; [`lm`] is a small causal transformer language model. They
+//! are ordinary burn modules, generic over the backend, so the same code runs on
+//! every device kind.
 
 use burn::prelude::*;
 
 pub mod cnn;
+pub mod lm;
 pub mod mlp;
 
 pub use cnn::{Cnn, CnnConfig};
+pub use lm::{TinyLm, TinyLmConfig};
 pub use mlp::{Mlp, MlpConfig};
 
 /// An image classifier: the one thing the built-in training task needs of a model.

@@ -3,7 +3,9 @@
 //!
 //! Reading order:
 //! - [`task`]: what Hetero needs from training code (model, data, loss, optimiser);
-//! - [`image_task`]: the built-in task (Fashion-MNIST with the models of `hetero-models`);
+//! - [`image_task`]: the built-in image task (Fashion-MNIST, CSV or image folders with
+//!   the classifiers of `hetero-models`);
+//! - [`text_task`]: the built-in text task (a small transformer language model);
 //! - [`params`]: flattening parameters and gradients into one buffer for collectives;
 //! - [`optim`]: the optimiser, run by Hetero on flat buffers (so its state can be
 //!   checkpointed, handed over and held by a parameter server);
@@ -26,6 +28,7 @@ pub mod param_server;
 pub mod params;
 pub mod report;
 pub mod task;
+pub mod text_task;
 pub mod trainer;
 
 pub use error::TrainError;

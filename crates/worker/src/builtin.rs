@@ -1,9 +1,11 @@
 //! The built-in worker (`hetero worker`): the job spec names one of Hetero's own
-//! models, trained on the spec's dataset.
+//! models (image classifiers, or the transformer language model), trained on the
+//! spec's dataset.
 
 use hetero_job::ModelKind;
 use hetero_models::{CnnConfig, MlpConfig};
 use hetero_train::image_task::ImageTask;
+use hetero_train::text_task::TextTask;
 
 use crate::WorkerError;
 
@@ -17,6 +19,7 @@ pub fn run() -> Result<(), WorkerError> {
         ModelKind::Mlp => crate::try_run(|ctx, _| {
             ImageTask::from_spec(&ctx.spec, |d| MlpConfig::new().init(d)).map_err(|e| e.to_string())
         }),
+        ModelKind::Transformer => crate::try_run(|ctx, _| TextTask::from_spec(&ctx.spec).map_err(|e| e.to_string())),
         ModelKind::Custom => Err(WorkerError::Setup(
             "model.kind = \"custom\" runs the program named in [task], not the built-in worker".into(),
         )),
