@@ -494,10 +494,11 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// Evaluates the test set, each worker a balanced part; every worker gets the
     /// totals, and `extra` (summed over workers) rides along.
     pub fn evaluate(&mut self) -> Result<Option<Evaluation>, TrainError> {
-        self.evaluate_with(&mut []).map(|(e, _)| e)
+        self.evaluate_with(&mut [])
     }
 
-    fn evaluate_with(&mut self, extra: &mut [f32]) -> Result<(Option<Evaluation>, ()), TrainError> {
+    /// [`Trainer::evaluate`], summing `extra` over the workers in the same exchange.
+    fn evaluate_with(&mut self, extra: &mut [f32]) -> Result<Option<Evaluation>, TrainError> {
         let len = self.task.test_len();
         let started = Instant::now();
         let (a, b) = shard::balanced(len, self.world(), self.rank);
@@ -518,12 +519,11 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         self.comm += started.elapsed() - computed;
         self.compute += computed;
         extra.copy_from_slice(&buf[3..]);
-        let eval = (len > 0).then(|| Evaluation {
+        Ok((len > 0).then(|| Evaluation {
             loss_sum: buf[0] as f64,
             correct: buf[1] as f64,
             count: buf[2] as f64,
-        });
-        Ok((eval, ()))
+        }))
     }
 
     /// Retries `op` after regrouping for as long as the ring breaks and survivors
@@ -731,7 +731,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             let mut extra = [loss_share as f32, 0.0];
             let eval = self.resilient(&mut progress, on_event, |t, _| {
                 let mut e = extra;
-                let r = t.evaluate_with(&mut e)?.0;
+                let r = t.evaluate_with(&mut e)?;
                 Ok((r, e))
             })?;
             let (eval, sums) = eval;
