@@ -29,6 +29,11 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// The `summary.json` at `path`.
+fn summary_at(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 #[test]
 fn local_cluster_trains_the_cnn_across_three_processes() {
     let dir = tempfile::tempdir().unwrap();
@@ -45,7 +50,7 @@ fn local_cluster_trains_the_cnn_across_three_processes() {
     assert!(out.status.success(), "{log}");
     assert!(log.contains("epoch 2/2"), "{log}");
     let summary_path = dir.path().join("runs/job-000001/summary.json");
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&summary_path).unwrap()).unwrap();
+    let summary = summary_at(&summary_path);
     assert_eq!(summary["workers"], 3);
     // Chance is ln(10) ≈ 2.30; the last epoch must be far below it and below the first.
     let first = summary["first_epoch_loss"].as_f64().unwrap();
@@ -380,9 +385,7 @@ fn a_local_cluster_of_unlike_groups_trains_one_job() {
         "both backends must run:\n{log}"
     );
     assert!(log.contains("speed cap 0.5: this worker idles"), "{log}");
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("runs/job-000001/summary.json")).unwrap())
-            .unwrap();
+    let summary = summary_at(&dir.path().join("runs/job-000001/summary.json"));
     assert!(summary["last_epoch_loss"].as_f64().unwrap() < summary["first_epoch_loss"].as_f64().unwrap());
     assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
 
@@ -503,9 +506,7 @@ fn a_worker_killed_mid_epoch_migrates_its_samples_and_the_job_completes() {
     let alerts = text(&client("alerts", port, &state).output().unwrap());
     assert!(alerts.contains("worker rank 2") && alerts.contains("lost"), "{alerts}");
 
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("runs/job-000001/summary.json")).unwrap())
-            .unwrap();
+    let summary = summary_at(&dir.path().join("runs/job-000001/summary.json"));
     assert_eq!(summary["lost_workers"], serde_json::json!([2]), "{summary}");
     assert_eq!(summary["history"].as_array().unwrap().len(), 3, "{summary}");
     assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
@@ -539,9 +540,7 @@ fn every_strategy_trains_through_separate_processes() {
             .unwrap();
         let log = text(&out);
         assert!(out.status.success(), "{strategy} {extra}: {log}");
-        let summary: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.path().join("runs/job-000001/summary.json")).unwrap())
-                .unwrap();
+        let summary = summary_at(&dir.path().join("runs/job-000001/summary.json"));
         assert_eq!(summary["strategy"], strategy, "{summary}");
         let (first, last) = (
             summary["first_epoch_loss"].as_f64().unwrap(),
@@ -600,9 +599,7 @@ fn a_cancelled_job_resumes_from_its_checkpoint() {
     let log = text(&out);
     assert!(out.status.success(), "{log}");
     assert!(log.contains("job-000001 resumes as job-000002"), "{log}");
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("runs/job-000002/summary.json")).unwrap())
-            .unwrap();
+    let summary = summary_at(&dir.path().join("runs/job-000002/summary.json"));
     let at = summary["resumed_at_epoch"].as_u64().expect("resumed") as usize;
     assert!((1..4).contains(&at), "{summary}");
     assert_eq!(summary["history"].as_array().unwrap().len(), 4, "{summary}");
@@ -665,10 +662,7 @@ fn csv_files_and_image_folders_train_with_preprocessing() {
         let out = hetero().arg("local").arg(&spec).output().unwrap();
         let log = text(&out);
         assert!(out.status.success(), "{kind}: {log}");
-        let summary: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.path().join(format!("runs-{kind}/job-000001/summary.json"))).unwrap(),
-        )
-        .unwrap();
+        let summary = summary_at(&dir.path().join(format!("runs-{kind}/job-000001/summary.json")));
         assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{kind}: {summary}");
         assert!(
             summary["last_epoch_loss"].as_f64().unwrap() < summary["first_epoch_loss"].as_f64().unwrap(),
@@ -719,9 +713,7 @@ fn a_transformer_learns_shakespeare_across_two_workers() {
     let out = hetero().arg("local").arg(&spec).output().unwrap();
     let log = text(&out);
     assert!(out.status.success(), "{log}");
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.path().join("runs/job-000001/summary.json")).unwrap())
-            .unwrap();
+    let summary = summary_at(&dir.path().join("runs/job-000001/summary.json"));
     let (first, last) = (
         summary["first_epoch_loss"].as_f64().unwrap(),
         summary["last_epoch_loss"].as_f64().unwrap(),

@@ -154,6 +154,41 @@ where
     }
 }
 
+/// An empty test set for images shaped like `train`'s.
+fn no_images_like(train: &ImageDataset) -> ImageDataset {
+    ImageDataset {
+        pixels: vec![],
+        labels: vec![],
+        rows: train.rows,
+        cols: train.cols,
+    }
+}
+
+/// Cross-entropy and correct predictions summed over `[n, classes]` logits with
+/// their `[n]` labels.
+pub fn classification_sums<B: Backend>(logits: Tensor<B, 2>, labels: Tensor<B, 1, Int>) -> Evaluation {
+    let count = labels.dims()[0] as f64;
+    let correct = logits
+        .clone()
+        .argmax(1)
+        .flatten::<1>(0, 1)
+        .equal(labels.clone())
+        .int()
+        .sum()
+        .into_scalar()
+        .elem::<f64>();
+    let loss = CrossEntropyLossConfig::new()
+        .init(&logits.device())
+        .forward(logits, labels)
+        .into_scalar()
+        .elem::<f64>();
+    Evaluation {
+        loss_sum: loss * count,
+        correct,
+        count,
+    }
+}
+
 /// The training and test images a spec names, limited and resized as it says.
 /// Without a test set (a CSV dataset with no test file) the test set is empty.
 pub fn load_images(spec: &JobSpec) -> Result<(ImageDataset, ImageDataset), TrainError> {
@@ -167,12 +202,7 @@ pub fn load_images(spec: &JobSpec) -> Result<(ImageDataset, ImageDataset), Train
             let test = if test_path.exists() || ds.test_file.is_some() {
                 hetero_data::csv::load(&test_path, &ds.label_column, ds.image_shape)?
             } else {
-                ImageDataset {
-                    pixels: vec![],
-                    labels: vec![],
-                    rows: train.rows,
-                    cols: train.cols,
-                }
+                no_images_like(&train)
             };
             (train, test)
         }
@@ -183,12 +213,7 @@ pub fn load_images(spec: &JobSpec) -> Result<(ImageDataset, ImageDataset), Train
             let test = if dir.join("test").is_dir() {
                 hetero_data::folder::load(&dir.join("test"), &classes, Some((train.rows, train.cols)))?
             } else {
-                ImageDataset {
-                    pixels: vec![],
-                    labels: vec![],
-                    rows: train.rows,
-                    cols: train.cols,
-                }
+                no_images_like(&train)
             };
             (train, test)
         }
@@ -269,24 +294,6 @@ where
     }
 
     fn evaluate(&self, model: &M, batch: ImageBatch<B>) -> Evaluation {
-        let count = batch.labels.dims()[0];
-        let logits = model.forward(batch.images);
-        let predicted = logits.clone().argmax(1).flatten::<1>(0, 1);
-        let correct = predicted
-            .equal(batch.labels.clone())
-            .int()
-            .sum()
-            .into_scalar()
-            .elem::<f64>();
-        let loss = CrossEntropyLossConfig::new()
-            .init(&logits.device())
-            .forward(logits, batch.labels)
-            .into_scalar()
-            .elem::<f64>();
-        Evaluation {
-            loss_sum: loss * count as f64,
-            correct,
-            count: count as f64,
-        }
+        classification_sums(model.forward(batch.images), batch.labels)
     }
 }

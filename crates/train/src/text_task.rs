@@ -16,6 +16,7 @@ use hetero_data::text::{TokenWindows, Tokenizer, read_corpus};
 use hetero_job::JobSpec;
 use hetero_models::{TinyLm, TinyLmConfig};
 
+use crate::image_task::classification_sums;
 use crate::{Evaluation, Task, TrainError};
 
 /// Windows of token ids and their next tokens, on the device.
@@ -127,30 +128,10 @@ impl<B: AutodiffBackend> Task<B> for TextTask {
     }
 
     fn evaluate(&self, model: &TinyLm<B>, batch: TokenBatch<B>) -> Evaluation {
+        // Every position is one next-token prediction.
         let logits = model.forward(batch.inputs);
         let [n, t, v] = logits.dims();
-        let logits = logits.reshape([n * t, v]);
-        let targets = batch.targets.reshape([n * t]);
-        let correct = logits
-            .clone()
-            .argmax(1)
-            .flatten::<1>(0, 1)
-            .equal(targets.clone())
-            .int()
-            .sum()
-            .into_scalar()
-            .elem::<f64>();
-        let loss = CrossEntropyLossConfig::new()
-            .init(&logits.device())
-            .forward(logits, targets)
-            .into_scalar()
-            .elem::<f64>();
-        let tokens = (n * t) as f64;
-        Evaluation {
-            loss_sum: loss * tokens,
-            correct,
-            count: tokens,
-        }
+        classification_sums(logits.reshape([n * t, v]), batch.targets.reshape([n * t]))
     }
 }
 

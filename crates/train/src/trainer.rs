@@ -1099,10 +1099,13 @@ mod tests {
         assert_ne!(rare[0], rare[1], "3 steps with sync_every 2 end between averages");
     }
 
-    /// A task that records which samples it trained on.
+    /// A task that records which samples it trained on, and dies (panics) at its
+    /// `die_at`-th training batch when asked to.
     struct Recorded {
         inner: ImageTask<B, hetero_models::Mlp<B>>,
         seen: std::sync::Arc<std::sync::Mutex<Vec<usize>>>,
+        die_at: Option<usize>,
+        calls: std::cell::Cell<usize>,
     }
 
     impl Task<B> for Recorded {
@@ -1122,6 +1125,11 @@ mod tests {
             indices: &[usize],
             device: &<B as burn::tensor::backend::BackendTypes>::Device,
         ) -> Self::Batch {
+            let n = self.calls.get();
+            self.calls.set(n + 1);
+            if Some(n) == self.die_at {
+                panic!("worker killed on purpose (test)");
+            }
             self.seen.lock().unwrap().extend_from_slice(indices);
             self.inner.train_batch(indices, device)
         }
@@ -1200,10 +1208,7 @@ mod tests {
                                 MlpConfig::new().with_hidden(16).init(d)
                             }),
                             seen,
-                        };
-                        let task = DieAt {
-                            task,
-                            at: (rank == 2).then_some(4),
+                            die_at: (rank == 2).then_some(4),
                             calls: std::cell::Cell::new(0),
                         };
                         let options = TrainOptions::new(epochs, global, 7).with_optimizer(Optimizer::Adam, 1e-2);
@@ -1246,52 +1251,6 @@ mod tests {
             repeated <= global,
             "only the interrupted step repeats ({repeated} samples)"
         );
-    }
-
-    /// Wraps a task so that `train_batch` panics (the worker dies) at call `at`.
-    struct DieAt {
-        task: Recorded,
-        at: Option<usize>,
-        calls: std::cell::Cell<usize>,
-    }
-
-    impl Task<B> for DieAt {
-        type Model = hetero_models::Mlp<B>;
-        type Batch = crate::image_task::ImageBatch<B>;
-        fn train_len(&self) -> usize {
-            self.task.train_len()
-        }
-        fn test_len(&self) -> usize {
-            self.task.test_len()
-        }
-        fn model(&self, device: &<B as burn::tensor::backend::BackendTypes>::Device) -> Self::Model {
-            self.task.model(device)
-        }
-        fn train_batch(
-            &self,
-            indices: &[usize],
-            device: &<B as burn::tensor::backend::BackendTypes>::Device,
-        ) -> Self::Batch {
-            let n = self.calls.get();
-            self.calls.set(n + 1);
-            if Some(n) == self.at {
-                panic!("worker killed on purpose (test)");
-            }
-            self.task.train_batch(indices, device)
-        }
-        fn test_batch(
-            &self,
-            indices: &[usize],
-            device: &<B as burn::tensor::backend::BackendTypes>::Device,
-        ) -> Self::Batch {
-            self.task.test_batch(indices, device)
-        }
-        fn loss(&self, model: &Self::Model, batch: Self::Batch) -> Tensor<B, 1> {
-            self.task.loss(model, batch)
-        }
-        fn evaluate(&self, model: &Self::Model, batch: Self::Batch) -> Evaluation {
-            self.task.evaluate(model, batch)
-        }
     }
 
     /// Starts a parameter server for `clients` on loopback, with `initial` as the
