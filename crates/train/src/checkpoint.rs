@@ -105,6 +105,20 @@ impl Checkpoint {
         std::fs::rename(&tmp, path).map_err(io)
     }
 
+    /// Reads the checkpoint at `path` for a model of `parameters` parameters: a
+    /// checkpoint of another model is refused with both sizes named.
+    pub fn load_for(path: &Path, parameters: usize) -> Result<Checkpoint, TrainError> {
+        let c = Checkpoint::load(path)?;
+        if c.params.len() != parameters {
+            return Err(TrainError::Config(format!(
+                "checkpoint {} holds {} parameters; this job's model has {parameters}",
+                path.display(),
+                c.params.len()
+            )));
+        }
+        Ok(c)
+    }
+
     /// Reads and checks the checkpoint at `path`.
     pub fn load(path: &Path) -> Result<Checkpoint, TrainError> {
         let bytes = std::fs::read(path)

@@ -297,15 +297,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         if let Some(path) = &options.resume {
             // Every worker reads the checkpoint itself, so a damaged one fails every
             // worker with the same message before any of them trains.
-            let c = Checkpoint::load(path)?;
-            if c.params.len() != flat.len() {
-                return Err(TrainError::Config(format!(
-                    "checkpoint {} holds {} parameters; this job's model has {}",
-                    path.display(),
-                    c.params.len(),
-                    flat.len()
-                )));
-            }
+            let c = Checkpoint::load_for(path, flat.len())?;
             if matches!(topology, Topology::Ring) {
                 flat = c.params;
                 if let Some(state) = c.optimizer

@@ -280,15 +280,7 @@ fn serve_parameters<T: Task<SystemBackend>>(
     let mut params = hetero_train::params::flatten(&task.model(device));
     let mut state = None;
     if let Some(path) = &spec.training.resume_from {
-        let c = Checkpoint::load(path)?;
-        if c.params.len() != params.len() {
-            return Err(WorkerError::Setup(format!(
-                "checkpoint {} holds {} parameters; this job's model has {}",
-                path.display(),
-                c.params.len(),
-                params.len()
-            )));
-        }
+        let c = Checkpoint::load_for(path, params.len())?;
         eprintln!("parameter server resumes from {} (epoch {})", path.display(), c.epoch);
         params = c.params;
         state = c

@@ -133,24 +133,6 @@ impl<B: AutodiffBackend> Task<B> for MyTask<B> {
         let model = model.valid();
         let images = batch.images.inner();
         let labels = batch.labels.inner();
-        let n = labels.dims()[0];
-        let logits = model.forward(images);
-        let correct = logits
-            .clone()
-            .argmax(1)
-            .flatten::<1>(0, 1)
-            .equal(labels.clone())
-            .int()
-            .sum()
-            .into_scalar();
-        let loss = CrossEntropyLossConfig::new()
-            .init(&logits.device())
-            .forward(logits, labels)
-            .into_scalar();
-        Evaluation {
-            loss_sum: loss.elem::<f64>() * n as f64,
-            correct: correct.elem::<f64>(),
-            count: n as f64,
-        }
+        hetero_train::image_task::classification_sums(model.forward(images), labels)
     }
 }
