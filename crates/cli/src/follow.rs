@@ -159,8 +159,27 @@ fn show(display: &mut Display, entry: &pb::LogEntry, show_logs: bool) {
                 lost,
                 workers,
                 shares,
+                collapsed,
+                ..
             }) => display.line(format!(
-                "epoch {}: lost worker rank {lost:?}; {workers} survivor(s) continue from step {step} with shares {}",
+                "epoch {}: {}; {workers} worker(s) continue{} from step {step} with shares {}",
+                epoch + 1,
+                if lost.is_empty() {
+                    "lost the parameter server".to_string()
+                } else {
+                    format!("lost worker rank {lost:?}")
+                },
+                if collapsed { " as one allreduce ring" } else { "" },
+                percentages(&shares)
+            )),
+            Ok(Event::Rejoined {
+                epoch,
+                joined,
+                workers,
+                shares,
+                ..
+            }) => display.line(format!(
+                "epoch {}: worker rank {joined:?} rejoined; {workers} worker(s) with shares {}",
                 epoch + 1,
                 percentages(&shares)
             )),

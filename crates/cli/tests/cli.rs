@@ -446,38 +446,34 @@ fn worker_pid(port: u16, rank: usize) -> Option<u32> {
     })
 }
 
-#[test]
-fn a_worker_killed_mid_epoch_migrates_its_samples_and_the_job_completes() {
-    let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let (_coordinator, port) = start_coordinator_with(0, &state, &["--dead-after", "3"]);
-    let _agents: Vec<Killed> = (0..3)
-        .map(|i| start_agent(port, &state, &dir.path().join(format!("agent{i}"))))
-        .collect();
-    let spec = write_spec(
-        dir.path(),
-        &format!(
-            "name = \"survivor\"\n[model]\nkind = \"cnn\"\n[dataset]\npath = \"{}\"\ntrain_limit = 3000\ntest_limit = 500\n\
-             [training]\nepochs = 3\nglobal_batch_size = 48\n[cluster]\nworkers = 3\nthreads_per_worker = 1\n\
-             [output]\ndir = \"{}\"\n",
-            subset().display(),
-            dir.path().join("runs").display()
-        ),
-    );
-    let out = client("submit", port, &state).arg(&spec).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
-
-    // Wait for the first epoch's end, then kill rank 2 in the middle of the second.
-    let started = Instant::now();
+/// Waits until job-000001's log holds `needle`; returns the log.
+fn wait_for_log(port: u16, state: &Path, needle: &str, started: Instant) -> String {
     loop {
-        let logs = text(&client("logs", port, &state).arg("job-000001").output().unwrap());
-        if logs.contains("\"type\":\"epoch\"") {
-            break;
+        let logs = text(&client("logs", port, state).arg("job-000001").output().unwrap());
+        if logs.contains(needle) {
+            return logs;
         }
-        assert!(started.elapsed() < Duration::from_secs(120), "no epoch ended:\n{logs}");
+        assert!(
+            started.elapsed() < Duration::from_secs(240),
+            "no {needle:?} in the log:\n{logs}"
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let pid = worker_pid(port, 2).expect("rank 2's worker process");
+}
+
+/// Waits until job-000001 ends; returns its status.
+fn wait_for_end(port: u16, state: &Path, started: Instant) -> String {
+    loop {
+        let t = text(&client("status", port, state).arg("job-000001").output().unwrap());
+        if t.contains("state      succeeded") || t.contains("state      failed") {
+            return t;
+        }
+        assert!(started.elapsed() < Duration::from_secs(300), "job never ended:\n{t}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+fn kill_9(pid: u32) {
     assert!(
         Command::new("kill")
             .arg("-9")
@@ -486,15 +482,40 @@ fn a_worker_killed_mid_epoch_migrates_its_samples_and_the_job_completes() {
             .unwrap()
             .success()
     );
+}
 
-    let status = loop {
-        let t = text(&client("status", port, &state).arg("job-000001").output().unwrap());
-        if t.contains("state      succeeded") || t.contains("state      failed") {
-            break t;
-        }
-        assert!(started.elapsed() < Duration::from_secs(240), "job never ended:\n{t}");
-        std::thread::sleep(Duration::from_millis(300));
-    };
+/// A spec of a 3-worker job on the subset, with `training` lines added.
+fn three_worker_spec(dir: &Path, model: &str, training: &str) -> PathBuf {
+    write_spec(
+        dir,
+        &format!(
+            "name = \"survivor\"\n[model]\nkind = \"{model}\"\n[dataset]\npath = \"{}\"\ntrain_limit = 3000\ntest_limit = 500\n\
+             [training]\nglobal_batch_size = 48\n{training}\n[cluster]\nworkers = 3\nthreads_per_worker = 1\n\
+             [output]\ndir = \"{}\"\n",
+            subset().display(),
+            dir.join("runs").display()
+        ),
+    )
+}
+
+#[test]
+fn a_worker_killed_mid_epoch_migrates_its_samples_and_the_job_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_coordinator, port) = start_coordinator_with(0, &state, &["--dead-after", "3"]);
+    let _agents: Vec<Killed> = (0..3)
+        .map(|i| start_agent(port, &state, &dir.path().join(format!("agent{i}"))))
+        .collect();
+    let spec = three_worker_spec(dir.path(), "cnn", "epochs = 3");
+    let out = client("submit", port, &state).arg(&spec).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    // Wait for the first epoch's end, then kill rank 2 in the middle of the second.
+    let started = Instant::now();
+    wait_for_log(port, &state, "\"type\":\"epoch\"", started);
+    kill_9(worker_pid(port, 2).expect("rank 2's worker process"));
+
+    let status = wait_for_end(port, &state, started);
     let logs = text(&client("logs", port, &state).arg("job-000001").output().unwrap());
     assert!(status.contains("state      succeeded"), "{status}\n{logs}");
     assert!(status.contains("rank 2 lost and migrated"), "{status}");
@@ -508,6 +529,88 @@ fn a_worker_killed_mid_epoch_migrates_its_samples_and_the_job_completes() {
 
     let summary = summary_at(&dir.path().join("runs/job-000001/summary.json"));
     assert_eq!(summary["lost_workers"], serde_json::json!([2]), "{summary}");
+    assert_eq!(summary["history"].as_array().unwrap().len(), 3, "{summary}");
+    assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
+}
+
+/// The parent of process `pid`.
+fn parent_of(pid: u32) -> u32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name is in parentheses and may hold spaces: count after it.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    after.split(' ').nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_node_that_comes_back_rejoins_its_job_at_the_next_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_coordinator, port) = start_coordinator_with(0, &state, &["--dead-after", "3"]);
+    let work = |i: usize| dir.path().join(format!("agent{i}"));
+    let mut agents: Vec<Killed> = (0..3).map(|i| start_agent(port, &state, &work(i))).collect();
+    let spec = three_worker_spec(dir.path(), "cnn", "epochs = 6");
+    let out = client("submit", port, &state).arg(&spec).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    // After the first epoch, rank 2's whole node goes down: its agent (kill -9, so
+    // it cannot stop its worker; the worker notices its agent is gone) ...
+    let started = Instant::now();
+    wait_for_log(port, &state, "\"type\":\"epoch\"", started);
+    let worker = worker_pid(port, 2).expect("rank 2's worker process");
+    let agent = parent_of(worker);
+    let index = agents.iter().position(|a| a.0.id() == agent).expect("rank 2's agent");
+    agents[index].0.kill().unwrap();
+    agents[index].0.wait().unwrap();
+    let gone = Instant::now();
+    while std::path::Path::new(&format!("/proc/{worker}")).exists() {
+        assert!(gone.elapsed() < Duration::from_secs(10), "the orphaned worker lives on");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // ... and comes back: the same agent, from the same work folder.
+    agents[index] = start_agent(port, &state, &work(index));
+
+    wait_for_log(port, &state, "worker rank 2 relaunched", started);
+    let status = wait_for_end(port, &state, started);
+    let logs = text(&client("logs", port, &state).arg("job-000001").output().unwrap());
+    assert!(status.contains("state      succeeded"), "{status}\n{logs}");
+    assert!(logs.contains("rejoin the ring after epoch"), "{logs}");
+    assert!(logs.contains("\"type\":\"rejoined\""), "{logs}");
+    let summary = summary_at(&dir.path().join("runs/job-000001/summary.json"));
+    assert_eq!(summary["lost_workers"], serde_json::json!([2]), "{summary}");
+    assert_eq!(summary["rejoined_workers"], serde_json::json!([2]), "{summary}");
+    assert_eq!(summary["history"].as_array().unwrap().len(), 6, "{summary}");
+    assert!(summary["per_worker"][2]["samples"].as_u64().unwrap() > 0, "{summary}");
+    assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
+    let nodes = text(&client("nodes", port, &state).output().unwrap());
+    assert_eq!(nodes.matches("node-").count(), 3, "the agent came back as the same node:\n{nodes}");
+}
+
+#[test]
+fn a_parameter_server_job_survives_a_killed_worker_as_one_ring() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_coordinator, port) = start_coordinator_with(0, &state, &["--dead-after", "3"]);
+    let _agents: Vec<Killed> = (0..3)
+        .map(|i| start_agent(port, &state, &dir.path().join(format!("agent{i}"))))
+        .collect();
+    let spec = three_worker_spec(
+        dir.path(),
+        "mlp",
+        "epochs = 3\nstrategy = \"parameter-server\"\nlearning_rate = 0.002",
+    );
+    let out = client("submit", port, &state).arg(&spec).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let started = Instant::now();
+    wait_for_log(port, &state, "\"type\":\"epoch\"", started);
+    kill_9(worker_pid(port, 1).expect("rank 1's worker process"));
+
+    let status = wait_for_end(port, &state, started);
+    let logs = text(&client("logs", port, &state).arg("job-000001").output().unwrap());
+    assert!(status.contains("state      succeeded"), "{status}\n{logs}");
+    assert!(logs.contains("go on as one allreduce ring"), "{logs}");
+    assert!(logs.contains("\"collapsed\":true"), "{logs}");
+    let summary = summary_at(&dir.path().join("runs/job-000001/summary.json"));
+    assert_eq!(summary["lost_workers"], serde_json::json!([1]), "{summary}");
     assert_eq!(summary["history"].as_array().unwrap().len(), 3, "{summary}");
     assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
 }

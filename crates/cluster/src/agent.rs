@@ -201,12 +201,33 @@ struct Running {
 
 type Tasks = Arc<Mutex<HashMap<String, Running>>>;
 
+/// The file in an agent's work folder that keeps the node id the coordinator gave
+/// it: a restarted agent registers as the same node, and the ranks it lost come back.
+pub const ID_FILE: &str = "agent-id";
+
+/// The node id this agent had before it restarted, if its work folder kept one.
+fn remembered_id(config: &AgentConfig) -> String {
+    std::fs::read_to_string(config.work_dir.join(ID_FILE))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Keeps `agent_id` for the next start (a failure only costs the node its identity).
+fn remember_id(config: &AgentConfig, agent_id: &str) {
+    let written = std::fs::create_dir_all(&config.work_dir)
+        .and_then(|_| std::fs::write(config.work_dir.join(ID_FILE), agent_id));
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot keep the node id in the work folder; a restart registers a new node");
+    }
+}
+
 /// Runs the agent until `shutdown` becomes true; its workers are killed then.
 pub async fn run(mut config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), ClusterError> {
     add_discovered_gpus(&mut config);
     let tasks: Tasks = Arc::default();
     let mut client: Option<Client> = None;
     let mut agent_id = String::new();
+    let mut known_id = remembered_id(&config);
     let mut interval = Duration::from_millis(500);
     let mut warned = false;
     let mut sys = sysinfo::System::new();
@@ -226,7 +247,7 @@ pub async fn run(mut config: AgentConfig, mut shutdown: watch::Receiver<bool>) -
             if agent_id.is_empty() {
                 let req = pb::RegisterAgentRequest {
                     protocol_version: PROTOCOL_VERSION,
-                    agent_id: String::new(),
+                    agent_id: known_id.clone(),
                     hostname: config.hostname.clone(),
                     groups: discover_groups(&config),
                 };
@@ -235,6 +256,10 @@ pub async fn run(mut config: AgentConfig, mut shutdown: watch::Receiver<bool>) -
                         let r = r.into_inner();
                         tracing::info!(agent_id = %r.agent_id, "registered with the coordinator");
                         agent_id = r.agent_id;
+                        if agent_id != known_id {
+                            remember_id(&config, &agent_id);
+                            known_id = agent_id.clone();
+                        }
                         interval = Duration::from_millis(r.heartbeat_interval_ms.max(50) as u64);
                         warned = false;
                     }

@@ -68,9 +68,13 @@ struct State {
     nodes: BTreeMap<String, NodeRecord>,
     /// Data-plane address of each rank, per running job.
     rendezvous: HashMap<String, Vec<Option<String>>>,
-    /// Per job, the latest regroup after lost workers: generation and each
-    /// arrived survivor's (original rank → address).
+    /// Per job, the latest regroup after lost or rejoining workers: generation and
+    /// each arrived member's (original rank → address).
     regroups: HashMap<String, (u64, BTreeMap<u32, String>)>,
+    /// Per job, relaunched ranks waiting to be admitted: (original rank → address).
+    joiners: HashMap<String, BTreeMap<u32, String>>,
+    /// Per job, the last membership decision: (generation, epoch, admitted ranks).
+    admissions: HashMap<String, (u64, u64, Vec<u32>)>,
     /// Last log sequence number per job.
     log_seq: HashMap<String, u64>,
     next_job: u64,
@@ -130,6 +134,16 @@ pub struct Coordinator {
 /// The role name of a job's parameter server (`HETERO_ROLE`).
 pub const SERVER_ROLE: &str = "parameter-server";
 
+/// The role name of a lost rank relaunched when its node came back: it joins the
+/// running ring at the next epoch boundary (`HETERO_ROLE`).
+pub const JOINING_ROLE: &str = "joining";
+
+/// Whether `t` is one of the job's workers (not its parameter server) that is in
+/// the ring now: alive, and admitted if it rejoined.
+fn in_ring(t: &TaskRecord, workers: u32) -> bool {
+    t.rank < workers && !t.state.is_final() && !t.joining
+}
+
 /// The parameter server of a job whose workers are `placed`: rank `workers`, on the
 /// node that runs most of them (so most gradients cross no network), without taking
 /// a worker slot — it sums and steps, and waits on the network the rest of the time.
@@ -157,6 +171,8 @@ fn server_task(job_id: &str, workers: u32, placed: &[TaskRecord]) -> TaskRecord 
         memory_mb: 0,
         weight: 0.0,
         migrated: false,
+        rejoins: 0,
+        joining: false,
     }
 }
 
@@ -350,6 +366,8 @@ impl Coordinator {
         self.save_job(&job);
         st.rendezvous.remove(job_id);
         st.regroups.remove(job_id);
+        st.joiners.remove(job_id);
+        st.admissions.remove(job_id);
         if state == JobState::Failed {
             self.raise(
                 st,
@@ -370,21 +388,37 @@ impl Coordinator {
         if job.state != JobState::Running {
             return;
         }
-        let live = job.tasks.iter().filter(|t| !t.state.is_final()).count();
+        // A relaunched rank not yet admitted holds no work: it keeps nothing alive.
+        let live = job.tasks.iter().filter(|t| !t.state.is_final() && !t.joining).count();
+        let workers_left = job.tasks.iter().filter(|t| in_ring(t, job.workers)).count();
         let newly_lost: Vec<usize> = (0..job.tasks.len())
             .filter(|&i| job.tasks[i].state == TaskState::Failed && !job.tasks[i].migrated)
             .collect();
-        if !newly_lost.is_empty() && job.formed && job.migratable && live > 0 {
+        if !newly_lost.is_empty() && job.formed && job.migratable && workers_left > 0 {
             // The survivors regroup by themselves; record the loss where users look.
             let job = st.jobs.get_mut(job_id).expect("checked above");
             let mut lines = Vec::new();
             for &i in &newly_lost {
                 let t = &mut job.tasks[i];
                 t.migrated = true;
-                lines.push(format!(
-                    "worker rank {} on {} lost ({}): its samples migrate to the {live} surviving worker(s)",
-                    t.rank, t.agent_id, t.message
-                ));
+                lines.push(if t.rank >= job.workers {
+                    format!(
+                        "the parameter server on {} was lost ({}): the {workers_left} worker(s) go on as one \
+                         allreduce ring from the latest global model",
+                        t.agent_id, t.message
+                    )
+                } else if job.server {
+                    format!(
+                        "worker rank {} on {} lost ({}): the {workers_left} surviving worker(s) take its samples \
+                         and go on as one allreduce ring from the latest global model",
+                        t.rank, t.agent_id, t.message
+                    )
+                } else {
+                    format!(
+                        "worker rank {} on {} lost ({}): its samples migrate to the {workers_left} surviving worker(s)",
+                        t.rank, t.agent_id, t.message
+                    )
+                });
             }
             let saved = job.clone();
             self.save_job(&saved);
@@ -399,7 +433,13 @@ impl Coordinator {
             .tasks
             .iter()
             .filter(|t| t.migrated)
-            .map(|t| t.rank.to_string())
+            .map(|t| {
+                if t.rank >= job.workers {
+                    "the parameter server".to_string()
+                } else {
+                    format!("rank {}", t.rank)
+                }
+            })
             .collect();
         if let Some(failed) = job.tasks.iter().find(|t| t.state == TaskState::Failed && !t.migrated) {
             let msg = format!("worker rank {} failed: {}", failed.rank, failed.message);
@@ -408,10 +448,7 @@ impl Coordinator {
             let msg = if lost.is_empty() {
                 "all workers finished".to_string()
             } else {
-                format!(
-                    "all surviving workers finished (rank {} lost and migrated)",
-                    lost.join(", ")
-                )
+                format!("all surviving workers finished ({} lost and migrated)", lost.join(", "))
             };
             self.finish_job(st, job_id, JobState::Succeeded, msg);
         } else if live == 0 {
@@ -455,7 +492,9 @@ impl Coordinator {
             device: spec.cluster.device.clone(),
             memory_per_worker_mb: spec.cluster.memory_per_worker_mb,
             weighted: spec.dataset.split == hetero_job::SplitKind::Weighted,
-            migratable: spec.cluster.workers > 1 && !spec.training.strategy.uses_parameter_server(),
+            // With a parameter server, the workers go on without a lost member (or
+            // without the server) as one allreduce ring.
+            migratable: spec.cluster.workers > 1 || spec.training.strategy.uses_parameter_server(),
             server: spec.training.strategy.uses_parameter_server(),
             formed: false,
         };
@@ -467,13 +506,15 @@ impl Coordinator {
         Ok(job_id)
     }
 
-    /// A rendezvous after lost workers: ready once every worker still alive has
-    /// arrived for `generation`; the members are the survivors in rank order.
+    /// A rendezvous after lost workers, or to admit rejoining ones: ready once every
+    /// worker in the ring (and every admitted joiner) has arrived for `generation`;
+    /// the members are the arrivals in rank order. A joining worker (`joining`) waits
+    /// here, whatever its generation, until the ring admits it.
     fn regroup(&self, st: &mut State, req: pb::RendezvousRequest) -> Result<Response<pb::RendezvousResponse>, Status> {
         let job = &st.jobs[&req.job_id];
-        let Some(task) = job.tasks.iter().find(|t| t.rank == req.rank) else {
+        let Some(task) = job.tasks.iter().find(|t| t.rank == req.rank && t.rank < job.workers) else {
             return Err(Status::invalid_argument(format!(
-                "rank {} is outside the job",
+                "rank {} is not a worker of the job",
                 req.rank
             )));
         };
@@ -485,30 +526,52 @@ impl Coordinator {
         }
         if !job.migratable {
             return Err(Status::failed_precondition(format!(
-                "job {} cannot continue without a lost worker (its strategy does not migrate)",
+                "job {} cannot continue without a lost worker",
                 req.job_id
+            )));
+        }
+        if task.joining && !req.joining {
+            return Err(Status::failed_precondition(format!(
+                "worker rank {} has not been admitted into the ring yet",
+                req.rank
             )));
         }
         let live: Vec<(u32, f32)> = job
             .tasks
             .iter()
-            .filter(|t| !t.state.is_final())
+            .filter(|t| in_ring(t, job.workers))
             .map(|t| (t.rank, t.weight))
             .collect();
         let weighted = job.weighted;
+        if task.joining {
+            // Not admitted yet: wait for the next epoch boundary.
+            st.joiners
+                .entry(req.job_id.clone())
+                .or_default()
+                .insert(req.rank, req.address);
+            return Ok(Response::new(pb::RendezvousResponse::default()));
+        }
         let entry = st.regroups.entry(req.job_id.clone()).or_default();
-        if entry.0 < req.generation {
+        if req.joining {
+            // Admitted: the members' entry already holds this worker's address.
+            if !entry.1.contains_key(&req.rank) {
+                return Ok(Response::new(pb::RendezvousResponse::default()));
+            }
+        } else if entry.0 < req.generation {
             *entry = (req.generation, BTreeMap::new());
         } else if entry.0 > req.generation {
             return Err(Status::failed_precondition(format!(
-                "generation {} is over; the survivors are at generation {}",
+                "generation {} is over; the ring is at generation {}",
                 req.generation, entry.0
             )));
         }
-        entry.1.insert(req.rank, req.address);
+        if !req.joining {
+            entry.1.insert(req.rank, req.address);
+        }
         let ready = live.iter().all(|(r, _)| entry.1.contains_key(r));
         let mut resp = pb::RendezvousResponse {
             ready,
+            generation: entry.0,
             ..Default::default()
         };
         if ready {
@@ -521,6 +584,87 @@ impl Coordinator {
             }
         }
         Ok(Response::new(resp))
+    }
+
+    /// Between epochs, the ring asks whether relaunched ranks wait to join. The first
+    /// member to ask for `(generation, epoch)` decides for everyone: the waiting
+    /// joiners are admitted into generation + 1, which the members then form.
+    fn check_members(&self, st: &mut State, req: &pb::CheckMembershipRequest) -> Result<Vec<u32>, Status> {
+        let Some(job) = st.jobs.get(&req.job_id) else {
+            return Err(Status::not_found(format!("no job {}", req.job_id)));
+        };
+        if job.state != JobState::Running {
+            return Err(Status::failed_precondition(format!("job {} is {:?}", req.job_id, job.state)));
+        }
+        if let Some((g, e, ranks)) = st.admissions.get(&req.job_id)
+            && (*g, *e) == (req.generation, req.epoch)
+        {
+            return Ok(ranks.clone());
+        }
+        let waiting = st.joiners.remove(&req.job_id).unwrap_or_default();
+        let job = st.jobs.get_mut(&req.job_id).expect("checked above");
+        let admitted: Vec<(u32, String)> = waiting
+            .into_iter()
+            .filter(|(rank, _)| job.tasks.iter().any(|t| t.rank == *rank && t.joining && !t.state.is_final()))
+            .collect();
+        for t in job.tasks.iter_mut() {
+            if admitted.iter().any(|(r, _)| *r == t.rank) {
+                t.joining = false;
+            }
+        }
+        let ranks: Vec<u32> = admitted.iter().map(|(r, _)| *r).collect();
+        if !ranks.is_empty() {
+            let saved = job.clone();
+            self.save_job(&saved);
+            st.regroups
+                .insert(req.job_id.clone(), (req.generation + 1, admitted.into_iter().collect()));
+            let line = format!(
+                "rank(s) {ranks:?} rejoin the ring after epoch {} (generation {})",
+                req.epoch,
+                req.generation + 1
+            );
+            self.append_log(st, &req.job_id, -1, "state", vec![line.clone()]);
+            self.raise(st, "info", &req.job_id, format!("job {}: {line}", req.job_id));
+        }
+        st.admissions
+            .insert(req.job_id.clone(), (req.generation, req.epoch, ranks.clone()));
+        Ok(ranks)
+    }
+
+    /// Node `agent_id` came back (its agent registered again, or it heartbeats
+    /// again after being declared dead): each running job's ranks lost on it are
+    /// relaunched there, to join their ring at the next epoch boundary.
+    fn rejoin_lost(&self, st: &mut State, agent_id: &str) {
+        let mut relaunched = Vec::new();
+        for job in st.jobs.values_mut().filter(|j| j.state == JobState::Running && j.formed) {
+            let workers = job.workers;
+            let mut changed = false;
+            for t in job
+                .tasks
+                .iter_mut()
+                .filter(|t| t.migrated && t.agent_id == agent_id && t.rank < workers)
+            {
+                t.rejoins += 1;
+                t.task_id = format!("{}-r{}-j{}", job.job_id, t.rank, t.rejoins);
+                t.state = TaskState::Pending;
+                t.message = format!("relaunched: node {agent_id} came back");
+                t.delivered = false;
+                t.migrated = false;
+                t.joining = true;
+                t.role = "compute, rejoining".into();
+                relaunched.push((job.job_id.clone(), t.rank));
+                changed = true;
+            }
+            if changed {
+                let saved = job.clone();
+                self.save_job(&saved);
+            }
+        }
+        for (job_id, rank) in relaunched {
+            let line = format!("worker rank {rank} relaunched on {agent_id}, which came back: it joins at the next epoch");
+            self.append_log(st, &job_id, -1, "state", vec![line.clone()]);
+            self.raise(st, "info", &job_id, format!("job {job_id}: {line}"));
+        }
     }
 
     /// Dead after `dead_after` of silence, suspect after three missed heartbeats.
@@ -664,6 +808,8 @@ impl Coordinator {
                             .find(|x| x.kind == groups[g].kind)
                             .map_or(1.0, |x| x.score()),
                         migrated: false,
+                        rejoins: 0,
+                        joining: false,
                     }
                 })
                 .collect();
@@ -712,7 +858,10 @@ impl Coordinator {
         for (node, health, silent) in changes {
             st.health.insert(node.clone(), health);
             match health {
-                Health::Alive => self.raise(&mut st, "info", &node, format!("node {node} is heartbeating again")),
+                Health::Alive => {
+                    self.raise(&mut st, "info", &node, format!("node {node} is heartbeating again"));
+                    self.rejoin_lost(&mut st, &node);
+                }
                 Health::Suspect => self.raise(
                     &mut st,
                     "warning",
@@ -756,6 +905,7 @@ impl Coordinator {
         let mut resp = pb::HeartbeatResponse::default();
         let mut changed = Vec::new();
         let mut known = HashSet::new();
+        let mut restarted = false;
         for job in st.jobs.values_mut() {
             let mut dirty = false;
             let workers: Vec<&TaskRecord> = job.tasks.iter().filter(|t| t.rank < job.workers).collect();
@@ -790,6 +940,8 @@ impl Coordinator {
                         weights: weights.clone(),
                         role: if t.rank == job.workers {
                             SERVER_ROLE.into()
+                        } else if t.rejoins > 0 {
+                            JOINING_ROLE.into()
                         } else {
                             String::new()
                         },
@@ -799,6 +951,7 @@ impl Coordinator {
                     t.state = TaskState::Failed;
                     t.message = format!("agent {agent_id} no longer runs this worker (agent restarted?)");
                     dirty = true;
+                    restarted = true;
                 } else if t.state == TaskState::Pending {
                     t.state = TaskState::Running;
                     dirty = true;
@@ -815,6 +968,10 @@ impl Coordinator {
         }
         for job_id in changed {
             self.settle_job(st, &job_id);
+        }
+        if restarted {
+            // The node is back (its agent restarted): its lost ranks rejoin.
+            self.rejoin_lost(st, agent_id);
         }
         resp
     }
@@ -932,6 +1089,7 @@ impl CoordinatorRpc for Coordinator {
         self.inner.store.put_node(&node).map_err(store_status)?;
         tracing::info!(agent_id, hostname = %node.hostname, slots = node.slots(), "agent registered");
         st.nodes.insert(agent_id.clone(), node);
+        self.rejoin_lost(&mut st, &agent_id);
         self.schedule(&mut st);
         Ok(Response::new(pb::RegisterAgentResponse {
             agent_id,
@@ -1053,7 +1211,7 @@ impl CoordinatorRpc for Coordinator {
                 req.address
             )));
         }
-        if req.generation > 0 {
+        if req.generation > 0 || req.joining {
             return self.regroup(&mut st, req);
         }
         let slots = st.rendezvous.entry(req.job_id.clone()).or_default();
@@ -1088,6 +1246,20 @@ impl CoordinatorRpc for Coordinator {
             addresses,
             members,
             weights: vec![],
+            generation: 0,
+        }))
+    }
+
+    async fn check_membership(
+        &self,
+        req: Request<pb::CheckMembershipRequest>,
+    ) -> Result<Response<pb::CheckMembershipResponse>, Status> {
+        let req = req.into_inner();
+        let mut st = self.lock();
+        let joining = self.check_members(&mut st, &req)?;
+        Ok(Response::new(pb::CheckMembershipResponse {
+            regroup: !joining.is_empty(),
+            joining,
         }))
     }
 

@@ -79,6 +79,12 @@ pub struct TaskRecord {
     /// The worker was lost after the ring formed and its work moved to the others.
     #[serde(default)]
     pub migrated: bool,
+    /// Times this rank was relaunched after a loss, when its node came back.
+    #[serde(default)]
+    pub rejoins: u32,
+    /// A relaunched rank not yet admitted into the ring (that happens between epochs).
+    #[serde(default)]
+    pub joining: bool,
 }
 
 fn unit_weight() -> f32 {

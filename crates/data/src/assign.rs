@@ -15,7 +15,10 @@
 //! - [`Assignment::rebalance`] resizes the shards and batches to a new [`Split`]
 //!   (measured throughput drifted, or a worker joined);
 //! - [`Assignment::migrate`] hands the shards of workers that died to the survivors,
-//!   mid-epoch, without losing or repeating a sample.
+//!   and shares with workers that joined, without losing or repeating a sample.
+//!
+//! A worker that joins a running job has none of that history: it receives the
+//! assignment as numbers ([`Assignment::to_words`]).
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -194,18 +197,21 @@ impl Assignment {
         self.shards.last_mut().expect("at least one worker").extend(pool);
     }
 
-    /// Workers `dead` are gone mid-epoch: the survivors (in their old order) take
-    /// over. The samples the dead had not yet visited this epoch are shared among
-    /// the survivors so that what is left of the epoch follows `split` (the
-    /// survivors' shares) — nothing is lost and nothing is visited twice — and the
+    /// The ring changed: workers `dead` (old positions) are gone and new workers
+    /// join at positions `joined` of the new order (the survivors keep their old
+    /// order around them). Works mid-epoch: the samples not yet visited this epoch
+    /// are shared out so that what is left of the epoch follows `split` (one share
+    /// per new position) — nothing is lost and nothing is visited twice — and the
     /// dead's visited samples join the survivors' shards for the next epochs.
     ///
     /// # Panics
-    /// If no worker survives or `split` is not for the survivors — programming errors.
-    pub fn migrate(&self, dead: &[usize], split: &Split, global: usize) -> Assignment {
+    /// If no worker survives, `split` is not for the new workers, or a joined
+    /// position is outside the new order — programming errors.
+    pub fn migrate(&self, dead: &[usize], joined: &[usize], split: &Split, global: usize) -> Assignment {
         let survivors: Vec<usize> = (0..self.world()).filter(|r| !dead.contains(r)).collect();
         assert!(!survivors.is_empty(), "someone must survive");
-        assert_eq!(split.world(), survivors.len(), "a split for every survivor");
+        let world = survivors.len() + joined.len();
+        assert_eq!(split.world(), world, "a split for every worker");
         let mut visited: Vec<Vec<usize>> = survivors
             .iter()
             .map(|&r| self.shards[r][..self.cursors[r]].to_vec())
@@ -221,10 +227,17 @@ impl Assignment {
             visited[n % survivors.len()].extend_from_slice(&self.shards[d][..self.cursors[d]]);
             left[0].extend_from_slice(&self.shards[d][self.cursors[d]..]);
         }
+        let mut joined = joined.to_vec();
+        joined.sort_unstable();
+        for &j in &joined {
+            assert!(j <= visited.len(), "joined position {j} outside a ring of {world}");
+            visited.insert(j, Vec::new());
+            left.insert(j, Vec::new());
+        }
         // Share out what is left of the epoch by resizing only the unvisited parts.
         let mut rest = Assignment {
             shards: left,
-            cursors: vec![0; survivors.len()],
+            cursors: vec![0; world],
             batches: split.local_batches(global),
         };
         rest.resize_to(split);
@@ -240,6 +253,54 @@ impl Assignment {
                 .collect(),
             batches: rest.batches,
         }
+    }
+
+    /// The whole assignment as numbers, for a worker that joins a running job and
+    /// holds none of its history: the worker count, then per worker its local
+    /// batch, cursor, shard length and shard.
+    pub fn to_words(&self) -> Vec<u64> {
+        let mut words = vec![self.world() as u64];
+        for r in 0..self.world() {
+            words.extend([self.batches[r], self.cursors[r], self.shards[r].len()].map(|v| v as u64));
+            words.extend(self.shards[r].iter().map(|&i| i as u64));
+        }
+        words
+    }
+
+    /// Reads [`Assignment::to_words`] back; says what is wrong when the words do
+    /// not describe an assignment.
+    pub fn from_words(words: &[u64]) -> Result<Assignment, String> {
+        let mut at = 0usize;
+        let mut next = |what: &str| -> Result<usize, String> {
+            let w = *words
+                .get(at)
+                .ok_or_else(|| format!("assignment ends early: no {what} at word {at}"))?;
+            at += 1;
+            usize::try_from(w).map_err(|_| format!("{what} {w} does not fit this machine"))
+        };
+        let world = next("worker count")?;
+        if world == 0 || world > words.len() {
+            return Err(format!("an assignment for {world} workers in {} words", words.len()));
+        }
+        let (mut shards, mut cursors, mut batches) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..world {
+            batches.push(next("local batch")?);
+            let cursor = next("cursor")?;
+            let len = next("shard length")?;
+            if cursor > len || len > words.len() {
+                return Err(format!("cursor {cursor} or shard length {len} out of range"));
+            }
+            cursors.push(cursor);
+            shards.push((0..len).map(|_| next("sample id")).collect::<Result<Vec<_>, _>>()?);
+        }
+        if at != words.len() {
+            return Err(format!("{} words left after the assignment", words.len() - at));
+        }
+        Ok(Assignment {
+            shards,
+            cursors,
+            batches,
+        })
     }
 }
 
@@ -348,7 +409,7 @@ mod tests {
                 .map(|(_, w)| *w)
                 .collect();
             let split = Split::weighted(&weights);
-            let mut b = a.migrate(&dead, &split, 50);
+            let mut b = a.migrate(&dead, &[], &split, 50);
             assert_eq!(b.world(), 3 - dead.len());
             assert_eq!(b.batches().iter().sum::<usize>(), 50);
             visit_rest(&mut b, &mut seen);
@@ -360,5 +421,56 @@ mod tests {
             visit_rest(&mut b, &mut seen);
             assert_once(&seen, len);
         }
+    }
+
+    #[test]
+    fn a_joining_worker_takes_a_share_and_nothing_repeats() {
+        let len = 999;
+        let mut a = Assignment::new(len, &Split::weighted(&[1.0, 0.5]), 60, 2);
+        a.begin_epoch(2, 0);
+        let mut seen = HashMap::new();
+        for _ in 0..4 {
+            for r in 0..2 {
+                for &i in a.next_batch(r) {
+                    *seen.entry(i).or_default() += 1;
+                }
+            }
+            a.advance();
+        }
+        // Rank 1 was lost earlier; it comes back between ranks 0 and 2.
+        let split = Split::weighted(&[1.0, 0.25, 0.5]);
+        let mut b = a.migrate(&[], &[1], &split, 60);
+        assert_eq!(b.world(), 3);
+        assert_eq!(b.cursors()[1], 0);
+        assert!(!b.shard(1).is_empty(), "the joiner gets samples this epoch");
+        visit_rest(&mut b, &mut seen);
+        assert_once(&seen, len);
+        assert_partition(&b, len);
+        // A loss and a join at once.
+        let c = b.migrate(&[0], &[0], &Split::even(3), 60);
+        assert_partition(&c, len);
+        assert_eq!(c.batches(), &[20, 20, 20]);
+    }
+
+    #[test]
+    fn an_assignment_survives_its_words() {
+        let mut a = Assignment::new(301, &Split::weighted(&[1.0, 0.3, 0.7]), 30, 4);
+        a.begin_epoch(4, 3);
+        a.advance();
+        let words = a.to_words();
+        assert_eq!(Assignment::from_words(&words).unwrap(), a);
+        for cut in [0, 1, 5, words.len() - 1] {
+            let err = Assignment::from_words(&words[..cut]).unwrap_err();
+            assert!(
+                ["ends early", "workers", "out of range"].iter().any(|m| err.contains(m)),
+                "{err}"
+            );
+        }
+        let mut longer = words.clone();
+        longer.push(0);
+        assert!(Assignment::from_words(&longer).unwrap_err().contains("left after"));
+        let mut bad = words;
+        bad[2] = 1_000_000;
+        assert!(Assignment::from_words(&bad).is_err());
     }
 }

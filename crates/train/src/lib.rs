@@ -9,7 +9,8 @@
 //! - [`params`]: flattening parameters and gradients into one buffer for collectives;
 //! - [`optim`]: the optimiser, run by Hetero on flat buffers (so its state can be
 //!   checkpointed, handed over and held by a parameter server);
-//! - [`membership`]: how a run regroups when a worker is lost;
+//! - [`membership`]: how a run regroups when a worker is lost or comes back;
+//! - [`sync`]: handing a whole training state to the members of a re-formed ring;
 //! - [`checkpoint`]: the training state in one self-checking file;
 //! - [`param_server`]: the parameter server's aggregation (synchronous or with
 //!   bounded staleness);
@@ -27,6 +28,7 @@ pub mod optim;
 pub mod param_server;
 pub mod params;
 pub mod report;
+pub mod sync;
 pub mod task;
 pub mod text_task;
 pub mod trainer;

@@ -54,6 +54,27 @@ pub enum Event {
         workers: usize,
         /// Each survivor's new share of the work.
         shares: Vec<f64>,
+        /// The original ranks of the ring's members now, in ring order.
+        #[serde(default)]
+        members: Vec<usize>,
+        /// The parameter server's topology was given up: the workers go on as one
+        /// allreduce ring (the server, or a worker, was lost).
+        #[serde(default)]
+        collapsed: bool,
+    },
+    /// Lost workers came back (their node returned) and joined the ring between
+    /// epochs: they adopted the latest global model and took a share of the work.
+    Rejoined {
+        /// The first epoch they train in.
+        epoch: usize,
+        /// Original ranks of the workers that joined.
+        joined: Vec<usize>,
+        /// Workers now.
+        workers: usize,
+        /// Each worker's new share of the work.
+        shares: Vec<f64>,
+        /// The original ranks of the ring's members now, in ring order.
+        members: Vec<usize>,
     },
     /// The training state after `epoch` epochs was saved to `path`.
     Checkpointed {
@@ -95,6 +116,9 @@ pub struct RunSummary {
     /// Original ranks of workers lost (and migrated away from) during the run.
     #[serde(default)]
     pub lost_workers: Vec<usize>,
+    /// Original ranks of lost workers that came back and rejoined the ring.
+    #[serde(default)]
+    pub rejoined_workers: Vec<usize>,
     /// Times the split was adjusted to measured throughput.
     #[serde(default)]
     pub rebalances: usize,

@@ -23,7 +23,12 @@
 //! and shards can pass a fraction of their samples to the ring neighbour. When the
 //! ring breaks, the trainer asks its [`Membership`] for a ring of the survivors, they
 //! adopt the most advanced survivor's model, optimiser and position, share out the
-//! lost workers' remaining samples, and go on ([`Event::Migrated`]).
+//! lost workers' remaining samples, and go on ([`Event::Migrated`]). With a
+//! parameter server, any loss (a worker, or the server itself) turns the run into
+//! one allreduce ring of the surviving workers, from the latest global model.
+//! Between epochs, lost workers whose node came back join the ring
+//! ([`Trainer::joining`], [`Event::Rejoined`]): they receive the whole state
+//! ([`crate::sync`]) and a share of the work.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -38,7 +43,8 @@ use hetero_data::shard::{self, Split};
 use hetero_job::Strategy;
 
 use crate::checkpoint::Checkpoint;
-use crate::membership::{FixedMembership, Membership};
+use crate::membership::{FixedMembership, Membership, Regroup};
+use crate::sync::{self, Reader, Words};
 use crate::optim::{FlatOptimizer, OptimizerConfig};
 use crate::params;
 use crate::report::{
@@ -184,6 +190,7 @@ impl TrainOptions {
 struct Progress {
     epoch: usize,
     assignment: Assignment,
+    history: Vec<EpochRecord>,
 }
 
 /// How this worker reaches the others.
@@ -229,7 +236,16 @@ pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
     compute: Duration,
     comm: Duration,
     lost: Vec<usize>,
+    rejoined: Vec<usize>,
     rebalances: usize,
+    /// Steps taken (the same on every member of the ring).
+    updates: u64,
+    /// Workers the job started with.
+    total_workers: usize,
+    /// A joining worker's ring, to adopt the others' state on at the start of `run`.
+    pending: Option<Regroup>,
+    /// Holds no state of the run yet (a joining worker before it adopted one).
+    joining: bool,
     /// Where a resumed run starts, and the epochs before it.
     resumed: Option<(usize, Vec<EpochRecord>)>,
 }
@@ -337,8 +353,62 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             compute: Duration::ZERO,
             comm,
             lost: vec![],
+            rejoined: vec![],
             rebalances: 0,
+            updates: 0,
+            total_workers: world,
+            pending: None,
+            joining: false,
             resumed,
+        })
+    }
+
+    /// A worker that joins a running job (a lost rank whose node came back) on
+    /// `regroup`'s ring, formed at `generation`: at the start of [`Trainer::run`] it
+    /// adopts the others' model, optimiser, position and history, then trains on.
+    pub fn joining(
+        task: T,
+        device: B::Device,
+        regroup: Regroup,
+        generation: u64,
+        mut options: TrainOptions,
+    ) -> Result<Self, TrainError> {
+        // A ring that admits joiners is an allreduce ring, whatever the job began as.
+        if options.strategy.uses_parameter_server() {
+            options.strategy = Strategy::Allreduce;
+        }
+        B::seed(&device, options.seed);
+        let model = task.model(&device);
+        let params = params::flatten(&model);
+        let optimizer = FlatOptimizer::new(options.optimizer, params.len());
+        let throttle = Throttle::new(options.speed, compute_threads());
+        let rank = regroup.ring.rank();
+        Ok(Trainer {
+            task,
+            model: Some(model),
+            params,
+            optimizer,
+            ring: None,
+            topology: Topology::Ring,
+            membership: Box::new(FixedMembership),
+            members: regroup.members.clone(),
+            rank,
+            generation,
+            device,
+            options,
+            local_steps: 0,
+            throttle,
+            samples: 0,
+            compute: Duration::ZERO,
+            comm: Duration::ZERO,
+            lost: vec![],
+            rejoined: vec![],
+            rebalances: 0,
+            updates: 0,
+            total_workers: 0,
+            pending: Some(regroup),
+            joining: true,
+            resumed: None,
         })
     }
 
@@ -466,6 +536,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             }
         };
         self.samples += indices.len() as u64;
+        self.updates += 1;
         self.comm += comm;
         self.compute += started.elapsed() - comm;
         Ok(loss)
@@ -544,67 +615,200 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     }
 
     /// After the ring broke: regroup with the survivors, adopt the most advanced
-    /// survivor's state, and hand the lost workers' samples to the survivors.
+    /// survivor's state, and hand the lost workers' samples to the survivors. A
+    /// parameter-server topology cannot lose a member (the server waits for every
+    /// group): it becomes one allreduce ring of the surviving workers.
     fn recover(
         &mut self,
         progress: &mut Progress,
         reason: &str,
         on_event: &mut dyn FnMut(Event),
     ) -> Result<(), TrainError> {
-        if matches!(self.topology, Topology::Server { .. }) {
-            return Err(TrainError::Config(format!(
-                "a worker was lost ({reason}); the {} strategy cannot continue without it",
-                self.options.strategy.name()
-            )));
+        let collapsed = matches!(self.topology, Topology::Server { .. });
+        if let Topology::Server { client, .. } = &mut self.topology {
+            // Leaving without a goodbye fails the server, which tells every other
+            // group's leader; the server's optimiser state goes with it, so the ring
+            // starts a fresh one from the latest global model.
+            drop(client.take());
+            self.topology = Topology::Ring;
+            self.options.strategy = Strategy::Allreduce;
+            self.optimizer = FlatOptimizer::new(self.options.optimizer, self.params.len());
         }
         // Closing our connections tells the neighbours at once.
         self.ring = None;
         self.generation += 1;
         let regroup = self.membership.regroup(self.generation, reason)?;
-        let new_world = regroup.members.len();
-        let lost_positions: Vec<usize> = (0..self.members.len())
-            .filter(|p| !regroup.members.contains(&self.members[*p]))
-            .collect();
-        let lost: Vec<usize> = lost_positions.iter().map(|&p| self.members[p]).collect();
-        self.ring = Some(regroup.ring);
-        let rank = self.ring().rank();
-        self.rank = rank;
+        for e in self.adopt_ring(regroup, progress, collapsed)? {
+            on_event(e);
+        }
+        Ok(())
+    }
 
-        // The survivor that got furthest (a step can complete on some workers and not
-        // on others) holds the latest global model; everyone adopts its state.
+    /// Between epochs: when lost workers wait to rejoin, forms the ring with them
+    /// and hands them the state and a share of the work.
+    fn admit_joiners(&mut self, progress: &mut Progress) -> Result<Vec<Event>, TrainError> {
+        if !self.membership.joiners_waiting(self.generation, progress.epoch)? {
+            return Ok(vec![]);
+        }
+        self.ring = None;
+        self.generation += 1;
+        let regroup = self.membership.regroup(self.generation, "lost workers rejoin")?;
+        self.adopt_ring(regroup, progress, false)
+    }
+
+    /// Everything another worker needs to go on from this one's position.
+    fn encode_state(&self, progress: &Progress) -> Vec<f32> {
+        let mut w = Words::default();
+        w.f32s(&self.params);
+        w.f32s(&self.optimizer.to_flat());
+        w.u64(self.updates);
+        w.u64(progress.epoch as u64);
+        w.usizes(&self.members);
+        w.usizes(&self.lost);
+        w.usizes(&self.rejoined);
+        w.u64(self.rebalances as u64);
+        w.u64(self.total_workers as u64);
+        w.u64(self.resumed.as_ref().map_or(u64::MAX, |(e, _)| *e as u64));
+        w.u64s(&progress.assignment.to_words());
+        w.u64(progress.history.len() as u64);
+        for h in &progress.history {
+            w.u64(h.epoch as u64);
+            w.f64(h.train_loss);
+            w.f64(h.test_accuracy.unwrap_or(f64::NAN));
+            w.f64(h.elapsed_secs);
+        }
+        w.into_vec()
+    }
+
+    /// Takes over the state [`Trainer::encode_state`] wrote; returns the members of
+    /// the ring it was written in.
+    fn adopt_state(&mut self, state: &[f32], progress: &mut Progress) -> Result<Vec<usize>, TrainError> {
+        let mut r = Reader::new(state);
+        let params = r.f32s("the model")?;
+        if params.len() != self.params.len() {
+            return Err(TrainError::Config(format!(
+                "the ring's model has {} parameters, this worker's {}: not the same model",
+                params.len(),
+                self.params.len()
+            )));
+        }
+        let optimizer = r.f32s("the optimiser")?;
+        if optimizer.len() != self.optimizer.flat_len() {
+            return Err(TrainError::Config(format!(
+                "the ring's optimiser state has {} values, this worker's {}: not the same optimiser",
+                optimizer.len(),
+                self.optimizer.flat_len()
+            )));
+        }
+        self.params.copy_from_slice(params);
+        self.optimizer.load_flat(optimizer);
+        self.updates = r.u64("the step count")?;
+        progress.epoch = r.u64("the epoch")? as usize;
+        let members = r.usizes("the members")?;
+        self.lost = r.usizes("the lost workers")?;
+        self.rejoined = r.usizes("the rejoined workers")?;
+        self.rebalances = r.u64("the rebalance count")? as usize;
+        self.total_workers = r.u64("the worker count")? as usize;
+        let resumed = r.u64("the resumed epoch")?;
+        let assignment = Assignment::from_words(&r.u64s("the assignment")?)
+            .map_err(|e| TrainError::Config(format!("the ring's data assignment: {e}")))?;
+        if assignment.world() != members.len() {
+            return Err(TrainError::Config(format!(
+                "the ring's data assignment is for {} workers, its members {}",
+                assignment.world(),
+                members.len()
+            )));
+        }
+        progress.assignment = assignment;
+        let epochs = r.u64("the history's length")?;
+        progress.history.clear();
+        for _ in 0..epochs {
+            let epoch = r.u64("an epoch")? as usize;
+            let train_loss = r.f64("a training loss")?;
+            let accuracy = r.f64("a test accuracy")?;
+            progress.history.push(EpochRecord {
+                epoch,
+                train_loss,
+                test_accuracy: (!accuracy.is_nan()).then_some(accuracy),
+                elapsed_secs: r.f64("a time")?,
+            });
+        }
+        r.finish()?;
+        if resumed != u64::MAX {
+            let before = progress.history.iter().filter(|h| (h.epoch as u64) < resumed).cloned().collect();
+            self.resumed = Some((resumed as usize, before));
+        }
+        self.load_params();
+        Ok(members)
+    }
+
+    /// On a new ring: every member adopts the state of the one that got furthest
+    /// (a step can complete on some workers and not on others; a joiner holds
+    /// nothing), then the work is shared out among the new members. `collapsed`:
+    /// the ring replaces a parameter server's topology.
+    fn adopt_ring(
+        &mut self,
+        regroup: Regroup,
+        progress: &mut Progress,
+        collapsed: bool,
+    ) -> Result<Vec<Event>, TrainError> {
+        let new_world = regroup.members.len();
+        self.ring = Some(regroup.ring);
+        self.rank = self.ring().rank();
         let mut steps = vec![0f32; new_world];
-        steps[rank] = self.optimizer.state().time as f32;
+        steps[self.rank] = if self.joining { 0.0 } else { self.updates as f32 + 1.0 };
         self.ring().allreduce_sum(&mut steps)?;
         let owner = (0..new_world).fold(0, |best, r| if steps[r] > steps[best] { r } else { best });
-        let mut state = self.params.clone();
-        state.extend(self.optimizer.to_flat());
-        state.extend(progress.assignment.cursors().iter().map(|&c| c as f32));
-        state.push(progress.epoch as f32);
-        self.ring().broadcast(&mut state, owner)?;
-        let n = self.params.len();
-        let o = self.optimizer.flat_len();
-        let world = progress.assignment.world();
-        self.params.copy_from_slice(&state[..n]);
-        self.optimizer.load_flat(&state[n..n + o]);
-        let cursors: Vec<usize> = state[n + o..n + o + world].iter().map(|&c| c as usize).collect();
-        progress.epoch = state[n + o + world] as usize;
-        self.load_params();
-        progress.assignment.set_cursors(&cursors);
+        if steps[owner] == 0.0 {
+            return Err(TrainError::Config(
+                "a ring of joining workers only: no member holds the run's state".into(),
+            ));
+        }
+        let mut state = if self.rank == owner {
+            self.encode_state(progress)
+        } else {
+            Vec::new()
+        };
+        sync::broadcast(self.ring(), &mut state, owner)?;
+        let old = self.adopt_state(&state, progress)?;
+        self.joining = false;
+
+        let lost_positions: Vec<usize> = (0..old.len()).filter(|&p| !regroup.members.contains(&old[p])).collect();
+        let lost: Vec<usize> = lost_positions.iter().map(|&p| old[p]).collect();
+        let joined_positions: Vec<usize> = (0..new_world).filter(|&p| !old.contains(&regroup.members[p])).collect();
+        let joined: Vec<usize> = joined_positions.iter().map(|&p| regroup.members[p]).collect();
         let split = self.options.split(&regroup.weights, new_world);
-        progress.assignment = progress
-            .assignment
-            .migrate(&lost_positions, &split, self.options.global_batch);
+        progress.assignment =
+            progress
+                .assignment
+                .migrate(&lost_positions, &joined_positions, &split, self.options.global_batch);
         self.members = regroup.members;
         self.options.weights = regroup.weights;
         self.lost.extend(&lost);
-        on_event(Event::Migrated {
-            epoch: progress.epoch,
-            step: self.optimizer.state().time,
-            lost,
-            workers: new_world,
-            shares: shares(progress.assignment.batches()),
-        });
-        Ok(())
+        self.rejoined.extend(&joined);
+        let shares = shares(progress.assignment.batches());
+        let mut events = Vec::new();
+        if !lost.is_empty() || collapsed {
+            events.push(Event::Migrated {
+                epoch: progress.epoch,
+                step: self.updates,
+                lost,
+                workers: new_world,
+                shares: shares.clone(),
+                members: self.members.clone(),
+                collapsed,
+            });
+        }
+        if !joined.is_empty() {
+            events.push(Event::Rejoined {
+                epoch: progress.epoch,
+                joined,
+                workers: new_world,
+                shares,
+                members: self.members.clone(),
+            });
+        }
+        Ok(events)
     }
 
     /// Between epochs: adjusts the split to the throughput each worker measured in
@@ -651,13 +855,20 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 o.global_batch
             )));
         }
-        let (first_epoch, mut history) = self.resumed.clone().unwrap_or_default();
+        let (first_epoch, history) = self.resumed.clone().unwrap_or_default();
         let mut progress = Progress {
             epoch: first_epoch,
             assignment: Assignment::new(len, &split, o.global_batch, o.seed),
+            history,
         };
-        // A resumed run's clock goes on from where the checkpointed run stopped.
-        let earlier = history.last().map_or(0.0, |h: &EpochRecord| h.elapsed_secs);
+        // A joining worker takes over the run's state from the ring it joined.
+        let joined = self.resilient(&mut progress, on_event, |t, p| match t.pending.take() {
+            Some(regroup) => t.adopt_ring(regroup, p, false),
+            None => Ok(vec![]),
+        })?;
+        joined.into_iter().for_each(&mut *on_event);
+        // A resumed (or joined) run's clock goes on from where the run stood.
+        let earlier = progress.history.last().map_or(0.0, |h: &EpochRecord| h.elapsed_secs);
         let started = Instant::now();
         let mut last_event = Instant::now() - o.event_interval;
         let mut last_eval = None;
@@ -744,7 +955,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 test_loss,
                 elapsed_secs,
             });
-            history.push(EpochRecord {
+            progress.history.push(EpochRecord {
                 epoch,
                 train_loss,
                 test_accuracy,
@@ -762,7 +973,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                     optimizer: matches!(self.topology, Topology::Ring).then(|| self.optimizer.state().clone()),
                     strategy: o.strategy.name().into(),
                     workers: self.world(),
-                    history: history.clone(),
+                    history: progress.history.clone(),
                 }
                 .save(path)?;
                 on_event(Event::Checkpointed {
@@ -783,6 +994,8 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 progress
                     .assignment
                     .exchange(o.exchange_fraction, &Split::weighted(&weights), o.seed, progress.epoch);
+                let joined = self.resilient(&mut progress, on_event, |t, p| t.admit_joiners(p))?;
+                joined.into_iter().for_each(&mut *on_event);
             }
         }
         let wall = started.elapsed().as_secs_f64();
@@ -794,9 +1007,10 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             c.bye()?;
         }
         Ok(RunSummary {
-            workers: self.members.len() + self.lost.len(),
+            workers: self.total_workers,
             strategy: o.strategy.name().into(),
             lost_workers: self.lost.clone(),
+            rejoined_workers: self.rejoined.clone(),
             rebalances: self.rebalances,
             resumed_at_epoch: self.resumed.as_ref().map(|(e, _)| *e),
             backend: o.backend.clone(),
@@ -804,12 +1018,12 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             global_batch_size: o.global_batch,
             test_accuracy: last_eval.map(|e| e.correct / e.count.max(1.0)),
             test_loss: last_eval.map(|e| e.loss_sum / e.count.max(1.0)),
-            first_epoch_loss: history.first().map_or(f64::NAN, |h| h.train_loss),
-            last_epoch_loss: history.last().map_or(f64::NAN, |h| h.train_loss),
+            first_epoch_loss: progress.history.first().map_or(f64::NAN, |h| h.train_loss),
+            last_epoch_loss: progress.history.last().map_or(f64::NAN, |h| h.train_loss),
             samples_per_sec: total_samples as f64 / wall.max(1e-9),
             wall_secs: wall,
-            seconds_to_accuracy: seconds_to_accuracy(&history),
-            history,
+            seconds_to_accuracy: seconds_to_accuracy(&progress.history),
+            history: progress.history,
             per_worker,
             loss_curve: downsample(&losses, LOSS_CURVE_POINTS),
         })
@@ -818,7 +1032,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// Every worker's figures, gathered by an allreduce of per-rank slots (by
     /// original rank; lost workers report nothing).
     fn gather_figures(&mut self, wall: f64) -> Result<Vec<WorkerFigures>, TrainError> {
-        let slots_for = self.members.len() + self.lost.len();
+        let slots_for = self.total_workers;
         let me = self.members[self.rank];
         let mut slots = vec![0f32; slots_for * 3];
         slots[me * 3] = self.samples as f32;
@@ -1140,19 +1354,42 @@ mod tests {
         }
     }
 
+    type Entries = std::sync::Arc<(
+        std::sync::Mutex<Vec<(u64, usize, std::net::SocketAddr)>>,
+        std::sync::Condvar,
+    )>;
+
     /// Survivors find each other through a shared board, as they would through the
-    /// coordinator's rendezvous.
+    /// coordinator's rendezvous: ring `generation` has `expect[generation - 1]`
+    /// members. With `admit_from`, lost workers wait to rejoin from that generation
+    /// on (the first member to ask at each boundary decides for all, as the
+    /// coordinator does).
     struct Board {
         me: usize,
-        expect: usize,
-        #[allow(clippy::type_complexity)]
-        board: std::sync::Arc<(
-            std::sync::Mutex<Vec<(u64, usize, std::net::SocketAddr)>>,
-            std::sync::Condvar,
-        )>,
+        expect: Vec<usize>,
+        board: Entries,
+        admit_from: Option<u64>,
+        decisions: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(u64, usize), bool>>>,
+    }
+
+    impl Board {
+        fn new(me: usize, expect: &[usize], board: &Entries) -> Self {
+            Board {
+                me,
+                expect: expect.to_vec(),
+                board: board.clone(),
+                admit_from: None,
+                decisions: Default::default(),
+            }
+        }
     }
 
     impl Membership for Board {
+        fn joiners_waiting(&mut self, generation: u64, epoch: usize) -> Result<bool, TrainError> {
+            let admit = self.admit_from.is_some_and(|g| generation >= g);
+            Ok(*self.decisions.lock().unwrap().entry((generation, epoch)).or_insert(admit))
+        }
+
         fn regroup(&mut self, generation: u64, _reason: &str) -> Result<crate::Regroup, TrainError> {
             let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let (lock, ready) = &*self.board;
@@ -1161,7 +1398,7 @@ mod tests {
             ready.notify_all();
             let mut mine = loop {
                 let mine: Vec<_> = entries.iter().filter(|e| e.0 == generation).copied().collect();
-                if mine.len() == self.expect {
+                if mine.len() == self.expect[(generation as usize - 1).min(self.expect.len() - 1)] {
                     break mine;
                 }
                 entries = ready.wait(entries).unwrap();
@@ -1206,11 +1443,7 @@ mod tests {
                         let options = TrainOptions::new(epochs, global, 7).with_optimizer(Optimizer::Adam, 1e-2);
                         let mut t = Trainer::new(task, Default::default(), ring, options)
                             .unwrap()
-                            .with_membership(Box::new(Board {
-                                me: rank,
-                                expect: 2,
-                                board,
-                            }));
+                            .with_membership(Box::new(Board::new(rank, &[2], &board)));
                         let mut events = vec![];
                         let summary = t.run(&mut |e| events.push(e)).unwrap();
                         assert!(
@@ -1242,6 +1475,167 @@ mod tests {
         assert!(
             repeated <= global,
             "only the interrupted step repeats ({repeated} samples)"
+        );
+    }
+
+    /// A run's losses and accuracies by epoch, without each worker's own clock.
+    fn curve(history: &[EpochRecord]) -> Vec<(usize, f64, Option<f64>)> {
+        history.iter().map(|h| (h.epoch, h.train_loss, h.test_accuracy)).collect()
+    }
+
+    /// Counts how often each of `len` samples was trained on.
+    fn visits(seen: &std::sync::Mutex<Vec<usize>>, len: usize) -> Vec<usize> {
+        let mut counts = vec![0usize; len];
+        for &i in seen.lock().unwrap().iter() {
+            counts[i] += 1;
+        }
+        counts
+    }
+
+    fn recorded(len: usize, seen: &std::sync::Arc<std::sync::Mutex<Vec<usize>>>, die_at: Option<usize>) -> Recorded {
+        Recorded {
+            inner: ImageTask::new(synthetic(len, 3), synthetic(30, 4), |d| {
+                MlpConfig::new().with_hidden(16).init(d)
+            }),
+            seen: seen.clone(),
+            die_at,
+            calls: std::cell::Cell::new(0),
+        }
+    }
+
+    /// Rank 2 dies mid-epoch; its replacement joins at the next epoch boundary,
+    /// receives the whole state and trains the remaining epochs with the others:
+    /// all three end with the same model and summary, and no sample is lost.
+    #[test]
+    fn a_lost_worker_rejoins_at_the_next_epoch() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let board: Entries = Default::default();
+        let decisions = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashMap::new()));
+        let (len, global, epochs) = (240, 24, 3);
+        let options = || TrainOptions::new(epochs, global, 7).with_optimizer(Optimizer::Adam, 1e-2);
+        let membership = |rank| {
+            let mut b = Board::new(rank, &[2, 3], &board);
+            b.admit_from = Some(1);
+            b.decisions = decisions.clone();
+            Box::new(b)
+        };
+        let results: Vec<thread::Result<(RunSummary, Vec<f32>, Vec<Event>)>> = thread::scope(|s| {
+            let mut handles: Vec<_> = ring_of(3)
+                .into_iter()
+                .enumerate()
+                .map(|(rank, ring)| {
+                    let task = recorded(len, &seen, (rank == 2).then_some(4));
+                    let membership = membership(rank);
+                    s.spawn(move || {
+                        let mut t = Trainer::new(task, Default::default(), ring, options())
+                            .unwrap()
+                            .with_membership(membership);
+                        let mut events = vec![];
+                        let summary = t.run(&mut |e| events.push(e)).unwrap();
+                        (summary, t.parameters(), events)
+                    })
+                })
+                .collect();
+            // The replacement for rank 2: it waits on the board for generation 2.
+            let task = recorded(len, &seen, None);
+            let mut joiner_board = membership(2);
+            handles.push(s.spawn(move || {
+                let regroup = joiner_board.regroup(2, "joining").unwrap();
+                let mut t = Trainer::joining(task, Default::default(), regroup, 2, options())
+                    .unwrap()
+                    .with_membership(joiner_board);
+                let mut events = vec![];
+                let summary = t.run(&mut |e| events.push(e)).unwrap();
+                (summary, t.parameters(), events)
+            }));
+            handles.into_iter().map(|h| h.join()).collect()
+        });
+        assert!(results[2].is_err(), "the first rank 2 died");
+        let (a, pa, events) = results[0].as_ref().unwrap();
+        assert!(events.iter().any(|e| matches!(e, Event::Migrated { lost, .. } if lost == &[2])));
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Rejoined { epoch: 1, joined, workers: 3, .. } if joined == &[2])),
+            "{events:?}"
+        );
+        assert_eq!(a.lost_workers, vec![2]);
+        assert_eq!(a.rejoined_workers, vec![2]);
+        assert_eq!(a.workers, 3);
+        assert_eq!(a.history.len(), epochs);
+        for r in [1, 3] {
+            let (b, pb, _) = results[r].as_ref().unwrap();
+            assert_eq!(pa, pb, "worker {r} ends with the same model");
+            assert_eq!(curve(&a.history), curve(&b.history), "worker {r} reports the same history");
+            assert_eq!(a.test_accuracy, b.test_accuracy);
+        }
+        let (joiner, _, _) = results[3].as_ref().unwrap();
+        assert!(joiner.per_worker[2].samples > 0, "the joiner trained");
+        let counts = visits(&seen, len);
+        assert!(
+            counts.iter().all(|&c| c == epochs || c == epochs + 1),
+            "every sample in every epoch: {counts:?}"
+        );
+        assert!(counts.iter().filter(|&&c| c > epochs).count() <= global);
+    }
+
+    /// A worker of a synchronous parameter-server run dies mid-epoch: the server
+    /// fails (it waits for every client), and the survivors go on as one allreduce
+    /// ring from the latest global model, taking over the lost worker's samples.
+    #[test]
+    fn parameter_server_workers_go_on_as_a_ring_when_one_dies() {
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let board: Entries = Default::default();
+        let (len, global, epochs) = (240, 24, 2);
+        let initial = params::flatten(&MlpConfig::new().with_hidden(16).init::<B>(&Default::default()));
+        let (addr, server) = parameter_server(3, initial, None);
+        let results: Vec<thread::Result<(RunSummary, Vec<f32>, Vec<Event>)>> = thread::scope(|s| {
+            let handles: Vec<_> = (0..3)
+                .map(|rank| {
+                    let task = recorded(len, &seen, (rank == 2).then_some(4));
+                    let membership = Box::new(Board::new(rank, &[2], &board));
+                    s.spawn(move || {
+                        let client = ServerClient::connect(addr, "t", "k", rank as u32, Duration::from_secs(20)).unwrap();
+                        let topology = Topology::Server {
+                            client: Some(client),
+                            staleness: None,
+                            rank,
+                            world: 3,
+                            group: vec![rank],
+                        };
+                        let mut options = TrainOptions::new(epochs, global, 7).with_optimizer(Optimizer::Sgd, 1e-2);
+                        options.strategy = Strategy::ParameterServer { staleness: 0 };
+                        let ring = ring_of(1).pop().unwrap();
+                        let mut t = Trainer::with_topology(task, Default::default(), ring, topology, options)
+                            .unwrap()
+                            .with_membership(membership);
+                        let mut events = vec![];
+                        let summary = t.run(&mut |e| events.push(e)).unwrap();
+                        (summary, t.parameters(), events)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join()).collect()
+        });
+        let failed = server.join().unwrap().unwrap_err().to_string();
+        assert!(failed.contains("disconnected") || failed.contains("client"), "{failed}");
+        assert!(results[2].is_err(), "worker 2 died");
+        let (a, pa, events) = results[0].as_ref().unwrap();
+        let (b, pb, _) = results[1].as_ref().unwrap();
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Migrated { lost, collapsed: true, workers: 2, .. } if lost == &[2])),
+            "{events:?}"
+        );
+        assert_eq!(pa, pb, "the survivors agree on the model");
+        assert_eq!(a.lost_workers, vec![2]);
+        assert_eq!(curve(&a.history), curve(&b.history));
+        assert!(a.last_epoch_loss < a.first_epoch_loss, "{a:?}");
+        let counts = visits(&seen, len);
+        assert!(
+            counts.iter().all(|&c| c == epochs || c == epochs + 1),
+            "every sample in every epoch: {counts:?}"
         );
     }
 

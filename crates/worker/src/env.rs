@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use hetero_cluster::agent::WorkerEnv;
+use hetero_cluster::coordinator::{JOINING_ROLE, SERVER_ROLE};
 use hetero_job::JobSpec;
 
 use crate::WorkerError;
@@ -36,6 +37,8 @@ pub struct WorkerSetup {
     pub weights: Vec<f64>,
     /// Whether this process is the job's parameter server (rank `world`).
     pub is_server: bool,
+    /// Whether this worker replaces a lost rank and joins the running ring.
+    pub joining: bool,
     /// Every worker rank's resource group (`node/kind`; empty when not told).
     pub groups: Vec<String>,
 }
@@ -61,6 +64,14 @@ impl WorkerSetup {
         let text = std::fs::read_to_string(&spec_file)
             .map_err(|e| WorkerError::Setup(format!("cannot read the job spec {spec_file}: {e}")))?;
         let spec = JobSpec::from_json(&text).map_err(|e| WorkerError::Setup(e.to_string()))?;
+        let role = std::env::var(WorkerEnv::ROLE).ok();
+        let role = role.as_deref();
+        if let Some(r) = role.filter(|r| ![SERVER_ROLE, JOINING_ROLE].contains(r)) {
+            return Err(WorkerError::Setup(format!(
+                "{}={r:?} is not a role (the roles are {SERVER_ROLE:?} and {JOINING_ROLE:?})",
+                WorkerEnv::ROLE
+            )));
+        }
         let setup = WorkerSetup {
             coordinator: var(WorkerEnv::COORDINATOR)?,
             token: var(WorkerEnv::TOKEN)?,
@@ -81,17 +92,8 @@ impl WorkerSetup {
                         WorkerError::Setup(format!("{}={v:?} is not a list of numbers", WorkerEnv::WEIGHTS))
                     })?,
             },
-            is_server: match std::env::var(WorkerEnv::ROLE) {
-                Err(_) => false,
-                Ok(r) if r == hetero_cluster::coordinator::SERVER_ROLE => true,
-                Ok(r) => {
-                    return Err(WorkerError::Setup(format!(
-                        "{}={r:?} is not a role (the only one is {:?})",
-                        WorkerEnv::ROLE,
-                        hetero_cluster::coordinator::SERVER_ROLE
-                    )));
-                }
-            },
+            is_server: role == Some(SERVER_ROLE),
+            joining: role == Some(JOINING_ROLE),
             groups: std::env::var(WorkerEnv::GROUPS)
                 .map(|g| g.split(',').map(str::to_string).collect())
                 .unwrap_or_default(),

@@ -87,6 +87,7 @@ where
 {
     memory::keep_freed_buffers();
     let setup = WorkerSetup::from_env()?;
+    end_with_the_agent();
     let chosen = backend::choose(setup.spec.cluster.backend, setup.backend.as_deref()).map_err(WorkerError::Setup)?;
     let (device, backend_name) = backend::device(chosen, setup.device_index).map_err(WorkerError::Setup)?;
     let ctx = TaskContext {
@@ -96,6 +97,8 @@ where
     };
     let who = if setup.is_server {
         "parameter server".to_string()
+    } else if setup.joining {
+        format!("rank {}/{} (rejoining)", setup.rank, setup.world)
     } else {
         format!("rank {}/{}", setup.rank, setup.world)
     };
@@ -109,7 +112,11 @@ where
     let listener = TcpListener::bind((setup.data_host.as_str(), 0))
         .map_err(|e| WorkerError::Setup(format!("cannot bind a data-plane port on {}: {e}", setup.data_host)))?;
     let address = listener.local_addr().map_err(|e| WorkerError::Setup(e.to_string()))?;
-    let peers = rendezvous::exchange(&setup, address)?;
+    let peers = if setup.joining {
+        vec![]
+    } else {
+        rendezvous::exchange(&setup, address)?
+    };
     if setup.is_server {
         return serve_parameters(&setup, task, &device, listener);
     }
@@ -142,33 +149,35 @@ where
             setup.speed
         );
     }
-    let mut trainer = if spec.training.strategy.uses_parameter_server() {
+    let membership = Box::new(rendezvous::CoordinatorMembership::new(
+        setup.clone(),
+        listener
+            .try_clone()
+            .map_err(|e| WorkerError::Setup(format!("cannot share the data-plane listener: {e}")))?,
+    ));
+    let mut trainer = if setup.joining {
+        let (regroup, generation) = rendezvous::join(&setup, &listener)?;
+        Trainer::joining(task, device, regroup, generation, options)?
+    } else if spec.training.strategy.uses_parameter_server() {
         server_trainer(&setup, task, device, listener, &peers, options)?
     } else {
         let config = RingConfig::new(setup.rank, setup.world, setup.job_id.clone(), setup.token.clone());
-        let membership = rendezvous::CoordinatorMembership::new(
-            setup.clone(),
-            listener
-                .try_clone()
-                .map_err(|e| WorkerError::Setup(format!("cannot share the data-plane listener: {e}")))?,
-        );
         let ring = Ring::form(config, listener, &peers)?;
         eprintln!("ring formed: {} worker(s)", setup.world);
-        Trainer::new(task, device, ring, options)?.with_membership(Box::new(membership))
-    };
-    // Epoch events are the same on every rank; the lowest surviving rank speaks for
-    // the job (rank 0 until it is lost).
-    let (mut leader, mut gone) = (0, Vec::new());
+        Trainer::new(task, device, ring, options)?
+    }
+    .with_membership(membership);
+    // Epoch events are the same on every rank; one worker speaks for the job: the
+    // first member of the ring that has been in it from the start (rank 0 until it
+    // is lost; a rejoined worker never takes over, it joined a run in progress).
+    let mut speaker = Speaker::new(setup.world);
     let summary = trainer.run(&mut |e| {
-        if let Event::Migrated { lost, .. } = &e {
-            gone.extend_from_slice(lost);
-            leader = (0..setup.world).find(|r| !gone.contains(r)).unwrap_or(setup.rank);
-        }
-        if setup.rank == leader || matches!(e, Event::Step { .. }) {
+        speaker.follow(&e);
+        if speaker.is(setup.rank) || matches!(e, Event::Step { .. }) {
             emit(&e)
         }
     })?;
-    if setup.rank == leader {
+    if speaker.is(setup.rank) {
         let dir = &setup.output_dir;
         let title = format!("{}: training loss ({} workers)", setup.spec.name, setup.world);
         std::fs::create_dir_all(dir)
@@ -190,6 +199,57 @@ where
         });
     }
     Ok(())
+}
+
+/// Which worker speaks for the job: the first member of the ring that was in it
+/// from the start.
+struct Speaker {
+    members: Vec<usize>,
+    rejoined: Vec<usize>,
+}
+
+impl Speaker {
+    fn new(world: usize) -> Self {
+        Speaker {
+            members: (0..world).collect(),
+            rejoined: vec![],
+        }
+    }
+
+    fn follow(&mut self, e: &Event) {
+        match e {
+            Event::Migrated { members, .. } if !members.is_empty() => self.members = members.clone(),
+            Event::Rejoined { members, joined, .. } => {
+                self.members = members.clone();
+                self.rejoined.extend(joined);
+            }
+            _ => {}
+        }
+    }
+
+    fn is(&self, rank: usize) -> bool {
+        self.members.iter().find(|r| !self.rejoined.contains(r)) == Some(&rank)
+    }
+}
+
+/// A worker ends with its agent: an agent killed outright cannot stop its workers,
+/// so each watches its parent and exits when it is gone (the process was handed to
+/// another parent). Without this, an orphan would train on in a ring the cluster
+/// has already given up on.
+fn end_with_the_agent() {
+    #[cfg(unix)]
+    {
+        let parent = std::os::unix::process::parent_id();
+        std::thread::spawn(move || {
+            loop {
+                std::thread::sleep(Duration::from_millis(250));
+                if std::os::unix::process::parent_id() != parent {
+                    eprintln!("the agent that started this worker is gone; stopping");
+                    std::process::exit(3);
+                }
+            }
+        });
+    }
 }
 
 /// Each worker rank's aggregation group: its resource group (`hierarchical`), or

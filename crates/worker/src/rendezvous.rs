@@ -1,6 +1,7 @@
 //! Finding the other workers: each rank tells the coordinator its data-plane
 //! address and asks until every rank has done so — at the start, and again as a
-//! [`Membership`] when the ring broke and the survivors must form a new one.
+//! [`Membership`] when the ring broke and the survivors must form a new one, or
+//! lost ranks rejoin between epochs ([`join`] is the rejoining worker's side).
 
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
@@ -13,6 +14,8 @@ use crate::{WorkerError, WorkerSetup};
 
 /// Who is in a ring: members' original ranks, addresses and compute scores.
 pub struct Members {
+    /// The ring's generation.
+    pub generation: u64,
     /// Original ranks, in ring order.
     pub ranks: Vec<usize>,
     /// Data-plane addresses, in ring order.
@@ -26,16 +29,30 @@ pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Publishes `address` for this rank and returns every rank's address.
 pub fn exchange(setup: &WorkerSetup, address: SocketAddr) -> Result<Vec<SocketAddr>, WorkerError> {
-    Ok(members(setup, address, 0)?.addresses)
+    Ok(members(setup, address, 0, false, RENDEZVOUS_TIMEOUT)?.addresses)
 }
 
-/// Publishes `address` for ring `generation` and waits for the other members.
-pub fn members(setup: &WorkerSetup, address: SocketAddr, generation: u64) -> Result<Members, WorkerError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// How long a rejoining worker waits to be admitted: the ring admits it at the next
+/// epoch boundary, however long the epoch.
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+fn runtime() -> Result<tokio::runtime::Runtime, WorkerError> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| WorkerError::Rendezvous(format!("cannot start a runtime: {e}")))?;
-    rt.block_on(async {
+        .map_err(|e| WorkerError::Rendezvous(format!("cannot start a runtime: {e}")))
+}
+
+/// Publishes `address` for ring `generation` (or, `joining`, for whichever ring
+/// admits this worker) and waits for the other members.
+pub fn members(
+    setup: &WorkerSetup,
+    address: SocketAddr,
+    generation: u64,
+    joining: bool,
+    timeout: Duration,
+) -> Result<Members, WorkerError> {
+    runtime()?.block_on(async {
         let mut client = hetero_cluster::client::connect(&setup.coordinator, &setup.token)
             .await
             .map_err(|e| WorkerError::Rendezvous(e.to_string()))?;
@@ -46,6 +63,7 @@ pub fn members(setup: &WorkerSetup, address: SocketAddr, generation: u64) -> Res
                 rank: setup.rank as u32,
                 address: address.to_string(),
                 generation,
+                joining,
             };
             let resp = client
                 .rendezvous(req)
@@ -62,15 +80,16 @@ pub fn members(setup: &WorkerSetup, address: SocketAddr, generation: u64) -> Res
                     })
                     .collect::<Result<_, _>>()?;
                 return Ok(Members {
+                    generation: resp.generation,
                     ranks: resp.members.iter().map(|&r| r as usize).collect(),
                     addresses,
                     weights: resp.weights.iter().map(|&w| w as f64).collect(),
                 });
             }
-            if started.elapsed() > RENDEZVOUS_TIMEOUT {
+            if started.elapsed() > timeout {
                 return Err(WorkerError::Rendezvous(format!(
                     "not every worker arrived within {} s",
-                    RENDEZVOUS_TIMEOUT.as_secs()
+                    timeout.as_secs()
                 )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -92,30 +111,81 @@ impl CoordinatorMembership {
     }
 }
 
+/// Forms the ring described by `members` on `listener`, as this setup's rank.
+fn form(setup: &WorkerSetup, listener: &TcpListener, members: Members) -> Result<Regroup, TrainError> {
+    let fail = |e: String| TrainError::Config(format!("cannot form the ring of generation {}: {e}", members.generation));
+    let rank = members
+        .ranks
+        .iter()
+        .position(|&r| r == setup.rank)
+        .ok_or_else(|| fail("this worker is not among its members".into()))?;
+    let listener = listener.try_clone().map_err(|e| fail(e.to_string()))?;
+    let session = format!("{}#g{}", setup.job_id, members.generation);
+    let config = RingConfig::new(rank, members.ranks.len(), session, setup.token.clone());
+    let ring = Ring::form(config, listener, &members.addresses)?;
+    eprintln!(
+        "ring formed (generation {}): {} worker(s), original ranks {:?}",
+        members.generation,
+        members.ranks.len(),
+        members.ranks
+    );
+    Ok(Regroup {
+        ring,
+        members: members.ranks,
+        weights: members.weights,
+    })
+}
+
+/// A relaunched rank's way in: waits until the running ring admits it (between
+/// epochs) and forms the new ring with it. Returns the ring and its generation.
+pub fn join(setup: &WorkerSetup, listener: &TcpListener) -> Result<(Regroup, u64), WorkerError> {
+    let address = listener.local_addr().map_err(|e| WorkerError::Setup(e.to_string()))?;
+    eprintln!("rank {} rejoins {}: waiting for the next epoch boundary", setup.rank, setup.job_id);
+    let members = members(setup, address, 0, true, JOIN_TIMEOUT)?;
+    let generation = members.generation;
+    Ok((form(setup, listener, members)?, generation))
+}
+
 impl Membership for CoordinatorMembership {
     fn regroup(&mut self, generation: u64, reason: &str) -> Result<Regroup, TrainError> {
-        eprintln!("ring broken ({reason}); regrouping with the survivors (generation {generation})");
-        let lost = |e: String| TrainError::Config(format!("cannot regroup after a lost worker: {e}"));
+        eprintln!("regrouping ({reason}): generation {generation}");
+        let lost = |e: String| TrainError::Config(format!("cannot regroup ({reason}): {e}"));
         let address = self.listener.local_addr().map_err(|e| lost(e.to_string()))?;
-        let members = members(&self.setup, address, generation).map_err(|e| lost(e.to_string()))?;
-        let rank = members
-            .ranks
-            .iter()
-            .position(|&r| r == self.setup.rank)
-            .ok_or_else(|| lost("this worker is not among the survivors".into()))?;
-        let listener = self.listener.try_clone().map_err(|e| lost(e.to_string()))?;
-        let session = format!("{}#g{generation}", self.setup.job_id);
-        let config = RingConfig::new(rank, members.ranks.len(), session, self.setup.token.clone());
-        let ring = Ring::form(config, listener, &members.addresses)?;
-        eprintln!(
-            "ring re-formed: {} worker(s), original ranks {:?}",
-            members.ranks.len(),
-            members.ranks
-        );
-        Ok(Regroup {
-            ring,
-            members: members.ranks,
-            weights: members.weights,
+        let members =
+            members(&self.setup, address, generation, false, RENDEZVOUS_TIMEOUT).map_err(|e| lost(e.to_string()))?;
+        form(&self.setup, &self.listener, members)
+    }
+
+    fn joiners_waiting(&mut self, generation: u64, epoch: usize) -> Result<bool, TrainError> {
+        let fail = |e: String| TrainError::Config(format!("cannot ask the coordinator for joining workers: {e}"));
+        let setup = &self.setup;
+        runtime().map_err(|e| fail(e.to_string()))?.block_on(async {
+            let mut last = String::new();
+            // A coordinator that blinks must not split the ring's decision: retry.
+            for attempt in 0..5u64 {
+                if attempt > 0 {
+                    tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
+                }
+                let mut client = match hetero_cluster::client::connect(&setup.coordinator, &setup.token).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        last = e.to_string();
+                        continue;
+                    }
+                };
+                let req = pb::CheckMembershipRequest {
+                    job_id: setup.job_id.clone(),
+                    rank: setup.rank as u32,
+                    generation,
+                    epoch: epoch as u64,
+                };
+                match client.check_membership(req).await {
+                    Ok(r) => return Ok(r.into_inner().regroup),
+                    Err(s) if s.code() == tonic::Code::Unavailable => last = s.message().to_string(),
+                    Err(s) => return Err(fail(s.message().to_string())),
+                }
+            }
+            Err(fail(last))
         })
     }
 }
