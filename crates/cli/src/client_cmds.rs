@@ -32,7 +32,7 @@ pub fn submit(conn: &Connection, spec_path: &Path, follow_it: bool) -> Result<Ex
     // Validate here first: the user sees the error before anything travels.
     JobSpec::load(spec_path).with_context(|| format!("in {}", spec_path.display()))?;
     let text = std::fs::read_to_string(spec_path)?;
-    let base = std::path::absolute(spec_path.parent().unwrap_or(Path::new(".")))?;
+    let base = JobSpec::folder_of(spec_path);
     with_client(conn, async |c| {
         let job_id = c
             .submit_job(pb::SubmitJobRequest {

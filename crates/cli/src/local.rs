@@ -46,7 +46,7 @@ pub fn run(spec_path: &Path, workers: Option<usize>, groups: &[String]) -> Resul
         groups.push((1.0, Backend::Auto));
     }
     let text = spec_text(spec_path, workers)?;
-    let base = std::path::absolute(spec_path.parent().unwrap_or(Path::new(".")))?;
+    let base = JobSpec::folder_of(spec_path);
     let mut spec = JobSpec::parse(&text).with_context(|| format!("in {}", spec_path.display()))?;
     spec.resolve_paths(&base);
     if spec.task.is_none() && spec.dataset.kind == "fashion-mnist" {

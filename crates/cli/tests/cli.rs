@@ -563,7 +563,11 @@ fn a_node_that_comes_back_rejoins_its_job_at_the_next_epoch() {
     agents[index].0.wait().unwrap();
     let gone = Instant::now();
     while std::path::Path::new(&format!("/proc/{worker}")).exists() {
-        assert!(gone.elapsed() < Duration::from_secs(10), "the orphaned worker lives on");
+        assert!(
+            gone.elapsed() < Duration::from_secs(10),
+            "the orphaned worker lives on: {:?}",
+            std::fs::read_to_string(format!("/proc/{worker}/stat"))
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // ... and comes back: the same agent, from the same work folder.

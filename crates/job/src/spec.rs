@@ -713,10 +713,15 @@ impl JobSpec {
         let text = std::fs::read_to_string(path)
             .map_err(|e| SpecError::Syntax(format!("cannot read {}: {e}", path.display())))?;
         let mut spec = JobSpec::parse(&text)?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
-        spec.resolve_paths(&base);
+        spec.resolve_paths(&JobSpec::folder_of(path));
         Ok(spec)
+    }
+
+    /// The folder a spec file's relative paths start from, made absolute: its
+    /// parent, or the current folder for a bare file name (`spec.toml`).
+    pub fn folder_of(path: &Path) -> PathBuf {
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf())
     }
 
     /// Makes relative paths absolute against `base`.
@@ -943,6 +948,14 @@ workers = 3
         assert_eq!(s.training.seed, 42);
         assert_eq!(s.output_dir, PathBuf::from("runs"));
         assert_eq!(JobSpec::from_json(&s.to_json()).unwrap(), s);
+    }
+
+    #[test]
+    fn a_bare_file_name_resolves_against_the_current_folder() {
+        let here = std::env::current_dir().unwrap();
+        assert_eq!(JobSpec::folder_of(Path::new("spec.toml")), here);
+        assert_eq!(JobSpec::folder_of(Path::new("examples/a.toml")), here.join("examples"));
+        assert_eq!(JobSpec::folder_of(Path::new("/jobs/a.toml")), PathBuf::from("/jobs"));
     }
 
     #[test]

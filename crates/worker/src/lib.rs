@@ -244,7 +244,10 @@ fn end_with_the_agent() {
             loop {
                 std::thread::sleep(Duration::from_millis(250));
                 if std::os::unix::process::parent_id() != parent {
-                    eprintln!("the agent that started this worker is gone; stopping");
+                    // The agent held the other end of stderr: `eprintln!` would
+                    // panic on the broken pipe and leave the worker running.
+                    use std::io::Write;
+                    let _ = writeln!(std::io::stderr(), "the agent that started this worker is gone; stopping");
                     std::process::exit(3);
                 }
             }
