@@ -586,7 +586,11 @@ fn a_node_that_comes_back_rejoins_its_job_at_the_next_epoch() {
     assert!(summary["per_worker"][2]["samples"].as_u64().unwrap() > 0, "{summary}");
     assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
     let nodes = text(&client("nodes", port, &state).output().unwrap());
-    assert_eq!(nodes.matches("node-").count(), 3, "the agent came back as the same node:\n{nodes}");
+    assert_eq!(
+        nodes.matches("node-").count(),
+        3,
+        "the agent came back as the same node:\n{nodes}"
+    );
 }
 
 #[test]

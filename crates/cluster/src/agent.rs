@@ -214,8 +214,8 @@ fn remembered_id(config: &AgentConfig) -> String {
 
 /// Keeps `agent_id` for the next start (a failure only costs the node its identity).
 fn remember_id(config: &AgentConfig, agent_id: &str) {
-    let written = std::fs::create_dir_all(&config.work_dir)
-        .and_then(|_| std::fs::write(config.work_dir.join(ID_FILE), agent_id));
+    let written =
+        std::fs::create_dir_all(&config.work_dir).and_then(|_| std::fs::write(config.work_dir.join(ID_FILE), agent_id));
     if let Err(e) = written {
         tracing::warn!(error = %e, "cannot keep the node id in the work folder; a restart registers a new node");
     }

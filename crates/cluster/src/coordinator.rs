@@ -594,7 +594,10 @@ impl Coordinator {
             return Err(Status::not_found(format!("no job {}", req.job_id)));
         };
         if job.state != JobState::Running {
-            return Err(Status::failed_precondition(format!("job {} is {:?}", req.job_id, job.state)));
+            return Err(Status::failed_precondition(format!(
+                "job {} is {:?}",
+                req.job_id, job.state
+            )));
         }
         if let Some((g, e, ranks)) = st.admissions.get(&req.job_id)
             && (*g, *e) == (req.generation, req.epoch)
@@ -605,7 +608,11 @@ impl Coordinator {
         let job = st.jobs.get_mut(&req.job_id).expect("checked above");
         let admitted: Vec<(u32, String)> = waiting
             .into_iter()
-            .filter(|(rank, _)| job.tasks.iter().any(|t| t.rank == *rank && t.joining && !t.state.is_final()))
+            .filter(|(rank, _)| {
+                job.tasks
+                    .iter()
+                    .any(|t| t.rank == *rank && t.joining && !t.state.is_final())
+            })
             .collect();
         for t in job.tasks.iter_mut() {
             if admitted.iter().any(|(r, _)| *r == t.rank) {
@@ -636,7 +643,11 @@ impl Coordinator {
     /// relaunched there, to join their ring at the next epoch boundary.
     fn rejoin_lost(&self, st: &mut State, agent_id: &str) {
         let mut relaunched = Vec::new();
-        for job in st.jobs.values_mut().filter(|j| j.state == JobState::Running && j.formed) {
+        for job in st
+            .jobs
+            .values_mut()
+            .filter(|j| j.state == JobState::Running && j.formed)
+        {
             let workers = job.workers;
             let mut changed = false;
             for t in job
@@ -661,7 +672,8 @@ impl Coordinator {
             }
         }
         for (job_id, rank) in relaunched {
-            let line = format!("worker rank {rank} relaunched on {agent_id}, which came back: it joins at the next epoch");
+            let line =
+                format!("worker rank {rank} relaunched on {agent_id}, which came back: it joins at the next epoch");
             self.append_log(st, &job_id, -1, "state", vec![line.clone()]);
             self.raise(st, "info", &job_id, format!("job {job_id}: {line}"));
         }

@@ -7,6 +7,8 @@
 //!   cluster token (the token itself never crosses the wire);
 //! - [`ring`] and [`collectives`]: a ring of workers and the collectives built on it
 //!   (bandwidth-optimal allreduce as reduce-scatter + all-gather, broadcast);
+//! - [`mesh`]: every pair of ranks connected, with point-to-point transfers and
+//!   collectives over any group of ranks (distributed inference);
 //! - [`server`]: requests to a parameter server and its replies.
 //!
 //! Everything is blocking `std::net`: a training worker is synchronous burn code and
@@ -16,8 +18,10 @@ pub mod collectives;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod mesh;
 pub mod ring;
 pub mod server;
 
 pub use error::CommError;
+pub use mesh::Mesh;
 pub use ring::{Ring, RingConfig};

@@ -462,7 +462,9 @@ mod tests {
         for cut in [0, 1, 5, words.len() - 1] {
             let err = Assignment::from_words(&words[..cut]).unwrap_err();
             assert!(
-                ["ends early", "workers", "out of range"].iter().any(|m| err.contains(m)),
+                ["ends early", "workers", "out of range"]
+                    .iter()
+                    .any(|m| err.contains(m)),
                 "{err}"
             );
         }

@@ -720,7 +720,10 @@ impl JobSpec {
     /// The folder a spec file's relative paths start from, made absolute: its
     /// parent, or the current folder for a bare file name (`spec.toml`).
     pub fn folder_of(path: &Path) -> PathBuf {
-        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let parent = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf())
     }
 

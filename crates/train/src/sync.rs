@@ -63,13 +63,17 @@ impl<'a> Reader<'a> {
     }
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [f32], TrainError> {
-        let end = self.at.checked_add(n).filter(|&e| e <= self.slots.len()).ok_or_else(|| {
-            TrainError::Config(format!(
-                "the shared training state ends early: {what} needs {n} slots at {} of {}",
-                self.at,
-                self.slots.len()
-            ))
-        })?;
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.slots.len())
+            .ok_or_else(|| {
+                TrainError::Config(format!(
+                    "the shared training state ends early: {what} needs {n} slots at {} of {}",
+                    self.at,
+                    self.slots.len()
+                ))
+            })?;
         let s = &self.slots[self.at..end];
         self.at = end;
         Ok(s)

@@ -44,12 +44,12 @@ use hetero_job::Strategy;
 
 use crate::checkpoint::Checkpoint;
 use crate::membership::{FixedMembership, Membership, Regroup};
-use crate::sync::{self, Reader, Words};
 use crate::optim::{FlatOptimizer, OptimizerConfig};
 use crate::params;
 use crate::report::{
     EpochRecord, Event, LOSS_CURVE_POINTS, RunSummary, WorkerFigures, downsample, seconds_to_accuracy,
 };
+use crate::sync::{self, Reader, Words};
 use crate::{Evaluation, Task, TrainError};
 
 /// How to train.
@@ -735,7 +735,12 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         }
         r.finish()?;
         if resumed != u64::MAX {
-            let before = progress.history.iter().filter(|h| (h.epoch as u64) < resumed).cloned().collect();
+            let before = progress
+                .history
+                .iter()
+                .filter(|h| (h.epoch as u64) < resumed)
+                .cloned()
+                .collect();
             self.resumed = Some((resumed as usize, before));
         }
         self.load_params();
@@ -1387,7 +1392,12 @@ mod tests {
     impl Membership for Board {
         fn joiners_waiting(&mut self, generation: u64, epoch: usize) -> Result<bool, TrainError> {
             let admit = self.admit_from.is_some_and(|g| generation >= g);
-            Ok(*self.decisions.lock().unwrap().entry((generation, epoch)).or_insert(admit))
+            Ok(*self
+                .decisions
+                .lock()
+                .unwrap()
+                .entry((generation, epoch))
+                .or_insert(admit))
         }
 
         fn regroup(&mut self, generation: u64, _reason: &str) -> Result<crate::Regroup, TrainError> {
@@ -1480,7 +1490,10 @@ mod tests {
 
     /// A run's losses and accuracies by epoch, without each worker's own clock.
     fn curve(history: &[EpochRecord]) -> Vec<(usize, f64, Option<f64>)> {
-        history.iter().map(|h| (h.epoch, h.train_loss, h.test_accuracy)).collect()
+        history
+            .iter()
+            .map(|h| (h.epoch, h.train_loss, h.test_accuracy))
+            .collect()
     }
 
     /// Counts how often each of `len` samples was trained on.
@@ -1552,7 +1565,11 @@ mod tests {
         });
         assert!(results[2].is_err(), "the first rank 2 died");
         let (a, pa, events) = results[0].as_ref().unwrap();
-        assert!(events.iter().any(|e| matches!(e, Event::Migrated { lost, .. } if lost == &[2])));
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, Event::Migrated { lost, .. } if lost == &[2]))
+        );
         assert!(
             events
                 .iter()
@@ -1566,7 +1583,11 @@ mod tests {
         for r in [1, 3] {
             let (b, pb, _) = results[r].as_ref().unwrap();
             assert_eq!(pa, pb, "worker {r} ends with the same model");
-            assert_eq!(curve(&a.history), curve(&b.history), "worker {r} reports the same history");
+            assert_eq!(
+                curve(&a.history),
+                curve(&b.history),
+                "worker {r} reports the same history"
+            );
             assert_eq!(a.test_accuracy, b.test_accuracy);
         }
         let (joiner, _, _) = results[3].as_ref().unwrap();
@@ -1595,7 +1616,8 @@ mod tests {
                     let task = recorded(len, &seen, (rank == 2).then_some(4));
                     let membership = Box::new(Board::new(rank, &[2], &board));
                     s.spawn(move || {
-                        let client = ServerClient::connect(addr, "t", "k", rank as u32, Duration::from_secs(20)).unwrap();
+                        let client =
+                            ServerClient::connect(addr, "t", "k", rank as u32, Duration::from_secs(20)).unwrap();
                         let topology = Topology::Server {
                             client: Some(client),
                             staleness: None,

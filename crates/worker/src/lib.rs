@@ -247,7 +247,10 @@ fn end_with_the_agent() {
                     // The agent held the other end of stderr: `eprintln!` would
                     // panic on the broken pipe and leave the worker running.
                     use std::io::Write;
-                    let _ = writeln!(std::io::stderr(), "the agent that started this worker is gone; stopping");
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "the agent that started this worker is gone; stopping"
+                    );
                     std::process::exit(3);
                 }
             }

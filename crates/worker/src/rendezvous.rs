@@ -113,7 +113,12 @@ impl CoordinatorMembership {
 
 /// Forms the ring described by `members` on `listener`, as this setup's rank.
 fn form(setup: &WorkerSetup, listener: &TcpListener, members: Members) -> Result<Regroup, TrainError> {
-    let fail = |e: String| TrainError::Config(format!("cannot form the ring of generation {}: {e}", members.generation));
+    let fail = |e: String| {
+        TrainError::Config(format!(
+            "cannot form the ring of generation {}: {e}",
+            members.generation
+        ))
+    };
     let rank = members
         .ranks
         .iter()
@@ -140,7 +145,10 @@ fn form(setup: &WorkerSetup, listener: &TcpListener, members: Members) -> Result
 /// epochs) and forms the new ring with it. Returns the ring and its generation.
 pub fn join(setup: &WorkerSetup, listener: &TcpListener) -> Result<(Regroup, u64), WorkerError> {
     let address = listener.local_addr().map_err(|e| WorkerError::Setup(e.to_string()))?;
-    eprintln!("rank {} rejoins {}: waiting for the next epoch boundary", setup.rank, setup.job_id);
+    eprintln!(
+        "rank {} rejoins {}: waiting for the next epoch boundary",
+        setup.rank, setup.job_id
+    );
     let members = members(setup, address, 0, true, JOIN_TIMEOUT)?;
     let generation = members.generation;
     Ok((form(setup, listener, members)?, generation))

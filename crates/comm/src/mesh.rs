@@ -1,0 +1,495 @@
+//! A full mesh of workers: every pair of ranks shares one authenticated TCP stream.
+//!
+//! Distributed inference needs more than a ring: a pipeline stage hands its
+//! activations to whichever rank holds the next layers, and a tensor-parallel layer
+//! sums partial results inside the group of ranks that split it, which need not be
+//! the whole job. The mesh gives point-to-point [`Mesh::send`] / [`Mesh::recv`] and,
+//! on top, collectives over any *group* of ranks ([`Mesh::allreduce_sum`],
+//! [`Mesh::broadcast`]). Inference meshes are small (a handful of devices), so the
+//! `world·(world − 1)/2` streams cost nothing.
+//!
+//! ## Design
+//! - Forming: every rank listens, connects to each lower rank and accepts each
+//!   higher one, all authenticated by the [`crate::handshake`] (a stranger or another
+//!   job is refused and the rank keeps waiting until the deadline).
+//! - The group allreduce is a direct exchange: each member sends its buffer to every
+//!   other member and adds what it receives **in group order**, so all members end
+//!   with bit-identical sums. Activations are small (a token's hidden state is a few
+//!   KiB) and latency, not bandwidth, bounds them: one round beats a ring's
+//!   `2·(g − 1)` rounds. Buffers above [`THREADED`] bytes are written by helper
+//!   threads so that two peers sending each other large frames never both block.
+//! - Every byte written is counted ([`Mesh::bytes_sent`]): benchmarks report bytes
+//!   per token.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::frame::{FrameKind, read_frame, write_frame};
+use crate::{CommError, RingConfig, handshake};
+
+/// Payloads above this many bytes are written by helper threads (below it the
+/// kernel's socket buffer takes the whole frame without a reader).
+pub const THREADED: usize = 32 * 1024;
+
+/// One formed mesh; [`RingConfig`] names this rank, the world and the limits.
+#[derive(Debug)]
+pub struct Mesh {
+    config: RingConfig,
+    /// `peers[r]`: the stream to rank `r` (`None` for this rank itself).
+    peers: Vec<Option<TcpStream>>,
+    sent: u64,
+}
+
+impl Mesh {
+    /// This worker's rank.
+    pub fn rank(&self) -> usize {
+        self.config.rank
+    }
+
+    /// Number of workers.
+    pub fn world(&self) -> usize {
+        self.config.world
+    }
+
+    /// Bytes this rank has written to its peers so far (frame headers included).
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent
+    }
+
+    /// Forms the mesh. `listener` must be the one whose address stands at
+    /// `addrs[config.rank]`.
+    pub fn form(config: RingConfig, listener: TcpListener, addrs: &[SocketAddr]) -> Result<Mesh, CommError> {
+        let RingConfig { rank, world, .. } = config;
+        if world == 0 || rank >= world {
+            return Err(CommError::Config(format!("rank {rank} is not in a mesh of {world}")));
+        }
+        if addrs.len() != world {
+            return Err(CommError::Config(format!(
+                "{} addresses for a mesh of {world}",
+                addrs.len()
+            )));
+        }
+        let deadline = Instant::now() + config.connect_timeout;
+        let higher = world - rank - 1;
+        let acceptor = {
+            let config = config.clone();
+            thread::spawn(move || accept_higher(&listener, &config, higher, deadline))
+        };
+        let mut peers: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+        let mut failure = None;
+        for (lower, addr) in addrs.iter().enumerate().take(rank) {
+            match connect_to(*addr, lower, &config, deadline) {
+                Ok(s) => peers[lower] = Some(s),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let accepted = acceptor
+            .join()
+            .map_err(|_| CommError::Config("acceptor thread panicked".into()))?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        for (r, s) in accepted? {
+            peers[r] = Some(s);
+        }
+        for s in peers.iter().flatten() {
+            s.set_nodelay(true)
+                .map_err(|e| CommError::io("setting TCP_NODELAY", e))?;
+            s.set_read_timeout(Some(config.io_timeout))
+                .map_err(|e| CommError::io("setting a read timeout", e))?;
+            s.set_write_timeout(Some(config.io_timeout))
+                .map_err(|e| CommError::io("setting a write timeout", e))?;
+        }
+        Ok(Mesh { config, peers, sent: 0 })
+    }
+
+    fn stream(&mut self, peer: usize) -> Result<&mut TcpStream, CommError> {
+        let world = self.config.world;
+        self.peers
+            .get_mut(peer)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| CommError::Config(format!("rank {peer} is not a peer in a mesh of {world}")))
+    }
+
+    /// Sends `values` to rank `to`.
+    pub fn send(&mut self, to: usize, values: &[f32]) -> Result<(), CommError> {
+        let bytes = encode(values);
+        write_frame(self.stream(to)?, FrameKind::Data, &bytes)
+            .map_err(|e| CommError::io(format!("sending to rank {to}"), e))?;
+        self.sent += 5 + bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Receives exactly `into.len()` values from rank `from`.
+    pub fn recv(&mut self, from: usize, into: &mut [f32]) -> Result<(), CommError> {
+        let max = self.config.max_frame;
+        let mut frame = Vec::new();
+        let name = format!("rank {from}");
+        let kind = read_frame(self.stream(from)?, &mut frame, max, &name, "a point-to-point transfer")?;
+        decode_into(kind, &frame, into, &name)
+    }
+
+    /// Sums `buf` element-wise over the ranks of `group` (which must hold this rank;
+    /// every member calls with the same group and length). Members add in group
+    /// order, so all of them end with the same bits.
+    pub fn allreduce_sum(&mut self, group: &[usize], buf: &mut [f32]) -> Result<(), CommError> {
+        let me = self.check_group(group)?;
+        if group.len() == 1 || buf.is_empty() {
+            return Ok(());
+        }
+        let others: Vec<usize> = group.iter().copied().filter(|&r| r != me).collect();
+        let theirs = self.exchange(&others, buf)?;
+        let mut sum = vec![0f32; buf.len()];
+        for &member in group {
+            let part = if member == me {
+                &*buf
+            } else {
+                &theirs[others.iter().position(|&o| o == member).unwrap_or(0)]
+            };
+            sum.iter_mut().zip(part).for_each(|(s, v)| *s += v);
+        }
+        buf.copy_from_slice(&sum);
+        Ok(())
+    }
+
+    /// Copies `root`'s `buf` to every other member of `group`.
+    pub fn broadcast(&mut self, group: &[usize], root: usize, buf: &mut [f32]) -> Result<(), CommError> {
+        let me = self.check_group(group)?;
+        if !group.contains(&root) {
+            return Err(CommError::Config(format!(
+                "broadcast root {root} is not in the group {group:?}"
+            )));
+        }
+        if me == root {
+            let others: Vec<usize> = group.iter().copied().filter(|&r| r != me).collect();
+            self.send_all(&others, buf)
+        } else {
+            self.recv(root, buf)
+        }
+    }
+
+    fn check_group(&self, group: &[usize]) -> Result<usize, CommError> {
+        let me = self.config.rank;
+        if !group.contains(&me) {
+            return Err(CommError::Config(format!("rank {me} is not in the group {group:?}")));
+        }
+        if let Some(r) = group.iter().find(|&&r| r >= self.config.world) {
+            return Err(CommError::Config(format!(
+                "rank {r} is outside a mesh of {}",
+                self.config.world
+            )));
+        }
+        Ok(me)
+    }
+
+    /// Sends `values` to each of `to`.
+    fn send_all(&mut self, to: &[usize], values: &[f32]) -> Result<(), CommError> {
+        for &r in to {
+            self.send(r, values)?;
+        }
+        Ok(())
+    }
+
+    /// Sends `buf` to each of `others` and receives one buffer of the same length
+    /// from each, in `others`' order.
+    fn exchange(&mut self, others: &[usize], buf: &[f32]) -> Result<Vec<Vec<f32>>, CommError> {
+        let bytes = encode(buf);
+        let max = self.config.max_frame;
+        let mut received = vec![vec![0f32; buf.len()]; others.len()];
+        if bytes.len() <= THREADED {
+            for &r in others {
+                write_frame(self.stream(r)?, FrameKind::Data, &bytes)
+                    .map_err(|e| CommError::io(format!("sending to rank {r}"), e))?;
+            }
+            for (&r, into) in others.iter().zip(&mut received) {
+                let mut frame = Vec::new();
+                let name = format!("rank {r}");
+                let kind = read_frame(self.stream(r)?, &mut frame, max, &name, "an allreduce")?;
+                decode_into(kind, &frame, into, &name)?;
+            }
+        } else {
+            // Each peer's stream is written by its own thread (a clone of the socket)
+            // while this thread reads the peers in turn.
+            let writers = others
+                .iter()
+                .map(|&r| {
+                    self.stream(r)?
+                        .try_clone()
+                        .map(|s| (r, s))
+                        .map_err(|e| CommError::io(format!("cloning the stream to rank {r}"), e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            thread::scope(|scope| -> Result<(), CommError> {
+                let handles: Vec<_> = writers
+                    .into_iter()
+                    .map(|(r, mut s)| {
+                        let bytes = &bytes;
+                        scope.spawn(move || {
+                            write_frame(&mut s, FrameKind::Data, bytes)
+                                .map_err(|e| CommError::io(format!("sending to rank {r}"), e))
+                        })
+                    })
+                    .collect();
+                let mut read = Ok(());
+                for (&r, into) in others.iter().zip(&mut received) {
+                    let mut frame = Vec::new();
+                    let name = format!("rank {r}");
+                    let got = self
+                        .stream(r)
+                        .and_then(|s| read_frame(s, &mut frame, max, &name, "an allreduce"))
+                        .and_then(|kind| decode_into(kind, &frame, into, &name));
+                    if got.is_err() {
+                        read = got;
+                        break;
+                    }
+                }
+                for h in handles {
+                    h.join()
+                        .map_err(|_| CommError::Config("writer thread panicked".into()))??;
+                }
+                read
+            })?;
+        }
+        self.sent += (5 + bytes.len() as u64) * others.len() as u64;
+        Ok(received)
+    }
+}
+
+fn encode(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+fn decode_into(kind: FrameKind, frame: &[u8], into: &mut [f32], peer: &str) -> Result<(), CommError> {
+    if kind == FrameKind::Abort {
+        return Err(CommError::Protocol {
+            peer: peer.to_string(),
+            reason: format!("the peer gave up: {}", String::from_utf8_lossy(frame)),
+        });
+    }
+    if frame.len() != into.len() * 4 {
+        return Err(CommError::Protocol {
+            peer: peer.to_string(),
+            reason: format!(
+                "{} bytes where {} were expected (the peers disagree on the tensor's shape)",
+                frame.len(),
+                into.len() * 4
+            ),
+        });
+    }
+    for (d, b) in into.iter_mut().zip(frame.chunks_exact(4)) {
+        *d = f32::from_le_bytes(b.try_into().expect("4 bytes"));
+    }
+    Ok(())
+}
+
+fn connect_to(addr: SocketAddr, peer: usize, config: &RingConfig, deadline: Instant) -> Result<TcpStream, CommError> {
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(CommError::io(
+                format!("connecting to rank {peer} at {addr}"),
+                io::Error::new(io::ErrorKind::TimedOut, "mesh formation timed out"),
+            ));
+        }
+        match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(5))) {
+            Ok(mut s) => {
+                s.set_read_timeout(Some(left)).ok();
+                handshake::connect(&mut s, &config.token, &config.session, config.rank as u32)?;
+                s.set_read_timeout(None).ok();
+                return Ok(s);
+            }
+            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut) => {
+                thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(CommError::io(format!("connecting to {addr}"), e)),
+        }
+    }
+}
+
+/// Accepts the `count` ranks above this one, refusing strangers and duplicates.
+fn accept_higher(
+    listener: &TcpListener,
+    config: &RingConfig,
+    count: usize,
+    deadline: Instant,
+) -> Result<Vec<(usize, TcpStream)>, CommError> {
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| CommError::io("configuring the listener", e))?;
+    let mut accepted: Vec<(usize, TcpStream)> = Vec::new();
+    let mut last_refusal: Option<CommError> = None;
+    while accepted.len() < count {
+        if Instant::now() >= deadline {
+            let missing: Vec<usize> = (config.rank + 1..config.world)
+                .filter(|r| !accepted.iter().any(|(a, _)| a == r))
+                .collect();
+            let why = last_refusal
+                .map(|e| format!(" (last refusal: {e})"))
+                .unwrap_or_default();
+            return Err(CommError::io(
+                format!("waiting for rank(s) {missing:?} to connect{why}"),
+                io::Error::new(io::ErrorKind::TimedOut, "mesh formation timed out"),
+            ));
+        }
+        match listener.accept() {
+            Ok((mut s, peer)) => {
+                s.set_nonblocking(false)
+                    .map_err(|e| CommError::io("configuring a stream", e))?;
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(100));
+                s.set_read_timeout(Some(left)).ok();
+                match handshake::accept(&mut s, &config.token, &config.session) {
+                    Ok(r) => {
+                        let r = r as usize;
+                        if r <= config.rank || r >= config.world || accepted.iter().any(|(a, _)| *a == r) {
+                            last_refusal = Some(CommError::Protocol {
+                                peer: peer.to_string(),
+                                reason: format!("rank {r} connected to rank {} out of turn", config.rank),
+                            });
+                        } else {
+                            s.set_read_timeout(None).ok();
+                            accepted.push((r, s));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "data-plane connection refused");
+                        last_refusal = Some(e);
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
+            Err(e) => return Err(CommError::io("accepting a data-plane connection", e)),
+        }
+    }
+    Ok(accepted)
+}
+
+/// A whole mesh on loopback inside this process, one [`Mesh`] per rank: for tests
+/// and single-machine runs.
+pub fn loopback(world: usize, session: &str, token: &str) -> Result<Vec<Mesh>, CommError> {
+    let listeners = (0..world)
+        .map(|_| TcpListener::bind("127.0.0.1:0").map_err(|e| CommError::io("binding a loopback port", e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let addrs = listeners
+        .iter()
+        .map(|l| l.local_addr().map_err(|e| CommError::io("reading a bound port", e)))
+        .collect::<Result<Vec<_>, _>>()?;
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let (addrs, config) = (addrs.clone(), RingConfig::new(rank, world, session, token));
+            thread::spawn(move || Mesh::form(config, l, &addrs))
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().map_err(|_| CommError::Config("mesh thread panicked".into()))?)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn on_mesh<T: Send>(world: usize, f: impl Fn(&mut Mesh) -> T + Sync) -> Vec<T> {
+        let meshes = loopback(world, "m", "token").unwrap();
+        thread::scope(|s| {
+            let handles: Vec<_> = meshes
+                .into_iter()
+                .map(|mut m| {
+                    let f = &f;
+                    s.spawn(move || f(&mut m))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+
+    #[test]
+    fn group_sums_are_identical_on_every_member() {
+        for len in [3, 100_000] {
+            let out = on_mesh(4, |m| {
+                let r = m.rank();
+                let mut buf: Vec<f32> = (0..len).map(|i| (i as f32 * 0.1 + r as f32).sin()).collect();
+                // Ranks 0, 2, 3 sum; rank 1 sits this one out.
+                if r != 1 {
+                    m.allreduce_sum(&[0, 2, 3], &mut buf).unwrap();
+                }
+                (buf, m.bytes_sent())
+            });
+            let expect: Vec<f32> = (0..len)
+                .map(|i| {
+                    [0, 2, 3]
+                        .iter()
+                        .fold(0f32, |s, &r| s + (i as f32 * 0.1 + r as f32).sin())
+                })
+                .collect();
+            for r in [0, 2, 3] {
+                assert_eq!(out[r].0, expect, "rank {r}, {len} values");
+                assert_eq!(out[r].1, 2 * (5 + 4 * len as u64), "each member sends to two others");
+            }
+            assert_eq!(out[1].1, 0);
+        }
+    }
+
+    #[test]
+    fn point_to_point_and_broadcast() {
+        let out = on_mesh(3, |m| {
+            let mut buf = vec![m.rank() as f32; 4];
+            match m.rank() {
+                0 => m.send(2, &[7.0, 8.0, 9.0, 10.0]).unwrap(),
+                2 => m.recv(0, &mut buf).unwrap(),
+                _ => {}
+            }
+            m.broadcast(&[0, 1, 2], 2, &mut buf).unwrap();
+            buf
+        });
+        assert!(out.iter().all(|b| b == &[7.0, 8.0, 9.0, 10.0]), "{out:?}");
+    }
+
+    #[test]
+    fn a_wrong_length_or_group_is_a_clear_error() {
+        let out = on_mesh(2, |m| {
+            let mut buf = vec![1.0; 3 + m.rank()];
+            let sum = m.allreduce_sum(&[0, 1], &mut buf).map_err(|e| e.to_string());
+            let group = m.allreduce_sum(&[5], &mut buf).map_err(|e| e.to_string());
+            (sum, group)
+        });
+        assert!(
+            out.iter()
+                .any(|(s, _)| s.as_ref().is_err_and(|e| e.contains("disagree"))),
+            "{out:?}"
+        );
+        assert!(
+            out.iter()
+                .all(|(_, g)| g.as_ref().is_err_and(|e| e.contains("not in the group")))
+        );
+    }
+
+    #[test]
+    fn a_stranger_with_the_wrong_token_is_refused() {
+        let listeners: Vec<_> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let mut it = listeners.into_iter();
+        let (l0, l1) = (it.next().unwrap(), it.next().unwrap());
+        let a = addrs.clone();
+        let zero = thread::spawn(move || {
+            let mut c = RingConfig::new(0, 2, "s", "right");
+            c.connect_timeout = Duration::from_secs(2);
+            Mesh::form(c, l0, &a)
+        });
+        let mut c = RingConfig::new(1, 2, "s", "wrong");
+        c.connect_timeout = Duration::from_secs(2);
+        let one = Mesh::form(c, l1, &addrs);
+        assert!(one.is_err());
+        let err = zero.join().unwrap().unwrap_err().to_string();
+        assert!(err.contains("rank(s) [1]"), "{err}");
+    }
+}
