@@ -1488,6 +1488,9 @@ mod tests {
         );
     }
 
+    /// What a worker thread of a test run ends with: its summary, model and events.
+    type Finished = (RunSummary, Vec<f32>, Vec<Event>);
+
     /// A run's losses and accuracies by epoch, without each worker's own clock.
     fn curve(history: &[EpochRecord]) -> Vec<(usize, f64, Option<f64>)> {
         history
@@ -1532,7 +1535,7 @@ mod tests {
             b.decisions = decisions.clone();
             Box::new(b)
         };
-        let results: Vec<thread::Result<(RunSummary, Vec<f32>, Vec<Event>)>> = thread::scope(|s| {
+        let results: Vec<thread::Result<Finished>> = thread::scope(|s| {
             let mut handles: Vec<_> = ring_of(3)
                 .into_iter()
                 .enumerate()
@@ -1610,7 +1613,7 @@ mod tests {
         let (len, global, epochs) = (240, 24, 2);
         let initial = params::flatten(&MlpConfig::new().with_hidden(16).init::<B>(&Default::default()));
         let (addr, server) = parameter_server(3, initial, None);
-        let results: Vec<thread::Result<(RunSummary, Vec<f32>, Vec<Event>)>> = thread::scope(|s| {
+        let results: Vec<thread::Result<Finished>> = thread::scope(|s| {
             let handles: Vec<_> = (0..3)
                 .map(|rank| {
                     let task = recorded(len, &seen, (rank == 2).then_some(4));

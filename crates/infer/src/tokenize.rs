@@ -1,0 +1,139 @@
+//! Tokenizers for the models, built with HF `tokenizers`: BERT's WordPiece from its
+//! `tokenizer.json` (with its fixed padding to 128 turned off: the runtime pads a
+//! batch itself and masks the padding), and a llama GGUF's byte-level BPE rebuilt
+//! from the file's own metadata (`tokenizer.ggml.*`).
+
+use std::path::Path;
+
+use serde_json::json;
+use tokenizers::Tokenizer;
+
+use crate::InferError;
+use crate::gguf::Gguf;
+
+/// A tokenizer checked against the model it serves.
+pub struct TextTokenizer {
+    inner: Tokenizer,
+    /// Ids that end a generation.
+    pub stop: Vec<u32>,
+}
+
+impl std::fmt::Debug for TextTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextTokenizer")
+            .field("vocab", &self.inner.get_vocab_size(true))
+            .field("stop", &self.stop)
+            .finish()
+    }
+}
+
+impl TextTokenizer {
+    /// BERT's tokenizer from `tokenizer.json`, for a model of `vocab` tokens that
+    /// reads at most `max_len` of them.
+    pub fn bert(path: &Path, vocab: usize, max_len: usize) -> Result<Self, InferError> {
+        let mut inner =
+            Tokenizer::from_file(path).map_err(|e| InferError::Tokenizer(format!("{}: {e}", path.display())))?;
+        inner.with_padding(None);
+        inner
+            .with_truncation(Some(tokenizers::TruncationParams {
+                max_length: max_len,
+                ..Default::default()
+            }))
+            .map_err(|e| InferError::Tokenizer(e.to_string()))?;
+        Self::checked(inner, vocab, vec![], &path.display().to_string())
+    }
+
+    /// The byte-level BPE tokenizer a llama GGUF file describes in its metadata.
+    pub fn from_gguf(g: &Gguf, vocab: usize) -> Result<Self, InferError> {
+        let model = g.meta("tokenizer.ggml.model")?.as_str().unwrap_or_default();
+        if model != "gpt2" {
+            return Err(InferError::Tokenizer(format!(
+                "tokenizer.ggml.model is {model:?}; only byte-level BPE (gpt2) is built"
+            )));
+        }
+        let tokens = g.meta_strings("tokenizer.ggml.tokens")?;
+        let merges = g.meta_strings("tokenizer.ggml.merges")?;
+        let types: Vec<u64> = match g.metadata.get("tokenizer.ggml.token_type") {
+            Some(crate::gguf::Value::Array(v)) => v.iter().map(|t| t.as_u64().unwrap_or(1)).collect(),
+            _ => vec![1; tokens.len()],
+        };
+        // Control tokens (type 3) are matched whole and never split.
+        let added: Vec<_> = tokens
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| types.get(*i) == Some(&3))
+            .map(|(i, t)| {
+                json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                       "normalized": false, "special": true})
+            })
+            .collect();
+        let vocab_map: serde_json::Map<String, serde_json::Value> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), json!(i)))
+            .collect();
+        let pre = g
+            .metadata
+            .get("tokenizer.ggml.pre")
+            .and_then(|v| v.as_str())
+            .unwrap_or("default");
+        let byte_level =
+            json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true});
+        // SmolLM's pre-tokenizer splits every digit on its own before GPT-2's regex.
+        let pre_tokenizer = if pre == "smollm" {
+            json!({"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": true}, byte_level]})
+        } else {
+            byte_level.clone()
+        };
+        let spec = json!({
+            "version": "1.0",
+            "truncation": null,
+            "padding": null,
+            "added_tokens": added,
+            "normalizer": null,
+            "pre_tokenizer": pre_tokenizer,
+            "post_processor": null,
+            "decoder": byte_level,
+            "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                      "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+                      "vocab": vocab_map, "merges": merges},
+        });
+        let inner: Tokenizer = serde_json::from_value::<Tokenizer>(spec)
+            .map_err(|e| InferError::Tokenizer(format!("the GGUF's tokenizer metadata: {e}")))?;
+        let mut stop = vec![];
+        for key in ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"] {
+            if let Some(id) = g.metadata.get(key).and_then(|v| v.as_u64()) {
+                stop.push(id as u32);
+            }
+        }
+        Self::checked(inner, vocab, stop, "the GGUF's metadata")
+    }
+
+    fn checked(inner: Tokenizer, vocab: usize, stop: Vec<u32>, from: &str) -> Result<Self, InferError> {
+        let size = inner.get_vocab_size(true);
+        if size != vocab {
+            return Err(InferError::Tokenizer(format!(
+                "{from} has {size} tokens but the model has {vocab}: not this model's tokenizer"
+            )));
+        }
+        Ok(TextTokenizer { inner, stop })
+    }
+
+    /// Token ids of `text`; with `special`, the model's framing tokens (BERT's
+    /// `[CLS]`…`[SEP]`) are added.
+    pub fn encode(&self, text: &str, special: bool) -> Result<Vec<u32>, InferError> {
+        Ok(self
+            .inner
+            .encode(text, special)
+            .map_err(|e| InferError::Tokenizer(e.to_string()))?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// The text of `ids`.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, InferError> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| InferError::Tokenizer(e.to_string()))
+    }
+}

@@ -1,0 +1,323 @@
+//! Weight files, one tensor at a time: the [`Weights`] trait both formats
+//! implement, the safetensors reader, and the checks every load makes (the name is
+//! there, the shape is what the model's configuration says).
+//!
+//! Tensors come back row-major with the outer dimension first, the PyTorch
+//! convention: a linear layer's weight is `[out, in]` in both safetensors and GGUF
+//! (whose dimension lists are innermost first and are reversed here).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use half::{bf16, f16};
+
+use crate::InferError;
+
+/// One tensor read from a file, as f32.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    /// Row-major shape, outer dimension first.
+    pub shape: Vec<usize>,
+    /// The values.
+    pub values: Vec<f32>,
+}
+
+/// A weights file that hands out tensors by name.
+pub trait Weights: Send + Sync {
+    /// The file, for error messages.
+    fn path(&self) -> &Path;
+    /// The shape of `name`, if the file holds it.
+    fn shape(&self, name: &str) -> Option<Vec<usize>>;
+    /// Reads and converts one tensor.
+    fn read(&self, name: &str) -> Result<Loaded, InferError>;
+
+    /// Reads `name` and checks its shape is `expect`.
+    fn expect(&self, name: &str, expect: &[usize]) -> Result<Vec<f32>, InferError> {
+        match self.shape(name) {
+            None => Err(InferError::tensor(
+                self.path(),
+                name,
+                "missing: this file does not hold the model the configuration describes",
+            )),
+            Some(shape) if shape != expect => Err(InferError::tensor(
+                self.path(),
+                name,
+                format!("shape {shape:?}, but the model's configuration needs {expect:?}"),
+            )),
+            Some(_) => Ok(self.read(name)?.values),
+        }
+    }
+}
+
+/// Where one tensor of a safetensors file is.
+#[derive(Debug, Clone)]
+struct Entry {
+    dtype: String,
+    shape: Vec<usize>,
+    start: u64,
+    end: u64,
+}
+
+/// A safetensors file: the JSON header in memory, tensors read on demand.
+#[derive(Debug)]
+pub struct SafeTensors {
+    path: PathBuf,
+    entries: BTreeMap<String, Entry>,
+}
+
+/// Refuse headers above 100 MB (the format's own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+impl SafeTensors {
+    /// Reads the header of `path` and checks that every tensor lies inside the file
+    /// and has as many bytes as its shape and type need.
+    pub fn open(path: &Path) -> Result<SafeTensors, InferError> {
+        let mut file = File::open(path).map_err(|e| InferError::weights(path, format!("cannot open: {e}")))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| InferError::weights(path, format!("cannot stat: {e}")))?
+            .len();
+        let mut len = [0u8; 8];
+        file.read_exact(&mut len)
+            .map_err(|_| InferError::weights(path, "shorter than a safetensors header"))?;
+        let header_len = u64::from_le_bytes(len);
+        if header_len > MAX_HEADER || 8 + header_len > file_len {
+            return Err(InferError::weights(
+                path,
+                format!(
+                    "header length {header_len} does not fit a {file_len}-byte file: not safetensors, or truncated"
+                ),
+            ));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header)
+            .map_err(|e| InferError::weights(path, format!("cannot read the header: {e}")))?;
+        let json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+            .map_err(|e| InferError::weights(path, format!("the header is not valid JSON: {e}")))?;
+        let data_start = 8 + header_len;
+        let mut entries = BTreeMap::new();
+        for (name, v) in json {
+            if name == "__metadata__" {
+                continue;
+            }
+            let bad = |why: &str| InferError::tensor(path, &name, why.to_string());
+            let dtype = v["dtype"].as_str().ok_or_else(|| bad("no dtype"))?.to_string();
+            let shape = v["shape"]
+                .as_array()
+                .ok_or_else(|| bad("no shape"))?
+                .iter()
+                .map(|d| d.as_u64().map(|d| d as usize))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad("a dimension is not a number"))?;
+            let offsets = v["data_offsets"].as_array().ok_or_else(|| bad("no data_offsets"))?;
+            let (Some(start), Some(end)) = (
+                offsets.first().and_then(|o| o.as_u64()),
+                offsets.get(1).and_then(|o| o.as_u64()),
+            ) else {
+                return Err(bad("data_offsets are not two numbers"));
+            };
+            let width = match dtype.as_str() {
+                "F32" | "I32" | "U32" => 4,
+                "F16" | "BF16" | "I16" => 2,
+                "I64" | "F64" | "U64" => 8,
+                _ => 1,
+            };
+            let elements: usize = shape.iter().product();
+            if end < start || end - start != (elements * width) as u64 {
+                return Err(bad(&format!(
+                    "{} bytes for {dtype} {shape:?}, which needs {}",
+                    end.saturating_sub(start),
+                    elements * width
+                )));
+            }
+            if data_start + end > file_len {
+                return Err(InferError::tensor(
+                    path,
+                    &name,
+                    format!(
+                        "ends at byte {} but the file has {file_len} bytes: the file is truncated",
+                        data_start + end
+                    ),
+                ));
+            }
+            entries.insert(
+                name,
+                Entry {
+                    dtype,
+                    shape,
+                    start: data_start + start,
+                    end: data_start + end,
+                },
+            );
+        }
+        Ok(SafeTensors {
+            path: path.to_path_buf(),
+            entries,
+        })
+    }
+
+    /// The names of the tensors in the file.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+}
+
+impl Weights for SafeTensors {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.entries.get(name).map(|e| e.shape.clone())
+    }
+
+    fn read(&self, name: &str) -> Result<Loaded, InferError> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| InferError::tensor(&self.path, name, "not in the file"))?;
+        let mut file =
+            File::open(&self.path).map_err(|err| InferError::weights(&self.path, format!("cannot open: {err}")))?;
+        let mut raw = vec![0u8; (e.end - e.start) as usize];
+        file.seek(SeekFrom::Start(e.start))
+            .and_then(|_| file.read_exact(&mut raw))
+            .map_err(|err| InferError::tensor(&self.path, name, format!("cannot read its bytes: {err}")))?;
+        let values = match e.dtype.as_str() {
+            "F32" => raw
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect(),
+            "F16" => raw
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            "BF16" => raw
+                .chunks_exact(2)
+                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(InferError::tensor(
+                    &self.path,
+                    name,
+                    format!("stored as {other}; weights must be F32, F16 or BF16"),
+                ));
+            }
+        };
+        Ok(Loaded {
+            shape: e.shape.clone(),
+            values,
+        })
+    }
+}
+
+/// Deterministic random weights of given shapes: timing runs of a model's shape
+/// (BERT-Base) and equality tests need no download. Scales and norm weights near 1,
+/// everything else small, so activations stay in a realistic range.
+#[derive(Debug, Clone)]
+pub struct RandomWeights {
+    shapes: BTreeMap<String, Vec<usize>>,
+    seed: u64,
+    path: PathBuf,
+}
+
+impl RandomWeights {
+    /// Weights for `shapes` (as a model's `tensor_shapes()` gives them) from `seed`.
+    pub fn new(shapes: BTreeMap<String, Vec<usize>>, seed: u64) -> Self {
+        RandomWeights {
+            shapes,
+            seed,
+            path: PathBuf::from(format!("<random weights, seed {seed}>")),
+        }
+    }
+}
+
+impl Weights for RandomWeights {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.shapes.get(name).cloned()
+    }
+
+    fn read(&self, name: &str) -> Result<Loaded, InferError> {
+        let shape = self
+            .shape(name)
+            .ok_or_else(|| InferError::tensor(&self.path, name, "not in the file"))?;
+        // splitmix64, seeded by the name, so every worker draws the same tensor.
+        let mut state = name.bytes().fold(self.seed ^ 0x9E37_79B9_7F4A_7C15, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01B3)
+        });
+        let mut next = move || {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        };
+        let is_scale = shape.len() == 1 && (name.contains("norm") || name.contains("LayerNorm.weight"));
+        let n: usize = shape.iter().product();
+        let values = (0..n)
+            .map(|_| if is_scale { 1.0 + 0.1 * next() } else { 0.08 * next() })
+            .collect();
+        Ok(Loaded { shape, values })
+    }
+}
+
+/// Writers of small safetensors files, for tests here and in other modules.
+#[cfg(test)]
+pub(crate) mod write {
+    /// A safetensors file of F32 `tensors`.
+    pub fn safetensors(tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for (name, shape, values) in tensors {
+            let start = data.len();
+            data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            header.insert(
+                name.to_string(),
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+            );
+        }
+        let header = serde_json::to_vec(&header).unwrap();
+        let mut out = (header.len() as u64).to_le_bytes().to_vec();
+        out.extend(header);
+        out.extend(data);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_tensors_and_checks_their_shapes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.safetensors");
+        let bytes = write::safetensors(&[
+            ("a", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]),
+            ("b", vec![3], vec![5.0, 6.0, 7.0]),
+        ]);
+        std::fs::write(&path, &bytes).unwrap();
+        let st = SafeTensors::open(&path).unwrap();
+        assert_eq!(st.names().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(st.expect("a", &[2, 2]).unwrap(), [1.0, 2.0, 3.0, 4.0]);
+        let wrong = st.expect("a", &[4]).unwrap_err().to_string();
+        assert!(
+            wrong.contains("tensor a: shape [2, 2], but the model's configuration needs [4]"),
+            "{wrong}"
+        );
+        let missing = st.expect("c", &[1]).unwrap_err().to_string();
+        assert!(missing.contains("tensor c: missing"), "{missing}");
+
+        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
+        let cut = SafeTensors::open(&path).unwrap_err().to_string();
+        assert!(cut.contains("truncated"), "{cut}");
+        std::fs::write(&path, b"\xff\xff\xff\xff\xff\xff\xff\x7fjunk").unwrap();
+        let junk = SafeTensors::open(&path).unwrap_err().to_string();
+        assert!(junk.contains("not safetensors"), "{junk}");
+    }
+}
