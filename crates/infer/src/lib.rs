@@ -14,6 +14,7 @@
 
 pub mod bert;
 pub mod error;
+pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod models;

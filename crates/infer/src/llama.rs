@@ -20,7 +20,7 @@ use burn::tensor::activation::{silu, softmax};
 use crate::InferError;
 use crate::bert::Reduce;
 use crate::gguf::Gguf;
-use crate::parts::{Dense, join_heads, rms_norm, span, split_heads, vector};
+use crate::parts::{Dense, join_heads, rms_norm, span, split_heads, transposed, vector};
 use crate::weights::Weights;
 
 /// The decoder's shape (GGUF `llama.*` metadata).
@@ -329,7 +329,7 @@ impl<B: Backend> LlamaHead<B> {
         let slice = all[rows.start * c.hidden..rows.end * c.hidden].to_vec();
         Ok(LlamaHead {
             norm: vector(&w.expect("output_norm.weight", &[c.hidden])?, device),
-            weight: Tensor::<B, 2>::from_data(TensorData::new(slice, [rows.len(), c.hidden]), device).transpose(),
+            weight: transposed(&slice, rows.len(), c.hidden, device),
             rows,
             eps: c.eps,
         })

@@ -19,10 +19,15 @@ pub fn span(total: usize, index: usize, of: usize) -> Range<usize> {
 }
 
 /// A dense layer `y = x·W + b` whose `W` is `[in, out]` (burn's layout).
+///
+/// Both are stored with the leading unit dimensions the 3-d matmul broadcasts over:
+/// reshaping a shared weight at every call would copy it each time.
 #[derive(Debug, Clone)]
 pub struct Dense<B: Backend> {
-    weight: Tensor<B, 2>,
-    bias: Option<Tensor<B, 1>>,
+    /// `[1, in, out]`.
+    weight: Tensor<B, 3>,
+    /// `[1, 1, out]`.
+    bias: Option<Tensor<B, 3>>,
 }
 
 impl<B: Backend> Dense<B> {
@@ -37,12 +42,10 @@ impl<B: Backend> Dense<B> {
         device: &B::Device,
     ) -> Self {
         let rows = keep.len();
-        let slice = w[keep.start * inp..keep.end * inp].to_vec();
-        let weight = Tensor::<B, 2>::from_data(TensorData::new(slice, [rows, inp]), device).transpose();
         debug_assert!(keep.end <= out);
         Dense {
-            weight,
-            bias: b.map(|b| Tensor::from_data(TensorData::new(b[keep].to_vec(), [rows]), device)),
+            weight: transposed(&w[keep.start * inp..keep.end * inp], rows, inp, device).unsqueeze(),
+            bias: b.map(|b| Tensor::from_data(TensorData::new(b[keep].to_vec(), [1, 1, rows]), device)),
         }
     }
 
@@ -55,24 +58,36 @@ impl<B: Backend> Dense<B> {
             slice.extend_from_slice(&w[r * inp + keep.start..r * inp + keep.end]);
         }
         Dense {
-            weight: Tensor::<B, 2>::from_data(TensorData::new(slice, [out, cols]), device).transpose(),
+            weight: transposed(&slice, out, cols, device).unsqueeze(),
             bias: None,
         }
     }
 
     /// `x·W (+ b)` over the last dimension.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let y = x.matmul(self.weight.clone().unsqueeze());
+        let y = x.matmul(self.weight.clone());
         match &self.bias {
-            Some(b) => y + b.clone().unsqueeze(),
+            Some(b) => y + b.clone(),
             None => y,
         }
     }
 
     /// Output width.
     pub fn out_width(&self) -> usize {
-        self.weight.dims()[1]
+        self.weight.dims()[2]
     }
+}
+
+/// `[cols, rows]` from a row-major `[rows, cols]` matrix, laid out contiguously (a
+/// transposed *view* would make every matmul copy the weight first).
+pub fn transposed<B: Backend>(m: &[f32], rows: usize, cols: usize, device: &B::Device) -> Tensor<B, 2> {
+    let mut t = vec![0f32; rows * cols];
+    for r in 0..rows {
+        for (c, v) in m[r * cols..(r + 1) * cols].iter().enumerate() {
+            t[c * rows + r] = *v;
+        }
+    }
+    Tensor::from_data(TensorData::new(t, [cols, rows]), device)
 }
 
 /// A vector parameter (a bias or a norm's scale) as a tensor.
