@@ -1,0 +1,186 @@
+//! `hetero infer` and `hetero serve` as a user runs them: worker processes joined by
+//! a real data-plane mesh on loopback, the real models (fetched into the model
+//! cache on first use), plain HTTP.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+fn hetero() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hetero"));
+    c.env_remove("HETERO_TOKEN");
+    c
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_pipeline_of_three_processes_says_paris() {
+    let out = hetero()
+        .args(["infer", "smollm2", "The capital of France is", "--max-tokens", "3"])
+        .args(["--workers", "3", "--placement", "pipeline"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.starts_with(" Paris."), "{stdout}");
+    assert!(
+        stderr.contains("blocks 0..10 Single on [0]; blocks 10..20 Single on [1]"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("tokens/s") && stderr.contains("ms per token"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn a_placement_naming_a_missing_worker_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.toml");
+    std::fs::write(
+        &file,
+        "workers = 2\n[[stage]]\nlayers = \"all\"\nmode = \"tensor-parallel\"\nworkers = [0, 2]\n",
+    )
+    .unwrap();
+    let out = hetero()
+        .args(["infer", "minilm", "hello", "--workers", "2", "--placement"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("names worker 2, but the placement has 2 workers"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+/// A `hetero serve` process and the address it serves on.
+struct Server(Child, String);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn serve(args: &[&str]) -> Server {
+    let mut child = hetero()
+        .arg("serve")
+        .args(args)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit("http://").next().unwrap().to_string();
+    assert!(addr.contains(':'), "{line:?}");
+    Server(child, addr)
+}
+
+/// POSTs `body` to `path`; returns the status code and the body.
+fn post(addr: &str, path: &str, body: &str) -> (u16, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn served_embeddings_over_tensor_parallel_workers() {
+    let server = serve(&["minilm", "--workers", "2", "--placement", "tensor-parallel"]);
+    let (status, body) = post(
+        &server.1,
+        "/v1/embeddings",
+        r#"{"input": ["A man is eating food.", "A man is eating a piece of bread."]}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let e: Vec<Vec<f64>> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    assert_eq!(e[0].len(), 384);
+    let cos: f64 = e[0].iter().zip(&e[1]).map(|(a, b)| a * b).sum();
+    assert!((cos - 0.755).abs() < 0.01, "{cos}");
+    // Wrong endpoint and malformed bodies are clear 400s.
+    let (status, body) = post(&server.1, "/v1/completions", r#"{"prompt": "hi"}"#);
+    assert_eq!(status, 400);
+    assert!(body.contains("encoder: use /v1/embeddings"), "{body}");
+    let (status, body) = post(&server.1, "/v1/embeddings", r#"{"inputs": 3}"#);
+    assert_eq!(status, 400);
+    assert!(body.contains("input"), "{body}");
+}
+
+#[test]
+fn a_served_completion_streams_and_a_dead_worker_is_a_clear_error() {
+    let mut server = serve(&["smollm2", "--workers", "2", "--placement", "pipeline"]);
+    let (status, body) = post(
+        &server.1,
+        "/v1/completions",
+        r#"{"prompt": "The capital of France is", "max_tokens": 2, "stream": true}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#"data: {"text":" Paris"}"#), "{body}");
+    assert!(
+        body.contains(r#""done":true"#) && body.contains("completion_tokens"),
+        "{body}"
+    );
+
+    // Rank 1 dies: the next request fails with a message naming it; the server lives.
+    let front = server.0.id();
+    let worker = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let parent = stat
+                .rsplit(')')
+                .next()
+                .and_then(|s| s.split(' ').nth(2))
+                .and_then(|p| p.parse::<u32>().ok());
+            parent == Some(front) && String::from_utf8_lossy(&cmd).contains("infer-worker")
+        })
+        .expect("the worker process");
+    Command::new("kill").args(["-9", &worker.to_string()]).status().unwrap();
+    let (status, body) = post(&server.1, "/v1/completions", r#"{"prompt": "Hello", "max_tokens": 2}"#);
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("rank 1"), "{body}");
+    assert!(server.0.try_wait().unwrap().is_none(), "the server is still up");
+}
