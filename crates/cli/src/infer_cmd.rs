@@ -214,7 +214,7 @@ pub fn infer(model_name: &str, prompt: &[String], max_tokens: usize, chat: bool,
         Arch::Llama(_) => {
             let prompt = if chat { chat_prompt(&text) } else { text };
             let mut out = std::io::stdout();
-            let (_, stats) = generate::generate(&mut front, &model.tokenizer, &prompt, max_tokens, &mut |piece| {
+            let (_, stats) = generate::generate(&mut front, model.tokenizer()?, &prompt, max_tokens, &mut |piece| {
                 let _ = write!(out, "{piece}");
                 let _ = out.flush();
             })?;
@@ -234,7 +234,7 @@ pub fn infer(model_name: &str, prompt: &[String], max_tokens: usize, chat: bool,
         Arch::Bert(_) => {
             let texts: Vec<&str> = prompt.iter().map(String::as_str).collect();
             let clock = std::time::Instant::now();
-            let embeddings = generate::embed(&mut front, &model.tokenizer, &texts)?;
+            let embeddings = generate::embed(&mut front, model.tokenizer()?, &texts)?;
             let took = clock.elapsed();
             for (t, e) in texts.iter().zip(&embeddings) {
                 let head: Vec<String> = e.iter().take(6).map(|v| format!("{v:.4}")).collect();

@@ -85,7 +85,10 @@ struct Embeddings {
 
 /// `hetero serve`.
 pub fn serve(model_name: &str, listen: &str, place: &Placing) -> Result<ExitCode> {
-    let model = open_model(model_name)?;
+    let mut model = open_model(model_name)?;
+    let Some(tokenizer) = model.tokenizer.take() else {
+        anyhow::bail!("{model_name} has no tokenizer (random weights, for timing): serve a real model");
+    };
     let (mut front, children) = start_front(model_name, &model, place)?;
     let decoder = matches!(model.arch, Arch::Llama(_));
     let info = json!({
@@ -105,14 +108,14 @@ pub fn serve(model_name: &str, listen: &str, place: &Placing) -> Result<ExitCode
                     max_tokens,
                     pieces,
                 } => {
-                    let out = generate::generate(&mut front, &model.tokenizer, &prompt, max_tokens, &mut |p| {
+                    let out = generate::generate(&mut front, &tokenizer, &prompt, max_tokens, &mut |p| {
                         let _ = pieces.send(Piece::Text(p.to_string()));
                     });
                     let _ = pieces.send(Piece::Done(out.map(|(_, stats)| stats)));
                 }
                 Job::Embed { texts, reply } => {
                     let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                    let _ = reply.send(generate::embed(&mut front, &model.tokenizer, &refs));
+                    let _ = reply.send(generate::embed(&mut front, &tokenizer, &refs));
                 }
             }
         }

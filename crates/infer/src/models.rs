@@ -151,8 +151,52 @@ pub struct Model {
     pub arch: Arch,
     /// Its weights.
     pub weights: Box<dyn Weights>,
-    /// Its tokenizer.
-    pub tokenizer: TextTokenizer,
+    /// Its tokenizer (none for random timing models).
+    pub tokenizer: Option<TextTokenizer>,
+    /// The name it was opened by.
+    pub name: String,
+}
+
+impl Model {
+    /// The tokenizer, or an error for a model without one.
+    pub fn tokenizer(&self) -> Result<&TextTokenizer, InferError> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            InferError::Config(format!(
+                "{} has no tokenizer: it has random weights, for timing only",
+                self.name
+            ))
+        })
+    }
+}
+
+/// Random-weight models of real shapes, for timing: no download, no tokenizer.
+pub const RANDOM: [(&str, &str); 2] = [
+    (
+        "bert-base-random",
+        "BERT-Base shape (12 layers, 768 wide, 12 heads), random weights",
+    ),
+    (
+        "smollm2-random",
+        "SmolLM2-135M shape (30 layers, 576 wide), random weights",
+    ),
+];
+
+fn random(name: &str) -> Option<Model> {
+    let arch = match name {
+        "bert-base-random" => Arch::Bert(BertConfig::base()),
+        "smollm2-random" => Arch::Llama(LlamaConfig::smol_lm2()),
+        _ => return None,
+    };
+    let shapes = match &arch {
+        Arch::Bert(c) => c.tensor_shapes(),
+        Arch::Llama(c) => c.tensor_shapes(),
+    };
+    Some(Model {
+        arch,
+        weights: Box::new(crate::weights::RandomWeights::new(shapes, 0)),
+        tokenizer: None,
+        name: name.to_string(),
+    })
 }
 
 impl std::fmt::Debug for Model {
@@ -164,10 +208,14 @@ impl std::fmt::Debug for Model {
     }
 }
 
-/// Opens `what`: a known model's name (fetched into `cache` if needed), a `.gguf`
+/// Opens `what`: a known model's name (fetched into `cache` if needed), a random
+/// timing model's name ([`RANDOM`]), a `.gguf`
 /// file, or a folder with `config.json`, `model.safetensors` and `tokenizer.json`
 /// (or with `model.gguf`).
 pub fn open(what: &str, cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<Model, InferError> {
+    if let Some(m) = random(what) {
+        return Ok(m);
+    }
     let path = if known(what).is_some() {
         fetch(what, cache, progress)?
     } else {
@@ -183,8 +231,9 @@ pub fn open(what: &str, cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<
         return open_bert(&path, &path.join("tokenizer.json"));
     }
     Err(InferError::Config(format!(
-        "{what} is neither a known model ({}), a .gguf file, nor a folder with model.safetensors or model.gguf",
-        KNOWN.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+        "{what} is neither a known model ({}, or {} for timing), a .gguf file, nor a folder with model.safetensors or model.gguf",
+        KNOWN.iter().map(|k| k.name).collect::<Vec<_>>().join(", "),
+        RANDOM.iter().map(|r| r.0).collect::<Vec<_>>().join(", ")
     )))
 }
 
@@ -210,7 +259,8 @@ pub fn open_bert(dir: &Path, tokenizer: &Path) -> Result<Model, InferError> {
     Ok(Model {
         arch: Arch::Bert(config),
         weights: Box::new(weights),
-        tokenizer,
+        tokenizer: Some(tokenizer),
+        name: dir.display().to_string(),
     })
 }
 
@@ -235,6 +285,7 @@ pub fn open_gguf(path: &Path) -> Result<Model, InferError> {
     Ok(Model {
         arch: Arch::Llama(config),
         weights: Box::new(g),
-        tokenizer,
+        tokenizer: Some(tokenizer),
+        name: path.display().to_string(),
     })
 }

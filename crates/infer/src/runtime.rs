@@ -476,6 +476,42 @@ fn check_request(arch: &Arch, req: &Request) -> Result<(), InferError> {
 /// Op codes of the front's commands.
 const RUN: f32 = 1.0;
 const STOP: f32 = 2.0;
+const REPORT: f32 = 3.0;
+
+/// What one worker reports of its traffic and its last step.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Report {
+    /// Bytes it has sent to its peers since the mesh formed.
+    pub bytes_sent: u64,
+    /// Where its last step's time went.
+    pub timing: Timing,
+}
+
+impl Report {
+    /// As floats that survive the trip exactly (16 bits per float).
+    fn encode(&self) -> [f32; 6] {
+        let b = self.bytes_sent;
+        [
+            (b & 0xFFFF) as f32,
+            ((b >> 16) & 0xFFFF) as f32,
+            ((b >> 32) & 0xFFFF) as f32,
+            (b >> 48) as f32,
+            self.timing.compute.as_secs_f32(),
+            self.timing.communication.as_secs_f32(),
+        ]
+    }
+
+    fn decode(v: &[f32; 6]) -> Self {
+        let part = |i: usize| (v[i] as u64) << (16 * i);
+        Report {
+            bytes_sent: part(0) | part(1) | part(2) | part(3),
+            timing: Timing {
+                compute: Duration::from_secs_f32(v[4].max(0.0)),
+                communication: Duration::from_secs_f32(v[5].max(0.0)),
+            },
+        }
+    }
+}
 
 /// Rank 0's side: sends each request to the other workers, then runs its own part.
 pub struct Front<B: Backend> {
@@ -507,6 +543,22 @@ impl<B: Backend> Front<B> {
             .ok_or_else(|| InferError::Placement("rank 0 got no output".into()))
     }
 
+    /// Every worker's report, rank 0's first. Asking costs each other worker one
+    /// 25-byte command and a 29-byte reply.
+    pub fn reports(&mut self) -> Result<Vec<Report>, InferError> {
+        let mut out = vec![Report {
+            bytes_sent: self.mesh.bytes_sent(),
+            timing: self.worker.timing,
+        }];
+        for r in 1..self.mesh.world() {
+            self.mesh.send(r, &[REPORT, 0.0, 0.0, 0.0, 0.0])?;
+            let mut v = [0f32; 6];
+            self.mesh.recv(r, &mut v)?;
+            out.push(Report::decode(&v));
+        }
+        Ok(out)
+    }
+
     /// Tells the other workers to stop.
     pub fn stop(mut self) -> Result<(), InferError> {
         for r in 1..self.mesh.world() {
@@ -523,6 +575,14 @@ pub fn follow<B: Backend>(worker: &mut Worker<B>, mesh: &mut Mesh) -> Result<(),
         mesh.recv(0, &mut header)?;
         if header[0] == STOP {
             return Ok(());
+        }
+        if header[0] == REPORT {
+            let report = Report {
+                bytes_sent: mesh.bytes_sent(),
+                timing: worker.timing,
+            };
+            mesh.send(0, &report.encode())?;
+            continue;
         }
         if header[0] != RUN {
             return Err(InferError::Request(format!(
@@ -594,6 +654,18 @@ mod tests {
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).next().unwrap()
         })
+    }
+
+    #[test]
+    fn reports_survive_their_encoding() {
+        let r = Report {
+            bytes_sent: 0x1234_5678_9ABC_DEF0,
+            timing: Timing {
+                compute: Duration::from_millis(1500),
+                communication: Duration::from_millis(250),
+            },
+        };
+        assert_eq!(Report::decode(&r.encode()), r);
     }
 
     fn values(o: &Output) -> Vec<f32> {

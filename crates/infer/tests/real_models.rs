@@ -76,7 +76,7 @@ fn minilm_knows_that_bread_is_food_on_every_placement() {
         "hello world",
     ]
     .iter()
-    .map(|t| m.tokenizer.encode(t, true).unwrap())
+    .map(|t| m.tokenizer().unwrap().encode(t, true).unwrap())
     .collect();
     assert_eq!(rows[2], [101, 7592, 2088, 102], "[CLS] hello world [SEP], no padding");
     let req = [Request::embed(&rows)];
@@ -106,7 +106,11 @@ fn minilm_knows_that_bread_is_food_on_every_placement() {
 #[test]
 fn smollm2_says_paris_on_every_placement() {
     let m = model("smollm2");
-    let prompt = m.tokenizer.encode("The capital of France is", false).unwrap();
+    let prompt = m
+        .tokenizer()
+        .unwrap()
+        .encode("The capital of France is", false)
+        .unwrap();
     assert_eq!(prompt, [504, 3575, 282, 4649, 314]);
     let reqs = [
         Request::decode(vec![prompt.clone()], true, Want::Logits),
@@ -119,7 +123,7 @@ fn smollm2_says_paris_on_every_placement() {
         .enumerate()
         .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
     assert_eq!(best.0, 7042, "greedy next token");
-    assert_eq!(m.tokenizer.decode(&[best.0 as u32]).unwrap(), " Paris");
+    assert_eq!(m.tokenizer().unwrap().decode(&[best.0 as u32]).unwrap(), " Paris");
     assert!((best.1 - 17.37).abs() < 0.05, "logit {}", best.1);
     for placement in [
         Placement::tensor_parallel(30, 2),
