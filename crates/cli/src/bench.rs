@@ -80,6 +80,23 @@ pub enum BenchCommand {
         #[arg(long, default_value = "data/fashion-mnist-subset")]
         data: std::path::PathBuf,
     },
+    /// Inference latency and traffic of one model under several placements, in one run
+    /// over the same workers (local processes, or the hosts of a --mesh).
+    Infer {
+        /// Model: bert-base-random, smollm2-random, minilm, smollm2, …
+        model: String,
+        /// Timed requests (encoders).
+        #[arg(long, default_value_t = 20)]
+        requests: usize,
+        /// Timed decode steps (decoders).
+        #[arg(long, default_value_t = 32)]
+        tokens: usize,
+        /// Sequence length (encoders) or prompt length (decoders).
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        #[command(flatten)]
+        place: crate::infer_cmd::Placing,
+    },
     /// Training speed of one worker through the system versus a plain burn loop.
     Train {
         /// Model: cnn or mlp.
@@ -119,6 +136,19 @@ pub fn run(command: BenchCommand) -> Result<ExitCode> {
                 allreduce_between_processes(&peers, rank, &sizes)?
             }
         }
+        BenchCommand::Infer {
+            model,
+            requests,
+            tokens,
+            seq,
+            place,
+        } => crate::bench_infer::run(&crate::bench_infer::InferBench {
+            model: &model,
+            place: &place,
+            requests,
+            tokens,
+            seq,
+        })?,
         BenchCommand::Scheduler { jobs, groups } => crate::bench_scheduler::run(jobs, groups)?,
         BenchCommand::Hetero {
             speeds,

@@ -21,7 +21,7 @@ use clap::{Args, Subcommand};
 use hetero_comm::{Mesh, RingConfig};
 use hetero_infer::generate::{self, chat_prompt};
 use hetero_infer::models::{self, Model};
-use hetero_infer::{Arch, Front, Placement, Worker, follow};
+use hetero_infer::{Arch, Followed, Front, Placement, Worker, follow};
 
 /// The backend inference runs on.
 pub type InferBackend = Flex;
@@ -42,6 +42,7 @@ pub enum ModelsCommand {
 #[derive(Debug, Clone, Args)]
 pub struct Placing {
     /// single, tensor-parallel, pipeline, or a placement file (docs/inference.md).
+    /// Benchmarks give several, comma-separated, and switch between them.
     #[arg(long, default_value = "single")]
     pub placement: String,
     /// Worker processes (rank 0 is this one).
@@ -85,7 +86,15 @@ pub fn open_model(what: &str) -> Result<Model> {
     models::open(what, &models::cache_dir(), &mut |m| eprintln!("{m}")).with_context(|| format!("opening {what}"))
 }
 
-/// The placement `--placement` names, for `workers` workers.
+/// The placements `--placement` names (comma-separated), for `workers` workers.
+pub fn placements_of(arch: &Arch, names: &str, workers: usize) -> Result<Vec<Placement>> {
+    names
+        .split(',')
+        .map(|n| placement_of(arch, n.trim(), workers))
+        .collect()
+}
+
+/// The placement `name` names, for `workers` workers.
 pub fn placement_of(arch: &Arch, name: &str, workers: usize) -> Result<Placement> {
     let p = if Path::new(name).is_file() {
         Placement::load(Path::new(name), arch.layers())?
@@ -169,7 +178,7 @@ pub fn start_front(model_name: &str, model: &Model, place: &Placing) -> Result<(
             (place.workers, addrs, listener, children, token)
         }
     };
-    let placement = placement_of(&model.arch, &place.placement, workers)?;
+    let placement = placements_of(&model.arch, &place.placement, workers)?.remove(0);
     let mesh = form(0, workers, &token, listener, &addrs)?;
     let worker = Worker::<InferBackend>::load(
         model.arch.clone(),
@@ -296,15 +305,27 @@ pub fn infer_worker(model_name: &str, rank: usize, place: &Placing, listen: Opti
             (listener, parse_mesh(line.trim())?)
         }
     };
-    let placement = placement_of(&model.arch, &place.placement, addrs.len())?;
-    let mut worker = Worker::<InferBackend>::load(
-        model.arch.clone(),
-        model.weights.as_ref(),
-        placement,
-        rank,
-        &Default::default(),
-    )?;
+    let placements = placements_of(&model.arch, &place.placement, addrs.len())?;
+    let load = |p: &Placement| {
+        Worker::<InferBackend>::load(
+            model.arch.clone(),
+            model.weights.as_ref(),
+            p.clone(),
+            rank,
+            &Default::default(),
+        )
+    };
+    let mut worker = load(&placements[0])?;
     let mut mesh = form(rank, addrs.len(), &token, listener, &addrs)?;
-    follow(&mut worker, &mut mesh)?;
+    while let Followed::Switch(i) = follow(&mut worker, &mut mesh)? {
+        let Some(p) = placements.get(i) else {
+            bail!(
+                "the front switched to placement {i}, but this worker was given {}",
+                placements.len()
+            );
+        };
+        drop(worker);
+        worker = load(p)?;
+    }
     Ok(ExitCode::SUCCESS)
 }

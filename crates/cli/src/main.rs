@@ -5,6 +5,7 @@
 
 mod bench;
 mod bench_hetero;
+mod bench_infer;
 mod bench_scheduler;
 mod client_cmds;
 mod data_cmd;

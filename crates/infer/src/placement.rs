@@ -134,11 +134,14 @@ impl Placement {
         }
     }
 
-    /// One of the built-in placements by name: `single`, `tensor-parallel` or
-    /// `pipeline`.
+    /// One of the built-in placements by name over `workers` workers: `single`
+    /// (everything on worker 0, the others idle), `tensor-parallel` or `pipeline`.
     pub fn named(name: &str, layers: usize, workers: usize) -> Result<Self, InferError> {
         let p = match name {
-            "single" => Self::single(layers),
+            "single" => Placement {
+                workers: workers.max(1),
+                ..Self::single(layers)
+            },
             "tensor-parallel" | "tp" => Self::tensor_parallel(layers, workers),
             "pipeline" | "pp" => Self::pipeline(layers, workers),
             other => {

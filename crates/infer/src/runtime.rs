@@ -477,6 +477,17 @@ fn check_request(arch: &Arch, req: &Request) -> Result<(), InferError> {
 const RUN: f32 = 1.0;
 const STOP: f32 = 2.0;
 const REPORT: f32 = 3.0;
+const SWITCH: f32 = 4.0;
+
+/// Why [`follow`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Followed {
+    /// The front said stop.
+    Stopped,
+    /// The front moves to the placement of this index (in a list all workers were
+    /// given): load it and follow again.
+    Switch(usize),
+}
 
 /// What one worker reports of its traffic and its last step.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -559,6 +570,16 @@ impl<B: Backend> Front<B> {
         Ok(out)
     }
 
+    /// Moves every worker to placement `index` of the list they were all given;
+    /// `worker` is rank 0's part under it.
+    pub fn switch(&mut self, index: usize, worker: Worker<B>) -> Result<(), InferError> {
+        for r in 1..self.mesh.world() {
+            self.mesh.send(r, &[SWITCH, index as f32, 0.0, 0.0, 0.0])?;
+        }
+        self.worker = worker;
+        Ok(())
+    }
+
     /// Tells the other workers to stop.
     pub fn stop(mut self) -> Result<(), InferError> {
         for r in 1..self.mesh.world() {
@@ -568,13 +589,17 @@ impl<B: Backend> Front<B> {
     }
 }
 
-/// A worker other than rank 0: runs the front's requests until it says stop.
-pub fn follow<B: Backend>(worker: &mut Worker<B>, mesh: &mut Mesh) -> Result<(), InferError> {
+/// A worker other than rank 0: runs the front's requests until it says stop (or
+/// to switch placements).
+pub fn follow<B: Backend>(worker: &mut Worker<B>, mesh: &mut Mesh) -> Result<Followed, InferError> {
     loop {
         let mut header = [0f32; 5];
         mesh.recv(0, &mut header)?;
         if header[0] == STOP {
-            return Ok(());
+            return Ok(Followed::Stopped);
+        }
+        if header[0] == SWITCH {
+            return Ok(Followed::Switch(header[1] as usize));
         }
         if header[0] == REPORT {
             let report = Report {
