@@ -329,3 +329,56 @@ pub fn infer_worker(model_name: &str, rank: usize, place: &Placing, listen: Opti
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// A worker of an inference job the coordinator placed on an agent (`[inference]`
+/// in the job spec): it meets the others through the coordinator's rendezvous;
+/// rank 0 then serves HTTP on `inference.listen`, the others follow it.
+pub fn job_worker(setup: hetero_worker::WorkerSetup) -> Result<ExitCode> {
+    let inf = setup.spec.inference.clone().context("not an inference job")?;
+    hetero_worker::end_with_the_agent();
+    let mut model = open_model(&inf.model)?;
+    let placements = placements_of(&model.arch, &inf.placement, setup.world)?;
+    println!(
+        "rank {} of {}: {} under {}",
+        setup.rank,
+        setup.world,
+        inf.model,
+        describe(&placements[0])
+    );
+    let load = |p: &Placement| {
+        Worker::<InferBackend>::load(
+            model.arch.clone(),
+            model.weights.as_ref(),
+            p.clone(),
+            setup.rank,
+            &Default::default(),
+        )
+    };
+    let mut worker = load(&placements[0])?;
+    let listener = TcpListener::bind((setup.data_host.as_str(), 0))
+        .with_context(|| format!("binding a data-plane port on {}", setup.data_host))?;
+    let addrs = hetero_worker::rendezvous::exchange(&setup, listener.local_addr()?)?;
+    let mut config = RingConfig::new(setup.rank, setup.world, format!("{}-infer", setup.job_id), &setup.token);
+    config.connect_timeout = Duration::from_secs(600);
+    config.io_timeout = Duration::from_secs(3600);
+    let mut mesh = Mesh::form(config, listener, &addrs).context("forming the data-plane mesh")?;
+    if setup.rank == 0 {
+        let tokenizer = model
+            .tokenizer
+            .take()
+            .with_context(|| format!("{} has no tokenizer: serve a real model", inf.model))?;
+        let front = Front { worker, mesh };
+        return crate::serve::serve_front(front, Children(vec![]), tokenizer, &inf.model, &model.arch, &inf.listen);
+    }
+    while let Followed::Switch(i) = follow(&mut worker, &mut mesh)? {
+        let Some(p) = placements.get(i) else {
+            bail!(
+                "the front switched to placement {i}, but this worker was given {}",
+                placements.len()
+            );
+        };
+        drop(worker);
+        worker = load(p)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

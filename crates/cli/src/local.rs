@@ -49,7 +49,7 @@ pub fn run(spec_path: &Path, workers: Option<usize>, groups: &[String]) -> Resul
     let base = JobSpec::folder_of(spec_path);
     let mut spec = JobSpec::parse(&text).with_context(|| format!("in {}", spec_path.display()))?;
     spec.resolve_paths(&base);
-    if spec.task.is_none() && spec.dataset.kind == "fashion-mnist" {
+    if spec.task.is_none() && spec.inference.is_none() && spec.dataset.kind == "fashion-mnist" {
         data_cmd::ensure_fashion_mnist(&spec.dataset.path)?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()

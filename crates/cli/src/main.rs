@@ -225,6 +225,15 @@ fn main() -> ExitCode {
     hetero_worker::memory::keep_freed_buffers();
     let cli = Cli::parse();
     if matches!(cli.command, Command::Worker) {
+        // An inference job's workers serve a model instead of training one.
+        if let Ok(setup) = hetero_worker::WorkerSetup::from_env()
+            && setup.spec.inference.is_some()
+        {
+            return infer_cmd::job_worker(setup).unwrap_or_else(|e| {
+                eprintln!("worker failed: {e:#}");
+                ExitCode::FAILURE
+            });
+        }
         return match hetero_worker::builtin::run() {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

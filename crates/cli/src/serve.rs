@@ -28,7 +28,10 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc as async_mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
-use crate::infer_cmd::{Placing, describe, open_model, start_front};
+use hetero_infer::Front;
+use hetero_infer::tokenize::TextTokenizer;
+
+use crate::infer_cmd::{Children, InferBackend, Placing, describe, open_model, start_front};
 
 /// What the runtime thread is asked to do.
 enum Job {
@@ -89,12 +92,24 @@ pub fn serve(model_name: &str, listen: &str, place: &Placing) -> Result<ExitCode
     let Some(tokenizer) = model.tokenizer.take() else {
         anyhow::bail!("{model_name} has no tokenizer (random weights, for timing): serve a real model");
     };
-    let (mut front, children) = start_front(model_name, &model, place)?;
-    let decoder = matches!(model.arch, Arch::Llama(_));
+    let (front, children) = start_front(model_name, &model, place)?;
+    serve_front(front, children, tokenizer, model_name, &model.arch, listen)
+}
+
+/// Serves HTTP on `listen` with a formed front, until the process is stopped.
+pub fn serve_front(
+    mut front: Front<InferBackend>,
+    children: Children,
+    tokenizer: TextTokenizer,
+    model_name: &str,
+    arch: &Arch,
+    listen: &str,
+) -> Result<ExitCode> {
+    let decoder = matches!(arch, Arch::Llama(_));
     let info = json!({
         "model": model_name,
         "kind": if decoder { "decoder" } else { "encoder" },
-        "layers": model.arch.layers(),
+        "layers": arch.layers(),
         "workers": front.worker.placement().workers,
         "placement": describe(front.worker.placement()),
     });
@@ -132,6 +147,8 @@ pub fn serve(model_name: &str, listen: &str, place: &Placing) -> Result<ExitCode
             .await
             .with_context(|| format!("binding {listen}"))?;
         println!("serving {model_name} on http://{}", listener.local_addr()?);
+        use std::io::Write;
+        std::io::stdout().flush()?;
         axum::serve(listener, app).await.context("the HTTP server stopped")
     })?;
     Ok(ExitCode::SUCCESS)

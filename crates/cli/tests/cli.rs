@@ -623,6 +623,108 @@ fn a_parameter_server_job_survives_a_killed_worker_as_one_ring() {
     assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
 }
 
+/// POSTs a JSON `body` to `path` on `addr`; returns the status code and the body.
+fn post_json(addr: &str, path: &str, body: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut response = String::new();
+    s.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
+    (
+        status,
+        response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default(),
+    )
+}
+
+#[test]
+fn an_inference_job_serves_a_model_from_workers_on_two_agents() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_coordinator, port) = start_coordinator(0, &state);
+    let _agents: Vec<Killed> = (0..2)
+        .map(|i| start_agent(port, &state, &dir.path().join(format!("agent{i}"))))
+        .collect();
+    let http = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let spec = write_spec(
+        dir.path(),
+        &format!(
+            "name = \"embeddings\"\n[inference]\nmodel = \"minilm\"\nplacement = \"tensor-parallel\"\n\
+             listen = \"{http}\"\n[cluster]\nworkers = 2\n[output]\ndir = \"{}\"\n",
+            dir.path().join("runs").display()
+        ),
+    );
+    let out = client("submit", port, &state).arg(&spec).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let started = Instant::now();
+    let logs = wait_for_log(port, &state, "serving minilm on http://", started);
+    assert!(
+        logs.contains("rank 1 of 2: minilm under blocks 0..6 TensorParallel on [0, 1]"),
+        "{logs}"
+    );
+
+    let (status, body) = post_json(
+        &http.to_string(),
+        "/v1/embeddings",
+        r#"{"input": ["A man is eating food.", "A man is eating a piece of bread."]}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let e: Vec<Vec<f64>> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    let cos: f64 = e[0].iter().zip(&e[1]).map(|(a, b)| a * b).sum();
+    assert!((cos - 0.755).abs() < 0.01, "{cos}");
+
+    // A service runs until it is cancelled; cancelling ends its workers.
+    let out = client("cancel", port, &state).arg("job-000001").output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let status = wait_for_end_state(port, &state, "cancelled", started);
+    assert!(status.contains("cancelled"), "{status}");
+    let gone = Instant::now();
+    while std::net::TcpStream::connect(http).is_ok() {
+        assert!(gone.elapsed() < Duration::from_secs(30), "the server outlived its job");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until job-000001's state is `state_name`; returns its status.
+fn wait_for_end_state(port: u16, state: &Path, state_name: &str, started: Instant) -> String {
+    loop {
+        let t = text(&client("status", port, state).arg("job-000001").output().unwrap());
+        if t.contains(&format!("state      {state_name}")) {
+            return t;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(300),
+            "job never became {state_name}:\n{t}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
 #[test]
 fn every_strategy_trains_through_separate_processes() {
     for (strategy, extra) in [

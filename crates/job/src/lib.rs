@@ -14,6 +14,6 @@ pub use error::SpecError;
 /// The checkpoint's file name in a job's output folder (next to `summary.json`).
 pub const CHECKPOINT_FILE: &str = "checkpoint.bin";
 pub use spec::{
-    Backend, ClusterSpec, DATASET_KINDS, DatasetSpec, JobSpec, ModelKind, NormalizeSpec, Optimizer, Policy,
-    PreprocessSpec, SchedulingSpec, SplitKind, Strategy, TaskSpec, TrainingSpec,
+    Backend, ClusterSpec, DATASET_KINDS, DatasetSpec, InferenceSpec, JobSpec, ModelKind, NormalizeSpec, Optimizer,
+    Policy, PreprocessSpec, SchedulingSpec, SplitKind, Strategy, TaskSpec, TrainingSpec,
 };

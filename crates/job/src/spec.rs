@@ -45,6 +45,21 @@ pub struct JobSpec {
     /// How images are prepared.
     #[serde(default)]
     pub preprocess: PreprocessSpec,
+    /// A model to serve, when the job is inference rather than training.
+    #[serde(default)]
+    pub inference: Option<InferenceSpec>,
+}
+
+/// An inference job: the workers load their parts of `model` under `placement`
+/// and rank 0 serves HTTP on `listen` until the job is cancelled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InferenceSpec {
+    /// A known model (minilm, smollm2, …), a `.gguf` file or a BERT folder.
+    pub model: String,
+    /// single, tensor-parallel, pipeline, or a placement file.
+    pub placement: String,
+    /// Where rank 0 serves the HTTP API.
+    pub listen: String,
 }
 
 /// Image preprocessing: at load time (resize), per sample (normalise) and per
@@ -351,6 +366,7 @@ pub struct TaskSpec {
 
 const TOP: &[&str] = &[
     "name",
+    "inference",
     "model",
     "dataset",
     "training",
@@ -402,6 +418,7 @@ const CLUSTER: &[&str] = &[
 ];
 const SCHEDULING: &[&str] = &["priority", "after", "policy"];
 const OUTPUT: &[&str] = &["dir"];
+const INFERENCE: &[&str] = &["model", "placement", "listen"];
 const TASK: &[&str] = &["program", "params"];
 
 /// Most workers one job may ask for.
@@ -417,6 +434,9 @@ impl JobSpec {
         let name = top.string("name")?.unwrap_or_else(|| "job".into());
         if name.is_empty() || name.len() > 100 || name.chars().any(|c| c.is_control()) {
             return Err(top.invalid("name", &name, "a name is 1 to 100 printable characters"));
+        }
+        if root.contains_key("inference") {
+            return Self::parse_inference(&top, &root);
         }
 
         let model = top.section("model", MODEL)?;
@@ -705,7 +725,53 @@ impl JobSpec {
             scheduling,
             task,
             preprocess,
+            inference: None,
         })
+    }
+
+    /// An inference job: `[inference]` with `[cluster]`, `[scheduling]` and
+    /// `[output]`, which are checked as for training (the training sections have no
+    /// place in it).
+    fn parse_inference(top: &Section, root: &Table) -> Result<JobSpec, SpecError> {
+        for k in ["model", "dataset", "training", "preprocess", "task"] {
+            if root.contains_key(k) {
+                return Err(SpecError::InvalidValue {
+                    key: k.into(),
+                    value: format!("[{k}]"),
+                    allowed: "an inference job ([inference]) has no training sections".into(),
+                });
+            }
+        }
+        let inf = top.section("inference", INFERENCE)?;
+        let model = inf.string("model")?.filter(|m| !m.is_empty()).ok_or_else(|| {
+            inf.missing(
+                "model",
+                "the model to serve: minilm, smollm2, a .gguf file or a BERT folder",
+            )
+        })?;
+        let listen = inf.string("listen")?.unwrap_or_else(|| "127.0.0.1:8000".into());
+        if listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(inf.invalid("listen", &listen, "an address such as 0.0.0.0:8000"));
+        }
+        let inference = InferenceSpec {
+            model,
+            placement: inf.string("placement")?.unwrap_or_else(|| "single".into()),
+            listen,
+        };
+        // The rest is checked by the training parser, with placeholder training
+        // sections that no inference worker reads.
+        let mut rest = root.clone();
+        rest.remove("inference");
+        let mut dataset = Table::new();
+        dataset.insert("path".into(), Value::String(".".into()));
+        rest.insert("dataset".into(), Value::Table(dataset));
+        let mut training = Table::new();
+        training.insert("global_batch_size".into(), Value::Integer(MAX_WORKERS as i64));
+        rest.insert("training".into(), Value::Table(training));
+        let text = toml::to_string(&rest).map_err(|e| SpecError::Syntax(e.to_string()))?;
+        let mut spec = JobSpec::parse(&text)?;
+        spec.inference = Some(inference);
+        Ok(spec)
     }
 
     /// Reads and parses a spec file; relative paths are resolved against its folder.
@@ -736,6 +802,15 @@ impl JobSpec {
         };
         resolve(&mut self.dataset.path);
         resolve(&mut self.output_dir);
+        if let Some(inf) = &mut self.inference {
+            // A model or placement named by a path (not a known name) is a file.
+            for p in [&mut inf.model, &mut inf.placement] {
+                let path = Path::new(p.as_str());
+                if path.is_relative() && (p.contains('/') || p.ends_with(".gguf") || p.ends_with(".toml")) {
+                    *p = normalize(&base.join(path)).display().to_string();
+                }
+            }
+        }
         if let Some(r) = &mut self.training.resume_from {
             resolve(r);
         }
@@ -951,6 +1026,30 @@ workers = 3
         assert_eq!(s.training.seed, 42);
         assert_eq!(s.output_dir, PathBuf::from("runs"));
         assert_eq!(JobSpec::from_json(&s.to_json()).unwrap(), s);
+    }
+
+    #[test]
+    fn an_inference_job_has_its_own_section_and_no_training_ones() {
+        let s = JobSpec::parse(
+            "name = \"serve\"\n[inference]\nmodel = \"smollm2\"\nplacement = \"pipeline\"\n\
+             listen = \"0.0.0.0:8000\"\n[cluster]\nworkers = 3\n",
+        )
+        .unwrap();
+        let inf = s.inference.as_ref().unwrap();
+        assert_eq!((inf.model.as_str(), inf.placement.as_str()), ("smollm2", "pipeline"));
+        assert_eq!(s.cluster.workers, 3);
+        assert_eq!(JobSpec::from_json(&s.to_json()).unwrap(), s);
+        let with_training = JobSpec::parse("[inference]\nmodel = \"minilm\"\n[training]\nepochs = 2\n").unwrap_err();
+        assert!(
+            with_training.to_string().contains("no training sections"),
+            "{with_training}"
+        );
+        let no_model = JobSpec::parse("[inference]\nplacement = \"single\"\n").unwrap_err();
+        assert!(no_model.to_string().contains("inference.model"), "{no_model}");
+        let bad = JobSpec::parse("[inference]\nmodel = \"minilm\"\nlisten = \"here\"\n").unwrap_err();
+        assert!(bad.to_string().contains("inference.listen"), "{bad}");
+        let typo = JobSpec::parse("[inference]\nmodel = \"minilm\"\nplacment = \"pipeline\"\n").unwrap_err();
+        assert!(typo.to_string().contains("placment"), "{typo}");
     }
 
     #[test]

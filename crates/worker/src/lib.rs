@@ -236,7 +236,7 @@ impl Speaker {
 /// so each watches its parent and exits when it is gone (the process was handed to
 /// another parent). Without this, an orphan would train on in a ring the cluster
 /// has already given up on.
-fn end_with_the_agent() {
+pub fn end_with_the_agent() {
     #[cfg(unix)]
     {
         let parent = std::os::unix::process::parent_id();
