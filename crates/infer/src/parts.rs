@@ -21,11 +21,13 @@ pub fn span(total: usize, index: usize, of: usize) -> Range<usize> {
 /// A dense layer `y = x·W + b` whose `W` is `[in, out]` (burn's layout).
 ///
 /// Both are stored with the leading unit dimensions the 3-d matmul broadcasts over:
-/// reshaping a shared weight at every call would copy it each time.
+/// reshaping a shared weight at every call would copy it each time. A worker whose
+/// part of a split is empty (more workers than heads) holds no weight at all, and
+/// its callers skip the layer.
 #[derive(Debug, Clone)]
 pub struct Dense<B: Backend> {
-    /// `[1, in, out]`.
-    weight: Tensor<B, 3>,
+    /// `[1, in, out]`; `None` for an empty part.
+    weight: Option<Tensor<B, 3>>,
     /// `[1, 1, out]`.
     bias: Option<Tensor<B, 3>>,
 }
@@ -43,8 +45,14 @@ impl<B: Backend> Dense<B> {
     ) -> Self {
         let rows = keep.len();
         debug_assert!(keep.end <= out);
+        if rows == 0 {
+            return Dense {
+                weight: None,
+                bias: None,
+            };
+        }
         Dense {
-            weight: transposed(&w[keep.start * inp..keep.end * inp], rows, inp, device).unsqueeze(),
+            weight: Some(transposed(&w[keep.start * inp..keep.end * inp], rows, inp, device).unsqueeze()),
             bias: b.map(|b| Tensor::from_data(TensorData::new(b[keep].to_vec(), [1, 1, rows]), device)),
         }
     }
@@ -53,19 +61,28 @@ impl<B: Backend> Dense<B> {
     /// The bias is left out: it is added once, after the partial sums are reduced.
     pub fn rows(w: &[f32], out: usize, inp: usize, keep: Range<usize>, device: &B::Device) -> Self {
         let cols = keep.len();
+        if cols == 0 {
+            return Dense {
+                weight: None,
+                bias: None,
+            };
+        }
         let mut slice = Vec::with_capacity(out * cols);
         for r in 0..out {
             slice.extend_from_slice(&w[r * inp + keep.start..r * inp + keep.end]);
         }
         Dense {
-            weight: transposed(&slice, out, cols, device).unsqueeze(),
+            weight: Some(transposed(&slice, out, cols, device).unsqueeze()),
             bias: None,
         }
     }
 
     /// `x·W (+ b)` over the last dimension.
+    ///
+    /// # Panics
+    /// On an empty part (check [`Dense::out_width`] first).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let y = x.matmul(self.weight.clone());
+        let y = x.matmul(self.weight.clone().expect("an empty part is never run"));
         match &self.bias {
             Some(b) => y + b.clone(),
             None => y,
@@ -74,7 +91,7 @@ impl<B: Backend> Dense<B> {
 
     /// Output width.
     pub fn out_width(&self) -> usize {
-        self.weight.dims()[2]
+        self.weight.as_ref().map_or(0, |w| w.dims()[2])
     }
 }
 

@@ -782,6 +782,8 @@ mod tests {
         for placement in [
             Placement::tensor_parallel(3, 2),
             Placement::tensor_parallel(3, 3),
+            // More workers than key/value heads: the fourth holds FFN units only.
+            Placement::tensor_parallel(3, 4),
             Placement::pipeline(3, 2),
             Placement::pipeline(3, 3),
             mixed,
