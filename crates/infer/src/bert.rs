@@ -100,7 +100,7 @@ impl BertConfig {
             eps: json["layer_norm_eps"].as_f64().unwrap_or(1e-12),
             prefix: String::new(),
         };
-        if config.heads == 0 || config.hidden % config.heads != 0 {
+        if config.heads == 0 || !config.hidden.is_multiple_of(config.heads) {
             return Err(InferError::weights(
                 path,
                 format!("{} heads do not divide hidden size {}", config.heads, config.hidden),
@@ -221,7 +221,7 @@ impl<B: Backend> BertEmbeddings<B> {
         let index = Tensor::<B, 1, Int>::from_data(TensorData::new(flat, [batch * seq]), &device);
         let d = self.words.dims()[1];
         let words = self.words.clone().select(0, index).reshape([batch, seq, d]);
-        let positions = self.positions.clone().slice([0..seq]).unsqueeze::<3>();
+        let positions = self.positions.clone().narrow(0, 0, seq).unsqueeze::<3>();
         let x = words + positions + self.token_type.clone().unsqueeze();
         Ok(layer_norm(x, &self.gamma, &self.beta, self.eps))
     }

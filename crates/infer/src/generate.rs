@@ -100,11 +100,12 @@ pub fn generate<B: Backend>(
         // Decode the whole text each time: a byte-level piece may complete only with
         // the next token (multi-byte characters).
         let text = tokenizer.decode(&generated)?;
-        if let Some(new) = text.strip_prefix(printed.as_str()) {
-            if !new.is_empty() && !new.ends_with('\u{FFFD}') {
-                on_text(new);
-                printed = text;
-            }
+        if let Some(new) = text.strip_prefix(printed.as_str())
+            && !new.is_empty()
+            && !new.ends_with('\u{FFFD}')
+        {
+            on_text(new);
+            printed = text;
         }
         next = Request::decode(vec![vec![token]], false, Want::NextToken);
     }

@@ -93,8 +93,8 @@ impl LlamaConfig {
         };
         if config.heads == 0
             || config.kv_heads == 0
-            || config.heads % config.kv_heads != 0
-            || config.hidden % config.heads != 0
+            || !config.heads.is_multiple_of(config.kv_heads)
+            || !config.hidden.is_multiple_of(config.heads)
         {
             return Err(InferError::Config(format!(
                 "{} heads, {} key/value heads, width {}: heads must divide the width and key/value heads the heads",

@@ -141,7 +141,7 @@ fn damaged_files_and_a_wrong_tokenizer_are_named() {
     let minilm = models::fetch("minilm", &models::cache_dir(), &mut |_| {}).unwrap();
     let smollm = models::fetch("smollm2", &models::cache_dir(), &mut |_| {}).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let err = |r: Result<Model, hetero_infer::InferError>| r.err().expect("an error").to_string();
+    let err = |r: Result<Model, hetero_infer::InferError>| r.expect_err("an error").to_string();
 
     // A GGUF download cut in half.
     let gguf = std::fs::read(smollm.join("model.gguf")).unwrap();
