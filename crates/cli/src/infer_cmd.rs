@@ -315,19 +315,9 @@ pub fn infer_worker(model_name: &str, rank: usize, place: &Placing, listen: Opti
             &Default::default(),
         )
     };
-    let mut worker = load(&placements[0])?;
-    let mut mesh = form(rank, addrs.len(), &token, listener, &addrs)?;
-    while let Followed::Switch(i) = follow(&mut worker, &mut mesh)? {
-        let Some(p) = placements.get(i) else {
-            bail!(
-                "the front switched to placement {i}, but this worker was given {}",
-                placements.len()
-            );
-        };
-        drop(worker);
-        worker = load(p)?;
-    }
-    Ok(ExitCode::SUCCESS)
+    let worker = load(&placements[0])?;
+    let mesh = form(rank, addrs.len(), &token, listener, &addrs)?;
+    follow_placements(worker, mesh, &placements, load)
 }
 
 /// A worker of an inference job the coordinator placed on an agent (`[inference]`
@@ -354,14 +344,14 @@ pub fn job_worker(setup: hetero_worker::WorkerSetup) -> Result<ExitCode> {
             &Default::default(),
         )
     };
-    let mut worker = load(&placements[0])?;
+    let worker = load(&placements[0])?;
     let listener = TcpListener::bind((setup.data_host.as_str(), 0))
         .with_context(|| format!("binding a data-plane port on {}", setup.data_host))?;
     let addrs = hetero_worker::rendezvous::exchange(&setup, listener.local_addr()?)?;
     let mut config = RingConfig::new(setup.rank, setup.world, format!("{}-infer", setup.job_id), &setup.token);
     config.connect_timeout = Duration::from_secs(600);
     config.io_timeout = Duration::from_secs(3600);
-    let mut mesh = Mesh::form(config, listener, &addrs).context("forming the data-plane mesh")?;
+    let mesh = Mesh::form(config, listener, &addrs).context("forming the data-plane mesh")?;
     if setup.rank == 0 {
         let tokenizer = model
             .tokenizer
@@ -370,6 +360,17 @@ pub fn job_worker(setup: hetero_worker::WorkerSetup) -> Result<ExitCode> {
         let front = Front { worker, mesh };
         return crate::serve::serve_front(front, Children(vec![]), tokenizer, &inf.model, &model.arch, &inf.listen);
     }
+    follow_placements(worker, mesh, &placements, load)
+}
+
+/// Runs the front's requests until it says stop, loading another of `placements`
+/// whenever it switches.
+fn follow_placements(
+    mut worker: Worker<InferBackend>,
+    mut mesh: Mesh,
+    placements: &[Placement],
+    load: impl Fn(&Placement) -> Result<Worker<InferBackend>, hetero_infer::InferError>,
+) -> Result<ExitCode> {
     while let Followed::Switch(i) = follow(&mut worker, &mut mesh)? {
         let Some(p) = placements.get(i) else {
             bail!(

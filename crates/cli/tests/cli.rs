@@ -1,6 +1,8 @@
 //! The `hetero` binary as a user runs it: separate processes, real gRPC and TCP on
 //! loopback, the committed Fashion-MNIST subset.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -623,29 +625,6 @@ fn a_parameter_server_job_survives_a_killed_worker_as_one_ring() {
     assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
 }
 
-/// POSTs a JSON `body` to `path` on `addr`; returns the status code and the body.
-fn post_json(addr: &str, path: &str, body: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
-    (
-        status,
-        response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default(),
-    )
-}
-
 #[test]
 fn an_inference_job_serves_a_model_from_workers_on_two_agents() {
     let dir = tempfile::tempdir().unwrap();
@@ -675,7 +654,7 @@ fn an_inference_job_serves_a_model_from_workers_on_two_agents() {
         "{logs}"
     );
 
-    let (status, body) = post_json(
+    let (status, body) = common::post_json(
         &http.to_string(),
         "/v1/embeddings",
         r#"{"input": ["A man is eating food.", "A man is eating a piece of bread."]}"#,

@@ -2,10 +2,12 @@
 //! a real data-plane mesh on loopback, the real models (fetched into the model
 //! cache on first use), plain HTTP.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+mod common;
+
+use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::Duration;
+
+use common::post_json as post;
 
 fn hetero() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_hetero"));
@@ -89,26 +91,6 @@ fn serve(args: &[&str]) -> Server {
     let addr = line.trim().rsplit("http://").next().unwrap().to_string();
     assert!(addr.contains(':'), "{line:?}");
     Server(child, addr)
-}
-
-/// POSTs `body` to `path`; returns the status code and the body.
-fn post(addr: &str, path: &str, body: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 #[test]

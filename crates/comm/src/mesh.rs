@@ -30,6 +30,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::frame::{FrameKind, read_frame, write_frame};
+use crate::ring::dial;
 use crate::{CommError, RingConfig, handshake};
 
 /// Payloads above this many bytes are written by helper threads (below it the
@@ -83,7 +84,7 @@ impl Mesh {
         let mut peers: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
         let mut failure = None;
         for (lower, addr) in addrs.iter().enumerate().take(rank) {
-            match connect_to(*addr, lower, &config, deadline) {
+            match dial(*addr, lower, &config, deadline) {
                 Ok(s) => peers[lower] = Some(s),
                 Err(e) => {
                     failure = Some(e);
@@ -351,30 +352,6 @@ fn decode_into(kind: FrameKind, frame: &[u8], into: &mut [f32], peer: &str) -> R
         *d = f32::from_le_bytes(b.try_into().expect("4 bytes"));
     }
     Ok(())
-}
-
-fn connect_to(addr: SocketAddr, peer: usize, config: &RingConfig, deadline: Instant) -> Result<TcpStream, CommError> {
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(CommError::io(
-                format!("connecting to rank {peer} at {addr}"),
-                io::Error::new(io::ErrorKind::TimedOut, "mesh formation timed out"),
-            ));
-        }
-        match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(5))) {
-            Ok(mut s) => {
-                s.set_read_timeout(Some(left)).ok();
-                handshake::connect(&mut s, &config.token, &config.session, config.rank as u32)?;
-                s.set_read_timeout(None).ok();
-                return Ok(s);
-            }
-            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut) => {
-                thread::sleep(Duration::from_millis(50));
-            }
-            Err(e) => return Err(CommError::io(format!("connecting to {addr}"), e)),
-        }
-    }
 }
 
 /// Accepts the `count` ranks above this one, refusing strangers and duplicates.

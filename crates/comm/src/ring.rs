@@ -100,7 +100,7 @@ impl Ring {
             let config = config.clone();
             thread::spawn(move || accept_prev(&listener, &config, prev_rank as u32, deadline))
         };
-        let next = connect_next(next_addr, &config, deadline);
+        let next = dial(next_addr, (rank + 1) % world, &config, deadline);
         let prev = acceptor
             .join()
             .map_err(|_| CommError::Config("acceptor thread panicked".into()))?;
@@ -145,13 +145,20 @@ pub fn loopback(world: usize, session: &str, token: &str) -> Result<Vec<Ring>, C
         .collect()
 }
 
-fn connect_next(addr: SocketAddr, config: &RingConfig, deadline: Instant) -> Result<TcpStream, CommError> {
+/// Connects to rank `peer` at `addr` and authenticates as this rank, retrying while
+/// the peer is not listening yet, until `deadline`.
+pub(crate) fn dial(
+    addr: SocketAddr,
+    peer: usize,
+    config: &RingConfig,
+    deadline: Instant,
+) -> Result<TcpStream, CommError> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(CommError::io(
-                format!("connecting to rank {} at {addr}", (config.rank + 1) % config.world),
-                io::Error::new(io::ErrorKind::TimedOut, "ring formation timed out"),
+                format!("connecting to rank {peer} at {addr}"),
+                io::Error::new(io::ErrorKind::TimedOut, "data-plane formation timed out"),
             ));
         }
         match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(5))) {

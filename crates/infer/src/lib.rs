@@ -26,4 +26,4 @@ pub mod weights;
 
 pub use error::InferError;
 pub use placement::{Mode, Placement, Stage};
-pub use runtime::{Arch, Followed, Front, Output, Report, Request, Timing, Want, Worker, follow};
+pub use runtime::{Arch, Followed, Front, Output, Report, Request, Timing, Want, Worker, follow, run_in_process};

@@ -638,6 +638,49 @@ pub fn follow<B: Backend>(worker: &mut Worker<B>, mesh: &mut Mesh) -> Result<Fol
     }
 }
 
+/// Runs `requests` in order under `placement` with every worker a thread of this
+/// process, joined by a loopback mesh; returns the front's outputs. For checks and
+/// experiments: the workers share one copy of `weights`.
+pub fn run_in_process<B: Backend>(
+    arch: &Arch,
+    weights: &dyn Weights,
+    placement: &Placement,
+    requests: &[Request],
+) -> Result<Vec<Output>, InferError> {
+    let meshes = hetero_comm::mesh::loopback(placement.workers, "in-process", "in-process")?;
+    std::thread::scope(|s| {
+        let handles: Vec<_> = meshes
+            .into_iter()
+            .enumerate()
+            .map(|(rank, mut mesh)| {
+                let (arch, placement) = (arch.clone(), placement.clone());
+                s.spawn(move || -> Result<Vec<Output>, InferError> {
+                    let mut worker = Worker::<B>::load(arch, weights, placement, rank, &Default::default())?;
+                    if rank == 0 {
+                        let mut front = Front { worker, mesh };
+                        let out = requests.iter().map(|r| front.run(r)).collect::<Result<Vec<_>, _>>()?;
+                        front.stop()?;
+                        Ok(out)
+                    } else {
+                        follow(&mut worker, &mut mesh)?;
+                        Ok(vec![])
+                    }
+                })
+            })
+            .collect();
+        let mut results = handles.into_iter().map(|h| {
+            h.join()
+                .map_err(|_| InferError::Placement("a worker thread panicked".into()))?
+        });
+        let front = results.next().expect("at least one worker");
+        // A follower's error explains a front's broken pipe better than the pipe does.
+        for r in results {
+            r?;
+        }
+        front
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use burn::backend::Flex;
@@ -649,36 +692,8 @@ mod tests {
 
     /// Runs `requests` in order on a loopback mesh under `placement`; returns the
     /// front's outputs.
-    pub(crate) fn run_placed(
-        arch: &Arch,
-        weights: &dyn Weights,
-        placement: &Placement,
-        requests: &[Request],
-    ) -> Vec<Output> {
-        let meshes = hetero_comm::mesh::loopback(placement.workers, "infer-test", "token").unwrap();
-        std::thread::scope(|s| {
-            let handles: Vec<_> = meshes
-                .into_iter()
-                .enumerate()
-                .map(|(rank, mut mesh)| {
-                    let (arch, placement) = (arch.clone(), placement.clone());
-                    s.spawn(move || {
-                        let worker = Worker::<B>::load(arch, weights, placement, rank, &Default::default()).unwrap();
-                        if rank == 0 {
-                            let mut front = Front { worker, mesh };
-                            let out = requests.iter().map(|r| front.run(r).unwrap()).collect();
-                            front.stop().unwrap();
-                            out
-                        } else {
-                            let mut worker = worker;
-                            follow(&mut worker, &mut mesh).unwrap();
-                            vec![]
-                        }
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).next().unwrap()
-        })
+    fn run_placed(arch: &Arch, weights: &dyn Weights, placement: &Placement, requests: &[Request]) -> Vec<Output> {
+        run_in_process::<B>(arch, weights, placement, requests).unwrap()
     }
 
     #[test]

@@ -4,9 +4,8 @@
 use std::sync::OnceLock;
 
 use burn::backend::Flex;
-use hetero_comm::mesh;
 use hetero_infer::models::{self, Model};
-use hetero_infer::{Front, Output, Placement, Request, Want, Worker, follow};
+use hetero_infer::{Output, Placement, Request, Want, run_in_process};
 
 type B = Flex;
 
@@ -17,34 +16,9 @@ fn model(name: &str) -> &'static Model {
     cell.get_or_init(|| models::open(name, &models::cache_dir(), &mut |m| eprintln!("{m}")).unwrap())
 }
 
-/// Runs `requests` under `placement` on a loopback mesh; the front's outputs.
+/// Runs `requests` under `placement`, each worker a thread; the front's outputs.
 fn run(m: &Model, placement: &Placement, requests: &[Request]) -> Vec<Output> {
-    let meshes = mesh::loopback(placement.workers, "real", "token").unwrap();
-    std::thread::scope(|s| {
-        let handles: Vec<_> = meshes
-            .into_iter()
-            .enumerate()
-            .map(|(rank, mut mesh)| {
-                let placement = placement.clone();
-                s.spawn(move || {
-                    let worker =
-                        Worker::<B>::load(m.arch.clone(), m.weights.as_ref(), placement, rank, &Default::default())
-                            .unwrap();
-                    if rank == 0 {
-                        let mut front = Front { worker, mesh };
-                        let out: Vec<Output> = requests.iter().map(|r| front.run(r).unwrap()).collect();
-                        front.stop().unwrap();
-                        out
-                    } else {
-                        let mut worker = worker;
-                        follow(&mut worker, &mut mesh).unwrap();
-                        vec![]
-                    }
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).next().unwrap()
-    })
+    run_in_process::<B>(&m.arch, m.weights.as_ref(), placement, requests).unwrap()
 }
 
 fn flat(o: &Output) -> Vec<f32> {
