@@ -660,21 +660,8 @@ fn an_inference_job_serves_a_model_from_workers_on_two_agents() {
         r#"{"input": ["A man is eating food.", "A man is eating a piece of bread."]}"#,
     );
     assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let e: Vec<Vec<f64>> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            d["embedding"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect()
-        })
-        .collect();
-    let cos: f64 = e[0].iter().zip(&e[1]).map(|(a, b)| a * b).sum();
+    let e = common::embeddings_of(&body);
+    let cos = common::cosine(&e[0], &e[1]);
     assert!((cos - 0.755).abs() < 0.01, "{cos}");
 
     // A service runs until it is cancelled; cancelling ends its workers.

@@ -102,22 +102,9 @@ fn served_embeddings_over_tensor_parallel_workers() {
         r#"{"input": ["A man is eating food.", "A man is eating a piece of bread."]}"#,
     );
     assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let e: Vec<Vec<f64>> = v["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| {
-            d["embedding"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|x| x.as_f64().unwrap())
-                .collect()
-        })
-        .collect();
+    let e = common::embeddings_of(&body);
     assert_eq!(e[0].len(), 384);
-    let cos: f64 = e[0].iter().zip(&e[1]).map(|(a, b)| a * b).sum();
+    let cos = common::cosine(&e[0], &e[1]);
     assert!((cos - 0.755).abs() < 0.01, "{cos}");
     // Wrong endpoint and malformed bodies are clear 400s.
     let (status, body) = post(&server.1, "/v1/completions", r#"{"prompt": "hi"}"#);

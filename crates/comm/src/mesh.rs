@@ -416,25 +416,7 @@ fn accept_higher(
 /// A whole mesh on loopback inside this process, one [`Mesh`] per rank: for tests
 /// and single-machine runs.
 pub fn loopback(world: usize, session: &str, token: &str) -> Result<Vec<Mesh>, CommError> {
-    let listeners = (0..world)
-        .map(|_| TcpListener::bind("127.0.0.1:0").map_err(|e| CommError::io("binding a loopback port", e)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let addrs = listeners
-        .iter()
-        .map(|l| l.local_addr().map_err(|e| CommError::io("reading a bound port", e)))
-        .collect::<Result<Vec<_>, _>>()?;
-    let handles: Vec<_> = listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, l)| {
-            let (addrs, config) = (addrs.clone(), RingConfig::new(rank, world, session, token));
-            thread::spawn(move || Mesh::form(config, l, &addrs))
-        })
-        .collect();
-    handles
-        .into_iter()
-        .map(|h| h.join().map_err(|_| CommError::Config("mesh thread panicked".into()))?)
-        .collect()
+    crate::ring::on_loopback(world, session, token, Mesh::form)
 }
 
 #[cfg(test)]

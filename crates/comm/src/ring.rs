@@ -124,6 +124,16 @@ impl Ring {
 /// A whole ring on loopback inside this process, one [`Ring`] per rank (formed by
 /// threads in parallel): for tests and benchmarks.
 pub fn loopback(world: usize, session: &str, token: &str) -> Result<Vec<Ring>, CommError> {
+    on_loopback(world, session, token, Ring::form)
+}
+
+/// Forms `world` ranks with `form` on loopback ports, each in its own thread.
+pub(crate) fn on_loopback<T: Send + 'static>(
+    world: usize,
+    session: &str,
+    token: &str,
+    form: fn(RingConfig, TcpListener, &[SocketAddr]) -> Result<T, CommError>,
+) -> Result<Vec<T>, CommError> {
     let listeners = (0..world)
         .map(|_| TcpListener::bind("127.0.0.1:0").map_err(|e| CommError::io("binding a loopback port", e)))
         .collect::<Result<Vec<_>, _>>()?;
@@ -136,12 +146,15 @@ pub fn loopback(world: usize, session: &str, token: &str) -> Result<Vec<Ring>, C
         .enumerate()
         .map(|(rank, l)| {
             let (addrs, config) = (addrs.clone(), RingConfig::new(rank, world, session, token));
-            thread::spawn(move || Ring::form(config, l, &addrs))
+            thread::spawn(move || form(config, l, &addrs))
         })
         .collect();
     handles
         .into_iter()
-        .map(|h| h.join().map_err(|_| CommError::Config("ring thread panicked".into()))?)
+        .map(|h| {
+            h.join()
+                .map_err(|_| CommError::Config("a forming thread panicked".into()))?
+        })
         .collect()
 }
 

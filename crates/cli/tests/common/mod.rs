@@ -23,3 +23,26 @@ pub fn post_json(addr: &str, path: &str, body: &str) -> (u16, String) {
         .unwrap_or_default();
     (status, body)
 }
+
+/// The vectors of a `/v1/embeddings` response body.
+pub fn embeddings_of(body: &str) -> Vec<Vec<f64>> {
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            d["embedding"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+/// The cosine of two unit vectors.
+pub fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
