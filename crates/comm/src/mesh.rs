@@ -24,14 +24,13 @@
 //! - Every byte written is counted ([`Mesh::bytes_sent`]): benchmarks report bytes
 //!   per token.
 
-use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::frame::{FrameKind, read_frame, write_frame};
-use crate::ring::dial;
-use crate::{CommError, RingConfig, handshake};
+use crate::ring::{accept_ranks, dial};
+use crate::{CommError, RingConfig};
 
 /// Payloads above this many bytes are written by helper threads (below it the
 /// kernel's socket buffer takes the whole frame without a reader).
@@ -76,10 +75,10 @@ impl Mesh {
             )));
         }
         let deadline = Instant::now() + config.connect_timeout;
-        let higher = world - rank - 1;
+        let higher: Vec<usize> = (rank + 1..world).collect();
         let acceptor = {
             let config = config.clone();
-            thread::spawn(move || accept_higher(&listener, &config, higher, deadline))
+            thread::spawn(move || accept_ranks(&listener, &config, &higher, deadline))
         };
         let mut peers: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
         let mut failure = None;
@@ -354,65 +353,6 @@ fn decode_into(kind: FrameKind, frame: &[u8], into: &mut [f32], peer: &str) -> R
     Ok(())
 }
 
-/// Accepts the `count` ranks above this one, refusing strangers and duplicates.
-fn accept_higher(
-    listener: &TcpListener,
-    config: &RingConfig,
-    count: usize,
-    deadline: Instant,
-) -> Result<Vec<(usize, TcpStream)>, CommError> {
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| CommError::io("configuring the listener", e))?;
-    let mut accepted: Vec<(usize, TcpStream)> = Vec::new();
-    let mut last_refusal: Option<CommError> = None;
-    while accepted.len() < count {
-        if Instant::now() >= deadline {
-            let missing: Vec<usize> = (config.rank + 1..config.world)
-                .filter(|r| !accepted.iter().any(|(a, _)| a == r))
-                .collect();
-            let why = last_refusal
-                .map(|e| format!(" (last refusal: {e})"))
-                .unwrap_or_default();
-            return Err(CommError::io(
-                format!("waiting for rank(s) {missing:?} to connect{why}"),
-                io::Error::new(io::ErrorKind::TimedOut, "mesh formation timed out"),
-            ));
-        }
-        match listener.accept() {
-            Ok((mut s, peer)) => {
-                s.set_nonblocking(false)
-                    .map_err(|e| CommError::io("configuring a stream", e))?;
-                let left = deadline
-                    .saturating_duration_since(Instant::now())
-                    .max(Duration::from_millis(100));
-                s.set_read_timeout(Some(left)).ok();
-                match handshake::accept(&mut s, &config.token, &config.session) {
-                    Ok(r) => {
-                        let r = r as usize;
-                        if r <= config.rank || r >= config.world || accepted.iter().any(|(a, _)| *a == r) {
-                            last_refusal = Some(CommError::Protocol {
-                                peer: peer.to_string(),
-                                reason: format!("rank {r} connected to rank {} out of turn", config.rank),
-                            });
-                        } else {
-                            s.set_read_timeout(None).ok();
-                            accepted.push((r, s));
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!(%peer, error = %e, "data-plane connection refused");
-                        last_refusal = Some(e);
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(CommError::io("accepting a data-plane connection", e)),
-        }
-    }
-    Ok(accepted)
-}
-
 /// A whole mesh on loopback inside this process, one [`Mesh`] per rank: for tests
 /// and single-machine runs.
 pub fn loopback(world: usize, session: &str, token: &str) -> Result<Vec<Mesh>, CommError> {
@@ -421,6 +361,8 @@ pub fn loopback(world: usize, session: &str, token: &str) -> Result<Vec<Mesh>, C
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn on_mesh<T: Send>(world: usize, f: impl Fn(&mut Mesh) -> T + Sync) -> Vec<T> {

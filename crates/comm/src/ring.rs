@@ -98,7 +98,10 @@ impl Ring {
 
         let acceptor = {
             let config = config.clone();
-            thread::spawn(move || accept_prev(&listener, &config, prev_rank as u32, deadline))
+            thread::spawn(move || {
+                accept_ranks(&listener, &config, &[prev_rank], deadline)
+                    .map(|mut one| one.pop().expect("one accepted stream").1)
+            })
         };
         let next = dial(next_addr, (rank + 1) % world, &config, deadline);
         let prev = acceptor
@@ -189,24 +192,34 @@ pub(crate) fn dial(
     }
 }
 
-fn accept_prev(
+/// Accepts one authenticated connection from each rank of `wanted`, refusing
+/// strangers, other jobs and ranks out of turn, until `deadline`.
+pub(crate) fn accept_ranks(
     listener: &TcpListener,
     config: &RingConfig,
-    prev_rank: u32,
+    wanted: &[usize],
     deadline: Instant,
-) -> Result<TcpStream, CommError> {
+) -> Result<Vec<(usize, TcpStream)>, CommError> {
     listener
         .set_nonblocking(true)
         .map_err(|e| CommError::io("configuring the listener", e))?;
+    let mut accepted: Vec<(usize, TcpStream)> = Vec::new();
     let mut last_refusal: Option<CommError> = None;
-    loop {
+    let missing = |accepted: &[(usize, TcpStream)]| -> Vec<usize> {
+        wanted
+            .iter()
+            .copied()
+            .filter(|r| !accepted.iter().any(|(a, _)| a == r))
+            .collect()
+    };
+    while accepted.len() < wanted.len() {
         if Instant::now() >= deadline {
             let why = last_refusal
                 .map(|e| format!(" (last refusal: {e})"))
                 .unwrap_or_default();
             return Err(CommError::io(
-                format!("waiting for rank {prev_rank} to connect{why}"),
-                io::Error::new(io::ErrorKind::TimedOut, "ring formation timed out"),
+                format!("waiting for rank(s) {:?} to connect{why}", missing(&accepted)),
+                io::Error::new(io::ErrorKind::TimedOut, "data-plane formation timed out"),
             ));
         }
         match listener.accept() {
@@ -218,15 +231,16 @@ fn accept_prev(
                     .max(Duration::from_millis(100));
                 s.set_read_timeout(Some(left)).ok();
                 match handshake::accept(&mut s, &config.token, &config.session) {
-                    Ok(r) if r == prev_rank => {
+                    Ok(r) if missing(&accepted).contains(&(r as usize)) => {
                         s.set_read_timeout(None).ok();
-                        return Ok(s);
+                        accepted.push((r as usize, s));
                     }
                     Ok(r) => {
-                        tracing::warn!(%peer, rank = r, expected = prev_rank, "unexpected rank connected; refused");
+                        let expected = missing(&accepted);
+                        tracing::warn!(%peer, rank = r, ?expected, "unexpected rank connected; refused");
                         last_refusal = Some(CommError::Protocol {
                             peer: peer.to_string(),
-                            reason: format!("rank {r} connected where rank {prev_rank} was expected"),
+                            reason: format!("rank {r} connected where rank(s) {expected:?} were expected"),
                         });
                     }
                     Err(e) => {
@@ -235,8 +249,9 @@ fn accept_prev(
                     }
                 }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(10)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
             Err(e) => return Err(CommError::io("accepting a data-plane connection", e)),
         }
     }
+    Ok(accepted)
 }
