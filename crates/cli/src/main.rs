@@ -7,6 +7,7 @@ mod bench;
 mod bench_hetero;
 mod bench_infer;
 mod bench_scheduler;
+mod bench_train;
 mod client_cmds;
 mod data_cmd;
 mod follow;

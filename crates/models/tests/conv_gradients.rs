@@ -1,0 +1,201 @@
+//! The convolution gradients of Hetero's CPU backend (flex with the im2col + GEMM
+//! backward passes of `vendor/burn-flex/src/ops/conv_backward.rs`) against an
+//! independent formulation: the convolution written as gathered shifted views times
+//! one matrix product, built from burn tensor operations so that autodiff derives its
+//! gradients from slicing and matmul alone. Values and all three gradients must agree
+//! on the main job's layers and on a sweep of shapes, strides, paddings, dilations,
+//! groups and batch sizes.
+
+use burn::backend::{Autodiff, Flex};
+use burn::module::Param;
+use burn::nn::PaddingConfig2d;
+use burn::nn::conv::{Conv2d, Conv2dConfig};
+use burn::prelude::*;
+use burn::tensor::{Distribution, s};
+
+type B = Autodiff<Flex>;
+
+/// Where the kernel reads: stride, dilation and the padding rule.
+struct Geometry {
+    stride: [usize; 2],
+    dilation: [usize; 2],
+    padding: PaddingConfig2d,
+}
+
+/// `[top, bottom, left, right]` padding for an input of `[h, w]`.
+fn pads(geometry: &Geometry, kernel: [usize; 2], input: [usize; 2]) -> [usize; 4] {
+    match &geometry.padding {
+        PaddingConfig2d::Valid => [0; 4],
+        PaddingConfig2d::Explicit(top, left, bottom, right) => [*top, *bottom, *left, *right],
+        PaddingConfig2d::Same => {
+            // The total padding that keeps `ceil(size / stride)` outputs, split with
+            // the odd one after, as burn and PyTorch do.
+            let total = |d: usize| {
+                let span = geometry.dilation[d] * (kernel[d] - 1) + 1;
+                let out = input[d].div_ceil(geometry.stride[d]);
+                ((out - 1) * geometry.stride[d] + span).saturating_sub(input[d])
+            };
+            let (h, w) = (total(0), total(1));
+            [h / 2, h - h / 2, w / 2, w - w / 2]
+        }
+    }
+}
+
+/// The convolution of `x` by `weight` (plus `bias`) as one GEMM over gathered columns.
+fn conv2d<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Option<Tensor<B, 1>>,
+    geometry: &Geometry,
+) -> Tensor<B, 4> {
+    let [n, c, h, w] = x.dims();
+    let [o, c_w, kh, kw] = weight.dims();
+    assert_eq!(c, c_w, "input has {c} channels, the weight expects {c_w}");
+    let [top, bottom, left, right] = pads(geometry, [kh, kw], [h, w]);
+    let ([sh, sw], [dh, dw]) = (geometry.stride, geometry.dilation);
+    let (hp, wp) = (h + top + bottom, w + left + right);
+    let oh = (hp - dh * (kh - 1) - 1) / sh + 1;
+    let ow = (wp - dw * (kw - 1) - 1) / sw + 1;
+
+    // Channels first, so that the columns come out as [c·kh·kw, n·oh·ow] with no copy.
+    let x = x.swap_dims(0, 1); // [c, n, h, w]
+    let x = if top + bottom + left + right > 0 {
+        x.pad((left, right, top, bottom), burn::tensor::ops::PadMode::Constant(0.0))
+    } else {
+        x
+    };
+    let mut taps = Vec::with_capacity(kh * kw);
+    for i in 0..kh {
+        for j in 0..kw {
+            let (r, q) = (i * dh, j * dw);
+            let view = if sh == 1 && sw == 1 {
+                x.clone().slice(s![.., .., r..r + oh, q..q + ow])
+            } else {
+                x.clone()
+                    .slice(s![.., .., r..r + sh * (oh - 1) + 1;sh as isize, q..q + sw * (ow - 1) + 1;sw as isize])
+            };
+            taps.push(view.unsqueeze_dim::<5>(1)); // [c, 1, n, oh, ow]
+        }
+    }
+    let columns = Tensor::cat(taps, 1).reshape([c * kh * kw, n * oh * ow]);
+    let out = weight.reshape([o, c * kh * kw]).matmul(columns); // [o, n·oh·ow]
+    let out = match bias {
+        Some(b) => out + b.reshape([o, 1]),
+        None => out,
+    };
+    out.reshape([o, n, oh, ow]).swap_dims(0, 1)
+}
+
+/// One group of a grouped convolution is an ordinary one on its channels.
+fn reference<K: Backend>(x: Tensor<K, 4>, conv: &Conv2d<K>, geometry: &Geometry, groups: usize) -> Tensor<K, 4> {
+    let weight = conv.weight.val();
+    let bias = conv.bias.as_ref().map(|b| b.val());
+    let [_, c, _, _] = x.dims();
+    let [o, ..] = weight.dims();
+    let (cg, og) = (c / groups, o / groups);
+    let outs = (0..groups)
+        .map(|g| {
+            conv2d(
+                x.clone().slice(s![.., g * cg..(g + 1) * cg]),
+                weight.clone().slice(s![g * og..(g + 1) * og]),
+                bias.clone().map(|b| b.slice(s![g * og..(g + 1) * og])),
+                geometry,
+            )
+        })
+        .collect();
+    Tensor::cat(outs, 1)
+}
+
+fn close<K: Backend, const D: usize>(a: Tensor<K, D>, b: Tensor<K, D>, what: &str) {
+    let (a, b) = (a.into_data().to_vec::<f32>().unwrap(), b.into_data().to_vec::<f32>().unwrap());
+    assert_eq!(a.len(), b.len(), "{what}: sizes differ");
+    let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= 1e-4 * scale, "{what}[{i}]: {x} vs {y} (scale {scale})");
+    }
+}
+
+struct Case {
+    shape: [usize; 4],
+    c_out: usize,
+    kernel: [usize; 2],
+    stride: [usize; 2],
+    padding: PaddingConfig2d,
+    dilation: [usize; 2],
+    groups: usize,
+}
+
+/// Output, input gradient, weight gradient and bias gradient agree.
+fn check(case: Case) {
+    let device = Default::default();
+    let Case { shape, c_out, kernel, stride, padding, dilation, groups } = case;
+    let config = Conv2dConfig::new([shape[1], c_out], kernel)
+        .with_stride(stride)
+        .with_dilation(dilation)
+        .with_padding(padding.clone())
+        .with_groups(groups);
+    let conv = config.init::<B>(&device);
+    // Two parameter sets with the same values, so each side has its own gradients.
+    let twin = Conv2d {
+        weight: Param::from_tensor(conv.weight.val().detach().require_grad()),
+        bias: conv.bias.as_ref().map(|b| Param::from_tensor(b.val().detach().require_grad())),
+        ..conv.clone()
+    };
+    let geometry = Geometry { stride, dilation, padding };
+    let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device).require_grad();
+    let x_ref = x.clone().detach().require_grad();
+    let y = conv.forward(x.clone());
+    let y_ref = reference(x_ref.clone(), &twin, &geometry, groups);
+    let label = format!("{shape:?}→{c_out} k{kernel:?} s{stride:?} d{dilation:?} g{groups}");
+    assert_eq!(y.dims(), y_ref.dims(), "{label}: output shape");
+    let probe = Tensor::<B, 4>::random(y_ref.dims(), Distribution::Normal(0.0, 1.0), &device);
+    let grads = (y.clone() * probe.clone()).sum().backward();
+    let grads_ref = (y_ref.clone() * probe).sum().backward();
+    close(y, y_ref, &format!("{label} output"));
+    close(x.grad(&grads).unwrap(), x_ref.grad(&grads_ref).unwrap(), &format!("{label} dx"));
+    close(conv.weight.grad(&grads).unwrap(), twin.weight.grad(&grads_ref).unwrap(), &format!("{label} dw"));
+    let (b, b_ref) = (conv.bias.as_ref().unwrap(), twin.bias.as_ref().unwrap());
+    close(b.grad(&grads).unwrap(), b_ref.grad(&grads_ref).unwrap(), &format!("{label} db"));
+}
+
+fn case(shape: [usize; 4], c_out: usize, kernel: [usize; 2], stride: [usize; 2], padding: PaddingConfig2d) -> Case {
+    Case { shape, c_out, kernel, stride, padding, dilation: [1, 1], groups: 1 }
+}
+
+#[test]
+fn the_main_jobs_layers_match() {
+    check(case([16, 1, 28, 28], 32, [3, 3], [1, 1], PaddingConfig2d::Same));
+    check(case([16, 32, 14, 14], 64, [3, 3], [1, 1], PaddingConfig2d::Same));
+}
+
+#[test]
+fn strides_paddings_dilations_groups_and_odd_shapes_match() {
+    check(case([3, 5, 11, 9], 7, [3, 3], [2, 2], PaddingConfig2d::Explicit(1, 1, 1, 1)));
+    check(case([2, 3, 10, 13], 4, [5, 3], [1, 2], PaddingConfig2d::Valid));
+    check(Case { dilation: [2, 2], ..case([1, 2, 12, 12], 3, [3, 3], [1, 1], PaddingConfig2d::Explicit(2, 2, 2, 2)) });
+    check(case([5, 4, 8, 8], 6, [1, 1], [1, 1], PaddingConfig2d::Valid));
+    check(Case { dilation: [1, 2], ..case([2, 3, 9, 7], 5, [4, 2], [3, 1], PaddingConfig2d::Explicit(2, 1, 2, 1)) });
+    check(Case { groups: 2, ..case([3, 4, 9, 9], 6, [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1)) });
+    check(Case { groups: 4, ..case([2, 4, 7, 8], 4, [3, 2], [2, 1], PaddingConfig2d::Valid) });
+}
+
+#[test]
+fn random_shapes_match() {
+    // A fixed-seed sweep over sizes, kernels, strides, paddings and batch sizes.
+    let mut state = 0x9e37_79b9_u64;
+    let mut next = |m: usize| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((state >> 33) as usize) % m
+    };
+    for _ in 0..16 {
+        let kernel = [1 + next(4), 1 + next(4)];
+        let stride = [1 + next(2), 1 + next(3)];
+        let dilation = [1 + next(2), 1 + next(2)];
+        // burn's convolution pads symmetrically: top = bottom, left = right.
+        let pad = [next(3), next(3)];
+        let min = |d: usize| dilation[d] * (kernel[d] - 1) + 1;
+        let shape = [1 + next(6), 1 + next(5), min(0) + next(9), min(1) + next(9)];
+        let padding = PaddingConfig2d::Explicit(pad[0], pad[1], pad[0], pad[1]);
+        check(Case { dilation, ..case(shape, 1 + next(6), kernel, stride, padding) });
+    }
+}
