@@ -377,6 +377,32 @@ impl FlexTensor {
             copy_2d_tiled(
                 &mut dst, src, offset, shape[0], shape[1], strides[0], strides[1],
             );
+        } else if all_positive {
+            // Hetero: ND positive strides (e.g. a permuted NHWC conv output)
+            // as one tiled 2D copy of the last two dims per outer index,
+            // instead of the per-element walk below.
+            let rank = shape.len();
+            let (rows, cols) = (shape[rank - 2], shape[rank - 1]);
+            let plane = rows * cols;
+            // SAFETY: capacity is n; every outer index fills its whole plane.
+            unsafe { dst.set_len(n) };
+            let mut index = alloc::vec![0usize; rank - 2];
+            for out in dst.chunks_mut(plane.max(1)).take(n / plane.max(1)) {
+                let base = offset
+                    + index
+                        .iter()
+                        .zip(strides)
+                        .map(|(&i, &st)| i as isize * st)
+                        .sum::<isize>();
+                copy_2d_tiled(out, src, base, rows, cols, strides[rank - 2], strides[rank - 1]);
+                for d in (0..rank - 2).rev() {
+                    index[d] += 1;
+                    if index[d] < shape[d] {
+                        break;
+                    }
+                    index[d] = 0;
+                }
+            }
         } else {
             // General fallback: covers negative strides (flipped
             // tensors) and ND layouts that can't collapse to ≤2D.

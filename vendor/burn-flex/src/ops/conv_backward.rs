@@ -10,7 +10,8 @@
 //! - weight: `dW += dY_n · col_nᵀ`, one accumulator per thread, summed at the end;
 //! - input:  `dcol_n = Wᵀ · dY_n`, then scattered back onto the input (col2im).
 //!
-//! Groups are handled group by group; other float types go through f32.
+//! Groups are handled group by group; other float types go through f32. The bias
+//! gradient is summed in place.
 
 use alloc::vec;
 use alloc::vec::Vec;
@@ -279,4 +280,23 @@ pub fn conv2d_x_backward(x: FlexTensor, weight: FlexTensor, grad: FlexTensor, op
     });
     let dx: Vec<f32> = parts.into_iter().flatten().collect();
     back_to(tensor(dx, [g.n, g.c, g.h, g.w]), dtype)
+}
+
+/// The gradient of a conv2d's bias: the output gradient summed over batch and
+/// positions, read in place (burn's default first copies it channels-first).
+pub fn conv2d_bias_backward(_x: FlexTensor, bias: FlexTensor, grad: FlexTensor) -> FlexTensor {
+    let dtype = bias.dtype();
+    let grad = as_f32(grad);
+    let shape = grad.layout().shape();
+    let (n, o, l) = (shape[0], shape[1], shape[2] * shape[3]);
+    let dys: &[f32] = grad.storage();
+    let mut db = vec![0f64; o];
+    for s in 0..n {
+        for (c, sum) in db.iter_mut().enumerate() {
+            *sum += dys[(s * o + c) * l..][..l].iter().map(|&v| v as f64).sum::<f64>();
+        }
+    }
+    let db: Vec<f32> = db.into_iter().map(|v| v as f32).collect();
+    let out = FlexTensor::new(Bytes::from_elems(db), Layout::contiguous(bias.layout().shape().clone()), DType::F32);
+    back_to(out, dtype)
 }

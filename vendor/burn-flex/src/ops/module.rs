@@ -83,6 +83,14 @@ impl ModuleOps<Flex> for Flex {
         crate::ops::conv_backward::conv2d_x_backward(x, weight, output_grad, &options)
     }
 
+    fn conv2d_bias_backward(
+        x: FloatTensor<Flex>,
+        bias: FloatTensor<Flex>,
+        output_grad: FloatTensor<Flex>,
+    ) -> FloatTensor<Flex> {
+        crate::ops::conv_backward::conv2d_bias_backward(x, bias, output_grad)
+    }
+
     fn conv2d_weight_backward(
         x: FloatTensor<Flex>,
         weight: FloatTensor<Flex>,

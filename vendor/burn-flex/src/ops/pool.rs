@@ -437,6 +437,9 @@ pub fn max_pool2d_with_indices_f32(
     dilation: [usize; 2],
     ceil_mode: bool,
 ) -> (FlexTensor, FlexTensor) {
+    if kernel_size == [2, 2] && stride == [2, 2] && padding == [0, 0] && dilation == [1, 1] && !ceil_mode {
+        return max_pool2d_2x2_f32(x);
+    }
     let x_3d = expand_2d_to_3d(&x);
     let (output, indices) = max_pool3d_with_indices_f32(
         x_3d,
@@ -1873,4 +1876,57 @@ mod tests {
     fn test_pool_output_size_zero_stride_panics() {
         pool_output_size(4, 2, 0, 0, 1, false);
     }
+}
+
+/// Hetero: the common 2×2, stride-2 max pool (no padding or dilation; odd edges
+/// dropped, as floor mode does) as a straight loop over pairs of rows, with the same
+/// outputs and flat `h·w` indices as the general path (the first maximum wins).
+pub fn max_pool2d_2x2_f32(x: FlexTensor) -> (FlexTensor, FlexTensor) {
+    let x = x.to_contiguous();
+    let shape = x.layout().shape();
+    let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+    let (oh, ow) = (h / 2, w / 2);
+    let xs: &[f32] = x.storage();
+    let mut output = vec![0f32; n * c * oh * ow];
+    let mut indices = vec![0i64; n * c * oh * ow];
+    let plane = |(src, (out, idx)): (&[f32], (&mut [f32], &mut [i64]))| {
+        for r in 0..oh {
+            let (top, bottom) = (&src[2 * r * w..][..w], &src[(2 * r + 1) * w..][..w]);
+            for q in 0..ow {
+                let candidates = [
+                    (top[2 * q], 2 * r * w + 2 * q),
+                    (top[2 * q + 1], 2 * r * w + 2 * q + 1),
+                    (bottom[2 * q], (2 * r + 1) * w + 2 * q),
+                    (bottom[2 * q + 1], (2 * r + 1) * w + 2 * q + 1),
+                ];
+                let (mut best, mut at) = candidates[0];
+                for &(v, i) in &candidates[1..] {
+                    if v > best {
+                        (best, at) = (v, i);
+                    }
+                }
+                out[r * ow + q] = best;
+                idx[r * ow + q] = at as i64;
+            }
+        }
+    };
+    let (in_plane, out_plane) = (h * w, (oh * ow).max(1));
+    if n * c > 0 && oh * ow > 0 {
+        #[cfg(feature = "rayon")]
+        {
+            use rayon::prelude::*;
+            xs.par_chunks(in_plane)
+                .zip(output.par_chunks_mut(out_plane).zip(indices.par_chunks_mut(out_plane)))
+                .for_each(plane);
+        }
+        #[cfg(not(feature = "rayon"))]
+        xs.chunks(in_plane)
+            .zip(output.chunks_mut(out_plane).zip(indices.chunks_mut(out_plane)))
+            .for_each(plane);
+    }
+    let out_shape = Shape::from(vec![n, c, oh, ow]);
+    (
+        FlexTensor::new(Bytes::from_elems(output), Layout::contiguous(out_shape.clone()), DType::F32),
+        FlexTensor::new(Bytes::from_elems(indices), Layout::contiguous(out_shape), DType::I64),
+    )
 }

@@ -4,7 +4,8 @@
 //! one matrix product, built from burn tensor operations so that autodiff derives its
 //! gradients from slicing and matmul alone. Values and all three gradients must agree
 //! on the main job's layers and on a sweep of shapes, strides, paddings, dilations,
-//! groups and batch sizes.
+//! groups and batch sizes. The 2×2 max pool's fast path is checked the same way,
+//! against a max over a reshaped view.
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::Param;
@@ -197,5 +198,29 @@ fn random_shapes_match() {
         let shape = [1 + next(6), 1 + next(5), min(0) + next(9), min(1) + next(9)];
         let padding = PaddingConfig2d::Explicit(pad[0], pad[1], pad[0], pad[1]);
         check(Case { dilation, ..case(shape, 1 + next(6), kernel, stride, padding) });
+    }
+}
+
+#[test]
+fn the_two_by_two_max_pool_matches_a_max_over_a_reshaped_view() {
+    let device = Default::default();
+    for shape in [[4usize, 3, 8, 8], [2, 5, 7, 9], [16, 32, 28, 28]] {
+        let [n, c, h, w] = shape;
+        let (oh, ow) = (h / 2, w / 2);
+        let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device).require_grad();
+        let x_ref = x.clone().detach().require_grad();
+        let y = burn::tensor::module::max_pool2d(x.clone(), [2, 2], [2, 2], [0, 0], [1, 1], false);
+        let y_ref = x_ref
+            .clone()
+            .slice(s![.., .., 0..2 * oh, 0..2 * ow])
+            .reshape([n, c, oh, 2, ow, 2])
+            .max_dim(5)
+            .max_dim(3)
+            .reshape([n, c, oh, ow]);
+        let probe = Tensor::<B, 4>::random([n, c, oh, ow], Distribution::Normal(0.0, 1.0), &device);
+        let grads = (y.clone() * probe.clone()).sum().backward();
+        let grads_ref = (y_ref.clone() * probe).sum().backward();
+        close(y, y_ref, &format!("{shape:?} pool"));
+        close(x.grad(&grads).unwrap(), x_ref.grad(&grads_ref).unwrap(), &format!("{shape:?} pool dx"));
     }
 }
