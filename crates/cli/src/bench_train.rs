@@ -114,7 +114,12 @@ fn measure(bench: &TrainBench, devices: &[SystemDevice]) -> Result<Round> {
     macro_rules! image_round {
         ($config:expr) => {{
             let data = images(bench.data)?;
-            let baseline = plain_loop(&ImageTask::<Plain, _>::new(data.clone(), data.clone(), |d| $config.init(d)), batch, steps, &flex);
+            let baseline = plain_loop(
+                &ImageTask::<Plain, _>::new(data.clone(), data.clone(), |d| $config.init(d)),
+                batch,
+                steps,
+                &flex,
+            );
             let mut per_backend = Vec::new();
             for device in devices {
                 let task = || ImageTask::<SystemBackend, _>::new(data.clone(), data.clone(), |d| $config.init(d));
@@ -132,7 +137,10 @@ fn measure(bench: &TrainBench, devices: &[SystemDevice]) -> Result<Round> {
             let mut per_backend = Vec::new();
             for device in devices {
                 let plain = plain_loop::<SystemBackend, _>(&text_task(bench.data)?, batch, steps, device);
-                per_backend.push((plain, system_loop(text_task(bench.data)?, device.clone(), batch, steps)?));
+                per_backend.push((
+                    plain,
+                    system_loop(text_task(bench.data)?, device.clone(), batch, steps)?,
+                ));
             }
             Round { baseline, per_backend }
         }
@@ -163,8 +171,14 @@ pub fn run(bench: &TrainBench) -> Result<()> {
     let row = |label: String, v: f64| println!("{label:<52} {v:>10.0} {:>8.3}", v / baseline);
     row("plain burn loop, Autodiff<Flex>".into(), baseline);
     for (i, backend) in bench.backends.iter().enumerate() {
-        row(format!("plain burn loop, dispatch/{}", backend.name()), best(&|r| r.per_backend[i].0));
-        row(format!("hetero worker step, {}", backend.name()), best(&|r| r.per_backend[i].1));
+        row(
+            format!("plain burn loop, dispatch/{}", backend.name()),
+            best(&|r| r.per_backend[i].0),
+        );
+        row(
+            format!("hetero worker step, {}", backend.name()),
+            best(&|r| r.per_backend[i].1),
+        );
     }
     Ok(())
 }

@@ -108,7 +108,10 @@ fn reference<K: Backend>(x: Tensor<K, 4>, conv: &Conv2d<K>, geometry: &Geometry,
 }
 
 fn close<K: Backend, const D: usize>(a: Tensor<K, D>, b: Tensor<K, D>, what: &str) {
-    let (a, b) = (a.into_data().to_vec::<f32>().unwrap(), b.into_data().to_vec::<f32>().unwrap());
+    let (a, b) = (
+        a.into_data().to_vec::<f32>().unwrap(),
+        b.into_data().to_vec::<f32>().unwrap(),
+    );
     assert_eq!(a.len(), b.len(), "{what}: sizes differ");
     let scale = b.iter().fold(1f32, |m, v| m.max(v.abs()));
     for (i, (x, y)) in a.iter().zip(&b).enumerate() {
@@ -129,7 +132,15 @@ struct Case {
 /// Output, input gradient, weight gradient and bias gradient agree.
 fn check(case: Case) {
     let device = Default::default();
-    let Case { shape, c_out, kernel, stride, padding, dilation, groups } = case;
+    let Case {
+        shape,
+        c_out,
+        kernel,
+        stride,
+        padding,
+        dilation,
+        groups,
+    } = case;
     let config = Conv2dConfig::new([shape[1], c_out], kernel)
         .with_stride(stride)
         .with_dilation(dilation)
@@ -139,10 +150,17 @@ fn check(case: Case) {
     // Two parameter sets with the same values, so each side has its own gradients.
     let twin = Conv2d {
         weight: Param::from_tensor(conv.weight.val().detach().require_grad()),
-        bias: conv.bias.as_ref().map(|b| Param::from_tensor(b.val().detach().require_grad())),
+        bias: conv
+            .bias
+            .as_ref()
+            .map(|b| Param::from_tensor(b.val().detach().require_grad())),
         ..conv.clone()
     };
-    let geometry = Geometry { stride, dilation, padding };
+    let geometry = Geometry {
+        stride,
+        dilation,
+        padding,
+    };
     let x = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device).require_grad();
     let x_ref = x.clone().detach().require_grad();
     let y = conv.forward(x.clone());
@@ -153,14 +171,34 @@ fn check(case: Case) {
     let grads = (y.clone() * probe.clone()).sum().backward();
     let grads_ref = (y_ref.clone() * probe).sum().backward();
     close(y, y_ref, &format!("{label} output"));
-    close(x.grad(&grads).unwrap(), x_ref.grad(&grads_ref).unwrap(), &format!("{label} dx"));
-    close(conv.weight.grad(&grads).unwrap(), twin.weight.grad(&grads_ref).unwrap(), &format!("{label} dw"));
+    close(
+        x.grad(&grads).unwrap(),
+        x_ref.grad(&grads_ref).unwrap(),
+        &format!("{label} dx"),
+    );
+    close(
+        conv.weight.grad(&grads).unwrap(),
+        twin.weight.grad(&grads_ref).unwrap(),
+        &format!("{label} dw"),
+    );
     let (b, b_ref) = (conv.bias.as_ref().unwrap(), twin.bias.as_ref().unwrap());
-    close(b.grad(&grads).unwrap(), b_ref.grad(&grads_ref).unwrap(), &format!("{label} db"));
+    close(
+        b.grad(&grads).unwrap(),
+        b_ref.grad(&grads_ref).unwrap(),
+        &format!("{label} db"),
+    );
 }
 
 fn case(shape: [usize; 4], c_out: usize, kernel: [usize; 2], stride: [usize; 2], padding: PaddingConfig2d) -> Case {
-    Case { shape, c_out, kernel, stride, padding, dilation: [1, 1], groups: 1 }
+    Case {
+        shape,
+        c_out,
+        kernel,
+        stride,
+        padding,
+        dilation: [1, 1],
+        groups: 1,
+    }
 }
 
 #[test]
@@ -171,13 +209,31 @@ fn the_main_jobs_layers_match() {
 
 #[test]
 fn strides_paddings_dilations_groups_and_odd_shapes_match() {
-    check(case([3, 5, 11, 9], 7, [3, 3], [2, 2], PaddingConfig2d::Explicit(1, 1, 1, 1)));
+    check(case(
+        [3, 5, 11, 9],
+        7,
+        [3, 3],
+        [2, 2],
+        PaddingConfig2d::Explicit(1, 1, 1, 1),
+    ));
     check(case([2, 3, 10, 13], 4, [5, 3], [1, 2], PaddingConfig2d::Valid));
-    check(Case { dilation: [2, 2], ..case([1, 2, 12, 12], 3, [3, 3], [1, 1], PaddingConfig2d::Explicit(2, 2, 2, 2)) });
+    check(Case {
+        dilation: [2, 2],
+        ..case([1, 2, 12, 12], 3, [3, 3], [1, 1], PaddingConfig2d::Explicit(2, 2, 2, 2))
+    });
     check(case([5, 4, 8, 8], 6, [1, 1], [1, 1], PaddingConfig2d::Valid));
-    check(Case { dilation: [1, 2], ..case([2, 3, 9, 7], 5, [4, 2], [3, 1], PaddingConfig2d::Explicit(2, 1, 2, 1)) });
-    check(Case { groups: 2, ..case([3, 4, 9, 9], 6, [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1)) });
-    check(Case { groups: 4, ..case([2, 4, 7, 8], 4, [3, 2], [2, 1], PaddingConfig2d::Valid) });
+    check(Case {
+        dilation: [1, 2],
+        ..case([2, 3, 9, 7], 5, [4, 2], [3, 1], PaddingConfig2d::Explicit(2, 1, 2, 1))
+    });
+    check(Case {
+        groups: 2,
+        ..case([3, 4, 9, 9], 6, [3, 3], [1, 1], PaddingConfig2d::Explicit(1, 1, 1, 1))
+    });
+    check(Case {
+        groups: 4,
+        ..case([2, 4, 7, 8], 4, [3, 2], [2, 1], PaddingConfig2d::Valid)
+    });
 }
 
 #[test]
@@ -185,7 +241,9 @@ fn random_shapes_match() {
     // A fixed-seed sweep over sizes, kernels, strides, paddings and batch sizes.
     let mut state = 0x9e37_79b9_u64;
     let mut next = |m: usize| {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((state >> 33) as usize) % m
     };
     for _ in 0..16 {
@@ -197,7 +255,10 @@ fn random_shapes_match() {
         let min = |d: usize| dilation[d] * (kernel[d] - 1) + 1;
         let shape = [1 + next(6), 1 + next(5), min(0) + next(9), min(1) + next(9)];
         let padding = PaddingConfig2d::Explicit(pad[0], pad[1], pad[0], pad[1]);
-        check(Case { dilation, ..case(shape, 1 + next(6), kernel, stride, padding) });
+        check(Case {
+            dilation,
+            ..case(shape, 1 + next(6), kernel, stride, padding)
+        });
     }
 }
 
@@ -221,6 +282,10 @@ fn the_two_by_two_max_pool_matches_a_max_over_a_reshaped_view() {
         let grads = (y.clone() * probe.clone()).sum().backward();
         let grads_ref = (y_ref.clone() * probe).sum().backward();
         close(y, y_ref, &format!("{shape:?} pool"));
-        close(x.grad(&grads).unwrap(), x_ref.grad(&grads_ref).unwrap(), &format!("{shape:?} pool dx"));
+        close(
+            x.grad(&grads).unwrap(),
+            x_ref.grad(&grads_ref).unwrap(),
+            &format!("{shape:?} pool dx"),
+        );
     }
 }
