@@ -1,9 +1,14 @@
 #!/usr/bin/env python3
 """The PyTorch side of the per-worker speed comparison (benches/vs-pytorch.sh).
 
-The same network, optimiser and data as Hetero's main job, in plain PyTorch on the
-CPU: conv 1->32 3x3 (same padding), ReLU, 2x2 max-pool, conv 32->64 3x3, ReLU, pool,
-fc 3136->128, ReLU, fc 128->10; Adam, learning rate 1e-3, batch 128 by default.
+The same networks, optimiser and data as Hetero's built-in models, in plain PyTorch
+on the CPU, Adam 1e-3, batch 128 by default (`--model`):
+- cnn (the main job): conv 1->32 3x3 (same padding), ReLU, 2x2 max-pool, conv
+  32->64 3x3, ReLU, pool, fc 3136->128, ReLU, fc 128->10;
+- mlp: 784->256, ReLU, ->10;
+- transformer: the small causal language model (token + position embeddings, 2
+  pre-norm blocks of width 64 with 4 heads and a 256-wide GELU feed-forward, a
+  linear head) on windows of 64 characters of the text in `--text`.
 
 Two figures, printed as `key value` lines that the shell script collects:
 - `samples_per_s`: training throughput over timed steps after warm-up;
@@ -69,6 +74,58 @@ def cnn() -> nn.Module:
     )
 
 
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 10))
+
+
+class TinyLm(nn.Module):
+    def __init__(self, vocab: int, context: int, width: int = 64, layers: int = 2, heads: int = 4):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(context, width)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, vocab)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context))
+
+    def forward(self, ids):
+        t = ids.shape[1]
+        x = self.tokens(ids) + self.positions(torch.arange(t))
+        return self.head(self.blocks(x, mask=self.mask[:t, :t], is_causal=True))
+
+
+def text_windows(folder: pathlib.Path, context: int):
+    """Character ids of every .txt file in `folder`, as (inputs, next) windows."""
+    text = "".join(p.read_text(errors="replace") for p in sorted(folder.glob("*.txt")))
+    if len(text) <= context:
+        sys.exit(f"{folder}: no .txt text of more than {context} characters")
+    chars = sorted(set(text))
+    ids = torch.tensor([chars.index(c) for c in text[: 200_000]], dtype=torch.int64)
+    n = (len(ids) - 1) // context
+    x = ids[: n * context].reshape(n, context)
+    y = ids[1 : n * context + 1].reshape(n, context)
+    return x, y, len(chars)
+
+
+def throughput(model, inputs, targets, loss_of, batch: int, steps: int) -> float:
+    """Samples/s of forward, backward and Adam after three warm-up steps."""
+    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step(i):
+        idx = torch.arange(i * batch, (i + 1) * batch) % len(inputs)
+        optim.zero_grad()
+        loss_of(model(inputs[idx]), targets[idx]).backward()
+        optim.step()
+
+    for i in range(3):
+        step(i)
+    started = time.perf_counter()
+    for i in range(steps):
+        step(i + 3)
+    return steps * batch / (time.perf_counter() - started)
+
+
 def accuracy(model, images, labels) -> float:
     model.eval()
     correct = 0
@@ -82,7 +139,9 @@ def accuracy(model, images, labels) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["cnn", "mlp", "transformer"], default="cnn")
     p.add_argument("--data", type=pathlib.Path, default=pathlib.Path("data/fashion-mnist"))
+    p.add_argument("--text", type=pathlib.Path, default=pathlib.Path("data/shakespeare-subset"))
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--steps", type=int, default=60, help="timed steps for samples/s")
     p.add_argument("--target", type=float, default=0.89, help="test accuracy to reach")
@@ -94,30 +153,23 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+    loss_fn = nn.CrossEntropyLoss()
+    if args.model == "transformer":
+        x, y, vocab = text_windows(args.text, 64)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {len(x)} windows of 64", flush=True)
+        lm_loss = lambda logits, target: loss_fn(logits.reshape(-1, vocab), target.reshape(-1))
+        rate = throughput(TinyLm(vocab, 64), x, y, lm_loss, args.batch, args.steps)
+        print(f"samples_per_s {rate:.0f}", flush=True)
+        return
     train_x, train_y = load(args.data, "train")
     test_x, test_y = load(args.data, "test")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{len(train_x)} training and {len(test_x)} test images", flush=True)
-    loss_fn = nn.CrossEntropyLoss()
-
-    # Throughput: warm-up, then timed steps on a fresh model.
-    model = cnn()
-    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def step(i):
-        idx = torch.arange(i * args.batch, (i + 1) * args.batch) % len(train_x)
-        optim.zero_grad()
-        loss = loss_fn(model(train_x[idx]), train_y[idx])
-        loss.backward()
-        optim.step()
-
-    for i in range(3):
-        step(i)
-    started = time.perf_counter()
-    for i in range(args.steps):
-        step(i + 3)
-    rate = args.steps * args.batch / (time.perf_counter() - started)
+    build = cnn if args.model == "cnn" else mlp
+    rate = throughput(build(), train_x, train_y, loss_fn, args.batch, args.steps)
     print(f"samples_per_s {rate:.0f}", flush=True)
+    if args.model != "cnn":
+        return
 
     # Time to the target accuracy: shuffled epochs from a fresh model.
     torch.manual_seed(args.seed)
