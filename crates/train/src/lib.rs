@@ -37,5 +37,5 @@ pub use error::TrainError;
 pub use membership::{FixedMembership, Membership, Regroup};
 pub use optim::{FlatOptimizer, OptimizerConfig, OptimizerState};
 pub use report::{Event, RunSummary, WorkerFigures};
-pub use task::{Evaluation, Task, TaskContext};
+pub use task::{Evaluation, Task, TaskContext, seeded_model};
 pub use trainer::{Throttle, TrainOptions, Trainer, compute_threads, train};

@@ -55,3 +55,17 @@ pub trait Task<B: AutodiffBackend> {
     /// Summed loss and accuracy over the batch.
     fn evaluate(&self, model: &Self::Model, batch: Self::Batch) -> Evaluation;
 }
+
+/// The task's model, initialised from `seed`.
+///
+/// burn backends keep one random generator per process: seeding it and drawing
+/// the initial weights are two steps, and a second model built in between (another
+/// trainer, the parameter-server role, a test running beside this one) would draw
+/// from the same stream and give this worker different weights from its peers. A
+/// process-wide lock makes seed-then-initialise one step.
+pub fn seeded_model<B: AutodiffBackend, T: Task<B> + ?Sized>(task: &T, device: &B::Device, seed: u64) -> T::Model {
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    B::seed(device, seed);
+    task.model(device)
+}

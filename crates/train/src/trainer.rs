@@ -50,7 +50,7 @@ use crate::report::{
     EpochRecord, Event, LOSS_CURVE_POINTS, RunSummary, WorkerFigures, downsample, seconds_to_accuracy,
 };
 use crate::sync::{self, Reader, Words};
-use crate::{Evaluation, Task, TrainError};
+use crate::{Evaluation, Task, TrainError, seeded_model};
 
 /// How to train.
 #[derive(Debug, Clone)]
@@ -285,8 +285,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 options.global_batch
             )));
         }
-        B::seed(&device, options.seed);
-        let model = task.model(&device);
+        let model = seeded_model(&task, &device, options.seed);
         let started = Instant::now();
         let mut flat = params::flatten(&model);
         if let Topology::Server { client: Some(c), .. } = &mut topology {
@@ -377,8 +376,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         if options.strategy.uses_parameter_server() {
             options.strategy = Strategy::Allreduce;
         }
-        B::seed(&device, options.seed);
-        let model = task.model(&device);
+        let model = seeded_model(&task, &device, options.seed);
         let params = params::flatten(&model);
         let optimizer = FlatOptimizer::new(options.optimizer, params.len());
         let throttle = Throttle::new(options.speed, compute_threads());
@@ -1169,7 +1167,7 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
             assert!(worst < 1e-4, "{optimizer:?}: max parameter difference {worst}");
-            let initial = params::flatten(&cnn_task().model(&Default::default()));
+            let initial = params::flatten(&seeded_model(&cnn_task(), &Default::default(), 0));
             assert_ne!(expected, initial, "training moved the parameters");
         }
     }
@@ -1696,7 +1694,7 @@ mod tests {
     fn parameter_server_and_hierarchical_steps_equal_the_allreduce_step() {
         let batch: Vec<usize> = (0..9).collect();
         let parts = [&batch[..4], &batch[4..7], &batch[7..]];
-        let initial = params::flatten(&cnn_task().model(&Default::default()));
+        let initial = params::flatten(&seeded_model(&cnn_task(), &Default::default(), 0));
         let mut solo = Trainer::new(
             cnn_task(),
             Default::default(),

@@ -340,10 +340,8 @@ fn serve_parameters<T: Task<SystemBackend>>(
     device: &SystemDevice,
     listener: TcpListener,
 ) -> Result<(), WorkerError> {
-    use burn::tensor::backend::Backend;
     let spec = &setup.spec;
-    SystemBackend::seed(device, spec.training.seed);
-    let mut params = hetero_train::params::flatten(&task.model(device));
+    let mut params = hetero_train::params::flatten(&hetero_train::seeded_model(&task, device, spec.training.seed));
     let mut state = None;
     if let Some(path) = &spec.training.resume_from {
         let c = Checkpoint::load_for(path, params.len())?;
