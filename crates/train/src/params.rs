@@ -25,6 +25,20 @@ pub fn flatten<B: Backend, M: Module<B>>(model: &M) -> Vec<f32> {
     c.0
 }
 
+/// Draws every lazily initialised parameter of `model` now.
+///
+/// burn creates a module's parameters lazily: the random draw happens when a
+/// parameter is first read, not when the module is built.
+pub fn materialize<B: Backend, M: Module<B>>(model: &M) {
+    struct Touch;
+    impl<B: Backend> ModuleVisitor<B> for Touch {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let _ = param.val();
+        }
+    }
+    model.visit(&mut Touch);
+}
+
 /// Number of float scalars in `model`.
 pub fn count<B: Backend, M: Module<B>>(model: &M) -> usize {
     struct Count(usize);

@@ -62,10 +62,13 @@ pub trait Task<B: AutodiffBackend> {
 /// the initial weights are two steps, and a second model built in between (another
 /// trainer, the parameter-server role, a test running beside this one) would draw
 /// from the same stream and give this worker different weights from its peers. A
-/// process-wide lock makes seed-then-initialise one step.
+/// process-wide lock makes seed-then-initialise one step. burn draws a module's
+/// weights lazily, on first read, so they are drawn here, inside the lock.
 pub fn seeded_model<B: AutodiffBackend, T: Task<B> + ?Sized>(task: &T, device: &B::Device, seed: u64) -> T::Model {
     static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = INIT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     B::seed(device, seed);
-    task.model(device)
+    let model = task.model(device);
+    crate::params::materialize(&model);
+    model
 }
