@@ -98,7 +98,7 @@ pub mod comparison;
 mod conv_common;
 pub mod conv;
 // Hetero: convolution backward passes as im2col + GEMM (vendor/README.md).
-pub mod conv_backward;
+pub mod conv_gemm;
 pub mod conv_transpose;
 pub mod cumulative;
 pub mod deform_conv;

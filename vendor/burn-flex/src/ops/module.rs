@@ -65,6 +65,10 @@ impl ModuleOps<Flex> for Flex {
         options: ConvOptions<2>,
     ) -> FloatTensor<Flex> {
         match x.dtype() {
+            // Hetero: im2col + GEMM (see `conv_gemm`).
+            DType::F32 if crate::ops::conv_gemm::conv2d_handles(&weight, &options) => {
+                crate::ops::conv_gemm::conv2d(x, weight, bias, &options)
+            }
             DType::F32 => conv::conv2d_f32(x, weight, bias, &options),
             DType::F64 => conv::conv2d_f64(x, weight, bias, &options),
             DType::F16 => conv::conv2d_f16(x, weight, bias, &options),
@@ -73,14 +77,14 @@ impl ModuleOps<Flex> for Flex {
         }
     }
 
-    // Hetero: the backward passes as im2col + GEMM (see `conv_backward`).
+    // Hetero: the backward passes as im2col + GEMM (see `conv_gemm`).
     fn conv2d_x_backward(
         x: FloatTensor<Flex>,
         weight: FloatTensor<Flex>,
         output_grad: FloatTensor<Flex>,
         options: ConvOptions<2>,
     ) -> FloatTensor<Flex> {
-        crate::ops::conv_backward::conv2d_x_backward(x, weight, output_grad, &options)
+        crate::ops::conv_gemm::conv2d_x_backward(x, weight, output_grad, &options)
     }
 
     fn conv2d_bias_backward(
@@ -88,7 +92,7 @@ impl ModuleOps<Flex> for Flex {
         bias: FloatTensor<Flex>,
         output_grad: FloatTensor<Flex>,
     ) -> FloatTensor<Flex> {
-        crate::ops::conv_backward::conv2d_bias_backward(x, bias, output_grad)
+        crate::ops::conv_gemm::conv2d_bias_backward(x, bias, output_grad)
     }
 
     fn conv2d_weight_backward(
@@ -97,7 +101,7 @@ impl ModuleOps<Flex> for Flex {
         output_grad: FloatTensor<Flex>,
         options: ConvOptions<2>,
     ) -> FloatTensor<Flex> {
-        crate::ops::conv_backward::conv2d_weight_backward(x, weight, output_grad, &options)
+        crate::ops::conv_gemm::conv2d_weight_backward(x, weight, output_grad, &options)
     }
 
     fn deform_conv2d(

@@ -1,22 +1,28 @@
-//! Hetero's addition to flex: the two backward passes of a 2-D convolution as
-//! per-sample im2col + GEMM, in parallel over the batch.
+//! Hetero's addition to flex: a 2-D convolution, forward and both backward
+//! passes, as per-sample im2col + GEMM (the `gemm` crate), in parallel over the
+//! batch.
 //!
-//! burn's default computes the weight gradient as a convolution whose kernel is the
-//! whole output-gradient map (a GEMM with an inner size of 9 for a 3×3 kernel) and
-//! the input gradient as a transposed convolution; on the small CNNs Hetero trains
-//! those two passes took about 80 % of a training step. Here, for every sample `n`
-//! (with `col_n` the `[c·kh·kw, oh·ow]` patches of its input):
+//! flex's own forward goes through its 3-D convolution, whose patch gathering cost
+//! three times its GEMM on the CNNs Hetero trains; burn's default backward computes
+//! the weight gradient as a convolution whose kernel is the whole output-gradient
+//! map (a GEMM with an inner size of 9 for a 3×3 kernel) and the input gradient as
+//! a transposed convolution. Here, for every sample `n` (with `col_n` the
+//! `[c·kh·kw, oh·ow]` patches of its input):
 //!
-//! - weight: `dW += dY_n · col_nᵀ`, one accumulator per thread, summed at the end;
-//! - input:  `dcol_n = Wᵀ · dY_n`, then scattered back onto the input (col2im).
+//! - forward: `Y_n = W · col_n (+ bias)`;
+//! - weight:  `dW += dY_n · col_nᵀ`, one accumulator per thread, summed at the end
+//!   in a fixed order (so results do not depend on scheduling);
+//! - input:   `dcol_n = Wᵀ · dY_n`, then scattered back onto the input (col2im).
 //!
-//! Groups are handled group by group; other float types go through f32. The bias
-//! gradient is summed in place.
+//! A 1×1 kernel with stride 1 and no padding reads the input as its own columns.
+//! Groups are handled group by group (depthwise convolutions stay on flex's own
+//! kernel); other float types go through f32. The bias gradient is summed in place.
 
 use alloc::vec;
 use alloc::vec::Vec;
 use burn_backend::DType;
 use burn_backend::ops::ConvOptions;
+use burn_backend::ops::conv::calculate_conv_output_size;
 use burn_std::{Bytes, Shape};
 
 use crate::{FlexTensor, Layout};
@@ -93,6 +99,23 @@ impl Geometry {
         let first = p.saturating_sub(off).div_ceil(s);
         let end = if self.w + p > off { (self.w + p - off).div_ceil(s) } else { 0 };
         first.min(self.ow)..end.min(self.ow).max(first.min(self.ow))
+    }
+
+    /// Whether a sample's input already is its own columns (1×1, stride 1, no
+    /// padding): then im2col would only copy it.
+    fn input_is_columns(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == [1, 1] && self.padding == [0, 0]
+    }
+
+    /// Group `g`'s columns of one sample: `image` itself when it already is its own
+    /// columns, else `col` filled by [`Self::im2col`].
+    fn columns<'a>(&self, image: &'a [f32], g: usize, col: &'a mut [f32]) -> &'a [f32] {
+        if self.input_is_columns() {
+            &image[g * self.cg * self.h * self.w..][..self.rows() * self.positions()]
+        } else {
+            self.im2col(image, g, col);
+            col
+        }
     }
 
     /// Fills `col` (`[rows, positions]`) with the patches of `image`'s group `g`
@@ -205,6 +228,28 @@ fn by_chunks<R: Send>(n: usize, f: impl Fn(usize, usize) -> R + Sync) -> Vec<R> 
     }
 }
 
+/// Runs `f(first_sample, out_chunk)` over contiguous chunks of the batch, one per
+/// thread, each writing its own samples' part of `out` (`per_sample` values each).
+fn for_chunks(n: usize, out: &mut [f32], per_sample: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    if out.is_empty() || per_sample == 0 {
+        return;
+    }
+    #[cfg(feature = "rayon")]
+    {
+        use rayon::prelude::*;
+        let chunks = rayon::current_num_threads().clamp(1, n.max(1));
+        let size = n.div_ceil(chunks).max(1);
+        out.par_chunks_mut(size * per_sample)
+            .enumerate()
+            .for_each(|(i, chunk)| f(i * size, chunk));
+    }
+    #[cfg(not(feature = "rayon"))]
+    {
+        let _ = n;
+        f(0, out)
+    }
+}
+
 fn as_f32(t: FlexTensor) -> FlexTensor {
     let t = if t.dtype() == DType::F32 {
         t
@@ -226,6 +271,49 @@ fn tensor(data: Vec<f32>, shape: [usize; 4]) -> FlexTensor {
     FlexTensor::new(Bytes::from_elems(data), Layout::contiguous(Shape::from(shape.to_vec())), DType::F32)
 }
 
+/// Whether [`conv2d`] handles this convolution: everything but depthwise ones
+/// (one input and one output channel per group), which flex's own kernel does
+/// better than a GEMM of one row.
+pub fn conv2d_handles(weight: &FlexTensor, options: &ConvOptions<2>) -> bool {
+    let shape = weight.layout().shape();
+    options.groups == 1 || shape[1] > 1 || shape[0] / options.groups > 1
+}
+
+/// A conv2d's output: `Y_n = W · col_n + bias`, sample by sample.
+pub fn conv2d(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>, options: &ConvOptions<2>) -> FlexTensor {
+    let dtype = x.dtype();
+    let (x, weight) = (as_f32(x), as_f32(weight));
+    let bias = bias.map(as_f32);
+    let (xs, ws) = (x.layout().shape(), weight.layout().shape());
+    let out = |i: usize| calculate_conv_output_size(ws[2 + i], options.stride[i], options.padding[i], options.dilation[i], xs[2 + i]);
+    let (oh, ow) = (out(0), out(1));
+    let g = Geometry::of(xs, ws, &[xs[0], ws[0], oh, ow], options);
+    let (xs, ws): (&[f32], &[f32]) = (x.storage(), weight.storage());
+    let bs: Option<&[f32]> = bias.as_ref().map(|b| b.storage());
+    let (rows, l, og) = (g.rows(), g.positions(), g.og());
+    let (sample_in, sample_out) = (g.c * g.h * g.w, g.o * l);
+    let mut y = vec![0f32; g.n * sample_out];
+    for_chunks(g.n, &mut y, sample_out, |first, y| {
+        let mut col = vec![0f32; if g.input_is_columns() { 0 } else { rows * l }];
+        for (k, s) in (first..first + y.len() / sample_out).enumerate() {
+            let image = &xs[s * sample_in..][..sample_in];
+            let y = &mut y[k * sample_out..][..sample_out];
+            if let Some(bs) = bs {
+                for (row, &b) in y.chunks_exact_mut(l).zip(bs) {
+                    row.fill(b);
+                }
+            }
+            for group in 0..g.groups {
+                let col = g.columns(image, group, &mut col);
+                let w = &ws[group * og * rows..][..og * rows];
+                // Y_g (og × l) [+]= W_g (og × rows) · col (rows × l)
+                gemm(og, l, rows, &mut y[group * og * l..], w, false, col, false, bs.is_some());
+            }
+        }
+    });
+    back_to(tensor(y, [g.n, g.o, oh, ow]), dtype)
+}
+
 /// The gradient of a conv2d's weight.
 pub fn conv2d_weight_backward(x: FlexTensor, weight: FlexTensor, grad: FlexTensor, options: &ConvOptions<2>) -> FlexTensor {
     let dtype = weight.dtype();
@@ -235,14 +323,14 @@ pub fn conv2d_weight_backward(x: FlexTensor, weight: FlexTensor, grad: FlexTenso
     let (rows, l, og) = (g.rows(), g.positions(), g.og());
     let partials = by_chunks(g.n, |first, count| {
         let mut dw = vec![0f32; g.o * rows];
-        let mut col = vec![0f32; rows * l];
+        let mut col = vec![0f32; if g.input_is_columns() { 0 } else { rows * l }];
         for s in first..first + count {
             let image = &xs[s * g.c * g.h * g.w..][..g.c * g.h * g.w];
             for group in 0..g.groups {
-                g.im2col(image, group, &mut col);
+                let col = g.columns(image, group, &mut col);
                 let dy = &dys[(s * g.o + group * og) * l..][..og * l];
                 // dW_g (og × rows) += dY (og × l) · colᵀ (l × rows)
-                gemm(og, rows, l, &mut dw[group * og * rows..], dy, false, &col, true, true);
+                gemm(og, rows, l, &mut dw[group * og * rows..], dy, false, col, true, true);
             }
         }
         dw
@@ -264,10 +352,10 @@ pub fn conv2d_x_backward(x: FlexTensor, weight: FlexTensor, grad: FlexTensor, op
     let (ws, dys): (&[f32], &[f32]) = (weight.storage(), grad.storage());
     let (rows, l, og) = (g.rows(), g.positions(), g.og());
     let sample = g.c * g.h * g.w;
-    let parts = by_chunks(g.n, |first, count| {
-        let mut dx = vec![0f32; count * sample];
+    let mut dx = vec![0f32; g.n * sample];
+    for_chunks(g.n, &mut dx, sample, |first, dx| {
         let mut col = vec![0f32; rows * l];
-        for (k, s) in (first..first + count).enumerate() {
+        for (k, s) in (first..first + dx.len() / sample).enumerate() {
             for group in 0..g.groups {
                 let w = &ws[group * og * rows..][..og * rows];
                 let dy = &dys[(s * g.o + group * og) * l..][..og * l];
@@ -276,9 +364,7 @@ pub fn conv2d_x_backward(x: FlexTensor, weight: FlexTensor, grad: FlexTensor, op
                 g.col2im(&col, group, &mut dx[k * sample..][..sample]);
             }
         }
-        dx
     });
-    let dx: Vec<f32> = parts.into_iter().flatten().collect();
     back_to(tensor(dx, [g.n, g.c, g.h, g.w]), dtype)
 }
 
