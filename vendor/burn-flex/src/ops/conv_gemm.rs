@@ -138,8 +138,16 @@ impl Geometry {
                         out[cols.end..].fill(0.0);
                         let src = &plane[y * self.w..][..self.w];
                         let base = j * self.dilation[1];
-                        for q in cols.clone() {
-                            out[q] = src[q * self.stride[1] + base - self.padding[1]];
+                        if cols.is_empty() {
+                            continue;
+                        }
+                        if self.stride[1] == 1 {
+                            let from = cols.start + base - self.padding[1];
+                            out[cols.clone()].copy_from_slice(&src[from..][..cols.len()]);
+                        } else {
+                            for q in cols.clone() {
+                                out[q] = src[q * self.stride[1] + base - self.padding[1]];
+                            }
                         }
                     }
                 }
@@ -162,8 +170,18 @@ impl Geometry {
                         let src = &row[r * ow..][..ow];
                         let dst = &mut plane[y * self.w..][..self.w];
                         let base = j * self.dilation[1];
-                        for q in cols.clone() {
-                            dst[q * self.stride[1] + base - self.padding[1]] += src[q];
+                        if cols.is_empty() {
+                            continue;
+                        }
+                        if self.stride[1] == 1 {
+                            let from = cols.start + base - self.padding[1];
+                            for (d, v) in dst[from..][..cols.len()].iter_mut().zip(&src[cols.clone()]) {
+                                *d += v;
+                            }
+                        } else {
+                            for q in cols.clone() {
+                                dst[q * self.stride[1] + base - self.padding[1]] += src[q];
+                            }
                         }
                     }
                 }
@@ -376,13 +394,21 @@ pub fn conv2d_bias_backward(_x: FlexTensor, bias: FlexTensor, grad: FlexTensor) 
     let shape = grad.layout().shape();
     let (n, o, l) = (shape[0], shape[1], shape[2] * shape[3]);
     let dys: &[f32] = grad.storage();
-    let mut db = vec![0f64; o];
-    for s in 0..n {
-        for (c, sum) in db.iter_mut().enumerate() {
-            *sum += dys[(s * o + c) * l..][..l].iter().map(|&v| v as f64).sum::<f64>();
+    // Each channel is summed by one thread, samples in order, in f64.
+    let channel = |c: usize| -> f32 {
+        let mut sum = 0f64;
+        for s in 0..n {
+            sum += dys[(s * o + c) * l..][..l].iter().map(|&v| v as f64).sum::<f64>();
         }
-    }
-    let db: Vec<f32> = db.into_iter().map(|v| v as f32).collect();
+        sum as f32
+    };
+    #[cfg(feature = "rayon")]
+    let db: Vec<f32> = {
+        use rayon::prelude::*;
+        (0..o).into_par_iter().map(channel).collect()
+    };
+    #[cfg(not(feature = "rayon"))]
+    let db: Vec<f32> = (0..o).map(channel).collect();
     let out = FlexTensor::new(Bytes::from_elems(db), Layout::contiguous(bias.layout().shape().clone()), DType::F32);
     back_to(out, dtype)
 }
