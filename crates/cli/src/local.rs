@@ -39,6 +39,21 @@ fn parse_group(arg: &str) -> Result<(f32, Backend)> {
     Ok((speed, backend))
 }
 
+/// Gives every `auto` group the CPU backend that trains this job fastest here,
+/// measured on the job's own model, and says which one and why.
+fn resolve_auto(spec: &JobSpec, groups: &mut [(f32, Backend)]) {
+    println!("measuring this build's CPU backends on the job's model…");
+    let (ranked, errors) = hetero_worker::probe::rank_cpu_backends(spec);
+    for e in &errors {
+        println!("  {e}");
+    }
+    println!("{}", hetero_worker::probe::describe(&ranked));
+    let fastest = ranked.first().map_or(Backend::Flex, |(b, _)| *b);
+    for (_, backend) in groups.iter_mut().filter(|(_, b)| *b == Backend::Auto) {
+        *backend = fastest;
+    }
+}
+
 /// Runs the job in `spec_path` on an embedded cluster and reports how it went.
 pub fn run(spec_path: &Path, workers: Option<usize>, groups: &[String]) -> Result<ExitCode> {
     let mut groups = groups.iter().map(|g| parse_group(g)).collect::<Result<Vec<_>>>()?;
@@ -59,6 +74,9 @@ pub fn run(spec_path: &Path, workers: Option<usize>, groups: &[String]) -> Resul
     rt.block_on(async move {
         let program = std::env::current_exe()?;
         let slots = spec.cluster.workers.div_ceil(groups.len()) as u32;
+        if spec.cluster.backend == Backend::Auto && groups.iter().any(|(_, b)| *b == Backend::Auto) {
+            resolve_auto(&spec, &mut groups);
+        }
         let mut profiles = Vec::new();
         for (_, backend) in &groups {
             profiles.push(hetero_worker::backend::measure_gflops(*backend));

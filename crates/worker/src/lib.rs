@@ -17,6 +17,7 @@ pub mod backend;
 pub mod builtin;
 pub mod env;
 pub mod memory;
+pub mod probe;
 pub mod rendezvous;
 
 use std::io::Write;
