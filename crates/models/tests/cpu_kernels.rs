@@ -1,11 +1,12 @@
-//! The convolution gradients of Hetero's CPU backend (flex with the im2col + GEMM
-//! backward passes of `vendor/burn-flex/src/ops/conv_backward.rs`) against an
+//! The convolutions of Hetero's CPU backend (flex with the im2col + GEMM forward and
+//! backward passes of `vendor/burn-flex/src/ops/conv_gemm.rs`) against an
 //! independent formulation: the convolution written as gathered shifted views times
 //! one matrix product, built from burn tensor operations so that autodiff derives its
 //! gradients from slicing and matmul alone. Values and all three gradients must agree
 //! on the main job's layers and on a sweep of shapes, strides, paddings, dilations,
 //! groups and batch sizes. The 2×2 max pool's fast path is checked the same way,
-//! against a max over a reshaped view.
+//! against a max over a reshaped view; flex's branch-free f32 `exp` and `erf`, and
+//! GELU's value and gradient built on them, against f64 references.
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::Param;
@@ -287,5 +288,68 @@ fn the_two_by_two_max_pool_matches_a_max_over_a_reshaped_view() {
             x_ref.grad(&grads_ref).unwrap(),
             &format!("{shape:?} pool dx"),
         );
+    }
+}
+
+/// erf in f64: its Maclaurin series up to 3 (f64 keeps the cancellation far below
+/// f32's precision there), the asymptotic series of erfc beyond.
+fn erf_reference(x: f64) -> f64 {
+    let a = x.abs();
+    let value = if a <= 3.0 {
+        let (mut term, mut sum, mut n) = (a, a, 0.0);
+        while term.abs() > 1e-18 * sum.abs() {
+            n += 1.0;
+            term *= -a * a / n;
+            sum += term / (2.0 * n + 1.0);
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    } else {
+        let z = 1.0 / (2.0 * a * a);
+        let erfc = (-a * a).exp() / (a * std::f64::consts::PI.sqrt()) * (1.0 - z + 3.0 * z * z - 15.0 * z * z * z);
+        1.0 - erfc
+    };
+    value.copysign(x)
+}
+
+#[test]
+fn exp_erf_and_gelu_match_f64_references() {
+    let device = Default::default();
+    let mut xs: Vec<f32> = (0..20_001).map(|i| -20.0 + i as f32 * 0.002).collect();
+    xs.extend([-1e4, -100.0, -87.0, 0.0, 1e-6, -1e-6, 1e-30, 80.0, 88.0]);
+    let t = Tensor::<B, 1>::from_floats(xs.as_slice(), &device);
+    let exp = t.clone().exp().into_data().to_vec::<f32>().unwrap();
+    let erf = t.clone().erf().into_data().to_vec::<f32>().unwrap();
+    for (i, &x) in xs.iter().enumerate() {
+        let want = (x as f64).exp();
+        let got = exp[i] as f64;
+        if want < 1e-37 {
+            assert!(got < 1e-37, "exp({x}) = {got}, want {want}");
+        } else {
+            assert!((got - want).abs() <= 2.5e-7 * want, "exp({x}) = {got}, want {want}");
+        }
+        let want = erf_reference(x as f64);
+        let got = erf[i] as f64;
+        // Relative error near 0 (where erf is small), absolute error elsewhere.
+        let bound = if x.abs() < 0.5 { 1e-6 * want.abs() } else { 4e-7 };
+        assert!(
+            (got - want).abs() <= bound,
+            "erf({x}) = {got}, want {want}"
+        );
+    }
+    assert!(Tensor::<B, 1>::from_floats([f32::NAN], &device).exp().into_data().to_vec::<f32>().unwrap()[0].is_nan());
+
+    // GELU and its gradient: 0.5·x·(1 + erf(x/√2)), and Φ(x) + x·φ(x).
+    let x = Tensor::<B, 1>::from_floats(xs.as_slice(), &device).require_grad();
+    let y = burn::tensor::activation::gelu(x.clone());
+    let gradient = y.clone().sum().backward();
+    let dy = x.grad(&gradient).unwrap().into_data().to_vec::<f32>().unwrap();
+    let y = y.into_data().to_vec::<f32>().unwrap();
+    for (i, &x) in xs.iter().enumerate() {
+        let x = x as f64;
+        let cdf = 0.5 * (1.0 + erf_reference(x / std::f64::consts::SQRT_2));
+        let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
+        let (want_y, want_dy) = (x * cdf, cdf + x * pdf);
+        assert!((y[i] as f64 - want_y).abs() <= 1e-6 * want_y.abs().max(1.0), "gelu({x}) = {}, want {want_y}", y[i]);
+        assert!((dy[i] as f64 - want_dy).abs() <= 1e-6 * want_dy.abs().max(1.0), "gelu'({x}) = {}, want {want_dy}", dy[i]);
     }
 }
