@@ -331,12 +331,16 @@ fn exp_erf_and_gelu_match_f64_references() {
         let got = erf[i] as f64;
         // Relative error near 0 (where erf is small), absolute error elsewhere.
         let bound = if x.abs() < 0.5 { 1e-6 * want.abs() } else { 4e-7 };
-        assert!(
-            (got - want).abs() <= bound,
-            "erf({x}) = {got}, want {want}"
-        );
+        assert!((got - want).abs() <= bound, "erf({x}) = {got}, want {want}");
     }
-    assert!(Tensor::<B, 1>::from_floats([f32::NAN], &device).exp().into_data().to_vec::<f32>().unwrap()[0].is_nan());
+    assert!(
+        Tensor::<B, 1>::from_floats([f32::NAN], &device)
+            .exp()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap()[0]
+            .is_nan()
+    );
 
     // GELU and its gradient: 0.5·x·(1 + erf(x/√2)), and Φ(x) + x·φ(x).
     let x = Tensor::<B, 1>::from_floats(xs.as_slice(), &device).require_grad();
@@ -349,7 +353,15 @@ fn exp_erf_and_gelu_match_f64_references() {
         let cdf = 0.5 * (1.0 + erf_reference(x / std::f64::consts::SQRT_2));
         let pdf = (-0.5 * x * x).exp() / (2.0 * std::f64::consts::PI).sqrt();
         let (want_y, want_dy) = (x * cdf, cdf + x * pdf);
-        assert!((y[i] as f64 - want_y).abs() <= 1e-6 * want_y.abs().max(1.0), "gelu({x}) = {}, want {want_y}", y[i]);
-        assert!((dy[i] as f64 - want_dy).abs() <= 1e-6 * want_dy.abs().max(1.0), "gelu'({x}) = {}, want {want_dy}", dy[i]);
+        assert!(
+            (y[i] as f64 - want_y).abs() <= 1e-6 * want_y.abs().max(1.0),
+            "gelu({x}) = {}, want {want_y}",
+            y[i]
+        );
+        assert!(
+            (dy[i] as f64 - want_dy).abs() <= 1e-6 * want_dy.abs().max(1.0),
+            "gelu'({x}) = {}, want {want_dy}",
+            dy[i]
+        );
     }
 }

@@ -71,7 +71,11 @@ pub fn describe(ranked: &[(Backend, Measure)]) -> String {
             each.join(", ")
         ),
         Some((best, Measure::Gflops(_))) => {
-            format!("backend auto → {}: fastest matmul here ({})", best.name(), each.join(", "))
+            format!(
+                "backend auto → {}: fastest matmul here ({})",
+                best.name(),
+                each.join(", ")
+            )
         }
         None => "backend auto → flex".into(),
     }
@@ -139,13 +143,25 @@ mod tests {
         let (ranked, errors) = rank_cpu_backends(&spec("mlp"));
         assert!(errors.is_empty(), "{errors:?}");
         let names: Vec<_> = ranked.iter().map(|(b, _)| *b).collect();
-        assert!(names.contains(&Backend::Flex) && names.contains(&Backend::Ndarray), "{names:?}");
+        assert!(
+            names.contains(&Backend::Flex) && names.contains(&Backend::Ndarray),
+            "{names:?}"
+        );
         for (b, m) in &ranked {
             assert!(matches!(m, Measure::SamplesPerSecond(v) if *v > 0.0), "{b:?}: {m:?}");
         }
-        assert!(ranked.windows(2).all(|w| w[0].1.value() >= w[1].1.value()), "{ranked:?}");
+        assert!(
+            ranked.windows(2).all(|w| w[0].1.value() >= w[1].1.value()),
+            "{ranked:?}"
+        );
         let line = describe(&ranked);
-        assert!(line.starts_with(&format!("backend auto → {}: fastest on this job's model", ranked[0].0.name())), "{line}");
+        assert!(
+            line.starts_with(&format!(
+                "backend auto → {}: fastest on this job's model",
+                ranked[0].0.name()
+            )),
+            "{line}"
+        );
     }
 
     #[test]
@@ -154,6 +170,11 @@ mod tests {
         spec.dataset.path = std::path::PathBuf::from("/nonexistent/fashion");
         let (ranked, errors) = rank_cpu_backends(&spec);
         assert!(ranked.is_empty(), "{ranked:?}");
-        assert!(errors.iter().any(|e| e.starts_with("flex: ") && e.contains("/nonexistent/fashion")), "{errors:?}");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("flex: ") && e.contains("/nonexistent/fashion")),
+            "{errors:?}"
+        );
     }
 }
