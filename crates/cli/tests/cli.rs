@@ -376,7 +376,7 @@ fn a_local_cluster_of_unlike_groups_trains_one_job() {
     let out = hetero()
         .arg("local")
         .arg(&spec)
-        .args(["--group", "1", "--group", "0.5:ndarray"])
+        .args(["--group", "1:flex", "--group", "0.5:ndarray"])
         .output()
         .unwrap();
     let log = text(&out);

@@ -47,18 +47,45 @@ impl std::fmt::Display for Measure {
 
 /// Every CPU backend this build drives with its measure for `spec`, fastest first.
 /// A backend whose measurement fails is left out (with the reason in the error
-/// list), so one broken backend never stops the job.
+/// list), so one broken backend never stops the job. The job's data is read once.
 pub fn rank_cpu_backends(spec: &JobSpec) -> (Vec<(Backend, Measure)>, Vec<String>) {
+    let backends: Vec<Backend> = compiled().into_iter().filter(|b| !b.is_gpu()).collect();
+    let batch = (spec.training.global_batch_size / spec.cluster.workers.max(1)).max(1);
+    let builtin = spec.task.is_none() && spec.inference.is_none();
+    let measured: Vec<(Backend, Result<Measure, String>)> = match spec.model {
+        ModelKind::Cnn if builtin => each(&backends, image_task(spec, |d| CnnConfig::new().init(d)), batch),
+        ModelKind::Mlp if builtin => each(&backends, image_task(spec, |d| MlpConfig::new().init(d)), batch),
+        ModelKind::Transformer if builtin => each(&backends, TextTask::from_spec(spec).map_err(|e| e.to_string()), batch),
+        _ => backends.iter().map(|&b| (b, Ok(Measure::Gflops(measure_gflops(b) as f64)))).collect(),
+    };
     let mut ranked = Vec::new();
     let mut errors = Vec::new();
-    for backend in compiled().into_iter().filter(|b| !b.is_gpu()) {
-        match measure(spec, backend) {
+    for (backend, m) in measured {
+        match m {
             Ok(m) => ranked.push((backend, m)),
             Err(e) => errors.push(format!("{}: {e}", backend.name())),
         }
     }
     ranked.sort_by(|a, b| b.1.value().total_cmp(&a.1.value()));
     (ranked, errors)
+}
+
+/// `task`'s training rate on each of `backends` (or, for all, why there is none).
+fn each<T: Task<SystemBackend>>(
+    backends: &[Backend],
+    task: Result<T, String>,
+    batch: usize,
+) -> Vec<(Backend, Result<Measure, String>)> {
+    backends
+        .iter()
+        .map(|&b| {
+            let rate = task.as_ref().map_err(Clone::clone).and_then(|task| {
+                let (device, _) = device(b, 0)?;
+                Ok(Measure::SamplesPerSecond(training_rate(task, &device, batch)))
+            });
+            (b, rate)
+        })
+        .collect()
 }
 
 /// One line for the user: which backend `auto` took, and why.
@@ -79,23 +106,6 @@ pub fn describe(ranked: &[(Backend, Measure)]) -> String {
         }
         None => "backend auto → flex".into(),
     }
-}
-
-/// `backend`'s measure for `spec`: its training rate when Hetero builds the model,
-/// else its matmul throughput.
-fn measure(spec: &JobSpec, backend: Backend) -> Result<Measure, String> {
-    let (device, _) = device(backend, 0)?;
-    let batch = (spec.training.global_batch_size / spec.cluster.workers.max(1)).max(1);
-    let builtin = spec.task.is_none() && spec.inference.is_none();
-    let rate = match spec.model {
-        ModelKind::Cnn if builtin => training_rate(&image_task(spec, |d| CnnConfig::new().init(d))?, &device, batch),
-        ModelKind::Mlp if builtin => training_rate(&image_task(spec, |d| MlpConfig::new().init(d))?, &device, batch),
-        ModelKind::Transformer if builtin => {
-            training_rate(&TextTask::from_spec(spec).map_err(|e| e.to_string())?, &device, batch)
-        }
-        _ => return Ok(Measure::Gflops(measure_gflops(backend) as f64)),
-    };
-    Ok(Measure::SamplesPerSecond(rate))
 }
 
 fn image_task<M: burn::module::AutodiffModule<SystemBackend> + hetero_models::Classifier<SystemBackend>>(
