@@ -6,6 +6,7 @@
 #
 #   benches/vs-pytorch.sh                     # PyTorch from $PYTHON (default python3)
 #   PYTHON=/opt/torch/bin/python benches/vs-pytorch.sh
+#   BACKENDS=flex,libtorch benches/vs-pytorch.sh   # a build with --features libtorch
 #
 # PyTorch is not installed by the repo: `python3 -m pip install torch numpy` (the
 # CPU kernels are the same in every wheel). Without it the PyTorch half is skipped.
@@ -14,6 +15,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 STEPS=${STEPS:-30}
+BACKENDS=${BACKENDS:-flex}
 bin=${HETERO_BIN:-target/release/hetero}
 if [ ! -x "$bin" ]; then
     cargo build --release -p hetero-cli
@@ -22,7 +24,7 @@ fi
 
 for model in cnn mlp transformer; do
     echo "== hetero bench train --model $model"
-    "$bin" bench train --model "$model" --steps "$STEPS"
+    "$bin" bench train --model "$model" --backends "$BACKENDS" --steps "$STEPS"
     echo
 done
 

@@ -35,7 +35,7 @@ fn parse_group(arg: &str) -> Result<(f32, Backend)> {
         format!("--group {arg:?}: the speed must be a number in (0, 1], e.g. --group 0.5 or --group 1:ndarray")
     })?;
     let backend = Backend::from_name(backend)
-        .with_context(|| format!("--group {arg:?}: unknown backend {backend:?} (auto, flex, ndarray)"))?;
+        .with_context(|| format!("--group {arg:?}: unknown backend {backend:?} ({})", Backend::names()))?;
     Ok((speed, backend))
 }
 
@@ -64,6 +64,10 @@ pub fn run(spec_path: &Path, workers: Option<usize>, groups: &[String]) -> Resul
     let base = JobSpec::folder_of(spec_path);
     let mut spec = JobSpec::parse(&text).with_context(|| format!("in {}", spec_path.display()))?;
     spec.resolve_paths(&base);
+    let asked = std::iter::once(spec.cluster.backend).chain(groups.iter().map(|(_, b)| *b));
+    for backend in asked.filter(|b| *b != Backend::Auto) {
+        hetero_worker::backend::device(backend, 0).map_err(anyhow::Error::msg)?;
+    }
     if spec.task.is_none() && spec.inference.is_none() && spec.dataset.kind == "fashion-mnist" {
         data_cmd::ensure_fashion_mnist(&spec.dataset.path)?;
     }

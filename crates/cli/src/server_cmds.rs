@@ -103,9 +103,12 @@ fn parse_gpu(arg: &str) -> Result<GpuGroup> {
     };
     let backend = hetero_job::Backend::from_name(name)
         .filter(|b| b.is_gpu())
-        .with_context(|| format!("--gpu {arg:?}: {name:?} is not a GPU backend (cuda, rocm, vulkan)"))?;
+        .with_context(|| format!("--gpu {arg:?}: {name:?} is not a GPU backend (cuda, rocm, vulkan, libtorch-cuda)"))?;
     if !hetero_worker::backend::compiled().contains(&backend) {
-        bail!("--gpu {arg:?}: this build does not drive {name}; rebuild with `--features {name}`");
+        bail!(
+            "--gpu {arg:?}: this build does not drive {name}; rebuild with `--features {}`",
+            backend.cargo_feature().unwrap_or_default()
+        );
     }
     Ok(GpuGroup {
         backend: name.to_string(),

@@ -405,6 +405,56 @@ fn a_local_cluster_of_unlike_groups_trains_one_job() {
     );
 }
 
+/// PyTorch's kernels and flex's train one job side by side (a build with
+/// `--features libtorch`, see docs/libtorch.md).
+#[test]
+#[cfg(feature = "libtorch")]
+fn a_libtorch_worker_and_a_flex_worker_train_one_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        dir.path(),
+        &format!(
+            "name = \"mixed\"\n[model]\nkind = \"mlp\"\n[dataset]\npath = \"{}\"\ntrain_limit = 2000\ntest_limit = 400\n\
+             [training]\nepochs = 2\nglobal_batch_size = 40\n[cluster]\nworkers = 2\n[output]\ndir = \"runs\"\n",
+            subset().display()
+        ),
+    );
+    let out = hetero()
+        .arg("local")
+        .arg(&spec)
+        .args(["--group", "1:libtorch", "--group", "1:flex"])
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("on libtorch") && log.contains("on flex"), "{log}");
+    let summary = summary_at(&dir.path().join("runs/job-000001/summary.json"));
+    assert!(summary["last_epoch_loss"].as_f64().unwrap() < summary["first_epoch_loss"].as_f64().unwrap());
+    assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
+}
+
+#[test]
+fn a_build_without_libtorch_says_how_to_get_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = write_spec(
+        dir.path(),
+        &format!(
+            "name = \"torch\"\n[model]\nkind = \"mlp\"\n[dataset]\npath = \"{}\"\ntrain_limit = 200\ntest_limit = 100\n\
+             [training]\nepochs = 1\nglobal_batch_size = 20\n[cluster]\nworkers = 1\nbackend = \"libtorch\"\n[output]\ndir = \"runs\"\n",
+            subset().display()
+        ),
+    );
+    let out = hetero().arg("local").arg(&spec).output().unwrap();
+    let log = text(&out);
+    if cfg!(feature = "libtorch") {
+        assert!(out.status.success(), "{log}");
+        assert!(log.contains("on libtorch"), "{log}");
+    } else {
+        assert!(!out.status.success(), "{log}");
+        assert!(log.contains("does not drive libtorch") && log.contains("--features libtorch"), "{log}");
+    }
+}
+
 #[test]
 fn gpu_groups_need_a_build_with_their_backend() {
     let dir = tempfile::tempdir().unwrap();
@@ -429,7 +479,11 @@ fn gpu_groups_need_a_build_with_their_backend() {
     if !cfg!(feature = "cuda") {
         assert!(run("cuda:2").contains("this build does not drive cuda; rebuild with `--features cuda`"));
     }
+    if !cfg!(feature = "libtorch") {
+        assert!(run("libtorch-cuda:1").contains("this build does not drive libtorch-cuda; rebuild with `--features libtorch`"));
+    }
     assert!(run("flex:2").contains("not a GPU backend"));
+    assert!(run("libtorch:2").contains("not a GPU backend"));
     assert!(run("cuda").contains("expected BACKEND:COUNT[:MEMORY_GB]"));
     assert!(run("cuda:0").contains("expected BACKEND:COUNT[:MEMORY_GB]"));
 }

@@ -429,6 +429,8 @@ fn worker_command(config: &AgentConfig, a: &pb::TaskAssignment, spec_file: &Path
         .env(WorkerEnv::OUTPUT_DIR, &a.output_dir)
         .env(WorkerEnv::DATA_HOST, &config.data_host)
         .env("RAYON_NUM_THREADS", a.threads.max(1).to_string())
+        // libtorch's intra-op pool (OpenMP) reads this one.
+        .env("OMP_NUM_THREADS", a.threads.max(1).to_string())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -276,6 +276,12 @@ pub enum Backend {
     Rocm,
     /// Vulkan GPUs through burn's wgpu backend (builds with `--features vulkan`).
     Vulkan,
+    /// PyTorch's kernels on the CPU through burn's LibTorch backend (builds with
+    /// `--features libtorch`).
+    Libtorch,
+    /// NVIDIA GPUs through PyTorch's kernels (builds with `--features libtorch`
+    /// against a CUDA build of libtorch).
+    LibtorchCuda,
 }
 
 impl Backend {
@@ -288,22 +294,45 @@ impl Backend {
             Backend::Cuda => "cuda",
             Backend::Rocm => "rocm",
             Backend::Vulkan => "vulkan",
+            Backend::Libtorch => "libtorch",
+            Backend::LibtorchCuda => "libtorch-cuda",
+        }
+    }
+
+    /// The cargo feature of `hetero-cli` that builds this backend in, if it is optional.
+    pub fn cargo_feature(self) -> Option<&'static str> {
+        match self {
+            Backend::Auto | Backend::Flex | Backend::Ndarray => None,
+            Backend::Cuda => Some("cuda"),
+            Backend::Rocm => Some("rocm"),
+            Backend::Vulkan => Some("vulkan"),
+            Backend::Libtorch | Backend::LibtorchCuda => Some("libtorch"),
         }
     }
 
     /// Every backend name a spec may use.
-    pub const ALL: [Backend; 6] = [
+    pub const ALL: [Backend; 8] = [
         Backend::Auto,
         Backend::Flex,
         Backend::Ndarray,
         Backend::Cuda,
         Backend::Rocm,
         Backend::Vulkan,
+        Backend::Libtorch,
+        Backend::LibtorchCuda,
     ];
 
     /// Whether this backend computes on a GPU (one worker per device).
     pub fn is_gpu(self) -> bool {
-        matches!(self, Backend::Cuda | Backend::Rocm | Backend::Vulkan)
+        matches!(
+            self,
+            Backend::Cuda | Backend::Rocm | Backend::Vulkan | Backend::LibtorchCuda
+        )
+    }
+
+    /// Every backend name, comma-separated, for error messages.
+    pub fn names() -> String {
+        Backend::ALL.map(Backend::name).join(", ")
     }
 
     /// Parses a backend name.
@@ -611,7 +640,7 @@ impl JobSpec {
         let backend = match cl.string("backend")? {
             None => Backend::Auto,
             Some(name) => Backend::from_name(&name)
-                .ok_or_else(|| cl.invalid("backend", &name, "one of: auto, flex, ndarray, cuda, rocm, vulkan"))?,
+                .ok_or_else(|| cl.invalid("backend", &name, &format!("one of: {}", Backend::names())))?,
         };
         let cluster = ClusterSpec {
             workers: cl.int("workers", 1, MAX_WORKERS)?.unwrap_or(1),

@@ -1,12 +1,12 @@
 //! The compute device a worker runs on, chosen at run time through burn's
 //! `Dispatch` backend: one binary drives whichever backends it was built with.
 //!
-//! This build drives `flex` (burn's pure-Rust CPU backend, with AVX-512 kernels
+//! Every build drives `flex` (burn's pure-Rust CPU backend, with AVX-512 kernels
 //! picked at run time) and `ndarray` (burn's older CPU backend: an unlike second
 //! backend for heterogeneous tests). GPU backends join with cargo features `cuda`,
-//! `rocm` and `vulkan`; a worker asked for one its build lacks fails with a message
-//! saying how to build it. GPU backends (`cuda`, `rocm`, `vulkan`/`wgpu`) join behind
-//! cargo features; `auto` then prefers them.
+//! `rocm` and `vulkan`, and PyTorch's own kernels (`libtorch` on the CPU,
+//! `libtorch-cuda` on NVIDIA GPUs) with the feature `libtorch`. A worker asked for a
+//! backend its build lacks fails with a message saying how to build it.
 
 use burn::{Dispatch, DispatchDevice};
 use hetero_job::Backend;
@@ -20,9 +20,11 @@ pub type SystemDevice = DispatchDevice;
 /// is the fastest CPU backend this build drives (`flex`). A backend this build was
 /// compiled without is an error that says how to get it.
 pub fn device(backend: Backend, index: usize) -> Result<(SystemDevice, &'static str), String> {
-    let missing = |name: &str| {
+    let missing = |backend: Backend| {
         Err(format!(
-            "this build does not drive {name}: rebuild with `cargo build --release -p hetero-cli --features {name}`"
+            "this build does not drive {}: rebuild with `cargo build --release -p hetero-cli --features {}`",
+            backend.name(),
+            backend.cargo_feature().unwrap_or_default()
         ))
     };
     let _ = index; // used only by GPU backends
@@ -35,8 +37,12 @@ pub fn device(backend: Backend, index: usize) -> Result<(SystemDevice, &'static 
         Backend::Rocm => DispatchDevice::Rocm(burn::backend::rocm::RocmDevice { index }),
         #[cfg(feature = "vulkan")]
         Backend::Vulkan => DispatchDevice::Vulkan(burn::backend::wgpu::WgpuDevice::DiscreteGpu(index)),
+        #[cfg(feature = "libtorch")]
+        Backend::Libtorch => DispatchDevice::LibTorch(burn::backend::libtorch::LibTorchDevice::Cpu),
+        #[cfg(feature = "libtorch")]
+        Backend::LibtorchCuda => DispatchDevice::LibTorch(burn::backend::libtorch::LibTorchDevice::Cuda(index)),
         #[allow(unreachable_patterns)]
-        other => return missing(other.name()),
+        other => return missing(other),
     };
     let name = if backend == Backend::Auto {
         "flex"
@@ -57,6 +63,9 @@ pub fn compiled() -> Vec<Backend> {
     }
     if cfg!(feature = "vulkan") {
         out.push(Backend::Vulkan);
+    }
+    if cfg!(feature = "libtorch") {
+        out.extend([Backend::Libtorch, Backend::LibtorchCuda]);
     }
     out
 }
@@ -108,6 +117,31 @@ mod tests {
     fn a_missing_gpu_backend_says_how_to_build_it() {
         let err = device(Backend::Cuda, 0).err().unwrap();
         assert!(err.contains("--features cuda"), "{err}");
+    }
+
+    #[test]
+    #[cfg(not(feature = "libtorch"))]
+    fn a_missing_libtorch_says_which_feature_builds_it() {
+        let err = device(Backend::LibtorchCuda, 0).err().unwrap();
+        assert!(err.contains("libtorch-cuda") && err.contains("--features libtorch"), "{err}");
+    }
+
+    #[test]
+    #[cfg(feature = "libtorch")]
+    fn libtorch_computes_what_flex_computes() {
+        use burn::prelude::*;
+        let run = |backend| {
+            let (device, _) = device(backend, 0).unwrap();
+            let a = Tensor::<SystemBackend, 1>::arange(0..48, &device).float().reshape([6, 8]).div_scalar(7.0);
+            let b = a.clone().transpose().sin();
+            let y = burn::tensor::activation::softmax(a.matmul(b), 1);
+            y.into_data().to_vec::<f32>().unwrap()
+        };
+        let (flex, torch) = (run(Backend::Flex), run(Backend::Libtorch));
+        for (f, t) in flex.iter().zip(&torch) {
+            assert!((f - t).abs() < 1e-5, "{flex:?}\n{torch:?}");
+        }
+        assert!(compiled().contains(&Backend::Libtorch));
     }
 
     #[test]
