@@ -6,7 +6,9 @@
 //! on the main job's layers and on a sweep of shapes, strides, paddings, dilations,
 //! groups and batch sizes. The 2×2 max pool's fast path is checked the same way,
 //! against a max over a reshaped view; flex's branch-free f32 `exp` and `erf`, and
-//! GELU's value and gradient built on them, against f64 references.
+//! GELU's value and gradient built on them, against f64 references. Softmax and
+//! log-softmax, one fused autodiff operation each (`vendor/burn-autodiff`), against
+//! the same functions built from their parts.
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::Param;
@@ -363,5 +365,40 @@ fn exp_erf_and_gelu_match_f64_references() {
             "gelu'({x}) = {}, want {want_dy}",
             dy[i]
         );
+    }
+}
+
+/// Softmax built from the operations burn's default is made of (max, sub, exp, sum,
+/// div), each tracked by autodiff on its own.
+fn softmax_by_parts<const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D> {
+    let shifted = x.clone() - x.detach().max_dim(dim);
+    let e = shifted.exp();
+    e.clone() / e.sum_dim(dim)
+}
+
+#[test]
+fn fused_softmax_and_log_softmax_match_their_parts_with_gradients() {
+    let device = Default::default();
+    for (shape, dim) in [([2, 3, 5, 7], 3), ([4, 6, 9, 2], 2), ([3, 8, 1, 5], 1), ([2, 2, 4, 4], 0)] {
+        let x0 = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 3.0), &device);
+        // A weighting so that the upstream gradient differs per element.
+        let w = Tensor::<B, 4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);
+        let what = format!("shape {shape:?} dim {dim}");
+
+        let run = |f: &dyn Fn(Tensor<B, 4>) -> Tensor<B, 4>| {
+            let x = x0.clone().detach().require_grad();
+            let y = f(x.clone());
+            let grads = (y.clone() * w.clone()).sum().backward();
+            (y, x.grad(&grads).unwrap())
+        };
+        let (fused, fused_grad) = run(&|x| burn::tensor::activation::softmax(x, dim));
+        let (parts, parts_grad) = run(&|x| softmax_by_parts(x, dim));
+        close(fused, parts, &format!("softmax, {what}"));
+        close(fused_grad, parts_grad, &format!("softmax gradient, {what}"));
+
+        let (fused, fused_grad) = run(&|x| burn::tensor::activation::log_softmax(x, dim));
+        let (parts, parts_grad) = run(&|x| softmax_by_parts(x, dim).log());
+        close(fused, parts, &format!("log-softmax, {what}"));
+        close(fused_grad, parts_grad, &format!("log-softmax gradient, {what}"));
     }
 }

@@ -132,7 +132,7 @@ mod tests {
         use burn::prelude::*;
         let run = |backend| {
             let (device, _) = device(backend, 0).unwrap();
-            let a = Tensor::<SystemBackend, 1>::arange(0..48, &device).float().reshape([6, 8]).div_scalar(7.0);
+            let a = Tensor::<SystemBackend, 1, burn::tensor::Int>::arange(0..48, &device).float().reshape([6, 8]).div_scalar(7.0);
             let b = a.clone().transpose().sin();
             let y = burn::tensor::activation::softmax(a.matmul(b), 1);
             y.into_data().to_vec::<f32>().unwrap()
