@@ -99,6 +99,8 @@ mod conv_common;
 pub mod conv;
 // Hetero: convolution backward passes as im2col + GEMM (vendor/README.md).
 pub mod conv_gemm;
+// Hetero: multiversioned, parallel element-wise f32 maps (GELU, its gradient, exp).
+mod elementwise_f32;
 pub mod conv_transpose;
 pub mod cumulative;
 pub mod deform_conv;

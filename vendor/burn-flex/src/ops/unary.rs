@@ -163,7 +163,13 @@ where
 
 /// Exponential: e^x
 pub fn exp(tensor: FlexTensor) -> FlexTensor {
-    // Hetero: a branch-free f32 exp the compiler vectorises (see `exp_f32`).
+    // Hetero: a branch-free f32 exp, through the vectorised, parallel map when f32.
+    if tensor.dtype() == DType::F32 {
+        let x = tensor.to_contiguous();
+        let shape = x.layout().shape().clone();
+        let out = crate::ops::elementwise_f32::map(x.storage(), exp_f32);
+        return FlexTensor::new(Bytes::from_elems(out), crate::Layout::contiguous(shape), DType::F32);
+    }
     unary_op(tensor, exp_f32, |x| x.exp())
 }
 
@@ -179,7 +185,11 @@ pub fn exp_f32(x: f32) -> f32 {
     // Round to nearest by adding and taking away 1.5·2²³ (no `floor`: without
     // SSE 4.1 that is a libm call and the loop would not vectorise).
     const ROUND: f32 = 12_582_912.0;
-    let n = (c * LOG2E + ROUND) - ROUND;
+    let t = c * LOG2E + ROUND;
+    let n = t - ROUND;
+    // n as an integer, from t's bits (an `as i32` cast saturates and checks for NaN
+    // per element, which keeps the loop scalar).
+    let ni = t.to_bits() as i32 - ROUND.to_bits() as i32;
     let r = c - n * 0.693_359_4 + n * 2.121_944_4e-4;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -188,7 +198,7 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 5.000_000_1e-1;
     let p = p * r * r + r + 1.0;
-    let scale = f32::from_bits((((n as i32) + 127) as u32) << 23);
+    let scale = f32::from_bits(((ni + 127) as u32) << 23);
     let y = p * scale;
     if x < -87.3 {
         0.0
