@@ -451,7 +451,10 @@ fn a_build_without_libtorch_says_how_to_get_it() {
         assert!(log.contains("on libtorch"), "{log}");
     } else {
         assert!(!out.status.success(), "{log}");
-        assert!(log.contains("does not drive libtorch") && log.contains("--features libtorch"), "{log}");
+        assert!(
+            log.contains("does not drive libtorch") && log.contains("--features libtorch"),
+            "{log}"
+        );
     }
 }
 
@@ -480,7 +483,10 @@ fn gpu_groups_need_a_build_with_their_backend() {
         assert!(run("cuda:2").contains("this build does not drive cuda; rebuild with `--features cuda`"));
     }
     if !cfg!(feature = "libtorch") {
-        assert!(run("libtorch-cuda:1").contains("this build does not drive libtorch-cuda; rebuild with `--features libtorch`"));
+        assert!(
+            run("libtorch-cuda:1")
+                .contains("this build does not drive libtorch-cuda; rebuild with `--features libtorch`")
+        );
     }
     assert!(run("flex:2").contains("not a GPU backend"));
     assert!(run("libtorch:2").contains("not a GPU backend"));

@@ -380,7 +380,12 @@ fn softmax_by_parts<const D: usize>(x: Tensor<B, D>, dim: usize) -> Tensor<B, D>
 #[test]
 fn fused_softmax_and_log_softmax_match_their_parts_with_gradients() {
     let device = Default::default();
-    for (shape, dim) in [([2, 3, 5, 7], 3), ([4, 6, 9, 2], 2), ([3, 8, 1, 5], 1), ([2, 2, 4, 4], 0)] {
+    for (shape, dim) in [
+        ([2, 3, 5, 7], 3),
+        ([4, 6, 9, 2], 2),
+        ([3, 8, 1, 5], 1),
+        ([2, 2, 4, 4], 0),
+    ] {
         let x0 = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 3.0), &device);
         // A weighting so that the upstream gradient differs per element.
         let w = Tensor::<B, 4>::random(shape, Distribution::Uniform(-1.0, 1.0), &device);

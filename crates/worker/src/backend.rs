@@ -123,7 +123,10 @@ mod tests {
     #[cfg(not(feature = "libtorch"))]
     fn a_missing_libtorch_says_which_feature_builds_it() {
         let err = device(Backend::LibtorchCuda, 0).err().unwrap();
-        assert!(err.contains("libtorch-cuda") && err.contains("--features libtorch"), "{err}");
+        assert!(
+            err.contains("libtorch-cuda") && err.contains("--features libtorch"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -132,7 +135,10 @@ mod tests {
         use burn::prelude::*;
         let run = |backend| {
             let (device, _) = device(backend, 0).unwrap();
-            let a = Tensor::<SystemBackend, 1, burn::tensor::Int>::arange(0..48, &device).float().reshape([6, 8]).div_scalar(7.0);
+            let a = Tensor::<SystemBackend, 1, burn::tensor::Int>::arange(0..48, &device)
+                .float()
+                .reshape([6, 8])
+                .div_scalar(7.0);
             let b = a.clone().transpose().sin();
             let y = burn::tensor::activation::softmax(a.matmul(b), 1);
             y.into_data().to_vec::<f32>().unwrap()

@@ -55,8 +55,13 @@ pub fn rank_cpu_backends(spec: &JobSpec) -> (Vec<(Backend, Measure)>, Vec<String
     let measured: Vec<(Backend, Result<Measure, String>)> = match spec.model {
         ModelKind::Cnn if builtin => each(&backends, image_task(spec, |d| CnnConfig::new().init(d)), batch),
         ModelKind::Mlp if builtin => each(&backends, image_task(spec, |d| MlpConfig::new().init(d)), batch),
-        ModelKind::Transformer if builtin => each(&backends, TextTask::from_spec(spec).map_err(|e| e.to_string()), batch),
-        _ => backends.iter().map(|&b| (b, Ok(Measure::Gflops(measure_gflops(b) as f64)))).collect(),
+        ModelKind::Transformer if builtin => {
+            each(&backends, TextTask::from_spec(spec).map_err(|e| e.to_string()), batch)
+        }
+        _ => backends
+            .iter()
+            .map(|&b| (b, Ok(Measure::Gflops(measure_gflops(b) as f64))))
+            .collect(),
     };
     let mut ranked = Vec::new();
     let mut errors = Vec::new();
