@@ -362,34 +362,42 @@ fn a_killed_agent_fails_its_tasks_and_raises_an_alert_to_the_webhook() {
     }
 }
 
+/// Trains a small MLP job on a local cluster with one agent per `--group`; the run's
+/// log once it has succeeded, learned and written its summary.
+fn train_on_groups(dir: &Path, groups: &[&str]) -> (PathBuf, String) {
+    let spec = write_spec(
+        dir,
+        &format!(
+            "name = \"groups\"\n[model]\nkind = \"mlp\"\n[dataset]\npath = \"{}\"\ntrain_limit = 2000\ntest_limit = 400\nsplit = \"weighted\"\n\
+             [training]\nepochs = 2\nglobal_batch_size = 40\n[cluster]\nworkers = {}\n[output]\ndir = \"runs\"\n",
+            subset().display(),
+            groups.len()
+        ),
+    );
+    let mut cmd = hetero();
+    cmd.arg("local").arg(&spec);
+    for group in groups {
+        cmd.args(["--group", group]);
+    }
+    let out = cmd.output().unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains(&format!("{} agent(s)", groups.len())), "{log}");
+    let summary = summary_at(&dir.join("runs/job-000001/summary.json"));
+    assert!(summary["last_epoch_loss"].as_f64().unwrap() < summary["first_epoch_loss"].as_f64().unwrap());
+    assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
+    (spec, log)
+}
+
 #[test]
 fn a_local_cluster_of_unlike_groups_trains_one_job() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(
-        dir.path(),
-        &format!(
-            "name = \"unlike\"\n[model]\nkind = \"mlp\"\n[dataset]\npath = \"{}\"\ntrain_limit = 2000\ntest_limit = 400\nsplit = \"weighted\"\n\
-             [training]\nepochs = 2\nglobal_batch_size = 40\n[cluster]\nworkers = 2\n[output]\ndir = \"runs\"\n",
-            subset().display()
-        ),
-    );
-    let out = hetero()
-        .arg("local")
-        .arg(&spec)
-        .args(["--group", "1:flex", "--group", "0.5:ndarray"])
-        .output()
-        .unwrap();
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
-    assert!(log.contains("2 agent(s)"), "{log}");
+    let (spec, log) = train_on_groups(dir.path(), &["1:flex", "0.5:ndarray"]);
     assert!(
         log.contains("on flex") && log.contains("on ndarray"),
         "both backends must run:\n{log}"
     );
     assert!(log.contains("speed cap 0.5: this worker idles"), "{log}");
-    let summary = summary_at(&dir.path().join("runs/job-000001/summary.json"));
-    assert!(summary["last_epoch_loss"].as_f64().unwrap() < summary["first_epoch_loss"].as_f64().unwrap());
-    assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
 
     let out = hetero()
         .arg("local")
@@ -411,26 +419,8 @@ fn a_local_cluster_of_unlike_groups_trains_one_job() {
 #[cfg(feature = "libtorch")]
 fn a_libtorch_worker_and_a_flex_worker_train_one_job() {
     let dir = tempfile::tempdir().unwrap();
-    let spec = write_spec(
-        dir.path(),
-        &format!(
-            "name = \"mixed\"\n[model]\nkind = \"mlp\"\n[dataset]\npath = \"{}\"\ntrain_limit = 2000\ntest_limit = 400\n\
-             [training]\nepochs = 2\nglobal_batch_size = 40\n[cluster]\nworkers = 2\n[output]\ndir = \"runs\"\n",
-            subset().display()
-        ),
-    );
-    let out = hetero()
-        .arg("local")
-        .arg(&spec)
-        .args(["--group", "1:libtorch", "--group", "1:flex"])
-        .output()
-        .unwrap();
-    let log = text(&out);
-    assert!(out.status.success(), "{log}");
+    let (_, log) = train_on_groups(dir.path(), &["1:libtorch", "1:flex"]);
     assert!(log.contains("on libtorch") && log.contains("on flex"), "{log}");
-    let summary = summary_at(&dir.path().join("runs/job-000001/summary.json"));
-    assert!(summary["last_epoch_loss"].as_f64().unwrap() < summary["first_epoch_loss"].as_f64().unwrap());
-    assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
 }
 
 #[test]
