@@ -132,10 +132,10 @@ mod tests {
     #[test]
     #[cfg(feature = "libtorch")]
     fn libtorch_computes_what_flex_computes() {
-        use burn::prelude::*;
+        use burn::tensor::{Int, Tensor};
         let run = |backend| {
             let (device, _) = device(backend, 0).unwrap();
-            let a = Tensor::<SystemBackend, 1, burn::tensor::Int>::arange(0..48, &device)
+            let a = Tensor::<SystemBackend, 1, Int>::arange(0..48, &device)
                 .float()
                 .reshape([6, 8])
                 .div_scalar(7.0);
