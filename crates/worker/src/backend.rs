@@ -140,6 +140,8 @@ mod tests {
                 .reshape([6, 8])
                 .div_scalar(7.0);
             let b = a.clone().transpose().sin();
+            // `a` is read again after its transpose went through `sin`: an in-place
+            // op on a view must not change it (vendor/burn-tch).
             let y = burn::tensor::activation::softmax(a.matmul(b), 1);
             y.into_data().to_vec::<f32>().unwrap()
         };
