@@ -1,11 +1,19 @@
 //! A small causal transformer language model: token and position embeddings,
-//! pre-norm transformer blocks with an autoregressive mask, and a linear head over
-//! the vocabulary. It predicts the next token at every position.
+//! pre-norm transformer blocks whose self-attention is causal, and a linear head
+//! over the vocabulary. It predicts the next token at every position.
+//!
+//! The blocks are written here rather than taken from burn's `TransformerEncoder`
+//! so that attention goes through burn's fused `attention` operation with its causal
+//! flag: burn's multi-head attention materialises and masks the
+//! `[batch, heads, time, time]` scores itself, a dozen passes over memory forward and
+//! backward, where the fused operation (flex's kernel, and its backward pass) keeps
+//! each head's scores in cache. The layout matches PyTorch's
+//! `nn.TransformerEncoderLayer(norm_first=True, activation="gelu")`.
 
-use burn::nn::attention::generate_autoregressive_mask;
-use burn::nn::transformer::{TransformerEncoder, TransformerEncoderConfig, TransformerEncoderInput};
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::nn::{Embedding, EmbeddingConfig, Gelu, LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
 
 /// The language model's shape.
 #[derive(Config, Debug)]
@@ -30,21 +38,53 @@ pub struct TinyLmConfig {
 pub struct TinyLm<B: Backend> {
     tokens: Embedding<B>,
     positions: Embedding<B>,
-    blocks: TransformerEncoder<B>,
+    blocks: Vec<Block<B>>,
     head: Linear<B>,
+}
+
+/// One pre-norm block: `x + attention(norm(x))`, then `x + feed_forward(norm(x))`.
+#[derive(Module, Debug)]
+struct Block<B: Backend> {
+    attention_norm: LayerNorm<B>,
+    query: Linear<B>,
+    key: Linear<B>,
+    value: Linear<B>,
+    output: Linear<B>,
+    feed_forward_norm: LayerNorm<B>,
+    feed_forward_in: Linear<B>,
+    feed_forward_out: Linear<B>,
+    gelu: Gelu,
+    heads: usize,
 }
 
 impl TinyLmConfig {
     /// A freshly initialised model.
     pub fn init<B: Backend>(&self, device: &B::Device) -> TinyLm<B> {
+        assert!(
+            self.d_model % self.heads == 0,
+            "d_model {} is not a multiple of heads {}",
+            self.d_model,
+            self.heads
+        );
+        let d = self.d_model;
+        let linear = |inputs, outputs| LinearConfig::new(inputs, outputs).init(device);
+        let block = || Block {
+            attention_norm: LayerNormConfig::new(d).init(device),
+            query: linear(d, d),
+            key: linear(d, d),
+            value: linear(d, d),
+            output: linear(d, d),
+            feed_forward_norm: LayerNormConfig::new(d).init(device),
+            feed_forward_in: linear(d, 4 * d),
+            feed_forward_out: linear(4 * d, d),
+            gelu: Gelu::new(),
+            heads: self.heads,
+        };
         TinyLm {
-            tokens: EmbeddingConfig::new(self.vocab, self.d_model).init(device),
-            positions: EmbeddingConfig::new(self.context, self.d_model).init(device),
-            blocks: TransformerEncoderConfig::new(self.d_model, 4 * self.d_model, self.heads, self.layers)
-                .with_dropout(0.0)
-                .with_norm_first(true)
-                .init(device),
-            head: LinearConfig::new(self.d_model, self.vocab).init(device),
+            tokens: EmbeddingConfig::new(self.vocab, d).init(device),
+            positions: EmbeddingConfig::new(self.context, d).init(device),
+            blocks: (0..self.layers).map(|_| block()).collect(),
+            head: linear(d, self.vocab),
         }
     }
 }
@@ -60,9 +100,44 @@ impl<B: Backend> TinyLm<B> {
             .reshape([1, time])
             .repeat_dim(0, batch);
         let x = self.tokens.forward(tokens) + self.positions.forward(positions);
-        let mask = generate_autoregressive_mask::<B>(batch, time, &device);
-        let x = self.blocks.forward(TransformerEncoderInput::new(x).mask_attn(mask));
+        let x = self.blocks.iter().fold(x, |x, block| block.forward(x));
         self.head.forward(x)
+    }
+}
+
+impl<B: Backend> Block<B> {
+    /// `[batch, time, d_model]` in and out.
+    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let x = x.clone() + self.attend(self.attention_norm.forward(x));
+        let hidden = self
+            .gelu
+            .forward(self.feed_forward_in.forward(self.feed_forward_norm.forward(x.clone())));
+        x + self.feed_forward_out.forward(hidden)
+    }
+
+    /// Causal multi-head self-attention.
+    fn attend(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let [batch, time, d_model] = x.dims();
+        let per_head = |linear: &Linear<B>| {
+            linear
+                .forward(x.clone())
+                .reshape([batch, time, self.heads, d_model / self.heads])
+                .swap_dims(1, 2)
+        };
+        let options = AttentionModuleOptions {
+            is_causal: true,
+            ..Default::default()
+        };
+        let context = attention(
+            per_head(&self.query),
+            per_head(&self.key),
+            per_head(&self.value),
+            None,
+            None,
+            options,
+        );
+        self.output
+            .forward(context.swap_dims(1, 2).reshape([batch, time, d_model]))
     }
 }
 

@@ -15,6 +15,7 @@ use burn::module::Param;
 use burn::nn::PaddingConfig2d;
 use burn::nn::conv::{Conv2d, Conv2dConfig};
 use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Distribution, s};
 
 type B = Autodiff<Flex>;
@@ -407,4 +408,121 @@ fn fused_softmax_and_log_softmax_match_their_parts_with_gradients() {
         close(fused, parts, &format!("log-softmax, {what}"));
         close(fused_grad, parts_grad, &format!("log-softmax gradient, {what}"));
     }
+}
+
+/// One attention problem: `[batch, heads, seq_q, seq_kv, head_dim, val_dim]`, the
+/// causal flag, and whether a random mask (with one query row fully hidden) is added.
+struct AttentionCase {
+    dims: [usize; 6],
+    causal: bool,
+    mask: bool,
+}
+
+/// Fused attention (one tracked operation: the backend's kernel forward,
+/// `attention_backward` backward) against burn's attention built from tensor
+/// operations, values and the gradients of query, key and value, on inputs that
+/// are `swap_dims` views as a transformer passes them.
+fn fused_attention_matches_its_parts<K: AutodiffBackend>() {
+    use burn::tensor::module::{attention, attention_fallback};
+    use burn::tensor::ops::AttentionModuleOptions;
+    let device = Default::default();
+    let cases = [
+        AttentionCase {
+            dims: [2, 3, 7, 7, 5, 4],
+            causal: true,
+            mask: false,
+        },
+        AttentionCase {
+            dims: [3, 4, 64, 64, 16, 16],
+            causal: true,
+            mask: false,
+        },
+        AttentionCase {
+            dims: [2, 2, 5, 9, 16, 8],
+            causal: true,
+            mask: true,
+        },
+        AttentionCase {
+            dims: [2, 2, 9, 4, 8, 8],
+            causal: true,
+            mask: false,
+        },
+        AttentionCase {
+            dims: [1, 4, 33, 17, 20, 17],
+            causal: false,
+            mask: true,
+        },
+        AttentionCase {
+            dims: [2, 1, 3, 40, 3, 33],
+            causal: false,
+            mask: false,
+        },
+    ];
+    for case in cases {
+        let [batch, heads, seq_q, seq_kv, head_dim, val_dim] = case.dims;
+        let what = format!("dims {:?} causal {} mask {}", case.dims, case.causal, case.mask);
+        // `[batch, seq, heads, dim]` tensors seen as `[batch, heads, seq, dim]`.
+        let input =
+            |seq, dim| Tensor::<K, 4>::random([batch, seq, heads, dim], Distribution::Normal(0.0, 1.5), &device);
+        let (q0, k0, v0) = (input(seq_q, head_dim), input(seq_kv, head_dim), input(seq_kv, val_dim));
+        let w = Tensor::<K, 4>::random(
+            [batch, heads, seq_q, val_dim],
+            Distribution::Uniform(-1.0, 1.0),
+            &device,
+        );
+        let mask = case.mask.then(|| {
+            let hidden = Tensor::<K, 4>::random([batch, 1, seq_q, seq_kv], Distribution::Uniform(0.0, 1.0), &device)
+                .lower_elem(0.3);
+            // Query row 1 sees nothing: its output and gradients are 0.
+            let row = Tensor::<K, 4, Bool>::full([batch, 1, 1, seq_kv], true, &device);
+            hidden
+                .slice_assign(s![.., .., 1..2, ..], row)
+                .expand([batch, heads, seq_q, seq_kv])
+        });
+        let options = AttentionModuleOptions {
+            is_causal: case.causal,
+            ..Default::default()
+        };
+
+        type Attend<K> = fn(
+            Tensor<K, 4>,
+            Tensor<K, 4>,
+            Tensor<K, 4>,
+            Option<Tensor<K, 4, Bool>>,
+            Option<Tensor<K, 4>>,
+            AttentionModuleOptions,
+        ) -> Tensor<K, 4>;
+        let run = |f: Attend<K>| {
+            let [q, k, v] = [&q0, &k0, &v0].map(|t| t.clone().detach().require_grad());
+            let y = f(
+                q.clone().swap_dims(1, 2),
+                k.clone().swap_dims(1, 2),
+                v.clone().swap_dims(1, 2),
+                mask.clone(),
+                None,
+                options,
+            );
+            let grads = (y.clone() * w.clone()).sum().backward();
+            (y, [q, k, v].map(|t| t.grad(&grads).unwrap()))
+        };
+        let (fused, fused_grads) = run(attention::<K>);
+        let (parts, parts_grads) = run(attention_fallback::<K>);
+        let fused: Tensor<K::InnerBackend, 4> = fused.inner();
+        close(fused, parts.inner(), &format!("attention, {what}"));
+        for ((a, b), name) in fused_grads.into_iter().zip(parts_grads).zip(["query", "key", "value"]) {
+            close(a, b, &format!("attention {name} gradient, {what}"));
+        }
+    }
+}
+
+#[test]
+fn fused_attention_on_flex_matches_its_parts_with_gradients() {
+    fused_attention_matches_its_parts::<Autodiff<Flex>>();
+}
+
+/// A backend without its own kernel (ndarray) goes through burn-backend's
+/// `attention_backward_fallback`.
+#[test]
+fn attention_backward_fallback_matches_its_parts() {
+    fused_attention_matches_its_parts::<Autodiff<burn::backend::NdArray>>();
 }

@@ -9,7 +9,7 @@ use crate::tensor::AutodiffTensor;
 use burn_backend::Backend;
 use burn_backend::ops::attention::attention_fallback;
 use burn_backend::ops::*;
-use burn_backend::tensor::{FloatTensor, IntTensor};
+use burn_backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 
 use super::OpsKind;
 
@@ -1881,7 +1881,86 @@ impl<B: Backend, C: CheckpointStrategy> ModuleOps<Autodiff<B, C>> for Autodiff<B
         attn_bias: Option<FloatTensor<Autodiff<B, C>>>,
         options: AttentionModuleOptions,
     ) -> FloatTensor<Autodiff<B, C>> {
-        attention_fallback::<Self>(query, key, value, mask, attn_bias, options)
+        // Hetero: without an additive bias or a softcap, attention is one tracked
+        // operation: forward through the backend's fused kernel, backward through
+        // `B::attention_backward` from the saved inputs and output. burn builds it
+        // from a dozen tracked operations over the `[batch, heads, seq_q, seq_k]`
+        // scores, each a pass over memory, forward and backward.
+        if attn_bias.is_some() || options.softcap.is_some() {
+            return attention_fallback::<Self>(query, key, value, mask, attn_bias, options);
+        }
+
+        #[derive(Debug)]
+        struct Attention;
+
+        impl<B: Backend> Backward<B, 3> for Attention {
+            type State = (
+                NodeId,
+                NodeId,
+                NodeId,
+                Option<BoolTensor<B>>,
+                B::FloatTensorPrimitive,
+                AttentionModuleOptions,
+            );
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let [node_query, node_key, node_value] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (query_state, key_state, value_state, mask, output, options) = ops.state;
+                let query = checkpointer.retrieve_node_output(query_state);
+                let key = checkpointer.retrieve_node_output(key_state);
+                let value = checkpointer.retrieve_node_output(value_state);
+
+                let (grad_query, grad_key, grad_value) =
+                    B::attention_backward(query, key, value, mask, output, grad, options);
+                if let Some(node) = node_query {
+                    grads.register::<B>(node.id, grad_query);
+                }
+                if let Some(node) = node_key {
+                    grads.register::<B>(node.id, grad_key);
+                }
+                if let Some(node) = node_value {
+                    grads.register::<B>(node.id, grad_value);
+                }
+            }
+        }
+
+        match Attention
+            .prepare::<C>([query.node.clone(), key.node.clone(), value.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let query_state = prep.checkpoint(&query);
+                let key_state = prep.checkpoint(&key);
+                let value_state = prep.checkpoint(&value);
+                let output = B::attention(
+                    query.primitive,
+                    key.primitive,
+                    value.primitive,
+                    mask.clone(),
+                    None,
+                    options.clone(),
+                );
+                prep.finish(
+                    (query_state, key_state, value_state, mask, output.clone(), options),
+                    output,
+                )
+            }
+            OpsKind::UnTracked(prep) => prep.finish(B::attention(
+                query.primitive,
+                key.primitive,
+                value.primitive,
+                mask,
+                None,
+                options,
+            )),
+        }
     }
 
     fn ctc_loss(

@@ -61,6 +61,11 @@ pub fn attention(
         "attention: key must be 4D, got {}D",
         key.layout().shape().num_dims()
     );
+    // Hetero: f32 without a bias or softcap goes to the fused kernel, whose
+    // backward pass (`attention_f32::backward`) the autodiff backend calls.
+    if super::attention_f32::handles(&query, &key, &value, attn_bias.is_some(), &options) {
+        return super::attention_f32::forward(query, key, value, mask, options);
+    }
     let seq_q = query.layout().shape()[2];
     let seq_kv = key.layout().shape()[2];
     if seq_q * seq_kv <= NAIVE_SCORE_BUDGET {
@@ -122,10 +127,10 @@ macro_rules! dispatch_attention_dtype {
 /// the inner loop re-reads the same tile for every pair without allocating an expanded
 /// copy. The tile length itself is always `seq_q * seq_kv` and is computed at the call
 /// site, so it is not stored here.
-struct BroadcastMaskBias {
-    tensor: FlexTensor,
-    batch_step: usize,
-    head_step: usize,
+pub(crate) struct BroadcastMaskBias {
+    pub(crate) tensor: FlexTensor,
+    pub(crate) batch_step: usize,
+    pub(crate) head_step: usize,
 }
 
 /// Prepare an attention mask or bias for the inner loop, accepting ONNX Attention-23
@@ -139,7 +144,7 @@ struct BroadcastMaskBias {
 /// efficiency. If the trailing `[seq_q, seq_kv]` dims are themselves broadcast (rare in
 /// practice), we fall back to `expand` + `to_contiguous` so the tile stays contiguous
 /// in memory for the inner loop's slice-based access.
-fn broadcast_attn_mask_bias(
+pub(crate) fn broadcast_attn_mask_bias(
     tensor: FlexTensor,
     target: [usize; 4],
     name: &'static str,

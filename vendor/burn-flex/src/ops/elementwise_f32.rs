@@ -85,3 +85,39 @@ unsafe fn avx512(out: &mut [f32], body: impl Fn(&mut [f32])) {
 unsafe fn avx2(out: &mut [f32], body: impl Fn(&mut [f32])) {
     body(out)
 }
+
+/// Defines `fn name(args)` whose body is compiled three times — AVX-512, AVX2 + FMA
+/// and the baseline — and run in the widest version this CPU has. The body is an
+/// `#[inline(always)]` function, so everything it calls inline is compiled for
+/// that unit too (a closure handed to a `#[target_feature]` function is not
+/// reliably inlined into it once it is large).
+macro_rules! multiversioned {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $body
+            #[cfg(all(target_arch = "x86_64", feature = "std"))]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                unsafe fn avx512($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($arg: $ty),*) {
+                    body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F, checked just above.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has AVX2 and FMA, checked just above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use multiversioned;

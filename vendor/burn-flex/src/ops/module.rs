@@ -729,6 +729,24 @@ impl ModuleOps<Flex> for Flex {
         crate::ops::attention::attention(query, key, value, mask, attn_bias, options)
     }
 
+    // Hetero: the fused kernel's gradients where the forward used it.
+    fn attention_backward(
+        query: FloatTensor<Flex>,
+        key: FloatTensor<Flex>,
+        value: FloatTensor<Flex>,
+        mask: Option<BoolTensor<Flex>>,
+        output: FloatTensor<Flex>,
+        grad: FloatTensor<Flex>,
+        options: AttentionModuleOptions,
+    ) -> (FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>) {
+        if crate::ops::attention_f32::handles(&query, &key, &value, false, &options) {
+            return crate::ops::attention_f32::backward(query, key, value, mask, output, grad, options);
+        }
+        burn_backend::ops::attention::attention_backward_fallback::<Flex>(
+            query, key, value, mask, output, grad, options,
+        )
+    }
+
     fn rfft(
         signal: FloatTensor<Flex>,
         dim: usize,
