@@ -526,3 +526,37 @@ fn fused_attention_on_flex_matches_its_parts_with_gradients() {
 fn attention_backward_fallback_matches_its_parts() {
     fused_attention_matches_its_parts::<Autodiff<burn::backend::NdArray>>();
 }
+
+/// A linear layer on a rank-3 input (one matrix product over all rows, forward and
+/// backward, in `vendor/burn-backend`) against the same product written per batch
+/// entry with a broadcast weight: values and the input, weight and bias gradients.
+#[test]
+fn linear_on_rows_matches_a_batched_product_with_gradients() {
+    let device = Default::default();
+    for [batch, time, inputs, outputs] in [[2, 3, 5, 4], [4, 7, 16, 33], [1, 1, 3, 2]] {
+        let what = format!("x [{batch}, {time}, {inputs}] → {outputs}");
+        let x0 = Tensor::<B, 3>::random([batch, time, inputs], Distribution::Normal(0.0, 1.0), &device);
+        let w0 = Tensor::<B, 2>::random([inputs, outputs], Distribution::Normal(0.0, 1.0), &device);
+        let b0 = Tensor::<B, 1>::random([outputs], Distribution::Normal(0.0, 1.0), &device);
+        let up = Tensor::<B, 3>::random([batch, time, outputs], Distribution::Uniform(-1.0, 1.0), &device);
+        let run = |f: &dyn Fn(Tensor<B, 3>, Tensor<B, 2>, Tensor<B, 1>) -> Tensor<B, 3>| {
+            let x = x0.clone().detach().require_grad();
+            let w = w0.clone().detach().require_grad();
+            let b = b0.clone().detach().require_grad();
+            let y = f(x.clone(), w.clone(), b.clone());
+            let grads = (y.clone() * up.clone()).sum().backward();
+            (
+                y,
+                x.grad(&grads).unwrap(),
+                w.grad(&grads).unwrap(),
+                b.grad(&grads).unwrap(),
+            )
+        };
+        let (y, gx, gw, gb) = run(&|x, w, b| burn::tensor::module::linear(x, w, Some(b)));
+        let (ry, rgx, rgw, rgb) = run(&|x, w, b| x.matmul(w.unsqueeze::<3>()) + b.unsqueeze::<3>());
+        close(y, ry, &format!("linear, {what}"));
+        close(gx, rgx, &format!("linear input gradient, {what}"));
+        close(gw, rgw, &format!("linear weight gradient, {what}"));
+        close(gb, rgb, &format!("linear bias gradient, {what}"));
+    }
+}

@@ -63,18 +63,36 @@ fn padded(n: usize) -> usize {
 
 /// `out[c·W..][..W] = Σ_d x[d] · m[d·stride + c·W..][..W]` for every chunk of `out`:
 /// a row vector times a row-major matrix, each output block kept in registers
-/// while `x` is swept.
+/// while `x` is swept. Four partial sums (over `d` mod 4) keep four independent
+/// chains of additions in flight; one chain waited on each add's latency.
 #[inline(always)]
 fn row_times(x: &[f32], m: &[f32], stride: usize, out: &mut [f32]) {
-    for (c, o) in out.chunks_exact_mut(W).enumerate() {
-        let mut acc = [0f32; W];
-        for (d, &xd) in x.iter().enumerate() {
-            let row: &[f32; W] = m[d * stride + c * W..][..W].try_into().unwrap();
-            for l in 0..W {
-                acc[l] += xd * row[l];
-            }
+    #[inline(always)]
+    fn add(acc: &mut [f32; W], xd: f32, row: &[f32]) {
+        let row: &[f32; W] = row[..W].try_into().unwrap();
+        for l in 0..W {
+            acc[l] += xd * row[l];
         }
-        o.copy_from_slice(&acc);
+    }
+    for (c, o) in out.chunks_exact_mut(W).enumerate() {
+        let m = &m[c * W..];
+        let (mut a0, mut a1, mut a2, mut a3) = ([0f32; W], [0f32; W], [0f32; W], [0f32; W]);
+        let mut quads = x.chunks_exact(4);
+        let mut d = 0;
+        for xs in &mut quads {
+            add(&mut a0, xs[0], &m[d * stride..]);
+            add(&mut a1, xs[1], &m[(d + 1) * stride..]);
+            add(&mut a2, xs[2], &m[(d + 2) * stride..]);
+            add(&mut a3, xs[3], &m[(d + 3) * stride..]);
+            d += 4;
+        }
+        for &xd in quads.remainder() {
+            add(&mut a0, xd, &m[d * stride..]);
+            d += 1;
+        }
+        for l in 0..W {
+            o[l] = (a0[l] + a1[l]) + (a2[l] + a3[l]);
+        }
     }
 }
 
@@ -127,8 +145,9 @@ impl<'a> View<'a> {
     /// The `(b, h)` matrix transposed, column `t` at `out[d·stride + t]`.
     fn gather_transposed(&self, b: usize, h: usize, out: &mut [f32], stride: usize) {
         for t in 0..self.rows {
+            let base = self.at(b, h, t, 0) as isize;
             for d in 0..self.cols {
-                out[d * stride + t] = self.data[self.at(b, h, t, d)];
+                out[d * stride + t] = self.data[(base + d as isize * self.strides[3]) as usize];
             }
         }
     }

@@ -7,84 +7,7 @@
 //! against f64 references, on tensors below and above the threshold for threads).
 
 use alloc::vec::Vec;
-
-/// Below this many elements one thread does the work (splitting costs more).
-const PARALLEL_FROM: usize = 1 << 15;
-
-/// `f` of each element of `src`.
-pub(crate) fn map(src: &[f32], f: impl Fn(f32) -> f32 + Sync + Send + Copy) -> Vec<f32> {
-    let mut out = alloc::vec![0f32; src.len()];
-    split(&mut out, |start, chunk| dispatch(chunk, |o| kernel1(&src[start..start + o.len()], o, f)));
-    out
-}
-
-/// `f` of each pair of elements of `a` and `b` (equal lengths).
-pub(crate) fn zip_map(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32 + Sync + Send + Copy) -> Vec<f32> {
-    assert_eq!(a.len(), b.len());
-    let mut out = alloc::vec![0f32; a.len()];
-    split(&mut out, |start, chunk| {
-        dispatch(chunk, |o| kernel2(&a[start..start + o.len()], &b[start..start + o.len()], o, f))
-    });
-    out
-}
-
-#[inline(always)]
-fn kernel1(src: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
-    for (o, &x) in out.iter_mut().zip(src) {
-        *o = f(x);
-    }
-}
-
-#[inline(always)]
-fn kernel2(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32) {
-    for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
-        *o = f(x, y);
-    }
-}
-
-/// Runs `body` on `out` in consecutive chunks, one per thread when it is large.
-fn split(out: &mut [f32], body: impl Fn(usize, &mut [f32]) + Sync) {
-    #[cfg(feature = "rayon")]
-    if out.len() >= PARALLEL_FROM {
-        use rayon::prelude::*;
-        let size = out.len().div_ceil(rayon::current_num_threads().max(1)).max(1);
-        out.par_chunks_mut(size)
-            .enumerate()
-            .for_each(|(i, chunk)| body(i * size, chunk));
-        return;
-    }
-    let _ = PARALLEL_FROM;
-    body(0, out)
-}
-
-/// Runs `body` compiled for the widest vector unit this CPU has.
-#[inline(always)]
-fn dispatch(out: &mut [f32], body: impl Fn(&mut [f32])) {
-    #[cfg(all(target_arch = "x86_64", feature = "std"))]
-    {
-        if std::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, checked just above.
-            return unsafe { avx512(out, body) };
-        }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: the CPU has AVX2 and FMA, checked just above.
-            return unsafe { avx2(out, body) };
-        }
-    }
-    body(out)
-}
-
-#[cfg(all(target_arch = "x86_64", feature = "std"))]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn avx512(out: &mut [f32], body: impl Fn(&mut [f32])) {
-    body(out)
-}
-
-#[cfg(all(target_arch = "x86_64", feature = "std"))]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn avx2(out: &mut [f32], body: impl Fn(&mut [f32])) {
-    body(out)
-}
+use core::mem::MaybeUninit;
 
 /// Defines `fn name(args)` whose body is compiled three times — AVX-512, AVX2 + FMA
 /// and the baseline — and run in the widest version this CPU has. The body is an
@@ -121,3 +44,97 @@ macro_rules! multiversioned {
     };
 }
 pub(crate) use multiversioned;
+
+/// Below this many elements one thread does the work (splitting costs more).
+const PARALLEL_FROM: usize = 1 << 15;
+
+/// A map kernel: writes `out[i]` from `src[i]` (equal lengths).
+pub(crate) type MapKernel = fn(&[f32], &mut [MaybeUninit<f32>]);
+/// A zip kernel: writes `out[i]` from `a[i]` and `b[i]` (equal lengths).
+pub(crate) type ZipKernel = fn(&[f32], &[f32], &mut [MaybeUninit<f32>]);
+
+/// Defines a multiversioned [`MapKernel`] applying the `#[inline(always)]`
+/// function `$f` to each element. (Called directly, `$f` is inlined into every
+/// version; handed over as a closure or `Fn`, a large one was not, and ran once
+/// per element through a call.)
+macro_rules! map_kernel {
+    ($(#[$meta:meta])* $name:ident, $f:path) => {
+        multiversioned! {
+            $(#[$meta])*
+            pub(crate) fn $name(src: &[f32], out: &mut [MaybeUninit<f32>]) {
+                for (o, &x) in out.iter_mut().zip(src) {
+                    o.write($f(x));
+                }
+            }
+        }
+    };
+}
+
+/// Defines a multiversioned [`ZipKernel`] applying `$f` to each pair.
+macro_rules! zip_kernel {
+    ($(#[$meta:meta])* $name:ident, $f:path) => {
+        multiversioned! {
+            $(#[$meta])*
+            pub(crate) fn $name(a: &[f32], b: &[f32], out: &mut [MaybeUninit<f32>]) {
+                for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+                    o.write($f(x, y));
+                }
+            }
+        }
+    };
+}
+
+map_kernel!(
+    /// `e^x` of each element.
+    exp,
+    crate::ops::unary::exp_f32
+);
+map_kernel!(
+    /// GELU of each element.
+    gelu,
+    crate::ops::activation::gelu_f32
+);
+zip_kernel!(
+    /// GELU's gradient at each `a` times the upstream gradient `b`.
+    gelu_grad,
+    crate::ops::activation::gelu_grad_f32
+);
+
+/// `kernel` over each element of `src`.
+pub(crate) fn map(src: &[f32], kernel: MapKernel) -> Vec<f32> {
+    filled(src.len(), |start, out| kernel(&src[start..start + out.len()], out))
+}
+
+/// `kernel` over each pair of elements of `a` and `b` (equal lengths).
+pub(crate) fn zip_map(a: &[f32], b: &[f32], kernel: ZipKernel) -> Vec<f32> {
+    assert_eq!(a.len(), b.len());
+    filled(a.len(), |start, out| {
+        let end = start + out.len();
+        kernel(&a[start..end], &b[start..end], out)
+    })
+}
+
+/// A vector of `len` elements, every one written by `fill(start, chunk)` over
+/// consecutive chunks (one per thread when it is large). It is not zeroed first:
+/// a memset of a fresh multi-megabyte buffer cost as much as the map itself.
+fn filled(len: usize, fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync) -> Vec<f32> {
+    let mut out = Vec::with_capacity(len);
+    let spare = &mut out.spare_capacity_mut()[..len];
+    #[cfg(feature = "rayon")]
+    if len >= PARALLEL_FROM {
+        use rayon::prelude::*;
+        let size = len.div_ceil(rayon::current_num_threads().max(1)).max(1);
+        spare
+            .par_chunks_mut(size)
+            .enumerate()
+            .for_each(|(i, chunk)| fill(i * size, chunk));
+        // SAFETY: the chunks cover all `len` elements and `fill` wrote each one.
+        unsafe { out.set_len(len) };
+        return out;
+    }
+    let _ = PARALLEL_FROM;
+    fill(0, spare);
+    // SAFETY: `fill` wrote all `len` elements.
+    unsafe { out.set_len(len) };
+    out
+}

@@ -167,7 +167,7 @@ pub fn exp(tensor: FlexTensor) -> FlexTensor {
     if tensor.dtype() == DType::F32 {
         let x = tensor.to_contiguous();
         let shape = x.layout().shape().clone();
-        let out = crate::ops::elementwise_f32::map(x.storage(), exp_f32);
+        let out = crate::ops::elementwise_f32::map(x.storage(), crate::ops::elementwise_f32::exp);
         return FlexTensor::new(Bytes::from_elems(out), crate::Layout::contiguous(shape), DType::F32);
     }
     unary_op(tensor, exp_f32, |x| x.exp())
