@@ -8,7 +8,9 @@
 //! against a max over a reshaped view; flex's branch-free f32 `exp` and `erf`, and
 //! GELU's value and gradient built on them, against f64 references. Softmax and
 //! log-softmax, one fused autodiff operation each (`vendor/burn-autodiff`), against
-//! the same functions built from their parts.
+//! the same functions built from their parts; so is attention (flex's fused kernel
+//! and burn-backend's fallback backward pass), and linear layers on rank-3 inputs
+//! against a batched product with a broadcast weight.
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::Param;
