@@ -412,14 +412,6 @@ fn fused_softmax_and_log_softmax_match_their_parts_with_gradients() {
     }
 }
 
-/// One attention problem: `[batch, heads, seq_q, seq_kv, head_dim, val_dim]`, the
-/// causal flag, and whether a random mask (with one query row fully hidden) is added.
-struct AttentionCase {
-    dims: [usize; 6],
-    causal: bool,
-    mask: bool,
-}
-
 /// Fused attention (one tracked operation: the backend's kernel forward,
 /// `attention_backward` backward) against burn's attention built from tensor
 /// operations, values and the gradients of query, key and value, on inputs that
@@ -428,41 +420,19 @@ fn fused_attention_matches_its_parts<K: AutodiffBackend>() {
     use burn::tensor::module::{attention, attention_fallback};
     use burn::tensor::ops::AttentionModuleOptions;
     let device = Default::default();
+    // `[batch, heads, seq_q, seq_kv, head_dim, val_dim]`, causal, and whether a
+    // random mask (with one query row fully hidden) is added.
     let cases = [
-        AttentionCase {
-            dims: [2, 3, 7, 7, 5, 4],
-            causal: true,
-            mask: false,
-        },
-        AttentionCase {
-            dims: [3, 4, 64, 64, 16, 16],
-            causal: true,
-            mask: false,
-        },
-        AttentionCase {
-            dims: [2, 2, 5, 9, 16, 8],
-            causal: true,
-            mask: true,
-        },
-        AttentionCase {
-            dims: [2, 2, 9, 4, 8, 8],
-            causal: true,
-            mask: false,
-        },
-        AttentionCase {
-            dims: [1, 4, 33, 17, 20, 17],
-            causal: false,
-            mask: true,
-        },
-        AttentionCase {
-            dims: [2, 1, 3, 40, 3, 33],
-            causal: false,
-            mask: false,
-        },
+        ([2, 3, 7, 7, 5, 4], true, false),
+        ([3, 4, 64, 64, 16, 16], true, false),
+        ([2, 2, 5, 9, 16, 8], true, true),
+        ([2, 2, 9, 4, 8, 8], true, false),
+        ([1, 4, 33, 17, 20, 17], false, true),
+        ([2, 1, 3, 40, 3, 33], false, false),
     ];
-    for case in cases {
-        let [batch, heads, seq_q, seq_kv, head_dim, val_dim] = case.dims;
-        let what = format!("dims {:?} causal {} mask {}", case.dims, case.causal, case.mask);
+    for (dims, causal, with_mask) in cases {
+        let [batch, heads, seq_q, seq_kv, head_dim, val_dim] = dims;
+        let what = format!("dims {dims:?} causal {causal} mask {with_mask}");
         // `[batch, seq, heads, dim]` tensors seen as `[batch, heads, seq, dim]`.
         let input =
             |seq, dim| Tensor::<K, 4>::random([batch, seq, heads, dim], Distribution::Normal(0.0, 1.5), &device);
@@ -472,7 +442,7 @@ fn fused_attention_matches_its_parts<K: AutodiffBackend>() {
             Distribution::Uniform(-1.0, 1.0),
             &device,
         );
-        let mask = case.mask.then(|| {
+        let mask = with_mask.then(|| {
             let hidden = Tensor::<K, 4>::random([batch, 1, seq_q, seq_kv], Distribution::Uniform(0.0, 1.0), &device)
                 .lower_elem(0.3);
             // Query row 1 sees nothing: its output and gradients are 0.
@@ -482,7 +452,7 @@ fn fused_attention_matches_its_parts<K: AutodiffBackend>() {
                 .expand([batch, heads, seq_q, seq_kv])
         });
         let options = AttentionModuleOptions {
-            is_causal: case.causal,
+            is_causal: causal,
             ..Default::default()
         };
 
