@@ -27,7 +27,7 @@ use burn_backend::ops::AttentionModuleOptions;
 use burn_std::{Bytes, Shape};
 
 use super::attention::broadcast_attn_mask_bias;
-use super::elementwise_f32::multiversioned;
+use super::elementwise_f32::{madd, multiversioned};
 use super::unary::exp_f32;
 use crate::{FlexTensor, Layout};
 
@@ -66,12 +66,12 @@ fn padded(n: usize) -> usize {
 /// while `x` is swept. Four partial sums (over `d` mod 4) keep four independent
 /// chains of additions in flight; one chain waited on each add's latency.
 #[inline(always)]
-fn row_times(x: &[f32], m: &[f32], stride: usize, out: &mut [f32]) {
+fn row_times<const FMA: bool>(x: &[f32], m: &[f32], stride: usize, out: &mut [f32]) {
     #[inline(always)]
-    fn add(acc: &mut [f32; W], xd: f32, row: &[f32]) {
+    fn add<const FMA: bool>(acc: &mut [f32; W], xd: f32, row: &[f32]) {
         let row: &[f32; W] = row[..W].try_into().unwrap();
         for l in 0..W {
-            acc[l] += xd * row[l];
+            acc[l] = madd::<FMA>(xd, row[l], acc[l]);
         }
     }
     for (c, o) in out.chunks_exact_mut(W).enumerate() {
@@ -80,14 +80,14 @@ fn row_times(x: &[f32], m: &[f32], stride: usize, out: &mut [f32]) {
         let mut quads = x.chunks_exact(4);
         let mut d = 0;
         for xs in &mut quads {
-            add(&mut a0, xs[0], &m[d * stride..]);
-            add(&mut a1, xs[1], &m[(d + 1) * stride..]);
-            add(&mut a2, xs[2], &m[(d + 2) * stride..]);
-            add(&mut a3, xs[3], &m[(d + 3) * stride..]);
+            add::<FMA>(&mut a0, xs[0], &m[d * stride..]);
+            add::<FMA>(&mut a1, xs[1], &m[(d + 1) * stride..]);
+            add::<FMA>(&mut a2, xs[2], &m[(d + 2) * stride..]);
+            add::<FMA>(&mut a3, xs[3], &m[(d + 3) * stride..]);
             d += 4;
         }
         for &xd in quads.remainder() {
-            add(&mut a0, xd, &m[d * stride..]);
+            add::<FMA>(&mut a0, xd, &m[d * stride..]);
             d += 1;
         }
         for l in 0..W {
@@ -283,7 +283,7 @@ impl Head {
     /// Query `row`'s attention probabilities over its first `end` keys, into
     /// `self.row[..end]` (zero after it). False when every key is hidden.
     #[inline(always)]
-    fn probabilities(&mut self, p: &Problem, row: usize, end: usize, mask: Option<&[u8]>) -> bool {
+    fn probabilities<const FMA: bool>(&mut self, p: &Problem, row: usize, end: usize, mask: Option<&[u8]>) -> bool {
         if end == 0 {
             return false;
         }
@@ -292,7 +292,7 @@ impl Head {
         }
         let blocks = padded(end);
         let scores = &mut self.row[..blocks];
-        row_times(&self.q_scaled, &self.kt, self.kp, scores);
+        row_times::<FMA>(&self.q_scaled, &self.kt, self.kp, scores);
         scores[end..].fill(f32::NEG_INFINITY);
         if let Some(mask) = mask {
             for (s, &m) in scores.iter_mut().zip(mask) {
@@ -442,11 +442,11 @@ multiversioned! {
             v.gather(b, h, &mut s.v, s.vp);
             for row in 0..p.seq_q {
                 let end = p.visible(row);
-                if !s.probabilities(p, row, end, p.mask_row(b, h, row)) {
+                if !s.probabilities::<FMA>(p, row, end, p.mask_row(b, h, row)) {
                     continue; // every key hidden: the output row stays 0
                 }
                 // O_i = Σ_j p_j V_j
-                row_times(&s.row[..end], &s.v, s.vp, &mut s.out[..s.vp]);
+                row_times::<FMA>(&s.row[..end], &s.v, s.vp, &mut s.out[..s.vp]);
                 out[row * row_len + h * p.val_dim..][..p.val_dim].copy_from_slice(&s.out[..p.val_dim]);
             }
         }
@@ -478,7 +478,7 @@ multiversioned! {
             s.dst.fill(0.0);
             for row in 0..p.seq_q {
                 let end = p.visible(row);
-                if !s.probabilities(p, row, end, p.mask_row(b, h, row)) {
+                if !s.probabilities::<FMA>(p, row, end, p.mask_row(b, h, row)) {
                     continue; // every key hidden: no gradient flows
                 }
                 let g_row = &s.g[row * s.vp..][..p.val_dim];
@@ -486,24 +486,24 @@ multiversioned! {
                 let delta: f32 = g_row.iter().zip(o_row).map(|(g, o)| g * o).sum();
                 // dP_j = dO_i · V_j, then dS_j = p_j (dP_j − δ_i) · scale
                 let blocks = padded(end);
-                row_times(g_row, &s.vt, s.kp, &mut s.drow[..blocks]);
+                row_times::<FMA>(g_row, &s.vt, s.kp, &mut s.drow[..blocks]);
                 for (j, (d, &pj)) in s.drow[..end].iter_mut().zip(&s.row[..end]).enumerate() {
                     *d = pj * (*d - delta) * p.scale;
                     s.pt[j * s.qp + row] = pj;
                     s.dst[j * s.qp + row] = *d;
                 }
                 // dQ_i = Σ_j dS_j K_j
-                row_times(&s.drow[..end], &s.k, s.dp, &mut s.out[..s.dp]);
+                row_times::<FMA>(&s.drow[..end], &s.k, s.dp, &mut s.out[..s.dp]);
                 dq[row * qk_row + h * p.head_dim..][..p.head_dim].copy_from_slice(&s.out[..p.head_dim]);
             }
             // dV_j = Σ_i p_ij dO_i and dK_j = Σ_i dS_ij Q_i, over the rows that see key j.
             for j in 0..p.seq_kv {
                 let first = p.first_seeing(j);
                 let probs = &s.pt[j * s.qp + first..j * s.qp + p.seq_q];
-                row_times(probs, &s.g[first * s.vp..], s.vp, &mut s.out[..s.vp]);
+                row_times::<FMA>(probs, &s.g[first * s.vp..], s.vp, &mut s.out[..s.vp]);
                 dv[j * v_row + h * p.val_dim..][..p.val_dim].copy_from_slice(&s.out[..p.val_dim]);
                 let grads = &s.dst[j * s.qp + first..j * s.qp + p.seq_q];
-                row_times(grads, &s.q[first * s.dp..], s.dp, &mut s.out[..s.dp]);
+                row_times::<FMA>(grads, &s.q[first * s.dp..], s.dp, &mut s.out[..s.dp]);
                 dk[j * qk_row + h * p.head_dim..][..p.head_dim].copy_from_slice(&s.out[..p.head_dim]);
             }
         }

@@ -18,17 +18,19 @@ macro_rules! multiversioned {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) {
+            // `FMA`: whether this version may use fused multiply-adds (`madd`).
             #[inline(always)]
-            fn body($($arg: $ty),*) $body
+            #[allow(dead_code)]
+            fn body<const FMA: bool>($($arg: $ty),*) $body
             #[cfg(all(target_arch = "x86_64", feature = "std"))]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
                 unsafe fn avx512($($arg: $ty),*) {
-                    body($($arg),*)
+                    body::<true>($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
                 unsafe fn avx2($($arg: $ty),*) {
-                    body($($arg),*)
+                    body::<true>($($arg),*)
                 }
                 if std::is_x86_feature_detected!("avx512f") {
                     // SAFETY: the CPU has AVX-512F, checked just above.
@@ -39,11 +41,22 @@ macro_rules! multiversioned {
                     return unsafe { avx2($($arg),*) };
                 }
             }
-            body($($arg),*)
+            body::<false>($($arg),*)
         }
     };
 }
 pub(crate) use multiversioned;
+
+/// `a · b + c`, fused into one instruction where `FMA` (a version compiled with
+/// FMA); a plain multiply and add otherwise, where `mul_add` would call libm.
+#[inline(always)]
+pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    #[cfg(feature = "std")]
+    if FMA {
+        return a.mul_add(b, c);
+    }
+    a * b + c
+}
 
 /// Below this many elements one thread does the work (splitting costs more).
 const PARALLEL_FROM: usize = 1 << 15;
