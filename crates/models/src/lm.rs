@@ -61,7 +61,7 @@ impl TinyLmConfig {
     /// A freshly initialised model.
     pub fn init<B: Backend>(&self, device: &B::Device) -> TinyLm<B> {
         assert!(
-            self.d_model % self.heads == 0,
+            self.d_model.is_multiple_of(self.heads),
             "d_model {} is not a multiple of heads {}",
             self.d_model,
             self.heads
