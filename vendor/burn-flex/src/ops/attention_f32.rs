@@ -328,10 +328,16 @@ impl Head {
     }
 }
 
-/// The mask as contiguous u8 tiles with per-batch and per-head steps.
-fn prepare_mask(mask: Option<FlexTensor>, p: [usize; 4]) -> Option<(FlexTensor, usize, usize)> {
+/// The mask as contiguous u8 `[seq_q, seq_kv]` tiles with per-batch and per-head steps.
+fn prepare_mask(
+    mask: Option<FlexTensor>,
+    query: &FlexTensor,
+    key: &FlexTensor,
+) -> Option<(FlexTensor, usize, usize)> {
     mask.map(|m| {
-        let b = broadcast_attn_mask_bias(m, p, "mask");
+        let q = query.layout().shape();
+        let target = [q[0], q[1], q[2], key.layout().shape()[2]];
+        let b = broadcast_attn_mask_bias(m, target, "mask");
         (b.tensor, b.batch_step, b.head_step)
     })
 }
@@ -382,9 +388,7 @@ pub(crate) fn forward(
     mask: Option<FlexTensor>,
     options: AttentionModuleOptions,
 ) -> FlexTensor {
-    let q_shape = query.layout().shape();
-    let target = [q_shape[0], q_shape[1], q_shape[2], key.layout().shape()[2]];
-    let mask = prepare_mask(mask, target);
+    let mask = prepare_mask(mask, &query, &key);
     let p = Problem::new(&query, &key, &value, mask.as_ref(), &options);
     let views = [View::of(&query), View::of(&key), View::of(&value)];
     let row_len = p.heads * p.val_dim;
@@ -404,9 +408,7 @@ pub(crate) fn backward(
     grad: FlexTensor,
     options: AttentionModuleOptions,
 ) -> (FlexTensor, FlexTensor, FlexTensor) {
-    let q_shape = query.layout().shape();
-    let target = [q_shape[0], q_shape[1], q_shape[2], key.layout().shape()[2]];
-    let mask = prepare_mask(mask, target);
+    let mask = prepare_mask(mask, &query, &key);
     let p = Problem::new(&query, &key, &value, mask.as_ref(), &options);
     let views = [
         View::of(&query),

@@ -20,6 +20,21 @@ pub fn attention_fallback<B: Backend>(
     attn_bias: Option<FloatTensor<B>>,
     options: AttentionModuleOptions,
 ) -> FloatTensor<B> {
+    let softmax = attention_probabilities::<B>(query, key, mask, attn_bias, options);
+    // Context: S · V
+    B::float_matmul(softmax, value)
+}
+
+/// The attention probabilities S = softmax(mask(QKᵗ · scale) + bias), with the
+/// softcap and causal mask of `options` (Hetero: shared by [`attention_fallback`]
+/// and [`attention_backward_fallback`]).
+fn attention_probabilities<B: Backend>(
+    query: FloatTensor<B>,
+    key: FloatTensor<B>,
+    mask: Option<BoolTensor<B>>,
+    attn_bias: Option<FloatTensor<B>>,
+    options: AttentionModuleOptions,
+) -> FloatTensor<B> {
     if let Some(softcap) = options.softcap {
         assert!(softcap > 0.0, "softcap must be positive, got {softcap}");
     }
@@ -81,8 +96,7 @@ pub fn attention_fallback<B: Backend>(
     let sum_exp = B::float_clamp_min(sum_exp, finfo.min_positive.into());
     let softmax = B::float_div(numerator, sum_exp);
 
-    // Context: S · V
-    B::float_matmul(softmax, value)
+    softmax
 }
 
 /// Hetero: the gradients of [`attention_fallback`] without an additive bias or a
@@ -110,25 +124,7 @@ pub fn attention_backward_fallback<B: Backend>(
     let scale = options
         .scale
         .unwrap_or_else(|| 1.0 / (*query_shape.last().unwrap() as f64).sqrt());
-    let scores = B::float_mul_scalar(
-        B::float_matmul(query.clone(), B::float_transpose(key.clone())),
-        scale.into(),
-    );
-    let scores = match mask {
-        Some(mask) => B::float_mask_fill(scores, mask, f32::NEG_INFINITY.into()),
-        None => scores,
-    };
-    let scores = if options.is_causal {
-        let causal_mask = build_causal_mask::<B>(&scores);
-        B::float_mask_fill(scores, causal_mask, f32::NEG_INFINITY.into())
-    } else {
-        scores
-    };
-    let finfo = scores.dtype().finfo().expect("float tensor");
-    let max = B::float_clamp_min(B::float_max_dim(scores.clone(), 3), finfo.min.into());
-    let numerator = B::float_exp(B::float_sub(scores, max));
-    let sum = B::float_clamp_min(B::float_sum_dim(numerator.clone(), 3), finfo.min_positive.into());
-    let probs = B::float_div(numerator, sum);
+    let probs = attention_probabilities::<B>(query.clone(), key.clone(), mask, None, options);
 
     let grad_value = B::float_matmul(B::float_transpose(probs.clone()), grad.clone());
     let grad_probs = B::float_matmul(grad.clone(), B::float_transpose(value));

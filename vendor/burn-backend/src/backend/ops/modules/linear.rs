@@ -17,10 +17,10 @@ pub(crate) fn linear<B: Backend>(
     bias: Option<FloatTensor<B>>,
 ) -> FloatTensor<B> {
     // Hetero: leading dims are rows of one matrix product (see `as_rows`).
-    let x = match as_rows::<B>(x) {
-        Ok((x, leading)) => return from_rows::<B>(linear::<B>(x, weight, bias), leading),
-        Err(x) => x,
-    };
+    if x.shape().num_dims() > 2 {
+        let (x, leading) = as_rows::<B>(x);
+        return from_rows::<B>(linear::<B>(x, weight, bias), leading);
+    }
     let x_ndims = x.shape().num_dims();
 
     // Reshape weight [d_input, d_output] -> [1, ..., 1, d_input, d_output] for batch matmul.
@@ -58,10 +58,10 @@ pub(crate) fn linear_x_backward<B: Backend>(
     weight: FloatTensor<B>,
     output_grad: FloatTensor<B>,
 ) -> FloatTensor<B> {
-    let output_grad = match as_rows::<B>(output_grad) {
-        Ok((grad, leading)) => return from_rows::<B>(linear_x_backward::<B>(weight, grad), leading),
-        Err(grad) => grad,
-    };
+    if output_grad.shape().num_dims() > 2 {
+        let (grad, leading) = as_rows::<B>(output_grad);
+        return from_rows::<B>(linear_x_backward::<B>(weight, grad), leading);
+    }
     // weight is [d_input, d_output], transpose to [d_output, d_input]
     let weight = B::float_swap_dims(weight, 0, 1);
     // Unsqueeze to match output_grad rank for batch matmul
@@ -80,16 +80,9 @@ pub(crate) fn linear_weight_backward<B: Backend>(
     // Hetero: one product over all rows, `[d_input, rows] @ [rows, d_output]`, where
     // burn multiplied each batch entry apart and then summed a `[batch, d_input,
     // d_output]` tensor.
-    let (x, output_grad) = match (as_rows::<B>(x), as_rows::<B>(output_grad)) {
-        (Ok((x, _)), Ok((grad, _))) => return linear_weight_backward::<B>(x, grad),
-        // Ranks differ (not from a linear layer): as they were.
-        (x, grad) => {
-            let back = |t: Result<(FloatTensor<B>, Vec<usize>), FloatTensor<B>>| {
-                t.map_or_else(|t| t, |(t, leading)| from_rows::<B>(t, leading))
-            };
-            (back(x), back(grad))
-        }
-    };
+    if x.shape().num_dims() > 2 && output_grad.shape().num_dims() > 2 {
+        return linear_weight_backward::<B>(as_rows::<B>(x).0, as_rows::<B>(output_grad).0);
+    }
     let ndims = x.shape().num_dims();
     let x = B::float_swap_dims(x, ndims - 2, ndims - 1);
     let mut grad = B::float_matmul(x, output_grad);
@@ -114,10 +107,9 @@ pub(crate) fn linear_weight_backward<B: Backend>(
 ///
 /// Computes `db = sum(output_grad)` over all dimensions except the last.
 pub(crate) fn linear_bias_backward<B: Backend>(output_grad: FloatTensor<B>) -> FloatTensor<B> {
-    let output_grad = match as_rows::<B>(output_grad) {
-        Ok((grad, _)) => return linear_bias_backward::<B>(grad),
-        Err(grad) => grad,
-    };
+    if output_grad.shape().num_dims() > 2 {
+        return linear_bias_backward::<B>(as_rows::<B>(output_grad).0);
+    }
     let ndims = output_grad.shape().num_dims();
     let mut grad = output_grad;
 
@@ -133,21 +125,16 @@ pub(crate) fn linear_bias_backward<B: Backend>(output_grad: FloatTensor<B>) -> F
 }
 
 /// Hetero: a tensor of rank above 2, `[d_0, …, d_{r-2}, features]`, as the matrix
-/// `[d_0 · … · d_{r-2}, features]`, and its leading dims; the tensor itself back
-/// (`Err`) for rank ≤ 2.
-/// A linear layer on `[batch, time, features]` is then one matrix product with
-/// `batch · time` rows: burn multiplied `batch` small matrices by a broadcast
-/// weight, which a CPU GEMM runs far below its speed on one large product.
-#[allow(clippy::type_complexity)]
-fn as_rows<B: Backend>(tensor: FloatTensor<B>) -> Result<(FloatTensor<B>, Vec<usize>), FloatTensor<B>> {
+/// `[d_0 · … · d_{r-2}, features]`, and its leading dims. A linear layer on
+/// `[batch, time, features]` is then one matrix product with `batch · time` rows:
+/// burn multiplied `batch` small matrices by a broadcast weight, which a CPU GEMM
+/// runs far below its speed on one large product.
+fn as_rows<B: Backend>(tensor: FloatTensor<B>) -> (FloatTensor<B>, Vec<usize>) {
     let shape = tensor.shape();
     let ndims = shape.num_dims();
-    if ndims <= 2 {
-        return Err(tensor);
-    }
     let leading: Vec<usize> = (0..ndims - 1).map(|d| shape[d]).collect();
     let rows = leading.iter().product();
-    Ok((B::float_reshape(tensor, Shape::new([rows, shape[ndims - 1]])), leading))
+    (B::float_reshape(tensor, Shape::new([rows, shape[ndims - 1]])), leading)
 }
 
 /// The inverse of [`as_rows`]: `[rows, features]` back to `[leading…, features]`.
