@@ -5,7 +5,8 @@
 //! gradients from slicing and matmul alone. Values and all three gradients must agree
 //! on the main job's layers and on a sweep of shapes, strides, paddings, dilations,
 //! groups and batch sizes. The 2×2 max pool's fast path is checked the same way,
-//! against a max over a reshaped view; flex's branch-free f32 `exp` and `erf`, and
+//! against a max over a reshaped view (other max pools against ndarray's, and ReLU
+//! against a mask); flex's branch-free f32 `exp` and `erf`, and
 //! GELU's value and gradient built on them, against f64 references. Softmax and
 //! log-softmax, one fused autodiff operation each (`vendor/burn-autodiff`), against
 //! the same functions built from their parts; so is attention (flex's fused kernel
@@ -530,5 +531,59 @@ fn linear_on_rows_matches_a_batched_product_with_gradients() {
         close(gx, rgx, &format!("linear input gradient, {what}"));
         close(gw, rgw, &format!("linear weight gradient, {what}"));
         close(gb, rgb, &format!("linear bias gradient, {what}"));
+    }
+}
+
+/// Max pools that are not 2×2 windows — overlapping 3×3 windows with stride 2 and
+/// padding, whose output has the 2×2 pool's shape on even inputs — keep flex's
+/// general path: values and input gradients against ndarray's max pool.
+#[test]
+fn overlapping_max_pools_match_ndarray_with_gradients() {
+    type N = Autodiff<burn::backend::NdArray>;
+    let device = Default::default();
+    for (shape, kernel, stride, padding) in [
+        ([2usize, 3, 8, 8], [3, 3], [2, 2], [1, 1]),
+        ([3, 2, 9, 7], [3, 3], [2, 2], [1, 1]),
+        ([2, 4, 10, 10], [2, 2], [1, 1], [0, 0]),
+    ] {
+        let what = format!("{shape:?} kernel {kernel:?} stride {stride:?} padding {padding:?}");
+        let x0 = Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let x = x0.clone().require_grad();
+        let xn = Tensor::<N, 4>::from_data(x0.to_data(), &Default::default()).require_grad();
+        let y = burn::tensor::module::max_pool2d(x.clone(), kernel, stride, padding, [1, 1], false);
+        let yn = burn::tensor::module::max_pool2d(xn.clone(), kernel, stride, padding, [1, 1], false);
+        let probe = Tensor::<B, 4>::random(y.dims(), Distribution::Normal(0.0, 1.0), &device);
+        let probe_n = Tensor::<N, 4>::from_data(probe.to_data(), &Default::default());
+        let grads = (y.clone() * probe).sum().backward();
+        let grads_n = (yn.clone() * probe_n).sum().backward();
+        let to_flex = |t: Tensor<burn::backend::NdArray, 4>| Tensor::<Flex, 4>::from_data(t.into_data(), &device);
+        close(y.inner(), to_flex(yn.inner()), &format!("{what} pool"));
+        close(
+            x.grad(&grads).unwrap(),
+            to_flex(xn.grad(&grads_n).unwrap()),
+            &format!("{what} pool dx"),
+        );
+    }
+}
+
+/// ReLU and its gradient (vectorised, in place when the tensor is not shared)
+/// against `max(0)` and a mask, and a shared input is left as it was.
+#[test]
+fn relu_matches_a_mask_and_leaves_shared_inputs_alone() {
+    let device = Default::default();
+    for len in [7usize, 1000, 70_000] {
+        let x0 = Tensor::<B, 1>::random([len], Distribution::Normal(0.0, 1.0), &device);
+        let before = x0.to_data();
+        let x = x0.clone().require_grad();
+        let y = burn::tensor::activation::relu(x.clone());
+        let up = Tensor::<B, 1>::random([len], Distribution::Normal(0.0, 1.0), &device);
+        let grads = (y.clone() * up.clone()).sum().backward();
+        let positive = x0.clone().greater_elem(0.0).float();
+        close(y, x0.clone() * positive.clone(), &format!("relu of {len}"));
+        // A fresh, unshared tensor is rectified in place.
+        let fresh = burn::tensor::activation::relu(x0.clone().mul_scalar(1.0));
+        close(fresh, x0.clone() * positive.clone(), &format!("relu in place of {len}"));
+        close(x.grad(&grads).unwrap(), (up * positive).inner(), &format!("relu gradient of {len}"));
+        x0.to_data().assert_eq(&before, true);
     }
 }

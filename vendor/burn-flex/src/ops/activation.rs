@@ -21,10 +21,41 @@ use crate::{Flex, FlexTensor, Layout};
 
 impl ActivationOps<Flex> for Flex {
     fn relu(tensor: FloatTensor<Flex>) -> FloatTensor<Flex> {
+        // Hetero: f32 vectorised for the CPU at hand and split over threads, in place
+        // when the tensor is not shared.
+        if tensor.dtype() == DType::F32 {
+            use crate::ops::elementwise_f32 as f32s;
+            let mut x = tensor.to_contiguous();
+            if x.is_unique() && x.layout().start_offset() == 0 {
+                let n = x.layout().num_elements();
+                f32s::update(&mut x.storage_mut::<f32>()[..n], |_, chunk| f32s::relu_in_place(chunk));
+                return x;
+            }
+            let shape = x.layout().shape().clone();
+            let out = f32s::map(x.storage(), f32s::relu);
+            return FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(shape), DType::F32);
+        }
         unary_op(tensor, |x: f32| x.max(0.0), |x: f64| x.max(0.0))
     }
 
     fn relu_backward(output: FloatTensor<Flex>, grad: FloatTensor<Flex>) -> FloatTensor<Flex> {
+        // Hetero: f32 of one shape vectorised and split over threads, written over the
+        // upstream gradient when it is not shared.
+        if output.dtype() == DType::F32 && grad.dtype() == DType::F32 && output.layout().shape() == grad.layout().shape() {
+            use crate::ops::elementwise_f32 as f32s;
+            let (output, mut grad) = (output.to_contiguous(), grad.to_contiguous());
+            let os: &[f32] = output.storage();
+            if grad.is_unique() && grad.layout().start_offset() == 0 {
+                let n = grad.layout().num_elements();
+                f32s::update(&mut grad.storage_mut::<f32>()[..n], |start, chunk| {
+                    f32s::relu_grad_in_place(&os[start..start + chunk.len()], chunk)
+                });
+                return grad;
+            }
+            let out = f32s::zip_map(os, grad.storage(), f32s::relu_grad);
+            let shape = grad.layout().shape().clone();
+            return FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(shape), DType::F32);
+        }
         // grad * (output > 0): zero the gradient where output was zero
         binary_op(
             output,

@@ -20,6 +20,7 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use core::mem::MaybeUninit;
 use burn_backend::DType;
 use burn_backend::ops::ConvOptions;
 use burn_backend::ops::conv::calculate_conv_output_size;
@@ -193,7 +194,8 @@ impl Geometry {
 /// `dst (m×n) = [dst +] a (m×k) · b (k×n)`, all row-major with the given row
 /// strides, `b` optionally read transposed (stored `n×k`).
 #[allow(clippy::too_many_arguments)]
-fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], a: &[f32], a_transposed: bool, b: &[f32], b_transposed: bool, accumulate: bool) {
+/// `dst` may be uninitialised unless `accumulate`; gemm writes all of `m×n`.
+fn gemm(m: usize, n: usize, k: usize, dst: &mut [MaybeUninit<f32>], a: &[f32], a_transposed: bool, b: &[f32], b_transposed: bool, accumulate: bool) {
     debug_assert!(dst.len() >= m * n);
     debug_assert!(a.len() >= m * k && b.len() >= k * n);
     // (column stride, row stride) of each operand.
@@ -207,7 +209,7 @@ fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], a: &[f32], a_transposed: 
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst.as_mut_ptr().cast::<f32>(),
             1,
             n as isize,
             accumulate,
@@ -225,6 +227,13 @@ fn gemm(m: usize, n: usize, k: usize, dst: &mut [f32], a: &[f32], a_transposed: 
             gemm::Parallelism::None,
         );
     }
+}
+
+/// `values` seen as possibly uninitialised, for [`gemm`]'s destination.
+fn uninit(values: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: `MaybeUninit<f32>` has `f32`'s layout, and every value written through
+    // it (by gemm) is an initialised f32, so `values` stays initialised.
+    unsafe { &mut *(values as *mut [f32] as *mut [MaybeUninit<f32>]) }
 }
 
 /// Runs `f(first_sample, samples)` over contiguous chunks of the batch, one per
@@ -248,7 +257,7 @@ fn by_chunks<R: Send>(n: usize, f: impl Fn(usize, usize) -> R + Sync) -> Vec<R> 
 
 /// Runs `f(first_sample, out_chunk)` over contiguous chunks of the batch, one per
 /// thread, each writing its own samples' part of `out` (`per_sample` values each).
-fn for_chunks(n: usize, out: &mut [f32], per_sample: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+fn for_chunks<T: Send>(n: usize, out: &mut [T], per_sample: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     if out.is_empty() || per_sample == 0 {
         return;
     }
@@ -310,15 +319,17 @@ pub fn conv2d(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>, optio
     let bs: Option<&[f32]> = bias.as_ref().map(|b| b.storage());
     let (rows, l, og) = (g.rows(), g.positions(), g.og());
     let (sample_in, sample_out) = (g.c * g.h * g.w, g.o * l);
-    let mut y = vec![0f32; g.n * sample_out];
-    for_chunks(g.n, &mut y, sample_out, |first, y| {
+    // Not zeroed: each sample's output is filled with the bias or overwritten by gemm.
+    let len = g.n * sample_out;
+    let mut y: Vec<f32> = Vec::with_capacity(len);
+    for_chunks(g.n, &mut y.spare_capacity_mut()[..len], sample_out, |first, y| {
         let mut col = vec![0f32; if g.input_is_columns() { 0 } else { rows * l }];
         for (k, s) in (first..first + y.len() / sample_out).enumerate() {
             let image = &xs[s * sample_in..][..sample_in];
             let y = &mut y[k * sample_out..][..sample_out];
             if let Some(bs) = bs {
                 for (row, &b) in y.chunks_exact_mut(l).zip(bs) {
-                    row.fill(b);
+                    row.fill(MaybeUninit::new(b));
                 }
             }
             for group in 0..g.groups {
@@ -329,6 +340,8 @@ pub fn conv2d(x: FlexTensor, weight: FlexTensor, bias: Option<FlexTensor>, optio
             }
         }
     });
+    // SAFETY: the chunks cover all `len` outputs and every sample's was written.
+    unsafe { y.set_len(len) };
     back_to(tensor(y, [g.n, g.o, oh, ow]), dtype)
 }
 
@@ -348,7 +361,7 @@ pub fn conv2d_weight_backward(x: FlexTensor, weight: FlexTensor, grad: FlexTenso
                 let col = g.columns(image, group, &mut col);
                 let dy = &dys[(s * g.o + group * og) * l..][..og * l];
                 // dW_g (og × rows) += dY (og × l) · colᵀ (l × rows)
-                gemm(og, rows, l, &mut dw[group * og * rows..], dy, false, col, true, true);
+                gemm(og, rows, l, uninit(&mut dw[group * og * rows..]), dy, false, col, true, true);
             }
         }
         dw
@@ -378,7 +391,7 @@ pub fn conv2d_x_backward(x: FlexTensor, weight: FlexTensor, grad: FlexTensor, op
                 let w = &ws[group * og * rows..][..og * rows];
                 let dy = &dys[(s * g.o + group * og) * l..][..og * l];
                 // dcol (rows × l) = Wᵀ (rows × og) · dY (og × l)
-                gemm(rows, l, og, &mut col, w, true, dy, false, false);
+                gemm(rows, l, og, uninit(&mut col), w, true, dy, false, false);
                 g.col2im(&col, group, &mut dx[k * sample..][..sample]);
             }
         }
@@ -394,11 +407,12 @@ pub fn conv2d_bias_backward(_x: FlexTensor, bias: FlexTensor, grad: FlexTensor) 
     let shape = grad.layout().shape();
     let (n, o, l) = (shape[0], shape[1], shape[2] * shape[3]);
     let dys: &[f32] = grad.storage();
-    // Each channel is summed by one thread, samples in order, in f64.
+    // Each channel is summed by one thread, samples in order: each sample's positions
+    // in 16 f32 lanes, the rest in f64.
     let channel = |c: usize| -> f32 {
         let mut sum = 0f64;
         for s in 0..n {
-            sum += dys[(s * o + c) * l..][..l].iter().map(|&v| v as f64).sum::<f64>();
+            sum += crate::ops::elementwise_f32::sum(&dys[(s * o + c) * l..][..l]);
         }
         sum as f32
     };

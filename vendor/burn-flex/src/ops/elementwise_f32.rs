@@ -15,21 +15,21 @@ use core::mem::MaybeUninit;
 /// that unit too (a closure handed to a `#[target_feature]` function is not
 /// reliably inlined into it once it is large).
 macro_rules! multiversioned {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
-        $vis fn $name($($arg: $ty),*) {
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             // `FMA`: whether this version may use fused multiply-adds (`madd`).
             #[inline(always)]
             #[allow(dead_code)]
-            fn body<const FMA: bool>($($arg: $ty),*) $body
+            fn body<const FMA: bool>($($arg: $ty),*) $(-> $ret)? $body
             #[cfg(all(target_arch = "x86_64", feature = "std"))]
             {
                 #[target_feature(enable = "avx512f,avx2,fma")]
-                unsafe fn avx512($($arg: $ty),*) {
+                unsafe fn avx512($($arg: $ty),*) $(-> $ret)? {
                     body::<true>($($arg),*)
                 }
                 #[target_feature(enable = "avx2,fma")]
-                unsafe fn avx2($($arg: $ty),*) {
+                unsafe fn avx2($($arg: $ty),*) $(-> $ret)? {
                     body::<true>($($arg),*)
                 }
                 if std::is_x86_feature_detected!("avx512f") {
@@ -112,6 +112,79 @@ zip_kernel!(
     gelu_grad,
     crate::ops::activation::gelu_grad_f32
 );
+
+map_kernel!(
+    /// ReLU of each element (NaN becomes 0, as `max(0)` gives).
+    relu,
+    relu_f32
+);
+
+multiversioned! {
+    /// ReLU of each element, in place.
+    pub(crate) fn relu_in_place(xs: &mut [f32]) {
+        for x in xs {
+            *x = relu_f32(*x);
+        }
+    }
+}
+
+#[inline(always)]
+fn relu_f32(x: f32) -> f32 {
+    if x > 0.0 { x } else { 0.0 }
+}
+
+zip_kernel!(
+    /// ReLU's gradient: the upstream gradient `b` where the output `a` is positive.
+    relu_grad,
+    relu_grad_f32
+);
+
+multiversioned! {
+    /// ReLU's gradient written over the upstream gradient `grad`.
+    pub(crate) fn relu_grad_in_place(output: &[f32], grad: &mut [f32]) {
+        for (g, &o) in grad.iter_mut().zip(output) {
+            *g = relu_grad_f32(o, *g);
+        }
+    }
+}
+
+#[inline(always)]
+fn relu_grad_f32(output: f32, grad: f32) -> f32 {
+    if output > 0.0 { grad } else { 0.0 }
+}
+
+multiversioned! {
+    /// The sum of `values`: 16 f32 lanes (each summing every 16th value, in order),
+    /// then the lanes and the remainder in f64. The order is fixed, so the result is
+    /// the same on every run and thread count.
+    pub(crate) fn sum(values: &[f32]) -> f64 {
+        let mut lanes = [0f32; 16];
+        let chunks = values.chunks_exact(16);
+        let rest = chunks.remainder();
+        for chunk in chunks {
+            for (lane, &v) in lanes.iter_mut().zip(chunk) {
+                *lane += v;
+            }
+        }
+        lanes.iter().chain(rest).map(|&v| v as f64).sum()
+    }
+}
+
+/// Runs `update(start, chunk)` over consecutive chunks of `values` (one per thread
+/// when it is large).
+pub(crate) fn update(values: &mut [f32], update: impl Fn(usize, &mut [f32]) + Sync) {
+    #[cfg(feature = "rayon")]
+    if values.len() >= PARALLEL_FROM {
+        use rayon::prelude::*;
+        let size = values.len().div_ceil(rayon::current_num_threads().max(1)).max(1);
+        values
+            .par_chunks_mut(size)
+            .enumerate()
+            .for_each(|(i, chunk)| update(i * size, chunk));
+        return;
+    }
+    update(0, values)
+}
 
 /// `kernel` over each element of `src`.
 pub(crate) fn map(src: &[f32], kernel: MapKernel) -> Vec<f32> {

@@ -12,6 +12,9 @@ use alloc::vec::Vec;
 use burn_backend::{DType, Element};
 use burn_std::{Bytes, Shape, bf16, f16};
 
+use core::mem::MaybeUninit;
+
+use super::elementwise_f32::multiversioned;
 use crate::{FlexTensor, Layout};
 
 // ============================================================================
@@ -1190,6 +1193,9 @@ pub fn adaptive_avg_pool1d_f32(x: FlexTensor, output_size: usize) -> FlexTensor 
 
 /// Max pool 2D backward using stored indices.
 pub fn max_pool2d_backward_f32(x: FlexTensor, grad: FlexTensor, indices: FlexTensor) -> FlexTensor {
+    if let Some(dx) = max_pool2d_2x2_backward_f32(&x, &grad, &indices) {
+        return dx;
+    }
     let x_3d = expand_2d_to_3d(&x);
     let grad_3d = expand_2d_to_3d(&grad);
     let indices_3d = expand_2d_to_3d(&indices);
@@ -1271,22 +1277,30 @@ where
     let grad_data: &[T] = grad.storage();
     let indices_data: &[i64] = indices.storage();
 
-    // Accumulate gradients back to input positions
+    // Accumulate gradients back to input positions. Hetero: plane by plane in
+    // parallel (an index points into its own plane); one that does not is skipped.
     let mut output = vec![zero; batch_size * channels * spatial_in];
-
-    for b in 0..batch_size {
-        for c in 0..channels {
-            let grad_offset = b * channels * spatial_out + c * spatial_out;
-            let out_offset = b * channels * spatial_in + c * spatial_in;
-
-            for i in 0..spatial_out {
-                let idx = indices_data[grad_offset + i];
-                if idx >= 0 {
-                    let input_idx = out_offset + idx as usize;
-                    output[input_idx] = add_fn(output[input_idx], grad_data[grad_offset + i]);
-                }
+    let plane = |(out, (grad, idx)): (&mut [T], (&[T], &[i64]))| {
+        for (&g, &i) in grad.iter().zip(idx) {
+            if let Some(o) = usize::try_from(i).ok().and_then(|i| out.get_mut(i)) {
+                *o = add_fn(*o, g);
             }
         }
+    };
+    if spatial_in > 0 && spatial_out > 0 {
+        #[cfg(feature = "rayon")]
+        {
+            use rayon::prelude::*;
+            output
+                .par_chunks_mut(spatial_in)
+                .zip(grad_data.par_chunks(spatial_out).zip(indices_data.par_chunks(spatial_out)))
+                .for_each(plane);
+        }
+        #[cfg(not(feature = "rayon"))]
+        output
+            .chunks_mut(spatial_in)
+            .zip(grad_data.chunks(spatial_out).zip(indices_data.chunks(spatial_out)))
+            .for_each(plane);
     }
 
     let out_shape = Shape::from(vec![batch_size, channels, in_d, in_h, in_w]);
@@ -1880,53 +1894,134 @@ mod tests {
 
 /// Hetero: the common 2×2, stride-2 max pool (no padding or dilation; odd edges
 /// dropped, as floor mode does) as a straight loop over pairs of rows, with the same
-/// outputs and flat `h·w` indices as the general path (the first maximum wins).
+/// outputs and flat `h·w` indices as the general path (the first maximum wins),
+/// written once each (not zeroed first) and in parallel over the planes.
 pub fn max_pool2d_2x2_f32(x: FlexTensor) -> (FlexTensor, FlexTensor) {
     let x = x.to_contiguous();
     let shape = x.layout().shape();
     let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
     let (oh, ow) = (h / 2, w / 2);
     let xs: &[f32] = x.storage();
-    let mut output = vec![0f32; n * c * oh * ow];
-    let mut indices = vec![0i64; n * c * oh * ow];
-    let plane = |(src, (out, idx)): (&[f32], (&mut [f32], &mut [i64]))| {
-        for r in 0..oh {
-            let (top, bottom) = (&src[2 * r * w..][..w], &src[(2 * r + 1) * w..][..w]);
-            for q in 0..ow {
-                let candidates = [
-                    (top[2 * q], 2 * r * w + 2 * q),
-                    (top[2 * q + 1], 2 * r * w + 2 * q + 1),
-                    (bottom[2 * q], (2 * r + 1) * w + 2 * q),
-                    (bottom[2 * q + 1], (2 * r + 1) * w + 2 * q + 1),
-                ];
-                let (mut best, mut at) = candidates[0];
-                for &(v, i) in &candidates[1..] {
-                    if v > best {
-                        (best, at) = (v, i);
-                    }
-                }
-                out[r * ow + q] = best;
-                idx[r * ow + q] = at as i64;
-            }
-        }
-    };
+    let len = n * c * oh * ow;
+    let mut output: Vec<f32> = Vec::with_capacity(len);
+    let mut indices: Vec<i64> = Vec::with_capacity(len);
     let (in_plane, out_plane) = (h * w, (oh * ow).max(1));
-    if n * c > 0 && oh * ow > 0 {
+    if len > 0 {
+        let out = &mut output.spare_capacity_mut()[..len];
+        let idx = &mut indices.spare_capacity_mut()[..len];
+        let plane = |(src, (out, idx)): (&[f32], (&mut [MaybeUninit<f32>], &mut [MaybeUninit<i64>]))| {
+            max_pool_2x2_plane(src, w, out, idx)
+        };
         #[cfg(feature = "rayon")]
         {
             use rayon::prelude::*;
             xs.par_chunks(in_plane)
-                .zip(output.par_chunks_mut(out_plane).zip(indices.par_chunks_mut(out_plane)))
+                .zip(out.par_chunks_mut(out_plane).zip(idx.par_chunks_mut(out_plane)))
                 .for_each(plane);
         }
         #[cfg(not(feature = "rayon"))]
-        xs.chunks(in_plane)
-            .zip(output.chunks_mut(out_plane).zip(indices.chunks_mut(out_plane)))
-            .for_each(plane);
+        xs.chunks(in_plane).zip(out.chunks_mut(out_plane).zip(idx.chunks_mut(out_plane))).for_each(plane);
+        // SAFETY: the planes cover all `len` outputs and each plane wrote all of its
+        // `oh·ow` values and indices.
+        unsafe {
+            output.set_len(len);
+            indices.set_len(len);
+        }
     }
     let out_shape = Shape::from(vec![n, c, oh, ow]);
     (
         FlexTensor::new(Bytes::from_elems(output), Layout::contiguous(out_shape.clone()), DType::F32),
         FlexTensor::new(Bytes::from_elems(indices), Layout::contiguous(out_shape), DType::I64),
     )
+}
+
+multiversioned! {
+    /// One plane of [`max_pool2d_2x2_f32`]: `src` is `[h, w]`, `out` and `idx` are
+    /// `[h / 2, w / 2]`.
+    fn max_pool_2x2_plane(src: &[f32], w: usize, out: &mut [MaybeUninit<f32>], idx: &mut [MaybeUninit<i64>]) {
+        let ow = w / 2;
+        if ow == 0 {
+            return;
+        }
+        for (r, (out, idx)) in out.chunks_exact_mut(ow).zip(idx.chunks_exact_mut(ow)).enumerate() {
+            let (top, bottom) = (&src[2 * r * w..][..2 * ow], &src[(2 * r + 1) * w..][..2 * ow]);
+            let base = (2 * r * w) as i64;
+            for q in 0..ow {
+                let (a, b, c, d) = (top[2 * q], top[2 * q + 1], bottom[2 * q], bottom[2 * q + 1]);
+                // The first maximum wins: a later candidate must be strictly larger.
+                let (mut best, mut at) = (a, 0i64);
+                if b > best {
+                    (best, at) = (b, 1);
+                }
+                if c > best {
+                    (best, at) = (c, w as i64);
+                }
+                if d > best {
+                    (best, at) = (d, w as i64 + 1);
+                }
+                out[q].write(best);
+                idx[q].write(base + 2 * q as i64 + at);
+            }
+        }
+    }
+}
+
+/// Hetero: the gradient of [`max_pool2d_2x2_f32`] — each window gets its output's
+/// gradient at the index it recorded and zeros elsewhere, written once, row by row,
+/// in parallel over the planes. `None` when the shapes are not a 2×2 pool's or an
+/// index lies outside its window (the caller then scatters in general).
+fn max_pool2d_2x2_backward_f32(x: &FlexTensor, grad: &FlexTensor, indices: &FlexTensor) -> Option<FlexTensor> {
+    let shape = x.layout().shape();
+    let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+    let (oh, ow) = (h / 2, w / 2);
+    if grad.layout().shape().to_vec() != [n, c, oh, ow] || indices.dtype() != DType::I64 || grad.dtype() != DType::F32 {
+        return None;
+    }
+    let (grad, indices) = (grad.to_contiguous(), indices.to_contiguous());
+    let (gs, is): (&[f32], &[i64]) = (grad.storage(), indices.storage());
+    let len = n * c * h * w;
+    let mut dx: Vec<f32> = Vec::with_capacity(len);
+    let (in_plane, out_plane) = (h * w, (oh * ow).max(1));
+    if len > 0 {
+        let out = &mut dx.spare_capacity_mut()[..len];
+        let plane = |(dx, (g, i)): (&mut [MaybeUninit<f32>], (&[f32], &[i64]))| max_unpool_2x2_plane(g, i, h, w, dx);
+        #[cfg(feature = "rayon")]
+        let all_inside = {
+            use rayon::prelude::*;
+            out.par_chunks_mut(in_plane).zip(gs.par_chunks(out_plane).zip(is.par_chunks(out_plane))).all(plane)
+        };
+        #[cfg(not(feature = "rayon"))]
+        let all_inside = out.chunks_mut(in_plane).zip(gs.chunks(out_plane).zip(is.chunks(out_plane))).all(plane);
+        if !all_inside {
+            return None;
+        }
+        // SAFETY: every plane wrote all of its `h·w` values (it returned true).
+        unsafe { dx.set_len(len) };
+    }
+    Some(FlexTensor::new(Bytes::from_elems(dx), Layout::contiguous(shape.clone()), DType::F32))
+}
+
+/// One plane of [`max_pool2d_2x2_backward_f32`]: all of `dx` (`[h, w]`) zeroed,
+/// then each window's gradient put at its index (windows are disjoint, so nothing
+/// adds up); false, with `dx` partly written, if an index is outside its window.
+fn max_unpool_2x2_plane(grad: &[f32], indices: &[i64], h: usize, w: usize, dx: &mut [MaybeUninit<f32>]) -> bool {
+    let (oh, ow) = (h / 2, w / 2);
+    dx.fill(MaybeUninit::new(0.0));
+    if ow == 0 {
+        return true;
+    }
+    for r in 0..oh {
+        for q in 0..ow {
+            let (g, at) = (grad[r * ow + q], indices[r * ow + q]);
+            let top_left = 2 * r * w + 2 * q;
+            let Some(offset) = usize::try_from(at).ok().and_then(|at| at.checked_sub(top_left)) else {
+                return false;
+            };
+            if !(offset < 2 || offset == w || offset == w + 1) {
+                return false;
+            }
+            dx[top_left + offset].write(g);
+        }
+    }
+    true
 }
