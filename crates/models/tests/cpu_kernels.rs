@@ -229,6 +229,10 @@ fn strides_paddings_dilations_groups_and_odd_shapes_match() {
         ..case([1, 2, 12, 12], 3, [3, 3], [1, 1], PaddingConfig2d::Explicit(2, 2, 2, 2))
     });
     check(case([5, 4, 8, 8], 6, [1, 1], [1, 1], PaddingConfig2d::Valid));
+    // Stride 1 with as many output columns as input columns (each tap one shifted
+    // copy of the plane): fewer output rows than input rows, then more.
+    check(case([2, 3, 9, 6], 4, [5, 3], [1, 1], PaddingConfig2d::Explicit(0, 1, 0, 1)));
+    check(case([2, 2, 5, 7], 3, [1, 3], [1, 1], PaddingConfig2d::Explicit(2, 1, 2, 1)));
     check(Case {
         dilation: [1, 2],
         ..case([2, 3, 9, 7], 5, [4, 2], [3, 1], PaddingConfig2d::Explicit(2, 1, 2, 1))

@@ -102,6 +102,21 @@ impl Geometry {
         first.min(self.ow)..end.min(self.ow).max(first.min(self.ow))
     }
 
+    /// For tap `(i, j)`, when output position `p` reads input position `p + delta`
+    /// of the plane (stride 1 and as many output columns as input columns, so rows
+    /// have one pitch), that shift and the output rows that read inside the image.
+    fn shift(&self, i: usize, j: usize) -> Option<Shift> {
+        if self.stride != [1, 1] || self.ow != self.w {
+            return None;
+        }
+        let row = (i * self.dilation[0]) as isize - self.padding[0] as isize;
+        let column = (j * self.dilation[1]) as isize - self.padding[1] as isize;
+        // Output row r reads input row r + row, inside when 0 ≤ r + row < h.
+        let first = (-row).clamp(0, self.oh as isize) as usize;
+        let end = (self.h as isize - row).clamp(first as isize, self.oh as isize) as usize;
+        Some(Shift { delta: row * self.w as isize + column, rows: first..end, plane: self.h * self.w, ow: self.ow })
+    }
+
     /// Whether a sample's input already is its own columns (1×1, stride 1, no
     /// padding): then im2col would only copy it.
     fn input_is_columns(&self) -> bool {
@@ -129,6 +144,19 @@ impl Geometry {
                 for j in 0..self.kw {
                     let row = &mut col[((ci * self.kh + i) * self.kw + j) * l..][..l];
                     let cols = self.valid_columns(j);
+                    if let Some(shift) = self.shift(i, j) {
+                        // One copy of the whole shifted plane, then the columns that
+                        // wrapped around to a neighbouring row zeroed.
+                        let (lo, hi) = shift.span();
+                        row[..lo].fill(0.0);
+                        row[lo..hi].copy_from_slice(&plane[(lo as isize + shift.delta) as usize..][..hi - lo]);
+                        row[hi..].fill(0.0);
+                        for r in shift.rows.clone() {
+                            row[r * ow..][..cols.start].fill(0.0);
+                            row[r * ow + cols.end..][..ow - cols.end].fill(0.0);
+                        }
+                        continue;
+                    }
                     for r in 0..self.oh {
                         let out = &mut row[r * ow..][..ow];
                         let Some(y) = self.input_row(r, i) else {
@@ -158,14 +186,28 @@ impl Geometry {
 
     /// Adds `col` (`[rows, positions]`) back onto `image`'s group `g`: the adjoint of
     /// [`Self::im2col`].
-    fn col2im(&self, col: &[f32], g: usize, image: &mut [f32]) {
+    /// `col` is scratch: its entries that fall outside the image may be zeroed.
+    fn col2im(&self, col: &mut [f32], g: usize, image: &mut [f32]) {
         let (l, ow) = (self.positions(), self.ow);
         for ci in 0..self.cg {
             let plane = &mut image[(g * self.cg + ci) * self.h * self.w..][..self.h * self.w];
             for i in 0..self.kh {
                 for j in 0..self.kw {
-                    let row = &col[((ci * self.kh + i) * self.kw + j) * l..][..l];
+                    let row = &mut col[((ci * self.kh + i) * self.kw + j) * l..][..l];
                     let cols = self.valid_columns(j);
+                    if let Some(shift) = self.shift(i, j) {
+                        // The columns that would wrap around to a neighbouring row
+                        // zeroed, then one add of the whole shifted plane.
+                        for r in shift.rows.clone() {
+                            row[r * ow..][..cols.start].fill(0.0);
+                            row[r * ow + cols.end..][..ow - cols.end].fill(0.0);
+                        }
+                        let (lo, hi) = shift.span();
+                        let dst = &mut plane[(lo as isize + shift.delta) as usize..][..hi - lo];
+                        crate::ops::elementwise_f32::add_assign(dst, &row[lo..hi]);
+                        continue;
+                    }
+                    let row = &*row;
                     for r in 0..self.oh {
                         let Some(y) = self.input_row(r, i) else { continue };
                         let src = &row[r * ow..][..ow];
@@ -188,6 +230,30 @@ impl Geometry {
                 }
             }
         }
+    }
+}
+
+/// How one kernel tap reads the plane when rows share a pitch ([`Geometry::shift`]).
+struct Shift {
+    /// Output position `p` reads plane position `p + delta`.
+    delta: isize,
+    /// The output rows whose input row lies inside the image.
+    rows: core::ops::Range<usize>,
+    /// Plane size, `h·w`.
+    plane: usize,
+    /// Output row width (equal to the input's).
+    ow: usize,
+}
+
+impl Shift {
+    /// The output positions `lo..hi` within the rows inside whose input position
+    /// lies in the plane. Every position inside the image (a row in `rows` and a
+    /// valid column) is among them; the others are not read.
+    fn span(&self) -> (usize, usize) {
+        let (lo, hi) = ((self.rows.start * self.ow) as isize, (self.rows.end * self.ow) as isize);
+        let lo = lo.max(-self.delta);
+        let hi = hi.min(self.plane as isize - self.delta).max(lo);
+        (lo as usize, hi as usize)
     }
 }
 
@@ -392,7 +458,7 @@ pub fn conv2d_x_backward(x: FlexTensor, weight: FlexTensor, grad: FlexTensor, op
                 let dy = &dys[(s * g.o + group * og) * l..][..og * l];
                 // dcol (rows × l) = Wᵀ (rows × og) · dY (og × l)
                 gemm(rows, l, og, uninit(&mut col), w, true, dy, false, false);
-                g.col2im(&col, group, &mut dx[k * sample..][..sample]);
+                g.col2im(&mut col, group, &mut dx[k * sample..][..sample]);
             }
         }
     });

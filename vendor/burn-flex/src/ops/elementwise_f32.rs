@@ -170,6 +170,15 @@ multiversioned! {
     }
 }
 
+multiversioned! {
+    /// `dst[i] += src[i]` (equal lengths).
+    pub(crate) fn add_assign(dst: &mut [f32], src: &[f32]) {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d += v;
+        }
+    }
+}
+
 /// Runs `update(start, chunk)` over consecutive chunks of `values` (one per thread
 /// when it is large).
 pub(crate) fn update(values: &mut [f32], update: impl Fn(usize, &mut [f32]) + Sync) {
