@@ -11,7 +11,8 @@
 //! log-softmax, one fused autodiff operation each (`vendor/burn-autodiff`), against
 //! the same functions built from their parts; so is attention (flex's fused kernel
 //! and burn-backend's fallback backward pass), and linear layers on rank-3 inputs
-//! against a batched product with a broadcast weight.
+//! against a batched product with a broadcast weight; layer normalisation (one tracked
+//! operation with fused gradients on flex) against its parts.
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::Param;
@@ -590,4 +591,64 @@ fn relu_matches_a_mask_and_leaves_shared_inputs_alone() {
         close(x.grad(&grads).unwrap(), (up * positive).inner(), &format!("relu gradient of {len}"));
         x0.to_data().assert_eq(&before, true);
     }
+}
+
+/// Layer normalisation, one tracked operation in `vendor/burn-autodiff` (flex's
+/// fused gradients, or burn-backend's `layer_norm_backward_fallback` elsewhere),
+/// against the same normalisation written with tensor operations: values and the
+/// input, γ and β gradients, on rows of several widths (below, at and above a
+/// 16-lane block; more rows than one block of 64) with an offset mean.
+fn layer_norm_matches_its_parts<K: AutodiffBackend>() {
+    let device = Default::default();
+    for shape in [[3usize, 5, 7], [2, 33, 64], [4, 40, 16]] {
+        let d = shape[2];
+        let what = format!("layer norm of {shape:?}");
+        let x0 = Tensor::<K, 3>::random(shape, Distribution::Normal(3.0, 2.0), &device);
+        let gamma0 = Tensor::<K, 1>::random([d], Distribution::Normal(1.0, 0.5), &device);
+        let beta0 = Tensor::<K, 1>::random([d], Distribution::Normal(0.0, 0.5), &device);
+        let up = Tensor::<K, 3>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let epsilon = 1e-5;
+        let run = |fused: bool| {
+            let x = x0.clone().detach().require_grad();
+            let gamma = gamma0.clone().detach().require_grad();
+            let beta = beta0.clone().detach().require_grad();
+            let y = if fused {
+                let out = K::layer_norm(
+                    x.clone().into_primitive().tensor(),
+                    gamma.clone().into_primitive().tensor(),
+                    Some(beta.clone().into_primitive().tensor()),
+                    epsilon,
+                );
+                Tensor::<K, 3>::from_primitive(burn::tensor::TensorPrimitive::Float(out))
+            } else {
+                let mean = x.clone().mean_dim(2);
+                let centered = x.clone() - mean;
+                let var = centered.clone().powi_scalar(2).mean_dim(2);
+                centered / (var + epsilon).sqrt() * gamma.clone().unsqueeze::<3>() + beta.clone().unsqueeze::<3>()
+            };
+            let grads = (y.clone() * up.clone()).sum().backward();
+            (
+                y.inner(),
+                x.grad(&grads).unwrap(),
+                gamma.grad(&grads).unwrap(),
+                beta.grad(&grads).unwrap(),
+            )
+        };
+        let (y, gx, gg, gb) = run(true);
+        let (ry, rgx, rgg, rgb) = run(false);
+        close(y, ry, &what);
+        close(gx, rgx, &format!("{what}: input gradient"));
+        close(gg, rgg, &format!("{what}: γ gradient"));
+        close(gb, rgb, &format!("{what}: β gradient"));
+    }
+}
+
+#[test]
+fn fused_layer_norm_on_flex_matches_its_parts_with_gradients() {
+    layer_norm_matches_its_parts::<Autodiff<Flex>>();
+}
+
+#[test]
+fn layer_norm_backward_fallback_matches_its_parts() {
+    layer_norm_matches_its_parts::<Autodiff<burn::backend::NdArray>>();
 }

@@ -8,6 +8,7 @@ use crate::tensor::AutodiffTensor;
 
 use burn_backend::Backend;
 use burn_backend::ops::attention::attention_fallback;
+use burn_backend::ops::layer_norm::layer_norm_fallback;
 use burn_backend::ops::*;
 use burn_backend::tensor::{BoolTensor, FloatTensor, IntTensor};
 
@@ -1871,6 +1872,67 @@ impl<B: Backend, C: CheckpointStrategy> ModuleOps<Autodiff<B, C>> for Autodiff<B
         _options: InterpolateOptions,
     ) -> AutodiffTensor<B> {
         panic!("Can't differentiate interpolate backward.");
+    }
+
+    fn layer_norm(
+        tensor: FloatTensor<Autodiff<B, C>>,
+        gamma: FloatTensor<Autodiff<B, C>>,
+        beta: Option<FloatTensor<Autodiff<B, C>>>,
+        epsilon: f64,
+    ) -> FloatTensor<Autodiff<B, C>> {
+        // Hetero: with a β, layer normalisation is one tracked operation: forward
+        // through the backend's `layer_norm` (fused on flex), backward through
+        // `B::layer_norm_backward` from the saved input. burn built it from ten
+        // tracked operations, each a pass over memory, forward and backward.
+        let Some(beta) = beta else {
+            return layer_norm_fallback::<Self>(tensor, gamma, None, epsilon);
+        };
+
+        #[derive(Debug)]
+        struct LayerNorm;
+
+        impl<B: Backend> Backward<B, 3> for LayerNorm {
+            type State = (NodeId, NodeId, f64);
+
+            fn backward(
+                self,
+                ops: Ops<Self::State, 3>,
+                grads: &mut Gradients,
+                checkpointer: &mut Checkpointer,
+            ) {
+                let [node_tensor, node_gamma, node_beta] = ops.parents;
+                let grad = grads.consume::<B>(&ops.node);
+                let (tensor_state, gamma_state, epsilon) = ops.state;
+                let tensor = checkpointer.retrieve_node_output(tensor_state);
+                let gamma = checkpointer.retrieve_node_output(gamma_state);
+                let (grad_tensor, grad_gamma, grad_beta) = B::layer_norm_backward(tensor, gamma, epsilon, grad);
+                if let Some(node) = node_tensor {
+                    grads.register::<B>(node.id, grad_tensor);
+                }
+                if let Some(node) = node_gamma {
+                    grads.register::<B>(node.id, grad_gamma);
+                }
+                if let Some(node) = node_beta {
+                    grads.register::<B>(node.id, grad_beta);
+                }
+            }
+        }
+
+        match LayerNorm
+            .prepare::<C>([tensor.node.clone(), gamma.node.clone(), beta.node.clone()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(mut prep) => {
+                let tensor_state = prep.checkpoint(&tensor);
+                let gamma_state = prep.checkpoint(&gamma);
+                let output = B::layer_norm(tensor.primitive, gamma.primitive, Some(beta.primitive), epsilon);
+                prep.finish((tensor_state, gamma_state, epsilon), output)
+            }
+            OpsKind::UnTracked(prep) => {
+                prep.finish(B::layer_norm(tensor.primitive, gamma.primitive, Some(beta.primitive), epsilon))
+            }
+        }
     }
 
     fn attention(

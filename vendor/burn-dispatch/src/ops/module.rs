@@ -659,6 +659,22 @@ impl ModuleOps<Self> for Dispatch {
         )
     }
 
+    // Hetero: the inner backend's own layer-norm gradients (flex has a fused kernel).
+    fn layer_norm_backward(
+        tensor: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        epsilon: f64,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        multi_op!(
+            inputs[(tensor, float), (gamma, float), (grad, float)],
+            opt_inputs[],
+            outputs[(grad_tensor, Float), (grad_gamma, Float), (grad_beta, Float)],
+            opt_outputs[],
+            B::layer_norm_backward(tensor, gamma, epsilon, grad)
+        )
+    }
+
     fn rfft(
         signal: FloatTensor<Self>,
         dim: usize,

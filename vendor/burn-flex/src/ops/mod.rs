@@ -109,6 +109,7 @@ pub mod expand;
 pub mod fft;
 pub mod flip;
 mod float;
+mod layer_norm_f32;
 pub mod gather_scatter;
 pub mod grid_sample;
 mod int;

@@ -797,6 +797,19 @@ impl ModuleOps<Flex> for Flex {
         crate::ops::activation::layer_norm(tensor, gamma, beta, epsilon)
     }
 
+    // Hetero: f32 gradients in one sweep over the rows; other types by parts.
+    fn layer_norm_backward(
+        tensor: FloatTensor<Flex>,
+        gamma: FloatTensor<Flex>,
+        epsilon: f64,
+        grad: FloatTensor<Flex>,
+    ) -> (FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>) {
+        if let Some(grads) = crate::ops::layer_norm_f32::layer_norm_backward(&tensor, &gamma, epsilon, &grad) {
+            return grads;
+        }
+        burn_backend::ops::layer_norm::layer_norm_backward_fallback::<Flex>(tensor, gamma, epsilon, grad)
+    }
+
     fn embedding_backward(
         weights: FloatTensor<Flex>,
         output_grad: FloatTensor<Flex>,

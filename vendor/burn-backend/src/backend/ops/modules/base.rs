@@ -1128,30 +1128,21 @@ pub trait ModuleOps<B: Backend> {
         beta: Option<FloatTensor<B>>,
         epsilon: f64,
     ) -> FloatTensor<B> {
-        let shape = tensor.shape();
-        let rank = shape.num_dims();
-        let last_dim = rank - 1;
-        let d_model = shape[last_dim];
+        super::layer_norm::layer_norm_fallback::<B>(tensor, gamma, beta, epsilon)
+    }
 
-        let mean = B::float_mean_dim(tensor.clone(), last_dim);
-        let centered = B::float_sub(tensor, mean);
-        let var = B::float_mean_dim(B::float_mul(centered.clone(), centered.clone()), last_dim);
-        let denom = B::float_sqrt(B::float_add_scalar(var, epsilon.into()));
-        let normalized = B::float_div(centered, denom);
-
-        let broadcast_dims: alloc::vec::Vec<usize> = (0..rank)
-            .map(|i| if i == last_dim { d_model } else { 1 })
-            .collect();
-        let gamma_b = B::float_reshape(gamma, Shape::from(broadcast_dims.clone()));
-        let scaled = B::float_mul(normalized, gamma_b);
-
-        match beta {
-            Some(beta) => {
-                let beta_b = B::float_reshape(beta, Shape::from(broadcast_dims));
-                B::float_add(scaled, beta_b)
-            }
-            None => scaled,
-        }
+    /// Hetero: the gradients of [`layer_norm`](ModuleOps::layer_norm) for the output
+    /// gradient `grad`: the input's, `gamma`'s and `beta`'s (the last whether or not
+    /// the forward pass had a `beta`). By default built from tensor operations
+    /// ([`layer_norm_backward_fallback`](super::layer_norm::layer_norm_backward_fallback));
+    /// a backend with a fused kernel overrides it.
+    fn layer_norm_backward(
+        tensor: FloatTensor<B>,
+        gamma: FloatTensor<B>,
+        epsilon: f64,
+        grad: FloatTensor<B>,
+    ) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+        super::layer_norm::layer_norm_backward_fallback::<B>(tensor, gamma, epsilon, grad)
     }
 
     /// Computes the Connectionist Temporal Classification (CTC) loss.

@@ -7,6 +7,9 @@ pub mod linear;
 /// Module with attention operations.
 pub mod attention;
 
+/// Module with layer normalisation built from tensor operations (Hetero).
+pub mod layer_norm;
+
 /// Module with CTC loss operations.
 pub mod ctc;
 
