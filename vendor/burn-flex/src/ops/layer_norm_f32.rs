@@ -75,18 +75,19 @@ pub fn layer_norm_backward(
     ))
 }
 
-/// `Σ f(i)` for `i < n` in 16 lanes (so the sum runs in vector registers; one f32
-/// running sum stays scalar), the lanes then added in order.
+/// `Σ a[i]·b[i]` in 16 lanes over whole blocks (so it runs in vector registers; one
+/// f32 running sum stays scalar), the lanes then added in order, then the rest.
 #[inline(always)]
-fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+fn dot(a: &[f32], b: &[f32]) -> f32 {
     const W: usize = 16;
     let mut lanes = [0f32; W];
-    for c in 0..n / W {
-        for (l, lane) in lanes.iter_mut().enumerate() {
-            *lane += f(c * W + l);
+    let (blocks_a, blocks_b) = (a.chunks_exact(W), b.chunks_exact(W));
+    let rest: f32 = blocks_a.remainder().iter().zip(blocks_b.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in blocks_a.zip(blocks_b) {
+        for l in 0..W {
+            lanes[l] += x[l] * y[l];
         }
     }
-    let rest: f32 = (n / W * W..n).map(&f).sum();
     lanes.iter().sum::<f32>() + rest
 }
 
@@ -96,16 +97,24 @@ multiversioned! {
     fn rows_backward(x: &[f32], g: &[f32], gamma: &[f32], epsilon: f32, dx: &mut [MaybeUninit<f32>], sums: &mut [f32]) {
         let d = gamma.len();
         let (dgamma, dbeta) = sums.split_at_mut(d);
+        let ones = vec![1f32; d];
+        // Per row: x − mean, then ĝ = g·γ.
+        let (mut centered, mut ghat) = (vec![0f32; d], vec![0f32; d]);
         for ((x, g), dx) in x.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
-            let mean = lane_sum(d, |i| x[i]) / d as f32;
-            let var = lane_sum(d, |i| (x[i] - mean) * (x[i] - mean)) / d as f32;
-            let rstd = 1.0 / (var + epsilon).sqrt();
-            // ĝ = g·γ and x̂ = (x − mean)·rstd; the means of ĝ and ĝ·x̂.
-            let mean_g = lane_sum(d, |i| g[i] * gamma[i]) / d as f32;
-            let mean_gx = lane_sum(d, |i| g[i] * gamma[i] * (x[i] - mean) * rstd) / d as f32;
+            let mean = dot(x, &ones) / d as f32;
+            for (c, &v) in centered.iter_mut().zip(x) {
+                *c = v - mean;
+            }
+            let rstd = 1.0 / (dot(&centered, &centered) / d as f32 + epsilon).sqrt();
+            for ((h, &gv), &w) in ghat.iter_mut().zip(g).zip(gamma) {
+                *h = gv * w;
+            }
+            // The means of ĝ and of ĝ·x̂ (x̂ = (x − mean)·rstd).
+            let mean_g = dot(&ghat, &ones) / d as f32;
+            let mean_gx = dot(&ghat, &centered) * rstd / d as f32;
             for i in 0..d {
-                let xhat = (x[i] - mean) * rstd;
-                dx[i].write(rstd * (g[i] * gamma[i] - mean_g - xhat * mean_gx));
+                let xhat = centered[i] * rstd;
+                dx[i].write(rstd * (ghat[i] - mean_g - xhat * mean_gx));
                 dgamma[i] += g[i] * xhat;
                 dbeta[i] += g[i];
             }
