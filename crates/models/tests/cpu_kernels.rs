@@ -232,8 +232,20 @@ fn strides_paddings_dilations_groups_and_odd_shapes_match() {
     check(case([5, 4, 8, 8], 6, [1, 1], [1, 1], PaddingConfig2d::Valid));
     // Stride 1 with as many output columns as input columns (each tap one shifted
     // copy of the plane): fewer output rows than input rows, then more.
-    check(case([2, 3, 9, 6], 4, [5, 3], [1, 1], PaddingConfig2d::Explicit(0, 1, 0, 1)));
-    check(case([2, 2, 5, 7], 3, [1, 3], [1, 1], PaddingConfig2d::Explicit(2, 1, 2, 1)));
+    check(case(
+        [2, 3, 9, 6],
+        4,
+        [5, 3],
+        [1, 1],
+        PaddingConfig2d::Explicit(0, 1, 0, 1),
+    ));
+    check(case(
+        [2, 2, 5, 7],
+        3,
+        [1, 3],
+        [1, 1],
+        PaddingConfig2d::Explicit(2, 1, 2, 1),
+    ));
     check(Case {
         dilation: [1, 2],
         ..case([2, 3, 9, 7], 5, [4, 2], [3, 1], PaddingConfig2d::Explicit(2, 1, 2, 1))
@@ -588,7 +600,11 @@ fn relu_matches_a_mask_and_leaves_shared_inputs_alone() {
         // A fresh, unshared tensor is rectified in place.
         let fresh = burn::tensor::activation::relu(x0.clone().mul_scalar(1.0));
         close(fresh, x0.clone() * positive.clone(), &format!("relu in place of {len}"));
-        close(x.grad(&grads).unwrap(), (up * positive).inner(), &format!("relu gradient of {len}"));
+        close(
+            x.grad(&grads).unwrap(),
+            (up * positive).inner(),
+            &format!("relu gradient of {len}"),
+        );
         x0.to_data().assert_eq(&before, true);
     }
 }
