@@ -246,6 +246,14 @@ fn strides_paddings_dilations_groups_and_odd_shapes_match() {
         [1, 1],
         PaddingConfig2d::Explicit(2, 1, 2, 1),
     ));
+    // A one-row image under a 5×5 "same" kernel: most taps read no row at all.
+    check(case(
+        [2, 2, 1, 6],
+        3,
+        [5, 5],
+        [1, 1],
+        PaddingConfig2d::Explicit(2, 2, 2, 2),
+    ));
     check(Case {
         dilation: [1, 2],
         ..case([2, 3, 9, 7], 5, [4, 2], [3, 1], PaddingConfig2d::Explicit(2, 1, 2, 1))

@@ -149,7 +149,9 @@ impl Geometry {
                         // wrapped around to a neighbouring row zeroed.
                         let (lo, hi) = shift.span();
                         row[..lo].fill(0.0);
-                        row[lo..hi].copy_from_slice(&plane[(lo as isize + shift.delta) as usize..][..hi - lo]);
+                        if hi > lo {
+                            row[lo..hi].copy_from_slice(&plane[(lo as isize + shift.delta) as usize..][..hi - lo]);
+                        }
                         row[hi..].fill(0.0);
                         for r in shift.rows.clone() {
                             row[r * ow..][..cols.start].fill(0.0);
@@ -203,8 +205,10 @@ impl Geometry {
                             row[r * ow + cols.end..][..ow - cols.end].fill(0.0);
                         }
                         let (lo, hi) = shift.span();
-                        let dst = &mut plane[(lo as isize + shift.delta) as usize..][..hi - lo];
-                        crate::ops::elementwise_f32::add_assign(dst, &row[lo..hi]);
+                        if hi > lo {
+                            let dst = &mut plane[(lo as isize + shift.delta) as usize..][..hi - lo];
+                            crate::ops::elementwise_f32::add_assign(dst, &row[lo..hi]);
+                        }
                         continue;
                     }
                     let row = &*row;
@@ -247,12 +251,13 @@ struct Shift {
 
 impl Shift {
     /// The output positions `lo..hi` within the rows inside whose input position
-    /// lies in the plane. Every position inside the image (a row in `rows` and a
-    /// valid column) is among them; the others are not read.
+    /// lies in the plane (possibly none: `lo == hi`). Every position inside the
+    /// image (a row in `rows` and a valid column) is among them; the others are not
+    /// read.
     fn span(&self) -> (usize, usize) {
-        let (lo, hi) = ((self.rows.start * self.ow) as isize, (self.rows.end * self.ow) as isize);
-        let lo = lo.max(-self.delta);
-        let hi = hi.min(self.plane as isize - self.delta).max(lo);
+        let (first, end) = ((self.rows.start * self.ow) as isize, (self.rows.end * self.ow) as isize);
+        let lo = (-self.delta).clamp(first, end);
+        let hi = (self.plane as isize - self.delta).clamp(lo, end);
         (lo as usize, hi as usize)
     }
 }

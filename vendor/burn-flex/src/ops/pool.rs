@@ -1974,7 +1974,8 @@ fn max_pool2d_2x2_backward_f32(x: &FlexTensor, grad: &FlexTensor, indices: &Flex
     let shape = x.layout().shape();
     let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
     let (oh, ow) = (h / 2, w / 2);
-    if grad.layout().shape().to_vec() != [n, c, oh, ow] || indices.dtype() != DType::I64 || grad.dtype() != DType::F32 {
+    let empty = oh == 0 || ow == 0;
+    if empty || grad.layout().shape().to_vec() != [n, c, oh, ow] || indices.dtype() != DType::I64 || grad.dtype() != DType::F32 {
         return None;
     }
     let (grad, indices) = (grad.to_contiguous(), indices.to_contiguous());
