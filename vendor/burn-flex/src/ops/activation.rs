@@ -26,6 +26,7 @@ impl ActivationOps<Flex> for Flex {
         if tensor.dtype() == DType::F32 {
             use crate::ops::elementwise_f32 as f32s;
             let mut x = tensor.to_contiguous();
+            drop(tensor); // so that `x` is the only owner when nothing else holds it
             if x.is_unique() && x.layout().start_offset() == 0 {
                 let n = x.layout().num_elements();
                 f32s::update(&mut x.storage_mut::<f32>()[..n], |_, chunk| f32s::relu_in_place(chunk));
@@ -43,7 +44,11 @@ impl ActivationOps<Flex> for Flex {
         // upstream gradient when it is not shared.
         if output.dtype() == DType::F32 && grad.dtype() == DType::F32 && output.layout().shape() == grad.layout().shape() {
             use crate::ops::elementwise_f32 as f32s;
-            let (output, mut grad) = (output.to_contiguous(), grad.to_contiguous());
+            let (output, mut grad) = {
+                let (o, g) = (output.to_contiguous(), grad.to_contiguous());
+                drop((output, grad)); // so that `g` is the only owner when nothing else holds it
+                (o, g)
+            };
             let os: &[f32] = output.storage();
             if grad.is_unique() && grad.layout().start_offset() == 0 {
                 let n = grad.layout().num_elements();
