@@ -1966,10 +1966,10 @@ multiversioned! {
     }
 }
 
-/// Hetero: the gradient of [`max_pool2d_2x2_f32`] — each window gets its output's
-/// gradient at the index it recorded and zeros elsewhere, written once, row by row,
-/// in parallel over the planes. `None` when the shapes are not a 2×2 pool's or an
-/// index lies outside its window (the caller then scatters in general).
+/// Hetero: the gradient of [`max_pool2d_2x2_f32`] — each plane zeroed, then each
+/// window's gradient put at the index it recorded, in parallel over the planes.
+/// `None` when the shapes are not a non-empty 2×2 pool's or an index lies outside
+/// its window (the caller then scatters in general).
 fn max_pool2d_2x2_backward_f32(x: &FlexTensor, grad: &FlexTensor, indices: &FlexTensor) -> Option<FlexTensor> {
     let shape = x.layout().shape();
     let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
@@ -2008,9 +2008,6 @@ fn max_pool2d_2x2_backward_f32(x: &FlexTensor, grad: &FlexTensor, indices: &Flex
 fn max_unpool_2x2_plane(grad: &[f32], indices: &[i64], h: usize, w: usize, dx: &mut [MaybeUninit<f32>]) -> bool {
     let (oh, ow) = (h / 2, w / 2);
     dx.fill(MaybeUninit::new(0.0));
-    if ow == 0 {
-        return true;
-    }
     for r in 0..oh {
         for q in 0..ow {
             let (g, at) = (grad[r * ow + q], indices[r * ow + q]);
