@@ -455,6 +455,8 @@ fn fused_attention_matches_its_parts<K: AutodiffBackend>() {
         ([2, 2, 9, 4, 8, 8], true, false),
         ([1, 4, 33, 17, 20, 17], false, true),
         ([2, 1, 3, 40, 3, 33], false, false),
+        ([2, 3, 20, 37, 48, 16], true, true),
+        ([1, 2, 70, 70, 16, 16], false, false),
     ];
     for (dims, causal, with_mask) in cases {
         let [batch, heads, seq_q, seq_kv, head_dim, val_dim] = dims;

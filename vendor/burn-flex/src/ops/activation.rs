@@ -1527,7 +1527,9 @@ pub(crate) fn gelu_f32(x: f32) -> f32 {
 #[inline(always)]
 pub(crate) fn gelu_grad_f32(x: f32, g: f32) -> f32 {
     const INV_SQRT_2PI: f32 = 0.398_942_3;
-    let cdf = 0.5 * (1.0 + crate::ops::unary::erf_f32(x * core::f32::consts::FRAC_1_SQRT_2));
-    let pdf = INV_SQRT_2PI * crate::ops::unary::exp_f32(-0.5 * x * x);
+    // erf(x / √2) and e^(−x² / 2) from one exp.
+    let (erf, gauss) = crate::ops::unary::erf_and_gauss_f32(x * core::f32::consts::FRAC_1_SQRT_2);
+    let cdf = 0.5 * (1.0 + erf);
+    let pdf = INV_SQRT_2PI * gauss;
     g * (cdf + x * pdf)
 }

@@ -22,6 +22,7 @@
 
 use alloc::vec;
 use alloc::vec::Vec;
+use core::ops::Range;
 use burn_backend::DType;
 use burn_backend::ops::AttentionModuleOptions;
 use burn_std::{Bytes, Shape};
@@ -57,41 +58,129 @@ pub(crate) fn handles(
 /// ones). Every per-head buffer pads its rows to a multiple of it with zeros.
 const W: usize = 16;
 
+/// Rows in a register block: query rows (or key rows, for the key and value
+/// gradients) are taken this many at a time, so each row of the right-hand
+/// operand loaded into registers serves all of them.
+const ROWS: usize = 8;
+
 fn padded(n: usize) -> usize {
     n.div_ceil(W) * W
 }
 
-/// `out[c·W..][..W] = Σ_d x[d] · m[d·stride + c·W..][..W]` for every chunk of `out`:
-/// a row vector times a row-major matrix, each output block kept in registers
-/// while `x` is swept. Four partial sums (over `d` mod 4) keep four independent
-/// chains of additions in flight; one chain waited on each add's latency.
+/// `dst.copy_from_slice(src)` for the short rows of a head, inlined: W lanes at a
+/// time as whole registers. (`copy_from_slice` calls `memmove`, whose call and
+/// dispatch cost more than copying 16 floats; gathering rows that way took 3 %
+/// of a transformer's step.)
 #[inline(always)]
-fn row_times<const FMA: bool>(x: &[f32], m: &[f32], stride: usize, out: &mut [f32]) {
-    #[inline(always)]
-    fn add<const FMA: bool>(acc: &mut [f32; W], xd: f32, row: &[f32]) {
-        let row: &[f32; W] = row[..W].try_into().unwrap();
-        for l in 0..W {
-            acc[l] = madd::<FMA>(xd, row[l], acc[l]);
+fn copy_short(dst: &mut [f32], src: &[f32]) {
+    assert_eq!(dst.len(), src.len());
+    let mut dst = dst.chunks_exact_mut(W);
+    let mut src = src.chunks_exact(W);
+    for (d, s) in (&mut dst).zip(&mut src) {
+        let d: &mut [f32; W] = d.try_into().unwrap();
+        *d = *<&[f32; W]>::try_from(s).unwrap();
+    }
+    for (d, s) in dst.into_remainder().iter_mut().zip(src.remainder()) {
+        *d = *s;
+    }
+}
+
+/// A left-hand operand: element `(r, k)` at `data[r·rs + k·ks]`. Either stride
+/// may be 1, so a matrix and its transpose are read alike.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    data: &'a [f32],
+    rs: usize,
+    ks: usize,
+}
+
+/// Where a product's rows go: row `r` at `data[r·rs..]`, only the first `rows`
+/// rows and `cols` columns (the rest of a register block is padding).
+struct Dest<'a> {
+    data: &'a mut [f32],
+    rs: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl Dest<'_> {
+    fn put(&mut self, r: usize, c0: usize, lanes: &[f32; W]) {
+        if r < self.rows && c0 < self.cols {
+            let n = W.min(self.cols - c0);
+            copy_short(&mut self.data[r * self.rs + c0..][..n], &lanes[..n]);
         }
     }
-    for (c, o) in out.chunks_exact_mut(W).enumerate() {
-        let m = &m[c * W..];
-        let (mut a0, mut a1, mut a2, mut a3) = ([0f32; W], [0f32; W], [0f32; W], [0f32; W]);
-        let mut quads = x.chunks_exact(4);
-        let mut d = 0;
-        for xs in &mut quads {
-            add::<FMA>(&mut a0, xs[0], &m[d * stride..]);
-            add::<FMA>(&mut a1, xs[1], &m[(d + 1) * stride..]);
-            add::<FMA>(&mut a2, xs[2], &m[(d + 2) * stride..]);
-            add::<FMA>(&mut a3, xs[3], &m[(d + 3) * stride..]);
-            d += 4;
+}
+
+/// `acc[r][c][l] = Σ_{k ∈ ks} a(r0 + r, k) · b[k·bs + c·W + l]`: an `R × C·W` block
+/// of a product kept in registers while `k` is swept, each `b` row loaded once
+/// for all `R` rows. (`R · C` accumulators also keep that many independent chains
+/// of additions in flight.)
+#[inline(always)]
+fn tile<const R: usize, const C: usize, const FMA: bool>(
+    a: Operand,
+    r0: usize,
+    ks: Range<usize>,
+    b: &[f32],
+    bs: usize,
+) -> [[[f32; W]; C]; R] {
+    let mut acc = [[[0f32; W]; C]; R];
+    for k in ks {
+        let row = &b[k * bs..][..C * W];
+        let at = r0 * a.rs + k * a.ks;
+        for (r, acc) in acc.iter_mut().enumerate() {
+            let x = a.data[at + r * a.rs];
+            for (c, acc) in acc.iter_mut().enumerate() {
+                for l in 0..W {
+                    acc[l] = madd::<FMA>(x, row[c * W + l], acc[l]);
+                }
+            }
         }
-        for &xd in quads.remainder() {
-            add::<FMA>(&mut a0, xd, &m[d * stride..]);
-            d += 1;
+    }
+    acc
+}
+
+/// Rows `r0..r0 + ROWS` of `A · B` over `ks`, where `B`'s rows are `bs` apart and
+/// `chunks · W` wide, into `out` (rows numbered from `r0`'s block, i.e. row `r0 + r`
+/// goes to `out` row `r0 + r`).
+#[inline(always)]
+fn block_product<const FMA: bool>(
+    a: Operand,
+    r0: usize,
+    ks: Range<usize>,
+    b: &[f32],
+    bs: usize,
+    chunks: usize,
+    out: &mut Dest,
+) {
+    let mut put = |r: usize, c: usize, lanes: &[[f32; W]]| {
+        for (i, lanes) in lanes.iter().enumerate() {
+            out.put(r, (c + i) * W, lanes);
         }
-        for l in 0..W {
-            o[l] = (a0[l] + a1[l]) + (a2[l] + a3[l]);
+    };
+    if chunks == 1 {
+        // One chunk wide (a head's width of 16): all ROWS rows at once.
+        for (r, acc) in tile::<ROWS, 1, FMA>(a, r0, ks, b, bs).iter().enumerate() {
+            put(r0 + r, 0, acc);
+        }
+        return;
+    }
+    // Wider (scores): half the rows, two chunks at a time.
+    const HALF: usize = ROWS / 2;
+    for r1 in [r0, r0 + HALF] {
+        let mut c = 0;
+        while c < chunks {
+            if c + 2 <= chunks {
+                for (r, acc) in tile::<HALF, 2, FMA>(a, r1, ks.clone(), &b[c * W..], bs).iter().enumerate() {
+                    put(r1 + r, c, acc);
+                }
+                c += 2;
+            } else {
+                for (r, acc) in tile::<HALF, 1, FMA>(a, r1, ks.clone(), &b[c * W..], bs).iter().enumerate() {
+                    put(r1 + r, c, acc);
+                }
+                c += 1;
+            }
         }
     }
 }
@@ -133,7 +222,7 @@ impl<'a> View<'a> {
             let row = &mut out[t * stride..][..self.cols];
             if self.strides[3] == 1 {
                 let at = self.at(b, h, t, 0);
-                row.copy_from_slice(&self.data[at..at + self.cols]);
+                copy_short(row, &self.data[at..at + self.cols]);
             } else {
                 for (d, x) in row.iter_mut().enumerate() {
                     *x = self.data[self.at(b, h, t, d)];
@@ -141,14 +230,16 @@ impl<'a> View<'a> {
             }
         }
     }
+}
 
-    /// The `(b, h)` matrix transposed, column `t` at `out[d·stride + t]`.
-    fn gather_transposed(&self, b: usize, h: usize, out: &mut [f32], stride: usize) {
-        for t in 0..self.rows {
-            let base = self.at(b, h, t, 0) as isize;
-            for d in 0..self.cols {
-                out[d * stride + t] = self.data[(base + d as isize * self.strides[3]) as usize];
-            }
+/// `rows × cols` of `src` (rows `src_stride` apart) transposed into `out`, column
+/// `t` of row `d` at `out[d·stride + t]`. Done on a head already gathered into
+/// L1: transposing while gathering from the tensor was a scalar read of another
+/// cache line per element.
+fn transpose(src: &[f32], src_stride: usize, rows: usize, cols: usize, out: &mut [f32], stride: usize) {
+    for (d, out) in out.chunks_mut(stride).take(cols).enumerate() {
+        for (t, x) in out[..rows].iter_mut().enumerate() {
+            *x = src[t * src_stride + d];
         }
     }
 }
@@ -225,107 +316,140 @@ impl Problem<'_> {
     }
 }
 
-/// One head's operands and intermediates, rows padded to multiples of [`W`].
+/// One head's operands and intermediates. Rows are padded to multiples of [`W`]
+/// and query rows to a multiple of [`ROWS`], with zeros.
 struct Head {
     /// Query rows, `seq_q × head_dim` (stride `dp`).
     q: Vec<f32>,
-    /// Key rows, `seq_kv × head_dim` (stride `dp`); backward only.
+    /// Key rows, `seq_kv × head_dim` (stride `dp`).
     k: Vec<f32>,
     /// Keys transposed, `head_dim × seq_kv` (stride `kp`).
     kt: Vec<f32>,
-    /// Value rows, `seq_kv × val_dim` (stride `vp`); forward only.
+    /// Value rows, `seq_kv × val_dim` (stride `vp`).
     v: Vec<f32>,
     /// Values transposed, `val_dim × seq_kv` (stride `kp`); backward only.
     vt: Vec<f32>,
-    /// The forward output's and its gradient's rows, `seq_q × val_dim` (stride `vp`).
+    /// The forward output's and its gradient's rows, `seq_q × val_dim` (stride `vp`);
+    /// backward only.
     o: Vec<f32>,
     g: Vec<f32>,
-    /// Probabilities and score gradients transposed, `seq_kv × seq_q` (stride `qp`).
-    pt: Vec<f32>,
-    dst: Vec<f32>,
-    /// One row of scores / probabilities, one of their gradients (`kp` long), the
-    /// scaled query row and an output row.
-    row: Vec<f32>,
-    drow: Vec<f32>,
-    q_scaled: Vec<f32>,
-    out: Vec<f32>,
+    /// Probabilities and (backward only) score gradients, `seq_q × seq_kv`
+    /// (stride `kp`).
+    p: Vec<f32>,
+    ds: Vec<f32>,
     dp: usize,
     vp: usize,
     kp: usize,
-    qp: usize,
 }
 
 impl Head {
     fn new(p: &Problem, backward: bool) -> Self {
-        let (dp, vp, kp, qp) = (padded(p.head_dim), padded(p.val_dim), padded(p.seq_kv), padded(p.seq_q));
+        let (dp, vp, kp) = (padded(p.head_dim), padded(p.val_dim), padded(p.seq_kv));
+        let rows = p.seq_q.div_ceil(ROWS) * ROWS;
         let only = |yes: bool, n: usize| vec![0f32; if yes { n } else { 0 }];
         Head {
-            q: vec![0.0; p.seq_q * dp],
-            k: only(backward, p.seq_kv * dp),
+            q: vec![0.0; rows * dp],
+            k: vec![0.0; p.seq_kv * dp],
             kt: vec![0.0; p.head_dim * kp],
-            v: only(!backward, p.seq_kv * vp),
+            v: vec![0.0; p.seq_kv * vp],
             vt: only(backward, p.val_dim * kp),
             o: only(backward, p.seq_q * vp),
-            g: only(backward, p.seq_q * vp),
-            pt: only(backward, p.seq_kv * qp),
-            dst: only(backward, p.seq_kv * qp),
-            row: vec![0.0; kp],
-            drow: vec![0.0; kp],
-            q_scaled: vec![0.0; p.head_dim],
-            out: vec![0.0; dp.max(vp)],
+            g: only(backward, rows * vp),
+            p: vec![0.0; rows * kp],
+            ds: only(backward, rows * kp),
             dp,
             vp,
             kp,
-            qp,
         }
     }
 
-    /// Query `row`'s attention probabilities over its first `end` keys, into
-    /// `self.row[..end]` (zero after it). False when every key is hidden.
+    /// The scores of query rows `r0..r0 + ROWS` over their block's first `cols`
+    /// keys (a multiple of [`W`]), scaled and turned into probabilities in `self.p`
+    /// (zero for hidden keys and for rows that see no key).
     #[inline(always)]
-    fn probabilities<const FMA: bool>(&mut self, p: &Problem, row: usize, end: usize, mask: Option<&[u8]>) -> bool {
-        if end == 0 {
-            return false;
-        }
-        for (s, &q) in self.q_scaled.iter_mut().zip(&self.q[row * self.dp..]) {
-            *s = q * p.scale;
-        }
-        let blocks = padded(end);
-        let scores = &mut self.row[..blocks];
-        row_times::<FMA>(&self.q_scaled, &self.kt, self.kp, scores);
-        scores[end..].fill(f32::NEG_INFINITY);
-        if let Some(mask) = mask {
-            for (s, &m) in scores.iter_mut().zip(mask) {
-                if m != 0 {
-                    *s = f32::NEG_INFINITY;
-                }
+    fn probabilities<const FMA: bool>(&mut self, p: &Problem, b: usize, h: usize, r0: usize, cols: usize) {
+        let q = Operand { data: &self.q, rs: self.dp, ks: 1 };
+        let mut dest = Dest { data: &mut self.p, rs: self.kp, rows: usize::MAX, cols };
+        block_product::<FMA>(q, r0, 0..p.head_dim, &self.kt, self.kp, cols / W, &mut dest);
+        for row in r0..(r0 + ROWS).min(p.seq_q) {
+            let scores = &mut self.p[row * self.kp..][..cols];
+            if !softmax(scores, p.visible(row), p.mask_row(b, h, row), p.scale) {
+                scores.fill(0.0);
             }
         }
-        // Whole blocks of W lanes, so each loop runs in vector registers (a float
-        // running sum or `f32::max` would keep it scalar).
-        let mut lanes = [f32::NEG_INFINITY; W];
-        for block in scores.chunks_exact(W) {
-            for l in 0..W {
-                lanes[l] = if block[l] > lanes[l] { block[l] } else { lanes[l] };
-            }
-        }
-        let max = lanes.iter().fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
-        if max == f32::NEG_INFINITY {
-            return false;
-        }
-        let mut sums = [0f32; W];
-        for block in scores.chunks_exact_mut(W) {
-            for l in 0..W {
-                block[l] = exp_f32(block[l] - max);
-                sums[l] += block[l];
-            }
-        }
-        let inv = 1.0 / sums.iter().sum::<f32>();
-        for s in scores.iter_mut() {
-            *s *= inv;
-        }
-        true
     }
+}
+
+/// `lanes` reduced by `op` as a tree (halves, then quarters, ...): four steps of
+/// shuffles where a left-to-right fold is a chain of sixteen dependent scalar
+/// operations, which cost more than a row's products.
+#[inline(always)]
+fn tree(mut lanes: [f32; W], op: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut half = W / 2;
+    while half > 0 {
+        for l in 0..half {
+            lanes[l] = op(lanes[l], lanes[l + half]);
+        }
+        half /= 2;
+    }
+    lanes[0]
+}
+
+/// `a · b` over rows padded to whole blocks of [`W`] lanes.
+#[inline(always)]
+fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; W];
+    for (a, b) in a.chunks_exact(W).zip(b.chunks_exact(W)) {
+        for l in 0..W {
+            lanes[l] = madd::<FMA>(a[l], b[l], lanes[l]);
+        }
+    }
+    tree(lanes, |a, b| a + b)
+}
+
+/// `scores[..end]` (a multiple of [`W`] long) scaled by `scale` and turned into
+/// probabilities in place; keys at and after `end` and those `mask` hides get 0.
+/// False when every key is hidden.
+#[inline(always)]
+fn softmax(scores: &mut [f32], end: usize, mask: Option<&[u8]>, scale: f32) -> bool {
+    if end == 0 {
+        return false;
+    }
+    for s in scores[..end].iter_mut() {
+        *s *= scale;
+    }
+    scores[end..].fill(f32::NEG_INFINITY);
+    if let Some(mask) = mask {
+        for (s, &m) in scores.iter_mut().zip(mask) {
+            if m != 0 {
+                *s = f32::NEG_INFINITY;
+            }
+        }
+    }
+    // Whole blocks of W lanes, so each loop runs in vector registers (a float
+    // running sum or `f32::max` would keep it scalar).
+    let mut lanes = [f32::NEG_INFINITY; W];
+    for block in scores.chunks_exact(W) {
+        for l in 0..W {
+            lanes[l] = if block[l] > lanes[l] { block[l] } else { lanes[l] };
+        }
+    }
+    let max = tree(lanes, |a, b| if b > a { b } else { a });
+    if max == f32::NEG_INFINITY {
+        return false;
+    }
+    let mut sums = [0f32; W];
+    for block in scores.chunks_exact_mut(W) {
+        for l in 0..W {
+            block[l] = exp_f32(block[l] - max);
+            sums[l] += block[l];
+        }
+    }
+    let inv = 1.0 / tree(sums, |a, b| a + b);
+    for s in scores.iter_mut() {
+        *s *= inv;
+    }
+    true
 }
 
 /// The mask as contiguous u8 `[seq_q, seq_kv]` tiles with per-batch and per-head steps.
@@ -440,16 +564,20 @@ multiversioned! {
         let mut s = Head::new(p, false);
         for h in 0..p.heads {
             q.gather(b, h, &mut s.q, s.dp);
-            k.gather_transposed(b, h, &mut s.kt, s.kp);
+            k.gather(b, h, &mut s.k, s.dp);
+            transpose(&s.k, s.dp, p.seq_kv, p.head_dim, &mut s.kt, s.kp);
             v.gather(b, h, &mut s.v, s.vp);
-            for row in 0..p.seq_q {
-                let end = p.visible(row);
-                if !s.probabilities::<FMA>(p, row, end, p.mask_row(b, h, row)) {
-                    continue; // every key hidden: the output row stays 0
+            let mut out = Dest { data: &mut out[h * p.val_dim..], rs: row_len, rows: p.seq_q, cols: p.val_dim };
+            for r0 in (0..p.seq_q).step_by(ROWS) {
+                // Keys the block's last row sees (the most any of its rows sees).
+                let end = p.visible((r0 + ROWS).min(p.seq_q) - 1);
+                if end == 0 {
+                    continue; // every key hidden: the output rows stay 0
                 }
-                // O_i = Σ_j p_j V_j
-                row_times::<FMA>(&s.row[..end], &s.v, s.vp, &mut s.out[..s.vp]);
-                out[row * row_len + h * p.val_dim..][..p.val_dim].copy_from_slice(&s.out[..p.val_dim]);
+                s.probabilities::<FMA>(p, b, h, r0, padded(end));
+                // O = P · V
+                let probs = Operand { data: &s.p, rs: s.kp, ks: 1 };
+                block_product::<FMA>(probs, r0, 0..end, &s.v, s.vp, s.vp / W, &mut out);
             }
         }
     }
@@ -472,41 +600,49 @@ multiversioned! {
         for h in 0..p.heads {
             q.gather(b, h, &mut s.q, s.dp);
             k.gather(b, h, &mut s.k, s.dp);
-            k.gather_transposed(b, h, &mut s.kt, s.kp);
-            v.gather_transposed(b, h, &mut s.vt, s.kp);
+            transpose(&s.k, s.dp, p.seq_kv, p.head_dim, &mut s.kt, s.kp);
+            v.gather(b, h, &mut s.v, s.vp);
+            transpose(&s.v, s.vp, p.seq_kv, p.val_dim, &mut s.vt, s.kp);
             o.gather(b, h, &mut s.o, s.vp);
             g.gather(b, h, &mut s.g, s.vp);
-            s.pt.fill(0.0);
-            s.dst.fill(0.0);
-            for row in 0..p.seq_q {
-                let end = p.visible(row);
-                if !s.probabilities::<FMA>(p, row, end, p.mask_row(b, h, row)) {
+            // Blocks a row never reaches are read below (as zeros) by the key and
+            // value gradients.
+            s.p.fill(0.0);
+            s.ds.fill(0.0);
+            let mut dq = Dest { data: &mut dq[h * p.head_dim..], rs: qk_row, rows: p.seq_q, cols: p.head_dim };
+            for r0 in (0..p.seq_q).step_by(ROWS) {
+                let last = (r0 + ROWS).min(p.seq_q) - 1;
+                let end = p.visible(last);
+                if end == 0 {
                     continue; // every key hidden: no gradient flows
                 }
-                let g_row = &s.g[row * s.vp..][..p.val_dim];
-                let o_row = &s.o[row * s.vp..][..p.val_dim];
-                let delta: f32 = g_row.iter().zip(o_row).map(|(g, o)| g * o).sum();
-                // dP_j = dO_i · V_j, then dS_j = p_j (dP_j − δ_i) · scale
-                let blocks = padded(end);
-                row_times::<FMA>(g_row, &s.vt, s.kp, &mut s.drow[..blocks]);
-                for (j, (d, &pj)) in s.drow[..end].iter_mut().zip(&s.row[..end]).enumerate() {
-                    *d = pj * (*d - delta) * p.scale;
-                    s.pt[j * s.qp + row] = pj;
-                    s.dst[j * s.qp + row] = *d;
+                let cols = padded(end);
+                s.probabilities::<FMA>(p, b, h, r0, cols);
+                // dP = dO · Vᵗ, then dS = P ∘ (dP − δ) · scale with δ_i = dO_i · O_i
+                let grads = Operand { data: &s.g, rs: s.vp, ks: 1 };
+                let mut dest = Dest { data: &mut s.ds, rs: s.kp, rows: usize::MAX, cols };
+                block_product::<FMA>(grads, r0, 0..p.val_dim, &s.vt, s.kp, cols / W, &mut dest);
+                for row in r0..=last {
+                    let delta = dot::<FMA>(&s.g[row * s.vp..][..s.vp], &s.o[row * s.vp..][..s.vp]);
+                    let probs = &s.p[row * s.kp..][..cols];
+                    for (d, &pj) in s.ds[row * s.kp..][..cols].iter_mut().zip(probs) {
+                        *d = pj * (*d - delta) * p.scale;
+                    }
                 }
-                // dQ_i = Σ_j dS_j K_j
-                row_times::<FMA>(&s.drow[..end], &s.k, s.dp, &mut s.out[..s.dp]);
-                dq[row * qk_row + h * p.head_dim..][..p.head_dim].copy_from_slice(&s.out[..p.head_dim]);
+                // dQ = dS · K
+                let score_grads = Operand { data: &s.ds, rs: s.kp, ks: 1 };
+                block_product::<FMA>(score_grads, r0, 0..end, &s.k, s.dp, s.dp / W, &mut dq);
             }
-            // dV_j = Σ_i p_ij dO_i and dK_j = Σ_i dS_ij Q_i, over the rows that see key j.
-            for j in 0..p.seq_kv {
-                let first = p.first_seeing(j);
-                let probs = &s.pt[j * s.qp + first..j * s.qp + p.seq_q];
-                row_times::<FMA>(probs, &s.g[first * s.vp..], s.vp, &mut s.out[..s.vp]);
-                dv[j * v_row + h * p.val_dim..][..p.val_dim].copy_from_slice(&s.out[..p.val_dim]);
-                let grads = &s.dst[j * s.qp + first..j * s.qp + p.seq_q];
-                row_times::<FMA>(grads, &s.q[first * s.dp..], s.dp, &mut s.out[..s.dp]);
-                dk[j * qk_row + h * p.head_dim..][..p.head_dim].copy_from_slice(&s.out[..p.head_dim]);
+            // dV = Pᵗ · dO and dK = dSᵗ · Q, over the query rows that see each key
+            // (the first row that sees the block's first key sees all of them).
+            let mut dv = Dest { data: &mut dv[h * p.val_dim..], rs: v_row, rows: p.seq_kv, cols: p.val_dim };
+            let mut dk = Dest { data: &mut dk[h * p.head_dim..], rs: qk_row, rows: p.seq_kv, cols: p.head_dim };
+            for j0 in (0..p.seq_kv).step_by(ROWS) {
+                let seen_from = p.first_seeing(j0)..p.seq_q;
+                let probs_t = Operand { data: &s.p, rs: 1, ks: s.kp };
+                block_product::<FMA>(probs_t, j0, seen_from.clone(), &s.g, s.vp, s.vp / W, &mut dv);
+                let score_grads_t = Operand { data: &s.ds, rs: 1, ks: s.kp };
+                block_product::<FMA>(score_grads_t, j0, seen_from, &s.q, s.dp, s.dp / W, &mut dk);
             }
         }
     }
