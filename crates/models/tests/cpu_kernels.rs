@@ -446,21 +446,28 @@ fn fused_attention_matches_its_parts<K: AutodiffBackend>() {
     use burn::tensor::module::{attention, attention_fallback};
     use burn::tensor::ops::AttentionModuleOptions;
     let device = Default::default();
-    // `[batch, heads, seq_q, seq_kv, head_dim, val_dim]`, causal, and whether a
-    // random mask (with one query row fully hidden) is added.
+    // `[batch, heads, seq_q, seq_kv, head_dim, val_dim]`, causal, whether a random
+    // mask (different per head, with one query row fully hidden) is added, and an
+    // explicit scale (the default is 1/√head_dim).
     let cases = [
-        ([2, 3, 7, 7, 5, 4], true, false),
-        ([3, 4, 64, 64, 16, 16], true, false),
-        ([2, 2, 5, 9, 16, 8], true, true),
-        ([2, 2, 9, 4, 8, 8], true, false),
-        ([1, 4, 33, 17, 20, 17], false, true),
-        ([2, 1, 3, 40, 3, 33], false, false),
-        ([2, 3, 20, 37, 48, 16], true, true),
-        ([1, 2, 70, 70, 16, 16], false, false),
+        ([2, 3, 7, 7, 5, 4], true, false, None),
+        ([3, 4, 64, 64, 16, 16], true, false, None),
+        ([2, 2, 5, 9, 16, 8], true, true, Some(0.7)),
+        ([2, 2, 9, 4, 8, 8], true, false, None),
+        ([1, 4, 33, 17, 20, 17], false, true, None),
+        ([2, 1, 3, 40, 3, 33], false, false, None),
+        ([2, 3, 20, 37, 48, 16], true, true, None),
+        ([1, 2, 70, 70, 16, 16], false, false, None),
+        // Causal with 16 more queries than keys: the first two blocks of 8 query
+        // rows see no key at all.
+        ([2, 3, 20, 4, 16, 16], true, false, None),
+        // One query (decoding) and one key.
+        ([2, 2, 1, 1, 16, 16], true, false, None),
+        ([1, 2, 1, 9, 8, 8], false, false, Some(0.3)),
     ];
-    for (dims, causal, with_mask) in cases {
+    for (dims, causal, with_mask, scale) in cases {
         let [batch, heads, seq_q, seq_kv, head_dim, val_dim] = dims;
-        let what = format!("dims {dims:?} causal {causal} mask {with_mask}");
+        let what = format!("dims {dims:?} causal {causal} mask {with_mask} scale {scale:?}");
         // `[batch, seq, heads, dim]` tensors seen as `[batch, heads, seq, dim]`.
         let input =
             |seq, dim| Tensor::<K, 4>::random([batch, seq, heads, dim], Distribution::Normal(0.0, 1.5), &device);
@@ -471,16 +478,16 @@ fn fused_attention_matches_its_parts<K: AutodiffBackend>() {
             &device,
         );
         let mask = with_mask.then(|| {
-            let hidden = Tensor::<K, 4>::random([batch, 1, seq_q, seq_kv], Distribution::Uniform(0.0, 1.0), &device)
-                .lower_elem(0.3);
+            let hidden =
+                Tensor::<K, 4>::random([batch, heads, seq_q, seq_kv], Distribution::Uniform(0.0, 1.0), &device)
+                    .lower_elem(0.3);
             // Query row 1 sees nothing: its output and gradients are 0.
-            let row = Tensor::<K, 4, Bool>::full([batch, 1, 1, seq_kv], true, &device);
-            hidden
-                .slice_assign(s![.., .., 1..2, ..], row)
-                .expand([batch, heads, seq_q, seq_kv])
+            let row = Tensor::<K, 4, Bool>::full([batch, heads, 1, seq_kv], true, &device);
+            hidden.slice_assign(s![.., .., 1..2, ..], row)
         });
         let options = AttentionModuleOptions {
             is_causal: causal,
+            scale,
             ..Default::default()
         };
 

@@ -3,14 +3,17 @@
 //!
 //! Each `(batch, head)` pair is one small problem: its query, key and value rows
 //! are gathered (from any strides, so the `swap_dims` views a transformer passes
-//! cost no copy) into buffers that stay in L1, and every query row's scores,
+//! cost no copy) into per-thread buffers that stay in cache, and its scores,
 //! softmax and weighted sum of values are computed there, without ever writing
-//! the `[batch, heads, seq_q, seq_kv]` score tensor to memory. The backward pass
-//! recomputes each row's probabilities the same way and accumulates all three
-//! gradients in one sweep. Causal rows stop at their last visible key, so masked
-//! scores are never computed. Work is split over the batch with rayon; every
-//! `(batch, head)` pair is computed by one thread in a fixed order, so results do
-//! not depend on scheduling.
+//! the `[batch, heads, seq_q, seq_kv]` score tensor to memory. Query rows go in
+//! blocks of [`ROWS`]: every product is a register-blocked tile, so each row of
+//! the right-hand operand is loaded once per block, not once per query row. The
+//! backward pass recomputes the probabilities the same way, then sweeps the query
+//! blocks (the query gradient) and the key blocks (key and value gradients).
+//! Causal blocks stop at their last row's last visible key, so scores wholly
+//! hidden from a block are never computed. Work is split over the batch with
+//! rayon; every `(batch, head)` pair is computed by one thread in a fixed order,
+//! so results do not depend on scheduling.
 //!
 //! Results (the output and the three gradients) are laid out in memory as
 //! `[batch, seq, heads, dim]` and returned as `[batch, heads, seq, dim]` views: the
@@ -32,8 +35,9 @@ use super::elementwise_f32::{madd, multiversioned};
 use super::unary::exp_f32;
 use crate::{FlexTensor, Layout};
 
-/// Largest score tile (`seq_q × seq_kv`) the fused kernels handle: one query row
-/// of scores and the gathered key and value rows stay in L1/L2 up to this size.
+/// Largest score tile (`seq_q × seq_kv`, each padded to a multiple of 16) the
+/// fused kernels handle: a head's probabilities and the gathered key and value
+/// rows stay in L2 up to this size.
 const MAX_TILE: usize = 256 * 256;
 
 /// Whether the fused kernels handle these arguments: f32, 4-D, no additive bias
@@ -51,7 +55,7 @@ pub(crate) fn handles(
         .all(|t| t.dtype() == DType::F32 && four_d(t))
         && !has_bias
         && options.softcap.is_none()
-        && query.layout().shape()[2] * key.layout().shape()[2] <= MAX_TILE
+        && padded(query.layout().shape()[2]) * padded(key.layout().shape()[2]) <= MAX_TILE
 }
 
 /// Width of the register blocks: 16 f32 lanes, one AVX-512 register (two AVX2
@@ -165,7 +169,7 @@ fn block_product<const FMA: bool>(
         }
         return;
     }
-    // Wider (scores): half the rows, two chunks at a time.
+    // Wider (scores, or heads wider than 16): half the rows, two chunks at a time.
     const HALF: usize = ROWS / 2;
     for r1 in [r0, r0 + HALF] {
         let mut c = 0;
@@ -237,6 +241,9 @@ impl<'a> View<'a> {
 /// L1: transposing while gathering from the tensor was a scalar read of another
 /// cache line per element.
 fn transpose(src: &[f32], src_stride: usize, rows: usize, cols: usize, out: &mut [f32], stride: usize) {
+    if stride == 0 {
+        return; // no keys: nothing to transpose (and `chunks_mut(0)` panics)
+    }
     for (d, out) in out.chunks_mut(stride).take(cols).enumerate() {
         for (t, x) in out[..rows].iter_mut().enumerate() {
             *x = src[t * src_stride + d];
@@ -365,18 +372,29 @@ impl Head {
 
     /// The scores of query rows `r0..r0 + ROWS` over their block's first `cols`
     /// keys (a multiple of [`W`]), scaled and turned into probabilities in `self.p`
-    /// (zero for hidden keys and for rows that see no key).
+    /// (zero for hidden keys and for rows that see no key). Returns, per row of
+    /// the block, whether it sees any key.
     #[inline(always)]
-    fn probabilities<const FMA: bool>(&mut self, p: &Problem, b: usize, h: usize, r0: usize, cols: usize) {
+    fn probabilities<const FMA: bool>(
+        &mut self,
+        p: &Problem,
+        b: usize,
+        h: usize,
+        r0: usize,
+        cols: usize,
+    ) -> [bool; ROWS] {
         let q = Operand { data: &self.q, rs: self.dp, ks: 1 };
         let mut dest = Dest { data: &mut self.p, rs: self.kp, rows: usize::MAX, cols };
         block_product::<FMA>(q, r0, 0..p.head_dim, &self.kt, self.kp, cols / W, &mut dest);
-        for row in r0..(r0 + ROWS).min(p.seq_q) {
+        let mut sees = [false; ROWS];
+        for (row, sees) in (r0..(r0 + ROWS).min(p.seq_q)).zip(&mut sees) {
             let scores = &mut self.p[row * self.kp..][..cols];
-            if !softmax(scores, p.visible(row), p.mask_row(b, h, row), p.scale) {
+            *sees = softmax(scores, p.visible(row), p.mask_row(b, h, row), p.scale);
+            if !*sees {
                 scores.fill(0.0);
             }
         }
+        sees
     }
 }
 
@@ -407,7 +425,7 @@ fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     tree(lanes, |a, b| a + b)
 }
 
-/// `scores[..end]` (a multiple of [`W`] long) scaled by `scale` and turned into
+/// `scores` (a multiple of [`W`] long) scaled by `scale` and turned into
 /// probabilities in place; keys at and after `end` and those `mask` hides get 0.
 /// False when every key is hidden.
 #[inline(always)]
@@ -574,7 +592,7 @@ multiversioned! {
                 if end == 0 {
                     continue; // every key hidden: the output rows stay 0
                 }
-                s.probabilities::<FMA>(p, b, h, r0, padded(end));
+                let _ = s.probabilities::<FMA>(p, b, h, r0, padded(end));
                 // O = P · V
                 let probs = Operand { data: &s.p, rs: s.kp, ks: 1 };
                 block_product::<FMA>(probs, r0, 0..end, &s.v, s.vp, s.vp / W, &mut out);
@@ -617,15 +635,22 @@ multiversioned! {
                     continue; // every key hidden: no gradient flows
                 }
                 let cols = padded(end);
-                s.probabilities::<FMA>(p, b, h, r0, cols);
+                let sees = s.probabilities::<FMA>(p, b, h, r0, cols);
                 // dP = dO · Vᵗ, then dS = P ∘ (dP − δ) · scale with δ_i = dO_i · O_i
                 let grads = Operand { data: &s.g, rs: s.vp, ks: 1 };
                 let mut dest = Dest { data: &mut s.ds, rs: s.kp, rows: usize::MAX, cols };
                 block_product::<FMA>(grads, r0, 0..p.val_dim, &s.vt, s.kp, cols / W, &mut dest);
-                for row in r0..=last {
+                for (row, sees) in (r0..=last).zip(sees) {
+                    let ds = &mut s.ds[row * s.kp..][..cols];
+                    if !sees {
+                        // No gradient flows (and a non-finite dO or O in that row
+                        // must not reach the others through 0 · ∞).
+                        ds.fill(0.0);
+                        continue;
+                    }
                     let delta = dot::<FMA>(&s.g[row * s.vp..][..s.vp], &s.o[row * s.vp..][..s.vp]);
                     let probs = &s.p[row * s.kp..][..cols];
-                    for (d, &pj) in s.ds[row * s.kp..][..cols].iter_mut().zip(probs) {
+                    for (d, &pj) in ds.iter_mut().zip(probs) {
                         *d = pj * (*d - delta) * p.scale;
                     }
                 }
@@ -633,8 +658,9 @@ multiversioned! {
                 let score_grads = Operand { data: &s.ds, rs: s.kp, ks: 1 };
                 block_product::<FMA>(score_grads, r0, 0..end, &s.k, s.dp, s.dp / W, &mut dq);
             }
-            // dV = Pᵗ · dO and dK = dSᵗ · Q, over the query rows that see each key
-            // (the first row that sees the block's first key sees all of them).
+            // dV = Pᵗ · dO and dK = dSᵗ · Q, over the query rows from the first that
+            // sees the block's first key (earlier rows see none of the block; later
+            // ones have zeros in P and dS where they do not see a key).
             let mut dv = Dest { data: &mut dv[h * p.val_dim..], rs: v_row, rows: p.seq_kv, cols: p.val_dim };
             let mut dk = Dest { data: &mut dk[h * p.head_dim..], rs: qk_row, rows: p.seq_kv, cols: p.head_dim };
             for j0 in (0..p.seq_kv).step_by(ROWS) {
