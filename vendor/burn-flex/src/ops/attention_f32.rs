@@ -31,7 +31,7 @@ use burn_backend::ops::AttentionModuleOptions;
 use burn_std::{Bytes, Shape};
 
 use super::attention::broadcast_attn_mask_bias;
-use super::elementwise_f32::{madd, multiversioned};
+use super::elementwise_f32::{dot, madd, multiversioned, tree};
 use super::unary::exp_f32;
 use crate::{FlexTensor, Layout};
 
@@ -396,33 +396,6 @@ impl Head {
         }
         sees
     }
-}
-
-/// `lanes` reduced by `op` as a tree (halves, then quarters, ...): four steps of
-/// shuffles where a left-to-right fold is a chain of sixteen dependent scalar
-/// operations, which cost more than a row's products.
-#[inline(always)]
-fn tree(mut lanes: [f32; W], op: impl Fn(f32, f32) -> f32) -> f32 {
-    let mut half = W / 2;
-    while half > 0 {
-        for l in 0..half {
-            lanes[l] = op(lanes[l], lanes[l + half]);
-        }
-        half /= 2;
-    }
-    lanes[0]
-}
-
-/// `a · b` over rows padded to whole blocks of [`W`] lanes.
-#[inline(always)]
-fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; W];
-    for (a, b) in a.chunks_exact(W).zip(b.chunks_exact(W)) {
-        for l in 0..W {
-            lanes[l] = madd::<FMA>(a[l], b[l], lanes[l]);
-        }
-    }
-    tree(lanes, |a, b| a + b)
 }
 
 /// `scores` (a multiple of [`W`] long) scaled by `scale` and turned into

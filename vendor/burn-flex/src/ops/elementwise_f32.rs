@@ -58,6 +58,37 @@ pub(crate) fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     a * b + c
 }
 
+/// `lanes` reduced by `op` as a tree (halves, then quarters, ...): four steps of
+/// shuffles where a left-to-right fold is a chain of sixteen dependent scalar
+/// operations (in attention's softmax, they cost more than a row's products).
+#[inline(always)]
+pub(crate) fn tree(mut lanes: [f32; 16], op: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut half = 8;
+    while half > 0 {
+        for l in 0..half {
+            lanes[l] = op(lanes[l], lanes[l + half]);
+        }
+        half /= 2;
+    }
+    lanes[0]
+}
+
+/// `Σ a[i]·b[i]` (equal lengths) in 16 lanes over whole blocks, so it runs in
+/// vector registers (one f32 running sum stays scalar); the lanes reduced as a
+/// [`tree`], then the rest added. Call it from a `multiversioned!` body.
+#[inline(always)]
+pub(crate) fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (blocks_a, blocks_b) = (a.chunks_exact(16), b.chunks_exact(16));
+    let rest: f32 = blocks_a.remainder().iter().zip(blocks_b.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in blocks_a.zip(blocks_b) {
+        for l in 0..16 {
+            lanes[l] = madd::<FMA>(x[l], y[l], lanes[l]);
+        }
+    }
+    tree(lanes, |x, y| x + y) + rest
+}
+
 /// Below this many elements one thread does the work (splitting costs more).
 const PARALLEL_FROM: usize = 1 << 15;
 

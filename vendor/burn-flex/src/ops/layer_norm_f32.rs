@@ -13,7 +13,7 @@ use core::mem::MaybeUninit;
 use burn_backend::DType;
 use burn_std::Bytes;
 
-use super::elementwise_f32::multiversioned;
+use super::elementwise_f32::{dot, multiversioned};
 use crate::{FlexTensor, Layout};
 
 /// Rows per block: each block is one task and has its own `dγ`, `dβ` sums.
@@ -75,22 +75,6 @@ pub fn layer_norm_backward(
     ))
 }
 
-/// `Σ a[i]·b[i]` in 16 lanes over whole blocks (so it runs in vector registers; one
-/// f32 running sum stays scalar), the lanes then added in order, then the rest.
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    const W: usize = 16;
-    let mut lanes = [0f32; W];
-    let (blocks_a, blocks_b) = (a.chunks_exact(W), b.chunks_exact(W));
-    let rest: f32 = blocks_a.remainder().iter().zip(blocks_b.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in blocks_a.zip(blocks_b) {
-        for l in 0..W {
-            lanes[l] += x[l] * y[l];
-        }
-    }
-    lanes.iter().sum::<f32>() + rest
-}
-
 multiversioned! {
     /// One block of rows (`x`, `g` and `dx` are `rows × d`, `d = gamma.len()`):
     /// writes `dx` and adds each row's `g · x̂` and `g` to `sums` (`[dγ, dβ]`).
@@ -101,17 +85,17 @@ multiversioned! {
         // Per row: x − mean, then ĝ = g·γ.
         let (mut centered, mut ghat) = (vec![0f32; d], vec![0f32; d]);
         for ((x, g), dx) in x.chunks_exact(d).zip(g.chunks_exact(d)).zip(dx.chunks_exact_mut(d)) {
-            let mean = dot(x, &ones) / d as f32;
+            let mean = dot::<FMA>(x, &ones) / d as f32;
             for (c, &v) in centered.iter_mut().zip(x) {
                 *c = v - mean;
             }
-            let rstd = 1.0 / (dot(&centered, &centered) / d as f32 + epsilon).sqrt();
+            let rstd = 1.0 / (dot::<FMA>(&centered, &centered) / d as f32 + epsilon).sqrt();
             for ((h, &gv), &w) in ghat.iter_mut().zip(g).zip(gamma) {
                 *h = gv * w;
             }
             // The means of ĝ and of ĝ·x̂ (x̂ = (x − mean)·rstd).
-            let mean_g = dot(&ghat, &ones) / d as f32;
-            let mean_gx = dot(&ghat, &centered) * rstd / d as f32;
+            let mean_g = dot::<FMA>(&ghat, &ones) / d as f32;
+            let mean_gx = dot::<FMA>(&ghat, &centered) * rstd / d as f32;
             for i in 0..d {
                 let xhat = centered[i] * rstd;
                 dx[i].write(rstd * (ghat[i] - mean_g - xhat * mean_gx));
