@@ -145,8 +145,7 @@ fn tile<const R: usize, const C: usize, const FMA: bool>(
 }
 
 /// Rows `r0..r0 + ROWS` of `A · B` over `ks`, where `B`'s rows are `bs` apart and
-/// `chunks · W` wide, into `out` (rows numbered from `r0`'s block, i.e. row `r0 + r`
-/// goes to `out` row `r0 + r`).
+/// `chunks · W` wide, into the same rows of `out`.
 #[inline(always)]
 fn block_product<const FMA: bool>(
     a: Operand,

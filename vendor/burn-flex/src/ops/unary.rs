@@ -400,24 +400,17 @@ pub fn erf(tensor: FlexTensor) -> FlexTensor {
 /// Error function for f32.
 #[inline(always)]
 pub fn erf_f32(x: f32) -> f32 {
-    erf_and_gauss_f32(x).0
-}
-
-/// Hetero: `erf(x)` to f32 precision (relative near 0, from the series) and
-/// `e^(−x²)`, which erf's tail computes anyway.
-#[inline(always)]
-pub fn erf_and_gauss_f32(x: f32) -> (f32, f32) {
-    let (tail, gauss) = erf_absolute_and_gauss_f32(x);
+    let (tail, _) = erf_absolute_and_gauss_f32(x);
     // Near 0 the tail form cancels (1 − almost 1); the Maclaurin series, to x¹³,
     // is exact to f32 rounding for |x| < 0.5.
     let x2 = x * x;
     let series = x
         * core::f32::consts::FRAC_2_SQRT_PI
         * (1.0 + x2 * (-1.0 / 3.0 + x2 * (1.0 / 10.0 + x2 * (-1.0 / 42.0 + x2 * (1.0 / 216.0 + x2 * (-1.0 / 1320.0 + x2 / 9360.0))))));
-    (if x.abs() < 0.5 { series } else { tail }, gauss)
+    if x.abs() < 0.5 { series } else { tail }
 }
 
-/// Hetero: [`erf_and_gauss_f32`] without the series near 0: erf within an
+/// Hetero: `erf(x)` without [`erf_f32`]'s series near 0, and `e^(−x²)`: erf within an
 /// absolute 1.5e-7 everywhere, but not to a relative one where erf is tiny. GELU
 /// only ever adds erf to 1, so that is all it needs, and it skips a polynomial;
 /// its gradient takes the normal density from the same exp (`e^(−u²)` at
