@@ -29,7 +29,7 @@ use std::thread;
 use std::time::Instant;
 
 use crate::frame::{FrameKind, read_frame, write_frame};
-use crate::ring::{accept_ranks, dial};
+use crate::ring::{accept_ranks, check_membership, dial};
 use crate::{CommError, RingConfig};
 
 /// Payloads above this many bytes are written by helper threads (below it the
@@ -64,16 +64,8 @@ impl Mesh {
     /// Forms the mesh. `listener` must be the one whose address stands at
     /// `addrs[config.rank]`.
     pub fn form(config: RingConfig, listener: TcpListener, addrs: &[SocketAddr]) -> Result<Mesh, CommError> {
+        check_membership("mesh", &config, addrs)?;
         let RingConfig { rank, world, .. } = config;
-        if world == 0 || rank >= world {
-            return Err(CommError::Config(format!("rank {rank} is not in a mesh of {world}")));
-        }
-        if addrs.len() != world {
-            return Err(CommError::Config(format!(
-                "{} addresses for a mesh of {world}",
-                addrs.len()
-            )));
-        }
         let deadline = Instant::now() + config.connect_timeout;
         let higher: Vec<usize> = (rank + 1..world).collect();
         let acceptor = {
@@ -437,6 +429,34 @@ mod tests {
             buf
         });
         assert!(out.iter().all(|b| b == &[7.0, 8.0, 9.0, 10.0]), "{out:?}");
+    }
+
+    #[test]
+    fn a_rank_outside_the_world_or_missing_addresses_is_a_config_error() {
+        use crate::Ring;
+        let bad = |rank, world, addrs: usize| {
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addrs = vec![listener.local_addr().unwrap(); addrs];
+            let config = RingConfig::new(rank, world, "s", "t");
+            let mesh = Mesh::form(config.clone(), listener.try_clone().unwrap(), &addrs).err();
+            let ring = Ring::form(config, listener, &addrs).err();
+            [mesh, ring].map(|e| match e {
+                Some(CommError::Config(message)) => message,
+                other => panic!("expected a config error, got {other:?}"),
+            })
+        };
+        assert_eq!(
+            bad(3, 3, 3),
+            ["rank 3 is not in a mesh of 3", "rank 3 is not in a ring of 3"]
+        );
+        assert_eq!(
+            bad(0, 0, 0),
+            ["rank 0 is not in a mesh of 0", "rank 0 is not in a ring of 0"]
+        );
+        assert_eq!(
+            bad(1, 3, 2),
+            ["2 addresses for a mesh of 3", "2 addresses for a ring of 3"]
+        );
     }
 
     #[test]

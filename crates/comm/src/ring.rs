@@ -75,16 +75,8 @@ impl Ring {
     /// Forms the ring. `listener` must be the one whose address stands at
     /// `addrs[config.rank]`.
     pub fn form(config: RingConfig, listener: TcpListener, addrs: &[SocketAddr]) -> Result<Ring, CommError> {
+        check_membership("ring", &config, addrs)?;
         let RingConfig { rank, world, .. } = config;
-        if world == 0 || rank >= world {
-            return Err(CommError::Config(format!("rank {rank} is not in a ring of {world}")));
-        }
-        if addrs.len() != world {
-            return Err(CommError::Config(format!(
-                "{} addresses for a ring of {world}",
-                addrs.len()
-            )));
-        }
         if world == 1 {
             return Ok(Ring {
                 config,
@@ -159,6 +151,22 @@ pub(crate) fn on_loopback<T: Send + 'static>(
                 .map_err(|_| CommError::Config("a forming thread panicked".into()))?
         })
         .collect()
+}
+
+/// That `config.rank` is one of `config.world` ranks and `addrs` holds one address
+/// per rank, for a `shape` ("ring", "mesh") about to be formed.
+pub(crate) fn check_membership(shape: &str, config: &RingConfig, addrs: &[SocketAddr]) -> Result<(), CommError> {
+    let RingConfig { rank, world, .. } = *config;
+    if world == 0 || rank >= world {
+        return Err(CommError::Config(format!("rank {rank} is not in a {shape} of {world}")));
+    }
+    if addrs.len() != world {
+        return Err(CommError::Config(format!(
+            "{} addresses for a {shape} of {world}",
+            addrs.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Connects to rank `peer` at `addr` and authenticates as this rank, retrying while
