@@ -464,6 +464,11 @@ fn fused_attention_matches_its_parts<K: AutodiffBackend>() {
         // One query (decoding) and one key.
         ([2, 2, 1, 1, 16, 16], true, false, None),
         ([1, 2, 1, 9, 8, 8], false, false, Some(0.3)),
+        // Values wider than keys (two and three register widths), and query
+        // lengths that fill whole blocks of 8 rows beside ones that do not.
+        ([2, 2, 16, 12, 16, 32], true, true, None),
+        ([2, 2, 12, 16, 16, 16], false, false, None),
+        ([1, 2, 24, 40, 32, 48], false, true, Some(0.2)),
     ];
     for (dims, causal, with_mask, scale) in cases {
         let [batch, heads, seq_q, seq_kv, head_dim, val_dim] = dims;
