@@ -945,7 +945,7 @@ macro_rules! multi_op_arm_autodiff {
                 };
             )+
 
-            // Optional inputs (always assumed to be float / autodiff)
+            // Optional inputs
             $(
                 let $opt_in = $opt_in.map(|o| match o.kind {
                     $crate::DispatchTensorKind::Autodiff(inner) => {
@@ -954,6 +954,10 @@ macro_rules! multi_op_arm_autodiff {
                             _ => panic!("Input tensor {} is on the wrong device", stringify!($opt_in)),
                         }
                     },
+                    // Hetero: bool and int tensors (attention's mask) are never
+                    // wrapped in autodiff; as for the required inputs above.
+                    $crate::DispatchTensorKind::$Backend(inner) => wrap_input_autodiff!($Backend, inner, $opt_kind),
+                    #[allow(unreachable_patterns)]
                     _ => panic!("Optional tensor {} is on the wrong device", stringify!($opt_in)),
                 });
             )*

@@ -462,17 +462,35 @@ impl<E: TchElement> ModuleOps<Self> for LibTorch<E> {
         attn_bias: Option<TchTensor>,
         options: AttentionModuleOptions,
     ) -> TchTensor {
-        if attn_bias.is_some() {
+        // Hetero: PyTorch's `scaled_dot_product_attention` means other things than
+        // burn's attention by the same arguments, so they are translated: burn's
+        // bool mask marks the keys hidden where PyTorch's marks those attended, and
+        // burn aligns the causal mask at the bottom-right corner (with more keys
+        // than queries, as in decoding after a cache, a query sees the keys before
+        // it) where PyTorch aligns it top-left. SDPA has no softcap or bias.
+        if attn_bias.is_some() || options.softcap.is_some() {
             return attention_fallback::<Self>(query, key, value, mask, attn_bias, options);
+        }
+        let (seq_q, seq_kv) = (query.shape()[2] as i64, key.shape()[2] as i64);
+        let mut attended = mask.map(|m| m.tensor.logical_not());
+        let mut is_causal = options.is_causal;
+        if is_causal && (seq_q != seq_kv || attended.is_some()) {
+            let options = (tch::Kind::Bool, query.tensor.device());
+            let causal = tch::Tensor::ones([seq_q, seq_kv], options).tril(seq_kv - seq_q);
+            attended = Some(match attended {
+                Some(attended) => attended.logical_and(&causal),
+                None => causal,
+            });
+            is_causal = false;
         }
 
         TchTensor::new(tch::Tensor::scaled_dot_product_attention(
             &query.tensor,
             &key.tensor,
             &value.tensor,
-            mask.map(|m| m.tensor),
+            attended,
             0.,
-            options.is_causal,
+            is_causal,
             options.scale,
             false,
         ))
