@@ -194,7 +194,7 @@ enum Command {
         #[command(flatten)]
         place: infer_cmd::Placing,
     },
-    /// Serve a placed model over HTTP (/v1/completions, /v1/embeddings, /v1/models).
+    /// Serve a placed model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models).
     Serve {
         /// minilm, smollm2, a .gguf file, or a BERT folder.
         model: String,

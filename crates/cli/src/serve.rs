@@ -1,11 +1,16 @@
 //! `hetero serve`: an HTTP API in front of a placed model.
 //!
+//! The requests and replies are OpenAI's, so its clients work unchanged:
 //! - `POST /v1/completions` `{"prompt", "max_tokens"?, "chat"?, "stream"?}` (decoders):
-//!   the text, token counts and timings; with `"stream": true`, server-sent events,
-//!   one `{"text": …}` per piece and a final `{"done": true, …}`.
+//!   a `text_completion` with the text, why it ended, token counts and (Hetero's
+//!   additions to `usage`) timings; with `"stream": true`, server-sent events, one
+//!   chunk per piece, a last one with the reason and the usage, then `[DONE]`.
+//!   `"chat": true` frames the prompt as one user message.
+//! - `POST /v1/chat/completions` `{"messages": [{"role", "content"}, …], …}`: the
+//!   same for a conversation, as a `chat.completion` (or its chunks).
 //! - `POST /v1/embeddings` `{"input": "…" | ["…", …]}` (encoders): one normalised
 //!   vector per input.
-//! - `GET /v1/models`: the model and its placement.
+//! - `GET /v1/models`: the model, with its kind and placement.
 //!
 //! The mesh runs one request at a time: one thread owns the front and takes jobs
 //! from a queue, so HTTP handlers never block the runtime (or each other's sockets).
@@ -21,7 +26,7 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
-use hetero_infer::generate::{self, GenerationStats, chat_prompt};
+use hetero_infer::generate::{self, GenerationStats, chat_messages_prompt, chat_prompt};
 use hetero_infer::{Arch, InferError};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -55,6 +60,7 @@ enum Piece {
 #[derive(Clone)]
 struct Served {
     jobs: mpsc::Sender<Job>,
+    model: String,
     info: Value,
     decoder: bool,
 }
@@ -72,6 +78,30 @@ struct Completion {
 
 fn default_max_tokens() -> usize {
     32
+}
+
+#[derive(Deserialize)]
+struct ChatCompletion {
+    messages: Vec<Message>,
+    #[serde(default = "default_max_tokens", alias = "max_completion_tokens")]
+    max_tokens: usize,
+    #[serde(default)]
+    stream: bool,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    role: String,
+    content: String,
+}
+
+/// Which of OpenAI's two reply shapes a completion takes.
+#[derive(Clone, Copy)]
+enum Reply {
+    /// `/v1/completions`: `text_completion`, the text in `choices[0].text`.
+    Text,
+    /// `/v1/chat/completions`: `chat.completion`, the text in `choices[0].message`.
+    Chat,
 }
 
 #[derive(Deserialize)]
@@ -107,11 +137,16 @@ pub fn serve_front(
 ) -> Result<ExitCode> {
     let decoder = matches!(arch, Arch::Llama(_));
     let info = json!({
-        "model": model_name,
-        "kind": if decoder { "decoder" } else { "encoder" },
-        "layers": arch.layers(),
-        "workers": front.worker.placement().workers,
-        "placement": describe(front.worker.placement()),
+        "object": "list",
+        "data": [{
+            "id": model_name,
+            "object": "model",
+            "owned_by": "hetero",
+            "kind": if decoder { "decoder" } else { "encoder" },
+            "layers": arch.layers(),
+            "workers": front.worker.placement().workers,
+            "placement": describe(front.worker.placement()),
+        }],
     });
     let (jobs, queue) = mpsc::channel::<Job>();
     std::thread::spawn(move || {
@@ -135,10 +170,16 @@ pub fn serve_front(
             }
         }
     });
-    let state = Served { jobs, info, decoder };
+    let state = Served {
+        jobs,
+        model: model_name.to_string(),
+        info,
+        decoder,
+    };
     let app = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/completions", post(complete))
+        .route("/v1/chat/completions", post(chat_complete))
         .route("/v1/embeddings", post(embeddings))
         .with_state(state);
     let rt = tokio::runtime::Runtime::new()?;
@@ -154,8 +195,18 @@ pub fn serve_front(
     Ok(ExitCode::SUCCESS)
 }
 
+/// OpenAI's error reply: `{"error": {"message", "type"}}`.
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
-    (status, Json(json!({"error": message.to_string()}))).into_response()
+    let kind = if status.is_client_error() {
+        "invalid_request_error"
+    } else {
+        "server_error"
+    };
+    (
+        status,
+        Json(json!({"error": {"message": message.to_string(), "type": kind}})),
+    )
+        .into_response()
 }
 
 fn failure(e: &InferError) -> Response {
@@ -170,15 +221,31 @@ async fn models(State(s): State<Served>) -> Json<Value> {
     Json(s.info.clone())
 }
 
-fn stats_json(stats: &GenerationStats) -> Value {
+/// OpenAI's `usage`, with Hetero's timings beside its token counts.
+fn usage(stats: &GenerationStats) -> Value {
     json!({
         "prompt_tokens": stats.prompt_tokens,
         "completion_tokens": stats.generated,
-        "stopped": stats.stopped,
+        "total_tokens": stats.prompt_tokens + stats.generated,
         "first_token_ms": stats.first_token.as_secs_f64() * 1e3,
         "tokens_per_second": stats.tokens_per_second(),
         "mean_token_ms": stats.mean_token_latency().as_secs_f64() * 1e3,
     })
+}
+
+/// `stop` when the model ended the text, `length` when `max_tokens` did.
+fn finish_reason(stats: &GenerationStats) -> &'static str {
+    if stats.stopped { "stop" } else { "length" }
+}
+
+/// A completion's id (unique in this process) and creation time (Unix seconds).
+fn completion_id() -> (String, u64) {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    (format!("cmpl-{created}-{n}"), created)
 }
 
 async fn complete(
@@ -189,40 +256,104 @@ async fn complete(
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("a completion request: {e}")),
     };
+    let prompt = if c.chat { chat_prompt(&c.prompt) } else { c.prompt };
+    generate_reply(s, prompt, c.max_tokens, c.stream, Reply::Text).await
+}
+
+async fn chat_complete(
+    State(s): State<Served>,
+    body: Result<Json<ChatCompletion>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let Json(c) = match body {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("a chat completion request: {e}")),
+    };
+    if c.messages.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "a chat completion request: `messages` is empty",
+        );
+    }
+    if let Some(m) = c
+        .messages
+        .iter()
+        .find(|m| !["system", "user", "assistant"].contains(&m.role.as_str()))
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "a chat completion request: role {:?} is not system, user or assistant",
+                m.role
+            ),
+        );
+    }
+    let messages: Vec<(&str, &str)> = c
+        .messages
+        .iter()
+        .map(|m| (m.role.as_str(), m.content.as_str()))
+        .collect();
+    let prompt = chat_messages_prompt(&messages);
+    generate_reply(s, prompt, c.max_tokens, c.stream, Reply::Chat).await
+}
+
+/// Generates from `prompt` and replies in the `reply` shape, whole or streamed.
+async fn generate_reply(s: Served, prompt: String, max_tokens: usize, stream: bool, reply: Reply) -> Response {
     if !s.decoder {
         return error(StatusCode::BAD_REQUEST, "this model is an encoder: use /v1/embeddings");
     }
     let (pieces, mut rx) = async_mpsc::unbounded_channel();
-    let prompt = if c.chat { chat_prompt(&c.prompt) } else { c.prompt };
     if s.jobs
         .send(Job::Complete {
             prompt,
-            max_tokens: c.max_tokens,
+            max_tokens,
             pieces,
         })
         .is_err()
     {
         return error(StatusCode::SERVICE_UNAVAILABLE, "the model's runtime has stopped");
     }
-    if c.stream {
+    let (id, created) = completion_id();
+    let object = match (reply, stream) {
+        (Reply::Text, _) => "text_completion",
+        (Reply::Chat, false) => "chat.completion",
+        (Reply::Chat, true) => "chat.completion.chunk",
+    };
+    // One choice: the text so far (or this piece of it) and why it ended.
+    let choice = move |text: &str, finish: Option<&str>| match reply {
+        Reply::Text => json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null}),
+        Reply::Chat if stream => {
+            json!({"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": finish})
+        }
+        Reply::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}),
+    };
+    let envelope = move |choice: Value| json!({"id": id, "object": object, "created": created, "model": s.model, "choices": [choice]});
+    if stream {
         let events = UnboundedReceiverStream::new(rx);
         use tokio_stream::StreamExt;
-        let stream = events.map(|p| {
-            Ok::<_, Infallible>(match p {
-                Piece::Text(t) => Event::default().data(json!({"text": t}).to_string()),
+        let chunks = events.map(move |p| {
+            let data = match p {
+                Piece::Text(t) => envelope(choice(&t, None)),
                 Piece::Done(Ok(stats)) => {
-                    Event::default().data(json!({"done": true, "usage": stats_json(&stats)}).to_string())
+                    let mut last = envelope(choice("", Some(finish_reason(&stats))));
+                    last["usage"] = usage(&stats);
+                    last
                 }
-                Piece::Done(Err(e)) => Event::default().data(json!({"done": true, "error": e.to_string()}).to_string()),
-            })
+                Piece::Done(Err(e)) => json!({"error": {"message": e.to_string(), "type": "server_error"}}),
+            };
+            Event::default().data(data.to_string())
         });
-        return Sse::new(stream).into_response();
+        let done = tokio_stream::once(Event::default().data("[DONE]"));
+        return Sse::new(chunks.chain(done).map(Ok::<_, Infallible>)).into_response();
     }
     let mut text = String::new();
     while let Some(p) = rx.recv().await {
         match p {
             Piece::Text(t) => text.push_str(&t),
-            Piece::Done(Ok(stats)) => return Json(json!({"text": text, "usage": stats_json(&stats)})).into_response(),
+            Piece::Done(Ok(stats)) => {
+                let mut whole = envelope(choice(&text, Some(finish_reason(&stats))));
+                whole["usage"] = usage(&stats);
+                return Json(whole).into_response();
+            }
             Piece::Done(Err(e)) => return failure(&e),
         }
     }
@@ -250,7 +381,13 @@ async fn embeddings(
     }
     match rx.await {
         Ok(Ok(vectors)) => Json(json!({
-            "data": vectors.iter().enumerate().map(|(i, v)| json!({"index": i, "embedding": v})).collect::<Vec<_>>()
+            "object": "list",
+            "model": s.model,
+            "data": vectors
+                .iter()
+                .enumerate()
+                .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
+                .collect::<Vec<_>>(),
         }))
         .into_response(),
         Ok(Err(e)) => failure(&e),

@@ -104,6 +104,12 @@ fn served_embeddings_over_tensor_parallel_workers() {
     assert_eq!(status, 200, "{body}");
     let e = common::embeddings_of(&body);
     assert_eq!(e[0].len(), 384);
+    let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&reply["object"], &reply["data"][1]["object"]),
+        (&"list".into(), &"embedding".into()),
+        "{body}"
+    );
     let cos = common::cosine(&e[0], &e[1]);
     assert!((cos - 0.755).abs() < 0.01, "{cos}");
     // Wrong endpoint and malformed bodies are clear 400s.
@@ -124,11 +130,82 @@ fn a_served_completion_streams_and_a_dead_worker_is_a_clear_error() {
         r#"{"prompt": "The capital of France is", "max_tokens": 2, "stream": true}"#,
     );
     assert_eq!(status, 200, "{body}");
-    assert!(body.contains(r#"data: {"text":" Paris"}"#), "{body}");
-    assert!(
-        body.contains(r#""done":true"#) && body.contains("completion_tokens"),
+    // OpenAI's stream: a chunk per piece, a last one with the reason and usage, [DONE].
+    let data: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(data.last(), Some(&"[DONE]"), "{body}");
+    let chunks: Vec<serde_json::Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["text"].as_str()).collect();
+    assert!(text.starts_with(" Paris"), "{body}");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["object"], "text_completion", "{body}");
+    assert_eq!(last["choices"][0]["finish_reason"], "length", "{body}");
+    assert_eq!(last["usage"]["completion_tokens"], 2, "{body}");
+
+    // A whole completion, and a conversation through /v1/chat/completions.
+    let (status, body) = post(
+        &server.1,
+        "/v1/completions",
+        r#"{"prompt": "The capital of France is", "max_tokens": 2}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let whole: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(whole["choices"][0]["text"].as_str(), Some(text.as_str()), "{body}");
+    let usage = &whole["usage"];
+    assert_eq!(
+        usage["total_tokens"],
+        usage["prompt_tokens"].as_u64().unwrap() + 2,
         "{body}"
     );
+    // One user message is framed as `"chat": true` frames a prompt: greedy decoding
+    // then gives the same text.
+    let (status, body) = post(
+        &server.1,
+        "/v1/chat/completions",
+        r#"{"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "max_tokens": 6}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let chat: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(chat["object"], "chat.completion", "{body}");
+    let message = &chat["choices"][0]["message"];
+    assert_eq!(message["role"], "assistant", "{body}");
+    let (status, body) = post(
+        &server.1,
+        "/v1/completions",
+        r#"{"prompt": "What is the capital of France?", "chat": true, "max_tokens": 6}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let framed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(message["content"], framed["choices"][0]["text"], "{chat}\n{framed}");
+    assert!(message["content"].as_str().is_some_and(|c| !c.is_empty()), "{chat}");
+    // A system message is framed too: the prompt grows.
+    let (status, body) = post(
+        &server.1,
+        "/v1/chat/completions",
+        r#"{"messages": [{"role": "system", "content": "Answer briefly."},
+            {"role": "user", "content": "What is the capital of France?"}], "max_tokens": 2}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let with_system: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(
+        with_system["usage"]["prompt_tokens"].as_u64() > chat["usage"]["prompt_tokens"].as_u64(),
+        "{with_system}\n{chat}"
+    );
+    for (request, says) in [
+        (r#"{"messages": []}"#, "`messages` is empty"),
+        (
+            r#"{"messages": [{"role": "robot", "content": "hi"}]}"#,
+            "is not system, user or assistant",
+        ),
+        (r#"{"messages": "hi"}"#, "messages"),
+    ] {
+        let (status, body) = post(&server.1, "/v1/chat/completions", request);
+        assert_eq!(status, 400, "{request}: {body}");
+        assert!(body.contains(says), "{request}: {body}");
+    }
 
     // Rank 1 dies: the next request fails with a message naming it; the server lives.
     let front = server.0.id();

@@ -12,7 +12,18 @@ use crate::tokenize::TextTokenizer;
 
 /// SmolLM2-Instruct's chat framing (ChatML) around one user message.
 pub fn chat_prompt(user: &str) -> String {
-    format!("<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n")
+    chat_messages_prompt(&[("user", user)])
+}
+
+/// SmolLM2-Instruct's chat framing (ChatML) of a conversation, `(role, content)`
+/// in order, ending where the assistant's next turn begins.
+pub fn chat_messages_prompt(messages: &[(&str, &str)]) -> String {
+    let mut prompt = String::new();
+    for (role, content) in messages {
+        prompt.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
+    }
+    prompt.push_str("<|im_start|>assistant\n");
+    prompt
 }
 
 /// Timings of one generation.
