@@ -22,6 +22,7 @@ use std::sync::mpsc;
 use anyhow::{Context, Result};
 use axum::Router;
 use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Json, Response};
@@ -195,6 +196,13 @@ pub fn serve_front(
     Ok(ExitCode::SUCCESS)
 }
 
+/// A request's body, or a 400 that says what was wrong with `what`.
+#[allow(clippy::result_large_err)] // the error is the reply, returned at once
+fn parsed<T>(body: Result<Json<T>, JsonRejection>, what: &str) -> Result<T, Response> {
+    body.map(|Json(t)| t)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("{what}: {e}")))
+}
+
 /// OpenAI's error reply: `{"error": {"message", "type"}}`.
 fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
     let kind = if status.is_client_error() {
@@ -248,25 +256,19 @@ fn completion_id() -> (String, u64) {
     (format!("cmpl-{created}-{n}"), created)
 }
 
-async fn complete(
-    State(s): State<Served>,
-    body: Result<Json<Completion>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let Json(c) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("a completion request: {e}")),
+async fn complete(State(s): State<Served>, body: Result<Json<Completion>, JsonRejection>) -> Response {
+    let c = match parsed(body, "a completion request") {
+        Ok(c) => c,
+        Err(reply) => return reply,
     };
     let prompt = if c.chat { chat_prompt(&c.prompt) } else { c.prompt };
     generate_reply(s, prompt, c.max_tokens, c.stream, Reply::Text).await
 }
 
-async fn chat_complete(
-    State(s): State<Served>,
-    body: Result<Json<ChatCompletion>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let Json(c) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("a chat completion request: {e}")),
+async fn chat_complete(State(s): State<Served>, body: Result<Json<ChatCompletion>, JsonRejection>) -> Response {
+    let c = match parsed(body, "a chat completion request") {
+        Ok(c) => c,
+        Err(reply) => return reply,
     };
     if c.messages.is_empty() {
         return error(
@@ -360,13 +362,10 @@ async fn generate_reply(s: Served, prompt: String, max_tokens: usize, stream: bo
     error(StatusCode::INTERNAL_SERVER_ERROR, "the runtime dropped the request")
 }
 
-async fn embeddings(
-    State(s): State<Served>,
-    body: Result<Json<Embeddings>, axum::extract::rejection::JsonRejection>,
-) -> Response {
-    let Json(e) = match body {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("an embeddings request: {e}")),
+async fn embeddings(State(s): State<Served>, body: Result<Json<Embeddings>, JsonRejection>) -> Response {
+    let e = match parsed(body, "an embeddings request") {
+        Ok(e) => e,
+        Err(reply) => return reply,
     };
     if s.decoder {
         return error(StatusCode::BAD_REQUEST, "this model is a decoder: use /v1/completions");
