@@ -203,18 +203,19 @@ fn parsed<T>(body: Result<Json<T>, JsonRejection>, what: &str) -> Result<T, Resp
         .map_err(|e| error(StatusCode::BAD_REQUEST, format!("{what}: {e}")))
 }
 
-/// OpenAI's error reply: `{"error": {"message", "type"}}`.
-fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+/// OpenAI's error object, `{"error": {"message", "type"}}`, for a reply of `status`.
+fn error_body(status: StatusCode, message: impl std::fmt::Display) -> Value {
     let kind = if status.is_client_error() {
         "invalid_request_error"
     } else {
         "server_error"
     };
-    (
-        status,
-        Json(json!({"error": {"message": message.to_string(), "type": kind}})),
-    )
-        .into_response()
+    json!({"error": {"message": message.to_string(), "type": kind}})
+}
+
+/// An error reply: `status` with [`error_body`].
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    (status, Json(error_body(status, message))).into_response()
 }
 
 fn failure(e: &InferError) -> Response {
@@ -340,7 +341,7 @@ async fn generate_reply(s: Served, prompt: String, max_tokens: usize, stream: bo
                     last["usage"] = usage(&stats);
                     last
                 }
-                Piece::Done(Err(e)) => json!({"error": {"message": e.to_string(), "type": "server_error"}}),
+                Piece::Done(Err(e)) => error_body(StatusCode::INTERNAL_SERVER_ERROR, e),
             };
             Event::default().data(data.to_string())
         });
