@@ -36,6 +36,13 @@ pub enum ModelsCommand {
         /// minilm or smollm2.
         name: String,
     },
+    /// Describe a job spec's built-in language model: its layers (decoupled or
+    /// original), parameters and multiply-adds per layer kind and per sub-block, and
+    /// the traffic a request needs decoupled versus tensor-parallel.
+    Describe {
+        /// A job spec with model.kind = "transformer".
+        spec: std::path::PathBuf,
+    },
 }
 
 /// Where the model runs: how many workers, which placement, which mesh.
@@ -77,6 +84,7 @@ pub fn models_cmd(command: ModelsCommand) -> Result<ExitCode> {
             let dir = models::fetch(&name, &cache, &mut |m| println!("{m}"))?;
             println!("{name} ready in {}", dir.display());
         }
+        ModelsCommand::Describe { spec } => return crate::describe::run(&spec),
     }
     Ok(ExitCode::SUCCESS)
 }

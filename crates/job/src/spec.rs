@@ -2,7 +2,8 @@
 //!
 //! ```toml
 //! name = "fashion-mnist"
-//! [model]     kind = "cnn"                       # cnn | mlp | custom
+//! [model]     kind = "cnn"                       # cnn | mlp | transformer | custom
+//!             d_model, layers, heads, [model.decouple]  # transformer only (`transformer`)
 //! [dataset]   kind = "fashion-mnist" | "idx" | "csv" | "image-folder", path = "…",
 //!             train_limit, test_limit, split, exchange_fraction, rebalance,
 //!             label_column, train_file, test_file, image_shape
@@ -21,6 +22,8 @@ use serde::{Deserialize, Serialize};
 use toml::{Table, Value};
 
 use crate::SpecError;
+use crate::section::Section;
+use crate::transformer::{TRANSFORMER_KEYS, TransformerSpec};
 
 /// A validated job spec.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -29,6 +32,9 @@ pub struct JobSpec {
     pub name: String,
     /// What to train.
     pub model: ModelKind,
+    /// The built-in transformer's shape and decoupling, when `model = transformer`.
+    #[serde(default)]
+    pub transformer: Option<TransformerSpec>,
     /// On what.
     pub dataset: DatasetSpec,
     /// How.
@@ -405,7 +411,7 @@ const TOP: &[&str] = &[
     "scheduling",
     "preprocess",
 ];
-const MODEL: &[&str] = &["kind"];
+const MODEL: &[&str] = &["kind", "d_model", "layers", "heads", "decouple"];
 const DATASET: &[&str] = &[
     "kind",
     "path",
@@ -475,6 +481,13 @@ impl JobSpec {
             Some("transformer") => ModelKind::Transformer,
             Some("custom") => ModelKind::Custom,
             Some(other) => return Err(model.invalid("kind", other, "one of: cnn, mlp, transformer, custom")),
+        };
+        let transformer = if model_kind == ModelKind::Transformer {
+            Some(crate::transformer::parse(&model)?)
+        } else if let Some(k) = TRANSFORMER_KEYS.iter().find(|k| model.table.contains_key(**k)) {
+            return Err(model.invalid(k, "…", "this key is only read with model.kind = \"transformer\""));
+        } else {
+            None
         };
 
         let ds = top.section("dataset", DATASET)?;
@@ -747,6 +760,7 @@ impl JobSpec {
         Ok(JobSpec {
             name,
             model: model_kind,
+            transformer,
             dataset,
             training,
             cluster,
@@ -878,142 +892,6 @@ fn normalize(path: &Path) -> PathBuf {
         }
     }
     out
-}
-
-/// One table of the spec, with its dotted path for error messages.
-struct Section<'a> {
-    path: String,
-    table: &'a Table,
-}
-
-static EMPTY: std::sync::LazyLock<Table> = std::sync::LazyLock::new(Table::new);
-
-fn type_name(v: &Value) -> String {
-    match v {
-        Value::String(s) => format!("the string \"{s}\""),
-        Value::Integer(i) => format!("the integer {i}"),
-        Value::Float(f) => format!("the number {f}"),
-        Value::Boolean(b) => format!("the boolean {b}"),
-        Value::Datetime(d) => format!("the date {d}"),
-        Value::Array(_) => "an array".into(),
-        Value::Table(_) => "a table".into(),
-    }
-}
-
-impl<'a> Section<'a> {
-    fn new(path: &str, table: &'a Table, allowed: &[&str]) -> Result<Self, SpecError> {
-        let section = Section {
-            path: path.to_string(),
-            table,
-        };
-        for key in table.keys() {
-            if !allowed.contains(&key.as_str()) {
-                return Err(SpecError::UnknownKey {
-                    key: section.key(key),
-                    allowed: allowed.iter().map(|s| s.to_string()).collect(),
-                });
-            }
-        }
-        Ok(section)
-    }
-
-    fn key(&self, k: &str) -> String {
-        if self.path.is_empty() {
-            k.to_string()
-        } else {
-            format!("{}.{k}", self.path)
-        }
-    }
-
-    fn section(&self, name: &str, allowed: &[&str]) -> Result<Section<'a>, SpecError> {
-        match self.table.get(name) {
-            None => Section::new(&self.key(name), &EMPTY, allowed),
-            Some(Value::Table(t)) => Section::new(&self.key(name), t, allowed),
-            Some(v) => Err(self.wrong_type(name, "a table", v)),
-        }
-    }
-
-    fn wrong_type(&self, k: &str, expected: &str, v: &Value) -> SpecError {
-        SpecError::WrongType {
-            key: self.key(k),
-            expected: expected.into(),
-            found: type_name(v),
-        }
-    }
-
-    fn invalid(&self, k: &str, value: &str, allowed: &str) -> SpecError {
-        SpecError::InvalidValue {
-            key: self.key(k),
-            value: format!("\"{value}\""),
-            allowed: allowed.into(),
-        }
-    }
-
-    fn missing(&self, k: &str, what: &str) -> SpecError {
-        SpecError::Missing {
-            key: self.key(k),
-            what: what.into(),
-        }
-    }
-
-    fn string(&self, k: &str) -> Result<Option<String>, SpecError> {
-        match self.table.get(k) {
-            None => Ok(None),
-            Some(Value::String(s)) => Ok(Some(s.clone())),
-            Some(v) => Err(self.wrong_type(k, "a string", v)),
-        }
-    }
-
-    fn int(&self, k: &str, min: usize, max: usize) -> Result<Option<usize>, SpecError> {
-        match self.table.get(k) {
-            None => Ok(None),
-            Some(Value::Integer(i)) => match usize::try_from(*i) {
-                Ok(u) if u >= min && u <= max => Ok(Some(u)),
-                _ => Err(SpecError::InvalidValue {
-                    key: self.key(k),
-                    value: i.to_string(),
-                    allowed: if max == usize::MAX {
-                        format!("an integer of at least {min}")
-                    } else {
-                        format!("an integer from {min} to {max}")
-                    },
-                }),
-            },
-            Some(v) => Err(self.wrong_type(k, "an integer", v)),
-        }
-    }
-
-    /// `[rows, cols]`, each from 1 to 4096.
-    fn shape(&self, k: &str) -> Result<Option<(usize, usize)>, SpecError> {
-        let expected = "[rows, cols] (integers from 1 to 4096)";
-        match self.table.get(k) {
-            None => Ok(None),
-            Some(Value::Array(a)) => match a.as_slice() {
-                [Value::Integer(r), Value::Integer(c)] if (1..=4096).contains(r) && (1..=4096).contains(c) => {
-                    Ok(Some((*r as usize, *c as usize)))
-                }
-                _ => Err(self.invalid(k, &Value::Array(a.clone()).to_string(), expected)),
-            },
-            Some(v) => Err(self.wrong_type(k, expected, v)),
-        }
-    }
-
-    fn bool(&self, k: &str) -> Result<Option<bool>, SpecError> {
-        match self.table.get(k) {
-            None => Ok(None),
-            Some(Value::Boolean(b)) => Ok(Some(*b)),
-            Some(v) => Err(self.wrong_type(k, "true or false", v)),
-        }
-    }
-
-    fn float(&self, k: &str) -> Result<Option<f64>, SpecError> {
-        match self.table.get(k) {
-            None => Ok(None),
-            Some(Value::Float(f)) => Ok(Some(*f)),
-            Some(Value::Integer(i)) => Ok(Some(*i as f64)),
-            Some(v) => Err(self.wrong_type(k, "a number", v)),
-        }
-    }
 }
 
 #[cfg(test)]

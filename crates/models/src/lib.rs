@@ -1,17 +1,23 @@
 //! Built-in models Hetero can train without any user code.
 //!
 //! The image classifiers take `[batch, 1, 28, 28]` pixels (normalised) and return
-//! `[batch, 10]` logits; [`lm`] is a small causal transformer language model. They
+//! `[batch, 10]` logits; [`lm`] is a small causal transformer language model and
+//! [`decoupled_lm`] its decoupled form ([`decouple`]: seed 000's structure decoupling). They
 //! are ordinary burn modules, generic over the backend, so the same code runs on
 //! every device kind.
 
 use burn::prelude::*;
 
 pub mod cnn;
+pub mod decouple;
+pub mod decoupled_lm;
+pub mod grouped;
 pub mod lm;
 pub mod mlp;
 
 pub use cnn::{Cnn, CnnConfig};
+pub use decouple::{Decoupling, DecouplingError, LayerKind, ModelShape, Variant};
+pub use decoupled_lm::{DecoupledLm, DecoupledLmConfig, LanguageModel, LanguageModelConfig};
 pub use lm::{TinyLm, TinyLmConfig};
 pub use mlp::{Mlp, MlpConfig};
 

@@ -36,25 +36,25 @@ pub struct TinyLmConfig {
 /// A causal transformer language model.
 #[derive(Module, Debug)]
 pub struct TinyLm<B: Backend> {
-    tokens: Embedding<B>,
-    positions: Embedding<B>,
-    blocks: Vec<Block<B>>,
-    head: Linear<B>,
+    pub(crate) tokens: Embedding<B>,
+    pub(crate) positions: Embedding<B>,
+    pub(crate) blocks: Vec<Block<B>>,
+    pub(crate) head: Linear<B>,
 }
 
 /// One pre-norm block: `x + attention(norm(x))`, then `x + feed_forward(norm(x))`.
 #[derive(Module, Debug)]
-struct Block<B: Backend> {
-    attention_norm: LayerNorm<B>,
-    query: Linear<B>,
-    key: Linear<B>,
-    value: Linear<B>,
-    output: Linear<B>,
-    feed_forward_norm: LayerNorm<B>,
-    feed_forward_in: Linear<B>,
-    feed_forward_out: Linear<B>,
-    gelu: Gelu,
-    heads: usize,
+pub(crate) struct Block<B: Backend> {
+    pub(crate) attention_norm: LayerNorm<B>,
+    pub(crate) query: Linear<B>,
+    pub(crate) key: Linear<B>,
+    pub(crate) value: Linear<B>,
+    pub(crate) output: Linear<B>,
+    pub(crate) feed_forward_norm: LayerNorm<B>,
+    pub(crate) feed_forward_in: Linear<B>,
+    pub(crate) feed_forward_out: Linear<B>,
+    pub(crate) gelu: Gelu,
+    pub(crate) heads: usize,
 }
 
 impl TinyLmConfig {
@@ -94,20 +94,38 @@ impl<B: Backend> TinyLm<B> {
     /// - tokens: `[batch, time]` (time ≤ the configured context)
     /// - returns: `[batch, time, vocab]` next-token logits
     pub fn forward(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
-        let [batch, time] = tokens.dims();
-        let device = tokens.device();
-        let positions = Tensor::<B, 1, Int>::arange(0..time as i64, &device)
-            .reshape([1, time])
-            .repeat_dim(0, batch);
-        let x = self.tokens.forward(tokens) + self.positions.forward(positions);
+        let x = embed(&self.tokens, &self.positions, tokens);
         let x = self.blocks.iter().fold(x, |x, block| block.forward(x));
         self.head.forward(x)
     }
 }
 
+/// Token plus position embeddings: `[batch, time]` ids to `[batch, time, d_model]`.
+pub(crate) fn embed<B: Backend>(
+    tokens: &Embedding<B>,
+    positions: &Embedding<B>,
+    ids: Tensor<B, 2, Int>,
+) -> Tensor<B, 3> {
+    let [batch, time] = ids.dims();
+    let at = Tensor::<B, 1, Int>::arange(0..time as i64, &ids.device())
+        .reshape([1, time])
+        .repeat_dim(0, batch);
+    tokens.forward(ids) + positions.forward(at)
+}
+
+/// Causal attention through burn's fused operation: `[batch, heads, time, head
+/// width]` queries, keys and values to the context of the same shape.
+pub(crate) fn causal_attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>) -> Tensor<B, 4> {
+    let options = AttentionModuleOptions {
+        is_causal: true,
+        ..Default::default()
+    };
+    attention(q, k, v, None, None, options)
+}
+
 impl<B: Backend> Block<B> {
     /// `[batch, time, d_model]` in and out.
-    fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    pub(crate) fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let x = x.clone() + self.attend(self.attention_norm.forward(x));
         let hidden = self
             .gelu
@@ -124,18 +142,7 @@ impl<B: Backend> Block<B> {
                 .reshape([batch, time, self.heads, d_model / self.heads])
                 .swap_dims(1, 2)
         };
-        let options = AttentionModuleOptions {
-            is_causal: true,
-            ..Default::default()
-        };
-        let context = attention(
-            per_head(&self.query),
-            per_head(&self.key),
-            per_head(&self.value),
-            None,
-            None,
-            options,
-        );
+        let context = causal_attention(per_head(&self.query), per_head(&self.key), per_head(&self.value));
         self.output
             .forward(context.swap_dims(1, 2).reshape([batch, time, d_model]))
     }

@@ -1,5 +1,6 @@
 //! The built-in text task: a causal transformer language model
-//! ([`hetero_models::TinyLm`]) trained to predict the next token of a corpus
+//! ([`hetero_models::TinyLm`], or its decoupled form when the spec has a
+//! `[model.decouple]` table) trained to predict the next token of a corpus
 //! (`dataset.kind = "text"`).
 //!
 //! The corpus's ids are cut into windows of `dataset.context` tokens; the end of the
@@ -14,7 +15,8 @@ use burn::tensor::TensorData;
 use burn::tensor::backend::AutodiffBackend;
 use hetero_data::text::{TokenWindows, Tokenizer, read_corpus};
 use hetero_job::JobSpec;
-use hetero_models::{TinyLm, TinyLmConfig};
+use hetero_job::SubBlockVariant;
+use hetero_models::{DecoupledLmConfig, Decoupling, LanguageModel, LanguageModelConfig, TinyLmConfig, Variant};
 
 use crate::image_task::classification_sums;
 use crate::{Evaluation, Task, TrainError};
@@ -47,13 +49,22 @@ fn batch<B: Backend>(windows: &TokenWindows, indices: &[usize], device: &B::Devi
 pub struct TextTask {
     train: TokenWindows,
     test: TokenWindows,
-    config: TinyLmConfig,
+    config: LanguageModelConfig,
 }
 
 impl TextTask {
     /// A task over ready windows for a model of `config`.
-    pub fn new(train: TokenWindows, test: TokenWindows, config: TinyLmConfig) -> Self {
-        TextTask { train, test, config }
+    pub fn new(train: TokenWindows, test: TokenWindows, config: impl Into<LanguageModelConfig>) -> Self {
+        TextTask {
+            train,
+            test,
+            config: config.into(),
+        }
+    }
+
+    /// The model's shape.
+    pub fn config(&self) -> &LanguageModelConfig {
+        &self.config
     }
 
     /// The task a job spec describes: reads the corpus, tokenizes it, holds out its
@@ -90,13 +101,36 @@ impl TextTask {
                 ds.context
             )));
         }
-        let config = TinyLmConfig::new(tokenizer.vocab_size(), ds.context);
+        let config = model_config(spec, tokenizer.vocab_size())?;
         Ok(Self::new(train, test, config))
     }
 }
 
+/// The language model a spec describes: its `[model]` shape, decoupled when it
+/// has a `[model.decouple]` table.
+pub fn model_config(spec: &JobSpec, vocab: usize) -> Result<LanguageModelConfig, TrainError> {
+    let shape = spec.transformer.unwrap_or_default();
+    let original = TinyLmConfig::new(vocab, spec.dataset.context)
+        .with_d_model(shape.d_model)
+        .with_layers(shape.layers)
+        .with_heads(shape.heads);
+    let Some(decouple) = shape.decouple else {
+        return Ok(LanguageModelConfig::Original(original));
+    };
+    let decoupling = Decoupling {
+        divisions: decouple.divisions,
+        blocks: decouple.blocks,
+        variant: match decouple.variant {
+            SubBlockVariant::FullHeads => Variant::FullHeads,
+            SubBlockVariant::SplitHeads => Variant::SplitHeads,
+        },
+    };
+    let config = DecoupledLmConfig::new(original, decoupling).map_err(|e| TrainError::Config(e.to_string()))?;
+    Ok(LanguageModelConfig::Decoupled(config))
+}
+
 impl<B: AutodiffBackend> Task<B> for TextTask {
-    type Model = TinyLm<B>;
+    type Model = LanguageModel<B>;
     type Batch = TokenBatch<B>;
 
     fn train_len(&self) -> usize {
@@ -107,7 +141,7 @@ impl<B: AutodiffBackend> Task<B> for TextTask {
         self.test.len()
     }
 
-    fn model(&self, device: &B::Device) -> TinyLm<B> {
+    fn model(&self, device: &B::Device) -> LanguageModel<B> {
         self.config.init(device)
     }
 
@@ -119,7 +153,7 @@ impl<B: AutodiffBackend> Task<B> for TextTask {
         batch(&self.test, indices, device)
     }
 
-    fn loss(&self, model: &TinyLm<B>, batch: TokenBatch<B>) -> Tensor<B, 1> {
+    fn loss(&self, model: &LanguageModel<B>, batch: TokenBatch<B>) -> Tensor<B, 1> {
         let logits = model.forward(batch.inputs);
         let [n, t, v] = logits.dims();
         CrossEntropyLossConfig::new()
@@ -127,7 +161,7 @@ impl<B: AutodiffBackend> Task<B> for TextTask {
             .forward(logits.reshape([n * t, v]), batch.targets.reshape([n * t]))
     }
 
-    fn evaluate(&self, model: &TinyLm<B>, batch: TokenBatch<B>) -> Evaluation {
+    fn evaluate(&self, model: &LanguageModel<B>, batch: TokenBatch<B>) -> Evaluation {
         // Every position is one next-token prediction.
         let logits = model.forward(batch.inputs);
         let [n, t, v] = logits.dims();
@@ -144,7 +178,8 @@ mod tests {
 
     type B = Autodiff<Flex>;
 
-    /// A repetitive text is learnt: the loss falls far below chance (ln 256).
+    /// A repetitive text is learnt by the model and by its decoupled form: the
+    /// loss falls far below chance (ln 256).
     #[test]
     fn learns_a_repetitive_text() {
         let ids: Vec<u32> = "to be or not to be, that is the question. "
@@ -157,16 +192,21 @@ mod tests {
             ids: ids.to_vec(),
             context: 16,
         };
-        let task = TextTask::new(
-            windows(&ids[..cut]),
-            windows(&ids[cut..]),
-            TinyLmConfig::new(256, 16).with_d_model(32),
-        );
-        let ring = hetero_comm::ring::loopback(1, "t", "k").unwrap().pop().unwrap();
-        let options = TrainOptions::new(4, 8, 1).with_optimizer(hetero_job::Optimizer::Adam, 3e-3);
-        let summary = train::<B, _>(task, Default::default(), ring, options, &mut |_| {}).unwrap();
-        assert!(summary.last_epoch_loss < summary.first_epoch_loss, "{summary:?}");
-        assert!(summary.last_epoch_loss < 2.5, "{summary:?}");
-        assert!(summary.test_accuracy.unwrap() > 0.3, "{summary:?}");
+        let original = TinyLmConfig::new(256, 16).with_d_model(32);
+        let decoupling = Decoupling {
+            divisions: 2,
+            blocks: 1,
+            variant: Variant::SplitHeads,
+        };
+        let decoupled = DecoupledLmConfig::new(original.clone(), decoupling).unwrap();
+        for config in [LanguageModelConfig::Original(original), LanguageModelConfig::Decoupled(decoupled)] {
+            let task = TextTask::new(windows(&ids[..cut]), windows(&ids[cut..]), config);
+            let ring = hetero_comm::ring::loopback(1, "t", "k").unwrap().pop().unwrap();
+            let options = TrainOptions::new(4, 8, 1).with_optimizer(hetero_job::Optimizer::Adam, 3e-3);
+            let summary = train::<B, _>(task, Default::default(), ring, options, &mut |_| {}).unwrap();
+            assert!(summary.last_epoch_loss < summary.first_epoch_loss, "{summary:?}");
+            assert!(summary.last_epoch_loss < 2.5, "{summary:?}");
+            assert!(summary.test_accuracy.unwrap() > 0.3, "{summary:?}");
+        }
     }
 }
