@@ -77,7 +77,7 @@ run() {
         return 1
     }
     local params
-    params=$("$work/hetero" models describe "$dir/job.toml" | awk '/^whole model/ {print $3} /^not decoupled/ {print $5}')
+    params=$("$work/hetero" models describe "$dir/job.toml" | awk '/^whole model/ {print $3} /^not decoupled/ {print $(NF-1)}')
     python3 - "$dir/runs/job-000001/summary.json" "$name" "$params" <<'PY'
 import json, math, sys
 s = json.load(open(sys.argv[1]))

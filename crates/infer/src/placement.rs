@@ -125,7 +125,7 @@ impl Placement {
             workers,
             stages: (0..workers)
                 .map(|w| Stage {
-                    layers: crate::parts::span(layers, w, workers),
+                    layers: hetero_models::checkpoint::span(layers, w, workers),
                     mode: Mode::Single,
                     workers: vec![w],
                 })

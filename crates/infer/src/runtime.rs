@@ -21,7 +21,7 @@ use hetero_comm::Mesh;
 
 use crate::InferError;
 use crate::bert::{BertConfig, BertEmbeddings, BertLayer, mean_pool, padding_mask};
-use crate::llama::{LlamaConfig, LlamaEmbeddings, LlamaHead, LlamaLayer};
+use crate::llama::{KvCache, LlamaConfig, LlamaEmbeddings, LlamaHead, LlamaLayer};
 use crate::placement::{Mode, Placement, Stage};
 use crate::weights::Weights;
 
@@ -134,7 +134,8 @@ enum Embed<B: Backend> {
 
 enum Block<B: Backend> {
     Bert(BertLayer<B>),
-    Llama(LlamaLayer<B>),
+    /// A decoder block and this worker's cache of the sequence's keys and values.
+    Llama(LlamaLayer<B>, KvCache<B>),
 }
 
 /// One worker's share of a placed model.
@@ -174,8 +175,8 @@ impl<B: Backend> Worker<B> {
         let last = placement.stages.last().expect("checked: at least one stage");
         let embed = if first.workers.contains(&rank) {
             Some(match &arch {
-                Arch::Bert(c) => Embed::Bert(BertEmbeddings::load(weights, c, device)?),
-                Arch::Llama(c) => Embed::Llama(LlamaEmbeddings::load(weights, c, device)?),
+                Arch::Bert(c) => Embed::Bert(BertEmbeddings::load(&mut |n, s| weights.expect(n, s), c, device)?),
+                Arch::Llama(c) => Embed::Llama(LlamaEmbeddings::load(&mut |n, s| weights.expect(n, s), c, device)?),
             })
         } else {
             None
@@ -187,8 +188,13 @@ impl<B: Backend> Worker<B> {
                 blocks.push((
                     si,
                     match &arch {
-                        Arch::Bert(c) => Block::Bert(BertLayer::load(weights, c, layer, part, device)?),
-                        Arch::Llama(c) => Block::Llama(LlamaLayer::load(weights, c, layer, part, device)?),
+                        Arch::Bert(c) => {
+                            Block::Bert(BertLayer::load(&mut |n, s| weights.expect(n, s), c, layer, part, device)?)
+                        }
+                        Arch::Llama(c) => Block::Llama(
+                            LlamaLayer::load(&mut |n, s| weights.expect(n, s), c, layer, part, device)?,
+                            KvCache::new(),
+                        ),
                     },
                 ));
             }
@@ -196,7 +202,7 @@ impl<B: Backend> Worker<B> {
         let (head, rope) = match &arch {
             Arch::Llama(c) => {
                 let head = match head_part(last, rank) {
-                    Some(part) => Some(LlamaHead::load(weights, c, part, device)?),
+                    Some(part) => Some(LlamaHead::load(&mut |n, s| weights.expect(n, s), c, part, device)?),
                     None => None,
                 };
                 let rope = (!blocks.is_empty()).then(|| c.rope(c.context, device));
@@ -232,7 +238,7 @@ impl<B: Backend> Worker<B> {
         self.blocks
             .iter()
             .find_map(|(_, b)| match b {
-                Block::Llama(l) => Some(l.cached()),
+                Block::Llama(_, cache) => Some(cache.len()),
                 Block::Bert(_) => None,
             })
             .unwrap_or(0)
@@ -256,15 +262,15 @@ impl<B: Backend> Worker<B> {
         let d = self.arch.hidden();
         if req.reset {
             self.blocks.iter_mut().for_each(|(_, b)| {
-                if let Block::Llama(l) = b {
-                    l.reset()
+                if let Block::Llama(_, cache) = b {
+                    *cache = KvCache::new()
                 }
             });
         }
         let clock = Instant::now();
         let mut x = match &self.embed {
-            Some(Embed::Bert(e)) => Some(e.forward(&req.ids)?),
-            Some(Embed::Llama(e)) => Some(e.forward(&req.ids)?),
+            Some(Embed::Bert(e)) => Some(crate::bert::embed(e, &req.ids, &self.device)?),
+            Some(Embed::Llama(e)) => Some(crate::llama::embed(e, &req.ids, &self.device)?),
             None => None,
         };
         self.timing.compute += clock.elapsed();
@@ -291,7 +297,9 @@ impl<B: Backend> Worker<B> {
             for (_, block) in self.blocks.iter_mut().filter(|(s, _)| *s == si) {
                 h = match block {
                     Block::Bert(b) => b.forward(h, &mask, &mut reduce)?,
-                    Block::Llama(l) => l.forward(h, self.rope.as_ref().expect("blocks have a rope"), &mut reduce)?,
+                    Block::Llama(l, cache) => {
+                        l.forward(h, self.rope.as_ref().expect("blocks have a rope"), cache, &mut reduce)?
+                    }
                 };
             }
             x = Some(h);
@@ -365,7 +373,7 @@ impl<B: Backend> Worker<B> {
                 } else {
                     let head = self.head.as_ref().expect("head workers hold a head part");
                     let logits = head.forward(x.clone().expect("head workers hold the activations"));
-                    let rows = head.rows.clone();
+                    let rows = head.rows();
                     let part = logits.into_data().to_vec::<f32>().expect("f32 logits");
                     let clock = Instant::now();
                     let out = match req.want {

@@ -8,20 +8,18 @@
 //! width for `full-heads`, `heads / N_d` for `split-heads`) and back to `s`, and the
 //! feed-forward is `s → I′ → s` with I′ chosen so the decoupled layer holds as many
 //! parameters as the original ([`DecoupledLmConfig::inner_width`]). The N_d
-//! sub-blocks of a layer are computed together by [`crate::grouped`] layers.
+//! sub-blocks of a layer are [`crate::sub_blocks`]' (pre-norm).
 //!
 //! [`DecoupledLm::sliced_from`] builds one from a trained original by slicing its
 //! weights (weight decoupling's starting point); with every layer original it *is*
 //! the original.
 
-use burn::module::{ModuleVisitor, Param};
-use burn::nn::{Embedding, Gelu, Linear};
+use burn::nn::{Embedding, Linear};
 use burn::prelude::*;
-use burn::tensor::Distribution;
 
 use crate::decouple::{Decoupling, DecouplingError, LayerKind, ModelShape, Variant, matching_inner_width};
-use crate::grouped::{GroupedLinear, GroupedNorm};
-use crate::lm::{Block, TinyLm, TinyLmConfig, causal_attention, embed};
+use crate::lm::{Block, TinyLm, TinyLmConfig, embed};
+use crate::sub_blocks::{Masking, NormPlacement, SubBlockShape, SubBlocks, from_slices, to_slices};
 
 /// A decoupled language model's shape: the original's, and how it is decoupled.
 /// Only a decoupling that divides the model makes one ([`DecoupledLmConfig::new`]).
@@ -45,26 +43,9 @@ pub struct DecoupledLm<B: Backend> {
 #[derive(Module, Debug)]
 enum Layer<B: Backend> {
     /// N_d sub-blocks, each on its own slice.
-    Decoupled(DecoupledLayer<B>),
+    Decoupled(SubBlocks<B>),
     /// The ordinary block over the whole width.
     Original(Block<B>),
-}
-
-/// N_d pre-norm sub-blocks, their parameters stacked along a first group axis
-/// (group `i` is sub-block `i`).
-#[derive(Module, Debug)]
-struct DecoupledLayer<B: Backend> {
-    attention_norm: GroupedNorm<B>,
-    query: GroupedLinear<B>,
-    key: GroupedLinear<B>,
-    value: GroupedLinear<B>,
-    output: GroupedLinear<B>,
-    feed_forward_norm: GroupedNorm<B>,
-    feed_forward_in: GroupedLinear<B>,
-    feed_forward_out: GroupedLinear<B>,
-    gelu: Gelu,
-    /// Query (and key/value) heads of one sub-block.
-    heads: usize,
 }
 
 /// Parameters and multiply-adds of the two kinds of layer, per token.
@@ -109,46 +90,46 @@ impl DecoupledLmConfig {
         }
     }
 
-    /// Slice width `s` and a sub-block's attention width (its heads × head width).
-    fn widths(&self) -> (usize, usize) {
+    /// The shape of a decoupled layer's sub-blocks, I′ included.
+    pub fn sub_blocks(&self) -> SubBlockShape {
         let shape = self.shape();
         let head_width = shape.width / shape.heads;
-        (
-            self.decoupling.slice_width(&shape),
-            self.decoupling.sub_block_heads(&shape) * head_width,
-        )
+        let heads = self.decoupling.sub_block_heads(&shape);
+        let mut sub = SubBlockShape {
+            divisions: self.decoupling.divisions,
+            slice: self.decoupling.slice_width(&shape),
+            heads,
+            attention: heads * head_width,
+            inner: 0,
+        };
+        // I′: the decoupled layer's parameter count nearest the original layer's.
+        let (n, s) = (sub.divisions, sub.slice);
+        sub.inner = matching_inner_width(original_layer_params(shape.width), n * sub.fixed_params(), n * (2 * s + 1));
+        sub
     }
 
-    /// The feed-forward inner width I′ of a sub-block: the one that makes a
-    /// decoupled layer's parameter count nearest the original layer's.
+    /// The feed-forward inner width I′ of a sub-block.
     pub fn inner_width(&self) -> usize {
-        let (s, a) = self.widths();
-        let n = self.decoupling.divisions;
-        // Two norms (4s), Q/K/V (3(s·a + a)), output (a·s + s), FFN output bias (s).
-        let fixed = n * (4 * s + 3 * (s * a + a) + a * s + s + s);
-        matching_inner_width(original_layer_params(self.original.d_model), fixed, n * (2 * s + 1))
+        self.sub_blocks().inner
     }
 
     /// Parameters and multiply-adds per layer kind, at context `t`.
     pub fn costs(&self, t: usize) -> LayerCosts {
         let h = self.original.d_model;
-        let (s, a) = self.widths();
-        let (n, inner) = (self.decoupling.divisions, self.inner_width());
+        let sub = self.sub_blocks();
         LayerCosts {
             original_params: original_layer_params(h),
-            decoupled_params: n * (4 * s + 3 * (s * a + a) + a * s + s + s + inner * (2 * s + 1)),
+            decoupled_params: sub.params(),
             // Q, K, V, output, FFN in and out, plus scores and their weighted sum.
             original_macs: 4 * h * h + 8 * h * h + 2 * t * h,
-            sub_block_macs: 4 * s * a + 2 * s * inner + 2 * t * a,
+            sub_block_macs: sub.macs(t),
         }
     }
 
     /// A freshly initialised decoupled model.
     pub fn init<B: Backend>(&self, device: &B::Device) -> DecoupledLm<B> {
         let original = self.original.init::<B>(device);
-        let (s, a) = self.widths();
-        let (n, inner) = (self.decoupling.divisions, self.inner_width());
-        let heads = self.decoupling.sub_block_heads(&self.shape());
+        let sub = self.sub_blocks();
         let kinds = self.decoupling.layer_kinds(self.original.layers);
         let layers = original
             .blocks
@@ -156,18 +137,7 @@ impl DecoupledLmConfig {
             .zip(kinds)
             .map(|(block, kind)| match kind {
                 LayerKind::Original => Layer::Original(block),
-                LayerKind::Decoupled => Layer::Decoupled(DecoupledLayer {
-                    attention_norm: GroupedNorm::new(n, s, device),
-                    query: GroupedLinear::new(n, s, a, device),
-                    key: GroupedLinear::new(n, s, a, device),
-                    value: GroupedLinear::new(n, s, a, device),
-                    output: GroupedLinear::new(n, a, s, device),
-                    feed_forward_norm: GroupedNorm::new(n, s, device),
-                    feed_forward_in: GroupedLinear::new(n, s, inner, device),
-                    feed_forward_out: GroupedLinear::new(n, inner, s, device),
-                    gelu: Gelu::new(),
-                    heads,
-                }),
+                LayerKind::Decoupled => Layer::Decoupled(SubBlocks::new(sub, NormPlacement::Pre, 1e-5, device)),
             })
             .collect();
         DecoupledLm {
@@ -175,7 +145,7 @@ impl DecoupledLmConfig {
             positions: original.positions,
             layers,
             head: original.head,
-            divisions: n,
+            divisions: self.decoupling.divisions,
         }
     }
 }
@@ -194,7 +164,7 @@ impl<B: Backend> DecoupledLm<B> {
         let mut hidden = Hidden::Whole(embed(&self.tokens, &self.positions, tokens));
         for layer in &self.layers {
             hidden = match layer {
-                Layer::Decoupled(layer) => Hidden::Sliced(layer.forward(hidden.sliced(self.divisions))),
+                Layer::Decoupled(layer) => Hidden::Sliced(layer.forward(hidden.sliced(self.divisions), &Masking::Causal)),
                 Layer::Original(block) => Hidden::Whole(block.forward(hidden.whole())),
             };
         }
@@ -232,7 +202,7 @@ impl<B: Backend> DecoupledLm<B> {
         )?;
         // burn draws a parameter lazily, on first read, and a clone of an undrawn
         // parameter draws its own values: draw them all before copying any.
-        original.visit(&mut Draw);
+        crate::checkpoint::draw(original);
         let kinds = decoupling.layer_kinds(original.blocks.len());
         let layers = original
             .blocks
@@ -240,7 +210,12 @@ impl<B: Backend> DecoupledLm<B> {
             .zip(kinds)
             .map(|(block, kind)| match kind {
                 LayerKind::Original => Layer::Original(block.clone()),
-                LayerKind::Decoupled => Layer::Decoupled(slice_block(block, &config)),
+                LayerKind::Decoupled => Layer::Decoupled(SubBlocks::sliced(
+                    block.weights(),
+                    config.sub_blocks(),
+                    decoupling.variant == Variant::SplitHeads,
+                    NormPlacement::Pre,
+                )),
             })
             .collect();
         Ok(DecoupledLm {
@@ -250,15 +225,6 @@ impl<B: Backend> DecoupledLm<B> {
             head: original.head.clone(),
             divisions: decoupling.divisions,
         })
-    }
-}
-
-/// Reads every parameter once, so lazily initialised ones are drawn.
-struct Draw;
-
-impl<B: Backend> ModuleVisitor<B> for Draw {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        let _ = param.val();
     }
 }
 
@@ -322,139 +288,23 @@ impl<B: Backend> Hidden<B> {
     fn sliced(self, divisions: usize) -> Tensor<B, 4> {
         match self {
             Hidden::Sliced(x) => x,
-            Hidden::Whole(x) => {
-                let [batch, time, width] = x.dims();
-                x.reshape([batch, time, divisions, width / divisions]).permute([2, 0, 1, 3])
-            }
+            Hidden::Whole(x) => to_slices(x, divisions),
         }
     }
 
     fn whole(self) -> Tensor<B, 3> {
         match self {
             Hidden::Whole(x) => x,
-            Hidden::Sliced(x) => {
-                let [divisions, batch, time, slice] = x.dims();
-                x.permute([1, 2, 0, 3]).reshape([batch, time, divisions * slice])
-            }
+            Hidden::Sliced(x) => from_slices(x),
         }
     }
-}
-
-impl<B: Backend> DecoupledLayer<B> {
-    /// `[divisions, batch, time, slice]` in and out; nothing crosses slices.
-    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let x = x.clone() + self.attend(self.attention_norm.forward(x));
-        let hidden = self
-            .gelu
-            .forward(self.feed_forward_in.forward(self.feed_forward_norm.forward(x.clone())));
-        x + self.feed_forward_out.forward(hidden)
-    }
-
-    /// Each sub-block's causal attention over its own heads.
-    fn attend(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [groups, batch, time, _] = x.dims();
-        let [_, _, width] = self.query.weight.dims();
-        let head_width = width / self.heads;
-        // Groups and batch become one batch axis of the fused attention.
-        let per_head = |linear: &GroupedLinear<B>| {
-            linear
-                .forward(x.clone())
-                .reshape([groups * batch, time, self.heads, head_width])
-                .swap_dims(1, 2)
-        };
-        let context = causal_attention(per_head(&self.query), per_head(&self.key), per_head(&self.value));
-        self.output
-            .forward(context.swap_dims(1, 2).reshape([groups, batch, time, width]))
-    }
-}
-
-/// A decoupled layer cut out of an original block (see [`DecoupledLm::sliced_from`]).
-fn slice_block<B: Backend>(block: &Block<B>, config: &DecoupledLmConfig) -> DecoupledLayer<B> {
-    let n = config.decoupling.divisions;
-    let (s, a) = config.widths();
-    let inner = config.inner_width();
-    let split = config.decoupling.variant == Variant::SplitHeads;
-    let weight = |l: &Linear<B>| l.weight.val();
-    let bias = |l: &Linear<B>| l.bias.as_ref().expect("the language model's linear layers have biases").val();
-    let norm = |gamma: Tensor<B, 1>, beta: Tensor<B, 1>| {
-        GroupedNorm::from_tensors(gamma.reshape([n, s]), beta.reshape([n, s]), 1e-5)
-    };
-    // Q/K/V: rows of the slice; all columns (full-heads) or the sub-block's heads.
-    let projection = |l: &Linear<B>| {
-        let (w, b) = (weight(l), bias(l));
-        if split {
-            GroupedLinear::from_tensors(diagonal_blocks(w, n), b.reshape([n, a]))
-        } else {
-            GroupedLinear::from_tensors(w.reshape([n, s, a]), b.reshape([1, a]).repeat_dim(0, n))
-        }
-    };
-    // Output: the sub-block's heads' rows (all rows for full-heads), the slice's columns.
-    let output = {
-        let (w, b) = (weight(&block.output), bias(&block.output));
-        let w = if split {
-            diagonal_blocks(w, n)
-        } else {
-            let [rows, _] = w.dims();
-            w.reshape([rows, n, s]).swap_dims(0, 1)
-        };
-        GroupedLinear::from_tensors(w, b.reshape([n, s]))
-    };
-    // Feed-forward: the slice's rows of the first I′ units, and those units' rows
-    // of the output projection at the slice's columns.
-    let (w_in, b_in) = (weight(&block.feed_forward_in), bias(&block.feed_forward_in));
-    let (w_out, b_out) = (weight(&block.feed_forward_out), bias(&block.feed_forward_out));
-    let [_, units] = w_in.dims();
-    let device = w_in.device();
-    let kept = units.min(inner);
-    let mut w_in = w_in.slice([0..s * n, 0..kept]).reshape([n, s, kept]);
-    let mut b_in = b_in.slice([0..kept]).reshape([1, kept]).repeat_dim(0, n);
-    let mut w_out = w_out.slice([0..kept]).reshape([kept, n, s]).swap_dims(0, 1);
-    if inner > kept {
-        // New units: random inputs, zero outputs — silent until trained.
-        let extra = inner - kept;
-        let bound = 1.0 / (s as f64).sqrt();
-        w_in = Tensor::cat(
-            vec![w_in, Tensor::random([n, s, extra], Distribution::Uniform(-bound, bound), &device)],
-            2,
-        );
-        b_in = Tensor::cat(vec![b_in, Tensor::zeros([n, extra], &device)], 1);
-        w_out = Tensor::cat(vec![w_out, Tensor::zeros([n, extra, s], &device)], 1);
-    }
-    DecoupledLayer {
-        attention_norm: norm(block.attention_norm.gamma.val(), layer_norm_beta(&block.attention_norm)),
-        query: projection(&block.query),
-        key: projection(&block.key),
-        value: projection(&block.value),
-        output,
-        feed_forward_norm: norm(block.feed_forward_norm.gamma.val(), layer_norm_beta(&block.feed_forward_norm)),
-        feed_forward_in: GroupedLinear::from_tensors(w_in, b_in),
-        feed_forward_out: GroupedLinear::from_tensors(w_out, b_out.reshape([n, s])),
-        gelu: Gelu::new(),
-        heads: config.decoupling.sub_block_heads(&config.shape()),
-    }
-}
-
-fn layer_norm_beta<B: Backend>(norm: &burn::nn::LayerNorm<B>) -> Tensor<B, 1> {
-    match &norm.beta {
-        Some(beta) => beta.val(),
-        None => Tensor::zeros(norm.gamma.dims(), &norm.gamma.device()),
-    }
-}
-
-/// The `n` blocks on the diagonal of `[rows, cols]`: `[n, rows / n, cols / n]`.
-fn diagonal_blocks<B: Backend>(w: Tensor<B, 2>, n: usize) -> Tensor<B, 3> {
-    let [rows, cols] = w.dims();
-    let (r, c) = (rows / n, cols / n);
-    let blocks = (0..n)
-        .map(|g| w.clone().slice([g * r..(g + 1) * r, g * c..(g + 1) * c]).reshape([1, r, c]))
-        .collect();
-    Tensor::cat(blocks, 0)
 }
 
 #[cfg(test)]
 mod tests {
     use burn::backend::Flex;
     use burn::module::Module;
+    use burn::tensor::Distribution;
 
     use super::*;
 
@@ -509,7 +359,7 @@ mod tests {
                 [2..3, 0..2, 0..6, 0..8],
                 Tensor::random([1, 2, 6, 8], Distribution::Normal(0.0, 1.0), &device),
             );
-            let (a, b) = (layer.forward(x), layer.forward(changed));
+            let (a, b) = (layer.forward(x, &Masking::Causal), layer.forward(changed, &Masking::Causal));
             let diff = |g: usize| {
                 (a.clone().slice([g..g + 1]) - b.clone().slice([g..g + 1]))
                     .abs()

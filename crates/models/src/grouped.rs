@@ -86,6 +86,11 @@ impl<B: Backend> GroupedNorm<B> {
         }
     }
 
+    /// Sets the epsilon added to the variance.
+    pub fn set_epsilon(&mut self, epsilon: f64) {
+        self.epsilon = epsilon;
+    }
+
     /// # Shapes
     /// - x: `[groups, batch, time, width]`, normalised over `width`
     /// - returns: the same shape

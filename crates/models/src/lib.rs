@@ -8,12 +8,17 @@
 
 use burn::prelude::*;
 
+pub mod bert;
+pub mod checkpoint;
 pub mod cnn;
 pub mod decouple;
+pub mod decoupled_bert;
 pub mod decoupled_lm;
 pub mod grouped;
+pub mod llama;
 pub mod lm;
 pub mod mlp;
+pub mod sub_blocks;
 
 pub use cnn::{Cnn, CnnConfig};
 pub use decouple::{Decoupling, DecouplingError, LayerKind, ModelShape, Variant};

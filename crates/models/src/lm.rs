@@ -15,6 +15,8 @@ use burn::prelude::*;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use crate::sub_blocks::LayerWeights;
+
 /// The language model's shape.
 #[derive(Config, Debug)]
 pub struct TinyLmConfig {
@@ -97,6 +99,34 @@ impl<B: Backend> TinyLm<B> {
         let x = embed(&self.tokens, &self.positions, tokens);
         let x = self.blocks.iter().fold(x, |x, block| block.forward(x));
         self.head.forward(x)
+    }
+}
+
+impl<B: Backend> Block<B> {
+    /// The block's tensors, for cutting sub-blocks out of it.
+    pub(crate) fn weights(&self) -> LayerWeights<B> {
+        let linear = |l: &Linear<B>| {
+            let bias = l.bias.as_ref().map(|b| b.val());
+            let weight = l.weight.val();
+            let bias = bias.unwrap_or_else(|| Tensor::zeros([weight.dims()[1]], &weight.device()));
+            (weight, bias)
+        };
+        let norm = |n: &LayerNorm<B>| {
+            let gamma = n.gamma.val();
+            let beta = n.beta.as_ref().map_or_else(|| gamma.zeros_like(), |b| b.val());
+            (gamma, beta)
+        };
+        LayerWeights {
+            attention_norm: norm(&self.attention_norm),
+            query: linear(&self.query),
+            key: linear(&self.key),
+            value: linear(&self.value),
+            output: linear(&self.output),
+            feed_forward_norm: norm(&self.feed_forward_norm),
+            feed_forward_in: linear(&self.feed_forward_in),
+            feed_forward_out: linear(&self.feed_forward_out),
+            epsilon: 1e-5,
+        }
     }
 }
 
