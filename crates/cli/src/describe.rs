@@ -33,7 +33,10 @@ pub fn run(spec: &Path) -> Result<ExitCode> {
     );
     let original_params = original.init::<Flex>(&device).num_params();
     let Some(decoupled) = decoupled else {
-        println!("not decoupled ([model.decouple] is absent): {} parameters", group(original_params));
+        println!(
+            "not decoupled ([model.decouple] is absent): {} parameters",
+            group(original_params)
+        );
         return Ok(ExitCode::SUCCESS);
     };
     let d = decoupled.decoupling();
@@ -63,8 +66,18 @@ pub fn run(spec: &Path) -> Result<ExitCode> {
     );
     println!("layers: {}", kinds.join(" · "));
     println!();
-    println!("{:<22} {:>12} {:>22}", "", "parameters", format!("multiply-adds/token (t={t})"));
-    println!("{:<22} {:>12} {:>22}", "original layer", group(costs.original_params), group(costs.original_macs));
+    println!(
+        "{:<22} {:>12} {:>22}",
+        "",
+        "parameters",
+        format!("multiply-adds/token (t={t})")
+    );
+    println!(
+        "{:<22} {:>12} {:>22}",
+        "original layer",
+        group(costs.original_params),
+        group(costs.original_macs)
+    );
     println!(
         "{:<22} {:>12} {:>22}",
         "decoupled layer",

@@ -22,7 +22,11 @@ pub fn config_from_file(path: &Path) -> Result<BertConfig, InferError> {
 
 /// The embeddings of `ids` (`[batch][seq]`, all rows the same length), after
 /// checking the rows fit the positions.
-pub fn embed<B: Backend>(e: &BertEmbeddings<B>, ids: &[Vec<u32>], device: &B::Device) -> Result<Tensor<B, 3>, InferError> {
+pub fn embed<B: Backend>(
+    e: &BertEmbeddings<B>,
+    ids: &[Vec<u32>],
+    device: &B::Device,
+) -> Result<Tensor<B, 3>, InferError> {
     let (vocab, max_positions) = e.limits();
     let seq = ids.first().map_or(0, Vec::len);
     if seq > max_positions {
@@ -35,7 +39,11 @@ pub fn embed<B: Backend>(e: &BertEmbeddings<B>, ids: &[Vec<u32>], device: &B::De
 
 /// `ids` (`[batch][seq]`, all rows the same length) as a tensor, after checking
 /// every id is below `vocab`.
-pub(crate) fn ids_tensor<B: Backend>(ids: &[Vec<u32>], vocab: usize, device: &B::Device) -> Result<Tensor<B, 2, Int>, InferError> {
+pub(crate) fn ids_tensor<B: Backend>(
+    ids: &[Vec<u32>],
+    vocab: usize,
+    device: &B::Device,
+) -> Result<Tensor<B, 2, Int>, InferError> {
     if let Some(bad) = ids.iter().flatten().find(|&&t| t as usize >= vocab) {
         return Err(InferError::Request(format!(
             "token id {bad} is outside the vocabulary of {vocab}"

@@ -49,6 +49,10 @@ pub fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, InferError> {
 
 /// The embeddings of `ids` (`[batch][seq]`, all rows the same length), after
 /// checking every id is in the vocabulary.
-pub fn embed<B: Backend>(e: &LlamaEmbeddings<B>, ids: &[Vec<u32>], device: &B::Device) -> Result<Tensor<B, 3>, InferError> {
+pub fn embed<B: Backend>(
+    e: &LlamaEmbeddings<B>,
+    ids: &[Vec<u32>],
+    device: &B::Device,
+) -> Result<Tensor<B, 3>, InferError> {
     Ok(e.forward(crate::bert::ids_tensor(ids, e.vocab(), device)?))
 }

@@ -255,7 +255,8 @@ pub fn open(what: &str, cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<
 /// A BERT folder, with the tokenizer at `tokenizer`.
 pub fn open_bert(dir: &Path, tokenizer: &Path) -> Result<Model, InferError> {
     let weights = SafeTensors::open(&dir.join("model.safetensors"))?;
-    let config = crate::bert::config_from_file(&dir.join("config.json"))?.with_prefix_detected(|n| weights.shape(n).is_some());
+    let config =
+        crate::bert::config_from_file(&dir.join("config.json"))?.with_prefix_detected(|n| weights.shape(n).is_some());
     // Check every tensor's presence and shape now, not in the middle of a request.
     for (name, shape) in config.tensor_shapes() {
         match weights.shape(&name) {

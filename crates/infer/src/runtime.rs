@@ -188,9 +188,13 @@ impl<B: Backend> Worker<B> {
                 blocks.push((
                     si,
                     match &arch {
-                        Arch::Bert(c) => {
-                            Block::Bert(BertLayer::load(&mut |n, s| weights.expect(n, s), c, layer, part, device)?)
-                        }
+                        Arch::Bert(c) => Block::Bert(BertLayer::load(
+                            &mut |n, s| weights.expect(n, s),
+                            c,
+                            layer,
+                            part,
+                            device,
+                        )?),
                         Arch::Llama(c) => Block::Llama(
                             LlamaLayer::load(&mut |n, s| weights.expect(n, s), c, layer, part, device)?,
                             KvCache::new(),

@@ -72,7 +72,10 @@ pub enum SubBlockVariant {
 }
 
 fn divisors(n: usize) -> String {
-    let list: Vec<String> = (1..=n).filter(|d| n.is_multiple_of(*d)).map(|d| d.to_string()).collect();
+    let list: Vec<String> = (1..=n)
+        .filter(|d| n.is_multiple_of(*d))
+        .map(|d| d.to_string())
+        .collect();
     list.join(", ")
 }
 
@@ -90,7 +93,12 @@ pub(crate) fn parse(model: &Section) -> Result<TransformerSpec, SpecError> {
         ));
     }
     let decouple = if model.table.contains_key("decouple") {
-        Some(parse_decouple(&model.section("decouple", DECOUPLE)?, d_model, layers, heads)?)
+        Some(parse_decouple(
+            &model.section("decouple", DECOUPLE)?,
+            d_model,
+            layers,
+            heads,
+        )?)
     } else {
         None
     };
@@ -183,11 +191,17 @@ mod tests {
     fn a_decoupling_that_does_not_divide_the_model_is_refused_with_what_would() {
         let err = |m: &str| spec(m).unwrap_err().to_string();
         let e = err("d_model = 96\n[model.decouple]\ndivisions = 5\nblocks = 1");
-        assert!(e.contains("model.decouple.divisions") && e.contains("one of: 1, 2, 3, 4, 6, 8, 12"), "{e}");
+        assert!(
+            e.contains("model.decouple.divisions") && e.contains("one of: 1, 2, 3, 4, 6, 8, 12"),
+            "{e}"
+        );
         let e = err("heads = 2\n[model.decouple]\ndivisions = 4\nblocks = 1\nvariant = \"split-heads\"");
         assert!(e.contains("one of 1, 2"), "{e}");
         let e = err("layers = 6\n[model.decouple]\ndivisions = 2\nblocks = 4");
-        assert!(e.contains("model.decouple.blocks") && e.contains("one of: 1, 2, 3, 6"), "{e}");
+        assert!(
+            e.contains("model.decouple.blocks") && e.contains("one of: 1, 2, 3, 6"),
+            "{e}"
+        );
         let e = err("[model.decouple]\nblocks = 1");
         assert!(e.contains("model.decouple.divisions"), "{e}");
         let e = err("[model.decouple]\ndivisions = 2\nblocks = 1\nvariant = \"half\"");

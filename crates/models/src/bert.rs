@@ -256,7 +256,10 @@ impl<B: Backend> BertEmbeddings<B> {
         };
         let words = table(source, BertTensor::Words)?;
         let positions = table(source, BertTensor::Positions)?;
-        let types = source(&format!("{}.weight", BertTensor::TokenTypes.stem(c, 0)), &BertTensor::TokenTypes.shape(c))?;
+        let types = source(
+            &format!("{}.weight", BertTensor::TokenTypes.stem(c, 0)),
+            &BertTensor::TokenTypes.shape(c),
+        )?;
         Ok(BertEmbeddings {
             words,
             positions,
@@ -307,7 +310,13 @@ pub struct BertLayer<B: Backend> {
 
 impl<B: Backend> BertLayer<B> {
     /// Reads block `layer`'s part `index` of `of` (heads and FFN units split evenly).
-    pub fn load<E>(source: &mut Source<'_, E>, c: &BertConfig, layer: usize, part: Part, device: &B::Device) -> Result<Self, E> {
+    pub fn load<E>(
+        source: &mut Source<'_, E>,
+        c: &BertConfig,
+        layer: usize,
+        part: Part,
+        device: &B::Device,
+    ) -> Result<Self, E> {
         let hd = c.head_dim();
         let heads = span(c.heads, part.0, part.1);
         let cols = heads.start * hd..heads.end * hd;
@@ -317,7 +326,8 @@ impl<B: Backend> BertLayer<B> {
         let key = columns(BertTensor::Key, cols.clone())?;
         let value = columns(BertTensor::Value, cols.clone())?;
         let intermediate = columns(BertTensor::Intermediate, units.clone())?;
-        let (attention_output, attention_output_bias) = load_row_part(source, c, BertTensor::AttentionOutput, layer, cols, device)?;
+        let (attention_output, attention_output_bias) =
+            load_row_part(source, c, BertTensor::AttentionOutput, layer, cols, device)?;
         let (output, output_bias) = load_row_part(source, c, BertTensor::Output, layer, units, device)?;
         Ok(BertLayer {
             query,
@@ -398,7 +408,10 @@ impl<B: Backend> BertLayer<B> {
             query: with_bias(&self.query)?,
             key: with_bias(&self.key)?,
             value: with_bias(&self.value)?,
-            output: (self.attention_output.as_ref()?.weight.val(), self.attention_output_bias.val()),
+            output: (
+                self.attention_output.as_ref()?.weight.val(),
+                self.attention_output_bias.val(),
+            ),
             feed_forward_norm: norm(&self.output_norm),
             feed_forward_in: with_bias(&self.intermediate)?,
             feed_forward_out: (self.output.as_ref()?.weight.val(), self.output_bias.val()),
@@ -434,9 +447,11 @@ impl<B: Backend> BertEncoder<B> {
         let padding = padding_mask::<B>(lengths, seq, &ids.device());
         let x = self.embeddings.forward(ids);
         let mut whole = |t: Tensor<B, 3>| -> Result<Tensor<B, 3>, std::convert::Infallible> { Ok(t) };
-        self.layers.iter().fold(x, |x, layer| match layer.forward(x, &padding, &mut whole) {
-            Ok(y) => y,
-        })
+        self.layers
+            .iter()
+            .fold(x, |x, layer| match layer.forward(x, &padding, &mut whole) {
+                Ok(y) => y,
+            })
     }
 }
 
@@ -495,7 +510,10 @@ fn load_row_part<B: Backend, E>(
     let (stem, shape) = (t.stem(c, layer), t.shape(c));
     let w = source(&format!("{stem}.weight"), &shape)?;
     let bias = source(&format!("{stem}.bias"), &[shape[0]])?;
-    Ok((input_columns(&w, shape[0], shape[1], keep, device), param(vector(&bias, device))))
+    Ok((
+        input_columns(&w, shape[0], shape[1], keep, device),
+        param(vector(&bias, device)),
+    ))
 }
 
 fn load_norm<B: Backend, E>(

@@ -110,7 +110,10 @@ pub struct DecouplingError {
 
 /// The divisors of `n` from 1 to `n`, for error messages.
 fn divisors(n: usize) -> String {
-    let list: Vec<String> = (1..=n).filter(|d| n.is_multiple_of(*d)).map(|d| d.to_string()).collect();
+    let list: Vec<String> = (1..=n)
+        .filter(|d| n.is_multiple_of(*d))
+        .map(|d| d.to_string())
+        .collect();
     list.join(", ")
 }
 
@@ -128,7 +131,11 @@ impl Decoupling {
             return Err(DecouplingError {
                 key: "divisions",
                 value: d,
-                fits: format!("it must divide the width {} (one of: {})", shape.width, divisors(shape.width)),
+                fits: format!(
+                    "it must divide the width {} (one of: {})",
+                    shape.width,
+                    divisors(shape.width)
+                ),
             });
         }
         if self.variant == Variant::SplitHeads && !(shape.heads.is_multiple_of(d) && shape.kv_heads.is_multiple_of(d)) {
@@ -150,7 +157,11 @@ impl Decoupling {
             return Err(DecouplingError {
                 key: "blocks",
                 value: b,
-                fits: format!("it must divide the {} layers (one of: {})", shape.layers, divisors(shape.layers)),
+                fits: format!(
+                    "it must divide the {} layers (one of: {})",
+                    shape.layers,
+                    divisors(shape.layers)
+                ),
             });
         }
         Ok(())
@@ -230,7 +241,10 @@ mod tests {
             blocks,
             variant: Variant::FullHeads,
         };
-        assert_eq!(d(2).layer_kinds(6), [Decoupled, Decoupled, Original, Decoupled, Decoupled, Original]);
+        assert_eq!(
+            d(2).layer_kinds(6),
+            [Decoupled, Decoupled, Original, Decoupled, Decoupled, Original]
+        );
         assert_eq!(d(1).layer_kinds(6).iter().filter(|k| **k == Original).count(), 1);
         assert_eq!(d(6).layer_kinds(6), [Original; 6]);
         assert_eq!(d(3).layer_kinds(6).last(), Some(&Original));
@@ -263,7 +277,10 @@ mod tests {
         assert_eq!(blocks.key, "blocks");
         assert!(blocks.to_string().contains("one of: 1, 2, 3, 6"), "{blocks}");
         assert_eq!(Decoupling { blocks: 0, ..ok }.check(&MINILM).unwrap_err().key, "blocks");
-        assert_eq!(Decoupling { divisions: 0, ..ok }.check(&MINILM).unwrap_err().key, "divisions");
+        assert_eq!(
+            Decoupling { divisions: 0, ..ok }.check(&MINILM).unwrap_err().key,
+            "divisions"
+        );
     }
 
     #[test]

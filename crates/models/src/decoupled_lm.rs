@@ -104,7 +104,11 @@ impl DecoupledLmConfig {
         };
         // I′: the decoupled layer's parameter count nearest the original layer's.
         let (n, s) = (sub.divisions, sub.slice);
-        sub.inner = matching_inner_width(original_layer_params(shape.width), n * sub.fixed_params(), n * (2 * s + 1));
+        sub.inner = matching_inner_width(
+            original_layer_params(shape.width),
+            n * sub.fixed_params(),
+            n * (2 * s + 1),
+        );
         sub
     }
 
@@ -164,7 +168,9 @@ impl<B: Backend> DecoupledLm<B> {
         let mut hidden = Hidden::Whole(embed(&self.tokens, &self.positions, tokens));
         for layer in &self.layers {
             hidden = match layer {
-                Layer::Decoupled(layer) => Hidden::Sliced(layer.forward(hidden.sliced(self.divisions), &Masking::Causal)),
+                Layer::Decoupled(layer) => {
+                    Hidden::Sliced(layer.forward(hidden.sliced(self.divisions), &Masking::Causal))
+                }
                 Layer::Original(block) => Hidden::Whole(block.forward(hidden.whole())),
             };
         }
@@ -327,7 +333,10 @@ mod tests {
     }
 
     fn tokens(ids: &[i64]) -> Tensor<B, 2, Int> {
-        Tensor::from_ints(burn::tensor::TensorData::new(ids.to_vec(), [1, ids.len()]), &Default::default())
+        Tensor::from_ints(
+            burn::tensor::TensorData::new(ids.to_vec(), [1, ids.len()]),
+            &Default::default(),
+        )
     }
 
     fn max_diff(a: Tensor<B, 3>, b: Tensor<B, 3>) -> f32 {
@@ -359,7 +368,10 @@ mod tests {
                 [2..3, 0..2, 0..6, 0..8],
                 Tensor::random([1, 2, 6, 8], Distribution::Normal(0.0, 1.0), &device),
             );
-            let (a, b) = (layer.forward(x, &Masking::Causal), layer.forward(changed, &Masking::Causal));
+            let (a, b) = (
+                layer.forward(x, &Masking::Causal),
+                layer.forward(changed, &Masking::Causal),
+            );
             let diff = |g: usize| {
                 (a.clone().slice([g..g + 1]) - b.clone().slice([g..g + 1]))
                     .abs()
@@ -381,7 +393,9 @@ mod tests {
                 let config = config(divisions, 1, variant);
                 let model = config.init::<B>(&device);
                 let original = config.original().init::<B>(&device);
-                let Layer::Decoupled(layer) = &model.layers[0] else { unreachable!() };
+                let Layer::Decoupled(layer) = &model.layers[0] else {
+                    unreachable!()
+                };
                 let costs = config.costs(12);
                 assert_eq!(layer.num_params(), costs.decoupled_params);
                 assert_eq!(original.blocks[0].num_params(), costs.original_params);

@@ -136,12 +136,21 @@ mod tests {
             let xg = x.clone().slice([g..g + 1]).squeeze_dim::<3>(0);
             let mut one = LinearConfig::new(4, 6).init::<B>(&device);
             one.weight = Param::initialized(ParamId::new(), linear.weight.val().slice([g..g + 1]).squeeze_dim(0));
-            one.bias = Some(Param::initialized(ParamId::new(), linear.bias.val().slice([g..g + 1]).squeeze_dim(0)));
+            one.bias = Some(Param::initialized(
+                ParamId::new(),
+                linear.bias.val().slice([g..g + 1]).squeeze_dim(0),
+            ));
             let mut ln = LayerNormConfig::new(4).init::<B>(&device);
             ln.gamma = Param::initialized(ParamId::new(), norm.gamma.val().slice([g..g + 1]).squeeze_dim(0));
-            ln.beta = Some(Param::initialized(ParamId::new(), norm.beta.val().slice([g..g + 1]).squeeze_dim(0)));
+            ln.beta = Some(Param::initialized(
+                ParamId::new(),
+                norm.beta.val().slice([g..g + 1]).squeeze_dim(0),
+            ));
             let close = |a: Tensor<B, 3>, b: Tensor<B, 3>| (a - b).abs().max().into_scalar() < 1e-5;
-            assert!(close(y.clone().slice([g..g + 1]).squeeze_dim(0), one.forward(xg.clone())));
+            assert!(close(
+                y.clone().slice([g..g + 1]).squeeze_dim(0),
+                one.forward(xg.clone())
+            ));
             assert!(close(z.clone().slice([g..g + 1]).squeeze_dim(0), ln.forward(xg)));
         }
     }

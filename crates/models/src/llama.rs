@@ -17,7 +17,9 @@
 use std::collections::BTreeMap;
 use std::ops::Range;
 
-use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, RotaryEncoding, RotaryEncodingConfig};
+use burn::nn::{
+    Embedding, EmbeddingConfig, Linear, LinearConfig, RmsNorm, RmsNormConfig, RotaryEncoding, RotaryEncodingConfig,
+};
 use burn::prelude::*;
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
@@ -256,7 +258,13 @@ pub struct LlamaLayer<B: Backend> {
 
 impl<B: Backend> LlamaLayer<B> {
     /// Reads block `layer`'s part `index` of `of`.
-    pub fn load<E>(source: &mut Source<'_, E>, c: &LlamaConfig, layer: usize, part: Part, device: &B::Device) -> Result<Self, E> {
+    pub fn load<E>(
+        source: &mut Source<'_, E>,
+        c: &LlamaConfig,
+        layer: usize,
+        part: Part,
+        device: &B::Device,
+    ) -> Result<Self, E> {
         let (hd, g) = (c.head_dim(), c.group());
         let kv_heads = span(c.kv_heads, part.0, part.1);
         let kv_cols = kv_heads.start * hd..kv_heads.end * hd;
@@ -273,7 +281,13 @@ impl<B: Backend> LlamaLayer<B> {
         let up = rows(LlamaTensor::Up, units.clone())?;
         let mut columns = |t: LlamaTensor, keep: Range<usize>| -> Result<Option<Linear<B>>, E> {
             let shape = t.shape(c);
-            Ok(input_columns(&t.read(source, c, layer)?, shape[0], shape[1], keep, device))
+            Ok(input_columns(
+                &t.read(source, c, layer)?,
+                shape[0],
+                shape[1],
+                keep,
+                device,
+            ))
         };
         let attention_output = columns(LlamaTensor::AttentionOutput, q_cols)?;
         let down = columns(LlamaTensor::Down, units)?;
@@ -388,7 +402,9 @@ impl<B: Backend> LlamaHead<B> {
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 2> {
         let [batch, seq, _] = x.dims();
         let last = x.slice([0..batch, seq - 1..seq]);
-        self.projection.forward(self.norm.forward(last)).reshape([batch, self.projection.weight.dims()[1]])
+        self.projection
+            .forward(self.norm.forward(last))
+            .reshape([batch, self.projection.weight.dims()[1]])
     }
 }
 

@@ -192,7 +192,10 @@ impl<B: Backend> SubBlocks<B> {
             let extra = inner - kept;
             let bound = 1.0 / (s as f64).sqrt();
             w_in = Tensor::cat(
-                vec![w_in, Tensor::random([n, s, extra], Distribution::Uniform(-bound, bound), &device)],
+                vec![
+                    w_in,
+                    Tensor::random([n, s, extra], Distribution::Uniform(-bound, bound), &device),
+                ],
                 2,
             );
             b_in = Tensor::cat(vec![b_in, Tensor::zeros([n, extra], &device)], 1);
@@ -269,7 +272,11 @@ fn diagonal_blocks<B: Backend>(w: Tensor<B, 2>, n: usize) -> Tensor<B, 3> {
     let [rows, cols] = w.dims();
     let (r, c) = (rows / n, cols / n);
     let blocks = (0..n)
-        .map(|g| w.clone().slice([g * r..(g + 1) * r, g * c..(g + 1) * c]).reshape([1, r, c]))
+        .map(|g| {
+            w.clone()
+                .slice([g * r..(g + 1) * r, g * c..(g + 1) * c])
+                .reshape([1, r, c])
+        })
         .collect();
     Tensor::cat(blocks, 0)
 }
@@ -278,7 +285,8 @@ fn diagonal_blocks<B: Backend>(w: Tensor<B, 2>, n: usize) -> Tensor<B, 3> {
 /// `[divisions, batch, time, width / divisions]`.
 pub fn to_slices<B: Backend>(x: Tensor<B, 3>, divisions: usize) -> Tensor<B, 4> {
     let [batch, time, width] = x.dims();
-    x.reshape([batch, time, divisions, width / divisions]).permute([2, 0, 1, 3])
+    x.reshape([batch, time, divisions, width / divisions])
+        .permute([2, 0, 1, 3])
 }
 
 /// The slices joined back into `[batch, time, width]`.

@@ -30,13 +30,7 @@ pub fn flatten<B: Backend, M: Module<B>>(model: &M) -> Vec<f32> {
 /// burn creates a module's parameters lazily: the random draw happens when a
 /// parameter is first read, not when the module is built.
 pub fn materialize<B: Backend, M: Module<B>>(model: &M) {
-    struct Touch;
-    impl<B: Backend> ModuleVisitor<B> for Touch {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let _ = param.val();
-        }
-    }
-    model.visit(&mut Touch);
+    hetero_models::checkpoint::draw(model);
 }
 
 /// Number of float scalars in `model`.

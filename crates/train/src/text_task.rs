@@ -199,7 +199,10 @@ mod tests {
             variant: Variant::SplitHeads,
         };
         let decoupled = DecoupledLmConfig::new(original.clone(), decoupling).unwrap();
-        for config in [LanguageModelConfig::Original(original), LanguageModelConfig::Decoupled(decoupled)] {
+        for config in [
+            LanguageModelConfig::Original(original),
+            LanguageModelConfig::Decoupled(decoupled),
+        ] {
             let task = TextTask::new(windows(&ids[..cut]), windows(&ids[cut..]), config);
             let ring = hetero_comm::ring::loopback(1, "t", "k").unwrap().pop().unwrap();
             let options = TrainOptions::new(4, 8, 1).with_optimizer(hetero_job::Optimizer::Adam, 3e-3);
