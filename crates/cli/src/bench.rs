@@ -87,7 +87,7 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 128)]
         seq: usize,
         #[command(flatten)]
-        place: crate::infer_cmd::Placing,
+        place: crate::infer_cmd::PlacingArgs,
     },
     /// Training speed of one worker per backend versus a plain burn loop.
     Train {
@@ -140,7 +140,7 @@ pub fn run(command: BenchCommand) -> Result<ExitCode> {
             place,
         } => crate::bench_infer::run(&crate::bench_infer::InferBench {
             model: &model,
-            place: &place,
+            place: &place.placing(),
             requests,
             tokens,
             seq,

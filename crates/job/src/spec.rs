@@ -23,7 +23,7 @@ use toml::{Table, Value};
 
 use crate::SpecError;
 use crate::section::Section;
-use crate::transformer::{TRANSFORMER_KEYS, TransformerSpec};
+use crate::transformer::{DISTILL_KEYS, DistillSpec, TRANSFORMER_KEYS, TransformerSpec};
 
 /// A validated job spec.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -35,6 +35,9 @@ pub struct JobSpec {
     /// The built-in transformer's shape and decoupling, when `model = transformer`.
     #[serde(default)]
     pub transformer: Option<TransformerSpec>,
+    /// The teacher and the student's decoupling, when `model = distill`.
+    #[serde(default)]
+    pub distill: Option<DistillSpec>,
     /// On what.
     pub dataset: DatasetSpec,
     /// How.
@@ -114,6 +117,9 @@ pub enum ModelKind {
     Transformer,
     /// The program named in `[task]`.
     Custom,
+    /// A real model distilled into its decoupled version (needs `dataset.kind =
+    /// "text"`).
+    Distill,
 }
 
 /// The data set.
@@ -411,7 +417,7 @@ const TOP: &[&str] = &[
     "scheduling",
     "preprocess",
 ];
-const MODEL: &[&str] = &["kind", "d_model", "layers", "heads", "decouple"];
+const MODEL: &[&str] = &["kind", "d_model", "layers", "heads", "decouple", "teacher"];
 const DATASET: &[&str] = &[
     "kind",
     "path",
@@ -480,14 +486,31 @@ impl JobSpec {
             Some("mlp") => ModelKind::Mlp,
             Some("transformer") => ModelKind::Transformer,
             Some("custom") => ModelKind::Custom,
-            Some(other) => return Err(model.invalid("kind", other, "one of: cnn, mlp, transformer, custom")),
+            Some("distill") => ModelKind::Distill,
+            Some(other) => {
+                return Err(model.invalid("kind", other, "one of: cnn, mlp, transformer, custom, distill"));
+            }
         };
-        let transformer = if model_kind == ModelKind::Transformer {
-            Some(crate::transformer::parse(&model)?)
-        } else if let Some(k) = TRANSFORMER_KEYS.iter().find(|k| model.table.contains_key(**k)) {
-            return Err(model.invalid(k, "…", "this key is only read with model.kind = \"transformer\""));
-        } else {
-            None
+        let only_with = |keys: &[&str], kind: &str| -> Result<(), SpecError> {
+            match keys.iter().find(|k| model.table.contains_key(**k)) {
+                Some(k) => Err(model.invalid(k, "…", &format!("this key is only read with model.kind = {kind}"))),
+                None => Ok(()),
+            }
+        };
+        let (transformer, distill) = match model_kind {
+            ModelKind::Transformer => {
+                only_with(&["teacher"], "\"distill\"")?;
+                (Some(crate::transformer::parse(&model)?), None)
+            }
+            ModelKind::Distill => {
+                only_with(&["d_model", "layers", "heads"], "\"transformer\"")?;
+                (None, Some(crate::transformer::parse_distill(&model)?))
+            }
+            _ => {
+                only_with(TRANSFORMER_KEYS, "\"transformer\"")?;
+                only_with(DISTILL_KEYS, "\"distill\"")?;
+                (None, None)
+            }
         };
 
         let ds = top.section("dataset", DATASET)?;
@@ -516,6 +539,13 @@ impl JobSpec {
                     "kind",
                     "transformer",
                     "a language model: it needs dataset.kind = \"text\"",
+                ));
+            }
+            (ModelKind::Distill, false) => {
+                return Err(model.invalid(
+                    "kind",
+                    "distill",
+                    "distillation reads sentences: it needs dataset.kind = \"text\"",
                 ));
             }
             (ModelKind::Cnn | ModelKind::Mlp, true) => {
@@ -761,6 +791,7 @@ impl JobSpec {
             name,
             model: model_kind,
             transformer,
+            distill,
             dataset,
             training,
             cluster,
@@ -1028,7 +1059,7 @@ workers = 3
         let err = edit("kind = \"cnn\"", "kind = \"resnet\"").unwrap_err();
         assert_eq!(
             err.to_string(),
-            "`model.kind` = \"resnet\" is not allowed; one of: cnn, mlp, transformer, custom"
+            "`model.kind` = \"resnet\" is not allowed; one of: cnn, mlp, transformer, custom, distill"
         );
         let err = edit("optimizer = \"adam\"", "optimizer = \"lion\"").unwrap_err();
         assert!(matches!(err, SpecError::InvalidValue { key, .. } if key == "training.optimizer"));

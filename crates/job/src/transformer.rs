@@ -24,6 +24,8 @@ use crate::section::Section;
 
 /// Keys of `[model]` for the built-in transformer.
 pub(crate) const TRANSFORMER_KEYS: &[&str] = &["d_model", "layers", "heads", "decouple"];
+/// Keys of `[model]` for distillation (`model.kind = "distill"`).
+pub(crate) const DISTILL_KEYS: &[&str] = &["teacher", "decouple"];
 const DECOUPLE: &[&str] = &["divisions", "blocks", "variant"];
 
 /// The built-in language model's shape.
@@ -61,6 +63,17 @@ pub struct DecoupleSpec {
     pub variant: SubBlockVariant,
 }
 
+/// `model.kind = "distill"`: a real model (the teacher, frozen) distilled into its
+/// decoupled version (the student, initialised by slicing the teacher's weights).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DistillSpec {
+    /// The teacher: a known model's name (`minilm`), a model folder or a GGUF file.
+    pub teacher: String,
+    /// How the student is decoupled; checked against the teacher's shape when the
+    /// teacher is opened.
+    pub decouple: DecoupleSpec,
+}
+
 /// A sub-block's attention (see `hetero_models::decouple::Variant`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -95,9 +108,7 @@ pub(crate) fn parse(model: &Section) -> Result<TransformerSpec, SpecError> {
     let decouple = if model.table.contains_key("decouple") {
         Some(parse_decouple(
             &model.section("decouple", DECOUPLE)?,
-            d_model,
-            layers,
-            heads,
+            Some((d_model, layers, heads)),
         )?)
     } else {
         None
@@ -110,7 +121,28 @@ pub(crate) fn parse(model: &Section) -> Result<TransformerSpec, SpecError> {
     })
 }
 
-fn parse_decouple(section: &Section, d_model: usize, layers: usize, heads: usize) -> Result<DecoupleSpec, SpecError> {
+/// Parses `model.kind = "distill"`'s keys of `[model]`.
+pub(crate) fn parse_distill(model: &Section) -> Result<DistillSpec, SpecError> {
+    let teacher = model
+        .string("teacher")?
+        .ok_or_else(|| model.missing("teacher", "the model to distil: minilm, a model folder or a .gguf file"))?;
+    if teacher.is_empty() || teacher.len() > 4096 || teacher.chars().any(|c| c.is_control()) {
+        return Err(model.invalid(
+            "teacher",
+            &teacher,
+            "a model name or path of 1 to 4096 printable characters",
+        ));
+    }
+    if !model.table.contains_key("decouple") {
+        return Err(model.missing("decouple", "a [model.decouple] table: how the student is decoupled"));
+    }
+    let decouple = parse_decouple(&model.section("decouple", DECOUPLE)?, None)?;
+    Ok(DistillSpec { teacher, decouple })
+}
+
+/// `[model.decouple]`, checked against `(d_model, layers, heads)` when the model's
+/// shape is known here.
+fn parse_decouple(section: &Section, shape: Option<(usize, usize, usize)>) -> Result<DecoupleSpec, SpecError> {
     let variant = match section.string("variant")?.as_deref() {
         Some("full-heads") | None => SubBlockVariant::FullHeads,
         Some("split-heads") => SubBlockVariant::SplitHeads,
@@ -122,6 +154,13 @@ fn parse_decouple(section: &Section, d_model: usize, layers: usize, heads: usize
     let blocks = section
         .int("blocks", 1, 64)?
         .ok_or_else(|| section.missing("blocks", "blocks of layers, each ending in an original layer, N_b"))?;
+    let Some((d_model, layers, heads)) = shape else {
+        return Ok(DecoupleSpec {
+            divisions,
+            blocks,
+            variant,
+        });
+    };
     if !d_model.is_multiple_of(divisions) {
         return Err(section.invalid(
             "divisions",
@@ -185,6 +224,41 @@ mod tests {
             })
         );
         assert_eq!(JobSpec::from_json(&s.to_json()).unwrap(), s);
+    }
+
+    /// A distillation names its teacher and its student's decoupling; either
+    /// missing is refused, and transformer keys are not read with it.
+    #[test]
+    fn a_distillation_needs_a_teacher_and_a_decoupling() {
+        let distill = |model: &str| {
+            JobSpec::parse(&format!(
+                "[model]\nkind = \"distill\"\n{model}\n[dataset]\nkind = \"text\"\npath = \"t\"\n"
+            ))
+        };
+        let s = distill("teacher = \"minilm\"\n[model.decouple]\ndivisions = 2\nblocks = 3\nvariant = \"split-heads\"")
+            .unwrap();
+        assert_eq!(
+            s.distill,
+            Some(DistillSpec {
+                teacher: "minilm".into(),
+                decouple: DecoupleSpec {
+                    divisions: 2,
+                    blocks: 3,
+                    variant: SubBlockVariant::SplitHeads
+                }
+            })
+        );
+        assert_eq!(JobSpec::from_json(&s.to_json()).unwrap(), s);
+        let e = distill("[model.decouple]\ndivisions = 2\nblocks = 3")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.teacher"), "{e}");
+        let e = distill("teacher = \"minilm\"").unwrap_err().to_string();
+        assert!(e.contains("model.decouple"), "{e}");
+        let e = distill("teacher = \"minilm\"\nd_model = 64\n[model.decouple]\ndivisions = 2\nblocks = 3")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("d_model"), "{e}");
     }
 
     #[test]

@@ -10,10 +10,13 @@
 //! ways: keeping some output rows (each worker computes some heads or FFN units) or
 //! some input columns (each worker computes a partial sum that the group adds).
 //! [`span`] says which rows or columns a worker's part is.
+//!
+//! A training checkpoint holds a model's parameters as one flat buffer in the
+//! module tree's order ([`flatten`], [`load_flat`]).
 
 use std::ops::Range;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamId};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::nn::{Linear, LinearConfig};
 use burn::prelude::*;
 
@@ -104,6 +107,86 @@ pub fn draw<B: Backend, M: Module<B>>(module: &M) {
         }
     }
     module.visit(&mut Draw);
+}
+
+/// All float parameters of `model`, concatenated.
+pub fn flatten<B: Backend, M: Module<B>>(model: &M) -> Vec<f32> {
+    struct Collect(Vec<f32>);
+    impl<B: Backend> ModuleVisitor<B> for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let data = param.val().into_data().convert::<f32>();
+            self.0.extend(data.to_vec::<f32>().expect("converted to f32"));
+        }
+    }
+    let mut c = Collect(Vec::new());
+    model.visit(&mut c);
+    c.0
+}
+
+/// Number of float scalars in `model`.
+pub fn count<B: Backend, M: Module<B>>(model: &M) -> usize {
+    struct Count(usize);
+    impl<B: Backend> ModuleVisitor<B> for Count {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0 += param.shape().num_elements();
+        }
+    }
+    let mut c = Count(0);
+    model.visit(&mut c);
+    c.0
+}
+
+/// `model` with its float parameters replaced by `flat` (as produced by [`flatten`]:
+/// a training checkpoint's parameters).
+/// Parameter ids are kept, so optimiser state stays attached.
+///
+/// # Panics
+/// If `flat` does not have exactly [`count`] elements: that is a programming error.
+pub fn load_flat<B: Backend, M: Module<B>>(model: M, flat: &[f32]) -> M {
+    struct Load<'a> {
+        flat: &'a [f32],
+        at: usize,
+    }
+    impl<B: Backend> ModuleMapper<B> for Load<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let shape = param.shape();
+            let n = shape.num_elements();
+            let values = self.flat[self.at..self.at + n].to_vec();
+            self.at += n;
+            param.map(|old| {
+                let fresh = Tensor::<B, D>::from_data(TensorData::new(values, shape), &old.device());
+                if old.is_require_grad() {
+                    fresh.require_grad()
+                } else {
+                    fresh
+                }
+            })
+        }
+    }
+    assert_eq!(
+        flat.len(),
+        count(&model),
+        "flat parameter buffer does not fit the model"
+    );
+    let mut mapper = Load { flat, at: 0 };
+    model.map(&mut mapper)
+}
+
+/// `module` with every float parameter a leaf of its own that takes a gradient.
+///
+/// Weights read from a file, or cut out of another model's, are plain tensors: on an
+/// autodiff backend they take no gradient, and a slice of another model's parameter
+/// would pass its gradient back to that parameter. A model built so and then
+/// trained (a distillation's student) goes through this first.
+pub fn trainable<B: Backend, M: Module<B>>(module: M) -> M {
+    struct Leaves;
+    impl<B: Backend> ModuleMapper<B> for Leaves {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let id = param.id;
+            Param::initialized(id, param.val().detach().require_grad())
+        }
+    }
+    module.map(&mut Leaves)
 }
 
 #[cfg(test)]

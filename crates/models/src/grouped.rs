@@ -14,13 +14,14 @@ use burn::nn::Initializer;
 use burn::prelude::*;
 use burn::tensor::TensorPrimitive;
 
-/// One linear map per group: `y[g] = x[g] · weight[g] + bias[g]`.
+/// One linear map per group: `y[g] = x[g] · weight[g] + bias[g]` (llama's have
+/// no bias).
 #[derive(Module, Debug)]
 pub struct GroupedLinear<B: Backend> {
     /// `[groups, inputs, outputs]`.
     pub weight: Param<Tensor<B, 3>>,
     /// `[groups, outputs]`.
-    pub bias: Param<Tensor<B, 2>>,
+    pub bias: Option<Param<Tensor<B, 2>>>,
 }
 
 impl<B: Backend> GroupedLinear<B> {
@@ -32,15 +33,23 @@ impl<B: Backend> GroupedLinear<B> {
         };
         GroupedLinear {
             weight: init.init_with([groups, inputs, outputs], Some(inputs), Some(outputs), device),
-            bias: init.init_with([groups, outputs], Some(inputs), Some(outputs), device),
+            bias: Some(init.init_with([groups, outputs], Some(inputs), Some(outputs), device)),
+        }
+    }
+
+    /// As [`GroupedLinear::new`], without a bias.
+    pub fn without_bias(groups: usize, inputs: usize, outputs: usize, device: &B::Device) -> Self {
+        GroupedLinear {
+            bias: None,
+            ..Self::new(groups, inputs, outputs, device)
         }
     }
 
     /// From given tensors (`[groups, inputs, outputs]` and `[groups, outputs]`).
-    pub fn from_tensors(weight: Tensor<B, 3>, bias: Tensor<B, 2>) -> Self {
+    pub fn from_tensors(weight: Tensor<B, 3>, bias: Option<Tensor<B, 2>>) -> Self {
         GroupedLinear {
             weight: Param::initialized(ParamId::new(), weight),
-            bias: Param::initialized(ParamId::new(), bias),
+            bias: bias.map(|b| Param::initialized(ParamId::new(), b)),
         }
     }
 
@@ -50,8 +59,10 @@ impl<B: Backend> GroupedLinear<B> {
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [groups, batch, time, inputs] = x.dims();
         let [_, _, outputs] = self.weight.dims();
-        let y = x.reshape([groups, batch * time, inputs]).matmul(self.weight.val())
-            + self.bias.val().reshape([groups, 1, outputs]);
+        let mut y = x.reshape([groups, batch * time, inputs]).matmul(self.weight.val());
+        if let Some(bias) = &self.bias {
+            y = y + bias.val().reshape([groups, 1, outputs]);
+        }
         y.reshape([groups, batch, time, outputs])
     }
 }
@@ -109,10 +120,39 @@ impl<B: Backend> GroupedNorm<B> {
     }
 }
 
+/// Root-mean-square normalisation of each group's features (llama's RMSNorm), with
+/// each group's own scale.
+#[derive(Module, Debug)]
+pub struct GroupedRmsNorm<B: Backend> {
+    /// `[groups, width]`.
+    pub gamma: Param<Tensor<B, 2>>,
+    epsilon: f64,
+}
+
+impl<B: Backend> GroupedRmsNorm<B> {
+    /// From given scales (`[groups, width]`).
+    pub fn from_tensor(gamma: Tensor<B, 2>, epsilon: f64) -> Self {
+        GroupedRmsNorm {
+            gamma: Param::initialized(ParamId::new(), gamma),
+            epsilon,
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[groups, batch, time, width]`, normalised over `width`
+    /// - returns: the same shape
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [groups, _, _, width] = x.dims();
+        // As burn's `RmsNorm`: x / sqrt(mean(x²) + ε), then the scale.
+        let rms = (x.clone().square().mean_dim(3) + self.epsilon).sqrt();
+        (x / rms) * self.gamma.val().reshape([groups, 1, 1, width])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use burn::backend::Flex;
-    use burn::nn::{LayerNormConfig, LinearConfig};
+    use burn::nn::{LayerNormConfig, LinearConfig, RmsNormConfig};
     use burn::tensor::Distribution;
 
     use super::*;
@@ -132,13 +172,14 @@ mod tests {
             1e-5,
         );
         let (y, z) = (linear.forward(x.clone()), norm.forward(x.clone()));
+        let r = GroupedRmsNorm::<B>::from_tensor(norm.gamma.val(), 1e-5).forward(x.clone());
         for g in 0..3 {
             let xg = x.clone().slice([g..g + 1]).squeeze_dim::<3>(0);
             let mut one = LinearConfig::new(4, 6).init::<B>(&device);
             one.weight = Param::initialized(ParamId::new(), linear.weight.val().slice([g..g + 1]).squeeze_dim(0));
             one.bias = Some(Param::initialized(
                 ParamId::new(),
-                linear.bias.val().slice([g..g + 1]).squeeze_dim(0),
+                linear.bias.as_ref().unwrap().val().slice([g..g + 1]).squeeze_dim(0),
             ));
             let mut ln = LayerNormConfig::new(4).init::<B>(&device);
             ln.gamma = Param::initialized(ParamId::new(), norm.gamma.val().slice([g..g + 1]).squeeze_dim(0));
@@ -151,7 +192,13 @@ mod tests {
                 y.clone().slice([g..g + 1]).squeeze_dim(0),
                 one.forward(xg.clone())
             ));
-            assert!(close(z.clone().slice([g..g + 1]).squeeze_dim(0), ln.forward(xg)));
+            assert!(close(
+                z.clone().slice([g..g + 1]).squeeze_dim(0),
+                ln.forward(xg.clone())
+            ));
+            let mut rms = RmsNormConfig::new(4).init::<B>(&device);
+            rms.gamma = Param::initialized(ParamId::new(), norm.gamma.val().slice([g..g + 1]).squeeze_dim(0));
+            assert!(close(r.clone().slice([g..g + 1]).squeeze_dim(0), rms.forward(xg)));
         }
     }
 }

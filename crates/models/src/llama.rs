@@ -232,6 +232,41 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Appends the new positions' keys and values (`[batch, kv heads, seq,
+    /// head_dim]`) and returns all positions' keys and values.
+    pub(crate) fn extend(&mut self, k: Tensor<B, 4>, v: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let (k, v) = match self.entries.take() {
+            Some((ck, cv)) => (Tensor::cat(vec![ck, k], 2), Tensor::cat(vec![cv, v], 2)),
+            None => (k, v),
+        };
+        self.entries = Some((k.clone(), v.clone()));
+        (k, v)
+    }
+}
+
+/// A whole block's weights in burn's layout (`[in, out]` matrices), the raw
+/// material of a decoupled layer's sub-blocks.
+#[derive(Debug, Clone)]
+pub struct LlamaWeights<B: Backend> {
+    /// The RMSNorm scale before attention: `[hidden]`.
+    pub attention_norm: Tensor<B, 1>,
+    /// `[hidden, heads·head_dim]`, query heads grouped by their key/value head.
+    pub query: Tensor<B, 2>,
+    /// `[hidden, kv_heads·head_dim]`.
+    pub key: Tensor<B, 2>,
+    /// As the key.
+    pub value: Tensor<B, 2>,
+    /// `[heads·head_dim, hidden]`.
+    pub output: Tensor<B, 2>,
+    /// The RMSNorm scale before the feed-forward: `[hidden]`.
+    pub feed_forward_norm: Tensor<B, 1>,
+    /// `[hidden, ffn]`.
+    pub gate: Tensor<B, 2>,
+    /// `[hidden, ffn]`.
+    pub up: Tensor<B, 2>,
+    /// `[ffn, hidden]`.
+    pub down: Tensor<B, 2>,
 }
 
 /// One decoder block, or one worker's part of it. A part without heads or units
@@ -307,6 +342,26 @@ impl<B: Backend> LlamaLayer<B> {
         })
     }
 
+    /// The block's weights, if it is a whole block (`None` for a part that holds
+    /// only some heads or units).
+    pub fn weights(&self) -> Option<LlamaWeights<B>> {
+        let w = |l: &Option<Linear<B>>| l.as_ref().map(|l| l.weight.val());
+        let weights = LlamaWeights {
+            attention_norm: self.attention_norm.gamma.val(),
+            query: w(&self.query)?,
+            key: w(&self.key)?,
+            value: w(&self.value)?,
+            output: w(&self.attention_output)?,
+            feed_forward_norm: self.feed_forward_norm.gamma.val(),
+            gate: w(&self.gate)?,
+            up: w(&self.up)?,
+            down: w(&self.down)?,
+        };
+        let [hidden, _] = weights.query.dims();
+        let whole = weights.output.dims()[0] == hidden && self.kv_heads * self.group * self.head_dim == hidden;
+        whole.then_some(weights)
+    }
+
     /// Runs the new tokens `x` (`[batch, seq, hidden]`, at positions
     /// `cache.len()..cache.len() + seq`) through the block, extending `cache`.
     /// `reduce` sums a partial result over the part's group.
@@ -327,11 +382,7 @@ impl<B: Backend> LlamaLayer<B> {
                 let q = rope.apply(heads(q.forward(h.clone()), kvh * g), start);
                 let k = rope.apply(heads(k.forward(h.clone()), kvh), start);
                 let v = heads(v.forward(h), kvh);
-                let (k, v) = match cache.entries.take() {
-                    Some((ck, cv)) => (Tensor::cat(vec![ck, k], 2), Tensor::cat(vec![cv, v], 2)),
-                    None => (k, v),
-                };
-                cache.entries = Some((k.clone(), v.clone()));
+                let (k, v) = cache.extend(k, v);
                 let time = start + seq;
                 // Each key/value head serves `g` query heads (HF's repeat_kv order).
                 let expand = |t: Tensor<B, 4>| {
@@ -395,6 +446,12 @@ impl<B: Backend> LlamaHead<B> {
     /// The vocabulary ids this part scores.
     pub fn rows(&self) -> Range<usize> {
         self.first..self.first + self.projection.weight.dims()[1]
+    }
+
+    /// Logits of this part's vocabulary rows at every position of `x`:
+    /// `[batch, seq, rows]`.
+    pub fn forward_all(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.projection.forward(self.norm.forward(x))
     }
 
     /// Logits of this part's vocabulary rows for the last position of each row of

@@ -154,64 +154,24 @@ impl<B: Backend> SubBlocks<B> {
     /// original's start with random inputs and zero outputs, so they change
     /// nothing until trained.
     pub fn sliced(w: LayerWeights<B>, shape: SubBlockShape, split_heads: bool, norms: NormPlacement) -> Self {
-        let SubBlockShape {
-            divisions: n,
-            slice: s,
-            heads,
-            attention: a,
-            inner,
-        } = shape;
+        let (n, inner) = (shape.divisions, shape.inner);
         let norm = |(gamma, beta): (Tensor<B, 1>, Tensor<B, 1>)| {
-            GroupedNorm::from_tensors(gamma.reshape([n, s]), beta.reshape([n, s]), w.epsilon)
+            GroupedNorm::from_tensors(slices_of(gamma, n), slices_of(beta, n), w.epsilon)
         };
-        let projection = |(weight, bias): (Tensor<B, 2>, Tensor<B, 1>)| {
-            if split_heads {
-                GroupedLinear::from_tensors(diagonal_blocks(weight, n), bias.reshape([n, a]))
-            } else {
-                GroupedLinear::from_tensors(weight.reshape([n, s, a]), bias.reshape([1, a]).repeat_dim(0, n))
-            }
-        };
-        let output = {
-            let (weight, bias) = w.output;
-            let weight = if split_heads {
-                diagonal_blocks(weight, n)
-            } else {
-                let [rows, _] = weight.dims();
-                weight.reshape([rows, n, s]).swap_dims(0, 1)
-            };
-            GroupedLinear::from_tensors(weight, bias.reshape([n, s]))
-        };
-        let ((w_in, b_in), (w_out, b_out)) = (w.feed_forward_in, w.feed_forward_out);
-        let [_, units] = w_in.dims();
-        let device = w_in.device();
-        let kept = units.min(inner);
-        let mut w_in = w_in.slice([0..s * n, 0..kept]).reshape([n, s, kept]);
-        let mut b_in = b_in.slice([0..kept]).reshape([1, kept]).repeat_dim(0, n);
-        let mut w_out = w_out.slice([0..kept]).reshape([kept, n, s]).swap_dims(0, 1);
-        if inner > kept {
-            let extra = inner - kept;
-            let bound = 1.0 / (s as f64).sqrt();
-            w_in = Tensor::cat(
-                vec![
-                    w_in,
-                    Tensor::random([n, s, extra], Distribution::Uniform(-bound, bound), &device),
-                ],
-                2,
-            );
-            b_in = Tensor::cat(vec![b_in, Tensor::zeros([n, extra], &device)], 1);
-            w_out = Tensor::cat(vec![w_out, Tensor::zeros([n, extra, s], &device)], 1);
-        }
+        let (w_in, b_in) = w.feed_forward_in;
+        let (w_out, b_out) = w.feed_forward_out;
+        let units_in = unit_inputs(w_in, Some(b_in), n, inner);
         SubBlocks {
             attention_norm: norm(w.attention_norm),
-            query: projection(w.query),
-            key: projection(w.key),
-            value: projection(w.value),
-            output,
+            query: slice_inputs(w.query.0, Some(w.query.1), n, split_heads),
+            key: slice_inputs(w.key.0, Some(w.key.1), n, split_heads),
+            value: slice_inputs(w.value.0, Some(w.value.1), n, split_heads),
+            output: slice_outputs(w.output.0, Some(w.output.1), n, split_heads),
             feed_forward_norm: norm(w.feed_forward_norm),
-            feed_forward_in: GroupedLinear::from_tensors(w_in, b_in),
-            feed_forward_out: GroupedLinear::from_tensors(w_out, b_out.reshape([n, s])),
+            feed_forward_in: units_in,
+            feed_forward_out: unit_outputs(w_out, Some(b_out), n, inner),
             gelu: Gelu::new(),
-            heads,
+            heads: shape.heads,
             pre_norm: norms == NormPlacement::Pre,
         }
     }
@@ -265,6 +225,94 @@ impl<B: Backend> SubBlocks<B> {
         self.output
             .forward(context.swap_dims(1, 2).reshape([groups, batch, time, width]))
     }
+}
+
+/// A vector of the full width cut into its `n` slices: `[n, width / n]`.
+pub(crate) fn slices_of<B: Backend>(v: Tensor<B, 1>, n: usize) -> Tensor<B, 2> {
+    let [width] = v.dims();
+    v.reshape([n, width / n])
+}
+
+/// A projection that reads the hidden state (`[H, out]`, burn's layout) cut for
+/// `n` sub-blocks: group `i` takes the rows of slice `i` and either every column
+/// (`split == false`: all heads) or the `i`-th block of columns (its heads; query
+/// heads are grouped by their key/value head, so a key/value head's query heads
+/// are one block).
+pub(crate) fn slice_inputs<B: Backend>(
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    n: usize,
+    split: bool,
+) -> GroupedLinear<B> {
+    let [rows, cols] = weight.dims();
+    if split {
+        GroupedLinear::from_tensors(diagonal_blocks(weight, n), bias.map(|b| b.reshape([n, cols / n])))
+    } else {
+        GroupedLinear::from_tensors(
+            weight.reshape([n, rows / n, cols]),
+            bias.map(|b| b.reshape([1, cols]).repeat_dim(0, n)),
+        )
+    }
+}
+
+/// A projection that writes the hidden state (`[in, H]`) cut for `n` sub-blocks:
+/// group `i` takes the columns of slice `i` and either every row (all heads) or
+/// the `i`-th block of rows (its heads).
+pub(crate) fn slice_outputs<B: Backend>(
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    n: usize,
+    split: bool,
+) -> GroupedLinear<B> {
+    let [rows, cols] = weight.dims();
+    let weight = if split {
+        diagonal_blocks(weight, n)
+    } else {
+        weight.reshape([rows, n, cols / n]).swap_dims(0, 1)
+    };
+    GroupedLinear::from_tensors(weight, bias.map(|b| slices_of(b, n)))
+}
+
+/// A feed-forward's input matrix (`[H, F]`) cut for `n` sub-blocks of `inner`
+/// units: group `i` takes the rows of slice `i` and the first `inner` units. Units
+/// beyond the original's `F` start random (as burn's `Linear` would).
+pub(crate) fn unit_inputs<B: Backend>(
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    n: usize,
+    inner: usize,
+) -> GroupedLinear<B> {
+    let [rows, units] = weight.dims();
+    let (s, kept, device) = (rows / n, units.min(inner), weight.device());
+    let mut w = weight.slice([0..rows, 0..kept]).reshape([n, s, kept]);
+    let mut b = bias.map(|b| b.slice([0..kept]).reshape([1, kept]).repeat_dim(0, n));
+    if inner > kept {
+        let extra = inner - kept;
+        let bound = 1.0 / (s as f64).sqrt();
+        let fresh = Tensor::random([n, s, extra], Distribution::Uniform(-bound, bound), &device);
+        w = Tensor::cat(vec![w, fresh], 2);
+        b = b.map(|b| Tensor::cat(vec![b, Tensor::zeros([n, extra], &device)], 1));
+    }
+    GroupedLinear::from_tensors(w, b)
+}
+
+/// A feed-forward's output matrix (`[F, H]`) cut for `n` sub-blocks of `inner`
+/// units: group `i` takes the first `inner` units' rows and the columns of slice
+/// `i`. Units beyond the original's `F` get zero rows, so they change nothing
+/// until trained.
+pub(crate) fn unit_outputs<B: Backend>(
+    weight: Tensor<B, 2>,
+    bias: Option<Tensor<B, 1>>,
+    n: usize,
+    inner: usize,
+) -> GroupedLinear<B> {
+    let [units, cols] = weight.dims();
+    let (s, kept, device) = (cols / n, units.min(inner), weight.device());
+    let mut w = weight.slice([0..kept]).reshape([kept, n, s]).swap_dims(0, 1);
+    if inner > kept {
+        w = Tensor::cat(vec![w, Tensor::zeros([n, inner - kept, s], &device)], 1);
+    }
+    GroupedLinear::from_tensors(w, bias.map(|b| slices_of(b, n)))
 }
 
 /// The `n` blocks on the diagonal of `[rows, cols]`: `[n, rows / n, cols / n]`.

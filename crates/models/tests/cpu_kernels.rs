@@ -12,7 +12,9 @@
 //! the same functions built from their parts; so is attention (flex's fused kernel
 //! and burn-backend's fallback backward pass), and linear layers on rank-3 inputs
 //! against a batched product with a broadcast weight; layer normalisation (one tracked
-//! operation with fused gradients on flex) against its parts.
+//! operation with fused gradients on flex) against its parts; a row broadcast per
+//! group (`[g, n, w] + [g, 1, w]`, a grouped layer's bias) against the same sum
+//! with the rows materialised.
 
 use burn::backend::{Autodiff, Flex};
 use burn::module::Param;
@@ -689,4 +691,25 @@ fn fused_layer_norm_on_flex_matches_its_parts_with_gradients() {
 #[test]
 fn layer_norm_backward_fallback_matches_its_parts() {
     layer_norm_matches_its_parts::<Autodiff<burn::backend::NdArray>>();
+}
+
+/// flex's broadcast of one row per group (each group's bias over its tokens, in
+/// every element-wise op) against the same op on rows repeated into a contiguous
+/// tensor, including rows at an offset (a slice) and a broadcast middle axis.
+#[test]
+fn per_group_rows_broadcast_like_materialised_rows() {
+    let device = Default::default();
+    let x = Tensor::<Flex, 3>::random([3, 5, 7], Distribution::Normal(0.0, 1.0), &device);
+    let table = Tensor::<Flex, 2>::random([4, 7], Distribution::Normal(1.0, 0.5), &device);
+    let rows = table.slice([1..4]).reshape([3, 1, 7]);
+    let repeated = rows.clone().repeat_dim(1, 5);
+    let ops: [(&str, fn(Tensor<Flex, 3>, Tensor<Flex, 3>) -> Tensor<Flex, 3>); 4] = [
+        ("add", |a, b| a + b),
+        ("sub", |a, b| a - b),
+        ("mul", |a, b| a * b),
+        ("div", |a, b| a / b),
+    ];
+    for (name, op) in ops {
+        close(op(x.clone(), rows.clone()), op(x.clone(), repeated.clone()), name);
+    }
 }

@@ -5,25 +5,13 @@
 //! same scalar on every worker. A parameter without a gradient contributes zeros, so
 //! the layout never depends on what one worker's batch touched.
 
-use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param, ParamId};
+use burn::module::{AutodiffModule, Module, ModuleVisitor, Param, ParamId};
 use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::backend::AutodiffBackend;
 
-/// All float parameters of `model`, concatenated.
-pub fn flatten<B: Backend, M: Module<B>>(model: &M) -> Vec<f32> {
-    struct Collect(Vec<f32>);
-    impl<B: Backend> ModuleVisitor<B> for Collect {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            let data = param.val().into_data().convert::<f32>();
-            self.0.extend(data.to_vec::<f32>().expect("converted to f32"));
-        }
-    }
-    let mut c = Collect(Vec::new());
-    model.visit(&mut c);
-    c.0
-}
+pub use hetero_models::checkpoint::{count, flatten, load_flat as load};
 
 /// Draws every lazily initialised parameter of `model` now.
 ///
@@ -31,54 +19,6 @@ pub fn flatten<B: Backend, M: Module<B>>(model: &M) -> Vec<f32> {
 /// parameter is first read, not when the module is built.
 pub fn materialize<B: Backend, M: Module<B>>(model: &M) {
     hetero_models::checkpoint::draw(model);
-}
-
-/// Number of float scalars in `model`.
-pub fn count<B: Backend, M: Module<B>>(model: &M) -> usize {
-    struct Count(usize);
-    impl<B: Backend> ModuleVisitor<B> for Count {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.0 += param.shape().num_elements();
-        }
-    }
-    let mut c = Count(0);
-    model.visit(&mut c);
-    c.0
-}
-
-/// `model` with its float parameters replaced by `flat` (as produced by [`flatten`]).
-/// Parameter ids are kept, so optimiser state stays attached.
-///
-/// # Panics
-/// If `flat` does not have exactly [`count`] elements: that is a programming error.
-pub fn load<B: Backend, M: Module<B>>(model: M, flat: &[f32]) -> M {
-    struct Load<'a> {
-        flat: &'a [f32],
-        at: usize,
-    }
-    impl<B: Backend> ModuleMapper<B> for Load<'_> {
-        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
-            let shape = param.shape();
-            let n = shape.num_elements();
-            let values = self.flat[self.at..self.at + n].to_vec();
-            self.at += n;
-            param.map(|old| {
-                let fresh = Tensor::<B, D>::from_data(TensorData::new(values, shape), &old.device());
-                if old.is_require_grad() {
-                    fresh.require_grad()
-                } else {
-                    fresh
-                }
-            })
-        }
-    }
-    assert_eq!(
-        flat.len(),
-        count(&model),
-        "flat parameter buffer does not fit the model"
-    );
-    let mut mapper = Load { flat, at: 0 };
-    model.map(&mut mapper)
 }
 
 /// Where each parameter's gradient sits in a flat gradient buffer.

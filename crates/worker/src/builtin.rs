@@ -1,6 +1,6 @@
 //! The built-in worker (`hetero worker`): the job spec names one of Hetero's own
-//! models (image classifiers, or the transformer language model), trained on the
-//! spec's dataset.
+//! models (image classifiers, the transformer language model, or a real model's
+//! decoupled version distilled from it), trained on the spec's dataset.
 
 use hetero_job::ModelKind;
 use hetero_models::{CnnConfig, MlpConfig};
@@ -20,6 +20,7 @@ pub fn run() -> Result<(), WorkerError> {
             ImageTask::from_spec(&ctx.spec, |d| MlpConfig::new().init(d)).map_err(|e| e.to_string())
         }),
         ModelKind::Transformer => crate::try_run(|ctx, _| TextTask::from_spec(&ctx.spec).map_err(|e| e.to_string())),
+        ModelKind::Distill => crate::try_run(|ctx, device| crate::distill::task(&ctx.spec, device)),
         ModelKind::Custom => Err(WorkerError::Setup(
             "model.kind = \"custom\" runs the program named in [task], not the built-in worker".into(),
         )),

@@ -15,6 +15,7 @@
 
 pub mod backend;
 pub mod builtin;
+pub mod distill;
 pub mod env;
 pub mod memory;
 pub mod probe;

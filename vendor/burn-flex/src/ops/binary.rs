@@ -123,7 +123,7 @@ where
 /// Consumers assume `lhs` and `rhs` already share the same logical
 /// shape and that `lhs` is row-contiguous at offset 0.
 #[cfg(feature = "simd")]
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum BroadcastView {
     /// rhs's inner `row_len` elements form a contiguous row that is
     /// shared across `outer_count` outer positions. Starts at
@@ -140,6 +140,14 @@ enum BroadcastView {
         outer_count: usize,
         row_len: usize,
         rhs_scalar_base: usize,
+    },
+    /// Hetero: rhs's inner `row_len` elements are contiguous, but which row
+    /// an outer position reads depends on its index through rhs's outer
+    /// strides (some broadcast, some not: `[g, n, w] + [g, 1, w]`, a
+    /// per-group bias). Row `r` of lhs reads `rhs_storage[row_offsets[r]..]`.
+    StridedRows {
+        row_len: usize,
+        row_offsets: Vec<usize>,
     },
 }
 
@@ -188,6 +196,34 @@ fn detect_broadcast_pattern(lhs: &Layout, rhs: &FlexTensor) -> Option<BroadcastV
                 row_len,
                 rhs_row_offset,
             });
+        }
+        // Hetero: any other outer strides (non-negative) — one offset per
+        // row, walked as an odometer; every row must stay inside rhs.
+        if (0..ndims - 1).all(|d| rhs_strides[d] >= 0) {
+            let outer_count: usize = (0..ndims - 1).map(|d| lhs_shape[d]).product();
+            let row_len = lhs_shape[ndims - 1];
+            if outer_count == 0 || row_len == 0 {
+                return None;
+            }
+            let mut row_offsets = Vec::with_capacity(outer_count);
+            let mut index = vec![0usize; ndims - 1];
+            let mut offset = rhs_layout.start_offset();
+            for _ in 0..outer_count {
+                if offset.checked_add(row_len)? > rhs_storage_elems {
+                    return None;
+                }
+                row_offsets.push(offset);
+                for d in (0..ndims - 1).rev() {
+                    index[d] += 1;
+                    offset += rhs_strides[d] as usize;
+                    if index[d] < lhs_shape[d] {
+                        break;
+                    }
+                    offset -= rhs_strides[d] as usize * lhs_shape[d];
+                    index[d] = 0;
+                }
+            }
+            return Some(BroadcastView::StridedRows { row_len, row_offsets });
         }
     }
 
@@ -306,6 +342,18 @@ fn run_broadcast_pattern_f32(
                 BinaryOp::Sub => per_row_scalar_apply(dst, scalars, row_len, |a, b| a - b),
                 BinaryOp::Mul => per_row_scalar_apply(dst, scalars, row_len, |a, b| a * b),
                 BinaryOp::Div => per_row_scalar_apply(dst, scalars, row_len, |a, b| a / b),
+            }
+        }
+        BroadcastView::StridedRows { row_len, row_offsets } => {
+            for (r, &offset) in row_offsets.iter().enumerate() {
+                let row = &mut dst[r * row_len..(r + 1) * row_len];
+                let rhs_row = &rhs_storage[offset..offset + row_len];
+                match simd_op {
+                    BinaryOp::Add => simd::add_shared_row_inplace_f32(row, rhs_row),
+                    BinaryOp::Sub => simd::sub_shared_row_inplace_f32(row, rhs_row),
+                    BinaryOp::Mul => simd::mul_shared_row_inplace_f32(row, rhs_row),
+                    BinaryOp::Div => simd::div_shared_row_inplace_f32(row, rhs_row),
+                }
             }
         }
     }

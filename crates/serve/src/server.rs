@@ -1,4 +1,4 @@
-//! `hetero serve`: an HTTP API in front of a placed model.
+//! The HTTP API in front of a placed model (`hetero serve`, an inference job's rank 0).
 //!
 //! The requests and replies are OpenAI's, so its clients work unchanged:
 //! - `POST /v1/completions` `{"prompt", "max_tokens"?, "chat"?, "stream"?}` (decoders):
@@ -16,7 +16,6 @@
 //! from a queue, so HTTP handlers never block the runtime (or each other's sockets).
 
 use std::convert::Infallible;
-use std::process::ExitCode;
 use std::sync::mpsc;
 
 use anyhow::{Context, Result};
@@ -37,7 +36,8 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use hetero_infer::Front;
 use hetero_infer::tokenize::TextTokenizer;
 
-use crate::infer_cmd::{Children, InferBackend, Placing, describe, open_model, start_front};
+use crate::InferBackend;
+use crate::front::{Children, Placing, describe, open_model, start_front};
 
 /// What the runtime thread is asked to do.
 enum Job {
@@ -117,8 +117,9 @@ struct Embeddings {
     input: Input,
 }
 
-/// `hetero serve`.
-pub fn serve(model_name: &str, listen: &str, place: &Placing) -> Result<ExitCode> {
+/// Opens `model_name`, places it and serves it on `listen` until the process is
+/// stopped (`hetero serve`).
+pub fn serve(model_name: &str, listen: &str, place: &Placing) -> Result<()> {
     let mut model = open_model(model_name)?;
     let Some(tokenizer) = model.tokenizer.take() else {
         anyhow::bail!("{model_name} has no tokenizer (random weights, for timing): serve a real model");
@@ -135,7 +136,7 @@ pub fn serve_front(
     model_name: &str,
     arch: &Arch,
     listen: &str,
-) -> Result<ExitCode> {
+) -> Result<()> {
     let decoder = matches!(arch, Arch::Llama(_));
     let info = json!({
         "object": "list",
@@ -192,8 +193,7 @@ pub fn serve_front(
         use std::io::Write;
         std::io::stdout().flush()?;
         axum::serve(listener, app).await.context("the HTTP server stopped")
-    })?;
-    Ok(ExitCode::SUCCESS)
+    })
 }
 
 /// A request's body, or a 400 that says what was wrong with `what`.
