@@ -15,9 +15,9 @@ use std::process::ExitCode;
 
 use anyhow::{Result, bail};
 use clap::{Args, Subcommand};
+use hetero_data::model_fetch as models;
 use hetero_infer::Arch;
 use hetero_infer::generate::{self, chat_prompt};
-use hetero_infer::models;
 use hetero_serve::front::{Placing, describe, open_model, start_front};
 
 /// `hetero models …`.

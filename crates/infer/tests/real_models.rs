@@ -4,6 +4,7 @@
 use std::sync::OnceLock;
 
 use burn::backend::Flex;
+use hetero_data::model_fetch::{cache_dir, fetch};
 use hetero_infer::models::{self, Model};
 use hetero_infer::{Output, Placement, Request, Want, run_in_process};
 
@@ -13,7 +14,7 @@ fn model(name: &str) -> &'static Model {
     static MINILM: OnceLock<Model> = OnceLock::new();
     static SMOLLM: OnceLock<Model> = OnceLock::new();
     let cell = if name == "minilm" { &MINILM } else { &SMOLLM };
-    cell.get_or_init(|| models::open(name, &models::cache_dir(), &mut |m| eprintln!("{m}")).unwrap())
+    cell.get_or_init(|| models::open(name, &cache_dir(), &mut |m| eprintln!("{m}")).unwrap())
 }
 
 /// Runs `requests` under `placement`, each worker a thread; the front's outputs.
@@ -112,8 +113,8 @@ fn smollm2_says_paris_on_every_placement() {
 
 #[test]
 fn damaged_files_and_a_wrong_tokenizer_are_named() {
-    let minilm = models::fetch("minilm", &models::cache_dir(), &mut |_| {}).unwrap();
-    let smollm = models::fetch("smollm2", &models::cache_dir(), &mut |_| {}).unwrap();
+    let minilm = fetch("minilm", &cache_dir(), &mut |_| {}).unwrap();
+    let smollm = fetch("smollm2", &cache_dir(), &mut |_| {}).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let err = |r: Result<Model, hetero_infer::InferError>| r.expect_err("an error").to_string();
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use hetero_comm::{Mesh, RingConfig};
+use hetero_data::model_fetch::cache_dir;
 use hetero_infer::models::{self, Model};
 use hetero_infer::{Arch, Front, Placement, Worker};
 
@@ -34,7 +35,7 @@ pub struct Placing {
 
 /// Opens a model, fetching a known one first, saying what it does.
 pub fn open_model(what: &str) -> Result<Model> {
-    models::open(what, &models::cache_dir(), &mut |m| eprintln!("{m}")).with_context(|| format!("opening {what}"))
+    models::open(what, &cache_dir(), &mut |m| eprintln!("{m}")).with_context(|| format!("opening {what}"))
 }
 
 /// The placements `--placement` names (comma-separated), for `workers` workers.

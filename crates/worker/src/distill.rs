@@ -4,6 +4,7 @@
 //! (`dataset.test_fraction`) held out, as `hetero models decouple` holds it out,
 //! so the before and after figures are measured on the same sentences.
 
+use hetero_data::model_fetch::cache_dir;
 use hetero_data::text::read_corpus;
 use hetero_infer::Arch;
 use hetero_infer::decoupled::{held_out, sentences};
@@ -25,7 +26,7 @@ pub fn task(spec: &JobSpec, device: &SystemDevice) -> Result<EncoderDistillTask<
         .distill
         .as_ref()
         .ok_or("model.kind = \"distill\" without its [model] teacher and [model.decouple]")?;
-    let model = models::open(&distill.teacher, &models::cache_dir(), &mut |m| eprintln!("{m}"))
+    let model = models::open(&distill.teacher, &cache_dir(), &mut |m| eprintln!("{m}"))
         .map_err(|e| format!("model.teacher = {:?}: {e}", distill.teacher))?;
     let Arch::Bert(c) = &model.arch else {
         return Err(format!(
