@@ -8,7 +8,7 @@
 //! next-token distributions for a decoder ([`hetero_models::fidelity`]).
 
 use burn::prelude::*;
-use hetero_models::bert::{BertConfig, BertEncoder, mean_pool};
+use hetero_models::bert::{BertConfig, BertEncoder, mean_pool, padded_ids};
 use hetero_models::checkpoint;
 use hetero_models::decouple::{Decoupling, LayerKind};
 use hetero_models::decoupled_bert::{DecoupledBert, DecoupledBertConfig};
@@ -68,6 +68,22 @@ pub fn sentences(text: &str, n: usize) -> Vec<String> {
         .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
         .filter(|s| (4..=40).contains(&s.split(' ').count()))
         .take(n)
+        .collect()
+}
+
+/// Each sentence as an encoder's input, `[CLS] … [SEP]`, cut at `max_positions`.
+pub fn encode_sentences(
+    tokenizer: &TextTokenizer,
+    sentences: &[String],
+    max_positions: usize,
+) -> Result<Vec<Vec<u32>>, InferError> {
+    sentences
+        .iter()
+        .map(|s| {
+            let mut ids = tokenizer.encode(s, true)?;
+            ids.truncate(max_positions);
+            Ok(ids)
+        })
         .collect()
 }
 
@@ -192,21 +208,8 @@ fn compare_encoders<B: Backend>(
     }
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
     for batch in sentences.chunks(BATCH) {
-        let rows = batch
-            .iter()
-            .map(|s| {
-                let mut ids = tokenizer.encode(s, true)?;
-                ids.truncate(c.max_positions);
-                Ok(ids)
-            })
-            .collect::<Result<Vec<_>, InferError>>()?;
-        let lengths: Vec<usize> = rows.iter().map(Vec::len).collect();
-        let seq = lengths.iter().copied().max().unwrap_or(1);
-        let flat: Vec<i64> = rows
-            .iter()
-            .flat_map(|r| (0..seq).map(|j| r.get(j).map_or(0, |&t| i64::from(t))))
-            .collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [rows.len(), seq]), device);
+        let rows = encode_sentences(tokenizer, batch, c.max_positions)?;
+        let (ids, lengths) = padded_ids::<B, _>(&rows, device);
         theirs.extend(mean_pool(original.forward(ids.clone(), &lengths), &lengths));
         ours.extend(mean_pool(decoupled.forward(ids, &lengths), &lengths));
         progress(ours.len(), sentences.len());
@@ -238,8 +241,8 @@ fn compare_decoders<B: Backend>(
     let mut fidelity = NextTokenFidelity::default();
     let mut done = 0;
     for batch in windows.chunks(BATCH / 2) {
-        let flat: Vec<i64> = batch.iter().flat_map(|w| w.iter().map(|&t| i64::from(t))).collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [batch.len(), window]), device);
+        let rows: Vec<Vec<u32>> = batch.iter().map(|w| w.to_vec()).collect();
+        let ids = crate::bert::ids_tensor::<B>(&rows, c.vocab, device)?;
         let reference = original.forward(ids.clone(), &mut original.caches());
         let logits = decoupled.forward(ids.clone(), &mut decoupled.caches());
         fidelity.add(logits, reference, ids);

@@ -455,6 +455,21 @@ impl<B: Backend> BertEncoder<B> {
     }
 }
 
+/// Rows of token ids of any lengths as one batch, padded with id 0 after each
+/// row's end: `([batch, longest], lengths)` (what [`BertEncoder::forward`] takes).
+pub fn padded_ids<B: Backend, R: AsRef<[u32]>>(rows: &[R], device: &B::Device) -> (Tensor<B, 2, Int>, Vec<usize>) {
+    let lengths: Vec<usize> = rows.iter().map(|r| r.as_ref().len()).collect();
+    let seq = lengths.iter().copied().max().unwrap_or(1).max(1);
+    let flat: Vec<i64> = rows
+        .iter()
+        .flat_map(|r| (0..seq).map(|j| r.as_ref().get(j).map_or(0, |&t| i64::from(t))))
+        .collect();
+    (
+        Tensor::from_data(TensorData::new(flat, [rows.len(), seq]), device),
+        lengths,
+    )
+}
+
 /// The padding mask for `lengths` real tokens in rows padded to `seq`:
 /// `[batch, 1, 1, seq]`, true at padding.
 pub fn padding_mask<B: Backend>(lengths: &[usize], seq: usize, device: &B::Device) -> Tensor<B, 4, Bool> {

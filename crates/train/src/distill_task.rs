@@ -14,7 +14,7 @@ use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::backend::AutodiffBackend;
-use hetero_models::bert::BertEncoder;
+use hetero_models::bert::{BertEncoder, padded_ids};
 use hetero_models::checkpoint::trainable;
 use hetero_models::decoupled_bert::{DecoupledBert, DecoupledBertConfig};
 
@@ -60,13 +60,7 @@ impl<B: AutodiffBackend> EncoderDistillTask<B> {
     }
 
     fn batch(&self, rows: &[&[u32]], device: &B::Device) -> SentenceBatch<B> {
-        let lengths: Vec<usize> = rows.iter().map(|r| r.len()).collect();
-        let seq = lengths.iter().copied().max().unwrap_or(1).max(1);
-        let flat: Vec<i64> = rows
-            .iter()
-            .flat_map(|r| (0..seq).map(|j| r.get(j).map_or(0, |&t| i64::from(t))))
-            .collect();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [rows.len(), seq]), device);
+        let (ids, lengths) = padded_ids::<B, _>(rows, device);
         let hidden = self.teacher.forward(ids.clone().inner(), &lengths);
         let targets = Tensor::from_inner(pooled(hidden, &lengths));
         SentenceBatch { ids, lengths, targets }

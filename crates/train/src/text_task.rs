@@ -15,7 +15,7 @@ use burn::tensor::TensorData;
 use burn::tensor::backend::AutodiffBackend;
 use hetero_data::text::{TokenWindows, Tokenizer, read_corpus};
 use hetero_job::JobSpec;
-use hetero_job::SubBlockVariant;
+use hetero_job::{DecoupleSpec, SubBlockVariant};
 use hetero_models::{DecoupledLmConfig, Decoupling, LanguageModel, LanguageModelConfig, TinyLmConfig, Variant};
 
 use crate::image_task::classification_sums;
@@ -117,16 +117,21 @@ pub fn model_config(spec: &JobSpec, vocab: usize) -> Result<LanguageModelConfig,
     let Some(decouple) = shape.decouple else {
         return Ok(LanguageModelConfig::Original(original));
     };
-    let decoupling = Decoupling {
-        divisions: decouple.divisions,
-        blocks: decouple.blocks,
-        variant: match decouple.variant {
+    let config =
+        DecoupledLmConfig::new(original, decoupling(decouple)).map_err(|e| TrainError::Config(e.to_string()))?;
+    Ok(LanguageModelConfig::Decoupled(config))
+}
+
+/// The decoupling a spec's `[model.decouple]` table names.
+pub fn decoupling(spec: DecoupleSpec) -> Decoupling {
+    Decoupling {
+        divisions: spec.divisions,
+        blocks: spec.blocks,
+        variant: match spec.variant {
             SubBlockVariant::FullHeads => Variant::FullHeads,
             SubBlockVariant::SplitHeads => Variant::SplitHeads,
         },
-    };
-    let config = DecoupledLmConfig::new(original, decoupling).map_err(|e| TrainError::Config(e.to_string()))?;
-    Ok(LanguageModelConfig::Decoupled(config))
+    }
 }
 
 impl<B: AutodiffBackend> Task<B> for TextTask {

@@ -7,13 +7,13 @@
 use hetero_data::model_fetch::cache_dir;
 use hetero_data::text::read_corpus;
 use hetero_infer::Arch;
-use hetero_infer::decoupled::{held_out, sentences};
+use hetero_infer::decoupled::{encode_sentences, held_out, sentences};
 use hetero_infer::models;
-use hetero_job::{JobSpec, SubBlockVariant};
+use hetero_job::JobSpec;
 use hetero_models::bert::BertEncoder;
-use hetero_models::decouple::{Decoupling, Variant};
 use hetero_models::decoupled_bert::DecoupledBertConfig;
 use hetero_train::distill_task::EncoderDistillTask;
+use hetero_train::text_task::decoupling;
 
 use crate::backend::{SystemBackend, SystemDevice};
 
@@ -34,16 +34,7 @@ pub fn task(spec: &JobSpec, device: &SystemDevice) -> Result<EncoderDistillTask<
             distill.teacher
         ));
     };
-    let d = distill.decouple;
-    let decoupling = Decoupling {
-        divisions: d.divisions,
-        blocks: d.blocks,
-        variant: match d.variant {
-            SubBlockVariant::FullHeads => Variant::FullHeads,
-            SubBlockVariant::SplitHeads => Variant::SplitHeads,
-        },
-    };
-    let config = DecoupledBertConfig::new(c.clone(), decoupling)
+    let config = DecoupledBertConfig::new(c.clone(), decoupling(distill.decouple))
         .map_err(|e| format!("{e} (the teacher {})", distill.teacher))?;
     let teacher = BertEncoder::<SystemBackend>::load(&mut |n, s| model.weights.expect(n, s), c, device)
         .map_err(|e| e.to_string())?;
@@ -52,16 +43,8 @@ pub fn task(spec: &JobSpec, device: &SystemDevice) -> Result<EncoderDistillTask<
     let test_text = held_out(&text, ds.test_fraction);
     let train_text = &text[..text.len() - test_text.len()];
     let tokenizer = model.tokenizer().map_err(|e| e.to_string())?;
-    let tokenize = |sentences: Vec<String>| {
-        sentences
-            .iter()
-            .map(|s| {
-                let mut ids = tokenizer.encode(s, true).map_err(|e| e.to_string())?;
-                ids.truncate(c.max_positions);
-                Ok(ids)
-            })
-            .collect::<Result<Vec<_>, String>>()
-    };
+    let tokenize =
+        |sentences: Vec<String>| encode_sentences(tokenizer, &sentences, c.max_positions).map_err(|e| e.to_string());
     let limit = |n: usize, default: usize| if n > 0 { n } else { default };
     let train = tokenize(sentences(train_text, limit(ds.train_limit, usize::MAX)))?;
     let test = tokenize(sentences(test_text, limit(ds.test_limit, TEST_SENTENCES)))?;
