@@ -91,7 +91,7 @@ fn measure(front: &mut Front<InferBackend>, arch: &Arch, b: &InferBench, name: &
     };
     let ids: Vec<u32> = (0..b.seq as u32).map(|i| 1000 + (i * 7919) % 20000).collect();
     match arch {
-        Arch::Bert(_) => {
+        Arch::Bert(_) | Arch::DecoupledBert(_) => {
             let req = Request::embed(std::slice::from_ref(&ids));
             front.run(&req)?; // warm-up
             for _ in 0..b.requests {
@@ -139,7 +139,7 @@ pub fn run(b: &InferBench) -> Result<()> {
     let placements = placements_of(&model.arch, &b.place.placement, workers)?;
     let names: Vec<&str> = b.place.placement.split(',').map(str::trim).collect();
     let unit = match model.arch {
-        Arch::Bert(_) => format!("request (batch 1, {} tokens)", b.seq),
+        Arch::Bert(_) | Arch::DecoupledBert(_) => format!("request (batch 1, {} tokens)", b.seq),
         Arch::Llama(_) => format!("token (after a {}-token prefill)", b.seq),
     };
     println!("{} on {workers} worker(s); per {unit}", b.model);

@@ -44,6 +44,10 @@ pub struct DecoupleArgs {
     /// Sentences (encoder) or windows of 128 tokens (decoder) to compare on.
     #[arg(long, default_value_t = 64)]
     pub samples: usize,
+    /// Also write the decoupled model compared (sliced, or --checkpoint's) as a
+    /// model folder that `hetero infer` and `hetero serve` run (encoders).
+    #[arg(long)]
+    pub export: Option<std::path::PathBuf>,
 }
 
 /// Runs the comparison and prints it.
@@ -123,6 +127,21 @@ pub fn run(args: &DecoupleArgs) -> Result<ExitCode> {
         }
     }
     println!("({:.1} s)", started.elapsed().as_secs_f64());
+    if let Some(dir) = &args.export {
+        let written = hetero_infer::export::export::<InferBackend>(
+            &model,
+            decoupling,
+            trained.as_deref(),
+            dir,
+            &Default::default(),
+        )?;
+        println!(
+            "wrote {}: {} tensors, {} parameters",
+            written.dir.display(),
+            written.tensors,
+            written.parameters
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

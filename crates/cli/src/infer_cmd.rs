@@ -136,7 +136,7 @@ pub fn infer(model_name: &str, prompt: &[String], max_tokens: usize, chat: bool,
                 stats.token_latency_quantile(0.9).as_secs_f64() * 1e3,
             );
         }
-        Arch::Bert(_) => {
+        Arch::Bert(_) | Arch::DecoupledBert(_) => {
             let texts: Vec<&str> = prompt.iter().map(String::as_str).collect();
             let clock = std::time::Instant::now();
             let embeddings = generate::embed(&mut front, model.tokenizer()?, &texts)?;

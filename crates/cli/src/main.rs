@@ -12,6 +12,7 @@ mod client_cmds;
 mod data_cmd;
 mod decouple_cmd;
 mod describe;
+mod export_cmd;
 mod follow;
 mod infer_cmd;
 mod local;
@@ -178,6 +179,9 @@ enum Command {
         #[command(subcommand)]
         command: infer_cmd::ModelsCommand,
     },
+    /// Write the decoupled model a distill job trained as a model folder that
+    /// `hetero infer` and `hetero serve` run (safetensors, config, tokenizer).
+    Export(export_cmd::ExportArgs),
     /// Run one prompt through a model placed over worker processes; print the output,
     /// tokens/s and per-token latency.
     Infer {
@@ -297,6 +301,7 @@ fn main() -> ExitCode {
         Command::Data { command } => data_cmd::run(command),
         Command::Bench { command } => bench::run(command),
         Command::Models { command } => infer_cmd::models_cmd(command),
+        Command::Export(args) => export_cmd::run(&args),
         Command::Infer {
             model,
             prompt,

@@ -230,3 +230,77 @@ fn a_served_completion_streams_and_a_dead_worker_is_a_clear_error() {
     assert!(body.contains("rank 1"), "{body}");
     assert!(server.0.try_wait().unwrap().is_none(), "the server is still up");
 }
+
+/// Training to serving in one path: a distill job's decoupled student, exported
+/// from the job's output folder (its spec.json and checkpoint), opens in
+/// `hetero infer` and is served over a tensor-parallel pair of workers, which
+/// give the same embeddings as one device.
+#[test]
+fn a_distilled_student_is_exported_and_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/shakespeare-subset");
+    let spec = dir.path().join("distill.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"student\"\n[model]\nkind = \"distill\"\nteacher = \"minilm\"\n\
+             [model.decouple]\ndivisions = 2\nblocks = 3\nvariant = \"split-heads\"\n\
+             [dataset]\nkind = \"text\"\npath = \"{}\"\ntest_fraction = 0.1\ntrain_limit = 32\ntest_limit = 8\n\
+             [training]\nepochs = 1\nglobal_batch_size = 16\nlearning_rate = 0.0005\n\
+             [cluster]\nworkers = 2\n[output]\ndir = \"runs\"\n",
+            text.display()
+        ),
+    )
+    .unwrap();
+    let out = hetero().arg("local").arg(&spec).output().unwrap();
+    let (stdout, stderr) = self::text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let run = dir.path().join("runs/job-000001");
+    assert!(run.join("spec.json").is_file(), "the job wrote its spec");
+
+    let student = dir.path().join("student");
+    let out = hetero()
+        .arg("export")
+        .arg(&run)
+        .arg("--to")
+        .arg(&student)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = self::text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("101 tensors"), "{stdout}");
+    // A second export into the same folder overwrites nothing.
+    let again = hetero()
+        .arg("export")
+        .arg(&run)
+        .arg("--to")
+        .arg(&student)
+        .output()
+        .unwrap();
+    assert!(!again.status.success());
+    assert!(self::text(&again).1.contains("already holds files"));
+
+    let sentences = ["A man is eating food.", "A man is eating a piece of bread."];
+    let out = hetero().arg("infer").arg(&student).args(sentences).output().unwrap();
+    let (stdout, stderr) = self::text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let single: f64 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("cosine(0, 1) = "))
+        .expect("a cosine line")
+        .parse()
+        .unwrap();
+
+    let path = student.to_str().unwrap();
+    let server = serve(&[path, "--workers", "2", "--placement", "tensor-parallel"]);
+    let (status, body) = post(
+        &server.1,
+        "/v1/embeddings",
+        &serde_json::json!({ "input": sentences }).to_string(),
+    );
+    assert_eq!(status, 200, "{body}");
+    let e = common::embeddings_of(&body);
+    assert_eq!(e[0].len(), 384);
+    let served = common::cosine(&e[0], &e[1]);
+    assert!((served - single).abs() < 1e-3, "served {served}, one device {single}");
+}

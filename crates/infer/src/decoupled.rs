@@ -121,6 +121,10 @@ pub fn compare<B: Backend>(
                 fidelity: Fidelity::Embeddings(fidelity),
             })
         }
+        Arch::DecoupledBert(_) => Err(InferError::Config(format!(
+            "{} is already decoupled: compare the original model it was exported from",
+            model.name
+        ))),
         Arch::Llama(c) => {
             let config = DecoupledLlamaConfig::new(c.clone(), decoupling).map_err(decoupling_error)?;
             let (original, decoupled) = load_llama_pair::<B>(source, &config, device)?;
@@ -138,7 +142,7 @@ pub fn compare<B: Backend>(
 }
 
 /// `model` with the `trained` parameters, if given and if they fit.
-fn with_trained<B: Backend, M: Module<B>>(model: M, trained: Option<&[f32]>) -> Result<M, InferError> {
+pub(crate) fn with_trained<B: Backend, M: Module<B>>(model: M, trained: Option<&[f32]>) -> Result<M, InferError> {
     let Some(flat) = trained else { return Ok(model) };
     let expected = checkpoint::count(&model);
     if flat.len() != expected {

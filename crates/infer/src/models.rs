@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 use hetero_data::model_fetch::{self, KNOWN, known};
 
 use crate::InferError;
+use hetero_models::decoupled_bert::DecoupledBertConfig;
+
 use crate::bert::BertConfig;
+use crate::export::read_decoupling;
 use crate::gguf::Gguf;
 use crate::llama::LlamaConfig;
 use crate::runtime::Arch;
@@ -59,6 +62,7 @@ fn random(name: &str) -> Option<Model> {
     };
     let shapes = match &arch {
         Arch::Bert(c) => c.tensor_shapes(),
+        Arch::DecoupledBert(c) => c.tensor_shapes(),
         Arch::Llama(c) => c.tensor_shapes(),
     };
     Some(Model {
@@ -110,28 +114,43 @@ pub fn open(what: &str, cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<
     )))
 }
 
-/// A BERT folder, with the tokenizer at `tokenizer`.
+/// A BERT folder, with the tokenizer at `tokenizer`; a decoupled one when the
+/// folder holds a [`crate::export::DECOUPLING_FILE`].
 pub fn open_bert(dir: &Path, tokenizer: &Path) -> Result<Model, InferError> {
-    let weights = SafeTensors::open(&dir.join("model.safetensors"))?;
+    let file = dir.join("model.safetensors");
+    let weights = SafeTensors::open(&file)?;
     let config =
         crate::bert::config_from_file(&dir.join("config.json"))?.with_prefix_detected(|n| weights.shape(n).is_some());
+    let (arch, shapes) = match read_decoupling(dir)? {
+        None => (Arch::Bert(config.clone()), config.tensor_shapes()),
+        Some(decoupling) => {
+            let decoupled = DecoupledBertConfig::new(config.clone(), decoupling).map_err(|e| {
+                InferError::weights(
+                    &dir.join(crate::export::DECOUPLING_FILE),
+                    format!("{e} (config.json's model)"),
+                )
+            })?;
+            let shapes = decoupled.tensor_shapes();
+            (Arch::DecoupledBert(decoupled), shapes)
+        }
+    };
     // Check every tensor's presence and shape now, not in the middle of a request.
-    for (name, shape) in config.tensor_shapes() {
+    for (name, shape) in shapes {
         match weights.shape(&name) {
             Some(s) if s == shape => {}
             Some(s) => {
                 return Err(InferError::tensor(
-                    &dir.join("model.safetensors"),
+                    &file,
                     &name,
                     format!("shape {s:?}, but config.json needs {shape:?}"),
                 ));
             }
-            None => return Err(InferError::tensor(&dir.join("model.safetensors"), &name, "missing")),
+            None => return Err(InferError::tensor(&file, &name, "missing")),
         }
     }
     let tokenizer = TextTokenizer::bert(tokenizer, config.vocab, config.max_positions)?;
     Ok(Model {
-        arch: Arch::Bert(config),
+        arch,
         weights: Box::new(weights),
         tokenizer: Some(tokenizer),
         name: dir.display().to_string(),

@@ -13,6 +13,7 @@
 //! Worker 0 drives: [`Front::run`] sends each request's command to the others, who
 //! wait in [`follow`] until told to stop.
 
+use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use burn::nn::RotaryEncoding;
@@ -24,12 +25,18 @@ use crate::bert::{BertConfig, BertEmbeddings, BertLayer, mean_pool, padding_mask
 use crate::llama::{KvCache, LlamaConfig, LlamaEmbeddings, LlamaHead, LlamaLayer};
 use crate::placement::{Mode, Placement, Stage};
 use crate::weights::Weights;
+use hetero_models::LayerKind;
+use hetero_models::checkpoint::span;
+use hetero_models::decoupled_bert::DecoupledBertConfig;
+use hetero_models::sub_blocks::{Masking, SubBlocks, from_slices, to_slices};
 
 /// Which model, and its shape.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Arch {
     /// An encoder.
     Bert(BertConfig),
+    /// An encoder whose layers are decoupled ([`crate::export`]'s folders).
+    DecoupledBert(DecoupledBertConfig),
     /// A decoder.
     Llama(LlamaConfig),
 }
@@ -39,6 +46,7 @@ impl Arch {
     pub fn layers(&self) -> usize {
         match self {
             Arch::Bert(c) => c.layers,
+            Arch::DecoupledBert(c) => c.original().layers,
             Arch::Llama(c) => c.layers,
         }
     }
@@ -47,7 +55,30 @@ impl Arch {
     pub fn hidden(&self) -> usize {
         match self {
             Arch::Bert(c) => c.hidden,
+            Arch::DecoupledBert(c) => c.original().hidden,
             Arch::Llama(c) => c.hidden,
+        }
+    }
+
+    /// Whether it returns sentence embeddings (rather than tokens).
+    pub fn is_encoder(&self) -> bool {
+        !matches!(self, Arch::Llama(_))
+    }
+
+    /// The encoder's configuration (a decoupled encoder's original's).
+    pub fn bert(&self) -> Option<&BertConfig> {
+        match self {
+            Arch::Bert(c) => Some(c),
+            Arch::DecoupledBert(c) => Some(c.original()),
+            Arch::Llama(_) => None,
+        }
+    }
+
+    /// N_d of a decoupled model; 1 for an ordinary one.
+    fn divisions(&self) -> usize {
+        match self {
+            Arch::DecoupledBert(c) => c.decoupling().divisions,
+            _ => 1,
         }
     }
 }
@@ -134,6 +165,10 @@ enum Embed<B: Backend> {
 
 enum Block<B: Backend> {
     Bert(BertLayer<B>),
+    /// A decoupled layer's sub-blocks `groups` (of N_d): all of them, or this
+    /// worker's share in a tensor-parallel stage — none when the stage has more
+    /// workers than sub-blocks.
+    SubBlocks(Option<SubBlocks<B>>, Range<usize>),
     /// A decoder block and this worker's cache of the sequence's keys and values.
     Llama(LlamaLayer<B>, KvCache<B>),
 }
@@ -175,11 +210,19 @@ impl<B: Backend> Worker<B> {
         let last = placement.stages.last().expect("checked: at least one stage");
         let embed = if first.workers.contains(&rank) {
             Some(match &arch {
-                Arch::Bert(c) => Embed::Bert(BertEmbeddings::load(&mut |n, s| weights.expect(n, s), c, device)?),
+                Arch::Bert(_) | Arch::DecoupledBert(_) => Embed::Bert(BertEmbeddings::load(
+                    &mut |n, s| weights.expect(n, s),
+                    arch.bert().expect("an encoder"),
+                    device,
+                )?),
                 Arch::Llama(c) => Embed::Llama(LlamaEmbeddings::load(&mut |n, s| weights.expect(n, s), c, device)?),
             })
         } else {
             None
+        };
+        let kinds = match &arch {
+            Arch::DecoupledBert(c) => c.decoupling().layer_kinds(arch.layers()),
+            _ => vec![LayerKind::Original; arch.layers()],
         };
         let mut blocks = Vec::new();
         for (si, stage) in placement.stages.iter().enumerate() {
@@ -187,15 +230,35 @@ impl<B: Backend> Worker<B> {
             for layer in stage.layers.clone() {
                 blocks.push((
                     si,
-                    match &arch {
-                        Arch::Bert(c) => Block::Bert(BertLayer::load(
+                    match (&arch, kinds[layer]) {
+                        (Arch::DecoupledBert(c), LayerKind::Decoupled) => {
+                            let groups = span(c.decoupling().divisions, part.0, part.1);
+                            let sub = match groups.is_empty() {
+                                true => None,
+                                false => Some(c.load_sub_blocks(
+                                    &mut |n, s| weights.expect(n, s),
+                                    layer,
+                                    groups.clone(),
+                                    device,
+                                )?),
+                            };
+                            Block::SubBlocks(sub, groups)
+                        }
+                        (Arch::DecoupledBert(c), LayerKind::Original) => Block::Bert(BertLayer::load(
+                            &mut |n, s| weights.expect(n, s),
+                            c.original(),
+                            layer,
+                            part,
+                            device,
+                        )?),
+                        (Arch::Bert(c), _) => Block::Bert(BertLayer::load(
                             &mut |n, s| weights.expect(n, s),
                             c,
                             layer,
                             part,
                             device,
                         )?),
-                        Arch::Llama(c) => Block::Llama(
+                        (Arch::Llama(c), _) => Block::Llama(
                             LlamaLayer::load(&mut |n, s| weights.expect(n, s), c, layer, part, device)?,
                             KvCache::new(),
                         ),
@@ -212,7 +275,7 @@ impl<B: Backend> Worker<B> {
                 let rope = (!blocks.is_empty()).then(|| c.rope(c.context, device));
                 (head, rope)
             }
-            Arch::Bert(_) => (None, None),
+            Arch::Bert(_) | Arch::DecoupledBert(_) => (None, None),
         };
         Ok(Worker {
             rank,
@@ -243,7 +306,7 @@ impl<B: Backend> Worker<B> {
             .iter()
             .find_map(|(_, b)| match b {
                 Block::Llama(_, cache) => Some(cache.len()),
-                Block::Bert(_) => None,
+                Block::Bert(_) | Block::SubBlocks(..) => None,
             })
             .unwrap_or(0)
     }
@@ -279,32 +342,49 @@ impl<B: Backend> Worker<B> {
         };
         self.timing.compute += clock.elapsed();
         let mask = padding_mask::<B>(&req.lengths, seq, &self.device);
+        let divisions = self.arch.divisions();
         let mut holders = self.placement.stages[0].workers.clone();
         for si in 0..self.placement.stages.len() {
             let stage = self.placement.stages[si].clone();
             x = self.hand_over(mesh, x, &holders, &stage.workers, [batch, seq, d])?;
             holders = stage.workers.clone();
             let Some(mut h) = x.take() else { continue };
-            let tp = stage.mode == Mode::TensorParallel && stage.workers.len() > 1;
-            let timing = &mut self.timing;
-            let mut reduce = |t: Tensor<B, 3>| -> Result<Tensor<B, 3>, InferError> {
-                if !tp {
-                    return Ok(t);
-                }
-                let clock = Instant::now();
-                let dims = t.dims();
-                let mut v = t.into_data().to_vec::<f32>().expect("f32 activations");
-                mesh.allreduce_sum(&stage.workers, &mut v)?;
-                timing.communication += clock.elapsed();
-                Ok(Tensor::from_data(TensorData::new(v, dims), &self.device))
+            // A tensor-parallel stage's group sums partial results and gathers slices.
+            let group: &[usize] = match stage.mode == Mode::TensorParallel && stage.workers.len() > 1 {
+                true => &stage.workers,
+                false => &[],
             };
+            let (timing, device) = (&mut self.timing, &self.device);
+            // Inside a run of decoupled layers: this worker's slices (none when it
+            // holds no sub-blocks) and which they are. Nothing crosses slices until
+            // the run ends, at an original layer or the stage's end.
+            let mut slices: Option<(Option<Tensor<B, 4>>, Range<usize>)> = None;
             for (_, block) in self.blocks.iter_mut().filter(|(s, _)| *s == si) {
+                if let Block::SubBlocks(sub, groups) = &*block {
+                    let mine = match slices.take() {
+                        Some((mine, _)) => mine,
+                        None => (!groups.is_empty())
+                            .then(|| to_slices(h.clone(), divisions).narrow(0, groups.start, groups.len())),
+                    };
+                    let masking = Masking::Padding(mask.clone());
+                    let out = sub.as_ref().zip(mine).map(|(sub, x)| sub.forward(x, &masking));
+                    slices = Some((out, groups.clone()));
+                    continue;
+                }
+                if let Some((mine, groups)) = slices.take() {
+                    h = gather_slices(mesh, group, mine, groups, divisions, [batch, seq, d], timing, device)?;
+                }
+                let mut reduce = |t: Tensor<B, 3>| reduce_over(mesh, group, t, timing, device);
                 h = match block {
                     Block::Bert(b) => b.forward(h, &mask, &mut reduce)?,
                     Block::Llama(l, cache) => {
                         l.forward(h, self.rope.as_ref().expect("blocks have a rope"), cache, &mut reduce)?
                     }
+                    Block::SubBlocks(..) => unreachable!("handled above"),
                 };
+            }
+            if let Some((mine, groups)) = slices.take() {
+                h = gather_slices(mesh, group, mine, groups, divisions, [batch, seq, d], timing, device)?;
             }
             x = Some(h);
         }
@@ -362,10 +442,10 @@ impl<B: Backend> Worker<B> {
         let last = self.placement.stages.last().expect("checked").clone();
         // The leader's result, as a flat buffer, and how to read it back.
         let (flat, width): (Option<Vec<f32>>, usize) = match &self.arch {
-            Arch::Bert(c) => {
+            Arch::Bert(_) | Arch::DecoupledBert(_) => {
                 let flat = (self.rank == leader)
                     .then(|| mean_pool(x.clone().expect("the leader holds the activations"), &req.lengths).concat());
-                (flat, c.hidden)
+                (flat, self.arch.hidden())
             }
             Arch::Llama(c) => {
                 let group: Vec<usize> = match last.mode {
@@ -443,11 +523,63 @@ impl<B: Backend> Worker<B> {
         let flat = flat.expect("rank 0 has the result");
         let rows = |w: usize| flat.chunks_exact(w).map(<[f32]>::to_vec).collect::<Vec<_>>();
         Ok(Some(match (&self.arch, req.want) {
-            (Arch::Bert(_), _) => Output::Embeddings(rows(width)),
+            (Arch::Bert(_) | Arch::DecoupledBert(_), _) => Output::Embeddings(rows(width)),
             (Arch::Llama(_), Want::Logits) => Output::Logits(rows(width)),
             (Arch::Llama(_), _) => Output::Tokens(flat.iter().map(|&t| t as u32).collect()),
         }))
     }
+}
+
+/// `t` summed over `group` (a tensor-parallel block's partial results); `t`
+/// itself outside one.
+fn reduce_over<B: Backend>(
+    mesh: &mut Mesh,
+    group: &[usize],
+    t: Tensor<B, 3>,
+    timing: &mut Timing,
+    device: &B::Device,
+) -> Result<Tensor<B, 3>, InferError> {
+    if group.is_empty() {
+        return Ok(t);
+    }
+    let clock = Instant::now();
+    let dims = t.dims();
+    let mut v = t.into_data().to_vec::<f32>().expect("f32 activations");
+    mesh.allreduce_sum(group, &mut v)?;
+    timing.communication += clock.elapsed();
+    Ok(Tensor::from_data(TensorData::new(v, dims), device))
+}
+
+/// The whole hidden state `[batch, seq, hidden]` again after a run of decoupled
+/// layers: outside a tensor-parallel stage this worker holds every slice;
+/// inside one, each worker contributes its slices (`mine`, sub-blocks `groups`)
+/// to a buffer of zeros that the group sums — an all-gather, the only traffic a
+/// run of decoupled layers needs.
+#[allow(clippy::too_many_arguments)]
+fn gather_slices<B: Backend>(
+    mesh: &mut Mesh,
+    group: &[usize],
+    mine: Option<Tensor<B, 4>>,
+    groups: Range<usize>,
+    divisions: usize,
+    [batch, seq, d]: [usize; 3],
+    timing: &mut Timing,
+    device: &B::Device,
+) -> Result<Tensor<B, 3>, InferError> {
+    if group.is_empty() {
+        return Ok(from_slices(mine.expect("a worker outside a group holds every slice")));
+    }
+    let clock = Instant::now();
+    let per_group = batch * seq * (d / divisions);
+    let mut all = vec![0f32; divisions * per_group];
+    if let Some(mine) = mine {
+        let values = mine.into_data().to_vec::<f32>().expect("f32 activations");
+        all[groups.start * per_group..groups.end * per_group].copy_from_slice(&values);
+    }
+    mesh.allreduce_sum(group, &mut all)?;
+    timing.communication += clock.elapsed();
+    let slices = Tensor::from_data(TensorData::new(all, [divisions, batch, seq, d / divisions]), device);
+    Ok(from_slices(slices))
 }
 
 /// The part of the output head `rank` holds: split by vocabulary in a
@@ -477,8 +609,11 @@ fn check_request(arch: &Arch, req: &Request) -> Result<(), InferError> {
         ));
     }
     match (arch, req.want) {
-        (Arch::Bert(_), Want::Embedding) | (Arch::Llama(_), Want::NextToken | Want::Logits) => Ok(()),
-        (Arch::Bert(_), w) => Err(InferError::Request(format!("an encoder returns embeddings, not {w:?}"))),
+        (Arch::Llama(_), Want::NextToken | Want::Logits) => Ok(()),
+        (_, Want::Embedding) if arch.is_encoder() => Ok(()),
+        (Arch::Bert(_) | Arch::DecoupledBert(_), w) => {
+            Err(InferError::Request(format!("an encoder returns embeddings, not {w:?}")))
+        }
         (Arch::Llama(_), w) => Err(InferError::Request(format!(
             "a decoder returns tokens or logits, not {w:?}"
         ))),
@@ -787,6 +922,41 @@ mod tests {
         let Output::Embeddings(a) = &alone[0] else { panic!() };
         let worst = a[0].iter().zip(&e[1]).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
         assert!(worst < 1e-5, "{worst}");
+    }
+
+    /// A decoupled encoder runs under every placement as its module does on one
+    /// device — a tensor-parallel stage spreads each decoupled layer's
+    /// sub-blocks over its workers (some hold none when there are more workers
+    /// than sub-blocks) and gathers the slices before an original layer.
+    #[test]
+    fn decoupled_encoder_placements_agree_with_its_module() {
+        use hetero_models::bert::padded_ids;
+        use hetero_models::decoupled_bert::DecoupledBert;
+        use hetero_models::{Decoupling, Variant};
+        let rows = [vec![2, 7, 9, 4, 3], vec![2, 11, 3]];
+        for (divisions, variant) in [(3, Variant::FullHeads), (5, Variant::SplitHeads)] {
+            let decoupling = Decoupling {
+                divisions,
+                blocks: 1,
+                variant,
+            };
+            let config = DecoupledBertConfig::new(small_bert(), decoupling).unwrap();
+            let w = RandomWeights::new(config.tensor_shapes(), 4);
+            let module = DecoupledBert::<B>::load(&mut |n, s| w.expect(n, s), &config, &Default::default()).unwrap();
+            let (ids, lengths) = padded_ids::<B, _>(&rows, &Default::default());
+            let want = vec![Output::Embeddings(mean_pool(module.forward(ids, &lengths), &lengths))];
+            let arch = Arch::DecoupledBert(config);
+            for placement in [
+                Placement::single(3),
+                Placement::tensor_parallel(3, 2),
+                Placement::tensor_parallel(3, 4),
+                Placement::pipeline(3, 2),
+                Placement::pipeline(3, 3),
+            ] {
+                let got = run_placed(&arch, &w, &placement, &[Request::embed(&rows)]);
+                assert_close(&want, &got, &format!("{divisions} {variant}: {placement:?}"));
+            }
+        }
     }
 
     #[test]

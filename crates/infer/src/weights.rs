@@ -266,26 +266,46 @@ impl Weights for RandomWeights {
     }
 }
 
+/// A safetensors file of F32 tensors `(name, shape, values)`, as bytes: the
+/// header's length, the JSON header (padded with spaces to 8 bytes, as the
+/// format recommends), then the values little-endian in the given order.
+pub fn safetensors_bytes<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])>) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, shape, values) in tensors {
+        let start = data.len();
+        data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let mut header = serde_json::to_vec(&header).expect("a JSON map serialises");
+    header.resize(header.len().div_ceil(8) * 8, b' ');
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend(header);
+    out.extend(data);
+    out
+}
+
+/// Writes `bytes` to `path` whole or not at all: into a temporary file beside
+/// it, renamed over `path` once complete.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), InferError> {
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, bytes)
+        .and_then(|_| std::fs::rename(&partial, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&partial);
+            InferError::weights(path, format!("cannot write: {e}"))
+        })
+}
+
 /// Writers of small safetensors files, for tests here and in other modules.
 #[cfg(test)]
 pub(crate) mod write {
     /// A safetensors file of F32 `tensors`.
     pub fn safetensors(tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
-        let mut header = serde_json::Map::new();
-        let mut data = Vec::new();
-        for (name, shape, values) in tensors {
-            let start = data.len();
-            data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-            header.insert(
-                name.to_string(),
-                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
-            );
-        }
-        let header = serde_json::to_vec(&header).unwrap();
-        let mut out = (header.len() as u64).to_le_bytes().to_vec();
-        out.extend(header);
-        out.extend(data);
-        out
+        super::safetensors_bytes(tensors.iter().map(|(n, s, v)| (*n, s.as_slice(), v.as_slice())))
     }
 }
 

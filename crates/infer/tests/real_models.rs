@@ -261,3 +261,75 @@ fn decoupled_minilm_and_smollm2_without_decoupling_are_the_originals() {
         assert!(worst <= 1e-5 * scale, "SmolLM2, {decoupling}: {worst} at scale {scale}");
     }
 }
+
+/// A decoupled MiniLM exported with trained weights (here: the sliced ones,
+/// perturbed, standing for a distill job's checkpoint) opens as a model folder
+/// and, placed on one device, on a tensor-parallel pair and on a pipeline, gives
+/// what the trainer's module gives.
+#[test]
+fn an_exported_decoupled_minilm_serves_what_the_trainer_computed() {
+    use hetero_infer::export::export;
+    use hetero_models::bert::{BertEncoder, mean_pool, padded_ids};
+    use hetero_models::checkpoint::{flatten, load_flat};
+    use hetero_models::decouple::{Decoupling, Variant};
+    use hetero_models::decoupled_bert::{DecoupledBert, DecoupledBertConfig};
+
+    let device = Default::default();
+    let minilm = model("minilm");
+    let hetero_infer::Arch::Bert(c) = &minilm.arch else {
+        panic!()
+    };
+    let decoupling = Decoupling {
+        divisions: 2,
+        blocks: 3,
+        variant: Variant::SplitHeads,
+    };
+    let config = DecoupledBertConfig::new(c.clone(), decoupling).unwrap();
+    let encoder = BertEncoder::<B>::load(&mut |n, s| minilm.weights.expect(n, s), c, &device).unwrap();
+    let sliced = DecoupledBert::sliced_from(&encoder, &config);
+    let trained: Vec<f32> = flatten(&sliced)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + 0.01 * ((i as f32) * 0.37).sin())
+        .collect();
+    let trainer = load_flat(sliced, &trained);
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("minilm-2x3");
+    let written = export::<B>(minilm, decoupling, Some(&trained), &out, &device).unwrap();
+    // Every parameter once, and the token-type rows other than type 0 (unused, zero).
+    assert_eq!(written.parameters, trained.len() + (c.type_vocab - 1) * c.hidden);
+    let again = export::<B>(minilm, decoupling, None, &out, &device)
+        .unwrap_err()
+        .to_string();
+    assert!(again.contains("already holds files"), "{again}");
+
+    let served = models::open(out.to_str().unwrap(), &cache_dir(), &mut |_| {}).unwrap();
+    assert!(matches!(served.arch, hetero_infer::Arch::DecoupledBert(_)));
+    let rows: Vec<Vec<u32>> = ["A man is eating food.", "Bread is a staple food."]
+        .iter()
+        .map(|t| served.tokenizer().unwrap().encode(t, true).unwrap())
+        .collect();
+    let (ids, lengths) = padded_ids::<B, _>(&rows, &device);
+    let want = vec![Output::Embeddings(mean_pool(trainer.forward(ids, &lengths), &lengths))];
+    for placement in [
+        Placement::single(6),
+        Placement::tensor_parallel(6, 2),
+        Placement::pipeline(6, 3),
+    ] {
+        let got = run(&served, &placement, &[Request::embed(&rows)]);
+        let worst = largest_difference(&want, &got);
+        assert!(worst < 1e-5, "{placement:?}: {worst}");
+    }
+
+    // A decoupling file that does not divide the model is named on open.
+    std::fs::write(
+        out.join("decoupling.json"),
+        r#"{"divisions": 5, "blocks": 3, "variant": "split-heads"}"#,
+    )
+    .unwrap();
+    let err = models::open(out.to_str().unwrap(), &cache_dir(), &mut |_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("decoupling.json") && err.contains("divisions"), "{err}");
+}

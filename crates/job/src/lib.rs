@@ -15,6 +15,9 @@ pub use error::SpecError;
 
 /// The checkpoint's file name in a job's output folder (next to `summary.json`).
 pub const CHECKPOINT_FILE: &str = "checkpoint.bin";
+/// The job's spec as JSON, written into its output folder when it starts, so a
+/// checkpoint there can be read without the TOML it came from (`hetero export`).
+pub const SPEC_FILE: &str = "spec.json";
 pub use spec::{
     Backend, ClusterSpec, DATASET_KINDS, DatasetSpec, InferenceSpec, JobSpec, ModelKind, NormalizeSpec, Optimizer,
     Policy, PreprocessSpec, SchedulingSpec, SplitKind, Strategy, TaskSpec, TrainingSpec,

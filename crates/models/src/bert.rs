@@ -24,7 +24,7 @@ use burn::tensor::activation::gelu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
-use crate::checkpoint::{Part, Source, input_columns, output_rows, param, span, vector};
+use crate::checkpoint::{Named, Part, Source, input_columns, output_rows, param, span, vector};
 use crate::sub_blocks::LayerWeights;
 
 /// The encoder's shape (HF `config.json`).
@@ -268,6 +268,27 @@ impl<B: Backend> BertEmbeddings<B> {
         })
     }
 
+    /// The tables under their checkpoint names, as [`BertEmbeddings::load`] reads
+    /// them. Only token type 0 is kept, so the token-type table's other rows are
+    /// written as zeros.
+    pub fn tensors(&self, c: &BertConfig) -> Vec<Named> {
+        let name = |t: BertTensor, what: &str| format!("{}.{what}", t.stem(c, 0));
+        let mut types = vec![0f32; c.type_vocab * c.hidden];
+        let type0 = self.token_type.val().into_data().to_vec::<f32>().expect("f32");
+        types[..c.hidden].copy_from_slice(&type0);
+        let mut out = vec![
+            Named::of(name(BertTensor::Words, "weight"), self.words.weight.val()),
+            Named::of(name(BertTensor::Positions, "weight"), self.positions.weight.val()),
+            Named {
+                name: name(BertTensor::TokenTypes, "weight"),
+                shape: BertTensor::TokenTypes.shape(c),
+                values: types,
+            },
+        ];
+        out.extend(norm_tensors(&self.norm, &BertTensor::EmbeddingNorm.stem(c, 0)));
+        out
+    }
+
     /// Tokens the table knows, and the longest input.
     pub fn limits(&self) -> (usize, usize) {
         (self.words.weight.dims()[0], self.positions.weight.dims()[0])
@@ -418,6 +439,41 @@ impl<B: Backend> BertLayer<B> {
             epsilon: self.epsilon,
         })
     }
+}
+
+impl<B: Backend> BertLayer<B> {
+    /// A whole block's tensors under their checkpoint names (`[out, in]`
+    /// matrices), as [`BertLayer::load`] reads them; `None` for a part.
+    pub fn tensors(&self, c: &BertConfig, layer: usize) -> Option<Vec<Named>> {
+        let w = self.weights()?;
+        let mut out = Vec::new();
+        let mut matrix = |t: BertTensor, (weight, bias): (Tensor<B, 2>, Tensor<B, 1>)| {
+            let stem = t.stem(c, layer);
+            out.push(Named::of(format!("{stem}.weight"), weight.transpose()));
+            out.push(Named::of(format!("{stem}.bias"), bias));
+        };
+        matrix(BertTensor::Query, w.query);
+        matrix(BertTensor::Key, w.key);
+        matrix(BertTensor::Value, w.value);
+        matrix(BertTensor::AttentionOutput, w.output);
+        matrix(BertTensor::Intermediate, w.feed_forward_in);
+        matrix(BertTensor::Output, w.feed_forward_out);
+        out.extend(norm_tensors(
+            &self.attention_norm,
+            &BertTensor::AttentionNorm.stem(c, layer),
+        ));
+        out.extend(norm_tensors(&self.output_norm, &BertTensor::OutputNorm.stem(c, layer)));
+        Some(out)
+    }
+}
+
+fn norm_tensors<B: Backend>(norm: &LayerNorm<B>, stem: &str) -> Vec<Named> {
+    let gamma = norm.gamma.val();
+    let beta = norm.beta.as_ref().map_or_else(|| gamma.zeros_like(), |b| b.val());
+    vec![
+        Named::of(format!("{stem}.weight"), gamma),
+        Named::of(format!("{stem}.bias"), beta),
+    ]
 }
 
 /// The whole encoder on one device: embeddings and every block.

@@ -172,6 +172,131 @@ pub fn load_flat<B: Backend, M: Module<B>>(model: M, flat: &[f32]) -> M {
     model.map(&mut mapper)
 }
 
+/// A tensor as weight files hold it: name, row-major shape (outer first), values.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Named {
+    /// The checkpoint name.
+    pub name: String,
+    /// Row-major shape.
+    pub shape: Vec<usize>,
+    /// The values.
+    pub values: Vec<f32>,
+}
+
+impl Named {
+    /// A tensor's values under `name`.
+    pub fn of<B: Backend, const D: usize>(name: impl Into<String>, t: Tensor<B, D>) -> Self {
+        Named {
+            name: name.into(),
+            shape: t.dims().to_vec(),
+            values: t
+                .into_data()
+                .convert::<f32>()
+                .to_vec::<f32>()
+                .expect("converted to f32"),
+        }
+    }
+}
+
+/// The path of the parameter being visited: the fields, enum variants and
+/// indices that lead to it, joined by dots after `prefix`
+/// (`layers.2.Decoupled.query.weight`). burn names each step when it enters it.
+struct ModulePath {
+    prefix: String,
+    steps: Vec<String>,
+}
+
+impl ModulePath {
+    fn new(prefix: &str) -> Self {
+        ModulePath {
+            prefix: prefix.to_string(),
+            steps: Vec::new(),
+        }
+    }
+
+    fn name(&self) -> String {
+        format!("{}{}", self.prefix, self.steps.join("."))
+    }
+}
+
+/// Every float parameter of `module` under its path in the module tree (see
+/// [`load_named`]), each name after `prefix`: the format-free half of saving a
+/// module whose layout no checkpoint convention describes (sub-blocks).
+pub fn named<B: Backend, M: Module<B>>(module: &M, prefix: &str) -> Vec<Named> {
+    struct Collect(ModulePath, Vec<Named>);
+    impl<B: Backend> ModuleVisitor<B> for Collect {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.0.steps.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.0.steps.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.1.push(Named::of(self.0.name(), param.val()));
+        }
+    }
+    let mut c = Collect(ModulePath::new(prefix), Vec::new());
+    module.visit(&mut c);
+    c.1
+}
+
+/// `module` with every float parameter read from `source` under the name
+/// [`named`] gives it, at the shape `module` has: a module built at the right
+/// shape (random or zero) filled from a file. The first tensor the source
+/// refuses (missing, wrong shape) is the error.
+pub fn load_named<B: Backend, M: Module<B>, E>(module: M, prefix: &str, source: &mut Source<'_, E>) -> Result<M, E> {
+    struct Fill<'a, 'b, E> {
+        path: ModulePath,
+        source: &'a mut Source<'b, E>,
+        error: Option<E>,
+    }
+    impl<B: Backend, E> ModuleMapper<B> for Fill<'_, '_, E> {
+        fn enter_module(&mut self, name: &str, _: &str) {
+            self.path.steps.push(name.to_string());
+        }
+        fn exit_module(&mut self, _: &str, _: &str) {
+            self.path.steps.pop();
+        }
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            if self.error.is_some() {
+                return param;
+            }
+            let shape = param.shape();
+            match (self.source)(&self.path.name(), shape.as_slice()) {
+                Ok(values) => param.map(|old| Tensor::from_data(TensorData::new(values, shape), &old.device())),
+                Err(e) => {
+                    self.error = Some(e);
+                    param
+                }
+            }
+        }
+    }
+    let mut fill = Fill {
+        path: ModulePath::new(prefix),
+        source,
+        error: None,
+    };
+    let module = module.map(&mut fill);
+    match fill.error {
+        Some(e) => Err(e),
+        None => Ok(module),
+    }
+}
+
+/// `module` with every float parameter cut to `groups` along its first axis: a
+/// device's share of stacked sub-blocks ([`crate::sub_blocks`]), whose every
+/// parameter has the group axis first.
+pub fn narrow_groups<B: Backend, M: Module<B>>(module: M, groups: Range<usize>) -> M {
+    struct Narrow(Range<usize>);
+    impl<B: Backend> ModuleMapper<B> for Narrow {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let r = self.0.clone();
+            param.map(|t| t.narrow(0, r.start, r.len()))
+        }
+    }
+    module.map(&mut Narrow(groups))
+}
+
 /// `module` with every float parameter a leaf of its own that takes a gradient.
 ///
 /// Weights read from a file, or cut out of another model's, are plain tensors: on an

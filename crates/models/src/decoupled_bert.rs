@@ -6,16 +6,20 @@
 //! [`DecoupledBert::sliced_from`] cuts one out of a loaded encoder (all-MiniLM-L6-v2,
 //! BERT-Base): the starting point of weight decoupling, before any training.
 
+use std::collections::BTreeMap;
+use std::ops::Range;
+
 use burn::module::Module;
 use burn::prelude::*;
 
 use crate::bert::{BertConfig, BertEmbeddings, BertEncoder, BertLayer, padding_mask};
+use crate::checkpoint::{Named, Source, load_named, named, narrow_groups};
 use crate::decouple::{Decoupling, DecouplingError, LayerKind, ModelShape, Variant, matching_inner_width};
 use crate::sub_blocks::{Masking, NormPlacement, SubBlockShape, SubBlocks, from_slices, to_slices};
 
 /// A decoupled BERT's shape: the original's, and how it is decoupled. Only a
 /// decoupling that divides the model makes one.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DecoupledBertConfig {
     original: BertConfig,
     decoupling: Decoupling,
@@ -27,6 +31,57 @@ impl DecoupledBertConfig {
         let config = DecoupledBertConfig { original, decoupling };
         decoupling.check(&config.shape())?;
         Ok(config)
+    }
+
+    /// The original model's configuration.
+    pub fn original(&self) -> &BertConfig {
+        &self.original
+    }
+
+    /// How it is decoupled.
+    pub fn decoupling(&self) -> Decoupling {
+        self.decoupling
+    }
+
+    /// Decoupled layer `layer`'s sub-blocks read from `source` (see
+    /// [`DecoupledBert::tensors`]), only the sub-blocks `groups` (a device's share).
+    pub fn load_sub_blocks<B: Backend, E>(
+        &self,
+        source: &mut Source<'_, E>,
+        layer: usize,
+        groups: Range<usize>,
+        device: &B::Device,
+    ) -> Result<SubBlocks<B>, E> {
+        let fresh = SubBlocks::new(self.sub_blocks(), NormPlacement::Post, self.original.eps, device);
+        let whole = load_named(fresh, &sub_blocks_prefix(&self.original, layer), source)?;
+        Ok(if groups == (0..self.decoupling.divisions) {
+            whole
+        } else {
+            narrow_groups(whole, groups)
+        })
+    }
+
+    /// The checkpoint name and shape of every tensor [`DecoupledBert::tensors`]
+    /// writes: the original's, less the decoupled layers', plus their sub-blocks'.
+    pub fn tensor_shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        let c = &self.original;
+        let kinds = self.decoupling.layer_kinds(c.layers);
+        let decoupled: Vec<String> = (0..c.layers)
+            .filter(|&i| kinds[i] == LayerKind::Decoupled)
+            .map(|i| format!("{}encoder.layer.{i}.", c.prefix))
+            .collect();
+        let mut shapes = c.tensor_shapes();
+        shapes.retain(|name, _| !decoupled.iter().any(|p| name.starts_with(p)));
+        for (i, _) in kinds.iter().enumerate().filter(|(_, k)| **k == LayerKind::Decoupled) {
+            let prefix = sub_blocks_prefix(c, i);
+            shapes.extend(
+                self.sub_blocks()
+                    .tensor_shapes()
+                    .into_iter()
+                    .map(|(name, shape)| (format!("{prefix}{name}"), shape)),
+            );
+        }
+        shapes
     }
 
     /// The original model's shape.
@@ -106,6 +161,50 @@ impl<B: Backend> DecoupledBert<B> {
         }
     }
 
+    /// Reads a whole decoupled encoder written by [`DecoupledBert::tensors`].
+    pub fn load<E>(source: &mut Source<'_, E>, config: &DecoupledBertConfig, device: &B::Device) -> Result<Self, E> {
+        let c = &config.original;
+        let embeddings = BertEmbeddings::load(source, c, device)?;
+        let every = 0..config.decoupling.divisions;
+        let layers = config
+            .decoupling
+            .layer_kinds(c.layers)
+            .into_iter()
+            .enumerate()
+            .map(|(i, kind)| {
+                Ok(match kind {
+                    LayerKind::Decoupled => {
+                        Layer::Decoupled(config.load_sub_blocks(source, i, every.clone(), device)?)
+                    }
+                    LayerKind::Original => Layer::Original(BertLayer::load(source, c, i, (0, 1), device)?),
+                })
+            })
+            .collect::<Result<_, E>>()?;
+        Ok(DecoupledBert {
+            embeddings,
+            layers,
+            divisions: config.decoupling.divisions,
+        })
+    }
+
+    /// Every tensor under its checkpoint name: the embeddings and the original
+    /// layers as the original model names them (so they load as BERT's do), the
+    /// sub-blocks of decoupled layer `i` stacked (`[N_d, …]`) under
+    /// `encoder.layer.i.sub_blocks.` and their module path (`query.weight`).
+    pub fn tensors(&self, config: &DecoupledBertConfig) -> Vec<Named> {
+        let c = &config.original;
+        let mut out = self.embeddings.tensors(c);
+        for (i, layer) in self.layers.iter().enumerate() {
+            match layer {
+                Layer::Decoupled(sub) => out.extend(named(sub, &sub_blocks_prefix(c, i))),
+                Layer::Original(block) => {
+                    out.extend(block.tensors(c, i).expect("a decoupled model holds whole layers"))
+                }
+            }
+        }
+        out
+    }
+
     /// The kind of every layer, in order.
     pub fn layer_kinds(&self) -> Vec<LayerKind> {
         self.layers
@@ -138,9 +237,13 @@ impl<B: Backend> DecoupledBert<B> {
     }
 }
 
+/// Where decoupled layer `layer`'s sub-blocks are in a checkpoint.
+fn sub_blocks_prefix(c: &BertConfig, layer: usize) -> String {
+    format!("{}encoder.layer.{layer}.sub_blocks.", c.prefix)
+}
+
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use burn::backend::Flex;
     use burn::tensor::{Distribution, TensorData};
@@ -243,6 +346,59 @@ mod tests {
         let padded = decoupled.forward(ids(&[&[1, 2, 3, 0, 0]]), &[3]);
         let diff = (short - padded.slice([0..1, 0..3])).abs().max().into_scalar();
         assert!(diff <= 1e-5, "{diff}");
+    }
+
+    /// What `tensors` writes, `load` reads back to the same model; and every
+    /// name is unique (a file holds each once).
+    #[test]
+    fn written_tensors_load_back_to_the_same_model() {
+        let c = small();
+        let config = DecoupledBertConfig::new(c.clone(), decoupling(2, 2, Variant::SplitHeads)).unwrap();
+        let model = DecoupledBert::sliced_from(&random_encoder(&c), &config);
+        let written = model.tensors(&config);
+        let file: BTreeMap<String, crate::checkpoint::Named> =
+            written.iter().map(|t| (t.name.clone(), t.clone())).collect();
+        assert_eq!(file.len(), written.len(), "names are unique");
+        let declared: BTreeMap<String, Vec<usize>> =
+            written.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+        assert_eq!(
+            config.tensor_shapes(),
+            declared,
+            "tensor_shapes declares what tensors writes"
+        );
+        assert!(
+            file.contains_key("encoder.layer.0.sub_blocks.query.weight"),
+            "{:?}",
+            file.keys()
+        );
+        assert!(file.contains_key("encoder.layer.1.attention.self.query.weight"));
+        let mut source = |name: &str, shape: &[usize]| -> Result<Vec<f32>, String> {
+            let t = file.get(name).ok_or(format!("{name} missing"))?;
+            if t.shape != shape {
+                return Err(format!("{name}: {:?} vs {shape:?}", t.shape));
+            }
+            Ok(t.values.clone())
+        };
+        let loaded = DecoupledBert::<B>::load(&mut source, &config, &Default::default()).unwrap();
+        let x = ids(&[&[1, 5, 9, 2, 0], &[3, 3, 7, 0, 0]]);
+        let diff = (model.forward(x.clone(), &[5, 3]) - loaded.forward(x, &[5, 3]))
+            .abs()
+            .max()
+            .into_scalar();
+        assert!(diff == 0.0, "{diff}");
+        // A device's share of the sub-blocks computes exactly its slices.
+        let all = config
+            .load_sub_blocks::<B, _>(&mut source, 0, 0..2, &Default::default())
+            .unwrap();
+        let second = config
+            .load_sub_blocks::<B, _>(&mut source, 0, 1..2, &Default::default())
+            .unwrap();
+        let h = Tensor::<B, 3>::random([2, 5, 32], Distribution::Normal(0.0, 1.0), &Default::default());
+        let masking = Masking::Padding(padding_mask::<B>(&[5, 3], 5, &Default::default()));
+        let slices = to_slices(h, 2);
+        let whole = all.forward(slices.clone(), &masking).narrow(0, 1, 1);
+        let share = second.forward(slices.narrow(0, 1, 1), &masking);
+        assert!((whole - share).abs().max().into_scalar() < 1e-6);
     }
 
     #[test]

@@ -50,6 +50,29 @@ impl SubBlockShape {
         4 * s + 3 * (s * a + a) + a * s + s + s
     }
 
+    /// The checkpoint name (module path) and shape of every tensor of the stacked
+    /// sub-blocks ([`SubBlocks`], with biases and LayerNorms), group axis first.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (n, s, a, f) = (self.divisions, self.slice, self.attention, self.inner);
+        let mut out = Vec::new();
+        for norm in ["attention_norm", "feed_forward_norm"] {
+            out.push((format!("{norm}.gamma"), vec![n, s]));
+            out.push((format!("{norm}.beta"), vec![n, s]));
+        }
+        for (linear, inputs, outputs) in [
+            ("query", s, a),
+            ("key", s, a),
+            ("value", s, a),
+            ("output", a, s),
+            ("feed_forward_in", s, f),
+            ("feed_forward_out", f, s),
+        ] {
+            out.push((format!("{linear}.weight"), vec![n, inputs, outputs]));
+            out.push((format!("{linear}.bias"), vec![n, outputs]));
+        }
+        out
+    }
+
     /// Multiply-adds of one sub-block for one token attending over `t` keys.
     pub fn macs(&self, t: usize) -> usize {
         let (s, a) = (self.slice, self.attention);

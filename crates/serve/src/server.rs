@@ -137,7 +137,7 @@ pub fn serve_front(
     arch: &Arch,
     listen: &str,
 ) -> Result<()> {
-    let decoder = matches!(arch, Arch::Llama(_));
+    let decoder = !arch.is_encoder();
     let info = json!({
         "object": "list",
         "data": [{

@@ -29,7 +29,7 @@ use std::time::Duration;
 use hetero_cluster::agent::EVENT_PREFIX;
 use hetero_comm::server::{ServerClient, accept_clients};
 use hetero_comm::{Ring, RingConfig};
-use hetero_job::{CHECKPOINT_FILE, Strategy};
+use hetero_job::{CHECKPOINT_FILE, SPEC_FILE, Strategy};
 use hetero_train::checkpoint::Checkpoint;
 use hetero_train::param_server::ServerOptions;
 use hetero_train::trainer::Topology;
@@ -139,6 +139,17 @@ where
     options.checkpoint = Some(setup.output_dir.join(CHECKPOINT_FILE));
     options.checkpoint_every = spec.training.checkpoint_every;
     options.resume = spec.training.resume_from.clone();
+    if setup.rank == 0 {
+        let dir = &setup.output_dir;
+        std::fs::create_dir_all(dir)
+            .and_then(|_| {
+                std::fs::write(
+                    dir.join(SPEC_FILE),
+                    serde_json::to_string_pretty(spec).expect("a spec serialises"),
+                )
+            })
+            .map_err(|e| WorkerError::Setup(format!("cannot write the spec into {}: {e}", dir.display())))?;
+    }
     if let Some(path) = &options.resume {
         eprintln!("resuming from {}", path.display());
     }
