@@ -14,7 +14,7 @@ use hetero_models::decouple::{Decoupling, LayerKind};
 use hetero_models::decoupled_bert::{DecoupledBert, DecoupledBertConfig};
 use hetero_models::decoupled_llama::{DecoupledLlama, DecoupledLlamaConfig};
 use hetero_models::fidelity::{EmbeddingFidelity, NextTokenFidelity};
-use hetero_models::llama::{LlamaConfig, LlamaEmbeddings, LlamaHead, LlamaLayer};
+use hetero_models::llama::LlamaConfig;
 
 use crate::InferError;
 use crate::models::Model;
@@ -162,33 +162,7 @@ pub fn load_llama_pair<B: Backend>(
     config: &DecoupledLlamaConfig,
     device: &B::Device,
 ) -> Result<(DecoupledLlama<B>, DecoupledLlama<B>), InferError> {
-    let c = config.original();
-    let embeddings = LlamaEmbeddings::load(source, c, device)?;
-    let layers = (0..c.layers)
-        .map(|l| LlamaLayer::load(source, c, l, (0, 1), device))
-        .collect::<Result<Vec<_>, _>>()?;
-    let head = LlamaHead::load(source, c, (0, 1), device)?;
-    let rope = c.rope(WINDOW.max(1024), device);
-    let every_layer_original = DecoupledLlamaConfig::new(
-        c.clone(),
-        Decoupling {
-            blocks: c.layers,
-            ..config.decoupling()
-        },
-    )
-    .map_err(decoupling_error)?;
-    let whole = "loaded whole, not as parts";
-    let original = DecoupledLlama::sliced_from(
-        &every_layer_original,
-        embeddings.clone(),
-        layers.clone(),
-        head.clone(),
-        rope.clone(),
-    )
-    .ok_or_else(|| InferError::Config(whole.into()))?;
-    let decoupled = DecoupledLlama::sliced_from(config, embeddings, layers, head, rope)
-        .ok_or_else(|| InferError::Config(whole.into()))?;
-    Ok((original, decoupled))
+    DecoupledLlama::pair_from(source, config, WINDOW.max(1024), device)
 }
 
 /// Sentence embeddings of both encoders on `samples` held-out sentences.

@@ -22,4 +22,4 @@ pub use spec::{
     Backend, ClusterSpec, DATASET_KINDS, DatasetSpec, InferenceSpec, JobSpec, ModelKind, NormalizeSpec, Optimizer,
     Policy, PreprocessSpec, SchedulingSpec, SplitKind, Strategy, TaskSpec, TrainingSpec,
 };
-pub use transformer::{DecoupleSpec, SubBlockVariant, TransformerSpec};
+pub use transformer::{DecoupleSpec, DistillSpec, SubBlockVariant, TransformerSpec};

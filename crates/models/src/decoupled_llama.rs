@@ -27,6 +27,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
+use crate::checkpoint::Source;
 use crate::decouple::{Decoupling, DecouplingError, LayerKind, ModelShape, Variant, matching_inner_width};
 use crate::grouped::{GroupedLinear, GroupedRmsNorm};
 use crate::llama::{KvCache, LlamaConfig, LlamaEmbeddings, LlamaHead, LlamaLayer};
@@ -275,6 +276,43 @@ impl<B: Backend> DecoupledLlama<B> {
             rope,
             divisions: decoupling.divisions,
         })
+    }
+
+    /// The original decoder (every layer original, through the same code) and
+    /// its decoupled version of `config`, read from `source`; they share the
+    /// embeddings, the head and the original layers' weights. Positions up to
+    /// `context` are encoded.
+    pub fn pair_from<E>(
+        source: &mut Source<'_, E>,
+        config: &DecoupledLlamaConfig,
+        context: usize,
+        device: &B::Device,
+    ) -> Result<(Self, Self), E> {
+        let c = config.original();
+        let embeddings = LlamaEmbeddings::load(source, c, device)?;
+        let layers = (0..c.layers)
+            .map(|l| LlamaLayer::load(source, c, l, (0, 1), device))
+            .collect::<Result<Vec<_>, _>>()?;
+        let head = LlamaHead::load(source, c, (0, 1), device)?;
+        let rope = c.rope(context, device);
+        let every_layer_original = DecoupledLlamaConfig {
+            decoupling: Decoupling {
+                blocks: c.layers,
+                ..config.decoupling()
+            },
+            ..config.clone()
+        };
+        let whole = "layers loaded whole slice into sub-blocks";
+        let original = Self::sliced_from(
+            &every_layer_original,
+            embeddings.clone(),
+            layers.clone(),
+            head.clone(),
+            rope.clone(),
+        )
+        .expect(whole);
+        let decoupled = Self::sliced_from(config, embeddings, layers, head, rope).expect(whole);
+        Ok((original, decoupled))
     }
 
     /// The kind of every layer, in order.

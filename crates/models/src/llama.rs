@@ -176,9 +176,16 @@ impl LlamaConfig {
 
     /// The rotary encoding every block shares.
     pub fn rope<B: Backend>(&self, max_positions: usize, device: &B::Device) -> RotaryEncoding<B> {
-        RotaryEncodingConfig::new(max_positions.min(self.context).max(1), self.head_dim())
+        let mut rope = RotaryEncodingConfig::new(max_positions.min(self.context).max(1), self.head_dim())
             .with_theta(self.rope_base)
-            .init(device)
+            .init(device);
+        // burn builds these tables from integer ranges; on the dispatch backend an
+        // integer tensor converted to float is a plain one even on an autodiff
+        // device, and a plain tensor cannot meet autodiff ones in an op (nor be
+        // made `valid`). Rebuilt from their values, they are the device's own.
+        rope.freq_complex = Tensor::from_data(rope.freq_complex.into_data(), device);
+        rope.theta = Tensor::from_data(rope.theta.into_data(), device);
+        rope
     }
 }
 

@@ -21,6 +21,7 @@
 //! [`hetero_comm::Ring`] and reports through a callback.
 
 pub mod checkpoint;
+pub mod decoder_distill_task;
 pub mod distill_task;
 pub mod error;
 pub mod image_task;

@@ -20,7 +20,7 @@ pub fn run() -> Result<(), WorkerError> {
             ImageTask::from_spec(&ctx.spec, |d| MlpConfig::new().init(d)).map_err(|e| e.to_string())
         }),
         ModelKind::Transformer => crate::try_run(|ctx, _| TextTask::from_spec(&ctx.spec).map_err(|e| e.to_string())),
-        ModelKind::Distill => crate::try_run(|ctx, device| crate::distill::task(&ctx.spec, device)),
+        ModelKind::Distill => crate::distill::run(&setup.spec),
         ModelKind::Custom => Err(WorkerError::Setup(
             "model.kind = \"custom\" runs the program named in [task], not the built-in worker".into(),
         )),
