@@ -102,7 +102,7 @@ fn measure(front: &mut Front<InferBackend>, arch: &Arch, b: &InferBench, name: &
                 row.communication.push(comm);
             }
         }
-        Arch::Llama(_) => {
+        Arch::Llama(_) | Arch::DecoupledLlama(_) => {
             // Warm-up: a short prefill and two steps.
             front.run(&Request::decode(
                 vec![ids[..4.min(ids.len())].to_vec()],
@@ -140,7 +140,7 @@ pub fn run(b: &InferBench) -> Result<()> {
     let names: Vec<&str> = b.place.placement.split(',').map(str::trim).collect();
     let unit = match model.arch {
         Arch::Bert(_) | Arch::DecoupledBert(_) => format!("request (batch 1, {} tokens)", b.seq),
-        Arch::Llama(_) => format!("token (after a {}-token prefill)", b.seq),
+        Arch::Llama(_) | Arch::DecoupledLlama(_) => format!("token (after a {}-token prefill)", b.seq),
     };
     println!("{} on {workers} worker(s); per {unit}", b.model);
     let mut rows = Vec::new();

@@ -116,7 +116,7 @@ pub fn infer(model_name: &str, prompt: &[String], max_tokens: usize, chat: bool,
         describe(&placement)
     );
     match &model.arch {
-        Arch::Llama(_) => {
+        Arch::Llama(_) | Arch::DecoupledLlama(_) => {
             let prompt = if chat { chat_prompt(&text) } else { text };
             let mut out = std::io::stdout();
             let (_, stats) = generate::generate(&mut front, model.tokenizer()?, &prompt, max_tokens, &mut |piece| {

@@ -306,8 +306,8 @@ fn a_distilled_student_is_exported_and_served() {
 }
 
 /// A decoder's decoupled version is distilled as a job (KL of next-token
-/// distributions, windows of the teacher's tokens), and its export says plainly
-/// that decoders are not exported yet.
+/// distributions, windows of the teacher's tokens), exported as one GGUF file,
+/// and run.
 #[test]
 fn a_decoder_is_distilled_as_a_job() {
     let dir = tempfile::tempdir().unwrap();
@@ -333,17 +333,33 @@ fn a_decoder_is_distilled_as_a_job() {
         serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
     let agreement = summary["test_accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&agreement), "{summary}");
+    let student = dir.path().join("student");
     let out = hetero()
         .arg("export")
         .arg(&run)
         .arg("--to")
-        .arg(dir.path().join("student"))
+        .arg(&student)
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    assert!(
-        self::text(&out)
-            .1
-            .contains("exporting decoupled decoders is not built yet")
+    let (stdout, stderr) = self::text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(student.join("model.gguf").is_file());
+    // The exported student generates, with the teacher's tokenizer, on a
+    // tensor-parallel pair as on one device.
+    let generate = |placement: &[&str]| {
+        let out = hetero()
+            .arg("infer")
+            .arg(&student)
+            .args(["The capital of France is", "--max-tokens", "3"])
+            .args(placement)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = self::text(&out);
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        stdout
+    };
+    assert_eq!(
+        generate(&[]),
+        generate(&["--workers", "2", "--placement", "tensor-parallel"])
     );
 }

@@ -121,7 +121,7 @@ pub fn compare<B: Backend>(
                 fidelity: Fidelity::Embeddings(fidelity),
             })
         }
-        Arch::DecoupledBert(_) => Err(InferError::Config(format!(
+        Arch::DecoupledBert(_) | Arch::DecoupledLlama(_) => Err(InferError::Config(format!(
             "{} is already decoupled: compare the original model it was exported from",
             model.name
         ))),

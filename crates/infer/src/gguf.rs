@@ -457,6 +457,71 @@ pub fn dequantize(ggml_type: u32, raw: &[u8], n: usize) -> Vec<f32> {
     out
 }
 
+/// A GGUF v3 file of `metadata` and F32 tensors `(name, shape, values)` (shape
+/// row-major, outer dimension first, as [`Weights::read`] returns them), as
+/// bytes. Integers are written as 64-bit, floats as f64; an array's element type
+/// is its first element's (strings for an empty one).
+pub fn gguf_bytes<'a>(
+    metadata: &BTreeMap<String, Value>,
+    tensors: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])> + Clone,
+) -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    }
+    fn type_of(v: &Value) -> u32 {
+        match v {
+            Value::U(_) => 10,
+            Value::I(_) => 11,
+            Value::F(_) => 12,
+            Value::Bool(_) => 7,
+            Value::Str(_) => 8,
+            Value::Array(_) => 9,
+        }
+    }
+    fn value(out: &mut Vec<u8>, v: &Value) {
+        match v {
+            Value::U(x) => out.extend(x.to_le_bytes()),
+            Value::I(x) => out.extend(x.to_le_bytes()),
+            Value::F(x) => out.extend(x.to_le_bytes()),
+            Value::Bool(x) => out.push(u8::from(*x)),
+            Value::Str(s) => string(out, s),
+            Value::Array(items) => {
+                out.extend(items.first().map_or(8, type_of).to_le_bytes());
+                out.extend((items.len() as u64).to_le_bytes());
+                items.iter().for_each(|item| value(out, item));
+            }
+        }
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.clone().into_iter().count() as u64).to_le_bytes());
+    out.extend((metadata.len() as u64).to_le_bytes());
+    for (k, v) in metadata {
+        string(&mut out, k);
+        out.extend(type_of(v).to_le_bytes());
+        value(&mut out, v);
+    }
+    let mut offset = 0u64;
+    for (name, shape, values) in tensors.clone() {
+        string(&mut out, name);
+        out.extend((shape.len() as u32).to_le_bytes());
+        for d in shape.iter().rev() {
+            out.extend((*d as u64).to_le_bytes());
+        }
+        out.extend(0u32.to_le_bytes());
+        out.extend(offset.to_le_bytes());
+        offset += (values.len() as u64 * 4).div_ceil(32) * 32;
+    }
+    out.resize(out.len().div_ceil(32) * 32, 0);
+    for (_, _, values) in tensors {
+        let start = out.len();
+        out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+        out.resize(start + (values.len() * 4).div_ceil(32) * 32, 0);
+    }
+    out
+}
+
 /// Writers of small GGUF files, for tests here and in other modules.
 #[cfg(test)]
 pub(crate) mod write {
@@ -530,6 +595,34 @@ pub(crate) mod write {
 mod tests {
     use super::write::{Meta, gguf};
     use super::*;
+
+    /// What `gguf_bytes` writes, `open` reads back: every metadata value and tensor.
+    #[test]
+    fn written_files_read_back() {
+        let metadata: BTreeMap<String, Value> = [
+            ("a.u", Value::U(7)),
+            ("a.i", Value::I(-3)),
+            ("a.f", Value::F(0.25)),
+            ("a.b", Value::Bool(true)),
+            ("a.s", Value::Str("llama".into())),
+            (
+                "a.v",
+                Value::Array(vec![Value::Str("x".into()), Value::Str("yz".into())]),
+            ),
+            ("a.e", Value::Array(vec![])),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let values: Vec<f32> = (0..6).map(|i| i as f32 * 0.5).collect();
+        let bytes = gguf_bytes(&metadata, [("t", &[2usize, 3][..], &values[..])]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        std::fs::write(&path, bytes).unwrap();
+        let g = Gguf::open(&path).unwrap();
+        assert_eq!(g.metadata, metadata);
+        assert_eq!(g.expect("t", &[2, 3]).unwrap(), values);
+    }
 
     #[test]
     fn q4_1_low_nibbles_first_then_high() {

@@ -9,6 +9,7 @@ use hetero_data::model_fetch::{self, KNOWN, known};
 
 use crate::InferError;
 use hetero_models::decoupled_bert::DecoupledBertConfig;
+use hetero_models::decoupled_llama::DecoupledLlamaConfig;
 
 use crate::bert::BertConfig;
 use crate::export::read_decoupling;
@@ -64,6 +65,7 @@ fn random(name: &str) -> Option<Model> {
         Arch::Bert(c) => c.tensor_shapes(),
         Arch::DecoupledBert(c) => c.tensor_shapes(),
         Arch::Llama(c) => c.tensor_shapes(),
+        Arch::DecoupledLlama(c) => c.tensor_shapes(),
     };
     Some(Model {
         arch,
@@ -157,11 +159,21 @@ pub fn open_bert(dir: &Path, tokenizer: &Path) -> Result<Model, InferError> {
     })
 }
 
-/// A llama GGUF file (weights and tokenizer in one).
+/// A llama GGUF file (weights and tokenizer in one); a decoupled one when its
+/// metadata has `hetero.decoupling.*` ([`crate::export`]).
 pub fn open_gguf(path: &Path) -> Result<Model, InferError> {
     let g = Gguf::open(path)?;
     let config = crate::llama::config_from_gguf(&g)?;
-    for (name, shape) in config.tensor_shapes() {
+    let (arch, shapes) = match crate::export::decoupling_in_gguf(&g)? {
+        None => (Arch::Llama(config.clone()), config.tensor_shapes()),
+        Some(decoupling) => {
+            let decoupled = DecoupledLlamaConfig::new(config.clone(), decoupling)
+                .map_err(|e| InferError::weights(path, format!("hetero.decoupling: {e}")))?;
+            let shapes = decoupled.tensor_shapes();
+            (Arch::DecoupledLlama(decoupled), shapes)
+        }
+    };
+    for (name, shape) in shapes {
         match g.shape(&name) {
             Some(s) if s == shape => {}
             Some(s) => {
@@ -176,7 +188,7 @@ pub fn open_gguf(path: &Path) -> Result<Model, InferError> {
     }
     let tokenizer = TextTokenizer::from_gguf(&g, config.vocab)?;
     Ok(Model {
-        arch: Arch::Llama(config),
+        arch,
         weights: Box::new(g),
         tokenizer: Some(tokenizer),
         name: path.display().to_string(),

@@ -28,6 +28,7 @@ use crate::weights::Weights;
 use hetero_models::LayerKind;
 use hetero_models::checkpoint::span;
 use hetero_models::decoupled_bert::DecoupledBertConfig;
+use hetero_models::decoupled_llama::{DecoupledLlamaConfig, LlamaSubBlocks};
 use hetero_models::sub_blocks::{Masking, SubBlocks, from_slices, to_slices};
 
 /// Which model, and its shape.
@@ -39,6 +40,8 @@ pub enum Arch {
     DecoupledBert(DecoupledBertConfig),
     /// A decoder.
     Llama(LlamaConfig),
+    /// A decoder whose layers are decoupled ([`crate::export`]'s files).
+    DecoupledLlama(DecoupledLlamaConfig),
 }
 
 impl Arch {
@@ -48,6 +51,7 @@ impl Arch {
             Arch::Bert(c) => c.layers,
             Arch::DecoupledBert(c) => c.original().layers,
             Arch::Llama(c) => c.layers,
+            Arch::DecoupledLlama(c) => c.original().layers,
         }
     }
 
@@ -57,12 +61,13 @@ impl Arch {
             Arch::Bert(c) => c.hidden,
             Arch::DecoupledBert(c) => c.original().hidden,
             Arch::Llama(c) => c.hidden,
+            Arch::DecoupledLlama(c) => c.original().hidden,
         }
     }
 
     /// Whether it returns sentence embeddings (rather than tokens).
     pub fn is_encoder(&self) -> bool {
-        !matches!(self, Arch::Llama(_))
+        self.bert().is_some()
     }
 
     /// The encoder's configuration (a decoupled encoder's original's).
@@ -70,7 +75,16 @@ impl Arch {
         match self {
             Arch::Bert(c) => Some(c),
             Arch::DecoupledBert(c) => Some(c.original()),
-            Arch::Llama(_) => None,
+            Arch::Llama(_) | Arch::DecoupledLlama(_) => None,
+        }
+    }
+
+    /// The decoder's configuration (a decoupled decoder's original's).
+    pub fn llama(&self) -> Option<&LlamaConfig> {
+        match self {
+            Arch::Llama(c) => Some(c),
+            Arch::DecoupledLlama(c) => Some(c.original()),
+            Arch::Bert(_) | Arch::DecoupledBert(_) => None,
         }
     }
 
@@ -78,6 +92,7 @@ impl Arch {
     fn divisions(&self) -> usize {
         match self {
             Arch::DecoupledBert(c) => c.decoupling().divisions,
+            Arch::DecoupledLlama(c) => c.decoupling().divisions,
             _ => 1,
         }
     }
@@ -169,6 +184,9 @@ enum Block<B: Backend> {
     /// worker's share in a tensor-parallel stage — none when the stage has more
     /// workers than sub-blocks.
     SubBlocks(Option<SubBlocks<B>>, Range<usize>),
+    /// A decoupled decoder layer's sub-blocks `groups`, as above, and this
+    /// worker's cache of their keys and values.
+    LlamaSubBlocks(Option<LlamaSubBlocks<B>>, Range<usize>, KvCache<B>),
     /// A decoder block and this worker's cache of the sequence's keys and values.
     Llama(LlamaLayer<B>, KvCache<B>),
 }
@@ -215,13 +233,18 @@ impl<B: Backend> Worker<B> {
                     arch.bert().expect("an encoder"),
                     device,
                 )?),
-                Arch::Llama(c) => Embed::Llama(LlamaEmbeddings::load(&mut |n, s| weights.expect(n, s), c, device)?),
+                Arch::Llama(_) | Arch::DecoupledLlama(_) => Embed::Llama(LlamaEmbeddings::load(
+                    &mut |n, s| weights.expect(n, s),
+                    arch.llama().expect("a decoder"),
+                    device,
+                )?),
             })
         } else {
             None
         };
         let kinds = match &arch {
             Arch::DecoupledBert(c) => c.decoupling().layer_kinds(arch.layers()),
+            Arch::DecoupledLlama(c) => c.decoupling().layer_kinds(arch.layers()),
             _ => vec![LayerKind::Original; arch.layers()],
         };
         let mut blocks = Vec::new();
@@ -258,6 +281,23 @@ impl<B: Backend> Worker<B> {
                             part,
                             device,
                         )?),
+                        (Arch::DecoupledLlama(c), LayerKind::Decoupled) => {
+                            let groups = span(c.decoupling().divisions, part.0, part.1);
+                            let sub = match groups.is_empty() {
+                                true => None,
+                                false => Some(c.load_sub_blocks(
+                                    &mut |n, s| weights.expect(n, s),
+                                    layer,
+                                    groups.clone(),
+                                    device,
+                                )?),
+                            };
+                            Block::LlamaSubBlocks(sub, groups, KvCache::new())
+                        }
+                        (Arch::DecoupledLlama(c), LayerKind::Original) => Block::Llama(
+                            LlamaLayer::load(&mut |n, s| weights.expect(n, s), c.original(), layer, part, device)?,
+                            KvCache::new(),
+                        ),
                         (Arch::Llama(c), _) => Block::Llama(
                             LlamaLayer::load(&mut |n, s| weights.expect(n, s), c, layer, part, device)?,
                             KvCache::new(),
@@ -266,8 +306,8 @@ impl<B: Backend> Worker<B> {
                 ));
             }
         }
-        let (head, rope) = match &arch {
-            Arch::Llama(c) => {
+        let (head, rope) = match arch.llama() {
+            Some(c) => {
                 let head = match head_part(last, rank) {
                     Some(part) => Some(LlamaHead::load(&mut |n, s| weights.expect(n, s), c, part, device)?),
                     None => None,
@@ -275,7 +315,7 @@ impl<B: Backend> Worker<B> {
                 let rope = (!blocks.is_empty()).then(|| c.rope(c.context, device));
                 (head, rope)
             }
-            Arch::Bert(_) | Arch::DecoupledBert(_) => (None, None),
+            None => (None, None),
         };
         Ok(Worker {
             rank,
@@ -305,8 +345,8 @@ impl<B: Backend> Worker<B> {
         self.blocks
             .iter()
             .find_map(|(_, b)| match b {
-                Block::Llama(_, cache) => Some(cache.len()),
-                Block::Bert(_) | Block::SubBlocks(..) => None,
+                Block::Llama(_, cache) | Block::LlamaSubBlocks(Some(_), _, cache) => Some(cache.len()),
+                Block::Bert(_) | Block::SubBlocks(..) | Block::LlamaSubBlocks(None, ..) => None,
             })
             .unwrap_or(0)
     }
@@ -329,7 +369,7 @@ impl<B: Backend> Worker<B> {
         let d = self.arch.hidden();
         if req.reset {
             self.blocks.iter_mut().for_each(|(_, b)| {
-                if let Block::Llama(_, cache) = b {
+                if let Block::Llama(_, cache) | Block::LlamaSubBlocks(_, _, cache) = b {
                     *cache = KvCache::new()
                 }
             });
@@ -360,15 +400,23 @@ impl<B: Backend> Worker<B> {
             // the run ends, at an original layer or the stage's end.
             let mut slices: Option<(Option<Tensor<B, 4>>, Range<usize>)> = None;
             for (_, block) in self.blocks.iter_mut().filter(|(s, _)| *s == si) {
-                if let Block::SubBlocks(sub, groups) = &*block {
+                if let Block::SubBlocks(_, groups) | Block::LlamaSubBlocks(_, groups, _) = &*block {
+                    let groups = groups.clone();
                     let mine = match slices.take() {
                         Some((mine, _)) => mine,
                         None => (!groups.is_empty())
                             .then(|| to_slices(h.clone(), divisions).narrow(0, groups.start, groups.len())),
                     };
-                    let masking = Masking::Padding(mask.clone());
-                    let out = sub.as_ref().zip(mine).map(|(sub, x)| sub.forward(x, &masking));
-                    slices = Some((out, groups.clone()));
+                    let out = match (&mut *block, mine) {
+                        (Block::SubBlocks(Some(sub), _), Some(x)) => {
+                            Some(sub.forward(x, &Masking::Padding(mask.clone())))
+                        }
+                        (Block::LlamaSubBlocks(Some(sub), _, cache), Some(x)) => {
+                            Some(sub.forward(x, self.rope.as_ref().expect("blocks have a rope"), cache))
+                        }
+                        _ => None,
+                    };
+                    slices = Some((out, groups));
                     continue;
                 }
                 if let Some((mine, groups)) = slices.take() {
@@ -380,7 +428,7 @@ impl<B: Backend> Worker<B> {
                     Block::Llama(l, cache) => {
                         l.forward(h, self.rope.as_ref().expect("blocks have a rope"), cache, &mut reduce)?
                     }
-                    Block::SubBlocks(..) => unreachable!("handled above"),
+                    Block::SubBlocks(..) | Block::LlamaSubBlocks(..) => unreachable!("handled above"),
                 };
             }
             if let Some((mine, groups)) = slices.take() {
@@ -447,7 +495,8 @@ impl<B: Backend> Worker<B> {
                     .then(|| mean_pool(x.clone().expect("the leader holds the activations"), &req.lengths).concat());
                 (flat, self.arch.hidden())
             }
-            Arch::Llama(c) => {
+            Arch::Llama(_) | Arch::DecoupledLlama(_) => {
+                let c = self.arch.llama().expect("a decoder");
                 let group: Vec<usize> = match last.mode {
                     Mode::TensorParallel => last.workers.clone(),
                     _ => vec![leader],
@@ -524,8 +573,8 @@ impl<B: Backend> Worker<B> {
         let rows = |w: usize| flat.chunks_exact(w).map(<[f32]>::to_vec).collect::<Vec<_>>();
         Ok(Some(match (&self.arch, req.want) {
             (Arch::Bert(_) | Arch::DecoupledBert(_), _) => Output::Embeddings(rows(width)),
-            (Arch::Llama(_), Want::Logits) => Output::Logits(rows(width)),
-            (Arch::Llama(_), _) => Output::Tokens(flat.iter().map(|&t| t as u32).collect()),
+            (Arch::Llama(_) | Arch::DecoupledLlama(_), Want::Logits) => Output::Logits(rows(width)),
+            (Arch::Llama(_) | Arch::DecoupledLlama(_), _) => Output::Tokens(flat.iter().map(|&t| t as u32).collect()),
         }))
     }
 }
@@ -609,12 +658,12 @@ fn check_request(arch: &Arch, req: &Request) -> Result<(), InferError> {
         ));
     }
     match (arch, req.want) {
-        (Arch::Llama(_), Want::NextToken | Want::Logits) => Ok(()),
+        (_, Want::NextToken | Want::Logits) if !arch.is_encoder() => Ok(()),
         (_, Want::Embedding) if arch.is_encoder() => Ok(()),
         (Arch::Bert(_) | Arch::DecoupledBert(_), w) => {
             Err(InferError::Request(format!("an encoder returns embeddings, not {w:?}")))
         }
-        (Arch::Llama(_), w) => Err(InferError::Request(format!(
+        (Arch::Llama(_) | Arch::DecoupledLlama(_), w) => Err(InferError::Request(format!(
             "a decoder returns tokens or logits, not {w:?}"
         ))),
     }
@@ -954,6 +1003,54 @@ mod tests {
                 Placement::pipeline(3, 3),
             ] {
                 let got = run_placed(&arch, &w, &placement, &[Request::embed(&rows)]);
+                assert_close(&want, &got, &format!("{divisions} {variant}: {placement:?}"));
+            }
+        }
+    }
+
+    /// A decoupled decoder runs under every placement as its module does on one
+    /// device, through a prefill and cached decode steps: each worker keeps the
+    /// keys and values of its own sub-blocks only.
+    #[test]
+    fn decoupled_decoder_placements_agree_with_its_module() {
+        use hetero_models::decoupled_llama::DecoupledLlama;
+        use hetero_models::{Decoupling, Variant};
+        let c = LlamaConfig {
+            separate_head: true,
+            ..small_llama()
+        };
+        for (divisions, variant) in [(3, Variant::SplitHeads), (2, Variant::FullHeads)] {
+            let decoupling = Decoupling {
+                divisions,
+                blocks: 1,
+                variant,
+            };
+            let config = DecoupledLlamaConfig::new(c.clone(), decoupling).unwrap();
+            let w = RandomWeights::new(config.tensor_shapes(), 5);
+            let device = Default::default();
+            let module = DecoupledLlama::<B>::load(&mut |n, s| w.expect(n, s), &config, c.context, &device).unwrap();
+            let mut caches = module.caches();
+            let mut want = Vec::new();
+            for step in [vec![vec![1, 5, 9, 17], vec![3, 3, 8, 40]], vec![vec![22], vec![7]]] {
+                let ids = crate::bert::ids_tensor::<B>(&step, c.vocab, &device).unwrap();
+                let logits = module.forward(ids, &mut caches);
+                let [batch, seq, vocab] = logits.dims();
+                let last = logits.slice([0..batch, seq - 1..seq]).reshape([batch, vocab]);
+                let rows = last.into_data().to_vec::<f32>().unwrap();
+                want.push(Output::Logits(rows.chunks(vocab).map(<[f32]>::to_vec).collect()));
+            }
+            let reqs = [
+                Request::decode(vec![vec![1, 5, 9, 17], vec![3, 3, 8, 40]], true, Want::Logits),
+                Request::decode(vec![vec![22], vec![7]], false, Want::Logits),
+            ];
+            let arch = Arch::DecoupledLlama(config);
+            for placement in [
+                Placement::single(3),
+                Placement::tensor_parallel(3, 2),
+                Placement::tensor_parallel(3, 4),
+                Placement::pipeline(3, 3),
+            ] {
+                let got = run_placed(&arch, &w, &placement, &reqs);
                 assert_close(&want, &got, &format!("{divisions} {variant}: {placement:?}"));
             }
         }

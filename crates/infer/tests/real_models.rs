@@ -333,3 +333,69 @@ fn an_exported_decoupled_minilm_serves_what_the_trainer_computed() {
         .to_string();
     assert!(err.contains("decoupling.json") && err.contains("divisions"), "{err}");
 }
+
+/// A decoupled SmolLM2 exported with trained weights (the sliced ones, perturbed,
+/// standing for a distill job's checkpoint) opens as one GGUF file with its
+/// tokenizer and, on one device and over a tensor-parallel trio, gives the
+/// trainer's module's next-token logits.
+#[test]
+fn an_exported_decoupled_smollm2_serves_what_the_trainer_computed() {
+    use burn::prelude::*;
+    use hetero_infer::decoupled::load_llama_pair;
+    use hetero_infer::export::export;
+    use hetero_models::checkpoint::{flatten, load_flat};
+    use hetero_models::decouple::{Decoupling, Variant};
+    use hetero_models::decoupled_llama::DecoupledLlamaConfig;
+
+    let device = Default::default();
+    let smollm = model("smollm2");
+    let hetero_infer::Arch::Llama(c) = &smollm.arch else {
+        panic!()
+    };
+    let decoupling = Decoupling {
+        divisions: 3,
+        blocks: 15,
+        variant: Variant::SplitHeads,
+    };
+    let config = DecoupledLlamaConfig::new(c.clone(), decoupling).unwrap();
+    let (_, sliced) = load_llama_pair::<B>(&mut |n, s| smollm.weights.expect(n, s), &config, &device).unwrap();
+    let trained: Vec<f32> = flatten(&sliced)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * (1.0 + 0.01 * ((i as f32) * 0.37).sin()))
+        .collect();
+    let trainer = load_flat(sliced, &trained);
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("smollm2-3x15");
+    let written = export::<B>(smollm, decoupling, Some(&trained), &out, &device).unwrap();
+    assert_eq!(written.parameters, trained.len(), "every parameter once");
+    let served = models::open(out.to_str().unwrap(), &cache_dir(), &mut |_| {}).unwrap();
+    assert!(matches!(served.arch, hetero_infer::Arch::DecoupledLlama(_)));
+    let prompt = served
+        .tokenizer()
+        .unwrap()
+        .encode("The capital of France is", false)
+        .unwrap();
+    let ids = Tensor::<B, 2, Int>::from_data(
+        TensorData::new(prompt.iter().map(|&t| i64::from(t)).collect(), [1, prompt.len()]),
+        &device,
+    );
+    let logits = trainer.forward(ids, &mut trainer.caches());
+    let want = logits
+        .slice([0..1, prompt.len() - 1..prompt.len()])
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let want = [Output::Logits(vec![want])];
+    let scale = flat(&want[0]).iter().fold(0f32, |m, v| m.max(v.abs()));
+    for placement in [Placement::single(30), Placement::tensor_parallel(30, 3)] {
+        let got = run(
+            &served,
+            &placement,
+            &[Request::decode(vec![prompt.clone()], true, Want::Logits)],
+        );
+        let worst = largest_difference(&want, &got);
+        assert!(worst <= 1e-4 * scale.max(1.0), "{placement:?}: {worst} (scale {scale})");
+    }
+}

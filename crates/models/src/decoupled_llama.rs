@@ -19,7 +19,9 @@
 //! [`DecoupledLlama::sliced_from`] cuts one out of loaded original blocks: weight
 //! decoupling's starting point, before any training.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::ops::Range;
 
 use burn::nn::RotaryEncoding;
 use burn::prelude::*;
@@ -27,7 +29,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
-use crate::checkpoint::Source;
+use crate::checkpoint::{Named, Source, load_named, named, narrow_groups};
 use crate::decouple::{Decoupling, DecouplingError, LayerKind, ModelShape, Variant, matching_inner_width};
 use crate::grouped::{GroupedLinear, GroupedRmsNorm};
 use crate::llama::{KvCache, LlamaConfig, LlamaEmbeddings, LlamaHead, LlamaLayer};
@@ -35,7 +37,7 @@ use crate::sub_blocks::{from_slices, slice_inputs, slice_outputs, slices_of, to_
 
 /// A decoupled llama's shape: the original's, and how it is decoupled. Only a
 /// decoupling that divides the model makes one.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct DecoupledLlamaConfig {
     original: LlamaConfig,
     decoupling: Decoupling,
@@ -69,6 +71,24 @@ impl LlamaSubBlockShape {
     /// Parameters of all N_d sub-blocks.
     pub fn params(&self) -> usize {
         self.divisions * (self.fixed_params() + 3 * self.slice * self.inner)
+    }
+
+    /// The checkpoint name (module path) and shape of every tensor of the stacked
+    /// sub-blocks ([`LlamaSubBlocks`]), group axis first.
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (n, s, f) = (self.divisions, self.slice, self.inner);
+        let (q, kv) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
+        vec![
+            ("attention_norm.gamma".into(), vec![n, s]),
+            ("query.weight".into(), vec![n, s, q]),
+            ("key.weight".into(), vec![n, s, kv]),
+            ("value.weight".into(), vec![n, s, kv]),
+            ("output.weight".into(), vec![n, q, s]),
+            ("feed_forward_norm.gamma".into(), vec![n, s]),
+            ("gate.weight".into(), vec![n, s, f]),
+            ("up.weight".into(), vec![n, s, f]),
+            ("down.weight".into(), vec![n, f, s]),
+        ]
     }
 
     /// Multiply-adds of one sub-block for one token attending over `t` keys.
@@ -121,6 +141,48 @@ impl DecoupledLlamaConfig {
         2 * h * h + 2 * h * kv + 3 * h * c.ffn + 2 * t * h
     }
 
+    /// The GGUF name and shape of every tensor [`DecoupledLlama::tensors`]
+    /// writes: the original's (with its own `output.weight`), less the decoupled
+    /// layers', plus their sub-blocks'.
+    pub fn tensor_shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        let c = &self.original;
+        let kinds = self.decoupling.layer_kinds(c.layers);
+        let mut shapes = LlamaConfig {
+            separate_head: true,
+            ..c.clone()
+        }
+        .tensor_shapes();
+        for (i, _) in kinds.iter().enumerate().filter(|(_, k)| **k == LayerKind::Decoupled) {
+            shapes.retain(|name, _| !name.starts_with(&format!("blk.{i}.")));
+            let prefix = sub_blocks_prefix(i);
+            shapes.extend(
+                self.sub_blocks()
+                    .tensor_shapes()
+                    .into_iter()
+                    .map(|(name, shape)| (format!("{prefix}{name}"), shape)),
+            );
+        }
+        shapes
+    }
+
+    /// Decoupled layer `layer`'s sub-blocks read from `source` (see
+    /// [`DecoupledLlama::tensors`]), only the sub-blocks `groups` (a device's share).
+    pub fn load_sub_blocks<B: Backend, E>(
+        &self,
+        source: &mut Source<'_, E>,
+        layer: usize,
+        groups: Range<usize>,
+        device: &B::Device,
+    ) -> Result<LlamaSubBlocks<B>, E> {
+        let fresh = LlamaSubBlocks::new(self.sub_blocks(), self.original.eps, device);
+        let whole = load_named(fresh, &sub_blocks_prefix(layer), source)?;
+        Ok(if groups == (0..self.decoupling.divisions) {
+            whole
+        } else {
+            narrow_groups(whole, groups)
+        })
+    }
+
     /// The shape of a decoupled layer's sub-blocks, I′ included.
     pub fn sub_blocks(&self) -> LlamaSubBlockShape {
         let shape = self.shape();
@@ -159,6 +221,29 @@ pub struct LlamaSubBlocks<B: Backend> {
 }
 
 impl<B: Backend> LlamaSubBlocks<B> {
+    /// Sub-blocks of `shape` with unit norms and zero projections: the frame a
+    /// checkpoint's values are read into.
+    pub fn new(shape: LlamaSubBlockShape, eps: f64, device: &B::Device) -> Self {
+        let (n, s, f) = (shape.divisions, shape.slice, shape.inner);
+        let (q, kv) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
+        let linear = |i: usize, o: usize| GroupedLinear::from_tensors(Tensor::zeros([n, i, o], device), None);
+        let norm = || GroupedRmsNorm::from_tensor(Tensor::ones([n, s], device), eps);
+        LlamaSubBlocks {
+            attention_norm: norm(),
+            query: linear(s, q),
+            key: linear(s, kv),
+            value: linear(s, kv),
+            output: linear(q, s),
+            feed_forward_norm: norm(),
+            gate: linear(s, f),
+            up: linear(s, f),
+            down: linear(f, s),
+            kv_heads: shape.kv_heads,
+            group: shape.heads / shape.kv_heads,
+            head_dim: shape.head_dim,
+        }
+    }
+
     /// Sub-blocks of `shape` cut out of the full block `layer`: Q/K/V rows of the
     /// slice (for `split-heads`, only the columns of the sub-block's key/value heads
     /// and their query heads), output-projection columns of the slice, the norms'
@@ -315,6 +400,58 @@ impl<B: Backend> DecoupledLlama<B> {
         Ok((original, decoupled))
     }
 
+    /// Reads a whole decoupled decoder written by [`DecoupledLlama::tensors`],
+    /// positions up to `context` encoded.
+    pub fn load<E>(
+        source: &mut Source<'_, E>,
+        config: &DecoupledLlamaConfig,
+        context: usize,
+        device: &B::Device,
+    ) -> Result<Self, E> {
+        let c = LlamaConfig {
+            separate_head: true,
+            ..config.original.clone()
+        };
+        let every = 0..config.decoupling.divisions;
+        let layers = config
+            .decoupling
+            .layer_kinds(c.layers)
+            .into_iter()
+            .enumerate()
+            .map(|(i, kind)| {
+                Ok(match kind {
+                    LayerKind::Decoupled => {
+                        Layer::Decoupled(config.load_sub_blocks(source, i, every.clone(), device)?)
+                    }
+                    LayerKind::Original => Layer::Original(LlamaLayer::load(source, &c, i, (0, 1), device)?),
+                })
+            })
+            .collect::<Result<_, E>>()?;
+        Ok(DecoupledLlama {
+            embeddings: LlamaEmbeddings::load(source, &c, device)?,
+            layers,
+            head: LlamaHead::load(source, &c, (0, 1), device)?,
+            rope: c.rope(context, device),
+            divisions: config.decoupling.divisions,
+        })
+    }
+
+    /// Every tensor under its GGUF name: embeddings, head (as its own
+    /// `output.weight`) and original layers as the original names them, the
+    /// sub-blocks of decoupled layer `i` stacked (`[N_d, …]`) under
+    /// `blk.i.sub_blocks.` and their module path.
+    pub fn tensors(&self) -> Vec<Named> {
+        let mut out = self.embeddings.tensors();
+        for (i, layer) in self.layers.iter().enumerate() {
+            match layer {
+                Layer::Decoupled(sub) => out.extend(named(sub, &sub_blocks_prefix(i))),
+                Layer::Original(block) => out.extend(block.tensors(i).expect("a decoupled model holds whole layers")),
+            }
+        }
+        out.extend(self.head.tensors());
+        out
+    }
+
     /// The kind of every layer, in order.
     pub fn layer_kinds(&self) -> Vec<LayerKind> {
         self.layers
@@ -360,6 +497,11 @@ impl<B: Backend> DecoupledLlama<B> {
         }
         self.head.forward_all(x)
     }
+}
+
+/// Where decoupled layer `layer`'s sub-blocks are in a checkpoint.
+fn sub_blocks_prefix(layer: usize) -> String {
+    format!("blk.{layer}.sub_blocks.")
 }
 
 #[cfg(test)]
@@ -451,6 +593,42 @@ mod tests {
             let want = all_original.forward(ids.clone(), &mut all_original.caches());
             assert!(max_difference(got, want) < 1e-4, "{variant}");
         }
+    }
+
+    /// What `tensors` writes (names as `tensor_shapes` declares them, each once),
+    /// `load` reads back to the same model.
+    #[test]
+    fn written_tensors_load_back_to_the_same_model() {
+        let device = Default::default();
+        let c = LlamaConfig {
+            separate_head: false,
+            ..config()
+        };
+        let decoupling = Decoupling {
+            divisions: 3,
+            blocks: 2,
+            variant: Variant::SplitHeads,
+        };
+        let model = decoupled(&c, decoupling, &device);
+        let written = model.tensors();
+        let file: BTreeMap<String, Named> = written.iter().map(|t| (t.name.clone(), t.clone())).collect();
+        assert_eq!(file.len(), written.len(), "names are unique");
+        let declared: BTreeMap<String, Vec<usize>> =
+            written.iter().map(|t| (t.name.clone(), t.shape.clone())).collect();
+        let config = DecoupledLlamaConfig::new(c.clone(), decoupling).unwrap();
+        assert_eq!(config.tensor_shapes(), declared);
+        let mut source = |name: &str, shape: &[usize]| -> Result<Vec<f32>, String> {
+            let t = file.get(name).ok_or(format!("{name} missing"))?;
+            assert_eq!(t.shape, shape, "{name}");
+            Ok(t.values.clone())
+        };
+        let loaded = DecoupledLlama::<B>::load(&mut source, &config, c.context, &device).unwrap();
+        let ids = Tensor::<B, 2, Int>::from_data([[3, 14, 15, 9, 26, 5, 35]], &device);
+        let diff = max_difference(
+            model.forward(ids.clone(), &mut model.caches()),
+            loaded.forward(ids, &mut loaded.caches()),
+        );
+        assert!(diff == 0.0, "{diff}");
     }
 
     /// Decoding token by token through the per-layer caches gives what one pass

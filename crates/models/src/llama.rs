@@ -25,7 +25,7 @@ use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 
-use crate::checkpoint::{Part, Source, input_columns, output_rows, param, span, transposed, vector};
+use crate::checkpoint::{Named, Part, Source, input_columns, output_rows, param, span, transposed, vector};
 
 /// The decoder's shape (GGUF `llama.*` metadata).
 #[derive(Debug, Clone, PartialEq)]
@@ -204,6 +204,11 @@ impl<B: Backend> LlamaEmbeddings<B> {
         Ok(LlamaEmbeddings { table })
     }
 
+    /// The table under its GGUF name.
+    pub fn tensors(&self) -> Vec<Named> {
+        vec![Named::of(LlamaTensor::TokenEmbedding.name(0), self.table.weight.val())]
+    }
+
     /// Tokens the table knows.
     pub fn vocab(&self) -> usize {
         self.table.weight.dims()[0]
@@ -349,6 +354,24 @@ impl<B: Backend> LlamaLayer<B> {
         })
     }
 
+    /// A whole block's tensors under their GGUF names (`[out, in]` matrices), as
+    /// [`LlamaLayer::load`] reads them; `None` for a part.
+    pub fn tensors(&self, layer: usize) -> Option<Vec<Named>> {
+        let w = self.weights()?;
+        let matrix = |t: LlamaTensor, m: Tensor<B, 2>| Named::of(t.name(layer), m.transpose());
+        Some(vec![
+            Named::of(LlamaTensor::AttentionNorm.name(layer), w.attention_norm),
+            matrix(LlamaTensor::Query, w.query),
+            matrix(LlamaTensor::Key, w.key),
+            matrix(LlamaTensor::Value, w.value),
+            matrix(LlamaTensor::AttentionOutput, w.output),
+            Named::of(LlamaTensor::FeedForwardNorm.name(layer), w.feed_forward_norm),
+            matrix(LlamaTensor::Gate, w.gate),
+            matrix(LlamaTensor::Up, w.up),
+            matrix(LlamaTensor::Down, w.down),
+        ])
+    }
+
     /// The block's weights, if it is a whole block (`None` for a part that holds
     /// only some heads or units).
     pub fn weights(&self) -> Option<LlamaWeights<B>> {
@@ -448,6 +471,16 @@ impl<B: Backend> LlamaHead<B> {
             projection,
             first: rows.start,
         })
+    }
+
+    /// A whole head's tensors under their GGUF names: the final norm and, always
+    /// as its own `output.weight`, the projection (a tied head that was trained
+    /// apart from the embeddings is tied no more).
+    pub fn tensors(&self) -> Vec<Named> {
+        vec![
+            Named::of(LlamaTensor::OutputNorm.name(0), self.norm.gamma.val()),
+            Named::of(LlamaTensor::Output.name(0), self.projection.weight.val().transpose()),
+        ]
     }
 
     /// The vocabulary ids this part scores.

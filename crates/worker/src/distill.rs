@@ -35,9 +35,11 @@ pub fn run(spec: &JobSpec) -> Result<(), WorkerError> {
     match teacher.as_ref().map(|(_, model)| &model.arch) {
         Ok(Arch::Llama(_)) => crate::try_run(|ctx, device| decoder_task(&ctx.spec, teacher?, device)),
         Ok(Arch::Bert(_)) => crate::try_run(|ctx, device| encoder_task(&ctx.spec, teacher?, device)),
-        Ok(Arch::DecoupledBert(_)) => crate::try_run(|_, _| -> Result<EncoderDistillTask<SystemBackend>, String> {
-            Err("model.teacher is already decoupled: give the original model".into())
-        }),
+        Ok(Arch::DecoupledBert(_) | Arch::DecoupledLlama(_)) => {
+            crate::try_run(|_, _| -> Result<EncoderDistillTask<SystemBackend>, String> {
+                Err("model.teacher is already decoupled: give the original model".into())
+            })
+        }
         // Reported through the job like any other task error.
         Err(e) => crate::try_run(|_, _| -> Result<EncoderDistillTask<SystemBackend>, String> { Err(e.clone()) }),
     }
