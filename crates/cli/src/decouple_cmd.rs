@@ -101,6 +101,15 @@ pub fn run(args: &DecoupleArgs) -> Result<ExitCode> {
         100.0 * (d as f64 / o as f64 - 1.0),
         comparison.inner
     );
+    let (om, sm) = (comparison.original_layer_macs, comparison.sub_block_macs);
+    let n = decoupling.divisions;
+    println!(
+        "multiply-adds per token (attending over {} keys): original layer {om}, one sub-block {sm} \
+         ({:.3} of the original's; a decoupled layer's {n} sub-blocks {:.3})",
+        decoupled::MACS_OVER,
+        sm as f64 / om as f64,
+        (n * sm) as f64 / om as f64
+    );
     let which = match &args.checkpoint {
         Some(path) => format!("trained ({})", path.display()),
         None => "sliced from the original, before any training".into(),

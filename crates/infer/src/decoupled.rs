@@ -38,9 +38,17 @@ pub struct Comparison {
     pub decoupled_layer_params: usize,
     /// The feed-forward width of a sub-block, I′.
     pub inner: usize,
+    /// Multiply-adds of one original layer per token attending over
+    /// [`MACS_OVER`] keys.
+    pub original_layer_macs: usize,
+    /// The same for one sub-block (a decoupled layer is N_d of them).
+    pub sub_block_macs: usize,
     /// The measure.
     pub fidelity: Fidelity,
 }
+
+/// The keys a token attends over when multiply-adds are counted.
+pub const MACS_OVER: usize = 128;
 
 /// How close the decoupled model is to the original.
 #[derive(Debug, Clone, Copy)]
@@ -118,6 +126,8 @@ pub fn compare<B: Backend>(
                 original_layer_params: config.original_layer_params(),
                 decoupled_layer_params: config.sub_blocks().params(),
                 inner: config.sub_blocks().inner,
+                original_layer_macs: config.original_layer_macs(MACS_OVER),
+                sub_block_macs: config.sub_blocks().macs(MACS_OVER),
                 fidelity: Fidelity::Embeddings(fidelity),
             })
         }
@@ -135,6 +145,8 @@ pub fn compare<B: Backend>(
                 original_layer_params: config.original_layer_params(),
                 decoupled_layer_params: config.sub_blocks().params(),
                 inner: config.sub_blocks().inner,
+                original_layer_macs: config.original_layer_macs(MACS_OVER),
+                sub_block_macs: config.sub_blocks().macs(MACS_OVER),
                 fidelity: Fidelity::NextToken(fidelity),
             })
         }

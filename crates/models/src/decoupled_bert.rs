@@ -101,6 +101,12 @@ impl DecoupledBertConfig {
         4 * (h * h + h) + 4 * h + (h * f + f) + (f * h + h)
     }
 
+    /// Multiply-adds of one original block for one token attending over `t` keys.
+    pub fn original_layer_macs(&self, t: usize) -> usize {
+        let (h, f) = (self.original.hidden, self.original.intermediate);
+        4 * h * h + 2 * h * f + 2 * t * h
+    }
+
     /// The shape of a decoupled layer's sub-blocks, with I′ chosen so a decoupled
     /// layer holds as many parameters as an original one.
     pub fn sub_blocks(&self) -> SubBlockShape {
