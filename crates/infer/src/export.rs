@@ -259,3 +259,44 @@ fn parse(
         variant,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every way a decoupling file can be wrong is an error naming the file and
+    /// the key; a folder without one is an ordinary model.
+    #[test]
+    fn bad_decoupling_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_decoupling(dir.path()).unwrap(), None);
+        let file = dir.path().join(DECOUPLING_FILE);
+        for (text, says) in [
+            ("{", "not JSON"),
+            (r#"{"blocks": 3, "variant": "split-heads"}"#, "divisions = (missing)"),
+            (
+                r#"{"divisions": 0, "blocks": 3, "variant": "split-heads"}"#,
+                "divisions = 0",
+            ),
+            (
+                r#"{"divisions": 2, "blocks": 99999999, "variant": "split-heads"}"#,
+                "blocks = 99999999",
+            ),
+            (
+                r#"{"divisions": 2, "blocks": -1, "variant": "split-heads"}"#,
+                "blocks = -1",
+            ),
+            (
+                r#"{"divisions": 2, "blocks": 3, "variant": "half"}"#,
+                "variant = \"half\"",
+            ),
+        ] {
+            std::fs::write(&file, text).unwrap();
+            let err = read_decoupling(dir.path()).unwrap_err().to_string();
+            assert!(err.contains(DECOUPLING_FILE) && err.contains(says), "{text}: {err}");
+        }
+        std::fs::write(&file, r#"{"divisions": 2, "blocks": 3, "variant": "full-heads"}"#).unwrap();
+        let d = read_decoupling(dir.path()).unwrap().unwrap();
+        assert_eq!((d.divisions, d.blocks, d.variant), (2, 3, Variant::FullHeads));
+    }
+}

