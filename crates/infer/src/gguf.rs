@@ -502,9 +502,17 @@ pub fn gguf_bytes<'a>(
         out.extend(type_of(v).to_le_bytes());
         value(&mut out, v);
     }
+    write_tensors(&mut out, tensors);
+    out
+}
+
+/// GGUF's tensor directory and data for F32 `tensors`, after the metadata:
+/// names, dimensions innermost first, offsets 32-byte aligned, then the values.
+fn write_tensors<'a>(out: &mut Vec<u8>, tensors: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])> + Clone) {
     let mut offset = 0u64;
     for (name, shape, values) in tensors.clone() {
-        string(&mut out, name);
+        out.extend((name.len() as u64).to_le_bytes());
+        out.extend(name.as_bytes());
         out.extend((shape.len() as u32).to_le_bytes());
         for d in shape.iter().rev() {
             out.extend((*d as u64).to_le_bytes());
@@ -519,7 +527,6 @@ pub fn gguf_bytes<'a>(
         out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
         out.resize(start + (values.len() * 4).div_ceil(32) * 32, 0);
     }
-    out
 }
 
 /// Writers of small GGUF files, for tests here and in other modules.
@@ -570,23 +577,10 @@ pub(crate) mod write {
                 }
             }
         }
-        let mut offset = 0u64;
-        for (name, shape, values) in tensors {
-            string(&mut out, name);
-            out.extend((shape.len() as u32).to_le_bytes());
-            for d in shape.iter().rev() {
-                out.extend((*d as u64).to_le_bytes());
-            }
-            out.extend(0u32.to_le_bytes());
-            out.extend(offset.to_le_bytes());
-            offset += (values.len() as u64 * 4).div_ceil(32) * 32;
-        }
-        out.resize(out.len().div_ceil(32) * 32, 0);
-        for (_, _, values) in tensors {
-            let start = out.len();
-            out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-            out.resize(start + (values.len() * 4).div_ceil(32) * 32, 0);
-        }
+        super::write_tensors(
+            &mut out,
+            tensors.iter().map(|(n, s, v)| (*n, s.as_slice(), v.as_slice())),
+        );
         out
     }
 }

@@ -256,15 +256,9 @@ impl<B: Backend> Worker<B> {
                     match (&arch, kinds[layer]) {
                         (Arch::DecoupledBert(c), LayerKind::Decoupled) => {
                             let groups = span(c.decoupling().divisions, part.0, part.1);
-                            let sub = match groups.is_empty() {
-                                true => None,
-                                false => Some(c.load_sub_blocks(
-                                    &mut |n, s| weights.expect(n, s),
-                                    layer,
-                                    groups.clone(),
-                                    device,
-                                )?),
-                            };
+                            let sub = share(&groups, |g| {
+                                c.load_sub_blocks(&mut |n, s| weights.expect(n, s), layer, g, device)
+                            })?;
                             Block::SubBlocks(sub, groups)
                         }
                         (Arch::DecoupledBert(c), LayerKind::Original) => Block::Bert(BertLayer::load(
@@ -283,15 +277,9 @@ impl<B: Backend> Worker<B> {
                         )?),
                         (Arch::DecoupledLlama(c), LayerKind::Decoupled) => {
                             let groups = span(c.decoupling().divisions, part.0, part.1);
-                            let sub = match groups.is_empty() {
-                                true => None,
-                                false => Some(c.load_sub_blocks(
-                                    &mut |n, s| weights.expect(n, s),
-                                    layer,
-                                    groups.clone(),
-                                    device,
-                                )?),
-                            };
+                            let sub = share(&groups, |g| {
+                                c.load_sub_blocks(&mut |n, s| weights.expect(n, s), layer, g, device)
+                            })?;
                             Block::LlamaSubBlocks(sub, groups, KvCache::new())
                         }
                         (Arch::DecoupledLlama(c), LayerKind::Original) => Block::Llama(
@@ -576,6 +564,18 @@ impl<B: Backend> Worker<B> {
             (Arch::Llama(_) | Arch::DecoupledLlama(_), Want::Logits) => Output::Logits(rows(width)),
             (Arch::Llama(_) | Arch::DecoupledLlama(_), _) => Output::Tokens(flat.iter().map(|&t| t as u32).collect()),
         }))
+    }
+}
+
+/// A worker's share `groups` of a decoupled layer's sub-blocks, loaded by
+/// `load`; `None` when the share is empty (more workers than sub-blocks).
+fn share<T>(
+    groups: &Range<usize>,
+    load: impl FnOnce(Range<usize>) -> Result<T, InferError>,
+) -> Result<Option<T>, InferError> {
+    match groups.is_empty() {
+        true => Ok(None),
+        false => load(groups.clone()).map(Some),
     }
 }
 

@@ -53,12 +53,10 @@ impl DecoupledBertConfig {
         device: &B::Device,
     ) -> Result<SubBlocks<B>, E> {
         let fresh = SubBlocks::new(self.sub_blocks(), NormPlacement::Post, self.original.eps, device);
-        let whole = load_named(fresh, &sub_blocks_prefix(&self.original, layer), source)?;
-        Ok(if groups == (0..self.decoupling.divisions) {
-            whole
-        } else {
-            narrow_groups(whole, groups)
-        })
+        Ok(narrow_groups(
+            load_named(fresh, &sub_blocks_prefix(&self.original, layer), source)?,
+            groups,
+        ))
     }
 
     /// The checkpoint name and shape of every tensor [`DecoupledBert::tensors`]

@@ -175,12 +175,10 @@ impl DecoupledLlamaConfig {
         device: &B::Device,
     ) -> Result<LlamaSubBlocks<B>, E> {
         let fresh = LlamaSubBlocks::new(self.sub_blocks(), self.original.eps, device);
-        let whole = load_named(fresh, &sub_blocks_prefix(layer), source)?;
-        Ok(if groups == (0..self.decoupling.divisions) {
-            whole
-        } else {
-            narrow_groups(whole, groups)
-        })
+        Ok(narrow_groups(
+            load_named(fresh, &sub_blocks_prefix(layer), source)?,
+            groups,
+        ))
     }
 
     /// The shape of a decoupled layer's sub-blocks, I′ included.
