@@ -700,7 +700,7 @@ fn an_inference_job_serves_a_model_from_workers_on_two_agents() {
     let started = Instant::now();
     let logs = wait_for_log(port, &state, "serving minilm on http://", started);
     assert!(
-        logs.contains("rank 1 of 2: minilm under blocks 0..6 TensorParallel on [0, 1]"),
+        logs.contains("rank 1 of 2: minilm under blocks 0..6 tensor-parallel on [0, 1]"),
         "{logs}"
     );
 

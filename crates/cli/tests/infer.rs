@@ -33,7 +33,7 @@ fn a_pipeline_of_three_processes_says_paris() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.starts_with(" Paris."), "{stdout}");
     assert!(
-        stderr.contains("blocks 0..10 Single on [0]; blocks 10..20 Single on [1]"),
+        stderr.contains("blocks 0..10 single on [0]; blocks 10..20 single on [1]"),
         "{stderr}"
     );
     assert!(
@@ -292,7 +292,7 @@ fn a_distilled_student_is_exported_and_served() {
         .unwrap();
 
     let path = student.to_str().unwrap();
-    let server = serve(&[path, "--workers", "2", "--placement", "tensor-parallel"]);
+    let server = serve(&[path, "--workers", "2", "--placement", "decoupled-gather"]);
     let (status, body) = post(
         &server.1,
         "/v1/embeddings",

@@ -5,7 +5,8 @@
 //! sums partial results inside the group of ranks that split it, which need not be
 //! the whole job. The mesh gives point-to-point [`Mesh::send`] / [`Mesh::recv`] and,
 //! on top, collectives over any *group* of ranks ([`Mesh::allreduce_sum`],
-//! [`Mesh::broadcast`]). Inference meshes are small (a handful of devices), so the
+//! [`Mesh::broadcast`], and for a decoupled model's slices of unequal sizes
+//! [`Mesh::all_gather`] and [`Mesh::gather`]). Inference meshes are small (a handful of devices), so the
 //! `world·(world − 1)/2` streams cost nothing.
 //!
 //! ## Design
@@ -141,7 +142,7 @@ impl Mesh {
             return self.ring_allreduce(group, buf);
         }
         let others: Vec<usize> = group.iter().copied().filter(|&r| r != me).collect();
-        let theirs = self.exchange(&others, buf)?;
+        let theirs = self.exchange(&others, buf, &vec![buf.len(); others.len()])?;
         let mut sum = vec![0f32; buf.len()];
         for &member in group {
             let part = if member == me {
@@ -231,6 +232,112 @@ impl Mesh {
         }
     }
 
+    /// Concatenates every member's `mine` in group order on every member of
+    /// `group`: member `i` contributes `sizes[i]` values (zero is allowed), and
+    /// every member ends with the same `sizes.iter().sum()` values — copies, so the
+    /// same bits. A direct exchange for small parts or two members; a ring above
+    /// [`THREADED`] bytes, where each member sends each part but its successor's
+    /// once instead of its own part `g − 1` times.
+    pub fn all_gather(&mut self, group: &[usize], mine: &[f32], sizes: &[usize]) -> Result<Vec<f32>, CommError> {
+        let pos = self.check_parts(group, mine, sizes)?;
+        let offsets: Vec<usize> = sizes
+            .iter()
+            .scan(0, |at, &n| {
+                let start = *at;
+                *at += n;
+                Some(start)
+            })
+            .collect();
+        let total: usize = sizes.iter().sum();
+        let mut all = vec![0f32; total];
+        let place = |all: &mut [f32], i: usize, values: &[f32]| {
+            all[offsets[i]..offsets[i] + sizes[i]].copy_from_slice(values);
+        };
+        place(&mut all, pos, mine);
+        let g = group.len();
+        if g == 1 {
+            return Ok(all);
+        }
+        if g == 2 || total * 4 <= THREADED {
+            let others: Vec<usize> = (0..g).filter(|&i| i != pos).collect();
+            let ranks: Vec<usize> = others.iter().map(|&i| group[i]).collect();
+            let lens: Vec<usize> = others.iter().map(|&i| sizes[i]).collect();
+            let theirs = self.exchange(&ranks, mine, &lens)?;
+            for (&i, values) in others.iter().zip(&theirs) {
+                place(&mut all, i, values);
+            }
+            return Ok(all);
+        }
+        // The ring: at step s each member passes on the part it received at step
+        // s − 1 (its own at step 0), so after g − 1 steps every part went round.
+        let (next, prev) = (group[(pos + 1) % g], group[(pos + g - 1) % g]);
+        let mut incoming = Vec::new();
+        for step in 0..g - 1 {
+            let send = (pos + g - step) % g;
+            let recv = (pos + g - step - 1) % g;
+            let outgoing = encode(&all[offsets[send]..offsets[send] + sizes[send]]);
+            incoming.resize(sizes[recv], 0f32);
+            self.send_recv(next, &outgoing, prev, &mut incoming)?;
+            place(&mut all, recv, &incoming);
+        }
+        Ok(all)
+    }
+
+    /// Brings every member's `mine` to `root`, concatenated in group order
+    /// (member `i` contributes `sizes[i]` values): `Some` on the root, `None` on
+    /// the others.
+    pub fn gather(
+        &mut self,
+        group: &[usize],
+        root: usize,
+        mine: &[f32],
+        sizes: &[usize],
+    ) -> Result<Option<Vec<f32>>, CommError> {
+        let pos = self.check_parts(group, mine, sizes)?;
+        if !group.contains(&root) {
+            return Err(CommError::Config(format!(
+                "gather root {root} is not in the group {group:?}"
+            )));
+        }
+        if group[pos] != root {
+            self.send(root, mine)?;
+            return Ok(None);
+        }
+        let mut all = Vec::with_capacity(sizes.iter().sum());
+        let mut part = Vec::new();
+        for (i, &member) in group.iter().enumerate() {
+            if i == pos {
+                all.extend_from_slice(mine);
+            } else {
+                part.resize(sizes[i], 0f32);
+                self.recv(member, &mut part)?;
+                all.extend_from_slice(&part);
+            }
+        }
+        Ok(Some(all))
+    }
+
+    /// Checks a group and its parts' sizes; returns this rank's place in the group.
+    fn check_parts(&self, group: &[usize], mine: &[f32], sizes: &[usize]) -> Result<usize, CommError> {
+        let me = self.check_group(group)?;
+        let pos = group.iter().position(|&r| r == me).expect("checked member");
+        if sizes.len() != group.len() {
+            return Err(CommError::Config(format!(
+                "{} part sizes for a group of {}",
+                sizes.len(),
+                group.len()
+            )));
+        }
+        if sizes[pos] != mine.len() {
+            return Err(CommError::Config(format!(
+                "rank {me} holds {} values, but its part is {} long",
+                mine.len(),
+                sizes[pos]
+            )));
+        }
+        Ok(pos)
+    }
+
     fn check_group(&self, group: &[usize]) -> Result<usize, CommError> {
         let me = self.config.rank;
         if !group.contains(&me) {
@@ -253,13 +360,13 @@ impl Mesh {
         Ok(())
     }
 
-    /// Sends `buf` to each of `others` and receives one buffer of the same length
-    /// from each, in `others`' order.
-    fn exchange(&mut self, others: &[usize], buf: &[f32]) -> Result<Vec<Vec<f32>>, CommError> {
+    /// Sends `buf` to each of `others` and receives from each a buffer of the
+    /// length `lens` gives it, in `others`' order.
+    fn exchange(&mut self, others: &[usize], buf: &[f32], lens: &[usize]) -> Result<Vec<Vec<f32>>, CommError> {
         let bytes = encode(buf);
         let max = self.config.max_frame;
-        let mut received = vec![vec![0f32; buf.len()]; others.len()];
-        if bytes.len() <= THREADED {
+        let mut received: Vec<Vec<f32>> = lens.iter().map(|&n| vec![0f32; n]).collect();
+        if bytes.len() <= THREADED && lens.iter().all(|&n| n * 4 <= THREADED) {
             for &r in others {
                 write_frame(self.stream(r)?, FrameKind::Data, &bytes)
                     .map_err(|e| CommError::io(format!("sending to rank {r}"), e))?;
@@ -414,6 +521,48 @@ mod tests {
             }
             assert_eq!(out[1].1, 0);
         }
+    }
+
+    /// Parts of unequal sizes (one empty) arrive whole and in group order on every
+    /// member, by a direct exchange when small and by the ring when large; a gather
+    /// brings them to the root only.
+    #[test]
+    fn all_gather_and_gather_concatenate_unequal_parts_in_group_order() {
+        for scale in [1, 20_000] {
+            let sizes = [2 * scale, 0, scale, 3 * scale];
+            let group = [3, 0, 2, 1];
+            let out = on_mesh(4, |m| {
+                let pos = group.iter().position(|&r| r == m.rank()).unwrap();
+                let mine: Vec<f32> = (0..sizes[pos]).map(|i| (pos * 1_000_000 + i) as f32).collect();
+                let all = m.all_gather(&group, &mine, &sizes).unwrap();
+                let sent = m.bytes_sent();
+                let gathered = m.gather(&group, 2, &mine, &sizes).unwrap();
+                (all, gathered, sent)
+            });
+            let expect: Vec<f32> = (0..4)
+                .flat_map(|pos| (0..sizes[pos]).map(move |i| (pos * 1_000_000 + i) as f32))
+                .collect();
+            for (rank, (all, gathered, _)) in out.iter().enumerate() {
+                assert_eq!(all, &expect, "rank {rank}, scale {scale}");
+                assert_eq!(gathered.as_ref(), (rank == 2).then_some(&expect));
+            }
+            if scale > 1 {
+                // The ring: each member sends every part but its successor's once.
+                let total: usize = sizes.iter().sum();
+                for (pos, &rank) in group.iter().enumerate() {
+                    let skipped = sizes[(pos + 1) % 4];
+                    let ring = 4 * (total - skipped) as u64 + 5 * 3;
+                    assert_eq!(out[rank].2, ring, "rank {rank}");
+                }
+            }
+        }
+        let bad = on_mesh(2, |m| {
+            let wrong = m.all_gather(&[0, 1], &[1.0], &[2, 2]).unwrap_err().to_string();
+            let count = m.gather(&[0, 1], 0, &[1.0], &[1]).unwrap_err().to_string();
+            (wrong, count)
+        });
+        assert!(bad[0].0.contains("holds 1 values, but its part is 2 long"), "{bad:?}");
+        assert!(bad[1].1.contains("1 part sizes for a group of 2"), "{bad:?}");
     }
 
     #[test]

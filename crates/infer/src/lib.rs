@@ -17,6 +17,7 @@
 //! - [`export`]: a decoupled model (sliced, or trained by a distill job) written
 //!   as a folder that [`models::open`] opens and the runtime places like any other.
 
+mod activations;
 pub mod bert;
 pub mod decoupled;
 pub mod error;
@@ -32,6 +33,6 @@ pub mod tokenize;
 pub mod weights;
 
 pub use error::InferError;
-pub use placement::{Mode, Placement, Stage};
+pub use placement::{Layout, Mode, Original, Placement, Stage};
 pub use protocol::{Followed, Front, Report, follow, run_in_process};
 pub use runtime::{Arch, Output, Request, Timing, Want, Worker};

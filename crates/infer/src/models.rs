@@ -10,6 +10,7 @@ use hetero_data::model_fetch::{self, KNOWN, known};
 use crate::InferError;
 use hetero_models::decoupled_bert::DecoupledBertConfig;
 use hetero_models::decoupled_llama::DecoupledLlamaConfig;
+use hetero_models::{Decoupling, Variant};
 
 use crate::bert::BertConfig;
 use crate::export::read_decoupling;
@@ -44,34 +45,67 @@ impl Model {
 }
 
 /// Random-weight models of real shapes, for timing: no download, no tokenizer.
+/// Either name takes a decoupling after a colon — `bert-base-random:4x1` is
+/// N_d = 4, N_b = 1 with split heads, `smollm2-random:4x2:full-heads` full heads
+/// — for timing decoupled placements.
 pub const RANDOM: [(&str, &str); 2] = [
     (
         "bert-base-random",
-        "BERT-Base shape (12 layers, 768 wide, 12 heads), random weights",
+        "BERT-Base shape (12 layers, 768 wide, 12 heads), random weights; :NDxNB[:full-heads] decoupled",
     ),
     (
         "smollm2-random",
-        "SmolLM2-135M shape (30 layers, 576 wide), random weights",
+        "SmolLM2-135M shape (30 layers, 576 wide), random weights; :NDxNB[:full-heads] decoupled",
     ),
 ];
 
-fn random(name: &str) -> Option<Model> {
-    let arch = match name {
+fn random(name: &str) -> Option<Result<Model, InferError>> {
+    let (base, decoupling) = name.split_once(':').unwrap_or((name, ""));
+    let arch = match base {
         "bert-base-random" => Arch::Bert(BertConfig::base()),
         "smollm2-random" => Arch::Llama(LlamaConfig::smol_lm2()),
         _ => return None,
     };
-    let shapes = match &arch {
-        Arch::Bert(c) => c.tensor_shapes(),
-        Arch::DecoupledBert(c) => c.tensor_shapes(),
-        Arch::Llama(c) => c.tensor_shapes(),
-        Arch::DecoupledLlama(c) => c.tensor_shapes(),
+    Some(random_decoupled(arch, decoupling, name).map(|arch| {
+        let shapes = match &arch {
+            Arch::Bert(c) => c.tensor_shapes(),
+            Arch::DecoupledBert(c) => c.tensor_shapes(),
+            Arch::Llama(c) => c.tensor_shapes(),
+            Arch::DecoupledLlama(c) => c.tensor_shapes(),
+        };
+        Model {
+            arch,
+            weights: Box::new(crate::weights::RandomWeights::new(shapes, 0)),
+            tokenizer: None,
+            name: name.to_string(),
+        }
+    }))
+}
+
+/// `arch` decoupled as `spec` says (`NDxNB` or `NDxNB:full-heads`; empty: not at all).
+fn random_decoupled(arch: Arch, spec: &str, name: &str) -> Result<Arch, InferError> {
+    if spec.is_empty() {
+        return Ok(arch);
+    }
+    let bad = |why: String| InferError::Config(format!("{name}: {why}"));
+    let (numbers, variant) = spec.split_once(':').unwrap_or((spec, "split-heads"));
+    let variant = Variant::from_name(variant)
+        .ok_or_else(|| bad(format!("{variant:?} is not a variant (split-heads or full-heads)")))?;
+    let (d, b) = numbers
+        .split_once('x')
+        .ok_or_else(|| bad(format!("{numbers:?} is not NDxNB (e.g. 4x1: 4 sub-blocks, 1 block)")))?;
+    let number = |t: &str| t.parse::<usize>().map_err(|_| bad(format!("{t:?} is not a number")));
+    let decoupling = Decoupling {
+        divisions: number(d)?,
+        blocks: number(b)?,
+        variant,
     };
-    Some(Model {
-        arch,
-        weights: Box::new(crate::weights::RandomWeights::new(shapes, 0)),
-        tokenizer: None,
-        name: name.to_string(),
+    Ok(match arch {
+        Arch::Bert(c) => Arch::DecoupledBert(DecoupledBertConfig::new(c, decoupling).map_err(|e| bad(e.to_string()))?),
+        Arch::Llama(c) => {
+            Arch::DecoupledLlama(DecoupledLlamaConfig::new(c, decoupling).map_err(|e| bad(e.to_string()))?)
+        }
+        decoupled => decoupled,
     })
 }
 
@@ -85,12 +119,12 @@ impl std::fmt::Debug for Model {
 }
 
 /// Opens `what`: a known model's name (fetched into `cache` if needed), a random
-/// timing model's name ([`RANDOM`]), a `.gguf`
+/// timing model's name, decoupled or not ([`RANDOM`]), a `.gguf`
 /// file, or a folder with `config.json`, `model.safetensors` and `tokenizer.json`
 /// (or with `model.gguf`).
 pub fn open(what: &str, cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<Model, InferError> {
     if let Some(m) = random(what) {
-        return Ok(m);
+        return m;
     }
     let path = if known(what).is_some() {
         model_fetch::fetch(what, cache, progress).map_err(|e| InferError::Fetch {
@@ -193,4 +227,32 @@ pub fn open_gguf(path: &Path) -> Result<Model, InferError> {
         tokenizer: Some(tokenizer),
         name: path.display().to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn random_timing_models_take_a_decoupling_after_a_colon() {
+        let open = |name: &str| open(name, Path::new("/nonexistent"), &mut |_| {});
+        let m = open("bert-base-random:4x3").unwrap();
+        let Arch::DecoupledBert(c) = &m.arch else {
+            panic!("{:?}", m.arch)
+        };
+        assert_eq!((c.decoupling().divisions, c.decoupling().blocks), (4, 3));
+        assert_eq!(c.decoupling().variant, Variant::SplitHeads);
+        let m = open("smollm2-random:4x2:full-heads").unwrap();
+        assert!(matches!(&m.arch, Arch::DecoupledLlama(c) if c.decoupling().variant == Variant::FullHeads));
+        assert!(matches!(open("smollm2-random").unwrap().arch, Arch::Llama(_)));
+        let err = |name: &str| open(name).unwrap_err().to_string();
+        assert!(
+            err("smollm2-random:4x1").contains("divisions = 4 does not fit"),
+            "{}",
+            err("smollm2-random:4x1")
+        );
+        assert!(err("bert-base-random:4").contains("is not NDxNB"));
+        assert!(err("bert-base-random:4x5").contains("blocks = 5"));
+        assert!(err("bert-base-random:4x1:wide").contains("not a variant"));
+    }
 }

@@ -13,7 +13,6 @@
 //! Worker 0 drives ([`crate::protocol`]): the front sends each request's command
 //! to the others, who wait until told to stop.
 
-use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use burn::nn::RotaryEncoding;
@@ -21,15 +20,15 @@ use burn::prelude::*;
 use hetero_comm::Mesh;
 
 use crate::InferError;
+use crate::activations::{Exchange, Held};
 use crate::bert::{BertConfig, BertEmbeddings, BertLayer, mean_pool, padding_mask};
 use crate::llama::{KvCache, LlamaConfig, LlamaEmbeddings, LlamaHead, LlamaLayer};
-use crate::placement::{Mode, Placement, Stage};
+use crate::placement::{Layout, Original, Placement};
 use crate::weights::Weights;
 use hetero_models::LayerKind;
-use hetero_models::checkpoint::span;
 use hetero_models::decoupled_bert::DecoupledBertConfig;
 use hetero_models::decoupled_llama::{DecoupledLlamaConfig, LlamaSubBlocks};
-use hetero_models::sub_blocks::{Masking, SubBlocks, from_slices, to_slices};
+use hetero_models::sub_blocks::{Masking, SubBlocks};
 
 /// Which model, and its shape.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,12 +87,17 @@ impl Arch {
         }
     }
 
-    /// N_d of a decoupled model; 1 for an ordinary one.
-    fn divisions(&self) -> usize {
-        match self {
-            Arch::DecoupledBert(c) => c.decoupling().divisions,
-            Arch::DecoupledLlama(c) => c.decoupling().divisions,
-            _ => 1,
+    /// Which layers are decoupled, and into how many sub-blocks: what a
+    /// placement is checked against.
+    pub fn layout(&self) -> Layout {
+        let decoupling = match self {
+            Arch::DecoupledBert(c) => c.decoupling(),
+            Arch::DecoupledLlama(c) => c.decoupling(),
+            Arch::Bert(_) | Arch::Llama(_) => return Layout::plain(self.layers()),
+        };
+        Layout {
+            kinds: decoupling.layer_kinds(self.layers()),
+            divisions: decoupling.divisions,
         }
     }
 }
@@ -178,27 +182,27 @@ enum Embed<B: Backend> {
     Llama(LlamaEmbeddings<B>),
 }
 
+/// This worker's part of one layer.
 enum Block<B: Backend> {
+    /// An encoder layer (its tensor-parallel part, or whole).
     Bert(BertLayer<B>),
-    /// A decoupled layer's sub-blocks `groups` (of N_d): all of them, or this
-    /// worker's share in a tensor-parallel stage — none when the stage has more
-    /// workers than sub-blocks.
-    SubBlocks(Option<SubBlocks<B>>, Range<usize>),
-    /// A decoupled decoder layer's sub-blocks `groups`, as above, and this
-    /// worker's cache of their keys and values.
-    LlamaSubBlocks(Option<LlamaSubBlocks<B>>, Range<usize>, KvCache<B>),
-    /// A decoder block and this worker's cache of the sequence's keys and values.
+    /// A decoder layer and this worker's cache of the sequence's keys and values.
     Llama(LlamaLayer<B>, KvCache<B>),
+    /// This worker's sub-blocks of a decoupled encoder layer.
+    SubBlocks(SubBlocks<B>),
+    /// This worker's sub-blocks of a decoupled decoder layer and their cache.
+    LlamaSubBlocks(LlamaSubBlocks<B>, KvCache<B>),
 }
 
 /// One worker's share of a placed model.
 pub struct Worker<B: Backend> {
     rank: usize,
     arch: Arch,
+    layout: Layout,
     placement: Placement,
     embed: Option<Embed<B>>,
-    /// `(stage index, block)` for every block this worker holds a part of.
-    blocks: Vec<(usize, Block<B>)>,
+    /// This worker's part of each layer (`None` where it has none).
+    blocks: Vec<Option<Block<B>>>,
     head: Option<LlamaHead<B>>,
     rope: Option<RotaryEncoding<B>>,
     device: B::Device,
@@ -207,9 +211,10 @@ pub struct Worker<B: Backend> {
 }
 
 impl<B: Backend> Worker<B> {
-    /// Loads what `rank` needs under `placement`, and nothing else: its stages'
-    /// blocks (its part of each), the embedding if it is in the first stage, the
-    /// output head if it is in the last.
+    /// Loads what `rank` needs under `placement`, and nothing else: its part of
+    /// each of its stages' layers (sub-blocks of decoupled layers, a part or the
+    /// whole of original ones), the embedding if it is in the first stage, its
+    /// part of the output head if it is in the last.
     pub fn load(
         arch: Arch,
         weights: &dyn Weights,
@@ -217,90 +222,63 @@ impl<B: Backend> Worker<B> {
         rank: usize,
         device: &B::Device,
     ) -> Result<Self, InferError> {
-        placement.check(arch.layers())?;
+        let layout = arch.layout();
+        placement.check(&layout)?;
         if rank >= placement.workers {
             return Err(InferError::Placement(format!(
                 "worker {rank} is not among the placement's {} workers",
                 placement.workers
             )));
         }
+        let tensor = &mut |n: &str, s: &[usize]| weights.expect(n, s);
         let first = &placement.stages[0];
         let last = placement.stages.last().expect("checked: at least one stage");
-        let embed = if first.workers.contains(&rank) {
-            Some(match &arch {
-                Arch::Bert(_) | Arch::DecoupledBert(_) => Embed::Bert(BertEmbeddings::load(
-                    &mut |n, s| weights.expect(n, s),
-                    arch.bert().expect("an encoder"),
-                    device,
-                )?),
-                Arch::Llama(_) | Arch::DecoupledLlama(_) => Embed::Llama(LlamaEmbeddings::load(
-                    &mut |n, s| weights.expect(n, s),
-                    arch.llama().expect("a decoder"),
-                    device,
-                )?),
-            })
-        } else {
-            None
+        let embed = match (first.workers.contains(&rank), arch.bert(), arch.llama()) {
+            (false, ..) => None,
+            (true, Some(c), _) => Some(Embed::Bert(BertEmbeddings::load(tensor, c, device)?)),
+            (true, None, Some(c)) => Some(Embed::Llama(LlamaEmbeddings::load(tensor, c, device)?)),
+            (true, None, None) => unreachable!("a model is an encoder or a decoder"),
         };
-        let kinds = match &arch {
-            Arch::DecoupledBert(c) => c.decoupling().layer_kinds(arch.layers()),
-            Arch::DecoupledLlama(c) => c.decoupling().layer_kinds(arch.layers()),
-            _ => vec![LayerKind::Original; arch.layers()],
-        };
-        let mut blocks = Vec::new();
-        for (si, stage) in placement.stages.iter().enumerate() {
-            let Some(part) = stage.part_of(rank) else { continue };
+        let mut blocks: Vec<Option<Block<B>>> = (0..layout.layers()).map(|_| None).collect();
+        for stage in &placement.stages {
+            let Some(pos) = stage.workers.iter().position(|&w| w == rank) else {
+                continue;
+            };
+            let groups = stage.sub_block_ranges(layout.divisions)[pos].clone();
+            let part = stage.original_part(rank);
             for layer in stage.layers.clone() {
-                blocks.push((
-                    si,
-                    match (&arch, kinds[layer]) {
-                        (Arch::DecoupledBert(c), LayerKind::Decoupled) => {
-                            let groups = span(c.decoupling().divisions, part.0, part.1);
-                            let sub = share(&groups, |g| {
-                                c.load_sub_blocks(&mut |n, s| weights.expect(n, s), layer, g, device)
-                            })?;
-                            Block::SubBlocks(sub, groups)
-                        }
-                        (Arch::DecoupledBert(c), LayerKind::Original) => Block::Bert(BertLayer::load(
-                            &mut |n, s| weights.expect(n, s),
-                            c.original(),
-                            layer,
-                            part,
-                            device,
-                        )?),
-                        (Arch::Bert(c), _) => Block::Bert(BertLayer::load(
-                            &mut |n, s| weights.expect(n, s),
-                            c,
-                            layer,
-                            part,
-                            device,
-                        )?),
-                        (Arch::DecoupledLlama(c), LayerKind::Decoupled) => {
-                            let groups = span(c.decoupling().divisions, part.0, part.1);
-                            let sub = share(&groups, |g| {
-                                c.load_sub_blocks(&mut |n, s| weights.expect(n, s), layer, g, device)
-                            })?;
-                            Block::LlamaSubBlocks(sub, groups, KvCache::new())
-                        }
-                        (Arch::DecoupledLlama(c), LayerKind::Original) => Block::Llama(
-                            LlamaLayer::load(&mut |n, s| weights.expect(n, s), c.original(), layer, part, device)?,
+                blocks[layer] = match (layout.kinds[layer], &arch) {
+                    (LayerKind::Decoupled, _) if groups.is_empty() => None,
+                    (LayerKind::Decoupled, Arch::DecoupledBert(c)) => Some(Block::SubBlocks(c.load_sub_blocks(
+                        tensor,
+                        layer,
+                        groups.clone(),
+                        device,
+                    )?)),
+                    (LayerKind::Decoupled, Arch::DecoupledLlama(c)) => Some(Block::LlamaSubBlocks(
+                        c.load_sub_blocks(tensor, layer, groups.clone(), device)?,
+                        KvCache::new(),
+                    )),
+                    (LayerKind::Decoupled, _) => unreachable!("only decoupled models have decoupled layers"),
+                    (LayerKind::Original, _) => match (part, arch.bert(), arch.llama()) {
+                        (None, ..) => None,
+                        (Some(part), Some(c), _) => Some(Block::Bert(BertLayer::load(tensor, c, layer, part, device)?)),
+                        (Some(part), None, Some(c)) => Some(Block::Llama(
+                            LlamaLayer::load(tensor, c, layer, part, device)?,
                             KvCache::new(),
-                        ),
-                        (Arch::Llama(c), _) => Block::Llama(
-                            LlamaLayer::load(&mut |n, s| weights.expect(n, s), c, layer, part, device)?,
-                            KvCache::new(),
-                        ),
+                        )),
+                        (Some(_), None, None) => unreachable!("a model is an encoder or a decoder"),
                     },
-                ));
+                };
             }
         }
         let (head, rope) = match arch.llama() {
             Some(c) => {
-                let head = match head_part(last, rank) {
-                    Some(part) => Some(LlamaHead::load(&mut |n, s| weights.expect(n, s), c, part, device)?),
+                let head = match last.head_part(rank) {
+                    Some(part) => Some(LlamaHead::load(tensor, c, part, device)?),
                     None => None,
                 };
-                let rope = (!blocks.is_empty()).then(|| c.rope(c.context, device));
+                let rope = blocks.iter().any(Option::is_some).then(|| c.rope(c.context, device));
                 (head, rope)
             }
             None => (None, None),
@@ -308,6 +286,7 @@ impl<B: Backend> Worker<B> {
         Ok(Worker {
             rank,
             arch,
+            layout,
             placement,
             embed,
             blocks,
@@ -332,9 +311,10 @@ impl<B: Backend> Worker<B> {
     pub fn cached(&self) -> usize {
         self.blocks
             .iter()
-            .find_map(|(_, b)| match b {
-                Block::Llama(_, cache) | Block::LlamaSubBlocks(Some(_), _, cache) => Some(cache.len()),
-                Block::Bert(_) | Block::SubBlocks(..) | Block::LlamaSubBlocks(None, ..) => None,
+            .flatten()
+            .find_map(|b| match b {
+                Block::Llama(_, cache) | Block::LlamaSubBlocks(_, cache) => Some(cache.len()),
+                Block::Bert(_) | Block::SubBlocks(_) => None,
             })
             .unwrap_or(0)
     }
@@ -354,115 +334,100 @@ impl<B: Backend> Worker<B> {
         check_request(&self.arch, req)?;
         self.timing = Timing::default();
         let (batch, seq) = req.shape();
-        let d = self.arch.hidden();
         if req.reset {
-            self.blocks.iter_mut().for_each(|(_, b)| {
-                if let Block::Llama(_, cache) | Block::LlamaSubBlocks(_, _, cache) = b {
+            for block in self.blocks.iter_mut().flatten() {
+                if let Block::Llama(_, cache) | Block::LlamaSubBlocks(_, cache) = block {
                     *cache = KvCache::new()
                 }
-            });
+            }
         }
         let clock = Instant::now();
-        let mut x = match &self.embed {
+        let x = match &self.embed {
             Some(Embed::Bert(e)) => Some(crate::bert::embed(e, &req.ids, &self.device)?),
             Some(Embed::Llama(e)) => Some(crate::llama::embed(e, &req.ids, &self.device)?),
             None => None,
         };
-        self.timing.compute += clock.elapsed();
         let mask = padding_mask::<B>(&req.lengths, seq, &self.device);
-        let divisions = self.arch.divisions();
-        let mut holders = self.placement.stages[0].workers.clone();
-        for si in 0..self.placement.stages.len() {
-            let stage = self.placement.stages[si].clone();
-            x = self.hand_over(mesh, x, &holders, &stage.workers, [batch, seq, d])?;
-            holders = stage.workers.clone();
-            let Some(mut h) = x.take() else { continue };
-            // A tensor-parallel stage's group sums partial results and gathers slices.
-            let group: &[usize] = match stage.mode == Mode::TensorParallel && stage.workers.len() > 1 {
-                true => &stage.workers,
-                false => &[],
+        let dims = [batch, seq, self.arch.hidden()];
+        let Worker {
+            layout,
+            placement,
+            blocks,
+            rope,
+            timing,
+            device,
+            ..
+        } = &mut *self;
+        let mut ex = Exchange {
+            mesh: &mut *mesh,
+            dims,
+            divisions: layout.divisions,
+            timing,
+            device,
+        };
+        let mut held = Held::Whole {
+            x,
+            holders: placement.stages[0].workers.clone(),
+        };
+        for stage in &placement.stages {
+            let ranges = stage.sub_block_ranges(layout.divisions);
+            // Where original layers run, and the group that sums their parts.
+            let originals_on = stage.holders_after();
+            let group = match stage.originals() == Original::TensorParallel && stage.workers.len() > 1 {
+                true => stage.workers.clone(),
+                false => vec![],
             };
-            let (timing, device) = (&mut self.timing, &self.device);
-            // Inside a run of decoupled layers: this worker's slices (none when it
-            // holds no sub-blocks) and which they are. Nothing crosses slices until
-            // the run ends, at an original layer or the stage's end.
-            let mut slices: Option<(Option<Tensor<B, 4>>, Range<usize>)> = None;
-            for (_, block) in self.blocks.iter_mut().filter(|(s, _)| *s == si) {
-                if let Block::SubBlocks(_, groups) | Block::LlamaSubBlocks(_, groups, _) = &*block {
-                    let groups = groups.clone();
-                    let mine = match slices.take() {
-                        Some((mine, _)) => mine,
-                        None => (!groups.is_empty())
-                            .then(|| to_slices(h.clone(), divisions).narrow(0, groups.start, groups.len())),
-                    };
-                    let out = match (&mut *block, mine) {
-                        (Block::SubBlocks(Some(sub), _), Some(x)) => {
-                            Some(sub.forward(x, &Masking::Padding(mask.clone())))
+            for layer in stage.layers.clone() {
+                let block = blocks[layer].as_mut();
+                held = match layout.kinds[layer] {
+                    LayerKind::Decoupled => match ex.sliced(held, &stage.workers, &ranges)? {
+                        Held::Sliced {
+                            mine: Some(x),
+                            workers,
+                            ranges,
+                        } => {
+                            let y = match block {
+                                Some(Block::SubBlocks(sub)) => sub.forward(x, &Masking::Padding(mask.clone())),
+                                Some(Block::LlamaSubBlocks(sub, cache)) => {
+                                    sub.forward(x, rope.as_ref().expect("blocks have a rope"), cache)
+                                }
+                                _ => unreachable!("a worker holding slices holds their sub-blocks"),
+                            };
+                            Held::Sliced {
+                                mine: Some(y),
+                                workers,
+                                ranges,
+                            }
                         }
-                        (Block::LlamaSubBlocks(Some(sub), _, cache), Some(x)) => {
-                            Some(sub.forward(x, self.rope.as_ref().expect("blocks have a rope"), cache))
+                        other => other,
+                    },
+                    LayerKind::Original => match (ex.whole(held, &originals_on)?, block) {
+                        (Held::Whole { x: Some(h), holders }, Some(block)) => {
+                            let mut reduce = |t: Tensor<B, 3>| ex.reduce(&group, t);
+                            let h = match block {
+                                Block::Bert(b) => b.forward(h, &mask, &mut reduce)?,
+                                Block::Llama(l, cache) => {
+                                    l.forward(h, rope.as_ref().expect("blocks have a rope"), cache, &mut reduce)?
+                                }
+                                Block::SubBlocks(_) | Block::LlamaSubBlocks(..) => {
+                                    unreachable!("an original layer's part")
+                                }
+                            };
+                            Held::Whole { x: Some(h), holders }
                         }
-                        _ => None,
-                    };
-                    slices = Some((out, groups));
-                    continue;
-                }
-                if let Some((mine, groups)) = slices.take() {
-                    h = gather_slices(mesh, group, mine, groups, divisions, [batch, seq, d], timing, device)?;
-                }
-                let mut reduce = |t: Tensor<B, 3>| reduce_over(mesh, group, t, timing, device);
-                h = match block {
-                    Block::Bert(b) => b.forward(h, &mask, &mut reduce)?,
-                    Block::Llama(l, cache) => {
-                        l.forward(h, self.rope.as_ref().expect("blocks have a rope"), cache, &mut reduce)?
-                    }
-                    Block::SubBlocks(..) | Block::LlamaSubBlocks(..) => unreachable!("handled above"),
+                        (other, _) => other,
+                    },
                 };
             }
-            if let Some((mine, groups)) = slices.take() {
-                h = gather_slices(mesh, group, mine, groups, divisions, [batch, seq, d], timing, device)?;
-            }
-            x = Some(h);
+            held = ex.whole(held, &originals_on)?;
         }
+        let Held::Whole { x, holders } = held else {
+            unreachable!("made whole after the last stage")
+        };
         // What is left of the step's wall time after communication was compute.
         let result = self.finish(mesh, x, &holders, req)?;
         self.timing.compute = clock.elapsed().saturating_sub(self.timing.communication);
         Ok(result)
-    }
-
-    /// Moves the activations from `holders` to every worker of `to` that lacks them.
-    fn hand_over(
-        &mut self,
-        mesh: &mut Mesh,
-        x: Option<Tensor<B, 3>>,
-        holders: &[usize],
-        to: &[usize],
-        dims: [usize; 3],
-    ) -> Result<Option<Tensor<B, 3>>, InferError> {
-        let clock = Instant::now();
-        let needers: Vec<usize> = to.iter().copied().filter(|w| !holders.contains(w)).collect();
-        let mut x = x;
-        let mut sent = None;
-        for (j, &w) in needers.iter().enumerate() {
-            let source = holders[j % holders.len()];
-            if self.rank == source {
-                let values = sent.get_or_insert_with(|| {
-                    x.clone()
-                        .expect("a holder holds the activations")
-                        .into_data()
-                        .to_vec::<f32>()
-                        .expect("f32 activations")
-                });
-                mesh.send(w, values)?;
-            } else if self.rank == w {
-                let mut values = vec![0f32; dims.iter().product()];
-                mesh.recv(source, &mut values)?;
-                x = Some(Tensor::from_data(TensorData::new(values, dims), &self.device));
-            }
-        }
-        self.timing.communication += clock.elapsed();
-        // Holders that are not in the next stage drop theirs.
-        Ok(if to.contains(&self.rank) { x } else { None })
     }
 
     /// Turns the last stage's activations into the output and brings it to rank 0.
@@ -485,9 +450,9 @@ impl<B: Backend> Worker<B> {
             }
             Arch::Llama(_) | Arch::DecoupledLlama(_) => {
                 let c = self.arch.llama().expect("a decoder");
-                let group: Vec<usize> = match last.mode {
-                    Mode::TensorParallel => last.workers.clone(),
-                    _ => vec![leader],
+                let group: Vec<usize> = match last.originals() {
+                    Original::TensorParallel => last.workers.clone(),
+                    Original::Replicated | Original::Gather => vec![leader],
                 };
                 if !group.contains(&self.rank) {
                     (None, if req.want == Want::Logits { c.vocab } else { 1 })
@@ -567,79 +532,6 @@ impl<B: Backend> Worker<B> {
     }
 }
 
-/// A worker's share `groups` of a decoupled layer's sub-blocks, loaded by
-/// `load`; `None` when the share is empty (more workers than sub-blocks).
-fn share<T>(
-    groups: &Range<usize>,
-    load: impl FnOnce(Range<usize>) -> Result<T, InferError>,
-) -> Result<Option<T>, InferError> {
-    match groups.is_empty() {
-        true => Ok(None),
-        false => load(groups.clone()).map(Some),
-    }
-}
-
-/// `t` summed over `group` (a tensor-parallel block's partial results); `t`
-/// itself outside one.
-fn reduce_over<B: Backend>(
-    mesh: &mut Mesh,
-    group: &[usize],
-    t: Tensor<B, 3>,
-    timing: &mut Timing,
-    device: &B::Device,
-) -> Result<Tensor<B, 3>, InferError> {
-    if group.is_empty() {
-        return Ok(t);
-    }
-    let clock = Instant::now();
-    let dims = t.dims();
-    let mut v = t.into_data().to_vec::<f32>().expect("f32 activations");
-    mesh.allreduce_sum(group, &mut v)?;
-    timing.communication += clock.elapsed();
-    Ok(Tensor::from_data(TensorData::new(v, dims), device))
-}
-
-/// The whole hidden state `[batch, seq, hidden]` again after a run of decoupled
-/// layers: outside a tensor-parallel stage this worker holds every slice;
-/// inside one, each worker contributes its slices (`mine`, sub-blocks `groups`)
-/// to a buffer of zeros that the group sums — an all-gather, the only traffic a
-/// run of decoupled layers needs.
-#[allow(clippy::too_many_arguments)]
-fn gather_slices<B: Backend>(
-    mesh: &mut Mesh,
-    group: &[usize],
-    mine: Option<Tensor<B, 4>>,
-    groups: Range<usize>,
-    divisions: usize,
-    [batch, seq, d]: [usize; 3],
-    timing: &mut Timing,
-    device: &B::Device,
-) -> Result<Tensor<B, 3>, InferError> {
-    if group.is_empty() {
-        return Ok(from_slices(mine.expect("a worker outside a group holds every slice")));
-    }
-    let clock = Instant::now();
-    let per_group = batch * seq * (d / divisions);
-    let mut all = vec![0f32; divisions * per_group];
-    if let Some(mine) = mine {
-        let values = mine.into_data().to_vec::<f32>().expect("f32 activations");
-        all[groups.start * per_group..groups.end * per_group].copy_from_slice(&values);
-    }
-    mesh.allreduce_sum(group, &mut all)?;
-    timing.communication += clock.elapsed();
-    let slices = Tensor::from_data(TensorData::new(all, [divisions, batch, seq, d / divisions]), device);
-    Ok(from_slices(slices))
-}
-
-/// The part of the output head `rank` holds: split by vocabulary in a
-/// tensor-parallel last stage, else the whole head on the stage's first worker.
-fn head_part(last: &Stage, rank: usize) -> Option<(usize, usize)> {
-    match last.mode {
-        Mode::TensorParallel => last.part_of(rank),
-        _ => (last.workers[0] == rank).then_some((0, 1)),
-    }
-}
-
 fn argmax(row: &[f32]) -> (usize, f32) {
     row.iter().enumerate().fold(
         (0, f32::NEG_INFINITY),
@@ -676,6 +568,7 @@ mod tests {
     use super::*;
     use crate::protocol::run_in_process;
     use crate::weights::RandomWeights;
+    use hetero_models::checkpoint::span;
 
     type B = Flex;
 
@@ -754,37 +647,82 @@ mod tests {
         assert!(worst < 1e-5, "{worst}");
     }
 
+    /// Placements of a decoupled model of four layers (decoupled, original,
+    /// decoupled, original) cut into `divisions` sub-blocks: the built-in ones,
+    /// and decoupled stages over 2, 3 and 4 workers with the sub-blocks even and
+    /// uneven (some workers holding none) and original layers in each of the three
+    /// modes, alone and mixed in two stages on different workers.
+    fn decoupled_placements(layout: &Layout) -> Vec<Placement> {
+        let d = layout.divisions;
+        let mut out = vec![
+            Placement::single(4),
+            Placement::tensor_parallel(4, 2),
+            Placement::tensor_parallel(4, 4),
+            Placement::pipeline(4, 3),
+        ];
+        let stage = |workers: &[usize], sub_blocks: Vec<usize>, original: &str| {
+            format!(
+                "mode = \"decoupled\"\nworkers = {workers:?}\nsub_blocks = {sub_blocks:?}\noriginal = \"{original}\"\n"
+            )
+        };
+        for original in ["replicated", "tensor-parallel", "gather"] {
+            for (workers, sub_blocks) in [
+                (vec![0, 1], vec![d / 2, d - d / 2]),
+                (vec![1, 0], vec![d - 1, 1]),
+                (vec![0, 1, 2], vec![1, 0, d - 1]),
+                (vec![0, 1, 2, 3], (0..4).map(|w| span(d, w, 4).len()).collect()),
+                (vec![3, 1, 0, 2], vec![0, 2, 1, d - 3]),
+            ] {
+                let text = format!(
+                    "workers = {}\n[[stage]]\nlayers = \"all\"\n{}",
+                    workers.len(),
+                    stage(&workers, sub_blocks, original)
+                );
+                out.push(Placement::parse(&text, layout).unwrap());
+            }
+        }
+        let mixed = format!(
+            "workers = 4\n[[stage]]\nlayers = \"0..2\"\n{}[[stage]]\nlayers = \"2..4\"\n{}",
+            stage(&[2, 3], vec![1, d - 1], "gather"),
+            stage(&[0, 1, 3], vec![d - 2, 1, 1], "tensor-parallel")
+        );
+        out.push(Placement::parse(&mixed, layout).unwrap());
+        out
+    }
+
+    fn decoupling(divisions: usize, variant: hetero_models::Variant) -> hetero_models::Decoupling {
+        hetero_models::Decoupling {
+            divisions,
+            blocks: 2,
+            variant,
+        }
+    }
+
     /// A decoupled encoder runs under every placement as its module does on one
-    /// device — a tensor-parallel stage spreads each decoupled layer's
-    /// sub-blocks over its workers (some hold none when there are more workers
-    /// than sub-blocks) and gathers the slices before an original layer.
+    /// device: slices stay where their sub-blocks are and meet only for original
+    /// layers.
     #[test]
     fn decoupled_encoder_placements_agree_with_its_module() {
+        use hetero_models::Variant;
         use hetero_models::bert::padded_ids;
         use hetero_models::decoupled_bert::DecoupledBert;
-        use hetero_models::{Decoupling, Variant};
         let rows = [vec![2, 7, 9, 4, 3], vec![2, 11, 3]];
-        for (divisions, variant) in [(3, Variant::FullHeads), (5, Variant::SplitHeads)] {
-            let decoupling = Decoupling {
-                divisions,
-                blocks: 1,
-                variant,
-            };
-            let config = DecoupledBertConfig::new(small_bert(), decoupling).unwrap();
+        let c = BertConfig {
+            hidden: 48,
+            heads: 4,
+            layers: 4,
+            ..small_bert()
+        };
+        for (divisions, variant) in [(4, Variant::SplitHeads), (6, Variant::FullHeads)] {
+            let config = DecoupledBertConfig::new(c.clone(), decoupling(divisions, variant)).unwrap();
             let w = RandomWeights::new(config.tensor_shapes(), 4);
             let module = DecoupledBert::<B>::load(&mut |n, s| w.expect(n, s), &config, &Default::default()).unwrap();
             let (ids, lengths) = padded_ids::<B, _>(&rows, &Default::default());
             let want = vec![Output::Embeddings(mean_pool(module.forward(ids, &lengths), &lengths))];
             let arch = Arch::DecoupledBert(config);
-            for placement in [
-                Placement::single(3),
-                Placement::tensor_parallel(3, 2),
-                Placement::tensor_parallel(3, 4),
-                Placement::pipeline(3, 2),
-                Placement::pipeline(3, 3),
-            ] {
+            for placement in decoupled_placements(&arch.layout()) {
                 let got = run_placed(&arch, &w, &placement, &[Request::embed(&rows)]);
-                assert_close(&want, &got, &format!("{divisions} {variant}: {placement:?}"));
+                assert_close(&want, &got, &format!("{divisions} {variant}: {}", placement.to_toml()));
             }
         }
     }
@@ -794,46 +732,96 @@ mod tests {
     /// keys and values of its own sub-blocks only.
     #[test]
     fn decoupled_decoder_placements_agree_with_its_module() {
+        use hetero_models::Variant;
         use hetero_models::decoupled_llama::DecoupledLlama;
-        use hetero_models::{Decoupling, Variant};
         let c = LlamaConfig {
             separate_head: true,
+            layers: 4,
             ..small_llama()
         };
-        for (divisions, variant) in [(3, Variant::SplitHeads), (2, Variant::FullHeads)] {
-            let decoupling = Decoupling {
-                divisions,
-                blocks: 1,
-                variant,
-            };
-            let config = DecoupledLlamaConfig::new(c.clone(), decoupling).unwrap();
+        for (divisions, variant) in [(3, Variant::SplitHeads), (4, Variant::FullHeads)] {
+            let config = DecoupledLlamaConfig::new(c.clone(), decoupling(divisions, variant)).unwrap();
             let w = RandomWeights::new(config.tensor_shapes(), 5);
             let device = Default::default();
             let module = DecoupledLlama::<B>::load(&mut |n, s| w.expect(n, s), &config, c.context, &device).unwrap();
             let mut caches = module.caches();
+            let steps = [
+                vec![vec![1, 5, 9, 17], vec![3, 3, 8, 40]],
+                vec![vec![22], vec![7]],
+                vec![vec![13], vec![60]],
+            ];
             let mut want = Vec::new();
-            for step in [vec![vec![1, 5, 9, 17], vec![3, 3, 8, 40]], vec![vec![22], vec![7]]] {
-                let ids = crate::bert::ids_tensor::<B>(&step, c.vocab, &device).unwrap();
+            for step in &steps {
+                let ids = crate::bert::ids_tensor::<B>(step, c.vocab, &device).unwrap();
                 let logits = module.forward(ids, &mut caches);
                 let [batch, seq, vocab] = logits.dims();
                 let last = logits.slice([0..batch, seq - 1..seq]).reshape([batch, vocab]);
                 let rows = last.into_data().to_vec::<f32>().unwrap();
                 want.push(Output::Logits(rows.chunks(vocab).map(<[f32]>::to_vec).collect()));
             }
-            let reqs = [
-                Request::decode(vec![vec![1, 5, 9, 17], vec![3, 3, 8, 40]], true, Want::Logits),
-                Request::decode(vec![vec![22], vec![7]], false, Want::Logits),
-            ];
+            let reqs: Vec<Request> = steps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| Request::decode(s.clone(), i == 0, Want::Logits))
+                .collect();
             let arch = Arch::DecoupledLlama(config);
-            for placement in [
-                Placement::single(3),
-                Placement::tensor_parallel(3, 2),
-                Placement::tensor_parallel(3, 4),
-                Placement::pipeline(3, 3),
-            ] {
+            for placement in decoupled_placements(&arch.layout()) {
                 let got = run_placed(&arch, &w, &placement, &reqs);
-                assert_close(&want, &got, &format!("{divisions} {variant}: {placement:?}"));
+                assert_close(&want, &got, &format!("{divisions} {variant}: {}", placement.to_toml()));
             }
+        }
+    }
+
+    /// All-gathers move each slice across a link once: a decoupled stage over
+    /// four workers sends no more than a tensor-parallel one's share of a layer's
+    /// all-reduce, and nothing at all between decoupled layers.
+    #[test]
+    fn a_decoupled_stage_sends_only_what_its_original_layers_need() {
+        use hetero_models::Variant;
+        let c = BertConfig {
+            hidden: 48,
+            heads: 4,
+            layers: 4,
+            ..small_bert()
+        };
+        let config = DecoupledBertConfig::new(c.clone(), decoupling(4, Variant::SplitHeads)).unwrap();
+        let w = RandomWeights::new(config.tensor_shapes(), 4);
+        let arch = Arch::DecoupledBert(config);
+        let rows = [vec![2, 7, 9, 4, 3]];
+        let sent = |placement: &Placement| {
+            let meshes = hetero_comm::mesh::loopback(placement.workers, "bytes", "t").unwrap();
+            std::thread::scope(|s| {
+                let handles: Vec<_> = meshes
+                    .into_iter()
+                    .enumerate()
+                    .map(|(rank, mut mesh)| {
+                        let (arch, placement, w, rows) = (arch.clone(), placement.clone(), &w, &rows);
+                        s.spawn(move || {
+                            let mut worker = Worker::<B>::load(arch, w, placement, rank, &Default::default()).unwrap();
+                            worker.step(&mut mesh, &Request::embed(rows)).unwrap();
+                            mesh.bytes_sent()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<u64>>()
+            })
+        };
+        let layout = arch.layout();
+        // One hidden state: 5 tokens × 48 values × 4 bytes; a quarter per worker.
+        let state = 5 * 48 * 4;
+        let frame = 5;
+        // Two original layers, each after an all-gather in which every worker
+        // sends its quarter to three others; the result goes from worker 0 nowhere.
+        let replicated = sent(&Placement::named("decoupled-replicated", &layout, 4).unwrap());
+        for (rank, bytes) in replicated.iter().enumerate() {
+            assert_eq!(*bytes, 2 * 3 * (state / 4 + frame), "rank {rank}");
+        }
+        // Gathering to worker 0: the three others send their quarter in, and the
+        // root scatters them their slices back for the next decoupled layer.
+        let gather = sent(&Placement::named("decoupled-gather", &layout, 4).unwrap());
+        assert_eq!(gather[0], 3 * (state / 4 + frame), "the root scatters once");
+        for bytes in &gather[1..] {
+            assert_eq!(*bytes, 2 * (state / 4 + frame));
         }
     }
 
@@ -851,7 +839,7 @@ mod tests {
         let mixed = Placement::parse(
             "workers = 3\n[[stage]]\nlayers = \"0..2\"\nmode = \"tensor-parallel\"\nworkers = [1, 2]\n\
              [[stage]]\nlayers = \"2..3\"\nmode = \"tensor-parallel\"\nworkers = [0, 2]\n",
-            3,
+            &Layout::plain(3),
         )
         .unwrap();
         for placement in [

@@ -264,7 +264,8 @@ fn decoupled_minilm_and_smollm2_without_decoupling_are_the_originals() {
 
 /// A decoupled MiniLM exported with trained weights (here: the sliced ones,
 /// perturbed, standing for a distill job's checkpoint) opens as a model folder
-/// and, placed on one device, on a tensor-parallel pair and on a pipeline, gives
+/// and, placed on one device, on a tensor-parallel pair, on a pipeline and in
+/// decoupled stages (original layers tensor-parallel, replicated, gathered), gives
 /// what the trainer's module gives.
 #[test]
 fn an_exported_decoupled_minilm_serves_what_the_trainer_computed() {
@@ -312,10 +313,14 @@ fn an_exported_decoupled_minilm_serves_what_the_trainer_computed() {
         .collect();
     let (ids, lengths) = padded_ids::<B, _>(&rows, &device);
     let want = vec![Output::Embeddings(mean_pool(trainer.forward(ids, &lengths), &lengths))];
+    let layout = served.arch.layout();
     for placement in [
         Placement::single(6),
         Placement::tensor_parallel(6, 2),
         Placement::pipeline(6, 3),
+        Placement::named("decoupled", &layout, 2).unwrap(),
+        Placement::named("decoupled-replicated", &layout, 3).unwrap(),
+        Placement::named("decoupled-gather", &layout, 2).unwrap(),
     ] {
         let got = run(&served, &placement, &[Request::embed(&rows)]);
         let worst = largest_difference(&want, &got);
@@ -336,7 +341,8 @@ fn an_exported_decoupled_minilm_serves_what_the_trainer_computed() {
 
 /// A decoupled SmolLM2 exported with trained weights (the sliced ones, perturbed,
 /// standing for a distill job's checkpoint) opens as one GGUF file with its
-/// tokenizer and, on one device and over a tensor-parallel trio, gives the
+/// tokenizer and, on one device, over a tensor-parallel trio and in decoupled
+/// stages (replicated over three; two sub-blocks and one, gathered), gives the
 /// trainer's module's next-token logits.
 #[test]
 fn an_exported_decoupled_smollm2_serves_what_the_trainer_computed() {
@@ -389,7 +395,14 @@ fn an_exported_decoupled_smollm2_serves_what_the_trainer_computed() {
         .unwrap();
     let want = [Output::Logits(vec![want])];
     let scale = flat(&want[0]).iter().fold(0f32, |m, v| m.max(v.abs()));
-    for placement in [Placement::single(30), Placement::tensor_parallel(30, 3)] {
+    let uneven = "workers = 2\n[[stage]]\nlayers = \"all\"\nmode = \"decoupled\"\nworkers = [1, 0]\n\
+                  sub_blocks = [2, 1]\noriginal = \"gather\"\n";
+    for placement in [
+        Placement::single(30),
+        Placement::tensor_parallel(30, 3),
+        Placement::named("decoupled-replicated", &served.arch.layout(), 3).unwrap(),
+        Placement::parse(uneven, &served.arch.layout()).unwrap(),
+    ] {
         let got = run(
             &served,
             &placement,

@@ -49,9 +49,9 @@ pub fn placements_of(arch: &Arch, names: &str, workers: usize) -> Result<Vec<Pla
 /// The placement `name` names, for `workers` workers.
 pub fn placement_of(arch: &Arch, name: &str, workers: usize) -> Result<Placement> {
     let p = if Path::new(name).is_file() {
-        Placement::load(Path::new(name), arch.layers())?
+        Placement::load(Path::new(name), &arch.layout())?
     } else {
-        Placement::named(name, arch.layers(), workers)?
+        Placement::named(name, &arch.layout(), workers)?
     };
     if p.workers != workers {
         bail!(
@@ -168,7 +168,7 @@ pub fn describe(p: &Placement) -> String {
         .iter()
         .map(|s| {
             format!(
-                "blocks {}..{} {:?} on {:?}",
+                "blocks {}..{} {} on {:?}",
                 s.layers.start, s.layers.end, s.mode, s.workers
             )
         })
