@@ -32,6 +32,9 @@ pub enum InferError {
     /// A placement does not describe a runnable layout of this model.
     #[error("placement: {0}")]
     Placement(String),
+    /// A profile or a plan does not fit the model or the devices.
+    #[error("profile: {0}")]
+    Profile(String),
     /// A request cannot be run (empty prompt, too long, …).
     #[error("request: {0}")]
     Request(String),

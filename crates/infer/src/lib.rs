@@ -19,6 +19,7 @@
 
 mod activations;
 pub mod bert;
+pub mod cost;
 pub mod decoupled;
 pub mod error;
 pub mod export;
@@ -27,6 +28,8 @@ pub mod gguf;
 pub mod llama;
 pub mod models;
 pub mod placement;
+pub mod plan;
+pub mod profile;
 pub mod protocol;
 pub mod runtime;
 pub mod tokenize;
@@ -34,5 +37,5 @@ pub mod weights;
 
 pub use error::InferError;
 pub use placement::{Layout, Mode, Original, Placement, Stage};
-pub use protocol::{Followed, Front, Report, follow, run_in_process};
+pub use protocol::{Followed, Front, Report, follow, profile_mesh, run_in_process, send_placement};
 pub use runtime::{Arch, Output, Request, Timing, Want, Worker};

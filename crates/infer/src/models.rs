@@ -67,12 +67,7 @@ fn random(name: &str) -> Option<Result<Model, InferError>> {
         _ => return None,
     };
     Some(random_decoupled(arch, decoupling, name).map(|arch| {
-        let shapes = match &arch {
-            Arch::Bert(c) => c.tensor_shapes(),
-            Arch::DecoupledBert(c) => c.tensor_shapes(),
-            Arch::Llama(c) => c.tensor_shapes(),
-            Arch::DecoupledLlama(c) => c.tensor_shapes(),
-        };
+        let shapes = arch.tensor_shapes();
         Model {
             arch,
             weights: Box::new(crate::weights::RandomWeights::new(shapes, 0)),

@@ -617,7 +617,7 @@ mod tests {
         // A tensor-parallel stage of a decoupled model spreads sub-blocks evenly too.
         let tp = Placement::named("tensor-parallel", &layout, 3).unwrap();
         assert_eq!(tp.stages[0].sub_block_ranges(4), even.stages[0].sub_block_ranges(4));
-        assert_eq!(Placement::single(6).stages[0].sub_block_ranges(4), [0..4]);
+        assert_eq!(Placement::single(6).stages[0].sub_block_ranges(4), vec![0..4]);
         for p in [
             tp,
             Placement::pipeline(6, 4),

@@ -15,6 +15,7 @@ use hetero_comm::Mesh;
 
 use crate::InferError;
 use crate::placement::Placement;
+use crate::profile::{Device, KindTimes, Link, Profile, Shape, free_memory, measure_device, measure_link, threads};
 use crate::runtime::{Arch, Output, Request, Timing, Want, Worker, check_request};
 use crate::weights::Weights;
 
@@ -23,15 +24,26 @@ const RUN: f32 = 1.0;
 const STOP: f32 = 2.0;
 const REPORT: f32 = 3.0;
 const SWITCH: f32 = 4.0;
+/// Profiling (`crate::profile`): time your layer kinds; all at once; a link.
+const MEASURE: f32 = 5.0;
+const CROWD: f32 = 6.0;
+const LINK: f32 = 7.0;
+/// Load the placement whose TOML follows (the planner chose it).
+const PLACE: f32 = 8.0;
+
+/// The largest placement text the front may send (bytes).
+const MAX_PLACEMENT_TEXT: usize = 1 << 20;
 
 /// Why [`follow`] returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Followed {
     /// The front said stop.
     Stopped,
     /// The front moves to the placement of this index (in a list all workers were
     /// given): load it and follow again.
     Switch(usize),
+    /// The front chose this placement (`--placement auto`): load it and follow again.
+    Place(Placement),
 }
 
 /// What one worker reports of its traffic and its last step.
@@ -146,6 +158,41 @@ pub fn follow<B: Backend>(worker: &mut Worker<B>, mesh: &mut Mesh) -> Result<Fol
         if header[0] == SWITCH {
             return Ok(Followed::Switch(header[1] as usize));
         }
+        if header[0] == MEASURE {
+            let shapes = recv_shapes(mesh, header[1] as usize)?;
+            let (times, _) = measure_device::<B>(worker.arch(), &shapes, mesh.world(), &Default::default())?;
+            let mut reply = vec![threads() as f32, (free_memory() >> 20) as f32];
+            reply.extend(times.iter().flat_map(flat_times));
+            mesh.send(0, &reply)?;
+            continue;
+        }
+        if header[0] == CROWD {
+            let shapes = recv_shapes(mesh, 1)?;
+            mesh.send(0, &[crowded_time::<B>(worker.arch(), shapes[0])? as f32])?;
+            continue;
+        }
+        if header[0] == LINK {
+            let (a, b) = (header[1] as usize, header[2] as usize);
+            let me = mesh.rank();
+            let peer = if me == a { b } else { a };
+            let (latency, up, down) = measure_link(mesh, peer)?;
+            if me == a.min(b) {
+                mesh.send(0, &[latency as f32, up as f32, down as f32])?;
+            }
+            continue;
+        }
+        if header[0] == PLACE {
+            let len = header[1] as usize;
+            if len > MAX_PLACEMENT_TEXT {
+                return Err(InferError::Placement(format!(
+                    "the front sent a placement of {len} bytes (at most {MAX_PLACEMENT_TEXT})"
+                )));
+            }
+            let mut bytes = vec![0f32; len];
+            mesh.recv(0, &mut bytes)?;
+            let text: String = bytes.iter().map(|&b| char::from(b as u8)).collect();
+            return Ok(Followed::Place(Placement::parse(&text, &worker.arch().layout())?));
+        }
         if header[0] == REPORT {
             let report = Report {
                 bytes_sent: mesh.bytes_sent(),
@@ -180,6 +227,174 @@ pub fn follow<B: Backend>(worker: &mut Worker<B>, mesh: &mut Mesh) -> Result<Fol
             want,
         };
         worker.step(mesh, &req)?;
+    }
+}
+
+/// Profiles the devices and links of `mesh` from rank 0 (the others are in
+/// [`follow`]): every device's layer kinds alone, in turn; all at once for the
+/// crowding; then every pair's link. `progress` hears what is measured.
+pub fn profile_mesh<B: Backend>(
+    mesh: &mut Mesh,
+    arch: &Arch,
+    model: &str,
+    shapes: &[Shape],
+    progress: &mut dyn FnMut(&str),
+) -> Result<Profile, InferError> {
+    let world = mesh.world();
+    if shapes.is_empty() || shapes.len() > MAX_SHAPES {
+        return Err(InferError::Profile(format!(
+            "{} shapes to profile: 1 to {MAX_SHAPES}",
+            shapes.len()
+        )));
+    }
+    let body: Vec<f32> = shapes
+        .iter()
+        .flat_map(|s| [s.batch as f32, s.tokens as f32, s.context as f32])
+        .collect();
+    progress(&format!("timing device 0 of {world}"));
+    let (times, sizes) = measure_device::<B>(arch, shapes, world, &Default::default())?;
+    let mut devices = vec![Device {
+        rank: 0,
+        address: None,
+        threads: threads(),
+        free_memory: free_memory(),
+        times,
+        crowding: 1.0,
+    }];
+    let per_shape = flat_times(&devices[0].times[0]).len();
+    for r in 1..world {
+        progress(&format!("timing device {r} of {world}"));
+        mesh.send(r, &[MEASURE, shapes.len() as f32, 0.0, 0.0, 0.0])?;
+        mesh.send(r, &body)?;
+        let mut reply = vec![0f32; 2 + shapes.len() * per_shape];
+        mesh.recv(r, &mut reply)?;
+        devices.push(Device {
+            rank: r,
+            address: None,
+            threads: reply[0] as usize,
+            free_memory: (reply[1] as u64) << 20,
+            times: reply[2..]
+                .chunks(per_shape)
+                .map(|c| unflat_times(c, &devices[0].times[0]))
+                .collect(),
+            crowding: 1.0,
+        });
+    }
+    if world > 1 {
+        progress("timing all devices at once");
+        for r in 1..world {
+            mesh.send(r, &[CROWD, 0.0, 0.0, 0.0, 0.0])?;
+            mesh.send(r, &body[..3])?;
+        }
+        let mine = crowded_time::<B>(arch, shapes[0])?;
+        for (r, d) in devices.iter_mut().enumerate() {
+            let crowded = if r == 0 {
+                mine
+            } else {
+                let mut t = [0f32];
+                mesh.recv(r, &mut t)?;
+                f64::from(t[0])
+            };
+            d.crowding = (crowded / d.times[0].original[0].max(1e-9)).max(1.0);
+        }
+    }
+    let mut links = Vec::new();
+    for a in 0..world {
+        for b in a + 1..world {
+            for r in [a, b].into_iter().filter(|&r| r != 0) {
+                mesh.send(r, &[LINK, a as f32, b as f32, 0.0, 0.0])?;
+            }
+            let (latency, up, down) = if a == 0 {
+                measure_link(mesh, b)?
+            } else {
+                let mut v = [0f32; 3];
+                mesh.recv(a, &mut v)?;
+                (f64::from(v[0]), f64::from(v[1]), f64::from(v[2]))
+            };
+            progress(&format!(
+                "link {a} ↔ {b}: {:.1} / {:.1} Mbit/s, {:.3} ms",
+                up * 8e-6,
+                down * 8e-6,
+                latency * 1e3
+            ));
+            links.push(Link {
+                from: a,
+                to: b,
+                bandwidth: up,
+                latency,
+            });
+            links.push(Link {
+                from: b,
+                to: a,
+                bandwidth: down,
+                latency,
+            });
+        }
+    }
+    Ok(Profile {
+        version: crate::profile::VERSION,
+        model: model.to_string(),
+        arch: arch.summary(),
+        shapes: shapes.to_vec(),
+        sizes,
+        devices,
+        links,
+    })
+}
+
+/// Tells every other worker to load `placement` (rank 0 loads its own part).
+pub fn send_placement(mesh: &mut Mesh, placement: &Placement) -> Result<(), InferError> {
+    let text: Vec<f32> = placement.to_toml().bytes().map(f32::from).collect();
+    for r in 1..mesh.world() {
+        mesh.send(r, &[PLACE, text.len() as f32, 0.0, 0.0, 0.0])?;
+        mesh.send(r, &text)?;
+    }
+    Ok(())
+}
+
+/// The most shapes one profile times.
+const MAX_SHAPES: usize = 64;
+
+fn recv_shapes(mesh: &mut Mesh, n: usize) -> Result<Vec<Shape>, InferError> {
+    if n == 0 || n > MAX_SHAPES {
+        return Err(InferError::Profile(format!(
+            "the front asked for {n} shapes (1 to {MAX_SHAPES})"
+        )));
+    }
+    let mut body = vec![0f32; 3 * n];
+    mesh.recv(0, &mut body)?;
+    Ok(body
+        .chunks_exact(3)
+        .map(|c| Shape {
+            batch: c[0] as usize,
+            tokens: c[1] as usize,
+            context: c[2] as usize,
+        })
+        .collect())
+}
+
+/// An original layer's time at `shape` while every other device times its own.
+fn crowded_time<B: Backend>(arch: &Arch, shape: Shape) -> Result<f64, InferError> {
+    let (times, _) = measure_device::<B>(arch, &[shape], 1, &Default::default())?;
+    Ok(times[0].original[0])
+}
+
+fn flat_times(t: &KindTimes) -> Vec<f32> {
+    std::iter::once(t.embed)
+        .chain(t.original.iter().chain(&t.sub_blocks).chain(&t.head).copied())
+        .map(|v| v as f32)
+        .collect()
+}
+
+/// Times read back in the layout of `like`.
+fn unflat_times(v: &[f32], like: &KindTimes) -> KindTimes {
+    let mut it = v.iter().map(|&x| f64::from(x));
+    let mut take = |n: usize| it.by_ref().take(n).collect::<Vec<_>>();
+    KindTimes {
+        embed: take(1)[0],
+        original: take(like.original.len()),
+        sub_blocks: take(like.sub_blocks.len()),
+        head: take(like.head.len()),
     }
 }
 

@@ -87,6 +87,35 @@ impl Arch {
         }
     }
 
+    /// Every tensor's name and shape.
+    pub fn tensor_shapes(&self) -> std::collections::BTreeMap<String, Vec<usize>> {
+        match self {
+            Arch::Bert(c) => c.tensor_shapes(),
+            Arch::DecoupledBert(c) => c.tensor_shapes(),
+            Arch::Llama(c) => c.tensor_shapes(),
+            Arch::DecoupledLlama(c) => c.tensor_shapes(),
+        }
+    }
+
+    /// The model's shape in one line: what a profile was measured on.
+    pub fn summary(&self) -> String {
+        let (kind, layers, width, heads) = match (self.bert(), self.llama()) {
+            (Some(c), _) => ("encoder", c.layers, c.hidden, c.heads),
+            (None, Some(c)) => ("decoder", c.layers, c.hidden, c.heads),
+            (None, None) => unreachable!("a model is an encoder or a decoder"),
+        };
+        let decoupled = match self {
+            Arch::DecoupledBert(c) => Some(c.decoupling()),
+            Arch::DecoupledLlama(c) => Some(c.decoupling()),
+            Arch::Bert(_) | Arch::Llama(_) => None,
+        };
+        let mut s = format!("{kind}, {layers} layers, width {width}, {heads} heads");
+        if let Some(d) = decoupled {
+            s += &format!(", decoupled {}x{} {}", d.divisions, d.blocks, d.variant);
+        }
+        s
+    }
+
     /// Which layers are decoupled, and into how many sub-blocks: what a
     /// placement is checked against.
     pub fn layout(&self) -> Layout {

@@ -240,6 +240,13 @@ impl<B: Backend> KvCache<B> {
         self.entries.as_ref().map_or(0, |(k, _)| k.dims()[2])
     }
 
+    /// Bytes held (f32 keys and values).
+    pub fn bytes(&self) -> usize {
+        self.entries
+            .as_ref()
+            .map_or(0, |(k, v)| 4 * (k.shape().num_elements() + v.shape().num_elements()))
+    }
+
     /// Whether no position is held.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
