@@ -140,7 +140,7 @@ pub fn run(command: BenchCommand) -> Result<ExitCode> {
             place,
         } => crate::bench_infer::run(&crate::bench_infer::InferBench {
             model: &model,
-            place: &place.placing(),
+            place: &place.placing(seq, tokens),
             requests,
             tokens,
             seq,

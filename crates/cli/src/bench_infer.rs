@@ -9,10 +9,16 @@
 //! communication time are reported apart, because test-bed hosts share this
 //! machine's cores: compute then reads slower than on separate devices, while
 //! communication is what the links cost.
+//!
+//! With a profile (`--profile`, or measured for `auto`), each row also shows the
+//! planner's prediction for that placement (`hetero_infer::cost`) and how far the
+//! measurement is from it.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use hetero_infer::cost::{Prediction, predict};
+use hetero_infer::profile::{Profile, Shape};
 use hetero_infer::{Arch, Front, Output, Report, Request, Want, Worker};
 
 use hetero_serve::InferBackend;
@@ -37,6 +43,9 @@ pub struct InferBench<'a> {
 
 struct Row {
     placement: String,
+    /// The planner's prediction per timed unit (a request, or a decode step) and
+    /// for the prefill, when there is a profile.
+    predicted: Option<(Prediction, Option<Prediction>)>,
     latencies: Vec<Duration>,
     bytes: Vec<u64>,
     compute: Vec<Duration>,
@@ -83,6 +92,7 @@ fn timed(front: &mut Front<InferBackend>, req: &Request) -> Result<(Output, Dura
 fn measure(front: &mut Front<InferBackend>, arch: &Arch, b: &InferBench, name: &str) -> Result<Row> {
     let mut row = Row {
         placement: name.to_string(),
+        predicted: None,
         latencies: vec![],
         bytes: vec![],
         compute: vec![],
@@ -131,12 +141,36 @@ fn measure(front: &mut Front<InferBackend>, arch: &Arch, b: &InferBench, name: &
     Ok(row)
 }
 
+/// The planner's prediction for `placement`: per timed unit, and for a
+/// decoder's prefill.
+fn prediction(
+    arch: &Arch,
+    profile: &Profile,
+    placement: &hetero_infer::Placement,
+    b: &InferBench,
+) -> Result<(Prediction, Option<Prediction>)> {
+    Ok(match arch.is_encoder() {
+        true => (predict(arch, profile, placement, Shape::prefill(1, b.seq))?, None),
+        false => (
+            predict(arch, profile, placement, Shape::decode(1, b.seq))?,
+            Some(predict(arch, profile, placement, Shape::prefill(1, b.seq))?),
+        ),
+    })
+}
+
 /// Runs the benchmark and prints its table.
 pub fn run(b: &InferBench) -> Result<()> {
     let model = open_model(b.model)?;
-    let (mut front, _children) = start_front(b.model, &model, b.place)?;
+    let started = start_front(b.model, &model, b.place)?;
+    let (mut front, _children, profile) = (started.front, started.children, started.profile);
     let workers = front.worker.placement().workers;
-    let placements = placements_of(&model.arch, &b.place.placement, workers)?;
+    let placements: Vec<hetero_infer::Placement> = placements_of(&model.arch, &b.place.placement, workers)?
+        .into_iter()
+        .map(|p| {
+            p.or_else(|| started.chosen.clone())
+                .expect("auto was chosen at the start")
+        })
+        .collect();
     let names: Vec<&str> = b.place.placement.split(',').map(str::trim).collect();
     let unit = match model.arch {
         Arch::Bert(_) | Arch::DecoupledBert(_) => format!("request (batch 1, {} tokens)", b.seq),
@@ -153,23 +187,37 @@ pub fn run(b: &InferBench) -> Result<()> {
                 0,
                 &Default::default(),
             )?;
-            front.switch(i, w)?;
+            front.switch(p, w)?;
         }
         eprintln!("measuring {}: {}", names[i], describe(p));
-        rows.push(measure(&mut front, &model.arch, b, names[i])?);
+        let mut row = measure(&mut front, &model.arch, b, names[i])?;
+        if let Some(profile) = &profile {
+            // A profile measured at other shapes predicts nothing here.
+            row.predicted = prediction(&model.arch, profile, p, b)
+                .map_err(|e| eprintln!("no prediction for {}: {e}", names[i]))
+                .ok();
+        }
+        rows.push(row);
     }
     front.stop()?;
 
     let base = mean(&rows[0].latencies).as_secs_f64();
     println!(
-        "{:<18} {:>10} {:>9} {:>9} {:>9} {:>12} {:>11} {:>11}",
-        "placement", "mean ms", "p50 ms", "p90 ms", "× first", "bytes/unit", "compute ms", "comm ms",
+        "{:<22} {:>9} {:>8} {:>8} {:>8} {:>12} {:>10} {:>9} {:>10} {:>8}",
+        "placement", "mean ms", "p50 ms", "p90 ms", "× first", "bytes/unit", "compute", "comm", "predicted", "error",
     );
     for r in &rows {
         let m = mean(&r.latencies);
         let bytes = r.bytes.iter().sum::<u64>() as f64 / r.bytes.len().max(1) as f64;
+        let (predicted, error) = match &r.predicted {
+            Some((p, _)) => (
+                format!("{:.2}", p.total * 1e3),
+                format!("{:+.0} %", 100.0 * (m.as_secs_f64() - p.total) / p.total),
+            ),
+            None => ("-".into(), "-".into()),
+        };
         println!(
-            "{:<18} {:>10.2} {:>9.2} {:>9.2} {:>9.2} {:>12.0} {:>11.2} {:>11.2}",
+            "{:<22} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>12.0} {:>10.2} {:>9.2} {:>10} {:>8}",
             r.placement,
             m.as_secs_f64() * 1e3,
             quantile(&r.latencies, 0.5).as_secs_f64() * 1e3,
@@ -178,13 +226,19 @@ pub fn run(b: &InferBench) -> Result<()> {
             bytes,
             mean(&r.compute).as_secs_f64() * 1e3,
             mean(&r.communication).as_secs_f64() * 1e3,
+            predicted,
+            error,
         );
     }
     if rows.iter().any(|r| r.first.is_some()) {
         for r in &rows {
             if let Some(f) = r.first {
+                let predicted = match &r.predicted {
+                    Some((_, Some(p))) => format!(" (predicted {:.1} ms)", p.total * 1e3),
+                    _ => String::new(),
+                };
                 println!(
-                    "{:<18} prefill (first token) {:.1} ms",
+                    "{:<22} prefill (first token) {:.1} ms{predicted}",
                     r.placement,
                     f.as_secs_f64() * 1e3
                 );
@@ -193,7 +247,8 @@ pub fn run(b: &InferBench) -> Result<()> {
     }
     println!(
         "compute/comm ms: the largest of any worker's compute and communication time in a step; \
-         bytes/unit: what all workers sent together"
+         bytes/unit: what all workers sent together; predicted: the planner's cost model on the profile, \
+         error: measured against it"
     );
     Ok(())
 }

@@ -43,13 +43,9 @@ pub enum ModelsCommand {
     Decouple(crate::decouple_cmd::DecoupleArgs),
 }
 
-/// Where the model runs: how many workers, which placement, which mesh.
+/// The mesh: how many local workers, or the hosts of a `--mesh`.
 #[derive(Debug, Clone, Args)]
-pub struct PlacingArgs {
-    /// single, tensor-parallel, pipeline, or a placement file (docs/inference.md).
-    /// Benchmarks give several, comma-separated, and switch between them.
-    #[arg(long, default_value = "single")]
-    pub placement: String,
+pub struct MeshArgs {
     /// Worker processes (rank 0 is this one).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
@@ -62,14 +58,34 @@ pub struct PlacingArgs {
     pub token: Option<String>,
 }
 
+/// Where the model runs: the mesh and the placement.
+#[derive(Debug, Clone, Args)]
+pub struct PlacingArgs {
+    /// single, tensor-parallel, pipeline, decoupled, decoupled-replicated,
+    /// decoupled-gather, a placement file (docs/inference.md), or auto (profile and
+    /// plan). Benchmarks give several, comma-separated, and switch between them.
+    #[arg(long, default_value = "single")]
+    pub placement: String,
+    /// Profile for `auto` (and a benchmark's predictions): read if the file
+    /// exists, else measured and written there.
+    #[arg(long)]
+    pub profile: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub mesh: MeshArgs,
+}
+
 impl PlacingArgs {
-    /// The placing these arguments ask for.
-    pub fn placing(&self) -> Placing {
+    /// The placing these arguments ask for; `auto` plans for `seq` tokens (a
+    /// request, or a prompt) and `tokens` decode steps.
+    pub fn placing(&self, seq: usize, tokens: usize) -> Placing {
         Placing {
             placement: self.placement.clone(),
-            workers: self.workers,
-            mesh: self.mesh.clone(),
-            token: self.token.clone(),
+            workers: self.mesh.workers,
+            mesh: self.mesh.mesh.clone(),
+            token: self.mesh.token.clone(),
+            profile: self.profile.clone(),
+            plan_seq: seq,
+            plan_tokens: tokens,
         }
     }
 }
@@ -103,7 +119,8 @@ pub fn models_cmd(command: ModelsCommand) -> Result<ExitCode> {
 /// `hetero infer`.
 pub fn infer(model_name: &str, prompt: &[String], max_tokens: usize, chat: bool, place: &Placing) -> Result<ExitCode> {
     let model = open_model(model_name)?;
-    let (mut front, _children) = start_front(model_name, &model, place)?;
+    let started = start_front(model_name, &model, place)?;
+    let (mut front, _children) = (started.front, started.children);
     let text = prompt.join(" ");
     if text.trim().is_empty() {
         bail!("give a prompt (for an encoder: the sentences to embed, one per argument)");

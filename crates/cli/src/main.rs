@@ -16,6 +16,7 @@ mod export_cmd;
 mod follow;
 mod infer_cmd;
 mod local;
+mod plan_cmd;
 mod server_cmds;
 
 use std::path::PathBuf;
@@ -209,6 +210,12 @@ enum Command {
         #[command(flatten)]
         place: infer_cmd::PlacingArgs,
     },
+    /// Measure a mesh for the planner: each device's time for every layer kind at
+    /// the request shapes, its free memory, and every link's bandwidth and latency.
+    Profile(plan_cmd::ProfileArgs),
+    /// Choose a placement for a model on a profiled mesh: print the plan and its
+    /// predicted latency, write the placement file and a picture of it.
+    Plan(plan_cmd::PlanArgs),
     /// Run one non-front rank of an inference mesh (on another host: give --mesh).
     InferWorker {
         /// The same model as the front's.
@@ -308,16 +315,18 @@ fn main() -> ExitCode {
             max_tokens,
             chat,
             place,
-        } => infer_cmd::infer(&model, &prompt, max_tokens, chat, &place.placing()),
+        } => infer_cmd::infer(&model, &prompt, max_tokens, chat, &place.placing(128, max_tokens)),
         Command::Serve { model, listen, place } => {
-            hetero_serve::server::serve(&model, &listen, &place.placing()).map(|()| ExitCode::SUCCESS)
+            hetero_serve::server::serve(&model, &listen, &place.placing(128, 32)).map(|()| ExitCode::SUCCESS)
         }
+        Command::Profile(args) => plan_cmd::profile(&args),
+        Command::Plan(args) => plan_cmd::plan(&args),
         Command::InferWorker {
             model,
             rank,
             listen,
             place,
-        } => hetero_serve::worker::infer_worker(&model, rank, &place.placing(), listen.as_deref())
+        } => hetero_serve::worker::infer_worker(&model, rank, &place.placing(128, 32), listen.as_deref())
             .map(|()| ExitCode::SUCCESS),
         Command::Worker => unreachable!("handled above"),
     };

@@ -62,6 +62,25 @@ impl Objective {
         }
     }
 
+    /// The shapes `profile` was measured at, a decode step counted `tokens`
+    /// times: what to plan for when a profile is all there is to go on.
+    pub fn of_profile(profile: &Profile, tokens: usize) -> Self {
+        let shapes: Vec<(Shape, f64)> = profile
+            .shapes
+            .iter()
+            .map(|&s| (s, if s.context == 0 { 1.0 } else { tokens as f64 }))
+            .collect();
+        Objective {
+            context: shapes
+                .iter()
+                .map(|(s, _)| s.context + s.tokens + tokens)
+                .max()
+                .unwrap_or(0),
+            batch: shapes.iter().map(|(s, _)| s.batch).max().unwrap_or(1),
+            shapes,
+        }
+    }
+
     /// The shapes a profile must time for this objective.
     pub fn profile_shapes(&self) -> Vec<Shape> {
         self.shapes.iter().map(|s| s.0).collect()
@@ -270,6 +289,8 @@ fn candidates_for(arch: &Arch, profile: &Profile, main: Shape) -> Result<Vec<(St
         .iter()
         .rposition(|&k| k == LayerKind::Original)
         .unwrap_or(layers - 1);
+    // Whether an original layer comes before the last: else only the last's mode matters.
+    let body_has_originals = layout.kinds[..last_original].contains(&LayerKind::Original);
     let modes = [Original::Replicated, Original::TensorParallel, Original::Gather];
     for k in 2..=world {
         let top = &order[..k];
@@ -286,7 +307,7 @@ fn candidates_for(arch: &Arch, profile: &Profile, main: Shape) -> Result<Vec<(St
         for (how, counts) in &splits {
             for body in modes {
                 for tail in modes {
-                    if body != tail && last_original == 0 {
+                    if body != tail && !body_has_originals {
                         continue;
                     }
                     let stage = |layers: Range<usize>, original: Original| Stage {

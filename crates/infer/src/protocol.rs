@@ -1,5 +1,5 @@
 //! How rank 0 drives the other workers of a mesh: the front's commands (run a
-//! request, report traffic and timings, switch placements, stop), [`Front`] on
+//! request, report traffic and timings, load a placement, profile, stop), [`Front`] on
 //! rank 0 and [`follow`] on the others, and [`run_in_process`], every worker a
 //! thread, for checks and experiments.
 //!
@@ -23,12 +23,11 @@ use crate::weights::Weights;
 const RUN: f32 = 1.0;
 const STOP: f32 = 2.0;
 const REPORT: f32 = 3.0;
-const SWITCH: f32 = 4.0;
 /// Profiling (`crate::profile`): time your layer kinds; all at once; a link.
 const MEASURE: f32 = 5.0;
 const CROWD: f32 = 6.0;
 const LINK: f32 = 7.0;
-/// Load the placement whose TOML follows (the planner chose it).
+/// Load the placement whose TOML follows (a benchmark's next, or the planner's choice).
 const PLACE: f32 = 8.0;
 
 /// The largest placement text the front may send (bytes).
@@ -39,10 +38,8 @@ const MAX_PLACEMENT_TEXT: usize = 1 << 20;
 pub enum Followed {
     /// The front said stop.
     Stopped,
-    /// The front moves to the placement of this index (in a list all workers were
-    /// given): load it and follow again.
-    Switch(usize),
-    /// The front chose this placement (`--placement auto`): load it and follow again.
+    /// The front moves to this placement (a benchmark's next one, or the
+    /// planner's choice): load it and follow again.
     Place(Placement),
 }
 
@@ -127,23 +124,25 @@ impl<B: Backend> Front<B> {
         Ok(out)
     }
 
-    /// Moves every worker to placement `index` of the list they were all given;
-    /// `worker` is rank 0's part under it.
-    pub fn switch(&mut self, index: usize, worker: Worker<B>) -> Result<(), InferError> {
-        for r in 1..self.mesh.world() {
-            self.mesh.send(r, &[SWITCH, index as f32, 0.0, 0.0, 0.0])?;
-        }
+    /// Moves every worker to `placement`; `worker` is rank 0's part under it.
+    pub fn switch(&mut self, placement: &Placement, worker: Worker<B>) -> Result<(), InferError> {
+        send_placement(&mut self.mesh, placement)?;
         self.worker = worker;
         Ok(())
     }
 
     /// Tells the other workers to stop.
     pub fn stop(mut self) -> Result<(), InferError> {
-        for r in 1..self.mesh.world() {
-            self.mesh.send(r, &[STOP, 0.0, 0.0, 0.0, 0.0])?;
-        }
-        Ok(())
+        stop_followers(&mut self.mesh)
     }
+}
+
+/// Tells every worker but rank 0 to stop following.
+pub fn stop_followers(mesh: &mut Mesh) -> Result<(), InferError> {
+    for r in 1..mesh.world() {
+        mesh.send(r, &[STOP, 0.0, 0.0, 0.0, 0.0])?;
+    }
+    Ok(())
 }
 
 /// A worker other than rank 0: runs the front's requests until it says stop (or
@@ -154,9 +153,6 @@ pub fn follow<B: Backend>(worker: &mut Worker<B>, mesh: &mut Mesh) -> Result<Fol
         mesh.recv(0, &mut header)?;
         if header[0] == STOP {
             return Ok(Followed::Stopped);
-        }
-        if header[0] == SWITCH {
-            return Ok(Followed::Switch(header[1] as usize));
         }
         if header[0] == MEASURE {
             let shapes = recv_shapes(mesh, header[1] as usize)?;

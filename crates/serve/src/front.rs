@@ -2,11 +2,13 @@
 //! worker processes it starts on this machine (each binds a loopback port, says
 //! which, and learns the others' from its standard input), or `hetero
 //! infer-worker`s already running at the `--mesh` addresses. Every rank loads only
-//! the blocks its placement gives it.
+//! the blocks its placement gives it. Under `--placement auto` the others start
+//! idle; the front profiles the mesh (or reads `--profile`), plans, and sends
+//! them the chosen placement.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -14,7 +16,9 @@ use anyhow::{Context, Result, bail};
 use hetero_comm::{Mesh, RingConfig};
 use hetero_data::model_fetch::cache_dir;
 use hetero_infer::models::{self, Model};
-use hetero_infer::{Arch, Front, Placement, Worker};
+use hetero_infer::plan::{Objective, plan};
+use hetero_infer::profile::Profile;
+use hetero_infer::{Arch, Front, Placement, Worker, profile_mesh, send_placement};
 
 use crate::InferBackend;
 
@@ -31,6 +35,25 @@ pub struct Placing {
     pub mesh: Option<String>,
     /// Data-plane token every worker must hold (default: a fresh one for local workers).
     pub token: Option<String>,
+    /// `auto`'s profile: read when the file exists, else measured and written there.
+    pub profile: Option<PathBuf>,
+    /// What `auto` plans for: the request (encoders) or prompt (decoders) length…
+    pub plan_seq: usize,
+    /// …and the decode steps after it (decoders).
+    pub plan_tokens: usize,
+}
+
+/// The placement name that asks the planner.
+pub const AUTO: &str = "auto";
+
+impl Placing {
+    /// What `auto` makes fast for `arch`.
+    pub fn objective(&self, arch: &Arch) -> Objective {
+        match arch.is_encoder() {
+            true => Objective::encoder(self.plan_seq),
+            false => Objective::decoder(self.plan_seq, self.plan_tokens),
+        }
+    }
 }
 
 /// Opens a model, fetching a known one first, saying what it does.
@@ -38,11 +61,15 @@ pub fn open_model(what: &str) -> Result<Model> {
     models::open(what, &cache_dir(), &mut |m| eprintln!("{m}")).with_context(|| format!("opening {what}"))
 }
 
-/// The placements `--placement` names (comma-separated), for `workers` workers.
-pub fn placements_of(arch: &Arch, names: &str, workers: usize) -> Result<Vec<Placement>> {
+/// The placements `--placement` names (comma-separated), for `workers` workers;
+/// `auto` stands for the one the front will choose (and send).
+pub fn placements_of(arch: &Arch, names: &str, workers: usize) -> Result<Vec<Option<Placement>>> {
     names
         .split(',')
-        .map(|n| placement_of(arch, n.trim(), workers))
+        .map(|n| match n.trim() {
+            AUTO => Ok(None),
+            n => placement_of(arch, n, workers).map(Some),
+        })
         .collect()
 }
 
@@ -60,6 +87,74 @@ pub fn placement_of(arch: &Arch, name: &str, workers: usize) -> Result<Placement
         );
     }
     Ok(p)
+}
+
+/// What a worker loads before the front tells it its part: nothing, unless it
+/// is rank 0 of a single placement.
+pub fn idle(arch: &Arch, workers: usize) -> Placement {
+    Placement::named("single", &arch.layout(), workers).expect("single fits every model")
+}
+
+/// The profile `auto` plans on: `place.profile` when that file exists (checked
+/// against this model and mesh), else measured now over `mesh` (and written to
+/// `place.profile` when given). `addrs` are the mesh's addresses when its hosts are
+/// fixed (`--mesh`), so a profile of other hosts is refused.
+pub fn profile_for(
+    mesh: &mut Mesh,
+    model_name: &str,
+    model: &Model,
+    place: &Placing,
+    addrs: Option<&[SocketAddr]>,
+) -> Result<Profile> {
+    let addresses: Option<Vec<String>> = addrs.map(|a| a.iter().map(ToString::to_string).collect());
+    if let Some(path) = place.profile.as_ref().filter(|p| p.is_file()) {
+        let p = Profile::load(path, &model.arch, mesh.world(), addresses.as_deref())?;
+        eprintln!("profile: {}", path.display());
+        return Ok(p);
+    }
+    let shapes = place.objective(&model.arch).profile_shapes();
+    let mut profile = profile_mesh::<InferBackend>(mesh, &model.arch, model_name, &shapes, &mut |m| {
+        eprintln!("profiling: {m}")
+    })?;
+    if let Some(a) = addresses {
+        for (d, address) in profile.devices.iter_mut().zip(a) {
+            d.address = Some(address);
+        }
+    }
+    if let Some(path) = &place.profile {
+        let text = serde_json::to_string_pretty(&profile)?;
+        hetero_infer::weights::write_atomically(path, text.as_bytes())?;
+        eprintln!("profile written to {}", path.display());
+    }
+    Ok(profile)
+}
+
+/// The planner's placement for this mesh (told to the other workers), and the
+/// profile it planned on, for the request shapes that profile was measured at.
+pub fn choose(
+    mesh: &mut Mesh,
+    model_name: &str,
+    model: &Model,
+    place: &Placing,
+    addrs: Option<&[SocketAddr]>,
+) -> Result<(Placement, Profile)> {
+    let profile = profile_for(mesh, model_name, model, place, addrs)?;
+    let plan = plan(
+        &model.arch,
+        &profile,
+        &Objective::of_profile(&profile, place.plan_tokens),
+    )?;
+    let p = &plan.chosen.prediction;
+    eprintln!(
+        "auto: {} — predicted {:.2} ms ({:.2} compute, {:.2} communication, {} bytes)",
+        plan.chosen.name,
+        p.total * 1e3,
+        p.compute * 1e3,
+        p.communication * 1e3,
+        p.bytes()
+    );
+    send_placement(mesh, &plan.chosen.placement)?;
+    Ok((plan.chosen.placement, profile))
 }
 
 pub(crate) fn parse_mesh(list: &str) -> Result<Vec<SocketAddr>> {
@@ -84,9 +179,67 @@ impl Drop for Children {
     }
 }
 
+/// A front that has met its workers.
+pub struct Started {
+    /// Rank 0 with its part loaded.
+    pub front: Front<InferBackend>,
+    /// The worker processes it started (killed when dropped).
+    pub children: Children,
+    /// The profile `auto` planned on (or `--profile`'s, when given).
+    pub profile: Option<Profile>,
+    /// The placement `auto` chose.
+    pub chosen: Option<Placement>,
+}
+
 /// Rank 0's front: starts (or meets) the other workers, forms the mesh, loads its
-/// own part.
-pub fn start_front(model_name: &str, model: &Model, place: &Placing) -> Result<(Front<InferBackend>, Children)> {
+/// own part — under `auto`, the planner's choice, which the others are sent.
+pub fn start_front(model_name: &str, model: &Model, place: &Placing) -> Result<Started> {
+    let (mut mesh, children, addrs) = meet(model_name, place)?;
+    let workers = mesh.world();
+    let fixed = place.mesh.is_some().then_some(addrs.as_slice());
+    let (placement, profile, chosen) = match placements_of(&model.arch, &place.placement, workers)?.remove(0) {
+        None => {
+            let (p, profile) = choose(&mut mesh, model_name, model, place, fixed)?;
+            (p.clone(), Some(profile), Some(p))
+        }
+        Some(p) => {
+            let profile = match &place.profile {
+                Some(_) => Some(profile_for(&mut mesh, model_name, model, place, fixed)?),
+                None => None,
+            };
+            (p, profile, None)
+        }
+    };
+    let worker = Worker::<InferBackend>::load(
+        model.arch.clone(),
+        model.weights.as_ref(),
+        placement,
+        0,
+        &Default::default(),
+    )?;
+    Ok(Started {
+        front: Front { worker, mesh },
+        children,
+        profile,
+        chosen,
+    })
+}
+
+/// Profiles the mesh `place` describes (its workers start idle) and stops them.
+pub fn profile_only(model_name: &str, model: &Model, place: &Placing) -> Result<Profile> {
+    let place = Placing {
+        placement: AUTO.into(),
+        ..place.clone()
+    };
+    let (mut mesh, _children, addrs) = meet(model_name, &place)?;
+    let fixed = place.mesh.is_some().then_some(addrs.as_slice());
+    let profile = profile_for(&mut mesh, model_name, model, &place, fixed)?;
+    hetero_infer::protocol::stop_followers(&mut mesh)?;
+    Ok(profile)
+}
+
+/// Starts (or meets) the other workers and forms the mesh.
+fn meet(model_name: &str, place: &Placing) -> Result<(Mesh, Children, Vec<SocketAddr>)> {
     let (workers, addrs, listener, children, token) = match &place.mesh {
         Some(list) => {
             let addrs = parse_mesh(list)?;
@@ -130,16 +283,8 @@ pub fn start_front(model_name: &str, model: &Model, place: &Placing) -> Result<(
             (place.workers, addrs, listener, children, token)
         }
     };
-    let placement = placements_of(&model.arch, &place.placement, workers)?.remove(0);
     let mesh = form(0, workers, &token, listener, &addrs)?;
-    let worker = Worker::<InferBackend>::load(
-        model.arch.clone(),
-        model.weights.as_ref(),
-        placement,
-        0,
-        &Default::default(),
-    )?;
-    Ok((Front { worker, mesh }, children))
+    Ok((mesh, children, addrs))
 }
 
 pub(crate) fn form(

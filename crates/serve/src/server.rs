@@ -124,8 +124,15 @@ pub fn serve(model_name: &str, listen: &str, place: &Placing) -> Result<()> {
     let Some(tokenizer) = model.tokenizer.take() else {
         anyhow::bail!("{model_name} has no tokenizer (random weights, for timing): serve a real model");
     };
-    let (front, children) = start_front(model_name, &model, place)?;
-    serve_front(front, children, tokenizer, model_name, &model.arch, listen)
+    let started = start_front(model_name, &model, place)?;
+    serve_front(
+        started.front,
+        started.children,
+        tokenizer,
+        model_name,
+        &model.arch,
+        listen,
+    )
 }
 
 /// Serves HTTP on `listen` with a formed front, until the process is stopped.

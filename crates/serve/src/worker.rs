@@ -12,7 +12,7 @@ use hetero_comm::{Mesh, RingConfig};
 use hetero_infer::{Followed, Front, Placement, Worker, follow};
 
 use crate::InferBackend;
-use crate::front::{Children, Placing, describe, form, open_model, parse_mesh, placements_of};
+use crate::front::{Children, Placing, choose, describe, form, idle, open_model, parse_mesh, placements_of};
 
 /// `hetero infer-worker`: one non-front rank.
 pub fn infer_worker(model_name: &str, rank: usize, place: &Placing, listen: Option<&str>) -> Result<()> {
@@ -43,7 +43,10 @@ pub fn infer_worker(model_name: &str, rank: usize, place: &Placing, listen: Opti
             (listener, parse_mesh(line.trim())?)
         }
     };
-    let placements = placements_of(&model.arch, &place.placement, addrs.len())?;
+    // Its first placement, or nothing until the front sends the one it chose.
+    let first = placements_of(&model.arch, &place.placement, addrs.len())?
+        .remove(0)
+        .unwrap_or_else(|| idle(&model.arch, addrs.len()));
     let load = |p: &Placement| {
         Worker::<InferBackend>::load(
             model.arch.clone(),
@@ -53,9 +56,9 @@ pub fn infer_worker(model_name: &str, rank: usize, place: &Placing, listen: Opti
             &Default::default(),
         )
     };
-    let worker = load(&placements[0])?;
+    let worker = load(&first)?;
     let mesh = form(rank, addrs.len(), &token, listener, &addrs)?;
-    follow_placements(worker, mesh, &placements, load)
+    follow_placements(worker, mesh, load)
 }
 
 /// A worker of an inference job the coordinator placed on an agent (`[inference]`
@@ -65,13 +68,15 @@ pub fn job_worker(setup: hetero_worker::WorkerSetup) -> Result<()> {
     let inf = setup.spec.inference.clone().context("not an inference job")?;
     hetero_worker::end_with_the_agent();
     let mut model = open_model(&inf.model)?;
-    let placements = placements_of(&model.arch, &inf.placement, setup.world)?;
+    let first = placements_of(&model.arch, &inf.placement, setup.world)?.remove(0);
     println!(
         "rank {} of {}: {} under {}",
         setup.rank,
         setup.world,
         inf.model,
-        describe(&placements[0])
+        first
+            .as_ref()
+            .map_or("the placement the planner chooses".into(), describe)
     );
     let load = |p: &Placement| {
         Worker::<InferBackend>::load(
@@ -82,42 +87,55 @@ pub fn job_worker(setup: hetero_worker::WorkerSetup) -> Result<()> {
             &Default::default(),
         )
     };
-    let worker = load(&placements[0])?;
+    // Rank 0 under `auto` loads its part once it has chosen; the others start idle.
+    let worker = match (&first, setup.rank) {
+        (Some(p), _) => Some(load(p)?),
+        (None, 0) => None,
+        (None, _) => Some(load(&idle(&model.arch, setup.world))?),
+    };
     let listener = TcpListener::bind((setup.data_host.as_str(), 0))
         .with_context(|| format!("binding a data-plane port on {}", setup.data_host))?;
     let addrs = hetero_worker::rendezvous::exchange(&setup, listener.local_addr()?)?;
     let mut config = RingConfig::new(setup.rank, setup.world, format!("{}-infer", setup.job_id), &setup.token);
     config.connect_timeout = Duration::from_secs(600);
     config.io_timeout = Duration::from_secs(3600);
-    let mesh = Mesh::form(config, listener, &addrs).context("forming the data-plane mesh")?;
+    let mut mesh = Mesh::form(config, listener, &addrs).context("forming the data-plane mesh")?;
     if setup.rank == 0 {
         let tokenizer = model
             .tokenizer
             .take()
             .with_context(|| format!("{} has no tokenizer: serve a real model", inf.model))?;
+        let worker = match worker {
+            Some(w) => w,
+            None => {
+                let place = Placing {
+                    placement: crate::front::AUTO.into(),
+                    workers: setup.world,
+                    plan_seq: 128,
+                    plan_tokens: 32,
+                    ..Placing::default()
+                };
+                let (chosen, _) = choose(&mut mesh, &inf.model, &model, &place, Some(&addrs))?;
+                println!("rank 0: {} under {}", inf.model, describe(&chosen));
+                load(&chosen)?
+            }
+        };
         let front = Front { worker, mesh };
         return crate::server::serve_front(front, Children(vec![]), tokenizer, &inf.model, &model.arch, &inf.listen);
     }
-    follow_placements(worker, mesh, &placements, load)
+    follow_placements(worker.expect("followers start with a placement"), mesh, load)
 }
 
-/// Runs the front's requests until it says stop, loading another of `placements`
-/// whenever it switches.
+/// Runs the front's requests until it says stop, loading each placement it
+/// sends (a benchmark's next one, or the planner's choice).
 fn follow_placements(
     mut worker: Worker<InferBackend>,
     mut mesh: Mesh,
-    placements: &[Placement],
     load: impl Fn(&Placement) -> Result<Worker<InferBackend>, hetero_infer::InferError>,
 ) -> Result<()> {
-    while let Followed::Switch(i) = follow(&mut worker, &mut mesh)? {
-        let Some(p) = placements.get(i) else {
-            bail!(
-                "the front switched to placement {i}, but this worker was given {}",
-                placements.len()
-            );
-        };
+    while let Followed::Place(p) = follow(&mut worker, &mut mesh)? {
         drop(worker);
-        worker = load(p)?;
+        worker = load(&p)?;
     }
     Ok(())
 }
