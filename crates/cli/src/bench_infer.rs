@@ -10,19 +10,24 @@
 //! machine's cores: compute then reads slower than on separate devices, while
 //! communication is what the links cost.
 //!
-//! With a profile (`--profile`, or measured for `auto`), each row also shows the
-//! planner's prediction for that placement (`hetero_infer::cost`) and how far the
-//! measurement is from it.
+//! With a profile (`--profile`, or measured when a placement is `auto`), each row
+//! also shows the planner's prediction for that placement (`hetero_infer::cost`)
+//! and how far the measurement is from it. An entry `MODEL@PLACEMENT` runs another
+//! model over the same workers (a decoupled version beside its original); each
+//! model gets its own profile.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use hetero_infer::cost::{Prediction, predict};
+use hetero_infer::plan::{Objective, plan};
 use hetero_infer::profile::{Profile, Shape};
-use hetero_infer::{Arch, Front, Output, Report, Request, Want, Worker};
+use hetero_infer::{Arch, Front, Output, Report, Request, Want, send_model};
 
 use hetero_serve::InferBackend;
-use hetero_serve::front::{Placing, describe, open_model, placements_of, start_front};
+use hetero_serve::auto::{profile_for, settle};
+use hetero_serve::front::{AUTO, Placing, describe, open_model, placement_of, start_front};
+use hetero_serve::worker::load_part;
 
 /// Bytes one report exchange costs: a 25-byte command and a 29-byte reply.
 const REPORT_BYTES: u64 = 25 + 29;
@@ -158,43 +163,90 @@ fn prediction(
     })
 }
 
+/// The `(model, placement)` of each `--placement` entry: `MODEL@PLACEMENT` names
+/// another model than the benchmark's (a decoupled version beside the
+/// original, say), a bare name the benchmark's own.
+fn entries(model: &str, list: &str) -> Vec<(String, String)> {
+    list.split(',')
+        .map(str::trim)
+        .map(|e| match e.split_once('@') {
+            Some((m, p)) if !std::path::Path::new(e).is_file() => (m.to_string(), p.to_string()),
+            _ => (model.to_string(), e.to_string()),
+        })
+        .collect()
+}
+
 /// Runs the benchmark and prints its table.
 pub fn run(b: &InferBench) -> Result<()> {
-    let model = open_model(b.model)?;
-    let started = start_front(b.model, &model, b.place)?;
-    let (mut front, _children, profile) = (started.front, started.children, started.profile);
+    let entries = entries(b.model, &b.place.placement);
+    let first = Placing {
+        placement: entries[0].1.clone(),
+        ..b.place.clone()
+    };
+    let mut model = open_model(&entries[0].0)?;
+    let started = start_front(&entries[0].0, &model, &first)?;
+    let want_profiles = b.place.profile.is_some() || entries.iter().any(|e| e.1 == AUTO);
+    let (mut profile, fixed) = (started.profile, started.fixed);
+    let (mut front, _children) = (started.front, started.children);
+    if want_profiles && profile.is_none() {
+        profile = Some(profile_for(
+            &mut front.mesh,
+            &entries[0].0,
+            &model,
+            b.place,
+            fixed.as_deref(),
+        )?);
+    }
     let workers = front.worker.placement().workers;
-    let placements: Vec<hetero_infer::Placement> = placements_of(&model.arch, &b.place.placement, workers)?
-        .into_iter()
-        .map(|p| {
-            p.or_else(|| started.chosen.clone())
-                .expect("auto was chosen at the start")
-        })
-        .collect();
-    let names: Vec<&str> = b.place.placement.split(',').map(str::trim).collect();
-    let unit = match model.arch {
-        Arch::Bert(_) | Arch::DecoupledBert(_) => format!("request (batch 1, {} tokens)", b.seq),
-        Arch::Llama(_) | Arch::DecoupledLlama(_) => format!("token (after a {}-token prefill)", b.seq),
+    let unit = match model.arch.is_encoder() {
+        true => format!("request (batch 1, {} tokens)", b.seq),
+        false => format!("token (after a {}-token prefill)", b.seq),
     };
     println!("{} on {workers} worker(s); per {unit}", b.model);
     let mut rows = Vec::new();
-    for (i, p) in placements.iter().enumerate() {
-        if i > 0 {
-            let w = Worker::<InferBackend>::load(
-                model.arch.clone(),
-                model.weights.as_ref(),
-                p.clone(),
-                0,
-                &Default::default(),
-            )?;
-            front.switch(p, w)?;
+    for (i, (name, placement)) in entries.iter().enumerate() {
+        let label = match name == b.model {
+            true => placement.clone(),
+            false => format!("{name}@{placement}"),
+        };
+        if i > 0 && *name != entries[i - 1].0 {
+            // Another model: the others open it and wait; it gets its own profile.
+            send_model(&mut front.mesh, name)?;
+            model = open_model(name)?;
+            let place = Placing {
+                profile: None,
+                ..b.place.clone()
+            };
+            profile = match want_profiles {
+                true => Some(profile_for(&mut front.mesh, name, &model, &place, fixed.as_deref())?),
+                false => None,
+            };
         }
-        eprintln!("measuring {}: {}", names[i], describe(p));
-        let mut row = measure(&mut front, &model.arch, b, names[i])?;
+        let p = match (i, placement.as_str(), &profile) {
+            (0, ..) => front.worker.placement().clone(),
+            (_, AUTO, Some(profile)) => {
+                // As `--placement auto` does it: the plan, its finalists tried.
+                let objective = Objective::of_profile(profile, b.tokens);
+                let plan = plan(&model.arch, profile, &objective)?;
+                let Front { worker, mesh } = front;
+                drop(worker);
+                let (settled, chosen) = settle(mesh, &model, &plan, &objective, b.place.trials)?;
+                front = settled;
+                chosen.placement
+            }
+            _ => {
+                let p = placement_of(&model.arch, placement, workers)?;
+                let w = load_part(&model, &p, 0)?;
+                front.switch(&p, w)?;
+                p
+            }
+        };
+        eprintln!("measuring {label}: {}", describe(&p));
+        let mut row = measure(&mut front, &model.arch, b, &label)?;
         if let Some(profile) = &profile {
             // A profile measured at other shapes predicts nothing here.
-            row.predicted = prediction(&model.arch, profile, p, b)
-                .map_err(|e| eprintln!("no prediction for {}: {e}", names[i]))
+            row.predicted = prediction(&model.arch, profile, &p, b)
+                .map_err(|e| eprintln!("no prediction for {label}: {e}"))
                 .ok();
         }
         rows.push(row);
@@ -203,7 +255,7 @@ pub fn run(b: &InferBench) -> Result<()> {
 
     let base = mean(&rows[0].latencies).as_secs_f64();
     println!(
-        "{:<22} {:>9} {:>8} {:>8} {:>8} {:>12} {:>10} {:>9} {:>10} {:>8}",
+        "{:<32} {:>9} {:>8} {:>8} {:>8} {:>12} {:>10} {:>9} {:>10} {:>8}",
         "placement", "mean ms", "p50 ms", "p90 ms", "× first", "bytes/unit", "compute", "comm", "predicted", "error",
     );
     for r in &rows {
@@ -217,7 +269,7 @@ pub fn run(b: &InferBench) -> Result<()> {
             None => ("-".into(), "-".into()),
         };
         println!(
-            "{:<22} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>12.0} {:>10.2} {:>9.2} {:>10} {:>8}",
+            "{:<32} {:>9.2} {:>8.2} {:>8.2} {:>8.2} {:>12.0} {:>10.2} {:>9.2} {:>10} {:>8}",
             r.placement,
             m.as_secs_f64() * 1e3,
             quantile(&r.latencies, 0.5).as_secs_f64() * 1e3,
@@ -238,7 +290,7 @@ pub fn run(b: &InferBench) -> Result<()> {
                     _ => String::new(),
                 };
                 println!(
-                    "{:<22} prefill (first token) {:.1} ms{predicted}",
+                    "{:<32} prefill (first token) {:.1} ms{predicted}",
                     r.placement,
                     f.as_secs_f64() * 1e3
                 );

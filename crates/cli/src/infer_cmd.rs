@@ -14,6 +14,7 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Subcommand};
 use hetero_data::model_fetch as models;
 use hetero_infer::Arch;
@@ -70,6 +71,10 @@ pub struct PlacingArgs {
     /// exists, else measured and written there.
     #[arg(long)]
     pub profile: Option<std::path::PathBuf>,
+    /// How many of the planner's finalists `auto` tries on the workers, keeping
+    /// the fastest measured (1: the planner's prediction alone).
+    #[arg(long, default_value_t = hetero_serve::auto::TRIALS, value_parser = clap::value_parser!(u16).range(1..=32).map(usize::from))]
+    pub trials: usize,
     #[command(flatten)]
     pub mesh: MeshArgs,
 }
@@ -86,6 +91,7 @@ impl PlacingArgs {
             profile: self.profile.clone(),
             plan_seq: seq,
             plan_tokens: tokens,
+            trials: self.trials,
         }
     }
 }

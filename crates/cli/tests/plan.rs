@@ -72,6 +72,7 @@ fn a_profiled_mesh_is_planned_and_runs_the_plan() {
         "{stdout}"
     );
     assert!(stdout.contains("2 → 0") && stdout.contains("free MiB"), "{stdout}");
+    assert!(stdout.contains("slow-down while another device computes"), "{stdout}");
     let (ok, shown, _) = run(hetero().arg("profile").arg("--show").arg(&profile));
     assert!(ok && shown == stdout, "--show prints what was measured");
 
@@ -120,6 +121,25 @@ fn a_profiled_mesh_is_planned_and_runs_the_plan() {
         .arg(&profile));
     assert!(auto.0, "{}", auto.2);
     assert!(auto.2.contains("auto: ") && auto.2.contains("predicted"), "{}", auto.2);
+    // The finalists were tried on the workers, and the fastest measured won.
+    let trials: Vec<(&str, f64)> = auto
+        .2
+        .lines()
+        .filter_map(|l| l.strip_prefix("trial: "))
+        .map(|l| {
+            let (name, rest) = l.split_once(" — ").unwrap();
+            let measured = rest.rsplit_once("measured ").unwrap().1.trim_end_matches(" ms");
+            (name, measured.parse().unwrap())
+        })
+        .collect();
+    assert!(
+        trials.len() >= 2,
+        "several structures are close on loopback: {}",
+        auto.2
+    );
+    let fastest = trials.iter().min_by(|a, b| a.1.total_cmp(&b.1)).unwrap().0;
+    let won = auto.2.lines().find_map(|l| l.strip_prefix("auto: ")).unwrap();
+    assert!(won.starts_with(&format!("{fastest} — ")), "{}", auto.2);
     for (name, got) in [("planned", &planned), ("auto", &auto)] {
         assert!((cosine(&got.1) - cosine(&single.1)).abs() < 1e-4, "{name}: {}", got.1);
     }

@@ -8,8 +8,10 @@
 //! placement with the runtime's own states ([`crate::activations`]: the hidden
 //! state whole on some workers, or sliced by sub-block) and the mesh's own
 //! algorithms (a direct exchange below [`THREADED`] bytes, a ring above), adding:
-//! - per compute phase, the largest profiled time among its workers, times the
-//!   device's *crowding* scaled to how many devices compute at once;
+//! - per compute phase, the largest profiled time among its workers, each times
+//!   its slow-down from the others computing in the same phase (the profile's
+//!   `alongside` ratios, added: a device sharing a core with one other computing
+//!   runs about half as fast);
 //! - per communication round, the largest one-way latency among its transfers
 //!   plus the longest of: any device's bytes out over its interface's rate, any
 //!   device's bytes in over its interface's rate, and any transfer over its
@@ -79,17 +81,16 @@ struct Walk<'a> {
 impl Walk<'_> {
     /// A compute phase: `work` is each computing device's profiled seconds.
     fn compute(&mut self, work: &[(usize, f64)]) {
-        let m = work.len();
-        let world = self.profile.devices.len();
         let longest = work
             .iter()
             .map(|&(d, t)| {
-                let crowding = self.profile.devices[d].crowding;
-                let scale = match (m, world) {
-                    (0 | 1, _) | (_, 0 | 1) => 1.0,
-                    _ => 1.0 + (crowding - 1.0) * (m - 1) as f64 / (world - 1) as f64,
-                };
-                t * scale
+                let alongside = &self.profile.devices[d].alongside;
+                let slow_down: f64 = work
+                    .iter()
+                    .filter(|&&(o, _)| o != d)
+                    .map(|&(o, _)| alongside[o] - 1.0)
+                    .sum();
+                t * (1.0 + slow_down)
             })
             .fold(0.0, f64::max);
         self.prediction.compute += longest;

@@ -37,5 +37,5 @@ pub mod weights;
 
 pub use error::InferError;
 pub use placement::{Layout, Mode, Original, Placement, Stage};
-pub use protocol::{Followed, Front, Report, follow, profile_mesh, run_in_process, send_placement};
+pub use protocol::{Followed, Front, Report, follow, profile_mesh, run_in_process, send_model, send_placement};
 pub use runtime::{Arch, Output, Request, Timing, Want, Worker};

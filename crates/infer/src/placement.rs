@@ -175,17 +175,12 @@ impl Stage {
     /// replicated stage, a partition of them otherwise (some may be empty).
     pub fn sub_block_ranges(&self, divisions: usize) -> Vec<Range<usize>> {
         let k = self.workers.len();
-        match &self.mode {
-            Mode::Single | Mode::Replicated => vec![0..divisions; k],
-            Mode::TensorParallel => (0..k).map(|i| span(divisions, i, k)).collect(),
-            Mode::Decoupled { sub_blocks, .. } => sub_blocks
-                .iter()
-                .scan(0, |at, &n| {
-                    *at += n;
-                    Some(*at - n..*at)
-                })
-                .collect(),
-        }
+        let counts = match &self.mode {
+            Mode::Single | Mode::Replicated => return vec![0..divisions; k],
+            Mode::TensorParallel => even(divisions, k),
+            Mode::Decoupled { sub_blocks, .. } => sub_blocks.clone(),
+        };
+        consecutive(&counts)
     }
 
     /// The workers that hold the whole hidden state when the stage is done: its
@@ -302,7 +297,7 @@ impl Placement {
             stages: vec![Stage {
                 layers: 0..layout.layers(),
                 mode: Mode::Decoupled {
-                    sub_blocks: (0..workers).map(|w| span(layout.divisions, w, workers).len()).collect(),
+                    sub_blocks: even(layout.divisions, workers),
                     original,
                 },
                 workers: (0..workers).collect(),
@@ -378,7 +373,7 @@ impl Placement {
                     ModeName::Decoupled => Mode::Decoupled {
                         sub_blocks: s.sub_blocks.unwrap_or_else(|| {
                             let k = s.workers.len().max(1);
-                            (0..k).map(|w| span(layout.divisions, w, k).len()).collect()
+                            even(layout.divisions, k)
                         }),
                         original: s.original.unwrap_or(Original::TensorParallel),
                     },
@@ -498,6 +493,25 @@ impl Placement {
     }
 }
 
+/// `divisions` sub-blocks over `workers` as evenly as they go, the first workers
+/// taking one more (the first is the front, and a gather's root).
+pub fn even(divisions: usize, workers: usize) -> Vec<usize> {
+    (0..workers)
+        .map(|i| divisions / workers + usize::from(i < divisions % workers))
+        .collect()
+}
+
+/// Consecutive ranges of the lengths `counts`, from 0.
+pub fn consecutive(counts: &[usize]) -> Vec<Range<usize>> {
+    counts
+        .iter()
+        .scan(0, |at, &n| {
+            *at += n;
+            Some(*at - n..*at)
+        })
+        .collect()
+}
+
 fn parse_range(text: &str, layers: usize) -> Result<Range<usize>, String> {
     if text == "all" {
         return Ok(0..layers);
@@ -611,7 +625,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(even, Placement::named("decoupled", &layout, 3).unwrap());
-        assert_eq!(even.stages[0].sub_block_ranges(4), [0..1, 1..2, 2..4]);
+        assert_eq!(even.stages[0].sub_block_ranges(4), [0..2, 2..3, 3..4]);
+        assert_eq!(super::even(3, 4), [1, 1, 1, 0], "the first workers take the sub-blocks");
         assert_eq!(even.stages[0].original_part(1), Some((1, 3)));
         assert_eq!(even.stages[0].head_part(1), Some((1, 3)));
         // A tensor-parallel stage of a decoupled model spreads sub-blocks evenly too.

@@ -25,7 +25,7 @@ use hetero_models::checkpoint::span;
 
 use crate::InferError;
 use crate::cost::{Prediction, check_memory, predict};
-use crate::placement::{Mode, Original, Placement, Stage};
+use crate::placement::{Mode, Original, Placement, Stage, consecutive};
 use crate::profile::{Profile, Shape};
 use crate::runtime::Arch;
 
@@ -167,13 +167,59 @@ pub fn plan(arch: &Arch, profile: &Profile, objective: &Objective) -> Result<Pla
     Ok(Plan { chosen, candidates })
 }
 
-/// Devices fastest first, by an original layer's time at `shape`.
+/// How much slower than the best a candidate may be predicted and still be
+/// tried on the mesh ([`Plan::finalists`]): the cost model's largest errors on the
+/// test bed (cores shared by workers) are about this.
+pub const FINAL_SPREAD: f64 = 2.0;
+
+impl Plan {
+    /// The candidates worth trying on the mesh itself, fastest predicted first:
+    /// those that fit, predicted within [`FINAL_SPREAD`] of the best, at most `most`,
+    /// and of each *structure* only the best (single on device 0 or on device 2 is
+    /// one structure: the profile tells those apart well; what it misjudges is how
+    /// structures compare).
+    pub fn finalists(&self, most: usize) -> Vec<&Candidate> {
+        let best = self.chosen.prediction.total;
+        let mut seen = Vec::new();
+        self.candidates
+            .iter()
+            .filter(|c| c.refused.is_none() && c.prediction.total <= FINAL_SPREAD * best)
+            .filter(|c| {
+                let shape = structure(&c.placement);
+                let new = !seen.contains(&shape);
+                seen.push(shape);
+                new
+            })
+            .take(most.max(1))
+            .collect()
+    }
+}
+
+/// A placement with its devices forgotten: each stage's layers, mode and size.
+fn structure(p: &Placement) -> Vec<(Range<usize>, String, usize)> {
+    p.stages
+        .iter()
+        .map(|s| (s.layers.clone(), format!("{:?}", s.mode), s.workers.len()))
+        .collect()
+}
+
+/// Devices in the order the planner takes them: each next the one that would
+/// run an original layer at `shape` fastest beside those already taken (so a
+/// device that shares a core with a taken one comes after those that do not).
 fn by_speed(profile: &Profile, at: usize) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..profile.devices.len()).collect();
-    order.sort_by(|&a, &b| {
-        let t = |d: usize| profile.devices[d].times[at].original[0];
-        t(a).total_cmp(&t(b)).then(a.cmp(&b))
-    });
+    let mut left: Vec<usize> = (0..profile.devices.len()).collect();
+    let mut order = Vec::with_capacity(left.len());
+    let beside = |d: usize, taken: &[usize]| {
+        let device = &profile.devices[d];
+        let slow_down: f64 = taken.iter().map(|&o| device.alongside[o] - 1.0).sum();
+        device.times[at].original[0] * (1.0 + slow_down)
+    };
+    while !left.is_empty() {
+        let next = (0..left.len())
+            .min_by(|&i, &j| beside(left[i], &order).total_cmp(&beside(left[j], &order)))
+            .expect("not empty");
+        order.push(left.remove(next));
+    }
     order
 }
 
@@ -192,16 +238,6 @@ fn proportional(total: usize, weights: &[f64], floor: usize) -> Vec<usize> {
         shares[i] += 1;
     }
     shares.iter().map(|s| s + floor).collect()
-}
-
-fn ranges_of(counts: &[usize]) -> Vec<Range<usize>> {
-    counts
-        .iter()
-        .scan(0, |at, &n| {
-            *at += n;
-            Some(*at - n..*at)
-        })
-        .collect()
 }
 
 /// Every placement the planner weighs, named.
@@ -246,7 +282,7 @@ fn candidates_for(arch: &Arch, profile: &Profile, main: Shape) -> Result<Vec<(St
                 format!("pipeline over {top:?}, layers {counts:?}"),
                 Placement {
                     workers: world,
-                    stages: ranges_of(&counts)
+                    stages: consecutive(&counts)
                         .into_iter()
                         .zip(top)
                         .map(|(layers, &d)| Stage {
@@ -294,7 +330,7 @@ fn candidates_for(arch: &Arch, profile: &Profile, main: Shape) -> Result<Vec<(St
     let modes = [Original::Replicated, Original::TensorParallel, Original::Gather];
     for k in 2..=world {
         let top = &order[..k];
-        let even: Vec<usize> = (0..k).map(|i| span(d, i, k).len()).collect();
+        let even = crate::placement::even(d, k);
         let sub_speed: Vec<f64> = top
             .iter()
             .map(|&w| 1.0 / profile.devices[w].times[at].sub_blocks[0].max(1e-12))
@@ -378,7 +414,7 @@ mod tests {
                     sub_blocks: (1..=4).map(|n| layer / s * n as f64 / 4.0).collect(),
                     head: vec![],
                 }],
-                crowding: 1.0,
+                alongside: vec![1.0; w],
             })
             .collect();
         let links = (0..w)
@@ -510,6 +546,61 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("device 1")
+        );
+    }
+
+    #[test]
+    fn finalists_are_the_best_of_each_structure_within_the_spread() {
+        let arch = arch();
+        let plan = plan(&arch, &profile(&arch, &[1.0; 4], 1000.0), &Objective::encoder(128)).unwrap();
+        let finalists = plan.finalists(8);
+        assert_eq!(finalists[0].name, plan.chosen.name, "the planner's choice comes first");
+        let shapes: Vec<_> = finalists.iter().map(|c| structure(&c.placement)).collect();
+        for (i, s) in shapes.iter().enumerate() {
+            assert!(!shapes[..i].contains(s), "{} repeats a structure", finalists[i].name);
+        }
+        assert!(
+            finalists
+                .iter()
+                .all(|c| c.prediction.total <= FINAL_SPREAD * plan.chosen.prediction.total)
+        );
+        // Single on any of four identical devices is one finalist at most.
+        assert!(finalists.iter().filter(|c| c.name.starts_with("single")).count() <= 1);
+        assert!(finalists.len() > 1, "several structures are close on a fast network");
+        assert_eq!(plan.finalists(1).len(), 1);
+    }
+
+    #[test]
+    fn devices_that_share_a_core_are_not_paired() {
+        let arch = arch();
+        let mut p = profile(&arch, &[1.0; 4], 100_000.0);
+        // Two cores, each shared by two workers: 0 with 1, 2 with 3.
+        for (a, b) in [(0, 1), (1, 0), (2, 3), (3, 2)] {
+            p.devices[a].alongside[b] = 2.0;
+        }
+        assert_eq!(by_speed(&p, 0), [0, 2, 1, 3]);
+        let plan = plan(&arch, &p, &Objective::encoder(128)).unwrap();
+        assert!(plan.candidates.iter().any(|c| c.name == "tensor-parallel over [0, 2]"));
+        let tp = |workers: Vec<usize>| Placement {
+            workers: 4,
+            stages: vec![Stage {
+                layers: 0..12,
+                mode: Mode::TensorParallel,
+                workers,
+            }],
+        };
+        let shape = Shape::prefill(1, 128);
+        let shared = predict(&arch, &p, &tp(vec![0, 1]), shape).unwrap();
+        let apart = predict(&arch, &p, &tp(vec![0, 2]), shape).unwrap();
+        assert!(
+            (shared.compute / apart.compute - 2.0).abs() < 0.1,
+            "{shared:?} {apart:?}"
+        );
+        // On four workers each computes beside its core's other: twice its part.
+        let all = predict(&arch, &p, &tp(vec![0, 1, 2, 3]), shape).unwrap();
+        assert!(
+            all.compute >= apart.compute,
+            "four parts on two cores are no faster than two"
         );
     }
 }

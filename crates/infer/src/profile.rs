@@ -3,16 +3,21 @@
 //! each link between two workers is — the facts [`crate::plan`] weighs.
 //!
 //! ## Design
-//! - Compute is timed per *layer kind*, at each request shape asked for: the
+//! - Compute is timed per *layer kind*, at each request shape asked for (on
+//!   copies that together outgrow the CPU's caches, run in turn: a step reads
+//!   each layer's weights from memory, and a decode step is bound by that): the
 //!   embedding; an original layer whole and as one of k tensor-parallel parts
 //!   (k = 2..workers); n sub-blocks of a decoupled layer (n = 1..N_d: a worker's
 //!   share runs as one batched module, so n sub-blocks do not cost n times one);
 //!   the output head whole and split. The weights are random, of the model's own
 //!   shapes: time does not depend on the values.
-//! - Each device is timed alone while the others wait, then all at once on an
-//!   original layer. The ratio, `crowding`, is how much slower a device runs when
-//!   every device computes (1 on separate machines; about 2 for four workers on
-//!   two cores): the planner applies it to steps where all devices compute.
+//! - Each device is timed alone while the others wait, then every pair at once
+//!   on an original layer. The ratios, `alongside[j]`, are how much slower a
+//!   device computes while device j computes too: 1 for devices on separate
+//!   machines, about 2 for two workers pinned to one core, a little above 1 for
+//!   two cores sharing memory bandwidth. The planner adds up, for each compute
+//!   phase, the slow-down from every other device computing in it — so it knows
+//!   which devices share a core, and does not give both of them work at once.
 //! - Links: per pair, a ping-pong gives the one-way latency, a bulk transfer each
 //!   way the bandwidth. The planner takes a device's links to share its network
 //!   interface (a switch, Wi-Fi, the test bed's bridge), whose rate is the
@@ -38,7 +43,7 @@ use crate::weights::RandomWeights;
 use hetero_models::sub_blocks::Masking;
 
 /// The profile format's version.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// The largest profile file read: far above a real one (a few KiB per device).
 pub const MAX_FILE: u64 = 16 << 20;
@@ -130,8 +135,9 @@ pub struct Device {
     pub free_memory: u64,
     /// Times at each of the profile's shapes, in order.
     pub times: Vec<KindTimes>,
-    /// How much slower it computes when every device computes at once.
-    pub crowding: f64,
+    /// `alongside[j]`: how many times slower it computes while device j computes
+    /// too (1 for itself).
+    pub alongside: Vec<f64>,
 }
 
 /// One direction of one link.
@@ -261,8 +267,16 @@ impl Profile {
                     return fail(format!("device {i}, {shape}: time {bad} is not a duration"));
                 }
             }
-            if !d.crowding.is_finite() || d.crowding <= 0.0 {
-                return fail(format!("device {i}: crowding {} is not a ratio", d.crowding));
+            if d.alongside.len() != workers {
+                return fail(format!(
+                    "device {i}: {} alongside ratios, expected {workers}",
+                    d.alongside.len()
+                ));
+            }
+            if let Some(bad) = d.alongside.iter().find(|v| !v.is_finite() || **v < 1.0 || **v > 64.0) {
+                return fail(format!(
+                    "device {i}: alongside ratio {bad} is not a slow-down (1 to 64)"
+                ));
             }
         }
         for from in 0..workers {
@@ -328,19 +342,28 @@ impl Profile {
                 out += "\n";
             }
         }
-        out += &format!(
-            "\n{:<8} {:>8} {:>12} {:>9}  address\n",
-            "device", "threads", "free MiB", "crowding"
-        );
+        out += &format!("\n{:<8} {:>8} {:>12}  address\n", "device", "threads", "free MiB");
         for d in &self.devices {
             out += &format!(
-                "{:<8} {:>8} {:>12} {:>9.2}  {}\n",
+                "{:<8} {:>8} {:>12}  {}\n",
                 d.rank,
                 d.threads,
                 d.free_memory >> 20,
-                d.crowding,
                 d.address.as_deref().unwrap_or("-")
             );
+        }
+        out += "\nslow-down while another device computes (row: the device, column: the other)\n";
+        out += &format!("{:<8}", "device");
+        for j in 0..self.devices.len() {
+            out += &format!(" {j:>6}");
+        }
+        out += "\n";
+        for d in &self.devices {
+            out += &format!("{:<8}", d.rank);
+            for v in &d.alongside {
+                out += &format!(" {v:>6.2}");
+            }
+            out += "\n";
         }
         out += &format!("\n{:<10} {:>12} {:>12}\n", "link", "Mbit/s", "latency ms");
         for l in &self.links {
@@ -370,9 +393,45 @@ fn median_time(mut run: impl FnMut()) -> f64 {
     times[times.len() / 2]
 }
 
+/// Weights a kind's copies hold together, at least: more than a CPU's caches,
+/// so that timing copies one after another reads weights from memory as a step
+/// through different layers does (decode steps are bound by that).
+const COLD_BYTES: u64 = 96 << 20;
+
+/// How many copies of a module of `bytes` to time in turn.
+fn copies(bytes: u64) -> usize {
+    COLD_BYTES.div_ceil(bytes.max(1)).clamp(1, 16) as usize
+}
+
+/// The seconds one of `n` copies takes, run in turn (see [`COLD_BYTES`]).
+fn cycle_time(n: usize, mut run: impl FnMut(usize)) -> f64 {
+    median_time(|| (0..n).for_each(&mut run)) / n as f64
+}
+
+/// `load` called until the copies hold [`COLD_BYTES`] (at least once).
+fn load_copies<T, E>(mut load: impl FnMut() -> Result<T, E>, bytes: impl Fn(&T) -> u64) -> Result<Vec<T>, E> {
+    let first = load()?;
+    let n = copies(bytes(&first));
+    let mut all = vec![first];
+    for _ in 1..n {
+        all.push(load()?);
+    }
+    Ok(all)
+}
+
 /// Forces a tensor's computation.
 fn done<B: Backend, const D: usize>(t: Tensor<B, D>) {
     let _ = t.into_data();
+}
+
+/// Which layer kinds [`measure_device`] times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kinds {
+    /// Every kind the planner places.
+    All,
+    /// An original layer whole, alone (`original[0]`; the rest left empty): what
+    /// two devices time at once to see how much they slow each other.
+    OriginalWhole,
 }
 
 /// What this device's layer kinds hold and how long they take at each shape, for
@@ -382,7 +441,10 @@ pub fn measure_device<B: Backend>(
     shapes: &[Shape],
     workers: usize,
     device: &B::Device,
+    kinds: Kinds,
 ) -> Result<(Vec<KindTimes>, Sizes), InferError> {
+    let all = kinds == Kinds::All;
+    let workers = if all { workers } else { 1 };
     let weights = RandomWeights::new(arch.tensor_shapes(), 7);
     let tensor = &mut |n: &str, s: &[usize]| crate::weights::Weights::expect(&weights, n, s);
     let layout = arch.layout();
@@ -421,32 +483,38 @@ pub fn measure_device<B: Backend>(
         (Some(c), _) => {
             let embed = BertEmbeddings::<B>::load(tensor, c, device)?;
             sizes.embed = bytes(embed.num_params());
-            for (t, s) in times.iter_mut().zip(shapes) {
+            for (t, s) in times.iter_mut().zip(shapes).filter(|_| all) {
                 t.embed = median_time(|| done(crate::bert::embed(&embed, &ids(s), device).expect("ids in range")));
             }
             for &part in &parts {
-                let layer = BertLayer::<B>::load(tensor, c, original, part, device)?;
-                sizes.original.push(bytes(layer.num_params()));
+                let layers = load_copies(
+                    || BertLayer::<B>::load(tensor, c, original, part, device),
+                    |l| bytes(l.num_params()),
+                )?;
+                sizes.original.push(bytes(layers[0].num_params()));
                 sizes.original_cache.push(0);
                 for (t, s) in times.iter_mut().zip(shapes) {
                     let (x, mask) = (input(s), padding_mask::<B>(&vec![s.tokens; s.batch], s.tokens, device));
-                    t.original.push(median_time(|| {
-                        done(layer.forward(x.clone(), &mask, &mut { never }).expect("no reduce"))
+                    t.original.push(cycle_time(layers.len(), |i| {
+                        done(layers[i].forward(x.clone(), &mask, &mut { never }).expect("no reduce"))
                     }));
                 }
             }
-            if let (Arch::DecoupledBert(dc), Some(layer)) = (arch, decoupled) {
+            if let (Arch::DecoupledBert(dc), Some(layer), true) = (arch, decoupled, all) {
                 let d = dc.decoupling().divisions;
                 for n in 1..=d {
-                    let sub = dc.load_sub_blocks::<B, InferError>(tensor, layer, 0..n, device)?;
+                    let subs = load_copies(
+                        || dc.load_sub_blocks::<B, InferError>(tensor, layer, 0..n, device),
+                        |b| bytes(b.num_params()),
+                    )?;
                     if n == 1 {
-                        sizes.sub_block = bytes(sub.num_params());
+                        sizes.sub_block = bytes(subs[0].num_params());
                     }
                     for (t, s) in times.iter_mut().zip(shapes) {
                         let x = hetero_models::sub_blocks::to_slices(input(s), d).narrow(0, 0, n);
                         let masking = Masking::Padding(padding_mask::<B>(&vec![s.tokens; s.batch], s.tokens, device));
                         t.sub_blocks
-                            .push(median_time(|| done(sub.forward(x.clone(), &masking))));
+                            .push(cycle_time(subs.len(), |i| done(subs[i].forward(x.clone(), &masking))));
                     }
                 }
             }
@@ -455,7 +523,7 @@ pub fn measure_device<B: Backend>(
             let embed = LlamaEmbeddings::<B>::load(tensor, c, device)?;
             sizes.embed = bytes(embed.num_params());
             let rope = c.rope(c.context, device);
-            for (t, s) in times.iter_mut().zip(shapes) {
+            for (t, s) in times.iter_mut().zip(shapes).filter(|_| all) {
                 t.embed = median_time(|| done(crate::llama::embed(&embed, &ids(s), device).expect("ids in range")));
             }
             // A cache holding `context` positions, filled by a prefill.
@@ -474,24 +542,37 @@ pub fn measure_device<B: Backend>(
                 cache
             };
             for &part in &parts {
-                let layer = LlamaLayer::<B>::load(tensor, c, original, part, device)?;
-                sizes.original.push(bytes(layer.num_params()));
+                let layers = load_copies(
+                    || LlamaLayer::<B>::load(tensor, c, original, part, device),
+                    |l| bytes(l.num_params()),
+                )?;
+                sizes.original.push(bytes(layers[0].num_params()));
                 let mut one = KvCache::new();
-                done(layer.forward(input(&Shape::prefill(1, 1)), &rope, &mut one, &mut { never })?);
+                done(layers[0].forward(input(&Shape::prefill(1, 1)), &rope, &mut one, &mut { never })?);
                 sizes.original_cache.push(one.bytes() as u64);
                 for (t, s) in times.iter_mut().zip(shapes) {
-                    let cache = filled(
-                        &mut |x, cache| done(layer.forward(x, &rope, cache, &mut { never }).expect("no reduce")),
-                        s,
-                    );
+                    let caches: Vec<KvCache<B>> = layers
+                        .iter()
+                        .map(|layer| {
+                            filled(
+                                &mut |x, cache| {
+                                    done(layer.forward(x, &rope, cache, &mut { never }).expect("no reduce"))
+                                },
+                                s,
+                            )
+                        })
+                        .collect();
                     let x = input(s);
-                    t.original.push(median_time(|| {
+                    t.original.push(cycle_time(layers.len(), |i| {
                         done(
-                            layer
-                                .forward(x.clone(), &rope, &mut cache.clone(), &mut { never })
+                            layers[i]
+                                .forward(x.clone(), &rope, &mut caches[i].clone(), &mut { never })
                                 .expect("no reduce"),
                         )
                     }));
+                }
+                if !all {
+                    continue;
                 }
                 let head = LlamaHead::<B>::load(tensor, c, part, device)?;
                 sizes.head.push(bytes(head.num_params()));
@@ -500,22 +581,29 @@ pub fn measure_device<B: Backend>(
                     t.head.push(median_time(|| done(head.forward(x.clone()))));
                 }
             }
-            if let (Arch::DecoupledLlama(dc), Some(layer)) = (arch, decoupled) {
+            if let (Arch::DecoupledLlama(dc), Some(layer), true) = (arch, decoupled, all) {
                 let d = dc.decoupling().divisions;
                 for n in 1..=d {
-                    let sub = dc.load_sub_blocks::<B, InferError>(tensor, layer, 0..n, device)?;
+                    let subs = load_copies(
+                        || dc.load_sub_blocks::<B, InferError>(tensor, layer, 0..n, device),
+                        |b| bytes(b.num_params()),
+                    )?;
                     let slices = |x: Tensor<B, 3>| hetero_models::sub_blocks::to_slices(x, d).narrow(0, 0, n);
                     if n == 1 {
-                        sizes.sub_block = bytes(sub.num_params());
+                        sizes.sub_block = bytes(subs[0].num_params());
                         let mut one = KvCache::new();
-                        done(sub.forward(slices(input(&Shape::prefill(1, 1))), &rope, &mut one));
+                        done(subs[0].forward(slices(input(&Shape::prefill(1, 1))), &rope, &mut one));
                         sizes.sub_block_cache = one.bytes() as u64;
                     }
                     for (t, s) in times.iter_mut().zip(shapes) {
-                        let cache = filled(&mut |x, cache| done(sub.forward(slices(x), &rope, cache)), s);
+                        let caches: Vec<KvCache<B>> = subs
+                            .iter()
+                            .map(|sub| filled(&mut |x, cache| done(sub.forward(slices(x), &rope, cache)), s))
+                            .collect();
                         let x = slices(input(s));
-                        t.sub_blocks
-                            .push(median_time(|| done(sub.forward(x.clone(), &rope, &mut cache.clone()))));
+                        t.sub_blocks.push(cycle_time(subs.len(), |i| {
+                            done(subs[i].forward(x.clone(), &rope, &mut caches[i].clone()))
+                        }));
                     }
                 }
             }

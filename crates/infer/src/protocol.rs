@@ -8,14 +8,16 @@
 //! [`Worker::step`], whose transfers pair up because each derives them from the
 //! placement and the request's shape.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use burn::prelude::*;
 use hetero_comm::Mesh;
 
 use crate::InferError;
 use crate::placement::Placement;
-use crate::profile::{Device, KindTimes, Link, Profile, Shape, free_memory, measure_device, measure_link, threads};
+use crate::profile::{
+    Device, KindTimes, Kinds, Link, Profile, Shape, free_memory, measure_device, measure_link, threads,
+};
 use crate::runtime::{Arch, Output, Request, Timing, Want, Worker, check_request};
 use crate::weights::Weights;
 
@@ -29,9 +31,11 @@ const CROWD: f32 = 6.0;
 const LINK: f32 = 7.0;
 /// Load the placement whose TOML follows (a benchmark's next, or the planner's choice).
 const PLACE: f32 = 8.0;
+/// Open the model whose name follows and wait, holding nothing, for a placement.
+const MODEL: f32 = 9.0;
 
-/// The largest placement text the front may send (bytes).
-const MAX_PLACEMENT_TEXT: usize = 1 << 20;
+/// The largest text (a placement, a model's name) the front may send, bytes.
+const MAX_TEXT: usize = 1 << 20;
 
 /// Why [`follow`] returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +45,9 @@ pub enum Followed {
     /// The front moves to this placement (a benchmark's next one, or the
     /// planner's choice): load it and follow again.
     Place(Placement),
+    /// The front moves to another model (a benchmark comparing models): open it,
+    /// hold nothing of it, and follow again.
+    Model(String),
 }
 
 /// What one worker reports of its traffic and its last step.
@@ -156,7 +163,8 @@ pub fn follow<B: Backend>(worker: &mut Worker<B>, mesh: &mut Mesh) -> Result<Fol
         }
         if header[0] == MEASURE {
             let shapes = recv_shapes(mesh, header[1] as usize)?;
-            let (times, _) = measure_device::<B>(worker.arch(), &shapes, mesh.world(), &Default::default())?;
+            let (times, _) =
+                measure_device::<B>(worker.arch(), &shapes, mesh.world(), &Default::default(), Kinds::All)?;
             let mut reply = vec![threads() as f32, (free_memory() >> 20) as f32];
             reply.extend(times.iter().flat_map(flat_times));
             mesh.send(0, &reply)?;
@@ -177,16 +185,11 @@ pub fn follow<B: Backend>(worker: &mut Worker<B>, mesh: &mut Mesh) -> Result<Fol
             }
             continue;
         }
+        if header[0] == MODEL {
+            return Ok(Followed::Model(recv_text(mesh, header[1] as usize)?));
+        }
         if header[0] == PLACE {
-            let len = header[1] as usize;
-            if len > MAX_PLACEMENT_TEXT {
-                return Err(InferError::Placement(format!(
-                    "the front sent a placement of {len} bytes (at most {MAX_PLACEMENT_TEXT})"
-                )));
-            }
-            let mut bytes = vec![0f32; len];
-            mesh.recv(0, &mut bytes)?;
-            let text: String = bytes.iter().map(|&b| char::from(b as u8)).collect();
+            let text = recv_text(mesh, header[1] as usize)?;
             return Ok(Followed::Place(Placement::parse(&text, &worker.arch().layout())?));
         }
         if header[0] == REPORT {
@@ -227,8 +230,8 @@ pub fn follow<B: Backend>(worker: &mut Worker<B>, mesh: &mut Mesh) -> Result<Fol
 }
 
 /// Profiles the devices and links of `mesh` from rank 0 (the others are in
-/// [`follow`]): every device's layer kinds alone, in turn; all at once for the
-/// crowding; then every pair's link. `progress` hears what is measured.
+/// [`follow`]): every device's layer kinds alone, in turn; every pair of devices
+/// at once for how much they slow each other; then every pair's link. `progress` hears what is measured.
 pub fn profile_mesh<B: Backend>(
     mesh: &mut Mesh,
     arch: &Arch,
@@ -248,14 +251,14 @@ pub fn profile_mesh<B: Backend>(
         .flat_map(|s| [s.batch as f32, s.tokens as f32, s.context as f32])
         .collect();
     progress(&format!("timing device 0 of {world}"));
-    let (times, sizes) = measure_device::<B>(arch, shapes, world, &Default::default())?;
+    let (times, sizes) = measure_device::<B>(arch, shapes, world, &Default::default(), Kinds::All)?;
     let mut devices = vec![Device {
         rank: 0,
         address: None,
         threads: threads(),
         free_memory: free_memory(),
         times,
-        crowding: 1.0,
+        alongside: vec![1.0; world],
     }];
     let per_shape = flat_times(&devices[0].times[0]).len();
     for r in 1..world {
@@ -273,25 +276,36 @@ pub fn profile_mesh<B: Backend>(
                 .chunks(per_shape)
                 .map(|c| unflat_times(c, &devices[0].times[0]))
                 .collect(),
-            crowding: 1.0,
+            alongside: vec![1.0; world],
         });
     }
-    if world > 1 {
-        progress("timing all devices at once");
-        for r in 1..world {
-            mesh.send(r, &[CROWD, 0.0, 0.0, 0.0, 0.0])?;
-            mesh.send(r, &body[..3])?;
-        }
-        let mine = crowded_time::<B>(arch, shapes[0])?;
-        for (r, d) in devices.iter_mut().enumerate() {
-            let crowded = if r == 0 {
-                mine
-            } else {
-                let mut t = [0f32];
-                mesh.recv(r, &mut t)?;
-                f64::from(t[0])
+    // Every pair at once: how much each slows the other (a shared core, memory).
+    for a in 0..world {
+        for b in a + 1..world {
+            progress(&format!("timing devices {a} and {b} at once"));
+            for r in [a, b].into_iter().filter(|&r| r != 0) {
+                mesh.send(r, &[CROWD, 0.0, 0.0, 0.0, 0.0])?;
+                mesh.send(r, &body[..3])?;
+            }
+            let mine = match a {
+                0 => Some(crowded_time::<B>(arch, shapes[0])?),
+                _ => None,
             };
-            d.crowding = (crowded / d.times[0].original[0].max(1e-9)).max(1.0);
+            let mut together = [0f64; 2];
+            for (t, r) in together.iter_mut().zip([a, b]) {
+                *t = match (r, mine) {
+                    (0, Some(m)) => m,
+                    _ => {
+                        let mut reply = [0f32];
+                        mesh.recv(r, &mut reply)?;
+                        f64::from(reply[0])
+                    }
+                };
+            }
+            let alone = |d: usize| devices[d].times[0].original[0].max(1e-9);
+            let (slow_a, slow_b) = (together[0] / alone(a), together[1] / alone(b));
+            devices[a].alongside[b] = slow_a.clamp(1.0, 64.0);
+            devices[b].alongside[a] = slow_b.clamp(1.0, 64.0);
         }
     }
     let mut links = Vec::new();
@@ -340,12 +354,35 @@ pub fn profile_mesh<B: Backend>(
 
 /// Tells every other worker to load `placement` (rank 0 loads its own part).
 pub fn send_placement(mesh: &mut Mesh, placement: &Placement) -> Result<(), InferError> {
-    let text: Vec<f32> = placement.to_toml().bytes().map(f32::from).collect();
+    send_text(mesh, PLACE, &placement.to_toml())
+}
+
+/// Tells every other worker to open the model `name` (as `hetero_infer::models::open`
+/// reads names) and wait for a placement of it.
+pub fn send_model(mesh: &mut Mesh, name: &str) -> Result<(), InferError> {
+    send_text(mesh, MODEL, name)
+}
+
+fn send_text(mesh: &mut Mesh, op: f32, text: &str) -> Result<(), InferError> {
+    let bytes: Vec<f32> = text.bytes().map(f32::from).collect();
     for r in 1..mesh.world() {
-        mesh.send(r, &[PLACE, text.len() as f32, 0.0, 0.0, 0.0])?;
-        mesh.send(r, &text)?;
+        mesh.send(r, &[op, bytes.len() as f32, 0.0, 0.0, 0.0])?;
+        mesh.send(r, &bytes)?;
     }
     Ok(())
+}
+
+/// A text of `len` bytes from the front, bounded by [`MAX_TEXT`].
+fn recv_text(mesh: &mut Mesh, len: usize) -> Result<String, InferError> {
+    if len > MAX_TEXT {
+        return Err(InferError::Request(format!(
+            "the front sent a text of {len} bytes (at most {MAX_TEXT})"
+        )));
+    }
+    let mut bytes = vec![0f32; len];
+    mesh.recv(0, &mut bytes)?;
+    String::from_utf8(bytes.iter().map(|&b| b as u8).collect())
+        .map_err(|_| InferError::Request("the front sent a text that is not UTF-8".into()))
 }
 
 /// The most shapes one profile times.
@@ -369,10 +406,22 @@ fn recv_shapes(mesh: &mut Mesh, n: usize) -> Result<Vec<Shape>, InferError> {
         .collect())
 }
 
-/// An original layer's time at `shape` while every other device times its own.
+/// How long two devices time an original layer at once: long enough that their
+/// windows overlap for most of it although they start a message apart and load at
+/// their own speed.
+const TOGETHER: Duration = Duration::from_millis(1500);
+
+/// An original layer's time at `shape` while another device times its own: the
+/// median of measurements repeated for [`TOGETHER`].
 fn crowded_time<B: Backend>(arch: &Arch, shape: Shape) -> Result<f64, InferError> {
-    let (times, _) = measure_device::<B>(arch, &[shape], 1, &Default::default())?;
-    Ok(times[0].original[0])
+    let start = Instant::now();
+    let mut times = Vec::new();
+    while times.is_empty() || start.elapsed() < TOGETHER {
+        let (t, _) = measure_device::<B>(arch, &[shape], 1, &Default::default(), Kinds::OriginalWhole)?;
+        times.push(t[0].original[0]);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
 }
 
 fn flat_times(t: &KindTimes) -> Vec<f32> {

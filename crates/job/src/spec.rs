@@ -65,7 +65,8 @@ pub struct JobSpec {
 pub struct InferenceSpec {
     /// A known model (minilm, smollm2, …), a `.gguf` file or a BERT folder.
     pub model: String,
-    /// single, tensor-parallel, pipeline, or a placement file.
+    /// single, tensor-parallel, pipeline, decoupled(-replicated, -gather), auto
+    /// (profiled and planned at start), or a placement file.
     pub placement: String,
     /// Where rank 0 serves the HTTP API.
     pub listen: String,

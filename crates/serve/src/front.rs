@@ -3,8 +3,8 @@
 //! which, and learns the others' from its standard input), or `hetero
 //! infer-worker`s already running at the `--mesh` addresses. Every rank loads only
 //! the blocks its placement gives it. Under `--placement auto` the others start
-//! idle; the front profiles the mesh (or reads `--profile`), plans, and sends
-//! them the chosen placement.
+//! idle; the front profiles the mesh (or reads `--profile`), plans, tries the
+//! planner's finalists and sends them the winner ([`crate::auto`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -16,11 +16,13 @@ use anyhow::{Context, Result, bail};
 use hetero_comm::{Mesh, RingConfig};
 use hetero_data::model_fetch::cache_dir;
 use hetero_infer::models::{self, Model};
-use hetero_infer::plan::{Objective, plan};
+use hetero_infer::plan::Objective;
 use hetero_infer::profile::Profile;
-use hetero_infer::{Arch, Front, Placement, Worker, profile_mesh, send_placement};
+use hetero_infer::{Arch, Front, Placement};
 
 use crate::InferBackend;
+use crate::auto::{decide, profile_for};
+use crate::worker::load_part;
 
 /// Where the model runs: how many workers, which placement, which mesh.
 #[derive(Debug, Clone, Default)]
@@ -41,6 +43,9 @@ pub struct Placing {
     pub plan_seq: usize,
     /// …and the decode steps after it (decoders).
     pub plan_tokens: usize,
+    /// How many of the planner's finalists `auto` tries on the workers before it
+    /// settles ([`crate::auto`]); 0 or 1 takes the prediction alone.
+    pub trials: usize,
 }
 
 /// The placement name that asks the planner.
@@ -95,68 +100,6 @@ pub fn idle(arch: &Arch, workers: usize) -> Placement {
     Placement::named("single", &arch.layout(), workers).expect("single fits every model")
 }
 
-/// The profile `auto` plans on: `place.profile` when that file exists (checked
-/// against this model and mesh), else measured now over `mesh` (and written to
-/// `place.profile` when given). `addrs` are the mesh's addresses when its hosts are
-/// fixed (`--mesh`), so a profile of other hosts is refused.
-pub fn profile_for(
-    mesh: &mut Mesh,
-    model_name: &str,
-    model: &Model,
-    place: &Placing,
-    addrs: Option<&[SocketAddr]>,
-) -> Result<Profile> {
-    let addresses: Option<Vec<String>> = addrs.map(|a| a.iter().map(ToString::to_string).collect());
-    if let Some(path) = place.profile.as_ref().filter(|p| p.is_file()) {
-        let p = Profile::load(path, &model.arch, mesh.world(), addresses.as_deref())?;
-        eprintln!("profile: {}", path.display());
-        return Ok(p);
-    }
-    let shapes = place.objective(&model.arch).profile_shapes();
-    let mut profile = profile_mesh::<InferBackend>(mesh, &model.arch, model_name, &shapes, &mut |m| {
-        eprintln!("profiling: {m}")
-    })?;
-    if let Some(a) = addresses {
-        for (d, address) in profile.devices.iter_mut().zip(a) {
-            d.address = Some(address);
-        }
-    }
-    if let Some(path) = &place.profile {
-        let text = serde_json::to_string_pretty(&profile)?;
-        hetero_infer::weights::write_atomically(path, text.as_bytes())?;
-        eprintln!("profile written to {}", path.display());
-    }
-    Ok(profile)
-}
-
-/// The planner's placement for this mesh (told to the other workers), and the
-/// profile it planned on, for the request shapes that profile was measured at.
-pub fn choose(
-    mesh: &mut Mesh,
-    model_name: &str,
-    model: &Model,
-    place: &Placing,
-    addrs: Option<&[SocketAddr]>,
-) -> Result<(Placement, Profile)> {
-    let profile = profile_for(mesh, model_name, model, place, addrs)?;
-    let plan = plan(
-        &model.arch,
-        &profile,
-        &Objective::of_profile(&profile, place.plan_tokens),
-    )?;
-    let p = &plan.chosen.prediction;
-    eprintln!(
-        "auto: {} — predicted {:.2} ms ({:.2} compute, {:.2} communication, {} bytes)",
-        plan.chosen.name,
-        p.total * 1e3,
-        p.compute * 1e3,
-        p.communication * 1e3,
-        p.bytes()
-    );
-    send_placement(mesh, &plan.chosen.placement)?;
-    Ok((plan.chosen.placement, profile))
-}
-
 pub(crate) fn parse_mesh(list: &str) -> Result<Vec<SocketAddr>> {
     list.split(',')
         .map(|a| {
@@ -189,6 +132,8 @@ pub struct Started {
     pub profile: Option<Profile>,
     /// The placement `auto` chose.
     pub chosen: Option<Placement>,
+    /// The mesh's addresses when its hosts are fixed (`--mesh`).
+    pub fixed: Option<Vec<SocketAddr>>,
 }
 
 /// Rank 0's front: starts (or meets) the other workers, forms the mesh, loads its
@@ -197,31 +142,27 @@ pub fn start_front(model_name: &str, model: &Model, place: &Placing) -> Result<S
     let (mut mesh, children, addrs) = meet(model_name, place)?;
     let workers = mesh.world();
     let fixed = place.mesh.is_some().then_some(addrs.as_slice());
-    let (placement, profile, chosen) = match placements_of(&model.arch, &place.placement, workers)?.remove(0) {
+    let fixed_addrs = fixed.map(<[SocketAddr]>::to_vec);
+    let (front, profile, chosen) = match placements_of(&model.arch, &place.placement, workers)?.remove(0) {
         None => {
-            let (p, profile) = choose(&mut mesh, model_name, model, place, fixed)?;
-            (p.clone(), Some(profile), Some(p))
+            let (front, p, profile) = decide(mesh, model_name, model, place, fixed)?;
+            (front, Some(profile), Some(p))
         }
         Some(p) => {
             let profile = match &place.profile {
                 Some(_) => Some(profile_for(&mut mesh, model_name, model, place, fixed)?),
                 None => None,
             };
-            (p, profile, None)
+            let worker = load_part(model, &p, 0)?;
+            (Front { worker, mesh }, profile, None)
         }
     };
-    let worker = Worker::<InferBackend>::load(
-        model.arch.clone(),
-        model.weights.as_ref(),
-        placement,
-        0,
-        &Default::default(),
-    )?;
     Ok(Started {
-        front: Front { worker, mesh },
+        front,
         children,
         profile,
         chosen,
+        fixed: fixed_addrs,
     })
 }
 

@@ -1,9 +1,11 @@
 //! Serving placed models: the front of an inference mesh and how it meets the
-//! other ranks ([`front`]), the ranks that follow it ([`worker`]: `hetero
-//! infer-worker` and an inference job's workers), and the OpenAI-compatible HTTP
-//! API in front of it ([`server`]). `hetero infer`, `hetero serve` and `hetero bench
-//! infer` are this crate behind the command line's argument parsing.
+//! other ranks ([`front`]), how it settles `--placement auto` ([`auto`]), the
+//! ranks that follow it ([`worker`]: `hetero infer-worker` and an inference
+//! job's workers), and the OpenAI-compatible HTTP API in front of it
+//! ([`server`]). `hetero infer`, `hetero serve` and `hetero bench infer` are this
+//! crate behind the command line's argument parsing.
 
+pub mod auto;
 pub mod front;
 pub mod server;
 pub mod worker;

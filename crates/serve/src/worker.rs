@@ -9,10 +9,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use hetero_comm::{Mesh, RingConfig};
+use hetero_infer::models::Model;
 use hetero_infer::{Followed, Front, Placement, Worker, follow};
 
 use crate::InferBackend;
-use crate::front::{Children, Placing, choose, describe, form, idle, open_model, parse_mesh, placements_of};
+use crate::auto::{TRIALS, decide};
+use crate::front::{AUTO, Children, Placing, describe, form, idle, open_model, parse_mesh, placements_of};
 
 /// `hetero infer-worker`: one non-front rank.
 pub fn infer_worker(model_name: &str, rank: usize, place: &Placing, listen: Option<&str>) -> Result<()> {
@@ -43,22 +45,16 @@ pub fn infer_worker(model_name: &str, rank: usize, place: &Placing, listen: Opti
             (listener, parse_mesh(line.trim())?)
         }
     };
-    // Its first placement, or nothing until the front sends the one it chose.
-    let first = placements_of(&model.arch, &place.placement, addrs.len())?
+    // Its first placement (a benchmark's list may name others, and models, after
+    // it: the front sends those), or nothing until the front sends the one it chose.
+    let name = place.placement.split(',').next().unwrap_or(AUTO).trim();
+    let name = name.rsplit_once('@').map_or(name, |(_, p)| p);
+    let first = placements_of(&model.arch, name, addrs.len())?
         .remove(0)
         .unwrap_or_else(|| idle(&model.arch, addrs.len()));
-    let load = |p: &Placement| {
-        Worker::<InferBackend>::load(
-            model.arch.clone(),
-            model.weights.as_ref(),
-            p.clone(),
-            rank,
-            &Default::default(),
-        )
-    };
-    let worker = load(&first)?;
+    let worker = load_part(&model, &first, rank)?;
     let mesh = form(rank, addrs.len(), &token, listener, &addrs)?;
-    follow_placements(worker, mesh, load)
+    follow_placements(worker, mesh, rank, model)
 }
 
 /// A worker of an inference job the coordinator placed on an agent (`[inference]`
@@ -78,20 +74,22 @@ pub fn job_worker(setup: hetero_worker::WorkerSetup) -> Result<()> {
             .as_ref()
             .map_or("the placement the planner chooses".into(), describe)
     );
-    let load = |p: &Placement| {
-        Worker::<InferBackend>::load(
-            model.arch.clone(),
-            model.weights.as_ref(),
-            p.clone(),
-            setup.rank,
-            &Default::default(),
-        )
+    // Rank 0 serves, with the model's tokenizer.
+    let tokenizer = match setup.rank {
+        0 => Some(
+            model
+                .tokenizer
+                .take()
+                .with_context(|| format!("{} has no tokenizer: serve a real model", inf.model))?,
+        ),
+        _ => None,
     };
+    let part = |p: &Placement| load_part(&model, p, setup.rank);
     // Rank 0 under `auto` loads its part once it has chosen; the others start idle.
     let worker = match (&first, setup.rank) {
-        (Some(p), _) => Some(load(p)?),
+        (Some(p), _) => Some(part(p)?),
         (None, 0) => None,
-        (None, _) => Some(load(&idle(&model.arch, setup.world))?),
+        (None, _) => Some(part(&idle(&model.arch, setup.world))?),
     };
     let listener = TcpListener::bind((setup.data_host.as_str(), 0))
         .with_context(|| format!("binding a data-plane port on {}", setup.data_host))?;
@@ -99,43 +97,61 @@ pub fn job_worker(setup: hetero_worker::WorkerSetup) -> Result<()> {
     let mut config = RingConfig::new(setup.rank, setup.world, format!("{}-infer", setup.job_id), &setup.token);
     config.connect_timeout = Duration::from_secs(600);
     config.io_timeout = Duration::from_secs(3600);
-    let mut mesh = Mesh::form(config, listener, &addrs).context("forming the data-plane mesh")?;
-    if setup.rank == 0 {
-        let tokenizer = model
-            .tokenizer
-            .take()
-            .with_context(|| format!("{} has no tokenizer: serve a real model", inf.model))?;
-        let worker = match worker {
-            Some(w) => w,
+    let mesh = Mesh::form(config, listener, &addrs).context("forming the data-plane mesh")?;
+    if let Some(tokenizer) = tokenizer {
+        let front = match worker {
+            Some(worker) => Front { worker, mesh },
             None => {
                 let place = Placing {
-                    placement: crate::front::AUTO.into(),
+                    placement: AUTO.into(),
                     workers: setup.world,
                     plan_seq: 128,
                     plan_tokens: 32,
+                    trials: TRIALS,
                     ..Placing::default()
                 };
-                let (chosen, _) = choose(&mut mesh, &inf.model, &model, &place, Some(&addrs))?;
+                let (front, chosen, _) = decide(mesh, &inf.model, &model, &place, Some(&addrs))?;
                 println!("rank 0: {} under {}", inf.model, describe(&chosen));
-                load(&chosen)?
+                front
             }
         };
-        let front = Front { worker, mesh };
         return crate::server::serve_front(front, Children(vec![]), tokenizer, &inf.model, &model.arch, &inf.listen);
     }
-    follow_placements(worker.expect("followers start with a placement"), mesh, load)
+    follow_placements(
+        worker.expect("followers start with a placement"),
+        mesh,
+        setup.rank,
+        model,
+    )
 }
 
 /// Runs the front's requests until it says stop, loading each placement it
-/// sends (a benchmark's next one, or the planner's choice).
-fn follow_placements(
-    mut worker: Worker<InferBackend>,
-    mut mesh: Mesh,
-    load: impl Fn(&Placement) -> Result<Worker<InferBackend>, hetero_infer::InferError>,
-) -> Result<()> {
-    while let Followed::Place(p) = follow(&mut worker, &mut mesh)? {
-        drop(worker);
-        worker = load(&p)?;
+/// sends (a benchmark's next one, or the planner's choice) and opening each
+/// model it moves to (a benchmark comparing models).
+fn follow_placements(mut worker: Worker<InferBackend>, mut mesh: Mesh, rank: usize, mut model: Model) -> Result<()> {
+    loop {
+        match follow(&mut worker, &mut mesh)? {
+            Followed::Stopped => return Ok(()),
+            Followed::Place(p) => {
+                drop(worker);
+                worker = load_part(&model, &p, rank)?;
+            }
+            Followed::Model(name) => {
+                drop(worker);
+                model = open_model(&name)?;
+                worker = load_part(&model, &idle(&model.arch, mesh.world()), rank)?;
+            }
+        }
     }
-    Ok(())
+}
+
+/// `rank`'s part of `model` under `p`: the weights that process needs, no more.
+pub fn load_part(model: &Model, p: &Placement, rank: usize) -> Result<Worker<InferBackend>, hetero_infer::InferError> {
+    Worker::<InferBackend>::load(
+        model.arch.clone(),
+        model.weights.as_ref(),
+        p.clone(),
+        rank,
+        &Default::default(),
+    )
 }
