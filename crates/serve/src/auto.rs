@@ -74,13 +74,12 @@ pub fn profile_for(
 /// measured at, and the finalists tried. Returns the front under the winner
 /// (every other worker has been sent it) and the profile.
 pub fn decide(
-    mesh: Mesh,
+    mut mesh: Mesh,
     model_name: &str,
     model: &Model,
     place: &Placing,
     addrs: Option<&[SocketAddr]>,
 ) -> Result<(Front<InferBackend>, Placement, Profile)> {
-    let mut mesh = mesh;
     let profile = profile_for(&mut mesh, model_name, model, place, addrs)?;
     let objective = Objective::of_profile(&profile, place.plan_tokens);
     let plan = plan(&model.arch, &profile, &objective)?;
