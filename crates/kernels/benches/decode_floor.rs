@@ -1,0 +1,100 @@
+//! How fast the kernels stream weights: one 1536 × 576 product on one thread, and
+//! the matrix products of one decoded SmolLM2-135M token (30 layers and the tied
+//! head) on the process's pool — the floor under decode speed, before norms,
+//! attention and everything else.
+//!
+//! `cargo bench -p hetero-kernels --bench decode_floor [-- TYPE]` (TYPE: Q4_1 by
+//! default, or Q8_0, …); `RAYON_NUM_THREADS` sets the pool, `HETERO_SIMD` the level.
+
+use std::time::Instant;
+
+use hetero_kernels::{Kernels, Level, Pool, QActs, QMatrix, QType};
+
+fn matrix(ty: QType, rows: usize, cols: usize, seed: usize) -> QMatrix {
+    let values: Vec<f32> = (0..rows * cols)
+        .map(|i| (((i + seed) * 2_654_435_761 % 1_000_003) as f32 / 1_000_003.0 - 0.5) * 0.1)
+        .collect();
+    QMatrix::quantize(ty, &values, rows, cols).expect("whole blocks")
+}
+
+fn acts(ty: QType, cols: usize) -> QActs {
+    let x: Vec<f32> = (0..cols).map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0).collect();
+    let mut a = QActs::new();
+    a.quantize(ty.act(), &x, 1, cols).expect("whole blocks");
+    a
+}
+
+/// Seconds per call of `f`, the best of five rounds of `reps` calls.
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            for _ in 0..reps {
+                f();
+            }
+            t.elapsed().as_secs_f64() / reps as f64
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let name = std::env::args().skip(1).find(|a| !a.starts_with('-')).unwrap_or_else(|| "Q4_1".into());
+    let ty = QType::ALL
+        .into_iter()
+        .find(|t| t.name() == name)
+        .unwrap_or_else(|| panic!("unknown type {name}"));
+    let single: &'static Pool = Box::leak(Box::new(Pool::new(1)));
+    println!("type {ty}; levels {:?}", Level::available().iter().map(|l| l.name()).collect::<Vec<_>>());
+
+    let w = matrix(ty, 1536, 576, 1);
+    let x = acts(ty, 576);
+    let mut out = vec![0.0; 1536];
+    for level in Level::available() {
+        let k = Kernels::new(level, single);
+        let s = time(200, || k.matmul(&w, &x, &mut out).unwrap());
+        println!(
+            "1536×576 matvec, 1 thread, {:>6}: {:7.1} µs  {:5.1} GB/s of weights",
+            level.name(),
+            s * 1e6,
+            w.bytes().len() as f64 / s / 1e9
+        );
+    }
+
+    // One token of SmolLM2-135M: per layer q|k|v, o, gate|up, down; then the head.
+    let layers: Vec<[QMatrix; 7]> = (0..30)
+        .map(|l| {
+            [
+                matrix(ty, 576, 576, 10 * l),
+                matrix(ty, 192, 576, 10 * l + 1),
+                matrix(ty, 192, 576, 10 * l + 2),
+                matrix(ty, 576, 576, 10 * l + 3),
+                matrix(ty, 1536, 576, 10 * l + 4),
+                matrix(ty, 1536, 576, 10 * l + 5),
+                matrix(ty, 576, 1536, 10 * l + 6),
+            ]
+        })
+        .collect();
+    let head = matrix(QType::Q8_0, 49152, 576, 99);
+    let (x576, x1536, xhead) = (acts(ty, 576), acts(ty, 1536), acts(QType::Q8_0, 576));
+    let bytes: usize = layers.iter().flatten().map(|m| m.bytes().len()).sum::<usize>() + head.bytes().len();
+    let k = Kernels::detect();
+    let (mut q, mut kk, mut v, mut o) = (vec![0.0; 576], vec![0.0; 192], vec![0.0; 192], vec![0.0; 576]);
+    let (mut g, mut u, mut d, mut logits) = (vec![0.0; 1536], vec![0.0; 1536], vec![0.0; 576], vec![0.0; 49152]);
+    let s = time(20, || {
+        for [wq, wk, wv, wo, wg, wu, wd] in &layers {
+            k.matmul_many(&[wq, wk, wv], &x576, &mut [&mut q, &mut kk, &mut v]).unwrap();
+            k.matmul(wo, &x576, &mut o).unwrap();
+            k.matmul_many(&[wg, wu], &x576, &mut [&mut g, &mut u]).unwrap();
+            k.matmul(wd, &x1536, &mut d).unwrap();
+        }
+        k.matmul(&head, &xhead, &mut logits).unwrap();
+    });
+    println!(
+        "one SmolLM2 token's products ({:.1} MB), {:?}: {:.2} ms  {:.1} GB/s  ({:.0} tokens/s at most)",
+        bytes as f64 / 1e6,
+        k,
+        s * 1e3,
+        bytes as f64 / s / 1e9,
+        1.0 / s
+    );
+}

@@ -1,0 +1,161 @@
+//! Activations quantized for a product: [`QActs`] holds `rows` rows of one
+//! [`ActType`] in buffers reused from call to call, so decoding allocates nothing
+//! once the buffers have grown to the model's widths.
+
+use crate::formats::q8;
+use crate::{ActType, KernelError};
+
+/// One row of Q8 activations, borrowed from [`QActs`]: `qs` holds the row's signed
+/// bytes, `d` one scale per block; `sums` (Q8_1) the block's `d·Σq`; `bsums` (Q8_K)
+/// the sums of every 16 bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct Q8Row<'a> {
+    /// The integers, block after block.
+    pub qs: &'a [i8],
+    /// One scale per block.
+    pub d: &'a [f32],
+    /// Q8_1: `d·Σq` per block; empty otherwise.
+    pub sums: &'a [f32],
+    /// Q8_K: sums of every 16 integers (16 per block); empty otherwise.
+    pub bsums: &'a [i16],
+}
+
+/// One row of activations in the format a product needs.
+#[derive(Debug, Clone, Copy)]
+pub enum ActRow<'a> {
+    /// Float weights meet f32 activations.
+    F32(&'a [f32]),
+    /// Quantized weights meet Q8 activations.
+    Q8(Q8Row<'a>),
+}
+
+/// `rows` rows of `cols` activations quantized to one [`ActType`].
+#[derive(Debug, Clone)]
+pub struct QActs {
+    ty: ActType,
+    rows: usize,
+    cols: usize,
+    f32s: Vec<f32>,
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    sums: Vec<f32>,
+    bsums: Vec<i16>,
+}
+
+impl Default for QActs {
+    fn default() -> Self {
+        QActs::new()
+    }
+}
+
+impl QActs {
+    /// Empty buffers; they grow on first use.
+    pub fn new() -> QActs {
+        QActs {
+            ty: ActType::F32,
+            rows: 0,
+            cols: 0,
+            f32s: Vec::new(),
+            qs: Vec::new(),
+            d: Vec::new(),
+            sums: Vec::new(),
+            bsums: Vec::new(),
+        }
+    }
+
+    /// Quantizes `x`, `rows` rows of `cols` (row-major), to `ty`, replacing what the
+    /// buffers held.
+    pub fn quantize(&mut self, ty: ActType, x: &[f32], rows: usize, cols: usize) -> Result<(), KernelError> {
+        if rows.checked_mul(cols) != Some(x.len()) {
+            return Err(KernelError::Length {
+                what: format!("activations of {rows} rows × {cols}"),
+                expected: rows.saturating_mul(cols),
+                got: x.len(),
+            });
+        }
+        let block = ty.block_elems();
+        if !cols.is_multiple_of(block) {
+            return Err(KernelError::ActsNotBlockAligned { cols, ty });
+        }
+        (self.ty, self.rows, self.cols) = (ty, rows, cols);
+        let blocks = x.len() / block;
+        match ty {
+            ActType::F32 => {
+                self.f32s.clear();
+                self.f32s.extend_from_slice(x);
+            }
+            ActType::Q8_0 | ActType::Q8_1 => {
+                self.qs.resize(x.len(), 0);
+                self.d.resize(blocks, 0.0);
+                let sums = if ty == ActType::Q8_1 {
+                    self.sums.resize(blocks, 0.0);
+                    Some(&mut self.sums[..])
+                } else {
+                    None
+                };
+                q8::quantize_q8(x, &mut self.qs, &mut self.d, sums);
+            }
+            ActType::Q8K => {
+                self.qs.resize(x.len(), 0);
+                self.d.resize(blocks, 0.0);
+                self.bsums.resize(blocks * 16, 0);
+                q8::quantize_q8k(x, &mut self.qs, &mut self.d, &mut self.bsums);
+            }
+        }
+        Ok(())
+    }
+
+    /// The format the rows are in.
+    pub fn ty(&self) -> ActType {
+        self.ty
+    }
+
+    /// Number of rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Activations per row.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Row `r`.
+    pub fn row(&self, r: usize) -> ActRow<'_> {
+        let n = self.cols;
+        let per = self.ty.block_elems();
+        let (b0, b1) = (r * n / per, (r + 1) * n / per);
+        match self.ty {
+            ActType::F32 => ActRow::F32(&self.f32s[r * n..(r + 1) * n]),
+            ActType::Q8_0 => ActRow::Q8(Q8Row {
+                qs: &self.qs[r * n..(r + 1) * n],
+                d: &self.d[b0..b1],
+                sums: &[],
+                bsums: &[],
+            }),
+            ActType::Q8_1 => ActRow::Q8(Q8Row {
+                qs: &self.qs[r * n..(r + 1) * n],
+                d: &self.d[b0..b1],
+                sums: &self.sums[b0..b1],
+                bsums: &[],
+            }),
+            ActType::Q8K => ActRow::Q8(Q8Row {
+                qs: &self.qs[r * n..(r + 1) * n],
+                d: &self.d[b0..b1],
+                sums: &[],
+                bsums: &self.bsums[16 * b0..16 * b1],
+            }),
+        }
+    }
+
+    /// The values the quantized row stands for (`q·d`), for error bounds in tests.
+    pub fn dequantize_row(&self, r: usize) -> Vec<f32> {
+        match self.row(r) {
+            ActRow::F32(x) => x.to_vec(),
+            ActRow::Q8(x) => {
+                let per = self.ty.block_elems();
+                x.qs.iter().enumerate().map(|(i, &q)| q as f32 * x.d[i / per]).collect()
+            }
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! Which kernels this CPU can run, and the only calls into them.
+//!
+//! ## Design
+//! A [`Level`] names an instruction-set level, and holding one is the proof that the
+//! CPU has every feature of it: the only ways to make one are [`Level::detect`], which
+//! asks the CPU, and [`Level::lower`], which can only step down. The `unsafe` blocks
+//! below call `#[target_feature]` functions of `simd/`, and each is sound because its
+//! `match` arm is reached only with a level that includes those features.
+//!
+//! `HETERO_SIMD=scalar|avx2|avx512` lowers the detected level (never raises it), so the
+//! lower levels can be tested and compared on a machine that has the higher ones.
+#![allow(unsafe_code)]
+
+use crate::acts::ActRow;
+use crate::{QType, formats};
+
+/// An instruction-set level whose kernels this CPU can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Level(Tier);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Tier {
+    Scalar,
+    Avx2,
+    Avx512,
+}
+
+impl Level {
+    /// Plain Rust, any CPU.
+    pub const SCALAR: Level = Level(Tier::Scalar);
+
+    /// The widest level this CPU has, lowered by `HETERO_SIMD` if it is set.
+    pub fn detect() -> Level {
+        let best = Level::widest();
+        match std::env::var("HETERO_SIMD").ok().as_deref().and_then(Level::parse_tier) {
+            Some(tier) => best.lower(tier),
+            None => best,
+        }
+    }
+
+    fn widest() -> Level {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let avx2 = is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c");
+            let avx512 = avx2
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni");
+            if avx512 {
+                return Level(Tier::Avx512);
+            }
+            if avx2 {
+                return Level(Tier::Avx2);
+            }
+        }
+        Level(Tier::Scalar)
+    }
+
+    fn parse_tier(s: &str) -> Option<Level> {
+        match s {
+            "scalar" => Some(Level(Tier::Scalar)),
+            "avx2" => Some(Level(Tier::Avx2)),
+            "avx512" => Some(Level(Tier::Avx512)),
+            _ => None,
+        }
+    }
+
+    /// This level or `to`, whichever is lower: a level can only be lowered.
+    pub fn lower(self, to: Level) -> Level {
+        self.min(to)
+    }
+
+    /// Every level this CPU can run, lowest first (for tests and benchmarks).
+    pub fn available() -> Vec<Level> {
+        let top = Level::widest();
+        [Tier::Scalar, Tier::Avx2, Tier::Avx512]
+            .into_iter()
+            .map(Level)
+            .filter(|l| *l <= top)
+            .collect()
+    }
+
+    /// The level's name, as `HETERO_SIMD` spells it.
+    pub fn name(self) -> &'static str {
+        match self.0 {
+            Tier::Scalar => "scalar",
+            Tier::Avx2 => "avx2",
+            Tier::Avx512 => "avx512",
+        }
+    }
+}
+
+/// `out[o] = Σ_i w[o][i]·x[i]` for the `out.len()` rows of `ty` in `w` (`row_bytes`
+/// each) and one activation row of `ty.act()`. The kernel is the widest of `level`
+/// that exists for `ty`; formats without one at a level use the next lower.
+pub(crate) fn rows(level: Level, ty: QType, w: &[u8], row_bytes: usize, x: ActRow, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::simd::{avx2, avx512};
+        match (level.0, ty, x) {
+            // SAFETY (each arm): `level` proves the CPU has the features of the module
+            // called (AVX-512 includes everything AVX2 needs).
+            (Tier::Avx512, QType::Q4_1, ActRow::Q8(x)) => return unsafe { avx512::rows_q4_1(w, row_bytes, x, out) },
+            (Tier::Avx512, QType::Q8_0, ActRow::Q8(x)) => return unsafe { avx512::rows_q8_0(w, row_bytes, x, out) },
+            (Tier::Avx2, QType::Q4_1, ActRow::Q8(x)) => {
+                return unsafe { avx2::rows_q4_1(w, row_bytes, x, out) };
+            }
+            (Tier::Avx2, QType::Q8_0, ActRow::Q8(x)) => {
+                return unsafe { avx2::rows_q8_0(w, row_bytes, x, out) };
+            }
+            _ => {}
+        }
+    }
+    let _ = level;
+    for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+        *o = formats::dot_scalar(ty, row, x);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use half::f16;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::QActs;
+
+    /// Random bytes for `rows` rows of `cols` weights of `ty`, with every scale and
+    /// minimum replaced by a finite value of magnitude ≤ 1 (any other bit pattern is a
+    /// valid block).
+    pub(crate) fn random_blocks(ty: QType, rows: usize, cols: usize, rng: &mut StdRng) -> Vec<u8> {
+        let mut raw: Vec<u8> = (0..ty.row_bytes(cols).unwrap() * rows).map(|_| rng.random()).collect();
+        let half = |rng: &mut StdRng| f16::from_f32(rng.random_range(-1.0f32..1.0)).to_le_bytes();
+        for b in raw.chunks_exact_mut(ty.block_bytes()) {
+            match ty {
+                QType::Q4_0 | QType::Q5_0 | QType::Q8_0 => b[0..2].copy_from_slice(&half(rng)),
+                QType::Q4_1 | QType::Q5_1 | QType::Q4K | QType::Q5K => {
+                    b[0..2].copy_from_slice(&half(rng));
+                    b[2..4].copy_from_slice(&half(rng));
+                }
+                QType::Q6K => b[208..210].copy_from_slice(&half(rng)),
+                QType::Q8K => b[0..4].copy_from_slice(&rng.random_range(-0.01f32..0.01).to_le_bytes()),
+                QType::F16 | QType::BF16 => b.copy_from_slice(&half(rng)),
+                QType::F32 => b.copy_from_slice(&rng.random_range(-1.0f32..1.0).to_le_bytes()),
+            }
+        }
+        raw
+    }
+
+    /// Every level's kernel against the scalar reference, on random blocks: they may
+    /// differ only in the order of summation, so by at most a few ulps of Σ|wᵢ·xᵢ|.
+    #[test]
+    fn every_level_agrees_with_the_scalar_dot_on_random_blocks() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let (rows, cols) = (9, 512);
+        for ty in QType::ALL {
+            for _ in 0..20 {
+                let raw = random_blocks(ty, rows, cols, &mut rng);
+                let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+                let mut acts = QActs::new();
+                acts.quantize(ty.act(), &x, 1, cols).unwrap();
+                let rb = ty.row_bytes(cols).unwrap();
+                let xq = acts.dequantize_row(0);
+                let mut w = vec![0.0; cols];
+                let mut want = vec![0.0; rows];
+                rows_of(Level::SCALAR, ty, &raw, rb, &acts, &mut want);
+                for level in Level::available() {
+                    let mut got = vec![0.0; rows];
+                    rows_of(level, ty, &raw, rb, &acts, &mut got);
+                    for r in 0..rows {
+                        crate::dequantize(ty, &raw[r * rb..(r + 1) * rb], &mut w).unwrap();
+                        let mass: f64 = w.iter().zip(&xq).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                        let tol = 1e-5 * mass + 1e-6;
+                        assert!(
+                            ((got[r] - want[r]) as f64).abs() <= tol,
+                            "{ty} at {}: row {r}: {} against scalar {} (tolerance {tol})",
+                            level.name(),
+                            got[r],
+                            want[r]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// The scalar dot is itself the sum of dequantised weights times dequantised
+    /// activations (up to f32 rounding).
+    #[test]
+    fn the_scalar_dot_is_the_dot_of_the_dequantised_rows() {
+        let mut rng = StdRng::seed_from_u64(8);
+        let cols = 512;
+        for ty in QType::ALL {
+            let raw = random_blocks(ty, 1, cols, &mut rng);
+            let x: Vec<f32> = (0..cols).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+            let mut acts = QActs::new();
+            acts.quantize(ty.act(), &x, 1, cols).unwrap();
+            let mut w = vec![0.0; cols];
+            crate::dequantize(ty, &raw, &mut w).unwrap();
+            let xq = acts.dequantize_row(0);
+            let exact: f64 = w.iter().zip(&xq).map(|(a, b)| *a as f64 * *b as f64).sum();
+            let mass: f64 = w.iter().zip(&xq).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+            let got = formats::dot_scalar(ty, &raw, acts.row(0)) as f64;
+            assert!((got - exact).abs() <= 1e-5 * mass + 1e-6, "{ty}: {got} against {exact}");
+        }
+    }
+
+    fn rows_of(level: Level, ty: QType, raw: &[u8], rb: usize, acts: &QActs, out: &mut [f32]) {
+        rows(level, ty, raw, rb, acts.row(0), out);
+    }
+}
