@@ -217,6 +217,18 @@ impl<B: Backend> Exchange<'_, B> {
         self.timing.communication += clock.elapsed();
         Ok(Tensor::from_data(TensorData::new(v, dims), self.device))
     }
+
+    /// `v` summed over `group` in place (as [`Exchange::reduce`], for the flat
+    /// buffers of the quantized path); untouched outside one.
+    pub fn reduce_slice(&mut self, group: &[usize], v: &mut [f32]) -> Result<(), InferError> {
+        if group.is_empty() {
+            return Ok(());
+        }
+        let clock = Instant::now();
+        self.mesh.allreduce_sum(group, v)?;
+        self.timing.communication += clock.elapsed();
+        Ok(())
+    }
 }
 
 fn flat3<B: Backend>(t: Tensor<B, 3>) -> Vec<f32> {

@@ -41,6 +41,9 @@ pub enum InferError {
     /// The model's own configuration is unusable.
     #[error("model configuration: {0}")]
     Config(String),
+    /// A quantized product was given shapes or bytes that do not fit.
+    #[error("quantized kernels: {0}")]
+    Kernel(#[from] hetero_kernels::KernelError),
     /// A peer of the mesh failed.
     #[error(transparent)]
     Comm(#[from] CommError),

@@ -11,18 +11,22 @@
 //! never reads layers 0–9. Opening checks that every tensor lies inside the file,
 //! so a truncated download fails at once, naming the first tensor cut off.
 //!
-//! Quantisations read: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 (ggml's
-//! `dequantize_row_*`: blocks of 32 along the innermost dimension).
+//! Formats read: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and the K-quants Q4_K,
+//! Q5_K, Q6_K and Q8_K ([`hetero_kernels::QType`]; blocks along the innermost
+//! dimension). [`Weights::read`] dequantises to f32; [`Weights::raw`] hands out a
+//! tensor's bytes as stored, memory-mapped (`HETERO_NO_MMAP=1` reads them instead),
+//! for the quantized kernels.
 
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
-use half::{bf16, f16};
+use hetero_kernels::{Bytes, QType};
 
 use crate::InferError;
-use crate::weights::{Loaded, Weights};
+use crate::weights::{Loaded, RawTensor, Weights};
 
 /// Refuse metadata strings and arrays larger than this (a corrupt length would
 /// otherwise ask for gigabytes).
@@ -91,47 +95,30 @@ pub struct TensorInfo {
 #[derive(Debug)]
 pub struct Gguf {
     path: PathBuf,
+    /// The whole file mapped, on the first [`Weights::raw`].
+    mapped: OnceLock<Bytes>,
+    /// Whether [`Weights::raw`] hands out quantized tensors (false: everything is
+    /// dequantised, the f32 path).
+    native: bool,
     /// The metadata, by key.
     pub metadata: BTreeMap<String, Value>,
     /// The tensor directory, by name.
     pub tensors: BTreeMap<String, TensorInfo>,
 }
 
-/// (elements per block, bytes per block) of a ggml type this reader dequantises.
+/// (elements per block, bytes per block) of a ggml type this reader reads.
 fn block_layout(ggml_type: u32) -> Option<(u64, u64)> {
-    Some(match ggml_type {
-        0 => (1, 4),   // F32
-        1 => (1, 2),   // F16
-        30 => (1, 2),  // BF16
-        2 => (32, 18), // Q4_0
-        3 => (32, 20), // Q4_1
-        6 => (32, 22), // Q5_0
-        7 => (32, 24), // Q5_1
-        8 => (32, 34), // Q8_0
-        _ => return None,
-    })
+    QType::from_ggml(ggml_type).map(|t| (t.block_elems() as u64, t.block_bytes() as u64))
 }
 
 fn type_name(ggml_type: u32) -> String {
-    let name = match ggml_type {
-        0 => "F32",
-        1 => "F16",
-        2 => "Q4_0",
-        3 => "Q4_1",
-        6 => "Q5_0",
-        7 => "Q5_1",
-        8 => "Q8_0",
-        9 => "Q8_1",
-        10 => "Q2_K",
-        11 => "Q3_K",
-        12 => "Q4_K",
-        13 => "Q5_K",
-        14 => "Q6_K",
-        15 => "Q8_K",
-        30 => "BF16",
-        _ => return format!("ggml type {ggml_type}"),
-    };
-    name.to_string()
+    match (QType::from_ggml(ggml_type), ggml_type) {
+        (Some(t), _) => t.name().to_string(),
+        (None, 9) => "Q8_1".into(),
+        (None, 10) => "Q2_K".into(),
+        (None, 11) => "Q3_K".into(),
+        (None, other) => format!("ggml type {other}"),
+    }
 }
 
 /// A reader over the header that counts its position and names what it reads.
@@ -286,7 +273,7 @@ impl Gguf {
                 // it later says which type it is.
                 (Some(_), None) => 0,
             };
-            let position = data_start + offset;
+            let position = data_start.saturating_add(offset);
             if position.saturating_add(bytes) > file_len {
                 return Err(InferError::tensor(
                     path,
@@ -309,9 +296,52 @@ impl Gguf {
         }
         Ok(Gguf {
             path: path.to_path_buf(),
+            mapped: OnceLock::new(),
+            native: true,
             metadata,
             tensors,
         })
+    }
+
+    /// The same file, its quantized tensors handed out as stored ([`Weights::raw`],
+    /// `native`) or only ever dequantised to f32 (not `native`).
+    pub fn with_native(mut self, native: bool) -> Gguf {
+        self.native = native;
+        self
+    }
+
+    /// Bytes `position..position + len` of the file: a view of the file mapped
+    /// once, or (`HETERO_NO_MMAP=1`) read into memory.
+    fn bytes_at(&self, name: &str, position: u64, len: u64) -> Result<Bytes, InferError> {
+        if std::env::var_os("HETERO_NO_MMAP").is_some_and(|v| v == "1") {
+            return self.read_range(name, position, len).map(Bytes::from_vec);
+        }
+        let range = position as usize..(position + len) as usize;
+        let all = match self.mapped.get() {
+            Some(all) => all,
+            None => {
+                let map = Bytes::map(&self.path).map_err(|e| InferError::weights(&self.path, e.to_string()))?;
+                self.mapped.get_or_init(|| map)
+            }
+        };
+        all.slice(range).map_err(|_| {
+            InferError::tensor(
+                &self.path,
+                name,
+                "lies past the end of the file (changed since it was opened?)",
+            )
+        })
+    }
+
+    /// Reads bytes `position..position + len` of the file (tensor `name`'s).
+    fn read_range(&self, name: &str, position: u64, len: u64) -> Result<Vec<u8>, InferError> {
+        let mut file =
+            File::open(&self.path).map_err(|e| InferError::weights(&self.path, format!("cannot open: {e}")))?;
+        let mut raw = vec![0u8; len as usize];
+        file.seek(SeekFrom::Start(position))
+            .and_then(|_| file.read_exact(&mut raw))
+            .map_err(|e| InferError::tensor(&self.path, name, format!("cannot read its bytes: {e}")))?;
+        Ok(raw)
     }
 
     /// A metadata value that must be there.
@@ -364,6 +394,16 @@ impl Weights for Gguf {
             .map(|t| t.dims.iter().rev().map(|&d| d as usize).collect())
     }
 
+    fn raw(&self, name: &str) -> Option<Result<RawTensor, InferError>> {
+        let info = self.tensors.get(name)?;
+        let ty = QType::from_ggml(info.ggml_type).filter(|t| self.native && !t.is_float())?;
+        Some(self.bytes_at(name, info.position, info.bytes).map(|bytes| RawTensor {
+            ty,
+            shape: self.shape(name).unwrap_or_default(),
+            bytes,
+        }))
+    }
+
     fn read(&self, name: &str) -> Result<Loaded, InferError> {
         let info = self
             .tensors
@@ -379,12 +419,7 @@ impl Weights for Gguf {
                 ),
             ));
         };
-        let mut file =
-            File::open(&self.path).map_err(|e| InferError::weights(&self.path, format!("cannot open: {e}")))?;
-        let mut raw = vec![0u8; info.bytes as usize];
-        file.seek(SeekFrom::Start(info.position))
-            .and_then(|_| file.read_exact(&mut raw))
-            .map_err(|e| InferError::tensor(&self.path, name, format!("cannot read its bytes: {e}")))?;
+        let raw = self.read_range(name, info.position, info.bytes)?;
         let values = dequantize(info.ggml_type, &raw, (info.bytes / size * per) as usize);
         Ok(Loaded {
             shape: self.shape(name).unwrap_or_default(),
@@ -393,68 +428,48 @@ impl Weights for Gguf {
     }
 }
 
-fn f16_at(b: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+/// Dequantises `raw` (whole blocks of `ggml_type`) into `n` f32 values.
+///
+/// # Panics
+/// If the type is not one [`block_layout`] knows or `raw` is not `n` values of it:
+/// callers check both when the file is opened.
+pub fn dequantize(ggml_type: u32, raw: &[u8], n: usize) -> Vec<f32> {
+    let ty = QType::from_ggml(ggml_type).expect("block_layout filters unknown types");
+    let mut out = vec![0.0; n];
+    hetero_kernels::dequantize(ty, raw, &mut out).expect("opening checked the tensor's size");
+    out
 }
 
-/// Dequantises `raw` (whole blocks of `ggml_type`) into `n` f32 values.
-pub fn dequantize(ggml_type: u32, raw: &[u8], n: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(n);
-    match ggml_type {
-        0 => out.extend(
-            raw.chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
-        ),
-        1 => out.extend(raw.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())),
-        30 => out.extend(raw.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())),
-        2 => {
-            for b in raw.chunks_exact(18) {
-                let d = f16_at(b, 0);
-                let qs = &b[2..18];
-                out.extend(qs.iter().map(|q| ((q & 0x0F) as i32 - 8) as f32 * d));
-                out.extend(qs.iter().map(|q| ((q >> 4) as i32 - 8) as f32 * d));
-            }
+/// A tensor's data to write: f32 values, or bytes already in a format.
+#[derive(Debug, Clone, Copy)]
+pub enum TensorBytes<'a> {
+    /// F32 values.
+    F32(&'a [f32]),
+    /// Whole blocks of a format, as [`hetero_kernels::quantize`] makes them.
+    Raw(QType, &'a [u8]),
+}
+
+impl TensorBytes<'_> {
+    fn len(&self) -> usize {
+        match self {
+            TensorBytes::F32(v) => 4 * v.len(),
+            TensorBytes::Raw(_, b) => b.len(),
         }
-        3 => {
-            for b in raw.chunks_exact(20) {
-                let (d, m) = (f16_at(b, 0), f16_at(b, 2));
-                let qs = &b[4..20];
-                out.extend(qs.iter().map(|q| (q & 0x0F) as f32 * d + m));
-                out.extend(qs.iter().map(|q| (q >> 4) as f32 * d + m));
-            }
-        }
-        6 | 7 => {
-            let with_min = ggml_type == 7;
-            let size = if with_min { 24 } else { 22 };
-            for b in raw.chunks_exact(size) {
-                let d = f16_at(b, 0);
-                let (m, at) = if with_min { (f16_at(b, 2), 4) } else { (0.0, 2) };
-                let qh = u32::from_le_bytes(b[at..at + 4].try_into().expect("4 bytes"));
-                let qs = &b[at + 4..at + 20];
-                let offset = if with_min { 0 } else { 16 };
-                let value = |q: u32| (q as i32 - offset) as f32 * d + m;
-                out.extend(
-                    qs.iter()
-                        .enumerate()
-                        .map(|(j, q)| value((q & 0x0F) as u32 | (((qh >> j) << 4) & 0x10))),
-                );
-                out.extend(
-                    qs.iter()
-                        .enumerate()
-                        .map(|(j, q)| value((q >> 4) as u32 | ((qh >> (j + 12)) & 0x10))),
-                );
-            }
-        }
-        8 => {
-            for b in raw.chunks_exact(34) {
-                let d = f16_at(b, 0);
-                out.extend(b[2..34].iter().map(|&q| q as i8 as f32 * d));
-            }
-        }
-        other => unreachable!("ggml type {other} has no dequantiser; block_layout filters it"),
     }
-    debug_assert_eq!(out.len(), n);
-    out
+
+    fn ggml_type(&self) -> u32 {
+        match self {
+            TensorBytes::F32(_) => QType::F32.ggml_id(),
+            TensorBytes::Raw(t, _) => t.ggml_id(),
+        }
+    }
+
+    fn append(&self, out: &mut Vec<u8>) {
+        match self {
+            TensorBytes::F32(v) => out.extend(v.iter().flat_map(|v| v.to_le_bytes())),
+            TensorBytes::Raw(_, b) => out.extend_from_slice(b),
+        }
+    }
 }
 
 /// A GGUF v3 file of `metadata` and F32 tensors `(name, shape, values)` (shape
@@ -464,6 +479,20 @@ pub fn dequantize(ggml_type: u32, raw: &[u8], n: usize) -> Vec<f32> {
 pub fn gguf_bytes<'a>(
     metadata: &BTreeMap<String, Value>,
     tensors: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])> + Clone,
+) -> Vec<u8> {
+    gguf_bytes_of(
+        metadata,
+        tensors
+            .into_iter()
+            .map(|(n, s, v)| (n, s, TensorBytes::F32(v)))
+            .collect::<Vec<_>>(),
+    )
+}
+
+/// [`gguf_bytes`] with tensors in any format.
+pub fn gguf_bytes_of<'a>(
+    metadata: &BTreeMap<String, Value>,
+    tensors: Vec<(&'a str, &'a [usize], TensorBytes<'a>)>,
 ) -> Vec<u8> {
     fn string(out: &mut Vec<u8>, s: &str) {
         out.extend((s.len() as u64).to_le_bytes());
@@ -495,37 +524,37 @@ pub fn gguf_bytes<'a>(
     }
     let mut out = b"GGUF".to_vec();
     out.extend(3u32.to_le_bytes());
-    out.extend((tensors.clone().into_iter().count() as u64).to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
     out.extend((metadata.len() as u64).to_le_bytes());
     for (k, v) in metadata {
         string(&mut out, k);
         out.extend(type_of(v).to_le_bytes());
         value(&mut out, v);
     }
-    write_tensors(&mut out, tensors);
+    write_tensors(&mut out, &tensors);
     out
 }
 
-/// GGUF's tensor directory and data for F32 `tensors`, after the metadata:
-/// names, dimensions innermost first, offsets 32-byte aligned, then the values.
-fn write_tensors<'a>(out: &mut Vec<u8>, tensors: impl IntoIterator<Item = (&'a str, &'a [usize], &'a [f32])> + Clone) {
+/// GGUF's tensor directory and data for `tensors`, after the metadata: names,
+/// dimensions innermost first, types, offsets 32-byte aligned, then the data.
+fn write_tensors(out: &mut Vec<u8>, tensors: &[(&str, &[usize], TensorBytes)]) {
     let mut offset = 0u64;
-    for (name, shape, values) in tensors.clone() {
+    for (name, shape, data) in tensors {
         out.extend((name.len() as u64).to_le_bytes());
         out.extend(name.as_bytes());
         out.extend((shape.len() as u32).to_le_bytes());
         for d in shape.iter().rev() {
             out.extend((*d as u64).to_le_bytes());
         }
-        out.extend(0u32.to_le_bytes());
+        out.extend(data.ggml_type().to_le_bytes());
         out.extend(offset.to_le_bytes());
-        offset += (values.len() as u64 * 4).div_ceil(32) * 32;
+        offset += (data.len() as u64).div_ceil(32) * 32;
     }
     out.resize(out.len().div_ceil(32) * 32, 0);
-    for (_, _, values) in tensors {
+    for (_, _, data) in tensors {
         let start = out.len();
-        out.extend(values.iter().flat_map(|v| v.to_le_bytes()));
-        out.resize(start + (values.len() * 4).div_ceil(32) * 32, 0);
+        data.append(out);
+        out.resize(start + data.len().div_ceil(32) * 32, 0);
     }
 }
 
@@ -577,10 +606,11 @@ pub(crate) mod write {
                 }
             }
         }
-        super::write_tensors(
-            &mut out,
-            tensors.iter().map(|(n, s, v)| (*n, s.as_slice(), v.as_slice())),
-        );
+        let tensors: Vec<_> = tensors
+            .iter()
+            .map(|(n, s, v)| (*n, s.as_slice(), super::TensorBytes::F32(v)))
+            .collect();
+        super::write_tensors(&mut out, &tensors);
         out
     }
 }
@@ -616,59 +646,6 @@ mod tests {
         let g = Gguf::open(&path).unwrap();
         assert_eq!(g.metadata, metadata);
         assert_eq!(g.expect("t", &[2, 3]).unwrap(), values);
-    }
-
-    #[test]
-    fn q4_1_low_nibbles_first_then_high() {
-        let mut block = Vec::new();
-        block.extend(f16::from_f32(1.0).to_le_bytes());
-        block.extend(f16::from_f32(0.5).to_le_bytes());
-        block.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
-        let v = dequantize(3, &block, 32);
-        let expect: Vec<f32> = (0..16)
-            .map(|j| j as f32 + 0.5)
-            .chain((0..16).map(|j| 15.5 - j as f32))
-            .collect();
-        assert_eq!(v, expect);
-    }
-
-    /// The first block of SmolLM2's `blk.0.attn_q.weight`, checked against
-    /// gguf-py's dequantiser.
-    #[test]
-    fn q4_1_matches_llama_cpp_on_a_real_block() {
-        let hex = "0f30d8b9458765406f65164b677664502267655a";
-        let raw: Vec<u8> = (0..hex.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-            .collect();
-        let v = dequantize(3, &raw, 32);
-        let expect = [
-            -0.096313, 0.157349, -0.096313, -0.730469, 1.171997, -0.096313, 0.030518, 0.664673,
-        ];
-        for (a, b) in v.iter().zip(expect) {
-            assert!((a - b).abs() < 1e-5, "{v:?}");
-        }
-        assert!((v[31] - -0.096313).abs() < 1e-5);
-    }
-
-    #[test]
-    fn q8_0_and_q4_0_and_q5_scale_their_integers() {
-        let mut block = f16::from_f32(0.25).to_le_bytes().to_vec();
-        block.extend((0..32).map(|j| (j as i8 - 16) as u8));
-        assert_eq!(
-            dequantize(8, &block, 32),
-            (0..32).map(|j| (j - 16) as f32 * 0.25).collect::<Vec<_>>()
-        );
-        let mut block = f16::from_f32(2.0).to_le_bytes().to_vec();
-        block.extend([0x8Fu8; 16]);
-        let v = dequantize(2, &block, 32);
-        assert!(v[..16].iter().all(|&x| x == 14.0) && v[16..].iter().all(|&x| x == 0.0));
-        // Q5_0: the fifth bit of element j is bit j of qh (low half), j+16 (high half).
-        let mut block = f16::from_f32(1.0).to_le_bytes().to_vec();
-        block.extend(0x0001_0001u32.to_le_bytes());
-        block.extend([0u8; 16]);
-        let v = dequantize(6, &block, 32);
-        assert_eq!((v[0], v[1], v[16], v[17]), (0.0, -16.0, 0.0, -16.0));
     }
 
     #[test]

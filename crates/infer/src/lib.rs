@@ -7,6 +7,8 @@
 //! - [`bert`], [`llama`]: the models — burn modules from `hetero_models` (one
 //!   definition for training and serving), each block loadable as one worker's
 //!   part (a range of heads and FFN units) — and what serving adds around them;
+//! - [`qllama`]: the llama block again, on weights kept in their quantized GGUF
+//!   blocks ([`hetero_kernels`]), the path quantized files take;
 //! - [`placement`]: which workers run which blocks, and how (single, replicated,
 //!   tensor-parallel; pipelines are stages on different workers) — data, not code;
 //! - [`runtime`]: every worker runs the same step over a [`hetero_comm::Mesh`];
@@ -31,6 +33,7 @@ pub mod placement;
 pub mod plan;
 pub mod profile;
 pub mod protocol;
+pub mod qllama;
 pub mod runtime;
 pub mod tokenize;
 pub mod weights;

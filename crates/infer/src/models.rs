@@ -113,11 +113,34 @@ impl std::fmt::Debug for Model {
     }
 }
 
+/// What a model name ends with to have its quantized weights dequantised to f32 at
+/// load (and run on the f32 path) instead of used as stored: `smollm2+f32`.
+pub const DEQUANTIZED: &str = "+f32";
+
+/// `name` with [`DEQUANTIZED`] appended when `dequantize` (and it is not there yet).
+pub fn dequantized_name(name: &str, dequantize: bool) -> String {
+    match dequantize && !name.ends_with(DEQUANTIZED) {
+        true => format!("{name}{DEQUANTIZED}"),
+        false => name.to_string(),
+    }
+}
+
 /// Opens `what`: a known model's name (fetched into `cache` if needed), a random
 /// timing model's name, decoupled or not ([`RANDOM`]), a `.gguf`
 /// file, or a folder with `config.json`, `model.safetensors` and `tokenizer.json`
-/// (or with `model.gguf`).
+/// (or with `model.gguf`). A quantized file's weights stay quantized
+/// ([`crate::qllama`]) unless the name ends with [`DEQUANTIZED`].
 pub fn open(what: &str, cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<Model, InferError> {
+    let (base, native) = match what.strip_suffix(DEQUANTIZED) {
+        Some(base) => (base, false),
+        None => (what, true),
+    };
+    let mut model = open_as_stored(base, cache, progress, native)?;
+    model.name = what.to_string();
+    Ok(model)
+}
+
+fn open_as_stored(what: &str, cache: &Path, progress: &mut dyn FnMut(&str), native: bool) -> Result<Model, InferError> {
     if let Some(m) = random(what) {
         return m;
     }
@@ -130,10 +153,10 @@ pub fn open(what: &str, cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<
         PathBuf::from(what)
     };
     if path.is_file() {
-        return open_gguf(&path);
+        return open_gguf_as(&path, native);
     }
     if path.join("model.gguf").is_file() {
-        return open_gguf(&path.join("model.gguf"));
+        return open_gguf_as(&path.join("model.gguf"), native);
     }
     if path.join("model.safetensors").is_file() {
         return open_bert(&path, &path.join("tokenizer.json"));
@@ -189,9 +212,14 @@ pub fn open_bert(dir: &Path, tokenizer: &Path) -> Result<Model, InferError> {
 }
 
 /// A llama GGUF file (weights and tokenizer in one); a decoupled one when its
-/// metadata has `hetero.decoupling.*` ([`crate::export`]).
+/// metadata has `hetero.decoupling.*` ([`crate::export`]). Quantized weights stay so.
 pub fn open_gguf(path: &Path) -> Result<Model, InferError> {
-    let g = Gguf::open(path)?;
+    open_gguf_as(path, true)
+}
+
+/// [`open_gguf`], its quantized weights used as stored (`native`) or dequantised.
+pub fn open_gguf_as(path: &Path, native: bool) -> Result<Model, InferError> {
+    let g = Gguf::open(path)?.with_native(native);
     let config = crate::llama::config_from_gguf(&g)?;
     let (arch, shapes) = match crate::export::decoupling_in_gguf(&g)? {
         None => (Arch::Llama(config.clone()), config.tensor_shapes()),

@@ -24,7 +24,9 @@ use crate::activations::{Exchange, Held};
 use crate::bert::{BertConfig, BertEmbeddings, BertLayer, mean_pool, padding_mask};
 use crate::llama::{KvCache, LlamaConfig, LlamaEmbeddings, LlamaHead, LlamaLayer};
 use crate::placement::{Layout, Original, Placement};
+use crate::qllama::{self, QEmbeddings, QHead, QKvCache, QLlamaLayer, Rope, Scratch};
 use crate::weights::Weights;
+use hetero_kernels::Kernels;
 use hetero_models::LayerKind;
 use hetero_models::decoupled_bert::DecoupledBertConfig;
 use hetero_models::decoupled_llama::{DecoupledLlamaConfig, LlamaSubBlocks};
@@ -209,6 +211,22 @@ pub struct Timing {
 enum Embed<B: Backend> {
     Bert(BertEmbeddings<B>),
     Llama(LlamaEmbeddings<B>),
+    /// The table of a quantized file, as stored.
+    QLlama(QEmbeddings),
+}
+
+/// A decoder's output head, or this worker's rows of it.
+enum Head<B: Backend> {
+    Burn(LlamaHead<B>),
+    Quantized(QHead),
+}
+
+/// What the quantized path keeps between steps: its kernels, the buffers its
+/// blocks share, and the rotary table.
+struct Quantized {
+    kernels: Kernels,
+    scratch: Scratch,
+    rope: Rope,
 }
 
 /// This worker's part of one layer.
@@ -221,6 +239,8 @@ enum Block<B: Backend> {
     SubBlocks(SubBlocks<B>),
     /// This worker's sub-blocks of a decoupled decoder layer and their cache.
     LlamaSubBlocks(LlamaSubBlocks<B>, KvCache<B>),
+    /// A decoder layer (or part) on quantized weights, and its cache.
+    QLlama(QLlamaLayer, QKvCache),
 }
 
 /// One worker's share of a placed model.
@@ -232,8 +252,10 @@ pub struct Worker<B: Backend> {
     embed: Option<Embed<B>>,
     /// This worker's part of each layer (`None` where it has none).
     blocks: Vec<Option<Block<B>>>,
-    head: Option<LlamaHead<B>>,
+    head: Option<Head<B>>,
     rope: Option<RotaryEncoding<B>>,
+    /// Set when the weights stay quantized ([`crate::qllama`]).
+    quantized: Option<Quantized>,
     device: B::Device,
     /// Time spent in the last step.
     pub timing: Timing,
@@ -260,11 +282,14 @@ impl<B: Backend> Worker<B> {
             )));
         }
         let tensor = &mut |n: &str, s: &[usize]| weights.expect(n, s);
+        // A llama file whose block matrices are stored quantized runs on them as stored.
+        let quantized = matches!(arch, Arch::Llama(_)) && qllama::is_quantized(weights);
         let first = &placement.stages[0];
         let last = placement.stages.last().expect("checked: at least one stage");
         let embed = match (first.workers.contains(&rank), arch.bert(), arch.llama()) {
             (false, ..) => None,
             (true, Some(c), _) => Some(Embed::Bert(BertEmbeddings::load(tensor, c, device)?)),
+            (true, None, Some(c)) if quantized => Some(Embed::QLlama(QEmbeddings::load(weights, c)?)),
             (true, None, Some(c)) => Some(Embed::Llama(LlamaEmbeddings::load(tensor, c, device)?)),
             (true, None, None) => unreachable!("a model is an encoder or a decoder"),
         };
@@ -292,6 +317,10 @@ impl<B: Backend> Worker<B> {
                     (LayerKind::Original, _) => match (part, arch.bert(), arch.llama()) {
                         (None, ..) => None,
                         (Some(part), Some(c), _) => Some(Block::Bert(BertLayer::load(tensor, c, layer, part, device)?)),
+                        (Some(part), None, Some(c)) if quantized => Some(Block::QLlama(
+                            QLlamaLayer::load(weights, c, layer, part)?,
+                            QKvCache::new(),
+                        )),
                         (Some(part), None, Some(c)) => Some(Block::Llama(
                             LlamaLayer::load(tensor, c, layer, part, device)?,
                             KvCache::new(),
@@ -304,13 +333,22 @@ impl<B: Backend> Worker<B> {
         let (head, rope) = match arch.llama() {
             Some(c) => {
                 let head = match last.head_part(rank) {
-                    Some(part) => Some(LlamaHead::load(tensor, c, part, device)?),
+                    Some(part) if quantized => Some(Head::Quantized(QHead::load(weights, c, part)?)),
+                    Some(part) => Some(Head::Burn(LlamaHead::load(tensor, c, part, device)?)),
                     None => None,
                 };
-                let rope = blocks.iter().any(Option::is_some).then(|| c.rope(c.context, device));
+                let rope = (!quantized && blocks.iter().any(Option::is_some)).then(|| c.rope(c.context, device));
                 (head, rope)
             }
             None => (None, None),
+        };
+        let quantized = match (quantized, arch.llama()) {
+            (true, Some(c)) => Some(Quantized {
+                kernels: Kernels::detect(),
+                scratch: Scratch::default(),
+                rope: Rope::new(c.head_dim(), c.rope_base, c.context),
+            }),
+            _ => None,
         };
         Ok(Worker {
             rank,
@@ -321,6 +359,7 @@ impl<B: Backend> Worker<B> {
             blocks,
             head,
             rope,
+            quantized,
             device: device.clone(),
             timing: Timing::default(),
         })
@@ -343,6 +382,7 @@ impl<B: Backend> Worker<B> {
             .flatten()
             .find_map(|b| match b {
                 Block::Llama(_, cache) | Block::LlamaSubBlocks(_, cache) => Some(cache.len()),
+                Block::QLlama(_, cache) => Some(cache.len()),
                 Block::Bert(_) | Block::SubBlocks(_) => None,
             })
             .unwrap_or(0)
@@ -365,15 +405,25 @@ impl<B: Backend> Worker<B> {
         let (batch, seq) = req.shape();
         if req.reset {
             for block in self.blocks.iter_mut().flatten() {
-                if let Block::Llama(_, cache) | Block::LlamaSubBlocks(_, cache) = block {
-                    *cache = KvCache::new()
+                match block {
+                    Block::Llama(_, cache) | Block::LlamaSubBlocks(_, cache) => *cache = KvCache::new(),
+                    Block::QLlama(_, cache) => *cache = QKvCache::new(),
+                    Block::Bert(_) | Block::SubBlocks(_) => {}
                 }
             }
+        }
+        let cached = self.cached();
+        if let Some(q) = &mut self.quantized {
+            q.rope.cover(cached + seq);
         }
         let clock = Instant::now();
         let x = match &self.embed {
             Some(Embed::Bert(e)) => Some(crate::bert::embed(e, &req.ids, &self.device)?),
             Some(Embed::Llama(e)) => Some(crate::llama::embed(e, &req.ids, &self.device)?),
+            Some(Embed::QLlama(e)) => Some(Tensor::from_data(
+                TensorData::new(e.lookup(&req.ids)?, [batch, seq, self.arch.hidden()]),
+                &self.device,
+            )),
             None => None,
         };
         let mask = padding_mask::<B>(&req.lengths, seq, &self.device);
@@ -383,6 +433,7 @@ impl<B: Backend> Worker<B> {
             placement,
             blocks,
             rope,
+            quantized,
             timing,
             device,
             ..
@@ -438,6 +489,21 @@ impl<B: Backend> Worker<B> {
                                 Block::Llama(l, cache) => {
                                     l.forward(h, rope.as_ref().expect("blocks have a rope"), cache, &mut reduce)?
                                 }
+                                Block::QLlama(l, cache) => {
+                                    let q = quantized.as_mut().expect("quantized blocks have their kernels");
+                                    let mut flat = flat(h);
+                                    l.forward(
+                                        &mut flat,
+                                        batch,
+                                        seq,
+                                        &q.rope,
+                                        cache,
+                                        &mut q.scratch,
+                                        &q.kernels,
+                                        &mut |o| ex.reduce_slice(&group, o),
+                                    )?;
+                                    Tensor::from_data(TensorData::new(flat, dims), ex.device)
+                                }
                                 Block::SubBlocks(_) | Block::LlamaSubBlocks(..) => {
                                     unreachable!("an original layer's part")
                                 }
@@ -486,10 +552,14 @@ impl<B: Backend> Worker<B> {
                 if !group.contains(&self.rank) {
                     (None, if req.want == Want::Logits { c.vocab } else { 1 })
                 } else {
-                    let head = self.head.as_ref().expect("head workers hold a head part");
-                    let logits = head.forward(x.clone().expect("head workers hold the activations"));
-                    let rows = head.rows();
-                    let part = logits.into_data().to_vec::<f32>().expect("f32 logits");
+                    let x = x.clone().expect("head workers hold the activations");
+                    let (part, rows) = match self.head.as_ref().expect("head workers hold a head part") {
+                        Head::Burn(head) => (flat(head.forward(x)), head.rows()),
+                        Head::Quantized(head) => {
+                            let q = self.quantized.as_mut().expect("a quantized head has its kernels");
+                            (head.forward(&flat(x), batch, &mut q.scratch, &q.kernels)?, head.rows())
+                        }
+                    };
                     let clock = Instant::now();
                     let out = match req.want {
                         Want::Logits => {
@@ -559,6 +629,11 @@ impl<B: Backend> Worker<B> {
             (Arch::Llama(_) | Arch::DecoupledLlama(_), _) => Output::Tokens(flat.iter().map(|&t| t as u32).collect()),
         }))
     }
+}
+
+/// A tensor's values, row-major.
+fn flat<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data().to_vec::<f32>().expect("f32 activations")
 }
 
 fn argmax(row: &[f32]) -> (usize, f32) {

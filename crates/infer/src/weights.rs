@@ -12,6 +12,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use half::{bf16, f16};
+use hetero_kernels::{Bytes, QType};
 
 use crate::InferError;
 
@@ -24,6 +25,17 @@ pub struct Loaded {
     pub values: Vec<f32>,
 }
 
+/// One tensor as stored, in a quantized format, for the quantized kernels.
+#[derive(Debug, Clone)]
+pub struct RawTensor {
+    /// The storage format.
+    pub ty: QType,
+    /// Row-major shape, outer dimension first.
+    pub shape: Vec<usize>,
+    /// The stored bytes (memory-mapped where possible).
+    pub bytes: Bytes,
+}
+
 /// A weights file that hands out tensors by name.
 pub trait Weights: Send + Sync {
     /// The file, for error messages.
@@ -32,6 +44,11 @@ pub trait Weights: Send + Sync {
     fn shape(&self, name: &str) -> Option<Vec<usize>>;
     /// Reads and converts one tensor.
     fn read(&self, name: &str) -> Result<Loaded, InferError>;
+    /// The tensor as stored, if it is stored quantized and quantized products are
+    /// wanted; `None` means it is read as f32 ([`Weights::read`]).
+    fn raw(&self, _name: &str) -> Option<Result<RawTensor, InferError>> {
+        None
+    }
 
     /// Reads `name` and checks its shape is `expect`.
     fn expect(&self, name: &str, expect: &[usize]) -> Result<Vec<f32>, InferError> {
@@ -220,6 +237,10 @@ pub struct RandomWeights {
     shapes: BTreeMap<String, Vec<usize>>,
     seed: u64,
     path: PathBuf,
+    /// The format matrices are stored in (`None`: f32).
+    stored: Option<QType>,
+    /// Whether [`Weights::raw`] is off (only dequantised values are handed out).
+    hide_raw: bool,
 }
 
 impl RandomWeights {
@@ -229,20 +250,37 @@ impl RandomWeights {
             shapes,
             seed,
             path: PathBuf::from(format!("<random weights, seed {seed}>")),
+            stored: None,
+            hide_raw: false,
         }
     }
-}
 
-impl Weights for RandomWeights {
-    fn path(&self) -> &Path {
-        &self.path
+    /// The same weights with every matrix whose rows are whole blocks of `ty`
+    /// stored as `ty` (by the reference quantizers), as a quantized GGUF file would
+    /// hold them: [`Weights::raw`] hands those out, and [`Weights::read`] their
+    /// dequantised values, so both paths compute with the same weights.
+    pub fn stored_as(mut self, ty: QType) -> Self {
+        self.path = PathBuf::from(format!("<random weights, seed {}, {ty}>", self.seed));
+        self.stored = Some(ty);
+        self
     }
 
-    fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.shapes.get(name).cloned()
+    /// The same weights with [`Weights::raw`] turned off: the f32 path on the
+    /// values a quantized file's dequantisation gives.
+    pub fn dequantized(mut self) -> Self {
+        self.path = PathBuf::from(format!("{} (dequantised)", self.path.display()));
+        self.hide_raw = true;
+        self
     }
 
-    fn read(&self, name: &str) -> Result<Loaded, InferError> {
+    /// The format `name` is stored in, if it is a matrix stored quantized.
+    fn stored(&self, name: &str) -> Option<QType> {
+        let ty = self.stored?;
+        let shape = self.shapes.get(name)?;
+        (shape.len() == 2 && shape[1].is_multiple_of(ty.block_elems())).then_some(ty)
+    }
+
+    fn values(&self, name: &str) -> Result<Loaded, InferError> {
         let shape = self
             .shape(name)
             .ok_or_else(|| InferError::tensor(&self.path, name, "not in the file"))?;
@@ -263,6 +301,36 @@ impl Weights for RandomWeights {
             .map(|_| if is_scale { 1.0 + 0.1 * next() } else { 0.08 * next() })
             .collect();
         Ok(Loaded { shape, values })
+    }
+}
+
+impl Weights for RandomWeights {
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.shapes.get(name).cloned()
+    }
+
+    fn read(&self, name: &str) -> Result<Loaded, InferError> {
+        let mut loaded = self.values(name)?;
+        if let Some(ty) = self.stored(name) {
+            let bytes = hetero_kernels::quantize(ty, &loaded.values)?;
+            hetero_kernels::dequantize(ty, &bytes, &mut loaded.values)?;
+        }
+        Ok(loaded)
+    }
+
+    fn raw(&self, name: &str) -> Option<Result<RawTensor, InferError>> {
+        let ty = self.stored(name).filter(|_| !self.hide_raw)?;
+        Some(self.values(name).and_then(|loaded| {
+            Ok(RawTensor {
+                ty,
+                bytes: Bytes::from_vec(hetero_kernels::quantize(ty, &loaded.values)?),
+                shape: loaded.shape,
+            })
+        }))
     }
 }
 

@@ -38,13 +38,19 @@ fn time(reps: usize, mut f: impl FnMut()) -> f64 {
 }
 
 fn main() {
-    let name = std::env::args().skip(1).find(|a| !a.starts_with('-')).unwrap_or_else(|| "Q4_1".into());
+    let name = std::env::args()
+        .skip(1)
+        .find(|a| !a.starts_with('-'))
+        .unwrap_or_else(|| "Q4_1".into());
     let ty = QType::ALL
         .into_iter()
         .find(|t| t.name() == name)
         .unwrap_or_else(|| panic!("unknown type {name}"));
     let single: &'static Pool = Box::leak(Box::new(Pool::new(1)));
-    println!("type {ty}; levels {:?}", Level::available().iter().map(|l| l.name()).collect::<Vec<_>>());
+    println!(
+        "type {ty}; levels {:?}",
+        Level::available().iter().map(|l| l.name()).collect::<Vec<_>>()
+    );
 
     let w = matrix(ty, 1536, 576, 1);
     let x = acts(ty, 576);
@@ -82,7 +88,8 @@ fn main() {
     let (mut g, mut u, mut d, mut logits) = (vec![0.0; 1536], vec![0.0; 1536], vec![0.0; 576], vec![0.0; 49152]);
     let s = time(20, || {
         for [wq, wk, wv, wo, wg, wu, wd] in &layers {
-            k.matmul_many(&[wq, wk, wv], &x576, &mut [&mut q, &mut kk, &mut v]).unwrap();
+            k.matmul_many(&[wq, wk, wv], &x576, &mut [&mut q, &mut kk, &mut v])
+                .unwrap();
             k.matmul(wo, &x576, &mut o).unwrap();
             k.matmul_many(&[wg, wu], &x576, &mut [&mut g, &mut u]).unwrap();
             k.matmul(wd, &x1536, &mut d).unwrap();

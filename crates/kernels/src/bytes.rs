@@ -55,8 +55,8 @@ impl Bytes {
         let file = File::open(path).map_err(|e| KernelError::Io(format!("cannot open {}: {e}", path.display())))?;
         // SAFETY: the map is read-only and private to this process; the module doc
         // states what happens if the file changes underneath it.
-        let map = unsafe { Mmap::map(&file) }
-            .map_err(|e| KernelError::Io(format!("cannot map {}: {e}", path.display())))?;
+        let map =
+            unsafe { Mmap::map(&file) }.map_err(|e| KernelError::Io(format!("cannot map {}: {e}", path.display())))?;
         let len = map.len();
         Ok(Bytes {
             backing: Backing::Mapped(Arc::new(map)),

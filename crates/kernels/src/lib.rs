@@ -21,6 +21,7 @@ mod dispatch;
 mod formats;
 mod matmul;
 mod matrix;
+pub mod ops;
 mod pool;
 mod simd;
 mod types;

@@ -140,7 +140,11 @@ fn cut<'a>(outs: &'a mut [&mut [f32]], n: usize, at: impl Fn(usize, usize) -> us
     for (m, out) in outs.iter_mut().enumerate() {
         let mut rest: &'a mut [f32] = &mut **out;
         for (t, part) in parts.iter().enumerate().take(n) {
-            let len = if t + 1 == n { rest.len() } else { at(m, t + 1) - at(m, t) };
+            let len = if t + 1 == n {
+                rest.len()
+            } else {
+                at(m, t + 1) - at(m, t)
+            };
             let (mine, tail) = rest.split_at_mut(len);
             part.lock().expect("fresh")[m] = mine;
             rest = tail;

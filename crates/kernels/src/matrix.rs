@@ -84,7 +84,10 @@ impl QMatrix {
     /// output rows.
     pub fn row_range(&self, r: Range<usize>) -> Result<QMatrix, KernelError> {
         if r.start > r.end || r.end > self.rows {
-            return Err(KernelError::Shape(format!("rows {}..{} of a matrix of {}", r.start, r.end, self.rows)));
+            return Err(KernelError::Shape(format!(
+                "rows {}..{} of a matrix of {}",
+                r.start, r.end, self.rows
+            )));
         }
         let data = self.data.slice(r.start * self.row_bytes..r.end * self.row_bytes)?;
         QMatrix::new(self.ty, r.len(), self.cols, data)
@@ -96,7 +99,10 @@ impl QMatrix {
     pub fn col_range(&self, c: Range<usize>) -> Result<QMatrix, KernelError> {
         let per = self.ty.block_elems();
         if c.start > c.end || c.end > self.cols {
-            return Err(KernelError::Shape(format!("columns {}..{} of a matrix of {}", c.start, c.end, self.cols)));
+            return Err(KernelError::Shape(format!(
+                "columns {}..{} of a matrix of {}",
+                c.start, c.end, self.cols
+            )));
         }
         if !c.start.is_multiple_of(per) || !(c.end.is_multiple_of(per) || c.end == self.cols) {
             return Err(KernelError::NotBlockAligned {
@@ -136,7 +142,9 @@ mod tests {
     use super::*;
 
     fn values(rows: usize, cols: usize) -> Vec<f32> {
-        (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 250.0).collect()
+        (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 250.0)
+            .collect()
     }
 
     #[test]

@@ -166,7 +166,11 @@ fn helper(shared: &Shared, index: usize) {
         if shared.stop.load(Ordering::SeqCst) {
             return;
         }
-        let job = shared.job.lock().expect("job slot").expect("a job is set before its epoch");
+        let job = shared
+            .job
+            .lock()
+            .expect("job slot")
+            .expect("a job is set before its epoch");
         if let Err(p) = catch_unwind(AssertUnwindSafe(|| job(index))) {
             shared.panic.lock().expect("panic slot").get_or_insert(p);
         }
@@ -230,7 +234,9 @@ mod tests {
     #[test]
     fn a_helpers_panic_reaches_the_caller_and_the_pool_goes_on() {
         let pool = Pool::new(2);
-        let r = catch_unwind(AssertUnwindSafe(|| pool.run(&|p| assert!(p != 1, "participant 1 fails"))));
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            pool.run(&|p| assert!(p != 1, "participant 1 fails"))
+        }));
         assert!(r.is_err());
         let count = AtomicUsize::new(0);
         pool.run(&|_| {

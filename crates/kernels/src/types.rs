@@ -166,6 +166,19 @@ impl QType {
 }
 
 impl ActType {
+    /// Every activation format, in [`ActType::index`] order.
+    pub const ALL: [ActType; 4] = [ActType::F32, ActType::Q8_0, ActType::Q8_1, ActType::Q8K];
+
+    /// Its position in [`ActType::ALL`] (for tables of one entry per format).
+    pub fn index(self) -> usize {
+        match self {
+            ActType::F32 => 0,
+            ActType::Q8_0 => 1,
+            ActType::Q8_1 => 2,
+            ActType::Q8K => 3,
+        }
+    }
+
     /// Activations per block (1 for f32).
     pub fn block_elems(self) -> usize {
         match self {

@@ -45,7 +45,11 @@ fn unpack_45(b: &[u8], five: bool) -> (f32, f32, [u8; 8], [u8; 8], [u8; 256]) {
     for j in 0..8 {
         (sc[j], m[j]) = scale_min(j, scales);
     }
-    let (qh, qs) = if five { (&b[16..48], &b[48..176]) } else { (&b[0..0], &b[16..144]) };
+    let (qh, qs) = if five {
+        (&b[16..48], &b[48..176])
+    } else {
+        (&b[0..0], &b[16..144])
+    };
     let mut q = [0u8; 256];
     for c in 0..4 {
         for l in 0..32 {
@@ -214,8 +218,16 @@ fn quantize_45(x: &[f32], five: bool, out: &mut Vec<u8>) {
     let (d16, dmin16) = (f16::from_f32(d).to_f32(), f16::from_f32(dmin).to_f32());
     let (mut sc, mut m) = ([0u8; 8], [0u8; 8]);
     for j in 0..8 {
-        sc[j] = if d16 > 0.0 { (scale[j] / d16).round().min(63.0) as u8 } else { 0 };
-        m[j] = if dmin16 > 0.0 { (min[j] / dmin16).round().min(63.0) as u8 } else { 0 };
+        sc[j] = if d16 > 0.0 {
+            (scale[j] / d16).round().min(63.0) as u8
+        } else {
+            0
+        };
+        m[j] = if dmin16 > 0.0 {
+            (min[j] / dmin16).round().min(63.0) as u8
+        } else {
+            0
+        };
     }
     let mut q = [0u8; 256];
     for (i, v) in q.iter_mut().enumerate() {
@@ -268,7 +280,13 @@ fn quantize_6(x: &[f32], out: &mut Vec<u8>) {
     let d16 = f16::from_f32(d).to_f32();
     let sc: Vec<i8> = scale
         .iter()
-        .map(|&s| if d16 > 0.0 { (s / d16).round().clamp(-127.0, 127.0) as i8 } else { 0 })
+        .map(|&s| {
+            if d16 > 0.0 {
+                (s / d16).round().clamp(-127.0, 127.0) as i8
+            } else {
+                0
+            }
+        })
         .collect();
     let mut e = [32u8; 256];
     for (i, v) in e.iter_mut().enumerate() {
@@ -318,13 +336,21 @@ mod tests {
         b[208..210].copy_from_slice(&f16::from_f32(1.0).to_le_bytes());
         let mut v = [0.0; 256];
         dequantize(KQuant::Q6K, &b, &mut v);
-        assert_eq!((v[0], v[32], v[64], v[96]), (1.0 - 32.0, 16.0 - 32.0, 2.0 + 32.0 - 32.0, 48.0 - 32.0));
+        assert_eq!(
+            (v[0], v[32], v[64], v[96]),
+            (1.0 - 32.0, 16.0 - 32.0, 2.0 + 32.0 - 32.0, 48.0 - 32.0)
+        );
         assert_eq!(v[1], -32.0);
     }
 
     #[test]
     fn quantizers_round_trip_within_their_steps() {
-        for (ty, tol) in [(KQuant::Q4K, 0.2), (KQuant::Q5K, 0.1), (KQuant::Q6K, 0.07), (KQuant::Q8K, 0.01)] {
+        for (ty, tol) in [
+            (KQuant::Q4K, 0.2),
+            (KQuant::Q5K, 0.1),
+            (KQuant::Q6K, 0.07),
+            (KQuant::Q8K, 0.01),
+        ] {
             let x: Vec<f32> = (0..512).map(|i| ((i * 97 % 512) as f32 - 250.0) / 128.0).collect();
             let mut raw = Vec::new();
             quantize(ty, &x, &mut raw);

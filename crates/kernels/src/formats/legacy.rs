@@ -162,7 +162,10 @@ pub(crate) fn quantize(ty: Legacy, x: &[f32], out: &mut Vec<u8>) {
 /// Packs 32 unsigned integers as nibbles (and, for five bits, the `qh` word first).
 fn pack(five: bool, q: &[u8], out: &mut Vec<u8>) {
     if five {
-        let qh = q.iter().enumerate().fold(0u32, |h, (i, &v)| h | (((v >> 4) as u32 & 1) << i));
+        let qh = q
+            .iter()
+            .enumerate()
+            .fold(0u32, |h, (i, &v)| h | (((v >> 4) as u32 & 1) << i));
         out.extend(qh.to_le_bytes());
     }
     out.extend((0..16).map(|j| (q[j] & 0x0F) | ((q[j + 16] & 0x0F) << 4)));
@@ -198,7 +201,9 @@ mod tests {
             .collect();
         let mut v = [0.0; 32];
         dequantize(Legacy::Q4_1, &raw, &mut v);
-        let expect = [-0.096313, 0.157349, -0.096313, -0.730469, 1.171997, -0.096313, 0.030518, 0.664673];
+        let expect = [
+            -0.096313, 0.157349, -0.096313, -0.730469, 1.171997, -0.096313, 0.030518, 0.664673,
+        ];
         for (a, b) in v.iter().zip(expect) {
             assert!((a - b).abs() < 1e-5, "{v:?}");
         }

@@ -49,7 +49,10 @@ macro_rules! x86_kernels {
         #[inline]
         fn nibbles(q: [u8; 16]) -> __m256i {
             let lo: __m128i = cast(q);
-            _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(lo), lo), _mm256_set1_epi8(0x0F))
+            _mm256_and_si256(
+                _mm256_set_m128i(_mm_srli_epi16::<4>(lo), lo),
+                _mm256_set1_epi8(0x0F),
+            )
         }
 
         #[inline(always)]
