@@ -25,7 +25,7 @@
 
 use std::ops::Range;
 
-use hetero_kernels::{ActType, KernelError, Kernels, MAX_MATRICES, QActs, QMatrix, QType, ops};
+use hetero_kernels::{ActType, AttentionShape, KernelError, Kernels, MAX_MATRICES, QActs, QMatrix, QType, ops};
 use hetero_models::checkpoint::{Part, span};
 
 use crate::InferError;
@@ -249,26 +249,17 @@ impl QLlamaLayer {
             }
             cache.append(&s.k, &s.v, batch, seq, self.kv_heads, hd)?;
             grow(&mut s.ctx, rows * qn);
-            grow(&mut s.scores, start + seq);
-            let scale = 1.0 / (hd as f32).sqrt();
-            for b in 0..batch {
-                for i in 0..seq {
-                    // Causal, aligned to the end: query i (at start + i) sees keys up to its own.
-                    let seen = start + i + 1;
-                    let r = b * seq + i;
-                    for j in 0..qn / hd {
-                        let head = j / self.group;
-                        ops::attend(
-                            &s.q[r * qn + j * hd..r * qn + (j + 1) * hd],
-                            cache.keys(b, head, seen),
-                            cache.values(b, head, seen),
-                            scale,
-                            &mut s.scores,
-                            &mut s.ctx[r * qn + j * hd..r * qn + (j + 1) * hd],
-                        );
-                    }
-                }
-            }
+            let shape = AttentionShape {
+                batch,
+                seq,
+                start,
+                heads: qn / hd,
+                group: self.group,
+                head_dim: hd,
+            };
+            let cache: &QKvCache = cache;
+            let rows_of = |b, head, n| (cache.keys(b, head, n), cache.values(b, head, n));
+            k.attention(shape, &s.q, &rows_of, &mut s.scores, &mut s.ctx);
             products(k, &mut s.acts, &s.ctx, rows, [&a.o].as_slice(), &mut [&mut s.out[..]])?;
         }
         reduce(&mut s.out)?;

@@ -119,6 +119,30 @@ pub(crate) fn rows(level: Level, ty: QType, w: &[u8], row_bytes: usize, x: ActRo
     }
 }
 
+/// [`rows`] for four activation rows at once: formats with a tile kernel unpack each
+/// weight block once for all four; the others run [`rows`] four times. Either way
+/// each output has the bits [`rows`] would give it.
+pub(crate) fn rows4(level: Level, ty: QType, w: &[u8], row_bytes: usize, x: [ActRow; 4], out: [&mut [f32]; 4]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::simd::{avx2, avx512};
+        if let [ActRow::Q8(a), ActRow::Q8(b), ActRow::Q8(c), ActRow::Q8(d)] = x {
+            let q = [a, b, c, d];
+            match (level.0, ty) {
+                // SAFETY (each arm): as in `rows`.
+                (Tier::Avx512, QType::Q4_1) => return unsafe { avx512::rows4_q4_1(w, row_bytes, &q, out) },
+                (Tier::Avx512, QType::Q8_0) => return unsafe { avx512::rows4_q8_0(w, row_bytes, &q, out) },
+                (Tier::Avx2, QType::Q4_1) => return unsafe { avx2::rows4_q4_1(w, row_bytes, &q, out) },
+                (Tier::Avx2, QType::Q8_0) => return unsafe { avx2::rows4_q8_0(w, row_bytes, &q, out) },
+                _ => {}
+            }
+        }
+    }
+    for (x, out) in x.into_iter().zip(out) {
+        rows(level, ty, w, row_bytes, x, out);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use half::f16;
@@ -205,6 +229,35 @@ mod tests {
             let mass: f64 = w.iter().zip(&xq).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
             let got = formats::dot_scalar(ty, &raw, acts.row(0)) as f64;
             assert!((got - exact).abs() <= 1e-5 * mass + 1e-6, "{ty}: {got} against {exact}");
+        }
+    }
+
+    /// A tile of four activation rows gives each output the bits a single row does.
+    #[test]
+    fn tiles_of_four_rows_equal_single_rows_bit_for_bit() {
+        let mut rng = StdRng::seed_from_u64(9);
+        let (rows_w, cols) = (5, 512);
+        for ty in QType::ALL {
+            let raw = random_blocks(ty, rows_w, cols, &mut rng);
+            let x: Vec<f32> = (0..4 * cols).map(|_| rng.random_range(-3.0f32..3.0)).collect();
+            let mut acts = QActs::new();
+            acts.quantize(ty.act(), &x, 4, cols).unwrap();
+            let rb = ty.row_bytes(cols).unwrap();
+            for level in Level::available() {
+                let mut tiled = vec![0.0; 4 * rows_w];
+                let [a, b, c, d] = {
+                    let (ab, cd) = tiled.split_at_mut(2 * rows_w);
+                    let (a, b) = ab.split_at_mut(rows_w);
+                    let (c, d) = cd.split_at_mut(rows_w);
+                    [a, b, c, d]
+                };
+                rows4(level, ty, &raw, rb, [0, 1, 2, 3].map(|r| acts.row(r)), [a, b, c, d]);
+                for r in 0..4 {
+                    let mut single = vec![0.0; rows_w];
+                    rows(level, ty, &raw, rb, acts.row(r), &mut single);
+                    assert_eq!(single, tiled[r * rows_w..(r + 1) * rows_w], "{ty} at {}", level.name());
+                }
+            }
         }
     }
 

@@ -30,7 +30,7 @@ pub use acts::{ActRow, Q8Row, QActs};
 pub use bytes::Bytes;
 pub use dispatch::Level;
 pub use formats::{dequantize, quantize};
-pub use matmul::{Kernels, MAX_MATRICES};
+pub use matmul::{AttentionShape, CacheRows, Kernels, MAX_MATRICES};
 pub use matrix::QMatrix;
 pub use pool::{MAX_THREADS, Pool};
 pub use types::{ActType, QType};

@@ -70,9 +70,21 @@ impl Kernels {
             self.pool.run(&|p| {
                 let mut mine = parts[p].lock().expect("a participant's outputs");
                 for (m, w) in ws.iter().enumerate() {
-                    let out = &mut mine[m];
-                    for (i, r) in (bounds(p)..bounds(p + 1)).enumerate() {
-                        let o = &mut out[i * w.rows()..(i + 1) * w.rows()];
+                    // Four activation rows at a time share each pass over the weights.
+                    let (n, first) = (w.rows(), bounds(p));
+                    if n == 0 {
+                        continue;
+                    }
+                    let mut quads = mine[m].chunks_exact_mut(4 * n);
+                    for (i, quad) in (&mut quads).enumerate() {
+                        let (ab, cd) = quad.split_at_mut(2 * n);
+                        let ((a, b), (c, d)) = (ab.split_at_mut(n), cd.split_at_mut(n));
+                        let xs = [0, 1, 2, 3].map(|j| x.row(first + 4 * i + j));
+                        dispatch::rows4(self.level, w.ty(), w.bytes(), w.row_bytes(), xs, [a, b, c, d]);
+                    }
+                    let rest = quads.into_remainder();
+                    let done = bounds(p + 1) - rest.len() / n;
+                    for (o, r) in rest.chunks_exact_mut(n).zip(done..) {
                         dispatch::rows(self.level, w.ty(), w.bytes(), w.row_bytes(), x.row(r), o);
                     }
                 }
@@ -98,6 +110,92 @@ impl Kernels {
             }
         }
         Ok(())
+    }
+}
+
+/// The shape of one causal attention step: `batch` rows of `seq` new queries at
+/// positions `start..start + seq`, `heads` query heads of `head_dim`, each
+/// `group` of them sharing a key/value head.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    /// Sequences.
+    pub batch: usize,
+    /// New positions per sequence.
+    pub seq: usize,
+    /// Positions cached before them.
+    pub start: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Query heads per key/value head.
+    pub group: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+}
+
+/// A sequence's cached keys or values for one key/value head: `(batch row, head,
+/// positions) → positions × head_dim` values.
+pub type CacheRows<'a> = &'a (dyn Fn(usize, usize, usize) -> (&'a [f32], &'a [f32]) + Sync);
+
+impl Kernels {
+    /// Causal attention, `ctx = softmax(q·kᵀ/√d)·V` per query head, on the pool.
+    ///
+    /// `q` and `ctx` are `[batch·seq][heads][head_dim]`: the unit of work is one
+    /// (query, head) pair, a contiguous `head_dim` of both, and participants take
+    /// consecutive runs of units of about equal cost (a query at position p reads
+    /// p + 1 cached positions). `scores` is scratch, grown as needed.
+    pub fn attention(
+        &self,
+        shape: AttentionShape,
+        q: &[f32],
+        cache: CacheRows,
+        scores: &mut Vec<f32>,
+        ctx: &mut [f32],
+    ) {
+        let AttentionShape {
+            seq,
+            start,
+            heads,
+            group,
+            head_dim: hd,
+            ..
+        } = shape;
+        let units = shape.batch * seq * heads;
+        let seen = |u: usize| start + (u / heads) % seq + 1;
+        let n = self.pool.threads().min(units.max(1));
+        // Boundaries where the running cost passes t/n of the total.
+        let total: usize = (0..units).map(seen).sum();
+        let mut bounds = [units; MAX_THREADS + 1];
+        bounds[0] = 0;
+        let (mut t, mut run) = (1, 0);
+        for u in 0..units {
+            while t < n && run >= total * t / n {
+                bounds[t] = u;
+                t += 1;
+            }
+            run += seen(u);
+        }
+        let width = start + seq;
+        scores.resize(n * width, 0.0);
+        let mut ctx_parts = [&mut ctx[..]];
+        let parts = cut(&mut ctx_parts, n, |_, t| bounds[t] * hd);
+        let scratch: [Mutex<&mut [f32]>; MAX_THREADS] = {
+            let mut chunks = scores.chunks_exact_mut(width);
+            std::array::from_fn(|_| Mutex::new(chunks.next().unwrap_or_default()))
+        };
+        let scale = 1.0 / (hd as f32).sqrt();
+        self.pool.run(&|p| {
+            if p >= n {
+                return;
+            }
+            let mut mine = parts[p].lock().expect("a participant's outputs");
+            let mut scores = scratch[p].lock().expect("a participant's scratch");
+            for u in bounds[p]..bounds[p + 1] {
+                let b = u / heads / seq;
+                let (keys, values) = cache(b, (u % heads) / group, seen(u));
+                let out = &mut mine[0][(u - bounds[p]) * hd..(u - bounds[p] + 1) * hd];
+                crate::ops::attend(&q[u * hd..(u + 1) * hd], keys, values, scale, &mut scores, out);
+            }
+        });
     }
 }
 
@@ -151,4 +249,123 @@ fn cut<'a>(outs: &'a mut [&mut [f32]], n: usize, at: impl Fn(usize, usize) -> us
         }
     }
     parts
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::*;
+    use crate::{ActType, QType};
+
+    fn pool(threads: usize) -> &'static Pool {
+        Box::leak(Box::new(Pool::new(threads)))
+    }
+
+    fn random(n: usize, scale: f32, rng: &mut StdRng) -> Vec<f32> {
+        (0..n).map(|_| rng.random_range(-scale..scale)).collect()
+    }
+
+    /// Each output is one dot in one order whatever the split: any number of
+    /// threads, and tiles or single rows, give the same bits.
+    #[test]
+    fn products_are_bit_identical_for_any_number_of_threads() {
+        let mut rng = StdRng::seed_from_u64(1);
+        let (cols, a_rows, b_rows) = (256, 37, 8);
+        for ty in [QType::Q4_1, QType::Q8_0, QType::Q4K, QType::F32] {
+            let a = QMatrix::quantize(ty, &random(a_rows * cols, 1.0, &mut rng), a_rows, cols).unwrap();
+            let b = QMatrix::quantize(ty, &random(b_rows * cols, 1.0, &mut rng), b_rows, cols).unwrap();
+            for x_rows in [1, 2, 3, 4, 7, 9] {
+                let mut x = QActs::new();
+                x.quantize(ty.act(), &random(x_rows * cols, 2.0, &mut rng), x_rows, cols)
+                    .unwrap();
+                let mut first: Option<(Vec<f32>, Vec<f32>)> = None;
+                for threads in [1, 2, 3] {
+                    let k = Kernels::new(Level::detect(), pool(threads));
+                    let (mut oa, mut ob) = (vec![0.0; x_rows * a_rows], vec![0.0; x_rows * b_rows]);
+                    k.matmul_many(&[&a, &b], &x, &mut [&mut oa, &mut ob]).unwrap();
+                    match &first {
+                        None => first = Some((oa, ob)),
+                        Some((fa, fb)) => assert!(fa == &oa && fb == &ob, "{ty}, {x_rows} rows, {threads} threads"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Against f64 products of the dequantised weights and the *unquantized*
+    /// activations: the only error is rounding each activation to its block's grid,
+    /// at most half a step (max|x|/254 of its block) per activation, so output o is
+    /// off by at most Σ_blocks step/2 · Σ_(i in block) |w_oi| (plus f32 rounding).
+    #[test]
+    fn products_stay_within_the_activations_rounding_bound() {
+        let mut rng = StdRng::seed_from_u64(2);
+        let k = Kernels::detect();
+        for (ty, rows, cols) in [
+            (QType::Q4_0, 96, 576),
+            (QType::Q4_1, 1536, 576),
+            (QType::Q5_0, 64, 576),
+            (QType::Q5_1, 64, 576),
+            (QType::Q8_0, 576, 1536),
+            (QType::Q4K, 64, 1536),
+            (QType::Q5K, 64, 512),
+            (QType::Q6K, 64, 512),
+            (QType::Q8K, 64, 512),
+            (QType::F16, 64, 96),
+        ] {
+            let w = QMatrix::quantize(ty, &random(rows * cols, 0.1, &mut rng), rows, cols).unwrap();
+            let wd = w.dequantize().unwrap();
+            for x_rows in [1, 5] {
+                let xf = random(x_rows * cols, 3.0, &mut rng);
+                let mut x = QActs::new();
+                x.quantize(ty.act(), &xf, x_rows, cols).unwrap();
+                let mut out = vec![0.0; x_rows * rows];
+                k.matmul(&w, &x, &mut out).unwrap();
+                let block = ty.act().block_elems();
+                for r in 0..x_rows {
+                    let xr = &xf[r * cols..(r + 1) * cols];
+                    let steps: Vec<f64> = xr
+                        .chunks(block)
+                        .map(|b| match ty.act() {
+                            ActType::F32 => 0.0,
+                            _ => b.iter().fold(0f32, |m, v| m.max(v.abs())) as f64 / 254.0,
+                        })
+                        .collect();
+                    for o in 0..rows {
+                        let wr = &wd[o * cols..(o + 1) * cols];
+                        let exact: f64 = wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let mass: f64 = wr.iter().zip(xr).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                        let bound: f64 = wr
+                            .iter()
+                            .enumerate()
+                            .map(|(i, a)| a.abs() as f64 * steps[i / block])
+                            .sum();
+                        let got = out[r * rows + o] as f64;
+                        assert!(
+                            (got - exact).abs() <= 1.01 * bound + 1e-5 * mass + 1e-6,
+                            "{ty} {rows}×{cols}, row {r}, output {o}: {got} against {exact} (bound {bound})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn mismatched_shapes_are_refused() {
+        let k = Kernels::detect();
+        let w = QMatrix::quantize(QType::Q8_0, &[0.5; 64], 1, 64).unwrap();
+        let mut x = QActs::new();
+        x.quantize(ActType::Q8_1, &[1.0; 64], 1, 64).unwrap();
+        assert!(
+            k.matmul(&w, &x, &mut [0.0]).is_err(),
+            "Q8_0 weights need Q8_0 activations"
+        );
+        x.quantize(ActType::Q8_0, &[1.0; 32], 1, 32).unwrap();
+        assert!(k.matmul(&w, &x, &mut [0.0]).is_err(), "32 activations for rows of 64");
+        x.quantize(ActType::Q8_0, &[1.0; 64], 1, 64).unwrap();
+        assert!(k.matmul(&w, &x, &mut [0.0, 0.0]).is_err(), "two outputs for one row");
+        k.matmul(&w, &x, &mut [0.0]).unwrap();
+    }
 }

@@ -5,6 +5,16 @@
 //! Scales are kept as f32 (ggml rounds Q8_0/Q8_1 scales to f16 in the block): the
 //! activations are ours and never written to a file, and f32 is the more accurate.
 
+/// `x` rounded to the nearest integer, ties to even, for |x| < 2²²: adding 1.5·2²³
+/// leaves no fraction bits, so the FPU's own rounding (to nearest even) does it.
+/// (`f32::round_ties_even` is a libm call on x86-64's baseline, a third of the
+/// time of quantizing; this is two additions, and vectorises.)
+#[inline]
+pub(crate) fn round_even(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
+}
+
 /// Q8_0 and Q8_1: per block of 32, `d = max|x| / 127` and `q = round(x / d)`, ties to
 /// even as the x86 kernels round. `sums`, when given (Q8_1), gets `d·Σq` per block.
 pub(crate) fn quantize_q8(x: &[f32], qs: &mut [i8], d: &mut [f32], mut sums: Option<&mut [f32]>) {
@@ -13,7 +23,7 @@ pub(crate) fn quantize_q8(x: &[f32], qs: &mut [i8], d: &mut [f32], mut sums: Opt
         let id = if amax > 0.0 { 127.0 / amax } else { 0.0 };
         let mut sum = 0i32;
         for (q, &v) in q.iter_mut().zip(x) {
-            *q = (v * id).round_ties_even() as i8;
+            *q = round_even(v * id) as i8;
             sum += *q as i32;
         }
         d[k] = amax / 127.0;
@@ -37,7 +47,7 @@ pub(crate) fn quantize_q8k(x: &[f32], qs: &mut [i8], d: &mut [f32], bsums: &mut 
         }
         let iscale = -127.0 / max;
         for (q, &v) in q.iter_mut().zip(x) {
-            *q = (iscale * v).round_ties_even().min(127.0) as i8;
+            *q = round_even(iscale * v).min(127.0) as i8;
         }
         for (s, q) in sums.iter_mut().zip(q.chunks_exact(16)) {
             *s = q.iter().map(|&v| v as i16).sum();
@@ -62,6 +72,15 @@ mod tests {
         assert_eq!(d, vec![2.0 / 127.0, 0.0]);
         assert!((s[0] - d[0] * (-127.0 + 64.0)).abs() < 1e-7);
         assert!(q[32..].iter().all(|&v| v == 0));
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even_as_the_library_rounds() {
+        for i in -1_000_000..1_000_000 {
+            let x = i as f32 * 0.000_25;
+            assert_eq!(round_even(x), x.round_ties_even(), "{x}");
+        }
+        assert_eq!((round_even(0.5), round_even(1.5), round_even(-2.5)), (0.0, 2.0, -2.0));
     }
 
     #[test]

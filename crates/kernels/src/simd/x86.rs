@@ -86,6 +86,65 @@ macro_rules! x86_kernels {
             hsum(acc)
         }
 
+        /// One Q4_1 row against four Q8_1 rows at once: each weight block is unpacked
+        /// once for the four. Every output is accumulated exactly as [`dot_q4_1`]
+        /// accumulates it, so a tile and a single row give the same bits.
+        #[target_feature(enable = $features)]
+        fn dot4_q4_1(w: &[[u8; 20]], x: &[Q8Row; 4]) -> [f32; 4] {
+            let qs = x.map(|x| x.qs.as_chunks::<32>().0);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            let mut mins = [0.0f32; 4];
+            for (k, b) in w.iter().enumerate() {
+                let (dw, mw) = f16_pair(arr(&b[0..4]));
+                let q = nibbles(arr(&b[4..20]));
+                for r in 0..4 {
+                    mins[r] += mw * x[r].sums[k];
+                    let p = mul_sum_us8(q, cast(qs[r][k]));
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[r].d[k]), _mm256_cvtepi32_ps(p), acc[r]);
+                }
+            }
+            [0, 1, 2, 3].map(|r| hsum(acc[r]) + mins[r])
+        }
+
+        /// One Q8_0 row against four Q8_0 rows at once (see [`dot4_q4_1`]).
+        #[target_feature(enable = $features)]
+        fn dot4_q8_0(w: &[[u8; 34]], x: &[Q8Row; 4]) -> [f32; 4] {
+            let qs = x.map(|x| x.qs.as_chunks::<32>().0);
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for (k, b) in w.iter().enumerate() {
+                let dw = _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([b[0], b[1]])));
+                let q: __m256i = cast::<[u8; 32], __m256i>(arr(&b[2..34]));
+                let aq = _mm256_sign_epi8(q, q);
+                for r in 0..4 {
+                    let p = mul_sum_us8(aq, _mm256_sign_epi8(cast(qs[r][k]), q));
+                    acc[r] = _mm256_fmadd_ps(
+                        _mm256_mul_ps(dw, _mm256_set1_ps(x[r].d[k])),
+                        _mm256_cvtepi32_ps(p),
+                        acc[r],
+                    );
+                }
+            }
+            [0, 1, 2, 3].map(|r| hsum(acc[r]))
+        }
+
+        /// `out[r][o] = row o of w · x[r]` for four activation rows, Q4_1 weights.
+        #[target_feature(enable = $features)]
+        pub(crate) fn rows4_q4_1(w: &[u8], row_bytes: usize, x: &[Q8Row; 4], out: [&mut [f32]; 4]) {
+            let [o0, o1, o2, o3] = out;
+            for (o, row) in w.chunks_exact(row_bytes).enumerate() {
+                [o0[o], o1[o], o2[o], o3[o]] = dot4_q4_1(row.as_chunks::<20>().0, x);
+            }
+        }
+
+        /// `out[r][o] = row o of w · x[r]` for four activation rows, Q8_0 weights.
+        #[target_feature(enable = $features)]
+        pub(crate) fn rows4_q8_0(w: &[u8], row_bytes: usize, x: &[Q8Row; 4], out: [&mut [f32]; 4]) {
+            let [o0, o1, o2, o3] = out;
+            for (o, row) in w.chunks_exact(row_bytes).enumerate() {
+                [o0[o], o1[o], o2[o], o3[o]] = dot4_q8_0(row.as_chunks::<34>().0, x);
+            }
+        }
+
         /// `out[o] = row o of w · x` for Q4_1 rows of `row_bytes` each.
         #[target_feature(enable = $features)]
         pub(crate) fn rows_q4_1(w: &[u8], row_bytes: usize, x: Q8Row, out: &mut [f32]) {
