@@ -99,18 +99,29 @@ pub(crate) fn rows(level: Level, ty: QType, w: &[u8], row_bytes: usize, x: ActRo
     #[cfg(target_arch = "x86_64")]
     {
         use crate::simd::{avx2, avx512};
-        match (level.0, ty, x) {
-            // SAFETY (each arm): `level` proves the CPU has the features of the module
-            // called (AVX-512 includes everything AVX2 needs).
-            (Tier::Avx512, QType::Q4_1, ActRow::Q8(x)) => return unsafe { avx512::rows_q4_1(w, row_bytes, x, out) },
-            (Tier::Avx512, QType::Q8_0, ActRow::Q8(x)) => return unsafe { avx512::rows_q8_0(w, row_bytes, x, out) },
-            (Tier::Avx2, QType::Q4_1, ActRow::Q8(x)) => {
-                return unsafe { avx2::rows_q4_1(w, row_bytes, x, out) };
+        if let ActRow::Q8(x) = x {
+            macro_rules! pick {
+                ($m:ident) => {
+                    match ty {
+                        QType::Q4_0 => return unsafe { $m::rows_q4_0(w, row_bytes, x, out) },
+                        QType::Q4_1 => return unsafe { $m::rows_q4_1(w, row_bytes, x, out) },
+                        QType::Q5_0 => return unsafe { $m::rows_q5_0(w, row_bytes, x, out) },
+                        QType::Q5_1 => return unsafe { $m::rows_q5_1(w, row_bytes, x, out) },
+                        QType::Q8_0 => return unsafe { $m::rows_q8_0(w, row_bytes, x, out) },
+                        QType::Q4K => return unsafe { $m::rows_q4k(w, row_bytes, x, out) },
+                        QType::Q5K => return unsafe { $m::rows_q5k(w, row_bytes, x, out) },
+                        QType::Q6K => return unsafe { $m::rows_q6k(w, row_bytes, x, out) },
+                        _ => {}
+                    }
+                };
             }
-            (Tier::Avx2, QType::Q8_0, ActRow::Q8(x)) => {
-                return unsafe { avx2::rows_q8_0(w, row_bytes, x, out) };
+            // SAFETY (every call `pick!` makes): `level` proves the CPU has the features
+            // of the module called (AVX-512 includes everything AVX2 needs).
+            match level.0 {
+                Tier::Avx512 => pick!(avx512),
+                Tier::Avx2 => pick!(avx2),
+                Tier::Scalar => {}
             }
-            _ => {}
         }
     }
     let _ = level;
@@ -128,13 +139,23 @@ pub(crate) fn rows4(level: Level, ty: QType, w: &[u8], row_bytes: usize, x: [Act
         use crate::simd::{avx2, avx512};
         if let [ActRow::Q8(a), ActRow::Q8(b), ActRow::Q8(c), ActRow::Q8(d)] = x {
             let q = [a, b, c, d];
-            match (level.0, ty) {
-                // SAFETY (each arm): as in `rows`.
-                (Tier::Avx512, QType::Q4_1) => return unsafe { avx512::rows4_q4_1(w, row_bytes, &q, out) },
-                (Tier::Avx512, QType::Q8_0) => return unsafe { avx512::rows4_q8_0(w, row_bytes, &q, out) },
-                (Tier::Avx2, QType::Q4_1) => return unsafe { avx2::rows4_q4_1(w, row_bytes, &q, out) },
-                (Tier::Avx2, QType::Q8_0) => return unsafe { avx2::rows4_q8_0(w, row_bytes, &q, out) },
-                _ => {}
+            macro_rules! pick {
+                ($m:ident) => {
+                    match ty {
+                        QType::Q4_0 => return unsafe { $m::rows4_q4_0(w, row_bytes, &q, out) },
+                        QType::Q4_1 => return unsafe { $m::rows4_q4_1(w, row_bytes, &q, out) },
+                        QType::Q5_0 => return unsafe { $m::rows4_q5_0(w, row_bytes, &q, out) },
+                        QType::Q5_1 => return unsafe { $m::rows4_q5_1(w, row_bytes, &q, out) },
+                        QType::Q8_0 => return unsafe { $m::rows4_q8_0(w, row_bytes, &q, out) },
+                        _ => {}
+                    }
+                };
+            }
+            // SAFETY: as in `rows`.
+            match level.0 {
+                Tier::Avx512 => pick!(avx512),
+                Tier::Avx2 => pick!(avx2),
+                Tier::Scalar => {}
             }
         }
     }

@@ -60,107 +60,337 @@ macro_rules! x86_kernels {
             s.try_into().expect("a fixed range of a fixed-size block")
         }
 
-        /// Q4_1 row · Q8_1 row: `Σ d_w·d_x·Σ q·y + m_w·s_x`.
+        /// A block's f16 scale, broadcast to eight lanes (a broadcast, not a lane insert:
+        /// an insert keeps some register's other lanes, and the compiler once picked the
+        /// accumulator, chaining every block to the one before — half speed).
         #[target_feature(enable = $features)]
-        pub(crate) fn dot_q4_1(w: &[[u8; 20]], qs: &[[i8; 32]], d: &[f32], s: &[f32]) -> f32 {
+        #[inline]
+        fn scale8(h: [u8; 2]) -> __m256 {
+            _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes(h)))
+        }
+
+        /// The 32 bits of a Q5 block's `qh` as 32 bytes: 0xFF where bit i is set.
+        #[target_feature(enable = $features)]
+        #[inline]
+        fn bits32(qh: [u8; 4]) -> __m256i {
+            // Byte i takes qh's byte i/8, then every bit but bit i%8 is forced on.
+            let spread = _mm256_set_epi64x(
+                0x0303_0303_0303_0303,
+                0x0202_0202_0202_0202,
+                0x0101_0101_0101_0101,
+                0,
+            );
+            let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(i32::from_le_bytes(qh)), spread);
+            let others = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
+            _mm256_cmpeq_epi8(_mm256_or_si256(bytes, others), _mm256_set1_epi64x(-1))
+        }
+
+        // Each legacy block unpacked to (d_w in eight lanes, m_w, its 32 integers):
+        // signed for Q4_0, Q5_0 and Q8_0, unsigned for Q4_1 and Q5_1 (their minimum
+        // meets the activations' block sums instead).
+
+        #[target_feature(enable = $features)]
+        #[inline]
+        fn unpack_q4_0(b: &[u8; 18]) -> (__m256, f32, __m256i) {
+            let q = _mm256_sub_epi8(nibbles(arr(&b[2..18])), _mm256_set1_epi8(8));
+            (scale8([b[0], b[1]]), 0.0, q)
+        }
+
+        #[target_feature(enable = $features)]
+        #[inline]
+        fn unpack_q4_1(b: &[u8; 20]) -> (__m256, f32, __m256i) {
+            let (d, m) = f16_pair(arr(&b[0..4]));
+            (_mm256_set1_ps(d), m, nibbles(arr(&b[4..20])))
+        }
+
+        #[target_feature(enable = $features)]
+        #[inline]
+        fn unpack_q5_0(b: &[u8; 22]) -> (__m256, f32, __m256i) {
+            // A clear fifth bit means q − 16 = nibble − 16: the nibble with its top bits set.
+            let high = _mm256_andnot_si256(bits32(arr(&b[2..6])), _mm256_set1_epi8(0xF0u8 as i8));
+            (
+                scale8([b[0], b[1]]),
+                0.0,
+                _mm256_or_si256(nibbles(arr(&b[6..22])), high),
+            )
+        }
+
+        #[target_feature(enable = $features)]
+        #[inline]
+        fn unpack_q5_1(b: &[u8; 24]) -> (__m256, f32, __m256i) {
+            let (d, m) = f16_pair(arr(&b[0..4]));
+            let high = _mm256_and_si256(bits32(arr(&b[4..8])), _mm256_set1_epi8(0x10));
+            (
+                _mm256_set1_ps(d),
+                m,
+                _mm256_or_si256(nibbles(arr(&b[8..24])), high),
+            )
+        }
+
+        #[target_feature(enable = $features)]
+        #[inline]
+        fn unpack_q8_0(b: &[u8; 34]) -> (__m256, f32, __m256i) {
+            (
+                scale8([b[0], b[1]]),
+                0.0,
+                cast::<[u8; 32], __m256i>(arr(&b[2..34])),
+            )
+        }
+
+        legacy_kernels!(
+            $features,
+            Q4_0,
+            18,
+            unpack_q4_0,
+            signed,
+            dot_q4_0,
+            dot4_q4_0,
+            rows_q4_0,
+            rows4_q4_0
+        );
+        legacy_kernels!(
+            $features,
+            Q4_1,
+            20,
+            unpack_q4_1,
+            unsigned,
+            dot_q4_1,
+            dot4_q4_1,
+            rows_q4_1,
+            rows4_q4_1
+        );
+        legacy_kernels!(
+            $features,
+            Q5_0,
+            22,
+            unpack_q5_0,
+            signed,
+            dot_q5_0,
+            dot4_q5_0,
+            rows_q5_0,
+            rows4_q5_0
+        );
+        legacy_kernels!(
+            $features,
+            Q5_1,
+            24,
+            unpack_q5_1,
+            unsigned,
+            dot_q5_1,
+            dot4_q5_1,
+            rows_q5_1,
+            rows4_q5_1
+        );
+        legacy_kernels!(
+            $features,
+            Q8_0,
+            34,
+            unpack_q8_0,
+            signed,
+            dot_q8_0,
+            dot4_q8_0,
+            rows_q8_0,
+            rows4_q8_0
+        );
+
+        /// The eight 6-bit (scale, minimum) pairs of a Q4_K/Q5_K super-block.
+        #[inline]
+        fn scales_mins(s: &[u8]) -> ([i16; 8], [i16; 8]) {
+            let (mut sc, mut m) = ([0i16; 8], [0i16; 8]);
+            for j in 0..8 {
+                let (a, b) = crate::formats::kquant::scale_min(j, s);
+                (sc[j], m[j]) = (a as i16, b as i16);
+            }
+            (sc, m)
+        }
+
+        /// Q4_K (`five` false) or Q5_K row · Q8_K row: per super-block
+        /// `d·d_x·Σ_j sc_j·Σ q·y − dmin·d_x·Σ_j m_j·(bsums of sub-block j)`.
+        #[target_feature(enable = $features)]
+        fn dot_q45k<const N: usize>(w: &[[u8; N]], x: &Q8Row, five: bool) -> f32 {
+            let m4 = _mm256_set1_epi8(0x0F);
             let mut acc = _mm256_setzero_ps();
             let mut mins = 0.0f32;
-            for (((b, y), &dx), &sx) in w.iter().zip(qs).zip(d).zip(s) {
-                let (dw, mw) = f16_pair(arr(&b[0..4]));
-                mins += mw * sx;
-                let p = mul_sum_us8(nibbles(arr(&b[4..20])), cast(*y));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * dx), _mm256_cvtepi32_ps(p), acc);
+            for (k, b) in w.iter().enumerate() {
+                let (d, dmin) = f16_pair(arr(&b[0..4]));
+                let dx = x.d[k];
+                let (sc, m) = scales_mins(&b[4..16]);
+                let bsums = &x.bsums[16 * k..16 * k + 16];
+                let summ: i32 = (0..8)
+                    .map(|j| m[j] as i32 * (bsums[2 * j] as i32 + bsums[2 * j + 1] as i32))
+                    .sum();
+                mins -= dmin * dx * summ as f32;
+                let (qh, qs) = if five {
+                    (&b[16..48], &b[48..176])
+                } else {
+                    (&b[0..0], &b[16..144])
+                };
+                let mut hbits = if five {
+                    cast::<[u8; 32], __m256i>(arr(qh))
+                } else {
+                    _mm256_setzero_si256()
+                };
+                let y = &x.qs[256 * k..256 * k + 256];
+                let mut sumi = _mm256_setzero_si256();
+                for c in 0..4 {
+                    let q4 = cast::<[u8; 32], __m256i>(arr(&qs[32 * c..32 * c + 32]));
+                    let mut lo = _mm256_and_si256(q4, m4);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
+                    if five {
+                        let one = _mm256_set1_epi8(1);
+                        lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(hbits, one)));
+                        hi = _mm256_or_si256(
+                            hi,
+                            _mm256_slli_epi16::<3>(_mm256_and_si256(hbits, _mm256_set1_epi8(2))),
+                        );
+                        hbits = _mm256_srli_epi16::<2>(hbits);
+                    }
+                    let ylo: __m256i = cast(<[i8; 32]>::try_from(&y[64 * c..64 * c + 32]).expect("32"));
+                    let yhi: __m256i = cast(<[i8; 32]>::try_from(&y[64 * c + 32..64 * c + 64]).expect("32"));
+                    let plo = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * c]), _mm256_maddubs_epi16(lo, ylo));
+                    let phi = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * c + 1]), _mm256_maddubs_epi16(hi, yhi));
+                    sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(plo, phi));
+                }
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sumi), acc);
             }
             hsum(acc) + mins
         }
 
-        /// Q8_0 row · Q8_0 row: `Σ d_w·d_x·Σ q·y`.
+        /// Q6_K row · Q8_K row: `d·d_x·(Σ_k sc_k·Σ e·y − 32·Σ_k sc_k·bsum_k)`, the
+        /// unsigned six bits `e` through `maddubs` and the offset of 32 once per block.
         #[target_feature(enable = $features)]
-        pub(crate) fn dot_q8_0(w: &[[u8; 34]], qs: &[[i8; 32]], d: &[f32]) -> f32 {
+        fn dot_q6k_row(w: &[[u8; 210]], x: &Q8Row) -> f32 {
+            let m4 = _mm256_set1_epi8(0x0F);
+            let m2 = _mm256_set1_epi8(0x03);
             let mut acc = _mm256_setzero_ps();
-            for ((b, y), &dx) in w.iter().zip(qs).zip(d) {
-                let dw = _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([b[0], b[1]])));
-                let p = mul_sum_i8(cast::<[u8; 32], __m256i>(arr(&b[2..34])), cast(*y));
-                acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(dx)), _mm256_cvtepi32_ps(p), acc);
+            for (k, b) in w.iter().enumerate() {
+                let (ql, qh) = (&b[0..128], &b[128..192]);
+                let sc: [i8; 16] = core::array::from_fn(|i| b[192 + i] as i8);
+                let d = _mm_cvtss_f32(_mm256_castps256_ps128(scale8([b[208], b[209]])));
+                let y = &x.qs[256 * k..256 * k + 256];
+                let bsums = &x.bsums[16 * k..16 * k + 16];
+                let offset: i32 = (0..16).map(|i| sc[i] as i32 * bsums[i] as i32).sum::<i32>() * 32;
+                let mut sumi = _mm256_setzero_si256();
+                for n in 0..2 {
+                    let l1 = cast::<[u8; 32], __m256i>(arr(&ql[64 * n..64 * n + 32]));
+                    let l2 = cast::<[u8; 32], __m256i>(arr(&ql[64 * n + 32..64 * n + 64]));
+                    let h = cast::<[u8; 32], __m256i>(arr(&qh[32 * n..32 * n + 32]));
+                    let quarters = [
+                        _mm256_or_si256(
+                            _mm256_and_si256(l1, m4),
+                            _mm256_slli_epi16::<4>(_mm256_and_si256(h, m2)),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(l2, m4),
+                            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(h), m2)),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
+                            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(h), m2)),
+                        ),
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16::<4>(l2), m4),
+                            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(h), m2)),
+                        ),
+                    ];
+                    for (i, e) in quarters.into_iter().enumerate() {
+                        // Elements 128n + 32i .. +32: sub-blocks 8n + 2i and 8n + 2i + 1.
+                        let at = 128 * n + 32 * i;
+                        let yv: __m256i = cast(<[i8; 32]>::try_from(&y[at..at + 32]).expect("32"));
+                        let s = at / 16;
+                        let scales = _mm256_set_m128i(_mm_set1_epi16(sc[s + 1] as i16), _mm_set1_epi16(sc[s] as i16));
+                        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scales, _mm256_maddubs_epi16(e, yv)));
+                    }
+                }
+                let total = _mm256_sub_epi32(sumi, _mm256_setr_epi32(offset, 0, 0, 0, 0, 0, 0, 0));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[k]), _mm256_cvtepi32_ps(total), acc);
             }
             hsum(acc)
         }
 
-        /// One Q4_1 row against four Q8_1 rows at once: each weight block is unpacked
-        /// once for the four. Every output is accumulated exactly as [`dot_q4_1`]
-        /// accumulates it, so a tile and a single row give the same bits.
+        /// `out[o] = row o of w · x` for Q4_K rows.
         #[target_feature(enable = $features)]
-        fn dot4_q4_1(w: &[[u8; 20]], x: &[Q8Row; 4]) -> [f32; 4] {
+        pub(crate) fn rows_q4k(w: &[u8], row_bytes: usize, x: Q8Row, out: &mut [f32]) {
+            for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+                *o = dot_q45k(row.as_chunks::<144>().0, &x, false);
+            }
+        }
+
+        /// `out[o] = row o of w · x` for Q5_K rows.
+        #[target_feature(enable = $features)]
+        pub(crate) fn rows_q5k(w: &[u8], row_bytes: usize, x: Q8Row, out: &mut [f32]) {
+            for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+                *o = dot_q45k(row.as_chunks::<176>().0, &x, true);
+            }
+        }
+
+        /// `out[o] = row o of w · x` for Q6_K rows.
+        #[target_feature(enable = $features)]
+        pub(crate) fn rows_q6k(w: &[u8], row_bytes: usize, x: Q8Row, out: &mut [f32]) {
+            for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+                *o = dot_q6k_row(row.as_chunks::<210>().0, &x);
+            }
+        }
+    };
+}
+
+/// The four kernels of one legacy format at one level: a row's dot, the 4-row tile
+/// (each weight block unpacked once for four activation rows), and their loops over
+/// rows. Every output is accumulated in the same order by the dot and the tile —
+/// `acc += (d_w·d_x)·Σq·y` block by block, the minimum's `m_w·s_x` in a sum of its
+/// own — so a tile and a single row give the same bits.
+macro_rules! legacy_kernels {
+    ($features:literal, $name:ident, $n:literal, $unpack:ident, $sign:ident,
+     $dot:ident, $dot4:ident, $rows:ident, $rows4:ident) => {
+        #[target_feature(enable = $features)]
+        fn $dot(w: &[[u8; $n]], x: &Q8Row) -> f32 {
+            let qs = x.qs.as_chunks::<32>().0;
+            let mut acc = _mm256_setzero_ps();
+            let mut mins = 0.0f32;
+            for (k, (b, (y, &dx))) in w.iter().zip(qs.iter().zip(x.d)).enumerate() {
+                let (dw, mw, q) = $unpack(b);
+                let p = legacy_kernels!(@product $sign, q, cast(*y));
+                acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(dx)), _mm256_cvtepi32_ps(p), acc);
+                legacy_kernels!(@min $sign, mins, mw, x, k);
+            }
+            hsum(acc) + mins
+        }
+
+        #[target_feature(enable = $features)]
+        fn $dot4(w: &[[u8; $n]], x: &[Q8Row; 4]) -> [f32; 4] {
             let qs = x.map(|x| x.qs.as_chunks::<32>().0);
             let mut acc = [_mm256_setzero_ps(); 4];
             let mut mins = [0.0f32; 4];
             for (k, b) in w.iter().enumerate() {
-                let (dw, mw) = f16_pair(arr(&b[0..4]));
-                let q = nibbles(arr(&b[4..20]));
+                let (dw, mw, q) = $unpack(b);
                 for r in 0..4 {
-                    mins[r] += mw * x[r].sums[k];
-                    let p = mul_sum_us8(q, cast(qs[r][k]));
-                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw * x[r].d[k]), _mm256_cvtepi32_ps(p), acc[r]);
+                    let p = legacy_kernels!(@product $sign, q, cast(qs[r][k]));
+                    acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(x[r].d[k])), _mm256_cvtepi32_ps(p), acc[r]);
+                    legacy_kernels!(@min $sign, mins[r], mw, x[r], k);
                 }
             }
             [0, 1, 2, 3].map(|r| hsum(acc[r]) + mins[r])
         }
 
-        /// One Q8_0 row against four Q8_0 rows at once (see [`dot4_q4_1`]).
+        #[doc = concat!("`out[o] = row o of w · x` for ", stringify!($name), " rows of `row_bytes` each.")]
         #[target_feature(enable = $features)]
-        fn dot4_q8_0(w: &[[u8; 34]], x: &[Q8Row; 4]) -> [f32; 4] {
-            let qs = x.map(|x| x.qs.as_chunks::<32>().0);
-            let mut acc = [_mm256_setzero_ps(); 4];
-            for (k, b) in w.iter().enumerate() {
-                let dw = _mm256_cvtph_ps(_mm_set1_epi16(i16::from_le_bytes([b[0], b[1]])));
-                let q: __m256i = cast::<[u8; 32], __m256i>(arr(&b[2..34]));
-                let aq = _mm256_sign_epi8(q, q);
-                for r in 0..4 {
-                    let p = mul_sum_us8(aq, _mm256_sign_epi8(cast(qs[r][k]), q));
-                    acc[r] = _mm256_fmadd_ps(
-                        _mm256_mul_ps(dw, _mm256_set1_ps(x[r].d[k])),
-                        _mm256_cvtepi32_ps(p),
-                        acc[r],
-                    );
-                }
+        pub(crate) fn $rows(w: &[u8], row_bytes: usize, x: Q8Row, out: &mut [f32]) {
+            for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+                *o = $dot(row.as_chunks::<$n>().0, &x);
             }
-            [0, 1, 2, 3].map(|r| hsum(acc[r]))
         }
 
-        /// `out[r][o] = row o of w · x[r]` for four activation rows, Q4_1 weights.
+        #[doc = concat!("`out[r][o] = row o of w · x[r]` for four activation rows, ", stringify!($name), " weights.")]
         #[target_feature(enable = $features)]
-        pub(crate) fn rows4_q4_1(w: &[u8], row_bytes: usize, x: &[Q8Row; 4], out: [&mut [f32]; 4]) {
+        pub(crate) fn $rows4(w: &[u8], row_bytes: usize, x: &[Q8Row; 4], out: [&mut [f32]; 4]) {
             let [o0, o1, o2, o3] = out;
             for (o, row) in w.chunks_exact(row_bytes).enumerate() {
-                [o0[o], o1[o], o2[o], o3[o]] = dot4_q4_1(row.as_chunks::<20>().0, x);
-            }
-        }
-
-        /// `out[r][o] = row o of w · x[r]` for four activation rows, Q8_0 weights.
-        #[target_feature(enable = $features)]
-        pub(crate) fn rows4_q8_0(w: &[u8], row_bytes: usize, x: &[Q8Row; 4], out: [&mut [f32]; 4]) {
-            let [o0, o1, o2, o3] = out;
-            for (o, row) in w.chunks_exact(row_bytes).enumerate() {
-                [o0[o], o1[o], o2[o], o3[o]] = dot4_q8_0(row.as_chunks::<34>().0, x);
-            }
-        }
-
-        /// `out[o] = row o of w · x` for Q4_1 rows of `row_bytes` each.
-        #[target_feature(enable = $features)]
-        pub(crate) fn rows_q4_1(w: &[u8], row_bytes: usize, x: Q8Row, out: &mut [f32]) {
-            let qs = x.qs.as_chunks::<32>().0;
-            for (row, o) in w.chunks_exact(row_bytes).zip(out) {
-                *o = dot_q4_1(row.as_chunks::<20>().0, qs, x.d, x.sums);
-            }
-        }
-
-        /// `out[o] = row o of w · x` for Q8_0 rows of `row_bytes` each.
-        #[target_feature(enable = $features)]
-        pub(crate) fn rows_q8_0(w: &[u8], row_bytes: usize, x: Q8Row, out: &mut [f32]) {
-            let qs = x.qs.as_chunks::<32>().0;
-            for (row, o) in w.chunks_exact(row_bytes).zip(out) {
-                *o = dot_q8_0(row.as_chunks::<34>().0, qs, x.d);
+                [o0[o], o1[o], o2[o], o3[o]] = $dot4(row.as_chunks::<$n>().0, x);
             }
         }
     };
+    (@product signed, $q:expr, $y:expr) => { mul_sum_i8($q, $y) };
+    (@product unsigned, $q:expr, $y:expr) => { mul_sum_us8($q, $y) };
+    (@min signed, $mins:expr, $mw:expr, $x:expr, $k:expr) => { let _ = (&mut $mins, $mw, $k); };
+    (@min unsigned, $mins:expr, $mw:expr, $x:expr, $k:expr) => { $mins += $mw * $x.sums[$k]; };
 }
