@@ -16,6 +16,10 @@ use crate::dispatch::{self, Level};
 use crate::pool::{MAX_THREADS, Pool};
 use crate::{KernelError, QMatrix};
 
+/// Weight rows a participant keeps in L1 while its activation rows pass (prefill):
+/// 32 rows of 576 Q8_0 weights are 20 KB.
+const CHUNK: usize = 32;
+
 /// The most matrices one [`Kernels::matmul_many`] call takes.
 pub const MAX_MATRICES: usize = 4;
 
@@ -70,22 +74,26 @@ impl Kernels {
             self.pool.run(&|p| {
                 let mut mine = parts[p].lock().expect("a participant's outputs");
                 for (m, w) in ws.iter().enumerate() {
-                    // Four activation rows at a time share each pass over the weights.
-                    let (n, first) = (w.rows(), bounds(p));
-                    if n == 0 {
-                        continue;
-                    }
-                    let mut quads = mine[m].chunks_exact_mut(4 * n);
-                    for (i, quad) in (&mut quads).enumerate() {
-                        let (ab, cd) = quad.split_at_mut(2 * n);
-                        let ((a, b), (c, d)) = (ab.split_at_mut(n), cd.split_at_mut(n));
-                        let xs = [0, 1, 2, 3].map(|j| x.row(first + 4 * i + j));
-                        dispatch::rows4(self.level, w.ty(), w.bytes(), w.row_bytes(), xs, [a, b, c, d]);
-                    }
-                    let rest = quads.into_remainder();
-                    let done = bounds(p + 1) - rest.len() / n;
-                    for (o, r) in rest.chunks_exact_mut(n).zip(done..) {
-                        dispatch::rows(self.level, w.ty(), w.bytes(), w.row_bytes(), x.row(r), o);
+                    let (n, first, last) = (w.rows(), bounds(p), bounds(p + 1));
+                    let rb = w.row_bytes();
+                    let out = &mut mine[m];
+                    // A few weight rows stay in L1 while every activation row of this
+                    // participant passes them, four at a time (a tile unpacks each
+                    // weight block once for the four).
+                    for c0 in (0..n).step_by(CHUNK) {
+                        let c1 = (c0 + CHUNK).min(n);
+                        let chunk = &w.bytes()[c0 * rb..c1 * rb];
+                        let mut rows_out = out.chunks_exact_mut(n);
+                        let mut r = first;
+                        while r + 4 <= last {
+                            let outs = [(); 4].map(|_| &mut rows_out.next().expect("a row per activation row")[c0..c1]);
+                            let xs = [0, 1, 2, 3].map(|j| x.row(r + j));
+                            dispatch::rows4(self.level, w.ty(), chunk, rb, xs, outs);
+                            r += 4;
+                        }
+                        for (o, r) in rows_out.zip(r..last) {
+                            dispatch::rows(self.level, w.ty(), chunk, rb, x.row(r), &mut o[c0..c1]);
+                        }
                     }
                 }
             });
