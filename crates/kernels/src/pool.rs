@@ -35,6 +35,9 @@ pub const MAX_THREADS: usize = 64;
 
 type Job = &'static (dyn Fn(usize) + Sync);
 
+/// The process's pool ([`Pool::global`]).
+static GLOBAL: OnceLock<Pool> = OnceLock::new();
+
 struct Shared {
     /// Bumped once per job; a helper runs a job when it sees a new value.
     epoch: AtomicU64,
@@ -88,8 +91,18 @@ impl Pool {
     /// The process's pool: `RAYON_NUM_THREADS` participants if set (the knob the
     /// cluster agent sets per worker), else one per available core.
     pub fn global() -> &'static Pool {
-        static POOL: OnceLock<Pool> = OnceLock::new();
-        POOL.get_or_init(|| Pool::new(default_threads()))
+        GLOBAL.get_or_init(|| Pool::new(default_threads()))
+    }
+
+    /// Sizes the process's pool to `threads` before its first use (several worker
+    /// processes sharing one machine's cores); false if it already runs, at its size.
+    pub fn init_global(threads: usize) -> bool {
+        let mut made = false;
+        GLOBAL.get_or_init(|| {
+            made = true;
+            Pool::new(threads)
+        });
+        made
     }
 
     /// Number of participants.

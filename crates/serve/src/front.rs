@@ -197,11 +197,22 @@ fn meet(model_name: &str, place: &Placing) -> Result<(Mesh, Children, Vec<Socket
             let mut addrs = vec![listener.local_addr()?];
             let mut children = Children(vec![]);
             let exe = std::env::current_exe()?;
+            // The workers share this machine's cores: each process gets its share of
+            // threads (unless RAYON_NUM_THREADS says otherwise), or their spinning
+            // helpers would take turns with each other's compute.
+            let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| {
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                (cores / place.workers.max(1)).max(1).to_string()
+            });
+            if let Ok(n) = threads.parse() {
+                hetero_kernels::Pool::init_global(n);
+            }
             for rank in 1..place.workers {
                 let mut child = Command::new(&exe)
                     .args(["infer-worker", model_name, "--rank", &rank.to_string()])
                     .args(["--placement", &place.placement, "--workers", &place.workers.to_string()])
                     .env("HETERO_TOKEN", &token)
+                    .env("RAYON_NUM_THREADS", &threads)
                     .stdin(Stdio::piped())
                     .stdout(Stdio::piped())
                     .spawn()
