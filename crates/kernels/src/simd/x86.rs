@@ -145,6 +145,7 @@ macro_rules! x86_kernels {
             signed,
             dot_q4_0,
             dot4_q4_0,
+            dot8_q4_0,
             rows_q4_0,
             rows4_q4_0
         );
@@ -156,6 +157,7 @@ macro_rules! x86_kernels {
             unsigned,
             dot_q4_1,
             dot4_q4_1,
+            dot8_q4_1,
             rows_q4_1,
             rows4_q4_1
         );
@@ -167,6 +169,7 @@ macro_rules! x86_kernels {
             signed,
             dot_q5_0,
             dot4_q5_0,
+            dot8_q5_0,
             rows_q5_0,
             rows4_q5_0
         );
@@ -178,6 +181,7 @@ macro_rules! x86_kernels {
             unsigned,
             dot_q5_1,
             dot4_q5_1,
+            dot8_q5_1,
             rows_q5_1,
             rows4_q5_1
         );
@@ -189,6 +193,7 @@ macro_rules! x86_kernels {
             signed,
             dot_q8_0,
             dot4_q8_0,
+            dot8_q8_0,
             rows_q8_0,
             rows4_q8_0
         );
@@ -341,7 +346,7 @@ macro_rules! x86_kernels {
 /// own — so a tile and a single row give the same bits.
 macro_rules! legacy_kernels {
     ($features:literal, $name:ident, $n:literal, $unpack:ident, $sign:ident,
-     $dot:ident, $dot4:ident, $rows:ident, $rows4:ident) => {
+     $dot:ident, $dot4:ident, $dot8:ident, $rows:ident, $rows4:ident) => {
         #[target_feature(enable = $features)]
         fn $dot(w: &[[u8; $n]], x: &Q8Row) -> f32 {
             let qs = x.qs.as_chunks::<32>().0;
@@ -372,6 +377,58 @@ macro_rules! legacy_kernels {
             [0, 1, 2, 3].map(|r| hsum(acc[r]) + mins[r])
         }
 
+        /// Two weight rows against four activation rows, written out so the eight
+        /// accumulators stay in registers: each activation block is loaded once for
+        /// both rows, each weight block unpacked once for the four. Same order of
+        /// accumulation as the dot, so the same bits.
+        #[target_feature(enable = $features)]
+        fn $dot8(w0: &[[u8; $n]], w1: &[[u8; $n]], x: &[Q8Row; 4]) -> [[f32; 4]; 2] {
+            let n = w0.len();
+            let w1 = &w1[..n];
+            let [x0, x1, x2, x3] = x;
+            let (q0, q1, q2, q3) = (
+                &x0.qs.as_chunks::<32>().0[..n],
+                &x1.qs.as_chunks::<32>().0[..n],
+                &x2.qs.as_chunks::<32>().0[..n],
+                &x3.qs.as_chunks::<32>().0[..n],
+            );
+            let (e0, e1, e2, e3) = (&x0.d[..n], &x1.d[..n], &x2.d[..n], &x3.d[..n]);
+            let z = _mm256_setzero_ps();
+            let (mut a00, mut a01, mut a02, mut a03) = (z, z, z, z);
+            let (mut a10, mut a11, mut a12, mut a13) = (z, z, z, z);
+            let mut m = [[0.0f32; 4]; 2];
+            for k in 0..n {
+                let (dw0, mw0, p0) = $unpack(&w0[k]);
+                let (dw1, mw1, p1) = $unpack(&w1[k]);
+                let (d0, d1, d2, d3) = (
+                    _mm256_set1_ps(e0[k]),
+                    _mm256_set1_ps(e1[k]),
+                    _mm256_set1_ps(e2[k]),
+                    _mm256_set1_ps(e3[k]),
+                );
+                let y: __m256i = cast(q0[k]);
+                a00 = _mm256_fmadd_ps(_mm256_mul_ps(dw0, d0), _mm256_cvtepi32_ps(legacy_kernels!(@product $sign, p0, y)), a00);
+                a10 = _mm256_fmadd_ps(_mm256_mul_ps(dw1, d0), _mm256_cvtepi32_ps(legacy_kernels!(@product $sign, p1, y)), a10);
+                let y: __m256i = cast(q1[k]);
+                a01 = _mm256_fmadd_ps(_mm256_mul_ps(dw0, d1), _mm256_cvtepi32_ps(legacy_kernels!(@product $sign, p0, y)), a01);
+                a11 = _mm256_fmadd_ps(_mm256_mul_ps(dw1, d1), _mm256_cvtepi32_ps(legacy_kernels!(@product $sign, p1, y)), a11);
+                let y: __m256i = cast(q2[k]);
+                a02 = _mm256_fmadd_ps(_mm256_mul_ps(dw0, d2), _mm256_cvtepi32_ps(legacy_kernels!(@product $sign, p0, y)), a02);
+                a12 = _mm256_fmadd_ps(_mm256_mul_ps(dw1, d2), _mm256_cvtepi32_ps(legacy_kernels!(@product $sign, p1, y)), a12);
+                let y: __m256i = cast(q3[k]);
+                a03 = _mm256_fmadd_ps(_mm256_mul_ps(dw0, d3), _mm256_cvtepi32_ps(legacy_kernels!(@product $sign, p0, y)), a03);
+                a13 = _mm256_fmadd_ps(_mm256_mul_ps(dw1, d3), _mm256_cvtepi32_ps(legacy_kernels!(@product $sign, p1, y)), a13);
+                for (r, xr) in [x0, x1, x2, x3].into_iter().enumerate() {
+                    legacy_kernels!(@min $sign, m[0][r], mw0, xr, k);
+                    legacy_kernels!(@min $sign, m[1][r], mw1, xr, k);
+                }
+            }
+            [
+                [hsum(a00) + m[0][0], hsum(a01) + m[0][1], hsum(a02) + m[0][2], hsum(a03) + m[0][3]],
+                [hsum(a10) + m[1][0], hsum(a11) + m[1][1], hsum(a12) + m[1][2], hsum(a13) + m[1][3]],
+            ]
+        }
+
         #[doc = concat!("`out[o] = row o of w · x` for ", stringify!($name), " rows of `row_bytes` each.")]
         #[target_feature(enable = $features)]
         pub(crate) fn $rows(w: &[u8], row_bytes: usize, x: Q8Row, out: &mut [f32]) {
@@ -384,13 +441,22 @@ macro_rules! legacy_kernels {
         #[target_feature(enable = $features)]
         pub(crate) fn $rows4(w: &[u8], row_bytes: usize, x: &[Q8Row; 4], out: [&mut [f32]; 4]) {
             let [o0, o1, o2, o3] = out;
-            for (o, row) in w.chunks_exact(row_bytes).enumerate() {
-                [o0[o], o1[o], o2[o], o3[o]] = $dot4(row.as_chunks::<$n>().0, x);
+            let mut pairs = w.chunks_exact(2 * row_bytes);
+            for (i, two) in (&mut pairs).enumerate() {
+                let (r0, r1) = two.split_at(row_bytes);
+                let [a, b] = $dot8(r0.as_chunks::<$n>().0, r1.as_chunks::<$n>().0, x);
+                let o = 2 * i;
+                [o0[o], o1[o], o2[o], o3[o]] = a;
+                [o0[o + 1], o1[o + 1], o2[o + 1], o3[o + 1]] = b;
+            }
+            if !pairs.remainder().is_empty() {
+                let o = w.len() / row_bytes - 1;
+                [o0[o], o1[o], o2[o], o3[o]] = $dot4(pairs.remainder().as_chunks::<$n>().0, x);
             }
         }
     };
     (@product signed, $q:expr, $y:expr) => { mul_sum_i8($q, $y) };
     (@product unsigned, $q:expr, $y:expr) => { mul_sum_us8($q, $y) };
-    (@min signed, $mins:expr, $mw:expr, $x:expr, $k:expr) => { let _ = (&mut $mins, $mw, $k); };
+    (@min signed, $mins:expr, $mw:expr, $x:expr, $k:expr) => { let _ = (&mut $mins, $mw, $k, &$x); };
     (@min unsigned, $mins:expr, $mw:expr, $x:expr, $k:expr) => { $mins += $mw * $x.sums[$k]; };
 }
