@@ -120,7 +120,7 @@ impl<B: Backend> Exchange<'_, B> {
             let source = holders[j % holders.len()];
             if me == source {
                 let x = x.as_ref().expect("a holder holds the activations");
-                self.mesh.send(w, &flat4(cut(x, range)))?;
+                self.mesh.send(w, &flat(cut(x, range)))?;
             } else if me == w {
                 let mut values = vec![0f32; range.len() * self.per_slice()];
                 self.mesh.recv(source, &mut values)?;
@@ -154,7 +154,7 @@ impl<B: Backend> Exchange<'_, B> {
             }
             Held::Sliced { mine, workers, ranges } => {
                 let sizes: Vec<usize> = ranges.iter().map(|r| r.len() * self.per_slice()).collect();
-                let values = mine.map(flat4).unwrap_or_default();
+                let values = mine.map(flat).unwrap_or_default();
                 let member = workers.contains(&me);
                 if same_set(&workers, to) {
                     let all = match member {
@@ -189,7 +189,7 @@ impl<B: Backend> Exchange<'_, B> {
         for (j, &w) in needers.iter().enumerate() {
             let source = holders[j % holders.len()];
             if me == source {
-                let values = sent.get_or_insert_with(|| flat3(x.clone().expect("a holder holds the activations")));
+                let values = sent.get_or_insert_with(|| flat(x.clone().expect("a holder holds the activations")));
                 self.mesh.send(w, values)?;
             } else if me == w {
                 let mut values = vec![0f32; self.dims.iter().product()];
@@ -212,7 +212,7 @@ impl<B: Backend> Exchange<'_, B> {
         }
         let clock = Instant::now();
         let dims = t.dims();
-        let mut v = flat3(t);
+        let mut v = flat(t);
         self.mesh.allreduce_sum(group, &mut v)?;
         self.timing.communication += clock.elapsed();
         Ok(Tensor::from_data(TensorData::new(v, dims), self.device))
@@ -231,11 +231,8 @@ impl<B: Backend> Exchange<'_, B> {
     }
 }
 
-fn flat3<B: Backend>(t: Tensor<B, 3>) -> Vec<f32> {
-    t.into_data().to_vec::<f32>().expect("f32 activations")
-}
-
-fn flat4<B: Backend>(t: Tensor<B, 4>) -> Vec<f32> {
+/// A tensor's values, row-major.
+pub(crate) fn flat<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
     t.into_data().to_vec::<f32>().expect("f32 activations")
 }
 

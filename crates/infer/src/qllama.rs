@@ -652,16 +652,7 @@ mod tests {
     fn on_quantized_matrices_it_stays_within_the_activations_rounding() {
         // The K-quants need rows of 256: only `ffn_down` (256 units) is stored so, the
         // rest stays f32 — a file of mixed formats, as Q4_K_M files are.
-        for ty in [
-            QType::Q4_0,
-            QType::Q4_1,
-            QType::Q5_0,
-            QType::Q5_1,
-            QType::Q8_0,
-            QType::Q4K,
-            QType::Q5K,
-            QType::Q6K,
-        ] {
+        for ty in QType::ALL.into_iter().filter(|t| !t.is_float() && *t != QType::Q8K) {
             let w = RandomWeights::new(small().tensor_shapes(), 12).stored_as(ty);
             let burn = run(
                 &RandomWeights::new(small().tensor_shapes(), 12)

@@ -20,7 +20,7 @@ use burn::prelude::*;
 use hetero_comm::Mesh;
 
 use crate::InferError;
-use crate::activations::{Exchange, Held};
+use crate::activations::{Exchange, Held, flat};
 use crate::bert::{BertConfig, BertEmbeddings, BertLayer, mean_pool, padding_mask};
 use crate::llama::{KvCache, LlamaConfig, LlamaEmbeddings, LlamaHead, LlamaLayer};
 use crate::placement::{Layout, Original, Placement};
@@ -629,11 +629,6 @@ impl<B: Backend> Worker<B> {
             (Arch::Llama(_) | Arch::DecoupledLlama(_), _) => Output::Tokens(flat.iter().map(|&t| t as u32).collect()),
         }))
     }
-}
-
-/// A tensor's values, row-major.
-fn flat<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
-    t.into_data().to_vec::<f32>().expect("f32 activations")
 }
 
 fn argmax(row: &[f32]) -> (usize, f32) {

@@ -99,10 +99,7 @@ fn smollm2_says_paris_on_every_placement() {
     ];
     let one = run(m, &Placement::single(30), &reqs);
     let Output::Logits(l) = &one[0] else { panic!() };
-    let best = l[0]
-        .iter()
-        .enumerate()
-        .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+    let best = top(&l[0]);
     assert_eq!(best.0, 7042, "greedy next token");
     assert_eq!(m.tokenizer().unwrap().decode(&[best.0 as u32]).unwrap(), " Paris");
     assert!((best.1 - 17.37).abs() < 0.05, "logit {}", best.1);
@@ -115,6 +112,13 @@ fn smollm2_says_paris_on_every_placement() {
         let worst = largest_difference(&one, &got);
         assert!(worst < 1e-4, "{placement:?}: {worst}");
     }
+}
+
+/// The best-scoring token of a logits row and its logit.
+fn top(row: &[f32]) -> (usize, f32) {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
 }
 
 /// Greedy continuation of `prompt` for `n` tokens under `placement`.
@@ -155,10 +159,7 @@ fn smollm2_on_its_quantized_blocks_says_paris_on_every_placement() {
     let one = run(m, &Placement::single(30), &reqs);
     let reference = run(f32_path, &Placement::single(30), &reqs);
     let Output::Logits(l) = &one[0] else { panic!() };
-    let best = l[0]
-        .iter()
-        .enumerate()
-        .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
+    let best = top(&l[0]);
     assert_eq!(best.0, 7042, "greedy next token");
     let drift = largest_difference(&one, &reference);
     eprintln!("logit {}; largest difference from the f32 path {drift}", best.1);
@@ -183,11 +184,7 @@ fn smollm2_on_its_quantized_blocks_says_paris_on_every_placement() {
         );
         assert!(worst < 1.5, "{placement:?}: {worst} from the f32 path");
         let Output::Logits(l) = &got[0] else { panic!() };
-        let top = l[0]
-            .iter()
-            .enumerate()
-            .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b });
-        assert_eq!(top.0, 7042, "{placement:?}: greedy next token");
+        assert_eq!(top(&l[0]).0, 7042, "{placement:?}: greedy next token");
     }
     let prompt = m
         .tokenizer()
