@@ -18,7 +18,7 @@ use clap::builder::TypedValueParser as _;
 use clap::{Args, Subcommand};
 use hetero_data::model_fetch as models;
 use hetero_infer::Arch;
-use hetero_infer::generate::{self, chat_prompt};
+use hetero_infer::generate::{self, Finish, Generation, chat_prompt};
 use hetero_serve::front::{Placing, describe, open_model, start_front};
 
 /// `hetero models …`.
@@ -140,18 +140,26 @@ pub fn infer(model_name: &str, prompt: &[String], max_tokens: usize, chat: bool,
     );
     match &model.arch {
         Arch::Llama(_) | Arch::DecoupledLlama(_) => {
-            let prompt = if chat { chat_prompt(&text) } else { text };
+            let tokenizer = model.tokenizer()?;
+            let prompt = if chat { chat_prompt(tokenizer, &text)? } else { text };
+            let context = model.arch.llama().map_or(0, |c| c.context);
+            let (ids, max_tokens) = generate::prompt_ids(tokenizer, &prompt, Some(max_tokens), context)?;
             let mut out = std::io::stdout();
-            let (_, stats) = generate::generate(&mut front, model.tokenizer()?, &prompt, max_tokens, &mut |piece| {
+            let generation = Generation::greedy(max_tokens);
+            let (_, stats) = generate::generate(&mut front, tokenizer, ids, &generation, 0, &mut |piece| {
                 let _ = write!(out, "{piece}");
-                let _ = out.flush();
+                out.flush().is_ok()
             })?;
             println!();
             eprintln!(
                 "{} prompt tokens, {} generated{}; first token {:.1} ms; then {:.1} tokens/s, {:.1} ms per token (p50 {:.1}, p90 {:.1})",
                 stats.prompt_tokens,
                 stats.generated,
-                if stats.stopped { " (stop token)" } else { "" },
+                if stats.finish == Finish::Stop {
+                    " (stop token)"
+                } else {
+                    ""
+                },
                 stats.first_token.as_secs_f64() * 1e3,
                 stats.tokens_per_second(),
                 stats.mean_token_latency().as_secs_f64() * 1e3,

@@ -207,6 +207,9 @@ enum Command {
         /// Address to serve HTTP on.
         #[arg(long, default_value = "127.0.0.1:8000")]
         listen: String,
+        /// Requests that may wait for the model; one more is answered 429 (busy).
+        #[arg(long, default_value_t = hetero_serve::server::DEFAULT_QUEUE)]
+        queue: usize,
         #[command(flatten)]
         place: infer_cmd::PlacingArgs,
     },
@@ -316,8 +319,14 @@ fn main() -> ExitCode {
             chat,
             place,
         } => infer_cmd::infer(&model, &prompt, max_tokens, chat, &place.placing(128, max_tokens)),
-        Command::Serve { model, listen, place } => {
-            hetero_serve::server::serve(&model, &listen, &place.placing(128, 32)).map(|()| ExitCode::SUCCESS)
+        Command::Serve {
+            model,
+            listen,
+            queue,
+            place,
+        } => {
+            let options = hetero_serve::server::ServeOptions { listen, queue };
+            hetero_serve::server::serve(&model, &options, &place.placing(128, 32)).map(|()| ExitCode::SUCCESS)
         }
         Command::Profile(args) => plan_cmd::profile(&args),
         Command::Plan(args) => plan_cmd::plan(&args),

@@ -264,10 +264,10 @@ pub fn predict(arch: &Arch, profile: &Profile, placement: &Placement, shape: Sha
         divisions: layout.divisions,
         prediction: Prediction::default(),
     };
-    // The front's command (a header, then the rows' lengths and ids) reaches
-    // every worker.
+    // The front's command (a header, then the rows' lengths, cache slots and
+    // ids) reaches every worker.
     let command: Vec<_> = (1..placement.workers)
-        .flat_map(|r| [(0, r, 5), (0, r, shape.batch * (1 + shape.tokens))])
+        .flat_map(|r| [(0, r, 5), (0, r, shape.batch * (2 + shape.tokens))])
         .collect();
     walk.round(&command);
     let first = &placement.stages[0];

@@ -1,30 +1,56 @@
-//! Text in, text out on the front: greedy generation for decoders (prefill, then one
-//! token at a time through the KV caches) and sentence embeddings for encoders, with
-//! the timings users compare (time to first token, per-token latency, tokens/s).
+//! Text in, text out on the front: generation for decoders (prefill, then one
+//! token at a time through the KV caches, each chosen by a [`Sampler`]), and
+//! sentence embeddings for encoders, with the timings users compare (time to first
+//! token, per-token latency, tokens/s).
 
 use std::time::{Duration, Instant};
 
 use burn::prelude::Backend;
 
 use crate::InferError;
+use crate::chat::{Message, Role};
 use crate::protocol::Front;
 use crate::runtime::{Output, Request, Want};
+use crate::sampling::{Sampler, Sampling};
 use crate::tokenize::TextTokenizer;
 
-/// SmolLM2-Instruct's chat framing (ChatML) around one user message.
-pub fn chat_prompt(user: &str) -> String {
-    chat_messages_prompt(&[("user", user)])
+/// One user message framed by the model's chat template.
+pub fn chat_prompt(tokenizer: &TextTokenizer, user: &str) -> Result<String, InferError> {
+    tokenizer.chat.render(&[Message::new(Role::User, user)])
 }
 
-/// SmolLM2-Instruct's chat framing (ChatML) of a conversation, `(role, content)`
-/// in order, ending where the assistant's next turn begins.
-pub fn chat_messages_prompt(messages: &[(&str, &str)]) -> String {
-    let mut prompt = String::new();
-    for (role, content) in messages {
-        prompt.push_str(&format!("<|im_start|>{role}\n{content}<|im_end|>\n"));
+/// What to generate: how much, how each token is chosen, where to stop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// At most this many new tokens.
+    pub max_tokens: usize,
+    /// How each token is chosen (greedy by default).
+    pub sampling: Sampling,
+    /// Texts that end the generation where they appear (not included in it).
+    pub stop: Vec<String>,
+}
+
+impl Generation {
+    /// Greedy, up to `max_tokens`, ending only at the model's stop token.
+    pub fn greedy(max_tokens: usize) -> Self {
+        Generation {
+            max_tokens,
+            sampling: Sampling::default(),
+            stop: vec![],
+        }
     }
-    prompt.push_str("<|im_start|>assistant\n");
-    prompt
+}
+
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Finish {
+    /// The model's stop token or one of the request's stop texts.
+    Stop,
+    /// `max_tokens` tokens were generated.
+    #[default]
+    Length,
+    /// The listener went away.
+    Cancelled,
 }
 
 /// Timings of one generation.
@@ -38,8 +64,8 @@ pub struct GenerationStats {
     pub first_token: Duration,
     /// Each later token's latency.
     pub per_token: Vec<Duration>,
-    /// Whether a stop token ended it (rather than the token limit).
-    pub stopped: bool,
+    /// Why it ended.
+    pub finish: Finish,
 }
 
 impl GenerationStats {
@@ -72,30 +98,113 @@ impl GenerationStats {
     }
 }
 
-/// Greedily continues `prompt` by at most `max_tokens` tokens; `on_text` hears each
-/// new piece of text as it is decoded.
-pub fn generate<B: Backend>(
-    front: &mut Front<B>,
+/// The token ids of `prompt` and how many tokens may follow it: `max_tokens`, or
+/// by default the rest of the model's context of `context` tokens. Refused when
+/// the prompt is empty or it and `max_tokens` would not fit the context.
+pub fn prompt_ids(
     tokenizer: &TextTokenizer,
     prompt: &str,
-    max_tokens: usize,
-    on_text: &mut dyn FnMut(&str),
-) -> Result<(String, GenerationStats), InferError> {
+    max_tokens: Option<usize>,
+    context: usize,
+) -> Result<(Vec<u32>, usize), InferError> {
     let ids = tokenizer.encode(prompt, false)?;
     if ids.is_empty() {
         return Err(InferError::Request("the prompt has no tokens".into()));
     }
+    let room = context.saturating_sub(ids.len());
+    match max_tokens {
+        Some(asked) if asked > room => Err(InferError::Request(format!(
+            "the model's context is {context} tokens, but the prompt has {} and `max_tokens` asks for {asked} more",
+            ids.len()
+        ))),
+        None if room == 0 => Err(InferError::Request(format!(
+            "the model's context is {context} tokens, and the prompt has {}: no room to answer",
+            ids.len()
+        ))),
+        _ => Ok((ids, max_tokens.unwrap_or(room))),
+    }
+}
+
+/// Text generated so far, and how much of it may be shown: a piece that could be
+/// the start of a stop text is held back until the next tokens tell.
+struct StopText<'a> {
+    stop: &'a [String],
+    /// Bytes of the text already shown.
+    shown: usize,
+}
+
+impl StopText<'_> {
+    /// Where in `text` a stop text begins, if one does.
+    fn found(&self, text: &str) -> Option<usize> {
+        // Only the unshown tail can hold a new match (shown text held none).
+        let from = self
+            .shown
+            .saturating_sub(self.stop.iter().map(String::len).max().unwrap_or(0));
+        let from = (0..=from).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+        self.stop
+            .iter()
+            .filter_map(|s| text[from..].find(s.as_str()).map(|i| from + i))
+            .min()
+    }
+
+    /// How much of `text` can be shown: all but a tail that is a stop text's
+    /// beginning, or a character still incomplete.
+    fn showable(&self, text: &str) -> usize {
+        if text.ends_with('\u{FFFD}') {
+            return self.shown;
+        }
+        let held = self
+            .stop
+            .iter()
+            .flat_map(|s| {
+                (1..s.len())
+                    .rev()
+                    .filter(|&k| s.is_char_boundary(k))
+                    .map(move |k| &s[..k])
+            })
+            .filter(|prefix| text.ends_with(prefix))
+            .map(str::len)
+            .max()
+            .unwrap_or(0);
+        (text.len() - held).max(self.shown)
+    }
+}
+
+/// Continues the prompt `ids` as `generation` says; `on_text` hears each new piece
+/// of text as it is decoded and returns `false` to cancel. `stream` numbers this
+/// sequence among a request's several (their samplers draw differently).
+pub fn generate<B: Backend>(
+    front: &mut Front<B>,
+    tokenizer: &TextTokenizer,
+    ids: Vec<u32>,
+    generation: &Generation,
+    stream: u64,
+    on_text: &mut dyn FnMut(&str) -> bool,
+) -> Result<(String, GenerationStats), InferError> {
+    generation.sampling.check()?;
     let mut stats = GenerationStats {
         prompt_tokens: ids.len(),
         ..Default::default()
     };
+    let mut sampler = Sampler::new(&generation.sampling, stream);
+    // Plain greedy picks where the logits are; anything else needs them here.
+    let want = match generation.sampling.is_plain_greedy() {
+        true => Want::NextToken,
+        false => Want::Logits,
+    };
+    let mut stop = StopText {
+        stop: &generation.stop,
+        shown: 0,
+    };
     let mut generated: Vec<u32> = Vec::new();
-    let mut printed = String::new();
-    let mut next = Request::decode(vec![ids], true, Want::NextToken);
-    while generated.len() < max_tokens {
+    let mut text = String::new();
+    let mut next = Request::decode(vec![ids], true, want);
+    while generated.len() < generation.max_tokens {
         let clock = Instant::now();
-        let Output::Tokens(tokens) = front.run(&next)? else {
-            return Err(InferError::Request("this model does not generate tokens".into()));
+        let token = match front.run(&next)? {
+            Output::Tokens(tokens) => tokens[0],
+            Output::Logits(mut rows) => sampler.pick(&mut rows[0]),
+            Output::Embeddings(_) => return Err(InferError::Request("this model does not generate tokens".into())),
         };
         let took = clock.elapsed();
         if generated.is_empty() {
@@ -103,26 +212,43 @@ pub fn generate<B: Backend>(
         } else {
             stats.per_token.push(took);
         }
-        let token = tokens[0];
         if tokenizer.stop.contains(&token) {
-            stats.stopped = true;
+            stats.finish = Finish::Stop;
             break;
         }
         generated.push(token);
+        sampler.saw(token);
         // Decode the whole text each time: a byte-level piece may complete only with
         // the next token (multi-byte characters).
-        let text = tokenizer.decode(&generated)?;
-        if let Some(new) = text.strip_prefix(printed.as_str())
-            && !new.is_empty()
-            && !new.ends_with('\u{FFFD}')
-        {
-            on_text(new);
-            printed = text;
+        text = tokenizer.decode(&generated)?;
+        let end = match stop.found(&text) {
+            Some(at) => {
+                text.truncate(at);
+                stats.finish = Finish::Stop;
+                at.max(stop.shown)
+            }
+            None => stop.showable(&text),
+        };
+        if let Some(piece) = text.get(stop.shown..end).filter(|p| !p.is_empty()) {
+            if !on_text(piece) {
+                stats.finish = Finish::Cancelled;
+                break;
+            }
+            stop.shown = end;
         }
-        next = Request::decode(vec![vec![token]], false, Want::NextToken);
+        if stats.finish == Finish::Stop {
+            break;
+        }
+        next = Request::decode(vec![vec![token]], false, want);
     }
     stats.generated = generated.len();
-    Ok((tokenizer.decode(&generated)?, stats))
+    if stats.finish == Finish::Length
+        && let Some(tail) = text.get(stop.shown..).filter(|t| !t.is_empty())
+    {
+        // The held-back tail was not a stop text after all.
+        on_text(tail);
+    }
+    Ok((text, stats))
 }
 
 /// The normalised sentence embedding of each text.

@@ -21,6 +21,7 @@
 
 mod activations;
 pub mod bert;
+pub mod chat;
 pub mod cost;
 pub mod decoupled;
 pub mod error;
@@ -35,6 +36,7 @@ pub mod profile;
 pub mod protocol;
 pub mod qllama;
 pub mod runtime;
+pub mod sampling;
 pub mod tokenize;
 pub mod weights;
 

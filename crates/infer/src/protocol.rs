@@ -105,6 +105,7 @@ impl<B: Backend> Front<B> {
         };
         let header = [RUN, batch as f32, seq as f32, want, if req.reset { 1.0 } else { 0.0 }];
         let mut body: Vec<f32> = req.lengths.iter().map(|&l| l as f32).collect();
+        body.extend(req.slots.iter().map(|&s| s as f32));
         body.extend(req.ids.iter().flatten().map(|&t| t as f32));
         for r in 1..self.mesh.world() {
             self.mesh.send(r, &header)?;
@@ -207,10 +208,11 @@ pub fn follow<B: Backend>(worker: &mut Worker<B>, mesh: &mut Mesh) -> Result<Fol
             )));
         }
         let (batch, seq) = (header[1] as usize, header[2] as usize);
-        let mut body = vec![0f32; batch + batch * seq];
+        let mut body = vec![0f32; 2 * batch + batch * seq];
         mesh.recv(0, &mut body)?;
         let lengths = body[..batch].iter().map(|&l| l as usize).collect();
-        let ids = body[batch..]
+        let slots = body[batch..2 * batch].iter().map(|&s| s as usize).collect();
+        let ids = body[2 * batch..]
             .chunks_exact(seq.max(1))
             .map(|r| r.iter().map(|&t| t as u32).collect())
             .collect();
@@ -222,6 +224,7 @@ pub fn follow<B: Backend>(worker: &mut Worker<B>, mesh: &mut Mesh) -> Result<Fol
         let req = Request {
             ids,
             lengths,
+            slots,
             reset: header[4] != 0.0,
             want,
         };

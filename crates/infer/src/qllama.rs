@@ -195,15 +195,15 @@ impl QLlamaLayer {
         a.chain(f).map(|m| m.bytes().len()).sum()
     }
 
-    /// Runs the new tokens `x` (`[batch·seq, hidden]`, row-major, at positions
-    /// `cache.len()..cache.len() + seq`) through the block in place, extending
-    /// `cache`. `reduce` sums a partial result over the part's group; every part
-    /// calls it twice, holding heads and units or not.
+    /// Runs the new tokens `x` (`[batch·seq, hidden]`, row-major; row `b` continues
+    /// the sequence in cache slot `slots[b]`, at its next `seq` positions) through
+    /// the block in place, extending `cache`. `reduce` sums a partial result over
+    /// the part's group; every part calls it twice, holding heads and units or not.
     #[allow(clippy::too_many_arguments)]
     pub fn forward(
         &self,
         x: &mut [f32],
-        batch: usize,
+        slots: &[usize],
         seq: usize,
         rope: &Rope,
         cache: &mut QKvCache,
@@ -211,10 +211,12 @@ impl QLlamaLayer {
         k: &Kernels,
         reduce: &mut dyn FnMut(&mut [f32]) -> Result<(), InferError>,
     ) -> Result<(), InferError> {
+        let batch = slots.len();
         let rows = batch * seq;
         let hidden = self.attention_norm.len();
-        let start = cache.len();
-        if start + seq > rope.positions() {
+        s.starts.clear();
+        s.starts.extend(slots.iter().map(|&slot| cache.len(slot)));
+        if let Some(&start) = s.starts.iter().find(|&&start| start + seq > rope.positions()) {
             return Err(InferError::Request(format!(
                 "positions {start}..{} are past the model's context of {}",
                 start + seq,
@@ -239,7 +241,7 @@ impl QLlamaLayer {
                 &mut [&mut s.q[..], &mut s.k[..], &mut s.v[..]],
             )?;
             for r in 0..rows {
-                let cs = rope.at(start + r % seq);
+                let cs = rope.at(s.starts[r / seq] + r % seq);
                 s.q[r * qn..(r + 1) * qn]
                     .chunks_exact_mut(hd)
                     .for_each(|h| ops::rope(h, cs));
@@ -247,18 +249,18 @@ impl QLlamaLayer {
                     .chunks_exact_mut(hd)
                     .for_each(|h| ops::rope(h, cs));
             }
-            cache.append(&s.k, &s.v, batch, seq, self.kv_heads, hd)?;
+            cache.append(&s.k, &s.v, slots, seq, self.kv_heads, hd)?;
             grow(&mut s.ctx, rows * qn);
             let shape = AttentionShape {
                 batch,
                 seq,
-                start,
+                starts: &s.starts,
                 heads: qn / hd,
                 group: self.group,
                 head_dim: hd,
             };
             let cache: &QKvCache = cache;
-            let rows_of = |b, head, n| (cache.keys(b, head, n), cache.values(b, head, n));
+            let rows_of = |b: usize, head, n| (cache.keys(slots[b], head, n), cache.values(slots[b], head, n));
             k.attention(shape, &s.q, &rows_of, &mut s.scores, &mut s.ctx);
             products(k, &mut s.acts, &s.ctx, rows, [&a.o].as_slice(), &mut [&mut s.out[..]])?;
         }
@@ -347,92 +349,112 @@ pub struct Scratch {
     up: Vec<f32>,
     act: Vec<f32>,
     scores: Vec<f32>,
+    /// Each row's cached positions before this step.
+    starts: Vec<usize>,
     /// Quantized activations, one per [`ActType`].
     acts: [QActs; 4],
 }
 
-/// Keys and values of the positions a sequence has seen, for one block:
-/// `[batch][kv head][capacity][head_dim]` each, so appending a position copies one
-/// row per head and attention reads each head's keys contiguously. It grows by
-/// doubling, not per token.
+/// The keys and values of the sequences a worker holds, for its key/value heads:
+/// one slot per sequence (a running batch holds several, each at its own length),
+/// each `[heads][cap][head_dim]`, so attention reads a head's keys contiguously.
+/// A slot grows by doubling, not per token, and keeps its memory when emptied
+/// for the next sequence.
 #[derive(Debug, Clone, Default)]
 pub struct QKvCache {
-    k: Vec<f32>,
-    v: Vec<f32>,
-    len: usize,
-    cap: usize,
-    batch: usize,
+    slots: Vec<SlotCache>,
     heads: usize,
     hd: usize,
 }
 
+#[derive(Debug, Clone, Default)]
+struct SlotCache {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    len: usize,
+    cap: usize,
+}
+
+/// The most sequences one cache holds.
+pub const MAX_SLOTS: usize = 256;
+
 impl QKvCache {
-    /// An empty cache (a new sequence).
+    /// An empty cache.
     pub fn new() -> Self {
         QKvCache::default()
     }
 
-    /// Positions held.
-    pub fn len(&self) -> usize {
-        self.len
+    /// Positions held by `slot`'s sequence.
+    pub fn len(&self, slot: usize) -> usize {
+        self.slots.get(slot).map_or(0, |s| s.len)
     }
 
-    /// Whether no position is held.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
+    /// Empties `slots` (new sequences start there); their memory is kept.
+    pub fn reset(&mut self, slots: &[usize]) {
+        for &slot in slots {
+            if let Some(s) = self.slots.get_mut(slot) {
+                s.len = 0;
+            }
+        }
     }
 
-    /// Appends `seq` positions of `batch` rows: `k` and `v` are `[batch·seq, heads·hd]`.
+    /// Appends `seq` positions to each of `slots`: row `b` of `k` and `v`
+    /// (`[slots·seq, heads·hd]`) goes to `slots[b]`.
     fn append(
         &mut self,
         k: &[f32],
         v: &[f32],
-        batch: usize,
+        slots: &[usize],
         seq: usize,
         heads: usize,
         hd: usize,
     ) -> Result<(), InferError> {
-        if self.len == 0 {
-            (self.batch, self.heads, self.hd) = (batch, heads, hd);
-        } else if (batch, heads, hd) != (self.batch, self.heads, self.hd) {
+        if let Some(&slot) = slots.iter().find(|&&s| s >= MAX_SLOTS) {
             return Err(InferError::Request(format!(
-                "a batch of {batch} continues a cached sequence of {} rows (start a new one)",
-                self.batch
+                "cache slot {slot}: a worker holds at most {MAX_SLOTS} sequences"
             )));
         }
-        let need = self.len + seq;
-        if need > self.cap {
-            let cap = need.max(2 * self.cap).max(16);
-            let relaid = |old: &[f32]| {
-                let mut new = vec![0.0; batch * heads * cap * hd];
-                for bh in 0..batch * heads {
-                    new[bh * cap * hd..][..self.len * hd].copy_from_slice(&old[bh * self.cap * hd..][..self.len * hd]);
-                }
-                new
-            };
-            let (k, v) = (relaid(&self.k), relaid(&self.v));
-            (self.k, self.v, self.cap) = (k, v, cap);
+        (self.heads, self.hd) = (heads, hd);
+        let most = slots.iter().max().map_or(0, |m| m + 1);
+        if self.slots.len() < most {
+            self.slots.resize_with(most, SlotCache::default);
         }
-        for b in 0..batch {
+        for (b, &slot) in slots.iter().enumerate() {
+            let c = &mut self.slots[slot];
+            let need = c.len + seq;
+            if need > c.cap {
+                let cap = need.max(2 * c.cap).max(16);
+                let relaid = |old: &[f32]| {
+                    let mut new = vec![0.0; heads * cap * hd];
+                    for h in 0..heads {
+                        new[h * cap * hd..][..c.len * hd].copy_from_slice(&old[h * c.cap * hd..][..c.len * hd]);
+                    }
+                    new
+                };
+                let (nk, nv) = (relaid(&c.k), relaid(&c.v));
+                (c.k, c.v, c.cap) = (nk, nv, cap);
+            }
             for i in 0..seq {
                 let row = (b * seq + i) * heads * hd;
                 for h in 0..heads {
-                    let at = ((b * heads + h) * self.cap + self.len + i) * hd;
-                    self.k[at..at + hd].copy_from_slice(&k[row + h * hd..row + (h + 1) * hd]);
-                    self.v[at..at + hd].copy_from_slice(&v[row + h * hd..row + (h + 1) * hd]);
+                    let at = (h * c.cap + c.len + i) * hd;
+                    c.k[at..at + hd].copy_from_slice(&k[row + h * hd..row + (h + 1) * hd]);
+                    c.v[at..at + hd].copy_from_slice(&v[row + h * hd..row + (h + 1) * hd]);
                 }
             }
+            c.len = need;
         }
-        self.len = need;
         Ok(())
     }
 
-    fn keys(&self, b: usize, head: usize, n: usize) -> &[f32] {
-        &self.k[(b * self.heads + head) * self.cap * self.hd..][..n * self.hd]
+    fn keys(&self, slot: usize, head: usize, n: usize) -> &[f32] {
+        let c = &self.slots[slot];
+        &c.k[head * c.cap * self.hd..][..n * self.hd]
     }
 
-    fn values(&self, b: usize, head: usize, n: usize) -> &[f32] {
-        &self.v[(b * self.heads + head) * self.cap * self.hd..][..n * self.hd]
+    fn values(&self, slot: usize, head: usize, n: usize) -> &[f32] {
+        let c = &self.slots[slot];
+        &c.v[head * c.cap * self.hd..][..n * self.hd]
     }
 }
 

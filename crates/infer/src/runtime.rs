@@ -151,7 +151,10 @@ pub struct Request {
     pub ids: Vec<Vec<u32>>,
     /// Real tokens in each row (encoders; decoders use every token).
     pub lengths: Vec<usize>,
-    /// Decoders: forget the KV cache first (a new sequence).
+    /// Decoders: the KV cache slot each row continues (row `b` in slot `b` unless
+    /// a running batch says otherwise; several slots need quantized blocks).
+    pub slots: Vec<usize>,
+    /// Decoders: empty the rows' slots first (new sequences).
     pub reset: bool,
     /// What to return.
     pub want: Want,
@@ -167,6 +170,7 @@ impl Request {
                 .map(|r| r.iter().copied().chain(std::iter::repeat(0)).take(seq).collect())
                 .collect(),
             lengths: rows.iter().map(Vec::len).collect(),
+            slots: (0..rows.len()).collect(),
             reset: true,
             want: Want::Embedding,
         }
@@ -175,12 +179,25 @@ impl Request {
     /// A decoder request: `rows` (equally long) continue the cached sequence, or
     /// start a new one when `reset`.
     pub fn decode(rows: Vec<Vec<u32>>, reset: bool, want: Want) -> Self {
+        let slots = (0..rows.len()).collect();
+        Self::in_slots(rows, slots, reset, want)
+    }
+
+    /// A decoder request of a running batch: row `b` continues the sequence in
+    /// cache slot `slots[b]` (or starts one there, when `reset`).
+    pub fn in_slots(rows: Vec<Vec<u32>>, slots: Vec<usize>, reset: bool, want: Want) -> Self {
         Request {
             lengths: rows.iter().map(Vec::len).collect(),
             ids: rows,
+            slots,
             reset,
             want,
         }
+    }
+
+    /// Whether row `b` uses slot `b` (what every block can run).
+    fn plain_slots(&self) -> bool {
+        self.slots.iter().enumerate().all(|(b, &s)| b == s)
     }
 
     pub(crate) fn shape(&self) -> (usize, usize) {
@@ -375,17 +392,25 @@ impl<B: Backend> Worker<B> {
         &self.placement
     }
 
-    /// Tokens in the decoder's KV cache (0 for encoders, or a worker without blocks).
-    pub fn cached(&self) -> usize {
+    /// Positions cached for the sequence in `slot` (0 for encoders).
+    pub fn cached(&self, slot: usize) -> usize {
         self.blocks
             .iter()
             .flatten()
             .find_map(|b| match b {
-                Block::Llama(_, cache) | Block::LlamaSubBlocks(_, cache) => Some(cache.len()),
-                Block::QLlama(_, cache) => Some(cache.len()),
+                Block::Llama(_, cache) | Block::LlamaSubBlocks(_, cache) => {
+                    Some(if slot == 0 { cache.len() } else { 0 })
+                }
+                Block::QLlama(_, cache) => Some(cache.len(slot)),
                 Block::Bert(_) | Block::SubBlocks(_) => None,
             })
             .unwrap_or(0)
+    }
+
+    /// Whether this worker's blocks run a batch of sequences at different points
+    /// (a running batch: every decoder block on quantized weights).
+    pub fn batches(&self) -> bool {
+        !self.arch.is_encoder() && self.blocks.iter().flatten().all(|b| matches!(b, Block::QLlama(..)))
     }
 
     /// Runs one request with the other workers of `mesh`; returns the output on
@@ -403,16 +428,21 @@ impl<B: Backend> Worker<B> {
         check_request(&self.arch, req)?;
         self.timing = Timing::default();
         let (batch, seq) = req.shape();
+        if !req.plain_slots() && !self.batches() {
+            return Err(InferError::Request(
+                "sequences in cache slots other than their rows need quantized decoder blocks".into(),
+            ));
+        }
         if req.reset {
             for block in self.blocks.iter_mut().flatten() {
                 match block {
                     Block::Llama(_, cache) | Block::LlamaSubBlocks(_, cache) => *cache = KvCache::new(),
-                    Block::QLlama(_, cache) => *cache = QKvCache::new(),
+                    Block::QLlama(_, cache) => cache.reset(&req.slots),
                     Block::Bert(_) | Block::SubBlocks(_) => {}
                 }
             }
         }
-        let cached = self.cached();
+        let cached = req.slots.iter().map(|&slot| self.cached(slot)).max().unwrap_or(0);
         if let Some(q) = &mut self.quantized {
             q.rope.cover(cached + seq);
         }
@@ -494,7 +524,7 @@ impl<B: Backend> Worker<B> {
                                     let mut flat = flat(h);
                                     l.forward(
                                         &mut flat,
-                                        batch,
+                                        &req.slots,
                                         seq,
                                         &q.rope,
                                         cache,
@@ -646,6 +676,23 @@ pub(crate) fn check_request(arch: &Arch, req: &Request) -> Result<(), InferError
     if req.ids.iter().any(|r| r.len() != seq) || req.lengths.len() != batch {
         return Err(InferError::Request(
             "rows of a batch must be equally long (pad them)".into(),
+        ));
+    }
+    if req.slots.len() != batch {
+        return Err(InferError::Request(format!(
+            "{batch} rows name {} cache slots",
+            req.slots.len()
+        )));
+    }
+    if let Some(&slot) = req.slots.iter().find(|&&s| s >= crate::qllama::MAX_SLOTS) {
+        return Err(InferError::Request(format!(
+            "cache slot {slot}: a worker holds at most {} sequences",
+            crate::qllama::MAX_SLOTS
+        )));
+    }
+    if (1..batch).any(|i| req.slots[..i].contains(&req.slots[i])) {
+        return Err(InferError::Request(
+            "two rows of a batch name the same cache slot".into(),
         ));
     }
     match (arch, req.want) {

@@ -9,6 +9,7 @@ use serde_json::json;
 use tokenizers::Tokenizer;
 
 use crate::InferError;
+use crate::chat::ChatTemplate;
 use crate::gguf::Gguf;
 
 /// A tokenizer checked against the model it serves.
@@ -16,6 +17,8 @@ pub struct TextTokenizer {
     inner: Tokenizer,
     /// Ids that end a generation.
     pub stop: Vec<u32>,
+    /// How the model frames a conversation.
+    pub chat: ChatTemplate,
 }
 
 impl std::fmt::Debug for TextTokenizer {
@@ -40,7 +43,13 @@ impl TextTokenizer {
                 ..Default::default()
             }))
             .map_err(|e| InferError::Tokenizer(e.to_string()))?;
-        Self::checked(inner, vocab, vec![], &path.display().to_string())
+        Self::checked(
+            inner,
+            vocab,
+            vec![],
+            &path.display().to_string(),
+            ChatTemplate::chatml(),
+        )
     }
 
     /// The byte-level BPE tokenizer a llama GGUF file describes in its metadata.
@@ -106,17 +115,37 @@ impl TextTokenizer {
                 stop.push(id as u32);
             }
         }
-        Self::checked(inner, vocab, stop, "the GGUF's metadata")
+        let chat = match g.metadata.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
+            Some(source) => {
+                let token = |key: &str| {
+                    let id = g.metadata.get(key).and_then(|v| v.as_u64());
+                    id.and_then(|i| tokens.get(i as usize)).copied().unwrap_or_default()
+                };
+                let (bos, eos) = (
+                    token("tokenizer.ggml.bos_token_id"),
+                    token("tokenizer.ggml.eos_token_id"),
+                );
+                ChatTemplate::from_model(source.to_string(), bos, eos, "the GGUF's tokenizer.chat_template")?
+            }
+            None => ChatTemplate::chatml(),
+        };
+        Self::checked(inner, vocab, stop, "the GGUF's metadata", chat)
     }
 
-    fn checked(inner: Tokenizer, vocab: usize, stop: Vec<u32>, from: &str) -> Result<Self, InferError> {
+    fn checked(
+        inner: Tokenizer,
+        vocab: usize,
+        stop: Vec<u32>,
+        from: &str,
+        chat: ChatTemplate,
+    ) -> Result<Self, InferError> {
         let size = inner.get_vocab_size(true);
         if size != vocab {
             return Err(InferError::Tokenizer(format!(
                 "{from} has {size} tokens but the model has {vocab}: not this model's tokenizer"
             )));
         }
-        Ok(TextTokenizer { inner, stop })
+        Ok(TextTokenizer { inner, stop, chat })
     }
 
     /// Token ids of `text`; with `special`, the model's framing tokens (BERT's

@@ -59,7 +59,7 @@ fn a_decode_step_of_a_quantized_block_allocates_nothing() {
     let step = |x: &mut [f32], seq: usize, scratch: &mut Scratch, caches: &mut Vec<QKvCache>| {
         for (layer, cache) in layers.iter().zip(caches.iter_mut()) {
             layer
-                .forward(x, 1, seq, &rope, cache, scratch, &kernels, &mut |_| Ok(()))
+                .forward(x, &[0], seq, &rope, cache, scratch, &kernels, &mut |_| Ok(()))
                 .unwrap();
         }
     };

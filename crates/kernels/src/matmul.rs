@@ -121,17 +121,18 @@ impl Kernels {
     }
 }
 
-/// The shape of one causal attention step: `batch` rows of `seq` new queries at
-/// positions `start..start + seq`, `heads` query heads of `head_dim`, each
+/// The shape of one causal attention step: `batch` rows of `seq` new queries,
+/// row `b` at positions `starts[b]..starts[b] + seq`, `heads` query heads of `head_dim`, each
 /// `group` of them sharing a key/value head.
 #[derive(Debug, Clone, Copy)]
-pub struct AttentionShape {
+pub struct AttentionShape<'a> {
     /// Sequences.
     pub batch: usize,
     /// New positions per sequence.
     pub seq: usize,
-    /// Positions cached before them.
-    pub start: usize,
+    /// Positions each sequence had cached before them (`batch` of them: a running
+    /// batch holds sequences at different points).
+    pub starts: &'a [usize],
     /// Query heads.
     pub heads: usize,
     /// Query heads per key/value head.
@@ -153,7 +154,7 @@ impl Kernels {
     /// p + 1 cached positions). `scores` is scratch, grown as needed.
     pub fn attention(
         &self,
-        shape: AttentionShape,
+        shape: AttentionShape<'_>,
         q: &[f32],
         cache: CacheRows,
         scores: &mut Vec<f32>,
@@ -161,14 +162,15 @@ impl Kernels {
     ) {
         let AttentionShape {
             seq,
-            start,
+            starts,
             heads,
             group,
             head_dim: hd,
             ..
         } = shape;
         let units = shape.batch * seq * heads;
-        let seen = |u: usize| start + (u / heads) % seq + 1;
+        assert_eq!(starts.len(), shape.batch, "one start per sequence");
+        let seen = |u: usize| starts[u / heads / seq] + (u / heads) % seq + 1;
         let n = self.pool.threads().min(units.max(1));
         // Boundaries where the running cost passes t/n of the total.
         let total: usize = (0..units).map(seen).sum();
@@ -182,7 +184,7 @@ impl Kernels {
             }
             run += seen(u);
         }
-        let width = start + seq;
+        let width = starts.iter().max().copied().unwrap_or(0) + seq;
         scores.resize(n * width, 0.0);
         let mut ctx_parts = [&mut ctx[..]];
         let parts = cut(&mut ctx_parts, n, |_, t| bounds[t] * hd);

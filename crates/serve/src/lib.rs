@@ -2,11 +2,13 @@
 //! other ranks ([`front`]), how it settles `--placement auto` ([`auto`]), the
 //! ranks that follow it ([`worker`]: `hetero infer-worker` and an inference
 //! job's workers), and the OpenAI-compatible HTTP API in front of it
-//! ([`server`]). `hetero infer`, `hetero serve` and `hetero bench infer` are this
+//! ([`server`]), with its request checks ([`requests`]) and figures ([`metrics`]). `hetero infer`, `hetero serve` and `hetero bench infer` are this
 //! crate behind the command line's argument parsing.
 
 pub mod auto;
 pub mod front;
+pub mod metrics;
+pub mod requests;
 pub mod server;
 pub mod worker;
 

@@ -1,34 +1,44 @@
 //! The HTTP API in front of a placed model (`hetero serve`, an inference job's rank 0).
 //!
-//! The requests and replies are OpenAI's, so its clients work unchanged:
-//! - `POST /v1/completions` `{"prompt", "max_tokens"?, "chat"?, "stream"?}` (decoders):
-//!   a `text_completion` with the text, why it ended, token counts and (Hetero's
-//!   additions to `usage`) timings; with `"stream": true`, server-sent events, one
-//!   chunk per piece, a last one with the reason and the usage, then `[DONE]`.
-//!   `"chat": true` frames the prompt as one user message.
+//! The requests and replies are OpenAI's, so its clients work unchanged
+//! ([`crate::requests`] lists the parameters; any other is refused by name):
+//! - `POST /v1/completions` `{"prompt", "max_tokens"?, "chat"?, "stream"?, sampling…}`
+//!   (decoders): a `text_completion` with the text of each of `n` choices, why it
+//!   ended, token counts and (Hetero's additions to `usage`) timings; with
+//!   `"stream": true`, server-sent events, one chunk per piece, one with each
+//!   choice's reason, the usage on the last, then `[DONE]`. `"chat": true` frames
+//!   the prompt as one user message.
 //! - `POST /v1/chat/completions` `{"messages": [{"role", "content"}, …], …}`: the
-//!   same for a conversation, as a `chat.completion` (or its chunks).
+//!   same for a conversation, framed by the model's chat template, as a
+//!   `chat.completion` (or its chunks).
 //! - `POST /v1/embeddings` `{"input": "…" | ["…", …]}` (encoders): one normalised
 //!   vector per input.
 //! - `GET /v1/models`: the model, with its kind and placement.
+//! - `GET /metrics`: [`crate::metrics`], in Prometheus's format.
 //!
-//! The mesh runs one request at a time: one thread owns the front and takes jobs
-//! from a queue, so HTTP handlers never block the runtime (or each other's sockets).
+//! One thread owns the front and takes requests from a bounded queue, so HTTP
+//! handlers never block the runtime (or each other's sockets); a request that
+//! finds the queue full is answered 429 at once, and one whose client has gone
+//! is dropped (or stopped between tokens) rather than generated for no one.
+//! Handlers check and tokenize a request before it is queued, so a bad one is a
+//! 400 that costs the model nothing.
 
 use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::mpsc;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use axum::Router;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Json, Response};
 use axum::routing::{get, post};
-use hetero_infer::generate::{self, GenerationStats, chat_messages_prompt, chat_prompt};
+use hetero_infer::generate::{self, Finish, Generation, GenerationStats};
 use hetero_infer::{Arch, InferError};
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc as async_mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -38,14 +48,41 @@ use hetero_infer::tokenize::TextTokenizer;
 
 use crate::InferBackend;
 use crate::front::{Children, Placing, describe, open_model, start_front};
+use crate::metrics::{Metrics, Outcome};
+use crate::requests::{self, GenerateRequest, Prompt};
+
+/// How the HTTP side runs.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The address to serve on.
+    pub listen: String,
+    /// Requests that may wait for the model; one more is answered 429.
+    pub queue: usize,
+}
+
+impl ServeOptions {
+    /// On `listen`, with the default queue.
+    pub fn on(listen: &str) -> Self {
+        ServeOptions {
+            listen: listen.into(),
+            queue: DEFAULT_QUEUE,
+        }
+    }
+}
+
+/// Requests that may wait for the model by default.
+pub const DEFAULT_QUEUE: usize = 64;
 
 /// What the runtime thread is asked to do.
 enum Job {
-    Complete {
-        prompt: String,
-        max_tokens: usize,
-        /// Each piece of text, then the end.
+    Generate {
+        ids: Vec<u32>,
+        generation: Generation,
+        /// How many choices.
+        n: usize,
+        /// Each piece of text, then each choice's end.
         pieces: async_mpsc::UnboundedSender<Piece>,
+        arrived: Instant,
     },
     Embed {
         texts: Vec<String>,
@@ -53,73 +90,68 @@ enum Job {
     },
 }
 
+/// What a generation sends back, per choice.
 enum Piece {
-    Text(String),
-    Done(Result<GenerationStats, InferError>),
+    Text(usize, String),
+    Done(usize, Result<GenerationStats, InferError>),
 }
 
 #[derive(Clone)]
 struct Served {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::SyncSender<Job>,
     model: String,
     info: Value,
     decoder: bool,
+    tokenizer: Arc<TextTokenizer>,
+    /// The decoder's context, in tokens.
+    context: usize,
+    queue: usize,
+    metrics: Arc<Metrics>,
 }
 
-#[derive(Deserialize)]
-struct Completion {
-    prompt: String,
-    #[serde(default = "default_max_tokens")]
-    max_tokens: usize,
-    #[serde(default)]
-    chat: bool,
-    #[serde(default)]
-    stream: bool,
-}
-
-fn default_max_tokens() -> usize {
-    32
-}
-
-#[derive(Deserialize)]
-struct ChatCompletion {
-    messages: Vec<Message>,
-    #[serde(default = "default_max_tokens", alias = "max_completion_tokens")]
-    max_tokens: usize,
-    #[serde(default)]
-    stream: bool,
-}
-
-#[derive(Deserialize)]
-struct Message {
-    role: String,
-    content: String,
-}
-
-/// Which of OpenAI's two reply shapes a completion takes.
-#[derive(Clone, Copy)]
-enum Reply {
-    /// `/v1/completions`: `text_completion`, the text in `choices[0].text`.
-    Text,
-    /// `/v1/chat/completions`: `chat.completion`, the text in `choices[0].message`.
-    Chat,
-}
-
-#[derive(Deserialize)]
+#[derive(serde::Deserialize)]
 #[serde(untagged)]
 enum Input {
     One(String),
     Many(Vec<String>),
 }
 
-#[derive(Deserialize)]
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Embeddings {
     input: Input,
+    #[serde(default)]
+    #[allow(dead_code)] // the served model, whatever a client names
+    model: Option<String>,
+    /// `float` (the default) or `base64` (little-endian f32s, as OpenAI's own
+    /// Python client asks for).
+    #[serde(default)]
+    encoding_format: EncodingFormat,
+    #[serde(default)]
+    #[allow(dead_code)] // accepted as OpenAI does; not used
+    user: Option<String>,
 }
 
-/// Opens `model_name`, places it and serves it on `listen` until the process is
-/// stopped (`hetero serve`).
-pub fn serve(model_name: &str, listen: &str, place: &Placing) -> Result<()> {
+#[derive(serde::Deserialize, Default, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum EncodingFormat {
+    #[default]
+    Float,
+    Base64,
+}
+
+/// Which of OpenAI's two reply shapes a completion takes.
+#[derive(Clone, Copy)]
+enum Reply {
+    /// `/v1/completions`: `text_completion`, the text in `choices[i].text`.
+    Text,
+    /// `/v1/chat/completions`: `chat.completion`, the text in `choices[i].message`.
+    Chat,
+}
+
+/// Opens `model_name`, places it and serves it until the process is stopped
+/// (`hetero serve`).
+pub fn serve(model_name: &str, options: &ServeOptions, place: &Placing) -> Result<()> {
     let mut model = open_model(model_name)?;
     let Some(tokenizer) = model.tokenizer.take() else {
         anyhow::bail!("{model_name} has no tokenizer (random weights, for timing): serve a real model");
@@ -131,18 +163,18 @@ pub fn serve(model_name: &str, listen: &str, place: &Placing) -> Result<()> {
         tokenizer,
         model_name,
         &model.arch,
-        listen,
+        options,
     )
 }
 
-/// Serves HTTP on `listen` with a formed front, until the process is stopped.
+/// Serves HTTP with a formed front, until the process is stopped.
 pub fn serve_front(
     mut front: Front<InferBackend>,
     children: Children,
     tokenizer: TextTokenizer,
     model_name: &str,
     arch: &Arch,
-    listen: &str,
+    options: &ServeOptions,
 ) -> Result<()> {
     let decoder = !arch.is_encoder();
     let info = json!({
@@ -155,43 +187,41 @@ pub fn serve_front(
             "layers": arch.layers(),
             "workers": front.worker.placement().workers,
             "placement": describe(front.worker.placement()),
+            "chat_template": format!("{:?}", tokenizer.chat.origin),
         }],
     });
-    let (jobs, queue) = mpsc::channel::<Job>();
-    std::thread::spawn(move || {
-        let _children = children;
-        for job in queue {
-            match job {
-                Job::Complete {
-                    prompt,
-                    max_tokens,
-                    pieces,
-                } => {
-                    let out = generate::generate(&mut front, &tokenizer, &prompt, max_tokens, &mut |p| {
-                        let _ = pieces.send(Piece::Text(p.to_string()));
-                    });
-                    let _ = pieces.send(Piece::Done(out.map(|(_, stats)| stats)));
-                }
-                Job::Embed { texts, reply } => {
-                    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                    let _ = reply.send(generate::embed(&mut front, &tokenizer, &refs));
-                }
+    let tokenizer = Arc::new(tokenizer);
+    let metrics = Arc::new(Metrics::default());
+    let (jobs, queue) = mpsc::sync_channel::<Job>(options.queue.max(1));
+    {
+        let (tokenizer, metrics) = (tokenizer.clone(), metrics.clone());
+        std::thread::spawn(move || {
+            let _children = children;
+            for job in queue {
+                metrics.queued.fetch_sub(1, Relaxed);
+                run_job(&mut front, &tokenizer, &metrics, job);
             }
-        }
-    });
+        });
+    }
     let state = Served {
         jobs,
         model: model_name.to_string(),
         info,
         decoder,
+        tokenizer,
+        context: arch.llama().map_or(0, |c| c.context),
+        queue: options.queue.max(1),
+        metrics,
     };
     let app = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/completions", post(complete))
         .route("/v1/chat/completions", post(chat_complete))
         .route("/v1/embeddings", post(embeddings))
+        .route("/metrics", get(metrics_text))
         .with_state(state);
     let rt = tokio::runtime::Runtime::new()?;
+    let listen = &options.listen;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
@@ -203,11 +233,90 @@ pub fn serve_front(
     })
 }
 
-/// A request's body, or a 400 that says what was wrong with `what`.
-#[allow(clippy::result_large_err)] // the error is the reply, returned at once
-fn parsed<T>(body: Result<Json<T>, JsonRejection>, what: &str) -> Result<T, Response> {
-    body.map(|Json(t)| t)
-        .map_err(|e| error(StatusCode::BAD_REQUEST, format!("{what}: {e}")))
+/// Runs one queued job on the front (the runtime thread).
+fn run_job(front: &mut Front<InferBackend>, tokenizer: &TextTokenizer, metrics: &Metrics, job: Job) {
+    match job {
+        Job::Generate {
+            ids,
+            generation,
+            n,
+            pieces,
+            arrived,
+        } => {
+            metrics.running.store(1, Relaxed);
+            let mut cancelled = false;
+            for index in 0..n {
+                if pieces.is_closed() {
+                    cancelled = true;
+                    break;
+                }
+                let out = generate::generate(front, tokenizer, ids.clone(), &generation, index as u64, &mut |p| {
+                    pieces.send(Piece::Text(index, p.to_string())).is_ok()
+                });
+                if let Ok((_, stats)) = &out {
+                    cancelled |= stats.finish == Finish::Cancelled;
+                    metrics.tokens_in.fetch_add(stats.prompt_tokens as u64, Relaxed);
+                    metrics.tokens_out.fetch_add(stats.generated as u64, Relaxed);
+                    metrics.first_token.observe(stats.first_token);
+                    for &d in &stats.per_token {
+                        metrics.per_token.observe(d);
+                    }
+                }
+                let _ = pieces.send(Piece::Done(index, out.map(|(_, stats)| stats)));
+            }
+            metrics.request.observe(arrived.elapsed());
+            metrics.running.store(0, Relaxed);
+            if cancelled {
+                // The client left: its handler is gone and cannot count it.
+                metrics.ended(Outcome::Cancelled);
+            }
+        }
+        Job::Embed { texts, reply } => {
+            metrics.running.store(texts.len() as u64, Relaxed);
+            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+            let _ = reply.send(generate::embed(front, tokenizer, &refs));
+            metrics.running.store(0, Relaxed);
+        }
+    }
+}
+
+impl Served {
+    /// Queues `job`, or answers why it cannot wait.
+    #[allow(clippy::result_large_err)] // the error is the reply, returned at once
+    fn enqueue(&self, job: Job) -> Result<(), Response> {
+        // Counted first: the runtime may take it (and count it out) at once.
+        self.metrics.queued.fetch_add(1, Relaxed);
+        let sent = self.jobs.try_send(job);
+        if sent.is_err() {
+            self.metrics.queued.fetch_sub(1, Relaxed);
+        }
+        match sent {
+            Ok(()) => Ok(()),
+            Err(mpsc::TrySendError::Full(_)) => {
+                self.metrics.ended(Outcome::Busy);
+                Err(error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    format!(
+                        "the server is busy: {} requests are waiting; try again shortly",
+                        self.queue
+                    ),
+                ))
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => {
+                self.metrics.ended(Outcome::Failed);
+                Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the model's runtime has stopped",
+                ))
+            }
+        }
+    }
+
+    /// A 400 for `message`, counted.
+    fn refuse(&self, message: impl std::fmt::Display) -> Response {
+        self.metrics.ended(Outcome::Refused);
+        error(StatusCode::BAD_REQUEST, message)
+    }
 }
 
 /// OpenAI's error object, `{"error": {"message", "type"}}`, for a reply of `status`.
@@ -237,167 +346,222 @@ async fn models(State(s): State<Served>) -> Json<Value> {
     Json(s.info.clone())
 }
 
-/// OpenAI's `usage`, with Hetero's timings beside its token counts.
-fn usage(stats: &GenerationStats) -> Value {
+async fn metrics_text(State(s): State<Served>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
+}
+
+/// OpenAI's `usage` over all choices, with Hetero's timings (the first
+/// choice's) beside its token counts.
+fn usage(stats: &[GenerationStats]) -> Value {
+    let prompt = stats.first().map_or(0, |s| s.prompt_tokens);
+    let generated: usize = stats.iter().map(|s| s.generated).sum();
+    let first = stats.first().cloned().unwrap_or_default();
     json!({
-        "prompt_tokens": stats.prompt_tokens,
-        "completion_tokens": stats.generated,
-        "total_tokens": stats.prompt_tokens + stats.generated,
-        "first_token_ms": stats.first_token.as_secs_f64() * 1e3,
-        "tokens_per_second": stats.tokens_per_second(),
-        "mean_token_ms": stats.mean_token_latency().as_secs_f64() * 1e3,
+        "prompt_tokens": prompt,
+        "completion_tokens": generated,
+        "total_tokens": prompt + generated,
+        "first_token_ms": first.first_token.as_secs_f64() * 1e3,
+        "tokens_per_second": first.tokens_per_second(),
+        "mean_token_ms": first.mean_token_latency().as_secs_f64() * 1e3,
     })
 }
 
-/// `stop` when the model ended the text, `length` when `max_tokens` did.
+/// OpenAI's `finish_reason`.
 fn finish_reason(stats: &GenerationStats) -> &'static str {
-    if stats.stopped { "stop" } else { "length" }
+    match stats.finish {
+        Finish::Stop => "stop",
+        Finish::Length => "length",
+        Finish::Cancelled => "cancelled",
+    }
 }
 
 /// A completion's id (unique in this process) and creation time (Unix seconds).
 fn completion_id() -> (String, u64) {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let n = NEXT.fetch_add(1, Relaxed);
     let created = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     (format!("cmpl-{created}-{n}"), created)
 }
 
-async fn complete(State(s): State<Served>, body: Result<Json<Completion>, JsonRejection>) -> Response {
-    let c = match parsed(body, "a completion request") {
-        Ok(c) => c,
-        Err(reply) => return reply,
-    };
-    let prompt = if c.chat { chat_prompt(&c.prompt) } else { c.prompt };
-    generate_reply(s, prompt, c.max_tokens, c.stream, Reply::Text).await
+async fn complete(State(s): State<Served>, body: Result<Json<Value>, JsonRejection>) -> Response {
+    match body {
+        Ok(Json(body)) => match requests::completion(body) {
+            Ok(r) => generate_reply(s, r, Reply::Text).await,
+            Err(e) => s.refuse(e),
+        },
+        Err(e) => s.refuse(format!("a completion request: {e}")),
+    }
 }
 
-async fn chat_complete(State(s): State<Served>, body: Result<Json<ChatCompletion>, JsonRejection>) -> Response {
-    let c = match parsed(body, "a chat completion request") {
-        Ok(c) => c,
-        Err(reply) => return reply,
-    };
-    if c.messages.is_empty() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "a chat completion request: `messages` is empty",
-        );
+async fn chat_complete(State(s): State<Served>, body: Result<Json<Value>, JsonRejection>) -> Response {
+    match body {
+        Ok(Json(body)) => match requests::chat_completion(body) {
+            Ok(r) => generate_reply(s, r, Reply::Chat).await,
+            Err(e) => s.refuse(e),
+        },
+        Err(e) => s.refuse(format!("a chat completion request: {e}")),
     }
-    if let Some(m) = c
-        .messages
-        .iter()
-        .find(|m| !["system", "user", "assistant"].contains(&m.role.as_str()))
-    {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "a chat completion request: role {:?} is not system, user or assistant",
-                m.role
-            ),
-        );
-    }
-    let messages: Vec<(&str, &str)> = c
-        .messages
-        .iter()
-        .map(|m| (m.role.as_str(), m.content.as_str()))
-        .collect();
-    let prompt = chat_messages_prompt(&messages);
-    generate_reply(s, prompt, c.max_tokens, c.stream, Reply::Chat).await
 }
 
-/// Generates from `prompt` and replies in the `reply` shape, whole or streamed.
-async fn generate_reply(s: Served, prompt: String, max_tokens: usize, stream: bool, reply: Reply) -> Response {
+/// Generates what `r` asks and replies in the `reply` shape, whole or streamed.
+async fn generate_reply(s: Served, r: GenerateRequest, reply: Reply) -> Response {
+    let arrived = Instant::now();
     if !s.decoder {
-        return error(StatusCode::BAD_REQUEST, "this model is an encoder: use /v1/embeddings");
+        return s.refuse("this model is an encoder: use /v1/embeddings");
     }
+    let prompt = match &r.prompt {
+        Prompt::Text(t) => Ok(t.clone()),
+        Prompt::Chat(messages) => s.tokenizer.chat.render(messages),
+    };
+    let checked = prompt.and_then(|p| generate::prompt_ids(&s.tokenizer, &p, r.max_tokens, s.context));
+    let (ids, max_tokens) = match checked {
+        Ok(checked) => checked,
+        Err(e) => return s.refuse(e),
+    };
     let (pieces, mut rx) = async_mpsc::unbounded_channel();
-    if s.jobs
-        .send(Job::Complete {
-            prompt,
+    let job = Job::Generate {
+        ids,
+        generation: Generation {
             max_tokens,
-            pieces,
-        })
-        .is_err()
-    {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the model's runtime has stopped");
+            ..r.generation
+        },
+        n: r.n,
+        pieces,
+        arrived,
+    };
+    if let Err(busy) = s.enqueue(job) {
+        return busy;
     }
     let (id, created) = completion_id();
+    let stream = r.stream;
     let object = match (reply, stream) {
         (Reply::Text, _) => "text_completion",
         (Reply::Chat, false) => "chat.completion",
         (Reply::Chat, true) => "chat.completion.chunk",
     };
     // One choice: the text so far (or this piece of it) and why it ended.
-    let choice = move |text: &str, finish: Option<&str>| match reply {
-        Reply::Text => json!({"index": 0, "text": text, "finish_reason": finish, "logprobs": null}),
+    let choice = move |index: usize, text: &str, finish: Option<&str>| match reply {
+        Reply::Text => json!({"index": index, "text": text, "finish_reason": finish, "logprobs": null}),
         Reply::Chat if stream => {
-            json!({"index": 0, "delta": {"role": "assistant", "content": text}, "finish_reason": finish})
+            json!({"index": index, "delta": {"role": "assistant", "content": text}, "finish_reason": finish})
         }
-        Reply::Chat => json!({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}),
+        Reply::Chat => {
+            json!({"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish})
+        }
     };
-    let envelope = move |choice: Value| json!({"id": id, "object": object, "created": created, "model": s.model, "choices": [choice]});
+    let model = s.model.clone();
+    let envelope = move |choices: Vec<Value>| json!({"id": id, "object": object, "created": created, "model": model, "choices": choices});
+    let n = r.n;
+    let metrics = s.metrics.clone();
     if stream {
+        // Each choice's end is a chunk; the usage rides on the last one's.
+        let mut ended: Vec<GenerationStats> = Vec::new();
         let events = UnboundedReceiverStream::new(rx);
         use tokio_stream::StreamExt;
         let chunks = events.map(move |p| {
             let data = match p {
-                Piece::Text(t) => envelope(choice(&t, None)),
-                Piece::Done(Ok(stats)) => {
-                    let mut last = envelope(choice("", Some(finish_reason(&stats))));
-                    last["usage"] = usage(&stats);
-                    last
+                Piece::Text(i, t) => envelope(vec![choice(i, &t, None)]),
+                Piece::Done(i, Ok(stats)) => {
+                    let mut chunk = envelope(vec![choice(i, "", Some(finish_reason(&stats)))]);
+                    ended.push(stats);
+                    if ended.len() == n {
+                        chunk["usage"] = usage(&ended);
+                        metrics.ended(Outcome::Done);
+                    }
+                    chunk
                 }
-                Piece::Done(Err(e)) => error_body(StatusCode::INTERNAL_SERVER_ERROR, e),
+                Piece::Done(_, Err(e)) => {
+                    metrics.ended(Outcome::Failed);
+                    error_body(StatusCode::INTERNAL_SERVER_ERROR, e)
+                }
             };
             Event::default().data(data.to_string())
         });
         let done = tokio_stream::once(Event::default().data("[DONE]"));
         return Sse::new(chunks.chain(done).map(Ok::<_, Infallible>)).into_response();
     }
-    let mut text = String::new();
+    let mut texts = vec![String::new(); n];
+    let mut ended: Vec<Option<GenerationStats>> = vec![None; n];
     while let Some(p) = rx.recv().await {
         match p {
-            Piece::Text(t) => text.push_str(&t),
-            Piece::Done(Ok(stats)) => {
-                let mut whole = envelope(choice(&text, Some(finish_reason(&stats))));
-                whole["usage"] = usage(&stats);
-                return Json(whole).into_response();
+            Piece::Text(i, t) => texts[i].push_str(&t),
+            Piece::Done(i, Ok(stats)) => {
+                ended[i] = Some(stats);
+                if ended.iter().all(Option::is_some) {
+                    let stats: Vec<GenerationStats> = ended.into_iter().flatten().collect();
+                    let choices = (0..n)
+                        .map(|i| choice(i, &texts[i], Some(finish_reason(&stats[i]))))
+                        .collect();
+                    let mut whole = envelope(choices);
+                    whole["usage"] = usage(&stats);
+                    s.metrics.ended(Outcome::Done);
+                    return Json(whole).into_response();
+                }
             }
-            Piece::Done(Err(e)) => return failure(&e),
+            Piece::Done(_, Err(e)) => {
+                s.metrics.ended(Outcome::Failed);
+                return failure(&e);
+            }
         }
     }
+    s.metrics.ended(Outcome::Failed);
     error(StatusCode::INTERNAL_SERVER_ERROR, "the runtime dropped the request")
 }
 
 async fn embeddings(State(s): State<Served>, body: Result<Json<Embeddings>, JsonRejection>) -> Response {
-    let e = match parsed(body, "an embeddings request") {
-        Ok(e) => e,
-        Err(reply) => return reply,
+    let e = match body {
+        Ok(Json(e)) => e,
+        Err(e) => return s.refuse(format!("an embeddings request: {e}")),
     };
     if s.decoder {
-        return error(StatusCode::BAD_REQUEST, "this model is a decoder: use /v1/completions");
+        return s.refuse("this model is a decoder: use /v1/completions");
     }
     let texts = match e.input {
         Input::One(t) => vec![t],
         Input::Many(ts) => ts,
     };
+    let format = e.encoding_format;
     let (reply, rx) = tokio::sync::oneshot::channel();
-    if s.jobs.send(Job::Embed { texts, reply }).is_err() {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "the model's runtime has stopped");
+    if let Err(busy) = s.enqueue(Job::Embed { texts, reply }) {
+        return busy;
     }
     match rx.await {
-        Ok(Ok(vectors)) => Json(json!({
-            "object": "list",
-            "model": s.model,
-            "data": vectors
-                .iter()
-                .enumerate()
-                .map(|(i, v)| json!({"object": "embedding", "index": i, "embedding": v}))
-                .collect::<Vec<_>>(),
-        }))
-        .into_response(),
-        Ok(Err(e)) => failure(&e),
-        Err(_) => error(StatusCode::INTERNAL_SERVER_ERROR, "the runtime dropped the request"),
+        Ok(Ok(vectors)) => {
+            s.metrics.ended(Outcome::Done);
+            Json(json!({
+                "object": "list",
+                "model": s.model,
+                "data": vectors
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| {
+                        let embedding = match format {
+                            EncodingFormat::Float => json!(v),
+                            EncodingFormat::Base64 => {
+                                use base64::Engine;
+                                let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+                                json!(base64::engine::general_purpose::STANDARD.encode(bytes))
+                            }
+                        };
+                        json!({"object": "embedding", "index": i, "embedding": embedding})
+                    })
+                    .collect::<Vec<_>>(),
+            }))
+            .into_response()
+        }
+        Ok(Err(e)) => {
+            s.metrics.ended(Outcome::Failed);
+            failure(&e)
+        }
+        Err(_) => {
+            s.metrics.ended(Outcome::Failed);
+            error(StatusCode::INTERNAL_SERVER_ERROR, "the runtime dropped the request")
+        }
     }
 }

@@ -115,7 +115,14 @@ pub fn job_worker(setup: hetero_worker::WorkerSetup) -> Result<()> {
                 front
             }
         };
-        return crate::server::serve_front(front, Children(vec![]), tokenizer, &inf.model, &model.arch, &inf.listen);
+        return crate::server::serve_front(
+            front,
+            Children(vec![]),
+            tokenizer,
+            &inf.model,
+            &model.arch,
+            &crate::server::ServeOptions::on(&inf.listen),
+        );
     }
     follow_placements(
         worker.expect("followers start with a placement"),
