@@ -210,6 +210,9 @@ enum Command {
         /// Requests that may wait for the model; one more is answered 429 (busy).
         #[arg(long, default_value_t = hetero_serve::server::DEFAULT_QUEUE)]
         queue: usize,
+        /// Sequences that decode together (continuous batching; quantized decoders).
+        #[arg(long, default_value_t = hetero_serve::server::DEFAULT_BATCH as u64, value_parser = clap::value_parser!(u64).range(1..=256))]
+        batch: u64,
         #[command(flatten)]
         place: infer_cmd::PlacingArgs,
     },
@@ -323,9 +326,14 @@ fn main() -> ExitCode {
             model,
             listen,
             queue,
+            batch,
             place,
         } => {
-            let options = hetero_serve::server::ServeOptions { listen, queue };
+            let options = hetero_serve::server::ServeOptions {
+                listen,
+                queue,
+                batch: batch as usize,
+            };
             hetero_serve::server::serve(&model, &options, &place.placing(128, 32)).map(|()| ExitCode::SUCCESS)
         }
         Command::Profile(args) => plan_cmd::profile(&args),

@@ -1,7 +1,8 @@
 //! `hetero serve` as an API user meets it: OpenAI's sampling parameters (seeded,
 //! checked, the unsupported ones refused by name), stop texts, the model's own chat
-//! template, the context limit, `/metrics`, a bounded queue that answers 429, and a
-//! client that leaves mid-answer. Real SmolLM2, real HTTP on loopback.
+//! template, the context limit, `/metrics`, a bounded queue that answers 429, a
+//! client that leaves mid-answer, and continuous batching that changes no answer.
+//! Real SmolLM2, real HTTP on loopback.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::io::{Read, Write};
 use std::time::Duration;
 
 use common::{get, post_json as post, serve};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn json(body: &str) -> Value {
     serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
@@ -154,7 +155,8 @@ fn sampling_is_seeded_stops_where_asked_and_refuses_what_it_does_not_do() {
 
 #[test]
 fn a_full_queue_answers_busy_and_a_client_that_leaves_stops_its_generation() {
-    let server = serve(&["smollm2", "--queue", "1"]);
+    // One sequence at a time, so the long answer holds the runtime.
+    let server = serve(&["smollm2", "--queue", "1", "--batch", "1"]);
     let addr = server.1.clone();
     // A long streamed answer holds the runtime.
     let mut long = std::net::TcpStream::connect(&addr).unwrap();
@@ -186,4 +188,64 @@ fn a_full_queue_answers_busy_and_a_client_that_leaves_stops_its_generation() {
     wait_for(&addr, "hetero_requests_total{outcome=\"cancelled\"}", 1.0);
     assert_eq!(metric(&addr, "hetero_requests_total{outcome=\"busy\"}"), 1.0);
     assert!(metric(&addr, "hetero_generation_tokens_total") < 4000.0);
+}
+
+#[test]
+fn batched_greedy_answers_are_the_answers_alone() {
+    let server = serve(&["smollm2", "--batch", "4"]);
+    let addr = server.1.clone();
+    let prompts = [
+        "The capital of France is",
+        "1, 2, 3, 4,",
+        "Once upon a time, in a small village by the sea, there lived",
+        "def fibonacci(n):",
+        "The colour of the sky on a clear day is",
+    ];
+    let answer = |addr: &str, prompt: &str| {
+        let body = json!({"prompt": prompt, "max_tokens": 12}).to_string();
+        let (status, reply) = post(addr, "/v1/completions", &body);
+        assert_eq!(status, 200, "{reply}");
+        json(&reply)["choices"][0]["text"].as_str().unwrap().to_string()
+    };
+    let alone: Vec<String> = prompts.iter().map(|p| answer(&addr, p)).collect();
+    let steps_alone = metric(&addr, "hetero_decode_steps_total");
+    assert_eq!(
+        metric(&addr, "hetero_decoded_sequences_total"),
+        steps_alone,
+        "one at a time, one per step"
+    );
+
+    // A long answer runs while the five arrive: they join its batch (four slots, so
+    // one waits for a slot), each in a cache slot of its own, at its own position.
+    let mut long = std::net::TcpStream::connect(&addr).unwrap();
+    let body = r#"{"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 4000, "stream": true}"#;
+    write!(
+        long,
+        "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 512];
+    let n = long.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).contains("200 OK"));
+    wait_for(&addr, "hetero_running_sequences", 1.0);
+    let together: Vec<String> = prompts
+        .iter()
+        .map(|p| {
+            let (addr, p) = (addr.clone(), p.to_string());
+            std::thread::spawn(move || answer(&addr, &p))
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .collect();
+    drop(long);
+    assert_eq!(together, alone, "a sequence's answer does not depend on its neighbours");
+    let steps = metric(&addr, "hetero_decode_steps_total") - steps_alone;
+    let rows = metric(&addr, "hetero_decoded_sequences_total") - steps_alone;
+    assert!(
+        rows > steps + 5.0,
+        "the five were decoded beside the long one: {rows} rows in {steps} steps"
+    );
+    wait_for(&addr, "hetero_running_sequences", 0.0);
 }

@@ -127,13 +127,13 @@ pub fn prompt_ids(
 
 /// Text generated so far, and how much of it may be shown: a piece that could be
 /// the start of a stop text is held back until the next tokens tell.
-struct StopText<'a> {
-    stop: &'a [String],
+struct StopText {
+    stop: Vec<String>,
     /// Bytes of the text already shown.
     shown: usize,
 }
 
-impl StopText<'_> {
+impl StopText {
     /// Where in `text` a stop text begins, if one does.
     fn found(&self, text: &str) -> Option<usize> {
         // Only the unshown tail can hold a new match (shown text held none).
@@ -170,6 +170,130 @@ impl StopText<'_> {
     }
 }
 
+/// What the model gave one sequence at a step.
+pub enum Pick<'a> {
+    /// The token it chose (plain greedy decoding, on the workers).
+    Token(u32),
+    /// The next-token logits, for the sequence's sampler.
+    Logits(&'a mut [f32]),
+}
+
+/// One sequence being generated, between the model's steps: its sampler, its
+/// tokens and text so far, its timings. The model is run elsewhere — by
+/// [`generate`] for one sequence, by a server's scheduler for a running batch —
+/// and each step's output for this sequence handed to [`Decoding::take`].
+pub struct Decoding {
+    max_tokens: usize,
+    greedy: bool,
+    sampler: Sampler,
+    stop: StopText,
+    generated: Vec<u32>,
+    text: String,
+    stats: GenerationStats,
+    /// Model outputs taken (the prefill's is the first token's).
+    steps: usize,
+}
+
+impl Decoding {
+    /// A sequence continuing a prompt of `prompt_tokens` as `generation` says;
+    /// `stream` numbers it among a request's several (their samplers draw
+    /// differently).
+    pub fn new(prompt_tokens: usize, generation: &Generation, stream: u64) -> Result<Self, InferError> {
+        generation.sampling.check()?;
+        Ok(Decoding {
+            max_tokens: generation.max_tokens,
+            greedy: generation.sampling.is_plain_greedy(),
+            sampler: Sampler::new(&generation.sampling, stream),
+            stop: StopText {
+                stop: generation.stop.clone(),
+                shown: 0,
+            },
+            generated: Vec::new(),
+            text: String::new(),
+            stats: GenerationStats {
+                prompt_tokens,
+                ..Default::default()
+            },
+            steps: 0,
+        })
+    }
+
+    /// What this sequence needs from the model: plain greedy picks where the
+    /// logits are; anything else needs them here.
+    pub fn want(&self) -> Want {
+        match self.greedy {
+            true => Want::NextToken,
+            false => Want::Logits,
+        }
+    }
+
+    /// Takes the model's output for this sequence after a step that took `took`
+    /// (the prefill, then one token each); `on_text` hears any new text and
+    /// returns `false` to cancel. Returns the token to feed next, or `None` when
+    /// the sequence has ended.
+    pub fn take(
+        &mut self,
+        tokenizer: &TextTokenizer,
+        pick: Pick<'_>,
+        took: Duration,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Option<u32>, InferError> {
+        let token = match pick {
+            Pick::Token(t) => t,
+            Pick::Logits(logits) if self.greedy => crate::sampling::argmax(logits),
+            Pick::Logits(logits) => self.sampler.pick(logits),
+        };
+        match self.steps {
+            0 => self.stats.first_token = took,
+            _ => self.stats.per_token.push(took),
+        }
+        self.steps += 1;
+        if tokenizer.stop.contains(&token) {
+            self.stats.finish = Finish::Stop;
+            return Ok(None);
+        }
+        self.generated.push(token);
+        self.sampler.saw(token);
+        // Decode the whole text each time: a byte-level piece may complete only with
+        // the next token (multi-byte characters).
+        self.text = tokenizer.decode(&self.generated)?;
+        let end = match self.stop.found(&self.text) {
+            Some(at) => {
+                self.text.truncate(at);
+                self.stats.finish = Finish::Stop;
+                at.max(self.stop.shown)
+            }
+            None => self.stop.showable(&self.text),
+        };
+        if let Some(piece) = self.text.get(self.stop.shown..end).filter(|p| !p.is_empty()) {
+            if !on_text(piece) {
+                self.stats.finish = Finish::Cancelled;
+                return Ok(None);
+            }
+            self.stop.shown = end;
+        }
+        let more = self.stats.finish != Finish::Stop && self.generated.len() < self.max_tokens;
+        Ok(more.then_some(token))
+    }
+
+    /// Ends the sequence as cancelled (its listener left before it finished).
+    pub fn cancel(&mut self) {
+        self.stats.finish = Finish::Cancelled;
+    }
+
+    /// The whole text and its timings; a held-back tail that was not a stop
+    /// text after all goes to `on_text` first.
+    pub fn finish(mut self, on_text: &mut dyn FnMut(&str) -> bool) -> (String, GenerationStats) {
+        self.stats.generated = self.generated.len();
+        if self.stats.finish == Finish::Length
+            && let Some(tail) = self.text.get(self.stop.shown..).filter(|t| !t.is_empty())
+        {
+            on_text(tail);
+        }
+        (self.text, self.stats)
+    }
+}
+
 /// Continues the prompt `ids` as `generation` says; `on_text` hears each new piece
 /// of text as it is decoded and returns `false` to cancel. `stream` numbers this
 /// sequence among a request's several (their samplers draw differently).
@@ -181,74 +305,26 @@ pub fn generate<B: Backend>(
     stream: u64,
     on_text: &mut dyn FnMut(&str) -> bool,
 ) -> Result<(String, GenerationStats), InferError> {
-    generation.sampling.check()?;
-    let mut stats = GenerationStats {
-        prompt_tokens: ids.len(),
-        ..Default::default()
-    };
-    let mut sampler = Sampler::new(&generation.sampling, stream);
-    // Plain greedy picks where the logits are; anything else needs them here.
-    let want = match generation.sampling.is_plain_greedy() {
-        true => Want::NextToken,
-        false => Want::Logits,
-    };
-    let mut stop = StopText {
-        stop: &generation.stop,
-        shown: 0,
-    };
-    let mut generated: Vec<u32> = Vec::new();
-    let mut text = String::new();
+    let mut sequence = Decoding::new(ids.len(), generation, stream)?;
+    let want = sequence.want();
     let mut next = Request::decode(vec![ids], true, want);
-    while generated.len() < generation.max_tokens {
-        let clock = Instant::now();
-        let token = match front.run(&next)? {
-            Output::Tokens(tokens) => tokens[0],
-            Output::Logits(mut rows) => sampler.pick(&mut rows[0]),
-            Output::Embeddings(_) => return Err(InferError::Request("this model does not generate tokens".into())),
-        };
-        let took = clock.elapsed();
-        if generated.is_empty() {
-            stats.first_token = took;
-        } else {
-            stats.per_token.push(took);
-        }
-        if tokenizer.stop.contains(&token) {
-            stats.finish = Finish::Stop;
-            break;
-        }
-        generated.push(token);
-        sampler.saw(token);
-        // Decode the whole text each time: a byte-level piece may complete only with
-        // the next token (multi-byte characters).
-        text = tokenizer.decode(&generated)?;
-        let end = match stop.found(&text) {
-            Some(at) => {
-                text.truncate(at);
-                stats.finish = Finish::Stop;
-                at.max(stop.shown)
-            }
-            None => stop.showable(&text),
-        };
-        if let Some(piece) = text.get(stop.shown..end).filter(|p| !p.is_empty()) {
-            if !on_text(piece) {
-                stats.finish = Finish::Cancelled;
+    if generation.max_tokens > 0 {
+        loop {
+            let clock = Instant::now();
+            let mut output = front.run(&next)?;
+            let took = clock.elapsed();
+            let pick = match output {
+                Output::Tokens(ref tokens) => Pick::Token(tokens[0]),
+                Output::Logits(ref mut rows) => Pick::Logits(&mut rows[0]),
+                Output::Embeddings(_) => return Err(InferError::Request("this model does not generate tokens".into())),
+            };
+            let Some(token) = sequence.take(tokenizer, pick, took, on_text)? else {
                 break;
-            }
-            stop.shown = end;
+            };
+            next = Request::decode(vec![vec![token]], false, want);
         }
-        if stats.finish == Finish::Stop {
-            break;
-        }
-        next = Request::decode(vec![vec![token]], false, want);
     }
-    stats.generated = generated.len();
-    if stats.finish == Finish::Length
-        && let Some(tail) = text.get(stop.shown..).filter(|t| !t.is_empty())
-    {
-        // The held-back tail was not a stop text after all.
-        on_text(tail);
-    }
-    Ok((text, stats))
+    Ok(sequence.finish(on_text))
 }
 
 /// The normalised sentence embedding of each text.

@@ -137,6 +137,17 @@ impl Sampler {
             *l = ((*l - best) * inv_t).exp();
             total += *l;
         }
+        if p.top_k == 0 && p.top_p >= 1.0 && p.min_p == 0.0 {
+            // Nothing is cut: draw from the whole vocabulary as it lies, unsorted.
+            let mut u = self.rng.random::<f32>() * total;
+            for (i, &prob) in logits.iter().enumerate() {
+                if u < prob {
+                    return i as u32;
+                }
+                u -= prob;
+            }
+            return argmax(logits);
+        }
         self.keep(logits, total);
         let mass: f32 = self.kept.iter().map(|c| c.0).sum();
         let mut u = self.rng.random::<f32>() * mass;

@@ -1,10 +1,11 @@
 //! Matrix products over the pool: `out[r][o] = Σ_i W[o][i]·x[r][i]`.
 //!
 //! ## Design
-//! Work is split statically. With as many activation rows as participants (prefill)
-//! each participant takes a range of activation rows and every weight row; with
-//! fewer (decode) each takes a range of weight rows — whole groups of four, so the
-//! tiles of later kernels never straddle two participants. Either way every output
+//! Work is split statically. With four activation rows per participant or more
+//! (prefill) each participant takes a range of activation rows and every weight
+//! row; with fewer (decode, a running batch) each takes a range of weight rows —
+//! whole groups of four, so the tiles of later kernels never straddle two
+//! participants — and every activation row, four at a time where there are four. Either way every output
 //! is one dot product computed in one fixed order, so results are bit-identical for
 //! any number of threads. Each participant's share of the output is a disjoint
 //! slice cut before the job starts, handed over through an uncontended mutex.
@@ -67,7 +68,7 @@ impl Kernels {
     pub fn matmul_many(&self, ws: &[&QMatrix], x: &QActs, outs: &mut [&mut [f32]]) -> Result<(), KernelError> {
         check(ws, x, outs)?;
         let n = self.pool.threads();
-        if x.rows() >= n && x.rows() > 1 {
+        if x.rows() >= 4 * n {
             // Each participant: a range of activation rows, every weight row.
             let bounds = |t: usize| x.rows() * t / n;
             let parts = cut(outs, n, |m, t| bounds(t) * ws[m].rows());
@@ -97,8 +98,69 @@ impl Kernels {
                     }
                 }
             });
+        } else if x.rows() > 1 {
+            // A running batch: too few activation rows for each participant to tile
+            // its own, so each takes a range of weight rows and passes every
+            // activation row by them, four at a time. Its share of an output is then
+            // strided, so it writes it whole (rows × its weight rows) into scratch,
+            // spread into place after the job.
+            let rows = x.rows();
+            let bounds = |w: usize, t: usize| if t == n { w } else { w * t / n / 4 * 4 };
+            BATCH_SCRATCH.with_borrow_mut(|scratch| {
+                // Grows to the largest batch seen (later steps allocate nothing).
+                let total = rows * ws.iter().map(|w| w.rows()).sum::<usize>();
+                if scratch.len() < total {
+                    scratch.resize(total, 0.0);
+                }
+                let mut staged: [&mut [f32]; MAX_MATRICES] = Default::default();
+                let mut rest: &mut [f32] = scratch;
+                for (m, w) in ws.iter().enumerate() {
+                    let (mine, tail) = std::mem::take(&mut rest).split_at_mut(rows * w.rows());
+                    staged[m] = mine;
+                    rest = tail;
+                }
+                let parts = cut(&mut staged[..ws.len()], n, |m, t| rows * bounds(ws[m].rows(), t));
+                self.pool.run(&|p| {
+                    let mut mine = parts[p].lock().expect("a participant's outputs");
+                    for (m, w) in ws.iter().enumerate() {
+                        let rb = w.row_bytes();
+                        let (lo, hi) = (bounds(w.rows(), p), bounds(w.rows(), p + 1));
+                        if lo == hi {
+                            continue;
+                        }
+                        for c0 in (lo..hi).step_by(CHUNK) {
+                            let c1 = (c0 + CHUNK).min(hi);
+                            let chunk = &w.bytes()[c0 * rb..c1 * rb];
+                            let mut rows_out = mine[m].chunks_exact_mut(hi - lo);
+                            let mut r = 0;
+                            while r + 4 <= rows {
+                                let outs = [(); 4]
+                                    .map(|_| &mut rows_out.next().expect("a row per activation row")[c0 - lo..c1 - lo]);
+                                let xs = [0, 1, 2, 3].map(|j| x.row(r + j));
+                                dispatch::rows4(self.level, w.ty(), chunk, rb, xs, outs);
+                                r += 4;
+                            }
+                            for (o, r) in rows_out.zip(r..rows) {
+                                dispatch::rows(self.level, w.ty(), chunk, rb, x.row(r), &mut o[c0 - lo..c1 - lo]);
+                            }
+                        }
+                    }
+                });
+                drop(parts);
+                for (m, w) in ws.iter().enumerate() {
+                    let mut from = 0;
+                    for t in 0..n {
+                        let (lo, hi) = (bounds(w.rows(), t), bounds(w.rows(), t + 1));
+                        for r in 0..rows {
+                            outs[m][r * w.rows() + lo..r * w.rows() + hi]
+                                .copy_from_slice(&staged[m][from..from + hi - lo]);
+                            from += hi - lo;
+                        }
+                    }
+                }
+            });
         } else {
-            // One activation row at a time, each participant a range of weight rows.
+            // One activation row, each participant a range of weight rows.
             let bounds = |rows: usize, t: usize| if t == n { rows } else { rows * t / n / 4 * 4 };
             for r in 0..x.rows() {
                 let mut row_outs: [&mut [f32]; MAX_MATRICES] = Default::default();
@@ -239,6 +301,11 @@ fn check(ws: &[&QMatrix], x: &QActs, outs: &[&mut [f32]]) -> Result<(), KernelEr
     Ok(())
 }
 
+thread_local! {
+    /// Where a running batch's products are staged (see `matmul_many`).
+    static BATCH_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 type Parts<'a> = [Mutex<[&'a mut [f32]; MAX_MATRICES]>; MAX_THREADS];
 
 /// Cuts each output `outs[m]` at `at(m, t)` for `t` in `1..n` into `n` consecutive
@@ -286,7 +353,7 @@ mod tests {
         for ty in [QType::Q4_1, QType::Q8_0, QType::Q4K, QType::F32] {
             let a = QMatrix::quantize(ty, &random(a_rows * cols, 1.0, &mut rng), a_rows, cols).unwrap();
             let b = QMatrix::quantize(ty, &random(b_rows * cols, 1.0, &mut rng), b_rows, cols).unwrap();
-            for x_rows in [1, 2, 3, 4, 7, 9] {
+            for x_rows in [1, 2, 3, 4, 7, 9, 13] {
                 let mut x = QActs::new();
                 x.quantize(ty.act(), &random(x_rows * cols, 2.0, &mut rng), x_rows, cols)
                     .unwrap();

@@ -6,6 +6,7 @@
 //! crate behind the command line's argument parsing.
 
 pub mod auto;
+pub(crate) mod batcher;
 pub mod front;
 pub mod metrics;
 pub mod requests;

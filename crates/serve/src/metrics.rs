@@ -109,6 +109,10 @@ pub struct Metrics {
     pub tokens_in: AtomicU64,
     /// Tokens generated.
     pub tokens_out: AtomicU64,
+    /// Decode steps run (each one token for every running sequence).
+    pub decode_steps: AtomicU64,
+    /// Sequences those steps decoded, summed: over `decode_steps`, the mean batch.
+    pub decoded_rows: AtomicU64,
     outcomes: [AtomicU64; 5],
 }
 
@@ -125,6 +129,8 @@ impl Default for Metrics {
             running: AtomicU64::new(0),
             tokens_in: AtomicU64::new(0),
             tokens_out: AtomicU64::new(0),
+            decode_steps: AtomicU64::new(0),
+            decoded_rows: AtomicU64::new(0),
             outcomes: Default::default(),
         }
     }
@@ -188,6 +194,20 @@ impl Metrics {
             "Tokens generated.",
             "counter",
             &self.tokens_out,
+        );
+        gauge(
+            &mut out,
+            "hetero_decode_steps_total",
+            "Decode steps run, each one token for every running sequence.",
+            "counter",
+            &self.decode_steps,
+        );
+        gauge(
+            &mut out,
+            "hetero_decoded_sequences_total",
+            "Sequences the decode steps ran, summed (over the steps: the mean batch).",
+            "counter",
+            &self.decoded_rows,
         );
         let name = "hetero_requests_total";
         let _ = writeln!(out, "# HELP {name} Requests by how they ended.\n# TYPE {name} counter");

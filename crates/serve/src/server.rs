@@ -19,7 +19,8 @@
 //! One thread owns the front and takes requests from a bounded queue, so HTTP
 //! handlers never block the runtime (or each other's sockets); a request that
 //! finds the queue full is answered 429 at once, and one whose client has gone
-//! is dropped (or stopped between tokens) rather than generated for no one.
+//! is dropped (or stopped between tokens) rather than generated for no one. That
+//! thread batches generations continuously ([`crate::batcher`]).
 //! Handlers check and tokenize a request before it is queued, so a bad one is a
 //! 400 that costs the model nothing.
 
@@ -47,6 +48,7 @@ use hetero_infer::Front;
 use hetero_infer::tokenize::TextTokenizer;
 
 use crate::InferBackend;
+use crate::batcher::{self, Job, Piece};
 use crate::front::{Children, Placing, describe, open_model, start_front};
 use crate::metrics::{Metrics, Outcome};
 use crate::requests::{self, GenerateRequest, Prompt};
@@ -58,6 +60,8 @@ pub struct ServeOptions {
     pub listen: String,
     /// Requests that may wait for the model; one more is answered 429.
     pub queue: usize,
+    /// Sequences that may decode together ([`crate::batcher`]).
+    pub batch: usize,
 }
 
 impl ServeOptions {
@@ -66,6 +70,7 @@ impl ServeOptions {
         ServeOptions {
             listen: listen.into(),
             queue: DEFAULT_QUEUE,
+            batch: DEFAULT_BATCH,
         }
     }
 }
@@ -73,28 +78,8 @@ impl ServeOptions {
 /// Requests that may wait for the model by default.
 pub const DEFAULT_QUEUE: usize = 64;
 
-/// What the runtime thread is asked to do.
-enum Job {
-    Generate {
-        ids: Vec<u32>,
-        generation: Generation,
-        /// How many choices.
-        n: usize,
-        /// Each piece of text, then each choice's end.
-        pieces: async_mpsc::UnboundedSender<Piece>,
-        arrived: Instant,
-    },
-    Embed {
-        texts: Vec<String>,
-        reply: tokio::sync::oneshot::Sender<Result<Vec<Vec<f32>>, InferError>>,
-    },
-}
-
-/// What a generation sends back, per choice.
-enum Piece {
-    Text(usize, String),
-    Done(usize, Result<GenerationStats, InferError>),
-}
+/// Sequences that may decode together by default.
+pub const DEFAULT_BATCH: usize = 16;
 
 #[derive(Clone)]
 struct Served {
@@ -193,14 +178,12 @@ pub fn serve_front(
     let tokenizer = Arc::new(tokenizer);
     let metrics = Arc::new(Metrics::default());
     let (jobs, queue) = mpsc::sync_channel::<Job>(options.queue.max(1));
+    let batch = options.batch;
     {
         let (tokenizer, metrics) = (tokenizer.clone(), metrics.clone());
         std::thread::spawn(move || {
             let _children = children;
-            for job in queue {
-                metrics.queued.fetch_sub(1, Relaxed);
-                run_job(&mut front, &tokenizer, &metrics, job);
-            }
+            batcher::run(&mut front, &tokenizer, &metrics, queue, batch);
         });
     }
     let state = Served {
@@ -231,53 +214,6 @@ pub fn serve_front(
         std::io::stdout().flush()?;
         axum::serve(listener, app).await.context("the HTTP server stopped")
     })
-}
-
-/// Runs one queued job on the front (the runtime thread).
-fn run_job(front: &mut Front<InferBackend>, tokenizer: &TextTokenizer, metrics: &Metrics, job: Job) {
-    match job {
-        Job::Generate {
-            ids,
-            generation,
-            n,
-            pieces,
-            arrived,
-        } => {
-            metrics.running.store(1, Relaxed);
-            let mut cancelled = false;
-            for index in 0..n {
-                if pieces.is_closed() {
-                    cancelled = true;
-                    break;
-                }
-                let out = generate::generate(front, tokenizer, ids.clone(), &generation, index as u64, &mut |p| {
-                    pieces.send(Piece::Text(index, p.to_string())).is_ok()
-                });
-                if let Ok((_, stats)) = &out {
-                    cancelled |= stats.finish == Finish::Cancelled;
-                    metrics.tokens_in.fetch_add(stats.prompt_tokens as u64, Relaxed);
-                    metrics.tokens_out.fetch_add(stats.generated as u64, Relaxed);
-                    metrics.first_token.observe(stats.first_token);
-                    for &d in &stats.per_token {
-                        metrics.per_token.observe(d);
-                    }
-                }
-                let _ = pieces.send(Piece::Done(index, out.map(|(_, stats)| stats)));
-            }
-            metrics.request.observe(arrived.elapsed());
-            metrics.running.store(0, Relaxed);
-            if cancelled {
-                // The client left: its handler is gone and cannot count it.
-                metrics.ended(Outcome::Cancelled);
-            }
-        }
-        Job::Embed { texts, reply } => {
-            metrics.running.store(texts.len() as u64, Relaxed);
-            let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-            let _ = reply.send(generate::embed(front, tokenizer, &refs));
-            metrics.running.store(0, Relaxed);
-        }
-    }
 }
 
 impl Served {
