@@ -28,23 +28,7 @@ if [ ! -x "$bin" ]; then
 fi
 
 # llama.cpp from the source package, once.
-llama="$work/build/bin"
-if [ ! -x "$llama/llama-bench" ] || [ ! -x "$llama/llama-quantize" ]; then
-    if [ ! -x "$work/venv/bin/cmake" ]; then
-        python3 -m venv "$work/venv"
-        "$work/venv/bin/pip" install --quiet cmake ninja
-    fi
-    if [ ! -d "$work/src" ]; then
-        "$work/venv/bin/pip" download --quiet --no-deps --no-binary llama-cpp-python \
-            "llama-cpp-python==$VERSION" -d "$work/sdist"
-        mkdir -p "$work/src"
-        tar -xzf "$work"/sdist/llama_cpp_python-"$VERSION".tar.gz -C "$work/src" --strip-components=1
-    fi
-    PATH="$PWD/$work/venv/bin:$PATH" cmake -S "$work/src/vendor/llama.cpp" -B "$work/build" -G Ninja \
-        -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=OFF >/dev/null
-    PATH="$PWD/$work/venv/bin:$PATH" ninja -C "$work/build" llama-bench llama-quantize >/dev/null
-fi
+llama=$(WORK="$work" LLAMA_CPP_PYTHON="$VERSION" benches/llamacpp-build.sh llama-bench llama-quantize)
 
 # The files: the known model's download, and what llama-quantize makes from it.
 "$bin" infer smollm2 "Hi" --max-tokens 1 >/dev/null 2>&1 || true
