@@ -66,17 +66,8 @@ fn main() {
         );
     }
 
-    // A 128-token prefill's products of one layer: q|k|v, o, gate|up, down.
-    let rows = 128;
-    let xs = |cols: usize| {
-        let x: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
-            .collect();
-        let mut a = QActs::new();
-        a.quantize(ty.act(), &x, rows, cols).expect("whole blocks");
-        a
-    };
-    let (p576, p1536) = (xs(576), xs(1536));
+    // One layer's products (q|k|v, o, gate|up, down) for a 128-token prefill, and
+    // for the running batches a server decodes (a row per sequence).
     let layer = [
         matrix(ty, 576, 576, 1),
         matrix(ty, 192, 576, 2),
@@ -86,29 +77,50 @@ fn main() {
         matrix(ty, 1536, 576, 6),
         matrix(ty, 576, 1536, 7),
     ];
-    let [wq, wk, wv, wo, wg, wu, wd] = &layer;
     let k = Kernels::detect();
-    let (mut q, mut kk, mut v) = (vec![0.0; rows * 576], vec![0.0; rows * 192], vec![0.0; rows * 192]);
-    let (mut o, mut g, mut u, mut d) = (
-        vec![0.0; rows * 576],
-        vec![0.0; rows * 1536],
-        vec![0.0; rows * 1536],
-        vec![0.0; rows * 576],
-    );
-    let s = time(3, || {
-        k.matmul_many(&[wq, wk, wv], &p576, &mut [&mut q, &mut kk, &mut v])
-            .unwrap();
-        k.matmul(wo, &p576, &mut o).unwrap();
-        k.matmul_many(&[wg, wu], &p576, &mut [&mut g, &mut u]).unwrap();
-        k.matmul(wd, &p1536, &mut d).unwrap();
-    });
-    let macs: usize = layer.iter().map(|m| m.rows() * m.cols()).sum::<usize>() * rows;
+    let layer_seconds = |rows: usize, reps: usize| {
+        let xs = |cols: usize| {
+            let x: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 25.0)
+                .collect();
+            let mut a = QActs::new();
+            a.quantize(ty.act(), &x, rows, cols).expect("whole blocks");
+            a
+        };
+        let (p576, p1536) = (xs(576), xs(1536));
+        let [wq, wk, wv, wo, wg, wu, wd] = &layer;
+        let (mut q, mut kk, mut v) = (vec![0.0; rows * 576], vec![0.0; rows * 192], vec![0.0; rows * 192]);
+        let (mut o, mut g, mut u, mut d) = (
+            vec![0.0; rows * 576],
+            vec![0.0; rows * 1536],
+            vec![0.0; rows * 1536],
+            vec![0.0; rows * 576],
+        );
+        time(reps, || {
+            k.matmul_many(&[wq, wk, wv], &p576, &mut [&mut q, &mut kk, &mut v])
+                .unwrap();
+            k.matmul(wo, &p576, &mut o).unwrap();
+            k.matmul_many(&[wg, wu], &p576, &mut [&mut g, &mut u]).unwrap();
+            k.matmul(wd, &p1536, &mut d).unwrap();
+        })
+    };
+    let macs = |rows: usize| layer.iter().map(|m| m.rows() * m.cols()).sum::<usize>() * rows;
+    let rows = 128;
+    let s = layer_seconds(rows, 3);
     println!(
         "one layer's products for a {rows}-token prefill, {k:?}: {:.2} ms  {:.1} G MAC/s  (30 layers: {:.0} tokens/s at most)",
         s * 1e3,
-        macs as f64 / s / 1e9,
+        macs(rows) as f64 / s / 1e9,
         rows as f64 / (30.0 * s)
     );
+    for batch in [1, 2, 3, 4, 5, 6, 7, 8, 12, 13, 16] {
+        let s = layer_seconds(batch, 50);
+        println!(
+            "one layer's products for a decode step of {batch:>2} sequences: {:.3} ms  {:.1} G MAC/s",
+            s * 1e3,
+            macs(batch) as f64 / s / 1e9
+        );
+    }
 
     // One token of SmolLM2-135M: per layer q|k|v, o, gate|up, down; then the head.
     let layers: Vec<[QMatrix; 7]> = (0..30)
