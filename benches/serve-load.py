@@ -74,12 +74,12 @@ def running(addr):
     return 0.0
 
 
-def load(addr, clients):
+def load(addr, clients, extra, prompt="Write a short story about the number {}:"):
     replies = [None] * clients
     start = time.time()
 
     def one(i):
-        body = {"prompt": f"Write a short story about the number {i}:", "max_tokens": TOKENS, "temperature": 0}
+        body = {"prompt": prompt.format(i), "max_tokens": TOKENS, "temperature": 0, **extra}
         replies[i] = stream(addr, body, start)
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
@@ -143,10 +143,13 @@ def main():
     for engine, batch in RUNS:
         server, addr = start(engine, int(batch))
         name = f"{engine} {'-np' if engine != 'hetero' else '--batch'} {batch}"
+        # llama-server reuses a slot's cached prompt prefix by default (Hetero has no
+        # prefix cache): both prefill every prompt whole here.
+        extra = {} if engine == "hetero" else {"cache_prompt": False}
         try:
-            load(addr, 1)  # warm-up: caches and scratch grown
+            load(addr, 1, extra, "Warm up, then count: {}")  # caches and scratch grown
             for clients in CLIENTS:
-                generated, wall, first, last_first, peak = load(addr, clients)
+                generated, wall, first, last_first, peak = load(addr, clients, extra)
                 print(
                     f"{name:>16} {clients:>8} {generated:>7} {wall:>7.2f} {generated / wall:>7.1f} "
                     f"{first:>8.0f} {last_first:>9.0f} {peak:>5.0f}",
