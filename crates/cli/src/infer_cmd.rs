@@ -19,6 +19,7 @@ use clap::{Args, Subcommand};
 use hetero_data::model_fetch as models;
 use hetero_infer::Arch;
 use hetero_infer::generate::{self, Finish, Generation, chat_prompt};
+use hetero_infer::sampling::Sampling;
 use hetero_serve::front::{Placing, describe, open_model, start_front};
 
 /// `hetero models …`.
@@ -122,8 +123,65 @@ pub fn models_cmd(command: ModelsCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// How `hetero infer` chooses tokens (greedy unless `--temperature` says otherwise),
+/// as the server's OpenAI parameters do.
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Divides the logits before drawing; 0 (the default) is greedy. At most 2.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Draw only among the K likeliest tokens (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Draw only among the likeliest tokens holding this share of the mass.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Drop tokens less likely than this share of the likeliest one's.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Seeds the draws: the same seed gives the same text.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// End the text where this appears (not printed); repeatable.
+    #[arg(long)]
+    pub stop: Vec<String>,
+}
+
+impl SamplingArgs {
+    /// The generation these ask for, up to `max_tokens`; refused (naming the
+    /// value) when out of range.
+    fn generation(&self, max_tokens: usize) -> Result<Generation> {
+        let sampling = Sampling {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            seed: self.seed,
+            ..Sampling::default()
+        };
+        sampling.check()?;
+        if let Some(s) = self.stop.iter().find(|s| s.is_empty()) {
+            bail!("--stop {s:?}: a stop text cannot be empty");
+        }
+        Ok(Generation {
+            max_tokens,
+            sampling,
+            stop: self.stop.clone(),
+        })
+    }
+}
+
 /// `hetero infer`.
-pub fn infer(model_name: &str, prompt: &[String], max_tokens: usize, chat: bool, place: &Placing) -> Result<ExitCode> {
+pub fn infer(
+    model_name: &str,
+    prompt: &[String],
+    max_tokens: usize,
+    chat: bool,
+    sampling: &SamplingArgs,
+    place: &Placing,
+) -> Result<ExitCode> {
+    // Checked before the model is opened and the workers start.
+    sampling.generation(max_tokens)?;
     let model = open_model(model_name)?;
     let started = start_front(model_name, &model, place)?;
     let (mut front, _children) = (started.front, started.children);
@@ -145,7 +203,7 @@ pub fn infer(model_name: &str, prompt: &[String], max_tokens: usize, chat: bool,
             let context = model.arch.llama().map_or(0, |c| c.context);
             let (ids, max_tokens) = generate::prompt_ids(tokenizer, &prompt, Some(max_tokens), context)?;
             let mut out = std::io::stdout();
-            let generation = Generation::greedy(max_tokens);
+            let generation = sampling.generation(max_tokens)?;
             let (_, stats) = generate::generate(&mut front, tokenizer, ids, &generation, 0, &mut |piece| {
                 let _ = write!(out, "{piece}");
                 out.flush().is_ok()
@@ -155,11 +213,7 @@ pub fn infer(model_name: &str, prompt: &[String], max_tokens: usize, chat: bool,
                 "{} prompt tokens, {} generated{}; first token {:.1} ms; then {:.1} tokens/s, {:.1} ms per token (p50 {:.1}, p90 {:.1})",
                 stats.prompt_tokens,
                 stats.generated,
-                if stats.finish == Finish::Stop {
-                    " (stop token)"
-                } else {
-                    ""
-                },
+                if stats.finish == Finish::Stop { " (stopped)" } else { "" },
                 stats.first_token.as_secs_f64() * 1e3,
                 stats.tokens_per_second(),
                 stats.mean_token_latency().as_secs_f64() * 1e3,

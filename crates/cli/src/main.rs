@@ -198,6 +198,8 @@ enum Command {
         #[arg(long)]
         chat: bool,
         #[command(flatten)]
+        sampling: infer_cmd::SamplingArgs,
+        #[command(flatten)]
         place: infer_cmd::PlacingArgs,
     },
     /// Serve a placed model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models).
@@ -320,8 +322,16 @@ fn main() -> ExitCode {
             prompt,
             max_tokens,
             chat,
+            sampling,
             place,
-        } => infer_cmd::infer(&model, &prompt, max_tokens, chat, &place.placing(128, max_tokens)),
+        } => infer_cmd::infer(
+            &model,
+            &prompt,
+            max_tokens,
+            chat,
+            &sampling,
+            &place.placing(128, max_tokens),
+        ),
         Command::Serve {
             model,
             listen,

@@ -42,6 +42,32 @@ fn a_pipeline_of_three_processes_says_paris() {
 }
 
 #[test]
+fn infer_samples_with_a_seed_and_refuses_bad_sampling_before_loading() {
+    let sampled = || {
+        let out = hetero()
+            .args(["infer", "smollm2", "Once upon a time", "--max-tokens", "8"])
+            .args(["--temperature", "0.9", "--top-p", "0.95", "--seed", "7"])
+            .output()
+            .unwrap();
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        stdout
+    };
+    let first = sampled();
+    assert!(!first.trim().is_empty(), "{first:?}");
+    assert_eq!(sampled(), first, "the same seed, the same text");
+    for (flag, value, says) in [("--temperature", "5", "temperature"), ("--top-p", "0", "top_p")] {
+        let out = hetero()
+            .args(["infer", "no-such-model", "Hi", flag, value])
+            .output()
+            .unwrap();
+        let (stdout, stderr) = text(&out);
+        assert!(!out.status.success(), "{stdout}");
+        assert!(stderr.contains(says) && !stderr.contains("no-such-model"), "{stderr}");
+    }
+}
+
+#[test]
 fn a_placement_naming_a_missing_worker_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.toml");

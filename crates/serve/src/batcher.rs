@@ -313,6 +313,7 @@ impl Batcher<'_> {
     /// Hands `sequence` its pick of a step; it runs on or ends.
     fn take(&mut self, mut sequence: Sequence, pick: Result<Pick<'_>, InferError>, took: std::time::Duration) {
         let Some(job) = self.jobs[sequence.job].as_ref() else {
+            self.free.push(sequence.slot);
             return;
         };
         let pieces = job.pieces.clone();
