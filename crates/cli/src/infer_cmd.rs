@@ -19,6 +19,7 @@ use clap::{Args, Subcommand};
 use hetero_data::model_fetch as models;
 use hetero_infer::Arch;
 use hetero_infer::generate::{self, Finish, Generation, chat_prompt};
+use hetero_infer::hf_write::{StoreAs, write_folder};
 use hetero_infer::sampling::Sampling;
 use hetero_serve::front::{Placing, describe, open_model, start_front};
 
@@ -43,6 +44,22 @@ pub enum ModelsCommand {
     /// on held-out text, before any training: embedding cosine and Spearman of
     /// pairwise similarities (encoders), perplexity and top-1 agreement (decoders).
     Decouple(crate::decouple_cmd::DecoupleArgs),
+    /// Write a llama decoder (a GGUF file, `smollm2`, …) as a Hugging Face folder:
+    /// config.json, safetensors shards and their index, tokenizer.json and the
+    /// chat template — what `transformers` and `hetero infer DIR` both open.
+    Convert {
+        /// The model: a known name, a .gguf file or a folder.
+        model: String,
+        /// The new folder.
+        #[arg(long)]
+        to: std::path::PathBuf,
+        /// How values are stored: f32 (the values Hetero computes with), f16 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// The largest shard, in MB (a tensor larger than that is a shard alone).
+        #[arg(long, default_value_t = 2000)]
+        shard_mb: u64,
+    },
 }
 
 /// The mesh: how many local workers, or the hosts of a `--mesh`.
@@ -119,6 +136,28 @@ pub fn models_cmd(command: ModelsCommand) -> Result<ExitCode> {
         }
         ModelsCommand::Describe { spec } => return crate::describe::run(&spec),
         ModelsCommand::Decouple(args) => return crate::decouple_cmd::run(&args),
+        ModelsCommand::Convert {
+            model,
+            to,
+            dtype,
+            shard_mb,
+        } => {
+            let Some(store) = StoreAs::from_name(&dtype) else {
+                bail!("--dtype {dtype:?}: use f32, f16 or bf16");
+            };
+            anyhow::ensure!(shard_mb >= 1, "--shard-mb must be at least 1");
+            let opened = open_model(&hetero_infer::models::dequantized_name(&model, true))?;
+            let written = write_folder(&opened, &to, store, shard_mb.saturating_mul(1_000_000), &mut |m| {
+                eprintln!("{m}")
+            })?;
+            println!(
+                "wrote {}: {} tensors in {} safetensors file(s), {:.1} MB; open it with `hetero infer {0} \"…\"`",
+                written.dir.display(),
+                written.tensors,
+                written.shards,
+                written.bytes as f64 / 1e6
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -78,6 +78,7 @@ const CHATML: &str = "{% for message in messages %}{{ '<|im_start|>' + message.r
 #[derive(Clone)]
 pub struct ChatTemplate {
     env: Arc<Environment<'static>>,
+    source: String,
     bos: String,
     eos: String,
     /// Where the template came from.
@@ -111,7 +112,7 @@ impl ChatTemplate {
                 Err(minijinja::Error::new(ErrorKind::InvalidOperation, message))
             },
         );
-        env.add_template_owned("chat", source).map_err(|e| {
+        env.add_template_owned("chat", source.clone()).map_err(|e| {
             let from = match &origin {
                 Origin::Model(from) => from.as_str(),
                 Origin::ChatMlFallback => "ChatML",
@@ -120,10 +121,20 @@ impl ChatTemplate {
         })?;
         Ok(ChatTemplate {
             env: Arc::new(env),
+            source,
             bos: bos.into(),
             eos: eos.into(),
             origin,
         })
+    }
+
+    /// The model's own template's source and its BOS and EOS texts (`None` for
+    /// the ChatML fallback), to write beside the model.
+    pub fn model_template(&self) -> Option<(&str, &str, &str)> {
+        match self.origin {
+            Origin::Model(_) => Some((&self.source, &self.bos, &self.eos)),
+            Origin::ChatMlFallback => None,
+        }
     }
 
     /// The prompt for `messages`, ending where the assistant's next turn begins.

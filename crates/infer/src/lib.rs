@@ -28,6 +28,8 @@ pub mod error;
 pub mod export;
 pub mod generate;
 pub mod gguf;
+pub mod hf;
+pub mod hf_write;
 pub mod llama;
 pub mod models;
 pub mod placement;
@@ -37,6 +39,7 @@ pub mod protocol;
 pub mod qllama;
 pub mod runtime;
 pub mod sampling;
+pub mod tensor_files;
 pub mod tokenize;
 pub mod weights;
 

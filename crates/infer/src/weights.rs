@@ -1,5 +1,6 @@
-//! Weight files, one tensor at a time: the [`Weights`] trait both formats
-//! implement, the safetensors reader, and the checks every load makes (the name is
+//! Weight files, one tensor at a time: the [`Weights`] trait every format
+//! implements (safetensors in [`crate::tensor_files`], GGUF in [`crate::gguf`]),
+//! random weights of a model's shape, and the checks every load makes (the name is
 //! there, the shape is what the model's configuration says).
 //!
 //! Tensors come back row-major with the outer dimension first, the PyTorch
@@ -7,11 +8,8 @@
 //! (whose dimension lists are innermost first and are reversed here).
 
 use std::collections::BTreeMap;
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
-use half::{bf16, f16};
 use hetero_kernels::{Bytes, QType};
 
 use crate::InferError;
@@ -65,167 +63,6 @@ pub trait Weights: Send + Sync {
             )),
             Some(_) => Ok(self.read(name)?.values),
         }
-    }
-}
-
-/// Where one tensor of a safetensors file is.
-#[derive(Debug, Clone)]
-struct Entry {
-    dtype: String,
-    shape: Vec<usize>,
-    start: u64,
-    end: u64,
-}
-
-/// A safetensors file: the JSON header in memory, tensors read on demand.
-#[derive(Debug)]
-pub struct SafeTensors {
-    path: PathBuf,
-    entries: BTreeMap<String, Entry>,
-}
-
-/// Refuse headers above 100 MB (the format's own limit).
-const MAX_HEADER: u64 = 100_000_000;
-
-impl SafeTensors {
-    /// Reads the header of `path` and checks that every tensor lies inside the file
-    /// and has as many bytes as its shape and type need.
-    pub fn open(path: &Path) -> Result<SafeTensors, InferError> {
-        let mut file = File::open(path).map_err(|e| InferError::weights(path, format!("cannot open: {e}")))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| InferError::weights(path, format!("cannot stat: {e}")))?
-            .len();
-        let mut len = [0u8; 8];
-        file.read_exact(&mut len)
-            .map_err(|_| InferError::weights(path, "shorter than a safetensors header"))?;
-        let header_len = u64::from_le_bytes(len);
-        if header_len > MAX_HEADER || 8 + header_len > file_len {
-            return Err(InferError::weights(
-                path,
-                format!(
-                    "header length {header_len} does not fit a {file_len}-byte file: not safetensors, or truncated"
-                ),
-            ));
-        }
-        let mut header = vec![0u8; header_len as usize];
-        file.read_exact(&mut header)
-            .map_err(|e| InferError::weights(path, format!("cannot read the header: {e}")))?;
-        let json: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
-            .map_err(|e| InferError::weights(path, format!("the header is not valid JSON: {e}")))?;
-        let data_start = 8 + header_len;
-        let mut entries = BTreeMap::new();
-        for (name, v) in json {
-            if name == "__metadata__" {
-                continue;
-            }
-            let bad = |why: &str| InferError::tensor(path, &name, why.to_string());
-            let dtype = v["dtype"].as_str().ok_or_else(|| bad("no dtype"))?.to_string();
-            let shape = v["shape"]
-                .as_array()
-                .ok_or_else(|| bad("no shape"))?
-                .iter()
-                .map(|d| d.as_u64().map(|d| d as usize))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| bad("a dimension is not a number"))?;
-            let offsets = v["data_offsets"].as_array().ok_or_else(|| bad("no data_offsets"))?;
-            let (Some(start), Some(end)) = (
-                offsets.first().and_then(|o| o.as_u64()),
-                offsets.get(1).and_then(|o| o.as_u64()),
-            ) else {
-                return Err(bad("data_offsets are not two numbers"));
-            };
-            let width = match dtype.as_str() {
-                "F32" | "I32" | "U32" => 4,
-                "F16" | "BF16" | "I16" => 2,
-                "I64" | "F64" | "U64" => 8,
-                _ => 1,
-            };
-            let elements: usize = shape.iter().product();
-            if end < start || end - start != (elements * width) as u64 {
-                return Err(bad(&format!(
-                    "{} bytes for {dtype} {shape:?}, which needs {}",
-                    end.saturating_sub(start),
-                    elements * width
-                )));
-            }
-            if data_start + end > file_len {
-                return Err(InferError::tensor(
-                    path,
-                    &name,
-                    format!(
-                        "ends at byte {} but the file has {file_len} bytes: the file is truncated",
-                        data_start + end
-                    ),
-                ));
-            }
-            entries.insert(
-                name,
-                Entry {
-                    dtype,
-                    shape,
-                    start: data_start + start,
-                    end: data_start + end,
-                },
-            );
-        }
-        Ok(SafeTensors {
-            path: path.to_path_buf(),
-            entries,
-        })
-    }
-
-    /// The names of the tensors in the file.
-    pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.entries.keys().map(String::as_str)
-    }
-}
-
-impl Weights for SafeTensors {
-    fn path(&self) -> &Path {
-        &self.path
-    }
-
-    fn shape(&self, name: &str) -> Option<Vec<usize>> {
-        self.entries.get(name).map(|e| e.shape.clone())
-    }
-
-    fn read(&self, name: &str) -> Result<Loaded, InferError> {
-        let e = self
-            .entries
-            .get(name)
-            .ok_or_else(|| InferError::tensor(&self.path, name, "not in the file"))?;
-        let mut file =
-            File::open(&self.path).map_err(|err| InferError::weights(&self.path, format!("cannot open: {err}")))?;
-        let mut raw = vec![0u8; (e.end - e.start) as usize];
-        file.seek(SeekFrom::Start(e.start))
-            .and_then(|_| file.read_exact(&mut raw))
-            .map_err(|err| InferError::tensor(&self.path, name, format!("cannot read its bytes: {err}")))?;
-        let values = match e.dtype.as_str() {
-            "F32" => raw
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-                .collect(),
-            "F16" => raw
-                .chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            "BF16" => raw
-                .chunks_exact(2)
-                .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(InferError::tensor(
-                    &self.path,
-                    name,
-                    format!("stored as {other}; weights must be F32, F16 or BF16"),
-                ));
-            }
-        };
-        Ok(Loaded {
-            shape: e.shape.clone(),
-            values,
-        })
     }
 }
 
@@ -374,38 +211,5 @@ pub(crate) mod write {
     /// A safetensors file of F32 `tensors`.
     pub fn safetensors(tensors: &[(&str, Vec<usize>, Vec<f32>)]) -> Vec<u8> {
         super::safetensors_bytes(tensors.iter().map(|(n, s, v)| (*n, s.as_slice(), v.as_slice())))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reads_tensors_and_checks_their_shapes() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.safetensors");
-        let bytes = write::safetensors(&[
-            ("a", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0]),
-            ("b", vec![3], vec![5.0, 6.0, 7.0]),
-        ]);
-        std::fs::write(&path, &bytes).unwrap();
-        let st = SafeTensors::open(&path).unwrap();
-        assert_eq!(st.names().collect::<Vec<_>>(), ["a", "b"]);
-        assert_eq!(st.expect("a", &[2, 2]).unwrap(), [1.0, 2.0, 3.0, 4.0]);
-        let wrong = st.expect("a", &[4]).unwrap_err().to_string();
-        assert!(
-            wrong.contains("tensor a: shape [2, 2], but the model's configuration needs [4]"),
-            "{wrong}"
-        );
-        let missing = st.expect("c", &[1]).unwrap_err().to_string();
-        assert!(missing.contains("tensor c: missing"), "{missing}");
-
-        std::fs::write(&path, &bytes[..bytes.len() - 4]).unwrap();
-        let cut = SafeTensors::open(&path).unwrap_err().to_string();
-        assert!(cut.contains("truncated"), "{cut}");
-        std::fs::write(&path, b"\xff\xff\xff\xff\xff\xff\xff\x7fjunk").unwrap();
-        let junk = SafeTensors::open(&path).unwrap_err().to_string();
-        assert!(junk.contains("not safetensors"), "{junk}");
     }
 }
