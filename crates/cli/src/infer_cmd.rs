@@ -93,6 +93,14 @@ pub struct PlacingArgs {
     /// the fastest measured (1: the planner's prediction alone).
     #[arg(long, default_value_t = hetero_serve::auto::TRIALS, value_parser = clap::value_parser!(u16).range(1..=32).map(usize::from))]
     pub trials: usize,
+    /// Print what each worker would hold under the placement (weights and KV
+    /// cache) and whether it fits its memory, then stop: nothing loads.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Memory each worker may use, in MiB (default: what its host has free); a
+    /// placement that does not fit is refused before anything loads.
+    #[arg(long)]
+    pub max_memory: Option<u64>,
     #[command(flatten)]
     pub mesh: MeshArgs,
 }
@@ -110,6 +118,10 @@ impl PlacingArgs {
             plan_seq: seq,
             plan_tokens: tokens,
             trials: self.trials,
+            budget: hetero_serve::memory::Budget {
+                per_worker: self.max_memory.map(|mib| mib.saturating_mul(1 << 20)),
+                ..Default::default()
+            },
         }
     }
 }
@@ -218,16 +230,33 @@ pub fn infer(
     chat: bool,
     sampling: &SamplingArgs,
     place: &Placing,
+    dry_run: bool,
 ) -> Result<ExitCode> {
     // Checked before the model is opened and the workers start.
     sampling.generation(max_tokens)?;
-    let model = open_model(model_name)?;
-    let started = start_front(model_name, &model, place)?;
-    let (mut front, _children) = (started.front, started.children);
     let text = prompt.join(" ");
     if text.trim().is_empty() {
         bail!("give a prompt (for an encoder: the sentences to embed, one per argument)");
     }
+    let model = open_model(model_name)?;
+    // The cache this prompt needs: its tokens and the ones it may generate.
+    let mut place = place.clone();
+    if let (Some(c), Some(tokenizer)) = (model.arch.llama(), &model.tokenizer) {
+        let prompt = if chat {
+            chat_prompt(tokenizer, &text)?
+        } else {
+            text.clone()
+        };
+        let (ids, max_tokens) = generate::prompt_ids(tokenizer, &prompt, Some(max_tokens), c.context)?;
+        place.budget.sequences = 1;
+        place.budget.positions = ids.len() + max_tokens;
+    }
+    if dry_run {
+        hetero_serve::memory::dry_run(model_name, &model, &place)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let started = start_front(model_name, &model, &place)?;
+    let (mut front, _children) = (started.front, started.children);
     let placement = front.worker.placement().clone();
     eprintln!(
         "{model_name}: {} blocks on {} worker(s), {}",

@@ -215,6 +215,10 @@ enum Command {
         /// Sequences that decode together (continuous batching; quantized decoders).
         #[arg(long, default_value_t = hetero_serve::server::DEFAULT_BATCH as u64, value_parser = clap::value_parser!(u64).range(1..=256))]
         batch: u64,
+        /// Most positions (prompt and generated tokens) one sequence may reach; the
+        /// KV cache is sized for --batch of them (default: the model's context).
+        #[arg(long)]
+        context: Option<usize>,
         #[command(flatten)]
         place: infer_cmd::PlacingArgs,
     },
@@ -331,18 +335,22 @@ fn main() -> ExitCode {
             chat,
             &sampling,
             &place.placing(128, max_tokens),
+            place.dry_run,
         ),
         Command::Serve {
             model,
             listen,
             queue,
             batch,
+            context,
             place,
         } => {
             let options = hetero_serve::server::ServeOptions {
                 listen,
                 queue,
                 batch: batch as usize,
+                context,
+                dry_run: place.dry_run,
             };
             hetero_serve::server::serve(&model, &options, &place.placing(128, 32)).map(|()| ExitCode::SUCCESS)
         }

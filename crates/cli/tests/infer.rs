@@ -361,3 +361,126 @@ fn a_decoder_is_distilled_as_a_job() {
         generate(&["--workers", "2", "--placement", "tensor-parallel"])
     );
 }
+
+/// `--dry-run` prints each worker's weights and KV cache under the placement and
+/// loads nothing; a placement that does not fit `--max-memory` is refused, naming
+/// the worker and both numbers, by the dry run and by the real run before any
+/// worker starts.
+#[test]
+fn a_dry_run_shows_each_workers_memory_and_a_placement_that_does_not_fit_is_refused() {
+    let out = hetero()
+        .args([
+            "serve",
+            "smollm2",
+            "--dry-run",
+            "--workers",
+            "2",
+            "--placement",
+            "tensor-parallel",
+        ])
+        .args(["--batch", "4", "--context", "1024"])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("embed, 0..30 (1/2), head") && stdout.contains("0..30 (2/2)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("KV cache for 4 sequence(s) of 1024 positions"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("quantized blocks") && stdout.contains("fits"),
+        "{stdout}"
+    );
+    // SmolLM2: 3 key/value heads of 64 → 1 and 2 per worker; 30 layers, K and V, f32.
+    assert!(
+        stdout.contains(&format!("{:.1} MiB", (4 * 1024 * 30 * 2 * 64 * 4) as f64 / 1048576.0)),
+        "{stdout}"
+    );
+
+    for args in [
+        &["serve", "smollm2+f32", "--dry-run"][..],
+        &["infer", "smollm2+f32", "The capital of France is"][..],
+    ] {
+        let out = hetero()
+            .args(args)
+            .args([
+                "--max-memory",
+                "300",
+                "--workers",
+                "2",
+                "--placement",
+                "tensor-parallel",
+            ])
+            .output()
+            .unwrap();
+        let (stdout, stderr) = text(&out);
+        assert!(!out.status.success(), "{stdout}");
+        assert!(
+            stderr.contains("worker 0 would hold") && stderr.contains("--max-memory allows 300.0 MiB"),
+            "{stderr}"
+        );
+        assert!(!stdout.contains("Paris"), "{stdout}");
+    }
+}
+
+/// `hetero models convert` writes SmolLM2 as a Hugging Face folder; laid out as
+/// the Hugging Face cache keeps it, `hetero infer org/name` finds it by its hub
+/// name and says what the GGUF's f32 path says.
+#[test]
+fn a_converted_folder_in_the_hugging_face_cache_is_served_by_its_hub_name() {
+    let hub = tempfile::tempdir().unwrap();
+    let snapshot = hub
+        .path()
+        .join("models--HuggingFaceTB--SmolLM2-135M-Instruct/snapshots/c0ffee");
+    let out = hetero()
+        .args([
+            "models",
+            "convert",
+            "smollm2",
+            "--to",
+            snapshot.to_str().unwrap(),
+            "--shard-mb",
+            "300",
+        ])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("272 tensors in 2 safetensors file(s)"), "{stdout}");
+    std::fs::create_dir_all(hub.path().join("models--HuggingFaceTB--SmolLM2-135M-Instruct/refs")).unwrap();
+    std::fs::write(
+        hub.path()
+            .join("models--HuggingFaceTB--SmolLM2-135M-Instruct/refs/main"),
+        "c0ffee",
+    )
+    .unwrap();
+
+    let run = |model: &str| {
+        let out = hetero()
+            .env("HF_HUB_CACHE", hub.path())
+            .args(["infer", model, "The capital of France is", "--max-tokens", "6"])
+            .output()
+            .unwrap();
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{model}: {stdout}\n{stderr}");
+        stdout
+    };
+    let by_name = run("HuggingFaceTB/SmolLM2-135M-Instruct");
+    assert!(by_name.starts_with(" Paris."), "{by_name}");
+    assert_eq!(by_name, run("smollm2+f32"));
+
+    let out = hetero()
+        .env("HF_HUB_CACHE", hub.path())
+        .args(["infer", "HuggingFaceTB/SmolLM2-135M-Instruct@v9", "Hi"])
+        .output()
+        .unwrap();
+    let (_, stderr) = text(&out);
+    assert!(
+        !out.status.success() && stderr.contains("no snapshot for revision v9"),
+        "{stderr}"
+    );
+}

@@ -26,6 +26,7 @@ pub mod cost;
 pub mod decoupled;
 pub mod error;
 pub mod export;
+pub mod footprint;
 pub mod generate;
 pub mod gguf;
 pub mod hf;

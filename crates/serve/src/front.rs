@@ -46,12 +46,23 @@ pub struct Placing {
     /// How many of the planner's finalists `auto` tries on the workers before it
     /// settles ([`crate::auto`]); 0 or 1 takes the prediction alone.
     pub trials: usize,
+    /// The key/value cache the run must hold, and what each worker may use:
+    /// a named placement that does not fit is refused before anything loads.
+    pub budget: crate::memory::Budget,
 }
 
 /// The placement name that asks the planner.
 pub const AUTO: &str = "auto";
 
 impl Placing {
+    /// How many ranks the mesh has: the `--mesh` addresses, else `--workers`.
+    pub fn world(&self) -> Result<usize> {
+        Ok(match &self.mesh {
+            Some(list) => parse_mesh(list)?.len(),
+            None => self.workers.max(1),
+        })
+    }
+
     /// What `auto` makes fast for `arch`.
     pub fn objective(&self, arch: &Arch) -> Objective {
         match arch.is_encoder() {
@@ -139,6 +150,11 @@ pub struct Started {
 /// Rank 0's front: starts (or meets) the other workers, forms the mesh, loads its
 /// own part — under `auto`, the planner's choice, which the others are sent.
 pub fn start_front(model_name: &str, model: &Model, place: &Placing) -> Result<Started> {
+    // A named placement that does not fit is refused before any worker starts.
+    if let Some(p) = placements_of(&model.arch, &place.placement, place.world()?)?.remove(0) {
+        let (_, fits) = crate::memory::report(model, &p, &place.budget, place.mesh.is_none());
+        fits.with_context(|| format!("placing {model_name} under {}", describe(&p)))?;
+    }
     let (mut mesh, children, addrs) = meet(model_name, place)?;
     let workers = mesh.world();
     let fixed = place.mesh.is_some().then_some(addrs.as_slice());

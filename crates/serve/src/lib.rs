@@ -8,6 +8,7 @@
 pub mod auto;
 pub(crate) mod batcher;
 pub mod front;
+pub mod memory;
 pub mod metrics;
 pub mod requests;
 pub mod server;

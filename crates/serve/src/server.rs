@@ -62,6 +62,10 @@ pub struct ServeOptions {
     pub queue: usize,
     /// Sequences that may decode together ([`crate::batcher`]).
     pub batch: usize,
+    /// Most positions one sequence may reach (`None`: the model's context).
+    pub context: Option<usize>,
+    /// Print each worker's memory under the placement and stop (`--dry-run`).
+    pub dry_run: bool,
 }
 
 impl ServeOptions {
@@ -71,6 +75,8 @@ impl ServeOptions {
             listen: listen.into(),
             queue: DEFAULT_QUEUE,
             batch: DEFAULT_BATCH,
+            context: None,
+            dry_run: false,
         }
     }
 }
@@ -141,7 +147,22 @@ pub fn serve(model_name: &str, options: &ServeOptions, place: &Placing) -> Resul
     let Some(tokenizer) = model.tokenizer.take() else {
         anyhow::bail!("{model_name} has no tokenizer (random weights, for timing): serve a real model");
     };
-    let started = start_front(model_name, &model, place)?;
+    let mut place = place.clone();
+    if let Some(c) = model.arch.llama() {
+        let context = options.context.unwrap_or(c.context);
+        if context == 0 || context > c.context {
+            anyhow::bail!("--context {context}: from 1 to the model's context, {}", c.context);
+        }
+        // Quantized decoders run --batch sequences at once; the f32 path one.
+        let quantized =
+            matches!(model.arch, Arch::Llama(_)) && hetero_infer::qllama::is_quantized(model.weights.as_ref());
+        place.budget.sequences = if quantized { options.batch } else { 1 };
+        place.budget.positions = context;
+    }
+    if options.dry_run {
+        return crate::memory::dry_run(model_name, &model, &place);
+    }
+    let started = start_front(model_name, &model, &place)?;
     serve_front(
         started.front,
         started.children,
@@ -192,7 +213,9 @@ pub fn serve_front(
         info,
         decoder,
         tokenizer,
-        context: arch.llama().map_or(0, |c| c.context),
+        context: arch
+            .llama()
+            .map_or(0, |c| options.context.unwrap_or(c.context).min(c.context)),
         queue: options.queue.max(1),
         metrics,
     };

@@ -52,6 +52,7 @@ pub fn infer_worker(model_name: &str, rank: usize, place: &Placing, listen: Opti
     let first = placements_of(&model.arch, name, addrs.len())?
         .remove(0)
         .unwrap_or_else(|| idle(&model.arch, addrs.len()));
+    crate::memory::check_worker(&model, &first, rank, place.budget.per_worker)?;
     let worker = load_part(&model, &first, rank)?;
     let mesh = form(rank, addrs.len(), &token, listener, &addrs)?;
     follow_placements(worker, mesh, rank, model)
