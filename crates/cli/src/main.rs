@@ -186,7 +186,7 @@ enum Command {
     /// Run one prompt through a model placed over worker processes; print the output,
     /// tokens/s and per-token latency.
     Infer {
-        /// minilm, smollm2, a .gguf file, or a BERT folder.
+        /// minilm, smollm2, a .gguf file, a Hugging Face folder, or org/name in the HF cache.
         model: String,
         /// The prompt (for an encoder: each argument is one sentence to embed).
         #[arg(required = true)]
@@ -204,7 +204,7 @@ enum Command {
     },
     /// Serve a placed model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models).
     Serve {
-        /// minilm, smollm2, a .gguf file, or a BERT folder.
+        /// minilm, smollm2, a .gguf file, a Hugging Face folder, or org/name in the HF cache.
         model: String,
         /// Address to serve HTTP on.
         #[arg(long, default_value = "127.0.0.1:8000")]
