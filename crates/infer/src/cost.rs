@@ -529,6 +529,7 @@ mod tests {
             rope_base: 10_000.0,
             eps: 1e-5,
             separate_head: true,
+            attention_bias: false,
         };
         let decoupling = Decoupling {
             divisions: 3,

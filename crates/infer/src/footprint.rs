@@ -166,9 +166,9 @@ pub fn footprint(
         };
         f.weights += (bytes * part).round() as u64;
     }
-    // A decoder whose head reuses the embeddings holds its rows again (as the
-    // head's own matrix) on the last stage.
-    if let Some(c) = arch.llama().filter(|c| !c.separate_head)
+    // A decoder whose head reuses the embeddings holds its rows again on the f32
+    // path (the head's own matrix); quantized, the head reads the same mapped bytes.
+    if let Some(c) = arch.llama().filter(|c| !c.separate_head && !quantized)
         && let Some((i, k)) = last.head_part(rank)
     {
         let table = held("token_embd.weight", &[c.vocab, c.hidden]) as f64;

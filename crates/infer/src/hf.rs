@@ -1,4 +1,4 @@
-//! Hugging Face model folders of the llama family — Llama, Mistral, SmolLM —
+//! Hugging Face model folders of the llama family — Llama, Mistral, Qwen2, SmolLM —
 //! opened as the same decoder a GGUF file gives, and the local Hugging Face cache
 //! (`models--org--name/snapshots/…`) resolved by a model's hub name.
 //!
@@ -17,11 +17,14 @@
 //! permutation is applied here as the tensors are read ([`adjacent_pairs`]), and
 //! undone when a model is written out as a folder ([`crate::hf_write`]).
 //!
+//! Qwen2 is a llama whose query, key and value projections add biases
+//! ([`LlamaConfig::attention_bias`]); the query and key biases are reordered with
+//! their rows.
+//!
 //! A configuration this decoder would run *wrongly* is refused by name, never
-//! approximated: rope scaling (Llama 3.1's long context), attention or MLP biases
-//! (Qwen2), an activation other than SiLU, a head width other than
-//! `hidden / heads`. Mistral's sliding window is honoured by serving at most that
-//! many positions.
+//! approximated: rope scaling (Llama 3.1's long context), MLP biases, an
+//! activation other than SiLU, a head width other than `hidden / heads`. Mistral's
+//! sliding window is honoured by serving at most that many positions.
 
 use std::path::{Path, PathBuf};
 
@@ -32,7 +35,7 @@ use crate::llama::{MAX_CONTEXT, MAX_FFN, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_W
 use crate::weights::{Loaded, Weights};
 
 /// The `model_type`s of `config.json` opened as a llama decoder.
-pub const LLAMA_FAMILY: [&str; 2] = ["llama", "mistral"];
+pub const LLAMA_FAMILY: [&str; 3] = ["llama", "mistral", "qwen2"];
 
 /// The largest `config.json` read.
 const MAX_CONFIG: u64 = 4 << 20;
@@ -71,11 +74,15 @@ pub fn llama_config(json: &serde_json::Value) -> Result<LlamaConfig, String> {
     if act != "silu" {
         return Err(format!("hidden_act {act:?}; only SiLU (SwiGLU) is built"));
     }
-    for flag in ["attention_bias", "mlp_bias"] {
-        if json[flag].as_bool() == Some(true) {
-            return Err(format!("{flag} is true; biases in the blocks are not built"));
-        }
+    if json["mlp_bias"].as_bool() == Some(true) {
+        return Err("mlp_bias is true; biases in the feed-forward are not built".into());
     }
+    // Qwen2's query, key and value projections add biases; a llama with
+    // `attention_bias` adds them to the output projection too, which is not built.
+    if model_type != "qwen2" && json["attention_bias"].as_bool() == Some(true) {
+        return Err("attention_bias is true; a llama's biases on all four attention projections are not built".into());
+    }
+    let attention_bias = model_type == "qwen2";
     let scaling = &json["rope_scaling"];
     let scaling_type = scaling["rope_type"].as_str().or(scaling["type"].as_str());
     if !scaling.is_null() && scaling_type != Some("default") {
@@ -87,9 +94,11 @@ pub fn llama_config(json: &serde_json::Value) -> Result<LlamaConfig, String> {
     let heads = num("num_attention_heads", MAX_HEADS)?;
     let hidden = num("hidden_size", MAX_WIDTH)?;
     let mut context = num("max_position_embeddings", MAX_CONTEXT)?;
+    // Qwen2 names a window it does not use (`use_sliding_window: false`).
+    let windowed = json["use_sliding_window"].as_bool() != Some(false);
     if let Some(window) = json["sliding_window"]
         .as_u64()
-        .filter(|&w| w > 0 && (w as usize) < context)
+        .filter(|&w| windowed && w > 0 && (w as usize) < context)
     {
         // Past the window Mistral attends to fewer positions than full attention:
         // serve no longer than the window, where both agree.
@@ -109,6 +118,7 @@ pub fn llama_config(json: &serde_json::Value) -> Result<LlamaConfig, String> {
         rope_base: json["rope_theta"].as_f64().unwrap_or(10_000.0) as f32,
         eps: json["rms_norm_eps"].as_f64().unwrap_or(1e-6),
         separate_head: !json["tie_word_embeddings"].as_bool().unwrap_or(false),
+        attention_bias,
     };
     check_heads(&config)?;
     if let Some(d) = json["head_dim"].as_u64().filter(|&d| d as usize != config.head_dim()) {
@@ -138,6 +148,9 @@ pub fn hf_name(t: LlamaTensor, layer: usize) -> String {
         LlamaTensor::Query => block("self_attn.q_proj"),
         LlamaTensor::Key => block("self_attn.k_proj"),
         LlamaTensor::Value => block("self_attn.v_proj"),
+        LlamaTensor::QueryBias => format!("model.layers.{layer}.self_attn.q_proj.bias"),
+        LlamaTensor::KeyBias => format!("model.layers.{layer}.self_attn.k_proj.bias"),
+        LlamaTensor::ValueBias => format!("model.layers.{layer}.self_attn.v_proj.bias"),
         LlamaTensor::AttentionOutput => block("self_attn.o_proj"),
         LlamaTensor::FeedForwardNorm => block("post_attention_layernorm"),
         LlamaTensor::Gate => block("mlp.gate_proj"),
@@ -152,17 +165,18 @@ pub fn tensors(c: &LlamaConfig) -> Vec<(LlamaTensor, usize)> {
     if c.separate_head {
         top.push((LlamaTensor::Output, 0));
     }
+    let biases: &[LlamaTensor] = if c.attention_bias { &LlamaTensor::BIASES } else { &[] };
     top.into_iter()
-        .chain((0..c.layers).flat_map(|l| LlamaTensor::LAYER.iter().map(move |t| (*t, l))))
+        .chain((0..c.layers).flat_map(|l| LlamaTensor::LAYER.iter().chain(biases).map(move |t| (*t, l))))
         .collect()
 }
 
-/// How many heads' rows `t` holds when its rows are rotated (query and key), or
-/// `None` for every other tensor.
+/// How many heads' rows `t` holds when its rows are rotated (query and key, and
+/// their biases), or `None` for every other tensor.
 pub fn rotated_heads(t: LlamaTensor, c: &LlamaConfig) -> Option<usize> {
     match t {
-        LlamaTensor::Query => Some(c.heads),
-        LlamaTensor::Key => Some(c.kv_heads),
+        LlamaTensor::Query | LlamaTensor::QueryBias => Some(c.heads),
+        LlamaTensor::Key | LlamaTensor::KeyBias => Some(c.kv_heads),
         _ => None,
     }
 }
@@ -252,7 +266,8 @@ impl Weights for HfLlamaWeights {
             .ok_or_else(|| InferError::tensor(self.path(), name, "not a tensor of this model"))?;
         let mut loaded = self.inner.read(hf)?;
         if let Some(heads) = rotated_heads(*t, &self.config) {
-            loaded.values = adjacent_pairs(&loaded.values, heads, self.config.hidden, true);
+            let cols = loaded.shape.get(1).copied().unwrap_or(1);
+            loaded.values = adjacent_pairs(&loaded.values, heads, cols, true);
         }
         Ok(loaded)
     }
@@ -335,6 +350,7 @@ mod tests {
             llama_config(&c).unwrap_err()
         };
         assert!(refused("rope_scaling", json!({"rope_type": "llama3", "factor": 8.0})).contains("rope_scaling llama3"));
+        assert!(refused("mlp_bias", json!(true)).contains("mlp_bias"));
         assert!(refused("attention_bias", json!(true)).contains("attention_bias"));
         assert!(refused("hidden_act", json!("gelu")).contains("hidden_act"));
         assert!(refused("model_type", json!("gpt2")).contains("model_type \"gpt2\""));
@@ -345,6 +361,12 @@ mod tests {
         mistral["model_type"] = json!("mistral");
         mistral["sliding_window"] = json!(4096);
         assert_eq!(llama_config(&mistral).unwrap().context, 4096);
+        let mut qwen2 = smol();
+        qwen2["model_type"] = json!("qwen2");
+        qwen2["sliding_window"] = json!(4096);
+        qwen2["use_sliding_window"] = json!(false);
+        let c = llama_config(&qwen2).unwrap();
+        assert!(c.attention_bias && c.context == 8192, "{c:?}");
     }
 
     #[test]

@@ -124,7 +124,8 @@ pub fn write_folder(
         for &(t, layer) in shard {
             let mut values = model.weights.read(&t.name(layer))?.values;
             if let Some(heads) = rotated_heads(t, config) {
-                values = adjacent_pairs(&values, heads, config.hidden, false);
+                let cols = t.shape(config).get(1).copied().unwrap_or(1);
+                values = adjacent_pairs(&values, heads, cols, false);
             }
             let start = data.len();
             store.extend(&mut data, &values);
@@ -199,9 +200,15 @@ fn plan_shards(config: &LlamaConfig, store: StoreAs, limit: u64) -> Vec<Vec<(Lla
 
 /// `config` as a `transformers` `LlamaConfig`.
 fn config_json(c: &LlamaConfig, store: StoreAs) -> serde_json::Value {
+    // Biases on the query, key and value projections alone are Qwen2's layout.
+    let (architecture, model_type) = match c.attention_bias {
+        true => ("Qwen2ForCausalLM", "qwen2"),
+        false => ("LlamaForCausalLM", "llama"),
+    };
     serde_json::json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [architecture],
+        "model_type": model_type,
+        "use_sliding_window": false,
         "hidden_size": c.hidden,
         "num_hidden_layers": c.layers,
         "num_attention_heads": c.heads,

@@ -62,6 +62,7 @@ pub fn config_from_gguf(g: &Gguf) -> Result<LlamaConfig, InferError> {
         rope_base: g.meta_f64("llama.rope.freq_base").unwrap_or(10_000.0) as f32,
         eps: g.meta_f64("llama.attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
         separate_head: g.tensors.contains_key("output.weight"),
+        attention_bias: g.tensors.contains_key("blk.0.attn_q.bias"),
     };
     check_heads(&config).map_err(InferError::Config)?;
     Ok(config)

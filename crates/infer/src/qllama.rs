@@ -110,6 +110,8 @@ struct Attention {
     v: QMatrix,
     /// This part's query heads' columns: a partial sum.
     o: QMatrix,
+    /// The query, key and value biases of this part's rows (Qwen2), or none.
+    biases: Option<[Vec<f32>; 3]>,
 }
 
 /// The feed-forward's matrices of one part.
@@ -147,9 +149,21 @@ impl QLlamaLayer {
         let cut = |t: LlamaTensor, r: Result<Option<QMatrix>, KernelError>| {
             r.map_err(|e| InferError::tensor(w.path(), &t.name(layer), e.to_string()))
         };
+        let bias = |t: LlamaTensor, keep: &Range<usize>| -> Result<Vec<f32>, InferError> {
+            Ok(w.expect(&t.name(layer), &t.shape(c))?[keep.clone()].to_vec())
+        };
+        let biases = match c.attention_bias && !kv_heads.is_empty() {
+            true => Some([
+                bias(LlamaTensor::QueryBias, &q_rows)?,
+                bias(LlamaTensor::KeyBias, &kv_rows)?,
+                bias(LlamaTensor::ValueBias, &kv_rows)?,
+            ]),
+            false => None,
+        };
         let attention = match kv_heads.is_empty() {
             true => None,
             false => Some(Attention {
+                biases,
                 q: cut(LlamaTensor::Query, rows(m(LlamaTensor::Query)?, q_rows.clone()))?.expect("non-empty"),
                 k: cut(LlamaTensor::Key, rows(m(LlamaTensor::Key)?, kv_rows.clone()))?.expect("non-empty"),
                 v: cut(LlamaTensor::Value, rows(m(LlamaTensor::Value)?, kv_rows))?.expect("non-empty"),
@@ -240,6 +254,13 @@ impl QLlamaLayer {
                 [&a.q, &a.k, &a.v].as_slice(),
                 &mut [&mut s.q[..], &mut s.k[..], &mut s.v[..]],
             )?;
+            if let Some([bq, bk, bv]) = &a.biases {
+                for (out, bias) in [(&mut s.q, bq), (&mut s.k, bk), (&mut s.v, bv)] {
+                    for row in out[..rows * bias.len()].chunks_exact_mut(bias.len()) {
+                        row.iter_mut().zip(bias).for_each(|(x, b)| *x += b);
+                    }
+                }
+            }
             for r in 0..rows {
                 let cs = rope.at(s.starts[r / seq] + r % seq);
                 s.q[r * qn..(r + 1) * qn]
@@ -624,6 +645,7 @@ mod tests {
             rope_base: 10_000.0,
             eps: 1e-5,
             separate_head: false,
+            attention_bias: false,
         }
     }
 
@@ -716,6 +738,37 @@ mod tests {
         // falls back to f32 columns (its input is then not quantized).
         let worst = largest_difference(&one, &run(&w, &Placement::tensor_parallel(3, 3)));
         assert!(worst < 5e-2, "{worst}");
+    }
+
+    /// Qwen2's query, key and value biases are added to each part's rows: this
+    /// path and the burn block agree with them, on one device and cut over two
+    /// and three workers, and they change the answer (they are really added).
+    #[test]
+    fn attention_biases_are_added_on_both_paths_and_every_placement() {
+        let c = LlamaConfig {
+            attention_bias: true,
+            ..small()
+        };
+        let run = |c: &LlamaConfig, w: &RandomWeights, p: &Placement| {
+            logits(&run_in_process::<Flex>(&Arch::Llama(c.clone()), w, p, &requests(Want::Logits)).unwrap())
+        };
+        let plain = RandomWeights::new(c.tensor_shapes(), 15);
+        let stored = RandomWeights::new(c.tensor_shapes(), 15).stored_as(QType::F32);
+        let one = run(&c, &plain, &Placement::single(3));
+        for p in [
+            Placement::single(3),
+            Placement::tensor_parallel(3, 2),
+            Placement::tensor_parallel(3, 3),
+        ] {
+            assert!(largest_difference(&one, &run(&c, &stored, &p)) < 1e-4, "{p:?}");
+            assert!(largest_difference(&one, &run(&c, &plain, &p)) < 1e-4, "{p:?}");
+        }
+        let without = run(
+            &small(),
+            &RandomWeights::new(small().tensor_shapes(), 15),
+            &Placement::single(3),
+        );
+        assert!(largest_difference(&one, &without) > 1e-2);
     }
 
     #[test]

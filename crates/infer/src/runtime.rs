@@ -764,6 +764,7 @@ mod tests {
             rope_base: 10_000.0,
             eps: 1e-5,
             separate_head: false,
+            attention_bias: false,
         }
     }
 
@@ -882,6 +883,7 @@ mod tests {
         use hetero_models::decoupled_llama::DecoupledLlama;
         let c = LlamaConfig {
             separate_head: true,
+            attention_bias: false,
             layers: 4,
             ..small_llama()
         };
@@ -973,7 +975,15 @@ mod tests {
 
     #[test]
     fn decoder_placements_agree_with_one_device_through_prefill_and_decode() {
-        let c = small_llama();
+        for attention_bias in [false, true] {
+            decoder_placements_agree(LlamaConfig {
+                attention_bias,
+                ..small_llama()
+            });
+        }
+    }
+
+    fn decoder_placements_agree(c: LlamaConfig) {
         let w = RandomWeights::new(c.tensor_shapes(), 2);
         let arch = Arch::Llama(c);
         let reqs = [

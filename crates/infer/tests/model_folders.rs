@@ -6,9 +6,11 @@
 
 use burn::backend::Flex;
 use hetero_data::model_fetch::cache_dir;
+use hetero_infer::Arch;
 use hetero_infer::hf_write::{StoreAs, write_folder};
+use hetero_infer::llama::LlamaConfig;
 use hetero_infer::models::{self, Model};
-use hetero_infer::weights::safetensors_bytes;
+use hetero_infer::weights::{RandomWeights, safetensors_bytes};
 use hetero_infer::{Output, Placement, Request, Want, run_in_process};
 
 fn open(name: &str) -> Model {
@@ -194,4 +196,49 @@ fn a_folder_it_cannot_run_is_refused_by_name() {
     assert!(e.contains("a file name in the index's folder"), "{e}");
     std::fs::write(&index_path, &index).unwrap();
     assert!(models::open_folder(&folder).is_ok());
+}
+
+/// A decoder whose query, key and value projections add biases (Qwen2's layout)
+/// goes out as a `qwen2` folder — biases reordered with their rows — and comes
+/// back the same model: bit-equal logits on one device, and over two
+/// tensor-parallel workers (each adding its rows' biases) the same up to rounding.
+#[test]
+fn a_decoder_with_attention_biases_goes_out_as_qwen2_and_comes_back() {
+    let c = LlamaConfig {
+        hidden: 64,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 128,
+        vocab: 49152,
+        context: 256,
+        rope_base: 1e6,
+        eps: 1e-6,
+        separate_head: false,
+        attention_bias: true,
+    };
+    let original = Model {
+        arch: Arch::Llama(c.clone()),
+        weights: Box::new(RandomWeights::new(c.tensor_shapes(), 3)),
+        tokenizer: open("smollm2").tokenizer.take(),
+        name: "qwen2-shaped".into(),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("q");
+    write_folder(&original, &folder, StoreAs::F32, u64::MAX, &mut |_| {}).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(folder.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["model_type"], "qwen2");
+    let back = models::open_folder(&folder).unwrap();
+    assert_eq!(back.arch, original.arch);
+    let prompt = [1, 500, 9000, 17, 42];
+    let one = logits(&original, &Placement::single(2), &prompt);
+    assert_eq!(logits(&back, &Placement::single(2), &prompt), one);
+    let parallel = logits(&back, &Placement::tensor_parallel(2, 2), &prompt);
+    let worst = one
+        .iter()
+        .zip(&parallel)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "{worst}");
 }

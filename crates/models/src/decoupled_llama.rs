@@ -102,6 +102,13 @@ impl DecoupledLlamaConfig {
     /// `original` decoupled by `decoupling`, if it divides the model (for
     /// `split-heads`, N_d must divide the key/value heads too).
     pub fn new(original: LlamaConfig, decoupling: Decoupling) -> Result<Self, DecouplingError> {
+        if original.attention_bias {
+            return Err(DecouplingError {
+                key: "divisions",
+                value: decoupling.divisions,
+                fits: "a model whose attention adds biases (Qwen2) is not decoupled yet".into(),
+            });
+        }
         let config = DecoupledLlamaConfig { original, decoupling };
         decoupling.check(&config.shape())?;
         Ok(config)
@@ -149,6 +156,7 @@ impl DecoupledLlamaConfig {
         let kinds = self.decoupling.layer_kinds(c.layers);
         let mut shapes = LlamaConfig {
             separate_head: true,
+            attention_bias: false,
             ..c.clone()
         }
         .tensor_shapes();
@@ -408,6 +416,7 @@ impl<B: Backend> DecoupledLlama<B> {
     ) -> Result<Self, E> {
         let c = LlamaConfig {
             separate_head: true,
+            attention_bias: false,
             ..config.original.clone()
         };
         let every = 0..config.decoupling.divisions;
@@ -525,6 +534,7 @@ mod tests {
             rope_base: 10_000.0,
             eps: 1e-5,
             separate_head: true,
+            attention_bias: false,
         }
     }
 
@@ -600,6 +610,7 @@ mod tests {
         let device = Default::default();
         let c = LlamaConfig {
             separate_head: false,
+            attention_bias: false,
             ..config()
         };
         let decoupling = Decoupling {

@@ -51,10 +51,13 @@ pub struct LlamaConfig {
     /// Whether the output head has its own weight (`output.weight`) or reuses the
     /// token embeddings.
     pub separate_head: bool,
+    /// Whether the query, key and value projections add a bias (Qwen2's do).
+    pub attention_bias: bool,
 }
 
 /// The decoder's tensors: GGUF name, row-major shape (`[out, in]` for matrices)
-/// — declared here and nowhere else. None has a bias.
+/// — declared here and nowhere else. Only the query, key and value projections
+/// may have a bias (when [`LlamaConfig::attention_bias`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LlamaTensor {
     /// `token_embd.weight`: `[vocab, hidden]`.
@@ -71,6 +74,12 @@ pub enum LlamaTensor {
     Key,
     /// `attn_v.weight`: as the key.
     Value,
+    /// `attn_q.bias`: `[hidden]`, cut as the query's rows.
+    QueryBias,
+    /// `attn_k.bias`: `[kv_heads·head_dim]`, cut as the key's rows.
+    KeyBias,
+    /// `attn_v.bias`: as the key's bias.
+    ValueBias,
     /// `attn_output.weight`: `[hidden, hidden]`, cut by query heads (input columns).
     AttentionOutput,
     /// `ffn_norm.weight`: `[hidden]`.
@@ -97,6 +106,9 @@ impl LlamaTensor {
         LlamaTensor::Down,
     ];
 
+    /// The biases of one block that has them.
+    pub const BIASES: [LlamaTensor; 3] = [LlamaTensor::QueryBias, LlamaTensor::KeyBias, LlamaTensor::ValueBias];
+
     /// The tensor's name (in block `layer` for a block's tensor).
     pub fn name(self, layer: usize) -> String {
         let block = |n: &str| format!("blk.{layer}.{n}.weight");
@@ -108,6 +120,9 @@ impl LlamaTensor {
             LlamaTensor::Query => block("attn_q"),
             LlamaTensor::Key => block("attn_k"),
             LlamaTensor::Value => block("attn_v"),
+            LlamaTensor::QueryBias => format!("blk.{layer}.attn_q.bias"),
+            LlamaTensor::KeyBias => format!("blk.{layer}.attn_k.bias"),
+            LlamaTensor::ValueBias => format!("blk.{layer}.attn_v.bias"),
             LlamaTensor::AttentionOutput => block("attn_output"),
             LlamaTensor::FeedForwardNorm => block("ffn_norm"),
             LlamaTensor::Gate => block("ffn_gate"),
@@ -121,7 +136,11 @@ impl LlamaTensor {
         let (d, f, kv) = (c.hidden, c.ffn, c.kv_heads * c.head_dim());
         match self {
             LlamaTensor::TokenEmbedding | LlamaTensor::Output => vec![c.vocab, d],
-            LlamaTensor::OutputNorm | LlamaTensor::AttentionNorm | LlamaTensor::FeedForwardNorm => vec![d],
+            LlamaTensor::OutputNorm
+            | LlamaTensor::AttentionNorm
+            | LlamaTensor::FeedForwardNorm
+            | LlamaTensor::QueryBias => vec![d],
+            LlamaTensor::KeyBias | LlamaTensor::ValueBias => vec![kv],
             LlamaTensor::Query | LlamaTensor::AttentionOutput => vec![d, d],
             LlamaTensor::Key | LlamaTensor::Value => vec![kv, d],
             LlamaTensor::Gate | LlamaTensor::Up => vec![f, d],
@@ -148,6 +167,7 @@ impl LlamaConfig {
             rope_base: 100_000.0,
             eps: 1e-5,
             separate_head: false,
+            attention_bias: false,
         }
     }
 
@@ -167,9 +187,10 @@ impl LlamaConfig {
         if self.separate_head {
             top.push(LlamaTensor::Output);
         }
+        let biases: &[LlamaTensor] = if self.attention_bias { &LlamaTensor::BIASES } else { &[] };
         top.iter()
             .map(|t| (*t, 0))
-            .chain((0..self.layers).flat_map(|l| LlamaTensor::LAYER.iter().map(move |t| (*t, l))))
+            .chain((0..self.layers).flat_map(|l| LlamaTensor::LAYER.iter().chain(biases).map(move |t| (*t, l))))
             .map(|(t, l)| (t.name(l), t.shape(self)))
             .collect()
     }
@@ -324,15 +345,26 @@ impl<B: Backend> LlamaLayer<B> {
         let kv_cols = kv_heads.start * hd..kv_heads.end * hd;
         let q_cols = kv_heads.start * g * hd..kv_heads.end * g * hd;
         let units = span(c.ffn, part.0, part.1);
-        let mut rows = |t: LlamaTensor, keep: Range<usize>| -> Result<Option<Linear<B>>, E> {
-            let shape = t.shape(c);
-            Ok(output_rows(&t.read(source, c, layer)?, None, shape[1], keep, device))
-        };
-        let query = rows(LlamaTensor::Query, q_cols.clone())?;
-        let key = rows(LlamaTensor::Key, kv_cols.clone())?;
-        let value = rows(LlamaTensor::Value, kv_cols)?;
-        let gate = rows(LlamaTensor::Gate, units.clone())?;
-        let up = rows(LlamaTensor::Up, units.clone())?;
+        let mut rows =
+            |t: LlamaTensor, bias: Option<LlamaTensor>, keep: Range<usize>| -> Result<Option<Linear<B>>, E> {
+                let shape = t.shape(c);
+                let bias = match bias.filter(|_| c.attention_bias) {
+                    Some(b) => Some(b.read(source, c, layer)?),
+                    None => None,
+                };
+                Ok(output_rows(
+                    &t.read(source, c, layer)?,
+                    bias.as_deref(),
+                    shape[1],
+                    keep,
+                    device,
+                ))
+            };
+        let query = rows(LlamaTensor::Query, Some(LlamaTensor::QueryBias), q_cols.clone())?;
+        let key = rows(LlamaTensor::Key, Some(LlamaTensor::KeyBias), kv_cols.clone())?;
+        let value = rows(LlamaTensor::Value, Some(LlamaTensor::ValueBias), kv_cols)?;
+        let gate = rows(LlamaTensor::Gate, None, units.clone())?;
+        let up = rows(LlamaTensor::Up, None, units.clone())?;
         let mut columns = |t: LlamaTensor, keep: Range<usize>| -> Result<Option<Linear<B>>, E> {
             let shape = t.shape(c);
             Ok(input_columns(
@@ -379,9 +411,13 @@ impl<B: Backend> LlamaLayer<B> {
         ])
     }
 
-    /// The block's weights, if it is a whole block (`None` for a part that holds
-    /// only some heads or units).
+    /// The block's weights, if it is a whole block without biases (`None` for a
+    /// part that holds only some heads or units, or a block whose attention adds
+    /// biases, which these weights do not carry).
     pub fn weights(&self) -> Option<LlamaWeights<B>> {
+        if self.query.as_ref().is_some_and(|q| q.bias.is_some()) {
+            return None;
+        }
         let w = |l: &Option<Linear<B>>| l.as_ref().map(|l| l.weight.val());
         let weights = LlamaWeights {
             attention_norm: self.attention_norm.gamma.val(),

@@ -152,6 +152,7 @@ mod tests {
             rope_base: 10_000.0,
             eps: 1e-5,
             separate_head: false,
+            attention_bias: false,
         };
         let shapes = c.tensor_shapes();
         let mut seed = 3u64;
