@@ -162,7 +162,7 @@ fn a_folder_it_cannot_run_is_refused_by_name() {
     let gguf = open("smollm2+f32");
     let dir = tempfile::tempdir().unwrap();
     let folder = dir.path().join("m");
-    write_folder(&gguf, &folder, StoreAs::F32, 200_000_000, &mut |_| {}).unwrap();
+    write_folder(&gguf, &folder, StoreAs::BF16, 100_000_000, &mut |_| {}).unwrap();
     let config = std::fs::read_to_string(folder.join("config.json")).unwrap();
     let err = |folder: &std::path::Path| models::open_folder(folder).unwrap_err().to_string();
 
