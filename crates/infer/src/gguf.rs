@@ -313,7 +313,7 @@ impl Gguf {
     /// Bytes `position..position + len` of the file: a view of the file mapped
     /// once, or (`HETERO_NO_MMAP=1`) read into memory.
     fn bytes_at(&self, name: &str, position: u64, len: u64) -> Result<Bytes, InferError> {
-        if std::env::var_os("HETERO_NO_MMAP").is_some_and(|v| v == "1") {
+        if !Bytes::mapping_allowed() {
             return self.read_range(name, position, len).map(Bytes::from_vec);
         }
         let range = position as usize..(position + len) as usize;

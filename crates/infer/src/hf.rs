@@ -32,7 +32,7 @@ use hetero_models::llama::{LlamaConfig, LlamaTensor};
 
 use crate::InferError;
 use crate::llama::{MAX_CONTEXT, MAX_FFN, MAX_HEADS, MAX_LAYERS, MAX_VOCAB, MAX_WIDTH, check_heads};
-use crate::weights::{Loaded, Weights};
+use crate::weights::{Loaded, Weights, read_json};
 
 /// The `model_type`s of `config.json` opened as a llama decoder.
 pub const LLAMA_FAMILY: [&str; 3] = ["llama", "mistral", "qwen2"];
@@ -44,14 +44,9 @@ const MAX_CONFIG: u64 = 4 << 20;
 pub fn read_config(dir: &Path) -> Result<serde_json::Value, InferError> {
     let path = dir.join("config.json");
     let bad = |why: String| InferError::weights(&path, why);
-    let len = std::fs::metadata(&path)
-        .map_err(|e| bad(format!("cannot read: {e}")))?
-        .len();
-    if len > MAX_CONFIG {
-        return Err(bad(format!("{len} bytes; a configuration is at most {MAX_CONFIG}")));
-    }
-    let text = std::fs::read(&path).map_err(|e| bad(format!("cannot read: {e}")))?;
-    serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))
+    read_json(&path, MAX_CONFIG)
+        .map_err(bad)?
+        .ok_or_else(|| bad("missing".into()))
 }
 
 /// The decoder's shape from a llama-family `config.json`, or why it is refused.
@@ -159,18 +154,6 @@ pub fn hf_name(t: LlamaTensor, layer: usize) -> String {
     }
 }
 
-/// Every tensor of `c` as (tensor, layer).
-pub fn tensors(c: &LlamaConfig) -> Vec<(LlamaTensor, usize)> {
-    let mut top = vec![(LlamaTensor::TokenEmbedding, 0), (LlamaTensor::OutputNorm, 0)];
-    if c.separate_head {
-        top.push((LlamaTensor::Output, 0));
-    }
-    let biases: &[LlamaTensor] = if c.attention_bias { &LlamaTensor::BIASES } else { &[] };
-    top.into_iter()
-        .chain((0..c.layers).flat_map(|l| LlamaTensor::LAYER.iter().chain(biases).map(move |t| (*t, l))))
-        .collect()
-}
-
 /// How many heads' rows `t` holds when its rows are rotated (query and key, and
 /// their biases), or `None` for every other tensor.
 pub fn rotated_heads(t: LlamaTensor, c: &LlamaConfig) -> Option<usize> {
@@ -220,7 +203,7 @@ impl HfLlamaWeights {
     /// every tensor's presence and shape checked now, named as the folder names it.
     pub fn new(inner: Box<dyn Weights>, config: &LlamaConfig) -> Result<Self, InferError> {
         let mut names = std::collections::BTreeMap::new();
-        for (t, layer) in tensors(config) {
+        for (t, layer) in config.tensors() {
             let name = hf_name(t, layer);
             let want = t.shape(config);
             match inner.shape(&name) {

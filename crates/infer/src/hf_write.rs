@@ -19,11 +19,11 @@ use half::{bf16, f16};
 use hetero_models::llama::{LlamaConfig, LlamaTensor};
 
 use crate::InferError;
-use crate::hf::{adjacent_pairs, hf_name, rotated_heads, tensors};
+use crate::hf::{adjacent_pairs, hf_name, rotated_heads};
 use crate::models::Model;
 use crate::runtime::Arch;
 use crate::tensor_files::{INDEX_FILE, SINGLE_FILE};
-use crate::weights::write_atomically;
+use crate::weights::{safetensors_file, write_atomically};
 
 /// How the folder stores its values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,11 +136,7 @@ pub fn write_folder(
             );
             weight_map.insert(name, file_name(i).into());
         }
-        let mut header = serde_json::to_vec(&header).expect("a JSON map serialises");
-        header.resize(header.len().div_ceil(8) * 8, b' ');
-        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-        bytes.extend(header);
-        bytes.extend(data);
+        let bytes = safetensors_file(&header, data);
         total += bytes.len() as u64;
         write_atomically(&dir.join(file_name(i)), &bytes)?;
     }
@@ -186,7 +182,7 @@ pub fn write_folder(
 fn plan_shards(config: &LlamaConfig, store: StoreAs, limit: u64) -> Vec<Vec<(LlamaTensor, usize)>> {
     let mut shards: Vec<Vec<(LlamaTensor, usize)>> = vec![vec![]];
     let mut size = 0u64;
-    for (t, layer) in tensors(config) {
+    for (t, layer) in config.tensors() {
         let bytes = (t.shape(config).iter().product::<usize>() * store.width()) as u64;
         if size > 0 && size + bytes > limit {
             shards.push(vec![]);
@@ -239,7 +235,7 @@ mod tests {
     fn shards_hold_whole_tensors_under_the_limit() {
         let c = LlamaConfig::smol_lm2();
         let plan = plan_shards(&c, StoreAs::BF16, 60 << 20);
-        assert_eq!(plan.iter().map(Vec::len).sum::<usize>(), tensors(&c).len());
+        assert_eq!(plan.iter().map(Vec::len).sum::<usize>(), c.tensors().len());
         for shard in &plan {
             let bytes: usize = shard
                 .iter()

@@ -33,9 +33,15 @@ use crate::llama::{LlamaConfig, LlamaTensor};
 use crate::weights::Weights;
 
 /// Whether `weights` keeps the decoder's block matrices quantized (and quantized
-/// products are wanted): the runtime then takes this path.
+/// products are wanted).
 pub fn is_quantized(weights: &dyn Weights) -> bool {
     LlamaTensor::LAYER.iter().any(|t| weights.raw(&t.name(0)).is_some())
+}
+
+/// Whether the model `arch` with `weights` runs on this path: an (undecoupled)
+/// llama decoder whose block matrices are stored quantized.
+pub fn runs_on_blocks(arch: &crate::runtime::Arch, weights: &dyn Weights) -> bool {
+    matches!(arch, crate::runtime::Arch::Llama(_)) && is_quantized(weights)
 }
 
 /// A matrix of the model as stored: quantized blocks, or (a float tensor in a

@@ -300,7 +300,7 @@ impl<B: Backend> Worker<B> {
         }
         let tensor = &mut |n: &str, s: &[usize]| weights.expect(n, s);
         // A llama file whose block matrices are stored quantized runs on them as stored.
-        let quantized = matches!(arch, Arch::Llama(_)) && qllama::is_quantized(weights);
+        let quantized = qllama::runs_on_blocks(&arch, weights);
         let first = &placement.stages[0];
         let last = placement.stages.last().expect("checked: at least one stage");
         let embed = match (first.workers.contains(&rank), arch.bert(), arch.llama()) {

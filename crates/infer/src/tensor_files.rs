@@ -27,7 +27,7 @@ use hetero_kernels::Bytes;
 use safetensors::{Dtype, SafeTensorError};
 
 use crate::InferError;
-use crate::weights::{Loaded, Weights};
+use crate::weights::{Loaded, Weights, read_json};
 
 /// Refuse headers above 100 MB (the format's own limit).
 const MAX_HEADER: u64 = 100_000_000;
@@ -102,11 +102,10 @@ impl SafeTensors {
                 (name, entry)
             })
             .collect();
-        let no_mmap = std::env::var_os("HETERO_NO_MMAP").is_some_and(|v| v == "1");
         Ok(SafeTensors {
             path: path.to_path_buf(),
             entries,
-            mapped: (!no_mmap).then_some(map),
+            mapped: Bytes::mapping_allowed().then_some(map),
         })
     }
 
@@ -115,21 +114,22 @@ impl SafeTensors {
         self.entries.keys().map(String::as_str)
     }
 
-    /// The stored bytes of `e` (tensor `name`'s).
-    fn bytes(&self, name: &str, e: &Entry) -> Result<Vec<u8>, InferError> {
+    /// `convert` of the stored bytes of `e` (tensor `name`'s): straight from the
+    /// map, or read from the file.
+    fn with_bytes<T>(&self, name: &str, e: &Entry, convert: impl FnOnce(&[u8]) -> T) -> Result<T, InferError> {
         let cannot = |why: String| InferError::tensor(&self.path, name, why);
         if let Some(map) = &self.mapped {
             let bytes = map
                 .slice(e.start..e.end)
                 .map_err(|_| cannot("lies past the end of the file (changed since it was opened?)".into()))?;
-            return Ok(bytes.to_vec());
+            return Ok(convert(&bytes));
         }
         let mut file = File::open(&self.path).map_err(|err| cannot(format!("cannot open: {err}")))?;
         let mut raw = vec![0u8; e.end - e.start];
         file.seek(SeekFrom::Start(e.start as u64))
             .and_then(|_| file.read_exact(&mut raw))
             .map_err(|err| cannot(format!("cannot read its bytes: {err}")))?;
-        Ok(raw)
+        Ok(convert(&raw))
     }
 }
 
@@ -148,7 +148,7 @@ impl Weights for SafeTensors {
             .get(name)
             .ok_or_else(|| InferError::tensor(&self.path, name, "not in the file"))?;
         let values = match e.dtype {
-            Dtype::F32 | Dtype::F16 | Dtype::BF16 => to_f32(e.dtype, &self.bytes(name, e)?),
+            Dtype::F32 | Dtype::F16 | Dtype::BF16 => self.with_bytes(name, e, |raw| to_f32(e.dtype, raw))?,
             other => {
                 return Err(InferError::tensor(
                     &self.path,
@@ -196,14 +196,9 @@ impl Shards {
     /// folder) and checks each tensor is where the index says.
     pub fn open(index: &Path) -> Result<Shards, InferError> {
         let bad = |why: String| InferError::weights(index, why);
-        let len = std::fs::metadata(index)
-            .map_err(|e| bad(format!("cannot read: {e}")))?
-            .len();
-        if len > MAX_INDEX {
-            return Err(bad(format!("{len} bytes; an index is at most {MAX_INDEX}")));
-        }
-        let text = std::fs::read(index).map_err(|e| bad(format!("cannot read: {e}")))?;
-        let json: serde_json::Value = serde_json::from_slice(&text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+        let json = read_json(index, MAX_INDEX)
+            .map_err(bad)?
+            .ok_or_else(|| bad("missing".into()))?;
         let weight_map = json["weight_map"]
             .as_object()
             .ok_or_else(|| bad("no \"weight_map\" object (tensor name → shard file)".into()))?;

@@ -243,16 +243,8 @@ const MAX_SIDE_FILE: u64 = 64 << 20;
 
 /// `path` as JSON, `None` when there is no such file.
 fn read_json(path: &Path) -> Result<Option<serde_json::Value>, InferError> {
-    let bad = |why: String| InferError::Tokenizer(format!("{}: {why}", path.display()));
-    match std::fs::metadata(path) {
-        Err(_) => return Ok(None),
-        Ok(m) if m.len() > MAX_SIDE_FILE => return Err(bad(format!("{} bytes; at most {MAX_SIDE_FILE}", m.len()))),
-        Ok(_) => {}
-    }
-    let text = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
-    serde_json::from_slice(&text)
-        .map(Some)
-        .map_err(|e| bad(format!("not valid JSON: {e}")))
+    crate::weights::read_json(path, MAX_SIDE_FILE)
+        .map_err(|why| InferError::Tokenizer(format!("{}: {why}", path.display())))
 }
 
 /// The chat template of a `tokenizer_config.json`: a text, or (several named

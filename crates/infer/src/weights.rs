@@ -185,9 +185,17 @@ pub fn safetensors_bytes<'a>(tensors: impl IntoIterator<Item = (&'a str, &'a [us
             serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
         );
     }
-    let mut header = serde_json::to_vec(&header).expect("a JSON map serialises");
+    safetensors_file(&header, data)
+}
+
+/// A safetensors file from its `header` (name → dtype, shape, data offsets) and
+/// `data`: the header's length, the header padded with spaces to 8 bytes (as the
+/// format recommends), the data.
+pub fn safetensors_file(header: &serde_json::Map<String, serde_json::Value>, data: Vec<u8>) -> Vec<u8> {
+    let mut header = serde_json::to_vec(header).expect("a JSON map serialises");
     header.resize(header.len().div_ceil(8) * 8, b' ');
     let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.reserve(header.len() + data.len());
     out.extend(header);
     out.extend(data);
     out
@@ -203,6 +211,24 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), InferError> {
             let _ = std::fs::remove_file(&partial);
             InferError::weights(path, format!("cannot write: {e}"))
         })
+}
+
+/// The JSON in `path`, read only if the file is at most `max` bytes: `Ok(None)`
+/// when there is no such file; the reason, without the path, when it cannot be
+/// read or parsed (callers name the file in their own error).
+pub(crate) fn read_json(path: &Path, max: u64) -> Result<Option<serde_json::Value>, String> {
+    let len = match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("cannot read: {e}")),
+        Ok(m) => m.len(),
+    };
+    if len > max {
+        return Err(format!("{len} bytes; at most {max} are read"));
+    }
+    let text = std::fs::read(path).map_err(|e| format!("cannot read: {e}"))?;
+    serde_json::from_slice(&text)
+        .map(Some)
+        .map_err(|e| format!("not valid JSON: {e}"))
 }
 
 /// Writers of small safetensors files, for tests here and in other modules.

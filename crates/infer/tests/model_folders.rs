@@ -4,7 +4,10 @@
 //! greedy text, under one device and tensor-parallel; and the local Hugging Face
 //! cache resolves a hub name to them.
 
+mod common;
+
 use burn::backend::Flex;
+use common::greedy;
 use hetero_data::model_fetch::cache_dir;
 use hetero_infer::Arch;
 use hetero_infer::hf_write::{StoreAs, write_folder};
@@ -23,20 +26,6 @@ fn logits(m: &Model, placement: &Placement, prompt: &[u32]) -> Vec<f32> {
         Output::Logits(rows) => rows.concat(),
         other => panic!("{other:?}"),
     }
-}
-
-fn greedy(m: &Model, placement: &Placement, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut reqs = vec![Request::decode(vec![prompt.to_vec()], true, Want::NextToken)];
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let got = run_in_process::<Flex>(&m.arch, m.weights.as_ref(), placement, &reqs).unwrap();
-        let Output::Tokens(t) = &got[got.len() - 1] else {
-            panic!()
-        };
-        out.push(t[0]);
-        reqs.push(Request::decode(vec![vec![t[0]]], false, Want::NextToken));
-    }
-    out
 }
 
 /// SmolLM2 written as an F32 folder in three shards is SmolLM2 on the f32 path:

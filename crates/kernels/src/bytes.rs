@@ -50,6 +50,12 @@ impl Bytes {
         }
     }
 
+    /// Whether model files may be mapped: not when `HETERO_NO_MMAP=1` (the
+    /// readers then read tensors into memory).
+    pub fn mapping_allowed() -> bool {
+        std::env::var_os("HETERO_NO_MMAP").is_none_or(|v| v != "1")
+    }
+
     /// The whole of `path`, memory-mapped read-only.
     pub fn map(path: &Path) -> Result<Bytes, KernelError> {
         let file = File::open(path).map_err(|e| KernelError::Io(format!("cannot open {}: {e}", path.display())))?;

@@ -181,16 +181,23 @@ impl LlamaConfig {
         self.heads / self.kv_heads
     }
 
-    /// Every tensor the decoder reads, with its row-major shape.
-    pub fn tensor_shapes(&self) -> BTreeMap<String, Vec<usize>> {
+    /// Every tensor the decoder reads, as (tensor, block; 0 outside the blocks).
+    pub fn tensors(&self) -> Vec<(LlamaTensor, usize)> {
         let mut top = vec![LlamaTensor::TokenEmbedding, LlamaTensor::OutputNorm];
         if self.separate_head {
             top.push(LlamaTensor::Output);
         }
         let biases: &[LlamaTensor] = if self.attention_bias { &LlamaTensor::BIASES } else { &[] };
-        top.iter()
-            .map(|t| (*t, 0))
+        top.into_iter()
+            .map(|t| (t, 0))
             .chain((0..self.layers).flat_map(|l| LlamaTensor::LAYER.iter().chain(biases).map(move |t| (*t, l))))
+            .collect()
+    }
+
+    /// Every tensor the decoder reads, with its row-major shape.
+    pub fn tensor_shapes(&self) -> BTreeMap<String, Vec<usize>> {
+        self.tensors()
+            .into_iter()
             .map(|(t, l)| (t.name(l), t.shape(self)))
             .collect()
     }

@@ -152,8 +152,8 @@ pub struct Started {
 pub fn start_front(model_name: &str, model: &Model, place: &Placing) -> Result<Started> {
     // A named placement that does not fit is refused before any worker starts.
     if let Some(p) = placements_of(&model.arch, &place.placement, place.world()?)?.remove(0) {
-        let (_, fits) = crate::memory::report(model, &p, &place.budget, place.mesh.is_none());
-        fits.with_context(|| format!("placing {model_name} under {}", describe(&p)))?;
+        crate::memory::fits(model, &p, &place.budget, place.mesh.is_none())
+            .with_context(|| format!("placing {model_name} under {}", describe(&p)))?;
     }
     let (mut mesh, children, addrs) = meet(model_name, place)?;
     let workers = mesh.world();

@@ -12,6 +12,7 @@ use hetero_infer::Placement;
 use hetero_infer::footprint::{Footprint, footprint, mib};
 use hetero_infer::models::Model;
 use hetero_infer::profile::free_memory;
+use hetero_infer::qllama::runs_on_blocks;
 
 use crate::front::{Placing, describe, placements_of};
 use hetero_models::LayerKind;
@@ -29,8 +30,7 @@ pub struct Budget {
 
 /// Every worker's footprint under `p`.
 pub fn footprints(model: &Model, p: &Placement, budget: &Budget) -> Vec<Footprint> {
-    let quantized = matches!(model.arch, hetero_infer::Arch::Llama(_))
-        && hetero_infer::qllama::is_quantized(model.weights.as_ref());
+    let quantized = runs_on_blocks(&model.arch, model.weights.as_ref());
     (0..p.workers)
         .map(|rank| {
             footprint(
@@ -46,8 +46,13 @@ pub fn footprints(model: &Model, p: &Placement, budget: &Budget) -> Vec<Footprin
         .collect()
 }
 
-/// The table of what each worker holds, and whether it fits: `Err` names the
-/// worker and both numbers. `local`: every worker runs on this machine.
+/// Whether every worker fits under `p`: `Err` names the worker and both numbers.
+/// `local`: every worker runs on this machine.
+pub fn fits(model: &Model, p: &Placement, budget: &Budget, local: bool) -> Result<()> {
+    check(&footprints(model, p, budget), budget, local, free_memory())
+}
+
+/// The table of what each worker holds, and whether it fits ([`fits`]).
 pub fn report(model: &Model, p: &Placement, budget: &Budget, local: bool) -> (String, Result<()>) {
     let feet = footprints(model, p, budget);
     let free = free_memory();
@@ -73,9 +78,7 @@ pub fn report(model: &Model, p: &Placement, budget: &Budget, local: bool) -> (St
     };
     out += &format!(
         "{cache}; weights {}\n",
-        if matches!(model.arch, hetero_infer::Arch::Llama(_))
-            && hetero_infer::qllama::is_quantized(model.weights.as_ref())
-        {
+        if runs_on_blocks(&model.arch, model.weights.as_ref()) {
             "as stored (quantized blocks, memory-mapped)"
         } else {
             "as f32"

@@ -154,8 +154,7 @@ pub fn serve(model_name: &str, options: &ServeOptions, place: &Placing) -> Resul
             anyhow::bail!("--context {context}: from 1 to the model's context, {}", c.context);
         }
         // Quantized decoders run --batch sequences at once; the f32 path one.
-        let quantized =
-            matches!(model.arch, Arch::Llama(_)) && hetero_infer::qllama::is_quantized(model.weights.as_ref());
+        let quantized = hetero_infer::qllama::runs_on_blocks(&model.arch, model.weights.as_ref());
         place.budget.sequences = if quantized { options.batch } else { 1 };
         place.budget.positions = context;
     }
