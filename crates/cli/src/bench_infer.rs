@@ -3,7 +3,8 @@
 //! run over the same workers and mesh, so the rows compare like with like.
 //!
 //! An encoder is timed per request (batch 1, `--seq` tokens); a decoder per token
-//! (a `--seq`-token prefill, then `--tokens` greedy steps through the KV caches).
+//! (a `--seq`-token prefill — the mean of three after one of the same length — then
+//! `--tokens` greedy steps through the KV caches).
 //! Bytes are what every worker of the mesh sent, read from the workers' own counters
 //! around each request (the few bytes of reading them are taken off). Compute and
 //! communication time are reported apart, because test-bed hosts share this
@@ -76,6 +77,9 @@ fn quantile(d: &[Duration], q: f64) -> Duration {
 
 /// Runs `req` and measures it: wall time, bytes all workers sent, the largest
 /// compute and communication time of any worker.
+/// Timed prefills per decoder placement (their mean is reported).
+const PREFILLS: usize = 3;
+
 fn timed(front: &mut Front<InferBackend>, req: &Request) -> Result<(Output, Duration, u64, Duration, Duration)> {
     let before = front.reports()?;
     let clock = Instant::now();
@@ -118,15 +122,19 @@ fn measure(front: &mut Front<InferBackend>, arch: &Arch, b: &InferBench, name: &
             }
         }
         Arch::Llama(_) | Arch::DecoupledLlama(_) => {
-            // Warm-up: a short prefill and two steps.
-            front.run(&Request::decode(
-                vec![ids[..4.min(ids.len())].to_vec()],
-                true,
-                Want::NextToken,
-            ))?;
+            // Warm-up: a prefill of the same length (as llama-bench warms up with its
+            // own test: buffers and caches grow to the prompt's size once), then the
+            // mean of PREFILLS timed ones, each a fresh sequence.
             let prefill = Request::decode(vec![ids.clone()], true, Want::NextToken);
-            let (out, took, _, _, _) = timed(front, &prefill)?;
-            row.first = Some(took);
+            front.run(&prefill)?;
+            let mut out = None;
+            let mut took = Duration::ZERO;
+            for _ in 0..PREFILLS {
+                let (o, t, _, _, _) = timed(front, &prefill)?;
+                (out, took) = (Some(o), took + t);
+            }
+            row.first = Some(took / PREFILLS as u32);
+            let out = out.expect("PREFILLS > 0");
             let Output::Tokens(mut token) = out else {
                 anyhow::bail!("a decoder returned no token")
             };
@@ -290,7 +298,7 @@ pub fn run(b: &InferBench) -> Result<()> {
                     _ => String::new(),
                 };
                 println!(
-                    "{:<32} prefill (first token) {:.1} ms{predicted}",
+                    "{:<32} prefill (first token) {:.1} ms{predicted}, mean of {PREFILLS} after a warm-up",
                     r.placement,
                     f.as_secs_f64() * 1e3
                 );

@@ -248,7 +248,7 @@ impl QLlamaLayer {
         if let Some(a) = &self.attention {
             let (hd, qn, kvn) = (self.head_dim, a.q.rows(), a.k.rows());
             grow(&mut s.h, rows * hidden);
-            ops::rms_norm(x, &self.attention_norm, self.eps, &mut s.h);
+            k.rms_norm(x, &self.attention_norm, self.eps, &mut s.h);
             grow(&mut s.q, rows * qn);
             grow(&mut s.k, rows * kvn);
             grow(&mut s.v, rows * kvn);
@@ -267,15 +267,22 @@ impl QLlamaLayer {
                     }
                 }
             }
-            for r in 0..rows {
-                let cs = rope.at(s.starts[r / seq] + r % seq);
-                s.q[r * qn..(r + 1) * qn]
-                    .chunks_exact_mut(hd)
-                    .for_each(|h| ops::rope(h, cs));
-                s.k[r * kvn..(r + 1) * kvn]
-                    .chunks_exact_mut(hd)
-                    .for_each(|h| ops::rope(h, cs));
-            }
+            let starts = &s.starts;
+            k.by_rows(
+                rows,
+                [&mut s.q[..rows * qn], &mut s.k[..rows * kvn]],
+                &|range, [q, kk]| {
+                    for (i, r) in range.enumerate() {
+                        let cs = rope.at(starts[r / seq] + r % seq);
+                        q[i * qn..(i + 1) * qn]
+                            .chunks_exact_mut(hd)
+                            .for_each(|h| ops::rope(h, cs));
+                        kk[i * kvn..(i + 1) * kvn]
+                            .chunks_exact_mut(hd)
+                            .for_each(|h| ops::rope(h, cs));
+                    }
+                },
+            );
             cache.append(&s.k, &s.v, slots, seq, self.kv_heads, hd)?;
             grow(&mut s.ctx, rows * qn);
             let shape = AttentionShape {
@@ -298,7 +305,7 @@ impl QLlamaLayer {
         if let Some(f) = &self.feed_forward {
             let units = f.gate.rows();
             grow(&mut s.h, rows * hidden);
-            ops::rms_norm(x, &self.feed_forward_norm, self.eps, &mut s.h);
+            k.rms_norm(x, &self.feed_forward_norm, self.eps, &mut s.h);
             grow(&mut s.gate, rows * units);
             grow(&mut s.up, rows * units);
             products(
@@ -310,7 +317,7 @@ impl QLlamaLayer {
                 &mut [&mut s.gate[..], &mut s.up[..]],
             )?;
             grow(&mut s.act, rows * units);
-            ops::silu_mul(&s.gate, &s.up, &mut s.act);
+            k.silu_mul(rows, &s.gate, &s.up, &mut s.act);
             products(
                 k,
                 &mut s.acts,
@@ -348,7 +355,7 @@ fn products(
             continue;
         }
         let a = &mut acts[ty.index()];
-        a.quantize(ty, x, rows, cols)?;
+        k.quantize(a, ty, x, rows, cols)?;
         let mut chosen: [&QMatrix; MAX_MATRICES] = [ws[0]; MAX_MATRICES];
         let mut into: [&mut [f32]; MAX_MATRICES] = Default::default();
         let mut n = 0;

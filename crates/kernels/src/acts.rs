@@ -64,8 +64,21 @@ impl QActs {
     }
 
     /// Quantizes `x`, `rows` rows of `cols` (row-major), to `ty`, replacing what the
-    /// buffers held.
+    /// buffers held. ([`crate::Kernels::quantize`] does it on the pool.)
     pub fn quantize(&mut self, ty: ActType, x: &[f32], rows: usize, cols: usize) -> Result<(), KernelError> {
+        self.prepare(ty, x, rows, cols)?.quantize(ty, x);
+        Ok(())
+    }
+
+    /// Checks `x` against the shape, sizes the buffers for it and hands out all of
+    /// its rows to be written.
+    pub(crate) fn prepare(
+        &mut self,
+        ty: ActType,
+        x: &[f32],
+        rows: usize,
+        cols: usize,
+    ) -> Result<RowsMut<'_>, KernelError> {
         if rows.checked_mul(cols) != Some(x.len()) {
             return Err(KernelError::Length {
                 what: format!("activations of {rows} rows × {cols}"),
@@ -79,30 +92,25 @@ impl QActs {
         }
         (self.ty, self.rows, self.cols) = (ty, rows, cols);
         let blocks = x.len() / block;
-        match ty {
-            ActType::F32 => {
-                self.f32s.clear();
-                self.f32s.extend_from_slice(x);
-            }
-            ActType::Q8_0 | ActType::Q8_1 => {
-                self.qs.resize(x.len(), 0);
-                self.d.resize(blocks, 0.0);
-                let sums = if ty == ActType::Q8_1 {
-                    self.sums.resize(blocks, 0.0);
-                    Some(&mut self.sums[..])
-                } else {
-                    None
-                };
-                q8::quantize_q8(x, &mut self.qs, &mut self.d, sums);
-            }
-            ActType::Q8K => {
-                self.qs.resize(x.len(), 0);
-                self.d.resize(blocks, 0.0);
-                self.bsums.resize(blocks * 16, 0);
-                q8::quantize_q8k(x, &mut self.qs, &mut self.d, &mut self.bsums);
-            }
-        }
-        Ok(())
+        let (f32s, qs, d, sums, bsums) = match ty {
+            ActType::F32 => (x.len(), 0, 0, 0, 0),
+            ActType::Q8_0 => (0, x.len(), blocks, 0, 0),
+            ActType::Q8_1 => (0, x.len(), blocks, blocks, 0),
+            ActType::Q8K => (0, x.len(), blocks, 0, 16 * blocks),
+        };
+        self.f32s.resize(f32s, 0.0);
+        self.qs.resize(qs, 0);
+        self.d.resize(d, 0.0);
+        self.sums.resize(sums, 0.0);
+        self.bsums.resize(bsums, 0);
+        Ok(RowsMut {
+            cols,
+            f32s: &mut self.f32s,
+            qs: &mut self.qs,
+            d: &mut self.d,
+            sums: &mut self.sums,
+            bsums: &mut self.bsums,
+        })
     }
 
     /// The format the rows are in.
@@ -156,6 +164,66 @@ impl QActs {
                 let per = self.ty.block_elems();
                 x.qs.iter().enumerate().map(|(i, &q)| q as f32 * x.d[i / per]).collect()
             }
+        }
+    }
+}
+
+/// Some consecutive rows of a [`QActs`], to be written: every buffer cut at the
+/// same rows, so the rows can be quantized in parts on several threads.
+#[derive(Debug, Default)]
+pub(crate) struct RowsMut<'a> {
+    cols: usize,
+    pub(crate) f32s: &'a mut [f32],
+    pub(crate) qs: &'a mut [i8],
+    pub(crate) d: &'a mut [f32],
+    pub(crate) sums: &'a mut [f32],
+    pub(crate) bsums: &'a mut [i16],
+}
+
+impl<'a> RowsMut<'a> {
+    /// The first `rows` rows and the rest.
+    pub(crate) fn split(self, rows: usize, ty: ActType) -> (RowsMut<'a>, RowsMut<'a>) {
+        let values = rows * self.cols;
+        let blocks = values / ty.block_elems();
+        // Buffers the format does not use are empty, and stay so on both sides.
+        fn at<T>(v: &mut [T], i: usize) -> (&mut [T], &mut [T]) {
+            let i = if v.is_empty() { 0 } else { i };
+            v.split_at_mut(i)
+        }
+        let (f0, f1) = at(self.f32s, values);
+        let (q0, q1) = at(self.qs, values);
+        let (d0, d1) = at(self.d, blocks);
+        let (s0, s1) = at(self.sums, blocks);
+        let (b0, b1) = at(self.bsums, 16 * blocks);
+        let cols = self.cols;
+        (
+            RowsMut {
+                cols,
+                f32s: f0,
+                qs: q0,
+                d: d0,
+                sums: s0,
+                bsums: b0,
+            },
+            RowsMut {
+                cols,
+                f32s: f1,
+                qs: q1,
+                d: d1,
+                sums: s1,
+                bsums: b1,
+            },
+        )
+    }
+
+    /// Quantizes `x`, exactly as many values as these rows hold, to `ty`.
+    #[inline(always)]
+    pub(crate) fn quantize(self, ty: ActType, x: &[f32]) {
+        match ty {
+            ActType::F32 => self.f32s.copy_from_slice(x),
+            ActType::Q8_0 => q8::quantize_q8(x, self.qs, self.d, None),
+            ActType::Q8_1 => q8::quantize_q8(x, self.qs, self.d, Some(self.sums)),
+            ActType::Q8K => q8::quantize_q8k(x, self.qs, self.d, self.bsums),
         }
     }
 }

@@ -147,13 +147,24 @@ pub(crate) fn rows4(level: Level, ty: QType, w: &[u8], row_bytes: usize, x: [Act
                         QType::Q5_0 => return unsafe { $m::rows4_q5_0(w, row_bytes, &q, out) },
                         QType::Q5_1 => return unsafe { $m::rows4_q5_1(w, row_bytes, &q, out) },
                         QType::Q8_0 => return unsafe { $m::rows4_q8_0(w, row_bytes, &q, out) },
+                        QType::Q4K => return unsafe { $m::rows4_q4k(w, row_bytes, &q, out) },
+                        QType::Q5K => return unsafe { $m::rows4_q5k(w, row_bytes, &q, out) },
+                        QType::Q6K => return unsafe { $m::rows4_q6k(w, row_bytes, &q, out) },
                         _ => {}
                     }
                 };
             }
             // SAFETY: as in `rows`.
             match level.0 {
-                Tier::Avx512 => pick!(avx512),
+                Tier::Avx512 => {
+                    // The wide tile (simd/wide.rs) for the signed formats.
+                    match ty {
+                        QType::Q4_0 => return unsafe { avx512::rows4w_q4_0(w, row_bytes, &q, out) },
+                        QType::Q5_0 => return unsafe { avx512::rows4w_q5_0(w, row_bytes, &q, out) },
+                        QType::Q8_0 => return unsafe { avx512::rows4w_q8_0(w, row_bytes, &q, out) },
+                        _ => pick!(avx512),
+                    }
+                }
                 Tier::Avx2 => pick!(avx2),
                 Tier::Scalar => {}
             }
@@ -162,6 +173,61 @@ pub(crate) fn rows4(level: Level, ty: QType, w: &[u8], row_bytes: usize, x: [Act
     for (x, out) in x.into_iter().zip(out) {
         rows(level, ty, w, row_bytes, x, out);
     }
+}
+
+/// Calls `$f` of the level's module (`simd::avx512`, `simd::avx2`) with `$args`, or
+/// `$fallback` at the scalar level.
+macro_rules! at_level {
+    ($level:expr, $f:ident($($args:expr),*), $fallback:expr) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            use crate::simd::{avx2, avx512};
+            // SAFETY: `level` proves the CPU has the features of the module called.
+            match $level.0 {
+                Tier::Avx512 => return unsafe { avx512::$f($($args),*) },
+                Tier::Avx2 => return unsafe { avx2::$f($($args),*) },
+                Tier::Scalar => {}
+            }
+        }
+        let _ = $level;
+        $fallback
+    }};
+}
+
+/// [`crate::ops::attend`] compiled for `level`.
+pub(crate) fn attend(
+    level: Level,
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    at_level!(
+        level,
+        attend(q, keys, values, scale, scores, out),
+        crate::ops::attend(q, keys, values, scale, scores, out)
+    )
+}
+
+/// [`crate::ops::silu_mul`] compiled for `level`.
+pub(crate) fn silu_mul(level: Level, gate: &[f32], up: &[f32], out: &mut [f32]) {
+    at_level!(level, silu_mul(gate, up, out), crate::ops::silu_mul(gate, up, out))
+}
+
+/// [`crate::ops::rms_norm`] compiled for `level`.
+pub(crate) fn rms_norm(level: Level, x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
+    at_level!(
+        level,
+        rms_norm(x, gamma, eps, out),
+        crate::ops::rms_norm(x, gamma, eps, out)
+    )
+}
+
+/// Quantizes `x` into `rows` ([`crate::acts::RowsMut::quantize`]) compiled for `level`.
+pub(crate) fn quantize(level: Level, rows: crate::acts::RowsMut<'_>, ty: crate::ActType, x: &[f32]) {
+    at_level!(level, quantize(rows, ty, x), rows.quantize(ty, x))
 }
 
 #[cfg(test)]
@@ -279,6 +345,22 @@ mod tests {
                     assert_eq!(single, tiled[r * rows_w..(r + 1) * rows_w], "{ty} at {}", level.name());
                 }
             }
+        }
+    }
+
+    /// The f32 operations compiled for each level compute the bits of the plain ones.
+    #[test]
+    fn attention_gives_the_same_bits_at_every_level() {
+        let mut rng = StdRng::seed_from_u64(10);
+        let (hd, len) = (64, 77);
+        let v = |n: usize, rng: &mut StdRng| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2.0f32..2.0)).collect() };
+        let (q, keys, values) = (v(hd, &mut rng), v(hd * len, &mut rng), v(hd * len, &mut rng));
+        let mut want = vec![0.0; hd];
+        crate::ops::attend(&q, &keys, &values, 0.125, &mut vec![0.0; len], &mut want);
+        for level in Level::available() {
+            let mut got = vec![0.0; hd];
+            attend(level, &q, &keys, &values, 0.125, &mut vec![0.0; len], &mut got);
+            assert_eq!(got, want, "at {}", level.name());
         }
     }
 

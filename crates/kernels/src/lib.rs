@@ -23,6 +23,7 @@ mod matmul;
 mod matrix;
 pub mod ops;
 mod pool;
+mod rowwise;
 mod simd;
 mod types;
 
@@ -33,6 +34,7 @@ pub use formats::{dequantize, quantize};
 pub use matmul::{AttentionShape, CacheRows, Kernels, MAX_MATRICES};
 pub use matrix::QMatrix;
 pub use pool::{MAX_THREADS, Pool};
+pub use rowwise::RowWork;
 pub use types::{ActType, QType};
 
 /// What went wrong, naming the tensor or shape involved.

@@ -1,16 +1,20 @@
 //! Matrix products over the pool: `out[r][o] = Σ_i W[o][i]·x[r][i]`.
 //!
 //! ## Design
-//! Work is split statically. With more than sixteen activation rows per
-//! participant (prefill) each participant takes a range of activation rows and
-//! every weight row; with fewer (decode, a running batch, a short prompt) each takes
-//! a range of weight rows — whole groups of four, so the tiles of later kernels
-//! never straddle two participants — and every activation row, in tiles of four. Either way every output
-//! is one dot product computed in one fixed order, so results are bit-identical for
-//! any number of threads. Each participant's share of the output is a disjoint
+//! With more than sixteen activation rows per participant (prefill) the work is
+//! groups of sixteen activation rows, each passing every weight row by its rows a
+//! chunk of weight rows at a time (the chunk stays in L1 for the sixteen), and
+//! whichever participant is free takes the next group: a core slowed by another
+//! process no longer holds the others up. With fewer rows (decode, a running
+//! batch, a short prompt) each participant takes a range of weight rows — whole
+//! groups of four, so the tiles of later kernels never straddle two participants —
+//! and every activation row, in tiles of four. Either way every output is one dot
+//! product computed in one fixed order, so results are bit-identical for any number
+//! of threads and whoever computes them. Each share of the output is a disjoint
 //! slice cut before the job starts, handed over through an uncontended mutex.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::acts::QActs;
 use crate::dispatch::{self, Level};
@@ -20,6 +24,10 @@ use crate::{KernelError, QMatrix};
 /// Weight rows a participant keeps in L1 while its activation rows pass (prefill):
 /// 32 rows of 576 Q8_0 weights are 20 KB.
 const CHUNK: usize = 32;
+
+/// Activation rows a participant takes at a time in a prefill: four tiles, each
+/// weight row's chunk read into L1 once for the sixteen.
+const GROUP: usize = 16;
 
 /// The most matrices one [`Kernels::matmul_many`] call takes.
 pub const MAX_MATRICES: usize = 4;
@@ -58,6 +66,10 @@ impl Kernels {
         self.pool.threads()
     }
 
+    pub(crate) fn pool(&self) -> &'static Pool {
+        self.pool
+    }
+
     /// `out = x · Wᵀ`: `out` is `x.rows() × w.rows()`, row-major.
     pub fn matmul(&self, w: &QMatrix, x: &QActs, out: &mut [f32]) -> Result<(), KernelError> {
         self.matmul_many(&[w], x, &mut [out])
@@ -69,23 +81,40 @@ impl Kernels {
         check(ws, x, outs)?;
         let n = self.pool.threads();
         if x.rows() > 16 * n {
-            // Each participant: a range of activation rows, every weight row.
-            let bounds = |t: usize| x.rows() * t / n;
-            let parts = cut(outs, n, |m, t| bounds(t) * ws[m].rows());
-            self.pool.run(&|p| {
-                let mut mine = parts[p].lock().expect("a participant's outputs");
+            // Groups of GROUP activation rows, taken by whichever participant is free
+            // next (a core slowed by another process no longer holds the others up);
+            // a group passes every weight row by its rows, a few weight rows at a time.
+            let rows = x.rows();
+            let groups = rows.div_ceil(GROUP);
+            let mut units: Vec<Mutex<[&mut [f32]; MAX_MATRICES]>> = Vec::with_capacity(groups);
+            let mut rests: [&mut [f32]; MAX_MATRICES] = Default::default();
+            for (m, out) in outs.iter_mut().enumerate() {
+                rests[m] = &mut **out;
+            }
+            for g in 0..groups {
+                let take = (rows - g * GROUP).min(GROUP);
+                let mut unit: [&mut [f32]; MAX_MATRICES] = Default::default();
                 for (m, w) in ws.iter().enumerate() {
-                    let (n, first, last) = (w.rows(), bounds(p), bounds(p + 1));
-                    let rb = w.row_bytes();
-                    let out = &mut mine[m];
-                    // A few weight rows stay in L1 while every activation row of this
-                    // participant passes them, four at a time (a tile unpacks each
-                    // weight block once for the four).
-                    for c0 in (0..n).step_by(CHUNK) {
-                        let c1 = (c0 + CHUNK).min(n);
-                        let chunk = &w.bytes()[c0 * rb..c1 * rb];
-                        let rows_out = out.chunks_exact_mut(n).map(|o| &mut o[c0..c1]);
-                        self.pass(w, chunk, x, first..last, rows_out);
+                    let (mine, tail) = std::mem::take(&mut rests[m]).split_at_mut(take * w.rows());
+                    (unit[m], rests[m]) = (mine, tail);
+                }
+                units.push(Mutex::new(unit));
+            }
+            let next = AtomicUsize::new(0);
+            self.pool.run(&|_| {
+                loop {
+                    let g = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(unit) = units.get(g) else { break };
+                    let mut mine = unit.lock().expect("a group's outputs");
+                    let (first, last) = (g * GROUP, ((g + 1) * GROUP).min(rows));
+                    for (m, w) in ws.iter().enumerate() {
+                        let (n, rb) = (w.rows(), w.row_bytes());
+                        for c0 in (0..n).step_by(CHUNK) {
+                            let c1 = (c0 + CHUNK).min(n);
+                            let chunk = &w.bytes()[c0 * rb..c1 * rb];
+                            let rows_out = mine[m].chunks_exact_mut(n).map(|o| &mut o[c0..c1]);
+                            self.pass(w, chunk, x, first..last, rows_out);
+                        }
                     }
                 }
             });
@@ -248,7 +277,15 @@ impl Kernels {
                 let b = u / heads / seq;
                 let (keys, values) = cache(b, (u % heads) / group, seen(u));
                 let out = &mut mine[0][(u - bounds[p]) * hd..(u - bounds[p] + 1) * hd];
-                crate::ops::attend(&q[u * hd..(u + 1) * hd], keys, values, scale, &mut scores, out);
+                dispatch::attend(
+                    self.level,
+                    &q[u * hd..(u + 1) * hd],
+                    keys,
+                    values,
+                    scale,
+                    &mut scores,
+                    out,
+                );
             }
         });
     }
@@ -333,7 +370,7 @@ type Parts<'a> = [Mutex<[&'a mut [f32]; MAX_MATRICES]>; MAX_THREADS];
 
 /// Cuts each output `outs[m]` at `at(m, t)` for `t` in `1..n` into `n` consecutive
 /// slices; participant `t` gets slice `t` of every output.
-fn cut<'a>(outs: &'a mut [&mut [f32]], n: usize, at: impl Fn(usize, usize) -> usize) -> Parts<'a> {
+pub(crate) fn cut<'a>(outs: &'a mut [&mut [f32]], n: usize, at: impl Fn(usize, usize) -> usize) -> Parts<'a> {
     let parts: Parts<'a> = std::array::from_fn(|_| Mutex::new(Default::default()));
     for (m, out) in outs.iter_mut().enumerate() {
         let mut rest: &'a mut [f32] = &mut **out;

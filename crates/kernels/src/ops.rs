@@ -3,8 +3,14 @@
 //! small share of a token's time; they are written as plain loops the compiler
 //! vectorises, in the same order of operations as the burn modules they stand in
 //! for, so the quantized path differs from the f32 one only by its products.
+//!
+//! They are `#[inline(always)]` so that `dispatch` can compile them again inside
+//! each level's `#[target_feature]` functions (AVX2's eight lanes rather than the
+//! baseline's four). Rust never fuses a multiply and an add on its own, and every
+//! sum here runs in a fixed order, so each level computes the same bits.
 
 /// `out = x / √(mean(x²) + eps) · γ`, row by row (`x` and `out` are rows of `γ.len()`).
+#[inline(always)]
 pub fn rms_norm(x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
     let n = gamma.len();
     for (x, out) in x.chunks_exact(n).zip(out.chunks_exact_mut(n)) {
@@ -17,14 +23,44 @@ pub fn rms_norm(x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
 }
 
 /// `out = silu(gate) · up = gate·σ(gate)·up`, elementwise.
+#[inline(always)]
 pub fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = g / (1.0 + (-g).exp()) * u;
+        *o = g / (1.0 + exp(-g)) * u;
     }
+}
+
+/// e^x in plain arithmetic that vectorises, for the softmax and the gated activation
+/// (libm's `expf` is a call per value, and was a third of prefill attention's time).
+///
+/// Cephes' `expf`: x = n·ln 2 + r with |r| ≤ ln 2 / 2 (n rounded by the 1.5·2²³
+/// trick, ln 2 split in two so r is exact), e^r by a degree-7 polynomial, 2ⁿ put into
+/// the exponent bits. Within 2 ulp of `f32::exp` (tested); x is clamped to
+/// [−87, 88], so e^x stays a normal number (≥ 1.6·10⁻³⁸, ≤ 1.7·10³⁸).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.987_569_1e-4f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 0.5;
+    let y = p * (r * r) + r + 1.0;
+    // t's low mantissa bits hold n (|n| ≤ 127 < 2²²); n + 127 ∈ [1, 254], a normal exponent.
+    let n = t.to_bits() as i32 - MAGIC.to_bits() as i32;
+    y * f32::from_bits(((n + 127) << 23) as u32)
 }
 
 /// Rotates the adjacent pairs `(2i, 2i + 1)` of one head by the angles whose
 /// `[cos, sin]` are `cos_sin[2i], cos_sin[2i + 1]`.
+#[inline(always)]
 pub fn rope(head: &mut [f32], cos_sin: &[f32]) {
     for (pair, cs) in head.chunks_exact_mut(2).zip(cos_sin.chunks_exact(2)) {
         let (a, b) = (pair[0], pair[1]);
@@ -37,6 +73,7 @@ pub fn rope(head: &mut [f32], cos_sin: &[f32]) {
 /// One query head attending over `keys.len() / q.len()` cached positions:
 /// `out = softmax(q·kᵀ · scale) · V`. `keys` and `values` are rows of `q.len()`,
 /// one per position; `scores` is scratch of at least that many.
+#[inline(always)]
 pub fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
     let hd = q.len();
     let len = keys.len() / hd;
@@ -46,21 +83,53 @@ pub fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut 
         *s = dot(q, k) * scale;
         max = max.max(*s);
     }
-    let mut sum = 0.0;
+    // The exponentials in a loop of their own (it vectorises), then their sum.
     for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
+        *s = exp(*s - max);
     }
-    out.fill(0.0);
-    for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
-        let p = p / sum;
-        for (o, &v) in out.iter_mut().zip(v) {
-            *o += p * v;
+    let sum = sum(scores);
+    for s in scores.iter_mut() {
+        *s /= sum;
+    }
+    // out = Σ_p s_p·V_p, sixteen dimensions at a time, their sums held in registers
+    // across the positions (accumulating into `out` itself stored and reloaded it at
+    // every position, a wait on the store each time). Each dimension still sums the
+    // positions in order.
+    let (out16, rest) = out.as_chunks_mut::<16>();
+    for (c, o) in out16.iter_mut().enumerate() {
+        let mut acc = [0f32; 16];
+        for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
+            let v: &[f32; 16] = v[16 * c..16 * c + 16].try_into().expect("16 values");
+            for j in 0..16 {
+                acc[j] += p * v[j];
+            }
+        }
+        *o = acc;
+    }
+    let done = 16 * out16.len();
+    for (j, o) in rest.iter_mut().enumerate() {
+        *o = 0.0;
+        for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
+            *o += p * v[done + j];
         }
     }
 }
 
+/// Σ aᵢ in eight running sums (so it vectorises), then their sum.
+#[inline(always)]
+fn sum(a: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (a8, rest) = a.as_chunks::<8>();
+    for a in a8 {
+        for j in 0..8 {
+            acc[j] += a[j];
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
+}
+
 /// Σ aᵢ·bᵢ in eight running sums (so it vectorises), then their sum.
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (a8, a_rest) = a.as_chunks::<8>();
@@ -77,6 +146,23 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Within 2 ulp of libm's over the range softmax and SiLU use, and clamped,
+    /// not infinite or zero, past it.
+    #[test]
+    fn exp_is_within_two_ulp_of_the_library() {
+        let mut x = -87.0f32;
+        while x <= 88.0 {
+            let (got, want) = (exp(x), x.exp());
+            let ulp = f32::from_bits(want.to_bits() + 1) - want;
+            assert!((got - want).abs() <= 2.0 * ulp, "e^{x}: {got} against {want}");
+            x += 0.001_7;
+        }
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) > 0.0 && exp(-1000.0) < 1e-37);
+        assert!(exp(1000.0).is_finite() && exp(1000.0) > 1e38);
+        assert!(exp(f32::NAN).is_nan());
+    }
 
     #[test]
     fn rms_norm_gives_unit_root_mean_square_before_the_scale() {

@@ -17,6 +17,7 @@ pub(crate) fn round_even(x: f32) -> f32 {
 
 /// Q8_0 and Q8_1: per block of 32, `d = max|x| / 127` and `q = round(x / d)`, ties to
 /// even as the x86 kernels round. `sums`, when given (Q8_1), gets `d·Σq` per block.
+#[inline(always)]
 pub(crate) fn quantize_q8(x: &[f32], qs: &mut [i8], d: &mut [f32], mut sums: Option<&mut [f32]>) {
     for (k, (x, q)) in x.chunks_exact(32).zip(qs.chunks_exact_mut(32)).enumerate() {
         let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
@@ -35,6 +36,7 @@ pub(crate) fn quantize_q8(x: &[f32], qs: &mut [i8], d: &mut [f32], mut sums: Opt
 
 /// Q8_K: per block of 256, the value of largest magnitude maps to −127 (ggml's
 /// `quantize_row_q8_K_ref`), `bsums` gets the sum of every 16 integers.
+#[inline(always)]
 pub(crate) fn quantize_q8k(x: &[f32], qs: &mut [i8], d: &mut [f32], bsums: &mut [i16]) {
     for (k, (x, q)) in x.chunks_exact(256).zip(qs.chunks_exact_mut(256)).enumerate() {
         let max = x.iter().fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });

@@ -12,7 +12,13 @@
 
 #[cfg(target_arch = "x86_64")]
 #[macro_use]
+mod kquant_x86;
+#[cfg(target_arch = "x86_64")]
+#[macro_use]
 mod x86;
+#[cfg(target_arch = "x86_64")]
+#[macro_use]
+mod wide;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
@@ -26,4 +32,29 @@ pub(crate) mod avx512 {
     x86_kernels!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", |a, b| {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
     });
+    wide_unpackers!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
+    wide_tile!(
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        18,
+        unpack_q4_0,
+        dot16_q4_0,
+        rows4_q4_0,
+        rows4w_q4_0
+    );
+    wide_tile!(
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        22,
+        unpack_q5_0_movm,
+        dot16_q5_0,
+        rows4_q5_0,
+        rows4w_q5_0
+    );
+    wide_tile!(
+        "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+        34,
+        unpack_q8_0,
+        dot16_q8_0,
+        rows4_q8_0,
+        rows4w_q8_0
+    );
 }

@@ -198,142 +198,73 @@ macro_rules! x86_kernels {
             rows4_q8_0
         );
 
-        /// The eight 6-bit (scale, minimum) pairs of a Q4_K/Q5_K super-block.
-        #[inline]
-        fn scales_mins(s: &[u8]) -> ([i16; 8], [i16; 8]) {
-            let (mut sc, mut m) = ([0i16; 8], [0i16; 8]);
-            for j in 0..8 {
-                let (a, b) = crate::formats::kquant::scale_min(j, s);
-                (sc[j], m[j]) = (a as i16, b as i16);
-            }
-            (sc, m)
+        kquant_kernels!($features);
+
+        // The f32 operations of `ops` (and the activations' quantizer), compiled
+        // again for this level: they are `#[inline(always)]` plain loops.
+
+        #[target_feature(enable = $features)]
+        pub(crate) fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+            crate::ops::attend(q, keys, values, scale, scores, out)
         }
 
-        /// Q4_K (`five` false) or Q5_K row · Q8_K row: per super-block
-        /// `d·d_x·Σ_j sc_j·Σ q·y − dmin·d_x·Σ_j m_j·(bsums of sub-block j)`.
         #[target_feature(enable = $features)]
-        fn dot_q45k<const N: usize>(w: &[[u8; N]], x: &Q8Row, five: bool) -> f32 {
-            let m4 = _mm256_set1_epi8(0x0F);
-            let mut acc = _mm256_setzero_ps();
-            let mut mins = 0.0f32;
-            for (k, b) in w.iter().enumerate() {
-                let (d, dmin) = f16_pair(arr(&b[0..4]));
-                let dx = x.d[k];
-                let (sc, m) = scales_mins(&b[4..16]);
-                let bsums = &x.bsums[16 * k..16 * k + 16];
-                let summ: i32 = (0..8)
-                    .map(|j| m[j] as i32 * (bsums[2 * j] as i32 + bsums[2 * j + 1] as i32))
-                    .sum();
-                mins -= dmin * dx * summ as f32;
-                let (qh, qs) = if five {
-                    (&b[16..48], &b[48..176])
-                } else {
-                    (&b[0..0], &b[16..144])
-                };
-                let mut hbits = if five {
-                    cast::<[u8; 32], __m256i>(arr(qh))
-                } else {
-                    _mm256_setzero_si256()
-                };
-                let y = &x.qs[256 * k..256 * k + 256];
-                let mut sumi = _mm256_setzero_si256();
-                for c in 0..4 {
-                    let q4 = cast::<[u8; 32], __m256i>(arr(&qs[32 * c..32 * c + 32]));
-                    let mut lo = _mm256_and_si256(q4, m4);
-                    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q4), m4);
-                    if five {
-                        let one = _mm256_set1_epi8(1);
-                        lo = _mm256_or_si256(lo, _mm256_slli_epi16::<4>(_mm256_and_si256(hbits, one)));
-                        hi = _mm256_or_si256(
-                            hi,
-                            _mm256_slli_epi16::<3>(_mm256_and_si256(hbits, _mm256_set1_epi8(2))),
-                        );
-                        hbits = _mm256_srli_epi16::<2>(hbits);
-                    }
-                    let ylo: __m256i = cast(<[i8; 32]>::try_from(&y[64 * c..64 * c + 32]).expect("32"));
-                    let yhi: __m256i = cast(<[i8; 32]>::try_from(&y[64 * c + 32..64 * c + 64]).expect("32"));
-                    let plo = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * c]), _mm256_maddubs_epi16(lo, ylo));
-                    let phi = _mm256_madd_epi16(_mm256_set1_epi16(sc[2 * c + 1]), _mm256_maddubs_epi16(hi, yhi));
-                    sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(plo, phi));
+        pub(crate) fn silu_mul(gate: &[f32], up: &[f32], out: &mut [f32]) {
+            crate::ops::silu_mul(gate, up, out)
+        }
+
+        #[target_feature(enable = $features)]
+        pub(crate) fn rms_norm(x: &[f32], gamma: &[f32], eps: f32, out: &mut [f32]) {
+            crate::ops::rms_norm(x, gamma, eps, out)
+        }
+
+        /// Q8_0 and Q8_1 activations as `formats::q8::quantize_q8` makes them, eight
+        /// lanes at a time (ggml's AVX2 `quantize_row_q8_0`): the same maximum, scale
+        /// and integers — `cvtps2dq` rounds to nearest even, as `round_even` does.
+        #[target_feature(enable = $features)]
+        fn quantize_q8(x: &[f32], qs: &mut [i8], d: &mut [f32], mut sums: Option<&mut [f32]>) {
+            let (x32, _) = x.as_chunks::<32>();
+            let (q32, _) = qs.as_chunks_mut::<32>();
+            let sign = _mm256_set1_ps(-0.0);
+            let eight = |s: &[f32]| cast::<[f32; 8], __m256>(s.try_into().expect("8 values"));
+            for (k, (xb, q)) in x32.iter().zip(q32).enumerate() {
+                let (v0, v1, v2, v3) = (
+                    eight(&xb[0..8]),
+                    eight(&xb[8..16]),
+                    eight(&xb[16..24]),
+                    eight(&xb[24..32]),
+                );
+                let m = _mm256_max_ps(
+                    _mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                    _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)),
+                );
+                let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+                let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+                let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+                let id = _mm256_set1_ps(if amax > 0.0 { 127.0 / amax } else { 0.0 });
+                let i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v0, id));
+                let i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v1, id));
+                let i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v2, id));
+                let i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v3, id));
+                // Packing works within 128-bit halves; the permutation restores the order.
+                let bytes = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+                let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                *q = cast::<__m256i, [i8; 32]>(bytes);
+                d[k] = amax / 127.0;
+                if let Some(sums) = sums.as_deref_mut() {
+                    let s = _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3));
+                    let total: i32 = cast::<__m256i, [i32; 8]>(s).iter().sum();
+                    sums[k] = d[k] * total as f32;
                 }
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * dx), _mm256_cvtepi32_ps(sumi), acc);
-            }
-            hsum(acc) + mins
-        }
-
-        /// Q6_K row · Q8_K row: `d·d_x·(Σ_k sc_k·Σ e·y − 32·Σ_k sc_k·bsum_k)`, the
-        /// unsigned six bits `e` through `maddubs` and the offset of 32 once per block.
-        #[target_feature(enable = $features)]
-        fn dot_q6k_row(w: &[[u8; 210]], x: &Q8Row) -> f32 {
-            let m4 = _mm256_set1_epi8(0x0F);
-            let m2 = _mm256_set1_epi8(0x03);
-            let mut acc = _mm256_setzero_ps();
-            for (k, b) in w.iter().enumerate() {
-                let (ql, qh) = (&b[0..128], &b[128..192]);
-                let sc: [i8; 16] = core::array::from_fn(|i| b[192 + i] as i8);
-                let d = _mm_cvtss_f32(_mm256_castps256_ps128(scale8([b[208], b[209]])));
-                let y = &x.qs[256 * k..256 * k + 256];
-                let bsums = &x.bsums[16 * k..16 * k + 16];
-                let offset: i32 = (0..16).map(|i| sc[i] as i32 * bsums[i] as i32).sum::<i32>() * 32;
-                let mut sumi = _mm256_setzero_si256();
-                for n in 0..2 {
-                    let l1 = cast::<[u8; 32], __m256i>(arr(&ql[64 * n..64 * n + 32]));
-                    let l2 = cast::<[u8; 32], __m256i>(arr(&ql[64 * n + 32..64 * n + 64]));
-                    let h = cast::<[u8; 32], __m256i>(arr(&qh[32 * n..32 * n + 32]));
-                    let quarters = [
-                        _mm256_or_si256(
-                            _mm256_and_si256(l1, m4),
-                            _mm256_slli_epi16::<4>(_mm256_and_si256(h, m2)),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(l2, m4),
-                            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<2>(h), m2)),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4),
-                            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<4>(h), m2)),
-                        ),
-                        _mm256_or_si256(
-                            _mm256_and_si256(_mm256_srli_epi16::<4>(l2), m4),
-                            _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(h), m2)),
-                        ),
-                    ];
-                    for (i, e) in quarters.into_iter().enumerate() {
-                        // Elements 128n + 32i .. +32: sub-blocks 8n + 2i and 8n + 2i + 1.
-                        let at = 128 * n + 32 * i;
-                        let yv: __m256i = cast(<[i8; 32]>::try_from(&y[at..at + 32]).expect("32"));
-                        let s = at / 16;
-                        let scales = _mm256_set_m128i(_mm_set1_epi16(sc[s + 1] as i16), _mm_set1_epi16(sc[s] as i16));
-                        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(scales, _mm256_maddubs_epi16(e, yv)));
-                    }
-                }
-                let total = _mm256_sub_epi32(sumi, _mm256_setr_epi32(offset, 0, 0, 0, 0, 0, 0, 0));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(d * x.d[k]), _mm256_cvtepi32_ps(total), acc);
-            }
-            hsum(acc)
-        }
-
-        /// `out[o] = row o of w · x` for Q4_K rows.
-        #[target_feature(enable = $features)]
-        pub(crate) fn rows_q4k(w: &[u8], row_bytes: usize, x: Q8Row, out: &mut [f32]) {
-            for (row, o) in w.chunks_exact(row_bytes).zip(out) {
-                *o = dot_q45k(row.as_chunks::<144>().0, &x, false);
             }
         }
 
-        /// `out[o] = row o of w · x` for Q5_K rows.
         #[target_feature(enable = $features)]
-        pub(crate) fn rows_q5k(w: &[u8], row_bytes: usize, x: Q8Row, out: &mut [f32]) {
-            for (row, o) in w.chunks_exact(row_bytes).zip(out) {
-                *o = dot_q45k(row.as_chunks::<176>().0, &x, true);
-            }
-        }
-
-        /// `out[o] = row o of w · x` for Q6_K rows.
-        #[target_feature(enable = $features)]
-        pub(crate) fn rows_q6k(w: &[u8], row_bytes: usize, x: Q8Row, out: &mut [f32]) {
-            for (row, o) in w.chunks_exact(row_bytes).zip(out) {
-                *o = dot_q6k_row(row.as_chunks::<210>().0, &x);
+        pub(crate) fn quantize(rows: crate::acts::RowsMut<'_>, ty: crate::ActType, x: &[f32]) {
+            match ty {
+                crate::ActType::Q8_0 => quantize_q8(x, rows.qs, rows.d, None),
+                crate::ActType::Q8_1 => quantize_q8(x, rows.qs, rows.d, Some(rows.sums)),
+                _ => rows.quantize(ty, x),
             }
         }
     };
