@@ -194,6 +194,21 @@ macro_rules! at_level {
     }};
 }
 
+/// Whether [`expand_to_q8_0`] rewrites `ty` at `level`.
+pub(crate) fn expands_to_q8_0(level: Level, ty: QType) -> bool {
+    cfg!(target_arch = "x86_64") && level.0 != Tier::Scalar && matches!(ty, QType::Q4_0 | QType::Q5_0)
+}
+
+/// Rewrites whole Q4_0 or Q5_0 blocks `src` as Q8_0 blocks `dst` (the same f16 scale,
+/// the same integers as signed bytes), when [`expands_to_q8_0`] says so.
+pub(crate) fn expand_to_q8_0(level: Level, ty: QType, src: &[u8], dst: &mut [u8]) {
+    at_level!(
+        level,
+        expand_to_q8_0(ty, src, dst),
+        unreachable!("expands_to_q8_0 is false at the scalar level")
+    )
+}
+
 /// [`crate::ops::attend`] compiled for `level`.
 pub(crate) fn attend(
     level: Level,

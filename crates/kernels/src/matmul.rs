@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use crate::acts::QActs;
 use crate::dispatch::{self, Level};
 use crate::pool::{MAX_THREADS, Pool};
-use crate::{KernelError, QMatrix};
+use crate::{KernelError, QMatrix, QType};
 
 /// Weight rows a participant keeps in L1 while its activation rows pass (prefill):
 /// 32 rows of 576 Q8_0 weights are 20 KB.
@@ -28,6 +28,10 @@ const CHUNK: usize = 32;
 /// Activation rows a participant takes at a time in a prefill: four tiles, each
 /// weight row's chunk read into L1 once for the sixteen.
 const GROUP: usize = 16;
+
+/// Activation rows from which a pass rewrites Q4_0/Q5_0 weights as Q8_0 first (the
+/// rewrite costs about what unpacking them in two tiles does).
+const EXPAND_FROM: usize = 8;
 
 /// The most matrices one [`Kernels::matmul_many`] call takes.
 pub const MAX_MATRICES: usize = 4;
@@ -303,9 +307,34 @@ impl Kernels {
         chunk: &[u8],
         x: &QActs,
         rows: std::ops::Range<usize>,
-        mut outs: impl Iterator<Item = &'o mut [f32]>,
+        outs: impl Iterator<Item = &'o mut [f32]>,
     ) {
         let (rb, ty) = (w.row_bytes(), w.ty());
+        if rows.len() >= EXPAND_FROM && dispatch::expands_to_q8_0(self.level, ty) {
+            // Q4_0 and Q5_0 blocks rewritten as Q8_0 once for all these rows rather
+            // than unpacked again in every tile: the same scales and integers, so the
+            // same bits, at Q8_0's speed.
+            return EXPANDED.with_borrow_mut(|wide| {
+                let blocks = chunk.len() / ty.block_bytes();
+                wide.resize(blocks * QType::Q8_0.block_bytes(), 0);
+                dispatch::expand_to_q8_0(self.level, ty, chunk, wide);
+                let wide_rb = rb / ty.block_bytes() * QType::Q8_0.block_bytes();
+                self.pass_bytes(QType::Q8_0, wide, wide_rb, x, rows, outs)
+            });
+        }
+        self.pass_bytes(ty, chunk, rb, x, rows, outs)
+    }
+
+    /// [`Self::pass`] on rows of `ty` held in `chunk`, `rb` bytes each.
+    fn pass_bytes<'o>(
+        &self,
+        ty: QType,
+        chunk: &[u8],
+        rb: usize,
+        x: &QActs,
+        rows: std::ops::Range<usize>,
+        mut outs: impl Iterator<Item = &'o mut [f32]>,
+    ) {
         let mut spare = [[0f32; CHUNK]; 2];
         let mut r = rows.start;
         while r < rows.end {
@@ -364,6 +393,8 @@ fn check(ws: &[&QMatrix], x: &QActs, outs: &[&mut [f32]]) -> Result<(), KernelEr
 thread_local! {
     /// Where a running batch's products are staged (see `matmul_many`).
     static BATCH_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A chunk of Q4_0/Q5_0 weight rows rewritten as Q8_0 (see `pass`).
+    static EXPANDED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 type Parts<'a> = [Mutex<[&'a mut [f32]; MAX_MATRICES]>; MAX_THREADS];
@@ -425,6 +456,39 @@ mod tests {
                     match &first {
                         None => first = Some((oa, ob)),
                         Some((fa, fb)) => assert!(fa == &oa && fb == &ob, "{ty}, {x_rows} rows, {threads} threads"),
+                    }
+                }
+            }
+        }
+    }
+
+    /// A row's products do not depend on the rows computed with it: a prefill's
+    /// groups, a batch's tiles, Q4_0/Q5_0 rewritten as Q8_0, or the row alone as in
+    /// decoding all give the same bits.
+    #[test]
+    fn a_rows_products_do_not_depend_on_the_rows_beside_it() {
+        let mut rng = StdRng::seed_from_u64(4);
+        let (cols, w_rows) = (512, 70);
+        for ty in QType::ALL.into_iter().filter(|t| *t != QType::Q8K) {
+            let w = QMatrix::quantize(ty, &random(w_rows * cols, 1.0, &mut rng), w_rows, cols).unwrap();
+            for x_rows in [9, 40] {
+                let xf = random(x_rows * cols, 2.0, &mut rng);
+                let mut x = QActs::new();
+                x.quantize(ty.act(), &xf, x_rows, cols).unwrap();
+                for threads in [1, 2] {
+                    let k = Kernels::new(Level::detect(), pool(threads));
+                    let mut all = vec![0.0; x_rows * w_rows];
+                    k.matmul(&w, &x, &mut all).unwrap();
+                    for r in 0..x_rows {
+                        let mut one = QActs::new();
+                        one.quantize(ty.act(), &xf[r * cols..(r + 1) * cols], 1, cols).unwrap();
+                        let mut alone = vec![0.0; w_rows];
+                        k.matmul(&w, &one, &mut alone).unwrap();
+                        assert_eq!(
+                            alone,
+                            all[r * w_rows..(r + 1) * w_rows],
+                            "{ty}, row {r} of {x_rows}, {threads} threads"
+                        );
                     }
                 }
             }

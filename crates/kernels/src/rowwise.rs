@@ -27,12 +27,7 @@ impl Kernels {
     /// Runs `f(rows, outs)` over `rows` rows, shared out by rows: each participant
     /// gets a range of rows and those rows of every output (`outs[m]` holds `rows`
     /// rows of `outs[m].len() / rows` values). At most [`MAX_MATRICES`] outputs.
-    pub fn by_rows<const M: usize>(
-        &self,
-        rows: usize,
-        mut outs: [&mut [f32]; M],
-        f: &RowWork<'_, M>,
-    ) {
+    pub fn by_rows<const M: usize>(&self, rows: usize, mut outs: [&mut [f32]; M], f: &RowWork<'_, M>) {
         const { assert!(M <= MAX_MATRICES, "at most MAX_MATRICES outputs") };
         let n = self.threads();
         if rows < PARALLEL || n == 1 {

@@ -37,6 +37,29 @@ pub(crate) fn scale_min(j: usize, s: &[u8]) -> (u8, u8) {
     }
 }
 
+/// All eight (scales, minimums) of the 12 packed bytes at once — [`scale_min`] for
+/// every `j`, in a few 32-bit operations (ggml's `kmask` unpacking): the kernels
+/// decode one per super-block.
+#[inline(always)]
+pub(crate) fn scales_mins8(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    const LOW6: u32 = 0x3f3f_3f3f;
+    const LOW4: u32 = 0x0f0f_0f0f;
+    const LOW2: u32 = 0x0303_0303;
+    let word = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (a, b, c) = (word(0), word(1), word(2));
+    let scales_lo = a & LOW6;
+    let scales_hi = (c & LOW4) | (((a >> 6) & LOW2) << 4);
+    let mins_lo = b & LOW6;
+    let mins_hi = ((c >> 4) & LOW4) | (((b >> 6) & LOW2) << 4);
+    let join = |lo: u32, hi: u32| {
+        let mut out = [0u8; 8];
+        out[..4].copy_from_slice(&lo.to_le_bytes());
+        out[4..].copy_from_slice(&hi.to_le_bytes());
+        out
+    };
+    (join(scales_lo, scales_hi), join(mins_lo, mins_hi))
+}
+
 /// A Q4_K or Q5_K super-block as (d, dmin, scales, minimums, unsigned integers).
 fn unpack_45(b: &[u8], five: bool) -> (f32, f32, [u8; 8], [u8; 8], [u8; 256]) {
     let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
@@ -314,6 +337,23 @@ fn quantize_6(x: &[f32], out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn all_eight_scales_and_minimums_at_once_are_each_one_decoded() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..2000 {
+            let s: [u8; 12] = std::array::from_fn(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            });
+            let (sc, m) = scales_mins8(&s);
+            for j in 0..8 {
+                assert_eq!((sc[j], m[j]), scale_min(j, &s), "sub-block {j} of {s:?}");
+            }
+        }
+    }
 
     /// The packing rule of `get_scale_min_k4`, byte by byte: sub-block 5's scale is
     /// the low nibble of byte 9 plus the top two bits of byte 1.

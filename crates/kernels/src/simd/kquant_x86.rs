@@ -15,23 +15,24 @@ macro_rules! kquant_kernels {
     ($features:literal) => {
         /// A Q4_K/Q5_K super-block unpacked: scales, minimums and, per 64 weights
         /// `c`, the low (`q[2c]`) and high (`q[2c + 1]`) 32 as unsigned bytes.
+        ///
+        /// `m` holds each minimum twice, as 16-bit lanes beside the activations'
+        /// sixteen `bsums` (two per sub-block).
         struct Q45 {
             d: f32,
             dmin: f32,
             sc: [i16; 8],
-            m: [i16; 8],
+            m: __m256i,
             q: [__m256i; 8],
         }
 
-        /// The eight 6-bit (scale, minimum) pairs of a Q4_K/Q5_K super-block.
+        /// Σ of the eight 32-bit lanes (exact: integers).
+        #[target_feature(enable = $features)]
         #[inline]
-        fn scales_mins(s: &[u8]) -> ([i16; 8], [i16; 8]) {
-            let (mut sc, mut m) = ([0i16; 8], [0i16; 8]);
-            for j in 0..8 {
-                let (a, b) = crate::formats::kquant::scale_min(j, s);
-                (sc[j], m[j]) = (a as i16, b as i16);
-            }
-            (sc, m)
+        fn hsum_i32(v: __m256i) -> i32 {
+            let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+            _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s)))
         }
 
         /// Unpacks a Q4_K (`five` false, 144 bytes) or Q5_K (176 bytes) super-block.
@@ -40,7 +41,10 @@ macro_rules! kquant_kernels {
         fn unpack_q45k<const N: usize>(b: &[u8; N], five: bool) -> Q45 {
             let m4 = _mm256_set1_epi8(0x0F);
             let (d, dmin) = f16_pair(arr(&b[0..4]));
-            let (sc, m) = scales_mins(&b[4..16]);
+            let (sc8, m8) = crate::formats::kquant::scales_mins8(&b[4..16]);
+            let sc = sc8.map(|v| v as i16);
+            let twice: [u8; 16] = std::array::from_fn(|i| m8[i / 2]);
+            let m = _mm256_cvtepu8_epi16(cast::<[u8; 16], __m128i>(twice));
             let (qh, qs) = if five {
                 (&b[16..48], &b[48..176])
             } else {
@@ -76,10 +80,8 @@ macro_rules! kquant_kernels {
         #[inline]
         fn apply_q45k(b: &Q45, x: &Q8Row, k: usize, acc: &mut __m256, mins: &mut f32) {
             let dx = x.d[k];
-            let bsums = &x.bsums[16 * k..16 * k + 16];
-            let summ: i32 = (0..8)
-                .map(|j| b.m[j] as i32 * (bsums[2 * j] as i32 + bsums[2 * j + 1] as i32))
-                .sum();
+            let bsums: __m256i = cast(<[i16; 16]>::try_from(&x.bsums[16 * k..16 * k + 16]).expect("16"));
+            let summ = hsum_i32(_mm256_madd_epi16(b.m, bsums));
             *mins -= b.dmin * dx * summ as f32;
             let y = &x.qs[256 * k..256 * k + 256];
             let mut sumi = _mm256_setzero_si256();
@@ -140,6 +142,8 @@ macro_rules! kquant_kernels {
         struct Q6 {
             d: f32,
             sc: [i8; 16],
+            /// The sixteen scales as 16-bit lanes, beside the activations' `bsums`.
+            sc16: __m256i,
             e: [__m256i; 8],
         }
 
@@ -173,7 +177,8 @@ macro_rules! kquant_kernels {
                     _mm256_slli_epi16::<4>(_mm256_and_si256(_mm256_srli_epi16::<6>(h), m2)),
                 );
             }
-            Q6 { d, sc, e }
+            let sc16 = _mm256_cvtepi8_epi16(cast::<[i8; 16], __m128i>(sc));
+            Q6 { d, sc, sc16, e }
         }
 
         /// Super-block `k` of activation row `x` against the unpacked block:
@@ -182,8 +187,8 @@ macro_rules! kquant_kernels {
         #[inline]
         fn apply_q6k(b: &Q6, x: &Q8Row, k: usize, acc: &mut __m256) {
             let y = &x.qs[256 * k..256 * k + 256];
-            let bsums = &x.bsums[16 * k..16 * k + 16];
-            let offset: i32 = (0..16).map(|i| b.sc[i] as i32 * bsums[i] as i32).sum::<i32>() * 32;
+            let bsums: __m256i = cast(<[i16; 16]>::try_from(&x.bsums[16 * k..16 * k + 16]).expect("16"));
+            let offset = hsum_i32(_mm256_madd_epi16(b.sc16, bsums)) * 32;
             let mut sumi = _mm256_setzero_si256();
             for (j, e) in b.e.iter().enumerate() {
                 // Elements 128n + 32i .. +32 (j = 4n + i): sub-blocks 8n + 2i and 8n + 2i + 1.

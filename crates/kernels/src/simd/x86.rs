@@ -200,6 +200,28 @@ macro_rules! x86_kernels {
 
         kquant_kernels!($features);
 
+        /// Q4_0 or Q5_0 blocks rewritten as Q8_0 blocks: the scale's two bytes, then
+        /// the 32 integers the format's unpacker gives, as signed bytes.
+        #[target_feature(enable = $features)]
+        pub(crate) fn expand_to_q8_0(ty: crate::QType, src: &[u8], dst: &mut [u8]) {
+            let out = dst.as_chunks_mut::<34>().0;
+            match ty {
+                crate::QType::Q4_0 => {
+                    for (b, o) in src.as_chunks::<18>().0.iter().zip(out) {
+                        o[..2].copy_from_slice(&b[..2]);
+                        o[2..].copy_from_slice(&cast::<__m256i, [u8; 32]>(unpack_q4_0(b).2));
+                    }
+                }
+                crate::QType::Q5_0 => {
+                    for (b, o) in src.as_chunks::<22>().0.iter().zip(out) {
+                        o[..2].copy_from_slice(&b[..2]);
+                        o[2..].copy_from_slice(&cast::<__m256i, [u8; 32]>(unpack_q5_0(b).2));
+                    }
+                }
+                _ => unreachable!("only Q4_0 and Q5_0 expand to Q8_0"),
+            }
+        }
+
         // The f32 operations of `ops` (and the activations' quantizer), compiled
         // again for this level: they are `#[inline(always)]` plain loops.
 
@@ -259,12 +281,69 @@ macro_rules! x86_kernels {
             }
         }
 
+        /// Q8_K activations as `formats::q8::quantize_q8k` makes them, eight lanes at
+        /// a time: the first value of largest magnitude maps to −127, the integers
+        /// round to nearest even (`cvtps2dq`) and saturate at 127 in the packing, as
+        /// `.min(127.0)` does; `bsums` sums every 16.
+        #[target_feature(enable = $features)]
+        fn quantize_q8k(x: &[f32], qs: &mut [i8], d: &mut [f32], bsums: &mut [i16]) {
+            let (x256, _) = x.as_chunks::<256>();
+            let (q256, _) = qs.as_chunks_mut::<256>();
+            let sign = _mm256_set1_ps(-0.0);
+            let eight = |s: &[f32]| cast::<[f32; 8], __m256>(s.try_into().expect("8 values"));
+            for (k, (xb, q)) in x256.iter().zip(q256).enumerate() {
+                let sums = &mut bsums[16 * k..16 * k + 16];
+                let mut m = _mm256_setzero_ps();
+                for c in 0..32 {
+                    m = _mm256_max_ps(m, _mm256_andnot_ps(sign, eight(&xb[8 * c..8 * c + 8])));
+                }
+                let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+                let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+                let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+                if amax == 0.0 {
+                    d[k] = 0.0;
+                    q.fill(0);
+                    sums.fill(0);
+                    continue;
+                }
+                // The first value of that magnitude, with its sign.
+                let target = _mm256_set1_ps(amax);
+                let mut max = amax;
+                for c in 0..32 {
+                    let v = eight(&xb[8 * c..8 * c + 8]);
+                    let hits = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(_mm256_andnot_ps(sign, v), target));
+                    if hits != 0 {
+                        max = xb[8 * c + hits.trailing_zeros() as usize];
+                        break;
+                    }
+                }
+                let iscale = -127.0 / max;
+                let scale = _mm256_set1_ps(iscale);
+                for g in 0..8 {
+                    let at = 32 * g;
+                    let i0 = _mm256_cvtps_epi32(_mm256_mul_ps(scale, eight(&xb[at..at + 8])));
+                    let i1 = _mm256_cvtps_epi32(_mm256_mul_ps(scale, eight(&xb[at + 8..at + 16])));
+                    let i2 = _mm256_cvtps_epi32(_mm256_mul_ps(scale, eight(&xb[at + 16..at + 24])));
+                    let i3 = _mm256_cvtps_epi32(_mm256_mul_ps(scale, eight(&xb[at + 24..at + 32])));
+                    let bytes = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+                    let bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                    let out: [i8; 32] = cast(bytes);
+                    q[at..at + 32].copy_from_slice(&out);
+                    for (h, half) in out.chunks_exact(16).enumerate() {
+                        sums[2 * g + h] = half.iter().map(|&v| v as i16).sum();
+                    }
+                }
+                d[k] = 1.0 / iscale;
+            }
+        }
+
         #[target_feature(enable = $features)]
         pub(crate) fn quantize(rows: crate::acts::RowsMut<'_>, ty: crate::ActType, x: &[f32]) {
             match ty {
                 crate::ActType::Q8_0 => quantize_q8(x, rows.qs, rows.d, None),
                 crate::ActType::Q8_1 => quantize_q8(x, rows.qs, rows.d, Some(rows.sums)),
-                _ => rows.quantize(ty, x),
+                crate::ActType::Q8K => quantize_q8k(x, rows.qs, rows.d, rows.bsums),
+                crate::ActType::F32 => rows.quantize(ty, x),
             }
         }
     };
