@@ -209,20 +209,20 @@ pub(crate) fn expand_to_q8_0(level: Level, ty: QType, src: &[u8], dst: &mut [u8]
     )
 }
 
-/// [`crate::ops::attend`] compiled for `level`.
-pub(crate) fn attend(
+/// [`crate::ops::attend_many`] compiled for `level`.
+pub(crate) fn attend_many<const N: usize>(
     level: Level,
-    q: &[f32],
+    qs: [&[f32]; N],
     keys: &[f32],
     values: &[f32],
     scale: f32,
     scores: &mut [f32],
-    out: &mut [f32],
+    outs: [&mut [f32]; N],
 ) {
     at_level!(
         level,
-        attend(q, keys, values, scale, scores, out),
-        crate::ops::attend(q, keys, values, scale, scores, out)
+        attend_many(qs, keys, values, scale, scores, outs),
+        crate::ops::attend_many(qs, keys, values, scale, scores, outs)
     )
 }
 
@@ -374,8 +374,26 @@ mod tests {
         crate::ops::attend(&q, &keys, &values, 0.125, &mut vec![0.0; len], &mut want);
         for level in Level::available() {
             let mut got = vec![0.0; hd];
-            attend(level, &q, &keys, &values, 0.125, &mut vec![0.0; len], &mut got);
+            attend_many(level, [&q], &keys, &values, 0.125, &mut vec![0.0; len], [&mut got]);
             assert_eq!(got, want, "at {}", level.name());
+            // Three heads over the same keys: each gets the bits it gets alone.
+            let (q2, q3) = (keys[..hd].to_vec(), values[hd..2 * hd].to_vec());
+            let (mut a, mut b, mut c) = (vec![0.0; hd], vec![0.0; hd], vec![0.0; hd]);
+            let mut scores = vec![0.0; 3 * len];
+            attend_many(
+                level,
+                [&q, &q2, &q3],
+                &keys,
+                &values,
+                0.125,
+                &mut scores,
+                [&mut a, &mut b, &mut c],
+            );
+            for (qi, got) in [(&q, &a), (&q2, &b), (&q3, &c)] {
+                let mut alone = vec![0.0; hd];
+                crate::ops::attend(qi, &keys, &values, 0.125, &mut vec![0.0; len], &mut alone);
+                assert_eq!(got, &alone, "a head of three at {}", level.name());
+            }
         }
     }
 

@@ -262,7 +262,9 @@ impl Kernels {
             }
             run += seen(u);
         }
-        let width = starts.iter().max().copied().unwrap_or(0) + seq;
+        // Query heads sharing a key/value head go through together, `tile` at a time.
+        let tile = [4, 3, 2].into_iter().find(|t| group % t == 0).unwrap_or(1);
+        let width = tile * (starts.iter().max().copied().unwrap_or(0) + seq);
         scores.resize(n * width, 0.0);
         let mut ctx_parts = [&mut ctx[..]];
         let parts = cut(&mut ctx_parts, n, |_, t| bounds[t] * hd);
@@ -277,19 +279,21 @@ impl Kernels {
             }
             let mut mine = parts[p].lock().expect("a participant's outputs");
             let mut scores = scratch[p].lock().expect("a participant's scratch");
-            for u in bounds[p]..bounds[p + 1] {
-                let b = u / heads / seq;
-                let (keys, values) = cache(b, (u % heads) / group, seen(u));
-                let out = &mut mine[0][(u - bounds[p]) * hd..(u - bounds[p] + 1) * hd];
-                dispatch::attend(
-                    self.level,
-                    &q[u * hd..(u + 1) * hd],
-                    keys,
-                    values,
-                    scale,
-                    &mut scores,
-                    out,
-                );
+            let (mut u, end) = (bounds[p], bounds[p + 1]);
+            while u < end {
+                // Units u..u + tile are the heads of one position over one key/value
+                // head when u is a multiple of tile (tile divides group, group heads).
+                let take = if u % tile == 0 && u + tile <= end { tile } else { 1 };
+                let (keys, values) = cache(u / heads / seq, (u % heads) / group, seen(u));
+                let out = &mut mine[0][(u - bounds[p]) * hd..(u - bounds[p] + take) * hd];
+                let qs = &q[u * hd..(u + take) * hd];
+                match take {
+                    4 => attend_tile::<4>(self.level, qs, keys, values, scale, &mut scores, out),
+                    3 => attend_tile::<3>(self.level, qs, keys, values, scale, &mut scores, out),
+                    2 => attend_tile::<2>(self.level, qs, keys, values, scale, &mut scores, out),
+                    _ => attend_tile::<1>(self.level, qs, keys, values, scale, &mut scores, out),
+                }
+                u += take;
             }
         });
     }
@@ -358,6 +362,24 @@ impl Kernels {
             r += take;
         }
     }
+}
+
+/// `N` consecutive query heads (`qs`, `N × head_dim`) over the same keys and values,
+/// into `out` (`N × head_dim`).
+fn attend_tile<const N: usize>(
+    level: Level,
+    qs: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let hd = qs.len() / N;
+    let heads: [&[f32]; N] = std::array::from_fn(|i| &qs[i * hd..(i + 1) * hd]);
+    let mut outs = out.chunks_exact_mut(hd);
+    let outs: [&mut [f32]; N] = std::array::from_fn(|_| outs.next().expect("N heads of output"));
+    dispatch::attend_many(level, heads, keys, values, scale, scores, outs);
 }
 
 fn check(ws: &[&QMatrix], x: &QActs, outs: &[&mut [f32]]) -> Result<(), KernelError> {

@@ -75,42 +75,72 @@ pub fn rope(head: &mut [f32], cos_sin: &[f32]) {
 /// one per position; `scores` is scratch of at least that many.
 #[inline(always)]
 pub fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
-    let hd = q.len();
+    attend_many([q], keys, values, scale, scores, [out]);
+}
+
+/// [`attend`] for `N` query heads over the same keys and values (grouped-query
+/// attention's heads of one position): each key and value is loaded once for the
+/// `N`, and the `N` dot products give the processor independent sums to overlap.
+/// Each head's arithmetic is [`attend`]'s own, in its order, so the same bits.
+/// `scores` is scratch of at least `N` × positions.
+#[inline(always)]
+pub fn attend_many<const N: usize>(
+    qs: [&[f32]; N],
+    keys: &[f32],
+    values: &[f32],
+    scale: f32,
+    scores: &mut [f32],
+    outs: [&mut [f32]; N],
+) {
+    let hd = qs[0].len();
     let len = keys.len() / hd;
-    let scores = &mut scores[..len];
-    let mut max = f32::NEG_INFINITY;
-    for (s, k) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
-        *s = dot(q, k) * scale;
-        max = max.max(*s);
+    let scores = &mut scores[..N * len];
+    let mut max = [f32::NEG_INFINITY; N];
+    for (p, k) in keys.chunks_exact(hd).enumerate() {
+        let d = dots(qs, k);
+        for i in 0..N {
+            let s = d[i] * scale;
+            scores[i * len + p] = s;
+            max[i] = max[i].max(s);
+        }
     }
-    // The exponentials in a loop of their own (it vectorises), then their sum.
-    for s in scores.iter_mut() {
-        *s = exp(*s - max);
+    for (i, s) in scores.chunks_exact_mut(len.max(1)).enumerate().take(N) {
+        // The exponentials in a loop of their own (it vectorises), then their sum.
+        for v in s.iter_mut() {
+            *v = exp(*v - max[i]);
+        }
+        let total = sum(s);
+        for v in s.iter_mut() {
+            *v /= total;
+        }
     }
-    let sum = sum(scores);
-    for s in scores.iter_mut() {
-        *s /= sum;
-    }
-    // out = Σ_p s_p·V_p, sixteen dimensions at a time, their sums held in registers
+    // out_i = Σ_p s_ip·V_p, sixteen dimensions at a time, the sums held in registers
     // across the positions (accumulating into `out` itself stored and reloaded it at
     // every position, a wait on the store each time). Each dimension still sums the
     // positions in order.
-    let (out16, rest) = out.as_chunks_mut::<16>();
-    for (c, o) in out16.iter_mut().enumerate() {
-        let mut acc = [0f32; 16];
-        for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
+    let chunks = hd / 16;
+    for c in 0..chunks {
+        let mut acc = [[0f32; 16]; N];
+        for (p, v) in values.chunks_exact(hd).enumerate() {
             let v: &[f32; 16] = v[16 * c..16 * c + 16].try_into().expect("16 values");
-            for j in 0..16 {
-                acc[j] += p * v[j];
+            for i in 0..N {
+                let w = scores[i * len + p];
+                for j in 0..16 {
+                    acc[i][j] += w * v[j];
+                }
             }
         }
-        *o = acc;
+        for i in 0..N {
+            outs[i][16 * c..16 * c + 16].copy_from_slice(&acc[i]);
+        }
     }
-    let done = 16 * out16.len();
-    for (j, o) in rest.iter_mut().enumerate() {
-        *o = 0.0;
-        for (&p, v) in scores.iter().zip(values.chunks_exact(hd)) {
-            *o += p * v[done + j];
+    for j in 16 * chunks..hd {
+        for i in 0..N {
+            let mut o = 0.0;
+            for (p, v) in values.chunks_exact(hd).enumerate() {
+                o += scores[i * len + p] * v[j];
+            }
+            outs[i][j] = o;
         }
     }
 }
@@ -128,19 +158,24 @@ fn sum(a: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
-/// Σ aᵢ·bᵢ in eight running sums (so it vectorises), then their sum.
+/// Σ aᵢ·bᵢ in eight running sums (so it vectorises), then their sum — for `N` rows
+/// `a` against one `b`, each in that order.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (a8, a_rest) = a.as_chunks::<8>();
+fn dots<const N: usize>(a: [&[f32]; N], b: &[f32]) -> [f32; N] {
+    let mut acc = [[0f32; 8]; N];
     let (b8, b_rest) = b.as_chunks::<8>();
-    for (a, b) in a8.iter().zip(b8) {
-        for j in 0..8 {
-            acc[j] += a[j] * b[j];
+    for (c, b) in b8.iter().enumerate() {
+        for i in 0..N {
+            let a: &[f32; 8] = a[i][8 * c..8 * c + 8].try_into().expect("8 values");
+            for j in 0..8 {
+                acc[i][j] += a[j] * b[j];
+            }
         }
     }
-    let tail: f32 = a_rest.iter().zip(b_rest).map(|(a, b)| a * b).sum();
-    acc.iter().sum::<f32>() + tail
+    std::array::from_fn(|i| {
+        let tail: f32 = a[i][8 * b8.len()..].iter().zip(b_rest).map(|(a, b)| a * b).sum();
+        acc[i].iter().sum::<f32>() + tail
+    })
 }
 
 #[cfg(test)]

@@ -226,8 +226,15 @@ macro_rules! x86_kernels {
         // again for this level: they are `#[inline(always)]` plain loops.
 
         #[target_feature(enable = $features)]
-        pub(crate) fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
-            crate::ops::attend(q, keys, values, scale, scores, out)
+        pub(crate) fn attend_many<const N: usize>(
+            qs: [&[f32]; N],
+            keys: &[f32],
+            values: &[f32],
+            scale: f32,
+            scores: &mut [f32],
+            outs: [&mut [f32]; N],
+        ) {
+            crate::ops::attend_many(qs, keys, values, scale, scores, outs)
         }
 
         #[target_feature(enable = $features)]
