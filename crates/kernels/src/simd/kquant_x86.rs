@@ -43,8 +43,8 @@ macro_rules! kquant_kernels {
             let (d, dmin) = f16_pair(arr(&b[0..4]));
             let (sc8, m8) = crate::formats::kquant::scales_mins8(&b[4..16]);
             let sc = sc8.map(|v| v as i16);
-            let twice: [u8; 16] = std::array::from_fn(|i| m8[i / 2]);
-            let m = _mm256_cvtepu8_epi16(cast::<[u8; 16], __m128i>(twice));
+            let m8 = _mm_set_epi64x(0, i64::from_le_bytes(m8));
+            let m = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
             let (qh, qs) = if five {
                 (&b[16..48], &b[48..176])
             } else {

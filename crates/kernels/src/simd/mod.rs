@@ -32,7 +32,6 @@ pub(crate) mod avx512 {
     x86_kernels!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni", |a, b| {
         _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
     });
-    wide_unpackers!("avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni");
     wide_tile!(
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
         18,
@@ -44,7 +43,7 @@ pub(crate) mod avx512 {
     wide_tile!(
         "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
         22,
-        unpack_q5_0_movm,
+        unpack_q5_0,
         dot16_q5_0,
         rows4_q5_0,
         rows4w_q5_0

@@ -29,26 +29,6 @@ macro_rules! wide_step {
     };
 }
 
-/// Defines the unpackers only the wide tile uses.
-macro_rules! wide_unpackers {
-    ($features:literal) => {
-        /// [`unpack_q5_0`] with the fifth bits spread to bytes by one mask move
-        /// (`vpmovm2b`, AVX-512BW) instead of a shuffle, an or and a compare: the same
-        /// integers.
-        #[target_feature(enable = $features)]
-        #[inline]
-        fn unpack_q5_0_movm(b: &[u8; 22]) -> (__m256, f32, __m256i) {
-            let set = _mm256_movm_epi8(u32::from_le_bytes(arr(&b[2..6])));
-            let high = _mm256_andnot_si256(set, _mm256_set1_epi8(0xF0u8 as i8));
-            (
-                _mm256_setzero_ps(),
-                0.0,
-                _mm256_or_si256(nibbles(arr(&b[6..22])), high),
-            )
-        }
-    };
-}
-
 /// Defines `$rows4w`, the wide-tile version of `$rows4` for a signed legacy format
 /// whose blocks are `$n` bytes and unpack with `$unpack`.
 macro_rules! wide_tile {
