@@ -8,9 +8,13 @@
 #   benches/vs-llamacpp.sh                       # 2 threads, 128-token prompt, 64 tokens
 #   THREADS=1 PROMPT=512 TOKENS=128 benches/vs-llamacpp.sh
 #   TYPES="Q4_1 Q8_0" benches/vs-llamacpp.sh     # which files (Q4_1 is the download)
+#   ROUNDS=5 benches/vs-llamacpp.sh              # rounds (default 3)
 #
-# Prints one table: tokens/s of prompt processing and of decoding for each file and
-# engine (llama-bench's mean; hetero bench infer's mean over the timed steps).
+# Each round measures every file with both engines, in turns (llama.cpp first in odd
+# rounds, hetero first in even ones), so a burst of load on a shared host falls on
+# both alike. Prints one table: for each file and engine, the median over the rounds
+# of tokens/s of prompt processing and of decoding (llama-bench's mean per round;
+# hetero bench infer's mean over the timed steps), and the lowest and highest round.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +22,7 @@ THREADS=${THREADS:-2}
 PROMPT=${PROMPT:-128}
 TOKENS=${TOKENS:-64}
 TYPES=${TYPES:-"Q4_1 Q8_0 Q4_K_M"}
+ROUNDS=${ROUNDS:-3}
 VERSION=${LLAMA_CPP_PYTHON:-0.3.36}
 work=${WORK:-target/llamacpp}
 bin=${HETERO_BIN:-target/release/hetero}
@@ -46,26 +51,55 @@ file_of() {
     esac
 }
 
-printf '%-8s %-10s %14s %14s\n' file engine "prompt tok/s" "decode tok/s"
-for ty in $TYPES; do
-    file=$(file_of "$ty")
-    # llama-bench: pp PROMPT and tg TOKENS, CSV, mean tokens/s per test.
-    "$llama/llama-bench" -m "$file" -p "$PROMPT" -n "$TOKENS" -t "$THREADS" -o csv 2>/dev/null |
+# One measurement: "<type> <engine> <prompt tok/s> <decode tok/s>".
+llama_cpp() {
+    "$llama/llama-bench" -m "$2" -p "$PROMPT" -n "$TOKENS" -t "$THREADS" -o csv 2>/dev/null |
         python3 -c '
 import csv, sys
 rows = list(csv.DictReader(sys.stdin))
 pp = [float(r["avg_ts"]) for r in rows if int(r["n_prompt"]) > 0]
 tg = [float(r["avg_ts"]) for r in rows if int(r["n_gen"]) > 0]
-print("%-8s %-10s %14.1f %14.1f" % (sys.argv[1], "llama.cpp", pp[0], tg[0]))
-' "$ty"
-    # hetero: one worker with THREADS kernel threads; ms per token and the prefill.
-    RAYON_NUM_THREADS=$THREADS "$bin" bench infer "$file" --placement single \
+print(sys.argv[1], "llama.cpp", pp[0], tg[0])
+' "$1"
+}
+hetero() {
+    # One worker with THREADS kernel threads; ms per token and the prefill.
+    RAYON_NUM_THREADS=$THREADS "$bin" bench infer "$2" --placement single \
         --seq "$PROMPT" --tokens "$TOKENS" 2>/dev/null |
         python3 -c '
 import re, sys
 text = sys.stdin.read()
 step = float(re.search(r"^single\s+([0-9.]+)", text, re.M).group(1))
 prefill = float(re.search(r"prefill \(first token\) ([0-9.]+) ms", text).group(1))
-print("%-8s %-10s %14.1f %14.1f" % (sys.argv[1], "hetero", int(sys.argv[2]) / prefill * 1000, 1000 / step))
-' "$ty" "$PROMPT"
+print(sys.argv[1], "hetero", int(sys.argv[2]) / prefill * 1000, 1000 / step)
+' "$1" "$PROMPT"
+}
+
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
+for round in $(seq "$ROUNDS"); do
+    echo "round $round of $ROUNDS" >&2
+    for ty in $TYPES; do
+        file=$(file_of "$ty")
+        if [ $((round % 2)) -eq 1 ]; then
+            llama_cpp "$ty" "$file" >>"$results"
+            hetero "$ty" "$file" >>"$results"
+        else
+            hetero "$ty" "$file" >>"$results"
+            llama_cpp "$ty" "$file" >>"$results"
+        fi
+    done
 done
+
+python3 - "$results" "$TYPES" "$ROUNDS" <<'PY'
+import statistics, sys
+rows = [line.split() for line in open(sys.argv[1]) if line.strip()]
+print("%d rounds; median tokens/s (lowest-highest round)" % int(sys.argv[3]))
+print("%-8s %-10s %22s %22s" % ("file", "engine", "prompt tok/s", "decode tok/s"))
+for ty in sys.argv[2].split():
+    for engine in ("llama.cpp", "hetero"):
+        pp = [float(r[2]) for r in rows if r[0] == ty and r[1] == engine]
+        tg = [float(r[3]) for r in rows if r[0] == ty and r[1] == engine]
+        cell = lambda v: "%7.1f (%5.0f-%5.0f)" % (statistics.median(v), min(v), max(v))
+        print("%-8s %-10s %22s %22s" % (ty, engine, cell(pp), cell(tg)))
+PY

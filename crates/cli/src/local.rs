@@ -108,7 +108,7 @@ pub fn run(spec_path: &Path, workers: Option<usize>, groups: &[String]) -> Resul
                 backend.name()
             );
         }
-        println!("dashboard: http://{}/", cluster.dashboard);
+        println!("dashboard: {}", cluster.dashboard_link());
         let mut client = cluster.client().await?;
         let job_id = client
             .submit_job(pb::SubmitJobRequest {

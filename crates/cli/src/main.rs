@@ -77,9 +77,13 @@ enum Command {
         /// POST every alert as JSON to this http:// URL (retried, never blocking).
         #[arg(long)]
         alert_webhook: Option<String>,
-        /// Address of the web dashboard and /metrics (read-only; keep it private).
+        /// Address of the web dashboard and /metrics (read-only; for holders of the token).
         #[arg(long, default_value = "127.0.0.1:8080")]
         dashboard: String,
+        /// A host name the dashboard answers to besides IP addresses and localhost
+        /// (the name in the URL operators open; repeat for several).
+        #[arg(long = "dashboard-host")]
+        dashboard_hosts: Vec<String>,
     },
     /// Run an agent: offer this machine's devices to a coordinator and run workers.
     Agent {
@@ -219,6 +223,18 @@ enum Command {
         /// KV cache is sized for --batch of them (default: the model's context).
         #[arg(long)]
         context: Option<usize>,
+        /// Key every /v1/… request must send as `Authorization: Bearer <key>`
+        /// (prefer the variable or --api-key-file: a command line is visible to other users).
+        #[arg(
+            long,
+            env = "HETERO_API_KEY",
+            hide_env_values = true,
+            conflicts_with = "api_key_file"
+        )]
+        api_key: Option<String>,
+        /// A file whose first line is the API key.
+        #[arg(long)]
+        api_key_file: Option<PathBuf>,
         #[command(flatten)]
         place: infer_cmd::PlacingArgs,
     },
@@ -283,13 +299,14 @@ fn main() -> ExitCode {
             dead_after,
             alert_webhook,
             dashboard,
+            dashboard_hosts,
         } => server_cmds::coordinator(
             &listen,
             &data_dir,
             token,
             dead_after,
             alert_webhook.as_deref(),
-            &dashboard,
+            (&dashboard, dashboard_hosts),
         ),
         Command::Agent {
             conn,
@@ -343,16 +360,27 @@ fn main() -> ExitCode {
             queue,
             batch,
             context,
+            api_key,
+            api_key_file,
             place,
         } => {
-            let options = hetero_serve::server::ServeOptions {
-                listen,
-                queue,
-                batch: batch as usize,
-                context,
-                dry_run: place.dry_run,
+            use hetero_serve::auth::ApiKey;
+            let api_key = match (api_key, api_key_file) {
+                (Some(key), _) => ApiKey::new(&key).map(Some).map_err(|e| e.context("--api-key")),
+                (None, Some(path)) => ApiKey::from_file(&path).map(Some),
+                (None, None) => Ok(None),
             };
-            hetero_serve::server::serve(&model, &options, &place.placing(128, 32)).map(|()| ExitCode::SUCCESS)
+            api_key.and_then(|api_key| {
+                let options = hetero_serve::server::ServeOptions {
+                    listen,
+                    queue,
+                    batch: batch as usize,
+                    context,
+                    dry_run: place.dry_run,
+                    api_key,
+                };
+                hetero_serve::server::serve(&model, &options, &place.placing(128, 32)).map(|()| ExitCode::SUCCESS)
+            })
         }
         Command::Profile(args) => plan_cmd::profile(&args),
         Command::Plan(args) => plan_cmd::plan(&args),

@@ -28,37 +28,72 @@ pub fn resolve_token(conn: &Connection) -> Result<String> {
     match read_token_file(&conn.data_dir) {
         Some(t) => Ok(t),
         None => bail!(
-            "no cluster token: pass --token or set HETERO_TOKEN (the coordinator prints it and writes it to {}/token)",
+            "no cluster token: pass --token or set HETERO_TOKEN (the coordinator writes it to {}/token)",
             conn.data_dir.display()
         ),
     }
+}
+
+/// Creates `dir` if needed and makes it the owner's alone (0700): it holds the
+/// token and the store, which name every job, node and log line.
+fn private_folder(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("making {} private (0700)", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to `path` readable by the owner alone (0600) from its first byte,
+/// atomically: a file beside it, then a rename, so no reader ever sees a part.
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let part = path.with_extension("part");
+    let _ = std::fs::remove_file(&part);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options
+        .open(&part)
+        .with_context(|| format!("creating {}", part.display()))?;
+    file.write_all(bytes)
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", part.display()))?;
+    std::fs::rename(&part, path).with_context(|| format!("renaming {} to {}", part.display(), path.display()))
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
-/// Runs the coordinator until Ctrl-C.
+/// Runs the coordinator until Ctrl-C. `dashboard`: its address and the host names
+/// it answers to besides IP addresses and localhost.
 pub fn coordinator(
     listen: &str,
     data_dir: &Path,
     token: Option<String>,
     dead_after: u64,
     alert_webhook: Option<&str>,
-    dashboard: &str,
+    dashboard: (&str, Vec<String>),
 ) -> Result<ExitCode> {
-    std::fs::create_dir_all(data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let (dashboard, dashboard_hosts) = dashboard;
+    private_folder(data_dir)?;
+    let token_file = data_dir.join("token");
+    #[cfg(unix)]
+    if token_file.exists() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("making {} private (0600)", token_file.display()))?;
+    }
     let token = match token.or_else(|| read_token_file(data_dir)) {
         Some(t) => t,
         None => {
             let t = hetero_cluster::new_token();
-            let path = data_dir.join("token");
-            std::fs::write(&path, &t).with_context(|| format!("writing {}", path.display()))?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-            }
+            write_private(&token_file, t.as_bytes())?;
             t
         }
     };
@@ -78,8 +113,17 @@ pub fn coordinator(
             .await
             .with_context(|| format!("binding {dashboard}"))?;
         println!("dashboard and /metrics on http://{}/", board.local_addr()?);
-        tokio::spawn(coordinator.clone().serve_dashboard(board));
-        println!("cluster token: {token}  (also in {}/token)", data_dir.display());
+        tokio::spawn(coordinator.clone().serve_dashboard(board, dashboard_hosts));
+        // The token itself stays in its file: a terminal's scroll-back, a log
+        // collector or a shared screen is no place for a secret.
+        if token_file.exists() {
+            println!(
+                "cluster token in {} (agents and clients: --token or HETERO_TOKEN)",
+                token_file.display()
+            );
+        } else {
+            println!("cluster token as given (--token or HETERO_TOKEN)");
+        }
         coordinator
             .serve(listener, async {
                 let _ = tokio::signal::ctrl_c().await;

@@ -180,6 +180,56 @@ fn client(cmd: &str, port: u16, data_dir: &Path) -> Command {
     c
 }
 
+#[cfg(unix)]
+#[test]
+fn a_coordinator_keeps_its_folder_private_and_its_token_off_the_terminal() {
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let mut child = hetero()
+        .env_remove("HETERO_TOKEN")
+        .args([
+            "coordinator",
+            "--dashboard",
+            "127.0.0.1:0",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+        ])
+        .arg(&state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _coordinator = Killed(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut printed = Vec::new();
+    while !printed.last().is_some_and(|l: &String| l.starts_with("cluster token")) {
+        printed.push(
+            rx.recv_timeout(Duration::from_secs(20))
+                .expect("the coordinator did not start"),
+        );
+    }
+    let printed = printed.join("\n");
+    let token = std::fs::read_to_string(state.join("token")).unwrap();
+    assert!(!printed.contains(token.trim()), "the token was printed:\n{printed}");
+    assert!(
+        printed.contains(&state.join("token").display().to_string()),
+        "{printed}"
+    );
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state), 0o700, "the data folder");
+    assert_eq!(mode(&state.join("token")), 0o600, "the token");
+    assert_eq!(mode(&state.join("coordinator.redb")), 0o600, "the store");
+}
+
 #[test]
 fn a_coordinator_killed_and_restarted_still_lists_its_jobs() {
     let dir = tempfile::tempdir().unwrap();

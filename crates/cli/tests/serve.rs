@@ -249,3 +249,31 @@ fn batched_greedy_answers_are_the_answers_alone() {
     );
     wait_for(&addr, "hetero_running_sequences", 0.0);
 }
+
+#[test]
+fn with_an_api_key_only_requests_that_present_it_reach_the_model() {
+    let server = serve(&["minilm", "--api-key", "sk-hetero-test"]);
+    let addr = server.1.as_str();
+    let body = r#"{"input": "a key opens the door"}"#;
+    let embed = |headers: &[(&str, &str)]| {
+        let mut all = vec![("Content-Type", "application/json")];
+        all.extend_from_slice(headers);
+        common::request(addr, "POST", "/v1/embeddings", &all, body)
+    };
+
+    let (status, reply) = embed(&[]);
+    assert_eq!(status, 401, "{reply}");
+    assert_eq!(json(&reply)["error"]["code"], "invalid_api_key", "{reply}");
+    assert!(reply.contains("an API key is required"), "{reply}");
+    let (status, reply) = embed(&[("Authorization", "Bearer sk-hetero-tes")]);
+    assert_eq!(status, 401, "{reply}");
+    assert!(reply.contains("the API key is wrong"), "{reply}");
+    let (status, _) = common::request(addr, "GET", "/v1/models", &[], "");
+    assert_eq!(status, 401, "listing the model needs the key too");
+
+    let (status, reply) = embed(&[("Authorization", "Bearer sk-hetero-test")]);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(common::embeddings_of(&reply).len(), 1);
+    // Refused requests never reached the model; metrics stay open to a scraper.
+    assert_eq!(metric(addr, "hetero_requests_total{outcome=\"done\"}"), 1.0);
+}

@@ -264,9 +264,11 @@ impl Coordinator {
     }
 
     /// Serves the web dashboard and Prometheus `/metrics` on `listener` (plain HTTP,
-    /// read-only) until the process ends.
-    pub async fn serve_dashboard(self, listener: TcpListener) -> Result<(), ClusterError> {
-        axum::serve(listener, crate::dashboard::router(self))
+    /// read-only, for holders of the token; `hosts`: the host names it answers to
+    /// besides IP addresses and `localhost`) until the process ends.
+    pub async fn serve_dashboard(self, listener: TcpListener, hosts: Vec<String>) -> Result<(), ClusterError> {
+        let access = crate::dashboard_access::Access::new(&self.inner.config.token, &hosts);
+        axum::serve(listener, crate::dashboard::router(self, access))
             .await
             .map_err(|e| ClusterError::io("serving the dashboard", e))
     }

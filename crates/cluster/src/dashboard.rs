@@ -8,8 +8,9 @@
 //! Routes: `/` the page · `/api/state` nodes, jobs, alerts · `/api/jobs/{id}` chart
 //! points and recent log lines · `/metrics` Prometheus text.
 //!
-//! The dashboard is read-only; bind it to an address only operators reach (the CLI
-//! defaults to loopback).
+//! The dashboard is read-only, and only for holders of the cluster token
+//! ([`crate::dashboard_access`]: a login that sets a signed cookie, or a bearer
+//! header; the `Host` header checked); the CLI binds it to loopback by default.
 
 use std::fmt::Write;
 
@@ -22,18 +23,27 @@ use hetero_proto as pb;
 use serde_json::{Value, json};
 
 use crate::coordinator::Coordinator;
+use crate::dashboard_access::{self, Access};
 use crate::records::{job_state_name, task_state_name};
 
 const PAGE: &str = include_str!("../assets/dashboard.html");
 
-/// The dashboard's routes.
-pub fn router(coordinator: Coordinator) -> Router {
+/// The dashboard's routes, behind `access`.
+pub fn router(coordinator: Coordinator, access: Access) -> Router {
+    let login = Router::new()
+        .route(
+            "/login",
+            get(dashboard_access::login_form).post(dashboard_access::login),
+        )
+        .with_state(access.clone());
     Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/api/state", get(state))
         .route("/api/jobs/{id}", get(job))
         .route("/metrics", get(metrics))
         .with_state(coordinator)
+        .merge(login)
+        .layer(axum::middleware::from_fn_with_state(access, dashboard_access::guard))
 }
 
 fn group_json(g: &pb::ResourceGroup) -> Value {

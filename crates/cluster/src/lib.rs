@@ -24,6 +24,7 @@ pub mod alerts;
 pub mod client;
 pub mod coordinator;
 pub mod dashboard;
+pub mod dashboard_access;
 pub mod error;
 pub mod local;
 #[cfg(feature = "nvml")]

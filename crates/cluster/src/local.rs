@@ -19,7 +19,8 @@ pub struct LocalCluster {
     pub address: String,
     /// The cluster token.
     pub token: String,
-    /// Address of the web dashboard (`http://<it>/`).
+    /// Address of the web dashboard (`http://<it>/`; [`LocalCluster::dashboard_link`]
+    /// logs a browser in).
     pub dashboard: String,
     dashboard_task: JoinHandle<Result<(), ClusterError>>,
     stop: watch::Sender<bool>,
@@ -74,7 +75,7 @@ impl LocalCluster {
             .local_addr()
             .map_err(|e| ClusterError::io("reading the dashboard port", e))?
             .to_string();
-        let dashboard_task = tokio::spawn(coordinator.clone().serve_dashboard(dashboard_listener));
+        let dashboard_task = tokio::spawn(coordinator.clone().serve_dashboard(dashboard_listener, vec![]));
         let (stop, stop_rx) = watch::channel(false);
         let mut stop_server = stop_rx.clone();
         let server = tokio::spawn(coordinator.serve(listener, async move {
@@ -103,6 +104,12 @@ impl LocalCluster {
             agents: handles,
             _scratch: scratch,
         })
+    }
+
+    /// The dashboard's address with the token, which logs a browser in (the link
+    /// Jupyter prints, for a cluster that lives as long as this process).
+    pub fn dashboard_link(&self) -> String {
+        format!("http://{}/?token={}", self.dashboard, self.token)
     }
 
     /// A client of this cluster's coordinator.

@@ -45,6 +45,24 @@ impl Store {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|e| ClusterError::io(format!("creating {}", dir.display()), e))?;
         }
+        // The store names every job, node and log line: the owner's alone (0600),
+        // from its first byte (redb initialises an empty file), and tightened if an
+        // older version left it readable.
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let created = options
+            .open(path)
+            .map_err(|e| ClusterError::io(format!("creating {}", path.display()), e))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            created
+                .set_permissions(std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| ClusterError::io(format!("making {} private (0600)", path.display()), e))?;
+        }
+        drop(created);
         let db = Database::create(path).map_err(|e| ClusterError::Store {
             path: path.display().to_string(),
             message: format!("cannot open: {e}"),

@@ -1,5 +1,7 @@
-//! The web dashboard in a real browser (Debian's headless Chromium): it loads, shows
-//! the node, and a running job's loss chart grows between two looks. A screenshot is
+//! The web dashboard in a real browser (Debian's headless Chromium): a stranger gets
+//! the login form; the login link loads the page, which shows the node, and a
+//! running job's loss chart grows between two looks; `/metrics` wants the token and
+//! a host name the dashboard answers to. A screenshot is
 //! kept in `target/tmp/dashboard.png` as the test's artifact.
 
 use std::path::Path;
@@ -68,11 +70,20 @@ async fn dashboard_shows_nodes_and_a_live_loss_chart() {
     let job = hetero_cluster::client::submit(&mut client, &spec, "").await.unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
-    let url = format!("http://{}/", cluster.dashboard);
-    let profile = dir.path().join("chromium");
     let look = |url: String, profile: std::path::PathBuf| {
         tokio::task::spawn_blocking(move || chromium(&["--virtual-time-budget=3000", "--dump-dom", &url], &profile))
     };
+    // A browser without the token gets the login form, not the cluster.
+    let plain = format!("http://{}/", cluster.dashboard);
+    let stranger = look(plain, dir.path().join("stranger")).await.unwrap();
+    assert!(
+        stranger.contains("Cluster token") && !stranger.contains("node-1"),
+        "{stranger}"
+    );
+
+    // The login link sets the session and the page loads.
+    let url = cluster.dashboard_link();
+    let profile = dir.path().join("chromium");
     let first = look(url.clone(), profile.clone()).await.unwrap();
     assert!(first.contains("node-1"), "the node is not shown:\n{first}");
     assert!(
@@ -105,21 +116,32 @@ async fn dashboard_shows_nodes_and_a_live_loss_chart() {
         shot.display()
     );
 
-    // Prometheus metrics name the node and the running worker.
-    let metrics = tokio::task::spawn_blocking({
+    // Prometheus metrics name the node and the running worker — to a scraper that
+    // sends the token, on a host name the dashboard answers to.
+    let get = |host: &'static str, token: Option<String>| {
         let addr = cluster.dashboard.clone();
-        move || {
+        tokio::task::spawn_blocking(move || {
             use std::io::{Read, Write};
             let mut s = std::net::TcpStream::connect(addr).unwrap();
-            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .unwrap();
+            let auth = token
+                .map(|t| format!("Authorization: Bearer {t}\r\n"))
+                .unwrap_or_default();
+            write!(
+                s,
+                "GET /metrics HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n"
+            )
+            .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).unwrap();
             out
-        }
-    })
-    .await
-    .unwrap();
+        })
+    };
+    let anonymous = get("127.0.0.1", None).await.unwrap();
+    assert!(anonymous.starts_with("HTTP/1.1 401"), "{anonymous}");
+    let rebound = get("evil.example.com", Some(cluster.token.clone())).await.unwrap();
+    assert!(rebound.starts_with("HTTP/1.1 421"), "{rebound}");
+    let metrics = get("localhost", Some(cluster.token.clone())).await.unwrap();
+    assert!(metrics.starts_with("HTTP/1.1 200"), "{metrics}");
     assert!(metrics.contains("hetero_node_up{node=\"node-1\"} 1"), "{metrics}");
     assert!(
         metrics.contains(&format!("hetero_worker_loss{{job=\"{job}\",rank=\"0\"}}")),

@@ -6,7 +6,6 @@
 //! 0–255). A file may be gzipped (`.csv.gz`). Quoted fields holding commas are not
 //! supported; every error names the file and line.
 
-use std::io::Read;
 use std::path::Path;
 
 use crate::{DataError, ImageDataset};
@@ -25,12 +24,8 @@ fn read_text(path: &Path) -> Result<String, DataError> {
         source,
     };
     let raw = std::fs::read(path).map_err(io)?;
-    let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
-        let mut out = Vec::new();
-        flate2::read::GzDecoder::new(&raw[..])
-            .read_to_end(&mut out)
-            .map_err(io)?;
-        out
+    let bytes = if crate::gzip::is_gzip(&raw) {
+        crate::gzip::gunzip(path, "CSV", &raw[..])?
     } else {
         raw
     };

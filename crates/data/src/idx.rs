@@ -8,8 +8,6 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
-use flate2::read::GzDecoder;
-
 use crate::DataError;
 
 const FORMAT: &str = "IDX (ubyte)";
@@ -30,18 +28,13 @@ pub fn read_idx(path: &Path) -> Result<IdxArray, DataError> {
         source,
     };
     let file = File::open(path).map_err(io)?;
-    let mut bytes = Vec::new();
-    let gz = path.extension().is_some_and(|e| e == "gz");
-    let read = if gz {
-        GzDecoder::new(BufReader::new(file)).read_to_end(&mut bytes)
+    let bytes = if path.extension().is_some_and(|e| e == "gz") {
+        crate::gzip::gunzip(path, FORMAT, BufReader::new(file))?
     } else {
-        BufReader::new(file).read_to_end(&mut bytes)
+        let mut bytes = Vec::new();
+        BufReader::new(file).read_to_end(&mut bytes).map_err(io)?;
+        bytes
     };
-    read.map_err(|e| DataError::Format {
-        path: path.to_path_buf(),
-        format: FORMAT,
-        reason: format!("decompression failed ({e}); the file may be truncated"),
-    })?;
     parse_idx(&bytes).map_err(|reason| DataError::Format {
         path: path.to_path_buf(),
         format: FORMAT,

@@ -21,6 +21,7 @@ pub mod assign;
 pub mod csv;
 pub mod error;
 pub mod folder;
+pub mod gzip;
 pub mod idx;
 pub mod mnist;
 pub mod model_fetch;

@@ -6,7 +6,6 @@
 //! WordPiece, …) through the `tokenizers` crate. A [`TokenWindows`] cuts the ids into
 //! fixed windows for next-token training.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use crate::DataError;
@@ -105,12 +104,8 @@ pub fn read_corpus(dir: &Path) -> Result<String, DataError> {
     let mut text = String::new();
     for path in files {
         let raw = std::fs::read(&path).map_err(io(&path))?;
-        let bytes = if raw.starts_with(&[0x1f, 0x8b]) {
-            let mut out = Vec::new();
-            flate2::read::GzDecoder::new(&raw[..])
-                .read_to_end(&mut out)
-                .map_err(io(&path))?;
-            out
+        let bytes = if crate::gzip::is_gzip(&raw) {
+            crate::gzip::gunzip(&path, "UTF-8 text", &raw[..])?
         } else {
             raw
         };

@@ -32,6 +32,16 @@ use crate::weights::{Loaded, RawTensor, Weights};
 /// otherwise ask for gigabytes).
 const MAX_ITEMS: u64 = 1 << 24;
 
+/// Most metadata values (array elements included) one header may hold: a
+/// vocabulary of 256k tokens with its merges and scores is under 1M. Each value
+/// costs tens of bytes in memory for one in the file, so this bounds what a
+/// hostile header can make us allocate.
+const MAX_VALUES: u64 = 1 << 23;
+
+/// Arrays of arrays are allowed this deep (GGUF files nest at most once); a file
+/// nesting deeper would otherwise recurse until the stack overflows.
+const MAX_NESTING: u32 = 4;
+
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Value {
@@ -126,6 +136,10 @@ struct Header<R> {
     r: R,
     at: u64,
     path: PathBuf,
+    /// The file's length: no count may promise more items than bytes are left.
+    len: u64,
+    /// Metadata values read so far ([`MAX_VALUES`]).
+    values: u64,
 }
 
 impl<R: Read> Header<R> {
@@ -151,6 +165,17 @@ impl<R: Read> Header<R> {
 
     fn count(&mut self, what: &str) -> Result<u64, InferError> {
         let n = self.u64(what)?;
+        // Every item takes at least one byte of the file.
+        let left = self.len.saturating_sub(self.at);
+        if n > left {
+            return Err(InferError::weights(
+                &self.path,
+                format!(
+                    "{what} of {n} at byte {} is more than the {left} bytes left: the header ends early or is corrupt",
+                    self.at - 8
+                ),
+            ));
+        }
         if n > MAX_ITEMS {
             return Err(InferError::weights(
                 &self.path,
@@ -176,7 +201,14 @@ impl<R: Read> Header<R> {
         String::from_utf8(b).map_err(|_| InferError::weights(&self.path, format!("{what} is not UTF-8")))
     }
 
-    fn value(&mut self, kind: u32, key: &str) -> Result<Value, InferError> {
+    fn value(&mut self, kind: u32, key: &str, depth: u32) -> Result<Value, InferError> {
+        self.values += 1;
+        if self.values > MAX_VALUES {
+            return Err(InferError::weights(
+                &self.path,
+                format!("more than {MAX_VALUES} metadata values (at {key}): not a model's header"),
+            ));
+        }
         Ok(match kind {
             0 => Value::U(u8::from_le_bytes(self.bytes(key)?).into()),
             1 => Value::I(i8::from_le_bytes(self.bytes(key)?).into()),
@@ -187,10 +219,20 @@ impl<R: Read> Header<R> {
             6 => Value::F(f32::from_le_bytes(self.bytes(key)?).into()),
             7 => Value::Bool(self.bytes::<1>(key)?[0] != 0),
             8 => Value::Str(self.string(key)?),
+            9 if depth >= MAX_NESTING => {
+                return Err(InferError::weights(
+                    &self.path,
+                    format!("metadata {key} nests arrays more than {MAX_NESTING} deep"),
+                ));
+            }
             9 => {
                 let inner = self.u32(key)?;
                 let n = self.count(key)?;
-                Value::Array((0..n).map(|_| self.value(inner, key)).collect::<Result<_, _>>()?)
+                Value::Array(
+                    (0..n)
+                        .map(|_| self.value(inner, key, depth + 1))
+                        .collect::<Result<_, _>>()?,
+                )
             }
             10 => Value::U(self.u64(key)?),
             11 => Value::I(i64::from_le_bytes(self.bytes(key)?)),
@@ -218,6 +260,8 @@ impl Gguf {
             r: BufReader::new(file),
             at: 0,
             path: path.to_path_buf(),
+            len: file_len,
+            values: 0,
         };
         if &h.bytes::<4>("the magic")? != b"GGUF" {
             return Err(InferError::weights(path, "not a GGUF file (no GGUF magic)"));
@@ -235,7 +279,7 @@ impl Gguf {
         for _ in 0..kv_count {
             let key = h.string("a metadata key")?;
             let kind = h.u32(&key)?;
-            let value = h.value(kind, &key)?;
+            let value = h.value(kind, &key, 0)?;
             metadata.insert(key, value);
         }
         let mut directory = Vec::new();
@@ -685,5 +729,47 @@ mod tests {
         assert!(err.contains("header ends"), "{err}");
         std::fs::write(&path, b"PK\x03\x04 not a gguf").unwrap();
         assert!(Gguf::open(&path).unwrap_err().to_string().contains("not a GGUF file"));
+    }
+
+    /// A header of one metadata key `x` whose value is `body` (its type first).
+    fn one_key(body: &[u8]) -> Vec<u8> {
+        let mut b = b"GGUF".to_vec();
+        b.extend(3u32.to_le_bytes());
+        b.extend(0u64.to_le_bytes()); // tensors
+        b.extend(1u64.to_le_bytes()); // metadata
+        b.extend(1u64.to_le_bytes());
+        b.push(b'x');
+        b.extend(body);
+        b
+    }
+
+    #[test]
+    fn hostile_headers_are_refused_without_recursing_or_allocating_what_they_claim() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let refused = |bytes: Vec<u8>| {
+            std::fs::write(&path, bytes).unwrap();
+            Gguf::open(&path).unwrap_err().to_string()
+        };
+        // Arrays of arrays, 100 000 deep: stack overflow if followed.
+        let mut deep = 9u32.to_le_bytes().to_vec(); // x is an array …
+        for _ in 0..100_000 {
+            deep.extend(9u32.to_le_bytes()); // … of one array …
+            deep.extend(1u64.to_le_bytes());
+        }
+        let err = refused(one_key(&deep));
+        assert!(err.contains("metadata x nests arrays more than 4 deep"), "{err}");
+        // A string that promises 16 MB in a file of 40 bytes.
+        let mut long = 8u32.to_le_bytes().to_vec();
+        long.extend((1u64 << 24).to_le_bytes());
+        let err = refused(one_key(&long));
+        assert!(err.contains("more than the 0 bytes left"), "{err}");
+        // Ten million one-byte values: each would cost tens of bytes in memory.
+        let mut many = 9u32.to_le_bytes().to_vec();
+        many.extend(0u32.to_le_bytes()); // u8 elements
+        many.extend(10_000_000u64.to_le_bytes());
+        many.extend(vec![0u8; 10_000_000]);
+        let err = refused(one_key(&many));
+        assert!(err.contains("more than 8388608 metadata values"), "{err}");
     }
 }

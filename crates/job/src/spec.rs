@@ -70,6 +70,10 @@ pub struct InferenceSpec {
     pub placement: String,
     /// Where rank 0 serves the HTTP API.
     pub listen: String,
+    /// A file on rank 0's node holding the API key `/v1/…` requests must present
+    /// (`Authorization: Bearer …`); none: the API is open.
+    #[serde(default)]
+    pub api_key_file: Option<String>,
 }
 
 /// Image preprocessing: at load time (resize), per sample (normalise) and per
@@ -460,7 +464,7 @@ const CLUSTER: &[&str] = &[
 ];
 const SCHEDULING: &[&str] = &["priority", "after", "policy"];
 const OUTPUT: &[&str] = &["dir"];
-const INFERENCE: &[&str] = &["model", "placement", "listen"];
+const INFERENCE: &[&str] = &["model", "placement", "listen", "api_key_file"];
 const TASK: &[&str] = &["program", "params"];
 
 /// Most workers one job may ask for.
@@ -828,10 +832,18 @@ impl JobSpec {
         if listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(inf.invalid("listen", &listen, "an address such as 0.0.0.0:8000"));
         }
+        // Read by rank 0 on its own node, so relative to nothing the submitter knows.
+        let api_key_file = inf.string("api_key_file")?;
+        if let Some(p) = &api_key_file
+            && !std::path::Path::new(p).is_absolute()
+        {
+            return Err(inf.invalid("api_key_file", p, "an absolute path on rank 0's node"));
+        }
         let inference = InferenceSpec {
             model,
             placement: inf.string("placement")?.unwrap_or_else(|| "single".into()),
             listen,
+            api_key_file,
         };
         // The rest is checked by the training parser, with placeholder training
         // sections that no inference worker reads.
@@ -989,6 +1001,13 @@ workers = 3
         assert!(bad.to_string().contains("inference.listen"), "{bad}");
         let typo = JobSpec::parse("[inference]\nmodel = \"minilm\"\nplacment = \"pipeline\"\n").unwrap_err();
         assert!(typo.to_string().contains("placment"), "{typo}");
+        let keyed = JobSpec::parse("[inference]\nmodel = \"minilm\"\napi_key_file = \"/etc/hetero/key\"\n").unwrap();
+        assert_eq!(
+            keyed.inference.unwrap().api_key_file.as_deref(),
+            Some("/etc/hetero/key")
+        );
+        let relative = JobSpec::parse("[inference]\nmodel = \"minilm\"\napi_key_file = \"key\"\n").unwrap_err();
+        assert!(relative.to_string().contains("inference.api_key_file"), "{relative}");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use crate::{ActType, KernelError};
 
 /// One row of Q8 activations, borrowed from [`QActs`]: `qs` holds the row's signed
 /// bytes, `d` one scale per block; `sums` (Q8_1) the block's `d·Σq`; `bsums` (Q8_K)
-/// the sums of every 16 bytes.
+/// the sums of every 16 bytes; `starts` (Q8_0) `−128·Σq` of every 4 bytes.
 #[derive(Debug, Clone, Copy)]
 pub struct Q8Row<'a> {
     /// The integers, block after block.
@@ -18,6 +18,10 @@ pub struct Q8Row<'a> {
     pub sums: &'a [f32],
     /// Q8_K: sums of every 16 integers (16 per block); empty otherwise.
     pub bsums: &'a [i16],
+    /// Q8_0: `−128·Σq` of every 4 integers (8 per block), the start of each lane of
+    /// the VNNI tile's products with weights made unsigned (`simd::wide`); empty
+    /// otherwise.
+    pub starts: &'a [i32],
 }
 
 /// One row of activations in the format a product needs.
@@ -40,6 +44,7 @@ pub struct QActs {
     d: Vec<f32>,
     sums: Vec<f32>,
     bsums: Vec<i16>,
+    starts: Vec<i32>,
 }
 
 impl Default for QActs {
@@ -60,6 +65,7 @@ impl QActs {
             d: Vec::new(),
             sums: Vec::new(),
             bsums: Vec::new(),
+            starts: Vec::new(),
         }
     }
 
@@ -92,17 +98,18 @@ impl QActs {
         }
         (self.ty, self.rows, self.cols) = (ty, rows, cols);
         let blocks = x.len() / block;
-        let (f32s, qs, d, sums, bsums) = match ty {
-            ActType::F32 => (x.len(), 0, 0, 0, 0),
-            ActType::Q8_0 => (0, x.len(), blocks, 0, 0),
-            ActType::Q8_1 => (0, x.len(), blocks, blocks, 0),
-            ActType::Q8K => (0, x.len(), blocks, 0, 16 * blocks),
+        let (f32s, qs, d, sums, bsums, starts) = match ty {
+            ActType::F32 => (x.len(), 0, 0, 0, 0, 0),
+            ActType::Q8_0 => (0, x.len(), blocks, 0, 0, x.len() / 4),
+            ActType::Q8_1 => (0, x.len(), blocks, blocks, 0, 0),
+            ActType::Q8K => (0, x.len(), blocks, 0, 16 * blocks, 0),
         };
         self.f32s.resize(f32s, 0.0);
         self.qs.resize(qs, 0);
         self.d.resize(d, 0.0);
         self.sums.resize(sums, 0.0);
         self.bsums.resize(bsums, 0);
+        self.starts.resize(starts, 0);
         Ok(RowsMut {
             cols,
             f32s: &mut self.f32s,
@@ -110,6 +117,7 @@ impl QActs {
             d: &mut self.d,
             sums: &mut self.sums,
             bsums: &mut self.bsums,
+            starts: &mut self.starts,
         })
     }
 
@@ -140,18 +148,21 @@ impl QActs {
                 d: &self.d[b0..b1],
                 sums: &[],
                 bsums: &[],
+                starts: &self.starts[r * n / 4..(r + 1) * n / 4],
             }),
             ActType::Q8_1 => ActRow::Q8(Q8Row {
                 qs: &self.qs[r * n..(r + 1) * n],
                 d: &self.d[b0..b1],
                 sums: &self.sums[b0..b1],
                 bsums: &[],
+                starts: &[],
             }),
             ActType::Q8K => ActRow::Q8(Q8Row {
                 qs: &self.qs[r * n..(r + 1) * n],
                 d: &self.d[b0..b1],
                 sums: &[],
                 bsums: &self.bsums[16 * b0..16 * b1],
+                starts: &[],
             }),
         }
     }
@@ -178,6 +189,7 @@ pub(crate) struct RowsMut<'a> {
     pub(crate) d: &'a mut [f32],
     pub(crate) sums: &'a mut [f32],
     pub(crate) bsums: &'a mut [i16],
+    pub(crate) starts: &'a mut [i32],
 }
 
 impl<'a> RowsMut<'a> {
@@ -195,6 +207,7 @@ impl<'a> RowsMut<'a> {
         let (d0, d1) = at(self.d, blocks);
         let (s0, s1) = at(self.sums, blocks);
         let (b0, b1) = at(self.bsums, 16 * blocks);
+        let (t0, t1) = at(self.starts, values / 4);
         let cols = self.cols;
         (
             RowsMut {
@@ -204,6 +217,7 @@ impl<'a> RowsMut<'a> {
                 d: d0,
                 sums: s0,
                 bsums: b0,
+                starts: t0,
             },
             RowsMut {
                 cols,
@@ -212,6 +226,7 @@ impl<'a> RowsMut<'a> {
                 d: d1,
                 sums: s1,
                 bsums: b1,
+                starts: t1,
             },
         )
     }
@@ -221,7 +236,10 @@ impl<'a> RowsMut<'a> {
     pub(crate) fn quantize(self, ty: ActType, x: &[f32]) {
         match ty {
             ActType::F32 => self.f32s.copy_from_slice(x),
-            ActType::Q8_0 => q8::quantize_q8(x, self.qs, self.d, None),
+            ActType::Q8_0 => {
+                q8::quantize_q8(x, self.qs, self.d, None);
+                q8::starts(self.qs, self.starts);
+            }
             ActType::Q8_1 => q8::quantize_q8(x, self.qs, self.d, Some(self.sums)),
             ActType::Q8K => q8::quantize_q8k(x, self.qs, self.d, self.bsums),
         }

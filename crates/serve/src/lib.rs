@@ -5,6 +5,7 @@
 //! ([`server`]), with its request checks ([`requests`]) and figures ([`metrics`]). `hetero infer`, `hetero serve` and `hetero bench infer` are this
 //! crate behind the command line's argument parsing.
 
+pub mod auth;
 pub mod auto;
 pub(crate) mod batcher;
 pub mod front;

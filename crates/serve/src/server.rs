@@ -16,6 +16,9 @@
 //! - `GET /v1/models`: the model, with its kind and placement.
 //! - `GET /metrics`: [`crate::metrics`], in Prometheus's format.
 //!
+//! With an API key ([`crate::auth`]) every `/v1/…` route answers 401 to a request
+//! that does not present it; `/metrics` stays open.
+//!
 //! One thread owns the front and takes requests from a bounded queue, so HTTP
 //! handlers never block the runtime (or each other's sockets); a request that
 //! finds the queue full is answered 429 at once, and one whose client has gone
@@ -48,6 +51,7 @@ use hetero_infer::Front;
 use hetero_infer::tokenize::TextTokenizer;
 
 use crate::InferBackend;
+use crate::auth::ApiKey;
 use crate::batcher::{self, Job, Piece};
 use crate::front::{Children, Placing, describe, open_model, start_front};
 use crate::metrics::{Metrics, Outcome};
@@ -66,6 +70,8 @@ pub struct ServeOptions {
     pub context: Option<usize>,
     /// Print each worker's memory under the placement and stop (`--dry-run`).
     pub dry_run: bool,
+    /// The key `/v1/…` requests must present ([`crate::auth`]); `None`: open.
+    pub api_key: Option<ApiKey>,
 }
 
 impl ServeOptions {
@@ -77,6 +83,7 @@ impl ServeOptions {
             batch: DEFAULT_BATCH,
             context: None,
             dry_run: false,
+            api_key: None,
         }
     }
 }
@@ -218,20 +225,29 @@ pub fn serve_front(
         queue: options.queue.max(1),
         metrics,
     };
-    let app = Router::new()
+    let mut api = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/completions", post(complete))
         .route("/v1/chat/completions", post(chat_complete))
-        .route("/v1/embeddings", post(embeddings))
-        .route("/metrics", get(metrics_text))
-        .with_state(state);
+        .route("/v1/embeddings", post(embeddings));
+    if let Some(key) = &options.api_key {
+        api = api.route_layer(axum::middleware::from_fn_with_state(key.clone(), crate::auth::require));
+    }
+    let app = api.route("/metrics", get(metrics_text)).with_state(state);
     let rt = tokio::runtime::Runtime::new()?;
     let listen = &options.listen;
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
-        println!("serving {model_name} on http://{}", listener.local_addr()?);
+        let addr = listener.local_addr()?;
+        println!("serving {model_name} on http://{addr}");
+        if options.api_key.is_none() && !addr.ip().is_loopback() {
+            eprintln!(
+                "warning: serving on {addr} with no API key: anyone who reaches this address may use the \
+                 model (give --api-key, --api-key-file or HETERO_API_KEY)"
+            );
+        }
         use std::io::Write;
         std::io::stdout().flush()?;
         axum::serve(listener, app).await.context("the HTTP server stopped")

@@ -100,6 +100,12 @@ pub fn job_worker(setup: hetero_worker::WorkerSetup) -> Result<()> {
     config.io_timeout = Duration::from_secs(3600);
     let mesh = Mesh::form(config, listener, &addrs).context("forming the data-plane mesh")?;
     if let Some(tokenizer) = tokenizer {
+        // Read before the model is placed: a missing key file fails the job at once.
+        let api_key = inf
+            .api_key_file
+            .as_deref()
+            .map(|path| crate::auth::ApiKey::from_file(std::path::Path::new(path)))
+            .transpose()?;
         let front = match worker {
             Some(worker) => Front { worker, mesh },
             None => {
@@ -122,7 +128,10 @@ pub fn job_worker(setup: hetero_worker::WorkerSetup) -> Result<()> {
             tokenizer,
             &inf.model,
             &model.arch,
-            &crate::server::ServeOptions::on(&inf.listen),
+            &crate::server::ServeOptions {
+                api_key,
+                ..crate::server::ServeOptions::on(&inf.listen)
+            },
         );
     }
     follow_placements(

@@ -10,11 +10,18 @@ use std::time::Duration;
 /// POSTs a JSON `body` to `path` on `addr` over plain HTTP/1.1; returns the status
 /// code and the response body.
 pub fn post_json(addr: &str, path: &str, body: &str) -> (u16, String) {
+    request(addr, "POST", path, &[("Content-Type", "application/json")], body)
+}
+
+/// One HTTP/1.1 request with `headers` and `body`; the status and the body of the
+/// reply.
+pub fn request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(300))).unwrap();
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     write!(
         s,
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
@@ -53,17 +60,7 @@ pub fn cosine(a: &[f64], b: &[f64]) -> f64 {
 
 /// GETs `path` on `addr`; returns the status code and the body.
 pub fn get(addr: &str, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    s.read_to_string(&mut response).unwrap();
-    let status = response.split(' ').nth(1).unwrap().parse().unwrap();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    request(addr, "GET", path, &[], "")
 }
 
 /// A `hetero serve` process and the address it serves on; killed when dropped.
@@ -80,6 +77,7 @@ impl Drop for Server {
 pub fn serve(args: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_hetero"))
         .env_remove("HETERO_TOKEN")
+        .env_remove("HETERO_API_KEY")
         .arg("serve")
         .args(args)
         .args(["--listen", "127.0.0.1:0"])

@@ -34,6 +34,16 @@ pub(crate) fn quantize_q8(x: &[f32], qs: &mut [i8], d: &mut [f32], mut sums: Opt
     }
 }
 
+/// `−128·Σq` of every 4 integers of `qs` into `starts`: where the VNNI tile's
+/// products with unsigned weight bytes (`q_w + 128`) start, so that they end at
+/// `Σ q_w·q` (`simd::wide`).
+#[inline(always)]
+pub(crate) fn starts(qs: &[i8], starts: &mut [i32]) {
+    for (s, q) in starts.iter_mut().zip(qs.chunks_exact(4)) {
+        *s = -128 * q.iter().map(|&v| v as i32).sum::<i32>();
+    }
+}
+
 /// Q8_K: per block of 256, the value of largest magnitude maps to −127 (ggml's
 /// `quantize_row_q8_K_ref`), `bsums` gets the sum of every 16 integers.
 #[inline(always)]

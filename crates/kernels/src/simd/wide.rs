@@ -8,22 +8,25 @@
 //!
 //! It also drops the sign trick. `vpdpbusd` multiplies *unsigned* by signed bytes, so
 //! a signed × signed product costs two `vpsignb` besides the `vpdpbusd`, per product.
-//! Here the activation bytes are made unsigned once per block (`y ^ 0x80` is
-//! `y + 128`) and each weight block's `128·Σq` is taken off once, as the starting
-//! value of its products: `Σ (y + 128)·q − 128·Σq = Σ y·q`. Both are exact integer
-//! sums of the same four bytes per lane, so every lane — and, with the blocks
-//! accumulated in the dot's order (`acc += (d_w·d_x)·Σq·y`), every output — has the
-//! bits the row-at-a-time dot gives it. (AVX2's `maddubs` would saturate on
-//! `(y + 128)·q`, which is why this tile is the VNNI level's alone.)
+//! Here the weight bytes are made unsigned once per block (`q ^ 0x80` is `q + 128`)
+//! and `128·Σy` is taken off as the starting value of each product:
+//! `Σ (q + 128)·y − 128·Σy = Σ q·y`. The starts belong to the activations, so they
+//! are made once per activation block when the row is quantized
+//! ([`Q8Row::starts`], one per lane of four bytes) rather than once per weight block
+//! and tile — a fifth of the tile's `vpdpbusd`s. Both are exact integer sums of the
+//! same four bytes per lane, so every lane — and, with the blocks accumulated in the
+//! dot's order (`acc += (d_w·d_x)·Σq·y`), every output — has the bits the
+//! row-at-a-time dot gives it. (AVX2's `maddubs` would saturate on `(q + 128)·y`,
+//! which is why this tile is the VNNI level's alone.)
 
-/// `acc += (d_w·d_x)·Σ q·y` for one weight block (its start `s`, its bytes `q`) and
-/// one activation block made unsigned (`y`); `$dd` holds the four weight blocks'
+/// `acc += (d_w·d_x)·Σ q·y` for one weight block made unsigned (`q`) and one
+/// activation block (its start `s`, its bytes `y`); `$dd` holds the four weight blocks'
 /// `d_w·d_x` in each 128-bit half, and `$lane` picks this block's.
 macro_rules! wide_step {
     ($acc:ident, $dd:ident, $lane:literal, $s:ident, $q:ident, $y:ident) => {
         $acc = _mm256_fmadd_ps(
             _mm256_permute_ps::<{ $lane * 0x55 }>($dd),
-            _mm256_cvtepi32_ps(_mm256_dpbusd_epi32($s, $y, $q)),
+            _mm256_cvtepi32_ps(_mm256_dpbusd_epi32($s, $q, $y)),
             $acc,
         );
     };
@@ -47,25 +50,29 @@ macro_rules! wide_tile {
                 &x3.qs.as_chunks::<32>().0[..n],
             );
             let (e0, e1, e2, e3) = (&x0.d[..n], &x1.d[..n], &x2.d[..n], &x3.d[..n]);
+            let (t0, t1, t2, t3) = (
+                &x0.starts.as_chunks::<8>().0[..n],
+                &x1.starts.as_chunks::<8>().0[..n],
+                &x2.starts.as_chunks::<8>().0[..n],
+                &x3.starts.as_chunks::<8>().0[..n],
+            );
             let flip = _mm256_set1_epi8(0x80u8 as i8);
             let z = _mm256_setzero_ps();
             let (mut a00, mut a01, mut a02, mut a03) = (z, z, z, z);
             let (mut a10, mut a11, mut a12, mut a13) = (z, z, z, z);
             let (mut a20, mut a21, mut a22, mut a23) = (z, z, z, z);
             let (mut a30, mut a31, mut a32, mut a33) = (z, z, z, z);
-            /// −128·Σq per lane: the start of every product with this weight block.
-            #[target_feature(enable = $features)]
-            #[inline]
-            fn start(q: __m256i) -> __m256i {
-                let zi = _mm256_setzero_si256();
-                _mm256_sub_epi32(zi, _mm256_dpbusd_epi32(zi, _mm256_set1_epi8(0x80u8 as i8), q))
-            }
             for k in 0..n {
                 let (_, _, q0) = $unpack(&w0[k]);
                 let (_, _, q1) = $unpack(&w1[k]);
                 let (_, _, q2) = $unpack(&w2[k]);
                 let (_, _, q3) = $unpack(&w3[k]);
-                let (s0, s1, s2, s3) = (start(q0), start(q1), start(q2), start(q3));
+                let (q0, q1, q2, q3) = (
+                    _mm256_xor_si256(q0, flip),
+                    _mm256_xor_si256(q1, flip),
+                    _mm256_xor_si256(q2, flip),
+                    _mm256_xor_si256(q3, flip),
+                );
                 // The four weight scales (each block's first two bytes) in one conversion;
                 // `d_w·d_x` for the four in one product per activation row — the same
                 // float product the row-at-a-time dot takes lane by lane.
@@ -77,30 +84,30 @@ macro_rules! wide_tile {
                     let v = _mm_mul_ps(dw, _mm_set1_ps(e));
                     _mm256_set_m128(v, v)
                 };
-                let y = _mm256_xor_si256(cast(y0[k]), flip);
+                let (y, s) = (cast(y0[k]), cast(t0[k]));
                 let d = dd(e0[k]);
-                wide_step!(a00, d, 0, s0, q0, y);
-                wide_step!(a10, d, 1, s1, q1, y);
-                wide_step!(a20, d, 2, s2, q2, y);
-                wide_step!(a30, d, 3, s3, q3, y);
-                let y = _mm256_xor_si256(cast(y1[k]), flip);
+                wide_step!(a00, d, 0, s, q0, y);
+                wide_step!(a10, d, 1, s, q1, y);
+                wide_step!(a20, d, 2, s, q2, y);
+                wide_step!(a30, d, 3, s, q3, y);
+                let (y, s) = (cast(y1[k]), cast(t1[k]));
                 let d = dd(e1[k]);
-                wide_step!(a01, d, 0, s0, q0, y);
-                wide_step!(a11, d, 1, s1, q1, y);
-                wide_step!(a21, d, 2, s2, q2, y);
-                wide_step!(a31, d, 3, s3, q3, y);
-                let y = _mm256_xor_si256(cast(y2[k]), flip);
+                wide_step!(a01, d, 0, s, q0, y);
+                wide_step!(a11, d, 1, s, q1, y);
+                wide_step!(a21, d, 2, s, q2, y);
+                wide_step!(a31, d, 3, s, q3, y);
+                let (y, s) = (cast(y2[k]), cast(t2[k]));
                 let d = dd(e2[k]);
-                wide_step!(a02, d, 0, s0, q0, y);
-                wide_step!(a12, d, 1, s1, q1, y);
-                wide_step!(a22, d, 2, s2, q2, y);
-                wide_step!(a32, d, 3, s3, q3, y);
-                let y = _mm256_xor_si256(cast(y3[k]), flip);
+                wide_step!(a02, d, 0, s, q0, y);
+                wide_step!(a12, d, 1, s, q1, y);
+                wide_step!(a22, d, 2, s, q2, y);
+                wide_step!(a32, d, 3, s, q3, y);
+                let (y, s) = (cast(y3[k]), cast(t3[k]));
                 let d = dd(e3[k]);
-                wide_step!(a03, d, 0, s0, q0, y);
-                wide_step!(a13, d, 1, s1, q1, y);
-                wide_step!(a23, d, 2, s2, q2, y);
-                wide_step!(a33, d, 3, s3, q3, y);
+                wide_step!(a03, d, 0, s, q0, y);
+                wide_step!(a13, d, 1, s, q1, y);
+                wide_step!(a23, d, 2, s, q2, y);
+                wide_step!(a33, d, 3, s, q3, y);
             }
             [
                 [hsum(a00), hsum(a01), hsum(a02), hsum(a03)],

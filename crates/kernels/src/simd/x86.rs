@@ -347,7 +347,10 @@ macro_rules! x86_kernels {
         #[target_feature(enable = $features)]
         pub(crate) fn quantize(rows: crate::acts::RowsMut<'_>, ty: crate::ActType, x: &[f32]) {
             match ty {
-                crate::ActType::Q8_0 => quantize_q8(x, rows.qs, rows.d, None),
+                crate::ActType::Q8_0 => {
+                    quantize_q8(x, rows.qs, rows.d, None);
+                    crate::formats::q8::starts(rows.qs, rows.starts);
+                }
                 crate::ActType::Q8_1 => quantize_q8(x, rows.qs, rows.d, Some(rows.sums)),
                 crate::ActType::Q8K => quantize_q8k(x, rows.qs, rows.d, rows.bsums),
                 crate::ActType::F32 => rows.quantize(ty, x),
