@@ -17,11 +17,11 @@
 //! Any length works: chunks are balanced (`len·c/world` boundaries), so a buffer
 //! shorter than the ring simply has empty chunks, which send nothing.
 
-use std::net::TcpStream;
 use std::sync::mpsc;
 use std::thread;
 
-use crate::frame::{FrameKind, read_frame, write_frame};
+use crate::frame::FrameKind;
+use crate::link::{Receiver, Sender};
 use crate::{CommError, Ring};
 
 /// Floats per piece: 256 KiB frames keep the pipeline full without large copies.
@@ -46,7 +46,7 @@ fn encode(values: &[f32]) -> Vec<u8> {
 /// Runs `body` with a writer thread that sends every queued piece to `next`.
 /// Returns the first error of either side.
 fn with_writer<T>(
-    next: &mut TcpStream,
+    next: &mut Sender,
     peer: String,
     body: impl FnOnce(&mpsc::Sender<Vec<u8>>) -> Result<T, CommError>,
 ) -> Result<T, CommError> {
@@ -56,7 +56,7 @@ fn with_writer<T>(
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let writer = scope.spawn(move || -> Result<(), CommError> {
             for piece in rx {
-                write_frame(next, FrameKind::Data, &piece)
+                next.send(FrameKind::Data, &piece)
                     .map_err(|e| CommError::io(format!("sending to {peer}"), e))?;
             }
             Ok(())
@@ -73,7 +73,23 @@ fn with_writer<T>(
 }
 
 impl Ring {
-    fn peers(&mut self) -> (&mut TcpStream, &mut TcpStream, String, String) {
+    /// Closes both of this rank's links after a failed collective, so that its
+    /// neighbours learn at once (a closed connection) instead of waiting out the
+    /// read timeout for data that will never come. A ring that failed is not used
+    /// again: recovery forms a new one.
+    fn fail<T>(&mut self, result: Result<T, CommError>) -> Result<T, CommError> {
+        if result.is_err() {
+            if let Some(next) = &self.next {
+                let _ = next.get_ref().shutdown(std::net::Shutdown::Both);
+            }
+            if let Some(prev) = &self.prev {
+                let _ = prev.get_ref().shutdown(std::net::Shutdown::Both);
+            }
+        }
+        result
+    }
+
+    fn peers(&mut self) -> (&mut Sender, &mut Receiver, String, String) {
         let world = self.config.world;
         let rank = self.config.rank;
         let next = format!("rank {}", (rank + 1) % world);
@@ -86,6 +102,11 @@ impl Ring {
 
     /// Sums `buf` element-wise across all ranks; every rank ends with the same sum.
     pub fn allreduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+        let result = self.ring_sum(buf);
+        self.fail(result)
+    }
+
+    fn ring_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
         let world = self.config.world;
         let rank = self.config.rank;
         let max = self.config.max_frame;
@@ -107,7 +128,7 @@ impl Ring {
                 let forwarding = k + 1 < steps;
                 let (s, e) = chunk_bounds(len, world, chunk);
                 for (a, b) in pieces(s, e) {
-                    read_frame(prev, &mut frame, max, &prev_name, "allreduce")?;
+                    prev.recv(&mut frame, max, &prev_name, "allreduce")?;
                     if frame.len() != (b - a) * 4 {
                         return Err(CommError::Protocol {
                             peer: prev_name,
@@ -142,6 +163,11 @@ impl Ring {
 
     /// Copies `root`'s `buf` to every rank (pipelined along the ring).
     pub fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
+        let result = self.ring_broadcast(buf, root);
+        self.fail(result)
+    }
+
+    fn ring_broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CommError> {
         let world = self.config.world;
         let rank = self.config.rank;
         let max = self.config.max_frame;
@@ -164,7 +190,7 @@ impl Ring {
             }
             let mut frame = Vec::new();
             for (a, b) in pieces(0, buf.len()) {
-                read_frame(prev, &mut frame, max, &prev_name, "broadcast")?;
+                prev.recv(&mut frame, max, &prev_name, "broadcast")?;
                 if frame.len() != (b - a) * 4 {
                     return Err(CommError::Protocol {
                         peer: prev_name,

@@ -46,6 +46,18 @@ pub enum CommError {
         /// What was wrong.
         reason: String,
     },
+    /// A sealed frame did not open: altered, replayed, reordered or sealed under
+    /// another key. Nothing after it is read.
+    #[error(
+        "a frame from {peer} during {during} failed to authenticate (altered, replayed, out of order or \
+         sealed under another key): the connection is closed"
+    )]
+    Tampered {
+        /// The peer's address or rank.
+        peer: String,
+        /// The operation in progress.
+        during: &'static str,
+    },
     /// The caller asked for something the ring cannot do.
     #[error("invalid ring configuration: {0}")]
     Config(String),

@@ -46,10 +46,30 @@ pub fn write_frame(w: &mut impl Write, kind: FrameKind, payload: &[u8]) -> io::R
     w.write_all(payload)
 }
 
-/// Reads one frame into `buf` (resized to the payload) and returns its kind.
+/// Reads one frame into `buf` (resized to the payload) and returns its kind; an
+/// `Abort` frame is an error carrying its reason.
 ///
 /// `peer` only names the other end in errors.
 pub fn read_frame(
+    r: &mut impl Read,
+    buf: &mut Vec<u8>,
+    max: u32,
+    peer: &str,
+    during: &'static str,
+) -> Result<FrameKind, CommError> {
+    let kind = read_raw(r, buf, max, peer, during)?;
+    if kind == FrameKind::Abort {
+        return Err(CommError::Protocol {
+            peer: peer.to_string(),
+            reason: format!("peer aborted: {}", String::from_utf8_lossy(buf)),
+        });
+    }
+    Ok(kind)
+}
+
+/// [`read_frame`] without reading an `Abort` as an error: for sealed frames, whose
+/// payload means nothing until it is opened.
+pub(crate) fn read_raw(
     r: &mut impl Read,
     buf: &mut Vec<u8>,
     max: u32,
@@ -89,12 +109,6 @@ pub fn read_frame(
             CommError::io(format!("reading a frame from {peer} during {during}"), e)
         }
     })?;
-    if kind == FrameKind::Abort {
-        return Err(CommError::Protocol {
-            peer: peer.to_string(),
-            reason: format!("peer aborted: {}", String::from_utf8_lossy(buf)),
-        });
-    }
     Ok(kind)
 }
 

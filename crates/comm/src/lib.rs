@@ -4,7 +4,10 @@
 //! - [`frame`]: length-prefixed frames on a TCP stream, with a size limit so a
 //!   corrupt or hostile length cannot make us allocate gigabytes;
 //! - [`handshake`]: a mutual HMAC challenge–response proving both ends hold the
-//!   cluster token (the token itself never crosses the wire);
+//!   cluster token (the token itself never crosses the wire), which derives the
+//!   connection's keys;
+//! - [`link`]: the connection after it, each direction a half of its own, frames
+//!   sealed with AES-256-GCM (or plain, where the operator trusts the link);
 //! - [`ring`] and [`collectives`]: a ring of workers and the collectives built on it
 //!   (bandwidth-optimal allreduce as reduce-scatter + all-gather, broadcast);
 //! - [`mesh`]: every pair of ranks connected, with point-to-point transfers and
@@ -18,6 +21,7 @@ pub mod collectives;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod link;
 pub mod mesh;
 pub mod ring;
 pub mod server;

@@ -1,4 +1,5 @@
-//! A full mesh of workers: every pair of ranks shares one authenticated TCP stream.
+//! A full mesh of workers: every pair of ranks shares one authenticated TCP stream
+//! (its frames sealed, [`crate::link`]).
 //!
 //! Distributed inference needs more than a ring: a pipeline stage hands its
 //! activations to whichever rank holds the next layers, and a tensor-parallel layer
@@ -25,11 +26,12 @@
 //! - Every byte written is counted ([`Mesh::bytes_sent`]): benchmarks report bytes
 //!   per token.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::thread;
 use std::time::Instant;
 
-use crate::frame::{FrameKind, read_frame, write_frame};
+use crate::frame::FrameKind;
+use crate::link::{self, Receiver, Sender};
 use crate::ring::{accept_ranks, check_membership, dial};
 use crate::{CommError, RingConfig};
 
@@ -41,8 +43,12 @@ pub const THREADED: usize = 32 * 1024;
 #[derive(Debug)]
 pub struct Mesh {
     config: RingConfig,
-    /// `peers[r]`: the stream to rank `r` (`None` for this rank itself).
-    peers: Vec<Option<TcpStream>>,
+    /// `senders[r]`: the sending half of the link to rank `r` (`None` for this rank
+    /// itself). The halves live apart so that one link's sending half can be lent
+    /// to a writer thread while this thread reads from its receiving half.
+    senders: Vec<Option<Sender>>,
+    /// `receivers[r]`: the receiving half of the link from rank `r`.
+    receivers: Vec<Option<Receiver>>,
     sent: u64,
 }
 
@@ -73,11 +79,11 @@ impl Mesh {
             let config = config.clone();
             thread::spawn(move || accept_ranks(&listener, &config, &higher, deadline))
         };
-        let mut peers: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
+        let mut links = Vec::new();
         let mut failure = None;
         for (lower, addr) in addrs.iter().enumerate().take(rank) {
             match dial(*addr, lower, &config, deadline) {
-                Ok(s) => peers[lower] = Some(s),
+                Ok(a) => links.push(a),
                 Err(e) => {
                     failure = Some(e);
                     break;
@@ -90,32 +96,41 @@ impl Mesh {
         if let Some(e) = failure {
             return Err(e);
         }
-        for (r, s) in accepted? {
-            peers[r] = Some(s);
+        links.extend(accepted?);
+        let mut senders: Vec<Option<Sender>> = (0..world).map(|_| None).collect();
+        let mut receivers: Vec<Option<Receiver>> = (0..world).map(|_| None).collect();
+        for a in links {
+            link::tune(&a.stream, config.io_timeout)?;
+            let (tx, rx) = link::halves(a.stream, a.keys.as_ref())?;
+            (senders[a.rank], receivers[a.rank]) = (Some(tx), Some(rx));
         }
-        for s in peers.iter().flatten() {
-            s.set_nodelay(true)
-                .map_err(|e| CommError::io("setting TCP_NODELAY", e))?;
-            s.set_read_timeout(Some(config.io_timeout))
-                .map_err(|e| CommError::io("setting a read timeout", e))?;
-            s.set_write_timeout(Some(config.io_timeout))
-                .map_err(|e| CommError::io("setting a write timeout", e))?;
-        }
-        Ok(Mesh { config, peers, sent: 0 })
+        Ok(Mesh {
+            config,
+            senders,
+            receivers,
+            sent: 0,
+        })
     }
 
-    fn stream(&mut self, peer: usize) -> Result<&mut TcpStream, CommError> {
-        let world = self.config.world;
-        self.peers
-            .get_mut(peer)
-            .and_then(Option::as_mut)
-            .ok_or_else(|| CommError::Config(format!("rank {peer} is not a peer in a mesh of {world}")))
+    fn not_a_peer(&self, peer: usize) -> CommError {
+        CommError::Config(format!("rank {peer} is not a peer in a mesh of {}", self.config.world))
+    }
+
+    fn sender(&mut self, peer: usize) -> Result<&mut Sender, CommError> {
+        let e = self.not_a_peer(peer);
+        self.senders.get_mut(peer).and_then(Option::as_mut).ok_or(e)
+    }
+
+    fn receiver(&mut self, peer: usize) -> Result<&mut Receiver, CommError> {
+        let e = self.not_a_peer(peer);
+        self.receivers.get_mut(peer).and_then(Option::as_mut).ok_or(e)
     }
 
     /// Sends `values` to rank `to`.
     pub fn send(&mut self, to: usize, values: &[f32]) -> Result<(), CommError> {
         let bytes = encode(values);
-        write_frame(self.stream(to)?, FrameKind::Data, &bytes)
+        self.sender(to)?
+            .send(FrameKind::Data, &bytes)
             .map_err(|e| CommError::io(format!("sending to rank {to}"), e))?;
         self.sent += 5 + bytes.len() as u64;
         Ok(())
@@ -126,7 +141,9 @@ impl Mesh {
         let max = self.config.max_frame;
         let mut frame = Vec::new();
         let name = format!("rank {from}");
-        let kind = read_frame(self.stream(from)?, &mut frame, max, &name, "a point-to-point transfer")?;
+        let kind = self
+            .receiver(from)?
+            .recv(&mut frame, max, &name, "a point-to-point transfer")?;
         decode_into(kind, &frame, into, &name)
     }
 
@@ -193,19 +210,19 @@ impl Mesh {
     /// Sends `bytes` to `to` while receiving `into.len()` values from `from`.
     fn send_recv(&mut self, to: usize, bytes: &[u8], from: usize, into: &mut [f32]) -> Result<(), CommError> {
         let max = self.config.max_frame;
-        let mut writer = self
-            .stream(to)?
-            .try_clone()
-            .map_err(|e| CommError::io(format!("cloning the stream to rank {to}"), e))?;
+        let (e_to, e_from) = (self.not_a_peer(to), self.not_a_peer(from));
+        let writer = self.senders.get_mut(to).and_then(Option::as_mut).ok_or(e_to)?;
+        let reader = self.receivers.get_mut(from).and_then(Option::as_mut).ok_or(e_from)?;
         let name = format!("rank {from}");
-        let reader = self.stream(from)?;
         thread::scope(|scope| -> Result<(), CommError> {
             let sending = scope.spawn(move || {
-                write_frame(&mut writer, FrameKind::Data, bytes)
+                writer
+                    .send(FrameKind::Data, bytes)
                     .map_err(|e| CommError::io(format!("sending to rank {to}"), e))
             });
             let mut frame = Vec::new();
-            let got = read_frame(reader, &mut frame, max, &name, "an allreduce")
+            let got = reader
+                .recv(&mut frame, max, &name, "an allreduce")
                 .and_then(|kind| decode_into(kind, &frame, into, &name));
             sending
                 .join()
@@ -368,34 +385,37 @@ impl Mesh {
         let mut received: Vec<Vec<f32>> = lens.iter().map(|&n| vec![0f32; n]).collect();
         if bytes.len() <= THREADED && lens.iter().all(|&n| n * 4 <= THREADED) {
             for &r in others {
-                write_frame(self.stream(r)?, FrameKind::Data, &bytes)
+                self.sender(r)?
+                    .send(FrameKind::Data, &bytes)
                     .map_err(|e| CommError::io(format!("sending to rank {r}"), e))?;
             }
             for (&r, into) in others.iter().zip(&mut received) {
                 let mut frame = Vec::new();
                 let name = format!("rank {r}");
-                let kind = read_frame(self.stream(r)?, &mut frame, max, &name, "an allreduce")?;
+                let kind = self.receiver(r)?.recv(&mut frame, max, &name, "an allreduce")?;
                 decode_into(kind, &frame, into, &name)?;
             }
         } else {
-            // Each peer's stream is written by its own thread (a clone of the socket)
-            // while this thread reads the peers in turn.
-            let writers = others
-                .iter()
-                .map(|&r| {
-                    self.stream(r)?
-                        .try_clone()
-                        .map(|s| (r, s))
-                        .map_err(|e| CommError::io(format!("cloning the stream to rank {r}"), e))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            // Each peer's sending half is lent to a thread of its own while this
+            // thread reads the peers in turn.
+            if let Some(&r) = others.iter().find(|&&r| self.sender(r).is_err()) {
+                return Err(self.not_a_peer(r));
+            }
+            let writers: Vec<(usize, &mut Sender)> = self
+                .senders
+                .iter_mut()
+                .enumerate()
+                .filter(|(r, _)| others.contains(r))
+                .filter_map(|(r, s)| s.as_mut().map(|s| (r, s)))
+                .collect();
+            let receivers = &mut self.receivers;
             thread::scope(|scope| -> Result<(), CommError> {
                 let handles: Vec<_> = writers
                     .into_iter()
-                    .map(|(r, mut s)| {
+                    .map(|(r, s)| {
                         let bytes = &bytes;
                         scope.spawn(move || {
-                            write_frame(&mut s, FrameKind::Data, bytes)
+                            s.send(FrameKind::Data, bytes)
                                 .map_err(|e| CommError::io(format!("sending to rank {r}"), e))
                         })
                     })
@@ -404,9 +424,10 @@ impl Mesh {
                 for (&r, into) in others.iter().zip(&mut received) {
                     let mut frame = Vec::new();
                     let name = format!("rank {r}");
-                    let got = self
-                        .stream(r)
-                        .and_then(|s| read_frame(s, &mut frame, max, &name, "an allreduce"))
+                    let got = receivers[r]
+                        .as_mut()
+                        .expect("checked above")
+                        .recv(&mut frame, max, &name, "an allreduce")
                         .and_then(|kind| decode_into(kind, &frame, into, &name));
                     if got.is_err() {
                         read = got;

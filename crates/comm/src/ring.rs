@@ -5,16 +5,35 @@
 //! every rank listens (the listener is bound *before* addresses are exchanged, so a
 //! connect never races a bind), connects to `rank + 1` and accepts `rank − 1`.
 //! Connections that fail the handshake — a stranger, another job, a wrong token — are
-//! refused and the rank keeps waiting for the right one until the deadline.
+//! refused and the rank keeps waiting for the right one until the deadline. Each
+//! accepted connection's handshake runs on its own thread under a short deadline
+//! ([`HANDSHAKE_TIMEOUT`]) while the listener keeps accepting, so a stranger that
+//! connects and says nothing costs a thread for seconds and delays no one.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::CommError;
 use crate::frame::DEFAULT_MAX_FRAME;
 use crate::handshake;
+use crate::link::{self, Cipher, Keys, Receiver, Sender};
+
+/// How long one connection may take to prove itself before it is dropped: a peer
+/// on any real link answers in a few round trips.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections whose handshakes may run at once; more are closed unread.
+const PENDING_HANDSHAKES: usize = 64;
+
+/// A stream that passed its handshake, with the rank it proved and its keys.
+pub(crate) struct Authenticated {
+    pub(crate) rank: usize,
+    pub(crate) stream: TcpStream,
+    pub(crate) keys: Option<Keys>,
+}
 
 /// Who this rank is and how it talks to the others.
 #[derive(Debug, Clone)]
@@ -34,6 +53,9 @@ pub struct RingConfig {
     /// How long one read may block before the peer is declared lost. Collectives wait
     /// for the slowest worker's compute, so this is minutes, not milliseconds.
     pub io_timeout: Duration,
+    /// Sealed or plain frames ([`Cipher::from_env`] by default); every rank must
+    /// choose alike.
+    pub cipher: Cipher,
 }
 
 impl RingConfig {
@@ -47,6 +69,7 @@ impl RingConfig {
             max_frame: DEFAULT_MAX_FRAME,
             connect_timeout: Duration::from_secs(60),
             io_timeout: Duration::from_secs(600),
+            cipher: Cipher::from_env(),
         }
     }
 }
@@ -55,10 +78,10 @@ impl RingConfig {
 #[derive(Debug)]
 pub struct Ring {
     pub(crate) config: RingConfig,
-    /// Stream to `rank + 1` (write side). `None` when `world == 1`.
-    pub(crate) next: Option<TcpStream>,
-    /// Stream from `rank − 1` (read side). `None` when `world == 1`.
-    pub(crate) prev: Option<TcpStream>,
+    /// Link to `rank + 1` (write side). `None` when `world == 1`.
+    pub(crate) next: Option<Sender>,
+    /// Link from `rank − 1` (read side). `None` when `world == 1`.
+    pub(crate) prev: Option<Receiver>,
 }
 
 impl Ring {
@@ -92,7 +115,7 @@ impl Ring {
             let config = config.clone();
             thread::spawn(move || {
                 accept_ranks(&listener, &config, &[prev_rank], deadline)
-                    .map(|mut one| one.pop().expect("one accepted stream").1)
+                    .map(|mut one| one.pop().expect("one accepted stream"))
             })
         };
         let next = dial(next_addr, (rank + 1) % world, &config, deadline);
@@ -100,18 +123,13 @@ impl Ring {
             .join()
             .map_err(|_| CommError::Config("acceptor thread panicked".into()))?;
         let (next, prev) = (next?, prev?);
-        for s in [&next, &prev] {
-            s.set_nodelay(true)
-                .map_err(|e| CommError::io("setting TCP_NODELAY", e))?;
-            s.set_read_timeout(Some(config.io_timeout))
-                .map_err(|e| CommError::io("setting a read timeout", e))?;
-            s.set_write_timeout(Some(config.io_timeout))
-                .map_err(|e| CommError::io("setting a write timeout", e))?;
+        for s in [&next.stream, &prev.stream] {
+            link::tune(s, config.io_timeout)?;
         }
         Ok(Ring {
+            next: Some(Sender::new(next.stream, next.keys.as_ref().map(|k| &k.send))),
+            prev: Some(Receiver::new(prev.stream, prev.keys.as_ref().map(|k| &k.recv))),
             config,
-            next: Some(next),
-            prev: Some(prev),
         })
     }
 }
@@ -176,7 +194,7 @@ pub(crate) fn dial(
     peer: usize,
     config: &RingConfig,
     deadline: Instant,
-) -> Result<TcpStream, CommError> {
+) -> Result<Authenticated, CommError> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
@@ -188,9 +206,13 @@ pub(crate) fn dial(
         match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(5))) {
             Ok(mut s) => {
                 s.set_read_timeout(Some(left)).ok();
-                handshake::connect(&mut s, &config.token, &config.session, config.rank as u32)?;
+                let keys = handshake::connect(&mut s, &config.token, &config.session, config.rank as u32, config.cipher)?;
                 s.set_read_timeout(None).ok();
-                return Ok(s);
+                return Ok(Authenticated {
+                    rank: peer,
+                    stream: s,
+                    keys,
+                });
             }
             Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut) => {
                 thread::sleep(Duration::from_millis(50));
@@ -201,26 +223,54 @@ pub(crate) fn dial(
 }
 
 /// Accepts one authenticated connection from each rank of `wanted`, refusing
-/// strangers, other jobs and ranks out of turn, until `deadline`.
+/// strangers, other jobs and ranks out of turn, until `deadline`. Handshakes run on
+/// threads of their own, each under [`HANDSHAKE_TIMEOUT`], while this thread keeps
+/// accepting.
 pub(crate) fn accept_ranks(
     listener: &TcpListener,
     config: &RingConfig,
     wanted: &[usize],
     deadline: Instant,
-) -> Result<Vec<(usize, TcpStream)>, CommError> {
+) -> Result<Vec<Authenticated>, CommError> {
     listener
         .set_nonblocking(true)
         .map_err(|e| CommError::io("configuring the listener", e))?;
-    let mut accepted: Vec<(usize, TcpStream)> = Vec::new();
+    let mut accepted: Vec<Authenticated> = Vec::new();
     let mut last_refusal: Option<CommError> = None;
-    let missing = |accepted: &[(usize, TcpStream)]| -> Vec<usize> {
+    let missing = |accepted: &[Authenticated]| -> Vec<usize> {
         wanted
             .iter()
             .copied()
-            .filter(|r| !accepted.iter().any(|(a, _)| a == r))
+            .filter(|r| !accepted.iter().any(|a| a.rank == *r))
             .collect()
     };
+    // Not scoped: a handshake still running when the ring is formed (a stranger
+    // waiting out its deadline) finishes on its own, and its result is dropped.
+    let secrets = Arc::new((config.token.clone(), config.session.clone()));
+    let (done, results) = mpsc::channel::<(SocketAddr, Result<Authenticated, CommError>)>();
+    let mut pending = 0usize;
     while accepted.len() < wanted.len() {
+        while let Ok((peer, result)) = results.try_recv() {
+            pending -= 1;
+            match result {
+                Ok(a) if missing(&accepted).contains(&a.rank) => accepted.push(a),
+                Ok(a) => {
+                    let expected = missing(&accepted);
+                    tracing::warn!(%peer, rank = a.rank, ?expected, "unexpected rank connected; refused");
+                    last_refusal = Some(CommError::Protocol {
+                        peer: peer.to_string(),
+                        reason: format!("rank {} connected where rank(s) {expected:?} were expected", a.rank),
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(%peer, error = %e, "data-plane connection refused");
+                    last_refusal = Some(e);
+                }
+            }
+        }
+        if accepted.len() == wanted.len() {
+            break;
+        }
         if Instant::now() >= deadline {
             let why = last_refusal
                 .map(|e| format!(" (last refusal: {e})"))
@@ -231,35 +281,151 @@ pub(crate) fn accept_ranks(
             ));
         }
         match listener.accept() {
-            Ok((mut s, peer)) => {
-                s.set_nonblocking(false)
-                    .map_err(|e| CommError::io("configuring a stream", e))?;
-                let left = deadline
+            Ok((s, peer)) if pending < PENDING_HANDSHAKES => {
+                pending += 1;
+                let (done, secrets, cipher) = (done.clone(), secrets.clone(), config.cipher);
+                let limit = deadline
                     .saturating_duration_since(Instant::now())
-                    .max(Duration::from_millis(100));
-                s.set_read_timeout(Some(left)).ok();
-                match handshake::accept(&mut s, &config.token, &config.session) {
-                    Ok(r) if missing(&accepted).contains(&(r as usize)) => {
-                        s.set_read_timeout(None).ok();
-                        accepted.push((r as usize, s));
-                    }
-                    Ok(r) => {
-                        let expected = missing(&accepted);
-                        tracing::warn!(%peer, rank = r, ?expected, "unexpected rank connected; refused");
-                        last_refusal = Some(CommError::Protocol {
-                            peer: peer.to_string(),
-                            reason: format!("rank {r} connected where rank(s) {expected:?} were expected"),
-                        });
-                    }
-                    Err(e) => {
-                        tracing::warn!(%peer, error = %e, "data-plane connection refused");
-                        last_refusal = Some(e);
-                    }
-                }
+                    .clamp(Duration::from_millis(100), HANDSHAKE_TIMEOUT);
+                thread::spawn(move || {
+                    let _ = done.send((peer, authenticate(s, &secrets.0, &secrets.1, cipher, limit)));
+                });
             }
+            Ok((_, peer)) => tracing::warn!(%peer, "too many handshakes at once; connection closed"),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
             Err(e) => return Err(CommError::io("accepting a data-plane connection", e)),
         }
     }
     Ok(accepted)
+}
+
+/// The acceptor's handshake on `s`, which must finish within `limit`.
+fn authenticate(
+    mut s: TcpStream,
+    token: &str,
+    session: &str,
+    cipher: Cipher,
+    limit: Duration,
+) -> Result<Authenticated, CommError> {
+    let configure = |e| CommError::io("configuring a data-plane stream", e);
+    s.set_nonblocking(false).map_err(configure)?;
+    s.set_read_timeout(Some(limit)).map_err(configure)?;
+    s.set_write_timeout(Some(limit)).map_err(configure)?;
+    let (rank, keys) = handshake::accept(&mut s, token, session, cipher)?;
+    s.set_read_timeout(None).map_err(configure)?;
+    Ok(Authenticated {
+        rank: rank as usize,
+        stream: s,
+        keys,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+
+    use super::*;
+
+    fn listeners(n: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
+        let ls: Vec<TcpListener> = (0..n).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+        let addrs = ls.iter().map(|l| l.local_addr().unwrap()).collect();
+        (ls, addrs)
+    }
+
+    /// Forms a ring of two on `listeners`, rank 0 reaching rank 1 at `to_one`.
+    fn form_two(ls: Vec<TcpListener>, addrs: &[SocketAddr], to_one: SocketAddr, timeout: Duration) -> Vec<Ring> {
+        let handles: Vec<_> = ls
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let mut addrs = addrs.to_vec();
+                if rank == 0 {
+                    addrs[1] = to_one;
+                }
+                thread::spawn(move || {
+                    let mut config = RingConfig::new(rank, 2, "job-7", "secret");
+                    config.connect_timeout = timeout;
+                    config.cipher = Cipher::Aes256Gcm;
+                    Ring::form(config, l, &addrs)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+    }
+
+    #[test]
+    fn a_silent_stranger_does_not_delay_the_ring_past_its_deadline() {
+        let (ls, addrs) = listeners(2);
+        // Strangers connect to both ranks first and never say a word. Each
+        // handshake waited out the whole formation deadline before; now each has
+        // its own thread, and the ring forms inside a deadline shorter than the
+        // strangers' silence.
+        let _strangers: Vec<TcpStream> = addrs.iter().map(|a| TcpStream::connect(a).unwrap()).collect();
+        let mut ring = form_two(ls, &addrs, addrs[1], Duration::from_secs(4));
+        let mut sums = thread::scope(|s| {
+            let handles: Vec<_> = ring
+                .iter_mut()
+                .map(|r| {
+                    s.spawn(move || {
+                        let mut buf = vec![r.rank() as f32 + 1.0; 3];
+                        r.allreduce_sum(&mut buf).map(|()| buf)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect::<Vec<_>>()
+        });
+        assert_eq!(sums.pop().unwrap(), vec![3.0; 3]);
+    }
+
+    #[test]
+    fn a_frame_altered_on_the_path_is_refused_and_the_sender_named() {
+        // A relay between rank 0 and rank 1 that passes the handshake through and
+        // then flips one bit of every later frame from rank 0.
+        let (ls, addrs) = listeners(2);
+        let relay = TcpListener::bind("127.0.0.1:0").unwrap();
+        let relay_addr = relay.local_addr().unwrap();
+        let to_one = addrs[1];
+        thread::spawn(move || {
+            let (mut from0, _) = relay.accept().unwrap();
+            let mut to1 = TcpStream::connect(to_one).unwrap();
+            let (mut back_from, mut back_to) = (to1.try_clone().unwrap(), from0.try_clone().unwrap());
+            thread::spawn(move || {
+                let _ = std::io::copy(&mut back_from, &mut back_to);
+            });
+            let mut seen = 0usize;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = from0.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                // The handshake is a few hundred bytes; flip a byte well past it.
+                for (i, b) in buf[..n].iter_mut().enumerate() {
+                    if seen + i == 1000 {
+                        *b ^= 0x04;
+                    }
+                }
+                seen += n;
+                if to1.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut ring = form_two(ls, &addrs, relay_addr, Duration::from_secs(20));
+        let results = thread::scope(|s| {
+            let handles: Vec<_> = ring
+                .iter_mut()
+                .map(|r| {
+                    s.spawn(move || {
+                        let mut buf = vec![1.0f32; 1000];
+                        r.allreduce_sum(&mut buf)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        });
+        let refused = results[1].as_ref().unwrap_err();
+        assert!(matches!(refused, CommError::Tampered { .. }), "{refused}");
+        assert!(refused.to_string().contains("rank 0"), "{refused}");
+        assert!(results[0].is_err(), "rank 0 learns that its ring broke");
+    }
 }

@@ -6,11 +6,12 @@
 //! under the frame limit. The server's logic (what a push does to the model) lives
 //! with the optimiser in `hetero-train`; this module only moves messages.
 
-use std::io::{BufReader, BufWriter, Write};
+use std::io::{BufReader, BufWriter};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
-use crate::frame::{DEFAULT_MAX_FRAME, FrameKind, read_frame, write_frame};
+use crate::frame::{DEFAULT_MAX_FRAME, FrameKind};
+use crate::link::{self, Cipher, Keys, Receiver, Sender};
 use crate::{CommError, handshake};
 
 /// Floats per data frame: 16 MiB.
@@ -42,28 +43,23 @@ impl Op {
 
 /// One end of a server connection.
 pub struct Channel {
-    reader: BufReader<TcpStream>,
-    writer: BufWriter<TcpStream>,
+    reader: Receiver<BufReader<TcpStream>>,
+    writer: Sender<BufWriter<TcpStream>>,
     peer: String,
     buf: Vec<u8>,
 }
 
 impl Channel {
-    fn new(stream: TcpStream, io_timeout: Duration) -> Result<Channel, CommError> {
+    fn new(stream: TcpStream, keys: Option<Keys>, io_timeout: Duration) -> Result<Channel, CommError> {
         let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-        stream
-            .set_nodelay(true)
-            .map_err(|e| CommError::io("setting TCP_NODELAY", e))?;
-        stream
-            .set_read_timeout(Some(io_timeout))
-            .map_err(|e| CommError::io("setting a read timeout", e))?;
+        link::tune(&stream, io_timeout)?;
         let writer = BufWriter::with_capacity(
             1 << 20,
             stream.try_clone().map_err(|e| CommError::io("cloning a stream", e))?,
         );
         Ok(Channel {
-            reader: BufReader::with_capacity(1 << 20, stream),
-            writer,
+            reader: Receiver::new(BufReader::with_capacity(1 << 20, stream), keys.as_ref().map(|k| &k.recv)),
+            writer: Sender::new(writer, keys.as_ref().map(|k| &k.send)),
             peer,
             buf: Vec::new(),
         })
@@ -80,14 +76,14 @@ impl Channel {
         let mut header = [0u8; 9];
         header[0] = op as u8;
         header[1..].copy_from_slice(&(values.len() as u64).to_le_bytes());
-        write_frame(&mut self.writer, FrameKind::Data, &header).map_err(io)?;
+        self.writer.send(FrameKind::Data, &header).map_err(io)?;
         let mut bytes = Vec::with_capacity(values.len().min(PIECE_FLOATS) * 4);
         for piece in values.chunks(PIECE_FLOATS) {
             bytes.clear();
             for v in piece {
                 bytes.extend_from_slice(&v.to_le_bytes());
             }
-            write_frame(&mut self.writer, FrameKind::Data, &bytes).map_err(io)?;
+            self.writer.send(FrameKind::Data, &bytes).map_err(io)?;
         }
         self.writer.flush().map_err(io)
     }
@@ -96,7 +92,7 @@ impl Channel {
     /// messages.
     pub fn recv(&mut self) -> Result<Option<(Op, Vec<f32>)>, CommError> {
         let during = "a parameter-server exchange";
-        let kind = match read_frame(&mut self.reader, &mut self.buf, DEFAULT_MAX_FRAME, &self.peer, during) {
+        let kind = match self.reader.recv(&mut self.buf, DEFAULT_MAX_FRAME, &self.peer, during) {
             Err(CommError::PeerClosed { .. }) => return Ok(None),
             other => other?,
         };
@@ -117,7 +113,7 @@ impl Channel {
         }
         let mut values = Vec::with_capacity(count);
         while values.len() < count {
-            let kind = read_frame(&mut self.reader, &mut self.buf, DEFAULT_MAX_FRAME, &self.peer, during)?;
+            let kind = self.reader.recv(&mut self.buf, DEFAULT_MAX_FRAME, &self.peer, during)?;
             let expected = (count - values.len()).min(PIECE_FLOATS) * 4;
             if kind != FrameKind::Data || self.buf.len() != expected {
                 return Err(protocol(format!(
@@ -136,7 +132,7 @@ impl Channel {
 
     /// Tells the other end why we stop (best effort).
     pub fn abort(&mut self, reason: &str) {
-        let _ = write_frame(&mut self.writer, FrameKind::Abort, reason.as_bytes());
+        let _ = self.writer.send(FrameKind::Abort, reason.as_bytes());
         let _ = self.writer.flush();
     }
 
@@ -183,9 +179,12 @@ impl ServerClient {
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         };
-        handshake::connect(&mut stream, token, session, id)?;
+        stream
+            .set_read_timeout(Some(crate::ring::HANDSHAKE_TIMEOUT))
+            .map_err(|e| CommError::io("setting a read timeout", e))?;
+        let keys = handshake::connect(&mut stream, token, session, id, Cipher::from_env())?;
         Ok(ServerClient {
-            channel: Channel::new(stream, Duration::from_secs(3600))?,
+            channel: Channel::new(stream, keys, Duration::from_secs(3600))?,
         })
     }
 
@@ -240,16 +239,16 @@ pub fn accept_clients(
                     .set_nonblocking(false)
                     .map_err(|e| CommError::io("configuring a connection", e))?;
                 stream
-                    .set_read_timeout(Some(Duration::from_secs(10)))
+                    .set_read_timeout(Some(crate::ring::HANDSHAKE_TIMEOUT))
                     .map_err(|e| CommError::io("setting a read timeout", e))?;
                 // A stranger or a stale connection is refused, not fatal.
-                let Ok(id) = handshake::accept(&mut stream, token, session) else {
+                let Ok((id, keys)) = handshake::accept(&mut stream, token, session, Cipher::from_env()) else {
                     continue;
                 };
                 if out.iter().any(|(seen, _)| *seen == id) {
                     return Err(CommError::Config(format!("two clients claim id {id}")));
                 }
-                out.push((id, Channel::new(stream, Duration::from_secs(3600))?));
+                out.push((id, Channel::new(stream, keys, Duration::from_secs(3600))?));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if Instant::now() >= deadline {
