@@ -35,7 +35,8 @@ struct Cli {
 /// Where the client finds the coordinator and its token.
 #[derive(clap::Args, Clone)]
 pub struct Connection {
-    /// Coordinator address (host:port).
+    /// Coordinator address: host:port, reached over TLS; http://host:port for a
+    /// coordinator started with --insecure.
     #[arg(long, env = "HETERO_COORDINATOR", default_value = "127.0.0.1:7070", global = true)]
     coordinator: String,
     /// Cluster token (default: read from <data-dir>/token, as written by `hetero coordinator`).
@@ -84,6 +85,10 @@ enum Command {
         /// (the name in the URL operators open; repeat for several).
         #[arg(long = "dashboard-host")]
         dashboard_hosts: Vec<String>,
+        /// Serve gRPC in plaintext, the token readable on the path (agents and
+        /// clients then give --coordinator http://HOST:PORT). Only on links you trust.
+        #[arg(long)]
+        insecure: bool,
     },
     /// Run an agent: offer this machine's devices to a coordinator and run workers.
     Agent {
@@ -300,6 +305,7 @@ fn main() -> ExitCode {
             alert_webhook,
             dashboard,
             dashboard_hosts,
+            insecure,
         } => server_cmds::coordinator(
             &listen,
             &data_dir,
@@ -307,6 +313,7 @@ fn main() -> ExitCode {
             dead_after,
             alert_webhook.as_deref(),
             (&dashboard, dashboard_hosts),
+            insecure,
         ),
         Command::Agent {
             conn,

@@ -79,6 +79,7 @@ pub fn coordinator(
     dead_after: u64,
     alert_webhook: Option<&str>,
     dashboard: (&str, Vec<String>),
+    insecure: bool,
 ) -> Result<ExitCode> {
     let (dashboard, dashboard_hosts) = dashboard;
     private_folder(data_dir)?;
@@ -99,6 +100,7 @@ pub fn coordinator(
     };
     let mut config = CoordinatorConfig::new(data_dir.join("coordinator.redb"), &token);
     config.dead_after = std::time::Duration::from_secs(dead_after.max(1));
+    config.tls = !insecure;
     config.alert_webhook = alert_webhook
         .map(Webhook::parse)
         .transpose()
@@ -109,6 +111,15 @@ pub fn coordinator(
             .await
             .with_context(|| format!("binding {listen}"))?;
         println!("coordinator listening on {}", listener.local_addr()?);
+        if insecure {
+            eprintln!(
+                "warning: --insecure: gRPC in plaintext, the cluster token readable by anyone on the path \
+                 (agents and clients: --coordinator http://{})",
+                listener.local_addr()?
+            );
+        } else {
+            println!("gRPC over TLS, its authority derived from the cluster token");
+        }
         let board = tokio::net::TcpListener::bind(dashboard)
             .await
             .with_context(|| format!("binding {dashboard}"))?;

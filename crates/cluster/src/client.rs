@@ -12,27 +12,56 @@ use crate::ClusterError;
 /// The coordinator client type used everywhere.
 pub type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
 
-/// Normalises `host:port` to `http://host:port`.
+/// The URL of a coordinator address: `host:port` (or `https://host:port`) is reached
+/// over TLS, `http://host:port` in plaintext (a coordinator started with
+/// `--insecure`).
 pub fn endpoint_url(address: &str) -> String {
     if address.starts_with("http://") || address.starts_with("https://") {
         address.to_string()
     } else {
-        format!("http://{address}")
+        format!("https://{address}")
     }
 }
 
-/// Connects to the coordinator at `address` with `token`.
+/// Connects to the coordinator at `address` with `token`: over TLS, trusting only
+/// the authority the token derives ([`hetero_proto::tls`]), unless the address is
+/// `http://…`.
 pub async fn connect(address: &str, token: &str) -> Result<Client, ClusterError> {
     let url = endpoint_url(address);
     let fail = |message: String| ClusterError::Connect {
         address: address.to_string(),
         message,
     };
-    let endpoint = Endpoint::from_shared(url.clone())
+    let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| fail(format!("not an address: {e}")))?
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true);
-    let channel = endpoint.connect().await.map_err(|e| fail(e.to_string()))?;
+    let tls = url.starts_with("https://");
+    if tls {
+        endpoint = endpoint
+            .tls_config(hetero_proto::tls::client_config(token).map_err(fail)?)
+            .map_err(|e| fail(format!("configuring TLS: {e}")))?;
+    }
+    let channel = endpoint.connect().await.map_err(|e| {
+        // tonic's own message is "transport error"; the cause says what happened.
+        let mut why = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            let s_text = s.to_string();
+            if !why.contains(&s_text) {
+                why = format!("{why}: {s_text}");
+            }
+            source = s.source();
+        }
+        fail(match tls && why.contains("certificate") {
+            true => format!(
+                "{why} — the coordinator's certificate does not come from this token: a wrong cluster \
+                 token (or not Hetero's coordinator)"
+            ),
+            false if tls => format!("{why} (a coordinator started with --insecure is reached as http://{address})"),
+            false => why,
+        })
+    })?;
     let attach = AttachToken::new(token).map_err(fail)?;
     Ok(CoordinatorClient::with_interceptor(channel, attach).max_decoding_message_size(64 << 20))
 }

@@ -47,10 +47,13 @@ pub struct CoordinatorConfig {
     pub dead_after: Duration,
     /// Where alerts are POSTed, if anywhere.
     pub alert_webhook: Option<Webhook>,
+    /// Serve gRPC over TLS rooted in the token ([`hetero_proto::tls`]); `false` only
+    /// for `--insecure`.
+    pub tls: bool,
 }
 
 impl CoordinatorConfig {
-    /// Defaults: heartbeat every 500 ms, dead after 10 s of silence.
+    /// Defaults: heartbeat every 500 ms, dead after 10 s of silence, TLS.
     pub fn new(store_path: impl Into<PathBuf>, token: impl Into<String>) -> Self {
         CoordinatorConfig {
             store_path: store_path.into(),
@@ -58,6 +61,7 @@ impl CoordinatorConfig {
             heartbeat_interval: Duration::from_millis(500),
             dead_after: Duration::from_secs(10),
             alert_webhook: None,
+            tls: true,
         }
     }
 }
@@ -252,7 +256,15 @@ impl Coordinator {
                 }
             })
         };
-        let result = tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if self.inner.config.tls {
+            let tls = hetero_proto::tls::server_config(&self.inner.config.token)
+                .map_err(|e| ClusterError::io("making the coordinator's certificate", std::io::Error::other(e)))?;
+            server = server
+                .tls_config(tls)
+                .map_err(|e| ClusterError::io("configuring TLS", std::io::Error::other(e)))?;
+        }
+        let result = server
             .add_service(self.service())
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             .await;

@@ -136,7 +136,28 @@ async fn cancelling_stops_running_workers_and_frees_the_slots() {
 #[tokio::test]
 async fn wrong_or_missing_token_is_refused_and_changes_nothing() {
     let cluster = LocalCluster::start(1, "/bin/false".into()).await.unwrap();
-    let mut intruder = connect(&cluster.address, "not-the-token").await.unwrap();
+    // Another token derives another authority: TLS refuses this coordinator's
+    // certificate before a call (or the token) is sent.
+    let refused = connect(&cluster.address, "not-the-token").await.err().expect("TLS must refuse");
+    assert!(refused.to_string().contains("certificate"), "{refused}");
+    // Plaintext to a TLS coordinator gets nowhere either.
+    if let Ok(mut plain) = connect(&format!("http://{}", cluster.address), &cluster.token).await {
+        assert!(plain.list_jobs(pb::ListJobsRequest {}).await.is_err());
+    }
+    // Past TLS (the right authority), a wrong token is still refused by every call.
+    let tls_channel = || async {
+        tonic::transport::Endpoint::from_shared(format!("https://{}", cluster.address))
+            .unwrap()
+            .tls_config(hetero_proto::tls::client_config(&cluster.token).unwrap())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    };
+    let mut intruder = pb::coordinator_client::CoordinatorClient::with_interceptor(
+        tls_channel().await,
+        hetero_proto::auth::AttachToken::new("not-the-token").unwrap(),
+    );
     let spec = custom_spec(Path::new("/bin/true"), 1);
     let err = intruder
         .submit_job(pb::SubmitJobRequest {
@@ -162,12 +183,7 @@ async fn wrong_or_missing_token_is_refused_and_changes_nothing() {
     );
 
     // No token at all.
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.address))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut bare = pb::coordinator_client::CoordinatorClient::new(channel);
+    let mut bare = pb::coordinator_client::CoordinatorClient::new(tls_channel().await);
     let err = bare
         .cancel_job(pb::CancelJobRequest {
             job_id: "job-000001".into(),
@@ -441,4 +457,71 @@ async fn declared_devices_are_registered_scheduled_and_run_their_command() {
     let texts = client::log_texts(&mut client, &job).await.unwrap();
     assert!(texts.iter().any(|t| t == "speed=0.5"), "{texts:?}");
     cluster.shutdown().await;
+}
+
+/// A TCP relay on loopback that forwards both ways to `to` and keeps a copy of
+/// every byte the client sent.
+async fn recording_relay(to: String) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let server = tokio::net::TcpStream::connect(&to).await.unwrap();
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 * 1024];
+                while let Ok(n) = cr.read(&mut buf).await {
+                    if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    record.lock().unwrap().extend_from_slice(&buf[..n]);
+                }
+            });
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut sr, &mut cw).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test]
+async fn calls_cross_the_wire_encrypted_unless_the_operator_says_insecure() {
+    // TLS (the default): calls through the relay work, and the relay never sees the token.
+    let cluster = LocalCluster::start(1, "/bin/false".into()).await.unwrap();
+    let (relay, seen) = recording_relay(cluster.address.clone()).await;
+    let mut client = connect(&relay, &cluster.token).await.unwrap();
+    client.list_jobs(pb::ListJobsRequest {}).await.unwrap();
+    let bytes = seen.lock().unwrap().clone();
+    assert!(bytes.len() > 100, "the relay carried the call");
+    assert!(!bytes.windows(cluster.token.len()).any(|w| w == cluster.token.as_bytes()));
+    assert!(!bytes.windows(14).any(|w| w == b"PRI * HTTP/2.0"), "HTTP/2 in clear");
+    cluster.shutdown().await;
+
+    // --insecure: the same call in plaintext, and the token is there for anyone to read.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = CoordinatorConfig::new(dir.path().join("store.redb"), "plain-token-123");
+    config.tls = false;
+    let coordinator = Coordinator::open(config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let (stop, mut stopped) = watch::channel(false);
+    let server = tokio::spawn(coordinator.serve(listener, async move {
+        let _ = stopped.changed().await;
+    }));
+    let (relay, seen) = recording_relay(addr.clone()).await;
+    let mut client = connect(&format!("http://{relay}"), "plain-token-123").await.unwrap();
+    client.list_jobs(pb::ListJobsRequest {}).await.unwrap();
+    let bytes = seen.lock().unwrap().clone();
+    // (HPACK compresses the header that carries the token, but any reader decodes it.)
+    assert!(bytes.windows(14).any(|w| w == b"PRI * HTTP/2.0"), "plaintext HTTP/2 on the wire");
+    // A TLS client refuses a plaintext coordinator rather than send it the token.
+    assert!(connect(&addr, "plain-token-123").await.is_err());
+    let _ = stop.send(true);
+    let _ = server.await;
 }

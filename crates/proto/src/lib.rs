@@ -12,6 +12,7 @@ pub mod v1 {
 }
 
 pub mod auth;
+pub mod tls;
 
 pub use v1::*;
 
