@@ -94,6 +94,9 @@ pub struct AgentConfig {
     pub backend: String,
     /// GPU groups driven by a burn backend this build has (`hetero agent --gpu cuda:2`).
     pub gpus: Vec<GpuGroup>,
+    /// How long a worker may stay stopped (SIGSTOP, a debugger) before it is killed
+    /// and its job goes on without it ([`crate::process_state`]).
+    pub stopped_grace: Duration,
 }
 
 /// GPUs of one burn backend on this machine: one worker per device.
@@ -123,6 +126,7 @@ impl AgentConfig {
             declared: vec![],
             backend: String::new(),
             gpus: vec![],
+            stopped_grace: Duration::from_secs(15),
         }
     }
 }
@@ -503,6 +507,10 @@ async fn supervise(
     let mut flush = tokio::time::interval(Duration::from_millis(250));
     let mut cancelled = false;
     let mut output_open = true;
+    // A stopped worker stalls its whole job and no connection notices: watch for it.
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    let mut stopped_since: Option<std::time::Instant> = None;
+    let mut stalled: Option<String> = None;
     let status = loop {
         tokio::select! {
             line = line_rx.recv(), if output_open => match line {
@@ -525,12 +533,31 @@ async fn supervise(
                 cancelled = true;
                 let _ = child.start_kill();
             }
+            _ = check.tick(), if stalled.is_none() => {
+                let stopped = child.id().is_some_and(crate::process_state::is_stopped);
+                match (stopped, stopped_since) {
+                    (false, _) => stopped_since = None,
+                    (true, None) => stopped_since = Some(std::time::Instant::now()),
+                    (true, Some(since)) if since.elapsed() >= config.stopped_grace => {
+                        let why = format!(
+                            "stopped (SIGSTOP or a debugger) for {} s: killed so that its job goes on without it",
+                            since.elapsed().as_secs()
+                        );
+                        tracing::warn!(task = %a.task_id, "{why}");
+                        logs.push(format!("[agent] {why}"));
+                        stalled = Some(why);
+                        let _ = child.start_kill();
+                    }
+                    (true, Some(_)) => {}
+                }
+            }
             status = child.wait(), if !output_open => break status,
         }
     };
     send_output(&mut client, agent_id, &a.task_id, &mut logs, &mut events).await;
     match status {
         _ if cancelled => (TaskState::Cancelled, "stopped on request".into()),
+        _ if stalled.is_some() => (TaskState::Failed, stalled.unwrap_or_default()),
         Ok(s) if s.success() => (TaskState::Succeeded, "exited 0".into()),
         Ok(s) => {
             let how = match (s.code(), exit_signal(&s)) {

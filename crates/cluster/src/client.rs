@@ -35,7 +35,12 @@ pub async fn connect(address: &str, token: &str) -> Result<Client, ClusterError>
     let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| fail(format!("not an address: {e}")))?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        // HTTP/2 pings: a coordinator that vanished (host down, link cut) fails the
+        // calls waiting on it in about 30 s instead of leaving them hanging.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true);
     let tls = url.starts_with("https://");
     if tls {
         endpoint = endpoint

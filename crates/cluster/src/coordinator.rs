@@ -256,7 +256,11 @@ impl Coordinator {
                 }
             })
         };
-        let mut server = tonic::transport::Server::builder();
+        // HTTP/2 pings both ways: a client that vanished frees its streams (a
+        // `logs --follow` of a dead terminal) in about 30 s.
+        let mut server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)));
         if self.inner.config.tls {
             let tls = hetero_proto::tls::server_config(&self.inner.config.token)
                 .map_err(|e| ClusterError::io("making the coordinator's certificate", std::io::Error::other(e)))?;

@@ -29,6 +29,7 @@ pub mod error;
 pub mod local;
 #[cfg(feature = "nvml")]
 pub mod nvml;
+pub mod process_state;
 pub mod records;
 pub mod scheduler;
 pub mod store;

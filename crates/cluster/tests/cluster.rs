@@ -525,3 +525,25 @@ async fn calls_cross_the_wire_encrypted_unless_the_operator_says_insecure() {
     let _ = stop.send(true);
     let _ = server.await;
 }
+
+#[tokio::test]
+async fn a_worker_that_stays_stopped_is_killed_and_named_rather_than_holding_its_job() {
+    let dir = tempfile::tempdir().unwrap();
+    // The worker says it started, then stops itself as SIGSTOP or a debugger would.
+    let stops = script(dir.path(), "stops.sh", "echo \"started\"\nkill -STOP $$\necho \"never\"");
+    let cluster = LocalCluster::start_with(|config| {
+        config.slots = 1;
+        config.worker_program = "/bin/false".into();
+        config.stopped_grace = Duration::from_secs(1);
+    })
+    .await
+    .unwrap();
+    let mut client = cluster.client().await.unwrap();
+    let job = submit(&mut client, custom_spec(&stops, 1)).await;
+    let info = wait_for(&mut client, &job, ended).await;
+    assert_eq!(info.state, pb::JobState::Failed as i32, "{info:?}");
+    assert!(info.message.contains("stopped (SIGSTOP or a debugger)"), "{}", info.message);
+    let texts = client::log_texts(&mut client, &job).await.unwrap();
+    assert!(texts.iter().any(|t| t == "started") && !texts.iter().any(|t| t == "never"), "{texts:?}");
+    cluster.shutdown().await;
+}
