@@ -138,7 +138,10 @@ async fn wrong_or_missing_token_is_refused_and_changes_nothing() {
     let cluster = LocalCluster::start(1, "/bin/false".into()).await.unwrap();
     // Another token derives another authority: TLS refuses this coordinator's
     // certificate before a call (or the token) is sent.
-    let refused = connect(&cluster.address, "not-the-token").await.err().expect("TLS must refuse");
+    let refused = connect(&cluster.address, "not-the-token")
+        .await
+        .err()
+        .expect("TLS must refuse");
     assert!(refused.to_string().contains("certificate"), "{refused}");
     // Plaintext to a TLS coordinator gets nowhere either.
     if let Ok(mut plain) = connect(&format!("http://{}", cluster.address), &cluster.token).await {
@@ -499,7 +502,11 @@ async fn calls_cross_the_wire_encrypted_unless_the_operator_says_insecure() {
     client.list_jobs(pb::ListJobsRequest {}).await.unwrap();
     let bytes = seen.lock().unwrap().clone();
     assert!(bytes.len() > 100, "the relay carried the call");
-    assert!(!bytes.windows(cluster.token.len()).any(|w| w == cluster.token.as_bytes()));
+    assert!(
+        !bytes
+            .windows(cluster.token.len())
+            .any(|w| w == cluster.token.as_bytes())
+    );
     assert!(!bytes.windows(14).any(|w| w == b"PRI * HTTP/2.0"), "HTTP/2 in clear");
     cluster.shutdown().await;
 
@@ -519,7 +526,10 @@ async fn calls_cross_the_wire_encrypted_unless_the_operator_says_insecure() {
     client.list_jobs(pb::ListJobsRequest {}).await.unwrap();
     let bytes = seen.lock().unwrap().clone();
     // (HPACK compresses the header that carries the token, but any reader decodes it.)
-    assert!(bytes.windows(14).any(|w| w == b"PRI * HTTP/2.0"), "plaintext HTTP/2 on the wire");
+    assert!(
+        bytes.windows(14).any(|w| w == b"PRI * HTTP/2.0"),
+        "plaintext HTTP/2 on the wire"
+    );
     // A TLS client refuses a plaintext coordinator rather than send it the token.
     assert!(connect(&addr, "plain-token-123").await.is_err());
     let _ = stop.send(true);
@@ -530,7 +540,11 @@ async fn calls_cross_the_wire_encrypted_unless_the_operator_says_insecure() {
 async fn a_worker_that_stays_stopped_is_killed_and_named_rather_than_holding_its_job() {
     let dir = tempfile::tempdir().unwrap();
     // The worker says it started, then stops itself as SIGSTOP or a debugger would.
-    let stops = script(dir.path(), "stops.sh", "echo \"started\"\nkill -STOP $$\necho \"never\"");
+    let stops = script(
+        dir.path(),
+        "stops.sh",
+        "echo \"started\"\nkill -STOP $$\necho \"never\"",
+    );
     let cluster = LocalCluster::start_with(|config| {
         config.slots = 1;
         config.worker_program = "/bin/false".into();
@@ -542,8 +556,15 @@ async fn a_worker_that_stays_stopped_is_killed_and_named_rather_than_holding_its
     let job = submit(&mut client, custom_spec(&stops, 1)).await;
     let info = wait_for(&mut client, &job, ended).await;
     assert_eq!(info.state, pb::JobState::Failed as i32, "{info:?}");
-    assert!(info.message.contains("stopped (SIGSTOP or a debugger)"), "{}", info.message);
+    assert!(
+        info.message.contains("stopped (SIGSTOP or a debugger)"),
+        "{}",
+        info.message
+    );
     let texts = client::log_texts(&mut client, &job).await.unwrap();
-    assert!(texts.iter().any(|t| t == "started") && !texts.iter().any(|t| t == "never"), "{texts:?}");
+    assert!(
+        texts.iter().any(|t| t == "started") && !texts.iter().any(|t| t == "never"),
+        "{texts:?}"
+    );
     cluster.shutdown().await;
 }

@@ -137,7 +137,10 @@ pub fn connect(
             "the peer does not hold this cluster's token (or serves another job)".into(),
         ));
     }
-    let proof = mac(token, &[b"connector", &c, session.as_bytes(), ns, &nc, &rank.to_le_bytes()]);
+    let proof = mac(
+        token,
+        &[b"connector", &c, session.as_bytes(), ns, &nc, &rank.to_le_bytes()],
+    );
     write_frame(stream, FrameKind::Hello, &proof).map_err(io_err(&peer))?;
     let verdict = read_hello(stream, &peer)?;
     if verdict != [1] {
@@ -212,7 +215,10 @@ pub fn accept(
     write_frame(stream, FrameKind::Hello, &reply).map_err(io_err(&peer))?;
 
     let proof = read_hello(stream, &peer)?;
-    let expected = mac(token, &[b"connector", &c, session.as_bytes(), &ns, nc, &rank.to_le_bytes()]);
+    let expected = mac(
+        token,
+        &[b"connector", &c, session.as_bytes(), &ns, nc, &rank.to_le_bytes()],
+    );
     if proof != expected {
         return Err(refuse(
             stream,
@@ -221,7 +227,10 @@ pub fn accept(
         ));
     }
     write_frame(stream, FrameKind::Hello, &[1]).map_err(io_err(&peer))?;
-    Ok((rank, (cipher == Cipher::Aes256Gcm).then(|| keys(token, session, nc, &ns, false))))
+    Ok((
+        rank,
+        (cipher == Cipher::Aes256Gcm).then(|| keys(token, session, nc, &ns, false)),
+    ))
 }
 
 #[cfg(test)]
@@ -234,7 +243,13 @@ mod tests {
     type Sides = (Result<Option<Keys>, CommError>, Result<(u32, Option<Keys>), CommError>);
 
     fn pair(client_token: &'static str, server_token: &'static str, client_session: &'static str) -> Sides {
-        ciphers(client_token, server_token, client_session, Cipher::Aes256Gcm, Cipher::Aes256Gcm)
+        ciphers(
+            client_token,
+            server_token,
+            client_session,
+            Cipher::Aes256Gcm,
+            Cipher::Aes256Gcm,
+        )
     }
 
     fn ciphers(
@@ -275,7 +290,10 @@ mod tests {
         assert!(s.contains("plaintext frames") && s.contains("HETERO_DATA_PLANE"), "{s}");
         assert!(c.unwrap_err().to_string().contains("HETERO_DATA_PLANE"));
         let (c, s) = ciphers("secret", "secret", "job-1", Cipher::None, Cipher::None);
-        assert!(c.unwrap().is_none() && s.unwrap().1.is_none(), "plain links have no keys");
+        assert!(
+            c.unwrap().is_none() && s.unwrap().1.is_none(),
+            "plain links have no keys"
+        );
     }
 
     #[test]

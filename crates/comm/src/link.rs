@@ -107,7 +107,8 @@ impl Aead {
 }
 
 fn header(kind: FrameKind, len: usize) -> io::Result<[u8; 5]> {
-    let len = u32::try_from(len).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame payload over 4 GiB"))?;
+    let len =
+        u32::try_from(len).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame payload over 4 GiB"))?;
     let mut h = [0u8; 5];
     h[0] = kind as u8;
     h[1..].copy_from_slice(&len.to_le_bytes());
@@ -117,7 +118,9 @@ fn header(kind: FrameKind, len: usize) -> io::Result<[u8; 5]> {
 impl<W> std::fmt::Debug for Sender<W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never the key.
-        f.debug_struct("Sender").field("sealed", &self.seal.is_some()).finish_non_exhaustive()
+        f.debug_struct("Sender")
+            .field("sealed", &self.seal.is_some())
+            .finish_non_exhaustive()
     }
 }
 
@@ -197,7 +200,13 @@ impl<R: Read> Receiver<R> {
     /// Reads one frame into `buf` (its payload, opened) and returns its kind; a
     /// payload over `max` bytes is refused before it is read. `peer` and `during`
     /// name the other end and the operation in errors.
-    pub fn recv(&mut self, buf: &mut Vec<u8>, max: u32, peer: &str, during: &'static str) -> Result<FrameKind, CommError> {
+    pub fn recv(
+        &mut self,
+        buf: &mut Vec<u8>,
+        max: u32,
+        peer: &str,
+        during: &'static str,
+    ) -> Result<FrameKind, CommError> {
         if self.broken {
             return Err(CommError::Tampered {
                 peer: peer.to_string(),
@@ -306,7 +315,10 @@ mod tests {
     #[test]
     fn sealed_frames_round_trip_and_hide_their_payload() {
         let wire = sent(&[(FrameKind::Data, b"gradients!"), (FrameKind::Data, b"")], Some(&A));
-        assert!(!wire.windows(10).any(|w| w == b"gradients!"), "the payload is on the wire in clear");
+        assert!(
+            !wire.windows(10).any(|w| w == b"gradients!"),
+            "the payload is on the wire in clear"
+        );
         assert_eq!(recv_all(&wire, Some(&A), 2).unwrap(), [b"gradients!".to_vec(), vec![]]);
         // Plain frames are the frame module's, byte for byte.
         let plain = sent(&[(FrameKind::Data, b"abc")], None);
@@ -324,12 +336,18 @@ mod tests {
             let err = recv_all(&bad, Some(&A), 1).unwrap_err();
             // A flipped length byte may instead announce more than the stream holds.
             assert!(
-                matches!(err, CommError::Tampered { .. } | CommError::Protocol { .. } | CommError::FrameTooLarge { .. }),
+                matches!(
+                    err,
+                    CommError::Tampered { .. } | CommError::Protocol { .. } | CommError::FrameTooLarge { .. }
+                ),
                 "byte {i}: {err}"
             );
         }
         let err = recv_all(&wire, Some(&B), 1).unwrap_err().to_string();
-        assert!(err.contains("rank 1") && err.contains("a test") && err.contains("failed to authenticate"), "{err}");
+        assert!(
+            err.contains("rank 1") && err.contains("a test") && err.contains("failed to authenticate"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -341,13 +359,19 @@ mod tests {
         assert!(matches!(recv_all(second, Some(&A), 1), Err(CommError::Tampered { .. })));
         // The first frame twice (replayed).
         let replayed = [one.clone(), one.clone()].concat();
-        assert!(matches!(recv_all(&replayed, Some(&A), 2), Err(CommError::Tampered { .. })));
+        assert!(matches!(
+            recv_all(&replayed, Some(&A), 2),
+            Err(CommError::Tampered { .. })
+        ));
         // Swapped, and once refused, the good frame after it is not read either.
         let swapped = [second.to_vec(), one.clone(), one].concat();
         let mut r = Receiver::new(&swapped[..], Some(&A));
         let mut buf = Vec::new();
         assert!(r.recv(&mut buf, 1024, "p", "t").is_err());
-        assert!(matches!(r.recv(&mut buf, 1024, "p", "t"), Err(CommError::Tampered { .. })));
+        assert!(matches!(
+            r.recv(&mut buf, 1024, "p", "t"),
+            Err(CommError::Tampered { .. })
+        ));
     }
 
     #[test]
@@ -357,12 +381,18 @@ mod tests {
         assert!(err.contains("peer aborted: out of memory"), "{err}");
         let mut forged = Vec::new();
         write_frame(&mut forged, FrameKind::Abort, b"give up now, ha").unwrap();
-        assert!(matches!(recv_all(&forged, Some(&A), 1), Err(CommError::Tampered { .. })));
+        assert!(matches!(
+            recv_all(&forged, Some(&A), 1),
+            Err(CommError::Tampered { .. })
+        ));
     }
 
     #[test]
     fn a_frame_over_the_limit_is_refused_before_it_is_read() {
         let wire = sent(&[(FrameKind::Data, &[0u8; 2000])], Some(&A));
-        assert!(matches!(recv_all(&wire, Some(&A), 1), Err(CommError::FrameTooLarge { .. })));
+        assert!(matches!(
+            recv_all(&wire, Some(&A), 1),
+            Err(CommError::FrameTooLarge { .. })
+        ));
     }
 }

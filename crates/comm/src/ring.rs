@@ -206,7 +206,13 @@ pub(crate) fn dial(
         match TcpStream::connect_timeout(&addr, left.min(Duration::from_secs(5))) {
             Ok(mut s) => {
                 s.set_read_timeout(Some(left)).ok();
-                let keys = handshake::connect(&mut s, &config.token, &config.session, config.rank as u32, config.cipher)?;
+                let keys = handshake::connect(
+                    &mut s,
+                    &config.token,
+                    &config.session,
+                    config.rank as u32,
+                    config.cipher,
+                )?;
                 s.set_read_timeout(None).ok();
                 return Ok(Authenticated {
                     rank: peer,
@@ -372,7 +378,10 @@ mod tests {
                     })
                 })
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect::<Vec<_>>()
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap().unwrap())
+                .collect::<Vec<_>>()
         });
         assert_eq!(sums.pop().unwrap(), vec![3.0; 3]);
     }

@@ -58,7 +58,10 @@ impl Channel {
             stream.try_clone().map_err(|e| CommError::io("cloning a stream", e))?,
         );
         Ok(Channel {
-            reader: Receiver::new(BufReader::with_capacity(1 << 20, stream), keys.as_ref().map(|k| &k.recv)),
+            reader: Receiver::new(
+                BufReader::with_capacity(1 << 20, stream),
+                keys.as_ref().map(|k| &k.recv),
+            ),
             writer: Sender::new(writer, keys.as_ref().map(|k| &k.send)),
             peer,
             buf: Vec::new(),

@@ -98,7 +98,11 @@ mod tests {
         let a = authority_key("token-a").unwrap().public_key_raw().to_vec();
         assert_eq!(a, authority_key("token-a").unwrap().public_key_raw());
         assert_ne!(a, authority_key("token-b").unwrap().public_key_raw());
-        assert!(authority_pem("token-a").unwrap().starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(
+            authority_pem("token-a")
+                .unwrap()
+                .starts_with("-----BEGIN CERTIFICATE-----")
+        );
         server_config("token-a").unwrap();
         client_config("token-a").unwrap();
     }
