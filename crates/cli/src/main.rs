@@ -75,9 +75,13 @@ enum Command {
         /// Seconds without a heartbeat before a node is declared dead.
         #[arg(long, default_value_t = 10)]
         dead_after: u64,
-        /// POST every alert as JSON to this http:// URL (retried, never blocking).
+        /// POST every alert as JSON to this https:// (or http://) URL (retried, never blocking).
         #[arg(long)]
         alert_webhook: Option<String>,
+        /// PEM certificates an https:// webhook may also be signed by (besides the
+        /// public web's authorities): a company CA, or the server's own certificate.
+        #[arg(long)]
+        alert_webhook_ca: Option<PathBuf>,
         /// Address of the web dashboard and /metrics (read-only; for holders of the token).
         #[arg(long, default_value = "127.0.0.1:8080")]
         dashboard: String,
@@ -303,6 +307,7 @@ fn main() -> ExitCode {
             token,
             dead_after,
             alert_webhook,
+            alert_webhook_ca,
             dashboard,
             dashboard_hosts,
             insecure,
@@ -311,7 +316,7 @@ fn main() -> ExitCode {
             &data_dir,
             token,
             dead_after,
-            alert_webhook.as_deref(),
+            (alert_webhook.as_deref(), alert_webhook_ca.as_deref()),
             (&dashboard, dashboard_hosts),
             insecure,
         ),

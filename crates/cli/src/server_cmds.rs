@@ -70,14 +70,15 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
-/// Runs the coordinator until Ctrl-C. `dashboard`: its address and the host names
-/// it answers to besides IP addresses and localhost.
+/// Runs the coordinator until Ctrl-C. `alert_webhook`: the URL alerts are POSTed to
+/// and a CA file for it; `dashboard`: its address and the host names it answers to
+/// besides IP addresses and localhost.
 pub fn coordinator(
     listen: &str,
     data_dir: &Path,
     token: Option<String>,
     dead_after: u64,
-    alert_webhook: Option<&str>,
+    alert_webhook: (Option<&str>, Option<&Path>),
     dashboard: (&str, Vec<String>),
     insecure: bool,
 ) -> Result<ExitCode> {
@@ -101,8 +102,9 @@ pub fn coordinator(
     let mut config = CoordinatorConfig::new(data_dir.join("coordinator.redb"), &token);
     config.dead_after = std::time::Duration::from_secs(dead_after.max(1));
     config.tls = !insecure;
-    config.alert_webhook = alert_webhook
-        .map(Webhook::parse)
+    let (webhook, webhook_ca) = alert_webhook;
+    config.alert_webhook = webhook
+        .map(|url| Webhook::parse_with_ca(url, webhook_ca))
         .transpose()
         .map_err(anyhow::Error::msg)?;
     let coordinator = Coordinator::open(config)?;
