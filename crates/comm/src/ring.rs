@@ -228,19 +228,83 @@ pub(crate) fn dial(
     }
 }
 
+/// Handshakes of accepted connections, each on a thread of its own under
+/// [`HANDSHAKE_TIMEOUT`], while the caller keeps accepting: a stranger that connects
+/// and says nothing costs a thread for seconds and delays no one.
+pub(crate) struct Handshakes {
+    secrets: Arc<(String, String)>,
+    cipher: Cipher,
+    done: mpsc::Sender<(SocketAddr, Result<Authenticated, CommError>)>,
+    results: mpsc::Receiver<(SocketAddr, Result<Authenticated, CommError>)>,
+    pending: usize,
+}
+
+impl Handshakes {
+    /// Handshakes for `session` under `token`, prepared for `listener`.
+    pub(crate) fn new(
+        listener: &TcpListener,
+        token: &str,
+        session: &str,
+        cipher: Cipher,
+    ) -> Result<Handshakes, CommError> {
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| CommError::io("configuring the listener", e))?;
+        let (done, results) = mpsc::channel();
+        Ok(Handshakes {
+            secrets: Arc::new((token.to_string(), session.to_string())),
+            cipher,
+            done,
+            results,
+            pending: 0,
+        })
+    }
+
+    /// Accepts a waiting connection, if any, and starts its handshake (to finish
+    /// before `deadline` at the latest); returns the handshakes finished since the
+    /// last call, with the address each came from. Sleeps a moment when nothing
+    /// happened, so a caller may loop on it.
+    pub(crate) fn poll(
+        &mut self,
+        listener: &TcpListener,
+        deadline: Instant,
+    ) -> Result<Vec<(SocketAddr, Result<Authenticated, CommError>)>, CommError> {
+        let finished: Vec<_> = self.results.try_iter().collect();
+        self.pending -= finished.len();
+        match listener.accept() {
+            // Not scoped: a handshake still running when the caller is done (a
+            // stranger waiting out its deadline) finishes on its own, unread.
+            Ok((s, peer)) if self.pending < PENDING_HANDSHAKES => {
+                self.pending += 1;
+                let (done, secrets, cipher) = (self.done.clone(), self.secrets.clone(), self.cipher);
+                let limit = deadline
+                    .saturating_duration_since(Instant::now())
+                    .clamp(Duration::from_millis(100), HANDSHAKE_TIMEOUT);
+                thread::spawn(move || {
+                    let _ = done.send((peer, authenticate(s, &secrets.0, &secrets.1, cipher, limit)));
+                });
+            }
+            Ok((_, peer)) => tracing::warn!(%peer, "too many handshakes at once; connection closed"),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if finished.is_empty() {
+                    thread::sleep(Duration::from_millis(5));
+                }
+            }
+            Err(e) => return Err(CommError::io("accepting a data-plane connection", e)),
+        }
+        Ok(finished)
+    }
+}
+
 /// Accepts one authenticated connection from each rank of `wanted`, refusing
-/// strangers, other jobs and ranks out of turn, until `deadline`. Handshakes run on
-/// threads of their own, each under [`HANDSHAKE_TIMEOUT`], while this thread keeps
-/// accepting.
+/// strangers, other jobs and ranks out of turn, until `deadline` ([`Handshakes`]).
 pub(crate) fn accept_ranks(
     listener: &TcpListener,
     config: &RingConfig,
     wanted: &[usize],
     deadline: Instant,
 ) -> Result<Vec<Authenticated>, CommError> {
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| CommError::io("configuring the listener", e))?;
+    let mut handshakes = Handshakes::new(listener, &config.token, &config.session, config.cipher)?;
     let mut accepted: Vec<Authenticated> = Vec::new();
     let mut last_refusal: Option<CommError> = None;
     let missing = |accepted: &[Authenticated]| -> Vec<usize> {
@@ -250,14 +314,17 @@ pub(crate) fn accept_ranks(
             .filter(|r| !accepted.iter().any(|a| a.rank == *r))
             .collect()
     };
-    // Not scoped: a handshake still running when the ring is formed (a stranger
-    // waiting out its deadline) finishes on its own, and its result is dropped.
-    let secrets = Arc::new((config.token.clone(), config.session.clone()));
-    let (done, results) = mpsc::channel::<(SocketAddr, Result<Authenticated, CommError>)>();
-    let mut pending = 0usize;
     while accepted.len() < wanted.len() {
-        while let Ok((peer, result)) = results.try_recv() {
-            pending -= 1;
+        if Instant::now() >= deadline {
+            let why = last_refusal
+                .map(|e| format!(" (last refusal: {e})"))
+                .unwrap_or_default();
+            return Err(CommError::io(
+                format!("waiting for rank(s) {:?} to connect{why}", missing(&accepted)),
+                io::Error::new(io::ErrorKind::TimedOut, "data-plane formation timed out"),
+            ));
+        }
+        for (peer, result) in handshakes.poll(listener, deadline)? {
             match result {
                 Ok(a) if missing(&accepted).contains(&a.rank) => accepted.push(a),
                 Ok(a) => {
@@ -273,33 +340,6 @@ pub(crate) fn accept_ranks(
                     last_refusal = Some(e);
                 }
             }
-        }
-        if accepted.len() == wanted.len() {
-            break;
-        }
-        if Instant::now() >= deadline {
-            let why = last_refusal
-                .map(|e| format!(" (last refusal: {e})"))
-                .unwrap_or_default();
-            return Err(CommError::io(
-                format!("waiting for rank(s) {:?} to connect{why}", missing(&accepted)),
-                io::Error::new(io::ErrorKind::TimedOut, "data-plane formation timed out"),
-            ));
-        }
-        match listener.accept() {
-            Ok((s, peer)) if pending < PENDING_HANDSHAKES => {
-                pending += 1;
-                let (done, secrets, cipher) = (done.clone(), secrets.clone(), config.cipher);
-                let limit = deadline
-                    .saturating_duration_since(Instant::now())
-                    .clamp(Duration::from_millis(100), HANDSHAKE_TIMEOUT);
-                thread::spawn(move || {
-                    let _ = done.send((peer, authenticate(s, &secrets.0, &secrets.1, cipher, limit)));
-                });
-            }
-            Ok((_, peer)) => tracing::warn!(%peer, "too many handshakes at once; connection closed"),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(5)),
-            Err(e) => return Err(CommError::io("accepting a data-plane connection", e)),
         }
     }
     Ok(accepted)

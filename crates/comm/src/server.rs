@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::frame::{DEFAULT_MAX_FRAME, FrameKind};
 use crate::link::{self, Cipher, Keys, Receiver, Sender};
+use crate::ring::Handshakes;
 use crate::{CommError, handshake};
 
 /// Floats per data frame: 16 MiB.
@@ -230,40 +231,26 @@ pub fn accept_clients(
     token: &str,
     timeout: Duration,
 ) -> Result<Vec<(u32, Channel)>, CommError> {
-    listener
-        .set_nonblocking(true)
-        .map_err(|e| CommError::io("configuring the listener", e))?;
     let deadline = Instant::now() + timeout;
+    // Each handshake on its own thread: a silent stranger delays no client.
+    let mut handshakes = Handshakes::new(listener, token, session, Cipher::from_env())?;
     let mut out: Vec<(u32, Channel)> = Vec::new();
     while out.len() < clients {
-        match listener.accept() {
-            Ok((mut stream, _)) => {
-                stream
-                    .set_nonblocking(false)
-                    .map_err(|e| CommError::io("configuring a connection", e))?;
-                stream
-                    .set_read_timeout(Some(crate::ring::HANDSHAKE_TIMEOUT))
-                    .map_err(|e| CommError::io("setting a read timeout", e))?;
-                // A stranger or a stale connection is refused, not fatal.
-                let Ok((id, keys)) = handshake::accept(&mut stream, token, session, Cipher::from_env()) else {
-                    continue;
-                };
-                if out.iter().any(|(seen, _)| *seen == id) {
-                    return Err(CommError::Config(format!("two clients claim id {id}")));
-                }
-                out.push((id, Channel::new(stream, keys, Duration::from_secs(3600))?));
+        if Instant::now() >= deadline {
+            return Err(CommError::Config(format!(
+                "{} of {clients} clients reached the parameter server in {} s",
+                out.len(),
+                timeout.as_secs()
+            )));
+        }
+        for (_, result) in handshakes.poll(listener, deadline)? {
+            // A stranger or a stale connection is refused, not fatal.
+            let Ok(a) = result else { continue };
+            let id = a.rank as u32;
+            if out.iter().any(|(seen, _)| *seen == id) {
+                return Err(CommError::Config(format!("two clients claim id {id}")));
             }
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    return Err(CommError::Config(format!(
-                        "{} of {clients} clients reached the parameter server in {} s",
-                        out.len(),
-                        timeout.as_secs()
-                    )));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(CommError::io("accepting a client", e)),
+            out.push((id, Channel::new(a.stream, a.keys, Duration::from_secs(3600))?));
         }
     }
     Ok(out)
@@ -313,5 +300,20 @@ mod tests {
         assert!(ServerClient::connect(addr, "job", "wrong", 1, Duration::from_secs(5)).is_err());
         let err = server.join().unwrap().unwrap_err();
         assert!(err.to_string().contains("0 of 1 clients"), "{err}");
+    }
+
+    #[test]
+    fn silent_strangers_do_not_keep_a_client_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Three connections that never speak, before the real client. One at a
+        // time, each would hold the server for the handshake's whole 10 s.
+        let _strangers: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(addr).unwrap()).collect();
+        let server = std::thread::spawn(move || {
+            accept_clients(&listener, 1, "job", "tok", Duration::from_secs(5)).map(|c| c.len())
+        });
+        let client = ServerClient::connect(addr, "job", "tok", 2, Duration::from_secs(5)).unwrap();
+        assert_eq!(server.join().unwrap().unwrap(), 1);
+        client.bye().unwrap();
     }
 }
