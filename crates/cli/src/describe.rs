@@ -16,6 +16,15 @@ use hetero_train::text_task::TextTask;
 
 /// Prints the description of `spec`'s language model.
 pub fn run(spec: &Path) -> Result<ExitCode> {
+    // A model file or folder is a natural thing to try here; say where it belongs.
+    if spec.is_dir() || spec.extension().is_some_and(|e| e == "gguf" || e == "safetensors") {
+        bail!(
+            "{} is a model, and describe reads a job spec (a .toml with model.kind = \"transformer\"); \
+             for a model's memory under a placement use `hetero infer {} \"…\" --dry-run`",
+            spec.display(),
+            spec.display()
+        );
+    }
     let spec = JobSpec::load(spec).with_context(|| format!("reading {}", spec.display()))?;
     if spec.model != ModelKind::Transformer {
         bail!("describe knows the built-in transformer (model.kind = \"transformer\"); this spec trains another model");
