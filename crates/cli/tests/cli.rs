@@ -230,6 +230,40 @@ fn a_coordinator_keeps_its_folder_private_and_its_token_off_the_terminal() {
     assert_eq!(mode(&state.join("coordinator.redb")), 0o600, "the store");
 }
 
+#[cfg(unix)]
+#[test]
+fn a_call_to_a_stalled_coordinator_fails_at_its_deadline_instead_of_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (coordinator, port) = start_coordinator(0, &state);
+    let pid = coordinator.0.id().to_string();
+    let signal = |sig: &str| Command::new("kill").args([sig, &pid]).status().unwrap();
+    assert!(client("status", port, &state).output().unwrap().status.success());
+    signal("-STOP");
+    let mut status = client("status", port, &state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bounded only so that a regression fails this test instead of hanging the suite.
+    let ended = (0..1200).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        status.try_wait().unwrap()
+    });
+    signal("-CONT");
+    let exit = ended.unwrap_or_else(|| {
+        let _ = status.kill();
+        panic!("a call to a stopped coordinator never ended");
+    });
+    let out = status.wait_with_output().unwrap();
+    assert!(!exit.success());
+    let said = text(&out).to_lowercase();
+    assert!(
+        said.contains("did not answer") || said.contains("timeout") || said.contains("deadline"),
+        "{said}"
+    );
+}
+
 #[test]
 fn a_coordinator_killed_and_restarted_still_lists_its_jobs() {
     let dir = tempfile::tempdir().unwrap();

@@ -12,6 +12,9 @@ use crate::ClusterError;
 /// The coordinator client type used everywhere.
 pub type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
 
+/// How long one call may wait for the coordinator's answer.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(30);
+
 /// The URL of a coordinator address: `host:port` (or `https://host:port`) is reached
 /// over TLS, `http://host:port` in plaintext (a coordinator started with
 /// `--insecure`).
@@ -35,6 +38,10 @@ pub async fn connect(address: &str, token: &str) -> Result<Client, ClusterError>
     let mut endpoint = Endpoint::from_shared(url.clone())
         .map_err(|e| fail(format!("not an address: {e}")))?
         .connect_timeout(Duration::from_secs(5))
+        // Every call has a deadline: the coordinator answers each at once (a log
+        // stream's answer is its first header; its lines follow outside it), so one
+        // that takes this long is stalled and the caller hears so.
+        .timeout(CALL_DEADLINE)
         .tcp_nodelay(true)
         // HTTP/2 pings: a coordinator that vanished (host down, link cut) fails the
         // calls waiting on it in about 30 s instead of leaving them hanging.
@@ -47,7 +54,18 @@ pub async fn connect(address: &str, token: &str) -> Result<Client, ClusterError>
             .tls_config(hetero_proto::tls::client_config(token).map_err(fail)?)
             .map_err(|e| fail(format!("configuring TLS: {e}")))?;
     }
-    let channel = endpoint.connect().await.map_err(|e| {
+    // The connect timeout covers TCP only: a coordinator that is stopped still has
+    // its connections accepted by the kernel, and the TLS and HTTP/2 handshakes
+    // would wait for it forever.
+    let connecting = tokio::time::timeout(CALL_DEADLINE, endpoint.connect())
+        .await
+        .map_err(|_| {
+            fail(format!(
+                "it accepted the connection but did not answer in {} s (stopped, hung or overloaded?)",
+                CALL_DEADLINE.as_secs()
+            ))
+        })?;
+    let channel = connecting.map_err(|e| {
         // tonic's own message is "transport error"; the cause says what happened.
         let mut why = e.to_string();
         let mut source = std::error::Error::source(&e);
