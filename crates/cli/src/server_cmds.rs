@@ -38,12 +38,19 @@ pub fn resolve_token(conn: &Connection) -> Result<String> {
 /// token and the store, which name every job, node and log line.
 fn private_folder(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    restrict(dir, 0o700)
+}
+
+/// Sets `path`'s permission bits to `mode` (Unix; elsewhere nothing to do).
+fn restrict(path: &Path, mode: u32) -> Result<()> {
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("making {} private (0700)", dir.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .with_context(|| format!("making {} private ({mode:04o})", path.display()))?;
     }
+    #[cfg(not(unix))]
+    let _ = (path, mode);
     Ok(())
 }
 
@@ -85,11 +92,8 @@ pub fn coordinator(
     let (dashboard, dashboard_hosts) = dashboard;
     private_folder(data_dir)?;
     let token_file = data_dir.join("token");
-    #[cfg(unix)]
     if token_file.exists() {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("making {} private (0600)", token_file.display()))?;
+        restrict(&token_file, 0o600)?;
     }
     let token = match token.or_else(|| read_token_file(data_dir)) {
         Some(t) => t,

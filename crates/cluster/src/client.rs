@@ -76,13 +76,15 @@ pub async fn connect(address: &str, token: &str) -> Result<Client, ClusterError>
             }
             source = s.source();
         }
-        fail(match tls && why.contains("certificate") {
-            true => format!(
+        fail(if !tls {
+            why
+        } else if why.contains("certificate") {
+            format!(
                 "{why} — the coordinator's certificate does not come from this token: a wrong cluster \
                  token (or not Hetero's coordinator)"
-            ),
-            false if tls => format!("{why} (a coordinator started with --insecure is reached as http://{address})"),
-            false => why,
+            )
+        } else {
+            format!("{why} (a coordinator started with --insecure is reached as http://{address})")
         })
     })?;
     let attach = AttachToken::new(token).map_err(fail)?;

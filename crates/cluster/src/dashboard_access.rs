@@ -14,12 +14,13 @@
 //! site that points its own name at this address (DNS rebinding) is refused before
 //! anything is read, whatever cookie the browser holds.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::Form;
-use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use hmac::{Hmac, Mac};
@@ -64,7 +65,7 @@ impl Access {
 
     /// A cookie value valid until `expiry` (seconds since the epoch).
     fn session(&self, expiry: u64) -> String {
-        format!("{expiry}.{}", hex(&self.mac(expiry)))
+        format!("{expiry}.{}", crate::hex(&self.mac(expiry)))
     }
 
     fn mac(&self, expiry: u64) -> [u8; 32] {
@@ -81,7 +82,7 @@ impl Access {
         let Ok(expiry) = expiry.parse::<u64>() else {
             return false;
         };
-        expiry > now && hetero_proto::auth::constant_time_eq(mac.as_bytes(), hex(&self.mac(expiry)).as_bytes())
+        expiry > now && hetero_proto::auth::constant_time_eq(mac.as_bytes(), crate::hex(&self.mac(expiry)).as_bytes())
     }
 
     fn token_matches(&self, given: &str) -> bool {
@@ -116,47 +117,15 @@ impl Access {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// The `token` parameter of a query string, if there is one.
+/// The `token` parameter of a query string, decoded as a browser encodes it.
 fn query_token(query: &str) -> Option<String> {
-    query
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(k, _)| *k == "token")
-        .map(|(_, v)| percent_decode(v))
-}
-
-/// `%XX` and `+` undone, as a form or a link encodes them.
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < bytes.len() => match (hex_digit(bytes[i + 1]), hex_digit(bytes[i + 2])) {
-                (Some(high), Some(low)) => {
-                    out.push(high << 4 | low);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn hex_digit(b: u8) -> Option<u8> {
-    (b as char).to_digit(16).map(|d| d as u8)
+    let uri: Uri = format!("/?{query}").parse().ok()?;
+    let Query(mut params) = Query::<HashMap<String, String>>::try_from_uri(&uri).ok()?;
+    params.remove("token")
 }
 
 /// Middleware in front of every route: the `Host` check, then the token.

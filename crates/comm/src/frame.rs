@@ -37,13 +37,18 @@ impl FrameKind {
 
 /// Writes one frame.
 pub fn write_frame(w: &mut impl Write, kind: FrameKind, payload: &[u8]) -> io::Result<()> {
-    let len = u32::try_from(payload.len())
-        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame payload over 4 GiB"))?;
-    let mut header = [0u8; 5];
-    header[0] = kind as u8;
-    header[1..].copy_from_slice(&len.to_le_bytes());
-    w.write_all(&header)?;
+    w.write_all(&header(kind, payload.len())?)?;
     w.write_all(payload)
+}
+
+/// The five header bytes of a frame of `kind` whose payload is `len` bytes.
+pub(crate) fn header(kind: FrameKind, len: usize) -> io::Result<[u8; 5]> {
+    let len =
+        u32::try_from(len).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame payload over 4 GiB"))?;
+    let mut h = [0u8; 5];
+    h[0] = kind as u8;
+    h[1..].copy_from_slice(&len.to_le_bytes());
+    Ok(h)
 }
 
 /// Reads one frame into `buf` (resized to the payload) and returns its kind; an

@@ -25,7 +25,7 @@ use std::io::{self, Read, Write};
 use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
 
 use crate::CommError;
-use crate::frame::{FrameKind, read_frame, read_raw, write_frame};
+use crate::frame::{FrameKind, header, read_frame, read_raw, write_frame};
 
 /// Bytes of the authentication tag a sealed frame carries.
 pub const TAG: usize = 16;
@@ -104,15 +104,6 @@ impl Aead {
         self.frames += 1;
         Nonce::assume_unique_for_key(n)
     }
-}
-
-fn header(kind: FrameKind, len: usize) -> io::Result<[u8; 5]> {
-    let len =
-        u32::try_from(len).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame payload over 4 GiB"))?;
-    let mut h = [0u8; 5];
-    h[0] = kind as u8;
-    h[1..].copy_from_slice(&len.to_le_bytes());
-    Ok(h)
 }
 
 impl<W> std::fmt::Debug for Sender<W> {

@@ -112,18 +112,12 @@ impl Mesh {
         })
     }
 
-    fn not_a_peer(&self, peer: usize) -> CommError {
-        CommError::Config(format!("rank {peer} is not a peer in a mesh of {}", self.config.world))
-    }
-
     fn sender(&mut self, peer: usize) -> Result<&mut Sender, CommError> {
-        let e = self.not_a_peer(peer);
-        self.senders.get_mut(peer).and_then(Option::as_mut).ok_or(e)
+        half(&mut self.senders, peer, self.config.world)
     }
 
     fn receiver(&mut self, peer: usize) -> Result<&mut Receiver, CommError> {
-        let e = self.not_a_peer(peer);
-        self.receivers.get_mut(peer).and_then(Option::as_mut).ok_or(e)
+        half(&mut self.receivers, peer, self.config.world)
     }
 
     /// Sends `values` to rank `to`.
@@ -210,9 +204,9 @@ impl Mesh {
     /// Sends `bytes` to `to` while receiving `into.len()` values from `from`.
     fn send_recv(&mut self, to: usize, bytes: &[u8], from: usize, into: &mut [f32]) -> Result<(), CommError> {
         let max = self.config.max_frame;
-        let (e_to, e_from) = (self.not_a_peer(to), self.not_a_peer(from));
-        let writer = self.senders.get_mut(to).and_then(Option::as_mut).ok_or(e_to)?;
-        let reader = self.receivers.get_mut(from).and_then(Option::as_mut).ok_or(e_from)?;
+        let world = self.config.world;
+        let writer = half(&mut self.senders, to, world)?;
+        let reader = half(&mut self.receivers, from, world)?;
         let name = format!("rank {from}");
         thread::scope(|scope| -> Result<(), CommError> {
             let sending = scope.spawn(move || {
@@ -398,8 +392,11 @@ impl Mesh {
         } else {
             // Each peer's sending half is lent to a thread of its own while this
             // thread reads the peers in turn.
-            if let Some(&r) = others.iter().find(|&&r| self.sender(r).is_err()) {
-                return Err(self.not_a_peer(r));
+            if let Some(&r) = others
+                .iter()
+                .find(|&&r| self.senders.get(r).is_none_or(Option::is_none))
+            {
+                return Err(not_a_peer(r, self.config.world));
             }
             let writers: Vec<(usize, &mut Sender)> = self
                 .senders
@@ -444,6 +441,18 @@ impl Mesh {
         self.sent += (5 + bytes.len() as u64) * others.len() as u64;
         Ok(received)
     }
+}
+
+/// The half of the link with `peer` that `halves` holds.
+fn half<T>(halves: &mut [Option<T>], peer: usize, world: usize) -> Result<&mut T, CommError> {
+    halves
+        .get_mut(peer)
+        .and_then(Option::as_mut)
+        .ok_or_else(|| not_a_peer(peer, world))
+}
+
+fn not_a_peer(peer: usize, world: usize) -> CommError {
+    CommError::Config(format!("rank {peer} is not a peer in a mesh of {world}"))
 }
 
 fn encode(values: &[f32]) -> Vec<u8> {

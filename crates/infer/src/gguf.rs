@@ -167,25 +167,15 @@ impl<R: Read> Header<R> {
         let n = self.u64(what)?;
         // Every item takes at least one byte of the file.
         let left = self.len.saturating_sub(self.at);
-        if n > left {
-            return Err(InferError::weights(
-                &self.path,
-                format!(
-                    "{what} of {n} at byte {} is more than the {left} bytes left: the header ends early or is corrupt",
-                    self.at - 8
-                ),
-            ));
-        }
-        if n > MAX_ITEMS {
-            return Err(InferError::weights(
-                &self.path,
-                format!(
-                    "{what} of {n} at byte {} is not plausible: the file is corrupt",
-                    self.at - 8
-                ),
-            ));
-        }
-        Ok(n)
+        let wrong = match n {
+            n if n > left => format!("more than the {left} bytes left: the header ends early or is corrupt"),
+            n if n > MAX_ITEMS => "not plausible: the file is corrupt".to_string(),
+            n => return Ok(n),
+        };
+        Err(InferError::weights(
+            &self.path,
+            format!("{what} of {n} at byte {} is {wrong}", self.at - 8),
+        ))
     }
 
     fn string(&mut self, what: &str) -> Result<String, InferError> {

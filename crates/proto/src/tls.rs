@@ -52,22 +52,24 @@ fn authority_params() -> CertificateParams {
     params
 }
 
-/// The authority's certificate, in PEM.
-fn authority_pem(token: &str) -> Result<String, String> {
+/// The authority `token` derives: its key and its self-signed certificate.
+fn authority(token: &str) -> Result<(KeyPair, rcgen::Certificate), String> {
     let key = authority_key(token)?;
     let cert = authority_params()
         .self_signed(&key)
         .map_err(|e| format!("making the cluster authority's certificate: {e}"))?;
-    Ok(cert.pem())
+    Ok((key, cert))
+}
+
+/// The authority's certificate, in PEM.
+fn authority_pem(token: &str) -> Result<String, String> {
+    Ok(authority(token)?.1.pem())
 }
 
 /// What a coordinator serves with: a new key and certificate for [`SERVER_NAME`],
 /// signed by the authority `token` derives, sent with the authority's certificate.
 pub fn server_config(token: &str) -> Result<ServerTlsConfig, String> {
-    let authority = authority_key(token)?;
-    let authority_cert = authority_params()
-        .self_signed(&authority)
-        .map_err(|e| format!("making the cluster authority's certificate: {e}"))?;
+    let (authority, authority_cert) = authority(token)?;
     let issuer = Issuer::new(authority_params(), authority);
     let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).map_err(|e| format!("making the coordinator's key: {e}"))?;
     let mut params = CertificateParams::new(vec![SERVER_NAME.to_string()])
