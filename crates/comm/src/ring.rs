@@ -228,14 +228,17 @@ pub(crate) fn dial(
     }
 }
 
+/// A handshake that ended: where the connection came from, and what it proved.
+pub(crate) type Finished = (SocketAddr, Result<Authenticated, CommError>);
+
 /// Handshakes of accepted connections, each on a thread of its own under
 /// [`HANDSHAKE_TIMEOUT`], while the caller keeps accepting: a stranger that connects
 /// and says nothing costs a thread for seconds and delays no one.
 pub(crate) struct Handshakes {
     secrets: Arc<(String, String)>,
     cipher: Cipher,
-    done: mpsc::Sender<(SocketAddr, Result<Authenticated, CommError>)>,
-    results: mpsc::Receiver<(SocketAddr, Result<Authenticated, CommError>)>,
+    done: mpsc::Sender<Finished>,
+    results: mpsc::Receiver<Finished>,
     pending: usize,
 }
 
@@ -264,11 +267,7 @@ impl Handshakes {
     /// before `deadline` at the latest); returns the handshakes finished since the
     /// last call, with the address each came from. Sleeps a moment when nothing
     /// happened, so a caller may loop on it.
-    pub(crate) fn poll(
-        &mut self,
-        listener: &TcpListener,
-        deadline: Instant,
-    ) -> Result<Vec<(SocketAddr, Result<Authenticated, CommError>)>, CommError> {
+    pub(crate) fn poll(&mut self, listener: &TcpListener, deadline: Instant) -> Result<Vec<Finished>, CommError> {
         let finished: Vec<_> = self.results.try_iter().collect();
         self.pending -= finished.len();
         match listener.accept() {
