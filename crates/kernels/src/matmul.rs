@@ -33,6 +33,10 @@ const GROUP: usize = 16;
 /// rewrite costs about what unpacking them in two tiles does).
 const EXPAND_FROM: usize = 8;
 
+/// The largest Q8_0 copy of a prefill's Q4_0/Q5_0 matrices made once per call
+/// (SmolLM2's gate and up: 1.9 MB); larger ones are rewritten chunk by chunk.
+const EXPAND_WHOLE_MAX: usize = 64 << 20;
+
 /// The most matrices one [`Kernels::matmul_many`] call takes.
 pub const MAX_MATRICES: usize = 4;
 
@@ -85,43 +89,24 @@ impl Kernels {
         check(ws, x, outs)?;
         let n = self.pool.threads();
         if x.rows() > 16 * n {
-            // Groups of GROUP activation rows, taken by whichever participant is free
-            // next (a core slowed by another process no longer holds the others up);
-            // a group passes every weight row by its rows, a few weight rows at a time.
-            let rows = x.rows();
-            let groups = rows.div_ceil(GROUP);
-            let mut units: Vec<Mutex<[&mut [f32]; MAX_MATRICES]>> = Vec::with_capacity(groups);
-            let mut rests: [&mut [f32]; MAX_MATRICES] = Default::default();
-            for (m, out) in outs.iter_mut().enumerate() {
-                rests[m] = &mut **out;
-            }
-            for g in 0..groups {
-                let take = (rows - g * GROUP).min(GROUP);
-                let mut unit: [&mut [f32]; MAX_MATRICES] = Default::default();
-                for (m, w) in ws.iter().enumerate() {
-                    let (mine, tail) = std::mem::take(&mut rests[m]).split_at_mut(take * w.rows());
-                    (unit[m], rests[m]) = (mine, tail);
-                }
-                units.push(Mutex::new(unit));
-            }
-            let next = AtomicUsize::new(0);
-            self.pool.run(&|_| {
-                loop {
-                    let g = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(unit) = units.get(g) else { break };
-                    let mut mine = unit.lock().expect("a group's outputs");
-                    let (first, last) = (g * GROUP, ((g + 1) * GROUP).min(rows));
-                    for (m, w) in ws.iter().enumerate() {
-                        let (n, rb) = (w.rows(), w.row_bytes());
-                        for c0 in (0..n).step_by(CHUNK) {
-                            let c1 = (c0 + CHUNK).min(n);
-                            let chunk = &w.bytes()[c0 * rb..c1 * rb];
-                            let rows_out = mine[m].chunks_exact_mut(n).map(|o| &mut o[c0..c1]);
-                            self.pass(w, chunk, x, first..last, rows_out);
-                        }
+            // A prefill. Q4_0/Q5_0 matrices are rewritten as Q8_0 once for the whole
+            // call when the copy is small enough, rather than chunk by chunk in every
+            // group of activation rows (a 128-token prompt is eight groups).
+            let expand = |w: &QMatrix| dispatch::expands_to_q8_0(self.level, w.ty());
+            let copy: usize = ws.iter().filter(|w| expand(w)).map(|w| expanded_bytes(w)).sum();
+            if copy == 0 || copy > EXPAND_WHOLE_MAX {
+                let operands: Vec<Operand> = ws.iter().map(|w| Operand::of(w)).collect();
+                self.prefill(&operands, x, outs);
+            } else {
+                WHOLE.with_borrow_mut(|buf| {
+                    // Grows to the largest copy seen (later calls allocate nothing).
+                    if buf.len() < copy {
+                        buf.resize(copy, 0);
                     }
-                }
-            });
+                    let operands = self.expand_whole(ws, &mut buf[..copy]);
+                    self.prefill(&operands, x, outs);
+                });
+            }
         } else if x.rows() > 1 {
             // A running batch (or a short prompt): each participant takes a range of
             // weight rows and passes every activation row by them, four at a time —
@@ -158,7 +143,7 @@ impl Kernels {
                             let c1 = (c0 + CHUNK).min(hi);
                             let chunk = &w.bytes()[c0 * rb..c1 * rb];
                             let rows_out = mine[m].chunks_exact_mut(hi - lo).map(|o| &mut o[c0 - lo..c1 - lo]);
-                            self.pass(w, chunk, x, 0..rows, rows_out);
+                            self.pass(&Operand::of(w), chunk, x, 0..rows, rows_out);
                         }
                     }
                 });
@@ -300,6 +285,94 @@ impl Kernels {
 }
 
 impl Kernels {
+    /// A prefill: groups of [`GROUP`] activation rows, taken by whichever participant
+    /// is free next (a core slowed by another process no longer holds the others
+    /// up); a group passes every weight row by its rows, a few weight rows at a time.
+    fn prefill(&self, ws: &[Operand], x: &QActs, outs: &mut [&mut [f32]]) {
+        let rows = x.rows();
+        let groups = rows.div_ceil(GROUP);
+        let mut units: Vec<Mutex<[&mut [f32]; MAX_MATRICES]>> = Vec::with_capacity(groups);
+        let mut rests: [&mut [f32]; MAX_MATRICES] = Default::default();
+        for (m, out) in outs.iter_mut().enumerate() {
+            rests[m] = &mut **out;
+        }
+        for g in 0..groups {
+            let take = (rows - g * GROUP).min(GROUP);
+            let mut unit: [&mut [f32]; MAX_MATRICES] = Default::default();
+            for (m, w) in ws.iter().enumerate() {
+                let (mine, tail) = std::mem::take(&mut rests[m]).split_at_mut(take * w.rows);
+                (unit[m], rests[m]) = (mine, tail);
+            }
+            units.push(Mutex::new(unit));
+        }
+        let next = AtomicUsize::new(0);
+        self.pool.run(&|_| {
+            loop {
+                let g = next.fetch_add(1, Ordering::Relaxed);
+                let Some(unit) = units.get(g) else { break };
+                let mut mine = unit.lock().expect("a group's outputs");
+                let (first, last) = (g * GROUP, ((g + 1) * GROUP).min(rows));
+                for (m, w) in ws.iter().enumerate() {
+                    let (n, rb) = (w.rows, w.row_bytes);
+                    for c0 in (0..n).step_by(CHUNK) {
+                        let c1 = (c0 + CHUNK).min(n);
+                        let chunk = &w.bytes[c0 * rb..c1 * rb];
+                        let rows_out = mine[m].chunks_exact_mut(n).map(|o| &mut o[c0..c1]);
+                        self.pass(w, chunk, x, first..last, rows_out);
+                    }
+                }
+            }
+        });
+    }
+
+    /// `ws` as operands, those [`dispatch::expands_to_q8_0`] names rewritten as Q8_0
+    /// into `buf` (exactly their [`expanded_bytes`]), each participant a share of
+    /// their blocks.
+    fn expand_whole<'a>(&self, ws: &[&'a QMatrix], buf: &'a mut [u8]) -> Vec<Operand<'a>> {
+        let n = self.pool.threads();
+        let expands = |w: &QMatrix| dispatch::expands_to_q8_0(self.level, w.ty());
+        {
+            // Whole rows of every such matrix to each participant.
+            type Share<'s> = Vec<(QType, &'s [u8], &'s mut [u8])>;
+            let mut shares: Vec<Mutex<Share>> = (0..n).map(|_| Mutex::new(Vec::new())).collect();
+            let mut rest = &mut *buf;
+            for w in ws.iter().filter(|w| expands(w)) {
+                let (mut dst, tail) = std::mem::take(&mut rest).split_at_mut(expanded_bytes(w));
+                rest = tail;
+                let wide_rb = dst.len() / w.rows();
+                let mut src = w.bytes();
+                for (t, share) in shares.iter_mut().enumerate() {
+                    let take = w.rows() * (t + 1) / n - w.rows() * t / n;
+                    let (s, s_tail) = src.split_at(take * w.row_bytes());
+                    let (d, d_tail) = std::mem::take(&mut dst).split_at_mut(take * wide_rb);
+                    share.get_mut().expect("fresh").push((w.ty(), s, d));
+                    (src, dst) = (s_tail, d_tail);
+                }
+            }
+            self.pool.run(&|p| {
+                for (ty, src, dst) in shares[p].lock().expect("a participant's blocks").iter_mut() {
+                    dispatch::expand_to_q8_0(self.level, *ty, src, dst);
+                }
+            });
+        }
+        let mut rest: &'a [u8] = buf;
+        ws.iter()
+            .map(|w| {
+                if !expands(w) {
+                    return Operand::of(w);
+                }
+                let (bytes, tail) = rest.split_at(expanded_bytes(w));
+                rest = tail;
+                Operand {
+                    ty: QType::Q8_0,
+                    bytes,
+                    row_bytes: bytes.len() / w.rows(),
+                    rows: w.rows(),
+                }
+            })
+            .collect()
+    }
+
     /// Activation rows `rows` past the weight rows `chunk` of `w` (a few, kept in
     /// L1), each row's products into the next of `outs`: four rows at a time (a tile
     /// unpacks each weight block once for the four), and a last two or three as one
@@ -307,13 +380,13 @@ impl Kernels {
     /// a tile costs about what two single rows do.
     fn pass<'o>(
         &self,
-        w: &QMatrix,
+        w: &Operand,
         chunk: &[u8],
         x: &QActs,
         rows: std::ops::Range<usize>,
         outs: impl Iterator<Item = &'o mut [f32]>,
     ) {
-        let (rb, ty) = (w.row_bytes(), w.ty());
+        let (rb, ty) = (w.row_bytes, w.ty);
         if rows.len() >= EXPAND_FROM && dispatch::expands_to_q8_0(self.level, ty) {
             // Q4_0 and Q5_0 blocks rewritten as Q8_0 once for all these rows rather
             // than unpacked again in every tile: the same scales and integers, so the
@@ -382,6 +455,32 @@ fn attend_tile<const N: usize>(
     dispatch::attend_many(level, heads, keys, values, scale, scores, outs);
 }
 
+/// A matrix as a pass sees it: `rows` rows of `ty`, `row_bytes` each — a
+/// [`QMatrix`] as it is, or its Q8_0 rewrite.
+#[derive(Clone, Copy)]
+struct Operand<'a> {
+    ty: QType,
+    bytes: &'a [u8],
+    row_bytes: usize,
+    rows: usize,
+}
+
+impl<'a> Operand<'a> {
+    fn of(w: &'a QMatrix) -> Operand<'a> {
+        Operand {
+            ty: w.ty(),
+            bytes: w.bytes(),
+            row_bytes: w.row_bytes(),
+            rows: w.rows(),
+        }
+    }
+}
+
+/// Bytes of `w` rewritten as Q8_0.
+fn expanded_bytes(w: &QMatrix) -> usize {
+    w.bytes().len() / w.ty().block_bytes() * QType::Q8_0.block_bytes()
+}
+
 fn check(ws: &[&QMatrix], x: &QActs, outs: &[&mut [f32]]) -> Result<(), KernelError> {
     if ws.len() != outs.len() || ws.len() > MAX_MATRICES {
         return Err(KernelError::Shape(format!(
@@ -415,6 +514,8 @@ fn check(ws: &[&QMatrix], x: &QActs, outs: &[&mut [f32]]) -> Result<(), KernelEr
 thread_local! {
     /// Where a running batch's products are staged (see `matmul_many`).
     static BATCH_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A prefill's Q4_0/Q5_0 matrices rewritten as Q8_0 (see `matmul_many`).
+    static WHOLE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
     /// A chunk of Q4_0/Q5_0 weight rows rewritten as Q8_0 (see `pass`).
     static EXPANDED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -480,6 +581,35 @@ mod tests {
                         Some((fa, fb)) => assert!(fa == &oa && fb == &ob, "{ty}, {x_rows} rows, {threads} threads"),
                     }
                 }
+            }
+        }
+    }
+
+    /// A prefill of matrices some of which are rewritten as Q8_0 for the call (Q4_0,
+    /// Q5_0) and some not gives each matrix the bits it gets alone.
+    #[test]
+    fn a_prefill_of_mixed_formats_gives_each_matrix_its_own_products() {
+        let mut rng = StdRng::seed_from_u64(7);
+        let (cols, x_rows) = (256, 50);
+        let types = [QType::Q5_0, QType::Q8_0, QType::Q4_0];
+        let rows = [37, 12, 20];
+        let ws: Vec<QMatrix> = types
+            .iter()
+            .zip(rows)
+            .map(|(&ty, r)| QMatrix::quantize(ty, &random(r * cols, 1.0, &mut rng), r, cols).unwrap())
+            .collect();
+        let mut x = QActs::new();
+        x.quantize(QType::Q8_0.act(), &random(x_rows * cols, 2.0, &mut rng), x_rows, cols)
+            .unwrap();
+        for threads in [1, 2, 3] {
+            let k = Kernels::new(Level::detect(), pool(threads));
+            let mut outs: Vec<Vec<f32>> = rows.iter().map(|r| vec![0.0; r * x_rows]).collect();
+            let mut views: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+            k.matmul_many(&ws.iter().collect::<Vec<_>>(), &x, &mut views).unwrap();
+            for (m, w) in ws.iter().enumerate() {
+                let mut alone = vec![0.0; rows[m] * x_rows];
+                k.matmul(w, &x, &mut alone).unwrap();
+                assert_eq!(alone, outs[m], "{}, {threads} threads", types[m]);
             }
         }
     }
