@@ -291,7 +291,7 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("worker failed: {e}");
-                ExitCode::FAILURE
+                hetero_worker::exit_code(&e)
             }
         };
     }

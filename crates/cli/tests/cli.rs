@@ -730,6 +730,103 @@ fn a_node_that_comes_back_rejoins_its_job_at_the_next_epoch() {
     );
 }
 
+/// Waits until job-000001's status holds `needle`.
+fn wait_for_status(port: u16, state: &Path, needle: &str, started: Instant) {
+    loop {
+        let t = text(&client("status", port, state).arg("job-000001").output().unwrap());
+        if t.contains(needle) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(120), "never {needle:?}:\n{t}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_coordinator_killed_mid_rendezvous_and_mid_training_sees_its_job_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (coordinator, port) = start_coordinator(0, &state);
+    let _agents: Vec<Killed> = (0..3)
+        .map(|i| start_agent(port, &state, &dir.path().join(format!("agent{i}"))))
+        .collect();
+    let spec = three_worker_spec(dir.path(), "cnn", "epochs = 3");
+    let out = client("submit", port, &state).arg(&spec).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    // The moment the job is placed its workers start and look for each other: the
+    // coordinator dies (kill -9) while they do, and comes back on the same port.
+    let started = Instant::now();
+    wait_for_status(port, &state, "state      running", started);
+    drop(coordinator);
+    std::thread::sleep(Duration::from_secs(2));
+    let (coordinator, _) = start_coordinator(port, &state);
+
+    // Once more mid-training, after the first epoch (an epoch boundary asks the
+    // coordinator who joins; the run's events are held by the agents meanwhile).
+    wait_for_log(port, &state, "\"type\":\"epoch\"", started);
+    drop(coordinator);
+    std::thread::sleep(Duration::from_secs(3));
+    let (_coordinator, _) = start_coordinator(port, &state);
+
+    let status = wait_for_end(port, &state, started);
+    let logs = text(&client("logs", port, &state).arg("job-000001").output().unwrap());
+    assert!(status.contains("state      succeeded"), "{status}\n{logs}");
+    assert!(!status.contains("lost"), "no worker was lost:\n{status}");
+    let summary = summary_at(&dir.path().join("runs/job-000001/summary.json"));
+    assert_eq!(summary["history"].as_array().unwrap().len(), 3, "{summary}");
+    assert_eq!(summary["lost_workers"], serde_json::json!([]), "{summary}");
+    // The coordinator holds the run summary too, though a restart fell mid-run.
+    assert!(status.contains("accuracy"), "{status}");
+}
+
+#[test]
+fn a_checkpoint_that_cannot_be_written_fails_the_job_and_keeps_the_previous_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_coordinator, port) = start_coordinator(0, &state);
+    let _agents: Vec<Killed> = (0..3)
+        .map(|i| start_agent(port, &state, &dir.path().join(format!("agent{i}"))))
+        .collect();
+    let spec = three_worker_spec(dir.path(), "cnn", "epochs = 4");
+    let out = client("submit", port, &state).arg(&spec).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    // After the first checkpoint, its next write cannot happen: a folder stands
+    // where the new file is written before it replaces the old one.
+    let started = Instant::now();
+    let checkpoint = dir.path().join("runs/job-000001/checkpoint.bin");
+    wait_for_log(port, &state, "\"type\":\"checkpointed\"", started);
+    let blocker = dir.path().join("runs/job-000001/checkpoint.bin.partial");
+    // (A write in progress holds that name for a moment: try again.)
+    while let Err(e) = std::fs::create_dir(&blocker) {
+        assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let kept = std::fs::read(&checkpoint).unwrap();
+
+    let status = wait_for_end(port, &state, started);
+    let logs = text(&client("logs", port, &state).arg("job-000001").output().unwrap());
+    assert!(status.contains("state      failed"), "{status}\n{logs}");
+    assert!(status.contains("cannot write checkpoint"), "{status}");
+    assert!(status.contains("nor could any other"), "{status}");
+    // No survivor was sent to fail the same way in turn.
+    assert!(!logs.contains("samples migrate"), "{logs}");
+    // The previous checkpoint is whole, and the job resumes from it.
+    let now = std::fs::read(&checkpoint).unwrap();
+    assert!(now == kept || now.len() == kept.len(), "the checkpoint changed size");
+    std::fs::remove_dir(&blocker).unwrap();
+    let out = client("resume", port, &state)
+        .args(["job-000001", "--follow"])
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    let summary = summary_at(&dir.path().join("runs/job-000002/summary.json"));
+    assert!(summary["resumed_at_epoch"].as_u64().expect("resumed") >= 1, "{summary}");
+    assert_eq!(summary["history"].as_array().unwrap().len(), 4, "{summary}");
+}
+
 #[test]
 fn a_parameter_server_job_survives_a_killed_worker_as_one_ring() {
     let dir = tempfile::tempdir().unwrap();

@@ -28,6 +28,12 @@ use crate::records::TaskState;
 /// Prefix of a worker's stdout line that carries a progress event.
 pub const EVENT_PREFIX: &str = "@hetero-event ";
 
+/// The exit status of a worker whose job cannot go on whoever takes over (its
+/// output cannot be written): the agent reports it as fatal to the job, so the
+/// coordinator fails the job with the reason instead of migrating the worker's
+/// samples to a survivor that would fail the same way.
+pub const JOB_FATAL_EXIT: u8 = 4;
+
 /// Environment variables that tell a worker who it is.
 pub struct WorkerEnv;
 
@@ -374,35 +380,65 @@ fn start_worker(config: &AgentConfig, agent_id: &str, client: Client, tasks: &Ta
     let tasks = tasks.clone();
     tokio::spawn(async move {
         let task_id = a.task_id.clone();
-        let (state, message) = supervise(&config, &agent_id, client.clone(), &a, index, cancel_rx).await;
-        report_final(client, &agent_id, &task_id, state, message).await;
+        let ended = supervise(&config, &agent_id, client.clone(), &a, index, cancel_rx).await;
+        report_final(client, &agent_id, &task_id, ended).await;
         tasks.lock().unwrap_or_else(|p| p.into_inner()).remove(&task_id);
     });
 }
 
+/// How a worker ended, as its agent reports it.
+struct Ended {
+    state: TaskState,
+    /// Why, with the last lines of a failed worker.
+    message: String,
+    /// It failed in a way no other worker could get past ([`JOB_FATAL_EXIT`]).
+    job_fatal: bool,
+}
+
+impl Ended {
+    fn new(state: TaskState, message: impl Into<String>) -> Ended {
+        Ended {
+            state,
+            message: message.into(),
+            job_fatal: false,
+        }
+    }
+
+    fn failed(message: impl Into<String>) -> Ended {
+        Ended::new(TaskState::Failed, message)
+    }
+}
+
 /// Retries the final report until the coordinator takes it (it may be restarting).
-async fn report_final(mut client: Client, agent_id: &str, task_id: &str, state: TaskState, message: String) {
+async fn report_final(mut client: Client, agent_id: &str, task_id: &str, ended: Ended) {
     let req = pb::ReportTaskRequest {
         agent_id: agent_id.to_string(),
         task_id: task_id.to_string(),
-        state: pb::TaskState::from(state) as i32,
-        message,
+        state: pb::TaskState::from(ended.state) as i32,
+        message: ended.message,
         log_lines: vec![],
         events_json: vec![],
+        job_fatal: ended.job_fatal,
     };
-    for attempt in 0..60 {
+    // Until it is taken: meanwhile the heartbeats still list the task, so the
+    // coordinator (which may be restarting, or unable to write its store) neither
+    // declares the worker lost nor hears a wrong end.
+    let mut pause = Duration::from_millis(250);
+    let mut warned_at: Option<std::time::Instant> = None;
+    loop {
         match client.report_task(req.clone()).await {
             Ok(_) => return,
             Err(s) if s.code() == tonic::Code::NotFound => return,
             Err(s) => {
-                if attempt == 0 {
-                    tracing::warn!(status = %s, task_id, "could not report a worker's end; retrying");
+                if warned_at.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    tracing::warn!(status = %s, task_id, "could not report a worker's end yet; retrying");
+                    warned_at = Some(std::time::Instant::now());
                 }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(5));
             }
         }
     }
-    tracing::error!(task_id, "gave up reporting a worker's end");
 }
 
 fn worker_command(config: &AgentConfig, a: &pb::TaskAssignment, spec_file: &Path) -> Command {
@@ -446,15 +482,15 @@ fn worker_command(config: &AgentConfig, a: &pb::TaskAssignment, spec_file: &Path
 async fn supervise(
     config: &AgentConfig,
     agent_id: &str,
-    mut client: Client,
+    client: Client,
     a: &pb::TaskAssignment,
     device_index: usize,
     mut cancel: oneshot::Receiver<()>,
-) -> (TaskState, String) {
+) -> Ended {
     let dir = config.work_dir.join(&a.job_id).join(format!("rank-{}", a.rank));
     let spec_file = dir.join("spec.json");
     if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&spec_file, &a.spec_json)) {
-        return (TaskState::Failed, format!("cannot write {}: {e}", spec_file.display()));
+        return Ended::failed(format!("cannot write {}: {e}", spec_file.display()));
     }
     let mut command = worker_command(config, a, &spec_file);
     if !a.weights.is_empty() {
@@ -479,9 +515,13 @@ async fn supervise(
             } else {
                 a.program.clone()
             };
-            return (TaskState::Failed, format!("cannot start worker program {program}: {e}"));
+            return Ended::failed(format!("cannot start worker program {program}: {e}"));
         }
     };
+    // Output goes to the coordinator from a task of its own, so a coordinator that
+    // is away or stalled never stops this loop from draining the worker's pipes.
+    let (output, batches) = mpsc::channel(256);
+    let forwarder = tokio::spawn(forward_output(client, agent_id.to_string(), a.task_id.clone(), batches));
     let (line_tx, mut line_rx) = mpsc::channel::<String>(1024);
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
@@ -523,12 +563,12 @@ async fn supervise(
                         logs.push(line);
                     }
                     if logs.len() + events.len() >= 200 {
-                        send_output(&mut client, agent_id, &a.task_id, &mut logs, &mut events).await;
+                        hand_over(&output, &mut logs, &mut events);
                     }
                 }
                 None => output_open = false,
             },
-            _ = flush.tick() => send_output(&mut client, agent_id, &a.task_id, &mut logs, &mut events).await,
+            _ = flush.tick() => hand_over(&output, &mut logs, &mut events),
             _ = &mut cancel, if !cancelled => {
                 cancelled = true;
                 let _ = child.start_kill();
@@ -554,11 +594,22 @@ async fn supervise(
             status = child.wait(), if !output_open => break status,
         }
     };
-    send_output(&mut client, agent_id, &a.task_id, &mut logs, &mut events).await;
+    // The rest of the output (the run summary among it) reaches the coordinator
+    // before the worker's end does.
+    if !logs.is_empty() || !events.is_empty() {
+        let _ = output.send((logs, events)).await;
+    }
+    drop(output);
+    let _ = forwarder.await;
     match status {
-        _ if cancelled => (TaskState::Cancelled, "stopped on request".into()),
-        _ if stalled.is_some() => (TaskState::Failed, stalled.unwrap_or_default()),
-        Ok(s) if s.success() => (TaskState::Succeeded, "exited 0".into()),
+        _ if cancelled => Ended::new(TaskState::Cancelled, "stopped on request"),
+        _ if stalled.is_some() => Ended::failed(stalled.unwrap_or_default()),
+        Ok(s) if s.success() => Ended::new(TaskState::Succeeded, "exited 0"),
+        Ok(s) if s.code() == Some(i32::from(JOB_FATAL_EXIT)) => Ended {
+            // Its last line says why (`worker failed: output: …`).
+            job_fatal: true,
+            ..Ended::failed(tail.back().cloned().unwrap_or_default())
+        },
         Ok(s) => {
             let how = match (s.code(), exit_signal(&s)) {
                 (Some(code), _) => format!("exited with status {code}"),
@@ -566,9 +617,9 @@ async fn supervise(
                 _ => "ended abnormally".into(),
             };
             let tail: Vec<String> = tail.into_iter().collect();
-            (TaskState::Failed, format!("{how}; last lines:\n{}", tail.join("\n")))
+            Ended::failed(format!("{how}; last lines:\n{}", tail.join("\n")))
         }
-        Err(e) => (TaskState::Failed, format!("lost track of the worker process: {e}")),
+        Err(e) => Ended::failed(format!("lost track of the worker process: {e}")),
     }
 }
 
@@ -583,26 +634,96 @@ fn exit_signal(_: &std::process::ExitStatus) -> Option<i32> {
     None
 }
 
-async fn send_output(
-    client: &mut Client,
-    agent_id: &str,
-    task_id: &str,
-    logs: &mut Vec<String>,
-    events: &mut Vec<String>,
-) {
+/// A batch of a worker's output: log lines and event lines.
+type Output = (Vec<String>, Vec<String>);
+
+/// Passes what the worker printed to its forwarder without waiting; if the
+/// forwarder is behind (the coordinator is away), it stays here for the next try.
+fn hand_over(output: &mpsc::Sender<Output>, logs: &mut Vec<String>, events: &mut Vec<String>) {
     if logs.is_empty() && events.is_empty() {
         return;
     }
-    let req = pb::ReportTaskRequest {
-        agent_id: agent_id.to_string(),
-        task_id: task_id.to_string(),
-        state: pb::TaskState::Unspecified as i32,
-        message: String::new(),
-        log_lines: std::mem::take(logs),
-        events_json: std::mem::take(events),
-    };
-    // Output is best effort while the coordinator is away; the final state is not.
-    if let Err(s) = client.report_task(req).await {
-        tracing::debug!(status = %s, task_id, "dropped worker output");
+    if let Err(mpsc::error::TrySendError::Full((l, e)) | mpsc::error::TrySendError::Closed((l, e))) =
+        output.try_send((std::mem::take(logs), std::mem::take(events)))
+    {
+        (*logs, *events) = (l, e);
+        cap_held(logs);
     }
 }
+
+/// Sends a worker's output to the coordinator as it comes, holding it while the
+/// coordinator is away (restarting) and trying again with a growing pause. Ends
+/// once the worker's output has ended and all of it was taken.
+async fn forward_output(mut client: Client, agent_id: String, task_id: String, mut batches: mpsc::Receiver<Output>) {
+    let (mut logs, mut events) = (Vec::new(), Vec::new());
+    let mut open = true;
+    let mut pause = Duration::from_millis(250);
+    let mut next_try = tokio::time::Instant::now();
+    loop {
+        let held = !logs.is_empty() || !events.is_empty();
+        tokio::select! {
+            got = batches.recv(), if open => match got {
+                Some((l, e)) => { logs.extend(l); events.extend(e); }
+                None => open = false,
+            },
+            _ = tokio::time::sleep_until(next_try), if held => {}
+        }
+        while open {
+            match batches.try_recv() {
+                Ok((l, e)) => {
+                    logs.extend(l);
+                    events.extend(e);
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+            }
+        }
+        cap_held(&mut logs);
+        if logs.is_empty() && events.is_empty() {
+            if open {
+                continue;
+            }
+            return;
+        }
+        if tokio::time::Instant::now() < next_try {
+            continue;
+        }
+        let req = pb::ReportTaskRequest {
+            agent_id: agent_id.clone(),
+            task_id: task_id.clone(),
+            state: pb::TaskState::Unspecified as i32,
+            message: String::new(),
+            log_lines: std::mem::take(&mut logs),
+            events_json: std::mem::take(&mut events),
+            job_fatal: false,
+        };
+        match client.report_task(req.clone()).await {
+            Ok(_) => pause = Duration::from_millis(250),
+            // The coordinator no longer knows the task: there is no one to tell.
+            Err(s) if s.code() == tonic::Code::NotFound => return,
+            Err(s) => {
+                tracing::debug!(status = %s, task_id, "worker output held for the next try");
+                logs = [req.log_lines, logs].concat();
+                events = [req.events_json, events].concat();
+                next_try = tokio::time::Instant::now() + pause;
+                pause = (pause * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Keeps at most OUTPUT_HELD log lines, dropping the oldest with a line saying how
+/// many went. (Events — progress, the run summary — are few and all kept.)
+fn cap_held(logs: &mut Vec<String>) {
+    if logs.len() > OUTPUT_HELD {
+        let dropped = logs.len() - OUTPUT_HELD;
+        logs.drain(..dropped);
+        logs.insert(
+            0,
+            format!("[agent] {dropped} line(s) dropped while the coordinator was unreachable"),
+        );
+    }
+}
+
+/// Log lines of one worker an agent holds while the coordinator is unreachable.
+const OUTPUT_HELD: usize = 20_000;

@@ -30,6 +30,7 @@ use tonic::{Request, Response, Status};
 
 use crate::alerts::{AlertRecord, Webhook};
 use crate::records::{GroupRecord, JobRecord, JobState, NodeRecord, TaskRecord, TaskState, task_state_from_wire};
+use crate::rendezvous::Rendezvous;
 use crate::scheduler::{self, Demand, GroupCapacity, Queued};
 use crate::store::{LogRecord, Store};
 use crate::{ClusterError, now_ms};
@@ -70,15 +71,6 @@ impl CoordinatorConfig {
 struct State {
     jobs: BTreeMap<String, JobRecord>,
     nodes: BTreeMap<String, NodeRecord>,
-    /// Data-plane address of each rank, per running job.
-    rendezvous: HashMap<String, Vec<Option<String>>>,
-    /// Per job, the latest regroup after lost or rejoining workers: generation and
-    /// each arrived member's (original rank → address).
-    regroups: HashMap<String, (u64, BTreeMap<u32, String>)>,
-    /// Per job, relaunched ranks waiting to be admitted: (original rank → address).
-    joiners: HashMap<String, BTreeMap<u32, String>>,
-    /// Per job, the last membership decision: (generation, epoch, admitted ranks).
-    admissions: HashMap<String, (u64, u64, Vec<u32>)>,
     /// Last log sequence number per job.
     log_seq: HashMap<String, u64>,
     next_job: u64,
@@ -177,6 +169,7 @@ fn server_task(job_id: &str, workers: u32, placed: &[TaskRecord]) -> TaskRecord 
         migrated: false,
         rejoins: 0,
         joining: false,
+        job_fatal: false,
     }
 }
 
@@ -193,8 +186,12 @@ impl Coordinator {
     pub fn open(config: CoordinatorConfig) -> Result<Coordinator, ClusterError> {
         let store = Store::open(&config.store_path)?;
         let mut state = State::default();
-        for job in store.jobs()? {
+        for mut job in store.jobs()? {
             state.next_job = state.next_job.max(job_number(&job.job_id));
+            if job.state == JobState::Running && job.rendezvous.slots.is_empty() {
+                // Saved by a coordinator that kept rendezvous in memory only.
+                job.rendezvous = Rendezvous::new(job.workers as usize + usize::from(job.server));
+            }
             state.jobs.insert(job.job_id.clone(), job);
         }
         let now = now_ms();
@@ -355,6 +352,12 @@ impl Coordinator {
         let _ = self.inner.alert_tx.send(alert);
     }
 
+    /// Stores `job`, or fails the call that changed it. Callers change a copy and
+    /// keep it only once stored, so memory never holds what the disk does not.
+    fn try_save_job(&self, job: &JobRecord) -> Result<(), Status> {
+        self.inner.store.put_job(job).map_err(store_status)
+    }
+
     fn save_job(&self, job: &JobRecord) {
         if let Err(e) = self.inner.store.put_job(job) {
             tracing::error!(error = %e, job_id = %job.job_id, "could not store job");
@@ -372,6 +375,7 @@ impl Coordinator {
         job.state = state;
         job.message = message.clone();
         job.finished_ms = now_ms();
+        job.rendezvous = Rendezvous::default();
         for t in &mut job.tasks {
             if !t.state.is_final() {
                 t.state = TaskState::Cancelled;
@@ -382,10 +386,6 @@ impl Coordinator {
         }
         let job = job.clone();
         self.save_job(&job);
-        st.rendezvous.remove(job_id);
-        st.regroups.remove(job_id);
-        st.joiners.remove(job_id);
-        st.admissions.remove(job_id);
         if state == JobState::Failed {
             self.raise(
                 st,
@@ -412,6 +412,17 @@ impl Coordinator {
         let newly_lost: Vec<usize> = (0..job.tasks.len())
             .filter(|&i| job.tasks[i].state == TaskState::Failed && !job.tasks[i].migrated)
             .collect();
+        let fatal = job.tasks.iter().find(|t| t.job_fatal && !t.migrated).map(|t| {
+            format!(
+                "worker rank {} cannot go on, nor could any other: {}",
+                t.rank, t.message
+            )
+        });
+        if let Some(msg) = fatal {
+            // No survivor could get past it: fail the job with the reason.
+            self.finish_job(st, job_id, JobState::Failed, msg);
+            return;
+        }
         if !newly_lost.is_empty() && job.formed && job.migratable && workers_left > 0 {
             // The survivors regroup by themselves; record the loss where users look.
             let job = st.jobs.get_mut(job_id).expect("checked above");
@@ -515,6 +526,7 @@ impl Coordinator {
             migratable: spec.cluster.workers > 1 || spec.training.strategy.uses_parameter_server(),
             server: spec.training.strategy.uses_parameter_server(),
             formed: false,
+            rendezvous: Default::default(),
         };
         self.inner.store.put_job(&job).map_err(store_status)?;
         st.jobs.insert(job_id.clone(), job);
@@ -560,45 +572,47 @@ impl Coordinator {
             .filter(|t| in_ring(t, job.workers))
             .map(|t| (t.rank, t.weight))
             .collect();
+        let live_ranks: Vec<u32> = live.iter().map(|(r, _)| *r).collect();
         let weighted = job.weighted;
-        if task.joining {
+        // Changed on a copy, stored, then kept (see `rendezvous`).
+        let mut job = job.clone();
+        let ring = if task.joining {
             // Not admitted yet: wait for the next epoch boundary.
-            st.joiners
-                .entry(req.job_id.clone())
-                .or_default()
-                .insert(req.rank, req.address);
-            return Ok(Response::new(pb::RendezvousResponse::default()));
-        }
-        let entry = st.regroups.entry(req.job_id.clone()).or_default();
-        if req.joining {
-            // Admitted: the members' entry already holds this worker's address.
-            if !entry.1.contains_key(&req.rank) {
-                return Ok(Response::new(pb::RendezvousResponse::default()));
+            if job.rendezvous.wait(req.rank, &req.address) {
+                self.try_save_job(&job)?;
+                st.jobs.insert(req.job_id.clone(), job);
             }
-        } else if entry.0 < req.generation {
-            *entry = (req.generation, BTreeMap::new());
-        } else if entry.0 > req.generation {
-            return Err(Status::failed_precondition(format!(
-                "generation {} is over; the ring is at generation {}",
-                req.generation, entry.0
-            )));
-        }
-        if !req.joining {
-            entry.1.insert(req.rank, req.address);
-        }
-        let ready = live.iter().all(|(r, _)| entry.1.contains_key(r));
+            return Ok(Response::new(pb::RendezvousResponse::default()));
+        } else if req.joining {
+            // Admitted: the regroup already holds this worker's address.
+            job.rendezvous.admitted_ring(req.rank, &live_ranks)
+        } else {
+            let arrival = job
+                .rendezvous
+                .arrive_regroup(req.rank, &req.address, req.generation, &live_ranks)
+                .map_err(|current| {
+                    Status::failed_precondition(format!(
+                        "generation {} is over; the ring is at generation {current}",
+                        req.generation
+                    ))
+                })?;
+            if arrival.changed {
+                self.try_save_job(&job)?;
+            }
+            arrival.ready
+        };
         let mut resp = pb::RendezvousResponse {
-            ready,
-            generation: entry.0,
+            ready: ring.is_some(),
+            generation: job.rendezvous.regroup.generation,
             ..Default::default()
         };
-        if ready {
-            for (rank, weight) in &live {
-                resp.members.push(*rank);
-                resp.addresses.push(entry.1[rank].clone());
-                if weighted {
-                    resp.weights.push(*weight);
-                }
+        st.jobs.insert(req.job_id.clone(), job);
+        for (rank, address) in ring.unwrap_or_default() {
+            resp.members.push(rank);
+            resp.addresses.push(address);
+            if weighted {
+                let weight = live.iter().find(|(r, _)| *r == rank).map_or(0.0, |(_, w)| *w);
+                resp.weights.push(weight);
             }
         }
         Ok(Response::new(resp))
@@ -617,32 +631,29 @@ impl Coordinator {
                 req.job_id, job.state
             )));
         }
-        if let Some((g, e, ranks)) = st.admissions.get(&req.job_id)
-            && (*g, *e) == (req.generation, req.epoch)
-        {
-            return Ok(ranks.clone());
+        if let Some(ranks) = job.rendezvous.decided(req.generation, req.epoch) {
+            return Ok(ranks.to_vec());
         }
-        let waiting = st.joiners.remove(&req.job_id).unwrap_or_default();
-        let job = st.jobs.get_mut(&req.job_id).expect("checked above");
-        let admitted: Vec<(u32, String)> = waiting
-            .into_iter()
-            .filter(|(rank, _)| {
-                job.tasks
-                    .iter()
-                    .any(|t| t.rank == *rank && t.joining && !t.state.is_final())
-            })
+        // Decided on a copy, stored, then kept: every member asking for this
+        // (generation, epoch) — before or after a restart — hears the same.
+        let mut job = job.clone();
+        let joining: Vec<u32> = job
+            .tasks
+            .iter()
+            .filter(|t| t.joining && !t.state.is_final())
+            .map(|t| t.rank)
             .collect();
+        let ranks = job
+            .rendezvous
+            .admit(req.generation, req.epoch, |r| joining.contains(&r));
         for t in job.tasks.iter_mut() {
-            if admitted.iter().any(|(r, _)| *r == t.rank) {
+            if ranks.contains(&t.rank) {
                 t.joining = false;
             }
         }
-        let ranks: Vec<u32> = admitted.iter().map(|(r, _)| *r).collect();
+        self.try_save_job(&job)?;
+        st.jobs.insert(req.job_id.clone(), job);
         if !ranks.is_empty() {
-            let saved = job.clone();
-            self.save_job(&saved);
-            st.regroups
-                .insert(req.job_id.clone(), (req.generation + 1, admitted.into_iter().collect()));
             let line = format!(
                 "rank(s) {ranks:?} rejoin the ring after epoch {} (generation {})",
                 req.epoch,
@@ -651,8 +662,6 @@ impl Coordinator {
             self.append_log(st, &req.job_id, -1, "state", vec![line.clone()]);
             self.raise(st, "info", &req.job_id, format!("job {}: {line}", req.job_id));
         }
-        st.admissions
-            .insert(req.job_id.clone(), (req.generation, req.epoch, ranks.clone()));
         Ok(ranks)
     }
 
@@ -840,6 +849,7 @@ impl Coordinator {
                         migrated: false,
                         rejoins: 0,
                         joining: false,
+                        job_fatal: false,
                     }
                 })
                 .collect();
@@ -855,9 +865,8 @@ impl Coordinator {
             job.state = JobState::Running;
             job.started_ms = now;
             job.message = "placed".into();
+            job.rendezvous = Rendezvous::new(job.workers as usize + usize::from(job.server));
             let saved = job.clone();
-            let slots = saved.workers as usize + usize::from(saved.server);
-            st.rendezvous.insert(job_id.clone(), vec![None; slots]);
             self.save_job(&saved);
             self.append_log(
                 st,
@@ -1206,6 +1215,7 @@ impl CoordinatorRpc for Coordinator {
             if !task.state.is_final() {
                 task.state = state;
                 task.message = req.message.clone();
+                task.job_fatal = state == TaskState::Failed && req.job_fatal;
                 let job = job.clone();
                 self.save_job(&job);
                 let line = format!(
@@ -1244,32 +1254,22 @@ impl CoordinatorRpc for Coordinator {
         if req.generation > 0 || req.joining {
             return self.regroup(&mut st, req);
         }
-        let slots = st.rendezvous.entry(req.job_id.clone()).or_default();
-        let Some(slot) = slots.get_mut(req.rank as usize) else {
+        // Changed on a copy, stored, and only then kept: a store that cannot write
+        // fails this call, and memory still agrees with the disk.
+        let mut job = st.jobs[&req.job_id].clone();
+        let Some(arrival) = job.rendezvous.arrive(req.rank, &req.address) else {
             return Err(Status::invalid_argument(format!(
                 "rank {} is outside the job",
                 req.rank
             )));
         };
-        *slot = Some(req.address);
-        let ready = slots.iter().all(Option::is_some);
-        let addresses: Vec<String> = if ready {
-            slots.iter().flatten().cloned().collect()
-        } else {
-            vec![]
-        };
-        let members = if ready {
-            (0..addresses.len() as u32).collect()
-        } else {
-            vec![]
-        };
-        if ready
-            && let Some(job) = st.jobs.get_mut(&req.job_id)
-            && !job.formed
-        {
-            job.formed = true;
-            let saved = job.clone();
-            self.save_job(&saved);
+        let ready = arrival.ready.is_some();
+        let addresses = arrival.ready.unwrap_or_default();
+        let members = (0..addresses.len() as u32).collect();
+        if arrival.changed || (ready && !job.formed) {
+            job.formed |= ready;
+            self.try_save_job(&job)?;
+            st.jobs.insert(req.job_id.clone(), job);
         }
         Ok(Response::new(pb::RendezvousResponse {
             ready,

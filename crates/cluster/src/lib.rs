@@ -31,6 +31,7 @@ pub mod local;
 pub mod nvml;
 pub mod process_state;
 pub mod records;
+pub mod rendezvous;
 pub mod scheduler;
 pub mod store;
 

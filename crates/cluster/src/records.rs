@@ -85,6 +85,10 @@ pub struct TaskRecord {
     /// A relaunched rank not yet admitted into the ring (that happens between epochs).
     #[serde(default)]
     pub joining: bool,
+    /// It failed in a way no other worker could get past (the job's output cannot
+    /// be written): the job fails rather than migrating its samples.
+    #[serde(default)]
+    pub job_fatal: bool,
 }
 
 fn unit_weight() -> f32 {
@@ -149,6 +153,10 @@ pub struct JobRecord {
     /// Every worker found its peers once (the first ring formed).
     #[serde(default)]
     pub formed: bool,
+    /// Where its ranks listen and how its ring regroups, kept so that a restarted
+    /// coordinator answers as before.
+    #[serde(default)]
+    pub rendezvous: crate::rendezvous::Rendezvous,
 }
 
 /// A registered agent and its resource groups.

@@ -231,6 +231,7 @@ mod tests {
             migratable: false,
             server: false,
             formed: false,
+            rendezvous: Default::default(),
         }
     }
 

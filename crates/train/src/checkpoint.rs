@@ -95,14 +95,22 @@ impl Checkpoint {
         let digest = Sha256::digest(&out);
         out.extend_from_slice(&digest);
 
-        let io = |e: std::io::Error| TrainError::Config(format!("cannot write checkpoint {}: {e}", path.display()));
+        // Written beside the previous checkpoint and renamed over it once whole: a
+        // write that fails (a full disk) leaves the previous one as it was, and
+        // takes its partial file away.
+        let io = |e: std::io::Error| TrainError::Output(format!("cannot write checkpoint {}: {e}", path.display()));
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(io)?;
         }
         let tmp = temporary(path);
-        let mut file = std::fs::File::create(&tmp).map_err(io)?;
-        file.write_all(&out).and_then(|_| file.sync_all()).map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut file| file.write_all(&out).and_then(|_| file.sync_all()))
+            .and_then(|_| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(io(e));
+        }
+        Ok(())
     }
 
     /// Reads the checkpoint at `path` for a model of `parameters` parameters: a

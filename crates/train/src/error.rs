@@ -12,6 +12,10 @@ pub enum TrainError {
     /// The job cannot run as configured.
     #[error("{0}")]
     Config(String),
+    /// The job's output (a checkpoint, the run summary) cannot be written: the job
+    /// cannot go on, whichever worker takes over (a full or read-only disk).
+    #[error("output: {0}")]
+    Output(String),
     /// The user's task reported an error.
     #[error("task: {0}")]
     Task(String),

@@ -26,7 +26,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use hetero_cluster::agent::EVENT_PREFIX;
+use hetero_cluster::agent::{EVENT_PREFIX, JOB_FATAL_EXIT};
 use hetero_comm::server::{ServerClient, accept_clients};
 use hetero_comm::{Ring, RingConfig};
 use hetero_job::{CHECKPOINT_FILE, SPEC_FILE, Strategy};
@@ -76,8 +76,18 @@ where
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("worker failed: {e}");
-            ExitCode::FAILURE
+            exit_code(&e)
         }
+    }
+}
+
+/// The exit status of a worker that failed with `e`: [`JOB_FATAL_EXIT`] when no
+/// other worker could get past it either (the job's output cannot be written),
+/// so its agent fails the job instead of migrating its samples; 1 otherwise.
+pub fn exit_code(e: &WorkerError) -> ExitCode {
+    match e {
+        WorkerError::Train(hetero_train::TrainError::Output(_)) => ExitCode::from(JOB_FATAL_EXIT),
+        _ => ExitCode::FAILURE,
     }
 }
 
@@ -193,6 +203,12 @@ where
     if speaker.is(setup.rank) {
         let dir = &setup.output_dir;
         let title = format!("{}: training loss ({} workers)", setup.spec.name, setup.world);
+        let files = (summary.clone(), title.clone());
+        // The coordinator keeps the summary even if the files below cannot be written.
+        emit(&Event::Done {
+            summary: Box::new(summary),
+        });
+        let (summary, title) = files;
         std::fs::create_dir_all(dir)
             .and_then(|_| {
                 std::fs::write(
@@ -206,10 +222,9 @@ where
                     hetero_train::report::loss_curve_svg(&summary.loss_curve, &title),
                 )
             })
-            .map_err(|e| WorkerError::Setup(format!("cannot write results into {}: {e}", dir.display())))?;
-        emit(&Event::Done {
-            summary: Box::new(summary),
-        });
+            .map_err(|e| {
+                hetero_train::TrainError::Output(format!("cannot write results into {}: {e}", dir.display()))
+            })?;
     }
     Ok(())
 }

@@ -53,11 +53,32 @@ pub fn members(
     timeout: Duration,
 ) -> Result<Members, WorkerError> {
     runtime()?.block_on(async {
-        let mut client = hetero_cluster::client::connect(&setup.coordinator, &setup.token)
-            .await
-            .map_err(|e| WorkerError::Rendezvous(e.to_string()))?;
         let started = Instant::now();
+        let mut client = None;
+        // Why the coordinator could not be asked, while it is away (restarting): the
+        // record of who arrived survives a restart, so asking again is enough.
+        let mut away_because: Option<String> = None;
         loop {
+            if started.elapsed() > timeout {
+                return Err(WorkerError::Rendezvous(match away_because {
+                    Some(why) => format!(
+                        "the coordinator at {} stayed unreachable for {} s: {why}",
+                        setup.coordinator,
+                        timeout.as_secs()
+                    ),
+                    None => format!("not every worker arrived within {} s", timeout.as_secs()),
+                }));
+            }
+            if client.is_none() {
+                match hetero_cluster::client::connect(&setup.coordinator, &setup.token).await {
+                    Ok(c) => client = Some(c),
+                    Err(e) => {
+                        away_because = Some(e.to_string());
+                        tokio::time::sleep(AWAY_RETRY).await;
+                        continue;
+                    }
+                }
+            }
             let req = pb::RendezvousRequest {
                 job_id: setup.job_id.clone(),
                 rank: setup.rank as u32,
@@ -65,11 +86,17 @@ pub fn members(
                 generation,
                 joining,
             };
-            let resp = client
-                .rendezvous(req)
-                .await
-                .map_err(|s| WorkerError::Rendezvous(s.message().to_string()))?
-                .into_inner();
+            let resp = match client.as_mut().expect("connected above").rendezvous(req).await {
+                Ok(r) => r.into_inner(),
+                Err(s) if coordinator_away(&s) => {
+                    away_because = Some(s.message().to_string());
+                    client = None;
+                    tokio::time::sleep(AWAY_RETRY).await;
+                    continue;
+                }
+                Err(s) => return Err(WorkerError::Rendezvous(s.message().to_string())),
+            };
+            away_because = None;
             if resp.ready {
                 let addresses = resp
                     .addresses
@@ -86,15 +113,26 @@ pub fn members(
                     weights: resp.weights.iter().map(|&w| w as f64).collect(),
                 });
             }
-            if started.elapsed() > timeout {
-                return Err(WorkerError::Rendezvous(format!(
-                    "not every worker arrived within {} s",
-                    timeout.as_secs()
-                )));
-            }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     })
+}
+
+/// How long a worker waits out a coordinator that is away (restarting, its host
+/// rebooting) when it needs an answer between epochs, before giving up on it.
+pub const COORDINATOR_OUTAGE: Duration = Duration::from_secs(120);
+
+/// Pause between tries while the coordinator is away.
+const AWAY_RETRY: Duration = Duration::from_millis(500);
+
+/// Whether a call failed because the coordinator is away — restarting,
+/// unreachable, stalled past the call's deadline — rather than because it refused.
+/// Only such calls are worth another try.
+fn coordinator_away(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown
+    )
 }
 
 /// Regroups through the coordinator: the survivors of a broken ring meet at the
@@ -168,32 +206,35 @@ impl Membership for CoordinatorMembership {
         let fail = |e: String| TrainError::Config(format!("cannot ask the coordinator for joining workers: {e}"));
         let setup = &self.setup;
         runtime().map_err(|e| fail(e.to_string()))?.block_on(async {
-            let mut last = String::new();
-            // A coordinator that blinks must not split the ring's decision: retry.
-            for attempt in 0..5u64 {
-                if attempt > 0 {
-                    tokio::time::sleep(Duration::from_millis(500 * attempt)).await;
-                }
-                let mut client = match hetero_cluster::client::connect(&setup.coordinator, &setup.token).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        last = e.to_string();
-                        continue;
+            // A coordinator that blinks or restarts must not split the ring's
+            // decision: ask again until it answers (it keeps its decision for this
+            // epoch across a restart), for at most COORDINATOR_OUTAGE.
+            let started = Instant::now();
+            loop {
+                let why = match hetero_cluster::client::connect(&setup.coordinator, &setup.token).await {
+                    Err(e) => e.to_string(),
+                    Ok(mut client) => {
+                        let req = pb::CheckMembershipRequest {
+                            job_id: setup.job_id.clone(),
+                            rank: setup.rank as u32,
+                            generation,
+                            epoch: epoch as u64,
+                        };
+                        match client.check_membership(req).await {
+                            Ok(r) => return Ok(r.into_inner().regroup),
+                            Err(s) if coordinator_away(&s) => s.message().to_string(),
+                            Err(s) => return Err(fail(s.message().to_string())),
+                        }
                     }
                 };
-                let req = pb::CheckMembershipRequest {
-                    job_id: setup.job_id.clone(),
-                    rank: setup.rank as u32,
-                    generation,
-                    epoch: epoch as u64,
-                };
-                match client.check_membership(req).await {
-                    Ok(r) => return Ok(r.into_inner().regroup),
-                    Err(s) if s.code() == tonic::Code::Unavailable => last = s.message().to_string(),
-                    Err(s) => return Err(fail(s.message().to_string())),
+                if started.elapsed() > COORDINATOR_OUTAGE {
+                    return Err(fail(format!(
+                        "unreachable for {} s: {why}",
+                        COORDINATOR_OUTAGE.as_secs()
+                    )));
                 }
+                tokio::time::sleep(AWAY_RETRY).await;
             }
-            Err(fail(last))
         })
     }
 }
