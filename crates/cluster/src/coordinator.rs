@@ -1174,6 +1174,34 @@ impl CoordinatorRpc for Coordinator {
                 req.task_id, req.agent_id
             )));
         };
+        // What must be stored — the run summary, the worker's end — is stored first,
+        // on a copy kept only once written: a store that cannot write fails this
+        // call before anything is appended, and the agent's retry finds memory as
+        // it was (no line logged twice, no end half-recorded).
+        let summary = req.events_json.iter().rev().find_map(|event| {
+            let v = serde_json::from_str::<serde_json::Value>(event).ok()?;
+            (v["type"] == "done").then(|| v["summary"].to_string())
+        });
+        let ended = task_state_from_wire(req.state).filter(|_| {
+            st.jobs[&job_id]
+                .tasks
+                .iter()
+                .any(|t| t.task_id == req.task_id && !t.state.is_final())
+        });
+        if summary.is_some() || ended.is_some() {
+            let mut job = st.jobs[&job_id].clone();
+            if let Some(summary) = summary {
+                job.summary_json = summary;
+            }
+            if let Some(state) = ended {
+                let task = job.tasks.iter_mut().find(|t| t.task_id == req.task_id).expect("found above");
+                task.state = state;
+                task.message = req.message.clone();
+                task.job_fatal = state == TaskState::Failed && req.job_fatal;
+            }
+            self.try_save_job(&job)?;
+            st.jobs.insert(job_id.clone(), job);
+        }
         self.append_log(&mut st, &job_id, rank as i32, "log", req.log_lines);
         for event in &req.events_json {
             let Ok(v) = serde_json::from_str::<serde_json::Value>(event) else {
@@ -1196,37 +1224,17 @@ impl CoordinatorRpc for Coordinator {
                     points.push((step, loss, rate * workers));
                 }
             }
-            if v["type"] == "done"
-                && let Some(job) = st.jobs.get_mut(&job_id)
-            {
-                job.summary_json = v["summary"].to_string();
-                let job = job.clone();
-                self.save_job(&job);
-            }
         }
         self.append_log(&mut st, &job_id, rank as i32, "event", req.events_json);
-        if let Some(state) = task_state_from_wire(req.state) {
-            let job = st.jobs.get_mut(&job_id).expect("found above");
-            let task = job
-                .tasks
-                .iter_mut()
-                .find(|t| t.task_id == req.task_id)
-                .expect("found above");
-            if !task.state.is_final() {
-                task.state = state;
-                task.message = req.message.clone();
-                task.job_fatal = state == TaskState::Failed && req.job_fatal;
-                let job = job.clone();
-                self.save_job(&job);
-                let line = format!(
-                    "worker rank {rank} {}: {}",
-                    format!("{state:?}").to_lowercase(),
-                    req.message
-                );
-                self.append_log(&mut st, &job_id, rank as i32, "state", vec![line]);
-                self.settle_job(&mut st, &job_id);
-                self.schedule(&mut st);
-            }
+        if let Some(state) = ended {
+            let line = format!(
+                "worker rank {rank} {}: {}",
+                format!("{state:?}").to_lowercase(),
+                req.message
+            );
+            self.append_log(&mut st, &job_id, rank as i32, "state", vec![line]);
+            self.settle_job(&mut st, &job_id);
+            self.schedule(&mut st);
         }
         Ok(Response::new(pb::ReportTaskResponse {}))
     }
