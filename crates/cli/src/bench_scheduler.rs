@@ -72,6 +72,7 @@ pub fn run(jobs: usize, groups: usize) -> Result<()> {
                     protocol_version: hetero_proto::PROTOCOL_VERSION,
                     agent_id: String::new(),
                     hostname: format!("sim-{i}"),
+                    agent_key: String::new(),
                     groups: vec![pb::ResourceGroup {
                         kind: "cpu".into(),
                         devices: 4,

@@ -212,20 +212,34 @@ struct Running {
 type Tasks = Arc<Mutex<HashMap<String, Running>>>;
 
 /// The file in an agent's work folder that keeps the node id the coordinator gave
-/// it: a restarted agent registers as the same node, and the ranks it lost come back.
+/// it, and the id's key (a line each): a restarted agent registers as the same
+/// node, and the ranks it lost come back.
 pub const ID_FILE: &str = "agent-id";
 
-/// The node id this agent had before it restarted, if its work folder kept one.
-fn remembered_id(config: &AgentConfig) -> String {
-    std::fs::read_to_string(config.work_dir.join(ID_FILE))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+/// The node id and key this agent had before it restarted, if its work folder
+/// kept them.
+fn remembered_id(config: &AgentConfig) -> (String, String) {
+    let text = std::fs::read_to_string(config.work_dir.join(ID_FILE)).unwrap_or_default();
+    let mut lines = text.lines().map(str::trim);
+    let id = lines.next().unwrap_or_default().to_string();
+    let key = lines.next().unwrap_or_default().to_string();
+    (id, key)
 }
 
-/// Keeps `agent_id` for the next start (a failure only costs the node its identity).
-fn remember_id(config: &AgentConfig, agent_id: &str) {
-    let written =
-        std::fs::create_dir_all(&config.work_dir).and_then(|_| std::fs::write(config.work_dir.join(ID_FILE), agent_id));
+/// Keeps `agent_id` and its key for the next start (a failure only costs the node
+/// its identity). Owner-only: the key proves the id.
+fn remember_id(config: &AgentConfig, agent_id: &str, key: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = config.work_dir.join(ID_FILE);
+    let written = std::fs::create_dir_all(&config.work_dir).and_then(|_| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)?;
+        std::io::Write::write_all(&mut file, format!("{agent_id}\n{key}\n").as_bytes())
+    });
     if let Err(e) = written {
         tracing::warn!(error = %e, "cannot keep the node id in the work folder; a restart registers a new node");
     }
@@ -237,7 +251,7 @@ pub async fn run(mut config: AgentConfig, mut shutdown: watch::Receiver<bool>) -
     let tasks: Tasks = Arc::default();
     let mut client: Option<Client> = None;
     let mut agent_id = String::new();
-    let mut known_id = remembered_id(&config);
+    let (mut known_id, mut known_key) = remembered_id(&config);
     let mut interval = Duration::from_millis(500);
     let mut warned = false;
     let mut sys = sysinfo::System::new();
@@ -260,15 +274,16 @@ pub async fn run(mut config: AgentConfig, mut shutdown: watch::Receiver<bool>) -
                     agent_id: known_id.clone(),
                     hostname: config.hostname.clone(),
                     groups: discover_groups(&config),
+                    agent_key: known_key.clone(),
                 };
                 match c.register_agent(req).await {
                     Ok(r) => {
                         let r = r.into_inner();
                         tracing::info!(agent_id = %r.agent_id, "registered with the coordinator");
                         agent_id = r.agent_id;
-                        if agent_id != known_id {
-                            remember_id(&config, &agent_id);
-                            known_id = agent_id.clone();
+                        if agent_id != known_id || r.agent_key != known_key {
+                            remember_id(&config, &agent_id, &r.agent_key);
+                            (known_id, known_key) = (agent_id.clone(), r.agent_key);
                         }
                         interval = Duration::from_millis(r.heartbeat_interval_ms.max(50) as u64);
                         warned = false;

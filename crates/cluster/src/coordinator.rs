@@ -1105,11 +1105,18 @@ impl CoordinatorRpc for Coordinator {
             )));
         }
         let mut st = self.lock();
-        let agent_id = if !req.agent_id.is_empty() && st.nodes.contains_key(&req.agent_id) {
-            req.agent_id.clone()
-        } else {
-            st.next_node += 1;
-            format!("node-{}", st.next_node)
+        // A node id is taken back only with its key: an agent whose folder kept an
+        // id from another coordinator (or another's id) becomes a new node.
+        let returning = st
+            .nodes
+            .get(&req.agent_id)
+            .filter(|n| !req.agent_id.is_empty() && (n.key.is_empty() || n.key == req.agent_key));
+        let (agent_id, key) = match returning {
+            Some(n) => (n.agent_id.clone(), req.agent_key.clone()),
+            None => {
+                st.next_node += 1;
+                (format!("node-{}", st.next_node), crate::new_token())
+            }
         };
         let mut groups: Vec<GroupRecord> = req.groups.iter().map(GroupRecord::from).collect();
         if let Some(old) = st.nodes.get(&agent_id) {
@@ -1124,6 +1131,7 @@ impl CoordinatorRpc for Coordinator {
             hostname: req.hostname,
             groups,
             last_heartbeat_ms: now_ms(),
+            key: key.clone(),
         };
         self.inner.store.put_node(&node).map_err(store_status)?;
         tracing::info!(agent_id, hostname = %node.hostname, slots = node.slots(), "agent registered");
@@ -1133,6 +1141,7 @@ impl CoordinatorRpc for Coordinator {
         Ok(Response::new(pb::RegisterAgentResponse {
             agent_id,
             heartbeat_interval_ms: self.inner.config.heartbeat_interval.as_millis() as u32,
+            agent_key: key,
         }))
     }
 
@@ -1194,7 +1203,11 @@ impl CoordinatorRpc for Coordinator {
                 job.summary_json = summary;
             }
             if let Some(state) = ended {
-                let task = job.tasks.iter_mut().find(|t| t.task_id == req.task_id).expect("found above");
+                let task = job
+                    .tasks
+                    .iter_mut()
+                    .find(|t| t.task_id == req.task_id)
+                    .expect("found above");
                 task.state = state;
                 task.message = req.message.clone();
                 task.job_fatal = state == TaskState::Failed && req.job_fatal;

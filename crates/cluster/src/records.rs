@@ -170,6 +170,10 @@ pub struct NodeRecord {
     pub groups: Vec<GroupRecord>,
     /// Last heartbeat (Unix ms).
     pub last_heartbeat_ms: i64,
+    /// The secret the coordinator gave the agent with its id: an agent that comes
+    /// back with the id must show it, so two agents never share a node.
+    #[serde(default)]
+    pub key: String,
 }
 
 /// A group of devices of one kind on one agent.

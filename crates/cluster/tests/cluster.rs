@@ -175,6 +175,7 @@ async fn wrong_or_missing_token_is_refused_and_changes_nothing() {
             protocol_version: hetero_proto::PROTOCOL_VERSION,
             agent_id: String::new(),
             hostname: "evil".into(),
+            agent_key: String::new(),
             groups: vec![],
         })
         .await
@@ -567,4 +568,55 @@ async fn a_worker_that_stays_stopped_is_killed_and_named_rather_than_holding_its
         "{texts:?}"
     );
     cluster.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_node_id_is_taken_back_only_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (address, stop, handle) = serve(&dir.path().join("coordinator.redb"), "tok").await;
+    let mut client = connect(&address, "tok").await.unwrap();
+    let register = |id: &str, key: &str, host: &str| pb::RegisterAgentRequest {
+        protocol_version: hetero_proto::PROTOCOL_VERSION,
+        agent_id: id.into(),
+        hostname: host.into(),
+        groups: vec![pb::ResourceGroup {
+            kind: "cpu".into(),
+            devices: 1,
+            memory_bytes: 1 << 30,
+            worker_slots: 1,
+            ..Default::default()
+        }],
+        agent_key: key.into(),
+    };
+    // Two agents whose folders kept ids from an earlier coordinator: the first is
+    // given node-1 afresh, the second remembered node-1 too but not its new key.
+    let a = client
+        .register_agent(register("node-7", "old", "a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(a.agent_id, "node-1");
+    assert_eq!(a.agent_key.len(), 32);
+    let b = client
+        .register_agent(register("node-1", "old", "b"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(b.agent_id, "node-2", "the second agent must not take the first's node");
+    // The first comes back with its key and is the same node.
+    let again = client
+        .register_agent(register("node-1", &a.agent_key, "a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.agent_id, "node-1");
+    let nodes = client
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    assert_eq!(nodes.len(), 2, "{nodes:?}");
+    stop.send(true).unwrap();
+    handle.await.unwrap();
 }
