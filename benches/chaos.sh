@@ -5,9 +5,10 @@
 # Fashion-MNIST subset with three workers and a checkpoint every epoch. Each fault
 # falls after the first epoch's end. For each run it prints when the fault fell,
 # when the job ended, the time it cost beside the run without a fault, how the job
-# ended and why, the workers lost, the epochs recorded, and the samples the
-# workers trained against epochs × training samples (equal: no sample trained
-# twice or skipped). Needs root (namespaces, tmpfs).
+# ended and why, the workers lost, the epochs recorded, and the run summary's
+# accounting: "once" when every epoch visited each training sample exactly once
+# (none skipped, none twice), with the visits of the whole run. Needs root
+# (namespaces, tmpfs).
 #
 #   benches/chaos.sh                              # every fault
 #   FAULTS="worker coordinator" benches/chaos.sh  # some of them
@@ -73,11 +74,10 @@ client() { # COMMAND ARGS...
 
 # The pid of rank R's worker process (its environment names the rank).
 worker_pid() {
-    local r=$1 p
-    for p in /proc/[0-9]*; do
-        if tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qx "HETERO_RANK=$r" &&
-            tr '\0' '\n' <"$p/environ" 2>/dev/null | grep -qx "HETERO_COORDINATOR=$bridge:$port"; then
-            basename "$p"
+    local f
+    for f in $(grep -lzx "HETERO_RANK=$1" /proc/[0-9]*/environ 2>/dev/null); do
+        if grep -qzx "HETERO_COORDINATOR=$bridge:$port" "$f" 2>/dev/null; then
+            basename "$(dirname "$f")"
             return 0
         fi
     done
@@ -191,11 +191,16 @@ EOF
         read -r lost epochs accuracy accounting < <(python3 - "$summary" "$EPOCHS" "$LIMIT" <<'PY'
 import json, sys
 s = json.load(open(sys.argv[1]))
-trained = sum(w["samples"] for w in s["per_worker"])
-expected = int(sys.argv[2]) * int(sys.argv[3])
+# Each epoch's accounting: every sample once (samples == visits == distinct).
+exact = all(
+    e["coverage"]["samples"] == e["coverage"]["visited"] == e["coverage"]["distinct"] == int(sys.argv[3])
+    for e in s["history"]
+)
+visits = sum(e["coverage"]["visited"] for e in s["history"])
 lost = ",".join(map(str, s["lost_workers"])) or "none"
 acc = s.get("test_accuracy")
-print(lost, len(s["history"]), f"{acc:.3f}" if acc is not None else "-", f"{trained}/{expected}")
+print(lost, len(s["history"]), f"{acc:.3f}" if acc is not None else "-",
+      f"{'once' if exact else 'NOT-ONCE'}:{visits}")
 PY
         )
     fi
@@ -213,7 +218,7 @@ PY
 }
 
 printf '%-12s %8s %8s %-10s %-6s %6s %7s %-13s %s\n' fault "fault s" "end s" outcome lost epochs acc \
-    "trained/exp" "why" | tee "$work/table.txt"
+    "samples" "why" | tee "$work/table.txt"
 for fault in $FAULTS; do
     run "$fault"
 done

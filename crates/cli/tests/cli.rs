@@ -635,6 +635,20 @@ fn three_worker_spec(dir: &Path, model: &str, training: &str) -> PathBuf {
     )
 }
 
+/// Every epoch of the run visited each training sample once: none skipped, none
+/// twice, whoever was lost or joined (the summary's accounting).
+fn assert_every_sample_once_per_epoch(summary: &serde_json::Value, samples: u64) {
+    for e in summary["history"].as_array().unwrap() {
+        let c = &e["coverage"];
+        assert_eq!(
+            (c["samples"].as_u64(), c["visited"].as_u64(), c["distinct"].as_u64()),
+            (Some(samples), Some(samples), Some(samples)),
+            "epoch {}: {c}",
+            e["epoch"]
+        );
+    }
+}
+
 #[test]
 fn a_worker_killed_mid_epoch_migrates_its_samples_and_the_job_completes() {
     let dir = tempfile::tempdir().unwrap();
@@ -667,6 +681,7 @@ fn a_worker_killed_mid_epoch_migrates_its_samples_and_the_job_completes() {
     let summary = summary_at(&dir.path().join("runs/job-000001/summary.json"));
     assert_eq!(summary["lost_workers"], serde_json::json!([2]), "{summary}");
     assert_eq!(summary["history"].as_array().unwrap().len(), 3, "{summary}");
+    assert_every_sample_once_per_epoch(&summary, 3000);
     assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
 }
 
@@ -721,6 +736,7 @@ fn a_node_that_comes_back_rejoins_its_job_at_the_next_epoch() {
     assert_eq!(summary["rejoined_workers"], serde_json::json!([2]), "{summary}");
     assert_eq!(summary["history"].as_array().unwrap().len(), 6, "{summary}");
     assert!(summary["per_worker"][2]["samples"].as_u64().unwrap() > 0, "{summary}");
+    assert_every_sample_once_per_epoch(&summary, 3000);
     assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
     let nodes = text(&client("nodes", port, &state).output().unwrap());
     assert_eq!(
@@ -776,6 +792,7 @@ fn a_coordinator_killed_mid_rendezvous_and_mid_training_sees_its_job_through() {
     let summary = summary_at(&dir.path().join("runs/job-000001/summary.json"));
     assert_eq!(summary["history"].as_array().unwrap().len(), 3, "{summary}");
     assert_eq!(summary["lost_workers"], serde_json::json!([]), "{summary}");
+    assert_every_sample_once_per_epoch(&summary, 3000);
     // The coordinator holds the run summary too, though a restart fell mid-run.
     assert!(status.contains("accuracy"), "{status}");
 }

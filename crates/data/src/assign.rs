@@ -66,6 +66,20 @@ impl Assignment {
         &self.batches
     }
 
+    /// This epoch's accounting so far: its samples, the visits made (each counted)
+    /// and the distinct samples visited. At an epoch's end all three are equal when
+    /// no sample was skipped or visited twice, whoever was lost or joined.
+    pub fn coverage(&self) -> (usize, usize, usize) {
+        let samples = self.shards.iter().map(Vec::len).sum();
+        let mut seen: Vec<usize> = (0..self.world())
+            .flat_map(|r| self.shards[r][..self.cursors[r]].iter().copied())
+            .collect();
+        let visited = seen.len();
+        seen.sort_unstable();
+        seen.dedup();
+        (samples, visited, seen.len())
+    }
+
     /// How far each worker is through its shard.
     pub fn cursors(&self) -> &[usize] {
         &self.cursors
@@ -414,6 +428,8 @@ mod tests {
             assert_eq!(b.batches().iter().sum::<usize>(), 50);
             visit_rest(&mut b, &mut seen);
             assert_once(&seen, len);
+            // The assignment's own accounting says so too (the run summary's).
+            assert_eq!(b.coverage(), (len, len, len), "dead {dead:?}");
             // The next epoch covers the whole dataset with the survivors.
             assert_partition(&b, len);
             b.begin_epoch(5, 1);

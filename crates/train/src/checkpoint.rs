@@ -206,6 +206,7 @@ mod tests {
                 train_loss: 0.5,
                 test_accuracy: Some(0.8),
                 elapsed_secs: 1.0,
+                coverage: Default::default(),
             }],
         }
     }

@@ -38,6 +38,6 @@ pub mod trainer;
 pub use error::TrainError;
 pub use membership::{FixedMembership, Membership, Regroup};
 pub use optim::{FlatOptimizer, OptimizerConfig, OptimizerState};
-pub use report::{Event, RunSummary, WorkerFigures};
+pub use report::{Coverage, Event, RunSummary, WorkerFigures};
 pub use task::{Evaluation, Task, TaskContext, seeded_model};
 pub use trainer::{Throttle, TrainOptions, Trainer, compute_threads, train};

@@ -233,6 +233,7 @@ mod tests {
             train_loss: 0.0,
             test_accuracy: Some(acc),
             elapsed_secs: secs,
+            coverage: Coverage::default(),
         };
         let t = seconds_to_accuracy(&[e(0, 0.865, 37.5), e(1, 0.8993, 73.2), e(2, 0.9092, 108.1)]);
         assert_eq!(t["85"], 37.5);
@@ -268,4 +269,19 @@ pub struct EpochRecord {
     pub test_accuracy: Option<f64>,
     /// Seconds since training started.
     pub elapsed_secs: f64,
+    /// The epoch's accounting, from the ring's data assignment at its end.
+    #[serde(default)]
+    pub coverage: Coverage,
+}
+
+/// Which training samples an epoch visited, whatever workers were lost or joined in
+/// it: `samples == visited == distinct` means none was skipped or visited twice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Coverage {
+    /// Training samples in the epoch.
+    pub samples: usize,
+    /// Visits made (a sample visited twice counts twice).
+    pub visited: usize,
+    /// Distinct samples visited.
+    pub distinct: usize,
 }

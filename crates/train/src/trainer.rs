@@ -47,7 +47,7 @@ use crate::membership::{FixedMembership, Membership, Regroup};
 use crate::optim::{FlatOptimizer, OptimizerConfig};
 use crate::params;
 use crate::report::{
-    EpochRecord, Event, LOSS_CURVE_POINTS, RunSummary, WorkerFigures, downsample, seconds_to_accuracy,
+    Coverage, EpochRecord, Event, LOSS_CURVE_POINTS, RunSummary, WorkerFigures, downsample, seconds_to_accuracy,
 };
 use crate::sync::{self, Reader, Words};
 use crate::{Evaluation, Task, TrainError, seeded_model};
@@ -674,6 +674,8 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             w.f64(h.train_loss);
             w.f64(h.test_accuracy.unwrap_or(f64::NAN));
             w.f64(h.elapsed_secs);
+            let c = h.coverage;
+            w.usizes(&[c.samples, c.visited, c.distinct]);
         }
         w.into_vec()
     }
@@ -729,6 +731,14 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 train_loss,
                 test_accuracy: (!accuracy.is_nan()).then_some(accuracy),
                 elapsed_secs: r.f64("a time")?,
+                coverage: match r.usizes("an epoch's coverage")?[..] {
+                    [samples, visited, distinct] => Coverage {
+                        samples,
+                        visited,
+                        distinct,
+                    },
+                    _ => return Err(TrainError::Config("an epoch's coverage is three counts".into())),
+                },
             });
         }
         r.finish()?;
@@ -958,11 +968,17 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 test_loss,
                 elapsed_secs,
             });
+            let (samples, visited, distinct) = progress.assignment.coverage();
             progress.history.push(EpochRecord {
                 epoch,
                 train_loss,
                 test_accuracy,
                 elapsed_secs,
+                coverage: Coverage {
+                    samples,
+                    visited,
+                    distinct,
+                },
             });
             last_eval = eval;
             progress.epoch += 1;
