@@ -17,7 +17,7 @@
 # Faults: none (the baseline), worker (kill -9 rank 2's process), agent (kill -9
 # host 3's agent), coordinator (kill -9, back after 5 s on the same port and
 # folder), link (host 3's link down for 30 s), stop (SIGSTOP rank 2 for 60 s),
-# disk (the job's output folder, a 4 MiB tmpfs, filled after the first
+# disk (the job's output folder, a 32 MiB tmpfs, filled after the first
 # checkpoint), store (the coordinator's folder, a 16 MiB tmpfs, full for 20 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -105,7 +105,7 @@ run() { # FAULT
     state="$dir/state"
     out="$dir/runs"
     if [ "$fault" = disk ]; then
-        mkdir -p "$dir/mnt" && mount -t tmpfs -o size=4m tmpfs "$dir/mnt"
+        mkdir -p "$dir/mnt" && mount -t tmpfs -o size=32m tmpfs "$dir/mnt"
         out="$dir/mnt/runs"
     elif [ "$fault" = store ]; then
         mkdir -p "$dir/mnt" && mount -t tmpfs -o size=16m tmpfs "$dir/mnt"
@@ -146,17 +146,17 @@ EOF
             sleep 5
             start_coordinator "$state" "$dir/coordinator.log"
             ;;
+        # Faults that last are undone in the background: the job's end is timed
+        # as it happens, during the fault or after it.
         link)
             ip -n "${TESTBED_PREFIX}3" link set eth0 down
-            sleep 30
-            ip -n "${TESTBED_PREFIX}3" link set eth0 up
+            (sleep 30 && ip -n "${TESTBED_PREFIX}3" link set eth0 up) &
             ;;
         stop)
             local pid
             pid=$(worker_pid 2)
             kill -STOP "$pid"
-            sleep 60
-            kill -CONT "$pid" 2>/dev/null || true
+            (sleep 60 && kill -CONT "$pid" 2>/dev/null || true) &
             ;;
         disk)
             wait_for_log '"type":"checkpointed"'
@@ -165,8 +165,7 @@ EOF
             ;;
         store)
             fill "$dir/mnt"
-            sleep 20
-            rm -f "$dir/mnt/filler"
+            (sleep 20 && rm -f "$dir/mnt/filler") &
             ;;
     esac
     # The end, within BOUND.
@@ -180,6 +179,7 @@ EOF
         status=$(client status job-000001 2>/dev/null || true)
     done
     te=$(now)
+    wait # for a fault being undone
     echo "$status" >"$dir/status.txt"
     client logs job-000001 >"$dir/logs.txt" 2>&1 || true
     local ended message summary
@@ -201,6 +201,17 @@ lost = ",".join(map(str, s["lost_workers"])) or "none"
 acc = s.get("test_accuracy")
 print(lost, len(s["history"]), f"{acc:.3f}" if acc is not None else "-",
       f"{'once' if exact else 'NOT-ONCE'}:{visits}")
+PY
+        )
+    fi
+    if [ "$fault" = disk ] && [ -f "$out/job-000001/checkpoint.bin" ]; then
+        # The job failed; its last whole checkpoint is what `hetero resume` starts from.
+        accounting=$(python3 - "$out/job-000001/checkpoint.bin" <<'PY'
+import json, struct, sys
+b = open(sys.argv[1], "rb").read()
+magic = b"HETERO-CHECKPOINT\n"
+n = struct.unpack_from("<Q", b, len(magic) + 4)[0]
+print(f"kept:epoch{json.loads(b[len(magic) + 12:len(magic) + 12 + n])['epoch']}")
 PY
         )
     fi

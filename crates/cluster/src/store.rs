@@ -3,8 +3,14 @@
 //! Every change the coordinator accepts is committed here before the call that
 //! caused it returns, so a coordinator killed at any moment and started again on
 //! the same file still lists every job it accepted, with its logs.
+//!
+//! A write that fails on I/O (a full disk) fails its call, and redb then refuses
+//! every later transaction until the database is opened again; the store closes it
+//! at once and reopens it on the next call, so the coordinator goes on writing once
+//! the disk has room, without a restart.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
@@ -33,9 +39,9 @@ pub struct LogRecord {
     pub text: String,
 }
 
-/// The open database.
+/// The database (closed after an I/O error, until the next call reopens it).
 pub struct Store {
-    db: Database,
+    db: Mutex<Option<Database>>,
     path: PathBuf,
 }
 
@@ -63,12 +69,8 @@ impl Store {
                 .map_err(|e| ClusterError::io(format!("making {} private (0600)", path.display()), e))?;
         }
         drop(created);
-        let db = Database::create(path).map_err(|e| ClusterError::Store {
-            path: path.display().to_string(),
-            message: format!("cannot open: {e}"),
-        })?;
         let store = Store {
-            db,
+            db: Mutex::new(None),
             path: path.to_path_buf(),
         };
         store.write(|tx| {
@@ -88,10 +90,41 @@ impl Store {
         }
     }
 
+    /// Runs `f` on the database, opening it first if it is closed; an I/O error
+    /// closes it (see the module's doc).
+    fn with_db<T>(&self, f: impl FnOnce(&Database) -> Result<T, redb::Error>) -> Result<T, ClusterError> {
+        let mut slot: MutexGuard<'_, Option<Database>> = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            let db = Database::create(&self.path).map_err(|e| self.err(format!("cannot open: {e}")))?;
+            *slot = Some(db);
+        }
+        let result = f(slot.as_ref().expect("opened above"));
+        if let Err(redb::Error::Io(_) | redb::Error::PreviousIo) = &result {
+            *slot = None;
+        }
+        result.map_err(|e| self.err(e))
+    }
+
     fn write(&self, f: impl FnOnce(&redb::WriteTransaction) -> Result<(), redb::Error>) -> Result<(), ClusterError> {
-        let tx = self.db.begin_write().map_err(|e| self.err(e))?;
-        f(&tx).map_err(|e| self.err(e))?;
-        tx.commit().map_err(|e| self.err(e))
+        self.with_db(|db| {
+            let tx = db.begin_write()?;
+            f(&tx)?;
+            Ok(tx.commit()?)
+        })
+    }
+
+    /// The stored strings of a table's rows.
+    fn rows(&self, def: TableDefinition<&str, &str>) -> Result<Vec<(String, String)>, ClusterError> {
+        self.with_db(|db| {
+            let tx = db.begin_read()?;
+            let table = tx.open_table(def)?;
+            let mut out = Vec::new();
+            for row in table.iter()? {
+                let (k, v) = row?;
+                out.push((k.value().to_string(), v.value().to_string()));
+            }
+            Ok(out)
+        })
     }
 
     /// Saves (inserts or replaces) a job.
@@ -128,16 +161,10 @@ impl Store {
     }
 
     fn all<T: for<'de> Deserialize<'de>>(&self, def: TableDefinition<&str, &str>) -> Result<Vec<T>, ClusterError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = tx.open_table(def).map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for row in table.iter().map_err(|e| self.err(e))? {
-            let (k, v) = row.map_err(|e| self.err(e))?;
-            let record = serde_json::from_str(v.value())
-                .map_err(|e| self.err(format!("record {} is corrupt: {e}", k.value())))?;
-            out.push(record);
-        }
-        Ok(out)
+        self.rows(def)?
+            .into_iter()
+            .map(|(k, v)| serde_json::from_str(&v).map_err(|e| self.err(format!("record {k} is corrupt: {e}"))))
+            .collect()
     }
 
     /// Every job, in id order.
@@ -152,17 +179,22 @@ impl Store {
 
     /// A job's log lines with `seq > after`, at most `limit` of them.
     pub fn logs(&self, job_id: &str, after: u64, limit: usize) -> Result<Vec<LogRecord>, ClusterError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = tx.open_table(LOGS).map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        let range = table
-            .range((job_id, after.saturating_add(1))..=(job_id, u64::MAX))
-            .map_err(|e| self.err(e))?;
-        for row in range.take(limit) {
-            let (_, v) = row.map_err(|e| self.err(e))?;
-            out.push(serde_json::from_str(v.value()).map_err(|e| self.err(format!("corrupt log line: {e}")))?);
-        }
-        Ok(out)
+        let lines = self.with_db(|db| {
+            let tx = db.begin_read()?;
+            let table = tx.open_table(LOGS)?;
+            let mut out = Vec::new();
+            for row in table
+                .range((job_id, after.saturating_add(1))..=(job_id, u64::MAX))?
+                .take(limit)
+            {
+                out.push(row?.1.value().to_string());
+            }
+            Ok(out)
+        })?;
+        lines
+            .iter()
+            .map(|v| serde_json::from_str(v).map_err(|e| self.err(format!("corrupt log line: {e}"))))
+            .collect()
     }
 
     /// Saves an alert.
@@ -176,28 +208,33 @@ impl Store {
 
     /// Alerts with `id > after`, oldest first.
     pub fn alerts(&self, after: u64) -> Result<Vec<AlertRecord>, ClusterError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = tx.open_table(ALERTS).map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for row in table.range(after.saturating_add(1)..).map_err(|e| self.err(e))? {
-            let (_, v) = row.map_err(|e| self.err(e))?;
-            out.push(serde_json::from_str(v.value()).map_err(|e| self.err(format!("corrupt alert: {e}")))?);
-        }
-        Ok(out)
+        let alerts = self.with_db(|db| {
+            let tx = db.begin_read()?;
+            let table = tx.open_table(ALERTS)?;
+            let mut out = Vec::new();
+            for row in table.range(after.saturating_add(1)..)? {
+                out.push(row?.1.value().to_string());
+            }
+            Ok(out)
+        })?;
+        alerts
+            .iter()
+            .map(|v| serde_json::from_str(v).map_err(|e| self.err(format!("corrupt alert: {e}"))))
+            .collect()
     }
 
     /// The highest log sequence number of a job (0 when it has none).
     pub fn last_log_seq(&self, job_id: &str) -> Result<u64, ClusterError> {
-        let tx = self.db.begin_read().map_err(|e| self.err(e))?;
-        let table = tx.open_table(LOGS).map_err(|e| self.err(e))?;
-        let last = table
-            .range((job_id, 0)..=(job_id, u64::MAX))
-            .map_err(|e| self.err(e))?
-            .next_back()
-            .transpose()
-            .map_err(|e| self.err(e))?
-            .map(|(k, _)| k.value().1);
-        Ok(last.unwrap_or(0))
+        self.with_db(|db| {
+            let tx = db.begin_read()?;
+            let table = tx.open_table(LOGS)?;
+            let last = table
+                .range((job_id, 0)..=(job_id, u64::MAX))?
+                .next_back()
+                .transpose()?
+                .map(|(k, _)| k.value().1);
+            Ok(last.unwrap_or(0))
+        })
     }
 }
 
@@ -233,6 +270,63 @@ mod tests {
             formed: false,
             rendezvous: Default::default(),
         }
+    }
+
+    /// A tmpfs of `mib` MiB mounted on a fresh folder, unmounted when dropped.
+    struct Tmpfs(tempfile::TempDir);
+
+    impl Tmpfs {
+        /// `None` where this process may not mount (not root).
+        fn mount(mib: u32) -> Option<Tmpfs> {
+            let dir = tempfile::tempdir().unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+                .arg(dir.path())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            ok.then_some(Tmpfs(dir))
+        }
+
+        /// Takes every byte left.
+        fn fill(&self) -> std::path::PathBuf {
+            let filler = self.0.path().join("filler");
+            let mut f = std::fs::File::create(&filler).unwrap();
+            let block = vec![0u8; 64 << 10];
+            while std::io::Write::write_all(&mut f, &block).is_ok() {}
+            filler
+        }
+    }
+
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0.path())
+                .status();
+        }
+    }
+
+    #[test]
+    fn a_full_disk_fails_the_write_and_the_store_writes_again_once_there_is_room() {
+        // Mounting needs root, which CI and the test bed have.
+        let Some(fs) = Tmpfs::mount(4) else {
+            eprintln!("skipped: mounting a tmpfs needs root");
+            return;
+        };
+        let s = Store::open(&fs.0.path().join("c.redb")).unwrap();
+        s.put_job(&job("job-000001")).unwrap();
+        let filler = fs.fill();
+        let mut big = job("job-000002");
+        big.spec_json = "x".repeat(256 << 10);
+        let err = s.put_job(&big).unwrap_err().to_string();
+        assert!(err.contains("c.redb"), "{err}");
+        std::fs::remove_file(filler).unwrap();
+        // redb refuses every transaction after an I/O error until reopened: the store
+        // reopens it by itself.
+        s.put_job(&big).unwrap();
+        let ids: Vec<String> = s.jobs().unwrap().into_iter().map(|j| j.job_id).collect();
+        assert_eq!(ids, ["job-000001", "job-000002"]);
     }
 
     #[test]
