@@ -91,8 +91,16 @@ enum Command {
         dashboard_hosts: Vec<String>,
         /// Serve gRPC in plaintext, the token readable on the path (agents and
         /// clients then give --coordinator http://HOST:PORT). Only on links you trust.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
         insecure: bool,
+        /// Serve this PEM certificate chain (from your own authority) instead of one
+        /// the token's authority signs; agents, workers and clients then trust your
+        /// authority through HETERO_TLS_CA=FILE. Needs --tls-key.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// The PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Run an agent: offer this machine's devices to a coordinator and run workers.
     Agent {
@@ -311,6 +319,8 @@ fn main() -> ExitCode {
             dashboard,
             dashboard_hosts,
             insecure,
+            tls_cert,
+            tls_key,
         } => server_cmds::coordinator(
             &listen,
             &data_dir,
@@ -318,7 +328,7 @@ fn main() -> ExitCode {
             dead_after,
             (alert_webhook.as_deref(), alert_webhook_ca.as_deref()),
             (&dashboard, dashboard_hosts),
-            insecure,
+            server_cmds::Tls::from_flags(insecure, tls_cert.zip(tls_key)),
         ),
         Command::Agent {
             conn,

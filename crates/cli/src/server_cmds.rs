@@ -1,13 +1,13 @@
 //! `hetero coordinator` and `hetero agent`: the long-running roles of a real cluster.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
 use hetero_cluster::agent::{self, AgentConfig, GpuGroup};
 use hetero_cluster::agent_config::AgentFile;
 use hetero_cluster::alerts::Webhook;
-use hetero_cluster::coordinator::{Coordinator, CoordinatorConfig};
+use hetero_cluster::coordinator::{ControlTls, Coordinator, CoordinatorConfig};
 use tokio::sync::watch;
 
 use crate::Connection;
@@ -77,6 +77,27 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
+/// How `hetero coordinator` serves gRPC, from its flags.
+pub enum Tls {
+    /// Under the token's authority.
+    Token,
+    /// Under the operator's: certificate chain and key files.
+    Operator(PathBuf, PathBuf),
+    /// `--insecure`.
+    Insecure,
+}
+
+impl Tls {
+    /// From `--insecure` and `--tls-cert`/`--tls-key` (clap keeps them apart).
+    pub fn from_flags(insecure: bool, files: Option<(PathBuf, PathBuf)>) -> Tls {
+        match (insecure, files) {
+            (true, _) => Tls::Insecure,
+            (false, Some((cert, key))) => Tls::Operator(cert, key),
+            (false, None) => Tls::Token,
+        }
+    }
+}
+
 /// Runs the coordinator until Ctrl-C. `alert_webhook`: the URL alerts are POSTed to
 /// and a CA file for it; `dashboard`: its address and the host names it answers to
 /// besides IP addresses and localhost.
@@ -87,7 +108,7 @@ pub fn coordinator(
     dead_after: u64,
     alert_webhook: (Option<&str>, Option<&Path>),
     dashboard: (&str, Vec<String>),
-    insecure: bool,
+    tls: Tls,
 ) -> Result<ExitCode> {
     let (dashboard, dashboard_hosts) = dashboard;
     private_folder(data_dir)?;
@@ -105,7 +126,20 @@ pub fn coordinator(
     };
     let mut config = CoordinatorConfig::new(data_dir.join("coordinator.redb"), &token);
     config.dead_after = std::time::Duration::from_secs(dead_after.max(1));
-    config.tls = !insecure;
+    let insecure = matches!(tls, Tls::Insecure);
+    let operator = matches!(tls, Tls::Operator(..));
+    config.tls = match tls {
+        Tls::Token => ControlTls::Token,
+        Tls::Insecure => ControlTls::Insecure,
+        Tls::Operator(cert, key) => {
+            let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+            let (cert_pem, key_pem) = (read(&cert)?, read(&key)?);
+            // Checked here, so a wrong file is named before anything starts.
+            hetero_proto::tls::operator_server_config(&cert_pem, &key_pem)
+                .map_err(|e| anyhow::anyhow!("{e} ({} / {})", cert.display(), key.display()))?;
+            ControlTls::Operator { cert_pem, key_pem }
+        }
+    };
     let (webhook, webhook_ca) = alert_webhook;
     config.alert_webhook = webhook
         .map(|url| Webhook::parse_with_ca(url, webhook_ca))
@@ -122,6 +156,11 @@ pub fn coordinator(
                 "warning: --insecure: gRPC in plaintext, the cluster token readable by anyone on the path \
                  (agents and clients: --coordinator http://{})",
                 listener.local_addr()?
+            );
+        } else if operator {
+            println!(
+                "gRPC over TLS with your certificate (agents, workers and clients: {}=YOUR-CA.pem)",
+                hetero_cluster::client::TLS_CA_ENV
             );
         } else {
             println!("gRPC over TLS, its authority derived from the cluster token");

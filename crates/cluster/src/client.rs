@@ -26,10 +26,45 @@ pub fn endpoint_url(address: &str) -> String {
     }
 }
 
+/// The environment variable naming an operator's certificate authority (a PEM
+/// file) that every node trusts instead of the token's (`hetero coordinator
+/// --tls-cert/--tls-key`). Agents pass it on to their workers.
+pub const TLS_CA_ENV: &str = "HETERO_TLS_CA";
+
+/// Whom a node trusts to be the coordinator.
+#[derive(Debug, Clone)]
+pub enum Trust {
+    /// The authority the cluster token derives ([`hetero_proto::tls`]).
+    Token,
+    /// An operator's authority (PEM), for the host name or address dialled.
+    Authority(String),
+}
+
+impl Trust {
+    /// [`Trust::Authority`] from the file [`TLS_CA_ENV`] names, if it names one.
+    pub fn from_env() -> Result<Trust, String> {
+        match std::env::var_os(TLS_CA_ENV) {
+            None => Ok(Trust::Token),
+            Some(path) => std::fs::read_to_string(&path)
+                .map(Trust::Authority)
+                .map_err(|e| format!("{TLS_CA_ENV}={}: {e}", path.to_string_lossy())),
+        }
+    }
+}
+
 /// Connects to the coordinator at `address` with `token`: over TLS, trusting only
-/// the authority the token derives ([`hetero_proto::tls`]), unless the address is
-/// `http://…`.
+/// the authority the token derives ([`hetero_proto::tls`]) or the operator's that
+/// [`TLS_CA_ENV`] names, unless the address is `http://…`.
 pub async fn connect(address: &str, token: &str) -> Result<Client, ClusterError> {
+    let trust = Trust::from_env().map_err(|message| ClusterError::Connect {
+        address: address.to_string(),
+        message,
+    })?;
+    connect_trusting(address, token, &trust).await
+}
+
+/// [`connect`], trusting `trust`.
+pub async fn connect_trusting(address: &str, token: &str, trust: &Trust) -> Result<Client, ClusterError> {
     let url = endpoint_url(address);
     let fail = |message: String| ClusterError::Connect {
         address: address.to_string(),
@@ -50,8 +85,21 @@ pub async fn connect(address: &str, token: &str) -> Result<Client, ClusterError>
         .keep_alive_while_idle(true);
     let tls = url.starts_with("https://");
     if tls {
+        let config = match trust {
+            Trust::Token => hetero_proto::tls::client_config(token),
+            Trust::Authority(ca) => {
+                // The name checked is the one dialled, as with any TLS server.
+                let uri: tonic::transport::Uri = url.parse().map_err(|e| fail(format!("not an address: {e}")))?;
+                let host = uri
+                    .host()
+                    .unwrap_or_default()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']');
+                hetero_proto::tls::operator_client_config(ca, host)
+            }
+        };
         endpoint = endpoint
-            .tls_config(hetero_proto::tls::client_config(token).map_err(fail)?)
+            .tls_config(config.map_err(fail)?)
             .map_err(|e| fail(format!("configuring TLS: {e}")))?;
     }
     // The connect timeout covers TCP only: a coordinator that is stopped still has
@@ -78,6 +126,10 @@ pub async fn connect(address: &str, token: &str) -> Result<Client, ClusterError>
         }
         fail(if !tls {
             why
+        } else if why.contains("certificate") && matches!(trust, Trust::Authority(_)) {
+            format!(
+                "{why} — the coordinator's certificate is not signed by the authority in {TLS_CA_ENV} for this name"
+            )
         } else if why.contains("certificate") {
             format!(
                 "{why} — the coordinator's certificate does not come from this token: a wrong cluster \

@@ -48,9 +48,26 @@ pub struct CoordinatorConfig {
     pub dead_after: Duration,
     /// Where alerts are POSTed, if anywhere.
     pub alert_webhook: Option<Webhook>,
-    /// Serve gRPC over TLS rooted in the token ([`hetero_proto::tls`]); `false` only
-    /// for `--insecure`.
-    pub tls: bool,
+    /// How gRPC is served.
+    pub tls: ControlTls,
+}
+
+/// How the coordinator serves gRPC.
+#[derive(Debug, Clone)]
+pub enum ControlTls {
+    /// TLS, its certificate signed by the authority the token derives (the default;
+    /// [`hetero_proto::tls`]).
+    Token,
+    /// TLS with the operator's certificate chain and key (PEM, `--tls-cert`,
+    /// `--tls-key`); nodes trust the operator's authority (`HETERO_TLS_CA`).
+    Operator {
+        /// The certificate chain.
+        cert_pem: String,
+        /// Its private key.
+        key_pem: String,
+    },
+    /// Plaintext HTTP/2 (`--insecure`).
+    Insecure,
 }
 
 impl CoordinatorConfig {
@@ -62,7 +79,7 @@ impl CoordinatorConfig {
             heartbeat_interval: Duration::from_millis(500),
             dead_after: Duration::from_secs(10),
             alert_webhook: None,
-            tls: true,
+            tls: ControlTls::Token,
         }
     }
 }
@@ -258,9 +275,16 @@ impl Coordinator {
         let mut server = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)));
-        if self.inner.config.tls {
-            let tls = hetero_proto::tls::server_config(&self.inner.config.token)
-                .map_err(|e| ClusterError::io("making the coordinator's certificate", std::io::Error::other(e)))?;
+        let tls = match &self.inner.config.tls {
+            ControlTls::Token => Some(hetero_proto::tls::server_config(&self.inner.config.token)),
+            ControlTls::Operator { cert_pem, key_pem } => {
+                Some(hetero_proto::tls::operator_server_config(cert_pem, key_pem))
+            }
+            ControlTls::Insecure => None,
+        };
+        if let Some(tls) = tls {
+            let tls =
+                tls.map_err(|e| ClusterError::io("making the coordinator's certificate", std::io::Error::other(e)))?;
             server = server
                 .tls_config(tls)
                 .map_err(|e| ClusterError::io("configuring TLS", std::io::Error::other(e)))?;

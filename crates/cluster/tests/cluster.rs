@@ -514,7 +514,7 @@ async fn calls_cross_the_wire_encrypted_unless_the_operator_says_insecure() {
     // --insecure: the same call in plaintext, and the token is there for anyone to read.
     let dir = tempfile::tempdir().unwrap();
     let mut config = CoordinatorConfig::new(dir.path().join("store.redb"), "plain-token-123");
-    config.tls = false;
+    config.tls = hetero_cluster::coordinator::ControlTls::Insecure;
     let coordinator = Coordinator::open(config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
@@ -617,6 +617,69 @@ async fn a_node_id_is_taken_back_only_with_its_key() {
         .into_inner()
         .nodes;
     assert_eq!(nodes.len(), 2, "{nodes:?}");
+    stop.send(true).unwrap();
+    handle.await.unwrap();
+}
+
+/// A certificate authority and a coordinator certificate it signs for 127.0.0.1 and
+/// localhost, as an operator's own PKI would give: (CA PEM, chain PEM, key PEM).
+fn operator_pki() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    (
+        ca_cert.pem(),
+        format!("{}{}", cert.pem(), ca_cert.pem()),
+        key.serialize_pem(),
+    )
+}
+
+#[tokio::test]
+async fn an_operators_own_certificate_is_trusted_through_their_authority_alone() {
+    use hetero_cluster::client::{Trust, connect_trusting};
+    use hetero_cluster::coordinator::ControlTls;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, chain, key) = operator_pki();
+    let mut config = CoordinatorConfig::new(dir.path().join("c.redb"), "tok");
+    config.tls = ControlTls::Operator {
+        cert_pem: chain,
+        key_pem: key,
+    };
+    let coordinator = Coordinator::open(config).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let (stop, mut stopped) = watch::channel(false);
+    let handle = tokio::spawn(async move {
+        coordinator
+            .serve(listener, async move {
+                let _ = stopped.changed().await;
+            })
+            .await
+            .unwrap();
+    });
+
+    // Trusting the operator's authority, for the address dialled: calls go through.
+    let mut client = connect_trusting(&address, "tok", &Trust::Authority(ca)).await.unwrap();
+    client.list_jobs(pb::ListJobsRequest {}).await.unwrap();
+    // The token's authority did not sign it: refused before anything is sent.
+    let err = connect_trusting(&address, "tok", &Trust::Token)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("certificate"), "{err}");
+    // Nor did another authority.
+    let (other, _, _) = operator_pki();
+    let err = connect_trusting(&address, "tok", &Trust::Authority(other))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("HETERO_TLS_CA"), "{err}");
     stop.send(true).unwrap();
     handle.await.unwrap();
 }

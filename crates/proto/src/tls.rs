@@ -15,6 +15,11 @@
 //! Whoever holds the token can stand in for the coordinator: the token is the
 //! cluster's one secret, as before. Plaintext HTTP/2 remains, on both ends, only
 //! with an explicit `--insecure` (an `http://` coordinator address).
+//!
+//! An operator with a certificate authority of their own can use it instead: the
+//! coordinator serves their certificate ([`operator_server_config`]), and every
+//! node trusts their authority for the host name it dials
+//! ([`operator_client_config`]); the token then only authenticates calls.
 
 use hmac::{Hmac, Mac};
 use rcgen::{BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose};
@@ -89,6 +94,30 @@ pub fn client_config(token: &str) -> Result<ClientTlsConfig, String> {
     Ok(ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(authority_pem(token)?))
         .domain_name(SERVER_NAME))
+}
+
+/// What a coordinator serves with under an operator's own authority: their
+/// certificate chain and its key, both PEM. Refused unless both hold what they
+/// should.
+pub fn operator_server_config(cert_pem: &str, key_pem: &str) -> Result<ServerTlsConfig, String> {
+    if !cert_pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err("the certificate file holds no PEM certificate".into());
+    }
+    if !key_pem.contains("PRIVATE KEY-----") {
+        return Err("the key file holds no PEM private key".into());
+    }
+    Ok(ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem)))
+}
+
+/// What nodes connect with under an operator's authority `ca_pem`: trust it alone,
+/// for `host` (the name or address they dial, which the certificate must carry).
+pub fn operator_client_config(ca_pem: &str, host: &str) -> Result<ClientTlsConfig, String> {
+    if !ca_pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err("the authority file holds no PEM certificate".into());
+    }
+    Ok(ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(host))
 }
 
 #[cfg(test)]
