@@ -328,7 +328,7 @@ fn main() -> ExitCode {
             dead_after,
             (alert_webhook.as_deref(), alert_webhook_ca.as_deref()),
             (&dashboard, dashboard_hosts),
-            server_cmds::Tls::from_flags(insecure, tls_cert.zip(tls_key)),
+            (insecure, tls_cert.zip(tls_key)),
         ),
         Command::Agent {
             conn,

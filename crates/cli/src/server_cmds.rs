@@ -77,30 +77,27 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
-/// How `hetero coordinator` serves gRPC, from its flags.
-pub enum Tls {
-    /// Under the token's authority.
-    Token,
-    /// Under the operator's: certificate chain and key files.
-    Operator(PathBuf, PathBuf),
-    /// `--insecure`.
-    Insecure,
-}
-
-impl Tls {
-    /// From `--insecure` and `--tls-cert`/`--tls-key` (clap keeps them apart).
-    pub fn from_flags(insecure: bool, files: Option<(PathBuf, PathBuf)>) -> Tls {
-        match (insecure, files) {
-            (true, _) => Tls::Insecure,
-            (false, Some((cert, key))) => Tls::Operator(cert, key),
-            (false, None) => Tls::Token,
+/// How the coordinator serves gRPC, from `--insecure` and `--tls-cert`/`--tls-key`
+/// (clap keeps them apart): the operator's files are read and checked here, so a
+/// wrong one is named before anything starts.
+fn control_tls(insecure: bool, files: Option<(PathBuf, PathBuf)>) -> Result<ControlTls> {
+    Ok(match (insecure, files) {
+        (true, _) => ControlTls::Insecure,
+        (false, None) => ControlTls::Token,
+        (false, Some((cert, key))) => {
+            let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
+            let (cert_pem, key_pem) = (read(&cert)?, read(&key)?);
+            hetero_proto::tls::operator_server_config(&cert_pem, &key_pem)
+                .map_err(|e| anyhow::anyhow!("{e} ({} / {})", cert.display(), key.display()))?;
+            ControlTls::Operator { cert_pem, key_pem }
         }
-    }
+    })
 }
 
 /// Runs the coordinator until Ctrl-C. `alert_webhook`: the URL alerts are POSTed to
 /// and a CA file for it; `dashboard`: its address and the host names it answers to
-/// besides IP addresses and localhost.
+/// besides IP addresses and localhost; `tls`: `--insecure` and the operator's
+/// certificate and key files.
 pub fn coordinator(
     listen: &str,
     data_dir: &Path,
@@ -108,7 +105,7 @@ pub fn coordinator(
     dead_after: u64,
     alert_webhook: (Option<&str>, Option<&Path>),
     dashboard: (&str, Vec<String>),
-    tls: Tls,
+    tls: (bool, Option<(PathBuf, PathBuf)>),
 ) -> Result<ExitCode> {
     let (dashboard, dashboard_hosts) = dashboard;
     private_folder(data_dir)?;
@@ -126,20 +123,8 @@ pub fn coordinator(
     };
     let mut config = CoordinatorConfig::new(data_dir.join("coordinator.redb"), &token);
     config.dead_after = std::time::Duration::from_secs(dead_after.max(1));
-    let insecure = matches!(tls, Tls::Insecure);
-    let operator = matches!(tls, Tls::Operator(..));
-    config.tls = match tls {
-        Tls::Token => ControlTls::Token,
-        Tls::Insecure => ControlTls::Insecure,
-        Tls::Operator(cert, key) => {
-            let read = |p: &Path| std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()));
-            let (cert_pem, key_pem) = (read(&cert)?, read(&key)?);
-            // Checked here, so a wrong file is named before anything starts.
-            hetero_proto::tls::operator_server_config(&cert_pem, &key_pem)
-                .map_err(|e| anyhow::anyhow!("{e} ({} / {})", cert.display(), key.display()))?;
-            ControlTls::Operator { cert_pem, key_pem }
-        }
-    };
+    config.tls = control_tls(tls.0, tls.1)?;
+    let served = config.tls.clone();
     let (webhook, webhook_ca) = alert_webhook;
     config.alert_webhook = webhook
         .map(|url| Webhook::parse_with_ca(url, webhook_ca))
@@ -151,19 +136,17 @@ pub fn coordinator(
             .await
             .with_context(|| format!("binding {listen}"))?;
         println!("coordinator listening on {}", listener.local_addr()?);
-        if insecure {
-            eprintln!(
+        match served {
+            ControlTls::Insecure => eprintln!(
                 "warning: --insecure: gRPC in plaintext, the cluster token readable by anyone on the path \
                  (agents and clients: --coordinator http://{})",
                 listener.local_addr()?
-            );
-        } else if operator {
-            println!(
+            ),
+            ControlTls::Operator { .. } => println!(
                 "gRPC over TLS with your certificate (agents, workers and clients: {}=YOUR-CA.pem)",
                 hetero_cluster::client::TLS_CA_ENV
-            );
-        } else {
-            println!("gRPC over TLS, its authority derived from the cluster token");
+            ),
+            ControlTls::Token => println!("gRPC over TLS, its authority derived from the cluster token"),
         }
         let board = tokio::net::TcpListener::bind(dashboard)
             .await

@@ -635,6 +635,26 @@ fn three_worker_spec(dir: &Path, model: &str, training: &str) -> PathBuf {
     )
 }
 
+/// A coordinator (with `extra` options), one single-slot agent per worker in
+/// `dir`, and job-000001 submitted: three workers of `model` on the subset with
+/// `training` lines. Returns the coordinator, its port, its folder and the agents.
+fn three_agents_and_a_job(
+    dir: &Path,
+    extra: &[&str],
+    model: &str,
+    training: &str,
+) -> (Killed, u16, PathBuf, Vec<Killed>) {
+    let state = dir.join("state");
+    let (coordinator, port) = start_coordinator_with(0, &state, extra);
+    let agents = (0..3)
+        .map(|i| start_agent(port, &state, &dir.join(format!("agent{i}"))))
+        .collect();
+    let spec = three_worker_spec(dir, model, training);
+    let out = client("submit", port, &state).arg(&spec).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    (coordinator, port, state, agents)
+}
+
 /// Every epoch of the run visited each training sample once: none skipped, none
 /// twice, whoever was lost or joined (the summary's accounting).
 fn assert_every_sample_once_per_epoch(summary: &serde_json::Value, samples: u64) {
@@ -652,14 +672,8 @@ fn assert_every_sample_once_per_epoch(summary: &serde_json::Value, samples: u64)
 #[test]
 fn a_worker_killed_mid_epoch_migrates_its_samples_and_the_job_completes() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let (_coordinator, port) = start_coordinator_with(0, &state, &["--dead-after", "3"]);
-    let _agents: Vec<Killed> = (0..3)
-        .map(|i| start_agent(port, &state, &dir.path().join(format!("agent{i}"))))
-        .collect();
-    let spec = three_worker_spec(dir.path(), "cnn", "epochs = 3");
-    let out = client("submit", port, &state).arg(&spec).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let (_coordinator, port, state, _agents) =
+        three_agents_and_a_job(dir.path(), &["--dead-after", "3"], "cnn", "epochs = 3");
 
     // Wait for the first epoch's end, then kill rank 2 in the middle of the second.
     let started = Instant::now();
@@ -696,13 +710,9 @@ fn parent_of(pid: u32) -> u32 {
 #[test]
 fn a_node_that_comes_back_rejoins_its_job_at_the_next_epoch() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let (_coordinator, port) = start_coordinator_with(0, &state, &["--dead-after", "3"]);
+    let (_coordinator, port, state, mut agents) =
+        three_agents_and_a_job(dir.path(), &["--dead-after", "3"], "cnn", "epochs = 6");
     let work = |i: usize| dir.path().join(format!("agent{i}"));
-    let mut agents: Vec<Killed> = (0..3).map(|i| start_agent(port, &state, &work(i))).collect();
-    let spec = three_worker_spec(dir.path(), "cnn", "epochs = 6");
-    let out = client("submit", port, &state).arg(&spec).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
 
     // After the first epoch, rank 2's whole node goes down: its agent (kill -9, so
     // it cannot stop its worker; the worker notices its agent is gone) ...
@@ -761,14 +771,7 @@ fn wait_for_status(port: u16, state: &Path, needle: &str, started: Instant) {
 #[test]
 fn a_coordinator_killed_mid_rendezvous_and_mid_training_sees_its_job_through() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let (coordinator, port) = start_coordinator(0, &state);
-    let _agents: Vec<Killed> = (0..3)
-        .map(|i| start_agent(port, &state, &dir.path().join(format!("agent{i}"))))
-        .collect();
-    let spec = three_worker_spec(dir.path(), "cnn", "epochs = 3");
-    let out = client("submit", port, &state).arg(&spec).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let (coordinator, port, state, _agents) = three_agents_and_a_job(dir.path(), &[], "cnn", "epochs = 3");
 
     // The moment the job is placed its workers start and look for each other: the
     // coordinator dies (kill -9) while they do, and comes back on the same port.
@@ -800,14 +803,7 @@ fn a_coordinator_killed_mid_rendezvous_and_mid_training_sees_its_job_through() {
 #[test]
 fn a_checkpoint_that_cannot_be_written_fails_the_job_and_keeps_the_previous_one() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let (_coordinator, port) = start_coordinator(0, &state);
-    let _agents: Vec<Killed> = (0..3)
-        .map(|i| start_agent(port, &state, &dir.path().join(format!("agent{i}"))))
-        .collect();
-    let spec = three_worker_spec(dir.path(), "cnn", "epochs = 4");
-    let out = client("submit", port, &state).arg(&spec).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
+    let (_coordinator, port, state, _agents) = three_agents_and_a_job(dir.path(), &[], "cnn", "epochs = 4");
 
     // After the first checkpoint, its next write cannot happen: a folder stands
     // where the new file is written before it replaces the old one.
@@ -847,18 +843,12 @@ fn a_checkpoint_that_cannot_be_written_fails_the_job_and_keeps_the_previous_one(
 #[test]
 fn a_parameter_server_job_survives_a_killed_worker_as_one_ring() {
     let dir = tempfile::tempdir().unwrap();
-    let state = dir.path().join("state");
-    let (_coordinator, port) = start_coordinator_with(0, &state, &["--dead-after", "3"]);
-    let _agents: Vec<Killed> = (0..3)
-        .map(|i| start_agent(port, &state, &dir.path().join(format!("agent{i}"))))
-        .collect();
-    let spec = three_worker_spec(
+    let (_coordinator, port, state, _agents) = three_agents_and_a_job(
         dir.path(),
+        &["--dead-after", "3"],
         "mlp",
         "epochs = 3\nstrategy = \"parameter-server\"\nlearning_rate = 0.002",
     );
-    let out = client("submit", port, &state).arg(&spec).output().unwrap();
-    assert!(out.status.success(), "{}", text(&out));
     let started = Instant::now();
     wait_for_log(port, &state, "\"type\":\"epoch\"", started);
     kill_9(worker_pid(port, 1).expect("rank 1's worker process"));

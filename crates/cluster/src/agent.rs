@@ -438,7 +438,7 @@ async fn report_final(mut client: Client, agent_id: &str, task_id: &str, ended: 
     // Until it is taken: meanwhile the heartbeats still list the task, so the
     // coordinator (which may be restarting, or unable to write its store) neither
     // declares the worker lost nor hears a wrong end.
-    let mut pause = Duration::from_millis(250);
+    let mut backoff = Backoff::default();
     let mut warned_at: Option<std::time::Instant> = None;
     loop {
         match client.report_task(req.clone()).await {
@@ -449,10 +449,22 @@ async fn report_final(mut client: Client, agent_id: &str, task_id: &str, ended: 
                     tracing::warn!(status = %s, task_id, "could not report a worker's end yet; retrying");
                     warned_at = Some(std::time::Instant::now());
                 }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(5));
+                tokio::time::sleep(backoff.next()).await;
             }
         }
+    }
+}
+
+/// The pause before the next try of a call the coordinator did not take (it may be
+/// restarting): 250 ms, doubling to at most 5 s.
+#[derive(Default)]
+struct Backoff(u32);
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let pause = Duration::from_millis(250) * (1 << self.0.min(5));
+        self.0 += 1;
+        pause.min(Duration::from_secs(5))
     }
 }
 
@@ -672,7 +684,7 @@ fn hand_over(output: &mpsc::Sender<Output>, logs: &mut Vec<String>, events: &mut
 async fn forward_output(mut client: Client, agent_id: String, task_id: String, mut batches: mpsc::Receiver<Output>) {
     let (mut logs, mut events) = (Vec::new(), Vec::new());
     let mut open = true;
-    let mut pause = Duration::from_millis(250);
+    let mut backoff = Backoff::default();
     let mut next_try = tokio::time::Instant::now();
     loop {
         let held = !logs.is_empty() || !events.is_empty();
@@ -713,15 +725,14 @@ async fn forward_output(mut client: Client, agent_id: String, task_id: String, m
             job_fatal: false,
         };
         match client.report_task(req.clone()).await {
-            Ok(_) => pause = Duration::from_millis(250),
+            Ok(_) => backoff = Backoff::default(),
             // The coordinator no longer knows the task: there is no one to tell.
             Err(s) if s.code() == tonic::Code::NotFound => return,
             Err(s) => {
                 tracing::debug!(status = %s, task_id, "worker output held for the next try");
                 logs = [req.log_lines, logs].concat();
                 events = [req.events_json, events].concat();
-                next_try = tokio::time::Instant::now() + pause;
-                pause = (pause * 2).min(Duration::from_secs(5));
+                next_try = tokio::time::Instant::now() + backoff.next();
             }
         }
     }

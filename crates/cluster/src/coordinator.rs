@@ -207,7 +207,7 @@ impl Coordinator {
             state.next_job = state.next_job.max(job_number(&job.job_id));
             if job.state == JobState::Running && job.rendezvous.slots.is_empty() {
                 // Saved by a coordinator that kept rendezvous in memory only.
-                job.rendezvous = Rendezvous::new(job.workers as usize + usize::from(job.server));
+                job.rendezvous = Rendezvous::new(job.ranks());
             }
             state.jobs.insert(job.job_id.clone(), job);
         }
@@ -376,10 +376,13 @@ impl Coordinator {
         let _ = self.inner.alert_tx.send(alert);
     }
 
-    /// Stores `job`, or fails the call that changed it. Callers change a copy and
-    /// keep it only once stored, so memory never holds what the disk does not.
-    fn try_save_job(&self, job: &JobRecord) -> Result<(), Status> {
-        self.inner.store.put_job(job).map_err(store_status)
+    /// Stores `job` — a changed copy of a job — and only then keeps it in memory:
+    /// a store that cannot write fails the call that changed it, and memory never
+    /// holds what the disk does not.
+    fn keep_job(&self, st: &mut State, job: JobRecord) -> Result<(), Status> {
+        self.inner.store.put_job(&job).map_err(store_status)?;
+        st.jobs.insert(job.job_id.clone(), job);
+        Ok(())
     }
 
     fn save_job(&self, job: &JobRecord) {
@@ -552,8 +555,7 @@ impl Coordinator {
             formed: false,
             rendezvous: Default::default(),
         };
-        self.inner.store.put_job(&job).map_err(store_status)?;
-        st.jobs.insert(job_id.clone(), job);
+        self.keep_job(st, job)?;
         let line = format!("job queued: {} worker(s)", spec.cluster.workers);
         self.append_log(st, &job_id, -1, "state", vec![line]);
         self.schedule(st);
@@ -598,18 +600,18 @@ impl Coordinator {
             .collect();
         let live_ranks: Vec<u32> = live.iter().map(|(r, _)| *r).collect();
         let weighted = job.weighted;
-        // Changed on a copy, stored, then kept (see `rendezvous`).
+        // Changed on a copy, stored, then kept (see `keep_job`).
         let mut job = job.clone();
-        let ring = if task.joining {
+        if task.joining {
             // Not admitted yet: wait for the next epoch boundary.
             if job.rendezvous.wait(req.rank, &req.address) {
-                self.try_save_job(&job)?;
-                st.jobs.insert(req.job_id.clone(), job);
+                self.keep_job(st, job)?;
             }
             return Ok(Response::new(pb::RendezvousResponse::default()));
-        } else if req.joining {
+        }
+        let (ring, changed) = if req.joining {
             // Admitted: the regroup already holds this worker's address.
-            job.rendezvous.admitted_ring(req.rank, &live_ranks)
+            (job.rendezvous.admitted_ring(req.rank, &live_ranks), false)
         } else {
             let arrival = job
                 .rendezvous
@@ -620,23 +622,21 @@ impl Coordinator {
                         req.generation
                     ))
                 })?;
-            if arrival.changed {
-                self.try_save_job(&job)?;
-            }
-            arrival.ready
+            (arrival.ready, arrival.changed)
         };
         let mut resp = pb::RendezvousResponse {
             ready: ring.is_some(),
             generation: job.rendezvous.regroup.generation,
             ..Default::default()
         };
-        st.jobs.insert(req.job_id.clone(), job);
-        for (rank, address) in ring.unwrap_or_default() {
-            resp.members.push(rank);
-            resp.addresses.push(address);
+        if changed {
+            self.keep_job(st, job)?;
+        }
+        if let Some(ring) = ring {
+            // In `live`'s order, so its weights line up.
+            (resp.members, resp.addresses) = ring.into_iter().unzip();
             if weighted {
-                let weight = live.iter().find(|(r, _)| *r == rank).map_or(0.0, |(_, w)| *w);
-                resp.weights.push(weight);
+                resp.weights = live.iter().map(|(_, w)| *w).collect();
             }
         }
         Ok(Response::new(resp))
@@ -675,8 +675,7 @@ impl Coordinator {
                 t.joining = false;
             }
         }
-        self.try_save_job(&job)?;
-        st.jobs.insert(req.job_id.clone(), job);
+        self.keep_job(st, job)?;
         if !ranks.is_empty() {
             let line = format!(
                 "rank(s) {ranks:?} rejoin the ring after epoch {} (generation {})",
@@ -889,7 +888,7 @@ impl Coordinator {
             job.state = JobState::Running;
             job.started_ms = now;
             job.message = "placed".into();
-            job.rendezvous = Rendezvous::new(job.workers as usize + usize::from(job.server));
+            job.rendezvous = Rendezvous::new(job.ranks());
             let saved = job.clone();
             self.save_job(&saved);
             self.append_log(
@@ -1134,7 +1133,7 @@ impl CoordinatorRpc for Coordinator {
         let returning = st
             .nodes
             .get(&req.agent_id)
-            .filter(|n| !req.agent_id.is_empty() && (n.key.is_empty() || n.key == req.agent_key));
+            .filter(|n| n.key.is_empty() || n.key == req.agent_key);
         let (agent_id, key) = match returning {
             Some(n) => (n.agent_id.clone(), req.agent_key.clone()),
             None => {
@@ -1236,8 +1235,7 @@ impl CoordinatorRpc for Coordinator {
                 task.message = req.message.clone();
                 task.job_fatal = state == TaskState::Failed && req.job_fatal;
             }
-            self.try_save_job(&job)?;
-            st.jobs.insert(job_id.clone(), job);
+            self.keep_job(&mut st, job)?;
         }
         self.append_log(&mut st, &job_id, rank as i32, "log", req.log_lines);
         for event in &req.events_json {
@@ -1299,8 +1297,7 @@ impl CoordinatorRpc for Coordinator {
         if req.generation > 0 || req.joining {
             return self.regroup(&mut st, req);
         }
-        // Changed on a copy, stored, and only then kept: a store that cannot write
-        // fails this call, and memory still agrees with the disk.
+        // Changed on a copy, stored, and only then kept (see `keep_job`).
         let mut job = st.jobs[&req.job_id].clone();
         let Some(arrival) = job.rendezvous.arrive(req.rank, &req.address) else {
             return Err(Status::invalid_argument(format!(
@@ -1313,8 +1310,7 @@ impl CoordinatorRpc for Coordinator {
         let members = (0..addresses.len() as u32).collect();
         if arrival.changed || (ready && !job.formed) {
             job.formed |= ready;
-            self.try_save_job(&job)?;
-            st.jobs.insert(req.job_id.clone(), job);
+            self.keep_job(&mut st, job)?;
         }
         Ok(Response::new(pb::RendezvousResponse {
             ready,

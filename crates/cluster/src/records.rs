@@ -220,6 +220,13 @@ impl GroupRecord {
     }
 }
 
+impl JobRecord {
+    /// Its ranks: the workers, and the parameter server if it has one.
+    pub fn ranks(&self) -> usize {
+        self.workers as usize + usize::from(self.server)
+    }
+}
+
 impl NodeRecord {
     /// Workers this node runs at once.
     pub fn slots(&self) -> u32 {

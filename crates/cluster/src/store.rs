@@ -167,6 +167,15 @@ impl Store {
             .collect()
     }
 
+    /// Stored JSON values read back, each one `what` for the error that names a
+    /// corrupt one.
+    fn parse_each<T: for<'de> Deserialize<'de>>(&self, values: &[String], what: &str) -> Result<Vec<T>, ClusterError> {
+        values
+            .iter()
+            .map(|v| serde_json::from_str(v).map_err(|e| self.err(format!("corrupt {what}: {e}"))))
+            .collect()
+    }
+
     /// Every job, in id order.
     pub fn jobs(&self) -> Result<Vec<JobRecord>, ClusterError> {
         self.all(JOBS)
@@ -191,10 +200,7 @@ impl Store {
             }
             Ok(out)
         })?;
-        lines
-            .iter()
-            .map(|v| serde_json::from_str(v).map_err(|e| self.err(format!("corrupt log line: {e}"))))
-            .collect()
+        self.parse_each(&lines, "log line")
     }
 
     /// Saves an alert.
@@ -217,10 +223,7 @@ impl Store {
             }
             Ok(out)
         })?;
-        alerts
-            .iter()
-            .map(|v| serde_json::from_str(v).map_err(|e| self.err(format!("corrupt alert: {e}"))))
-            .collect()
+        self.parse_each(&alerts, "alert")
     }
 
     /// The highest log sequence number of a job (0 when it has none).

@@ -242,7 +242,13 @@ async fn a_bad_spec_is_refused_with_the_key_named() {
 }
 
 async fn serve(path: &Path, token: &str) -> (String, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
-    let coordinator = Coordinator::open(CoordinatorConfig::new(path, token)).unwrap();
+    serve_with(CoordinatorConfig::new(path, token)).await
+}
+
+/// A coordinator with `config` on a free loopback port: its address, the switch that
+/// stops it, and its task.
+async fn serve_with(config: CoordinatorConfig) -> (String, watch::Sender<bool>, tokio::task::JoinHandle<()>) {
+    let coordinator = Coordinator::open(config).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap().to_string();
     let (tx, mut rx) = watch::channel(false);
@@ -515,13 +521,7 @@ async fn calls_cross_the_wire_encrypted_unless_the_operator_says_insecure() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = CoordinatorConfig::new(dir.path().join("store.redb"), "plain-token-123");
     config.tls = hetero_cluster::coordinator::ControlTls::Insecure;
-    let coordinator = Coordinator::open(config).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    let (stop, mut stopped) = watch::channel(false);
-    let server = tokio::spawn(coordinator.serve(listener, async move {
-        let _ = stopped.changed().await;
-    }));
+    let (addr, stop, server) = serve_with(config).await;
     let (relay, seen) = recording_relay(addr.clone()).await;
     let mut client = connect(&format!("http://{relay}"), "plain-token-123").await.unwrap();
     client.list_jobs(pb::ListJobsRequest {}).await.unwrap();
@@ -651,18 +651,7 @@ async fn an_operators_own_certificate_is_trusted_through_their_authority_alone()
         cert_pem: chain,
         key_pem: key,
     };
-    let coordinator = Coordinator::open(config).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap().to_string();
-    let (stop, mut stopped) = watch::channel(false);
-    let handle = tokio::spawn(async move {
-        coordinator
-            .serve(listener, async move {
-                let _ = stopped.changed().await;
-            })
-            .await
-            .unwrap();
-    });
+    let (address, stop, handle) = serve_with(config).await;
 
     // Trusting the operator's authority, for the address dialled: calls go through.
     let mut client = connect_trusting(&address, "tok", &Trust::Authority(ca)).await.unwrap();

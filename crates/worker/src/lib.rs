@@ -203,12 +203,10 @@ where
     if speaker.is(setup.rank) {
         let dir = &setup.output_dir;
         let title = format!("{}: training loss ({} workers)", setup.spec.name, setup.world);
-        let files = (summary.clone(), title.clone());
         // The coordinator keeps the summary even if the files below cannot be written.
         emit(&Event::Done {
-            summary: Box::new(summary),
+            summary: Box::new(summary.clone()),
         });
-        let (summary, title) = files;
         std::fs::create_dir_all(dir)
             .and_then(|_| {
                 std::fs::write(
