@@ -127,6 +127,9 @@ pub(crate) fn run(
     };
     loop {
         b.drop_cancelled();
+        // Published before the queue may block: a batch emptied by clients that
+        // left reads 0 while the thread waits for work.
+        b.metrics.running.store(b.running.len() as u64, Relaxed);
         // Fill the free slots: waiting choices first, then new jobs from the queue
         // (blocking only when nothing runs). A job is taken only when a slot is
         // free for it, so the queue's bound stays the bound on waiting requests
