@@ -699,6 +699,44 @@ fn a_worker_killed_mid_epoch_migrates_its_samples_and_the_job_completes() {
     assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
 }
 
+#[test]
+fn a_worker_stalled_in_its_own_work_ends_itself_and_only_it_while_its_job_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_coordinator, port) = start_coordinator_with(0, &state, &["--dead-after", "3"]);
+    // Two ordinary agents and one whose device is hundreds of times too slow for
+    // the job: its first step takes far longer than the job's stall limit, while
+    // its two peers can only wait for it on the data plane.
+    let mut agents: Vec<Killed> = (0..2)
+        .map(|i| start_agent(port, &state, &dir.path().join(format!("agent{i}"))))
+        .collect();
+    let slow = client("agent", port, &state)
+        .args(["--slots", "1", "--speed", "0.002", "--work-dir"])
+        .arg(dir.path().join("slow"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    agents.push(Killed(slow));
+    let spec = three_worker_spec(dir.path(), "cnn", "epochs = 2\nstall_after_secs = 4");
+    let out = client("submit", port, &state).arg(&spec).output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+
+    let started = Instant::now();
+    let status = wait_for_end(port, &state, started);
+    let logs = text(&client("logs", port, &state).arg("job-000001").output().unwrap());
+    assert!(status.contains("state      succeeded"), "{status}\n{logs}");
+    assert!(logs.contains("stalled: no training step finished in"), "{logs}");
+    let summary = summary_at(&dir.path().join("runs/job-000001/summary.json"));
+    let lost = summary["lost_workers"].as_array().unwrap().clone();
+    assert!(!lost.is_empty(), "{summary}");
+    assert!(
+        lost.iter().all(|r| r == &lost[0]),
+        "only the slow worker ended, however long its peers waited for it: {summary}"
+    );
+    assert_every_sample_once_per_epoch(&summary, 3000);
+}
+
 /// The parent of process `pid`.
 fn parent_of(pid: u32) -> u32 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();

@@ -34,6 +34,11 @@ pub const EVENT_PREFIX: &str = "@hetero-event ";
 /// samples to a survivor that would fail the same way.
 pub const JOB_FATAL_EXIT: u8 = 4;
 
+/// The exit status of a worker whose watchdog found it stalled (no progress in
+/// its own work for `training.stall_after_secs`): a lost worker, whose last line
+/// says so.
+pub const STALLED_EXIT: u8 = 5;
+
 /// Environment variables that tell a worker who it is.
 pub struct WorkerEnv;
 
@@ -632,6 +637,7 @@ async fn supervise(
         _ if cancelled => Ended::new(TaskState::Cancelled, "stopped on request"),
         _ if stalled.is_some() => Ended::failed(stalled.unwrap_or_default()),
         Ok(s) if s.success() => Ended::new(TaskState::Succeeded, "exited 0"),
+        Ok(s) if s.code() == Some(i32::from(STALLED_EXIT)) => Ended::failed(tail.back().cloned().unwrap_or_default()),
         Ok(s) if s.code() == Some(i32::from(JOB_FATAL_EXIT)) => Ended {
             // Its last line says why (`worker failed: output: …`).
             job_fatal: true,

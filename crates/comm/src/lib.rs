@@ -12,7 +12,9 @@
 //!   (bandwidth-optimal allreduce as reduce-scatter + all-gather, broadcast);
 //! - [`mesh`]: every pair of ranks connected, with point-to-point transfers and
 //!   collectives over any group of ranks (distributed inference);
-//! - [`server`]: requests to a parameter server and its replies.
+//! - [`server`]: requests to a parameter server and its replies;
+//! - [`liveness`]: time spent waiting on peers, kept apart from progress, so a
+//!   watchdog can tell a stalled worker from the workers that wait for it.
 //!
 //! Everything is blocking `std::net`: a training worker is synchronous burn code and
 //! needs no async runtime on its hot path.
@@ -22,6 +24,7 @@ pub mod error;
 pub mod frame;
 pub mod handshake;
 pub mod link;
+pub mod liveness;
 pub mod mesh;
 pub mod ring;
 pub mod server;

@@ -143,6 +143,8 @@ impl<W: Write> Sender<W> {
 
     /// Writes one frame of `kind` carrying `payload`.
     pub fn send(&mut self, kind: FrameKind, payload: &[u8]) -> io::Result<()> {
+        // A send blocks while the peer does not read: that is waiting, not work.
+        let _waiting = crate::liveness::on_peers();
         let Some(aead) = &mut self.seal else {
             return write_frame(&mut self.w, kind, payload);
         };
@@ -198,6 +200,7 @@ impl<R: Read> Receiver<R> {
         peer: &str,
         during: &'static str,
     ) -> Result<FrameKind, CommError> {
+        let _waiting = crate::liveness::on_peers();
         if self.broken {
             return Err(CommError::Tampered {
                 peer: peer.to_string(),

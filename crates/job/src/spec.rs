@@ -9,7 +9,8 @@
 //!             label_column, train_file, test_file, image_shape
 //! [preprocess] resize, normalize, crop_padding, horizontal_flip, noise_std
 //! [training]  epochs, global_batch_size, optimizer, learning_rate, loss, seed,
-//!             strategy, sync_every, staleness, checkpoint_every, resume_from
+//!             strategy, sync_every, staleness, checkpoint_every, resume_from,
+//!             stall_after_secs
 //! [cluster]   workers, backend, threads_per_worker, device, memory_per_worker_mb
 //! [scheduling] priority, after, policy
 //! [output]    dir
@@ -230,6 +231,15 @@ pub struct TrainingSpec {
     /// Start from this checkpoint (written by an earlier run) instead of from scratch.
     #[serde(default)]
     pub resume_from: Option<PathBuf>,
+    /// A worker whose own work (waits on its peers not counted) finishes no step
+    /// for this many seconds is stalled: it ends and the job goes on without it
+    /// (0: never).
+    #[serde(default = "five_minutes")]
+    pub stall_after_secs: u64,
+}
+
+fn five_minutes() -> u64 {
+    300
 }
 
 fn one() -> usize {
@@ -454,6 +464,7 @@ const TRAINING: &[&str] = &[
     "staleness",
     "checkpoint_every",
     "resume_from",
+    "stall_after_secs",
 ];
 const CLUSTER: &[&str] = &[
     "workers",
@@ -677,6 +688,7 @@ impl JobSpec {
             strategy,
             checkpoint_every: tr.int("checkpoint_every", 0, 100_000)?.unwrap_or(1),
             resume_from: tr.string("resume_from")?.map(PathBuf::from),
+            stall_after_secs: tr.int("stall_after_secs", 0, 7 * 24 * 3600)?.map_or(five_minutes(), |s| s as u64),
             epochs: tr.int("epochs", 1, 100_000)?.unwrap_or(1),
             global_batch_size: tr.int("global_batch_size", 1, 1 << 20)?.unwrap_or(128),
             optimizer,

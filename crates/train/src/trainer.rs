@@ -37,6 +37,7 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use hetero_comm::Ring;
+use hetero_comm::liveness::Liveness;
 use hetero_comm::server::ServerClient;
 use hetero_data::assign::Assignment;
 use hetero_data::shard::{self, Split};
@@ -929,6 +930,8 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 losses.push(loss);
                 window_samples += local;
                 step += 1;
+                // What a stalled-worker watchdog waits for (hetero_comm::liveness).
+                Liveness::global().progressed();
                 let done = progress.assignment.epoch_done();
                 if last_event.elapsed() >= o.event_interval || done {
                     let rate = window_samples as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
@@ -952,6 +955,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             })?;
             let (eval, sums) = eval;
             extra = sums;
+            Liveness::global().progressed();
             // With allreduce every worker already holds each step's global loss; with
             // local steps the workers' weighted shares add up to it.
             let train_loss = match o.strategy {

@@ -20,6 +20,7 @@ pub mod env;
 pub mod memory;
 pub mod probe;
 pub mod rendezvous;
+pub mod watchdog;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
@@ -194,6 +195,7 @@ where
     // first member of the ring that has been in it from the start (rank 0 until it
     // is lost; a rejoined worker never takes over, it joined a run in progress).
     let mut speaker = Speaker::new(setup.world);
+    watchdog::arm(Duration::from_secs(spec.training.stall_after_secs));
     let summary = trainer.run(&mut |e| {
         speaker.follow(&e);
         if speaker.is(setup.rank) || matches!(e, Event::Step { .. }) {

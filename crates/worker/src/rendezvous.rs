@@ -6,6 +6,7 @@
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
+use hetero_comm::liveness;
 use hetero_comm::{Ring, RingConfig};
 use hetero_proto as pb;
 use hetero_train::{Membership, Regroup, TrainError};
@@ -52,6 +53,7 @@ pub fn members(
     joining: bool,
     timeout: Duration,
 ) -> Result<Members, WorkerError> {
+    let _waiting = liveness::on_peers();
     runtime()?.block_on(async {
         let started = Instant::now();
         let mut client = None;
@@ -163,6 +165,7 @@ fn form(setup: &WorkerSetup, listener: &TcpListener, members: Members) -> Result
         .position(|&r| r == setup.rank)
         .ok_or_else(|| fail("this worker is not among its members".into()))?;
     let listener = listener.try_clone().map_err(|e| fail(e.to_string()))?;
+    let _waiting = liveness::on_peers();
     let session = format!("{}#g{}", setup.job_id, members.generation);
     let config = RingConfig::new(rank, members.ranks.len(), session, setup.token.clone());
     let ring = Ring::form(config, listener, &members.addresses)?;
@@ -205,6 +208,7 @@ impl Membership for CoordinatorMembership {
     fn joiners_waiting(&mut self, generation: u64, epoch: usize) -> Result<bool, TrainError> {
         let fail = |e: String| TrainError::Config(format!("cannot ask the coordinator for joining workers: {e}"));
         let setup = &self.setup;
+        let _waiting = liveness::on_peers();
         runtime().map_err(|e| fail(e.to_string()))?.block_on(async {
             // A coordinator that blinks or restarts must not split the ring's
             // decision: ask again until it answers (it keeps its decision for this
