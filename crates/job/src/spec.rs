@@ -688,7 +688,9 @@ impl JobSpec {
             strategy,
             checkpoint_every: tr.int("checkpoint_every", 0, 100_000)?.unwrap_or(1),
             resume_from: tr.string("resume_from")?.map(PathBuf::from),
-            stall_after_secs: tr.int("stall_after_secs", 0, 7 * 24 * 3600)?.map_or(five_minutes(), |s| s as u64),
+            stall_after_secs: tr
+                .int("stall_after_secs", 0, 7 * 24 * 3600)?
+                .map_or(five_minutes(), |s| s as u64),
             epochs: tr.int("epochs", 1, 100_000)?.unwrap_or(1),
             global_batch_size: tr.int("global_batch_size", 1, 1 << 20)?.unwrap_or(128),
             optimizer,
