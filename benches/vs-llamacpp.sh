@@ -51,9 +51,19 @@ file_of() {
     esac
 }
 
-# One measurement: "<type> <engine> <prompt tok/s> <decode tok/s>".
+# One measurement: "<type> <engine> <prompt tok/s> <decode tok/s>". llama-bench
+# repacks weights for its fastest kernels by default; where that run fails (its AMX
+# kernels die of SIGILL on some AMX hosts: tinygemm_kernel_amx, seen with
+# llama-cpp-python 0.3.36's copy), it is measured again with --repack 0 (its
+# AVX-512/AVX2 kernels on the file's blocks), and the table says so.
 llama_cpp() {
-    "$llama/llama-bench" -m "$2" -p "$PROMPT" -n "$TOKENS" -t "$THREADS" -o csv 2>/dev/null |
+    local csv
+    if ! csv=$("$llama/llama-bench" -m "$2" -p "$PROMPT" -n "$TOKENS" -t "$THREADS" -o csv 2>/dev/null); then
+        echo "llama-bench failed on $1 with its default repacking; measuring it with --repack 0" >&2
+        echo "$1 repack0" >>"$results"
+        csv=$("$llama/llama-bench" -m "$2" -p "$PROMPT" -n "$TOKENS" -t "$THREADS" -o csv --repack 0 2>/dev/null)
+    fi
+    echo "$csv" |
         python3 -c '
 import csv, sys
 rows = list(csv.DictReader(sys.stdin))
@@ -93,7 +103,9 @@ done
 
 python3 - "$results" "$TYPES" "$ROUNDS" <<'PY'
 import statistics, sys
-rows = [line.split() for line in open(sys.argv[1]) if line.strip()]
+lines = [line.split() for line in open(sys.argv[1]) if line.strip()]
+rows = [r for r in lines if len(r) == 4]
+repacked = sorted({r[0] for r in lines if len(r) == 2 and r[1] == "repack0"})
 print("%d rounds; median tokens/s (lowest-highest round)" % int(sys.argv[3]))
 print("%-8s %-10s %22s %22s" % ("file", "engine", "prompt tok/s", "decode tok/s"))
 for ty in sys.argv[2].split():
@@ -102,4 +114,6 @@ for ty in sys.argv[2].split():
         tg = [float(r[3]) for r in rows if r[0] == ty and r[1] == engine]
         cell = lambda v: "%7.1f (%5.0f-%5.0f)" % (statistics.median(v), min(v), max(v))
         print("%-8s %-10s %22s %22s" % (ty, engine, cell(pp), cell(tg)))
+if repacked:
+    print("llama.cpp ran with --repack 0 on %s: its default run failed there" % ", ".join(repacked))
 PY

@@ -234,6 +234,8 @@ impl QLlamaLayer {
         let batch = slots.len();
         let rows = batch * seq;
         let hidden = self.attention_norm.len();
+        // A prompt's products may take the tile unit; a decode step's keep the dot.
+        let k = &k.for_prompt(seq > 1);
         s.starts.clear();
         s.starts.extend(slots.iter().map(|&slot| cache.len(slot)));
         if let Some(&start) = s.starts.iter().find(|&&start| start + seq > rope.positions()) {

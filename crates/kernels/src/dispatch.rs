@@ -7,8 +7,10 @@
 //! below call `#[target_feature]` functions of `simd/`, and each is sound because its
 //! `match` arm is reached only with a level that includes those features.
 //!
-//! `HETERO_SIMD=scalar|avx2|avx512` lowers the detected level (never raises it), so the
-//! lower levels can be tested and compared on a machine that has the higher ones.
+//! `HETERO_SIMD=scalar|avx2|avx512|amx` lowers the detected level (never raises it), so
+//! the lower levels can be tested and compared on a machine that has the higher ones.
+//! The tile level (`amx`) is the AVX-512 level plus a prompt's products on Intel's
+//! tile unit (`simd::amx`); it exists only where Linux grants the tile state.
 #![allow(unsafe_code)]
 
 use crate::acts::ActRow;
@@ -23,6 +25,7 @@ enum Tier {
     Scalar,
     Avx2,
     Avx512,
+    Amx,
 }
 
 impl Level {
@@ -48,6 +51,9 @@ impl Level {
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
                 && is_x86_feature_detected!("avx512vnni");
+            if avx512 && crate::simd::amx::granted() {
+                return Level(Tier::Amx);
+            }
             if avx512 {
                 return Level(Tier::Avx512);
             }
@@ -63,6 +69,7 @@ impl Level {
             "scalar" => Some(Level(Tier::Scalar)),
             "avx2" => Some(Level(Tier::Avx2)),
             "avx512" => Some(Level(Tier::Avx512)),
+            "amx" => Some(Level(Tier::Amx)),
             _ => None,
         }
     }
@@ -75,7 +82,7 @@ impl Level {
     /// Every level this CPU can run, lowest first (for tests and benchmarks).
     pub fn available() -> Vec<Level> {
         let top = Level::widest();
-        [Tier::Scalar, Tier::Avx2, Tier::Avx512]
+        [Tier::Scalar, Tier::Avx2, Tier::Avx512, Tier::Amx]
             .into_iter()
             .map(Level)
             .filter(|l| *l <= top)
@@ -88,7 +95,13 @@ impl Level {
             Tier::Scalar => "scalar",
             Tier::Avx2 => "avx2",
             Tier::Avx512 => "avx512",
+            Tier::Amx => "amx",
         }
+    }
+
+    /// Whether a prompt's products can run on the tile unit ([`tile_slab`]).
+    pub(crate) fn has_tiles(self) -> bool {
+        self.0 == Tier::Amx
     }
 }
 
@@ -118,7 +131,7 @@ pub(crate) fn rows(level: Level, ty: QType, w: &[u8], row_bytes: usize, x: ActRo
             // SAFETY (every call `pick!` makes): `level` proves the CPU has the features
             // of the module called (AVX-512 includes everything AVX2 needs).
             match level.0 {
-                Tier::Avx512 => pick!(avx512),
+                Tier::Avx512 | Tier::Amx => pick!(avx512),
                 Tier::Avx2 => pick!(avx2),
                 Tier::Scalar => {}
             }
@@ -156,7 +169,7 @@ pub(crate) fn rows4(level: Level, ty: QType, w: &[u8], row_bytes: usize, x: [Act
             }
             // SAFETY: as in `rows`.
             match level.0 {
-                Tier::Avx512 => {
+                Tier::Avx512 | Tier::Amx => {
                     // The wide tile (simd/wide.rs) for the signed formats.
                     match ty {
                         QType::Q4_0 => return unsafe { avx512::rows4w_q4_0(w, row_bytes, &q, out) },
@@ -184,7 +197,7 @@ macro_rules! at_level {
             use crate::simd::{avx2, avx512};
             // SAFETY: `level` proves the CPU has the features of the module called.
             match $level.0 {
-                Tier::Avx512 => return unsafe { avx512::$f($($args),*) },
+                Tier::Avx512 | Tier::Amx => return unsafe { avx512::$f($($args),*) },
                 Tier::Avx2 => return unsafe { avx2::$f($($args),*) },
                 Tier::Scalar => {}
             }
@@ -207,6 +220,39 @@ pub(crate) fn expand_to_q8_0(level: Level, ty: QType, src: &[u8], dst: &mut [u8]
         expand_to_q8_0(ty, src, dst),
         unreachable!("expands_to_q8_0 is false at the scalar level")
     )
+}
+
+/// Whether [`expand_to_u8`] rewrites `ty` at `level` (for the tile unit).
+pub(crate) fn expands_to_u8(level: Level, ty: QType) -> bool {
+    level.has_tiles() && matches!(ty, QType::Q4_1 | QType::Q5_1)
+}
+
+/// Rewrites whole Q4_1 or Q5_1 blocks `src` as the tile unit's unsigned blocks `dst`
+/// (`simd::amx::Form::Unsigned`), when [`expands_to_u8`] says so.
+pub(crate) fn expand_to_u8(level: Level, ty: QType, src: &[u8], dst: &mut [u8]) {
+    at_level!(
+        level,
+        expand_to_u8(ty, src, dst),
+        unreachable!("expands_to_u8 is false at the scalar level")
+    )
+}
+
+/// One slab of sixteen weight rows times one group of sixteen packed activation
+/// rows on the tile unit (`simd::amx::slab`).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn tile_slab(
+    level: Level,
+    form: crate::simd::amx::Form,
+    w: &[u8],
+    row_bytes: usize,
+    x: &crate::simd::amx::Packed,
+    group: usize,
+    out: &mut [[f32; 16]; 16],
+) {
+    assert!(level.has_tiles(), "the tile unit at level {}", level.name());
+    // SAFETY: the tile level exists only where the CPU has AMX-INT8 and AVX-512 and
+    // Linux granted the tile state (`Level::widest`).
+    unsafe { crate::simd::amx::slab(form, w, row_bytes, x, group, out) }
 }
 
 /// [`crate::ops::attend_many`] compiled for `level`.

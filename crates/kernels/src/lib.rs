@@ -9,11 +9,13 @@
 //! - [`QMatrix`]: a weight matrix in file format, sliced by whole rows or whole blocks.
 //! - [`QActs`]: activations quantized for a product, in buffers reused across calls.
 //! - [`Kernels`]: the products, in the widest instruction set the CPU has (AVX-512
-//!   VNNI, AVX2, or plain Rust; see [`Level`]), threaded on a persistent [`Pool`].
+//!   VNNI, AVX2, or plain Rust; see [`Level`]), threaded on a persistent [`Pool`]; a
+//!   prompt's products ([`Kernels::for_prompt`]) on Intel's tile unit where there is one.
 //!
-//! Workspace lints deny `unsafe`; three modules allow it, each saying why in its doc:
+//! Workspace lints deny `unsafe`; four modules allow it, each saying why in its doc:
 //! `dispatch` (calling `#[target_feature]` kernels), `pool` (handing a borrowed job to
-//! helper threads) and `bytes` (memory-mapping model files).
+//! helper threads), `bytes` (memory-mapping model files) and `simd::amx` (the tile
+//! unit's instructions, in inline assembly).
 
 mod acts;
 mod bytes;
@@ -23,8 +25,11 @@ mod matmul;
 mod matrix;
 pub mod ops;
 mod pool;
+mod rewrite;
 mod rowwise;
 mod simd;
+#[cfg(target_arch = "x86_64")]
+mod tiles;
 mod types;
 
 pub use acts::{ActRow, Q8Row, QActs};

@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::acts::QActs;
 use crate::dispatch::{self, Level};
+use crate::rewrite::{self, Rewrite};
 use crate::pool::{MAX_THREADS, Pool};
 use crate::{KernelError, QMatrix, QType};
 
@@ -33,10 +34,6 @@ const GROUP: usize = 16;
 /// rewrite costs about what unpacking them in two tiles does).
 const EXPAND_FROM: usize = 8;
 
-/// The largest Q8_0 copy of a prefill's Q4_0/Q5_0 matrices made once per call
-/// (SmolLM2's gate and up: 1.9 MB); larger ones are rewritten chunk by chunk.
-const EXPAND_WHOLE_MAX: usize = 64 << 20;
-
 /// The most matrices one [`Kernels::matmul_many`] call takes.
 pub const MAX_MATRICES: usize = 4;
 
@@ -45,11 +42,13 @@ pub const MAX_MATRICES: usize = 4;
 pub struct Kernels {
     level: Level,
     pool: &'static Pool,
+    prompt: bool,
 }
 
 impl std::fmt::Debug for Kernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Kernels({}, {} threads)", self.level.name(), self.pool.threads())
+        let mode = if self.prompt { ", for a prompt" } else { "" };
+        write!(f, "Kernels({}, {} threads{mode})", self.level.name(), self.pool.threads())
     }
 }
 
@@ -61,7 +60,21 @@ impl Kernels {
 
     /// `level`'s kernels on `pool`.
     pub fn new(level: Level, pool: &'static Pool) -> Kernels {
-        Kernels { level, pool }
+        Kernels {
+            level,
+            pool,
+            prompt: false,
+        }
+    }
+
+    /// These kernels for a prompt's products (`prompt`) or for decode steps'. On a
+    /// level with a tile unit (`amx`) a prompt's rows of Q8_0, Q4_0, Q5_0, Q4_1 and
+    /// Q5_1 matrices go through it: each output is then one integer sum per block
+    /// (`simd::amx`), within rounding of the decode dot's result but not its bits. A
+    /// prompt row's products still depend on nothing but that row, whatever rows
+    /// and threads share the call. Elsewhere the mode changes nothing.
+    pub fn for_prompt(self, prompt: bool) -> Kernels {
+        Kernels { prompt, ..self }
     }
 
     /// The instruction-set level.
@@ -87,14 +100,21 @@ impl Kernels {
     /// and up): `outs[m] = x · ws[m]ᵀ`.
     pub fn matmul_many(&self, ws: &[&QMatrix], x: &QActs, outs: &mut [&mut [f32]]) -> Result<(), KernelError> {
         check(ws, x, outs)?;
+        #[cfg(target_arch = "x86_64")]
+        if self.prompt && self.level.has_tiles() {
+            return self.prompt_products(ws, x, outs);
+        }
         let n = self.pool.threads();
         if x.rows() > 16 * n {
             // A prefill. Q4_0/Q5_0 matrices are rewritten as Q8_0 once for the whole
             // call when the copy is small enough, rather than chunk by chunk in every
             // group of activation rows (a 128-token prompt is eight groups).
-            let expand = |w: &QMatrix| dispatch::expands_to_q8_0(self.level, w.ty());
-            let copy: usize = ws.iter().filter(|w| expand(w)).map(|w| expanded_bytes(w)).sum();
-            if copy == 0 || copy > EXPAND_WHOLE_MAX {
+            let how: Vec<Option<Rewrite>> = ws
+                .iter()
+                .map(|w| dispatch::expands_to_q8_0(self.level, w.ty()).then_some(Rewrite::Q8_0))
+                .collect();
+            let copy: usize = ws.iter().zip(&how).filter_map(|(w, h)| h.map(|h| h.bytes_of(w))).sum();
+            if copy == 0 || copy > rewrite::WHOLE_MAX {
                 let operands: Vec<Operand> = ws.iter().map(|w| Operand::of(w)).collect();
                 self.prefill(&operands, x, outs);
             } else {
@@ -103,7 +123,20 @@ impl Kernels {
                     if buf.len() < copy {
                         buf.resize(copy, 0);
                     }
-                    let operands = self.expand_whole(ws, &mut buf[..copy]);
+                    let rewritten = self.rewrite_whole(ws, &how, &mut buf[..copy]);
+                    let operands: Vec<Operand> = ws
+                        .iter()
+                        .zip(rewritten)
+                        .map(|(w, bytes)| match bytes {
+                            Some(bytes) => Operand {
+                                ty: QType::Q8_0,
+                                bytes,
+                                row_bytes: bytes.len() / w.rows(),
+                                rows: w.rows(),
+                            },
+                            None => Operand::of(w),
+                        })
+                        .collect();
                     self.prefill(&operands, x, outs);
                 });
             }
@@ -325,54 +358,6 @@ impl Kernels {
         });
     }
 
-    /// `ws` as operands, those [`dispatch::expands_to_q8_0`] names rewritten as Q8_0
-    /// into `buf` (exactly their [`expanded_bytes`]), each participant a share of
-    /// their blocks.
-    fn expand_whole<'a>(&self, ws: &[&'a QMatrix], buf: &'a mut [u8]) -> Vec<Operand<'a>> {
-        let n = self.pool.threads();
-        let expands = |w: &QMatrix| dispatch::expands_to_q8_0(self.level, w.ty());
-        {
-            // Whole rows of every such matrix to each participant.
-            type Share<'s> = Vec<(QType, &'s [u8], &'s mut [u8])>;
-            let mut shares: Vec<Mutex<Share>> = (0..n).map(|_| Mutex::new(Vec::new())).collect();
-            let mut rest = &mut *buf;
-            for w in ws.iter().filter(|w| expands(w)) {
-                let (mut dst, tail) = std::mem::take(&mut rest).split_at_mut(expanded_bytes(w));
-                rest = tail;
-                let wide_rb = dst.len() / w.rows();
-                let mut src = w.bytes();
-                for (t, share) in shares.iter_mut().enumerate() {
-                    let take = w.rows() * (t + 1) / n - w.rows() * t / n;
-                    let (s, s_tail) = src.split_at(take * w.row_bytes());
-                    let (d, d_tail) = std::mem::take(&mut dst).split_at_mut(take * wide_rb);
-                    share.get_mut().expect("fresh").push((w.ty(), s, d));
-                    (src, dst) = (s_tail, d_tail);
-                }
-            }
-            self.pool.run(&|p| {
-                for (ty, src, dst) in shares[p].lock().expect("a participant's blocks").iter_mut() {
-                    dispatch::expand_to_q8_0(self.level, *ty, src, dst);
-                }
-            });
-        }
-        let mut rest: &'a [u8] = buf;
-        ws.iter()
-            .map(|w| {
-                if !expands(w) {
-                    return Operand::of(w);
-                }
-                let (bytes, tail) = rest.split_at(expanded_bytes(w));
-                rest = tail;
-                Operand {
-                    ty: QType::Q8_0,
-                    bytes,
-                    row_bytes: bytes.len() / w.rows(),
-                    rows: w.rows(),
-                }
-            })
-            .collect()
-    }
-
     /// Activation rows `rows` past the weight rows `chunk` of `w` (a few, kept in
     /// L1), each row's products into the next of `outs`: four rows at a time (a tile
     /// unpacks each weight block once for the four), and a last two or three as one
@@ -474,11 +459,6 @@ impl<'a> Operand<'a> {
             rows: w.rows(),
         }
     }
-}
-
-/// Bytes of `w` rewritten as Q8_0.
-fn expanded_bytes(w: &QMatrix) -> usize {
-    w.bytes().len() / w.ty().block_bytes() * QType::Q8_0.block_bytes()
 }
 
 fn check(ws: &[&QMatrix], x: &QActs, outs: &[&mut [f32]]) -> Result<(), KernelError> {

@@ -119,6 +119,25 @@ pub(crate) fn dot(ty: Legacy, w: &[u8], x: &Q8Row) -> f32 {
     sum
 }
 
+/// The tile unit's formula (`simd::amx`) for one weight row and one Q8_0/Q8_1 row:
+/// one integer sum per block, `acc += (d_w·d_x)·Σ(q − offset)·y` with a fused
+/// multiply-add block by block, and the minimum's `Σ m_w·s_x` in a sum of its own
+/// added at the end.
+#[cfg(test)]
+pub(crate) fn tile_dot(ty: Legacy, w: &[u8], x: &Q8Row) -> f32 {
+    let (mut acc, mut mins) = (0f32, 0f32);
+    for (k, b) in w.chunks_exact(ty.bytes()).enumerate() {
+        let (d, m, q, offset) = unpack(ty, b);
+        let y = &x.qs[32 * k..32 * k + 32];
+        let dot: i32 = q.iter().zip(y).map(|(&q, &y)| (q as i32 - offset) * y as i32).sum();
+        acc = (d * x.d[k]).mul_add(dot as f32, acc);
+        if ty.has_min() {
+            mins = m.mul_add(x.sums[k], mins);
+        }
+    }
+    if ty.has_min() { acc + mins } else { acc }
+}
+
 /// ggml's reference quantizer of each format (`quantize_row_*_ref`), appending whole
 /// blocks of `x` (a multiple of 32 values) to `out`.
 pub(crate) fn quantize(ty: Legacy, x: &[f32], out: &mut Vec<u8>) {

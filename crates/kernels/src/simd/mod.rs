@@ -1,5 +1,5 @@
-//! The SIMD kernels, one module per instruction-set level. Everything here is safe
-//! code: each function carries `#[target_feature]`, inside which the pointer-free
+//! The SIMD kernels, one module per instruction-set level. Everything here but the
+//! tile unit's `amx` (inline assembly; its doc says why) is safe code: each function carries `#[target_feature]`, inside which the pointer-free
 //! intrinsics are safe to call, and loads go through `bytemuck::cast` of fixed-size
 //! arrays rather than raw pointers. Calling these functions needs the features,
 //! which only [`crate::dispatch`] promises (its `Level` proves them present).
@@ -8,8 +8,11 @@
 //! byte products are summed into 32-bit lanes: AVX2 multiplies to 16-bit pairs
 //! (`maddubs`) and widens them (`madd` with ones); AVX-512 VNNI does it in one
 //! `vpdpbusd` (its 256-bit form, which Zen 4 runs at full rate where 512-bit
-//! instructions are split in two).
+//! instructions are split in two). The tile level (`amx`) adds a prompt's products
+//! on Intel's tile unit to the AVX-512 level's kernels.
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod amx;
 #[cfg(target_arch = "x86_64")]
 #[macro_use]
 mod kquant_x86;

@@ -222,6 +222,29 @@ macro_rules! x86_kernels {
             }
         }
 
+        /// Q4_1 or Q5_1 blocks rewritten for the tile unit (`simd::amx`): the scale
+        /// and minimum's four bytes, then the 32 integers the format's unpacker gives,
+        /// as unsigned bytes.
+        #[target_feature(enable = $features)]
+        pub(crate) fn expand_to_u8(ty: crate::QType, src: &[u8], dst: &mut [u8]) {
+            let out = dst.as_chunks_mut::<36>().0;
+            match ty {
+                crate::QType::Q4_1 => {
+                    for (b, o) in src.as_chunks::<20>().0.iter().zip(out) {
+                        o[..4].copy_from_slice(&b[..4]);
+                        o[4..].copy_from_slice(&cast::<__m256i, [u8; 32]>(unpack_q4_1(b).2));
+                    }
+                }
+                crate::QType::Q5_1 => {
+                    for (b, o) in src.as_chunks::<24>().0.iter().zip(out) {
+                        o[..4].copy_from_slice(&b[..4]);
+                        o[4..].copy_from_slice(&cast::<__m256i, [u8; 32]>(unpack_q5_1(b).2));
+                    }
+                }
+                _ => unreachable!("only Q4_1 and Q5_1 expand to unsigned bytes"),
+            }
+        }
+
         // The f32 operations of `ops` (and the activations' quantizer), compiled
         // again for this level: they are `#[inline(always)]` plain loops.
 
