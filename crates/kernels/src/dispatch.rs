@@ -222,18 +222,13 @@ pub(crate) fn expand_to_q8_0(level: Level, ty: QType, src: &[u8], dst: &mut [u8]
     )
 }
 
-/// Whether [`expand_to_u8`] rewrites `ty` at `level` (for the tile unit).
-pub(crate) fn expands_to_u8(level: Level, ty: QType) -> bool {
-    level.has_tiles() && matches!(ty, QType::Q4_1 | QType::Q5_1)
-}
-
 /// Rewrites whole Q4_1 or Q5_1 blocks `src` as the tile unit's unsigned blocks `dst`
-/// (`simd::amx::Form::Unsigned`), when [`expands_to_u8`] says so.
+/// (`simd::amx::Form::Unsigned`), at a level above the scalar one.
 pub(crate) fn expand_to_u8(level: Level, ty: QType, src: &[u8], dst: &mut [u8]) {
     at_level!(
         level,
         expand_to_u8(ty, src, dst),
-        unreachable!("expands_to_u8 is false at the scalar level")
+        unreachable!("the tile unit's rewrite at the scalar level")
     )
 }
 

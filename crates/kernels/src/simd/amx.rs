@@ -164,11 +164,6 @@ impl Packed {
     pub(crate) fn groups(&self) -> usize {
         self.groups
     }
-
-    /// Blocks per row.
-    pub(crate) fn blocks(&self) -> usize {
-        self.blocks
-    }
 }
 
 /// The tiles' shapes, as `ldtilecfg` reads them: palette 1; tiles 0 and 1 are C

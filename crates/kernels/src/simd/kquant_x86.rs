@@ -265,7 +265,8 @@ macro_rules! kquant_rows {
         #[doc = concat!("`out[o] = row o of w · x` for rows of ", stringify!($n), "-byte super-blocks.")]
         #[target_feature(enable = $features)]
         pub(crate) fn $rows(w: &[u8], row_bytes: usize, x: Q8Row, out: &mut [f32]) {
-            for (row, o) in w.chunks_exact(row_bytes).zip(out) {
+            for (i, (row, o)) in w.chunks_exact(row_bytes).zip(out).enumerate() {
+                prefetch_ahead(w, (i + PREFETCH_ROWS) * row_bytes, row_bytes);
                 let ($r, $x) = (row.as_chunks::<$n>().0, &x);
                 *o = $dot;
             }
@@ -276,6 +277,7 @@ macro_rules! kquant_rows {
         pub(crate) fn $rows4(w: &[u8], row_bytes: usize, x: &[Q8Row; 4], out: [&mut [f32]; 4]) {
             let [o0, o1, o2, o3] = out;
             for (o, row) in w.chunks_exact(row_bytes).enumerate() {
+                prefetch_ahead(w, (o + PREFETCH_ROWS) * row_bytes, row_bytes);
                 let ($r4, $x4) = (row.as_chunks::<$n>().0, x);
                 [o0[o], o1[o], o2[o], o3[o]] = $dot4;
             }
