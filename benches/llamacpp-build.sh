@@ -6,6 +6,10 @@
 #
 #   benches/llamacpp-build.sh                         # into target/llamacpp
 #   WORK=/tmp/llama LLAMA_CPP_PYTHON=0.3.36 benches/llamacpp-build.sh llama-server
+#   WORK=target/llamacpp-noamx CFLAGS="-mno-amx-tile -mno-amx-int8" \
+#       CXXFLAGS="-mno-amx-tile -mno-amx-int8" benches/llamacpp-build.sh llama-bench
+#                                 # compiler flags (read by cmake's first configure of
+#                                 # WORK), e.g. a build without its AMX kernels
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
