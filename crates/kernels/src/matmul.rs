@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::acts::QActs;
 use crate::dispatch::{self, Level};
-use crate::rewrite::{self, Rewrite};
 use crate::pool::{MAX_THREADS, Pool};
+use crate::rewrite::{self, Rewrite};
 use crate::{KernelError, QMatrix, QType};
 
 /// Weight rows a participant keeps in L1 while its activation rows pass (prefill):
@@ -48,7 +48,12 @@ pub struct Kernels {
 impl std::fmt::Debug for Kernels {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let mode = if self.prompt { ", for a prompt" } else { "" };
-        write!(f, "Kernels({}, {} threads{mode})", self.level.name(), self.pool.threads())
+        write!(
+            f,
+            "Kernels({}, {} threads{mode})",
+            self.level.name(),
+            self.pool.threads()
+        )
     }
 }
 

@@ -83,7 +83,8 @@ impl Kernels {
             self.tile_products(&tiled[..t], x, &mut tiled_out[..t]);
         }
         if o > 0 {
-            self.for_prompt(false).matmul_many(&others[..o], x, &mut others_out[..o])?;
+            self.for_prompt(false)
+                .matmul_many(&others[..o], x, &mut others_out[..o])?;
         }
         Ok(())
     }
@@ -279,7 +280,11 @@ mod tests {
                     one.quantize(ty.act(), &xf[r * cols..(r + 1) * cols], 1, cols).unwrap();
                     let mut alone = vec![0.0; w_rows];
                     k.matmul(&w, &one, &mut alone).unwrap();
-                    assert_eq!(alone, all[r * w_rows..(r + 1) * w_rows], "{ty}, row {r}, {threads} threads");
+                    assert_eq!(
+                        alone,
+                        all[r * w_rows..(r + 1) * w_rows],
+                        "{ty}, row {r}, {threads} threads"
+                    );
                 }
             }
         }

@@ -175,7 +175,14 @@ impl Config {
     fn new() -> Config {
         let mut c = [0u8; 64];
         c[0] = 1;
-        for (t, rows, bytes) in [(0, 16, 64u16), (1, 16, 64), (2, 16, 32), (3, 16, 32), (4, 8, 64), (5, 8, 64)] {
+        for (t, rows, bytes) in [
+            (0, 16, 64u16),
+            (1, 16, 64),
+            (2, 16, 32),
+            (3, 16, 32),
+            (4, 8, 64),
+            (5, 8, 64),
+        ] {
             c[16 + 2 * t..18 + 2 * t].copy_from_slice(&bytes.to_le_bytes());
             c[48 + t] = rows;
         }
