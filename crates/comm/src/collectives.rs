@@ -1,4 +1,5 @@
-//! Collectives on a [`Ring`]: allreduce (sum and mean) and broadcast.
+//! Collectives on a [`Ring`]: allreduce (sum and mean), broadcast of floats, and
+//! broadcast of a message of bytes.
 //!
 //! ## Design
 //! The allreduce is the bandwidth-optimal ring algorithm: the buffer is cut into
@@ -27,6 +28,13 @@ use crate::{CommError, Ring};
 /// Floats per piece: 256 KiB frames keep the pipeline full without large copies.
 const PIECE: usize = 64 * 1024;
 
+/// Bytes per piece of a message: the same 256 KiB.
+const MESSAGE_PIECE: usize = 4 * PIECE;
+
+/// The longest message a member accepts (its length comes from a peer; the buffer
+/// grows only with the bytes that arrive, but a length past this is refused at once).
+pub const MAX_MESSAGE: u64 = 64 << 30;
+
 fn chunk_bounds(len: usize, world: usize, chunk: usize) -> (usize, usize) {
     (len * chunk / world, len * (chunk + 1) / world)
 }
@@ -43,10 +51,11 @@ fn encode(values: &[f32]) -> Vec<u8> {
     out
 }
 
-/// Runs `body` with a writer thread that sends every queued piece to `next`.
-/// Returns the first error of either side.
+/// Runs `body` with a writer thread that sends every queued piece to `next` as a
+/// frame of `kind`. Returns the first error of either side.
 fn with_writer<T>(
     next: &mut Sender,
+    kind: FrameKind,
     peer: String,
     body: impl FnOnce(&mpsc::Sender<Vec<u8>>) -> Result<T, CommError>,
 ) -> Result<T, CommError> {
@@ -56,7 +65,7 @@ fn with_writer<T>(
         let (tx, rx) = mpsc::channel::<Vec<u8>>();
         let writer = scope.spawn(move || -> Result<(), CommError> {
             for piece in rx {
-                next.send(FrameKind::Data, &piece)
+                next.send(kind, &piece)
                     .map_err(|e| CommError::io(format!("sending to {peer}"), e))?;
             }
             Ok(())
@@ -116,7 +125,7 @@ impl Ring {
         let len = buf.len();
         let steps = 2 * (world - 1);
         let (next, prev, next_name, prev_name) = self.peers();
-        with_writer(next, next_name, |tx| {
+        with_writer(next, FrameKind::Data, next_name, |tx| {
             let (s, e) = chunk_bounds(len, world, rank);
             for (a, b) in pieces(s, e) {
                 tx.send(encode(&buf[a..b])).ok();
@@ -181,7 +190,7 @@ impl Ring {
         }
         let last = (root + world - 1) % world;
         let (next, prev, next_name, prev_name) = self.peers();
-        with_writer(next, next_name, |tx| {
+        with_writer(next, FrameKind::Data, next_name, |tx| {
             if rank == root {
                 for (a, b) in pieces(0, buf.len()) {
                     tx.send(encode(&buf[a..b])).ok();
@@ -200,6 +209,82 @@ impl Ring {
                 for (d, bytes) in buf[a..b].iter_mut().zip(frame.chunks_exact(4)) {
                     *d = f32::from_le_bytes(bytes.try_into().expect("4 bytes"));
                 }
+                if rank != last {
+                    tx.send(frame.clone()).ok();
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
+impl Ring {
+    /// Copies `root`'s message `msg` to every rank (the others' `msg` is replaced),
+    /// pipelined along the ring: its length first, so members need not know it, then
+    /// pieces of at most [`MESSAGE_PIECE`] bytes. A member's buffer grows only with
+    /// the bytes that arrive; a length past [`MAX_MESSAGE`], a piece past the length
+    /// announced or a frame of another kind is refused, naming the peer.
+    pub fn broadcast_bytes(&mut self, msg: &mut Vec<u8>, root: usize) -> Result<(), CommError> {
+        let result = self.ring_broadcast_bytes(msg, root);
+        self.fail(result)
+    }
+
+    fn ring_broadcast_bytes(&mut self, msg: &mut Vec<u8>, root: usize) -> Result<(), CommError> {
+        let world = self.config.world;
+        let rank = self.config.rank;
+        let max = self.config.max_frame;
+        if root >= world {
+            return Err(CommError::Config(format!(
+                "broadcast root {root} outside a ring of {world}"
+            )));
+        }
+        if world == 1 {
+            return Ok(());
+        }
+        let last = (root + world - 1) % world;
+        let (next, prev, next_name, prev_name) = self.peers();
+        with_writer(next, FrameKind::Message, next_name, |tx| {
+            if rank == root {
+                tx.send((msg.len() as u64).to_le_bytes().to_vec()).ok();
+                for piece in msg.chunks(MESSAGE_PIECE) {
+                    tx.send(piece.to_vec()).ok();
+                }
+                return Ok(());
+            }
+            let refuse = |reason: String| CommError::Protocol {
+                peer: prev_name.clone(),
+                reason,
+            };
+            let mut frame = Vec::new();
+            let kind = prev.recv(&mut frame, max, &prev_name, "a message's length")?;
+            let len = match (kind, <[u8; 8]>::try_from(frame.as_slice())) {
+                (FrameKind::Message, Ok(bytes)) => u64::from_le_bytes(bytes),
+                _ => {
+                    return Err(refuse(format!(
+                        "a {kind:?} frame of {} bytes where a message's length was expected",
+                        frame.len()
+                    )));
+                }
+            };
+            if len > MAX_MESSAGE {
+                return Err(refuse(format!("a message of {len} bytes (at most {MAX_MESSAGE})")));
+            }
+            if rank != last {
+                tx.send(frame.clone()).ok();
+            }
+            msg.clear();
+            while (msg.len() as u64) < len {
+                let kind = prev.recv(&mut frame, max, &prev_name, "a message")?;
+                if kind != FrameKind::Message || frame.is_empty() {
+                    return Err(refuse(format!(
+                        "a {kind:?} frame of {} bytes inside a message",
+                        frame.len()
+                    )));
+                }
+                if msg.len() as u64 + frame.len() as u64 > len {
+                    return Err(refuse(format!("a message longer than the {len} bytes announced")));
+                }
+                msg.extend_from_slice(&frame);
                 if rank != last {
                     tx.send(frame.clone()).ok();
                 }
@@ -290,6 +375,49 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A message of bytes, empty, short or of many pieces, reaches every rank from
+    /// every root whatever the members held before.
+    #[test]
+    fn a_message_of_any_length_reaches_every_rank_from_every_root() {
+        let message = |seed: usize, len: usize| -> Vec<u8> { (0..len).map(|i| (i * 31 + seed * 7) as u8).collect() };
+        for world in 1..=4 {
+            for root in 0..world {
+                for len in [0, 5, MESSAGE_PIECE * 2 + 3] {
+                    let results = on_ring(world, |ring| {
+                        let mut msg = message(ring.rank() + 1, 11);
+                        if ring.rank() == root {
+                            msg = message(root, len);
+                        }
+                        ring.broadcast_bytes(&mut msg, root).unwrap();
+                        msg
+                    });
+                    for got in results {
+                        assert!(got == message(root, len), "world {world}, root {root}, {len} bytes");
+                    }
+                }
+            }
+        }
+    }
+
+    /// A member expecting a message that gets a tensor's frames refuses them by name
+    /// instead of reading floats as a length.
+    #[test]
+    fn a_tensor_where_a_message_is_expected_is_refused() {
+        let results = on_ring(2, |ring| {
+            if ring.rank() == 0 {
+                ring.broadcast(&mut [1.0, 2.0], 0)
+                    .map(|_| String::new())
+                    .map_err(|e| e.to_string())
+            } else {
+                ring.broadcast_bytes(&mut Vec::new(), 0)
+                    .map(|_| String::new())
+                    .map_err(|e| e.to_string())
+            }
+        });
+        let refused = results[1].as_ref().expect_err("rank 1 refuses");
+        assert!(refused.contains("rank 0") && refused.contains("Data"), "{refused}");
     }
 
     #[test]

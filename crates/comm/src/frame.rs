@@ -22,6 +22,9 @@ pub enum FrameKind {
     Data = 2,
     /// The sender gives up; the payload is a UTF-8 reason.
     Abort = 3,
+    /// A piece of a message of bytes (a training state, a command): the receiver
+    /// decodes it, nothing computes on it.
+    Message = 4,
 }
 
 impl FrameKind {
@@ -30,6 +33,7 @@ impl FrameKind {
             1 => Some(FrameKind::Hello),
             2 => Some(FrameKind::Data),
             3 => Some(FrameKind::Abort),
+            4 => Some(FrameKind::Message),
             _ => None,
         }
     }

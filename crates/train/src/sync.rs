@@ -3,33 +3,33 @@
 //! When a ring re-forms (workers lost, or lost ranks rejoining), every member adopts
 //! the state of the one that got furthest: its model, optimiser, position in the
 //! data, history. A rejoining worker holds none of that, so the state travels
-//! whole, as [`Words`]: `f32` slots that carry exact integers and `f64`s as bit
-//! patterns (the ring's broadcast copies bytes and never computes on them).
+//! whole, as a message of bytes ([`Words`], little-endian, each list after its
+//! length) over the ring's byte broadcast.
 
 use hetero_comm::Ring;
 
 use crate::TrainError;
 
-/// A state being written into `f32` slots.
+/// A state being written as bytes.
 #[derive(Debug, Default)]
-pub struct Words(Vec<f32>);
+pub struct Words(Vec<u8>);
 
 impl Words {
-    /// Appends an exact integer (two slots).
+    /// Appends an integer (eight bytes).
     pub fn u64(&mut self, v: u64) {
-        self.0.push(f32::from_bits(v as u32));
-        self.0.push(f32::from_bits((v >> 32) as u32));
+        self.0.extend_from_slice(&v.to_le_bytes());
     }
 
-    /// Appends a double exactly (two slots).
+    /// Appends a double exactly (eight bytes).
     pub fn f64(&mut self, v: f64) {
         self.u64(v.to_bits());
     }
 
-    /// Appends a length, then the values.
+    /// Appends a length, then the values (four bytes each).
     pub fn f32s(&mut self, v: &[f32]) {
         self.u64(v.len() as u64);
-        self.0.extend_from_slice(v);
+        self.0.reserve(4 * v.len());
+        v.iter().for_each(|x| self.0.extend_from_slice(&x.to_le_bytes()));
     }
 
     /// Appends a length, then the integers.
@@ -44,45 +44,45 @@ impl Words {
         v.iter().for_each(|&x| self.u64(x as u64));
     }
 
-    /// The slots written.
-    pub fn into_vec(self) -> Vec<f32> {
+    /// The bytes written.
+    pub fn into_bytes(self) -> Vec<u8> {
         self.0
     }
 }
 
 /// Reads back what [`Words`] wrote, failing clearly on a short or damaged state.
 pub struct Reader<'a> {
-    slots: &'a [f32],
+    bytes: &'a [u8],
     at: usize,
 }
 
 impl<'a> Reader<'a> {
-    /// Reads `slots` from the start.
-    pub fn new(slots: &'a [f32]) -> Self {
-        Reader { slots, at: 0 }
+    /// Reads `bytes` from the start.
+    pub fn new(bytes: &'a [u8]) -> Self {
+        Reader { bytes, at: 0 }
     }
 
-    fn take(&mut self, n: usize, what: &str) -> Result<&'a [f32], TrainError> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], TrainError> {
         let end = self
             .at
             .checked_add(n)
-            .filter(|&e| e <= self.slots.len())
+            .filter(|&e| e <= self.bytes.len())
             .ok_or_else(|| {
                 TrainError::Config(format!(
-                    "the shared training state ends early: {what} needs {n} slots at {} of {}",
+                    "the shared training state ends early: {what} needs {n} bytes at {} of {}",
                     self.at,
-                    self.slots.len()
+                    self.bytes.len()
                 ))
             })?;
-        let s = &self.slots[self.at..end];
+        let s = &self.bytes[self.at..end];
         self.at = end;
         Ok(s)
     }
 
     /// Reads an integer.
     pub fn u64(&mut self, what: &str) -> Result<u64, TrainError> {
-        let s = self.take(2, what)?;
-        Ok(u64::from(s[0].to_bits()) | (u64::from(s[1].to_bits()) << 32))
+        let s = self.take(8, what)?;
+        Ok(u64::from_le_bytes(s.try_into().expect("eight bytes")))
     }
 
     /// Reads a double.
@@ -90,54 +90,60 @@ impl<'a> Reader<'a> {
         Ok(f64::from_bits(self.u64(what)?))
     }
 
-    fn len(&mut self, what: &str) -> Result<usize, TrainError> {
+    /// A list's length, bounded by the bytes left at `width` bytes per item.
+    fn len(&mut self, what: &str, width: usize) -> Result<usize, TrainError> {
         let n = self.u64(what)?;
+        let left = (self.bytes.len() - self.at) / width;
         usize::try_from(n)
             .ok()
-            .filter(|&n| n <= self.slots.len())
+            .filter(|&n| n <= left)
             .ok_or_else(|| TrainError::Config(format!("the shared training state says {what} has {n} values")))
     }
 
     /// Reads values written by [`Words::f32s`].
-    pub fn f32s(&mut self, what: &str) -> Result<&'a [f32], TrainError> {
-        let n = self.len(what)?;
-        self.take(n, what)
+    pub fn f32s(&mut self, what: &str) -> Result<Vec<f32>, TrainError> {
+        let n = self.len(what, 4)?;
+        let bytes = self.take(4 * n, what)?;
+        Ok(bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().expect("four bytes")))
+            .collect())
     }
 
     /// Reads integers written by [`Words::u64s`].
     pub fn u64s(&mut self, what: &str) -> Result<Vec<u64>, TrainError> {
-        let n = self.len(what)?;
+        let n = self.len(what, 8)?;
         (0..n).map(|_| self.u64(what)).collect()
     }
 
     /// Reads integers written by [`Words::usizes`].
     pub fn usizes(&mut self, what: &str) -> Result<Vec<usize>, TrainError> {
-        Ok(self.u64s(what)?.into_iter().map(|v| v as usize).collect())
+        self.u64s(what)?
+            .into_iter()
+            .map(|v| {
+                usize::try_from(v)
+                    .map_err(|_| TrainError::Config(format!("the shared training state's {what} holds {v}")))
+            })
+            .collect()
     }
 
     /// Fails unless everything was read.
     pub fn finish(self) -> Result<(), TrainError> {
-        if self.at == self.slots.len() {
+        if self.at == self.bytes.len() {
             Ok(())
         } else {
             Err(TrainError::Config(format!(
-                "{} slots left over in the shared training state",
-                self.slots.len() - self.at
+                "{} bytes left over in the shared training state",
+                self.bytes.len() - self.at
             )))
         }
     }
 }
 
 /// Sends `root`'s `state` to every member of `ring` (the others' `state` is
-/// replaced): its length first, so members need not know it in advance.
-pub fn broadcast(ring: &mut Ring, state: &mut Vec<f32>, root: usize) -> Result<(), TrainError> {
-    let mut header = Words::default();
-    header.u64(state.len() as u64);
-    let mut header = header.into_vec();
-    ring.broadcast(&mut header, root)?;
-    let len = Reader::new(&header).u64("the state's length")? as usize;
-    state.resize(len, 0.0);
-    ring.broadcast(state, root)?;
+/// replaced); members need not know its length in advance.
+pub fn broadcast(ring: &mut Ring, state: &mut Vec<u8>, root: usize) -> Result<(), TrainError> {
+    ring.broadcast_bytes(state, root)?;
     Ok(())
 }
 
@@ -153,12 +159,12 @@ mod tests {
         w.f64(f64::NAN);
         w.f32s(&[1.5, f32::MIN_POSITIVE, -0.0]);
         w.usizes(&[0, 7, 1 << 40]);
-        let slots = w.into_vec();
+        let slots = w.into_bytes();
         let mut r = Reader::new(&slots);
         assert_eq!(r.u64("a").unwrap(), u64::MAX - 3);
         assert_eq!(r.f64("b").unwrap(), -1.0e-300);
         assert!(r.f64("c").unwrap().is_nan());
-        assert_eq!(r.f32s("d").unwrap(), &[1.5, f32::MIN_POSITIVE, -0.0]);
+        assert_eq!(r.f32s("d").unwrap(), [1.5, f32::MIN_POSITIVE, -0.0]);
         assert_eq!(r.usizes("e").unwrap(), vec![0, 7, 1 << 40]);
         r.finish().unwrap();
     }
@@ -167,8 +173,8 @@ mod tests {
     fn a_short_state_is_a_clear_error() {
         let mut w = Words::default();
         w.f32s(&[1.0, 2.0, 3.0]);
-        let slots = w.into_vec();
-        let err = Reader::new(&slots[..3]).f32s("the model").unwrap_err().to_string();
+        let slots = w.into_bytes();
+        let err = Reader::new(&slots[..12]).f32s("the model").unwrap_err().to_string();
         assert!(err.contains("the model"), "{err}");
         let mut r = Reader::new(&slots);
         r.u64("x").unwrap();
@@ -193,9 +199,9 @@ mod tests {
                         let mut w = Words::default();
                         w.u64(42);
                         w.f32s(&[f32::NAN, 2.0]);
-                        w.into_vec()
+                        w.into_bytes()
                     } else {
-                        vec![9.0; 17]
+                        vec![9; 17]
                     };
                     broadcast(&mut ring, &mut state, 1).unwrap();
                     let mut r = Reader::new(&state);

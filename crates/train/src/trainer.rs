@@ -656,7 +656,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     }
 
     /// Everything another worker needs to go on from this one's position.
-    fn encode_state(&self, progress: &Progress) -> Vec<f32> {
+    fn encode_state(&self, progress: &Progress) -> Vec<u8> {
         let mut w = Words::default();
         w.f32s(&self.params);
         w.f32s(&self.optimizer.to_flat());
@@ -678,12 +678,12 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             let c = h.coverage;
             w.usizes(&[c.samples, c.visited, c.distinct]);
         }
-        w.into_vec()
+        w.into_bytes()
     }
 
     /// Takes over the state [`Trainer::encode_state`] wrote; returns the members of
     /// the ring it was written in.
-    fn adopt_state(&mut self, state: &[f32], progress: &mut Progress) -> Result<Vec<usize>, TrainError> {
+    fn adopt_state(&mut self, state: &[u8], progress: &mut Progress) -> Result<Vec<usize>, TrainError> {
         let mut r = Reader::new(state);
         let params = r.f32s("the model")?;
         if params.len() != self.params.len() {
@@ -701,8 +701,8 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 self.optimizer.flat_len()
             )));
         }
-        self.params.copy_from_slice(params);
-        self.optimizer.load_flat(optimizer);
+        self.params.copy_from_slice(&params);
+        self.optimizer.load_flat(&optimizer);
         self.updates = r.u64("the step count")?;
         progress.epoch = r.u64("the epoch")? as usize;
         let members = r.usizes("the members")?;
