@@ -140,8 +140,7 @@ async fn wrong_or_missing_token_is_refused_and_changes_nothing() {
     // certificate before a call (or the token) is sent.
     let refused = connect(&cluster.address, "not-the-token")
         .await
-        .err()
-        .expect("TLS must refuse");
+        .expect_err("TLS must refuse");
     assert!(refused.to_string().contains("certificate"), "{refused}");
     // Plaintext to a TLS coordinator gets nowhere either.
     if let Ok(mut plain) = connect(&format!("http://{}", cluster.address), &cluster.token).await {

@@ -170,7 +170,7 @@ pub(crate) fn with_trained<B: Backend, M: Module<B>>(model: M, trained: Option<&
 /// The original decoder (every layer original, same code path) and its decoupled
 /// version, sharing the embeddings, head and original layers' weights.
 pub fn load_llama_pair<B: Backend>(
-    source: &mut dyn FnMut(&str, &[usize]) -> Result<Vec<f32>, InferError>,
+    source: &mut checkpoint::Source<'_, InferError>,
     config: &DecoupledLlamaConfig,
     device: &B::Device,
 ) -> Result<(DecoupledLlama<B>, DecoupledLlama<B>), InferError> {

@@ -185,7 +185,6 @@ impl Kernels {
                         }
                     }
                 });
-                drop(parts);
                 for (m, w) in ws.iter().enumerate() {
                     let mut from = 0;
                     for t in 0..n {
@@ -213,7 +212,7 @@ impl Kernels {
                     for (m, w) in ws.iter().enumerate() {
                         let (lo, hi) = (bounds(w.rows(), p), bounds(w.rows(), p + 1));
                         let bytes = &w.bytes()[lo * w.row_bytes()..hi * w.row_bytes()];
-                        dispatch::rows(self.level, w.ty(), bytes, w.row_bytes(), xr, &mut mine[m]);
+                        dispatch::rows(self.level, w.ty(), bytes, w.row_bytes(), xr, mine[m]);
                     }
                 });
             }
@@ -512,7 +511,7 @@ type Parts<'a> = [Mutex<[&'a mut [f32]; MAX_MATRICES]>; MAX_THREADS];
 pub(crate) fn cut<'a>(outs: &'a mut [&mut [f32]], n: usize, at: impl Fn(usize, usize) -> usize) -> Parts<'a> {
     let parts: Parts<'a> = std::array::from_fn(|_| Mutex::new(Default::default()));
     for (m, out) in outs.iter_mut().enumerate() {
-        let mut rest: &'a mut [f32] = &mut **out;
+        let mut rest: &'a mut [f32] = out;
         for (t, part) in parts.iter().enumerate().take(n) {
             let len = if t + 1 == n {
                 rest.len()

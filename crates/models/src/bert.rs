@@ -569,6 +569,10 @@ fn load_rows<B: Backend, E>(
     Ok(output_rows(&w, Some(&b), shape[1], keep, device))
 }
 
+/// A row part of a matrix without its bias (`None` when the part is empty), and the
+/// whole bias.
+type RowPart<B> = (Option<Linear<B>>, Param<Tensor<B, 1>>);
+
 /// A row part of a matrix (input columns `keep`) and its whole bias.
 fn load_row_part<B: Backend, E>(
     source: &mut Source<'_, E>,
@@ -577,7 +581,7 @@ fn load_row_part<B: Backend, E>(
     layer: usize,
     keep: Range<usize>,
     device: &B::Device,
-) -> Result<(Option<Linear<B>>, Param<Tensor<B, 1>>), E> {
+) -> Result<RowPart<B>, E> {
     let (stem, shape) = (t.stem(c, layer), t.shape(c));
     let w = source(&format!("{stem}.weight"), &shape)?;
     let bias = source(&format!("{stem}.bias"), &[shape[0]])?;

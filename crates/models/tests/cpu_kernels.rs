@@ -703,7 +703,8 @@ fn per_group_rows_broadcast_like_materialised_rows() {
     let table = Tensor::<Flex, 2>::random([4, 7], Distribution::Normal(1.0, 0.5), &device);
     let rows = table.slice([1..4]).reshape([3, 1, 7]);
     let repeated = rows.clone().repeat_dim(1, 5);
-    let ops: [(&str, fn(Tensor<Flex, 3>, Tensor<Flex, 3>) -> Tensor<Flex, 3>); 4] = [
+    type Op = fn(Tensor<Flex, 3>, Tensor<Flex, 3>) -> Tensor<Flex, 3>;
+    let ops: [(&str, Op); 4] = [
         ("add", |a, b| a + b),
         ("sub", |a, b| a - b),
         ("mul", |a, b| a * b),
