@@ -141,6 +141,30 @@ impl Mesh {
         decode_into(kind, &frame, into, &name)
     }
 
+    /// Sends the message `bytes` (a command, a reply) to rank `to` as one frame.
+    pub fn send_msg(&mut self, to: usize, bytes: &[u8]) -> Result<(), CommError> {
+        self.sender(to)?
+            .send(FrameKind::Message, bytes)
+            .map_err(|e| CommError::io(format!("sending a message to rank {to}"), e))?;
+        self.sent += 5 + bytes.len() as u64;
+        Ok(())
+    }
+
+    /// Receives one message from rank `from` into `into` (replaced), at most the
+    /// mesh's frame limit; a tensor's frame where a message is expected is refused.
+    pub fn recv_msg(&mut self, from: usize, into: &mut Vec<u8>) -> Result<(), CommError> {
+        let max = self.config.max_frame;
+        let name = format!("rank {from}");
+        let kind = self.receiver(from)?.recv(into, max, &name, "a message")?;
+        if kind != FrameKind::Message {
+            return Err(CommError::Protocol {
+                peer: name,
+                reason: format!("a {kind:?} frame of {} bytes where a message was expected", into.len()),
+            });
+        }
+        Ok(())
+    }
+
     /// Sums `buf` element-wise over the ranks of `group` (which must hold this rank;
     /// every member calls with the same group and length). Members add in group
     /// order, so all of them end with the same bits.

@@ -3,8 +3,8 @@
 //! rank 0 and [`follow`] on the others, and [`run_in_process`], every worker a
 //! thread, for checks and experiments.
 //!
-//! A command is a header of five floats (op code and arguments), then for a run
-//! the rows' lengths and token ids. Every worker then runs the same
+//! A command is one message of bytes ([`Command`]); a report comes back as one
+//! too. Every worker then runs the same
 //! [`Worker::step`], whose transfers pair up because each derives them from the
 //! placement and the request's shape.
 
@@ -14,28 +14,13 @@ use burn::prelude::*;
 use hetero_comm::Mesh;
 
 use crate::InferError;
+use crate::command::{Command, MAX_SHAPES};
 use crate::placement::Placement;
 use crate::profile::{
     Device, KindTimes, Kinds, Link, Profile, Shape, free_memory, measure_device, measure_link, threads,
 };
-use crate::runtime::{Arch, Output, Request, Timing, Want, Worker, check_request};
+use crate::runtime::{Arch, Output, Request, Timing, Worker, check_request};
 use crate::weights::Weights;
-
-/// Op codes of the front's commands.
-const RUN: f32 = 1.0;
-const STOP: f32 = 2.0;
-const REPORT: f32 = 3.0;
-/// Profiling (`crate::profile`): time your layer kinds; all at once; a link.
-const MEASURE: f32 = 5.0;
-const CROWD: f32 = 6.0;
-const LINK: f32 = 7.0;
-/// Load the placement whose TOML follows (a benchmark's next, or the planner's choice).
-const PLACE: f32 = 8.0;
-/// Open the model whose name follows and wait, holding nothing, for a placement.
-const MODEL: f32 = 9.0;
-
-/// The largest text (a placement, a model's name) the front may send, bytes.
-const MAX_TEXT: usize = 1 << 20;
 
 /// Why [`follow`] returned.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,28 +45,33 @@ pub struct Report {
 }
 
 impl Report {
-    /// As floats that survive the trip exactly (16 bits per float).
-    fn encode(&self) -> [f32; 6] {
-        let b = self.bytes_sent;
-        [
-            (b & 0xFFFF) as f32,
-            ((b >> 16) & 0xFFFF) as f32,
-            ((b >> 32) & 0xFFFF) as f32,
-            (b >> 48) as f32,
-            self.timing.compute.as_secs_f32(),
-            self.timing.communication.as_secs_f32(),
-        ]
+    /// Its 24 bytes: the count, then the two times in seconds (`f64`), little-endian.
+    fn encode(&self) -> Vec<u8> {
+        let mut out = self.bytes_sent.to_le_bytes().to_vec();
+        out.extend(self.timing.compute.as_secs_f64().to_le_bytes());
+        out.extend(self.timing.communication.as_secs_f64().to_le_bytes());
+        out
     }
 
-    fn decode(v: &[f32; 6]) -> Self {
-        let part = |i: usize| (v[i] as u64) << (16 * i);
-        Report {
-            bytes_sent: part(0) | part(1) | part(2) | part(3),
+    fn decode(bytes: &[u8], from: usize) -> Result<Self, InferError> {
+        let words: [u8; 24] = bytes.try_into().map_err(|_| {
+            InferError::Request(format!(
+                "rank {from} sent a report of {} bytes (24 expected)",
+                bytes.len()
+            ))
+        })?;
+        let word = |i: usize| <[u8; 8]>::try_from(&words[8 * i..8 * i + 8]).expect("eight bytes");
+        let secs = |i: usize| {
+            Duration::try_from_secs_f64(f64::from_le_bytes(word(i)))
+                .map_err(|_| InferError::Request(format!("rank {from} sent a report with a time that is not one")))
+        };
+        Ok(Report {
+            bytes_sent: u64::from_le_bytes(word(0)),
             timing: Timing {
-                compute: Duration::from_secs_f32(v[4].max(0.0)),
-                communication: Duration::from_secs_f32(v[5].max(0.0)),
+                compute: secs(1)?,
+                communication: secs(2)?,
             },
-        }
+        })
     }
 }
 
@@ -97,37 +87,27 @@ impl<B: Backend> Front<B> {
     /// Runs `req` on every worker; returns its output.
     pub fn run(&mut self, req: &Request) -> Result<Output, InferError> {
         check_request(self.worker.arch(), req)?;
-        let (batch, seq) = req.shape();
-        let want = match req.want {
-            Want::Embedding => 0.0,
-            Want::NextToken => 1.0,
-            Want::Logits => 2.0,
-        };
-        let header = [RUN, batch as f32, seq as f32, want, if req.reset { 1.0 } else { 0.0 }];
-        let mut body: Vec<f32> = req.lengths.iter().map(|&l| l as f32).collect();
-        body.extend(req.slots.iter().map(|&s| s as f32));
-        body.extend(req.ids.iter().flatten().map(|&t| t as f32));
+        let command = Command::Run(req.clone()).encode();
         for r in 1..self.mesh.world() {
-            self.mesh.send(r, &header)?;
-            self.mesh.send(r, &body)?;
+            self.mesh.send_msg(r, &command)?;
         }
         self.worker
             .step(&mut self.mesh, req)?
             .ok_or_else(|| InferError::Placement("rank 0 got no output".into()))
     }
 
-    /// Every worker's report, rank 0's first. Asking costs each other worker one
-    /// 25-byte command and a 29-byte reply.
+    /// Every worker's report, rank 0's first. Asking costs each other worker a
+    /// 6-byte command frame and a 29-byte reply frame.
     pub fn reports(&mut self) -> Result<Vec<Report>, InferError> {
         let mut out = vec![Report {
             bytes_sent: self.mesh.bytes_sent(),
             timing: self.worker.timing,
         }];
+        let (command, mut reply) = (Command::Report.encode(), Vec::new());
         for r in 1..self.mesh.world() {
-            self.mesh.send(r, &[REPORT, 0.0, 0.0, 0.0, 0.0])?;
-            let mut v = [0f32; 6];
-            self.mesh.recv(r, &mut v)?;
-            out.push(Report::decode(&v));
+            self.mesh.send_msg(r, &command)?;
+            self.mesh.recv_msg(r, &mut reply)?;
+            out.push(Report::decode(&reply, r)?);
         }
         Ok(out)
     }
@@ -147,8 +127,9 @@ impl<B: Backend> Front<B> {
 
 /// Tells every worker but rank 0 to stop following.
 pub fn stop_followers(mesh: &mut Mesh) -> Result<(), InferError> {
+    let stop = Command::Stop.encode();
     for r in 1..mesh.world() {
-        mesh.send(r, &[STOP, 0.0, 0.0, 0.0, 0.0])?;
+        mesh.send_msg(r, &stop)?;
     }
     Ok(())
 }
@@ -156,79 +137,40 @@ pub fn stop_followers(mesh: &mut Mesh) -> Result<(), InferError> {
 /// A worker other than rank 0: runs the front's requests until it says stop (or
 /// to switch placements).
 pub fn follow<B: Backend>(worker: &mut Worker<B>, mesh: &mut Mesh) -> Result<Followed, InferError> {
+    let mut message = Vec::new();
     loop {
-        let mut header = [0f32; 5];
-        mesh.recv(0, &mut header)?;
-        if header[0] == STOP {
-            return Ok(Followed::Stopped);
-        }
-        if header[0] == MEASURE {
-            let shapes = recv_shapes(mesh, header[1] as usize)?;
-            let (times, _) =
-                measure_device::<B>(worker.arch(), &shapes, mesh.world(), &Default::default(), Kinds::All)?;
-            let mut reply = vec![threads() as f32, (free_memory() >> 20) as f32];
-            reply.extend(times.iter().flat_map(flat_times));
-            mesh.send(0, &reply)?;
-            continue;
-        }
-        if header[0] == CROWD {
-            let shapes = recv_shapes(mesh, 1)?;
-            mesh.send(0, &[crowded_time::<B>(worker.arch(), shapes[0])? as f32])?;
-            continue;
-        }
-        if header[0] == LINK {
-            let (a, b) = (header[1] as usize, header[2] as usize);
-            let me = mesh.rank();
-            let peer = if me == a { b } else { a };
-            let (latency, up, down) = measure_link(mesh, peer)?;
-            if me == a.min(b) {
-                mesh.send(0, &[latency as f32, up as f32, down as f32])?;
+        mesh.recv_msg(0, &mut message)?;
+        match Command::decode(&message)? {
+            Command::Stop => return Ok(Followed::Stopped),
+            Command::Measure(shapes) => {
+                let (times, _) =
+                    measure_device::<B>(worker.arch(), &shapes, mesh.world(), &Default::default(), Kinds::All)?;
+                let mut reply = vec![threads() as f32, (free_memory() >> 20) as f32];
+                reply.extend(times.iter().flat_map(flat_times));
+                mesh.send(0, &reply)?;
             }
-            continue;
+            Command::Crowd(shape) => mesh.send(0, &[crowded_time::<B>(worker.arch(), shape)? as f32])?,
+            Command::Link { a, b } => {
+                let me = mesh.rank();
+                let peer = if me == a { b } else { a };
+                let (latency, up, down) = measure_link(mesh, peer)?;
+                if me == a.min(b) {
+                    mesh.send(0, &[latency as f32, up as f32, down as f32])?;
+                }
+            }
+            Command::Model(name) => return Ok(Followed::Model(name)),
+            Command::Place(text) => return Ok(Followed::Place(Placement::parse(&text, &worker.arch().layout())?)),
+            Command::Report => {
+                let report = Report {
+                    bytes_sent: mesh.bytes_sent(),
+                    timing: worker.timing,
+                };
+                mesh.send_msg(0, &report.encode())?;
+            }
+            Command::Run(req) => {
+                worker.step(mesh, &req)?;
+            }
         }
-        if header[0] == MODEL {
-            return Ok(Followed::Model(recv_text(mesh, header[1] as usize)?));
-        }
-        if header[0] == PLACE {
-            let text = recv_text(mesh, header[1] as usize)?;
-            return Ok(Followed::Place(Placement::parse(&text, &worker.arch().layout())?));
-        }
-        if header[0] == REPORT {
-            let report = Report {
-                bytes_sent: mesh.bytes_sent(),
-                timing: worker.timing,
-            };
-            mesh.send(0, &report.encode())?;
-            continue;
-        }
-        if header[0] != RUN {
-            return Err(InferError::Request(format!(
-                "unknown command {} from the front",
-                header[0]
-            )));
-        }
-        let (batch, seq) = (header[1] as usize, header[2] as usize);
-        let mut body = vec![0f32; 2 * batch + batch * seq];
-        mesh.recv(0, &mut body)?;
-        let lengths = body[..batch].iter().map(|&l| l as usize).collect();
-        let slots = body[batch..2 * batch].iter().map(|&s| s as usize).collect();
-        let ids = body[2 * batch..]
-            .chunks_exact(seq.max(1))
-            .map(|r| r.iter().map(|&t| t as u32).collect())
-            .collect();
-        let want = match header[3] as u8 {
-            0 => Want::Embedding,
-            1 => Want::NextToken,
-            _ => Want::Logits,
-        };
-        let req = Request {
-            ids,
-            lengths,
-            slots,
-            reset: header[4] != 0.0,
-            want,
-        };
-        worker.step(mesh, &req)?;
     }
 }
 
@@ -249,10 +191,8 @@ pub fn profile_mesh<B: Backend>(
             shapes.len()
         )));
     }
-    let body: Vec<f32> = shapes
-        .iter()
-        .flat_map(|s| [s.batch as f32, s.tokens as f32, s.context as f32])
-        .collect();
+    let measure = Command::Measure(shapes.to_vec()).encode();
+    let crowd = Command::Crowd(shapes[0]).encode();
     progress(&format!("timing device 0 of {world}"));
     let (times, sizes) = measure_device::<B>(arch, shapes, world, &Default::default(), Kinds::All)?;
     let mut devices = vec![Device {
@@ -266,8 +206,7 @@ pub fn profile_mesh<B: Backend>(
     let per_shape = flat_times(&devices[0].times[0]).len();
     for r in 1..world {
         progress(&format!("timing device {r} of {world}"));
-        mesh.send(r, &[MEASURE, shapes.len() as f32, 0.0, 0.0, 0.0])?;
-        mesh.send(r, &body)?;
+        mesh.send_msg(r, &measure)?;
         let mut reply = vec![0f32; 2 + shapes.len() * per_shape];
         mesh.recv(r, &mut reply)?;
         devices.push(Device {
@@ -287,8 +226,7 @@ pub fn profile_mesh<B: Backend>(
         for b in a + 1..world {
             progress(&format!("timing devices {a} and {b} at once"));
             for r in [a, b].into_iter().filter(|&r| r != 0) {
-                mesh.send(r, &[CROWD, 0.0, 0.0, 0.0, 0.0])?;
-                mesh.send(r, &body[..3])?;
+                mesh.send_msg(r, &crowd)?;
             }
             let mine = match a {
                 0 => Some(crowded_time::<B>(arch, shapes[0])?),
@@ -315,7 +253,7 @@ pub fn profile_mesh<B: Backend>(
     for a in 0..world {
         for b in a + 1..world {
             for r in [a, b].into_iter().filter(|&r| r != 0) {
-                mesh.send(r, &[LINK, a as f32, b as f32, 0.0, 0.0])?;
+                mesh.send_msg(r, &Command::Link { a, b }.encode())?;
             }
             let (latency, up, down) = if a == 0 {
                 measure_link(mesh, b)?
@@ -357,56 +295,21 @@ pub fn profile_mesh<B: Backend>(
 
 /// Tells every other worker to load `placement` (rank 0 loads its own part).
 pub fn send_placement(mesh: &mut Mesh, placement: &Placement) -> Result<(), InferError> {
-    send_text(mesh, PLACE, &placement.to_toml())
+    send_text(mesh, Command::Place(placement.to_toml()))
 }
 
 /// Tells every other worker to open the model `name` (as `hetero_infer::models::open`
 /// reads names) and wait for a placement of it.
 pub fn send_model(mesh: &mut Mesh, name: &str) -> Result<(), InferError> {
-    send_text(mesh, MODEL, name)
+    send_text(mesh, Command::Model(name.to_string()))
 }
 
-fn send_text(mesh: &mut Mesh, op: f32, text: &str) -> Result<(), InferError> {
-    let bytes: Vec<f32> = text.bytes().map(f32::from).collect();
+fn send_text(mesh: &mut Mesh, command: Command) -> Result<(), InferError> {
+    let bytes = command.encode();
     for r in 1..mesh.world() {
-        mesh.send(r, &[op, bytes.len() as f32, 0.0, 0.0, 0.0])?;
-        mesh.send(r, &bytes)?;
+        mesh.send_msg(r, &bytes)?;
     }
     Ok(())
-}
-
-/// A text of `len` bytes from the front, bounded by [`MAX_TEXT`].
-fn recv_text(mesh: &mut Mesh, len: usize) -> Result<String, InferError> {
-    if len > MAX_TEXT {
-        return Err(InferError::Request(format!(
-            "the front sent a text of {len} bytes (at most {MAX_TEXT})"
-        )));
-    }
-    let mut bytes = vec![0f32; len];
-    mesh.recv(0, &mut bytes)?;
-    String::from_utf8(bytes.iter().map(|&b| b as u8).collect())
-        .map_err(|_| InferError::Request("the front sent a text that is not UTF-8".into()))
-}
-
-/// The most shapes one profile times.
-const MAX_SHAPES: usize = 64;
-
-fn recv_shapes(mesh: &mut Mesh, n: usize) -> Result<Vec<Shape>, InferError> {
-    if n == 0 || n > MAX_SHAPES {
-        return Err(InferError::Profile(format!(
-            "the front asked for {n} shapes (1 to {MAX_SHAPES})"
-        )));
-    }
-    let mut body = vec![0f32; 3 * n];
-    mesh.recv(0, &mut body)?;
-    Ok(body
-        .chunks_exact(3)
-        .map(|c| Shape {
-            batch: c[0] as usize,
-            tokens: c[1] as usize,
-            context: c[2] as usize,
-        })
-        .collect())
 }
 
 /// How long two devices time an original layer at once: long enough that their
@@ -502,6 +405,12 @@ mod tests {
                 communication: Duration::from_millis(250),
             },
         };
-        assert_eq!(Report::decode(&r.encode()), r);
+        assert_eq!(Report::decode(&r.encode(), 1).unwrap(), r);
+        assert!(
+            Report::decode(&r.encode()[..20], 1)
+                .unwrap_err()
+                .to_string()
+                .contains("rank 1")
+        );
     }
 }
