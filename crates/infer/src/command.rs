@@ -15,6 +15,13 @@ pub(crate) const MAX_TEXT: usize = 1 << 20;
 /// The most shapes one profile times.
 pub(crate) const MAX_SHAPES: usize = 64;
 
+/// The bytes of [`Command::Run`] for `batch` rows of `seq` tokens: the op, what is
+/// wanted, the reset flag, the two counts, then a length, a slot and `seq` ids per
+/// row.
+pub(crate) fn run_bytes(batch: usize, seq: usize) -> usize {
+    3 + 8 + 4 * batch * (2 + seq)
+}
+
 /// What the front tells a follower to do.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Command {
@@ -274,6 +281,14 @@ mod tests {
     fn every_command_reads_back_as_itself() {
         for c in every_command() {
             assert_eq!(Command::decode(&c.encode()).unwrap(), c);
+            if let Command::Run(req) = &c {
+                let (batch, seq) = req.shape();
+                assert_eq!(
+                    c.encode().len(),
+                    run_bytes(batch, seq),
+                    "the cost model's size of a run"
+                );
+            }
         }
     }
 

@@ -99,6 +99,12 @@ impl Walk<'_> {
 
     /// One round of simultaneous transfers `(from, to, floats)`.
     fn round(&mut self, flows: &[(usize, usize, usize)]) {
+        let bytes: Vec<_> = flows.iter().map(|&(a, b, floats)| (a, b, 4 * floats)).collect();
+        self.round_bytes(&bytes);
+    }
+
+    /// One round of simultaneous frames `(from, to, payload bytes)`.
+    fn round_bytes(&mut self, flows: &[(usize, usize, usize)]) {
         let flows: Vec<_> = flows.iter().filter(|f| f.0 != f.1).copied().collect();
         if flows.is_empty() {
             return;
@@ -121,8 +127,8 @@ impl Walk<'_> {
         let (mut out, mut inn) = (vec![0f64; world], vec![0f64; world]);
         let mut slowest = 0f64;
         let mut latency = 0f64;
-        for &(a, b, floats) in &flows {
-            let bytes = 4.0 * floats as f64 + 5.0;
+        for &(a, b, payload) in &flows {
+            let bytes = payload as f64 + 5.0;
             out[a] += bytes;
             inn[b] += bytes;
             slowest = slowest.max(bytes / link(a, b).bandwidth);
@@ -264,12 +270,12 @@ pub fn predict(arch: &Arch, profile: &Profile, placement: &Placement, shape: Sha
         divisions: layout.divisions,
         prediction: Prediction::default(),
     };
-    // The front's command (a header, then the rows' lengths, cache slots and
-    // ids) reaches every worker.
+    // The front's command (the rows' lengths, cache slots and ids) reaches every
+    // worker.
     let command: Vec<_> = (1..placement.workers)
-        .flat_map(|r| [(0, r, 5), (0, r, shape.batch * (2 + shape.tokens))])
+        .map(|r| (0, r, crate::command::run_bytes(shape.batch, shape.tokens)))
         .collect();
-    walk.round(&command);
+    walk.round_bytes(&command);
     let first = &placement.stages[0];
     let embed: Vec<_> = first.workers.iter().map(|&d| (d, times(d).embed)).collect();
     walk.compute(&embed);
@@ -391,8 +397,9 @@ mod tests {
 
     use super::*;
     use crate::bert::BertConfig;
+    use crate::command::Command;
     use crate::llama::LlamaConfig;
-    use crate::protocol::{Followed, Front, follow, profile_mesh, send_placement};
+    use crate::protocol::{Followed, Front, Report, follow, profile_mesh, send_placement};
     use crate::runtime::{Request, Want, Worker};
     use crate::weights::RandomWeights;
     use hetero_models::decoupled_bert::DecoupledBertConfig;
@@ -443,7 +450,10 @@ mod tests {
                             let before: u64 = front.reports().unwrap().iter().map(|r| r.bytes_sent).sum();
                             front.run(req).unwrap();
                             let after: u64 = front.reports().unwrap().iter().map(|r| r.bytes_sent).sum();
-                            per_request.push(after - before - 54 * (world as u64 - 1));
+                            // Each follower's report: a command frame and a reply frame.
+                            let asking =
+                                (10 + Command::Report.encode().len() + Report::default().encode().len()) as u64;
+                            per_request.push(after - before - asking * (world as u64 - 1));
                         }
                         bytes.push(per_request);
                     }

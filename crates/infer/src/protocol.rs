@@ -46,7 +46,7 @@ pub struct Report {
 
 impl Report {
     /// Its 24 bytes: the count, then the two times in seconds (`f64`), little-endian.
-    fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = self.bytes_sent.to_le_bytes().to_vec();
         out.extend(self.timing.compute.as_secs_f64().to_le_bytes());
         out.extend(self.timing.communication.as_secs_f64().to_le_bytes());
