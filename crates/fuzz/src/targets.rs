@@ -60,6 +60,11 @@ pub const ALL: &[Target] = &[
         run: gguf,
     },
     Target {
+        name: "command",
+        what: "the inference front's commands to its followers (infer::command)",
+        run: command,
+    },
+    Target {
         name: "request",
         what: "the OpenAI API's request bodies (serve::requests)",
         run: request,
@@ -215,6 +220,17 @@ fn gguf(data: &[u8]) -> String {
     // The whole model: its configuration from the metadata, its tokenizer, its shapes.
     let model = outcome_in(hetero_infer::models::open_gguf(&path), Some(&path));
     format!("{tensors} | {model}")
+}
+
+fn command(data: &[u8]) -> String {
+    // What the follower decodes must encode back to the same bytes.
+    match hetero_infer::command::Command::decode(data) {
+        Ok(c) => {
+            assert_eq!(c.encode(), data, "a command that does not encode back to its bytes");
+            "ok".into()
+        }
+        Err(e) => outcome::<(), _>(Err(e)),
+    }
 }
 
 fn request(data: &[u8]) -> String {

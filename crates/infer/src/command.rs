@@ -24,7 +24,7 @@ pub(crate) fn run_bytes(batch: usize, seq: usize) -> usize {
 
 /// What the front tells a follower to do.
 #[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Command {
+pub enum Command {
     /// Run this request (every worker runs its part of the same step).
     Run(Request),
     /// Stop following.
@@ -36,7 +36,12 @@ pub(crate) enum Command {
     /// Time an original layer at this shape while another device times its own.
     Crowd(Shape),
     /// Measure the link between ranks `a` and `b` (the lower replies).
-    Link { a: usize, b: usize },
+    Link {
+        /// One end.
+        a: usize,
+        /// The other end.
+        b: usize,
+    },
     /// Load the placement whose TOML this is.
     Place(String),
     /// Open the model of this name and wait for a placement.
@@ -57,7 +62,7 @@ mod op {
 
 impl Command {
     /// The command's bytes.
-    pub(crate) fn encode(&self) -> Vec<u8> {
+    pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let u32s = |out: &mut Vec<u8>, vs: &mut dyn Iterator<Item = u32>| vs.for_each(|v| out.extend(v.to_le_bytes()));
         match self {
@@ -112,7 +117,7 @@ impl Command {
 
     /// Reads a command back, refusing anything [`Command::encode`] cannot have
     /// written.
-    pub(crate) fn decode(bytes: &[u8]) -> Result<Command, InferError> {
+    pub fn decode(bytes: &[u8]) -> Result<Command, InferError> {
         let (&code, rest) = bytes
             .split_first()
             .ok_or_else(|| InferError::Request("the front sent an empty command".into()))?;
@@ -125,8 +130,15 @@ impl Command {
                     2 => Want::Logits,
                     w => return Err(InferError::Request(format!("the front asked for output kind {w}"))),
                 };
-                let reset = r.u8("the reset flag")? != 0;
+                let reset = match r.u8("the reset flag")? {
+                    0 => false,
+                    1 => true,
+                    f => return Err(InferError::Request(format!("the front sent a reset flag of {f}"))),
+                };
                 let (batch, seq) = (r.u32("the batch")? as usize, r.u32("the sequence length")? as usize);
+                if batch == 0 {
+                    return Err(InferError::Request("the front sent a run of no rows".into()));
+                }
                 let ids_len = batch.checked_mul(seq).filter(|&n| n <= r.left() / 4).ok_or_else(|| {
                     InferError::Request(format!(
                         "the front sent a run of {batch} rows × {seq} tokens in {} bytes",

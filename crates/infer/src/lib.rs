@@ -22,7 +22,7 @@
 mod activations;
 pub mod bert;
 pub mod chat;
-mod command;
+pub mod command;
 pub mod cost;
 pub mod decoupled;
 pub mod error;
