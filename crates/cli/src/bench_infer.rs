@@ -30,9 +30,6 @@ use hetero_serve::auto::{profile_for, settle};
 use hetero_serve::front::{AUTO, Placing, describe, open_model, placement_of, start_front};
 use hetero_serve::worker::load_part;
 
-/// Bytes one report exchange costs: a 25-byte command and a 29-byte reply.
-const REPORT_BYTES: u64 = 25 + 29;
-
 /// What `hetero bench infer` measures.
 pub struct InferBench<'a> {
     /// The model (e.g. `bert-base-random`, `smollm2`).
@@ -87,7 +84,7 @@ fn timed(front: &mut Front<InferBackend>, req: &Request) -> Result<(Output, Dura
     let took = clock.elapsed();
     let after = front.reports()?;
     let sent: u64 = after.iter().map(|r| r.bytes_sent).sum::<u64>() - before.iter().map(|r| r.bytes_sent).sum::<u64>();
-    let overhead = REPORT_BYTES * (after.len() as u64 - 1);
+    let overhead = hetero_infer::protocol::REPORT_EXCHANGE_BYTES * (after.len() as u64 - 1);
     let most = |f: fn(&Report) -> Duration| after.iter().map(f).max().unwrap_or_default();
     Ok((
         out,

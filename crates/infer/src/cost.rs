@@ -397,9 +397,8 @@ mod tests {
 
     use super::*;
     use crate::bert::BertConfig;
-    use crate::command::Command;
     use crate::llama::LlamaConfig;
-    use crate::protocol::{Followed, Front, Report, follow, profile_mesh, send_placement};
+    use crate::protocol::{Followed, Front, REPORT_EXCHANGE_BYTES, follow, profile_mesh, send_placement};
     use crate::runtime::{Request, Want, Worker};
     use crate::weights::RandomWeights;
     use hetero_models::decoupled_bert::DecoupledBertConfig;
@@ -450,10 +449,7 @@ mod tests {
                             let before: u64 = front.reports().unwrap().iter().map(|r| r.bytes_sent).sum();
                             front.run(req).unwrap();
                             let after: u64 = front.reports().unwrap().iter().map(|r| r.bytes_sent).sum();
-                            // Each follower's report: a command frame and a reply frame.
-                            let asking =
-                                (10 + Command::Report.encode().len() + Report::default().encode().len()) as u64;
-                            per_request.push(after - before - asking * (world as u64 - 1));
+                            per_request.push(after - before - REPORT_EXCHANGE_BYTES * (world as u64 - 1));
                         }
                         bytes.push(per_request);
                     }

@@ -35,6 +35,10 @@ pub enum Followed {
     Model(String),
 }
 
+/// Bytes one report exchange adds to a follower's traffic and the front's: the
+/// command's frame (5 + 1 bytes) and the reply's (5 + 24).
+pub const REPORT_EXCHANGE_BYTES: u64 = (5 + 1) + (5 + 24);
+
 /// What one worker reports of its traffic and its last step.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Report {
@@ -406,6 +410,8 @@ mod tests {
             },
         };
         assert_eq!(Report::decode(&r.encode(), 1).unwrap(), r);
+        let exchange = 10 + Command::Report.encode().len() + r.encode().len();
+        assert_eq!(exchange as u64, REPORT_EXCHANGE_BYTES);
         assert!(
             Report::decode(&r.encode()[..20], 1)
                 .unwrap_err()
