@@ -98,6 +98,16 @@ impl Ring {
         result
     }
 
+    fn check_root(&self, root: usize) -> Result<(), CommError> {
+        match root < self.config.world {
+            true => Ok(()),
+            false => Err(CommError::Config(format!(
+                "broadcast root {root} outside a ring of {}",
+                self.config.world
+            ))),
+        }
+    }
+
     fn peers(&mut self) -> (&mut Sender, &mut Receiver, String, String) {
         let world = self.config.world;
         let rank = self.config.rank;
@@ -180,11 +190,7 @@ impl Ring {
         let world = self.config.world;
         let rank = self.config.rank;
         let max = self.config.max_frame;
-        if root >= world {
-            return Err(CommError::Config(format!(
-                "broadcast root {root} outside a ring of {world}"
-            )));
-        }
+        self.check_root(root)?;
         if world == 1 || buf.is_empty() {
             return Ok(());
         }
@@ -233,11 +239,7 @@ impl Ring {
         let world = self.config.world;
         let rank = self.config.rank;
         let max = self.config.max_frame;
-        if root >= world {
-            return Err(CommError::Config(format!(
-                "broadcast root {root} outside a ring of {world}"
-            )));
-        }
+        self.check_root(root)?;
         if world == 1 {
             return Ok(());
         }

@@ -64,7 +64,6 @@ impl Command {
     /// The command's bytes.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        let u32s = |out: &mut Vec<u8>, vs: &mut dyn Iterator<Item = u32>| vs.for_each(|v| out.extend(v.to_le_bytes()));
         match self {
             Command::Run(req) => {
                 let (batch, seq) = req.shape();
@@ -75,33 +74,27 @@ impl Command {
                     Want::Logits => 2,
                 });
                 out.push(u8::from(req.reset));
-                u32s(&mut out, &mut [batch as u32, seq as u32].into_iter());
-                u32s(&mut out, &mut req.lengths.iter().map(|&l| l as u32));
-                u32s(&mut out, &mut req.slots.iter().map(|&s| s as u32));
-                u32s(&mut out, &mut req.ids.iter().flatten().copied());
+                u32s(&mut out, [batch as u32, seq as u32]);
+                u32s(&mut out, req.lengths.iter().map(|&l| l as u32));
+                u32s(&mut out, req.slots.iter().map(|&s| s as u32));
+                u32s(&mut out, req.ids.iter().flatten().copied());
             }
             Command::Stop => out.push(op::STOP),
             Command::Report => out.push(op::REPORT),
             Command::Measure(shapes) => {
                 out.push(op::MEASURE);
-                u32s(&mut out, &mut std::iter::once(shapes.len() as u32));
+                u32s(&mut out, std::iter::once(shapes.len() as u32));
                 for s in shapes {
-                    u32s(
-                        &mut out,
-                        &mut [s.batch, s.tokens, s.context].into_iter().map(|v| v as u32),
-                    );
+                    u32s(&mut out, [s.batch, s.tokens, s.context].into_iter().map(|v| v as u32));
                 }
             }
             Command::Crowd(s) => {
                 out.push(op::CROWD);
-                u32s(
-                    &mut out,
-                    &mut [s.batch, s.tokens, s.context].into_iter().map(|v| v as u32),
-                );
+                u32s(&mut out, [s.batch, s.tokens, s.context].into_iter().map(|v| v as u32));
             }
             Command::Link { a, b } => {
                 out.push(op::LINK);
-                u32s(&mut out, &mut [*a as u32, *b as u32].into_iter());
+                u32s(&mut out, [*a as u32, *b as u32]);
             }
             Command::Place(text) | Command::Model(text) => {
                 out.push(if matches!(self, Command::Place(_)) {
@@ -199,6 +192,11 @@ impl Command {
         }
         Ok(command)
     }
+}
+
+/// Appends `vs` as little-endian `u32`s.
+fn u32s(out: &mut Vec<u8>, vs: impl IntoIterator<Item = u32>) {
+    vs.into_iter().for_each(|v| out.extend(v.to_le_bytes()));
 }
 
 /// A command's fields being read.

@@ -207,28 +207,19 @@ macro_rules! at_level {
     }};
 }
 
-/// Whether [`expand_to_q8_0`] rewrites `ty` at `level`.
+/// Whether a prefill rewrites `ty` as Q8_0 ([`expand`]) at `level`.
 pub(crate) fn expands_to_q8_0(level: Level, ty: QType) -> bool {
     cfg!(target_arch = "x86_64") && level.0 != Tier::Scalar && matches!(ty, QType::Q4_0 | QType::Q5_0)
 }
 
-/// Rewrites whole Q4_0 or Q5_0 blocks `src` as Q8_0 blocks `dst` (the same f16 scale,
-/// the same integers as signed bytes), when [`expands_to_q8_0`] says so.
-pub(crate) fn expand_to_q8_0(level: Level, ty: QType, src: &[u8], dst: &mut [u8]) {
+/// Rewrites whole Q4_0/Q5_0 blocks `src` as Q8_0 blocks `dst` (the same f16 scale,
+/// the same integers as signed bytes), or Q4_1/Q5_1 blocks as the tile unit's
+/// unsigned blocks (`simd::amx::Form::Unsigned`), at a level above the scalar one.
+pub(crate) fn expand(level: Level, ty: QType, src: &[u8], dst: &mut [u8]) {
     at_level!(
         level,
-        expand_to_q8_0(ty, src, dst),
-        unreachable!("expands_to_q8_0 is false at the scalar level")
-    )
-}
-
-/// Rewrites whole Q4_1 or Q5_1 blocks `src` as the tile unit's unsigned blocks `dst`
-/// (`simd::amx::Form::Unsigned`), at a level above the scalar one.
-pub(crate) fn expand_to_u8(level: Level, ty: QType, src: &[u8], dst: &mut [u8]) {
-    at_level!(
-        level,
-        expand_to_u8(ty, src, dst),
-        unreachable!("the tile unit's rewrite at the scalar level")
+        expand(ty, src, dst),
+        unreachable!("blocks are rewritten only above the scalar level")
     )
 }
 

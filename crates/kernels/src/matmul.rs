@@ -383,7 +383,7 @@ impl Kernels {
             return EXPANDED.with_borrow_mut(|wide| {
                 let blocks = chunk.len() / ty.block_bytes();
                 wide.resize(blocks * QType::Q8_0.block_bytes(), 0);
-                dispatch::expand_to_q8_0(self.level, ty, chunk, wide);
+                dispatch::expand(self.level, ty, chunk, wide);
                 let wide_rb = rb / ty.block_bytes() * QType::Q8_0.block_bytes();
                 self.pass_bytes(QType::Q8_0, wide, wide_rb, x, rows, outs)
             });
@@ -527,7 +527,7 @@ pub(crate) fn cut<'a>(outs: &'a mut [&mut [f32]], n: usize, at: impl Fn(usize, u
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
@@ -609,25 +609,36 @@ mod tests {
             let w = QMatrix::quantize(ty, &random(w_rows * cols, 1.0, &mut rng), w_rows, cols).unwrap();
             for x_rows in [9, 40] {
                 let xf = random(x_rows * cols, 2.0, &mut rng);
-                let mut x = QActs::new();
-                x.quantize(ty.act(), &xf, x_rows, cols).unwrap();
                 for threads in [1, 2] {
                     let k = Kernels::new(Level::detect(), pool(threads));
-                    let mut all = vec![0.0; x_rows * w_rows];
-                    k.matmul(&w, &x, &mut all).unwrap();
-                    for r in 0..x_rows {
-                        let mut one = QActs::new();
-                        one.quantize(ty.act(), &xf[r * cols..(r + 1) * cols], 1, cols).unwrap();
-                        let mut alone = vec![0.0; w_rows];
-                        k.matmul(&w, &one, &mut alone).unwrap();
-                        assert_eq!(
-                            alone,
-                            all[r * w_rows..(r + 1) * w_rows],
-                            "{ty}, row {r} of {x_rows}, {threads} threads"
-                        );
-                    }
+                    let what = format!("{ty}, {x_rows} rows, {threads} threads");
+                    assert_rows_alone_give_their_bits(&k, &w, &xf, 0..x_rows, &what);
                 }
             }
+        }
+    }
+
+    /// Asserts that each row `rows` of the activations `xf` gets from `k` the same
+    /// products alone as among all of `xf`'s rows.
+    pub(crate) fn assert_rows_alone_give_their_bits(
+        k: &Kernels,
+        w: &QMatrix,
+        xf: &[f32],
+        rows: impl IntoIterator<Item = usize>,
+        what: &str,
+    ) {
+        let (cols, w_rows, ty) = (w.cols(), w.rows(), w.ty());
+        let x_rows = xf.len() / cols;
+        let mut x = QActs::new();
+        x.quantize(ty.act(), xf, x_rows, cols).unwrap();
+        let mut all = vec![0.0; x_rows * w_rows];
+        k.matmul(w, &x, &mut all).unwrap();
+        for r in rows {
+            let mut one = QActs::new();
+            one.quantize(ty.act(), &xf[r * cols..(r + 1) * cols], 1, cols).unwrap();
+            let mut alone = vec![0.0; w_rows];
+            k.matmul(w, &one, &mut alone).unwrap();
+            assert_eq!(alone, all[r * w_rows..(r + 1) * w_rows], "{what}: row {r}");
         }
     }
 

@@ -5,7 +5,7 @@
 
 use std::sync::Mutex;
 
-use crate::dispatch::{self, Level};
+use crate::dispatch;
 use crate::matmul::Kernels;
 use crate::{QMatrix, QType};
 
@@ -35,13 +35,6 @@ impl Rewrite {
     pub(crate) fn bytes_of(self, w: &QMatrix) -> usize {
         w.bytes().len() / w.ty().block_bytes() * self.block_bytes()
     }
-
-    fn run(self, level: Level, ty: QType, src: &[u8], dst: &mut [u8]) {
-        match self {
-            Rewrite::Q8_0 => dispatch::expand_to_q8_0(level, ty, src, dst),
-            Rewrite::Unsigned => dispatch::expand_to_u8(level, ty, src, dst),
-        }
-    }
 }
 
 impl Kernels {
@@ -54,9 +47,12 @@ impl Kernels {
         how: &[Option<Rewrite>],
         buf: &'a mut [u8],
     ) -> Vec<Option<&'a [u8]>> {
+        if how.iter().all(Option::is_none) {
+            return vec![None; ws.len()];
+        }
         let n = self.threads();
         {
-            type Share<'s> = Vec<(Rewrite, QType, &'s [u8], &'s mut [u8])>;
+            type Share<'s> = Vec<(QType, &'s [u8], &'s mut [u8])>;
             let mut shares: Vec<Mutex<Share>> = (0..n).map(|_| Mutex::new(Vec::new())).collect();
             let mut rest = &mut *buf;
             for (w, how) in ws.iter().zip(how) {
@@ -69,14 +65,14 @@ impl Kernels {
                     let take = w.rows() * (t + 1) / n - w.rows() * t / n;
                     let (s, s_tail) = src.split_at(take * w.row_bytes());
                     let (d, d_tail) = std::mem::take(&mut dst).split_at_mut(take * wide_rb);
-                    share.get_mut().expect("fresh").push((how, w.ty(), s, d));
+                    share.get_mut().expect("fresh").push((w.ty(), s, d));
                     (src, dst) = (s_tail, d_tail);
                 }
             }
             let level = self.level();
             self.pool().run(&|p| {
-                for (how, ty, src, dst) in shares[p].lock().expect("a participant's blocks").iter_mut() {
-                    how.run(level, *ty, src, dst);
+                for (ty, src, dst) in shares[p].lock().expect("a participant's blocks").iter_mut() {
+                    dispatch::expand(level, *ty, src, dst);
                 }
             });
         }

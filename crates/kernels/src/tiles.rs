@@ -198,6 +198,7 @@ mod tests {
     use super::*;
     use crate::acts::ActRow;
     use crate::formats::legacy::{self, Legacy};
+    use crate::matmul::tests::assert_rows_alone_give_their_bits;
     use crate::{Level, Pool};
 
     const TILED: [(QType, Legacy); 5] = [
@@ -269,23 +270,10 @@ mod tests {
         for (ty, _) in TILED {
             let w = QMatrix::quantize(ty, &random(w_rows * cols, 1.0, &mut rng), w_rows, cols).unwrap();
             let xf = random(x_rows * cols, 2.0, &mut rng);
-            let mut x = QActs::new();
-            x.quantize(ty.act(), &xf, x_rows, cols).unwrap();
             for threads in [1, 2, 3] {
                 let Some(k) = tile_kernels(threads) else { return };
-                let mut all = vec![0.0; x_rows * w_rows];
-                k.matmul(&w, &x, &mut all).unwrap();
-                for r in [0, 15, 16, 39] {
-                    let mut one = QActs::new();
-                    one.quantize(ty.act(), &xf[r * cols..(r + 1) * cols], 1, cols).unwrap();
-                    let mut alone = vec![0.0; w_rows];
-                    k.matmul(&w, &one, &mut alone).unwrap();
-                    assert_eq!(
-                        alone,
-                        all[r * w_rows..(r + 1) * w_rows],
-                        "{ty}, row {r}, {threads} threads"
-                    );
-                }
+                let what = format!("{ty}, {threads} threads");
+                assert_rows_alone_give_their_bits(&k, &w, &xf, [0, 15, 16, 39], &what);
             }
         }
     }

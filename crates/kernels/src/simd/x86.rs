@@ -217,48 +217,31 @@ macro_rules! x86_kernels {
 
         kquant_kernels!($features);
 
-        /// Q4_0 or Q5_0 blocks rewritten as Q8_0 blocks: the scale's two bytes, then
-        /// the 32 integers the format's unpacker gives, as signed bytes.
+        /// Legacy blocks rewritten with their 32 integers as bytes, as the format's
+        /// unpacker gives them: Q4_0/Q5_0 as Q8_0 blocks (the scale's two bytes, then
+        /// signed bytes), Q4_1/Q5_1 as the tile unit's unsigned blocks (`simd::amx`:
+        /// the scale and minimum's four bytes, then unsigned bytes).
         #[target_feature(enable = $features)]
-        pub(crate) fn expand_to_q8_0(ty: crate::QType, src: &[u8], dst: &mut [u8]) {
-            let out = dst.as_chunks_mut::<34>().0;
-            match ty {
-                crate::QType::Q4_0 => {
-                    for (b, o) in src.as_chunks::<18>().0.iter().zip(out) {
-                        o[..2].copy_from_slice(&b[..2]);
-                        o[2..].copy_from_slice(&cast::<__m256i, [u8; 32]>(unpack_q4_0(b).2));
+        pub(crate) fn expand(ty: crate::QType, src: &[u8], dst: &mut [u8]) {
+            macro_rules! rewrite {
+                ($n:literal, $head:literal, $unpack:ident) => {
+                    for (b, o) in src
+                        .as_chunks::<$n>()
+                        .0
+                        .iter()
+                        .zip(dst.as_chunks_mut::<{ $head + 32 }>().0)
+                    {
+                        o[..$head].copy_from_slice(&b[..$head]);
+                        o[$head..].copy_from_slice(&cast::<__m256i, [u8; 32]>($unpack(b).2));
                     }
-                }
-                crate::QType::Q5_0 => {
-                    for (b, o) in src.as_chunks::<22>().0.iter().zip(out) {
-                        o[..2].copy_from_slice(&b[..2]);
-                        o[2..].copy_from_slice(&cast::<__m256i, [u8; 32]>(unpack_q5_0(b).2));
-                    }
-                }
-                _ => unreachable!("only Q4_0 and Q5_0 expand to Q8_0"),
+                };
             }
-        }
-
-        /// Q4_1 or Q5_1 blocks rewritten for the tile unit (`simd::amx`): the scale
-        /// and minimum's four bytes, then the 32 integers the format's unpacker gives,
-        /// as unsigned bytes.
-        #[target_feature(enable = $features)]
-        pub(crate) fn expand_to_u8(ty: crate::QType, src: &[u8], dst: &mut [u8]) {
-            let out = dst.as_chunks_mut::<36>().0;
             match ty {
-                crate::QType::Q4_1 => {
-                    for (b, o) in src.as_chunks::<20>().0.iter().zip(out) {
-                        o[..4].copy_from_slice(&b[..4]);
-                        o[4..].copy_from_slice(&cast::<__m256i, [u8; 32]>(unpack_q4_1(b).2));
-                    }
-                }
-                crate::QType::Q5_1 => {
-                    for (b, o) in src.as_chunks::<24>().0.iter().zip(out) {
-                        o[..4].copy_from_slice(&b[..4]);
-                        o[4..].copy_from_slice(&cast::<__m256i, [u8; 32]>(unpack_q5_1(b).2));
-                    }
-                }
-                _ => unreachable!("only Q4_1 and Q5_1 expand to unsigned bytes"),
+                crate::QType::Q4_0 => rewrite!(18, 2, unpack_q4_0),
+                crate::QType::Q5_0 => rewrite!(22, 2, unpack_q5_0),
+                crate::QType::Q4_1 => rewrite!(20, 4, unpack_q4_1),
+                crate::QType::Q5_1 => rewrite!(24, 4, unpack_q5_1),
+                _ => unreachable!("only Q4_0, Q5_0, Q4_1 and Q5_1 are rewritten"),
             }
         }
 
