@@ -10,11 +10,11 @@
 //! - [`optim`]: the optimiser, run by Hetero on flat buffers (so its state can be
 //!   checkpointed, handed over and held by a parameter server);
 //! - [`membership`]: how a run regroups when a worker is lost or comes back;
-//! - [`sync`]: handing a whole training state to the members of a re-formed ring;
 //! - [`checkpoint`]: the training state in one self-checking file;
 //! - [`param_server`]: the parameter server's aggregation (synchronous or with
 //!   bounded staleness);
 //! - [`trainer`]: one data-parallel step and the epoch loop, with progress events;
+//!   the strategies as aggregations, recovery and rejoining, the run's state;
 //! - [`report`]: the events and the run summary a worker emits.
 //!
 //! **Invariant:** this crate never talks to the control plane; it sees only a
@@ -30,7 +30,6 @@ pub mod optim;
 pub mod param_server;
 pub mod params;
 pub mod report;
-pub mod sync;
 pub mod task;
 pub mod text_task;
 pub mod trainer;
@@ -40,4 +39,4 @@ pub use membership::{FixedMembership, Membership, Regroup};
 pub use optim::{FlatOptimizer, OptimizerConfig, OptimizerState};
 pub use report::{Coverage, Event, RunSummary, WorkerFigures};
 pub use task::{Evaluation, Task, TaskContext, seeded_model};
-pub use trainer::{Throttle, TrainOptions, Trainer, compute_threads, train};
+pub use trainer::{ServerGroup, Throttle, TrainOptions, Trainer, compute_threads, train};

@@ -33,8 +33,7 @@ use hetero_comm::{Ring, RingConfig};
 use hetero_job::{CHECKPOINT_FILE, SPEC_FILE, Strategy};
 use hetero_train::checkpoint::Checkpoint;
 use hetero_train::param_server::ServerOptions;
-use hetero_train::trainer::Topology;
-use hetero_train::{Event, OptimizerConfig, Task, TaskContext, TrainOptions, Trainer};
+use hetero_train::{Event, OptimizerConfig, ServerGroup, Task, TaskContext, TrainOptions, Trainer};
 
 pub use backend::{SystemBackend, SystemDevice};
 pub use env::WorkerSetup;
@@ -135,21 +134,11 @@ where
     }
 
     let spec = &setup.spec;
-    let mut options = TrainOptions::new(
-        spec.training.epochs,
-        spec.training.global_batch_size,
-        spec.training.seed,
-    )
-    .with_optimizer(spec.training.optimizer, spec.training.learning_rate);
+    let mut options = TrainOptions::from_spec(spec);
     options.backend = backend_name.to_string();
     options.speed = setup.speed;
     options.weights = setup.weights.clone();
-    options.strategy = spec.training.strategy;
-    options.exchange_fraction = spec.dataset.exchange_fraction;
-    options.rebalance = spec.dataset.rebalance;
     options.checkpoint = Some(setup.output_dir.join(CHECKPOINT_FILE));
-    options.checkpoint_every = spec.training.checkpoint_every;
-    options.resume = spec.training.resume_from.clone();
     if setup.rank == 0 {
         let dir = &setup.output_dir;
         std::fs::create_dir_all(dir)
@@ -350,14 +339,14 @@ fn server_trainer<T: Task<SystemBackend>>(
     } else {
         None
     };
-    let topology = Topology::Server {
+    let server = ServerGroup {
         client,
         staleness: staleness(setup.spec.training.strategy),
         rank: setup.rank,
         world,
         group,
     };
-    Ok(Trainer::with_topology(task, device, ring, topology, options)?)
+    Ok(Trainer::with_server(task, device, ring, server, options)?)
 }
 
 /// The parameter-server role: the global model (initialised as every worker would

@@ -1,0 +1,288 @@
+//! How workers combine their work: one [`Aggregate`] per strategy.
+//!
+//! ## Design
+//! A step is the same everywhere up to the point where this worker holds its
+//! gradients; what happens next is the strategy, and nothing else in the trainer
+//! knows which one runs. [`Allreduce`] sums weighted gradients over the ring and
+//! every worker applies the same update; [`LocalSgd`] steps alone and averages the
+//! models every `k` steps; [`ThroughServer`] sums over its group's ring and lets
+//! the group's first member exchange the sum with the parameter server. When a
+//! ring loses a member, a server's group cannot go on (the server waits for every
+//! group), so its box hands back an allreduce box ([`Aggregate::on_loss`]) and
+//! the trainer swaps one for the other — nothing else changes.
+
+use hetero_comm::Ring;
+use hetero_comm::server::ServerClient;
+use hetero_data::assign::Assignment;
+use hetero_job::Strategy;
+
+use super::meter::StepClock;
+use crate::TrainError;
+use crate::optim::FlatOptimizer;
+
+/// The model as the workers exchange it: parameters and the optimiser's state,
+/// flattened.
+pub(crate) struct Flat {
+    /// Every parameter, in the model's visiting order.
+    pub params: Vec<f32>,
+    /// The optimiser over them.
+    pub optimizer: FlatOptimizer,
+}
+
+/// This worker's part of one step.
+pub(crate) struct Work<'a> {
+    /// Samples in this worker's batch (0: it contributes nothing).
+    pub samples: usize,
+    /// This worker's share of the batch the step averages over.
+    pub weight: f32,
+    /// Computes this worker's gradients, each multiplied by the scale given, and
+    /// its batch's mean loss.
+    pub gradients: &'a mut dyn FnMut(f32) -> (Vec<f32>, f32),
+}
+
+/// One strategy's way of turning every worker's gradients into the next model.
+pub(crate) trait Aggregate: Send {
+    /// One step: computes this worker's gradients through `work`, combines them
+    /// with the others' over `ring` (inside `clock.communicate`, after
+    /// `clock.idle`) and leaves the next model in `model`. Returns the step's
+    /// loss (the global batch's, or this worker's between two local-SGD averages).
+    fn step(
+        &mut self,
+        ring: &mut Ring,
+        model: &mut Flat,
+        clock: &mut StepClock<'_>,
+        work: Work<'_>,
+    ) -> Result<f32, TrainError>;
+
+    /// At the end of an epoch, after a step with share `weight` and loss `loss`:
+    /// brings every worker to one agreed model when steps leave them apart, and
+    /// returns the global loss it found then (`None`: they already agree).
+    fn end_epoch(
+        &mut self,
+        _ring: &mut Ring,
+        _model: &mut Flat,
+        _weight: f32,
+        _loss: f32,
+    ) -> Result<Option<f32>, TrainError> {
+        Ok(None)
+    }
+
+    /// Sums `buf` over every worker of the job; every worker gets the totals.
+    fn global_sum(&mut self, ring: &mut Ring, buf: &mut [f32]) -> Result<(), TrainError> {
+        ring.allreduce_sum(buf)?;
+        Ok(())
+    }
+
+    /// The batch the next step's gradient is averaged over.
+    fn step_batch(&self, assignment: &Assignment) -> usize {
+        assignment.next_global_batch()
+    }
+
+    /// Whether every worker's step loss is the global batch's (else the epoch's
+    /// loss is the sum of the workers' weighted shares).
+    fn losses_are_global(&self) -> bool {
+        true
+    }
+
+    /// Whether this worker's optimiser state is the job's (not the server's).
+    fn holds_optimizer(&self) -> bool {
+        true
+    }
+
+    /// After the ring lost a member: the aggregation the survivors go on with,
+    /// when it is not this one.
+    fn on_loss(&mut self) -> Option<Box<dyn Aggregate>> {
+        None
+    }
+
+    /// At the end of the run: says goodbye to whatever it holds open.
+    fn finish(&mut self) -> Result<(), TrainError> {
+        Ok(())
+    }
+}
+
+/// The aggregation a ring of every worker runs for `strategy`.
+pub(crate) fn on_ring(strategy: Strategy) -> Result<Box<dyn Aggregate>, TrainError> {
+    match strategy {
+        Strategy::Allreduce => Ok(Box::new(Allreduce)),
+        Strategy::LocalSgd { sync_every } => Ok(Box::new(LocalSgd {
+            every: sync_every.max(1),
+            steps: 0,
+        })),
+        Strategy::ParameterServer { .. } | Strategy::Hierarchical => Err(TrainError::Config(format!(
+            "strategy {} needs a parameter server (Trainer::with_server)",
+            strategy.name()
+        ))),
+    }
+}
+
+/// The allreduce step: the sum of gradients each pre-multiplied by
+/// `local_batch / global_batch` is exactly the gradient of the mean loss over the
+/// global batch, whatever the split, so every worker applies the same update and a
+/// step on `n` workers equals a step on one machine with the whole batch. The
+/// batch's mean loss travels in the same allreduce (one extra float).
+pub(crate) struct Allreduce;
+
+impl Aggregate for Allreduce {
+    fn step(
+        &mut self,
+        ring: &mut Ring,
+        model: &mut Flat,
+        clock: &mut StepClock<'_>,
+        work: Work<'_>,
+    ) -> Result<f32, TrainError> {
+        let (mut flat, loss) = (work.gradients)(work.weight);
+        flat.push(loss * work.weight);
+        clock.idle(work.samples);
+        clock.communicate(|| ring.allreduce_sum(&mut flat))?;
+        let global_loss = flat.pop().expect("loss slot");
+        model.optimizer.step(&mut model.params, &flat);
+        Ok(global_loss)
+    }
+}
+
+/// Local SGD: each worker steps on its own gradients, and the models are averaged
+/// (weighted by batch share) every `every` steps and at the end of each epoch —
+/// one model-sized allreduce per `every` steps, for weak links.
+pub(crate) struct LocalSgd {
+    every: usize,
+    /// Steps since the epoch began.
+    steps: usize,
+}
+
+impl LocalSgd {
+    /// Replaces every worker's model by the average weighted by `weight` (this
+    /// worker's share); returns the sum of `loss_share` over the workers.
+    fn average(ring: &mut Ring, model: &mut Flat, weight: f32, loss_share: f32) -> Result<f32, TrainError> {
+        let mut flat: Vec<f32> = model.params.iter().map(|p| p * weight).collect();
+        flat.push(loss_share);
+        ring.allreduce_sum(&mut flat)?;
+        let loss = flat.pop().expect("loss slot");
+        model.params = flat;
+        Ok(loss)
+    }
+}
+
+impl Aggregate for LocalSgd {
+    fn step(
+        &mut self,
+        ring: &mut Ring,
+        model: &mut Flat,
+        clock: &mut StepClock<'_>,
+        work: Work<'_>,
+    ) -> Result<f32, TrainError> {
+        let (grads, loss) = (work.gradients)(1.0);
+        if work.samples > 0 {
+            model.optimizer.step(&mut model.params, &grads);
+        }
+        self.steps += 1;
+        clock.idle(work.samples);
+        if self.steps.is_multiple_of(self.every) {
+            clock.communicate(|| Self::average(ring, model, work.weight, loss * work.weight))
+        } else {
+            Ok(loss)
+        }
+    }
+
+    fn end_epoch(
+        &mut self,
+        ring: &mut Ring,
+        model: &mut Flat,
+        weight: f32,
+        loss: f32,
+    ) -> Result<Option<f32>, TrainError> {
+        self.steps = 0;
+        Self::average(ring, model, weight, loss * weight).map(Some)
+    }
+
+    fn losses_are_global(&self) -> bool {
+        false
+    }
+}
+
+/// The parameter-server and hierarchical strategies: the ring holds this
+/// worker's group (one worker for `parameter-server`); the group sums its
+/// weighted gradients over it, its first member pushes the sum to the parameter
+/// server and passes the model it gets back around the group.
+pub(crate) struct ThroughServer {
+    /// The connection to the server (group leaders only).
+    pub client: Option<ServerClient>,
+    /// `None`: the server aggregates synchronously; `Some(s)`: asynchronously with
+    /// staleness bound `s`.
+    pub staleness: Option<usize>,
+    /// The ranks (among all workers) of this worker's group, in ring order.
+    pub group: Vec<usize>,
+}
+
+impl Aggregate for ThroughServer {
+    fn step(
+        &mut self,
+        ring: &mut Ring,
+        model: &mut Flat,
+        clock: &mut StepClock<'_>,
+        work: Work<'_>,
+    ) -> Result<f32, TrainError> {
+        let (mut flat, loss) = (work.gradients)(work.weight);
+        flat.push(loss * work.weight);
+        clock.idle(work.samples);
+        let client = &mut self.client;
+        clock.communicate(|| -> Result<(), TrainError> {
+            ring.allreduce_sum(&mut flat)?;
+            if let Some(c) = client {
+                flat = c.push(&flat)?;
+            }
+            ring.broadcast(&mut flat, 0)?;
+            Ok(())
+        })?;
+        let loss = flat.pop().expect("loss slot");
+        if flat.len() != model.params.len() {
+            return Err(TrainError::Config(format!(
+                "the parameter server sent {} parameters for a model of {}",
+                flat.len(),
+                model.params.len()
+            )));
+        }
+        model.params = flat;
+        Ok(loss)
+    }
+
+    fn global_sum(&mut self, ring: &mut Ring, buf: &mut [f32]) -> Result<(), TrainError> {
+        ring.allreduce_sum(buf)?;
+        if let Some(c) = &mut self.client {
+            c.sum(buf)?;
+        }
+        ring.broadcast(buf, 0)?;
+        Ok(())
+    }
+
+    fn step_batch(&self, assignment: &Assignment) -> usize {
+        match self.staleness {
+            // Each asynchronous push is a step over its group's batch.
+            Some(_) => self.group.iter().map(|&r| assignment.next_batch(r).len()).sum(),
+            None => assignment.next_global_batch(),
+        }
+    }
+
+    fn losses_are_global(&self) -> bool {
+        self.staleness.is_none()
+    }
+
+    fn holds_optimizer(&self) -> bool {
+        false
+    }
+
+    fn on_loss(&mut self) -> Option<Box<dyn Aggregate>> {
+        // Leaving without a goodbye fails the server, which tells every other
+        // group's leader; the server's optimiser state goes with it, so the ring
+        // starts a fresh one from the latest global model.
+        drop(self.client.take());
+        Some(Box::new(Allreduce))
+    }
+
+    fn finish(&mut self) -> Result<(), TrainError> {
+        if let Some(c) = self.client.take() {
+            c.bye()?;
+        }
+        Ok(())
+    }
+}

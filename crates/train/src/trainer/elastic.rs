@@ -1,0 +1,220 @@
+//! A run whose ring changes: survivors regroup after a loss, lost workers come
+//! back between epochs, and the split follows measured throughput.
+//!
+//! ## Design
+//! Every operation that talks over the ring runs inside [`Trainer::resilient`]:
+//! when the ring breaks, the worker asks its [`crate::Membership`] for a ring of
+//! whoever is left and retries. On any new ring every member adopts the state of
+//! the one that got furthest ([`Trainer::adopt_ring`]) — a step can complete on
+//! some workers and not on others, and a joiner holds nothing — so the members
+//! agree again before anything else happens; then the lost workers' remaining
+//! samples (or a share of everyone's, for joiners) are dealt out by the data
+//! assignment, which keeps every sample visited exactly once per epoch.
+
+use burn::tensor::backend::AutodiffBackend;
+use hetero_data::shard::Split;
+
+use super::Trainer;
+use super::run_state::{Handover, shares};
+use crate::membership::Regroup;
+use crate::optim::FlatOptimizer;
+use crate::report::Event;
+use crate::{Task, TrainError};
+
+/// Relative drift of measured throughput from the split that triggers a rebalance.
+pub const REBALANCE_DRIFT: f64 = 0.05;
+
+impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
+    /// Retries `op` after regrouping for as long as the ring breaks and survivors
+    /// remain.
+    pub(super) fn resilient<R>(
+        &mut self,
+        on_event: &mut dyn FnMut(Event),
+        mut op: impl FnMut(&mut Self) -> Result<R, TrainError>,
+    ) -> Result<R, TrainError> {
+        loop {
+            match op(self) {
+                Err(TrainError::Comm(e)) => {
+                    let mut reason = e.to_string();
+                    // A second loss while regrouping just means regrouping again.
+                    while let Err(e) = self.recover(&reason, on_event) {
+                        match e {
+                            TrainError::Comm(e) => reason = e.to_string(),
+                            other => return Err(other),
+                        }
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// After the ring broke: regroup with the survivors, adopt the most advanced
+    /// survivor's state, and hand the lost workers' samples to the survivors. An
+    /// aggregation that cannot lose a member (a parameter server's group) is
+    /// replaced by an allreduce ring of the surviving workers, with a fresh
+    /// optimiser (the server's went with it).
+    fn recover(&mut self, reason: &str, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+        let collapsed = match self.aggregate.on_loss() {
+            Some(replacement) => {
+                self.aggregate = replacement;
+                self.flat.optimizer = FlatOptimizer::new(self.options.optimizer, self.flat.params.len());
+                true
+            }
+            None => false,
+        };
+        // Closing our connections tells the neighbours at once.
+        self.ring = None;
+        self.generation += 1;
+        let regroup = self.membership.regroup(self.generation, reason)?;
+        for e in self.adopt_ring(regroup, collapsed)? {
+            on_event(e);
+        }
+        Ok(())
+    }
+
+    /// Between epochs: when lost workers wait to rejoin, forms the ring with them
+    /// and hands them the state and a share of the work.
+    pub(super) fn admit_joiners(&mut self) -> Result<Vec<Event>, TrainError> {
+        if !self.membership.joiners_waiting(self.generation, self.run.epoch)? {
+            return Ok(vec![]);
+        }
+        self.ring = None;
+        self.generation += 1;
+        let regroup = self.membership.regroup(self.generation, "lost workers rejoin")?;
+        self.adopt_ring(regroup, false)
+    }
+
+    /// Everything another worker needs to go on from this one's position.
+    fn handover(&self) -> Handover {
+        Handover {
+            params: self.flat.params.clone(),
+            optimizer: self.flat.optimizer.to_flat(),
+            run: self.run.clone(),
+        }
+    }
+
+    /// Takes over another worker's [`Trainer::handover`].
+    fn adopt(&mut self, h: Handover) -> Result<(), TrainError> {
+        if h.params.len() != self.flat.params.len() {
+            return Err(TrainError::Config(format!(
+                "the ring's model has {} parameters, this worker's {}: not the same model",
+                h.params.len(),
+                self.flat.params.len()
+            )));
+        }
+        if h.optimizer.len() != self.flat.optimizer.flat_len() {
+            return Err(TrainError::Config(format!(
+                "the ring's optimiser state has {} values, this worker's {}: not the same optimiser",
+                h.optimizer.len(),
+                self.flat.optimizer.flat_len()
+            )));
+        }
+        self.flat.params = h.params;
+        self.flat.optimizer.load_flat(&h.optimizer);
+        self.run = h.run;
+        self.local.load(&self.flat.params);
+        Ok(())
+    }
+
+    /// On a new ring: every member adopts the state of the one that got furthest,
+    /// then the work is shared out among the new members. `collapsed`: the ring
+    /// replaces a parameter server's topology.
+    pub(super) fn adopt_ring(&mut self, regroup: Regroup, collapsed: bool) -> Result<Vec<Event>, TrainError> {
+        let new_world = regroup.members.len();
+        self.ring = Some(regroup.ring);
+        self.rank = self.ring().rank();
+        let mut steps = vec![0f32; new_world];
+        steps[self.rank] = if self.joining {
+            0.0
+        } else {
+            self.run.updates as f32 + 1.0
+        };
+        self.ring().allreduce_sum(&mut steps)?;
+        let owner = (0..new_world).fold(0, |best, r| if steps[r] > steps[best] { r } else { best });
+        if steps[owner] == 0.0 {
+            return Err(TrainError::Config(
+                "a ring of joining workers only: no member holds the run's state".into(),
+            ));
+        }
+        let mut state = if self.rank == owner {
+            self.handover().to_bytes()
+        } else {
+            Vec::new()
+        };
+        self.ring().broadcast_bytes(&mut state, owner)?;
+        self.adopt(Handover::from_bytes(&state)?)?;
+        self.joining = false;
+
+        let old = std::mem::take(&mut self.run.members);
+        let lost_positions: Vec<usize> = (0..old.len()).filter(|&p| !regroup.members.contains(&old[p])).collect();
+        let lost: Vec<usize> = lost_positions.iter().map(|&p| old[p]).collect();
+        let joined_positions: Vec<usize> = (0..new_world).filter(|&p| !old.contains(&regroup.members[p])).collect();
+        let joined: Vec<usize> = joined_positions.iter().map(|&p| regroup.members[p]).collect();
+        let split = self.options.split(&regroup.weights, new_world);
+        let run = &mut self.run;
+        run.assignment = run
+            .assignment
+            .migrate(&lost_positions, &joined_positions, &split, self.options.global_batch);
+        run.members = regroup.members;
+        run.lost.extend(&lost);
+        run.rejoined.extend(&joined);
+        self.options.weights = regroup.weights;
+        let shares = run.shares();
+        let mut events = Vec::new();
+        if !lost.is_empty() || collapsed {
+            events.push(Event::Migrated {
+                epoch: run.epoch,
+                step: run.updates,
+                lost,
+                workers: new_world,
+                shares: shares.clone(),
+                members: run.members.clone(),
+                collapsed,
+            });
+        }
+        if !joined.is_empty() {
+            events.push(Event::Rejoined {
+                epoch: run.epoch,
+                joined,
+                workers: new_world,
+                shares,
+                members: run.members.clone(),
+            });
+        }
+        Ok(events)
+    }
+
+    /// Between epochs: adjusts the split to the throughput each worker measured in
+    /// the epoch (`rate` is this worker's) when it drifted by more than
+    /// [`REBALANCE_DRIFT`].
+    pub(super) fn rebalance(&mut self, rate: f64) -> Result<Option<Event>, TrainError> {
+        let mut rates = vec![0f32; self.world()];
+        rates[self.rank] = rate as f32;
+        self.global_sum(&mut rates)?;
+        let rates: Vec<f64> = rates.iter().map(|&r| r as f64).collect();
+        let total: f64 = rates.iter().sum();
+        if rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) || total <= 0.0 {
+            return Ok(None);
+        }
+        let current = self.run.shares();
+        let wanted: Vec<f64> = rates.iter().map(|r| r / total).collect();
+        let drift = current
+            .iter()
+            .zip(&wanted)
+            .map(|(c, w)| (w - c).abs() / c.max(1e-9))
+            .fold(0.0, f64::max);
+        if drift <= REBALANCE_DRIFT {
+            return Ok(None);
+        }
+        self.run
+            .assignment
+            .rebalance(&Split::weighted(&wanted), self.options.global_batch);
+        self.options.weights = wanted;
+        self.run.rebalances += 1;
+        Ok(Some(Event::Rebalanced {
+            epoch: self.run.epoch,
+            shares: shares(self.run.assignment.batches()),
+        }))
+    }
+}

@@ -1,0 +1,443 @@
+//! Data-parallel training over a [`Ring`], surviving the loss of workers.
+//!
+//! Every worker starts from rank 0's parameters (broadcast) and trains on its part of
+//! each global batch, as an [`Assignment`] says. Hetero owns the optimiser
+//! ([`crate::optim`]), so the whole training state is flat vectors.
+//!
+//! Reading order:
+//! - this file: one step, evaluation and the epoch loop;
+//! - [`build`]: a worker of a ring, of a parameter server's group, or one joining;
+//! - [`options`]: what to train, built from a job's spec in one place;
+//! - [`aggregate`]: how the workers combine their work — one box per strategy
+//!   (allreduce, local SGD, a group of a parameter server);
+//! - [`elastic`]: when the ring breaks or lost workers come back, re-forming it and
+//!   handing over the run; between epochs, following measured throughput;
+//! - [`run_state`]: what the members of a ring agree on, and its one codec;
+//! - [`meter`]: samples, compute and communication time, and the throttle that
+//!   emulates a slower device.
+//!
+//! Between epochs the split can follow measured throughput ([`Event::Rebalanced`])
+//! and shards can pass a fraction of their samples to the ring neighbour. When the
+//! ring breaks, the trainer asks its [`Membership`] for a ring of the survivors, they
+//! adopt the most advanced survivor's model, optimiser and position, share out the
+//! lost workers' remaining samples, and go on ([`Event::Migrated`]). With a
+//! parameter server, any loss (a worker, or the server itself) turns the run into
+//! one allreduce ring of the surviving workers, from the latest global model.
+//! Between epochs, lost workers whose node came back join the ring
+//! ([`Trainer::joining`], [`Event::Rejoined`]): they receive the whole state and a
+//! share of the work.
+
+mod aggregate;
+mod build;
+mod elastic;
+mod meter;
+mod options;
+mod run_state;
+
+use std::time::Instant;
+
+use burn::optim::GradientsParams;
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use hetero_comm::Ring;
+use hetero_comm::liveness::Liveness;
+use hetero_data::shard::{self, Split};
+
+pub use self::build::ServerGroup;
+pub use self::elastic::REBALANCE_DRIFT;
+pub use self::meter::{Throttle, compute_threads};
+pub use self::options::TrainOptions;
+
+use self::aggregate::{Aggregate, Flat, Work};
+use self::meter::Meter;
+use self::run_state::RunState;
+use crate::checkpoint::Checkpoint;
+use crate::membership::{Membership, Regroup};
+use crate::params;
+use crate::report::{
+    Coverage, EpochRecord, Event, LOSS_CURVE_POINTS, RunSummary, WorkerFigures, downsample, seconds_to_accuracy,
+};
+use crate::{Evaluation, Task, TrainError};
+
+/// One worker's side of a data-parallel run.
+pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
+    local: Local<B, T>,
+    flat: Flat,
+    aggregate: Box<dyn Aggregate>,
+    /// `None` only while the ring re-forms.
+    ring: Option<Ring>,
+    membership: Box<dyn Membership>,
+    /// This worker's current rank among all workers.
+    rank: usize,
+    /// How many rings this worker has formed since the first.
+    generation: u64,
+    options: TrainOptions,
+    meter: Meter,
+    run: RunState,
+    /// A joining worker's ring, to adopt the others' state on at the start of `run`.
+    pending: Option<Regroup>,
+    /// Holds no state of the run yet (a joining worker before it adopted one).
+    joining: bool,
+}
+
+/// The user's task, its model and the device it computes on.
+struct Local<B: AutodiffBackend, T: Task<B>> {
+    task: T,
+    /// `None` only inside a step.
+    model: Option<T::Model>,
+    device: B::Device,
+}
+
+impl<B: AutodiffBackend, T: Task<B>> Local<B, T> {
+    fn model(&self) -> &T::Model {
+        self.model.as_ref().expect("model is present between steps")
+    }
+
+    /// Gradients of the samples `indices`, each multiplied by `scale`, and the
+    /// batch's mean loss. An empty batch contributes `len` zeros.
+    fn gradients(&mut self, indices: &[usize], scale: f32, len: usize) -> (Vec<f32>, f32) {
+        if indices.is_empty() {
+            return (vec![0.0; len], 0.0);
+        }
+        let model = self.model.take().expect("model is present between steps");
+        let batch = self.task.train_batch(indices, &self.device);
+        let loss = self.task.loss(&model, batch);
+        let mut grads = GradientsParams::from_grads(loss.backward(), &model);
+        let local_loss = loss.into_scalar().elem::<f32>();
+        let (flat, _) = params::take_grads::<B, _>(&model, &mut grads, scale);
+        self.model = Some(model);
+        (flat, local_loss)
+    }
+
+    /// Loads flat parameters into the model.
+    fn load(&mut self, params: &[f32]) {
+        let model = self.model.take().expect("model is present between steps");
+        self.model = Some(params::load(model, params));
+    }
+}
+
+impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
+    /// Lets the run survive lost workers by regrouping through `membership`.
+    pub fn with_membership(mut self, membership: Box<dyn Membership>) -> Self {
+        self.membership = membership;
+        self
+    }
+
+    /// The model as it is now.
+    pub fn model(&self) -> &T::Model {
+        self.local.model()
+    }
+
+    /// All parameters, flattened (identical on every worker after a synchronous step).
+    pub fn parameters(&self) -> Vec<f32> {
+        self.flat.params.clone()
+    }
+
+    /// Number of workers.
+    fn world(&self) -> usize {
+        self.run.members.len()
+    }
+
+    fn ring(&mut self) -> &mut Ring {
+        self.ring.as_mut().expect("a ring is present between regroups")
+    }
+
+    /// Sums `buf` over all workers (every worker gets the totals).
+    fn global_sum(&mut self, buf: &mut [f32]) -> Result<(), TrainError> {
+        let ring = self.ring.as_mut().expect("a ring is present between regroups");
+        self.aggregate.global_sum(ring, buf)
+    }
+
+    /// One step on this worker's samples `indices`, part of a batch of `global`
+    /// samples over which the gradient is averaged (the global batch; with an
+    /// asynchronous parameter server, this worker's group's batch, since each push
+    /// is a step of its own). Returns the batch's mean loss (with local-sgd between
+    /// averages: the local batch's).
+    pub fn step(&mut self, indices: &[usize], global: usize) -> Result<f32, TrainError> {
+        let Trainer {
+            local,
+            flat,
+            aggregate,
+            ring,
+            meter,
+            ..
+        } = self;
+        let mut clock = meter.step();
+        let len = flat.params.len();
+        let work = Work {
+            samples: indices.len(),
+            weight: indices.len() as f32 / global.max(1) as f32,
+            gradients: &mut |scale| local.gradients(indices, scale, len),
+        };
+        let ring = ring.as_mut().expect("a ring is present between regroups");
+        let loss = aggregate.step(ring, flat, &mut clock, work)?;
+        local.load(&flat.params);
+        clock.finish(indices.len());
+        self.run.updates += 1;
+        Ok(loss)
+    }
+
+    /// Evaluates the test set, each worker a balanced part; every worker gets the
+    /// totals.
+    pub fn evaluate(&mut self) -> Result<Option<Evaluation>, TrainError> {
+        self.evaluate_with(&mut [])
+    }
+
+    /// [`Trainer::evaluate`], summing `extra` over the workers in the same exchange.
+    fn evaluate_with(&mut self, extra: &mut [f32]) -> Result<Option<Evaluation>, TrainError> {
+        let len = self.local.task.test_len();
+        let started = Instant::now();
+        let (a, b) = shard::balanced(len, self.world(), self.rank);
+        let mut sums = Evaluation::default();
+        let step = self.options.eval_batch.max(1);
+        for start in (a..b).step_by(step) {
+            let indices: Vec<usize> = (start..(start + step).min(b)).collect();
+            let batch = self.local.task.test_batch(&indices, &self.local.device);
+            let e = self.local.task.evaluate(self.local.model(), batch);
+            sums.loss_sum += e.loss_sum;
+            sums.correct += e.correct;
+            sums.count += e.count;
+        }
+        let mut buf = vec![sums.loss_sum as f32, sums.correct as f32, sums.count as f32];
+        buf.extend_from_slice(extra);
+        let computed = started.elapsed();
+        self.global_sum(&mut buf)?;
+        self.meter.add(computed, started.elapsed() - computed);
+        extra.copy_from_slice(&buf[3..]);
+        Ok((len > 0).then(|| Evaluation {
+            loss_sum: buf[0] as f64,
+            correct: buf[1] as f64,
+            count: buf[2] as f64,
+        }))
+    }
+
+    /// One step of the epoch from the assignment, ending the epoch on one agreed
+    /// model; returns the step's loss and this worker's samples in it.
+    fn next_step(&mut self) -> Result<(f32, usize), TrainError> {
+        let indices = self.run.assignment.next_batch(self.rank).to_vec();
+        let global = self.aggregate.step_batch(&self.run.assignment);
+        let last = self.run.assignment.steps_left() == 1;
+        let mut loss = self.step(&indices, global)?;
+        if last {
+            let weight = indices.len() as f32 / global.max(1) as f32;
+            let ring = self.ring.as_mut().expect("a ring is present between regroups");
+            if let Some(agreed) = self.aggregate.end_epoch(ring, &mut self.flat, weight, loss)? {
+                self.local.load(&self.flat.params);
+                loss = agreed;
+            }
+        }
+        self.run.assignment.advance();
+        Ok((loss, indices.len()))
+    }
+
+    /// Trains for the configured epochs, evaluating after each, reporting through
+    /// `on_event`; returns the run's summary (the same on every worker).
+    pub fn run(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<RunSummary, TrainError> {
+        let o = self.options.clone();
+        let len = self.local.task.train_len();
+        if len < o.global_batch {
+            return Err(TrainError::Config(format!(
+                "{len} training samples cannot fill one global batch of {} over {} workers",
+                o.global_batch,
+                self.world()
+            )));
+        }
+        // A joining worker takes over the run's state from the ring it joined.
+        let joined = self.resilient(on_event, |t| match t.pending.take() {
+            Some(regroup) => t.adopt_ring(regroup, false),
+            None => Ok(vec![]),
+        })?;
+        joined.into_iter().for_each(&mut *on_event);
+        // A resumed (or joined) run's clock goes on from where the run stood.
+        let earlier = self.run.history.last().map_or(0.0, |h: &EpochRecord| h.elapsed_secs);
+        let started = Instant::now();
+        let mut last_event = Instant::now() - o.event_interval;
+        let mut last_eval = None;
+        let mut losses = Vec::new();
+        while self.run.epoch < o.epochs {
+            let epoch = self.run.epoch;
+            self.run.assignment.begin_epoch(o.seed, epoch);
+            let steps = self.run.assignment.steps_left();
+            let mut loss_share = 0.0f64;
+            let mut loss_sum = 0.0f64;
+            let (epoch_samples, epoch_compute) = (self.meter.samples, self.meter.compute);
+            // The rate shown is training speed: evaluation time stays out of it.
+            let (mut window_start, mut window_samples) = (Instant::now(), 0usize);
+            let mut step = 0;
+            while !self.run.assignment.epoch_done() {
+                let (loss, local) = self.resilient(on_event, |t| t.next_step())?;
+                if !loss.is_finite() {
+                    return Err(TrainError::Task(format!(
+                        "loss became {loss} at epoch {epoch}, step {step}; lower training.learning_rate"
+                    )));
+                }
+                loss_share += loss as f64 * local as f64 / o.global_batch as f64;
+                loss_sum += loss as f64;
+                losses.push(loss);
+                window_samples += local;
+                step += 1;
+                // What a stalled-worker watchdog waits for (hetero_comm::liveness).
+                Liveness::global().progressed();
+                let done = self.run.assignment.epoch_done();
+                if last_event.elapsed() >= o.event_interval || done {
+                    let rate = window_samples as f64 / window_start.elapsed().as_secs_f64().max(1e-9);
+                    on_event(Event::Step {
+                        epoch,
+                        step: step - 1,
+                        steps: steps.max(step),
+                        loss,
+                        samples_per_sec: rate,
+                    });
+                    last_event = Instant::now();
+                    (window_start, window_samples) = (Instant::now(), 0);
+                }
+            }
+            // The epoch's training loss: every worker's loss, weighted by its samples,
+            // summed in the evaluation's exchange.
+            let extra = [loss_share as f32];
+            let (eval, sums) = self.resilient(on_event, |t| {
+                let mut e = extra;
+                let r = t.evaluate_with(&mut e)?;
+                Ok((r, e))
+            })?;
+            Liveness::global().progressed();
+            // With allreduce every worker already holds each step's global loss; with
+            // local steps the workers' weighted shares add up to it.
+            let train_loss = if self.aggregate.losses_are_global() {
+                loss_sum
+            } else {
+                sums[0] as f64
+            } / step.max(1) as f64;
+            let test_accuracy = eval.map(|e| e.correct / e.count.max(1.0));
+            let test_loss = eval.map(|e| e.loss_sum / e.count.max(1.0));
+            let elapsed_secs = earlier + started.elapsed().as_secs_f64();
+            on_event(Event::Epoch {
+                epoch,
+                train_loss,
+                test_accuracy,
+                test_loss,
+                elapsed_secs,
+            });
+            let (samples, visited, distinct) = self.run.assignment.coverage();
+            self.run.history.push(EpochRecord {
+                epoch,
+                train_loss,
+                test_accuracy,
+                elapsed_secs,
+                coverage: Coverage {
+                    samples,
+                    visited,
+                    distinct,
+                },
+            });
+            last_eval = eval;
+            self.run.epoch += 1;
+            self.save_checkpoint_if_due(on_event)?;
+            if self.run.epoch < o.epochs {
+                let rate = (self.meter.samples - epoch_samples) as f64
+                    / (self.meter.compute - epoch_compute).as_secs_f64().max(1e-9);
+                self.between_epochs(rate, on_event)?;
+            }
+        }
+        let wall = started.elapsed().as_secs_f64();
+        let per_worker = self.resilient(on_event, |t| t.gather_figures(wall))?;
+        let total_samples: u64 = per_worker.iter().map(|w| w.samples).sum();
+        self.aggregate.finish()?;
+        let history = &self.run.history;
+        Ok(RunSummary {
+            workers: self.run.total_workers,
+            strategy: o.strategy.name().into(),
+            lost_workers: self.run.lost.clone(),
+            rejoined_workers: self.run.rejoined.clone(),
+            rebalances: self.run.rebalances,
+            resumed_at_epoch: self.run.resumed_at,
+            backend: o.backend.clone(),
+            epochs: o.epochs,
+            global_batch_size: o.global_batch,
+            test_accuracy: last_eval.map(|e| e.correct / e.count.max(1.0)),
+            test_loss: last_eval.map(|e| e.loss_sum / e.count.max(1.0)),
+            first_epoch_loss: history.first().map_or(f64::NAN, |h| h.train_loss),
+            last_epoch_loss: history.last().map_or(f64::NAN, |h| h.train_loss),
+            samples_per_sec: total_samples as f64 / wall.max(1e-9),
+            wall_secs: wall,
+            seconds_to_accuracy: seconds_to_accuracy(history),
+            history: history.clone(),
+            per_worker,
+            loss_curve: downsample(&losses, LOSS_CURVE_POINTS),
+        })
+    }
+
+    /// Says goodbye to the parameter server, if this worker speaks to one (a run
+    /// does so at its end; a caller driving [`Trainer::step`] itself calls this).
+    pub fn finish(&mut self) -> Result<(), TrainError> {
+        self.aggregate.finish()
+    }
+
+    /// After an epoch: the lowest-ranked worker saves a checkpoint when one is due.
+    fn save_checkpoint_if_due(&mut self, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+        let o = &self.options;
+        let epoch = self.run.epoch;
+        let due = o.checkpoint_every > 0 && (epoch.is_multiple_of(o.checkpoint_every) || epoch == o.epochs);
+        let Some(path) = o.checkpoint.as_ref().filter(|_| due && self.rank == 0) else {
+            return Ok(());
+        };
+        Checkpoint {
+            epoch,
+            params: self.flat.params.clone(),
+            // With a parameter server the optimiser lives there.
+            optimizer: self
+                .aggregate
+                .holds_optimizer()
+                .then(|| self.flat.optimizer.state().clone()),
+            strategy: o.strategy.name().into(),
+            workers: self.world(),
+            history: self.run.history.clone(),
+        }
+        .save(path)?;
+        on_event(Event::Checkpointed {
+            epoch,
+            path: path.display().to_string(),
+        });
+        Ok(())
+    }
+
+    /// Between two epochs: follows measured throughput (`rate`, this worker's
+    /// samples per second of compute), passes samples to the neighbours and lets
+    /// lost workers back in.
+    fn between_epochs(&mut self, rate: f64, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
+        let o = self.options.clone();
+        if o.rebalance
+            && self.world() > 1
+            && let Some(e) = self.resilient(on_event, |t| t.rebalance(rate))?
+        {
+            on_event(e);
+        }
+        let split = Split::weighted(&self.run.shares());
+        self.run
+            .assignment
+            .exchange(o.exchange_fraction, &split, o.seed, self.run.epoch);
+        let joined = self.resilient(on_event, |t| t.admit_joiners())?;
+        joined.into_iter().for_each(&mut *on_event);
+        Ok(())
+    }
+
+    /// Every worker's figures, gathered by an allreduce of per-rank slots (by
+    /// original rank; lost workers report nothing).
+    fn gather_figures(&mut self, wall: f64) -> Result<Vec<WorkerFigures>, TrainError> {
+        let me = self.run.members[self.rank];
+        let mut slots = self.meter.slots(me, self.run.total_workers);
+        self.global_sum(&mut slots)?;
+        Ok(meter::figures(&slots, wall))
+    }
+}
+
+/// Trains `task` on `device` over `ring` and returns the summary.
+pub fn train<B: AutodiffBackend, T: Task<B>>(
+    task: T,
+    device: B::Device,
+    ring: Ring,
+    options: TrainOptions,
+    on_event: &mut dyn FnMut(Event),
+) -> Result<RunSummary, TrainError> {
+    Trainer::new(task, device, ring, options)?.run(on_event)
+}

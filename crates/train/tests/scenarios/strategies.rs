@@ -1,0 +1,254 @@
+//! Every strategy's step against the step one machine takes with the whole batch.
+
+use std::thread;
+use std::time::Duration;
+
+use hetero_comm::server::ServerClient;
+use hetero_job::{Optimizer, Strategy};
+use hetero_models::MlpConfig;
+use hetero_train::image_task::ImageTask;
+use hetero_train::{RunSummary, ServerGroup, TrainOptions, Trainer, params, seeded_model};
+
+use crate::common::*;
+
+/// The batch-equivalence guarantee: two workers with B/2 each end where one
+/// worker with B ends, and stay identical to each other.
+#[test]
+fn two_half_batches_equal_one_full_batch() {
+    for optimizer in [Optimizer::Sgd, Optimizer::Adam] {
+        let batches: Vec<Vec<usize>> = (0..3).map(|s| (s * 8..s * 8 + 8).collect()).collect();
+        let solo_ring = ring_of(1).pop().unwrap();
+        let mut solo = Trainer::new(
+            cnn_task(),
+            Default::default(),
+            solo_ring,
+            TrainOptions::new(1, 8, 5).with_optimizer(optimizer, 1e-2),
+        )
+        .unwrap();
+        for b in &batches {
+            solo.step(b, 8).unwrap();
+        }
+        let expected = solo.parameters();
+
+        let rings = ring_of(2);
+        let results: Vec<Vec<f32>> = thread::scope(|s| {
+            let handles: Vec<_> = rings
+                .into_iter()
+                .enumerate()
+                .map(|(rank, ring)| {
+                    let batches = &batches;
+                    s.spawn(move || {
+                        let mut t = Trainer::new(
+                            cnn_task(),
+                            Default::default(),
+                            ring,
+                            TrainOptions::new(1, 8, 5).with_optimizer(optimizer, 1e-2),
+                        )
+                        .unwrap();
+                        for b in batches {
+                            t.step(&b[rank * 4..rank * 4 + 4], 8).unwrap();
+                        }
+                        t.parameters()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(results[0], results[1], "workers drifted apart ({optimizer:?})");
+        let worst = expected
+            .iter()
+            .zip(&results[0])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{optimizer:?}: max parameter difference {worst}");
+        let initial = params::flatten(&seeded_model(&cnn_task(), &Default::default(), 0));
+        assert_ne!(expected, initial, "training moved the parameters");
+    }
+}
+
+/// The same with unlike workers: local batches of 5 and 3 (a weighted split)
+/// still sum to exactly the gradient of the global batch of 8.
+#[test]
+fn unequal_local_batches_equal_one_full_batch() {
+    let batch: Vec<usize> = (0..8).collect();
+    let solo_ring = ring_of(1).pop().unwrap();
+    let mut solo = Trainer::new(
+        cnn_task(),
+        Default::default(),
+        solo_ring,
+        TrainOptions::new(1, 8, 5).with_optimizer(Optimizer::Sgd, 1e-2),
+    )
+    .unwrap();
+    solo.step(&batch, 8).unwrap();
+    solo.step(&batch, 8).unwrap();
+    let expected = solo.parameters();
+    let parts = [&batch[..5], &batch[5..]];
+    let results: Vec<Vec<f32>> = thread::scope(|s| {
+        let handles: Vec<_> = ring_of(2)
+            .into_iter()
+            .zip(parts)
+            .map(|(ring, part)| {
+                s.spawn(move || {
+                    let options = TrainOptions::new(1, 8, 5).with_optimizer(Optimizer::Sgd, 1e-2);
+                    let mut t = Trainer::new(cnn_task(), Default::default(), ring, options).unwrap();
+                    t.step(part, 8).unwrap();
+                    t.step(part, 8).unwrap();
+                    t.parameters()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results[0], results[1]);
+    let worst = expected
+        .iter()
+        .zip(&results[0])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "max parameter difference {worst}");
+}
+
+/// Local SGD that averages after every step is, for plain SGD, exactly the
+/// allreduce step: Σ s_w (p − lr·g_w) = p − lr·Σ s_w g_w.
+#[test]
+fn local_sgd_every_step_equals_allreduce_for_sgd() {
+    let batch: Vec<usize> = (0..8).collect();
+    let parts = [&batch[..5], &batch[5..]];
+    let run = |strategy: Strategy| -> Vec<Vec<f32>> {
+        thread::scope(|s| {
+            let handles: Vec<_> = ring_of(2)
+                .into_iter()
+                .zip(parts)
+                .map(|(ring, part)| {
+                    s.spawn(move || {
+                        let mut options = TrainOptions::new(1, 8, 5).with_optimizer(Optimizer::Sgd, 1e-2);
+                        options.strategy = strategy;
+                        let mut t = Trainer::new(cnn_task(), Default::default(), ring, options).unwrap();
+                        for _ in 0..3 {
+                            t.step(part, 8).unwrap();
+                        }
+                        t.parameters()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let allreduce = run(Strategy::Allreduce);
+    let local = run(Strategy::LocalSgd { sync_every: 1 });
+    let worst = allreduce[0]
+        .iter()
+        .zip(&local[0])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "max parameter difference {worst}");
+    // Between averages the models differ; after one they agree again.
+    let rare = run(Strategy::LocalSgd { sync_every: 2 });
+    assert_ne!(rare[0], rare[1], "3 steps with sync_every 2 end between averages");
+}
+
+/// The parameter server (one group per worker) and the hierarchical strategy
+/// (groups {0, 1} and {2}) take exactly the allreduce step.
+#[test]
+fn parameter_server_and_hierarchical_steps_equal_the_allreduce_step() {
+    let batch: Vec<usize> = (0..9).collect();
+    let parts = [&batch[..4], &batch[4..7], &batch[7..]];
+    let initial = params::flatten(&seeded_model(&cnn_task(), &Default::default(), 0));
+    let mut solo = Trainer::new(
+        cnn_task(),
+        Default::default(),
+        ring_of(1).pop().unwrap(),
+        TrainOptions::new(1, 9, 5).with_optimizer(Optimizer::Sgd, 1e-2),
+    )
+    .unwrap();
+    for _ in 0..2 {
+        solo.step(&batch, 9).unwrap();
+    }
+    let expected = solo.parameters();
+    for (strategy, groups) in [
+        (
+            Strategy::ParameterServer { staleness: 0 },
+            vec![vec![0], vec![1], vec![2]],
+        ),
+        (Strategy::Hierarchical, vec![vec![0, 1], vec![2]]),
+    ] {
+        let (addr, server) = parameter_server(groups.len(), initial.clone(), None);
+        let results: Vec<Vec<f32>> = thread::scope(|s| {
+            let mut handles = vec![];
+            for group in &groups {
+                for (position, ring) in ring_of(group.len()).into_iter().enumerate() {
+                    let (group, rank) = (group.clone(), group[position]);
+                    handles.push(s.spawn(move || {
+                        let client = (position == 0).then(|| {
+                            ServerClient::connect(addr, "t", "k", rank as u32, Duration::from_secs(20)).unwrap()
+                        });
+                        let server = ServerGroup {
+                            client,
+                            staleness: None,
+                            rank,
+                            world: 3,
+                            group,
+                        };
+                        let mut options = TrainOptions::new(1, 9, 5).with_optimizer(Optimizer::Sgd, 1e-2);
+                        options.strategy = strategy;
+                        let mut t =
+                            Trainer::with_server(cnn_task(), Default::default(), ring, server, options).unwrap();
+                        for _ in 0..2 {
+                            t.step(parts[rank], 9).unwrap();
+                        }
+                        let result = t.parameters();
+                        t.finish().unwrap();
+                        result
+                    }));
+                }
+            }
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let report = server.join().unwrap().unwrap();
+        assert_eq!(report.steps, 2, "{strategy:?}");
+        for r in &results {
+            let worst = expected.iter().zip(r).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst < 1e-5, "{strategy:?}: max parameter difference {worst}");
+        }
+    }
+}
+
+/// Asynchronous parameter server: workers run whole epochs and the loss falls.
+#[test]
+fn asynchronous_parameter_server_trains() {
+    let initial = params::flatten(&MlpConfig::new().with_hidden(16).init::<B>(&Default::default()));
+    let (addr, server) = parameter_server(2, initial, Some(2));
+    let summaries: Vec<RunSummary> = thread::scope(|s| {
+        let handles: Vec<_> = (0..2)
+            .map(|rank| {
+                s.spawn(move || {
+                    let client = ServerClient::connect(addr, "t", "k", rank as u32, Duration::from_secs(20)).unwrap();
+                    let server = ServerGroup {
+                        client: Some(client),
+                        staleness: Some(2),
+                        rank,
+                        world: 2,
+                        group: vec![rank],
+                    };
+                    let task = ImageTask::<B, _>::new(synthetic(400, 3), synthetic(100, 4), |d| {
+                        MlpConfig::new().with_hidden(16).init(d)
+                    });
+                    let mut options = TrainOptions::new(3, 40, 1).with_optimizer(Optimizer::Sgd, 1e-2);
+                    options.strategy = Strategy::ParameterServer { staleness: 2 };
+                    let ring = ring_of(1).pop().unwrap();
+                    let mut t = Trainer::with_server(task, Default::default(), ring, server, options).unwrap();
+                    t.run(&mut |_| {}).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let report = server.join().unwrap().unwrap();
+    assert_eq!(report.pushes, 2 * 3 * 10, "every step of every worker was pushed");
+    let s = &summaries[0];
+    assert!(s.last_epoch_loss < s.first_epoch_loss, "{s:?}");
+    assert_eq!(
+        summaries[0].test_accuracy, summaries[1].test_accuracy,
+        "evaluation is global"
+    );
+}
