@@ -16,9 +16,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use hetero_cluster::client;
 use hetero_cluster::local::LocalCluster;
-use hetero_train::RunSummary;
+use hetero_job::events::RunSummary;
+use hetero_proto::client;
 
 /// What to train in each run.
 pub struct HeteroBench<'a> {

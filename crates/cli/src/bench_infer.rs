@@ -27,8 +27,8 @@ use hetero_infer::{Arch, Front, Output, Report, Request, Want, send_model};
 
 use hetero_serve::InferBackend;
 use hetero_serve::auto::{profile_for, settle};
-use hetero_serve::front::{AUTO, Placing, describe, open_model, placement_of, start_front};
-use hetero_serve::worker::load_part;
+use hetero_serve::front::start_front;
+use hetero_serve::placing::{AUTO, Placing, describe, load_part, open_model, placement_of};
 
 /// What `hetero bench infer` measures.
 pub struct InferBench<'a> {

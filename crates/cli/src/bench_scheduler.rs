@@ -66,7 +66,7 @@ pub fn run(jobs: usize, groups: usize) -> Result<()> {
         let (lat_tx, mut lat_rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         for i in 0..groups {
-            let mut c = hetero_cluster::client::connect(&address, token).await?;
+            let mut c = hetero_proto::client::connect(&address, token).await?;
             let id = c
                 .register_agent(pb::RegisterAgentRequest {
                     protocol_version: hetero_proto::PROTOCOL_VERSION,
@@ -117,7 +117,7 @@ pub fn run(jobs: usize, groups: usize) -> Result<()> {
             });
         }
 
-        let mut client = hetero_cluster::client::connect(&address, token).await?;
+        let mut client = hetero_proto::client::connect(&address, token).await?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         let started = Instant::now();
         for _ in 0..jobs {

@@ -5,20 +5,20 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use hetero_cluster::client::{Client, connect};
 use hetero_cluster::records::{job_state_name, task_state_name};
 use hetero_job::JobSpec;
 use hetero_proto as pb;
+use hetero_proto::client::{Client, connect};
 use tokio_stream::StreamExt;
 
-use crate::server_cmds::resolve_token;
-use crate::{Connection, follow};
+use crate::connection::Connection;
+use crate::follow;
 
 fn with_client<T>(conn: &Connection, f: impl AsyncFnOnce(&mut Client) -> Result<T>) -> Result<T> {
-    let token = resolve_token(conn)?;
+    let token = conn.token()?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     rt.block_on(async {
-        let mut client = connect(&conn.coordinator, &token).await?;
+        let mut client = connect(conn.coordinator(), &token).await?;
         f(&mut client).await
     })
 }
@@ -122,7 +122,7 @@ pub fn status(conn: &Connection, job: Option<&str>) -> Result<ExitCode> {
                         t.samples_per_sec
                     );
                 }
-                if let Ok(s) = serde_json::from_str::<hetero_train::RunSummary>(&j.summary_json) {
+                if let Ok(s) = serde_json::from_str::<hetero_job::events::RunSummary>(&j.summary_json) {
                     follow::print_summary(&s);
                 }
             }

@@ -15,7 +15,7 @@ use hetero_infer::decoupled::{self, Fidelity, WINDOW};
 use hetero_models::decouple::{Decoupling, LayerKind, Variant};
 
 use hetero_serve::InferBackend;
-use hetero_serve::front::open_model;
+use hetero_serve::placing::open_model;
 
 /// What `hetero models decouple` was asked.
 #[derive(Debug, Clone, clap::Args)]

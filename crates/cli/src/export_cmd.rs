@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use hetero_job::{CHECKPOINT_FILE, JobSpec, ModelKind, SPEC_FILE};
 use hetero_serve::InferBackend;
-use hetero_serve::front::open_model;
+use hetero_serve::placing::open_model;
 use hetero_train::checkpoint::Checkpoint;
 
 /// What `hetero export` was asked.

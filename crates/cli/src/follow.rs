@@ -6,11 +6,11 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use hetero_cluster::client::Client;
 use hetero_cluster::records::job_state_name;
 use hetero_job::JobSpec;
+use hetero_job::events::{Event, RunSummary};
 use hetero_proto as pb;
-use hetero_train::{Event, RunSummary};
+use hetero_proto::client::Client;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio_stream::StreamExt;
 

@@ -21,7 +21,8 @@ use hetero_infer::Arch;
 use hetero_infer::generate::{self, Finish, Generation, chat_prompt};
 use hetero_infer::hf_write::{StoreAs, write_folder};
 use hetero_infer::sampling::Sampling;
-use hetero_serve::front::{Placing, describe, open_model, start_front};
+use hetero_serve::front::start_front;
+use hetero_serve::placing::{Placing, describe, open_model};
 
 /// `hetero models …`.
 #[derive(Debug, Subcommand)]
@@ -118,7 +119,7 @@ impl PlacingArgs {
             plan_seq: seq,
             plan_tokens: tokens,
             trials: self.trials,
-            budget: hetero_serve::memory::Budget {
+            budget: hetero_serve::placing::Budget {
                 per_worker: self.max_memory.map(|mib| mib.saturating_mul(1 << 20)),
                 ..Default::default()
             },

@@ -9,6 +9,7 @@ mod bench_infer;
 mod bench_scheduler;
 mod bench_train;
 mod client_cmds;
+mod connection;
 mod data_cmd;
 mod decouple_cmd;
 mod describe;
@@ -23,6 +24,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use connection::Connection;
 
 /// Train one model across unlike devices as a single job.
 #[derive(Parser)]
@@ -30,21 +32,6 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
-}
-
-/// Where the client finds the coordinator and its token.
-#[derive(clap::Args, Clone)]
-pub struct Connection {
-    /// Coordinator address: host:port, reached over TLS; http://host:port for a
-    /// coordinator started with --insecure.
-    #[arg(long, env = "HETERO_COORDINATOR", default_value = "127.0.0.1:7070", global = true)]
-    coordinator: String,
-    /// Cluster token (default: read from <data-dir>/token, as written by `hetero coordinator`).
-    #[arg(long, env = "HETERO_TOKEN", global = true, hide_env_values = true)]
-    token: Option<String>,
-    /// The coordinator's data folder, to find its token file.
-    #[arg(long, default_value = ".hetero", global = true)]
-    data_dir: PathBuf,
 }
 
 #[derive(Subcommand)]

@@ -13,7 +13,8 @@ use hetero_infer::placement::Placement;
 use hetero_infer::plan::{Candidate, Objective, plan as choose};
 use hetero_infer::profile::Profile;
 use hetero_models::LayerKind;
-use hetero_serve::front::{Placing, describe, open_model, profile_only};
+use hetero_serve::front::profile_only;
+use hetero_serve::placing::{Placing, describe, open_model};
 
 use crate::infer_cmd::MeshArgs;
 

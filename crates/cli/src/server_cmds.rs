@@ -10,29 +10,7 @@ use hetero_cluster::alerts::Webhook;
 use hetero_cluster::coordinator::{ControlTls, Coordinator, CoordinatorConfig};
 use tokio::sync::watch;
 
-use crate::Connection;
-
-/// The token in `<data_dir>/token`, if there is one.
-pub fn read_token_file(data_dir: &Path) -> Option<String> {
-    std::fs::read_to_string(data_dir.join("token"))
-        .ok()
-        .map(|t| t.trim().to_string())
-        .filter(|t| !t.is_empty())
-}
-
-/// The token a client or agent should use.
-pub fn resolve_token(conn: &Connection) -> Result<String> {
-    if let Some(t) = &conn.token {
-        return Ok(t.clone());
-    }
-    match read_token_file(&conn.data_dir) {
-        Some(t) => Ok(t),
-        None => bail!(
-            "no cluster token: pass --token or set HETERO_TOKEN (the coordinator writes it to {}/token)",
-            conn.data_dir.display()
-        ),
-    }
-}
+use crate::connection::{Connection, read_token_file};
 
 /// Creates `dir` if needed and makes it the owner's alone (0700): it holds the
 /// token and the store, which name every job, node and log line.
@@ -144,7 +122,7 @@ pub fn coordinator(
             ),
             ControlTls::Operator { .. } => println!(
                 "gRPC over TLS with your certificate (agents, workers and clients: {}=YOUR-CA.pem)",
-                hetero_cluster::client::TLS_CA_ENV
+                hetero_proto::client::TLS_CA_ENV
             ),
             ControlTls::Token => println!("gRPC over TLS, its authority derived from the cluster token"),
         }
@@ -152,7 +130,11 @@ pub fn coordinator(
             .await
             .with_context(|| format!("binding {dashboard}"))?;
         println!("dashboard and /metrics on http://{}/", board.local_addr()?);
-        tokio::spawn(coordinator.clone().serve_dashboard(board, dashboard_hosts));
+        tokio::spawn(hetero_cluster::dashboard::serve(
+            coordinator.clone(),
+            board,
+            dashboard_hosts,
+        ));
         // The token itself stays in its file: a terminal's scroll-back, a log
         // collector or a shared screen is no place for a secret.
         if token_file.exists() {
@@ -215,7 +197,7 @@ pub fn agent(
     let gpus = gpus.iter().map(|g| parse_gpu(g)).collect::<Result<Vec<_>>>()?;
     let backend = hetero_job::Backend::from_name(backend)
         .with_context(|| format!("--backend {backend:?}: choose auto, flex or ndarray"))?;
-    let token = resolve_token(conn)?;
+    let token = conn.token()?;
     let file = match config_file {
         Some(path) => AgentFile::load(path).map_err(anyhow::Error::msg)?,
         None => AgentFile::default(),
@@ -232,7 +214,7 @@ pub fn agent(
         .unwrap_or_else(|_| "agent".into());
     let gflops = hetero_worker::backend::measure_gflops(backend);
     let mut config = AgentConfig::new(
-        conn.coordinator.clone(),
+        conn.coordinator().to_string(),
         token,
         slots.or(file.slots).unwrap_or(cores),
         std::path::absolute(work_dir)?,

@@ -20,62 +20,13 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use hetero_job::events::EVENT_PREFIX;
+use hetero_job::worker_env::{JOB_FATAL_EXIT, STALLED_EXIT, WorkerEnv, WorkerRole};
+
 use crate::ClusterError;
 use crate::agent_config::DeclaredDevice;
-use crate::client::{Client, connect};
 use crate::records::TaskState;
-
-/// Prefix of a worker's stdout line that carries a progress event.
-pub const EVENT_PREFIX: &str = "@hetero-event ";
-
-/// The exit status of a worker whose job cannot go on whoever takes over (its
-/// output cannot be written): the agent reports it as fatal to the job, so the
-/// coordinator fails the job with the reason instead of migrating the worker's
-/// samples to a survivor that would fail the same way.
-pub const JOB_FATAL_EXIT: u8 = 4;
-
-/// The exit status of a worker whose watchdog found it stalled (no progress in
-/// its own work for `training.stall_after_secs`): a lost worker, whose last line
-/// says so.
-pub const STALLED_EXIT: u8 = 5;
-
-/// Environment variables that tell a worker who it is.
-pub struct WorkerEnv;
-
-impl WorkerEnv {
-    /// Coordinator address.
-    pub const COORDINATOR: &'static str = "HETERO_COORDINATOR";
-    /// Cluster token.
-    pub const TOKEN: &'static str = "HETERO_TOKEN";
-    /// Job id.
-    pub const JOB_ID: &'static str = "HETERO_JOB_ID";
-    /// Task id.
-    pub const TASK_ID: &'static str = "HETERO_TASK_ID";
-    /// Rank in the ring.
-    pub const RANK: &'static str = "HETERO_RANK";
-    /// Ring size.
-    pub const WORLD: &'static str = "HETERO_WORLD";
-    /// Path of the job spec (JSON).
-    pub const SPEC_FILE: &'static str = "HETERO_SPEC_FILE";
-    /// The job's output folder.
-    pub const OUTPUT_DIR: &'static str = "HETERO_OUTPUT_DIR";
-    /// Host the data-plane listener binds to.
-    pub const DATA_HOST: &'static str = "HETERO_DATA_HOST";
-    /// Every rank's share of the work, comma-separated (absent: an even split).
-    pub const WEIGHTS: &'static str = "HETERO_WEIGHTS";
-    /// Index of the device the worker owns within its group.
-    pub const DEVICE_INDEX: &'static str = "HETERO_DEVICE_INDEX";
-    /// Backend of the worker's group (used when the job asks for `auto`).
-    pub const BACKEND: &'static str = "HETERO_BACKEND";
-    /// Speed cap of the device, in (0, 1]: the worker slows itself to this fraction.
-    pub const SPEED: &'static str = "HETERO_SPEED";
-    /// `parameter-server` for a job's server (absent: a worker).
-    pub const ROLE: &'static str = "HETERO_ROLE";
-    /// Every worker rank's resource group (`node/kind`), comma-separated.
-    pub const GROUPS: &'static str = "HETERO_GROUPS";
-    /// The program declared for the worker's device kind, when it has one.
-    pub const DEVICE_COMMAND: &'static str = "HETERO_DEVICE_COMMAND";
-}
+use hetero_proto::client::{Client, connect};
 
 /// How an agent runs.
 #[derive(Debug, Clone)]
@@ -530,8 +481,12 @@ async fn supervise(
         command.env(WorkerEnv::WEIGHTS, weights.join(","));
     }
     command.env(WorkerEnv::DEVICE_INDEX, device_index.to_string());
-    if !a.role.is_empty() {
-        command.env(WorkerEnv::ROLE, &a.role);
+    match WorkerRole::from_name(&a.role) {
+        Ok(WorkerRole::Worker) => {}
+        Ok(role) => {
+            command.env(WorkerEnv::ROLE, role.name());
+        }
+        Err(e) => return Ended::failed(format!("the coordinator's assignment: {e}")),
     }
     if !a.groups.is_empty() {
         command.env(WorkerEnv::GROUPS, a.groups.join(","));

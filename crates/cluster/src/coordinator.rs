@@ -17,7 +17,8 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use hetero_job::{CHECKPOINT_FILE, JobSpec};
+use hetero_job::events::Event;
+use hetero_job::{CHECKPOINT_FILE, JobSpec, WorkerRole};
 use hetero_proto::auth::CheckToken;
 use hetero_proto::coordinator_server::{Coordinator as CoordinatorRpc, CoordinatorServer};
 use hetero_proto::{self as pb, PROTOCOL_VERSION};
@@ -144,13 +145,6 @@ pub struct Coordinator {
     inner: Arc<Inner>,
 }
 
-/// The role name of a job's parameter server (`HETERO_ROLE`).
-pub const SERVER_ROLE: &str = "parameter-server";
-
-/// The role name of a lost rank relaunched when its node came back: it joins the
-/// running ring at the next epoch boundary (`HETERO_ROLE`).
-pub const JOINING_ROLE: &str = "joining";
-
 /// Whether `t` is one of the job's workers (not its parameter server) that is in
 /// the ring now: alive, and admitted if it rejoined.
 fn in_ring(t: &TaskRecord, workers: u32) -> bool {
@@ -175,7 +169,7 @@ fn server_task(job_id: &str, workers: u32, placed: &[TaskRecord]) -> TaskRecord 
         task_id: format!("{job_id}-ps"),
         rank: workers,
         agent_id: node,
-        role: SERVER_ROLE.into(),
+        role: WorkerRole::ParameterServer.name().into(),
         state: TaskState::Pending,
         message: String::new(),
         delivered: false,
@@ -300,14 +294,9 @@ impl Coordinator {
         result.map_err(|e| ClusterError::io("serving gRPC", std::io::Error::other(e)))
     }
 
-    /// Serves the web dashboard and Prometheus `/metrics` on `listener` (plain HTTP,
-    /// read-only, for holders of the token; `hosts`: the host names it answers to
-    /// besides IP addresses and `localhost`) until the process ends.
-    pub async fn serve_dashboard(self, listener: TcpListener, hosts: Vec<String>) -> Result<(), ClusterError> {
-        let access = crate::dashboard_access::Access::new(&self.inner.config.token, &hosts);
-        axum::serve(listener, crate::dashboard::router(self, access))
-            .await
-            .map_err(|e| ClusterError::io("serving the dashboard", e))
+    /// The cluster token (what the dashboard's login checks).
+    pub(crate) fn token(&self) -> &str {
+        &self.inner.config.token
     }
 
     fn append_log(&self, st: &mut State, job_id: &str, rank: i32, kind: &str, texts: Vec<String>) {
@@ -753,7 +742,7 @@ impl Coordinator {
             .jobs
             .values()
             .flat_map(|j| &j.tasks)
-            .filter(|t| !t.state.is_final() && t.role != SERVER_ROLE)
+            .filter(|t| !t.state.is_final() && t.role != WorkerRole::ParameterServer.name())
         {
             let u = used.entry((t.agent_id.as_str(), t.group.as_str())).or_default();
             u.0 += 1;
@@ -1001,12 +990,14 @@ impl Coordinator {
                         group: t.group.clone(),
                         weights: weights.clone(),
                         role: if t.rank == job.workers {
-                            SERVER_ROLE.into()
+                            WorkerRole::ParameterServer
                         } else if t.rejoins > 0 {
-                            JOINING_ROLE.into()
+                            WorkerRole::Joining
                         } else {
-                            String::new()
-                        },
+                            WorkerRole::Worker
+                        }
+                        .name()
+                        .into(),
                         groups: groups.clone(),
                     });
                 } else if !running_there {
@@ -1210,9 +1201,12 @@ impl CoordinatorRpc for Coordinator {
         // on a copy kept only once written: a store that cannot write fails this
         // call before anything is appended, and the agent's retry finds memory as
         // it was (no line logged twice, no end half-recorded).
-        let summary = req.events_json.iter().rev().find_map(|event| {
-            let v = serde_json::from_str::<serde_json::Value>(event).ok()?;
-            (v["type"] == "done").then(|| v["summary"].to_string())
+        // Events this build cannot read (damaged, or from a newer worker) are kept
+        // in the log as they came and otherwise ignored.
+        let events: Vec<Event> = req.events_json.iter().filter_map(|e| Event::from_json(e)).collect();
+        let summary = events.iter().rev().find_map(|event| match event {
+            Event::Done { summary } => Some(serde_json::to_string(summary).expect("a summary serialises")),
+            _ => None,
         });
         let ended = task_state_from_wire(req.state).filter(|_| {
             st.jobs[&job_id]
@@ -1238,17 +1232,18 @@ impl CoordinatorRpc for Coordinator {
             self.keep_job(&mut st, job)?;
         }
         self.append_log(&mut st, &job_id, rank as i32, "log", req.log_lines);
-        for event in &req.events_json {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(event) else {
-                continue;
-            };
-            if v["type"] == "step" {
-                let loss = v["loss"].as_f64().unwrap_or(f64::NAN) as f32;
-                let rate = v["samples_per_sec"].as_f64().unwrap_or(0.0);
+        for event in &events {
+            if let &Event::Step {
+                epoch,
+                step,
+                steps,
+                loss,
+                samples_per_sec: rate,
+            } = event
+            {
                 st.metrics.insert(req.task_id.clone(), (loss, rate));
                 if rank == 0 {
-                    let steps = v["steps"].as_u64().unwrap_or(0);
-                    let step = v["epoch"].as_u64().unwrap_or(0) * steps + v["step"].as_u64().unwrap_or(0) + 1;
+                    let step = (epoch * steps + step + 1) as u64;
                     let workers = st.jobs.get(&job_id).map_or(1, |j| j.workers) as f64;
                     let points = st.history.entry(job_id.clone()).or_default();
                     if points.len() >= HISTORY_POINTS {

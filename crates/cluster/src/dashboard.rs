@@ -22,11 +22,24 @@ use axum::routing::get;
 use hetero_proto as pb;
 use serde_json::{Value, json};
 
+use tokio::net::TcpListener;
+
+use crate::ClusterError;
 use crate::coordinator::Coordinator;
 use crate::dashboard_access::{self, Access};
 use crate::records::{job_state_name, task_state_name};
 
 const PAGE: &str = include_str!("../assets/dashboard.html");
+
+/// Serves the web dashboard and Prometheus `/metrics` of `coordinator` on
+/// `listener` (plain HTTP, read-only, for holders of the token; `hosts`: the host
+/// names it answers to besides IP addresses and `localhost`) until the process ends.
+pub async fn serve(coordinator: Coordinator, listener: TcpListener, hosts: Vec<String>) -> Result<(), ClusterError> {
+    let access = Access::new(coordinator.token(), &hosts);
+    axum::serve(listener, router(coordinator, access))
+        .await
+        .map_err(|e| ClusterError::io("serving the dashboard", e))
+}
 
 /// The dashboard's routes, behind `access`.
 pub fn router(coordinator: Coordinator, access: Access) -> Router {

@@ -12,7 +12,7 @@
 //! - [`dashboard`]: the web dashboard and Prometheus `/metrics`;
 //! - [`agent`]: registration, heartbeats, worker processes, log forwarding;
 //! - [`agent_config`]: an agent's file of declared devices and speed cap;
-//! - [`client`]: a token-carrying gRPC client for users, agents and workers;
+//! - the token-carrying gRPC client every node uses is `hetero_proto::client`;
 //! - [`local`]: a whole cluster inside one process, for `hetero local` and tests.
 //!
 //! **Invariant:** tensors never pass through this crate; it moves specs, states,
@@ -21,7 +21,6 @@
 pub mod agent;
 pub mod agent_config;
 pub mod alerts;
-pub mod client;
 pub mod coordinator;
 pub mod dashboard;
 pub mod dashboard_access;

@@ -10,8 +10,8 @@ use tokio::task::JoinHandle;
 
 use crate::ClusterError;
 use crate::agent::{self, AgentConfig};
-use crate::client::{Client, connect};
 use crate::coordinator::{Coordinator, CoordinatorConfig};
+use hetero_proto::client::{Client, connect};
 
 /// A running embedded cluster; [`LocalCluster::shutdown`] stops it and its workers.
 pub struct LocalCluster {
@@ -75,7 +75,7 @@ impl LocalCluster {
             .local_addr()
             .map_err(|e| ClusterError::io("reading the dashboard port", e))?
             .to_string();
-        let dashboard_task = tokio::spawn(coordinator.clone().serve_dashboard(dashboard_listener, vec![]));
+        let dashboard_task = tokio::spawn(crate::dashboard::serve(coordinator.clone(), dashboard_listener, vec![]));
         let (stop, stop_rx) = watch::channel(false);
         let mut stop_server = stop_rx.clone();
         let server = tokio::spawn(coordinator.serve(listener, async move {
@@ -114,7 +114,7 @@ impl LocalCluster {
 
     /// A client of this cluster's coordinator.
     pub async fn client(&self) -> Result<Client, ClusterError> {
-        connect(&self.address, &self.token).await
+        Ok(connect(&self.address, &self.token).await?)
     }
 
     /// Stops the agent (killing its workers) and the coordinator.

@@ -5,10 +5,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hetero_cluster::client::{self, Client, connect};
 use hetero_cluster::coordinator::{Coordinator, CoordinatorConfig};
 use hetero_cluster::local::LocalCluster;
 use hetero_proto as pb;
+use hetero_proto::client::{self, Client, connect};
 use tokio::sync::watch;
 
 fn data_dir() -> PathBuf {
@@ -641,8 +641,8 @@ fn operator_pki() -> (String, String, String) {
 
 #[tokio::test]
 async fn an_operators_own_certificate_is_trusted_through_their_authority_alone() {
-    use hetero_cluster::client::{Trust, connect_trusting};
     use hetero_cluster::coordinator::ControlTls;
+    use hetero_proto::client::{Trust, connect_trusting};
     let dir = tempfile::tempdir().unwrap();
     let (ca, chain, key) = operator_pki();
     let mut config = CoordinatorConfig::new(dir.path().join("c.redb"), "tok");

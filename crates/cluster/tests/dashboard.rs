@@ -67,7 +67,7 @@ async fn dashboard_shows_nodes_and_a_live_loss_chart() {
         program.display(),
         data.display()
     );
-    let job = hetero_cluster::client::submit(&mut client, &spec, "").await.unwrap();
+    let job = hetero_proto::client::submit(&mut client, &spec, "").await.unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
     let look = |url: String, profile: std::path::PathBuf| {

@@ -5,11 +5,18 @@
 //! value outside what is allowed — each is its own [`SpecError`] naming the key, the
 //! value and what would be accepted. `docs/job-spec.md` documents every key; the
 //! tests in [`spec`] hold one bad spec per error.
+//!
+//! It also holds the contract between a worker and the control plane, so that
+//! neither links the other: [`worker_env`] (the environment an agent starts a
+//! worker with, its role, its exit statuses) and [`events`] (the progress events
+//! and run summary a worker prints).
 
 pub mod error;
+pub mod events;
 mod section;
 pub mod spec;
 pub mod transformer;
+pub mod worker_env;
 
 pub use error::SpecError;
 
@@ -23,3 +30,4 @@ pub use spec::{
     Policy, PreprocessSpec, SchedulingSpec, SplitKind, Strategy, TaskSpec, TrainingSpec,
 };
 pub use transformer::{DecoupleSpec, DistillSpec, SubBlockVariant, TransformerSpec};
+pub use worker_env::{WorkerEnv, WorkerRole};

@@ -1,4 +1,5 @@
-//! Hetero's control-plane protocol: the generated gRPC types and the token check.
+//! Hetero's control-plane protocol: the generated gRPC types, the token check, and
+//! the client every node (agents, workers, the CLI) reaches the coordinator with.
 //!
 //! **Invariant:** this is the only crate that names tonic or prost types in its
 //! public API for the protocol; the coordinator and agent convert at their edges.
@@ -12,6 +13,7 @@ pub mod v1 {
 }
 
 pub mod auth;
+pub mod client;
 pub mod tls;
 
 pub use v1::*;

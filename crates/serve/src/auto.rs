@@ -24,8 +24,7 @@ use hetero_infer::profile::{Profile, Shape};
 use hetero_infer::{Arch, Front, Output, Placement, Request, Want, profile_mesh, send_placement};
 
 use crate::InferBackend;
-use crate::front::Placing;
-use crate::worker::load_part;
+use crate::placing::{Placing, load_part};
 
 /// Finalists tried by default.
 pub const TRIALS: usize = 4;

@@ -8,118 +8,18 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use hetero_comm::{Mesh, RingConfig};
-use hetero_data::model_fetch::cache_dir;
-use hetero_infer::models::{self, Model};
-use hetero_infer::plan::Objective;
+use hetero_infer::models::Model;
 use hetero_infer::profile::Profile;
-use hetero_infer::{Arch, Front, Placement};
+use hetero_infer::{Front, Placement};
 
 use crate::InferBackend;
 use crate::auto::{decide, profile_for};
-use crate::worker::load_part;
-
-/// Where the model runs: how many workers, which placement, which mesh.
-#[derive(Debug, Clone, Default)]
-pub struct Placing {
-    /// single, tensor-parallel, pipeline, or a placement file (docs/inference.md);
-    /// benchmarks give several, comma-separated, and switch between them.
-    pub placement: String,
-    /// Worker processes (rank 0 is this one).
-    pub workers: usize,
-    /// Comma-separated data-plane addresses of all ranks, rank 0 first, when the
-    /// workers run on other hosts (each started with `hetero infer-worker`).
-    pub mesh: Option<String>,
-    /// Data-plane token every worker must hold (default: a fresh one for local workers).
-    pub token: Option<String>,
-    /// `auto`'s profile: read when the file exists, else measured and written there.
-    pub profile: Option<PathBuf>,
-    /// What `auto` plans for: the request (encoders) or prompt (decoders) length…
-    pub plan_seq: usize,
-    /// …and the decode steps after it (decoders).
-    pub plan_tokens: usize,
-    /// How many of the planner's finalists `auto` tries on the workers before it
-    /// settles ([`crate::auto`]); 0 or 1 takes the prediction alone.
-    pub trials: usize,
-    /// The key/value cache the run must hold, and what each worker may use:
-    /// a named placement that does not fit is refused before anything loads.
-    pub budget: crate::memory::Budget,
-}
-
-/// The placement name that asks the planner.
-pub const AUTO: &str = "auto";
-
-impl Placing {
-    /// How many ranks the mesh has: the `--mesh` addresses, else `--workers`.
-    pub fn world(&self) -> Result<usize> {
-        Ok(match &self.mesh {
-            Some(list) => parse_mesh(list)?.len(),
-            None => self.workers.max(1),
-        })
-    }
-
-    /// What `auto` makes fast for `arch`.
-    pub fn objective(&self, arch: &Arch) -> Objective {
-        match arch.is_encoder() {
-            true => Objective::encoder(self.plan_seq),
-            false => Objective::decoder(self.plan_seq, self.plan_tokens),
-        }
-    }
-}
-
-/// Opens a model, fetching a known one first, saying what it does.
-pub fn open_model(what: &str) -> Result<Model> {
-    models::open(what, &cache_dir(), &mut |m| eprintln!("{m}")).with_context(|| format!("opening {what}"))
-}
-
-/// The placements `--placement` names (comma-separated), for `workers` workers;
-/// `auto` stands for the one the front will choose (and send).
-pub fn placements_of(arch: &Arch, names: &str, workers: usize) -> Result<Vec<Option<Placement>>> {
-    names
-        .split(',')
-        .map(|n| match n.trim() {
-            AUTO => Ok(None),
-            n => placement_of(arch, n, workers).map(Some),
-        })
-        .collect()
-}
-
-/// The placement `name` names, for `workers` workers.
-pub fn placement_of(arch: &Arch, name: &str, workers: usize) -> Result<Placement> {
-    let p = if Path::new(name).is_file() {
-        Placement::load(Path::new(name), &arch.layout())?
-    } else {
-        Placement::named(name, &arch.layout(), workers)?
-    };
-    if p.workers != workers {
-        bail!(
-            "the placement uses {} workers but --workers is {workers} (or the mesh has {workers} addresses)",
-            p.workers
-        );
-    }
-    Ok(p)
-}
-
-/// What a worker loads before the front tells it its part: nothing, unless it
-/// is rank 0 of a single placement.
-pub fn idle(arch: &Arch, workers: usize) -> Placement {
-    Placement::named("single", &arch.layout(), workers).expect("single fits every model")
-}
-
-pub(crate) fn parse_mesh(list: &str) -> Result<Vec<SocketAddr>> {
-    list.split(',')
-        .map(|a| {
-            a.trim()
-                .parse()
-                .with_context(|| format!("{a:?} in --mesh is not HOST:PORT"))
-        })
-        .collect()
-}
+use crate::placing::{AUTO, Placing, describe, load_part, parse_mesh, placements_of};
 
 /// Worker processes started by this one; they are killed when it ends.
 pub struct Children(pub(crate) Vec<Child>);
@@ -273,18 +173,4 @@ fn fresh_token() -> String {
     use rand::Rng;
     let mut rng = rand::rng();
     (0..32).map(|_| format!("{:x}", rng.random_range(0..16u8))).collect()
-}
-
-/// One line per stage: blocks, mode and workers.
-pub fn describe(p: &Placement) -> String {
-    p.stages
-        .iter()
-        .map(|s| {
-            format!(
-                "blocks {}..{} {} on {:?}",
-                s.layers.start, s.layers.end, s.mode, s.workers
-            )
-        })
-        .collect::<Vec<_>>()
-        .join("; ")
 }

@@ -1,5 +1,6 @@
-//! Serving placed models: the front of an inference mesh and how it meets the
-//! other ranks ([`front`]), how it settles `--placement auto` ([`auto`]), the
+//! Serving placed models: what the user asks for and a rank's part of the model
+//! ([`placing`]), the front of an inference mesh and how it meets the other ranks
+//! ([`front`]), how it settles `--placement auto` ([`auto`]), the
 //! ranks that follow it ([`worker`]: `hetero infer-worker` and an inference
 //! job's workers), and the OpenAI-compatible HTTP API in front of it
 //! ([`server`]), with its request checks ([`requests`]) and figures ([`metrics`]). `hetero infer`, `hetero serve` and `hetero bench infer` are this
@@ -11,6 +12,7 @@ pub(crate) mod batcher;
 pub mod front;
 pub mod memory;
 pub mod metrics;
+pub mod placing;
 pub mod requests;
 pub mod server;
 pub mod worker;

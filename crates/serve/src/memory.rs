@@ -14,19 +14,8 @@ use hetero_infer::models::Model;
 use hetero_infer::profile::free_memory;
 use hetero_infer::qllama::runs_on_blocks;
 
-use crate::front::{Placing, describe, placements_of};
+use crate::placing::{Budget, Placing, describe, placements_of};
 use hetero_models::LayerKind;
-
-/// What the run must hold beyond its weights, and what a worker may use.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Budget {
-    /// Sequences whose key/value caches are held at once (the server's batch).
-    pub sequences: usize,
-    /// Positions each sequence may reach (prompt and generated tokens).
-    pub positions: usize,
-    /// Bytes each worker may use (`--max-memory`); `None`: what its host has free.
-    pub per_worker: Option<u64>,
-}
 
 /// Every worker's footprint under `p`.
 pub fn footprints(model: &Model, p: &Placement, budget: &Budget) -> Vec<Footprint> {

@@ -53,8 +53,9 @@ use hetero_infer::tokenize::TextTokenizer;
 use crate::InferBackend;
 use crate::auth::ApiKey;
 use crate::batcher::{self, Job, Piece};
-use crate::front::{Children, Placing, describe, open_model, start_front};
+use crate::front::{Children, start_front};
 use crate::metrics::{Metrics, Outcome};
+use crate::placing::{Placing, describe, open_model};
 use crate::requests::{self, GenerateRequest, Prompt};
 
 /// How the HTTP side runs.

@@ -14,7 +14,8 @@ use hetero_infer::{Followed, Front, Placement, Worker, follow};
 
 use crate::InferBackend;
 use crate::auto::{TRIALS, decide};
-use crate::front::{AUTO, Children, Placing, describe, form, idle, open_model, parse_mesh, placements_of};
+use crate::front::{Children, form};
+use crate::placing::{AUTO, Placing, describe, idle, load_part, open_model, parse_mesh, placements_of};
 
 /// `hetero infer-worker`: one non-front rank.
 pub fn infer_worker(model_name: &str, rank: usize, place: &Placing, listen: Option<&str>) -> Result<()> {
@@ -160,15 +161,4 @@ fn follow_placements(mut worker: Worker<InferBackend>, mut mesh: Mesh, rank: usi
             }
         }
     }
-}
-
-/// `rank`'s part of `model` under `p`: the weights that process needs, no more.
-pub fn load_part(model: &Model, p: &Placement, rank: usize) -> Result<Worker<InferBackend>, hetero_infer::InferError> {
-    Worker::<InferBackend>::load(
-        model.arch.clone(),
-        model.weights.as_ref(),
-        p.clone(),
-        rank,
-        &Default::default(),
-    )
 }

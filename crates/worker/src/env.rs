@@ -2,9 +2,8 @@
 
 use std::path::PathBuf;
 
-use hetero_cluster::agent::WorkerEnv;
-use hetero_cluster::coordinator::{JOINING_ROLE, SERVER_ROLE};
 use hetero_job::JobSpec;
+use hetero_job::worker_env::{WorkerEnv, WorkerRole};
 
 use crate::WorkerError;
 
@@ -35,10 +34,9 @@ pub struct WorkerSetup {
     pub device_index: usize,
     /// Every rank's share of the work (empty: an even split).
     pub weights: Vec<f64>,
-    /// Whether this process is the job's parameter server (rank `world`).
-    pub is_server: bool,
-    /// Whether this worker replaces a lost rank and joins the running ring.
-    pub joining: bool,
+    /// A worker of the ring, the job's parameter server (rank `world`), or a
+    /// lost rank's replacement joining the running ring.
+    pub role: WorkerRole,
     /// Every worker rank's resource group (`node/kind`; empty when not told).
     pub groups: Vec<String>,
 }
@@ -64,14 +62,12 @@ impl WorkerSetup {
         let text = std::fs::read_to_string(&spec_file)
             .map_err(|e| WorkerError::Setup(format!("cannot read the job spec {spec_file}: {e}")))?;
         let spec = JobSpec::from_json(&text).map_err(|e| WorkerError::Setup(e.to_string()))?;
-        let role = std::env::var(WorkerEnv::ROLE).ok();
-        let role = role.as_deref();
-        if let Some(r) = role.filter(|r| ![SERVER_ROLE, JOINING_ROLE].contains(r)) {
-            return Err(WorkerError::Setup(format!(
-                "{}={r:?} is not a role (the roles are {SERVER_ROLE:?} and {JOINING_ROLE:?})",
-                WorkerEnv::ROLE
-            )));
-        }
+        let role = match std::env::var(WorkerEnv::ROLE) {
+            Err(_) => WorkerRole::Worker,
+            Ok(name) => {
+                WorkerRole::from_name(&name).map_err(|e| WorkerError::Setup(format!("{}: {e}", WorkerEnv::ROLE)))?
+            }
+        };
         let setup = WorkerSetup {
             coordinator: var(WorkerEnv::COORDINATOR)?,
             token: var(WorkerEnv::TOKEN)?,
@@ -92,8 +88,7 @@ impl WorkerSetup {
                         WorkerError::Setup(format!("{}={v:?} is not a list of numbers", WorkerEnv::WEIGHTS))
                     })?,
             },
-            is_server: role == Some(SERVER_ROLE),
-            joining: role == Some(JOINING_ROLE),
+            role,
             groups: std::env::var(WorkerEnv::GROUPS)
                 .map(|g| g.split(',').map(str::to_string).collect())
                 .unwrap_or_default(),
@@ -122,7 +117,7 @@ impl WorkerSetup {
                 setup.world
             )));
         }
-        if setup.rank >= setup.world + usize::from(setup.is_server) {
+        if setup.rank >= setup.world + usize::from(setup.role == WorkerRole::ParameterServer) {
             return Err(WorkerError::Setup(format!(
                 "rank {} outside a ring of {}",
                 setup.rank, setup.world

@@ -27,9 +27,9 @@ use std::net::{SocketAddr, TcpListener};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use hetero_cluster::agent::{EVENT_PREFIX, JOB_FATAL_EXIT};
 use hetero_comm::server::{ServerClient, accept_clients};
 use hetero_comm::{Ring, RingConfig};
+use hetero_job::worker_env::{JOB_FATAL_EXIT, WorkerRole};
 use hetero_job::{CHECKPOINT_FILE, SPEC_FILE, Strategy};
 use hetero_train::checkpoint::Checkpoint;
 use hetero_train::param_server::ServerOptions;
@@ -60,9 +60,8 @@ pub enum WorkerError {
 
 /// Prints one progress event for the agent.
 pub fn emit(event: &Event) {
-    let json = serde_json::to_string(event).expect("events serialise");
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{EVENT_PREFIX}{json}");
+    let _ = writeln!(out, "{}", event.to_line());
     let _ = out.flush();
 }
 
@@ -107,12 +106,10 @@ where
         rank: setup.rank,
         world: setup.world,
     };
-    let who = if setup.is_server {
-        "parameter server".to_string()
-    } else if setup.joining {
-        format!("rank {}/{} (rejoining)", setup.rank, setup.world)
-    } else {
-        format!("rank {}/{}", setup.rank, setup.world)
+    let who = match setup.role {
+        WorkerRole::ParameterServer => "parameter server".to_string(),
+        WorkerRole::Joining => format!("rank {}/{} (rejoining)", setup.rank, setup.world),
+        WorkerRole::Worker => format!("rank {}/{}", setup.rank, setup.world),
     };
     eprintln!(
         "{who} of {} on {backend_name} ({} thread(s))",
@@ -124,12 +121,13 @@ where
     let listener = TcpListener::bind((setup.data_host.as_str(), 0))
         .map_err(|e| WorkerError::Setup(format!("cannot bind a data-plane port on {}: {e}", setup.data_host)))?;
     let address = listener.local_addr().map_err(|e| WorkerError::Setup(e.to_string()))?;
-    let peers = if setup.joining {
+    let joining = setup.role == WorkerRole::Joining;
+    let peers = if joining {
         vec![]
     } else {
         rendezvous::exchange(&setup, address)?
     };
-    if setup.is_server {
+    if setup.role == WorkerRole::ParameterServer {
         return serve_parameters(&setup, task, &device, listener);
     }
 
@@ -168,7 +166,7 @@ where
             .try_clone()
             .map_err(|e| WorkerError::Setup(format!("cannot share the data-plane listener: {e}")))?,
     ));
-    let mut trainer = if setup.joining {
+    let mut trainer = if joining {
         let (regroup, generation) = rendezvous::join(&setup, &listener)?;
         Trainer::joining(task, device, regroup, generation, options)?
     } else if spec.training.strategy.uses_parameter_server() {

@@ -72,7 +72,7 @@ pub fn members(
                 }));
             }
             if client.is_none() {
-                match hetero_cluster::client::connect(&setup.coordinator, &setup.token).await {
+                match hetero_proto::client::connect(&setup.coordinator, &setup.token).await {
                     Ok(c) => client = Some(c),
                     Err(e) => {
                         away_because = Some(e.to_string());
@@ -215,7 +215,7 @@ impl Membership for CoordinatorMembership {
             // epoch across a restart), for at most COORDINATOR_OUTAGE.
             let started = Instant::now();
             loop {
-                let why = match hetero_cluster::client::connect(&setup.coordinator, &setup.token).await {
+                let why = match hetero_proto::client::connect(&setup.coordinator, &setup.token).await {
                     Err(e) => e.to_string(),
                     Ok(mut client) => {
                         let req = pb::CheckMembershipRequest {

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use hetero_comm::liveness::{Liveness, Watch};
 
-use hetero_cluster::agent::STALLED_EXIT;
+use hetero_job::worker_env::STALLED_EXIT;
 
 /// How often the watchdog samples.
 const TICK: Duration = Duration::from_millis(250);

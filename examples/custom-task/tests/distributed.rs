@@ -4,9 +4,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use hetero_cluster::client;
 use hetero_cluster::local::LocalCluster;
 use hetero_proto as pb;
+use hetero_proto::client;
 
 #[tokio::test]
 async fn custom_task_trains_across_two_processes() {

@@ -2,12 +2,41 @@
 
 use std::time::Duration;
 
-use hetero_proto::auth::AttachToken;
-use hetero_proto::coordinator_client::CoordinatorClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::ClusterError;
+use crate::auth::AttachToken;
+use crate::coordinator_client::CoordinatorClient;
+
+/// A call to the coordinator that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Could not connect to the coordinator.
+    #[error("cannot reach the coordinator at {address}: {message}")]
+    Connect {
+        /// The address tried.
+        address: String,
+        /// Why.
+        message: String,
+    },
+    /// A gRPC call failed.
+    #[error("{context}: {status}")]
+    Rpc {
+        /// What we were doing.
+        context: String,
+        /// The status returned.
+        status: Box<tonic::Status>,
+    },
+}
+
+impl ClientError {
+    fn rpc(context: &str, status: tonic::Status) -> Self {
+        ClientError::Rpc {
+            context: context.into(),
+            status: Box::new(status),
+        }
+    }
+}
 
 /// The coordinator client type used everywhere.
 pub type Client = CoordinatorClient<InterceptedService<Channel, AttachToken>>;
@@ -34,7 +63,7 @@ pub const TLS_CA_ENV: &str = "HETERO_TLS_CA";
 /// Whom a node trusts to be the coordinator.
 #[derive(Debug, Clone)]
 pub enum Trust {
-    /// The authority the cluster token derives ([`hetero_proto::tls`]).
+    /// The authority the cluster token derives ([`crate::tls`]).
     Token,
     /// An operator's authority (PEM), for the host name or address dialled.
     Authority(String),
@@ -53,10 +82,10 @@ impl Trust {
 }
 
 /// Connects to the coordinator at `address` with `token`: over TLS, trusting only
-/// the authority the token derives ([`hetero_proto::tls`]) or the operator's that
+/// the authority the token derives ([`crate::tls`]) or the operator's that
 /// [`TLS_CA_ENV`] names, unless the address is `http://…`.
-pub async fn connect(address: &str, token: &str) -> Result<Client, ClusterError> {
-    let trust = Trust::from_env().map_err(|message| ClusterError::Connect {
+pub async fn connect(address: &str, token: &str) -> Result<Client, ClientError> {
+    let trust = Trust::from_env().map_err(|message| ClientError::Connect {
         address: address.to_string(),
         message,
     })?;
@@ -64,9 +93,9 @@ pub async fn connect(address: &str, token: &str) -> Result<Client, ClusterError>
 }
 
 /// [`connect`], trusting `trust`.
-pub async fn connect_trusting(address: &str, token: &str, trust: &Trust) -> Result<Client, ClusterError> {
+pub async fn connect_trusting(address: &str, token: &str, trust: &Trust) -> Result<Client, ClientError> {
     let url = endpoint_url(address);
-    let fail = |message: String| ClusterError::Connect {
+    let fail = |message: String| ClientError::Connect {
         address: address.to_string(),
         message,
     };
@@ -86,7 +115,7 @@ pub async fn connect_trusting(address: &str, token: &str, trust: &Trust) -> Resu
     let tls = url.starts_with("https://");
     if tls {
         let config = match trust {
-            Trust::Token => hetero_proto::tls::client_config(token),
+            Trust::Token => crate::tls::client_config(token),
             Trust::Authority(ca) => {
                 // The name checked is the one dialled, as with any TLS server.
                 let uri: tonic::transport::Uri = url.parse().map_err(|e| fail(format!("not an address: {e}")))?;
@@ -95,7 +124,7 @@ pub async fn connect_trusting(address: &str, token: &str, trust: &Trust) -> Resu
                     .unwrap_or_default()
                     .trim_start_matches('[')
                     .trim_end_matches(']');
-                hetero_proto::tls::operator_client_config(ca, host)
+                crate::tls::operator_client_config(ca, host)
             }
         };
         endpoint = endpoint
@@ -145,15 +174,15 @@ pub async fn connect_trusting(address: &str, token: &str, trust: &Trust) -> Resu
 
 /// Submits a job spec (TOML text; relative paths resolve against `base_dir`) and
 /// returns the job's id.
-pub async fn submit(client: &mut Client, spec_toml: &str, base_dir: &str) -> Result<String, ClusterError> {
-    let req = hetero_proto::SubmitJobRequest {
+pub async fn submit(client: &mut Client, spec_toml: &str, base_dir: &str) -> Result<String, ClientError> {
+    let req = crate::SubmitJobRequest {
         spec_toml: spec_toml.to_string(),
         base_dir: base_dir.to_string(),
     };
     Ok(client
         .submit_job(req)
         .await
-        .map_err(|s| ClusterError::rpc("submitting a job", s))?
+        .map_err(|s| ClientError::rpc("submitting a job", s))?
         .into_inner()
         .job_id)
 }
@@ -163,15 +192,15 @@ pub async fn wait_for(
     client: &mut Client,
     job_id: &str,
     timeout: Duration,
-    done: impl Fn(&hetero_proto::JobInfo) -> bool,
-) -> Result<hetero_proto::JobInfo, ClusterError> {
+    done: impl Fn(&crate::JobInfo) -> bool,
+) -> Result<crate::JobInfo, ClientError> {
     let started = std::time::Instant::now();
     loop {
-        let req = hetero_proto::GetJobRequest { job_id: job_id.into() };
+        let req = crate::GetJobRequest { job_id: job_id.into() };
         let info = client
             .get_job(req)
             .await
-            .map_err(|s| ClusterError::rpc("polling a job", s))?
+            .map_err(|s| ClientError::rpc("polling a job", s))?
             .into_inner();
         if done(&info) || started.elapsed() > timeout {
             return Ok(info);
@@ -181,13 +210,13 @@ pub async fn wait_for(
 }
 
 /// Whether a job has ended (succeeded, failed or cancelled).
-pub fn has_ended(info: &hetero_proto::JobInfo) -> bool {
-    info.state >= hetero_proto::JobState::Succeeded as i32
+pub fn has_ended(info: &crate::JobInfo) -> bool {
+    info.state >= crate::JobState::Succeeded as i32
 }
 
 /// Every log line of `job_id` stored so far.
-pub async fn log_texts(client: &mut Client, job_id: &str) -> Result<Vec<String>, ClusterError> {
-    let req = hetero_proto::StreamLogsRequest {
+pub async fn log_texts(client: &mut Client, job_id: &str) -> Result<Vec<String>, ClientError> {
+    let req = crate::StreamLogsRequest {
         job_id: job_id.into(),
         after_seq: 0,
         follow: false,
@@ -195,11 +224,11 @@ pub async fn log_texts(client: &mut Client, job_id: &str) -> Result<Vec<String>,
     let mut stream = client
         .stream_logs(req)
         .await
-        .map_err(|s| ClusterError::rpc("reading a log", s))?
+        .map_err(|s| ClientError::rpc("reading a log", s))?
         .into_inner();
     let mut texts = Vec::new();
     while let Some(entry) = tokio_stream::StreamExt::next(&mut stream).await {
-        texts.push(entry.map_err(|s| ClusterError::rpc("reading a log", s))?.text);
+        texts.push(entry.map_err(|s| ClientError::rpc("reading a log", s))?.text);
     }
     Ok(texts)
 }
