@@ -23,12 +23,35 @@ pub struct AlertRecord {
     pub id: u64,
     /// When (Unix ms).
     pub unix_ms: i64,
-    /// `info`, `warning` or `critical`.
-    pub severity: String,
+    /// How much it matters.
+    pub severity: Severity,
     /// The node or job it is about.
     pub subject: String,
     /// What happened.
     pub message: String,
+}
+
+/// How much an alert matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Something an operator may like to know (a node came back, ranks rejoined).
+    Info,
+    /// Something went wrong and was handled (a worker lost, a job failed).
+    Warning,
+    /// Something needs an operator (a node is dead).
+    Critical,
+}
+
+impl Severity {
+    /// Its name, as stored, sent and printed.
+    pub fn name(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
 }
 
 /// A webhook URL we can deliver to: `https://host[:port]/path` (verified against
@@ -292,7 +315,7 @@ mod tests {
         let alert = AlertRecord {
             id: 1,
             unix_ms: 0,
-            severity: "critical".into(),
+            severity: Severity::Critical,
             subject: "node-1".into(),
             message: "dead".into(),
         };

@@ -28,6 +28,7 @@ use crate::ClusterError;
 use crate::coordinator::Coordinator;
 use crate::dashboard_access::{self, Access};
 use crate::records::{job_state_name, task_state_name};
+use crate::store::LogKind;
 
 const PAGE: &str = include_str!("../assets/dashboard.html");
 
@@ -99,12 +100,12 @@ async fn job(State(c): State<Coordinator>, Path(id): Path<String>) -> Response {
         None => (StatusCode::NOT_FOUND, format!("no job {id}")).into_response(),
         Some((history, logs)) => {
             // Progress events are drawn as charts; the log pane shows the rest.
-            let mut logs: Vec<_> = logs.into_iter().filter(|l| l.kind != "event").collect();
+            let mut logs: Vec<_> = logs.into_iter().filter(|l| l.kind != LogKind::Event).collect();
             let keep = logs.len().saturating_sub(200);
             logs.drain(..keep);
             Json(json!({
             "history": history.iter().map(|(s, l, r)| json!([s, l, r])).collect::<Vec<_>>(),
-            "logs": logs.iter().map(|l| json!({"rank": l.rank, "kind": l.kind, "text": l.text})).collect::<Vec<_>>(),
+            "logs": logs.iter().map(|l| json!({"rank": l.rank, "kind": l.kind.name(), "text": l.text})).collect::<Vec<_>>(),
             }))
             .into_response()
         }

@@ -26,7 +26,8 @@ impl JobState {
     }
 }
 
-/// One worker of a job.
+/// A task's state as the wire and the agents speak of it (the coordinator keeps
+/// more: [`TaskPhase`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TaskState {
     /// Placed on an agent, not yet reported running.
@@ -48,8 +49,100 @@ impl TaskState {
     }
 }
 
+/// What a task is in its job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskRole {
+    /// A rank of the job's ring; the leader (rank 0) speaks for the job.
+    Worker {
+        /// Rank 0.
+        leader: bool,
+    },
+    /// The job's parameter server (rank `workers`).
+    ParameterServer,
+    /// A lost rank relaunched when its node came back.
+    Rejoining {
+        /// The ring let it in (that happens between epochs); until then it holds no
+        /// work and keeps nothing alive.
+        admitted: bool,
+    },
+}
+
+impl TaskRole {
+    /// How people (and the wire's `TaskInfo.role`) read it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskRole::Worker { leader: true } => "compute, ring leader",
+            TaskRole::Worker { leader: false } => "compute",
+            TaskRole::ParameterServer => "parameter-server",
+            TaskRole::Rejoining { .. } => "compute, rejoining",
+        }
+    }
+
+    /// What the worker process is started as.
+    pub fn worker_role(self) -> hetero_job::WorkerRole {
+        match self {
+            TaskRole::Worker { .. } => hetero_job::WorkerRole::Worker,
+            TaskRole::ParameterServer => hetero_job::WorkerRole::ParameterServer,
+            TaskRole::Rejoining { .. } => hetero_job::WorkerRole::Joining,
+        }
+    }
+
+    /// A relaunched rank the ring has not let in yet.
+    pub fn waits_to_join(self) -> bool {
+        self == TaskRole::Rejoining { admitted: false }
+    }
+}
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskPhase {
+    /// Placed on an agent that has not been told yet.
+    Placed,
+    /// The agent was told to start it; it has not reported running.
+    Starting,
+    /// The worker process runs.
+    Running,
+    /// Exited 0.
+    Succeeded,
+    /// Exited otherwise, or its node or agent was lost; `fatal`: in a way no other
+    /// worker could get past (the job's output cannot be written), so the job fails
+    /// rather than migrating its samples.
+    Failed {
+        /// No survivor could go on either.
+        fatal: bool,
+    },
+    /// Lost after the ring formed, and its work moved to the survivors.
+    Migrated,
+    /// Stopped on request (or with its job).
+    Cancelled,
+}
+
+impl TaskPhase {
+    /// Whether the task has ended.
+    pub fn is_final(self) -> bool {
+        !matches!(self, TaskPhase::Placed | TaskPhase::Starting | TaskPhase::Running)
+    }
+
+    /// Failed, and its loss not yet recorded as a migration.
+    pub fn failed(self) -> bool {
+        matches!(self, TaskPhase::Failed { .. })
+    }
+
+    /// The state the wire and the agents speak of.
+    pub fn state(self) -> TaskState {
+        match self {
+            TaskPhase::Placed | TaskPhase::Starting => TaskState::Pending,
+            TaskPhase::Running => TaskState::Running,
+            TaskPhase::Succeeded => TaskState::Succeeded,
+            TaskPhase::Failed { .. } | TaskPhase::Migrated => TaskState::Failed,
+            TaskPhase::Cancelled => TaskState::Cancelled,
+        }
+    }
+}
+
 /// A placed worker.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(from = "StoredTask", into = "StoredTask")]
 pub struct TaskRecord {
     /// `<job>-r<rank>`.
     pub task_id: String,
@@ -58,37 +151,106 @@ pub struct TaskRecord {
     /// The agent that runs it.
     pub agent_id: String,
     /// Its role in the job.
-    pub role: String,
-    /// Its state.
-    pub state: TaskState,
+    pub role: TaskRole,
+    /// Where it is in its life.
+    pub phase: TaskPhase,
     /// Why it ended (with last log lines on failure).
     pub message: String,
-    /// Whether the agent has been told to start it.
-    pub delivered: bool,
     /// Compute threads it may use.
     pub threads: u32,
     /// Kind of the resource group it runs in.
-    #[serde(default)]
     pub group: String,
     /// Device memory reserved for it, in MiB.
-    #[serde(default)]
     pub memory_mb: u64,
     /// Its share of the job's work: its group's compute score at placement.
-    #[serde(default = "unit_weight")]
     pub weight: f32,
-    /// The worker was lost after the ring formed and its work moved to the others.
-    #[serde(default)]
-    pub migrated: bool,
     /// Times this rank was relaunched after a loss, when its node came back.
-    #[serde(default)]
     pub rejoins: u32,
-    /// A relaunched rank not yet admitted into the ring (that happens between epochs).
+}
+
+/// A task as stores written before [`TaskRole`] and [`TaskPhase`] hold it (a role
+/// string, a state and four flags), so a coordinator reads its old store and an
+/// older one reads a newer store.
+#[derive(Serialize, Deserialize)]
+struct StoredTask {
+    task_id: String,
+    rank: u32,
+    agent_id: String,
+    role: String,
+    state: TaskState,
+    message: String,
+    delivered: bool,
+    threads: u32,
     #[serde(default)]
-    pub joining: bool,
-    /// It failed in a way no other worker could get past (the job's output cannot
-    /// be written): the job fails rather than migrating its samples.
+    group: String,
     #[serde(default)]
-    pub job_fatal: bool,
+    memory_mb: u64,
+    #[serde(default = "unit_weight")]
+    weight: f32,
+    #[serde(default)]
+    migrated: bool,
+    #[serde(default)]
+    rejoins: u32,
+    #[serde(default)]
+    joining: bool,
+    #[serde(default)]
+    job_fatal: bool,
+}
+
+impl From<StoredTask> for TaskRecord {
+    fn from(t: StoredTask) -> Self {
+        let role = if t.role == TaskRole::ParameterServer.name() {
+            TaskRole::ParameterServer
+        } else if t.rejoins > 0 {
+            TaskRole::Rejoining { admitted: !t.joining }
+        } else {
+            TaskRole::Worker { leader: t.rank == 0 }
+        };
+        let phase = match t.state {
+            TaskState::Pending if t.delivered => TaskPhase::Starting,
+            TaskState::Pending => TaskPhase::Placed,
+            TaskState::Running => TaskPhase::Running,
+            TaskState::Succeeded => TaskPhase::Succeeded,
+            TaskState::Failed if t.migrated => TaskPhase::Migrated,
+            TaskState::Failed => TaskPhase::Failed { fatal: t.job_fatal },
+            TaskState::Cancelled => TaskPhase::Cancelled,
+        };
+        TaskRecord {
+            task_id: t.task_id,
+            rank: t.rank,
+            agent_id: t.agent_id,
+            role,
+            phase,
+            message: t.message,
+            threads: t.threads,
+            group: t.group,
+            memory_mb: t.memory_mb,
+            weight: t.weight,
+            rejoins: t.rejoins,
+        }
+    }
+}
+
+impl From<TaskRecord> for StoredTask {
+    fn from(t: TaskRecord) -> Self {
+        StoredTask {
+            role: t.role.name().into(),
+            state: t.phase.state(),
+            delivered: t.phase != TaskPhase::Placed,
+            migrated: t.phase == TaskPhase::Migrated,
+            joining: t.role.waits_to_join(),
+            job_fatal: t.phase == TaskPhase::Failed { fatal: true },
+            task_id: t.task_id,
+            rank: t.rank,
+            agent_id: t.agent_id,
+            message: t.message,
+            threads: t.threads,
+            group: t.group,
+            memory_mb: t.memory_mb,
+            weight: t.weight,
+            rejoins: t.rejoins,
+        }
+    }
 }
 
 fn unit_weight() -> f32 {
@@ -304,66 +466,93 @@ pub fn task_state_name(s: i32) -> &'static str {
     }
 }
 
-impl From<&JobRecord> for pb::JobInfo {
-    fn from(j: &JobRecord) -> Self {
-        pb::JobInfo {
-            job_id: j.job_id.clone(),
-            name: j.name.clone(),
-            state: pb::JobState::from(j.state) as i32,
-            message: j.message.clone(),
-            submitted_unix_ms: j.submitted_ms,
-            started_unix_ms: j.started_ms,
-            finished_unix_ms: j.finished_ms,
-            workers: j.workers,
-            tasks: j
-                .tasks
-                .iter()
-                .map(|t| pb::TaskInfo {
-                    task_id: t.task_id.clone(),
-                    rank: t.rank,
-                    agent_id: t.agent_id.clone(),
-                    role: t.role.clone(),
-                    state: pb::TaskState::from(t.state) as i32,
-                    message: t.message.clone(),
-                    loss: 0.0,
-                    samples_per_sec: 0.0,
-                })
-                .collect(),
-            output_dir: j.output_dir.clone(),
-            summary_json: j.summary_json.clone(),
-            spec_json: j.spec_json.clone(),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task(role: TaskRole, phase: TaskPhase) -> TaskRecord {
+        TaskRecord {
+            task_id: "job-000001-r1".into(),
+            rank: 1,
+            agent_id: "node-1".into(),
+            role,
+            phase,
+            message: "m".into(),
+            threads: 2,
+            group: "cpu".into(),
+            memory_mb: 0,
+            weight: 1.5,
+            rejoins: u32::from(matches!(role, TaskRole::Rejoining { .. })),
         }
     }
-}
 
-impl From<&GroupRecord> for pb::ResourceGroup {
-    fn from(g: &GroupRecord) -> Self {
-        pb::ResourceGroup {
-            kind: g.kind.clone(),
-            devices: g.devices,
-            memory_bytes: g.memory_bytes,
-            worker_slots: g.worker_slots,
-            gflops: g.gflops,
-            speed: g.speed,
-            score: g.score(),
-            command: g.command.clone(),
-            backend: g.backend.clone(),
+    #[test]
+    fn every_role_and_phase_reads_back_from_the_stored_form() {
+        let roles = [
+            TaskRole::Worker { leader: false },
+            TaskRole::ParameterServer,
+            TaskRole::Rejoining { admitted: false },
+            TaskRole::Rejoining { admitted: true },
+        ];
+        let phases = [
+            TaskPhase::Placed,
+            TaskPhase::Starting,
+            TaskPhase::Running,
+            TaskPhase::Succeeded,
+            TaskPhase::Failed { fatal: false },
+            TaskPhase::Failed { fatal: true },
+            TaskPhase::Migrated,
+            TaskPhase::Cancelled,
+        ];
+        for role in roles {
+            for phase in phases {
+                let t = task(role, phase);
+                let json = serde_json::to_string(&t).unwrap();
+                assert_eq!(serde_json::from_str::<TaskRecord>(&json).unwrap(), t, "{json}");
+            }
         }
+        let mut leader = task(TaskRole::Worker { leader: true }, TaskPhase::Running);
+        leader.rank = 0;
+        let json = serde_json::to_string(&leader).unwrap();
+        assert_eq!(serde_json::from_str::<TaskRecord>(&json).unwrap(), leader);
     }
-}
 
-impl From<&pb::ResourceGroup> for GroupRecord {
-    fn from(g: &pb::ResourceGroup) -> Self {
-        GroupRecord {
-            kind: g.kind.clone(),
-            devices: g.devices,
-            memory_bytes: g.memory_bytes,
-            worker_slots: g.worker_slots,
-            gflops: g.gflops,
-            speed: if g.speed > 0.0 { g.speed } else { 1.0 },
-            score_override: 0.0,
-            command: g.command.clone(),
-            backend: g.backend.clone(),
-        }
+    /// A store written before roles and phases were types holds a role string, a
+    /// state and four flags: a coordinator reading it sees the same tasks.
+    #[test]
+    fn a_task_stored_with_the_old_flags_reads_as_its_role_and_phase() {
+        let old = |role: &str, state: &str, delivered: bool, flags: &str| {
+            let json = format!(
+                r#"{{"task_id":"t","rank":1,"agent_id":"node-1","role":"{role}","state":"{state}",
+                "message":"","delivered":{delivered},"threads":1{flags}}}"#
+            );
+            let t: TaskRecord = serde_json::from_str(&json).unwrap();
+            (t.role, t.phase)
+        };
+        assert_eq!(
+            old("compute", "Pending", false, ""),
+            (TaskRole::Worker { leader: false }, TaskPhase::Placed)
+        );
+        assert_eq!(old("compute", "Pending", true, "").1, TaskPhase::Starting);
+        assert_eq!(
+            old("compute", "Failed", true, r#","migrated":true"#).1,
+            TaskPhase::Migrated
+        );
+        assert_eq!(
+            old("compute", "Failed", true, r#","job_fatal":true"#).1,
+            TaskPhase::Failed { fatal: true }
+        );
+        assert_eq!(
+            old("parameter-server", "Running", true, "").0,
+            TaskRole::ParameterServer
+        );
+        assert_eq!(
+            old("compute, rejoining", "Running", true, r#","rejoins":1,"joining":true"#).0,
+            TaskRole::Rejoining { admitted: false }
+        );
+        assert_eq!(
+            old("compute, rejoining", "Running", true, r#","rejoins":2"#).0,
+            TaskRole::Rejoining { admitted: true }
+        );
     }
 }

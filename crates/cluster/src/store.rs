@@ -33,10 +33,33 @@ pub struct LogRecord {
     pub rank: i32,
     /// When (Unix ms).
     pub unix_ms: i64,
-    /// `log`, `event` or `state`.
-    pub kind: String,
+    /// What the line is.
+    pub kind: LogKind,
     /// The line.
     pub text: String,
+}
+
+/// What a log line is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogKind {
+    /// A line a worker printed.
+    Log,
+    /// A worker's progress event (JSON, [`hetero_job::events::Event`]).
+    Event,
+    /// A change of a job or a worker, written by the coordinator.
+    State,
+}
+
+impl LogKind {
+    /// Its name, as stored and sent.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogKind::Log => "log",
+            LogKind::Event => "event",
+            LogKind::State => "state",
+        }
+    }
 }
 
 /// The database (closed after an I/O error, until the next call reopens it).
@@ -346,7 +369,7 @@ mod tests {
                 seq,
                 rank: 0,
                 unix_ms: 0,
-                kind: "log".into(),
+                kind: LogKind::Log,
                 text: format!("line {seq}"),
             };
             s.append_logs("job-000002", &[line(1), line(2), line(3)]).unwrap();
