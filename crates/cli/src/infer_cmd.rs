@@ -11,6 +11,7 @@
 //! its placement gives it.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Result, bail};
@@ -23,6 +24,102 @@ use hetero_infer::hf_write::{StoreAs, write_folder};
 use hetero_infer::sampling::Sampling;
 use hetero_serve::front::start_front;
 use hetero_serve::placing::{Placing, describe, open_model};
+
+/// `hetero infer`'s options.
+#[derive(Debug, Args)]
+pub struct InferArgs {
+    /// minilm, smollm2, a .gguf file, a Hugging Face folder, or org/name in the HF cache.
+    pub model: String,
+    /// The prompt (for an encoder: each argument is one sentence to embed).
+    #[arg(required = true)]
+    pub prompt: Vec<String>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    /// Wrap the prompt in the model's chat template (SmolLM2-Instruct).
+    #[arg(long)]
+    pub chat: bool,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    #[command(flatten)]
+    pub place: PlacingArgs,
+}
+
+/// `hetero serve`'s options.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// minilm, smollm2, a .gguf file, a Hugging Face folder, or org/name in the HF cache.
+    pub model: String,
+    /// Address to serve HTTP on.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    pub listen: String,
+    /// Requests that may wait for the model; one more is answered 429 (busy).
+    #[arg(long, default_value_t = hetero_serve::server::DEFAULT_QUEUE)]
+    pub queue: usize,
+    /// Sequences that decode together (continuous batching; quantized decoders).
+    #[arg(long, default_value_t = hetero_serve::server::DEFAULT_BATCH as u64, value_parser = clap::value_parser!(u64).range(1..=256))]
+    pub batch: u64,
+    /// Most positions (prompt and generated tokens) one sequence may reach; the
+    /// KV cache is sized for --batch of them (default: the model's context).
+    #[arg(long)]
+    pub context: Option<usize>,
+    /// Key every /v1/… request must send as `Authorization: Bearer <key>`
+    /// (prefer the variable or --api-key-file: a command line is visible to other users).
+    #[arg(
+        long,
+        env = "HETERO_API_KEY",
+        hide_env_values = true,
+        conflicts_with = "api_key_file"
+    )]
+    pub api_key: Option<String>,
+    /// A file whose first line is the API key.
+    #[arg(long)]
+    pub api_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub place: PlacingArgs,
+}
+
+/// `hetero infer-worker`'s options.
+#[derive(Debug, Args)]
+pub struct InferWorkerArgs {
+    /// The same model as the front's.
+    pub model: String,
+    /// This worker's rank (1 … workers − 1).
+    #[arg(long)]
+    pub rank: usize,
+    /// Address to bind instead of this rank's --mesh address (e.g. 0.0.0.0:PORT).
+    #[arg(long)]
+    pub listen: Option<String>,
+    #[command(flatten)]
+    pub place: PlacingArgs,
+}
+
+/// `hetero serve`: the model behind the HTTP API until Ctrl-C.
+pub fn serve(args: &ServeArgs) -> Result<ExitCode> {
+    use hetero_serve::auth::ApiKey;
+    let api_key = match (&args.api_key, &args.api_key_file) {
+        (Some(key), _) => Some(ApiKey::new(key).map_err(|e| e.context("--api-key"))?),
+        (None, Some(path)) => Some(ApiKey::from_file(path)?),
+        (None, None) => None,
+    };
+    let options = hetero_serve::server::ServeOptions {
+        listen: args.listen.clone(),
+        queue: args.queue,
+        batch: args.batch as usize,
+        context: args.context,
+        dry_run: args.place.dry_run,
+        api_key,
+    };
+    hetero_serve::server::serve(&args.model, &options, &args.place.placing(128, 32))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `hetero infer-worker`: one non-front rank of a mesh.
+pub fn infer_worker(args: &InferWorkerArgs) -> Result<ExitCode> {
+    let place = args.place.placing(128, 32);
+    hetero_serve::worker::infer_worker(&args.model, args.rank, &place, args.listen.as_deref())?;
+    Ok(ExitCode::SUCCESS)
+}
 
 /// `hetero models …`.
 #[derive(Debug, Subcommand)]
@@ -224,15 +321,17 @@ impl SamplingArgs {
 }
 
 /// `hetero infer`.
-pub fn infer(
-    model_name: &str,
-    prompt: &[String],
-    max_tokens: usize,
-    chat: bool,
-    sampling: &SamplingArgs,
-    place: &Placing,
-    dry_run: bool,
-) -> Result<ExitCode> {
+pub fn infer(args: &InferArgs) -> Result<ExitCode> {
+    let InferArgs {
+        model: model_name,
+        prompt,
+        max_tokens,
+        chat,
+        sampling,
+        place,
+    } = args;
+    let (max_tokens, chat, dry_run) = (*max_tokens, *chat, place.dry_run);
+    let place = &place.placing(128, max_tokens);
     // Checked before the model is opened and the workers start.
     sampling.generation(max_tokens)?;
     let text = prompt.join(" ");

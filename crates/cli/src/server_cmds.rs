@@ -12,6 +12,78 @@ use tokio::sync::watch;
 
 use crate::connection::{Connection, read_token_file};
 
+/// `hetero coordinator`'s options.
+#[derive(clap::Args)]
+pub struct CoordinatorArgs {
+    /// Address to serve gRPC on.
+    #[arg(long, default_value = "0.0.0.0:7070")]
+    pub listen: String,
+    /// Folder for the store and the token file.
+    #[arg(long, default_value = ".hetero")]
+    pub data_dir: PathBuf,
+    /// Cluster token (default: reuse <data-dir>/token, or create one).
+    #[arg(long, env = "HETERO_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Seconds without a heartbeat before a node is declared dead.
+    #[arg(long, default_value_t = 10)]
+    pub dead_after: u64,
+    /// POST every alert as JSON to this https:// (or http://) URL (retried, never blocking).
+    #[arg(long)]
+    pub alert_webhook: Option<String>,
+    /// PEM certificates an https:// webhook may also be signed by (besides the
+    /// public web's authorities): a company CA, or the server's own certificate.
+    #[arg(long)]
+    pub alert_webhook_ca: Option<PathBuf>,
+    /// Address of the web dashboard and /metrics (read-only; for holders of the token).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub dashboard: String,
+    /// A host name the dashboard answers to besides IP addresses and localhost
+    /// (the name in the URL operators open; repeat for several).
+    #[arg(long = "dashboard-host")]
+    pub dashboard_hosts: Vec<String>,
+    /// Serve gRPC in plaintext, the token readable on the path (agents and
+    /// clients then give --coordinator http://HOST:PORT). Only on links you trust.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub insecure: bool,
+    /// Serve this PEM certificate chain (from your own authority) instead of one
+    /// the token's authority signs; agents, workers and clients then trust your
+    /// authority through HETERO_TLS_CA=FILE. Needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// `hetero agent`'s options.
+#[derive(clap::Args)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub conn: Connection,
+    /// Workers this machine runs at once (default: its core count).
+    #[arg(long)]
+    pub slots: Option<u32>,
+    /// Address other machines reach this one's workers at.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub data_host: String,
+    /// Folder for workers' files.
+    #[arg(long, default_value = ".hetero/agent")]
+    pub work_dir: PathBuf,
+    /// Configuration file: CPU slots, speed cap, declared devices (see docs/cluster.md).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Speed cap of this agent's CPU in (0, 1]: workers idle to emulate a slower device.
+    #[arg(long)]
+    pub speed: Option<f64>,
+    /// burn backend of this agent's CPU workers for jobs that ask for `auto`.
+    #[arg(long, default_value = "auto")]
+    pub backend: String,
+    /// GPUs to offer: BACKEND:COUNT[:MEMORY_GB] (e.g. cuda:2:24), repeatable; needs a
+    /// build with that backend's feature.
+    #[arg(long = "gpu", value_name = "BACKEND:COUNT[:GB]")]
+    pub gpus: Vec<String>,
+}
+
 /// Creates `dir` if needed and makes it the owner's alone (0700): it holds the
 /// token and the store, which name every job, node and log line.
 fn private_folder(dir: &Path) -> Result<()> {
@@ -72,40 +144,31 @@ fn control_tls(insecure: bool, files: Option<(PathBuf, PathBuf)>) -> Result<Cont
     })
 }
 
-/// Runs the coordinator until Ctrl-C. `alert_webhook`: the URL alerts are POSTed to
-/// and a CA file for it; `dashboard`: its address and the host names it answers to
-/// besides IP addresses and localhost; `tls`: `--insecure` and the operator's
-/// certificate and key files.
-pub fn coordinator(
-    listen: &str,
-    data_dir: &Path,
-    token: Option<String>,
-    dead_after: u64,
-    alert_webhook: (Option<&str>, Option<&Path>),
-    dashboard: (&str, Vec<String>),
-    tls: (bool, Option<(PathBuf, PathBuf)>),
-) -> Result<ExitCode> {
-    let (dashboard, dashboard_hosts) = dashboard;
+/// Runs the coordinator until Ctrl-C.
+pub fn coordinator(args: &CoordinatorArgs) -> Result<ExitCode> {
+    let data_dir = args.data_dir.as_path();
+    let (listen, dashboard) = (args.listen.as_str(), args.dashboard.as_str());
     private_folder(data_dir)?;
     let token_file = data_dir.join("token");
     if token_file.exists() {
         restrict(&token_file, 0o600)?;
     }
-    let token = match token.or_else(|| read_token_file(data_dir)) {
+    let token = match args.token.clone().or_else(|| read_token_file(data_dir)) {
         Some(t) => t,
         None => {
-            let t = hetero_cluster::new_token();
+            let t = hetero_proto::auth::new_token();
             write_private(&token_file, t.as_bytes())?;
             t
         }
     };
     let mut config = CoordinatorConfig::new(data_dir.join("coordinator.redb"), &token);
-    config.dead_after = std::time::Duration::from_secs(dead_after.max(1));
-    config.tls = control_tls(tls.0, tls.1)?;
+    config.dead_after = std::time::Duration::from_secs(args.dead_after.max(1));
+    config.tls = control_tls(args.insecure, args.tls_cert.clone().zip(args.tls_key.clone()))?;
     let served = config.tls.clone();
-    let (webhook, webhook_ca) = alert_webhook;
-    config.alert_webhook = webhook
-        .map(|url| Webhook::parse_with_ca(url, webhook_ca))
+    config.alert_webhook = args
+        .alert_webhook
+        .as_deref()
+        .map(|url| Webhook::parse_with_ca(url, args.alert_webhook_ca.as_deref()))
         .transpose()
         .map_err(anyhow::Error::msg)?;
     let coordinator = Coordinator::open(config)?;
@@ -133,7 +196,7 @@ pub fn coordinator(
         tokio::spawn(hetero_cluster::dashboard::serve(
             coordinator.clone(),
             board,
-            dashboard_hosts,
+            args.dashboard_hosts.clone(),
         ));
         // The token itself stays in its file: a terminal's scroll-back, a log
         // collector or a shared screen is no place for a secret.
@@ -183,22 +246,22 @@ fn parse_gpu(arg: &str) -> Result<GpuGroup> {
 }
 
 /// Runs an agent until Ctrl-C.
-#[allow(clippy::too_many_arguments)] // one per command-line option
-pub fn agent(
-    conn: &Connection,
-    slots: Option<u32>,
-    data_host: &str,
-    work_dir: &Path,
-    config_file: Option<&Path>,
-    speed: Option<f64>,
-    backend: &str,
-    gpus: &[String],
-) -> Result<ExitCode> {
+pub fn agent(args: &AgentArgs) -> Result<ExitCode> {
+    let AgentArgs {
+        conn,
+        slots,
+        data_host,
+        work_dir,
+        config: config_file,
+        speed,
+        backend,
+        gpus,
+    } = args;
     let gpus = gpus.iter().map(|g| parse_gpu(g)).collect::<Result<Vec<_>>>()?;
     let backend = hetero_job::Backend::from_name(backend)
         .with_context(|| format!("--backend {backend:?}: choose auto, flex or ndarray"))?;
     let token = conn.token()?;
-    let file = match config_file {
+    let file = match config_file.as_deref() {
         Some(path) => AgentFile::load(path).map_err(anyhow::Error::msg)?,
         None => AgentFile::default(),
     };

@@ -65,7 +65,7 @@ impl Access {
 
     /// A cookie value valid until `expiry` (seconds since the epoch).
     fn session(&self, expiry: u64) -> String {
-        format!("{expiry}.{}", crate::hex(&self.mac(expiry)))
+        format!("{expiry}.{}", hetero_proto::auth::hex(&self.mac(expiry)))
     }
 
     fn mac(&self, expiry: u64) -> [u8; 32] {
@@ -82,7 +82,11 @@ impl Access {
         let Ok(expiry) = expiry.parse::<u64>() else {
             return false;
         };
-        expiry > now && hetero_proto::auth::constant_time_eq(mac.as_bytes(), crate::hex(&self.mac(expiry)).as_bytes())
+        expiry > now
+            && hetero_proto::auth::constant_time_eq(
+                mac.as_bytes(),
+                hetero_proto::auth::hex(&self.mac(expiry)).as_bytes(),
+            )
     }
 
     fn token_matches(&self, given: &str) -> bool {

@@ -59,7 +59,7 @@ impl LocalCluster {
         mut configure: impl FnMut(usize, &mut AgentConfig),
     ) -> Result<LocalCluster, ClusterError> {
         let scratch = tempfile::tempdir().map_err(|e| ClusterError::io("creating the cluster's folder", e))?;
-        let token = crate::new_token();
+        let token = hetero_proto::auth::new_token();
         let coordinator = Coordinator::open(CoordinatorConfig::new(scratch.path().join("coordinator.redb"), &token))?;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await

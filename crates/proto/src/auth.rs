@@ -23,6 +23,20 @@ impl CheckToken {
     }
 }
 
+/// A fresh random token (32 hex characters, 128 bits): a cluster's, a node's key,
+/// an inference mesh's. The one generator every crate uses.
+pub fn new_token() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    hex(&bytes)
+}
+
+/// `bytes` as lowercase hexadecimal.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Compares without an early exit, so timing does not reveal the token's prefix.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0

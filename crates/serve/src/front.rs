@@ -108,7 +108,7 @@ fn meet(model_name: &str, place: &Placing) -> Result<(Mesh, Children, Vec<Socket
             (addrs.len(), addrs, listener, Children(vec![]), token)
         }
         None => {
-            let token = place.token.clone().unwrap_or_else(fresh_token);
+            let token = place.token.clone().unwrap_or_else(hetero_proto::auth::new_token);
             let listener = TcpListener::bind("127.0.0.1:0")?;
             let mut addrs = vec![listener.local_addr()?];
             let mut children = Children(vec![]);
@@ -167,10 +167,4 @@ pub(crate) fn form(
     config.connect_timeout = Duration::from_secs(600);
     config.io_timeout = Duration::from_secs(3600);
     Mesh::form(config, listener, addrs).context("forming the data-plane mesh")
-}
-
-fn fresh_token() -> String {
-    use rand::Rng;
-    let mut rng = rand::rng();
-    (0..32).map(|_| format!("{:x}", rng.random_range(0..16u8))).collect()
 }

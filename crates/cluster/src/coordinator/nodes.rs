@@ -119,7 +119,11 @@ impl Nodes {
             .filter(|n| n.key.is_empty() || n.key == agent_key);
         let (agent_id, key, next) = match returning {
             Some(n) => (n.agent_id.clone(), agent_key.to_string(), self.next),
-            None => (format!("node-{}", self.next + 1), crate::new_token(), self.next + 1),
+            None => (
+                format!("node-{}", self.next + 1),
+                hetero_proto::auth::new_token(),
+                self.next + 1,
+            ),
         };
         if let Some(old) = self.map.get(&agent_id) {
             for g in &mut groups {

@@ -3,10 +3,17 @@
 //! - `allreduce`: ring allreduce over real loopback TCP, algorithm and bus bandwidth
 //!   (nccl-tests definitions: busbw = algbw · 2(n−1)/n);
 //! - `train`: one worker's training speed per model and backend against a plain burn
-//!   loop (see [`crate::bench_train`]);
-//! - `scheduler`: the coordinator under a burst of jobs (see [`crate::bench_scheduler`]);
+//!   loop (see [`crate::bench::train`]);
+//! - `scheduler`: the coordinator under a burst of jobs (see [`crate::bench::scheduler`]);
 //! - `hetero`: unlike devices in one job, weighted versus even split (see
-//!   [`crate::bench_hetero`]).
+//!   [`crate::bench::hetero`]);
+//! - `infer`: a model's inference against llama.cpp, and placements against each
+//!   other (see [`crate::bench::infer`]).
+
+pub mod hetero;
+pub mod infer;
+pub mod scheduler;
+pub mod train;
 
 use std::process::ExitCode;
 use std::thread;
@@ -138,14 +145,14 @@ pub fn run(command: BenchCommand) -> Result<ExitCode> {
             tokens,
             seq,
             place,
-        } => crate::bench_infer::run(&crate::bench_infer::InferBench {
+        } => crate::bench::infer::run(&crate::bench::infer::InferBench {
             model: &model,
             place: &place.placing(seq, tokens),
             requests,
             tokens,
             seq,
         })?,
-        BenchCommand::Scheduler { jobs, groups } => crate::bench_scheduler::run(jobs, groups)?,
+        BenchCommand::Scheduler { jobs, groups } => crate::bench::scheduler::run(jobs, groups)?,
         BenchCommand::Hetero {
             speeds,
             model,
@@ -153,7 +160,7 @@ pub fn run(command: BenchCommand) -> Result<ExitCode> {
             batch,
             epochs,
             data,
-        } => crate::bench_hetero::run(&crate::bench_hetero::HeteroBench {
+        } => crate::bench::hetero::run(&crate::bench::hetero::HeteroBench {
             speeds: &speeds,
             model: &model,
             train_limit,
@@ -172,7 +179,7 @@ pub fn run(command: BenchCommand) -> Result<ExitCode> {
                 .iter()
                 .map(|name| Backend::from_name(name).with_context(|| format!("--backends: unknown backend {name:?}")))
                 .collect::<Result<Vec<_>>>()?;
-            crate::bench_train::run(&crate::bench_train::TrainBench {
+            crate::bench::train::run(&crate::bench::train::TrainBench {
                 model: &model,
                 backends: &backends,
                 steps,
