@@ -1,6 +1,6 @@
 //! Hetero's data plane: tensors travel here, never through the gRPC control plane.
 //!
-//! Three layers, each in its own module, read from the bottom up:
+//! Its modules, from the wire up:
 //! - [`frame`]: length-prefixed frames on a TCP stream, with a size limit so a
 //!   corrupt or hostile length cannot make us allocate gigabytes;
 //! - [`handshake`]: a mutual HMAC challenge–response proving both ends hold the

@@ -12,13 +12,19 @@
 //!   VNNI, AVX2, or plain Rust; see [`Level`]), threaded on a persistent [`Pool`]; a
 //!   prompt's products ([`Kernels::for_prompt`]) on Intel's tile unit where there is one.
 //!
-//! Workspace lints deny `unsafe`; four modules allow it, each saying why in its doc:
-//! `dispatch` (calling `#[target_feature]` kernels), `pool` (handing a borrowed job to
-//! helper threads), `bytes` (memory-mapping model files) and `simd::amx` (the tile
-//! unit's instructions, in inline assembly).
+//! And [`dense`]: the f32 kernels of training (convolution, pooling, attention,
+//! layer norm, activations) that burn's flex backend calls through Hetero's hooks.
+//!
+//! Workspace lints deny `unsafe`; a few modules allow it, each saying why in its doc:
+//! `dispatch` and `dense::multiversion` (calling `#[target_feature]` kernels), `pool`
+//! (handing a borrowed job to helper threads), `bytes` (memory-mapping model files),
+//! `simd::amx` (the tile unit's instructions, in inline assembly), and
+//! `dense::{maps, conv, pool, layer_norm}` (outputs written into spare capacity
+//! before a vector's length is set; `gemm`'s pointer-and-stride entry point).
 
 mod acts;
 mod bytes;
+pub mod dense;
 mod dispatch;
 mod formats;
 mod matmul;

@@ -24,17 +24,7 @@ impl ActivationOps<Flex> for Flex {
         // Hetero: f32 vectorised for the CPU at hand and split over threads, in place
         // when the tensor is not shared.
         if tensor.dtype() == DType::F32 {
-            use crate::ops::elementwise_f32 as f32s;
-            let mut x = tensor.to_contiguous();
-            drop(tensor); // so that `x` is the only owner when nothing else holds it
-            if x.is_unique() && x.layout().start_offset() == 0 {
-                let n = x.layout().num_elements();
-                f32s::update(&mut x.storage_mut::<f32>()[..n], |_, chunk| f32s::relu_in_place(chunk));
-                return x;
-            }
-            let shape = x.layout().shape().clone();
-            let out = f32s::map(x.storage(), f32s::relu);
-            return FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(shape), DType::F32);
+            return crate::ops::hetero::relu_f32(tensor);
         }
         unary_op(tensor, |x: f32| x.max(0.0), |x: f64| x.max(0.0))
     }
@@ -43,23 +33,7 @@ impl ActivationOps<Flex> for Flex {
         // Hetero: f32 of one shape vectorised and split over threads, written over the
         // upstream gradient when it is not shared.
         if output.dtype() == DType::F32 && grad.dtype() == DType::F32 && output.layout().shape() == grad.layout().shape() {
-            use crate::ops::elementwise_f32 as f32s;
-            let (output, mut grad) = {
-                let (o, g) = (output.to_contiguous(), grad.to_contiguous());
-                drop((output, grad)); // so that `g` is the only owner when nothing else holds it
-                (o, g)
-            };
-            let os: &[f32] = output.storage();
-            if grad.is_unique() && grad.layout().start_offset() == 0 {
-                let n = grad.layout().num_elements();
-                f32s::update(&mut grad.storage_mut::<f32>()[..n], |start, chunk| {
-                    f32s::relu_grad_in_place(&os[start..start + chunk.len()], chunk)
-                });
-                return grad;
-            }
-            let out = f32s::zip_map(os, grad.storage(), f32s::relu_grad);
-            let shape = grad.layout().shape().clone();
-            return FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(shape), DType::F32);
+            return crate::ops::hetero::relu_backward_f32(output, grad);
         }
         // grad * (output > 0): zero the gradient where output was zero
         binary_op(
@@ -98,14 +72,11 @@ impl ActivationOps<Flex> for Flex {
         let sqrt2_f64: f64 = core::f64::consts::SQRT_2;
         // Hetero: contiguous f32 through the vectorised, parallel map.
         if tensor.dtype() == DType::F32 {
-            let x = tensor.to_contiguous();
-            let shape = x.layout().shape().clone();
-            let out = crate::ops::elementwise_f32::map(x.storage(), crate::ops::elementwise_f32::gelu);
-            return FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(shape), DType::F32);
+            return crate::ops::hetero::map_f32(tensor, hetero_kernels::dense::maps::gelu);
         }
         unary_op(
             tensor,
-            gelu_f32,
+            hetero_kernels::dense::maps::gelu_f32,
             move |x: f64| 0.5 * x * (1.0 + erf_f64(x / sqrt2_f64)),
         )
     }
@@ -118,16 +89,12 @@ impl ActivationOps<Flex> for Flex {
         // Hetero: f32 of one shape as one straight loop, vectorised for the CPU at hand
         // and split over threads (the generic path called the closure per element).
         if x.dtype() == DType::F32 && grad.dtype() == DType::F32 && x.layout().shape() == grad.layout().shape() {
-            let (x, grad) = (x.to_contiguous(), grad.to_contiguous());
-            let (xs, gs): (&[f32], &[f32]) = (x.storage(), grad.storage());
-            let out = crate::ops::elementwise_f32::zip_map(xs, gs, crate::ops::elementwise_f32::gelu_grad);
-            let shape = x.layout().shape().clone();
-            return FlexTensor::new(Bytes::from_elems(out), Layout::contiguous(shape), DType::F32);
+            return crate::ops::hetero::zip_map_f32(x, grad, hetero_kernels::dense::maps::gelu_grad);
         }
         binary_op(
             x,
             grad,
-            gelu_grad_f32,
+            hetero_kernels::dense::maps::gelu_grad_f32,
             move |x: f64, g| {
                 let cdf = 0.5 * (1.0 + erf_f64(x / sqrt2_f64));
                 let pdf = inv_sqrt_2pi_f64 * (-0.5 * x * x).exp();
@@ -1506,25 +1473,4 @@ mod tests {
         let gamma = flex_f64(vec![1.0; 4], &[4]);
         let _ = crate::ops::activation::layer_norm(t, gamma, None, 1e-5);
     }
-}
-
-/// Hetero: GELU of an f32, `0.5 x (1 + erf(x / √2))`. A function (not a closure)
-/// marked `inline(always)`, so the vectorised maps inline it into their loops.
-/// erf needs only an absolute precision here (it is added to 1).
-#[inline(always)]
-pub(crate) fn gelu_f32(x: f32) -> f32 {
-    let (erf, _) = crate::ops::unary::erf_absolute_and_gauss_f32(x * core::f32::consts::FRAC_1_SQRT_2);
-    0.5 * x * (1.0 + erf)
-}
-
-/// Hetero: GELU's gradient at `x` times the upstream gradient `g`:
-/// `g (Φ(x) + x φ(x))`.
-#[inline(always)]
-pub(crate) fn gelu_grad_f32(x: f32, g: f32) -> f32 {
-    const INV_SQRT_2PI: f32 = 0.398_942_3;
-    // erf(x / √2) and e^(−x² / 2) from one exp.
-    let (erf, gauss) = crate::ops::unary::erf_absolute_and_gauss_f32(x * core::f32::consts::FRAC_1_SQRT_2);
-    let cdf = 0.5 * (1.0 + erf);
-    let pdf = INV_SQRT_2PI * gauss;
-    g * (cdf + x * pdf)
 }

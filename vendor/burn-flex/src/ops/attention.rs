@@ -62,9 +62,9 @@ pub fn attention(
         key.layout().shape().num_dims()
     );
     // Hetero: f32 without a bias or softcap goes to the fused kernel, whose
-    // backward pass (`attention_f32::backward`) the autodiff backend calls.
-    if super::attention_f32::handles(&query, &key, &value, attn_bias.is_some(), &options) {
-        return super::attention_f32::forward(query, key, value, mask, options);
+    // backward pass (`hetero::attention_backward`) the autodiff backend calls.
+    if super::hetero::attention_handles(&query, &key, &value, attn_bias.is_some(), &options) {
+        return super::hetero::attention_forward(query, key, value, mask, options);
     }
     let seq_q = query.layout().shape()[2];
     let seq_kv = key.layout().shape()[2];

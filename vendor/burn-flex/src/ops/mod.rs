@@ -90,7 +90,6 @@ pub(crate) fn float_storage_as_f32(tensor: &FlexTensor) -> Cow<'_, [f32]> {
 
 pub mod activation;
 pub mod attention;
-mod attention_f32;
 pub mod binary;
 mod bool;
 pub mod cat;
@@ -98,10 +97,6 @@ pub mod comparison;
 #[macro_use]
 mod conv_common;
 pub mod conv;
-// Hetero: convolution backward passes as im2col + GEMM (vendor/README.md).
-pub mod conv_gemm;
-// Hetero: multiversioned, parallel element-wise f32 maps (GELU, its gradient, exp).
-mod elementwise_f32;
 pub mod conv_transpose;
 pub mod cumulative;
 pub mod deform_conv;
@@ -109,8 +104,9 @@ pub mod expand;
 pub mod fft;
 pub mod flip;
 mod float;
-mod layer_norm_f32;
 pub mod gather_scatter;
+// Hetero: flex's side of Hetero's CPU kernels (crates/kernels; vendor/README.md).
+pub mod hetero;
 pub mod grid_sample;
 mod int;
 pub mod interpolate;

@@ -65,9 +65,9 @@ impl ModuleOps<Flex> for Flex {
         options: ConvOptions<2>,
     ) -> FloatTensor<Flex> {
         match x.dtype() {
-            // Hetero: im2col + GEMM (see `conv_gemm`).
-            DType::F32 if crate::ops::conv_gemm::conv2d_handles(&weight, &options) => {
-                crate::ops::conv_gemm::conv2d(x, weight, bias, &options)
+            // Hetero: im2col + GEMM (`hetero_kernels::dense::conv`).
+            DType::F32 if crate::ops::hetero::conv2d_handles(&weight, &options) => {
+                crate::ops::hetero::conv2d(x, weight, bias, &options)
             }
             DType::F32 => conv::conv2d_f32(x, weight, bias, &options),
             DType::F64 => conv::conv2d_f64(x, weight, bias, &options),
@@ -77,14 +77,14 @@ impl ModuleOps<Flex> for Flex {
         }
     }
 
-    // Hetero: the backward passes as im2col + GEMM (see `conv_gemm`).
+    // Hetero: the backward passes as im2col + GEMM (`hetero_kernels::dense::conv`).
     fn conv2d_x_backward(
         x: FloatTensor<Flex>,
         weight: FloatTensor<Flex>,
         output_grad: FloatTensor<Flex>,
         options: ConvOptions<2>,
     ) -> FloatTensor<Flex> {
-        crate::ops::conv_gemm::conv2d_x_backward(x, weight, output_grad, &options)
+        crate::ops::hetero::conv2d_x_backward(x, weight, output_grad, &options)
     }
 
     fn conv2d_bias_backward(
@@ -92,7 +92,7 @@ impl ModuleOps<Flex> for Flex {
         bias: FloatTensor<Flex>,
         output_grad: FloatTensor<Flex>,
     ) -> FloatTensor<Flex> {
-        crate::ops::conv_gemm::conv2d_bias_backward(x, bias, output_grad)
+        crate::ops::hetero::conv2d_bias_backward(x, bias, output_grad)
     }
 
     fn conv2d_weight_backward(
@@ -101,7 +101,7 @@ impl ModuleOps<Flex> for Flex {
         output_grad: FloatTensor<Flex>,
         options: ConvOptions<2>,
     ) -> FloatTensor<Flex> {
-        crate::ops::conv_gemm::conv2d_weight_backward(x, weight, output_grad, &options)
+        crate::ops::hetero::conv2d_weight_backward(x, weight, output_grad, &options)
     }
 
     fn deform_conv2d(
@@ -739,8 +739,8 @@ impl ModuleOps<Flex> for Flex {
         grad: FloatTensor<Flex>,
         options: AttentionModuleOptions,
     ) -> (FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>) {
-        if crate::ops::attention_f32::handles(&query, &key, &value, false, &options) {
-            return crate::ops::attention_f32::backward(query, key, value, mask, output, grad, options);
+        if crate::ops::hetero::attention_handles(&query, &key, &value, false, &options) {
+            return crate::ops::hetero::attention_backward(query, key, value, mask, output, grad, options);
         }
         burn_backend::ops::attention::attention_backward_fallback::<Flex>(
             query, key, value, mask, output, grad, options,
@@ -804,7 +804,7 @@ impl ModuleOps<Flex> for Flex {
         epsilon: f64,
         grad: FloatTensor<Flex>,
     ) -> (FloatTensor<Flex>, FloatTensor<Flex>, FloatTensor<Flex>) {
-        if let Some(grads) = crate::ops::layer_norm_f32::layer_norm_backward(&tensor, &gamma, epsilon, &grad) {
+        if let Some(grads) = crate::ops::hetero::layer_norm_backward(&tensor, &gamma, epsilon, &grad) {
             return grads;
         }
         burn_backend::ops::layer_norm::layer_norm_backward_fallback::<Flex>(tensor, gamma, epsilon, grad)

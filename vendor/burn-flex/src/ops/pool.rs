@@ -12,9 +12,6 @@ use alloc::vec::Vec;
 use burn_backend::{DType, Element};
 use burn_std::{Bytes, Shape, bf16, f16};
 
-use core::mem::MaybeUninit;
-
-use super::elementwise_f32::multiversioned;
 use crate::{FlexTensor, Layout};
 
 // ============================================================================
@@ -441,7 +438,8 @@ pub fn max_pool2d_with_indices_f32(
     ceil_mode: bool,
 ) -> (FlexTensor, FlexTensor) {
     if kernel_size == [2, 2] && stride == [2, 2] && padding == [0, 0] && dilation == [1, 1] && !ceil_mode {
-        return max_pool2d_2x2_f32(x);
+        // Hetero: the 2×2 pool as a straight loop (`hetero_kernels::dense::pool`).
+        return super::hetero::max_pool2d_2x2_f32(x);
     }
     let x_3d = expand_2d_to_3d(&x);
     let (output, indices) = max_pool3d_with_indices_f32(
@@ -1193,7 +1191,8 @@ pub fn adaptive_avg_pool1d_f32(x: FlexTensor, output_size: usize) -> FlexTensor 
 
 /// Max pool 2D backward using stored indices.
 pub fn max_pool2d_backward_f32(x: FlexTensor, grad: FlexTensor, indices: FlexTensor) -> FlexTensor {
-    if let Some(dx) = max_pool2d_2x2_backward_f32(&x, &grad, &indices) {
+    // Hetero: the 2×2 pool's gradient as a straight loop, where it applies.
+    if let Some(dx) = super::hetero::max_pool2d_2x2_backward_f32(&x, &grad, &indices) {
         return dx;
     }
     let x_3d = expand_2d_to_3d(&x);
@@ -1890,136 +1889,4 @@ mod tests {
     fn test_pool_output_size_zero_stride_panics() {
         pool_output_size(4, 2, 0, 0, 1, false);
     }
-}
-
-/// Hetero: the common 2×2, stride-2 max pool (no padding or dilation; odd edges
-/// dropped, as floor mode does) as a straight loop over pairs of rows, with the same
-/// outputs and flat `h·w` indices as the general path (the first maximum wins),
-/// written once each (not zeroed first) and in parallel over the planes.
-pub fn max_pool2d_2x2_f32(x: FlexTensor) -> (FlexTensor, FlexTensor) {
-    let x = x.to_contiguous();
-    let shape = x.layout().shape();
-    let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
-    let (oh, ow) = (h / 2, w / 2);
-    let xs: &[f32] = x.storage();
-    let len = n * c * oh * ow;
-    let mut output: Vec<f32> = Vec::with_capacity(len);
-    let mut indices: Vec<i64> = Vec::with_capacity(len);
-    let (in_plane, out_plane) = (h * w, (oh * ow).max(1));
-    if len > 0 {
-        let out = &mut output.spare_capacity_mut()[..len];
-        let idx = &mut indices.spare_capacity_mut()[..len];
-        let plane = |(src, (out, idx)): (&[f32], (&mut [MaybeUninit<f32>], &mut [MaybeUninit<i64>]))| {
-            max_pool_2x2_plane(src, w, out, idx)
-        };
-        #[cfg(feature = "rayon")]
-        {
-            use rayon::prelude::*;
-            xs.par_chunks(in_plane)
-                .zip(out.par_chunks_mut(out_plane).zip(idx.par_chunks_mut(out_plane)))
-                .for_each(plane);
-        }
-        #[cfg(not(feature = "rayon"))]
-        xs.chunks(in_plane).zip(out.chunks_mut(out_plane).zip(idx.chunks_mut(out_plane))).for_each(plane);
-        // SAFETY: the planes cover all `len` outputs and each plane wrote all of its
-        // `oh·ow` values and indices.
-        unsafe {
-            output.set_len(len);
-            indices.set_len(len);
-        }
-    }
-    let out_shape = Shape::from(vec![n, c, oh, ow]);
-    (
-        FlexTensor::new(Bytes::from_elems(output), Layout::contiguous(out_shape.clone()), DType::F32),
-        FlexTensor::new(Bytes::from_elems(indices), Layout::contiguous(out_shape), DType::I64),
-    )
-}
-
-multiversioned! {
-    /// One plane of [`max_pool2d_2x2_f32`]: `src` is `[h, w]`, `out` and `idx` are
-    /// `[h / 2, w / 2]`.
-    fn max_pool_2x2_plane(src: &[f32], w: usize, out: &mut [MaybeUninit<f32>], idx: &mut [MaybeUninit<i64>]) {
-        let ow = w / 2;
-        if ow == 0 {
-            return;
-        }
-        for (r, (out, idx)) in out.chunks_exact_mut(ow).zip(idx.chunks_exact_mut(ow)).enumerate() {
-            let (top, bottom) = (&src[2 * r * w..][..2 * ow], &src[(2 * r + 1) * w..][..2 * ow]);
-            let base = (2 * r * w) as i64;
-            for q in 0..ow {
-                let (a, b, c, d) = (top[2 * q], top[2 * q + 1], bottom[2 * q], bottom[2 * q + 1]);
-                // The first maximum wins: a later candidate must be strictly larger.
-                let (mut best, mut at) = (a, 0i64);
-                if b > best {
-                    (best, at) = (b, 1);
-                }
-                if c > best {
-                    (best, at) = (c, w as i64);
-                }
-                if d > best {
-                    (best, at) = (d, w as i64 + 1);
-                }
-                out[q].write(best);
-                idx[q].write(base + 2 * q as i64 + at);
-            }
-        }
-    }
-}
-
-/// Hetero: the gradient of [`max_pool2d_2x2_f32`] — each plane zeroed, then each
-/// window's gradient put at the index it recorded, in parallel over the planes.
-/// `None` when the shapes are not a non-empty 2×2 pool's or an index lies outside
-/// its window (the caller then scatters in general).
-fn max_pool2d_2x2_backward_f32(x: &FlexTensor, grad: &FlexTensor, indices: &FlexTensor) -> Option<FlexTensor> {
-    let shape = x.layout().shape();
-    let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
-    let (oh, ow) = (h / 2, w / 2);
-    let empty = oh == 0 || ow == 0;
-    if empty || grad.layout().shape().to_vec() != [n, c, oh, ow] || indices.dtype() != DType::I64 || grad.dtype() != DType::F32 {
-        return None;
-    }
-    let (grad, indices) = (grad.to_contiguous(), indices.to_contiguous());
-    let (gs, is): (&[f32], &[i64]) = (grad.storage(), indices.storage());
-    let len = n * c * h * w;
-    let mut dx: Vec<f32> = Vec::with_capacity(len);
-    let (in_plane, out_plane) = (h * w, (oh * ow).max(1));
-    if len > 0 {
-        let out = &mut dx.spare_capacity_mut()[..len];
-        let plane = |(dx, (g, i)): (&mut [MaybeUninit<f32>], (&[f32], &[i64]))| max_unpool_2x2_plane(g, i, h, w, dx);
-        #[cfg(feature = "rayon")]
-        let all_inside = {
-            use rayon::prelude::*;
-            out.par_chunks_mut(in_plane).zip(gs.par_chunks(out_plane).zip(is.par_chunks(out_plane))).all(plane)
-        };
-        #[cfg(not(feature = "rayon"))]
-        let all_inside = out.chunks_mut(in_plane).zip(gs.chunks(out_plane).zip(is.chunks(out_plane))).all(plane);
-        if !all_inside {
-            return None;
-        }
-        // SAFETY: every plane wrote all of its `h·w` values (it returned true).
-        unsafe { dx.set_len(len) };
-    }
-    Some(FlexTensor::new(Bytes::from_elems(dx), Layout::contiguous(shape.clone()), DType::F32))
-}
-
-/// One plane of [`max_pool2d_2x2_backward_f32`]: all of `dx` (`[h, w]`) zeroed,
-/// then each window's gradient put at its index (windows are disjoint, so nothing
-/// adds up); false, with `dx` partly written, if an index is outside its window.
-fn max_unpool_2x2_plane(grad: &[f32], indices: &[i64], h: usize, w: usize, dx: &mut [MaybeUninit<f32>]) -> bool {
-    let (oh, ow) = (h / 2, w / 2);
-    dx.fill(MaybeUninit::new(0.0));
-    for r in 0..oh {
-        for q in 0..ow {
-            let (g, at) = (grad[r * ow + q], indices[r * ow + q]);
-            let top_left = 2 * r * w + 2 * q;
-            let Some(offset) = usize::try_from(at).ok().and_then(|at| at.checked_sub(top_left)) else {
-                return false;
-            };
-            if !(offset < 2 || offset == w || offset == w + 1) {
-                return false;
-            }
-            dx[top_left + offset].write(g);
-        }
-    }
-    true
 }

@@ -163,50 +163,12 @@ where
 
 /// Exponential: e^x
 pub fn exp(tensor: FlexTensor) -> FlexTensor {
-    // Hetero: a branch-free f32 exp, through the vectorised, parallel map when f32.
+    // Hetero: a branch-free f32 exp (`hetero_kernels::dense::maps`), through the
+    // vectorised, parallel map when f32.
     if tensor.dtype() == DType::F32 {
-        let x = tensor.to_contiguous();
-        let shape = x.layout().shape().clone();
-        let out = crate::ops::elementwise_f32::map(x.storage(), crate::ops::elementwise_f32::exp);
-        return FlexTensor::new(Bytes::from_elems(out), crate::Layout::contiguous(shape), DType::F32);
+        return crate::ops::hetero::map_f32(tensor, hetero_kernels::dense::maps::exp);
     }
-    unary_op(tensor, exp_f32, |x| x.exp())
-}
-
-/// Hetero: `e^x` for f32 without calling libm, so loops over it vectorise: Cephes'
-/// `expf` (range reduction by ln 2 in two parts, a degree-5 polynomial, the
-/// exponent set directly), within 2 ulp of the exact value over the normal range.
-/// Below −87.3 it is 0 (libm's slow underflow path is what masked attention
-/// scores took), above 88.7 infinity; NaN stays NaN.
-#[inline(always)]
-pub fn exp_f32(x: f32) -> f32 {
-    const LOG2E: f32 = core::f32::consts::LOG2_E;
-    let c = x.clamp(-87.3, 88.7);
-    // Round to nearest by adding and taking away 1.5·2²³ (no `floor`: without
-    // SSE 4.1 that is a libm call and the loop would not vectorise).
-    const ROUND: f32 = 12_582_912.0;
-    let t = c * LOG2E + ROUND;
-    let n = t - ROUND;
-    // n as an integer, from t's bits (an `as i32` cast saturates and checks for NaN
-    // per element, which keeps the loop scalar).
-    let ni = t.to_bits() as i32 - ROUND.to_bits() as i32;
-    let r = c - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let mut p = 1.987_569_1e-4f32;
-    p = p * r + 1.398_199_9e-3;
-    p = p * r + 8.333_452e-3;
-    p = p * r + 4.166_579_6e-2;
-    p = p * r + 1.666_666_5e-1;
-    p = p * r + 5.000_000_1e-1;
-    let p = p * r * r + r + 1.0;
-    let scale = f32::from_bits(((ni + 127) as u32) << 23);
-    let y = p * scale;
-    if x < -87.3 {
-        0.0
-    } else if x > 88.7 {
-        f32::INFINITY
-    } else {
-        y
-    }
+    unary_op(tensor, hetero_kernels::dense::maps::exp_f32, |x| x.exp())
 }
 
 /// Natural logarithm: ln(x)
@@ -400,31 +362,8 @@ pub fn erf(tensor: FlexTensor) -> FlexTensor {
 /// Error function for f32.
 #[inline(always)]
 pub fn erf_f32(x: f32) -> f32 {
-    let (tail, _) = erf_absolute_and_gauss_f32(x);
-    // Near 0 the tail form cancels (1 − almost 1); the Maclaurin series, to x¹³,
-    // is exact to f32 rounding for |x| < 0.5.
-    let x2 = x * x;
-    let series = x
-        * core::f32::consts::FRAC_2_SQRT_PI
-        * (1.0 + x2 * (-1.0 / 3.0 + x2 * (1.0 / 10.0 + x2 * (-1.0 / 42.0 + x2 * (1.0 / 216.0 + x2 * (-1.0 / 1320.0 + x2 / 9360.0))))));
-    if x.abs() < 0.5 { series } else { tail }
-}
-
-/// Hetero: `erf(x)` without [`erf_f32`]'s series near 0, and `e^(−x²)`: erf within an
-/// absolute 1.5e-7 everywhere, but not to a relative one where erf is tiny. GELU
-/// only ever adds erf to 1, so that is all it needs, and it skips a polynomial;
-/// its gradient takes the normal density from the same exp (`e^(−u²)` at
-/// `u = x/√2` is `e^(−x²/2)`), saving another exp per element.
-#[inline(always)]
-pub fn erf_absolute_and_gauss_f32(x: f32) -> (f32, f32) {
-    // Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7, the form PyTorch's
-    // vectorised CPU erf uses) on the vectorisable `exp_f32`, instead of libm's
-    // branchy erff, which took a tenth of a transformer's training step.
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = t * (0.254_829_6 + t * (-0.284_496_74 + t * (1.421_413_8 + t * (-1.453_152_1 + t * 1.061_405_4))));
-    let gauss = exp_f32(-a * a);
-    ((1.0 - poly * gauss).copysign(x), gauss)
+    // Hetero: vectorisable, without libm (`hetero_kernels::dense::maps::erf_f32`).
+    hetero_kernels::dense::maps::erf_f32(x)
 }
 
 /// Error function for f64.

@@ -1,4 +1,4 @@
-//! Hetero: fused scaled-dot-product attention for f32, forward and backward, for
+//! Fused scaled-dot-product attention for f32, forward and backward, for
 //! score tiles that fit in cache (`seq_q × seq_kv ≤ MAX_TILE`).
 //!
 //! Each `(batch, head)` pair is one small problem: its query, key and value rows
@@ -16,46 +16,24 @@
 //! so results do not depend on scheduling.
 //!
 //! Results (the output and the three gradients) are laid out in memory as
-//! `[batch, seq, heads, dim]` and returned as `[batch, heads, seq, dim]` views: the
-//! `swap_dims(1, 2)` and `reshape` that merge the heads again are then free.
-//!
-//! Checked in `crates/models/tests/cpu_kernels.rs` against burn's attention built
-//! from tensor operations (values and all three gradients, with and without the
-//! causal flag and a mask, on strided inputs).
+//! `[batch, seq, heads, dim]`, so a caller can return them as `[batch, heads, seq,
+//! dim]` views whose `swap_dims(1, 2)` and `reshape` (merging the heads again) are
+//! free.
 
-use alloc::vec;
-use alloc::vec::Vec;
-use core::ops::Range;
-use burn_backend::DType;
-use burn_backend::ops::AttentionModuleOptions;
-use burn_std::{Bytes, Shape};
+use std::ops::Range;
 
-use super::attention::broadcast_attn_mask_bias;
-use super::elementwise_f32::{dot, madd, multiversioned, tree};
-use super::unary::exp_f32;
-use crate::{FlexTensor, Layout};
+use super::maps::exp_f32;
+use super::multiversion::{dot, madd, tree};
 
 /// Largest score tile (`seq_q × seq_kv`, each padded to a multiple of 16) the
 /// fused kernels handle: a head's probabilities and the gathered key and value
 /// rows stay in L2 up to this size.
 const MAX_TILE: usize = 256 * 256;
 
-/// Whether the fused kernels handle these arguments: f32, 4-D, no additive bias
-/// and no softcap, and a score tile of at most [`MAX_TILE`] elements.
-pub(crate) fn handles(
-    query: &FlexTensor,
-    key: &FlexTensor,
-    value: &FlexTensor,
-    has_bias: bool,
-    options: &AttentionModuleOptions,
-) -> bool {
-    let four_d = |t: &FlexTensor| t.layout().num_dims() == 4;
-    [query, key, value]
-        .iter()
-        .all(|t| t.dtype() == DType::F32 && four_d(t))
-        && !has_bias
-        && options.softcap.is_none()
-        && padded(query.layout().shape()[2]) * padded(key.layout().shape()[2]) <= MAX_TILE
+/// Whether the fused kernels take a problem of `seq_q` queries over `seq_kv` keys:
+/// its score tile fits [`MAX_TILE`].
+pub fn fits(seq_q: usize, seq_kv: usize) -> bool {
+    padded(seq_q) * padded(seq_kv) <= MAX_TILE
 }
 
 /// Width of the register blocks: 16 f32 lanes, one AVX-512 register (two AVX2
@@ -174,12 +152,18 @@ fn block_product<const FMA: bool>(
         let mut c = 0;
         while c < chunks {
             if c + 2 <= chunks {
-                for (r, acc) in tile::<HALF, 2, FMA>(a, r1, ks.clone(), &b[c * W..], bs).iter().enumerate() {
+                for (r, acc) in tile::<HALF, 2, FMA>(a, r1, ks.clone(), &b[c * W..], bs)
+                    .iter()
+                    .enumerate()
+                {
                     put(r1 + r, c, acc);
                 }
                 c += 2;
             } else {
-                for (r, acc) in tile::<HALF, 1, FMA>(a, r1, ks.clone(), &b[c * W..], bs).iter().enumerate() {
+                for (r, acc) in tile::<HALF, 1, FMA>(a, r1, ks.clone(), &b[c * W..], bs)
+                    .iter()
+                    .enumerate()
+                {
                     put(r1 + r, c, acc);
                 }
                 c += 1;
@@ -188,29 +172,22 @@ fn block_product<const FMA: bool>(
     }
 }
 
-/// A 4-D f32 tensor read through its own strides.
-struct View<'a> {
-    data: &'a [f32],
-    start: isize,
-    strides: [isize; 4],
-    rows: usize,
-    cols: usize,
+/// A 4-D f32 operand `[batch, heads, seq, dim]` read through its own strides:
+/// element `(b, h, t, d)` at `data[start + b·s₀ + h·s₁ + t·s₂ + d·s₃]` (so the
+/// `swap_dims` views a transformer passes need no copy).
+#[derive(Debug, Clone, Copy)]
+pub struct Strided<'a> {
+    /// The storage.
+    pub data: &'a [f32],
+    /// Where element `(0, 0, 0, 0)` is.
+    pub start: isize,
+    /// The step of each dimension.
+    pub strides: [isize; 4],
+    /// `[batch, heads, seq, dim]`.
+    pub shape: [usize; 4],
 }
 
-impl<'a> View<'a> {
-    fn of(tensor: &'a FlexTensor) -> Self {
-        let layout = tensor.layout();
-        let s = layout.strides();
-        let shape = layout.shape();
-        View {
-            data: tensor.storage(),
-            start: layout.start_offset() as isize,
-            strides: [s[0], s[1], s[2], s[3]],
-            rows: shape[2],
-            cols: shape[3],
-        }
-    }
-
+impl<'a> Strided<'a> {
     fn at(&self, b: usize, h: usize, t: usize, d: usize) -> usize {
         (self.start
             + b as isize * self.strides[0]
@@ -221,11 +198,12 @@ impl<'a> View<'a> {
 
     /// The `(b, h)` matrix, row `t` at `out[t·stride..]` (the padding is left as is).
     fn gather(&self, b: usize, h: usize, out: &mut [f32], stride: usize) {
-        for t in 0..self.rows {
-            let row = &mut out[t * stride..][..self.cols];
+        let (rows, cols) = (self.shape[2], self.shape[3]);
+        for t in 0..rows {
+            let row = &mut out[t * stride..][..cols];
             if self.strides[3] == 1 {
                 let at = self.at(b, h, t, 0);
-                copy_short(row, &self.data[at..at + self.cols]);
+                copy_short(row, &self.data[at..at + cols]);
             } else {
                 for (d, x) in row.iter_mut().enumerate() {
                     *x = self.data[self.at(b, h, t, d)];
@@ -268,22 +246,21 @@ struct Problem<'a> {
 
 impl Problem<'_> {
     fn new<'m>(
-        query: &FlexTensor,
-        key: &FlexTensor,
-        value: &FlexTensor,
-        mask: Option<&'m (FlexTensor, usize, usize)>,
-        options: &AttentionModuleOptions,
+        query: &Strided,
+        key: &Strided,
+        value: &Strided,
+        mask: Option<Mask<'m>>,
+        scale: Option<f64>,
+        causal: bool,
     ) -> Problem<'m> {
-        let q = query.layout().shape();
-        let k = key.layout().shape();
-        let v = value.layout().shape();
+        let (q, k, v) = (query.shape, key.shape, value.shape);
         assert!(
             k[0] == q[0] && v[0] == q[0] && k[1] == q[1] && v[1] == q[1],
             "attention: batch and heads of query {q:?}, key {k:?} and value {v:?} differ"
         );
         assert_eq!(k[3], q[3], "attention: key head_dim differs from query's");
         assert_eq!(v[2], k[2], "attention: value seq_kv differs from key's");
-        let scale = options.scale.unwrap_or_else(|| 1.0 / (q[3] as f64).sqrt()) as f32;
+        let scale = scale.unwrap_or_else(|| 1.0 / (q[3] as f64).sqrt()) as f32;
         Problem {
             batch: q[0],
             heads: q[1],
@@ -292,8 +269,8 @@ impl Problem<'_> {
             head_dim: q[3],
             val_dim: v[3],
             scale,
-            causal_offset: options.is_causal.then(|| k[2] as isize - q[2] as isize),
-            mask: mask.map(|(m, batch_step, head_step)| (m.bytes(), *batch_step, *head_step)),
+            causal_offset: causal.then(|| k[2] as isize - q[2] as isize),
+            mask: mask.map(|m| (m.hidden, m.batch_step, m.head_step)),
         }
     }
 
@@ -382,8 +359,17 @@ impl Head {
         r0: usize,
         cols: usize,
     ) -> [bool; ROWS] {
-        let q = Operand { data: &self.q, rs: self.dp, ks: 1 };
-        let mut dest = Dest { data: &mut self.p, rs: self.kp, rows: usize::MAX, cols };
+        let q = Operand {
+            data: &self.q,
+            rs: self.dp,
+            ks: 1,
+        };
+        let mut dest = Dest {
+            data: &mut self.p,
+            rs: self.kp,
+            rows: usize::MAX,
+            cols,
+        };
         block_product::<FMA>(q, r0, 0..p.head_dim, &self.kt, self.kp, cols / W, &mut dest);
         let mut sees = [false; ROWS];
         for (row, sees) in (r0..(r0 + ROWS).min(p.seq_q)).zip(&mut sees) {
@@ -442,28 +428,17 @@ fn softmax(scores: &mut [f32], end: usize, mask: Option<&[u8]>, scale: f32) -> b
     true
 }
 
-/// The mask as contiguous u8 `[seq_q, seq_kv]` tiles with per-batch and per-head steps.
-fn prepare_mask(
-    mask: Option<FlexTensor>,
-    query: &FlexTensor,
-    key: &FlexTensor,
-) -> Option<(FlexTensor, usize, usize)> {
-    mask.map(|m| {
-        let q = query.layout().shape();
-        let target = [q[0], q[1], q[2], key.layout().shape()[2]];
-        let b = broadcast_attn_mask_bias(m, target, "mask");
-        (b.tensor, b.batch_step, b.head_step)
-    })
-}
-
-/// A `[batch, heads, seq, dim]` view of data laid out as `[batch, seq, heads, dim]`.
-fn heads_view(data: Vec<f32>, batch: usize, heads: usize, seq: usize, dim: usize) -> FlexTensor {
-    let strides = vec![(seq * heads * dim) as isize, dim as isize, (heads * dim) as isize, 1];
-    FlexTensor::new(
-        Bytes::from_elems(data),
-        Layout::new(Shape::from(vec![batch, heads, seq, dim]), strides, 0),
-        DType::F32,
-    )
+/// Which scores a mask hides: `[seq_q, seq_kv]` tiles of bytes (nonzero: hidden),
+/// the tile of batch `b` and head `h` at `b·batch_step + h·head_step` (a step of 0
+/// where the mask broadcasts).
+#[derive(Debug, Clone, Copy)]
+pub struct Mask<'a> {
+    /// The tiles.
+    pub hidden: &'a [u8],
+    /// Between the tiles of consecutive batches.
+    pub batch_step: usize,
+    /// Between the tiles of consecutive heads.
+    pub head_step: usize,
 }
 
 /// Runs `body(b, chunks)` for every batch index `b`, where chunk `i` is the `b`-th
@@ -473,7 +448,7 @@ fn per_batch<const N: usize>(
     lens: [usize; N],
     body: impl Fn(usize, [&mut [f32]; N]) + Sync + Send,
 ) {
-    let batch = if lens[0] == 0 { 0 } else { outs[0].len() / lens[0] };
+    let batch = outs[0].len().checked_div(lens[0]).unwrap_or(0);
     let mut chunks: Vec<[&mut [f32]; N]> = Vec::with_capacity(batch);
     let mut rest = outs;
     for _ in 0..batch {
@@ -485,52 +460,47 @@ fn per_batch<const N: usize>(
         }
         chunks.push(this);
     }
-    #[cfg(feature = "rayon")]
-    {
-        use rayon::prelude::*;
-        chunks.into_par_iter().enumerate().for_each(|(b, c)| body(b, c));
-    }
-    #[cfg(not(feature = "rayon"))]
-    chunks.into_iter().enumerate().for_each(|(b, c)| body(b, c));
+    use rayon::prelude::*;
+    chunks.into_par_iter().enumerate().for_each(|(b, c)| body(b, c));
 }
 
-/// softmax(mask(Q·Kᵗ·scale))·V, `[batch, heads, seq_q, val_dim]`.
-pub(crate) fn forward(
-    query: FlexTensor,
-    key: FlexTensor,
-    value: FlexTensor,
-    mask: Option<FlexTensor>,
-    options: AttentionModuleOptions,
-) -> FlexTensor {
-    let mask = prepare_mask(mask, &query, &key);
-    let p = Problem::new(&query, &key, &value, mask.as_ref(), &options);
-    let views = [View::of(&query), View::of(&key), View::of(&value)];
+/// `softmax(mask(Q·Kᵗ·scale))·V` (scale `1/√head_dim` unless given; `causal`:
+/// query `i` sees keys up to `i + seq_kv − seq_q`), laid out `[batch, seq_q,
+/// heads, val_dim]`.
+pub fn forward(
+    query: Strided,
+    key: Strided,
+    value: Strided,
+    mask: Option<Mask>,
+    scale: Option<f64>,
+    causal: bool,
+) -> Vec<f32> {
+    let p = Problem::new(&query, &key, &value, mask, scale, causal);
+    let views = [query, key, value];
     let row_len = p.heads * p.val_dim;
     let mut out = vec![0f32; p.batch * p.seq_q * row_len];
-    per_batch([&mut out], [p.seq_q * row_len], |b, [out]| forward_batch(&p, &views, b, out));
-    heads_view(out, p.batch, p.heads, p.seq_q, p.val_dim)
+    per_batch([&mut out], [p.seq_q * row_len], |b, [out]| {
+        forward_batch(&p, &views, b, out)
+    });
+    out
 }
 
 /// The gradients of [`forward`] with respect to query, key and value, given its
-/// `output` and the output's gradient `grad`.
-pub(crate) fn backward(
-    query: FlexTensor,
-    key: FlexTensor,
-    value: FlexTensor,
-    mask: Option<FlexTensor>,
-    output: FlexTensor,
-    grad: FlexTensor,
-    options: AttentionModuleOptions,
-) -> (FlexTensor, FlexTensor, FlexTensor) {
-    let mask = prepare_mask(mask, &query, &key);
-    let p = Problem::new(&query, &key, &value, mask.as_ref(), &options);
-    let views = [
-        View::of(&query),
-        View::of(&key),
-        View::of(&value),
-        View::of(&output),
-        View::of(&grad),
-    ];
+/// `output` and the output's gradient `grad` (both `[batch, heads, seq_q,
+/// val_dim]`), laid out `[batch, seq, heads, dim]` like [`forward`]'s result.
+#[allow(clippy::too_many_arguments)]
+pub fn backward(
+    query: Strided,
+    key: Strided,
+    value: Strided,
+    mask: Option<Mask>,
+    output: Strided,
+    grad: Strided,
+    scale: Option<f64>,
+    causal: bool,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let p = Problem::new(&query, &key, &value, mask, scale, causal);
+    let views = [query, key, value, output, grad];
     let (qk_row, v_row) = (p.heads * p.head_dim, p.heads * p.val_dim);
     let mut dq = vec![0f32; p.batch * p.seq_q * qk_row];
     let mut dk = vec![0f32; p.batch * p.seq_kv * qk_row];
@@ -539,16 +509,12 @@ pub(crate) fn backward(
     per_batch([&mut dq, &mut dk, &mut dv], lens, |b, [dq, dk, dv]| {
         backward_batch(&p, &views, b, dq, dk, dv)
     });
-    (
-        heads_view(dq, p.batch, p.heads, p.seq_q, p.head_dim),
-        heads_view(dk, p.batch, p.heads, p.seq_kv, p.head_dim),
-        heads_view(dv, p.batch, p.heads, p.seq_kv, p.val_dim),
-    )
+    (dq, dk, dv)
 }
 
 multiversioned! {
     /// Every head of batch `b`: its output rows into `out` (`[seq_q, heads, val_dim]`).
-    fn forward_batch(p: &Problem<'_>, views: &[View<'_>; 3], b: usize, out: &mut [f32]) {
+    fn forward_batch(p: &Problem<'_>, views: &[Strided<'_>; 3], b: usize, out: &mut [f32]) {
         let [q, k, v] = views;
         let row_len = p.heads * p.val_dim;
         let mut s = Head::new(p, false);
@@ -578,7 +544,7 @@ multiversioned! {
     /// `dk` (`[seq_kv, heads, head_dim]`) and `dv` (`[seq_kv, heads, val_dim]`).
     fn backward_batch(
         p: &Problem<'_>,
-        views: &[View<'_>; 5],
+        views: &[Strided<'_>; 5],
         b: usize,
         dq: &mut [f32],
         dk: &mut [f32],
@@ -641,6 +607,169 @@ multiversioned! {
                 block_product::<FMA>(probs_t, j0, seen_from.clone(), &s.g, s.vp, s.vp / W, &mut dv);
                 let score_grads_t = Operand { data: &s.ds, rs: 1, ks: s.kp };
                 block_product::<FMA>(score_grads_t, j0, seen_from, &s.q, s.dp, s.dp / W, &mut dk);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Attention from its definition in f64, `[batch, heads, seq_q, dv]`, on
+    /// contiguous `[b, h, t, d]` operands.
+    #[allow(clippy::too_many_arguments)]
+    fn naive(q: &[f32], k: &[f32], v: &[f32], shape: [usize; 5], hidden: &[u8], causal: bool) -> Vec<f64> {
+        let [b, h, sq, sk, d] = shape;
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut out = vec![0f64; b * h * sq * d];
+        for bh in 0..b * h {
+            for i in 0..sq {
+                let sees = |j: usize| {
+                    hidden[i * sk + j] == 0 && (!causal || j as isize <= i as isize + sk as isize - sq as isize)
+                };
+                let scores: Vec<f64> = (0..sk)
+                    .map(|j| {
+                        (0..d)
+                            .map(|x| q[(bh * sq + i) * d + x] as f64 * k[(bh * sk + j) * d + x] as f64)
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let max = (0..sk).filter(|&j| sees(j)).map(|j| scores[j]).fold(f64::MIN, f64::max);
+                let weights: Vec<f64> = (0..sk)
+                    .map(|j| if sees(j) { (scores[j] - max).exp() } else { 0.0 })
+                    .collect();
+                let total: f64 = weights.iter().sum();
+                for x in 0..d {
+                    out[(bh * sq + i) * d + x] = if total == 0.0 {
+                        0.0
+                    } else {
+                        (0..sk)
+                            .map(|j| weights[j] / total * v[(bh * sk + j) * d + x] as f64)
+                            .sum()
+                    };
+                }
+            }
+        }
+        out
+    }
+
+    fn contiguous(data: &[f32], shape: [usize; 4]) -> Strided<'_> {
+        let [_, h, t, d] = shape;
+        Strided {
+            data,
+            start: 0,
+            strides: [(h * t * d) as isize, (t * d) as isize, d as isize, 1],
+            shape,
+        }
+    }
+
+    /// `[b, h, t, d]` of a result laid out `[b, t, h, d]`.
+    fn heads_first(x: &[f32], [b, h, t, d]: [usize; 4]) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        for bi in 0..b {
+            for hi in 0..h {
+                for ti in 0..t {
+                    for di in 0..d {
+                        out[((bi * h + hi) * t + ti) * d + di] = x[((bi * t + ti) * h + hi) * d + di];
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_output_is_softmax_attention_with_the_mask_and_the_causal_flag() {
+        let (b, h, sq, sk, d) = (2, 3, 5, 7, 16);
+        let q: Vec<f32> = (0..b * h * sq * d)
+            .map(|i| ((i * 31) % 19) as f32 / 10.0 - 0.9)
+            .collect();
+        let k: Vec<f32> = (0..b * h * sk * d)
+            .map(|i| ((i * 17) % 23) as f32 / 12.0 - 0.9)
+            .collect();
+        let v: Vec<f32> = (0..b * h * sk * d).map(|i| ((i * 7) % 11) as f32 / 5.0 - 1.0).collect();
+        let hidden: Vec<u8> = (0..sq * sk).map(|i| u8::from(i % 5 == 3)).collect();
+        for causal in [false, true] {
+            let mask = Mask {
+                hidden: &hidden,
+                batch_step: 0,
+                head_step: 0,
+            };
+            let got = forward(
+                contiguous(&q, [b, h, sq, d]),
+                contiguous(&k, [b, h, sk, d]),
+                contiguous(&v, [b, h, sk, d]),
+                Some(mask),
+                None,
+                causal,
+            );
+            let want = naive(&q, &k, &v, [b, h, sq, sk, d], &hidden, causal);
+            for (g, w) in heads_first(&got, [b, h, sq, d]).iter().zip(&want) {
+                assert!((*g as f64 - w).abs() < 1e-5, "{g} vs {w} (causal {causal})");
+            }
+        }
+    }
+
+    #[test]
+    fn the_gradients_are_the_outputs_derivatives() {
+        let (b, h, sq, sk, d) = (1, 2, 4, 6, 16);
+        let q: Vec<f32> = (0..b * h * sq * d)
+            .map(|i| ((i * 13) % 17) as f32 / 9.0 - 0.9)
+            .collect();
+        let k: Vec<f32> = (0..b * h * sk * d)
+            .map(|i| ((i * 5) % 19) as f32 / 10.0 - 0.9)
+            .collect();
+        let v: Vec<f32> = (0..b * h * sk * d).map(|i| ((i * 3) % 7) as f32 / 4.0 - 0.8).collect();
+        let g: Vec<f32> = (0..b * h * sq * d).map(|i| ((i * 11) % 5) as f32 / 3.0 - 0.6).collect();
+        let none = vec![0u8; sq * sk];
+        // The loss Σ g·attention(q, k, v), in f64.
+        let loss = |q: &[f32], k: &[f32], v: &[f32]| -> f64 {
+            naive(q, k, v, [b, h, sq, sk, d], &none, true)
+                .iter()
+                .zip(&g)
+                .map(|(o, g)| o * *g as f64)
+                .sum()
+        };
+        let out = forward(
+            contiguous(&q, [b, h, sq, d]),
+            contiguous(&k, [b, h, sk, d]),
+            contiguous(&v, [b, h, sk, d]),
+            None,
+            None,
+            true,
+        );
+        let out = heads_first(&out, [b, h, sq, d]);
+        let (dq, dk, dv) = backward(
+            contiguous(&q, [b, h, sq, d]),
+            contiguous(&k, [b, h, sk, d]),
+            contiguous(&v, [b, h, sk, d]),
+            None,
+            contiguous(&out, [b, h, sq, d]),
+            contiguous(&g, [b, h, sq, d]),
+            None,
+            true,
+        );
+        let (dq, dk, dv) = (
+            heads_first(&dq, [b, h, sq, d]),
+            heads_first(&dk, [b, h, sk, d]),
+            heads_first(&dv, [b, h, sk, d]),
+        );
+        let eps = 1e-2f32;
+        for (which, analytic) in [(0, &dq), (1, &dk), (2, &dv)] {
+            for i in (0..analytic.len()).step_by(7) {
+                let nudged = |delta: f32| {
+                    let (mut q2, mut k2, mut v2) = (q.clone(), k.clone(), v.clone());
+                    [&mut q2, &mut k2, &mut v2][which][i] += delta;
+                    loss(&q2, &k2, &v2)
+                };
+                let numeric = (nudged(eps) - nudged(-eps)) / (2.0 * eps as f64);
+                assert!(
+                    (analytic[i] as f64 - numeric).abs() < 2e-3,
+                    "operand {which}[{i}]: {} vs {numeric}",
+                    analytic[i]
+                );
             }
         }
     }
