@@ -25,6 +25,7 @@ use hetero_job::worker_env::{JOB_FATAL_EXIT, STALLED_EXIT, WorkerEnv, WorkerRole
 
 use crate::ClusterError;
 use crate::agent_config::DeclaredDevice;
+use crate::cpu_quota::CpuQuota;
 use crate::records::TaskState;
 use hetero_proto::client::{Client, connect};
 
@@ -461,6 +462,18 @@ fn worker_command(config: &AgentConfig, a: &pb::TaskAssignment, spec_file: &Path
     cmd
 }
 
+/// The CPU group that makes a CPU worker of a capped agent (`--speed` below 1) as
+/// slow as its cap: `None` at full speed or on other devices, `Some(Err(why))` where
+/// the operating system gives no quota.
+fn cpu_quota_for(config: &AgentConfig, a: &pb::TaskAssignment) -> Option<Result<CpuQuota, String>> {
+    let cpu = a.group == "cpu" || a.group.is_empty();
+    if !(cpu && config.speed > 0.0 && config.speed < 1.0) {
+        return None;
+    }
+    let cores = config.speed as f64 * a.threads.max(1) as f64;
+    Some(CpuQuota::create(&a.task_id, cores))
+}
+
 /// Runs one worker to its end; returns how it ended and why.
 async fn supervise(
     config: &AgentConfig,
@@ -494,6 +507,28 @@ async fn supervise(
     if let Some(g) = config.gpus.iter().find(|g| g.backend == a.group) {
         command.env(WorkerEnv::BACKEND, &g.backend);
     }
+    // A slower CPU device: a CPU quota from the operating system where it can be had,
+    // else the worker's own sleep throttle (the worker says which).
+    let quota = cpu_quota_for(config, a);
+    match &quota {
+        Some(Ok(q)) => {
+            command.env(WorkerEnv::SPEED, "1");
+            command.env(
+                WorkerEnv::THROTTLE,
+                format!(
+                    "a CPU quota of {} × {} thread(s) (cgroup {:?}, {})",
+                    config.speed,
+                    a.threads.max(1),
+                    q.version(),
+                    q.path().display()
+                ),
+            );
+        }
+        Some(Err(why)) => {
+            command.env(WorkerEnv::THROTTLE, format!("the sleep throttle (no CPU quota: {why})"));
+        }
+        None => {}
+    }
     let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -505,6 +540,12 @@ async fn supervise(
             return Ended::failed(format!("cannot start worker program {program}: {e}"));
         }
     };
+    if let (Some(Ok(q)), Some(pid)) = (&quota, child.id())
+        && let Err(e) = q.add(pid)
+    {
+        let _ = child.start_kill();
+        return Ended::failed(format!("cannot put the worker into its CPU group: {e}"));
+    }
     // Output goes to the coordinator from a task of its own, so a coordinator that
     // is away or stalled never stops this loop from draining the worker's pipes.
     let (output, batches) = mpsc::channel(256);

@@ -22,6 +22,7 @@ pub mod agent;
 pub mod agent_config;
 pub mod alerts;
 pub mod coordinator;
+pub mod cpu_quota;
 pub mod dashboard;
 pub mod dashboard_access;
 pub mod error;

@@ -38,6 +38,9 @@ impl WorkerEnv {
     pub const BACKEND: &'static str = "HETERO_BACKEND";
     /// Speed cap of the device, in (0, 1]: the worker slows itself to this fraction.
     pub const SPEED: &'static str = "HETERO_SPEED";
+    /// How a capped worker is slowed, for it to say (a CPU quota, or its own sleep
+    /// throttle and why); absent at full speed.
+    pub const THROTTLE: &'static str = "HETERO_THROTTLE";
     /// The worker's [`WorkerRole`] by name (absent: a worker of the ring).
     pub const ROLE: &'static str = "HETERO_ROLE";
     /// Every worker rank's resource group (`node/kind`), comma-separated.

@@ -154,11 +154,13 @@ where
     if !options.weights.is_empty() {
         eprintln!("weighted split: shares {:?}", options.weights);
     }
-    if setup.speed < 1.0 {
-        eprintln!(
+    match std::env::var(hetero_job::WorkerEnv::THROTTLE) {
+        Ok(how) => eprintln!("slowed to emulate a slower device by {how}"),
+        Err(_) if setup.speed < 1.0 => eprintln!(
             "speed cap {}: this worker idles to emulate a slower device",
             setup.speed
-        );
+        ),
+        Err(_) => {}
     }
     let membership = Box::new(rendezvous::CoordinatorMembership::new(
         setup.clone(),
