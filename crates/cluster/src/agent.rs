@@ -690,6 +690,12 @@ async fn forward_output(mut client: Client, agent_id: String, task_id: String, m
     let mut next_try = tokio::time::Instant::now();
     loop {
         let held = !logs.is_empty() || !events.is_empty();
+        if !open && !held {
+            // Everything the worker printed was taken (the last report went through
+            // after its output ended): with neither branch below enabled, `select!`
+            // would panic.
+            return;
+        }
         tokio::select! {
             got = batches.recv(), if open => match got {
                 Some((l, e)) => { logs.extend(l); events.extend(e); }
