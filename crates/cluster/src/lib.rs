@@ -3,15 +3,19 @@
 //! nothing it accepted.
 //!
 //! Reading order:
-//! - [`records`]: jobs, tasks and nodes as the coordinator knows them, and their
-//!   conversion to and from the wire types (the only place both meet);
+//! - [`records`]: jobs, tasks (with a [`records::TaskRole`] and a
+//!   [`records::TaskPhase`]) and nodes as the coordinator knows them, and the task
+//!   states the wire and the agents speak of;
 //! - [`store`]: those records in redb;
 //! - [`scheduler`]: where a queued job's workers go (pure, tested alone);
-//! - [`coordinator`]: the gRPC service and the monitor loop;
+//! - [`coordinator`]: typed state (jobs, nodes, rendezvous, telemetry), the gRPC
+//!   service over it (`rpc`, with every protobuf conversion in `wire`) and the
+//!   monitor loop;
 //! - [`alerts`]: stored alerts and their webhook delivery;
 //! - [`dashboard`]: the web dashboard and Prometheus `/metrics`;
 //! - [`agent`]: registration, heartbeats, worker processes, log forwarding;
 //! - [`agent_config`]: an agent's file of declared devices and speed cap;
+//! - [`cpu_quota`]: a capped CPU worker's control group and its CPU quota;
 //! - the token-carrying gRPC client every node uses is `hetero_proto::client`;
 //! - [`local`]: a whole cluster inside one process, for `hetero local` and tests.
 //!
