@@ -6,13 +6,13 @@
 //!
 //! ## Design
 //! The state is three tables behind one mutex, each owning its invariants:
-//! [`jobs`] (every job's record and its life: queued, placed, settled, finished),
-//! [`nodes`] (agents and their health) and [`telemetry`] (logs, chart points,
-//! alerts). The gRPC handlers ([`rpc`]) validate and convert ([`wire`]), then make
-//! their change through one [`Coordinator::apply`]: lock, change, write through to
-//! the [`Store`], unlock — no await while locked. A change is made on a copy of a
+//! `jobs` (every job's record and its life: queued, placed, settled, finished),
+//! `nodes` (agents and their health) and `telemetry` (logs, chart points,
+//! alerts). The gRPC handlers (`rpc`) validate and convert (`wire`), then make
+//! their change through one `Coordinator::apply`: lock, change, write through to
+//! the `Store`, unlock — no await while locked. A change is made on a copy of a
 //! record, stored, and only then kept, so a store that cannot write fails the call
-//! (a [`Refusal`]) and memory never holds what the disk does not: nothing accepted
+//! (a `Refusal`) and memory never holds what the disk does not: nothing accepted
 //! is lost. Node health returns its changes; the monitor applies them to the jobs.
 //! What an agent must do (start or stop a task) is *derived* from the state at
 //! each heartbeat rather than queued, so a restarted coordinator, which reloads the

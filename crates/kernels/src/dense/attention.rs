@@ -6,7 +6,7 @@
 //! cost no copy) into per-thread buffers that stay in cache, and its scores,
 //! softmax and weighted sum of values are computed there, without ever writing
 //! the `[batch, heads, seq_q, seq_kv]` score tensor to memory. Query rows go in
-//! blocks of [`ROWS`]: every product is a register-blocked tile, so each row of
+//! blocks of `ROWS`: every product is a register-blocked tile, so each row of
 //! the right-hand operand is loaded once per block, not once per query row. The
 //! backward pass recomputes the probabilities the same way, then sweeps the query
 //! blocks (the query gradient) and the key blocks (key and value gradients).
@@ -31,7 +31,7 @@ use super::multiversion::{dot, madd, tree};
 const MAX_TILE: usize = 256 * 256;
 
 /// Whether the fused kernels take a problem of `seq_q` queries over `seq_kv` keys:
-/// its score tile fits [`MAX_TILE`].
+/// its score tile fits `MAX_TILE`.
 pub fn fits(seq_q: usize, seq_kv: usize) -> bool {
     padded(seq_q) * padded(seq_kv) <= MAX_TILE
 }
@@ -299,8 +299,8 @@ impl Problem<'_> {
     }
 }
 
-/// One head's operands and intermediates. Rows are padded to multiples of [`W`]
-/// and query rows to a multiple of [`ROWS`], with zeros.
+/// One head's operands and intermediates. Rows are padded to multiples of `W`
+/// and query rows to a multiple of `ROWS`, with zeros.
 struct Head {
     /// Query rows, `seq_q × head_dim` (stride `dp`).
     q: Vec<f32>,
@@ -347,7 +347,7 @@ impl Head {
     }
 
     /// The scores of query rows `r0..r0 + ROWS` over their block's first `cols`
-    /// keys (a multiple of [`W`]), scaled and turned into probabilities in `self.p`
+    /// keys (a multiple of `W`), scaled and turned into probabilities in `self.p`
     /// (zero for hidden keys and for rows that see no key). Returns, per row of
     /// the block, whether it sees any key.
     #[inline(always)]
@@ -383,7 +383,7 @@ impl Head {
     }
 }
 
-/// `scores` (a multiple of [`W`] long) scaled by `scale` and turned into
+/// `scores` (a multiple of `W` long) scaled by `scale` and turned into
 /// probabilities in place; keys at and after `end` and those `mask` hides get 0.
 /// False when every key is hidden.
 #[inline(always)]

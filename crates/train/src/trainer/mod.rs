@@ -1,19 +1,19 @@
 //! Data-parallel training over a [`Ring`], surviving the loss of workers.
 //!
 //! Every worker starts from rank 0's parameters (broadcast) and trains on its part of
-//! each global batch, as an [`Assignment`] says. Hetero owns the optimiser
+//! each global batch, as an [`hetero_data::assign::Assignment`] says. Hetero owns the optimiser
 //! ([`crate::optim`]), so the whole training state is flat vectors.
 //!
 //! Reading order:
 //! - this file: one step, evaluation and the epoch loop;
-//! - [`build`]: a worker of a ring, of a parameter server's group, or one joining;
-//! - [`options`]: what to train, built from a job's spec in one place;
-//! - [`aggregate`]: how the workers combine their work — one box per strategy
+//! - `build`: a worker of a ring, of a parameter server's group, or one joining;
+//! - `options`: what to train, built from a job's spec in one place;
+//! - `aggregate`: how the workers combine their work — one box per strategy
 //!   (allreduce, local SGD, a group of a parameter server);
-//! - [`elastic`]: when the ring breaks or lost workers come back, re-forming it and
+//! - `elastic`: when the ring breaks or lost workers come back, re-forming it and
 //!   handing over the run; between epochs, following measured throughput;
-//! - [`run_state`]: what the members of a ring agree on, and its one codec;
-//! - [`meter`]: samples, compute and communication time, and the throttle that
+//! - `run_state`: what the members of a ring agree on, and its one codec;
+//! - `meter`: samples, compute and communication time, and the throttle that
 //!   emulates a slower device.
 //!
 //! Between epochs the split can follow measured throughput ([`Event::Rebalanced`])

@@ -28,14 +28,14 @@ pub struct TrainOptions {
     pub weights: Vec<f64>,
     /// Speed cap in (0, 1]: after computing, a worker idles so that its steps take
     /// `1 / speed` times as long — a documented knob to emulate a slower device
-    /// (see [`super::Throttle`]).
+    /// (see `super::Throttle`).
     pub speed: f64,
     /// The optimiser.
     pub optimizer: OptimizerConfig,
     /// The strategy the job asked for, as the summary and checkpoints name it.
     /// The trainer turns it into its aggregation once, when it is built
-    /// ([`super::aggregate`]); a parameter-server strategy needs
-    /// [`super::Trainer::with_server`].
+    /// (`super::aggregate`); a parameter-server strategy needs
+    /// `super::Trainer::with_server`.
     pub strategy: Strategy,
     /// Share of each shard passed to the ring neighbour after every epoch.
     pub exchange_fraction: f64,
