@@ -303,12 +303,15 @@ impl Coordinator {
 
     /// A job's live chart points and its last `lines` log lines.
     pub(crate) fn job_detail(&self, job_id: &str, lines: usize) -> Option<(Vec<ChartPoint>, Vec<LogRecord>)> {
-        let (history, last) = {
+        let (history, cached) = {
             let st = self.lock();
             st.jobs.get(job_id)?;
-            let last = st.telemetry.last_seq(&self.inner.store, job_id).unwrap_or(0);
-            (st.telemetry.chart(job_id), last)
+            (st.telemetry.chart(job_id), st.telemetry.cached_seq(job_id))
         };
+        // Read from the store outside the lock when the log's end is not cached.
+        let last = cached
+            .or_else(|| self.inner.store.last_log_seq(job_id).ok())
+            .unwrap_or(0);
         let logs = self
             .inner
             .store

@@ -54,10 +54,16 @@ impl Telemetry {
         self.log_tick.subscribe()
     }
 
+    /// The last sequence number of `job_id`'s log, when this coordinator appended
+    /// to it (else the store knows).
+    pub fn cached_seq(&self, job_id: &str) -> Option<u64> {
+        self.log_seq.get(job_id).copied()
+    }
+
     /// The last sequence number of `job_id`'s log.
-    pub fn last_seq(&self, store: &Store, job_id: &str) -> Result<u64, ClusterError> {
-        match self.log_seq.get(job_id) {
-            Some(&s) => Ok(s),
+    fn last_seq(&self, store: &Store, job_id: &str) -> Result<u64, ClusterError> {
+        match self.cached_seq(job_id) {
+            Some(s) => Ok(s),
             None => store.last_log_seq(job_id),
         }
     }

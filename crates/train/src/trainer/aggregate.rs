@@ -123,6 +123,18 @@ pub(crate) fn on_ring(strategy: Strategy) -> Result<Box<dyn Aggregate>, TrainErr
 /// batch's mean loss travels in the same allreduce (one extra float).
 pub(crate) struct Allreduce;
 
+impl Work<'_> {
+    /// This worker's gradients, each multiplied by its share, with its share of the
+    /// batch's loss in one extra slot at the end — what a sum over the workers turns
+    /// into the global batch's gradient and mean loss; then the throttle's idling.
+    fn weighted(self, clock: &mut StepClock<'_>) -> Vec<f32> {
+        let (mut flat, loss) = (self.gradients)(self.weight);
+        flat.push(loss * self.weight);
+        clock.idle(self.samples);
+        flat
+    }
+}
+
 impl Aggregate for Allreduce {
     fn step(
         &mut self,
@@ -131,9 +143,7 @@ impl Aggregate for Allreduce {
         clock: &mut StepClock<'_>,
         work: Work<'_>,
     ) -> Result<f32, TrainError> {
-        let (mut flat, loss) = (work.gradients)(work.weight);
-        flat.push(loss * work.weight);
-        clock.idle(work.samples);
+        let mut flat = work.weighted(clock);
         clock.communicate(|| ring.allreduce_sum(&mut flat))?;
         let global_loss = flat.pop().expect("loss slot");
         model.optimizer.step(&mut model.params, &flat);
@@ -222,9 +232,7 @@ impl Aggregate for ThroughServer {
         clock: &mut StepClock<'_>,
         work: Work<'_>,
     ) -> Result<f32, TrainError> {
-        let (mut flat, loss) = (work.gradients)(work.weight);
-        flat.push(loss * work.weight);
-        clock.idle(work.samples);
+        let mut flat = work.weighted(clock);
         let client = &mut self.client;
         clock.communicate(|| -> Result<(), TrainError> {
             ring.allreduce_sum(&mut flat)?;

@@ -15,7 +15,7 @@ use burn::tensor::backend::AutodiffBackend;
 use hetero_data::shard::Split;
 
 use super::Trainer;
-use super::run_state::{Handover, shares};
+use super::run_state::Handover;
 use crate::membership::Regroup;
 use crate::optim::FlatOptimizer;
 use crate::report::Event;
@@ -214,7 +214,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         self.run.rebalances += 1;
         Ok(Some(Event::Rebalanced {
             epoch: self.run.epoch,
-            shares: shares(self.run.assignment.batches()),
+            shares: self.run.shares(),
         }))
     }
 }

@@ -43,14 +43,10 @@ pub(crate) struct RunState {
 impl RunState {
     /// Each member's share of the global batch.
     pub fn shares(&self) -> Vec<f64> {
-        shares(self.assignment.batches())
+        let batches = self.assignment.batches();
+        let total = batches.iter().sum::<usize>().max(1) as f64;
+        batches.iter().map(|&b| b as f64 / total).collect()
     }
-}
-
-/// Each worker's share of the global batch.
-pub(crate) fn shares(batches: &[usize]) -> Vec<f64> {
-    let total = batches.iter().sum::<usize>().max(1) as f64;
-    batches.iter().map(|&b| b as f64 / total).collect()
 }
 
 /// Everything another worker needs to go on from one worker's position.
