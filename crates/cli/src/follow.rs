@@ -148,10 +148,39 @@ fn show(display: &mut Display, entry: &pb::LogEntry, show_logs: bool) {
                     display.epochs
                 ));
             }
-            Ok(Event::Rebalanced { epoch, shares }) => display.line(format!(
-                "epoch {}: throughput drifted from the split; new shares {}",
+            Ok(Event::Rebalanced {
+                epoch,
+                shares,
+                rates,
+                within_epoch,
+            }) => {
+                let measured: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+                display.line(format!(
+                    "epoch {}: {}; new shares {}{}",
+                    epoch + 1,
+                    if within_epoch {
+                        "split set from the throughput measured in its first steps"
+                    } else {
+                        "throughput drifted from the split"
+                    },
+                    percentages(&shares),
+                    if measured.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (measured {} samples/s)", measured.join(" / "))
+                    }
+                ))
+            }
+            Ok(Event::SplitKept { epoch, why }) => display.line(format!("epoch {}: {why}", epoch + 1)),
+            Ok(Event::SamplesMoved {
+                epoch,
+                samples,
+                bytes,
+                secs,
+            }) => display.line(format!(
+                "epoch {}: {samples} sample(s) sent to workers that lacked them ({:.1} MB in {secs:.2} s)",
                 epoch + 1,
-                percentages(&shares)
+                bytes as f64 / 1e6
             )),
             Ok(Event::Migrated {
                 epoch,

@@ -691,6 +691,10 @@ fn a_worker_killed_mid_epoch_migrates_its_samples_and_the_job_completes() {
     assert!(status.contains("state      succeeded"), "{status}\n{logs}");
     assert!(status.contains("rank 2 lost and migrated"), "{status}");
     assert!(
+        status.contains("topology   allreduce: 3 worker(s) in one ring"),
+        "the job's real topology: {status}"
+    );
+    assert!(
         logs.contains("its samples migrate to the 2 surviving worker(s)"),
         "{logs}"
     );
@@ -1017,6 +1021,22 @@ fn every_strategy_trains_through_separate_processes() {
             assert!(
                 log.contains("rank 3 → node-1/cpu"),
                 "the parameter server is placed: {log}"
+            );
+        }
+        if strategy == "hierarchical" {
+            // The groups really form: each leader logs its group's ranks.
+            let mut sizes: Vec<usize> = log
+                .lines()
+                .filter(|l| l.contains(" reduce together; rank "))
+                .filter_map(|l| Some(l.split_once("rank(s) [")?.1.split_once(']')?.0.split(", ").count()))
+                .collect();
+            sizes.sort();
+            assert_eq!(sizes, vec![1, 2], "a group of two and a group of one: {log}");
+            assert!(
+                log.contains("topology: hierarchical: 2 group(s) reduce inside")
+                    && log.contains("topology: group node-1/cpu: rank(s) 0, ")
+                    && log.contains("topology: group node-2/cpu: rank(s) "),
+                "the job's log shows its topology: {log}"
             );
         }
     }

@@ -14,8 +14,29 @@
 
 use std::path::{Path, PathBuf};
 
-/// The period of a quota, in microseconds (the kernel's default).
-const PERIOD_US: u64 = 100_000;
+/// The period of a quota, in microseconds: a tenth of the kernel's default.
+///
+/// Why short: a slow device computes slowly all the time, while a quota lets the
+/// group run at full speed until its share of the period is spent and then stops
+/// it for the rest. Workers of one job meet at every step (a few milliseconds), so
+/// with the default 100 ms a quarter-speed worker would run a handful of steps at
+/// full speed, then keep the whole ring waiting for 75 ms. At 10 ms the stalls are
+/// shorter than most steps and the worker's pace is close to even.
+const PERIOD_US: u64 = 10_000;
+
+/// The least quota the kernel accepts per period, in microseconds.
+const MIN_QUOTA_US: u64 = 1_000;
+
+/// The longest period the kernel accepts, in microseconds.
+const MAX_PERIOD_US: u64 = 1_000_000;
+
+/// `(quota, period)` in microseconds for `cores` cores: [`PERIOD_US`], stretched
+/// where the quota would fall below the kernel's least one.
+fn quota_and_period(cores: f64) -> (u64, u64) {
+    let period = ((MIN_QUOTA_US as f64 / cores).ceil() as u64).clamp(PERIOD_US, MAX_PERIOD_US);
+    let quota = ((cores * period as f64).round() as u64).max(MIN_QUOTA_US);
+    (quota, period)
+}
 
 /// A control group holding one worker, limited to a share of the CPU; removed on drop.
 #[derive(Debug)]
@@ -41,10 +62,10 @@ impl CpuQuota {
         if !(cores > 0.0 && cores.is_finite()) {
             return Err(format!("a CPU quota of {cores} cores"));
         }
-        let quota = ((cores * PERIOD_US as f64).round() as u64).max(1000);
+        let (quota, period) = quota_and_period(cores);
         let mut why = Vec::new();
         for version in [Version::V2, Version::V1] {
-            match Self::try_create(version, name, quota) {
+            match Self::try_create(version, name, quota, period) {
                 Ok(q) => return Ok(q),
                 Err(e) => why.push(e),
             }
@@ -52,7 +73,7 @@ impl CpuQuota {
         Err(why.join("; "))
     }
 
-    fn try_create(version: Version, name: &str, quota: u64) -> Result<CpuQuota, String> {
+    fn try_create(version: Version, name: &str, quota: u64, period: u64) -> Result<CpuQuota, String> {
         let parent = own_group(version)?;
         let dir = parent.join(format!("hetero-{name}"));
         match std::fs::create_dir(&dir) {
@@ -62,9 +83,9 @@ impl CpuQuota {
         }
         let group = CpuQuota { dir, version };
         let (file, value) = match version {
-            Version::V2 => ("cpu.max", format!("{quota} {PERIOD_US}")),
+            Version::V2 => ("cpu.max", format!("{quota} {period}")),
             Version::V1 => {
-                group.write("cpu.cfs_period_us", &PERIOD_US.to_string())?;
+                group.write("cpu.cfs_period_us", &period.to_string())?;
                 ("cpu.cfs_quota_us", quota.to_string())
             }
         };
@@ -152,6 +173,15 @@ fn own_group(version: Version) -> Result<PathBuf, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_period_is_short_and_stretches_only_for_the_kernels_least_quota() {
+        assert_eq!(quota_and_period(0.25), (2_500, 10_000));
+        assert_eq!(quota_and_period(2.0), (20_000, 10_000));
+        // 0.05 × 10 ms would be 500 µs, under the kernel's 1 ms: the period grows.
+        assert_eq!(quota_and_period(0.05), (1_000, 20_000));
+        assert_eq!(quota_and_period(1e-9), (1_000, 1_000_000));
+    }
 
     /// Where this process may make control groups (root, a writable controller),
     /// a busy child in a quarter-core group is held back by the kernel. Elsewhere the

@@ -1,5 +1,6 @@
-//! Collectives on a [`Ring`]: allreduce (sum and mean), broadcast of floats, and
-//! broadcast of a message of bytes.
+//! Collectives on a [`Ring`]: allreduce (sum and mean), broadcast of floats,
+//! broadcast of a message of bytes, and the shift of one message of bytes from
+//! every rank to its next.
 //!
 //! ## Design
 //! The allreduce is the bandwidth-optimal ring algorithm: the buffer is cut into
@@ -253,47 +254,86 @@ impl Ring {
                 }
                 return Ok(());
             }
-            let refuse = |reason: String| CommError::Protocol {
-                peer: prev_name.clone(),
-                reason,
-            };
-            let mut frame = Vec::new();
-            let kind = prev.recv(&mut frame, max, &prev_name, "a message's length")?;
-            let len = match (kind, <[u8; 8]>::try_from(frame.as_slice())) {
-                (FrameKind::Message, Ok(bytes)) => u64::from_le_bytes(bytes),
-                _ => {
-                    return Err(refuse(format!(
-                        "a {kind:?} frame of {} bytes where a message's length was expected",
-                        frame.len()
-                    )));
-                }
-            };
-            if len > MAX_MESSAGE {
-                return Err(refuse(format!("a message of {len} bytes (at most {MAX_MESSAGE})")));
-            }
-            if rank != last {
-                tx.send(frame.clone()).ok();
-            }
-            msg.clear();
-            while (msg.len() as u64) < len {
-                let kind = prev.recv(&mut frame, max, &prev_name, "a message")?;
-                if kind != FrameKind::Message || frame.is_empty() {
-                    return Err(refuse(format!(
-                        "a {kind:?} frame of {} bytes inside a message",
-                        frame.len()
-                    )));
-                }
-                if msg.len() as u64 + frame.len() as u64 > len {
-                    return Err(refuse(format!("a message longer than the {len} bytes announced")));
-                }
-                msg.extend_from_slice(&frame);
+            let forward = |frame: &[u8]| {
                 if rank != last {
-                    tx.send(frame.clone()).ok();
+                    tx.send(frame.to_vec()).ok();
                 }
-            }
+            };
+            *msg = receive_message(prev, max, &prev_name, forward)?;
             Ok(())
         })
     }
+
+    /// Sends `msg` to the next rank and returns the previous rank's message: every
+    /// rank sends one (empty is fine) and receives one — the neighbour exchange.
+    /// Framed and bounded like [`Ring::broadcast_bytes`]; a ring of one gets its own
+    /// message back.
+    pub fn shift_bytes(&mut self, msg: &[u8]) -> Result<Vec<u8>, CommError> {
+        let result = self.ring_shift_bytes(msg);
+        self.fail(result)
+    }
+
+    fn ring_shift_bytes(&mut self, msg: &[u8]) -> Result<Vec<u8>, CommError> {
+        if self.config.world == 1 {
+            return Ok(msg.to_vec());
+        }
+        let max = self.config.max_frame;
+        let (next, prev, next_name, prev_name) = self.peers();
+        with_writer(next, FrameKind::Message, next_name, |tx| {
+            tx.send((msg.len() as u64).to_le_bytes().to_vec()).ok();
+            for piece in msg.chunks(MESSAGE_PIECE) {
+                tx.send(piece.to_vec()).ok();
+            }
+            receive_message(prev, max, &prev_name, |_| {})
+        })
+    }
+}
+
+/// Reads one message from `prev` (named `prev_name`): its length, then its pieces,
+/// handing every frame as it came to `on_frame` (to forward it). A length past
+/// [`MAX_MESSAGE`], a piece past the length announced or a frame of another kind
+/// is refused, naming the peer; the buffer grows only with the bytes that arrive.
+fn receive_message(
+    prev: &mut Receiver,
+    max: u32,
+    prev_name: &str,
+    mut on_frame: impl FnMut(&[u8]),
+) -> Result<Vec<u8>, CommError> {
+    let refuse = |reason: String| CommError::Protocol {
+        peer: prev_name.to_string(),
+        reason,
+    };
+    let mut frame = Vec::new();
+    let kind = prev.recv(&mut frame, max, prev_name, "a message's length")?;
+    let len = match (kind, <[u8; 8]>::try_from(frame.as_slice())) {
+        (FrameKind::Message, Ok(bytes)) => u64::from_le_bytes(bytes),
+        _ => {
+            return Err(refuse(format!(
+                "a {kind:?} frame of {} bytes where a message's length was expected",
+                frame.len()
+            )));
+        }
+    };
+    if len > MAX_MESSAGE {
+        return Err(refuse(format!("a message of {len} bytes (at most {MAX_MESSAGE})")));
+    }
+    on_frame(&frame);
+    let mut msg = Vec::new();
+    while (msg.len() as u64) < len {
+        let kind = prev.recv(&mut frame, max, prev_name, "a message")?;
+        if kind != FrameKind::Message || frame.is_empty() {
+            return Err(refuse(format!(
+                "a {kind:?} frame of {} bytes inside a message",
+                frame.len()
+            )));
+        }
+        if msg.len() as u64 + frame.len() as u64 > len {
+            return Err(refuse(format!("a message longer than the {len} bytes announced")));
+        }
+        msg.extend_from_slice(&frame);
+        on_frame(&frame);
+    }
+    Ok(msg)
 }
 
 #[cfg(test)]
@@ -420,6 +460,19 @@ mod tests {
         });
         let refused = results[1].as_ref().expect_err("rank 1 refuses");
         assert!(refused.contains("rank 0") && refused.contains("Data"), "{refused}");
+    }
+
+    /// Each rank's message lands at its next neighbour, whatever the lengths
+    /// (empty, one piece, several pieces).
+    #[test]
+    fn a_shift_hands_each_message_to_the_next_rank() {
+        let message = |rank: usize| -> Vec<u8> { (0..rank * 300_000).map(|i| (i + rank) as u8).collect() };
+        for world in [1, 2, 3] {
+            let got = on_ring(world, |ring| ring.shift_bytes(&message(ring.rank())).unwrap());
+            for (rank, m) in got.iter().enumerate() {
+                assert_eq!(*m, message((rank + world - 1) % world), "world {world}, rank {rank}");
+            }
+        }
     }
 
     #[test]

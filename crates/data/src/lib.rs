@@ -9,6 +9,8 @@
 //!   local cache;
 //! - [`text`] reads text corpora and tokenizes them (bytes, characters, or a
 //!   Hugging Face `tokenizer.json`);
+//! - [`held`] says which images a worker holds, and packs the ones another lacks
+//!   into bundles that travel between workers;
 //! - [`shard`] decides which sample indices each worker owns and in what order it
 //!   visits them, deterministically from a seed;
 //! - [`assign`] follows the split through training: steps, neighbour exchange,
@@ -22,6 +24,7 @@ pub mod csv;
 pub mod error;
 pub mod folder;
 pub mod gzip;
+pub mod held;
 pub mod idx;
 pub mod mnist;
 pub mod model_fetch;

@@ -42,12 +42,41 @@ pub enum Event {
         elapsed_secs: f64,
     },
     /// Measured throughput drifted from the split: shards and local batches now
-    /// follow `shares` (one per worker, summing to 1) from `epoch` on.
+    /// follow `shares` (one per worker, summing to 1) — from the rest of `epoch`
+    /// when `within_epoch` (the first measurement of a weighted run), else from
+    /// `epoch` on.
     Rebalanced {
-        /// The first epoch with the new split.
+        /// The first epoch with the new split (the current one when `within_epoch`).
         epoch: usize,
         /// Each worker's new share of the work.
         shares: Vec<f64>,
+        /// Each worker's measured training samples per second of compute, at its
+        /// local batch (empty from a build before they were reported).
+        #[serde(default)]
+        rates: Vec<f64>,
+        /// Taken a few steps into the epoch rather than at its end.
+        #[serde(default)]
+        within_epoch: bool,
+    },
+    /// Workers lacked samples they were to train on or evaluate (a machine without
+    /// the dataset's files) and received them from workers that hold them.
+    SamplesMoved {
+        /// The epoch being trained.
+        epoch: usize,
+        /// Samples delivered, all workers together.
+        samples: u64,
+        /// Bytes put on links, all workers together.
+        bytes: u64,
+        /// Seconds it took.
+        secs: f64,
+    },
+    /// A weighted run could not set its split from measured throughput, and
+    /// says why instead of falling back silently.
+    SplitKept {
+        /// The epoch being trained.
+        epoch: usize,
+        /// What was missing, and which split the run keeps.
+        why: String,
     },
     /// Workers were lost mid-run: the survivors re-formed the ring, took over the
     /// lost workers' samples and continued from the latest global model.
@@ -130,6 +159,16 @@ pub struct RunSummary {
     /// Times the split was adjusted to measured throughput.
     #[serde(default)]
     pub rebalances: usize,
+    /// Samples sent to workers that lacked them (a machine without the dataset's
+    /// files), over the run.
+    #[serde(default)]
+    pub moved_samples: u64,
+    /// Bytes those samples took on the links.
+    #[serde(default)]
+    pub moved_bytes: u64,
+    /// Seconds spent moving them.
+    #[serde(default)]
+    pub moved_secs: f64,
     /// The epoch this run resumed at from a checkpoint (absent: from scratch).
     #[serde(default)]
     pub resumed_at_epoch: Option<usize>,
@@ -216,6 +255,10 @@ pub struct EpochRecord {
     /// The epoch's accounting, from the ring's data assignment at its end.
     #[serde(default)]
     pub coverage: Coverage,
+    /// Each worker's share of the work at the epoch's end (how the split
+    /// converged; empty from a build before it was recorded).
+    #[serde(default)]
+    pub shares: Vec<f64>,
 }
 
 /// Which training samples an epoch visited, whatever workers were lost or joined in
@@ -241,6 +284,7 @@ mod tests {
             train_loss: 0.0,
             test_accuracy: Some(acc),
             elapsed_secs: secs,
+            shares: vec![],
             coverage: Coverage::default(),
         };
         let t = seconds_to_accuracy(&[e(0, 0.865, 37.5), e(1, 0.8993, 73.2), e(2, 0.9092, 108.1)]);

@@ -15,6 +15,7 @@ pub mod error;
 pub mod events;
 mod section;
 pub mod spec;
+pub mod topology;
 pub mod transformer;
 pub mod worker_env;
 

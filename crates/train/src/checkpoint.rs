@@ -207,6 +207,7 @@ mod tests {
                 test_accuracy: Some(0.8),
                 elapsed_secs: 1.0,
                 coverage: Default::default(),
+                shares: vec![0.75, 0.25],
             }],
         }
     }

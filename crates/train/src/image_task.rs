@@ -11,6 +11,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::backend::AutodiffBackend;
 use hetero_data::ImageDataset;
+use hetero_data::held::HeldImages;
 use hetero_data::mnist::Split;
 use hetero_data::preprocess::{self, Augment, Normalize};
 use hetero_job::{JobSpec, NormalizeSpec};
@@ -76,8 +77,8 @@ type ModelInit<B, M> = Box<dyn Fn(&<B as burn::tensor::backend::BackendTypes>::D
 
 /// An image classifier `M` trained on an image dataset.
 pub struct ImageTask<B: AutodiffBackend, M: AutodiffModule<B>> {
-    train: ImageDataset,
-    test: ImageDataset,
+    /// The training and test images, and which of them this worker holds.
+    images: HeldImages,
     init: ModelInit<B, M>,
     normalize: Normalize,
     augment: Augment,
@@ -93,9 +94,14 @@ where
 {
     /// A task over the given data.
     pub fn new(train: ImageDataset, test: ImageDataset, init: impl Fn(&B::Device) -> M + Send + 'static) -> Self {
+        Self::from_held(HeldImages::complete(train, test), init)
+    }
+
+    /// A task over `images`, of which this worker may hold only some: the others
+    /// are sent to it by workers that hold them before it needs them.
+    pub fn from_held(images: HeldImages, init: impl Fn(&B::Device) -> M + Send + 'static) -> Self {
         ImageTask {
-            train,
-            test,
+            images,
             init: Box::new(init),
             normalize: FASHION_MNIST,
             augment: Augment::default(),
@@ -254,11 +260,11 @@ where
     type Batch = ImageBatch<B>;
 
     fn train_len(&self) -> usize {
-        self.train.len()
+        self.images.train.len()
     }
 
     fn test_len(&self) -> usize {
-        self.test.len()
+        self.images.test.len()
     }
 
     fn model(&self, device: &B::Device) -> M {
@@ -267,14 +273,14 @@ where
 
     fn train_batch(&self, indices: &[usize], device: &B::Device) -> ImageBatch<B> {
         if self.augment.is_identity() {
-            return prepared_batch(&self.train, indices, &self.normalize, None, device);
+            return prepared_batch(&self.images.train, indices, &self.normalize, None, device);
         }
         // Fresh draws for every batch, reproducible from the seed.
         let draw = self.draws.fetch_add(1, Ordering::Relaxed);
         let first = indices.first().copied().unwrap_or(0) as u64;
         let mut rng = StdRng::seed_from_u64(self.seed ^ draw.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (first << 20));
         prepared_batch(
-            &self.train,
+            &self.images.train,
             indices,
             &self.normalize,
             Some((&self.augment, &mut rng)),
@@ -283,7 +289,7 @@ where
     }
 
     fn test_batch(&self, indices: &[usize], device: &B::Device) -> ImageBatch<B> {
-        prepared_batch(&self.test, indices, &self.normalize, None, device)
+        prepared_batch(&self.images.test, indices, &self.normalize, None, device)
     }
 
     fn loss(&self, model: &M, batch: ImageBatch<B>) -> Tensor<B, 1> {
@@ -295,5 +301,17 @@ where
 
     fn evaluate(&self, model: &M, batch: ImageBatch<B>) -> Evaluation {
         classification_sums(model.forward(batch.images), batch.labels)
+    }
+
+    fn presence(&self) -> Option<Vec<f32>> {
+        (!self.images.is_complete()).then(|| self.images.presence_words())
+    }
+
+    fn pack_samples(&self, ids: &[usize]) -> Result<Vec<u8>, usize> {
+        self.images.pack(ids)
+    }
+
+    fn unpack_samples(&mut self, bundle: &[u8]) -> Result<usize, String> {
+        self.images.unpack(bundle).map_err(|e| e.to_string())
     }
 }

@@ -54,6 +54,28 @@ pub trait Task<B: AutodiffBackend> {
     fn loss(&self, model: &Self::Model, batch: Self::Batch) -> Tensor<B, 1>;
     /// Summed loss and accuracy over the batch.
     fn evaluate(&self, model: &Self::Model, batch: Self::Batch) -> Evaluation;
+
+    /// Which samples this worker holds when it lacks some (a machine without the
+    /// dataset's files), as bits packed 16 to a float
+    /// ([`hetero_data::held::HeldImages::presence_words`]); `None`, the default:
+    /// it holds every one. Ids are training samples `0..train_len`, then test
+    /// samples. Before any step the trainer makes sure every worker holds its
+    /// shard's samples and its part of the test set, sent by workers that hold
+    /// them ([`Task::pack_samples`], [`Task::unpack_samples`]).
+    fn presence(&self) -> Option<Vec<f32>> {
+        None
+    }
+
+    /// A bundle of samples `ids` for a worker that lacks them; the first id this
+    /// worker cannot send.
+    fn pack_samples(&self, ids: &[usize]) -> Result<Vec<u8>, usize> {
+        Err(ids.first().copied().unwrap_or(0))
+    }
+
+    /// Takes in a bundle another worker packed; returns how many samples it held.
+    fn unpack_samples(&mut self, _bundle: &[u8]) -> Result<usize, String> {
+        Err("this task's samples cannot travel between workers".into())
+    }
 }
 
 /// The task's model, initialised from `seed`.

@@ -151,8 +151,21 @@ where
     if let Some(path) = &options.resume {
         eprintln!("resuming from {}", path.display());
     }
-    if !options.weights.is_empty() {
-        eprintln!("weighted split: shares {:?}", options.weights);
+    let unscored: Vec<usize> = (0..options.weights.len())
+        .filter(|&r| !(options.weights[r].is_finite() && options.weights[r] > 0.0))
+        .collect();
+    if !unscored.is_empty() {
+        eprintln!(
+            "weighted split: rank(s) {unscored:?} have no compute score (no measured GFLOP/s nor an operator's \
+             score), so the run starts from an even split; the first steps measure every worker on this job's \
+             model and set the split"
+        );
+    } else if !options.weights.is_empty() {
+        eprintln!(
+            "weighted split: compute scores {:?} as the starting guess; the first steps measure every worker on \
+             this job's model and set the split",
+            options.weights
+        );
     }
     match std::env::var(hetero_job::WorkerEnv::THROTTLE) {
         Ok(how) => eprintln!("slowed to emulate a slower device by {how}"),
@@ -275,15 +288,6 @@ pub fn end_with_the_agent() {
     }
 }
 
-/// Each worker rank's aggregation group: its resource group (`hierarchical`), or
-/// itself alone (`parameter-server`).
-fn aggregation_groups(setup: &WorkerSetup) -> Vec<String> {
-    match setup.spec.training.strategy {
-        Strategy::Hierarchical if setup.groups.len() == setup.world => setup.groups.clone(),
-        _ => (0..setup.world).map(|r| format!("rank-{r}")).collect(),
-    }
-}
-
 fn staleness(strategy: Strategy) -> Option<usize> {
     match strategy {
         Strategy::ParameterServer { staleness } if staleness > 0 => Some(staleness),
@@ -308,7 +312,7 @@ fn server_trainer<T: Task<SystemBackend>>(
             peers.len()
         )));
     }
-    let groups = aggregation_groups(setup);
+    let groups = hetero_job::topology::group_keys(setup.spec.training.strategy, &setup.groups, world);
     let mine = &groups[setup.rank];
     let group: Vec<usize> = (0..world).filter(|&r| &groups[r] == mine).collect();
     let position = group
@@ -331,9 +335,8 @@ fn server_trainer<T: Task<SystemBackend>>(
             Duration::from_secs(120),
         )?;
         eprintln!(
-            "group {mine} ({} worker(s)) leads to the parameter server at {}",
-            group.len(),
-            peers[world]
+            "group {mine}: rank(s) {group:?} reduce together; rank {} leads it to the parameter server at {}",
+            setup.rank, peers[world]
         );
         Some(client)
     } else {
@@ -368,9 +371,7 @@ fn serve_parameters<T: Task<SystemBackend>>(
             .optimizer
             .filter(|o| o.moment_1.len() == params.len() || o.moment_1.is_empty());
     }
-    let mut groups = aggregation_groups(setup);
-    groups.sort();
-    groups.dedup();
+    let groups = hetero_job::topology::groups(spec.training.strategy, &setup.groups, setup.world);
     let staleness = staleness(spec.training.strategy);
     eprintln!(
         "parameter server for {} client(s), {} parameters, {}",

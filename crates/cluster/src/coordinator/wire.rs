@@ -49,6 +49,7 @@ pub(crate) fn job_info(j: &JobRecord, telemetry: &Telemetry) -> pb::JobInfo {
                     message: t.message.clone(),
                     loss,
                     samples_per_sec,
+                    group: t.group.clone(),
                 }
             })
             .collect(),

@@ -11,6 +11,7 @@ use hetero_data::assign::Assignment;
 use super::aggregate::{self, Aggregate, Flat, ThroughServer};
 use super::meter::Meter;
 use super::run_state::RunState;
+use super::samples::Moved;
 use super::{Local, TrainOptions, Trainer};
 use crate::checkpoint::Checkpoint;
 use crate::membership::{FixedMembership, Regroup};
@@ -158,6 +159,9 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             generation: 0,
             options,
             meter,
+            moved: Moved::default(),
+            samples_due: true,
+            pending_events: vec![],
             run,
             pending: None,
             joining: false,
@@ -198,6 +202,9 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             rank: regroup.ring.rank(),
             generation,
             meter: Meter::new(options.speed),
+            moved: Moved::default(),
+            samples_due: true,
+            pending_events: vec![],
             options,
             run,
             pending: Some(regroup),
@@ -206,11 +213,20 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     }
 }
 
+/// The least and most steps after which a weighted run first measures its
+/// workers' throughput: a fifth of the first epoch, within these bounds (an epoch
+/// shorter than the least is measured at its end).
+const MEASURE_STEPS: (u64, u64) = (3, 8);
+
 impl RunState {
     /// A run's state before its first step: `len` training samples split over
     /// `world` workers as `options` says.
     fn start(len: usize, options: &TrainOptions, world: usize) -> RunState {
         let split = options.split(&options.weights, world);
+        // A few steps in (the first one warms up), but early in the epoch.
+        let steps = split.steps_per_epoch(len, options.global_batch) as u64;
+        let measure_at =
+            (options.measure_split && world > 1).then_some((steps / 5).clamp(MEASURE_STEPS.0, MEASURE_STEPS.1));
         RunState {
             epoch: 0,
             updates: 0,
@@ -222,6 +238,7 @@ impl RunState {
             rebalances: 0,
             total_workers: world,
             resumed_at: None,
+            measure_at,
         }
     }
 }

@@ -124,6 +124,8 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         let new_world = regroup.members.len();
         self.ring = Some(regroup.ring);
         self.rank = self.ring().rank();
+        // Shards and test parts are dealt anew: members may lack samples now.
+        self.samples_due = true;
         let mut steps = vec![0f32; new_world];
         steps[self.rank] = if self.joining {
             0.0
@@ -185,18 +187,33 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         Ok(events)
     }
 
-    /// Between epochs: adjusts the split to the throughput each worker measured in
-    /// the epoch (`rate` is this worker's) when it drifted by more than
-    /// [`REBALANCE_DRIFT`].
-    pub(super) fn rebalance(&mut self, rate: f64) -> Result<Option<Event>, TrainError> {
+    /// Adjusts the split to the throughput each worker measured (`rate` is this
+    /// worker's training samples per second of compute) when it drifted from the
+    /// split by more than [`REBALANCE_DRIFT`] — or, for the first measurement of a
+    /// weighted run, by anything at all. `when` says whether an epoch is under way
+    /// (its unvisited samples are re-shared) or about to begin.
+    pub(super) fn follow_throughput(&mut self, rate: f64, when: Boundary) -> Result<Option<Event>, TrainError> {
         let mut rates = vec![0f32; self.world()];
         rates[self.rank] = rate as f32;
         self.global_sum(&mut rates)?;
+        let first = self.run.measure_at.take().is_some();
         let rates: Vec<f64> = rates.iter().map(|&r| r as f64).collect();
-        let total: f64 = rates.iter().sum();
-        if rates.iter().any(|r| !(r.is_finite() && *r > 0.0)) || total <= 0.0 {
-            return Ok(None);
+        if let Some(slow) = rates.iter().position(|r| !(r.is_finite() && *r > 0.0)) {
+            return Ok(first.then(|| Event::SplitKept {
+                epoch: self.run.epoch,
+                why: format!(
+                    "worker {} measured no throughput ({} samples/s), so the split stays {}",
+                    self.run.members[slow],
+                    rates[slow],
+                    if self.options.weights.is_empty() {
+                        "even"
+                    } else {
+                        "at the compute scores"
+                    }
+                ),
+            }));
         }
+        let total: f64 = rates.iter().sum();
         let current = self.run.shares();
         let wanted: Vec<f64> = rates.iter().map(|r| r / total).collect();
         let drift = current
@@ -204,17 +221,32 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             .zip(&wanted)
             .map(|(c, w)| (w - c).abs() / c.max(1e-9))
             .fold(0.0, f64::max);
-        if drift <= REBALANCE_DRIFT {
+        if drift <= REBALANCE_DRIFT && !first {
             return Ok(None);
         }
-        self.run
-            .assignment
-            .rebalance(&Split::weighted(&wanted), self.options.global_batch);
+        let split = Split::weighted(&wanted);
+        let global = self.options.global_batch;
+        match when {
+            Boundary::WithinEpoch => self.run.assignment = self.run.assignment.migrate(&[], &[], &split, global),
+            Boundary::BetweenEpochs => self.run.assignment.rebalance(&split, global),
+        }
         self.options.weights = wanted;
         self.run.rebalances += 1;
+        self.samples_due = true;
         Ok(Some(Event::Rebalanced {
             epoch: self.run.epoch,
             shares: self.run.shares(),
+            rates,
+            within_epoch: when == Boundary::WithinEpoch,
         }))
     }
+}
+
+/// Where in the run the split changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Boundary {
+    /// Some steps into an epoch: the samples not yet visited are re-shared.
+    WithinEpoch,
+    /// Before an epoch begins: whole shards are resized.
+    BetweenEpochs,
 }

@@ -16,8 +16,11 @@
 //! - `meter`: samples, compute and communication time, and the throttle that
 //!   emulates a slower device.
 //!
-//! Between epochs the split can follow measured throughput ([`Event::Rebalanced`])
-//! and shards can pass a fraction of their samples to the ring neighbour. When the
+//! A weighted run sets its split from the throughput every worker measured a few
+//! steps into its first epoch (compute scores are only the starting guess);
+//! between epochs the split can follow measured throughput again
+//! ([`Event::Rebalanced`]) and shards can pass a fraction of their samples to the
+//! ring neighbour. When the
 //! ring breaks, the trainer asks its [`Membership`] for a ring of the survivors, they
 //! adopt the most advanced survivor's model, optimiser and position, share out the
 //! lost workers' remaining samples, and go on ([`Event::Migrated`]). With a
@@ -33,6 +36,7 @@ mod elastic;
 mod meter;
 mod options;
 mod run_state;
+mod samples;
 
 use std::time::Instant;
 
@@ -49,8 +53,10 @@ pub use self::meter::{Throttle, compute_threads};
 pub use self::options::TrainOptions;
 
 use self::aggregate::{Aggregate, Flat, Work};
+use self::elastic::Boundary;
 use self::meter::Meter;
 use self::run_state::RunState;
+use self::samples::Moved;
 use crate::checkpoint::Checkpoint;
 use crate::membership::{Membership, Regroup};
 use crate::params;
@@ -78,6 +84,13 @@ pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
     pending: Option<Regroup>,
     /// Holds no state of the run yet (a joining worker before it adopted one).
     joining: bool,
+    /// What samples travelled to members that lacked them.
+    moved: Moved,
+    /// The split may have handed members samples they lack: they fill before
+    /// their next step or evaluation (see `samples`).
+    samples_due: bool,
+    /// Events raised inside a step or an evaluation, for the run to report.
+    pending_events: Vec<Event>,
 }
 
 /// The user's task, its model and the device it computes on.
@@ -185,6 +198,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
 
     /// [`Trainer::evaluate`], summing `extra` over the workers in the same exchange.
     fn evaluate_with(&mut self, extra: &mut [f32]) -> Result<Option<Evaluation>, TrainError> {
+        self.fill_if_due()?;
         let len = self.local.task.test_len();
         let started = Instant::now();
         let (a, b) = shard::balanced(len, self.world(), self.rank);
@@ -211,9 +225,23 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         }))
     }
 
+    /// Fills the members' samples when the split may have moved some (a
+    /// collective: every member reaches it at the same point), reporting what
+    /// moved through the events of the run.
+    fn fill_if_due(&mut self) -> Result<(), TrainError> {
+        if self.samples_due {
+            if let Some(e) = self.fill_samples()? {
+                self.pending_events.push(e);
+            }
+            self.samples_due = false;
+        }
+        Ok(())
+    }
+
     /// One step of the epoch from the assignment, ending the epoch on one agreed
     /// model; returns the step's loss and this worker's samples in it.
     fn next_step(&mut self) -> Result<(f32, usize), TrainError> {
+        self.fill_if_due()?;
         let indices = self.run.assignment.next_batch(self.rank).to_vec();
         let global = self.aggregate.step_batch(&self.run.assignment);
         let last = self.run.assignment.steps_left() == 1;
@@ -254,10 +282,14 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         let mut last_event = Instant::now() - o.event_interval;
         let mut last_eval = None;
         let mut losses = Vec::new();
+        // This worker's totals after its first step, which warms up (allocations,
+        // caches): throughput is measured from there.
+        let mut warmed: Option<(u64, std::time::Duration)> = None;
         while self.run.epoch < o.epochs {
             let epoch = self.run.epoch;
             self.run.assignment.begin_epoch(o.seed, epoch);
-            let steps = self.run.assignment.steps_left();
+            self.samples_due = true;
+            let mut steps = self.run.assignment.steps_left();
             let mut loss_share = 0.0f64;
             let mut loss_sum = 0.0f64;
             let (epoch_samples, epoch_compute) = (self.meter.samples, self.meter.compute);
@@ -266,6 +298,9 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             let mut step = 0;
             while !self.run.assignment.epoch_done() {
                 let (loss, local) = self.resilient(on_event, |t| t.next_step())?;
+                std::mem::take(&mut self.pending_events)
+                    .into_iter()
+                    .for_each(&mut *on_event);
                 if !loss.is_finite() {
                     return Err(TrainError::Task(format!(
                         "loss became {loss} at epoch {epoch}, step {step}; lower training.learning_rate"
@@ -276,6 +311,16 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 losses.push(loss);
                 window_samples += local;
                 step += 1;
+                let (samples, compute) = warmed.get_or_insert((self.meter.samples, self.meter.compute));
+                // A weighted run's first measurement: a few steps into its first epoch.
+                if self.run.measure_at.is_some_and(|at| self.run.updates >= at) && !self.run.assignment.epoch_done() {
+                    let rate = (self.meter.samples - *samples) as f64
+                        / (self.meter.compute - *compute).as_secs_f64().max(1e-9);
+                    if let Some(e) = self.resilient(on_event, |t| t.follow_throughput(rate, Boundary::WithinEpoch))? {
+                        on_event(e);
+                    }
+                    steps = step + self.run.assignment.steps_left();
+                }
                 // What a stalled-worker watchdog waits for (hetero_comm::liveness).
                 Liveness::global().progressed();
                 let done = self.run.assignment.epoch_done();
@@ -300,6 +345,9 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 let r = t.evaluate_with(&mut e)?;
                 Ok((r, e))
             })?;
+            std::mem::take(&mut self.pending_events)
+                .into_iter()
+                .for_each(&mut *on_event);
             Liveness::global().progressed();
             // With allreduce every worker already holds each step's global loss; with
             // local steps the workers' weighted shares add up to it.
@@ -329,6 +377,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                     visited,
                     distinct,
                 },
+                shares: self.run.shares(),
             });
             last_eval = eval;
             self.run.epoch += 1;
@@ -350,6 +399,9 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             lost_workers: self.run.lost.clone(),
             rejoined_workers: self.run.rejoined.clone(),
             rebalances: self.run.rebalances,
+            moved_samples: self.moved.samples,
+            moved_bytes: self.moved.bytes,
+            moved_secs: self.moved.secs,
             resumed_at_epoch: self.run.resumed_at,
             backend: o.backend.clone(),
             epochs: o.epochs,
@@ -402,13 +454,14 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     }
 
     /// Between two epochs: follows measured throughput (`rate`, this worker's
-    /// samples per second of compute), passes samples to the neighbours and lets
-    /// lost workers back in.
+    /// samples per second of compute; always when the first measurement of a
+    /// weighted run is still due), passes samples to the neighbours and lets lost
+    /// workers back in.
     fn between_epochs(&mut self, rate: f64, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
         let o = self.options.clone();
-        if o.rebalance
+        if (o.rebalance || self.run.measure_at.is_some())
             && self.world() > 1
-            && let Some(e) = self.resilient(on_event, |t| t.rebalance(rate))?
+            && let Some(e) = self.resilient(on_event, |t| t.follow_throughput(rate, Boundary::BetweenEpochs))?
         {
             on_event(e);
         }

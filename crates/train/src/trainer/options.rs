@@ -41,6 +41,10 @@ pub struct TrainOptions {
     pub exchange_fraction: f64,
     /// Re-split between epochs when measured throughput drifts from the split.
     pub rebalance: bool,
+    /// Set the split from the throughput every worker measures in the first
+    /// steps of the run, at its own local batch (a weighted job: compute scores
+    /// are only the starting guess).
+    pub measure_split: bool,
     /// Where the lowest-ranked worker saves checkpoints (`None`: nowhere).
     pub checkpoint: Option<PathBuf>,
     /// Save a checkpoint every N epochs (and after the last; 0: never).
@@ -68,6 +72,7 @@ impl TrainOptions {
             strategy: Strategy::Allreduce,
             exchange_fraction: 0.0,
             rebalance: false,
+            measure_split: false,
             checkpoint: None,
             checkpoint_every: 1,
             resume: None,
@@ -84,6 +89,7 @@ impl TrainOptions {
         o.strategy = t.strategy;
         o.exchange_fraction = spec.dataset.exchange_fraction;
         o.rebalance = spec.dataset.rebalance;
+        o.measure_split = spec.dataset.split == hetero_job::SplitKind::Weighted;
         o.checkpoint_every = t.checkpoint_every;
         o.resume = t.resume_from.clone();
         o

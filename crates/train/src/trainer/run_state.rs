@@ -38,6 +38,9 @@ pub(crate) struct RunState {
     pub total_workers: usize,
     /// The epoch a resumed run started from.
     pub resumed_at: Option<usize>,
+    /// The step count after which the split is first set from measured
+    /// throughput (`None`: done, or the split is not weighted).
+    pub measure_at: Option<u64>,
 }
 
 impl RunState {
@@ -75,6 +78,7 @@ impl Handover {
         w.usize(run.rebalances);
         w.usize(run.total_workers);
         w.u64(run.resumed_at.map_or(u64::MAX, |e| e as u64));
+        w.u64(run.measure_at.unwrap_or(u64::MAX));
         w.u64s(&run.assignment.to_words());
         w.usize(run.history.len());
         for h in &run.history {
@@ -84,6 +88,7 @@ impl Handover {
             w.f64(h.elapsed_secs);
             let c = h.coverage;
             w.usizes(&[c.samples, c.visited, c.distinct]);
+            w.u64s(&h.shares.iter().map(|s| s.to_bits()).collect::<Vec<_>>());
         }
         w.0
     }
@@ -105,6 +110,7 @@ impl Handover {
             u64::MAX => None,
             e => Some(usize::try_from(e).map_err(|_| bad(format!("the resumed epoch is {e}")))?),
         };
+        let measure_at = Some(r.u64("the step to measure at")?).filter(|&s| s != u64::MAX);
         let assignment =
             Assignment::from_words(&r.u64s("the assignment")?).map_err(|e| bad(format!("its data assignment: {e}")))?;
         if assignment.world() != members.len() {
@@ -114,8 +120,8 @@ impl Handover {
                 members.len()
             )));
         }
-        // Each record takes at least 64 bytes: the count cannot promise more.
-        let epochs = r.len("the history", 64)?;
+        // Each record takes at least 72 bytes: the count cannot promise more.
+        let epochs = r.len("the history", 72)?;
         let mut history = Vec::with_capacity(epochs);
         for _ in 0..epochs {
             let epoch = r.usize("an epoch")?;
@@ -130,12 +136,14 @@ impl Handover {
                 },
                 _ => return Err(bad("an epoch's coverage is not three counts".into())),
             };
+            let shares = r.u64s("an epoch's shares")?.into_iter().map(f64::from_bits).collect();
             history.push(EpochRecord {
                 epoch,
                 train_loss,
                 test_accuracy: (!accuracy.is_nan()).then_some(accuracy),
                 elapsed_secs,
                 coverage,
+                shares,
             });
         }
         r.finish()?;
@@ -153,6 +161,7 @@ impl Handover {
                 rebalances,
                 total_workers,
                 resumed_at,
+                measure_at,
             },
         })
     }
@@ -300,6 +309,7 @@ mod tests {
                         visited: 50,
                         distinct: 49,
                     },
+                    shares: vec![0.625, 0.375],
                 }],
                 members: vec![0, 2],
                 lost: vec![1],
@@ -307,6 +317,7 @@ mod tests {
                 rebalances: 2,
                 total_workers: 3,
                 resumed_at: Some(1 << 40),
+                measure_at: Some(7),
             },
         }
     }
@@ -323,6 +334,7 @@ mod tests {
         assert!(same(&Handover::from_bytes(&h.to_bytes()).unwrap(), &h));
         let mut fresh = handover();
         fresh.run.resumed_at = None;
+        fresh.run.measure_at = None;
         fresh.run.history[0].test_accuracy = Some(0.5);
         assert!(same(&Handover::from_bytes(&fresh.to_bytes()).unwrap(), &fresh));
     }

@@ -56,6 +56,9 @@ pub struct Recorded {
     pub seen: Arc<Mutex<Vec<usize>>>,
     pub die_at: Option<usize>,
     pub calls: std::cell::Cell<usize>,
+    /// Time each sample of a training batch takes on top of its compute: a
+    /// slower device whose slowness no other test's load can hide.
+    pub delay: Duration,
 }
 
 impl Task<B> for Recorded {
@@ -81,6 +84,7 @@ impl Task<B> for Recorded {
             panic!("worker killed on purpose (test)");
         }
         self.seen.lock().unwrap().extend_from_slice(indices);
+        std::thread::sleep(self.delay * indices.len() as u32);
         self.inner.train_batch(indices, device)
     }
     fn test_batch(
@@ -191,6 +195,7 @@ pub fn recorded(len: usize, seen: &Arc<Mutex<Vec<usize>>>, die_at: Option<usize>
         seen: seen.clone(),
         die_at,
         calls: std::cell::Cell::new(0),
+        delay: Duration::ZERO,
     }
 }
 

@@ -6,4 +6,6 @@
 mod common;
 mod elastic;
 mod run;
+mod split;
 mod strategies;
+mod travel;

@@ -1,0 +1,77 @@
+//! Weighted runs whose split follows what the workers measured.
+
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use hetero_job::Optimizer;
+use hetero_train::{Event, TrainOptions, Trainer};
+
+use crate::common::*;
+
+/// Compute scores that are wrong — equal, for a worker many times slower — are
+/// only the starting guess: a few steps into the first epoch the workers measure
+/// themselves, the slow one's share drops, the rest of that epoch is re-shared,
+/// and every sample is still visited exactly once per epoch.
+#[test]
+fn a_weighted_run_sets_its_split_from_measured_throughput_within_the_first_epoch() {
+    let (len, global, epochs) = (600, 40, 2);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let finished: Vec<Finished> = thread::scope(|s| {
+        let handles: Vec<_> = ring_of(2)
+            .into_iter()
+            .enumerate()
+            .map(|(rank, ring)| {
+                let mut task = recorded(len, &seen, None);
+                // Rank 1 takes 3 ms a sample more: many times slower, whatever else
+                // loads the machine.
+                if rank == 1 {
+                    task.delay = Duration::from_millis(3);
+                }
+                s.spawn(move || {
+                    let mut o = TrainOptions::new(epochs, global, 5).with_optimizer(Optimizer::Sgd, 1e-2);
+                    o.weights = vec![1.0, 1.0];
+                    o.measure_split = true;
+                    let mut t = Trainer::new(task, Default::default(), ring, o).unwrap();
+                    let mut events = vec![];
+                    let summary = t.run(&mut |e| events.push(e)).unwrap();
+                    (summary, t.parameters(), events)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (summary, _, events) in &finished {
+        let measured: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Rebalanced {
+                    epoch: 0,
+                    shares,
+                    rates,
+                    within_epoch: true,
+                } => Some((shares, rates)),
+                _ => None,
+            })
+            .collect();
+        let [(shares, rates)] = measured[..] else {
+            panic!("one measurement in the first epoch: {events:?}")
+        };
+        assert!(rates[0] > rates[1], "the throttled worker is slower: {rates:?}");
+        assert!(shares[1] < 0.4, "its share follows: {shares:?}");
+        assert_eq!(
+            summary.history[0].shares, *shares,
+            "the epoch ended with the measured split"
+        );
+        for h in &summary.history {
+            let c = h.coverage;
+            assert_eq!((c.visited, c.distinct), (len, len), "epoch {}: {c:?}", h.epoch);
+        }
+        assert!(summary.per_worker[1].samples < summary.per_worker[0].samples);
+    }
+    assert_eq!(finished[0].1, finished[1].1, "one model");
+    assert!(
+        visits(&seen, len).iter().all(|&n| n == epochs),
+        "every sample once per epoch"
+    );
+}
