@@ -486,7 +486,7 @@ fn a_local_cluster_of_unlike_groups_trains_one_job() {
     // cgroups allow one, else its own sleep throttle and why not the quota.
     assert!(
         log.contains("slowed to emulate a slower device by a CPU quota of 0.5 ×")
-            || log.contains("slowed to emulate a slower device by the sleep throttle (no CPU quota: "),
+            || log.contains("slowed to emulate a slower device by the sleep throttle at speed 0.5 (no CPU quota: "),
         "{log}"
     );
 
@@ -502,6 +502,83 @@ fn a_local_cluster_of_unlike_groups_trains_one_job() {
         "{}",
         text(&out)
     );
+}
+
+/// Three unlike devices (full, half and quarter speed) in one weighted job with the
+/// neighbour exchange and rebalancing: the split is set from what the workers
+/// measured in the first epoch, each worker trains on as many samples as its share
+/// says, the slowest the fewest, and no sample is visited twice in an epoch.
+#[test]
+fn a_weighted_job_of_three_unlike_workers_follows_their_speeds_and_visits_each_sample_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (len, epochs) = (1500u64, 3);
+    let spec = write_spec(
+        dir.path(),
+        &format!(
+            "name = \"unlike\"\n[model]\nkind = \"mlp\"\n[dataset]\npath = \"{}\"\ntrain_limit = {len}\ntest_limit = 300\n\
+             split = \"weighted\"\nexchange_fraction = 0.2\nrebalance = true\n[training]\nepochs = {epochs}\nglobal_batch_size = 60\n\
+             [cluster]\nworkers = 3\nthreads_per_worker = 1\n[output]\ndir = \"runs\"\n",
+            subset().display()
+        ),
+    );
+    let out = hetero()
+        .arg("local")
+        .arg(&spec)
+        .args(["--group", "1", "--group", "0.5", "--group", "0.25"])
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("split set from the throughput measured in its first steps"),
+        "{log}"
+    );
+    let summary = summary_at(&dir.path().join("runs/job-000001/summary.json"));
+    assert_every_sample_once_per_epoch(&summary, len);
+    // Each rank's speed, from its own log line saying how it is slowed.
+    let speed_of = |rank: usize| -> f64 {
+        let prefix = format!("[worker {rank}] ");
+        log.lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .find_map(|l| {
+                let cap = l
+                    .split_once("a CPU quota of ")
+                    .or_else(|| l.split_once("the sleep throttle at speed "))?
+                    .1;
+                cap.split([' ', ':']).next()?.parse().ok()
+            })
+            .unwrap_or(1.0)
+    };
+    let samples: Vec<u64> = summary["per_worker"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["samples"].as_u64().unwrap())
+        .collect();
+    let speeds: Vec<f64> = (0..3).map(speed_of).collect();
+    let mut by_speed: Vec<usize> = (0..3).collect();
+    by_speed.sort_by(|&a, &b| speeds[a].total_cmp(&speeds[b]));
+    assert_eq!(
+        by_speed.iter().map(|&r| speeds[r]).collect::<Vec<_>>(),
+        vec![0.25, 0.5, 1.0],
+        "{log}"
+    );
+    assert!(
+        samples[by_speed[0]] < samples[by_speed[2]],
+        "the quarter-speed worker trains on fewer samples than the full-speed one: {samples:?}\n{log}"
+    );
+    // After the first epoch a worker's samples are its share of the epoch.
+    let history = summary["history"].as_array().unwrap();
+    for (rank, &n) in samples.iter().enumerate() {
+        let after_first: f64 = history[1..]
+            .iter()
+            .map(|h| h["shares"][rank].as_f64().unwrap() * len as f64)
+            .sum();
+        assert!(
+            (n as f64) >= after_first - 3.0 && (n as f64) <= after_first + len as f64,
+            "rank {rank}: {n} samples, shares say {after_first:.0} after the first epoch\n{summary}"
+        );
+    }
 }
 
 /// PyTorch's kernels and flex's train one job side by side (a build with

@@ -525,7 +525,10 @@ async fn supervise(
             );
         }
         Some(Err(why)) => {
-            command.env(WorkerEnv::THROTTLE, format!("the sleep throttle (no CPU quota: {why})"));
+            command.env(
+                WorkerEnv::THROTTLE,
+                format!("the sleep throttle at speed {} (no CPU quota: {why})", config.speed),
+            );
         }
         None => {}
     }

@@ -472,7 +472,7 @@ async fn declared_devices_are_registered_scheduled_and_run_their_command() {
     let texts = client::log_texts(&mut client, &job).await.unwrap();
     assert!(
         texts.iter().any(|t| t.starts_with("speed=1 by a CPU quota of 0.5 ×")
-            || t.starts_with("speed=0.5 by the sleep throttle (no CPU quota: ")),
+            || t.starts_with("speed=0.5 by the sleep throttle at speed 0.5 (no CPU quota: ")),
         "{texts:?}"
     );
     cluster.shutdown().await;
