@@ -113,13 +113,13 @@ impl HeldImages {
     }
 
     fn put(&mut self, id: usize, label: u8, pixels: &[u8]) {
-        let size = self.train.rows * self.train.cols;
         let (set, i) = if id < self.train.len() {
             (&mut self.train, id)
         } else {
             let n = self.train.len();
             (&mut self.test, id - n)
         };
+        let size = set.rows * set.cols;
         set.labels[i] = label;
         set.pixels[i * size..(i + 1) * size].copy_from_slice(pixels);
         if let Some(h) = self.held.as_mut() {
@@ -193,6 +193,16 @@ impl HeldImages {
             .collect();
         if let Some((id, ..)) = records.iter().find(|(id, ..)| *id >= self.len()) {
             return Err(bad(format!("image {id} is outside a dataset of {}", self.len())));
+        }
+        let test_shape = (self.test.rows, self.test.cols);
+        if let Some((id, ..)) = records
+            .iter()
+            .find(|(id, ..)| *id >= self.train.len() && test_shape != (rows, cols))
+        {
+            return Err(bad(format!(
+                "test image {id} is {rows}×{cols}, this test set's {}×{}",
+                test_shape.0, test_shape.1
+            )));
         }
         for (id, label, pixels) in records {
             self.put(id, label, pixels);

@@ -59,9 +59,11 @@ pub trait Task<B: AutodiffBackend> {
     /// dataset's files), as bits packed 16 to a float
     /// ([`hetero_data::held::HeldImages::presence_words`]); `None`, the default:
     /// it holds every one. Ids are training samples `0..train_len`, then test
-    /// samples. Before any step the trainer makes sure every worker holds its
-    /// shard's samples and its part of the test set, sent by workers that hold
-    /// them ([`Task::pack_samples`], [`Task::unpack_samples`]).
+    /// samples. Before each step and evaluation of [`crate::Trainer::run`] the
+    /// trainer makes sure every worker holds its shard's samples and its part of
+    /// the test set, sent by workers that hold them ([`Task::pack_samples`],
+    /// [`Task::unpack_samples`]); a caller driving [`crate::Trainer::step`]
+    /// itself gives every worker its samples.
     fn presence(&self) -> Option<Vec<f32>> {
         None
     }

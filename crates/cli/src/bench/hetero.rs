@@ -254,22 +254,32 @@ async fn job(
     let job_id = client::submit(&mut c, &spec, "/").await?;
     let info = client::wait_for(&mut c, &job_id, Duration::from_secs(3600), client::has_ended).await?;
     let logs = client::log_texts(&mut c, &job_id).await.unwrap_or_default();
+    let nodes = c
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .map(|r| r.into_inner().nodes);
+    cluster.shutdown().await;
+    if info.state != hetero_proto::JobState::Succeeded as i32 {
+        bail!("the {split} job on {speeds:?} did not succeed: {}", info.message);
+    }
     // Agent i's hostname is local-i: each rank's device from the node it ran on.
-    let nodes = c.list_nodes(pb::ListNodesRequest {}).await?.into_inner().nodes;
+    let nodes = nodes.context("listing the nodes")?;
     let device_of = |agent: &str| {
         nodes
             .iter()
             .find(|n| n.agent_id == agent)
             .and_then(|n| n.hostname.strip_prefix("local-")?.parse::<usize>().ok())
+            .filter(|&d| d < speeds.len())
     };
-    let mut devices = vec![usize::MAX; speeds.len()];
+    let mut devices = vec![None; speeds.len()];
     for t in info.tasks.iter().filter(|t| (t.rank as usize) < speeds.len()) {
-        devices[t.rank as usize] = device_of(&t.agent_id).context("a rank on an unknown node")?;
+        devices[t.rank as usize] = device_of(&t.agent_id);
     }
-    cluster.shutdown().await;
-    if info.state != hetero_proto::JobState::Succeeded as i32 {
-        bail!("the {split} job on {speeds:?} did not succeed: {}", info.message);
-    }
+    let devices: Vec<usize> = devices
+        .into_iter()
+        .enumerate()
+        .map(|(rank, d)| d.with_context(|| format!("rank {rank} ran on no known device")))
+        .collect::<Result<_>>()?;
     let slowed: Vec<String> = logs
         .iter()
         .filter_map(|l| {

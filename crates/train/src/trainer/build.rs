@@ -215,8 +215,9 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
 
 /// The least and most steps after which a weighted run first measures its
 /// workers' throughput: a fifth of the first epoch, within these bounds (an epoch
-/// shorter than the least is measured at its end).
-const MEASURE_STEPS: (u64, u64) = (3, 8);
+/// shorter than the least is measured at its end, when another epoch follows; a
+/// run of one such epoch keeps its scores).
+pub(super) const MEASURE_STEPS: (u64, u64) = (3, 8);
 
 impl RunState {
     /// A run's state before its first step: `len` training samples split over

@@ -15,6 +15,7 @@ use burn::tensor::backend::AutodiffBackend;
 use hetero_data::shard::Split;
 
 use super::Trainer;
+use super::build::MEASURE_STEPS;
 use super::run_state::Handover;
 use crate::membership::Regroup;
 use crate::optim::FlatOptimizer;
@@ -148,12 +149,29 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         self.adopt(Handover::from_bytes(&state)?)?;
         self.joining = false;
 
+        let old_shares = self.run.shares();
         let old = std::mem::take(&mut self.run.members);
         let lost_positions: Vec<usize> = (0..old.len()).filter(|&p| !regroup.members.contains(&old[p])).collect();
         let lost: Vec<usize> = lost_positions.iter().map(|&p| old[p]).collect();
         let joined_positions: Vec<usize> = (0..new_world).filter(|&p| !old.contains(&regroup.members[p])).collect();
         let joined: Vec<usize> = joined_positions.iter().map(|&p| regroup.members[p]).collect();
-        let split = self.options.split(&regroup.weights, new_world);
+        // A split the run already measured outlives the compute scores: survivors
+        // keep their measured shares; with joiners (never measured) the scores
+        // start the new ring, which measures itself again a few steps on.
+        let measured = self.options.measure_split && self.run.measure_at.is_none();
+        let weights: Vec<f64> = if measured && joined_positions.is_empty() {
+            regroup
+                .members
+                .iter()
+                .map(|m| old.iter().position(|o| o == m).map_or(0.0, |p| old_shares[p]))
+                .collect()
+        } else {
+            if measured {
+                self.run.measure_at = Some(self.run.updates + MEASURE_STEPS.0);
+            }
+            regroup.weights.clone()
+        };
+        let split = self.options.split(&weights, new_world);
         let run = &mut self.run;
         run.assignment = run
             .assignment
@@ -161,7 +179,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         run.members = regroup.members;
         run.lost.extend(&lost);
         run.rejoined.extend(&joined);
-        self.options.weights = regroup.weights;
+        self.options.weights = weights;
         let shares = run.shares();
         let mut events = Vec::new();
         if !lost.is_empty() || collapsed {

@@ -311,11 +311,21 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 losses.push(loss);
                 window_samples += local;
                 step += 1;
-                let (samples, compute) = warmed.get_or_insert((self.meter.samples, self.meter.compute));
+                let (samples, compute) = *warmed.get_or_insert((self.meter.samples, self.meter.compute));
                 // A weighted run's first measurement: a few steps into its first epoch.
-                if self.run.measure_at.is_some_and(|at| self.run.updates >= at) && !self.run.assignment.epoch_done() {
-                    let rate = (self.meter.samples - *samples) as f64
-                        / (self.meter.compute - *compute).as_secs_f64().max(1e-9);
+                if self.world() > 1
+                    && self.run.measure_at.is_some_and(|at| self.run.updates >= at)
+                    && !self.run.assignment.epoch_done()
+                {
+                    // From the warmed-up totals; a worker that has taken only its first
+                    // step (one that just joined) counts that step too.
+                    let (samples, compute) = if self.meter.samples > samples {
+                        (samples, compute)
+                    } else {
+                        (0, std::time::Duration::ZERO)
+                    };
+                    let rate =
+                        (self.meter.samples - samples) as f64 / (self.meter.compute - compute).as_secs_f64().max(1e-9);
                     if let Some(e) = self.resilient(on_event, |t| t.follow_throughput(rate, Boundary::WithinEpoch))? {
                         on_event(e);
                     }

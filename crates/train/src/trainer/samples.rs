@@ -7,8 +7,9 @@
 //! re-formed after a loss, the first measurement re-shared an epoch — the members
 //! run [`Trainer::fill_samples`] before their next step or evaluation:
 //!
-//! 1. one float per member says whether it lacks anything; when none does (every
-//!    worker read the files) that is all it costs;
+//! 1. one float per member says whether it lacks any sample it needs; when none
+//!    does (every worker read the files, or already holds its part) that is all
+//!    it costs;
 //! 2. otherwise every member's presence bits are summed into one table;
 //! 3. every member plans the same transfers from it ([`plan`]): each sample a
 //!    member needs — its shard, and its part of the test set — comes from the
@@ -16,7 +17,12 @@
 //!    exchange passed on travel exactly one hop;
 //! 4. the bundles travel along the ring by [`hetero_comm::Ring::shift_bytes`],
 //!    one hop a round, for as many rounds as the longest route; each member
-//!    unpacks what is addressed to it and passes the rest on.
+//!    unpacks what is addressed to it and passes the rest on, and then checks
+//!    that it holds everything it needs.
+//!
+//! Samples travel only where the workers form one ring (allreduce, local SGD); a
+//! parameter server's groups have rings of their own, and a job of those with a
+//! worker lacking samples stops with a message saying so.
 //!
 //! The data assignment is not touched, so the exactly-once accounting is the
 //! assignment's as before; what moved, and what it cost, is reported
@@ -117,11 +123,24 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 w.len() * 16
             )));
         }
+        let lacks = |words: &[f32], ids: &[usize]| ids.iter().find(|&&id| !present(words, id)).copied();
         let mut lacking = vec![0f32; world];
-        lacking[self.rank] = f32::from(u8::from(mine.is_some()));
+        lacking[self.rank] = f32::from(u8::from(
+            mine.as_ref()
+                .is_some_and(|w| lacks(w, &self.needs(self.rank)).is_some()),
+        ));
         self.global_sum(&mut lacking)?;
         if lacking.iter().all(|&x| x == 0.0) {
             return Ok(None);
+        }
+        // Bundles travel along the ring of all workers; a parameter server's
+        // groups each have a ring of their own.
+        if self.ring().world() != world {
+            return Err(TrainError::Config(
+                "a worker lacks samples of the dataset, and samples travel only in jobs whose workers form one \
+                 ring (allreduce, local-sgd): give every worker the dataset's files"
+                    .into(),
+            ));
         }
         let started = Instant::now();
         let mut table = vec![0f32; world * words];
@@ -162,6 +181,13 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                     put_entry(&mut outgoing, to, bundle);
                 }
             }
+        }
+        if let Some(words) = self.local.task.presence()
+            && let Some(id) = lacks(&words, &self.needs(self.rank))
+        {
+            return Err(TrainError::Task(format!(
+                "sample {id} did not arrive from the workers that hold it"
+            )));
         }
         // Counts as 16-bit parts, so that the float sums stay exact.
         let parts = |v: u64| [(v >> 32) as f32, ((v >> 16) & 0xffff) as f32, (v & 0xffff) as f32];

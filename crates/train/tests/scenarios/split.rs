@@ -75,3 +75,53 @@ fn a_weighted_run_sets_its_split_from_measured_throughput_within_the_first_epoch
         "every sample once per epoch"
     );
 }
+
+/// The measured split outlives a lost worker: the survivors keep their measured
+/// shares (the membership's scores are empty here, which would mean an even
+/// split), so the slow survivor still gets the smaller part.
+#[test]
+fn survivors_keep_the_measured_split_after_a_loss() {
+    let (len, global, epochs) = (240, 24, 2);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let board: Entries = Default::default();
+    let events: Vec<thread::Result<Vec<Event>>> = thread::scope(|s| {
+        let handles: Vec<_> = ring_of(3)
+            .into_iter()
+            .enumerate()
+            .map(|(rank, ring)| {
+                // Rank 2 dies at its sixth batch, after the measurement at step 3.
+                let mut task = recorded(len, &seen, (rank == 2).then_some(5));
+                if rank == 1 {
+                    task.delay = Duration::from_millis(3);
+                }
+                let board = board.clone();
+                s.spawn(move || {
+                    let mut o = TrainOptions::new(epochs, global, 5).with_optimizer(Optimizer::Sgd, 1e-2);
+                    o.weights = vec![1.0, 1.0, 1.0];
+                    o.measure_split = true;
+                    let mut t = Trainer::new(task, Default::default(), ring, o)
+                        .unwrap()
+                        .with_membership(Box::new(Board::new(rank, &[2], &board)));
+                    let mut events = vec![];
+                    t.run(&mut |e| events.push(e)).unwrap();
+                    events
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join()).collect()
+    });
+    assert!(events[2].is_err(), "rank 2 died");
+    for e in &events[..2] {
+        let e = e.as_ref().unwrap();
+        let measured = e
+            .iter()
+            .any(|e| matches!(e, Event::Rebalanced { within_epoch: true, .. }));
+        let shares = e.iter().find_map(|e| match e {
+            Event::Migrated { shares, lost, .. } if lost == &[2] => Some(shares.clone()),
+            _ => None,
+        });
+        assert!(measured, "{e:?}");
+        let shares = shares.expect("the survivors migrated");
+        assert!(shares[1] < 0.4, "the slow survivor keeps the smaller share: {shares:?}");
+    }
+}
