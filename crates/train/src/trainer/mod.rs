@@ -91,6 +91,9 @@ pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
     samples_due: bool,
     /// Events raised inside a step or an evaluation, for the run to report.
     pending_events: Vec<Event>,
+    /// This worker's samples and compute time after its first step, which warms
+    /// up: throughput is measured from there.
+    warmed: Option<(u64, std::time::Duration)>,
 }
 
 /// The user's task, its model and the device it computes on.
@@ -238,9 +241,32 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         Ok(())
     }
 
+    /// This worker's training samples per second of compute since its first step
+    /// (which warms up: allocations, caches); a worker that has taken only that
+    /// step (one that just joined) counts it too.
+    fn measured_rate(&self) -> f64 {
+        let (samples, compute) = match self.warmed {
+            Some((s, c)) if self.meter.samples > s => (s, c),
+            _ => (0, std::time::Duration::ZERO),
+        };
+        (self.meter.samples - samples) as f64 / (self.meter.compute - compute).as_secs_f64().max(1e-9)
+    }
+
     /// One step of the epoch from the assignment, ending the epoch on one agreed
     /// model; returns the step's loss and this worker's samples in it.
+    ///
+    /// It begins with what the members' agreed state says is due, in one order —
+    /// the first measurement of a weighted run, then filling samples — so that
+    /// after a ring re-formed mid-operation every member, retrying this step from
+    /// the state it adopted, takes the same collectives.
     fn next_step(&mut self) -> Result<(f32, usize), TrainError> {
+        if self.world() > 1
+            && self.run.measure_at.is_some_and(|at| self.run.updates >= at)
+            && !self.run.assignment.epoch_done()
+            && let Some(e) = self.follow_throughput(self.measured_rate(), Boundary::WithinEpoch)?
+        {
+            self.pending_events.push(e);
+        }
         self.fill_if_due()?;
         let indices = self.run.assignment.next_batch(self.rank).to_vec();
         let global = self.aggregate.step_batch(&self.run.assignment);
@@ -282,14 +308,10 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         let mut last_event = Instant::now() - o.event_interval;
         let mut last_eval = None;
         let mut losses = Vec::new();
-        // This worker's totals after its first step, which warms up (allocations,
-        // caches): throughput is measured from there.
-        let mut warmed: Option<(u64, std::time::Duration)> = None;
         while self.run.epoch < o.epochs {
             let epoch = self.run.epoch;
             self.run.assignment.begin_epoch(o.seed, epoch);
             self.samples_due = true;
-            let mut steps = self.run.assignment.steps_left();
             let mut loss_share = 0.0f64;
             let mut loss_sum = 0.0f64;
             let (epoch_samples, epoch_compute) = (self.meter.samples, self.meter.compute);
@@ -311,26 +333,10 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 losses.push(loss);
                 window_samples += local;
                 step += 1;
-                let (samples, compute) = *warmed.get_or_insert((self.meter.samples, self.meter.compute));
-                // A weighted run's first measurement: a few steps into its first epoch.
-                if self.world() > 1
-                    && self.run.measure_at.is_some_and(|at| self.run.updates >= at)
-                    && !self.run.assignment.epoch_done()
-                {
-                    // From the warmed-up totals; a worker that has taken only its first
-                    // step (one that just joined) counts that step too.
-                    let (samples, compute) = if self.meter.samples > samples {
-                        (samples, compute)
-                    } else {
-                        (0, std::time::Duration::ZERO)
-                    };
-                    let rate =
-                        (self.meter.samples - samples) as f64 / (self.meter.compute - compute).as_secs_f64().max(1e-9);
-                    if let Some(e) = self.resilient(on_event, |t| t.follow_throughput(rate, Boundary::WithinEpoch))? {
-                        on_event(e);
-                    }
-                    steps = step + self.run.assignment.steps_left();
-                }
+                self.warmed.get_or_insert((self.meter.samples, self.meter.compute));
+                // Steps in the epoch (the first measurement of a weighted run may
+                // re-share it).
+                let steps = step + self.run.assignment.steps_left();
                 // What a stalled-worker watchdog waits for (hetero_comm::liveness).
                 Liveness::global().progressed();
                 let done = self.run.assignment.epoch_done();
