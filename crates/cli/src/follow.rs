@@ -267,6 +267,14 @@ pub fn print_summary(s: &RunSummary) {
         s.samples_per_sec, s.workers, s.backend
     );
     println!("  wall time       {:.1} s for {} epoch(s)", s.wall_secs, s.epochs);
+    if s.moved_samples > 0 {
+        println!(
+            "  samples moved   {} to workers that lacked them ({:.1} MB, {:.2} s)",
+            s.moved_samples,
+            s.moved_bytes as f64 / 1e6,
+            s.moved_secs
+        );
+    }
     println!(
         "  {:>6} {:>10} {:>10} {:>10} {:>11}",
         "worker", "samples", "compute s", "comm s", "samples/s"

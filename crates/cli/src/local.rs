@@ -28,15 +28,30 @@ pub fn spec_text(path: &Path, workers: Option<usize>) -> Result<String> {
     Ok(toml::to_string(&table)?)
 }
 
-/// One `--group SPEED[:BACKEND]`.
-fn parse_group(arg: &str) -> Result<(f32, Backend)> {
-    let (speed, backend) = arg.split_once(':').unwrap_or((arg, "auto"));
+/// One `--group SPEED[:BACKEND][:nodata]`: its speed, backend, and whether its
+/// host reads no dataset from disk (its workers receive their samples from the
+/// others).
+fn parse_group(arg: &str) -> Result<(f32, Backend, bool)> {
+    let mut parts = arg.split(':');
+    let speed = parts.next().unwrap_or_default();
     let speed: f32 = speed.parse().ok().filter(|s| *s > 0.0 && *s <= 1.0).with_context(|| {
         format!("--group {arg:?}: the speed must be a number in (0, 1], e.g. --group 0.5 or --group 1:ndarray")
     })?;
-    let backend = Backend::from_name(backend)
-        .with_context(|| format!("--group {arg:?}: unknown backend {backend:?} ({})", Backend::names()))?;
-    Ok((speed, backend))
+    let (mut backend, mut no_data) = (Backend::Auto, false);
+    for part in parts {
+        match part {
+            "nodata" => no_data = true,
+            name => {
+                backend = Backend::from_name(name).with_context(|| {
+                    format!(
+                        "--group {arg:?}: {name:?} is neither a backend ({}) nor nodata",
+                        Backend::names()
+                    )
+                })?
+            }
+        }
+    }
+    Ok((speed, backend, no_data))
 }
 
 /// Gives every `auto` group the CPU backend that trains this job fastest here,
@@ -56,7 +71,9 @@ fn resolve_auto(spec: &JobSpec, groups: &mut [(f32, Backend)]) {
 
 /// Runs the job in `spec_path` on an embedded cluster and reports how it went.
 pub fn run(spec_path: &Path, workers: Option<usize>, groups: &[String]) -> Result<ExitCode> {
-    let mut groups = groups.iter().map(|g| parse_group(g)).collect::<Result<Vec<_>>>()?;
+    let parsed = groups.iter().map(|g| parse_group(g)).collect::<Result<Vec<_>>>()?;
+    let no_data: Vec<bool> = parsed.iter().map(|g| g.2).collect();
+    let mut groups: Vec<(f32, Backend)> = parsed.into_iter().map(|(s, b, _)| (s, b)).collect();
     if groups.is_empty() {
         groups.push((1.0, Backend::Auto));
     }
@@ -91,6 +108,7 @@ pub fn run(spec_path: &Path, workers: Option<usize>, groups: &[String]) -> Resul
             agent.worker_program = program.clone();
             agent.gflops = profiles[i];
             agent.speed = speed;
+            agent.no_local_data = no_data.get(i).copied().unwrap_or(false);
             if backend != Backend::Auto {
                 agent.backend = backend.name().into();
             }

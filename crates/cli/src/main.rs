@@ -39,9 +39,11 @@ enum Command {
         /// Override `cluster.workers`.
         #[arg(long)]
         workers: Option<usize>,
-        /// Start one agent per `--group SPEED[:BACKEND]` (e.g. `--group 1 --group 0.5
-        /// --group 0.25:ndarray`): a local cluster of unlike resource groups.
-        #[arg(long = "group", value_name = "SPEED[:BACKEND]")]
+        /// Start one agent per `--group SPEED[:BACKEND][:nodata]` (e.g. `--group 1
+        /// --group 0.5 --group 0.25:ndarray`): a local cluster of unlike resource
+        /// groups. `nodata`: that agent's workers read no dataset from disk and
+        /// receive their samples from the others.
+        #[arg(long = "group", value_name = "SPEED[:BACKEND][:nodata]")]
         groups: Vec<String>,
     },
     /// Run the coordinator (the task-manager node).

@@ -82,6 +82,10 @@ pub struct AgentArgs {
     /// build with that backend's feature.
     #[arg(long = "gpu", value_name = "BACKEND:COUNT[:GB]")]
     pub gpus: Vec<String>,
+    /// This host reads no dataset from disk: its workers receive their samples
+    /// from workers that hold them (allreduce and local-sgd jobs).
+    #[arg(long)]
+    pub no_local_data: bool,
 }
 
 /// Creates `dir` if needed and makes it the owner's alone (0700): it holds the
@@ -256,6 +260,7 @@ pub fn agent(args: &AgentArgs) -> Result<ExitCode> {
         speed,
         backend,
         gpus,
+        no_local_data,
     } = args;
     let gpus = gpus.iter().map(|g| parse_gpu(g)).collect::<Result<Vec<_>>>()?;
     let backend = hetero_job::Backend::from_name(backend)
@@ -292,6 +297,7 @@ pub fn agent(args: &AgentArgs) -> Result<ExitCode> {
         config.backend = backend.name().into();
     }
     config.gpus = gpus;
+    config.no_local_data = *no_local_data;
     println!(
         "agent: cpu {} slot(s), {gflops:.1} GFLOP/s measured, speed cap {speed}; {} declared device kind(s); coordinator {}",
         config.slots,

@@ -581,6 +581,46 @@ fn a_weighted_job_of_three_unlike_workers_follows_their_speeds_and_visits_each_s
     }
 }
 
+/// A worker whose host reads no dataset from disk (`--group 1:nodata`, i.e.
+/// `hetero agent --no-local-data`) builds its task from what the other worker
+/// read and receives its samples — its shard, its part of the test set, and the
+/// samples the neighbour exchange passes it each epoch — over the ring.
+#[test]
+fn a_worker_without_the_dataset_receives_its_samples_from_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let len = 1200u64;
+    let spec = write_spec(
+        dir.path(),
+        &format!(
+            "name = \"nodata\"\n[model]\nkind = \"mlp\"\n[dataset]\npath = \"{}\"\ntrain_limit = {len}\ntest_limit = 300\n\
+             exchange_fraction = 0.2\n[training]\nepochs = 3\nglobal_batch_size = 40\n\
+             [cluster]\nworkers = 2\nthreads_per_worker = 1\n[output]\ndir = \"runs\"\n",
+            subset().display()
+        ),
+    );
+    let out = hetero()
+        .arg("local")
+        .arg(&spec)
+        .args(["--group", "1", "--group", "1:nodata"])
+        .output()
+        .unwrap();
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("no dataset read here (this agent reads no dataset from disk)")
+            && log.contains("this host has no copy of the dataset: the task is built from what rank"),
+        "{log}"
+    );
+    assert!(log.contains("sample(s) sent to workers that lacked them"), "{log}");
+    let summary = summary_at(&dir.path().join("runs/job-000001/summary.json"));
+    assert_every_sample_once_per_epoch(&summary, len);
+    let moved = summary["moved_samples"].as_u64().unwrap();
+    // Its half of the training set and of the test set at least, and each
+    // epoch's exchange on top.
+    assert!(moved >= len / 2 + 150, "{summary}");
+    assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
+}
+
 /// PyTorch's kernels and flex's train one job side by side (a build with
 /// `--features libtorch`, see docs/libtorch.md).
 #[test]

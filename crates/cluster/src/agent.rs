@@ -60,6 +60,9 @@ pub struct AgentConfig {
     /// How long a worker may stay stopped (SIGSTOP, a debugger) before it is killed
     /// and its job goes on without it ([`crate::process_state`]).
     pub stopped_grace: Duration,
+    /// This host reads no dataset from disk: its workers receive their samples
+    /// from workers that hold them (`--no-local-data`).
+    pub no_local_data: bool,
 }
 
 /// GPUs of one burn backend on this machine: one worker per device.
@@ -90,6 +93,7 @@ impl AgentConfig {
             backend: String::new(),
             gpus: vec![],
             stopped_grace: Duration::from_secs(15),
+            no_local_data: false,
         }
     }
 }
@@ -503,6 +507,9 @@ async fn supervise(
     }
     if !a.groups.is_empty() {
         command.env(WorkerEnv::GROUPS, a.groups.join(","));
+    }
+    if config.no_local_data {
+        command.env(WorkerEnv::NO_LOCAL_DATA, "1");
     }
     if let Some(g) = config.gpus.iter().find(|g| g.backend == a.group) {
         command.env(WorkerEnv::BACKEND, &g.backend);

@@ -156,10 +156,11 @@ impl HeldImages {
         Ok(out)
     }
 
-    /// Takes in the images of bundle `bytes`; returns how many it carried. A bundle
-    /// that is damaged, of other images or of ids outside this dataset is refused
+    /// Takes in the images of bundle `bytes`, whose labels must be below
+    /// `classes`; returns how many it carried. A bundle that is damaged, of other
+    /// images, of ids outside this dataset or of labels past `classes` is refused
     /// whole.
-    pub fn unpack(&mut self, bytes: &[u8]) -> Result<usize, DataError> {
+    pub fn unpack(&mut self, bytes: &[u8], classes: usize) -> Result<usize, DataError> {
         let bad = |reason: String| DataError::Inconsistent(format!("a bundle of images was refused: {reason}"));
         if bytes.len() < HEADER + CHECKSUM || &bytes[..4] != MAGIC {
             return Err(bad(format!("{} bytes without a bundle's header", bytes.len())));
@@ -193,6 +194,9 @@ impl HeldImages {
             .collect();
         if let Some((id, ..)) = records.iter().find(|(id, ..)| *id >= self.len()) {
             return Err(bad(format!("image {id} is outside a dataset of {}", self.len())));
+        }
+        if let Some((id, label, _)) = records.iter().find(|(_, label, _)| *label as usize >= classes) {
+            return Err(bad(format!("image {id} has label {label}, past the {classes} classes")));
         }
         let test_shape = (self.test.rows, self.test.cols);
         if let Some((id, ..)) = records
@@ -256,7 +260,7 @@ mod tests {
         let mut empty = HeldImages::empty(10, 4, 2, 2);
         assert_eq!(empty.count_held(), 0);
         let ids = [3, 0, 12, 7];
-        let n = empty.unpack(&full.pack(&ids).unwrap()).unwrap();
+        let n = empty.unpack(&full.pack(&ids).unwrap(), 10).unwrap();
         assert_eq!(n, 4);
         for id in 0..14 {
             assert_eq!(empty.holds(id), ids.contains(&id), "id {id}");
@@ -276,12 +280,12 @@ mod tests {
         let bundle = full.pack(&[1, 2]).unwrap();
         let mut w = HeldImages::empty(10, 4, 2, 2);
         for cut in 0..bundle.len() {
-            assert!(w.unpack(&bundle[..cut]).is_err(), "cut at {cut}");
+            assert!(w.unpack(&bundle[..cut], 10).is_err(), "cut at {cut}");
         }
         for at in 0..bundle.len() {
             let mut flipped = bundle.clone();
             flipped[at] ^= 0x10;
-            assert!(w.unpack(&flipped).is_err(), "flipped byte {at}");
+            assert!(w.unpack(&flipped, 10).is_err(), "flipped byte {at}");
         }
         assert_eq!(w.count_held(), 0);
         // Another shape, or ids past this dataset: refused even with a good checksum.
@@ -294,11 +298,13 @@ mod tests {
             },
             images(0, 0),
         );
-        let e = w.unpack(&other.pack(&[0]).unwrap()).unwrap_err();
+        let e = w.unpack(&other.pack(&[0]).unwrap(), 10).unwrap_err();
         assert!(e.to_string().contains("3×3"), "{e}");
         let bigger = HeldImages::complete(images(40, 1), images(0, 0));
-        let e = w.unpack(&bigger.pack(&[30]).unwrap()).unwrap_err();
+        let e = w.unpack(&bigger.pack(&[30]).unwrap(), 10).unwrap_err();
         assert!(e.to_string().contains("image 30 is outside a dataset of 14"), "{e}");
+        let e = w.unpack(&bundle, 2).unwrap_err();
+        assert!(e.to_string().contains("label 2, past the 2 classes"), "{e}");
         assert_eq!(w.count_held(), 0);
     }
 }

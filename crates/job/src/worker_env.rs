@@ -47,6 +47,9 @@ impl WorkerEnv {
     pub const GROUPS: &'static str = "HETERO_GROUPS";
     /// The program declared for the worker's device kind, when it has one.
     pub const DEVICE_COMMAND: &'static str = "HETERO_DEVICE_COMMAND";
+    /// Set (to `1`) when the worker's host reads no dataset from disk: its samples
+    /// come from workers that hold them (`hetero agent --no-local-data`).
+    pub const NO_LOCAL_DATA: &'static str = "HETERO_NO_LOCAL_DATA";
 }
 
 /// What a worker process is started as.

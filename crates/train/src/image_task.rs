@@ -151,12 +151,112 @@ where
                 std: std as f32,
             },
         };
-        let augment = Augment {
-            crop_padding: p.crop_padding,
-            horizontal_flip: p.horizontal_flip,
-            noise_std: p.noise_std as f32,
+        Ok(Self::new(train, test, init).with_preprocessing(normalize, augment_of(spec), spec.training.seed))
+    }
+
+    /// What a worker without the dataset's files needs to build this task.
+    pub fn facts(&self) -> ImageFacts {
+        ImageFacts {
+            train_len: self.images.train.len(),
+            test_len: self.images.test.len(),
+            rows: self.images.train.rows,
+            cols: self.images.train.cols,
+            mean: self.normalize.mean,
+            std: self.normalize.std,
+        }
+    }
+
+    /// The task of `spec` on a machine without its dataset's files, from `facts` a
+    /// worker that read them sent: it holds no image yet, and receives the ones it
+    /// needs from the workers that hold them before it needs them.
+    pub fn from_facts(facts: ImageFacts, spec: &JobSpec, init: impl Fn(&B::Device) -> M + Send + 'static) -> Self {
+        let images = HeldImages::empty(facts.train_len, facts.test_len, facts.rows, facts.cols);
+        let normalize = Normalize {
+            mean: facts.mean,
+            std: facts.std,
         };
-        Ok(Self::new(train, test, init).with_preprocessing(normalize, augment, spec.training.seed))
+        Self::from_held(images, init).with_preprocessing(normalize, augment_of(spec), spec.training.seed)
+    }
+}
+
+/// The training augmentations a spec asks for.
+fn augment_of(spec: &JobSpec) -> Augment {
+    let p = &spec.preprocess;
+    Augment {
+        crop_padding: p.crop_padding,
+        horizontal_flip: p.horizontal_flip,
+        noise_std: p.noise_std as f32,
+    }
+}
+
+/// What a worker on a machine without an image dataset's files needs to build
+/// its task: the sets' sizes, the images' shape and the normalisation (which a
+/// worker with the files computed from them).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ImageFacts {
+    /// Training images.
+    pub train_len: usize,
+    /// Test images.
+    pub test_len: usize,
+    /// Image height.
+    pub rows: usize,
+    /// Image width.
+    pub cols: usize,
+    /// Normalisation mean.
+    pub mean: f32,
+    /// Normalisation standard deviation.
+    pub std: f32,
+}
+
+/// Most images of one set a worker accepts facts for (the buffers are allocated
+/// from them).
+const MAX_IMAGES: usize = 1 << 26;
+
+impl ImageFacts {
+    /// The facts as one message (little-endian).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(40);
+        for v in [self.train_len, self.test_len, self.rows, self.cols] {
+            out.extend_from_slice(&(v as u64).to_le_bytes());
+        }
+        out.extend_from_slice(&self.mean.to_le_bytes());
+        out.extend_from_slice(&self.std.to_le_bytes());
+        out
+    }
+
+    /// Reads [`ImageFacts::to_bytes`]; refuses another length, sizes past what
+    /// this worker would allocate and normalisations that are not numbers.
+    pub fn from_bytes(bytes: &[u8]) -> Result<ImageFacts, String> {
+        if bytes.len() != 40 {
+            return Err(format!("the dataset's facts are {} bytes, not 40", bytes.len()));
+        }
+        let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("eight bytes"));
+        let float = |at: usize| f32::from_le_bytes(bytes[at..at + 4].try_into().expect("four bytes"));
+        let size = |v: u64| usize::try_from(v).unwrap_or(usize::MAX);
+        let f = ImageFacts {
+            train_len: size(word(0)),
+            test_len: size(word(1)),
+            rows: size(word(2)),
+            cols: size(word(3)),
+            mean: float(32),
+            std: float(36),
+        };
+        if f.train_len > MAX_IMAGES || f.test_len > MAX_IMAGES {
+            return Err(format!(
+                "{} training and {} test images is past {MAX_IMAGES}",
+                f.train_len, f.test_len
+            ));
+        }
+        if !(1..=4096).contains(&f.rows) || !(1..=4096).contains(&f.cols) {
+            return Err(format!("images of {}×{} pixels", f.rows, f.cols));
+        }
+        if (f.train_len + f.test_len).saturating_mul(f.rows * f.cols) > 1 << 34 {
+            return Err("the images would take more than 16 GiB".into());
+        }
+        if !(f.mean.is_finite() && f.std.is_finite() && f.std > 0.0) {
+            return Err(format!("a normalisation of mean {} and deviation {}", f.mean, f.std));
+        }
+        Ok(f)
     }
 }
 
@@ -312,6 +412,37 @@ where
     }
 
     fn unpack_samples(&mut self, bundle: &[u8]) -> Result<usize, String> {
-        self.images.unpack(bundle).map_err(|e| e.to_string())
+        self.images.unpack(bundle, CLASSES).map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn facts_read_back_and_every_cut_or_absurd_one_is_refused() {
+        let f = ImageFacts {
+            train_len: 60_000,
+            test_len: 10_000,
+            rows: 28,
+            cols: 28,
+            mean: 0.286,
+            std: 0.353,
+        };
+        let bytes = f.to_bytes();
+        assert_eq!(ImageFacts::from_bytes(&bytes), Ok(f));
+        for cut in 0..bytes.len() {
+            assert!(ImageFacts::from_bytes(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let with = |edit: &dyn Fn(&mut ImageFacts)| {
+            let mut g = f;
+            edit(&mut g);
+            ImageFacts::from_bytes(&g.to_bytes())
+        };
+        assert!(with(&|g| g.train_len = usize::MAX).is_err());
+        assert!(with(&|g| g.rows = 0).is_err());
+        assert!(with(&|g| (g.rows, g.cols, g.train_len) = (4096, 4096, 2000)).is_err());
+        assert!(with(&|g| g.std = f32::NAN).is_err());
     }
 }

@@ -2,27 +2,61 @@
 //! models (image classifiers, the transformer language model, or a real model's
 //! decoupled version distilled from it), trained on the spec's dataset.
 
-use hetero_job::ModelKind;
+use hetero_job::{JobSpec, ModelKind, WorkerEnv};
 use hetero_models::{CnnConfig, MlpConfig};
-use hetero_train::image_task::ImageTask;
+use hetero_train::image_task::{ImageFacts, ImageTask};
 use hetero_train::text_task::TextTask;
 
-use crate::WorkerError;
+use crate::{Prepared, SystemBackend, SystemDevice, WorkerError};
 
 /// Runs the built-in task the spec in the environment names.
 pub fn run() -> Result<(), WorkerError> {
     let setup = crate::WorkerSetup::from_env()?;
     match setup.spec.model {
-        ModelKind::Cnn => crate::try_run(|ctx, _| {
-            ImageTask::from_spec(&ctx.spec, |d| CnnConfig::new().init(d)).map_err(|e| e.to_string())
-        }),
-        ModelKind::Mlp => crate::try_run(|ctx, _| {
-            ImageTask::from_spec(&ctx.spec, |d| MlpConfig::new().init(d)).map_err(|e| e.to_string())
-        }),
+        ModelKind::Cnn => crate::try_run_prepared(
+            |ctx, _| prepare_images(&ctx.spec, |d| CnnConfig::new().init(d)),
+            |t| Some(t.facts().to_bytes()),
+        ),
+        ModelKind::Mlp => crate::try_run_prepared(
+            |ctx, _| prepare_images(&ctx.spec, |d| MlpConfig::new().init(d)),
+            |t| Some(t.facts().to_bytes()),
+        ),
         ModelKind::Transformer => crate::try_run(|ctx, _| TextTask::from_spec(&ctx.spec).map_err(|e| e.to_string())),
         ModelKind::Distill => crate::distill::run(&setup.spec),
         ModelKind::Custom => Err(WorkerError::Setup(
             "model.kind = \"custom\" runs the program named in [task], not the built-in worker".into(),
         )),
     }
+}
+
+/// An image task from the dataset's files, or — on a host told to read no
+/// dataset (`--no-local-data`) or without the dataset's folder — one to build
+/// from the facts a worker that read the files sends.
+fn prepare_images<M>(
+    spec: &JobSpec,
+    init: impl Fn(&SystemDevice) -> M + Send + 'static,
+) -> Result<Prepared<ImageTask<SystemBackend, M>>, String>
+where
+    M: burn::module::AutodiffModule<SystemBackend> + hetero_models::Classifier<SystemBackend>,
+{
+    let told = std::env::var_os(WorkerEnv::NO_LOCAL_DATA).is_some_and(|v| v == "1");
+    let path = &spec.dataset.path;
+    if !told && path.exists() {
+        return ImageTask::from_spec(spec, init)
+            .map(Prepared::Ready)
+            .map_err(|e| e.to_string());
+    }
+    eprintln!(
+        "no dataset read here ({}): waiting for the dataset's facts and samples from the other workers",
+        if told {
+            "this agent reads no dataset from disk".to_string()
+        } else {
+            format!("{} does not exist on this host", path.display())
+        }
+    );
+    let spec = spec.clone();
+    Ok(Prepared::FromPeers(Box::new(move |bytes| {
+        let facts = ImageFacts::from_bytes(bytes)?;
+        Ok(ImageTask::from_facts(facts, &spec, init))
+    })))
 }

@@ -20,6 +20,7 @@ pub mod env;
 pub mod memory;
 pub mod probe;
 pub mod rendezvous;
+pub mod travel;
 pub mod watchdog;
 
 use std::io::Write;
@@ -37,6 +38,7 @@ use hetero_train::{Event, OptimizerConfig, ServerGroup, Task, TaskContext, Train
 
 pub use backend::{SystemBackend, SystemDevice};
 pub use env::WorkerSetup;
+pub use travel::Prepared;
 
 /// Why a worker stopped.
 #[derive(Debug, thiserror::Error)]
@@ -96,6 +98,17 @@ where
     T: Task<SystemBackend>,
     F: FnOnce(&TaskContext, &SystemDevice) -> Result<T, String>,
 {
+    try_run_prepared(|ctx, device| make_task(ctx, device).map(Prepared::Ready), |_| None)
+}
+
+/// [`try_run`] for a task that a worker on a host without the dataset builds
+/// from what another worker read (see [`travel`]): `facts_of` says what a task
+/// built from the files tells the others.
+pub fn try_run_prepared<T, F>(make_task: F, facts_of: impl Fn(&T) -> Option<Vec<u8>>) -> Result<(), WorkerError>
+where
+    T: Task<SystemBackend>,
+    F: FnOnce(&TaskContext, &SystemDevice) -> Result<Prepared<T>, String>,
+{
     memory::keep_freed_buffers();
     let setup = WorkerSetup::from_env()?;
     end_with_the_agent();
@@ -116,7 +129,7 @@ where
         setup.job_id,
         std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into())
     );
-    let task = make_task(&ctx, &device).map_err(WorkerError::Task)?;
+    let prepared = make_task(&ctx, &device).map_err(WorkerError::Task)?;
 
     let listener = TcpListener::bind((setup.data_host.as_str(), 0))
         .map_err(|e| WorkerError::Setup(format!("cannot bind a data-plane port on {}: {e}", setup.data_host)))?;
@@ -128,7 +141,7 @@ where
         rendezvous::exchange(&setup, address)?
     };
     if setup.role == WorkerRole::ParameterServer {
-        return serve_parameters(&setup, task, &device, listener);
+        return serve_parameters(&setup, prepared.ready("parameter server")?, &device, listener);
     }
 
     let spec = &setup.spec;
@@ -182,14 +195,26 @@ where
             .map_err(|e| WorkerError::Setup(format!("cannot share the data-plane listener: {e}")))?,
     ));
     let mut trainer = if joining {
+        let task = prepared.ready("worker rejoining a running job")?;
         let (regroup, generation) = rendezvous::join(&setup, &listener)?;
         Trainer::joining(task, device, regroup, generation, options)?
     } else if spec.training.strategy.uses_parameter_server() {
+        let task = prepared.ready("worker of a parameter server's group")?;
         server_trainer(&setup, task, device, listener, &peers, options)?
     } else {
         let config = RingConfig::new(setup.rank, setup.world, setup.job_id.clone(), setup.token.clone());
-        let ring = Ring::form(config, listener, &peers)?;
+        let mut ring = Ring::form(config, listener, &peers)?;
         eprintln!("ring formed: {} worker(s)", setup.world);
+        let task = match prepared {
+            Prepared::Ready(task) => {
+                travel::exchange_facts(&mut ring, facts_of(&task), false)?;
+                task
+            }
+            Prepared::FromPeers(build) => {
+                let facts = travel::exchange_facts(&mut ring, None, true)?.unwrap_or_default();
+                build(&facts).map_err(|e| WorkerError::Task(format!("the dataset's facts from another worker: {e}")))?
+            }
+        };
         Trainer::new(task, device, ring, options)?
     }
     .with_membership(membership);
