@@ -621,6 +621,59 @@ fn a_worker_without_the_dataset_receives_its_samples_from_the_other() {
     assert!(summary["test_accuracy"].as_f64().unwrap() > 0.6, "{summary}");
 }
 
+/// An agent that reads no dataset keeps the images its workers received: the
+/// next job on the same data takes them from the host's cache and moves fewer.
+#[test]
+fn an_agent_without_the_dataset_keeps_what_its_workers_received() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (_coordinator, port) = start_coordinator(0, &state);
+    let _with = start_agent(port, &state, &dir.path().join("with"));
+    let without = client("agent", port, &state)
+        .args(["--slots", "1", "--no-local-data", "--work-dir"])
+        .arg(dir.path().join("without"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _without = Killed(without);
+    let spec = write_spec(
+        dir.path(),
+        &format!(
+            "name = \"cached\"\n[model]\nkind = \"mlp\"\n[dataset]\npath = \"{}\"\ntrain_limit = 800\ntest_limit = 200\n\
+             exchange_fraction = 0.2\n[training]\nepochs = 2\nglobal_batch_size = 40\n\
+             [cluster]\nworkers = 2\nthreads_per_worker = 1\n[output]\ndir = \"{}\"\n",
+            subset().display(),
+            dir.path().join("runs").display()
+        ),
+    );
+    let mut moved = Vec::new();
+    for job in ["job-000001", "job-000002"] {
+        let out = client("submit", port, &state)
+            .arg(&spec)
+            .arg("--follow")
+            .output()
+            .unwrap();
+        let log = text(&out);
+        assert!(out.status.success(), "{log}");
+        let summary = summary_at(&dir.path().join(format!("runs/{job}/summary.json")));
+        moved.push(summary["moved_samples"].as_u64().unwrap());
+        if job == "job-000002" {
+            let logs = text(&client("logs", port, &state).arg(job).output().unwrap());
+            assert!(logs.contains("image(s) taken from this host's cache"), "{logs}");
+        }
+    }
+    assert!(
+        moved[0] >= 500,
+        "the first job moves the worker's half and test part: {moved:?}"
+    );
+    assert!(
+        moved[1] < moved[0] / 2,
+        "the second takes most from the cache: {moved:?}"
+    );
+    assert!(dir.path().join("without/data-cache").is_dir());
+}
+
 /// PyTorch's kernels and flex's train one job side by side (a build with
 /// `--features libtorch`, see docs/libtorch.md).
 #[test]

@@ -511,6 +511,7 @@ async fn supervise(
     if config.no_local_data {
         command.env(WorkerEnv::NO_LOCAL_DATA, "1");
     }
+    command.env(WorkerEnv::DATA_CACHE, config.work_dir.join("data-cache"));
     if let Some(g) = config.gpus.iter().find(|g| g.backend == a.group) {
         command.env(WorkerEnv::BACKEND, &g.backend);
     }

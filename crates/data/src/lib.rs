@@ -10,7 +10,8 @@
 //! - [`text`] reads text corpora and tokenizes them (bytes, characters, or a
 //!   Hugging Face `tokenizer.json`);
 //! - [`held`] says which images a worker holds, and packs the ones another lacks
-//!   into bundles that travel between workers;
+//!   into bundles that travel between workers; [`bundle_cache`] keeps the bundles
+//!   a worker received on its host;
 //! - [`shard`] decides which sample indices each worker owns and in what order it
 //!   visits them, deterministically from a seed;
 //! - [`assign`] follows the split through training: steps, neighbour exchange,
@@ -20,6 +21,7 @@
 //! them into tensors is the model's business.
 
 pub mod assign;
+pub mod bundle_cache;
 pub mod csv;
 pub mod error;
 pub mod folder;

@@ -50,6 +50,9 @@ impl WorkerEnv {
     /// Set (to `1`) when the worker's host reads no dataset from disk: its samples
     /// come from workers that hold them (`hetero agent --no-local-data`).
     pub const NO_LOCAL_DATA: &'static str = "HETERO_NO_LOCAL_DATA";
+    /// The folder on the worker's host where images received from other workers
+    /// are kept (`<agent work dir>/data-cache`).
+    pub const DATA_CACHE: &'static str = "HETERO_DATA_CACHE";
 }
 
 /// What a worker process is started as.

@@ -11,6 +11,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use burn::tensor::backend::AutodiffBackend;
 use hetero_data::ImageDataset;
+use hetero_data::bundle_cache::{BundleCache, Loaded};
 use hetero_data::held::HeldImages;
 use hetero_data::mnist::Split;
 use hetero_data::preprocess::{self, Augment, Normalize};
@@ -79,6 +80,8 @@ type ModelInit<B, M> = Box<dyn Fn(&<B as burn::tensor::backend::BackendTypes>::D
 pub struct ImageTask<B: AutodiffBackend, M: AutodiffModule<B>> {
     /// The training and test images, and which of them this worker holds.
     images: HeldImages,
+    /// Where the images received from other workers are kept on this host.
+    cache: Option<BundleCache>,
     init: ModelInit<B, M>,
     normalize: Normalize,
     augment: Augment,
@@ -102,6 +105,7 @@ where
     pub fn from_held(images: HeldImages, init: impl Fn(&B::Device) -> M + Send + 'static) -> Self {
         ImageTask {
             images,
+            cache: None,
             init: Box::new(init),
             normalize: FASHION_MNIST,
             augment: Augment::default(),
@@ -176,6 +180,21 @@ where
             std: facts.std,
         };
         Self::from_held(images, init).with_preprocessing(normalize, augment_of(spec), spec.training.seed)
+    }
+}
+
+impl<B, M> ImageTask<B, M>
+where
+    B: AutodiffBackend,
+    M: AutodiffModule<B> + Classifier<B>,
+{
+    /// This task keeping the images it receives in `cache`, after taking in the
+    /// ones already there (a worker started again on this host); says what it
+    /// loaded.
+    pub fn with_cache(mut self, cache: BundleCache) -> (Self, Loaded) {
+        let loaded = cache.load_into(&mut self.images, CLASSES);
+        self.cache = Some(cache);
+        (self, loaded)
     }
 }
 
@@ -412,7 +431,18 @@ where
     }
 
     fn unpack_samples(&mut self, bundle: &[u8]) -> Result<usize, String> {
-        self.images.unpack(bundle, CLASSES).map_err(|e| e.to_string())
+        let n = self.images.unpack(bundle, CLASSES).map_err(|e| e.to_string())?;
+        if let Some(cache) = &mut self.cache
+            && let Err(e) = cache.append(bundle)
+        {
+            // Training goes on without it: the images would only be received again.
+            eprintln!(
+                "cannot keep received images in {}: {e}; not caching them any more",
+                cache.dir().display()
+            );
+            self.cache = None;
+        }
+        Ok(n)
     }
 }
 

@@ -2,6 +2,7 @@
 //! models (image classifiers, the transformer language model, or a real model's
 //! decoupled version distilled from it), trained on the spec's dataset.
 
+use hetero_data::bundle_cache::{BundleCache, cache_key};
 use hetero_job::{JobSpec, ModelKind, WorkerEnv};
 use hetero_models::{CnnConfig, MlpConfig};
 use hetero_train::image_task::{ImageFacts, ImageTask};
@@ -57,6 +58,22 @@ where
     let spec = spec.clone();
     Ok(Prepared::FromPeers(Box::new(move |bytes| {
         let facts = ImageFacts::from_bytes(bytes)?;
-        Ok(ImageTask::from_facts(facts, &spec, init))
+        let task = ImageTask::from_facts(facts, &spec, init);
+        let Some(root) = std::env::var_os(WorkerEnv::DATA_CACHE) else {
+            return Ok(task);
+        };
+        let dir = std::path::PathBuf::from(root).join(cache_key(&spec.dataset.path, bytes));
+        let (task, loaded) = task.with_cache(BundleCache::new(&dir));
+        if loaded.images > 0 {
+            eprintln!(
+                "{} image(s) taken from this host's cache ({})",
+                loaded.images,
+                dir.display()
+            );
+        }
+        for why in loaded.damaged {
+            eprintln!("part of the cache was not used: {why}");
+        }
+        Ok(task)
     })))
 }
