@@ -32,6 +32,9 @@
 #   TESTBED_BURST    tbf burst, overriding the one derived from RATE (e.g. 64kb)
 #   TESTBED_LATENCY  tbf latency, i.e. queue length in time (default 20ms)
 #   TESTBED_SLOTS    --slots of each agent (default 1: one core per host)
+#   TESTBED_NODATA   hosts (e.g. "3" or "2 3") whose agents see an empty copy of
+#                    the repository's data/ folder: their workers receive their
+#                    samples over the data plane
 #
 # State (PIDs, logs, agent work folders) lives in /tmp/testbed-<prefix>/.
 # `down` kills the agents and anything else still running inside the bed's
@@ -338,7 +341,15 @@ cmd_agents() {
         core=${cpus[$(((i - 1) % ${#cpus[@]}))]}
         log=$dir/agent-$i.log
         mkdir -p "$dir/agent-$i"
-        HETERO_TOKEN=$token nohup ip netns exec "$ns" taskset -c "$core" "$dir/hetero" agent \
+        # A host in TESTBED_NODATA has its own, empty copy of the repository's data/
+        # folder (a tmpfs over it in a mount namespace of its own): its workers
+        # receive their samples from the other hosts'.
+        local hide=()
+        if [[ " ${TESTBED_NODATA:-} " == *" $i "* ]]; then
+            hide=(unshare --mount --propagation private sh -c 'mount -t tmpfs none "$0" && exec "$@"' "$REPO_DIR/data")
+            say "host $i: no dataset (an empty $REPO_DIR/data)"
+        fi
+        HETERO_TOKEN=$token nohup ip netns exec "$ns" "${hide[@]}" taskset -c "$core" "$dir/hetero" agent \
             --coordinator "$addr" \
             --data-host "$(host_addr "$i")" \
             --slots "$SLOTS" \
