@@ -82,8 +82,9 @@ pub struct AgentArgs {
     /// build with that backend's feature.
     #[arg(long = "gpu", value_name = "BACKEND:COUNT[:GB]")]
     pub gpus: Vec<String>,
-    /// This host reads no dataset from disk: its workers receive their samples
-    /// from workers that hold them (allreduce and local-sgd jobs).
+    /// This host's workers of built-in image jobs read no dataset from disk: they
+    /// receive their samples from workers that hold them (allreduce and local-sgd
+    /// jobs; other jobs read their files as usual).
     #[arg(long)]
     pub no_local_data: bool,
 }

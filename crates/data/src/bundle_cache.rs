@@ -4,8 +4,8 @@
 //!
 //! ## Design
 //! A cache is a folder named for the dataset (see [`cache_key`]); each process
-//! that writes to it appends to a file of its own (`<pid>.bundles`), so two
-//! workers of one job on one host never interleave their writes. A file is a
+//! that writes to it appends to a file of its own (`<pid>-<time>.bundles`, made
+//! new), so two workers of one job on one host never interleave their writes. A file is a
 //! sequence of records, each a bundle's length (u64, little-endian) and the
 //! bundle, whose own checksum vouches for it ([`crate::held`]). Loading reads
 //! every file of the folder and unpacks each record; a record cut short (a crash
@@ -37,9 +37,11 @@ pub struct Loaded {
     pub damaged: Vec<String>,
 }
 
-/// A folder name for a dataset: its path and its facts (sizes, shape, …) hashed
-/// (FNV-1a, 64 bits), so another dataset, or the same path with other contents,
-/// never reads this one's images.
+/// A folder name for a dataset: its path and its description hashed (FNV-1a, 64
+/// bits). The description should say everything that decides the images — how
+/// they are read and prepared, and a fingerprint of their contents — so that
+/// another dataset, or the same path with other contents, never reads this
+/// one's images.
 pub fn cache_key(path: &Path, facts: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in path
@@ -122,8 +124,13 @@ impl BundleCache {
     pub fn append(&mut self, bundle: &[u8]) -> std::io::Result<()> {
         if self.file.is_none() {
             std::fs::create_dir_all(&self.dir)?;
-            let path = self.dir.join(format!("{}.bundles", std::process::id()));
-            self.file = Some(std::fs::OpenOptions::new().create(true).append(true).open(path)?);
+            // A name no earlier process used (a pid comes back), so a file cut by a
+            // crash is never appended to.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos());
+            let path = self.dir.join(format!("{}-{nanos}.bundles", std::process::id()));
+            self.file = Some(std::fs::OpenOptions::new().create_new(true).append(true).open(path)?);
         }
         let file = self.file.as_mut().expect("opened above");
         let mut record = Vec::with_capacity(8 + bundle.len());

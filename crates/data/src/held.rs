@@ -227,6 +227,24 @@ impl HeldImages {
     }
 }
 
+impl HeldImages {
+    /// A CRC-32 of the shape, every label and every pixel, training set then
+    /// test set (of a worker that holds them all): two copies of a dataset that
+    /// differ in anything give different fingerprints (but for a one-in-4-billion
+    /// chance).
+    pub fn fingerprint(&self) -> u32 {
+        let mut crc = flate2::Crc::new();
+        for set in [&self.train, &self.test] {
+            for v in [set.len(), set.rows, set.cols] {
+                crc.update(&(v as u64).to_le_bytes());
+            }
+            crc.update(&set.labels);
+            crc.update(&set.pixels);
+        }
+        crc.sum()
+    }
+}
+
 /// Whether `words` (from [`HeldImages::presence_words`]) say id `id` is held.
 pub fn present(words: &[f32], id: usize) -> bool {
     words.get(id / 16).is_some_and(|&w| (w as u32) >> (id % 16) & 1 == 1)

@@ -167,6 +167,7 @@ where
             cols: self.images.train.cols,
             mean: self.normalize.mean,
             std: self.normalize.std,
+            fingerprint: self.images.fingerprint(),
         }
     }
 
@@ -225,7 +226,13 @@ pub struct ImageFacts {
     pub mean: f32,
     /// Normalisation standard deviation.
     pub std: f32,
+    /// A checksum of every label and pixel ([`HeldImages::fingerprint`]): two
+    /// copies of a dataset that differ, differ here.
+    pub fingerprint: u32,
 }
+
+/// Bytes of [`ImageFacts::to_bytes`].
+const FACTS_LEN: usize = 44;
 
 /// Most images of one set a worker accepts facts for (the buffers are allocated
 /// from them).
@@ -234,20 +241,24 @@ const MAX_IMAGES: usize = 1 << 26;
 impl ImageFacts {
     /// The facts as one message (little-endian).
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(40);
+        let mut out = Vec::with_capacity(FACTS_LEN);
         for v in [self.train_len, self.test_len, self.rows, self.cols] {
             out.extend_from_slice(&(v as u64).to_le_bytes());
         }
         out.extend_from_slice(&self.mean.to_le_bytes());
         out.extend_from_slice(&self.std.to_le_bytes());
+        out.extend_from_slice(&self.fingerprint.to_le_bytes());
         out
     }
 
     /// Reads [`ImageFacts::to_bytes`]; refuses another length, sizes past what
     /// this worker would allocate and normalisations that are not numbers.
     pub fn from_bytes(bytes: &[u8]) -> Result<ImageFacts, String> {
-        if bytes.len() != 40 {
-            return Err(format!("the dataset's facts are {} bytes, not 40", bytes.len()));
+        if bytes.len() != FACTS_LEN {
+            return Err(format!(
+                "the dataset's facts are {} bytes, not {FACTS_LEN}",
+                bytes.len()
+            ));
         }
         let word = |i: usize| u64::from_le_bytes(bytes[i * 8..i * 8 + 8].try_into().expect("eight bytes"));
         let float = |at: usize| f32::from_le_bytes(bytes[at..at + 4].try_into().expect("four bytes"));
@@ -259,6 +270,7 @@ impl ImageFacts {
             cols: size(word(3)),
             mean: float(32),
             std: float(36),
+            fingerprint: u32::from_le_bytes(bytes[40..44].try_into().expect("four bytes")),
         };
         if f.train_len > MAX_IMAGES || f.test_len > MAX_IMAGES {
             return Err(format!(
@@ -459,6 +471,7 @@ mod tests {
             cols: 28,
             mean: 0.286,
             std: 0.353,
+            fingerprint: 0xdead_beef,
         };
         let bytes = f.to_bytes();
         assert_eq!(ImageFacts::from_bytes(&bytes), Ok(f));

@@ -16,11 +16,11 @@ pub fn run() -> Result<(), WorkerError> {
     match setup.spec.model {
         ModelKind::Cnn => crate::try_run_prepared(
             |ctx, _| prepare_images(&ctx.spec, |d| CnnConfig::new().init(d)),
-            |t| Some(t.facts().to_bytes()),
+            Some(|t: &ImageTask<SystemBackend, _>| t.facts().to_bytes()),
         ),
         ModelKind::Mlp => crate::try_run_prepared(
             |ctx, _| prepare_images(&ctx.spec, |d| MlpConfig::new().init(d)),
-            |t| Some(t.facts().to_bytes()),
+            Some(|t: &ImageTask<SystemBackend, _>| t.facts().to_bytes()),
         ),
         ModelKind::Transformer => crate::try_run(|ctx, _| TextTask::from_spec(&ctx.spec).map_err(|e| e.to_string())),
         ModelKind::Distill => crate::distill::run(&setup.spec),
@@ -43,9 +43,12 @@ where
     let told = std::env::var_os(WorkerEnv::NO_LOCAL_DATA).is_some_and(|v| v == "1");
     let path = &spec.dataset.path;
     if !told && path.exists() {
-        return ImageTask::from_spec(spec, init)
-            .map(Prepared::Ready)
-            .map_err(|e| e.to_string());
+        return ImageTask::from_spec(spec, init).map(Prepared::Ready).map_err(|e| {
+            format!(
+                "{e} (a host without the dataset's files can take part in an allreduce or local-sgd job: \
+                 remove the folder there, or start its agent with --no-local-data)"
+            )
+        });
     }
     eprintln!(
         "no dataset read here ({}): waiting for the dataset's facts and samples from the other workers",
@@ -58,11 +61,35 @@ where
     let spec = spec.clone();
     Ok(Prepared::FromPeers(Box::new(move |bytes| {
         let facts = ImageFacts::from_bytes(bytes)?;
+        // What the built-in models take, and no more than the spec asks for.
+        if (facts.rows, facts.cols) != (28, 28) {
+            return Err(format!(
+                "images of {}×{}: the built-in models take 28×28",
+                facts.rows, facts.cols
+            ));
+        }
+        let ds = &spec.dataset;
+        for (what, n, limit) in [
+            ("training", facts.train_len, ds.train_limit),
+            ("test", facts.test_len, ds.test_limit),
+        ] {
+            if limit > 0 && n > limit {
+                return Err(format!("{n} {what} images where the spec asks for at most {limit}"));
+            }
+        }
         let task = ImageTask::from_facts(facts, &spec, init);
         let Some(root) = std::env::var_os(WorkerEnv::DATA_CACHE) else {
             return Ok(task);
         };
-        let dir = std::path::PathBuf::from(root).join(cache_key(&spec.dataset.path, bytes));
+        // Everything that decides the images: how they are read and prepared, and
+        // the contents' fingerprint in the facts.
+        let description = [
+            bytes.to_vec(),
+            serde_json::to_vec(&spec.dataset).unwrap_or_default(),
+            serde_json::to_vec(&spec.preprocess).unwrap_or_default(),
+        ]
+        .concat();
+        let dir = std::path::PathBuf::from(root).join(cache_key(&spec.dataset.path, &description));
         let (task, loaded) = task.with_cache(BundleCache::new(&dir));
         if loaded.images > 0 {
             eprintln!(

@@ -98,13 +98,14 @@ where
     T: Task<SystemBackend>,
     F: FnOnce(&TaskContext, &SystemDevice) -> Result<T, String>,
 {
-    try_run_prepared(|ctx, device| make_task(ctx, device).map(Prepared::Ready), |_| None)
+    try_run_prepared(|ctx, device| make_task(ctx, device).map(Prepared::Ready), None)
 }
 
 /// [`try_run`] for a task that a worker on a host without the dataset builds
 /// from what another worker read (see [`travel`]): `facts_of` says what a task
-/// built from the files tells the others.
-pub fn try_run_prepared<T, F>(make_task: F, facts_of: impl Fn(&T) -> Option<Vec<u8>>) -> Result<(), WorkerError>
+/// built from the files tells the others (`None`: its tasks cannot describe
+/// their data).
+pub fn try_run_prepared<T, F>(make_task: F, facts_of: Option<fn(&T) -> Vec<u8>>) -> Result<(), WorkerError>
 where
     T: Task<SystemBackend>,
     F: FnOnce(&TaskContext, &SystemDevice) -> Result<Prepared<T>, String>,
@@ -207,7 +208,11 @@ where
         eprintln!("ring formed: {} worker(s)", setup.world);
         let task = match prepared {
             Prepared::Ready(task) => {
-                travel::exchange_facts(&mut ring, facts_of(&task), false)?;
+                let describe = facts_of.map(|f| {
+                    let task = &task;
+                    move || f(task)
+                });
+                travel::exchange_facts(&mut ring, describe.as_ref().map(|d| d as &dyn Fn() -> Vec<u8>), false)?;
                 task
             }
             Prepared::FromPeers(build) => {

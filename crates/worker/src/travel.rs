@@ -36,21 +36,30 @@ impl<T> Prepared<T> {
         match self {
             Prepared::Ready(t) => Ok(t),
             Prepared::FromPeers(_) => Err(WorkerError::Setup(format!(
-                "this host has no copy of the dataset, and a {role} cannot receive its samples from the other \
-                 workers (only the workers of an allreduce or local-sgd ring can, from the start): give this host \
-                 the dataset's files"
+                "this worker reads no dataset here (its agent runs with --no-local-data, or the dataset's folder \
+                 is missing on this host), and a {role} cannot receive its samples from the other workers (only \
+                 the workers of an allreduce or local-sgd ring can, from the start): give this host the dataset's \
+                 files"
             ))),
         }
     }
 }
 
-/// Agrees on the dataset's facts over `ring`: `mine` is what this worker can tell
-/// (it read the files), `lacking` whether it needs them. Returns the facts when
-/// this worker needs them. Every member calls it once, right after the ring forms.
-pub fn exchange_facts(ring: &mut Ring, mine: Option<Vec<u8>>, lacking: bool) -> Result<Option<Vec<u8>>, WorkerError> {
+/// Agrees on the dataset's facts over `ring`: `describe` gives this worker's
+/// (it read the files; called only when some worker lacks them), `lacking` says
+/// whether it needs them. Returns the facts when this worker needs them. Every
+/// member calls it once, right after the ring forms. When some worker lacks the
+/// data, every worker that read the files checks that its copy gives the same
+/// facts as the one sent (sizes, shape, normalisation, a fingerprint of the
+/// contents): copies that differ stop every worker with a message naming them.
+pub fn exchange_facts(
+    ring: &mut Ring,
+    describe: Option<&dyn Fn() -> Vec<u8>>,
+    lacking: bool,
+) -> Result<Option<Vec<u8>>, WorkerError> {
     let (world, rank) = (ring.world(), ring.rank());
     let mut flags = vec![0f32; 2 * world];
-    flags[rank] = f32::from(u8::from(mine.is_some()));
+    flags[rank] = f32::from(u8::from(describe.is_some()));
     flags[world + rank] = f32::from(u8::from(lacking));
     ring.allreduce_sum(&mut flags)?;
     if flags[world..].iter().all(|&f| f == 0.0) {
@@ -63,8 +72,24 @@ pub fn exchange_facts(ring: &mut Ring, mine: Option<Vec<u8>>, lacking: bool) -> 
              give at least one host the dataset"
         )));
     };
-    let mut facts = mine.unwrap_or_default();
+    let mine = describe.map(|d| d());
+    let mut facts = if rank == root {
+        mine.clone().unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     ring.broadcast_bytes(&mut facts, root)?;
+    let mut differs = vec![0f32; world];
+    differs[rank] = f32::from(u8::from(mine.as_ref().is_some_and(|m| *m != facts)));
+    ring.allreduce_sum(&mut differs)?;
+    let differing: Vec<usize> = (0..world).filter(|&r| differs[r] > 0.0).collect();
+    if !differing.is_empty() {
+        return Err(WorkerError::Setup(format!(
+            "worker(s) {differing:?} read a copy of the dataset that differs from rank {root}'s (its sizes, image \
+             shape, normalisation or contents): give every host the same files, or start the agents of the \
+             hosts whose copy differs with --no-local-data"
+        )));
+    }
     if lacking {
         eprintln!(
             "this host has no copy of the dataset: the task is built from what rank {root} read, and its samples \
@@ -96,15 +121,33 @@ mod tests {
     fn a_worker_without_the_data_gets_the_lowest_holders_facts() {
         // Rank 0 lacks the data; ranks 1 and 2 read it (their facts differ, to see
         // whose arrive).
+        let same = || vec![1u8; 4];
         let got = on_ring(3, |ring| {
             let r = ring.rank();
-            let mine = (r > 0).then(|| vec![r as u8; 4]);
-            exchange_facts(ring, mine, r == 0).unwrap()
+            exchange_facts(ring, (r > 0).then_some(&same as &dyn Fn() -> Vec<u8>), r == 0).unwrap()
         });
         assert_eq!(got, vec![Some(vec![1; 4]), None, None]);
-        // Nobody lacks anything: nothing travels.
-        let got = on_ring(2, |ring| exchange_facts(ring, Some(vec![7]), false).unwrap());
+        // Nobody lacks anything: nothing travels, and nobody describes its copy.
+        let never = || -> Vec<u8> { panic!("described although nobody lacks the data") };
+        let got = on_ring(2, |ring| exchange_facts(ring, Some(&never), false).unwrap());
         assert_eq!(got, vec![None, None]);
+    }
+
+    #[test]
+    fn copies_that_differ_stop_every_worker_naming_them() {
+        let got = on_ring(3, |ring| {
+            let r = ring.rank();
+            let copy = move || vec![r as u8; 4];
+            exchange_facts(ring, (r > 0).then_some(&copy as &dyn Fn() -> Vec<u8>), r == 0)
+                .unwrap_err()
+                .to_string()
+        });
+        for e in got {
+            assert!(
+                e.contains("worker(s) [2] read a copy of the dataset that differs from rank 1's"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
