@@ -83,21 +83,6 @@ fn fmt_time(ms: i64) -> String {
     format!("{:02}:{:02}:{:02} UTC", (secs / 3600) % 24, (secs / 60) % 60, secs % 60)
 }
 
-/// How job `j`'s ranks combine their work, as placed (its strategy from the spec
-/// it was submitted with).
-fn topology_lines(j: &pb::JobInfo) -> Vec<String> {
-    let Ok(spec) = hetero_job::JobSpec::from_json(&j.spec_json) else {
-        return vec![format!("{} worker(s)", j.workers)];
-    };
-    let place = |t: &pb::TaskInfo| format!("{}/{}", t.agent_id, t.group);
-    let mut workers: Vec<&pb::TaskInfo> = j.tasks.iter().filter(|t| t.rank < j.workers).collect();
-    workers.sort_by_key(|t| t.rank);
-    workers.dedup_by_key(|t| t.rank);
-    let places: Vec<String> = workers.iter().map(|t| place(t)).collect();
-    let server = j.tasks.iter().find(|t| t.rank == j.workers).map(place);
-    hetero_job::topology::describe(&spec, &places, j.workers as usize, server.as_deref())
-}
-
 /// `hetero status [JOB]`.
 pub fn status(conn: &Connection, job: Option<&str>) -> Result<ExitCode> {
     with_client(conn, async |c| {
@@ -117,7 +102,7 @@ pub fn status(conn: &Connection, job: Option<&str>) -> Result<ExitCode> {
                     fmt_time(j.finished_unix_ms)
                 );
                 println!("output     {}", j.output_dir);
-                for (i, line) in topology_lines(&j).iter().enumerate() {
+                for (i, line) in j.topology.iter().enumerate() {
                     println!("{}{line}", if i == 0 { "topology   " } else { "           " });
                 }
                 println!(

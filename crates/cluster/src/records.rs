@@ -387,6 +387,24 @@ impl JobRecord {
     pub fn ranks(&self) -> usize {
         self.workers as usize + usize::from(self.server)
     }
+
+    /// How its ranks combine their work, as placed, in a few lines for people
+    /// ([`hetero_job::topology::describe`]; empty if its spec cannot be read).
+    pub fn topology(&self) -> Vec<String> {
+        let place = |t: &TaskRecord| format!("{}/{}", t.agent_id, t.group);
+        let mut workers: Vec<&TaskRecord> = self.tasks.iter().filter(|t| t.rank < self.workers).collect();
+        workers.sort_by_key(|t| t.rank);
+        workers.dedup_by_key(|t| t.rank);
+        let places: Vec<String> = workers.into_iter().map(place).collect();
+        let server = self
+            .tasks
+            .iter()
+            .find(|t| t.role == TaskRole::ParameterServer)
+            .map(place);
+        hetero_job::JobSpec::from_json(&self.spec_json)
+            .map(|spec| hetero_job::topology::describe(&spec, &places, self.workers as usize, server.as_deref()))
+            .unwrap_or_default()
+    }
 }
 
 impl NodeRecord {

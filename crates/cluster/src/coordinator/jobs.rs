@@ -485,24 +485,13 @@ impl Jobs {
                 .iter()
                 .map(|t| format!("rank {} → {}/{}", t.rank, t.agent_id, t.group))
                 .collect();
-            let places: Vec<String> = tasks
-                .iter()
-                .filter(|t| t.rank < job.workers)
-                .map(|t| format!("{}/{}", t.agent_id, t.group))
-                .collect();
-            let server = tasks
-                .iter()
-                .find(|t| t.role == TaskRole::ParameterServer)
-                .map(|t| format!("{}/{}", t.agent_id, t.group));
-            let topology = JobSpec::from_json(&job.spec_json)
-                .map(|spec| hetero_job::topology::describe(&spec, &places, job.workers as usize, server.as_deref()))
-                .unwrap_or_default();
             let mut job = job.clone();
             job.tasks = tasks;
             job.state = JobState::Running;
             job.started_ms = now;
             job.message = "placed".into();
             job.rendezvous = Rendezvous::new(job.ranks());
+            let topology = job.topology();
             self.keep(l.store, job)?;
             l.line(job_id, format!("job running: {}", summary.join(", ")))?;
             for line in topology {

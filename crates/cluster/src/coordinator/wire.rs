@@ -49,13 +49,13 @@ pub(crate) fn job_info(j: &JobRecord, telemetry: &Telemetry) -> pb::JobInfo {
                     message: t.message.clone(),
                     loss,
                     samples_per_sec,
-                    group: t.group.clone(),
                 }
             })
             .collect(),
         output_dir: j.output_dir.clone(),
         summary_json: j.summary_json.clone(),
         spec_json: j.spec_json.clone(),
+        topology: j.topology(),
     }
 }
 

@@ -183,7 +183,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             }
         }
         if let Some(words) = self.local.task.presence()
-            && let Some(id) = lacks(&words, &self.needs(self.rank))
+            && let Some(id) = lacks(&words, &needs[self.rank])
         {
             return Err(TrainError::Task(format!(
                 "sample {id} did not arrive from the workers that hold it"

@@ -13,7 +13,10 @@ use hetero_job::Optimizer;
 use hetero_models::{CnnConfig, MlpConfig};
 use hetero_train::image_task::{ImageBatch, ImageTask};
 use hetero_train::report::EpochRecord;
-use hetero_train::{Evaluation, Event, Membership, OptimizerConfig, Regroup, RunSummary, Task, TrainError, params};
+use hetero_train::{
+    Evaluation, Event, Membership, OptimizerConfig, Regroup, RunSummary, Task, TrainError, TrainOptions, Trainer,
+    params,
+};
 use rand::{Rng, SeedableRng};
 
 pub type B = Autodiff<Flex>;
@@ -169,6 +172,28 @@ impl Membership for Board {
 
 /// What a worker thread of a test run ends with: its summary, model and events.
 pub type Finished = (RunSummary, Vec<f32>, Vec<Event>);
+
+/// Trains `world` workers on a loopback ring, each in a thread of its own with
+/// the task and options `make(rank)` builds there; what every worker ends with.
+pub fn train_ring<T: Task<B>>(world: usize, make: impl Fn(usize) -> (T, TrainOptions) + Sync) -> Vec<Finished> {
+    thread::scope(|s| {
+        let handles: Vec<_> = ring_of(world)
+            .into_iter()
+            .enumerate()
+            .map(|(rank, ring)| {
+                let make = &make;
+                s.spawn(move || {
+                    let (task, options) = make(rank);
+                    let mut t = Trainer::new(task, Default::default(), ring, options).unwrap();
+                    let mut events = vec![];
+                    let summary = t.run(&mut |e| events.push(e)).unwrap();
+                    (summary, t.parameters(), events)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
 
 /// A run's losses and accuracies by epoch, without each worker's own clock.
 pub fn curve(history: &[EpochRecord]) -> Vec<(usize, f64, Option<f64>)> {

@@ -17,29 +17,17 @@ use crate::common::*;
 fn a_weighted_run_sets_its_split_from_measured_throughput_within_the_first_epoch() {
     let (len, global, epochs) = (600, 40, 2);
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let finished: Vec<Finished> = thread::scope(|s| {
-        let handles: Vec<_> = ring_of(2)
-            .into_iter()
-            .enumerate()
-            .map(|(rank, ring)| {
-                let mut task = recorded(len, &seen, None);
-                // Rank 1 takes 3 ms a sample more: many times slower, whatever else
-                // loads the machine.
-                if rank == 1 {
-                    task.delay = Duration::from_millis(3);
-                }
-                s.spawn(move || {
-                    let mut o = TrainOptions::new(epochs, global, 5).with_optimizer(Optimizer::Sgd, 1e-2);
-                    o.weights = vec![1.0, 1.0];
-                    o.measure_split = true;
-                    let mut t = Trainer::new(task, Default::default(), ring, o).unwrap();
-                    let mut events = vec![];
-                    let summary = t.run(&mut |e| events.push(e)).unwrap();
-                    (summary, t.parameters(), events)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let finished = train_ring(2, |rank| {
+        let mut task = recorded(len, &seen, None);
+        // Rank 1 takes 3 ms a sample more: many times slower, whatever else
+        // loads the machine.
+        if rank == 1 {
+            task.delay = Duration::from_millis(3);
+        }
+        let mut o = TrainOptions::new(epochs, global, 5).with_optimizer(Optimizer::Sgd, 1e-2);
+        o.weights = vec![1.0, 1.0];
+        o.measure_split = true;
+        (task, o)
     });
     for (summary, _, events) in &finished {
         let measured: Vec<_> = events

@@ -1,13 +1,11 @@
 //! Workers that lack the dataset's samples receive them from workers that hold
 //! them, and train exactly as if they had read the files.
 
-use std::thread;
-
 use hetero_data::held::HeldImages;
 use hetero_job::Optimizer;
 use hetero_models::MlpConfig;
 use hetero_train::image_task::ImageTask;
-use hetero_train::{Event, RunSummary, TrainOptions, Trainer};
+use hetero_train::{Event, RunSummary, TrainOptions};
 
 use crate::common::*;
 
@@ -16,25 +14,13 @@ use crate::common::*;
 /// and events.
 fn run(lacking: impl Fn(usize, usize) -> bool + Sync) -> Vec<(RunSummary, Vec<f32>, Vec<Event>)> {
     let full = HeldImages::complete(synthetic(300, 3), synthetic(60, 4));
-    thread::scope(|s| {
-        let handles: Vec<_> = ring_of(3)
-            .into_iter()
-            .enumerate()
-            .map(|(rank, ring)| {
-                let images = HeldImages::only(&full, |id| !lacking(rank, id));
-                s.spawn(move || {
-                    let task = ImageTask::<B, _>::from_held(images, |d| MlpConfig::new().with_hidden(16).init(d));
-                    let mut o = TrainOptions::new(3, 30, 11).with_optimizer(Optimizer::Sgd, 1e-2);
-                    o.weights = vec![3.0, 2.0, 1.0];
-                    o.exchange_fraction = 0.2;
-                    let mut t = Trainer::new(task, Default::default(), ring, o).unwrap();
-                    let mut events = vec![];
-                    let summary = t.run(&mut |e| events.push(e)).unwrap();
-                    (summary, t.parameters(), events)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    train_ring(3, |rank| {
+        let images = HeldImages::only(&full, |id| !lacking(rank, id));
+        let task = ImageTask::<B, _>::from_held(images, |d| MlpConfig::new().with_hidden(16).init(d));
+        let mut o = TrainOptions::new(3, 30, 11).with_optimizer(Optimizer::Sgd, 1e-2);
+        o.weights = vec![3.0, 2.0, 1.0];
+        o.exchange_fraction = 0.2;
+        (task, o)
     })
 }
 
