@@ -14,6 +14,7 @@ mod follow;
 mod infer_cmd;
 mod local;
 mod plan_cmd;
+mod run_cmd;
 mod server_cmds;
 
 use std::path::PathBuf;
@@ -46,6 +47,9 @@ enum Command {
         #[arg(long = "group", value_name = "SPEED[:BACKEND][:nodata]")]
         groups: Vec<String>,
     },
+    /// Run one rank of a job whose processes a cluster engine placed (srun, mpirun,
+    /// Kubernetes, LeaderWorkerSet) or that you started on each host with --rank.
+    Run(run_cmd::RunArgs),
     /// Run the coordinator (the task-manager node).
     Coordinator(server_cmds::CoordinatorArgs),
     /// Run an agent: offer this machine's devices to a coordinator and run workers.
@@ -173,6 +177,7 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Local { spec, workers, groups } => local::run(&spec, workers, &groups),
+        Command::Run(args) => run_cmd::run(&args),
         Command::Coordinator(args) => server_cmds::coordinator(&args),
         Command::Agent(args) => server_cmds::agent(&args),
         Command::Submit { conn, spec, follow } => client_cmds::submit(&conn, &spec, follow),

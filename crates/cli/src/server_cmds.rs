@@ -250,6 +250,15 @@ fn parse_gpu(arg: &str) -> Result<GpuGroup> {
     })
 }
 
+/// This machine's name, as agents report it.
+pub fn this_host() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "agent".into())
+}
+
 /// Runs an agent until Ctrl-C.
 pub fn agent(args: &AgentArgs) -> Result<ExitCode> {
     let AgentArgs {
@@ -278,9 +287,7 @@ pub fn agent(args: &AgentArgs) -> Result<ExitCode> {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get() as u32)
         .unwrap_or(1);
-    let hostname = std::fs::read_to_string("/etc/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "agent".into());
+    let hostname = this_host();
     let gflops = hetero_worker::backend::measure_gflops(backend);
     let mut config = AgentConfig::new(
         conn.coordinator().to_string(),

@@ -30,6 +30,7 @@ pub mod cpu_quota;
 pub mod dashboard;
 pub mod dashboard_access;
 pub mod error;
+pub mod launch_env;
 pub mod local;
 #[cfg(feature = "nvml")]
 pub mod nvml;

@@ -1,0 +1,233 @@
+//! `hetero run` as cluster engines start it: one process per rank, placed by
+//! `srun`, `mpirun` or a person, each told where it stands by the launcher's
+//! variables. Real processes, real gRPC and TCP on loopback, and the committed
+//! Fashion-MNIST subset.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+/// `hetero run` with none of this machine's launcher variables: each test sets
+/// the ones it means.
+fn hetero_run() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hetero"));
+    c.arg("run");
+    for (name, _) in std::env::vars() {
+        if name.starts_with("SLURM_")
+            || name.starts_with("OMPI_")
+            || name.starts_with("PMIX_")
+            || name.starts_with("LWS_")
+            || name.starts_with("HETERO_")
+            || name == "JOB_COMPLETION_INDEX"
+        {
+            c.env_remove(name);
+        }
+    }
+    c
+}
+
+/// The subset job over 2 workers for 1 epoch, writing its runs under `dir`.
+fn spec(dir: &Path) -> PathBuf {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/fashion-mnist-subset");
+    let path = dir.join("job.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "name = \"launched\"\n[model]\nkind = \"mlp\"\n[dataset]\npath = {data:?}\n\
+             [training]\nepochs = 1\nglobal_batch_size = 64\n[cluster]\nworkers = 1\n\
+             [output]\ndir = {:?}\n",
+            dir.join("runs")
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// A loopback port nobody listens on now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Waits for `child` (bounded by its own --rendezvous-timeout and the job).
+fn finish(child: Child) -> Output {
+    child.wait_with_output().unwrap()
+}
+
+/// The variables `srun --ntasks=2` gives task `rank` on this one-node "cluster".
+fn as_srun_starts(c: &mut Command, rank: usize, job_id: &str) {
+    c.env("SLURM_PROCID", rank.to_string())
+        .env("SLURM_NTASKS", "2")
+        .env("SLURM_JOB_NODELIST", "localhost")
+        .env("SLURM_STEP_NODELIST", "localhost")
+        .env("SLURM_JOB_ID", job_id);
+}
+
+#[test]
+fn two_ranks_started_as_srun_starts_them_train_one_job_and_exit_with_its_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path());
+    let port = free_port().to_string();
+    let start = |rank: usize| {
+        let mut c = hetero_run();
+        as_srun_starts(&mut c, rank, "4242");
+        c.arg(&spec)
+            .args(["--port", &port, "--rendezvous-timeout", "120"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // The follower first: a rank that starts before its leader waits for it.
+    let follower = start(1);
+    let leader = start(0);
+    let (leader, follower) = (finish(leader), finish(follower));
+    let (lead_text, follow_text) = (text(&leader), text(&follower));
+    assert!(leader.status.success(), "rank 0:\n{lead_text}\nrank 1:\n{follow_text}");
+    assert!(follower.status.success(), "rank 1:\n{follow_text}");
+    assert!(lead_text.contains("hetero run: rank 0 of 2 (slurm)"), "{lead_text}");
+    assert!(lead_text.contains("rendezvous: 2 of 2 rank(s) joined"), "{lead_text}");
+    assert!(lead_text.contains("job job-000001 (launched) succeeded"), "{lead_text}");
+    // Without HETERO_TOKEN the token comes from Slurm's job id, and the user hears so.
+    assert!(
+        lead_text.contains("derived from the launcher's job id (slurm:4242)"),
+        "{lead_text}"
+    );
+    assert!(follow_text.contains("rank 1: job-000001 succeeded"), "{follow_text}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("runs/job-000001/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["workers"], 2, "{summary}");
+    let samples: u64 = summary["per_worker"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w["samples"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        samples, 4_000,
+        "one epoch visits each of the 4,000 samples once: {summary}"
+    );
+}
+
+#[test]
+fn an_incomplete_or_contradictory_launcher_environment_is_refused_naming_its_variables() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path());
+    let cases: [(&[(&str, &str)], &[&str], &[&str]); 4] = [
+        (&[], &[], &["no rank for this process; read: nothing", "srun", "--rank"]),
+        (
+            &[
+                ("SLURM_PROCID", "2"),
+                ("SLURM_NTASKS", "2"),
+                ("SLURM_JOB_NODELIST", "n1"),
+            ],
+            &[],
+            &["rank SLURM_PROCID=2 is not below the world size SLURM_NTASKS=2"],
+        ),
+        (
+            &[
+                ("SLURM_PROCID", "1"),
+                ("SLURM_NTASKS", "2"),
+                ("SLURM_JOB_NODELIST", "n1"),
+            ],
+            &["--rank", "0"],
+            &["rank disagrees between --rank=0 and SLURM_PROCID=1"],
+        ),
+        (
+            &[("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "4")],
+            &[],
+            &["no leader address", "OMPI_COMM_WORLD_RANK=1", "--leader"],
+        ),
+    ];
+    for (vars, flags, needles) in cases {
+        let mut c = hetero_run();
+        c.arg(&spec).args(flags).env("HETERO_TOKEN", "t");
+        for (k, v) in vars {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        let t = text(&out);
+        assert!(!out.status.success(), "{vars:?}: {t}");
+        for needle in needles {
+            assert!(t.contains(needle), "{vars:?} {flags:?}: expected {needle:?} in:\n{t}");
+        }
+        assert!(!t.contains("panicked"), "{t}");
+        assert!(!dir.path().join("runs").exists(), "nothing ran: {t}");
+    }
+}
+
+#[test]
+fn a_rank_alone_fails_at_its_rendezvous_timeout_saying_who_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path());
+    let port = free_port().to_string();
+    let alone = |rank: &str| {
+        hetero_run()
+            .arg(&spec)
+            .args(["--rank", rank, "--world", "2", "--leader", "127.0.0.1"])
+            .args(["--port", &port, "--rendezvous-timeout", "2"])
+            .env("HETERO_TOKEN", "t")
+            .output()
+            .unwrap()
+    };
+    let leader = alone("0");
+    let t = text(&leader);
+    assert!(!leader.status.success(), "{t}");
+    assert!(t.contains("only 1 of 2 ranks joined within 2 s"), "{t}");
+    let follower = alone("1");
+    let t = text(&follower);
+    assert!(!follower.status.success(), "{t}");
+    assert!(
+        t.contains(&format!("the leader at 127.0.0.1:{port} did not answer within 2 s")),
+        "{t}"
+    );
+}
+
+/// Debian's Open MPI: `mpirun -n 2 hetero run SPEC` trains the job. `.ci/run`
+/// installs it; elsewhere the test says it did not run.
+#[test]
+fn mpirun_starts_two_ranks_that_train_one_job() {
+    let Ok(which) = Command::new("sh").args(["-c", "command -v mpirun"]).output() else {
+        return;
+    };
+    if !which.status.success() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI installs openmpi-bin: mpirun must be there"
+        );
+        eprintln!("mpirun is not installed (apt-get install openmpi-bin): not run");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path());
+    let port = free_port().to_string();
+    let out = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "-n", "2"])
+        .args(["-x", "HETERO_TOKEN", "-x", "HETERO_PORT"])
+        .arg(env!("CARGO_BIN_EXE_hetero"))
+        .arg("run")
+        .arg(&spec)
+        .args(["--rendezvous-timeout", "120"])
+        .env("HETERO_TOKEN", "mpi-test-token")
+        .env("HETERO_PORT", &port)
+        .env("OMPI_MCA_plm_rsh_agent", "false")
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("(open-mpi)"), "{t}");
+    assert!(t.contains("job job-000001 (launched) succeeded"), "{t}");
+    assert!(t.contains("rank 1: job-000001 succeeded"), "{t}");
+    assert!(dir.path().join("runs/job-000001/summary.json").exists(), "{t}");
+}

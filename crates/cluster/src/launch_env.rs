@@ -1,0 +1,768 @@
+//! What the engine that placed this process says about it: its rank, how many
+//! ranks the job has, and where rank 0 (the leader) listens.
+//!
+//! ## Design
+//! `hetero run` is started by someone else's launcher: Slurm's `srun`, a
+//! Kubernetes Indexed Job or JobSet, a LeaderWorkerSet, Open MPI's `mpirun`, or
+//! a person with flags. Each launcher states the same three facts in variables of
+//! its own. Every source that is present is read into a [`Reading`], and the
+//! readings are merged. When two sources disagree, the run is refused and both
+//! variables are named: a rank taken from the wrong source would join the wrong
+//! rendezvous and wait there until it timed out.
+//!
+//! One nesting is expected, not contradictory: `mpirun` inside a Slurm
+//! allocation. There, Slurm's `SLURM_PROCID` and `SLURM_NTASKS` describe the
+//! step that started MPI's daemons, not this process. So Open MPI's rank and size
+//! win over Slurm's, and Slurm still gives the leader: the first host of the
+//! allocation, where `mpirun` puts rank 0.
+//!
+//! Everything read here comes from outside, so it is bounded. A rank or world
+//! size is at most [`MAX_WORLD`], a host name is at most 253 characters of the
+//! characters host names use, and a Slurm host list is at most 64 KiB.
+
+use std::fmt;
+
+/// The most ranks one `hetero run` job may have.
+pub const MAX_WORLD: usize = 65_536;
+
+/// The longest Slurm host list read (a list is compressed: `node[001-512]`).
+const MAX_HOSTLIST: usize = 64 * 1024;
+
+/// A launcher whose variables said something about this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    /// `--rank`, `--world`, `--leader` (or `HETERO_RANK`, `HETERO_WORLD`, `HETERO_LEADER`).
+    Flags,
+    /// Slurm's `srun`.
+    Slurm,
+    /// A Kubernetes Indexed Job, or a JobSet's job.
+    Kubernetes,
+    /// A LeaderWorkerSet group.
+    LeaderWorkerSet,
+    /// Open MPI's `mpirun`.
+    OpenMpi,
+}
+
+impl Engine {
+    /// The launcher's name, for people.
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Flags => "flags",
+            Engine::Slurm => "slurm",
+            Engine::Kubernetes => "kubernetes",
+            Engine::LeaderWorkerSet => "leaderworkerset",
+            Engine::OpenMpi => "open-mpi",
+        }
+    }
+}
+
+/// What the user gave on the command line (clap also fills these from
+/// `HETERO_RANK`, `HETERO_WORLD` and `HETERO_LEADER`).
+#[derive(Debug, Clone, Default)]
+pub struct Explicit {
+    /// `--rank`.
+    pub rank: Option<usize>,
+    /// `--world`.
+    pub world: Option<usize>,
+    /// `--leader HOST[:PORT]`.
+    pub leader: Option<String>,
+}
+
+/// One value and the variable it came from (`SLURM_PROCID=2`), so that an
+/// error can say where each value came from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fact<T> {
+    /// The value.
+    pub value: T,
+    /// `NAME=value` as read.
+    pub from: String,
+}
+
+impl<T> Fact<T> {
+    fn new(value: T, name: &str, raw: &str) -> Self {
+        Fact {
+            value,
+            from: format!("{name}={raw}"),
+        }
+    }
+}
+
+/// Where rank 0 listens: a host name or address, and a port when the source
+/// gave one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Leader {
+    /// Host name, IPv4 address, or IPv6 address without brackets.
+    pub host: String,
+    /// The port, when given with the host.
+    pub port: Option<u16>,
+}
+
+impl fmt::Display for Leader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
+        match self.port {
+            Some(p) => write!(f, "{host}:{p}"),
+            None => write!(f, "{host}"),
+        }
+    }
+}
+
+/// Where this process stands in the job, merged from every source present.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Launch {
+    /// This process's rank, `< world`.
+    pub rank: usize,
+    /// Ranks in the job.
+    pub world: usize,
+    /// Where rank 0 listens.
+    pub leader: Leader,
+    /// The launchers that said something, in the order they were read.
+    pub engines: Vec<Engine>,
+    /// An identity the launcher gives the whole job (Slurm's job id, the
+    /// leader's name…): the same on every rank, and different for the next job.
+    pub job: Option<String>,
+    /// Every variable that was read, `NAME=value`.
+    pub read: Vec<String>,
+}
+
+/// An environment that does not say where this process stands.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LaunchError {
+    /// A variable holds something that is not what its launcher documents.
+    #[error("{from}: {why}")]
+    Malformed {
+        /// `NAME=value`.
+        from: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// No source gives this fact.
+    #[error("no {what} for this process; read: {read}. {hint}")]
+    Missing {
+        /// `rank`, `world size` or `leader address`.
+        what: &'static str,
+        /// The variables that were read (`nothing` when none).
+        read: String,
+        /// How to give it.
+        hint: String,
+    },
+    /// Two sources give different values.
+    #[error("{what} disagrees between {a} and {b}: two launchers describe this process differently")]
+    Disagree {
+        /// `rank`, `world size` or `leader address`.
+        what: &'static str,
+        /// One source, `NAME=value`.
+        a: String,
+        /// The other.
+        b: String,
+    },
+    /// The rank is not below the world size.
+    #[error("rank {rank} is not below the world size {world}; ranks run from 0 to world - 1")]
+    RankOutOfRange {
+        /// Where the rank came from.
+        rank: String,
+        /// Where the world size came from.
+        world: String,
+    },
+}
+
+/// What one source said.
+#[derive(Debug, Clone)]
+struct Reading {
+    engine: Engine,
+    rank: Option<Fact<usize>>,
+    world: Option<Fact<usize>>,
+    leader: Option<Fact<Leader>>,
+    job: Option<String>,
+}
+
+impl Reading {
+    fn new(engine: Engine) -> Self {
+        Reading {
+            engine,
+            rank: None,
+            world: None,
+            leader: None,
+            job: None,
+        }
+    }
+
+    fn said_anything(&self) -> bool {
+        self.rank.is_some() || self.world.is_some() || self.leader.is_some()
+    }
+}
+
+/// Reads every launcher's variables through `env` and merges them with the
+/// flags; see the module's design note for the rules.
+pub fn resolve(env: &dyn Fn(&str) -> Option<String>, explicit: &Explicit) -> Result<Launch, LaunchError> {
+    let mut read = Vec::new();
+    let mut var = |name: &str| -> Option<String> {
+        let value = env(name)?;
+        read.push(format!("{name}={value}"));
+        Some(value)
+    };
+    let mut readings = vec![
+        flags(explicit)?,
+        slurm(&mut var)?,
+        kubernetes(&mut var)?,
+        leader_worker_set(&mut var)?,
+        open_mpi(&mut var)?,
+    ];
+    readings.retain(Reading::said_anything);
+    let mpi_under_slurm = readings.iter().any(|r| r.engine == Engine::OpenMpi);
+    if mpi_under_slurm && let Some(slurm) = readings.iter_mut().find(|r| r.engine == Engine::Slurm) {
+        // Slurm's rank and size there describe the step that started MPI's daemons.
+        slurm.rank = None;
+        slurm.world = None;
+    }
+    let shown = if read.is_empty() {
+        "nothing".to_string()
+    } else {
+        read.join(", ")
+    };
+    let rank = agree("rank", readings.iter().filter_map(|r| r.rank.as_ref()))?.ok_or_else(|| LaunchError::Missing {
+        what: "rank",
+        read: shown.clone(),
+        hint:
+            "Start it under srun, mpirun, a Kubernetes Indexed Job or a LeaderWorkerSet, or give --rank (HETERO_RANK)."
+                .into(),
+    })?;
+    let world =
+        agree("world size", readings.iter().filter_map(|r| r.world.as_ref()))?.ok_or_else(|| LaunchError::Missing {
+            what: "world size",
+            read: shown.clone(),
+            hint: "Give --world (HETERO_WORLD): a Kubernetes Job does not tell its pods how many completions it has."
+                .into(),
+        })?;
+    let leader = agree("leader address", readings.iter().filter_map(|r| r.leader.as_ref()))?.ok_or_else(|| {
+        LaunchError::Missing {
+            what: "leader address",
+            read: shown.clone(),
+            hint: "Give --leader HOST[:PORT] (HETERO_LEADER), the host rank 0 runs on; on Kubernetes, \
+                       HETERO_SERVICE names the headless Service the pods are found under."
+                .into(),
+        }
+    })?;
+    if rank.value >= world.value {
+        return Err(LaunchError::RankOutOfRange {
+            rank: rank.from,
+            world: world.from,
+        });
+    }
+    let job = readings.iter().find_map(|r| r.job.clone());
+    Ok(Launch {
+        rank: rank.value,
+        world: world.value,
+        leader: leader.value,
+        engines: readings.iter().map(|r| r.engine).collect(),
+        job,
+        read,
+    })
+}
+
+/// The one value every fact gives (`None`: no fact), or the first two that differ.
+fn agree<'a, T: PartialEq + Clone + 'a>(
+    what: &'static str,
+    mut facts: impl Iterator<Item = &'a Fact<T>>,
+) -> Result<Option<Fact<T>>, LaunchError> {
+    let Some(first) = facts.next() else { return Ok(None) };
+    if let Some(other) = facts.find(|f| f.value != first.value) {
+        return Err(LaunchError::Disagree {
+            what,
+            a: first.from.clone(),
+            b: other.from.clone(),
+        });
+    }
+    Ok(Some(first.clone()))
+}
+
+fn flags(explicit: &Explicit) -> Result<Reading, LaunchError> {
+    let mut r = Reading::new(Engine::Flags);
+    if let Some(rank) = explicit.rank {
+        r.rank = Some(Fact::new(bounded_count(rank, "--rank")?, "--rank", &rank.to_string()));
+    }
+    if let Some(world) = explicit.world {
+        let world = bounded_count(world, "--world")?;
+        if world == 0 {
+            return Err(LaunchError::Malformed {
+                from: "--world=0".into(),
+                why: "a job has at least one rank".into(),
+            });
+        }
+        r.world = Some(Fact::new(world, "--world", &world.to_string()));
+    }
+    if let Some(leader) = &explicit.leader {
+        r.leader = Some(Fact::new(parse_leader(leader, "--leader")?, "--leader", leader));
+    }
+    Ok(r)
+}
+
+/// `srun`: `SLURM_PROCID`, `SLURM_NTASKS`, and the first host of the step's (or
+/// the job's) node list.
+fn slurm(var: &mut dyn FnMut(&str) -> Option<String>) -> Result<Reading, LaunchError> {
+    let mut r = Reading::new(Engine::Slurm);
+    r.rank = number(var, "SLURM_PROCID", false)?;
+    r.world = number(var, "SLURM_NTASKS", true)?;
+    for name in ["SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST"] {
+        if let Some(list) = var(name) {
+            let host = first_host(&list).map_err(|why| LaunchError::Malformed {
+                from: format!("{name}={}", shorten(&list)),
+                why,
+            })?;
+            let leader = parse_leader(&host, name)?;
+            r.leader = Some(Fact::new(leader, name, &shorten(&list)));
+            break;
+        }
+    }
+    if r.said_anything() {
+        r.job = var("SLURM_JOB_ID").map(|id| format!("slurm:{id}"));
+    }
+    Ok(r)
+}
+
+/// A Kubernetes Indexed Job (or a JobSet's): the pod's index is its rank. Its
+/// host name is `<job>-<index>` (JobSet: `<jobset>-<job>-<n>-<index>`), and with
+/// the headless Service `HETERO_SERVICE` as its subdomain, rank 0 is found at
+/// `<job>-0.<service>`.
+fn kubernetes(var: &mut dyn FnMut(&str) -> Option<String>) -> Result<Reading, LaunchError> {
+    let mut r = Reading::new(Engine::Kubernetes);
+    r.rank = number(var, "JOB_COMPLETION_INDEX", false)?;
+    let Some(rank) = &r.rank else { return Ok(r) };
+    if let Some(service) = var("HETERO_SERVICE") {
+        let hostname = var("HOSTNAME").ok_or_else(|| LaunchError::Missing {
+            what: "leader address",
+            read: format!("{}, HETERO_SERVICE={service}", rank.from),
+            hint: "HOSTNAME is not set, so rank 0's pod name cannot be derived; give --leader.".into(),
+        })?;
+        let suffix = format!("-{}", rank.value);
+        let stem = hostname.strip_suffix(&suffix).ok_or_else(|| LaunchError::Malformed {
+            from: format!("HOSTNAME={hostname}"),
+            why: format!(
+                "an Indexed Job's pod is named <job>-<index>, but this name does not end in {suffix} \
+                 ({}); set the pod's subdomain and no hostname of its own, or give --leader",
+                rank.from
+            ),
+        })?;
+        let host = format!("{stem}-0.{service}");
+        r.leader = Some(Fact {
+            value: parse_leader(&host, "HETERO_SERVICE")?,
+            from: format!("HOSTNAME={hostname} + HETERO_SERVICE={service}"),
+        });
+        r.job = Some(format!("kubernetes:{host}"));
+    }
+    Ok(r)
+}
+
+/// A LeaderWorkerSet group: the controller sets all three.
+fn leader_worker_set(var: &mut dyn FnMut(&str) -> Option<String>) -> Result<Reading, LaunchError> {
+    let mut r = Reading::new(Engine::LeaderWorkerSet);
+    r.rank = number(var, "LWS_WORKER_INDEX", false)?;
+    r.world = number(var, "LWS_GROUP_SIZE", true)?;
+    if let Some(address) = var("LWS_LEADER_ADDRESS") {
+        r.leader = Some(Fact::new(
+            parse_leader(&address, "LWS_LEADER_ADDRESS")?,
+            "LWS_LEADER_ADDRESS",
+            &address,
+        ));
+        r.job = Some(format!("lws:{address}"));
+    }
+    Ok(r)
+}
+
+/// `mpirun`: rank and size. It says nothing of where rank 0 runs, except that
+/// when every rank is on this host (local size = size), the leader is here too.
+fn open_mpi(var: &mut dyn FnMut(&str) -> Option<String>) -> Result<Reading, LaunchError> {
+    let mut r = Reading::new(Engine::OpenMpi);
+    r.rank = number(var, "OMPI_COMM_WORLD_RANK", false)?;
+    r.world = number(var, "OMPI_COMM_WORLD_SIZE", true)?;
+    if let Some(world) = &r.world
+        && let Some(local) = number(var, "OMPI_COMM_WORLD_LOCAL_SIZE", true)?
+        && local.value == world.value
+    {
+        r.leader = Some(Fact {
+            value: Leader {
+                host: "127.0.0.1".into(),
+                port: None,
+            },
+            from: format!("{} (every rank on this host)", local.from),
+        });
+    }
+    if r.said_anything() {
+        r.job = var("PMIX_NAMESPACE")
+            .or_else(|| var("OMPI_MCA_ess_base_jobid"))
+            .map(|id| format!("mpi:{id}"));
+    }
+    Ok(r)
+}
+
+/// The variable `name` as a rank or count (`positive`: at least 1), bounded.
+fn number(
+    var: &mut dyn FnMut(&str) -> Option<String>,
+    name: &str,
+    positive: bool,
+) -> Result<Option<Fact<usize>>, LaunchError> {
+    let Some(raw) = var(name) else { return Ok(None) };
+    let malformed = |why: String| LaunchError::Malformed {
+        from: format!("{name}={}", shorten(&raw)),
+        why,
+    };
+    let value: usize = raw.trim().parse().map_err(|_| malformed("not a whole number".into()))?;
+    if positive && value == 0 {
+        return Err(malformed("must be at least 1".into()));
+    }
+    if value > MAX_WORLD {
+        return Err(malformed(format!("more than {MAX_WORLD} ranks are not supported")));
+    }
+    Ok(Some(Fact::new(value, name, raw.trim())))
+}
+
+fn bounded_count(value: usize, flag: &str) -> Result<usize, LaunchError> {
+    if value > MAX_WORLD {
+        return Err(LaunchError::Malformed {
+            from: format!("{flag}={value}"),
+            why: format!("more than {MAX_WORLD} ranks are not supported"),
+        });
+    }
+    Ok(value)
+}
+
+/// `HOST`, `HOST:PORT`, `IPv6` or `[IPv6]:PORT`, checked to be a host name.
+pub fn parse_leader(text: &str, name: &str) -> Result<Leader, LaunchError> {
+    let malformed = |why: &str| LaunchError::Malformed {
+        from: format!("{name}={}", shorten(text)),
+        why: why.to_string(),
+    };
+    let text = text.trim();
+    let (host, port) = if let Some(rest) = text.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| malformed("an unclosed [ in an address"))?;
+        match after {
+            "" => (host, None),
+            _ => (
+                host,
+                Some(
+                    after
+                        .strip_prefix(':')
+                        .ok_or_else(|| malformed("expected [IPv6]:PORT"))?,
+                ),
+            ),
+        }
+    } else if text.matches(':').count() > 1 {
+        (text, None) // a bare IPv6 address
+    } else {
+        match text.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (text, None),
+        }
+    };
+    if host.is_empty() || host.len() > 253 {
+        return Err(malformed("a host name has 1 to 253 characters"));
+    }
+    if !host
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':'))
+    {
+        return Err(malformed(
+            "a host name has only letters, digits, '.', '-', '_' (and ':' in IPv6)",
+        ));
+    }
+    let port = match port {
+        None => None,
+        Some(p) => Some(
+            p.parse::<u16>()
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| malformed("the port must be a number from 1 to 65535"))?,
+        ),
+    };
+    Ok(Leader {
+        host: host.to_string(),
+        port,
+    })
+}
+
+/// The first host of a Slurm host list: `node[01-04,07],gpu3` → `node01`,
+/// `rack[1-2]-n[5-6]` → `rack1-n5`.
+pub fn first_host(list: &str) -> Result<String, String> {
+    if list.len() > MAX_HOSTLIST {
+        return Err(format!("a host list of more than {MAX_HOSTLIST} bytes"));
+    }
+    let mut host = String::new();
+    let mut chars = list.trim().chars();
+    while let Some(c) = chars.next() {
+        match c {
+            ',' => break,
+            '[' => {
+                let inside: String = chars.by_ref().take_while(|&c| c != ']').collect();
+                // The first range's start keeps its zero padding: node[01-04] → node01.
+                let first = inside.split([',', '-']).next().unwrap_or_default().trim();
+                if first.is_empty() || !first.chars().all(|c| c.is_ascii_digit()) {
+                    return Err(format!("[{inside}] is not a range of numbers"));
+                }
+                host.push_str(first);
+            }
+            ']' => return Err("a ] without its [".into()),
+            c => host.push(c),
+        }
+    }
+    if host.is_empty() {
+        return Err("an empty host list".into());
+    }
+    Ok(host)
+}
+
+/// `text`, cut to 80 characters for an error message.
+fn shorten(text: &str) -> String {
+    match text.char_indices().nth(80) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn launch(vars: &[(&str, &str)], explicit: &Explicit) -> Result<Launch, LaunchError> {
+        let env: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        resolve(&|name| env.get(name).cloned(), explicit)
+    }
+
+    fn env(vars: &[(&str, &str)]) -> Result<Launch, LaunchError> {
+        launch(vars, &Explicit::default())
+    }
+
+    #[test]
+    fn slurm_gives_rank_world_and_the_first_host_as_leader() {
+        let l = env(&[
+            ("SLURM_PROCID", "2"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_JOB_NODELIST", "gpu[007-010],cpu1"),
+            ("SLURM_JOB_ID", "4711"),
+        ])
+        .unwrap();
+        assert_eq!((l.rank, l.world), (2, 4));
+        assert_eq!(l.leader.to_string(), "gpu007");
+        assert_eq!(l.engines, vec![Engine::Slurm]);
+        assert_eq!(l.job.as_deref(), Some("slurm:4711"));
+    }
+
+    #[test]
+    fn the_step_node_list_wins_over_the_job_node_list() {
+        let l = env(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "2"),
+            ("SLURM_STEP_NODELIST", "n[3-4]"),
+            ("SLURM_JOB_NODELIST", "n[1-4]"),
+        ])
+        .unwrap();
+        assert_eq!(l.leader.host, "n3");
+    }
+
+    #[test]
+    fn host_lists_expand_to_their_first_host() {
+        assert_eq!(first_host("node01").unwrap(), "node01");
+        assert_eq!(first_host("node[01-04,07],gpu3").unwrap(), "node01");
+        assert_eq!(first_host("rack[1-2]-n[5,6]").unwrap(), "rack1-n5");
+        assert_eq!(first_host("a,b").unwrap(), "a");
+        assert!(first_host("node[x-y]").is_err());
+        assert!(first_host("node]").is_err());
+        assert!(first_host("").is_err());
+        assert!(first_host(&"n".repeat(MAX_HOSTLIST + 1)).is_err());
+    }
+
+    #[test]
+    fn an_indexed_job_finds_rank_zero_through_its_headless_service() {
+        let l = launch(
+            &[
+                ("JOB_COMPLETION_INDEX", "3"),
+                ("HOSTNAME", "train-workers-0-3"),
+                ("HETERO_SERVICE", "train"),
+            ],
+            &Explicit {
+                world: Some(4),
+                ..Explicit::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((l.rank, l.world), (3, 4));
+        assert_eq!(l.leader.host, "train-workers-0-0.train");
+        assert_eq!(l.engines, vec![Engine::Flags, Engine::Kubernetes]);
+    }
+
+    #[test]
+    fn a_pod_whose_name_does_not_end_in_its_index_is_refused() {
+        let e = launch(
+            &[
+                ("JOB_COMPLETION_INDEX", "3"),
+                ("HOSTNAME", "trainer"),
+                ("HETERO_SERVICE", "t"),
+            ],
+            &Explicit {
+                world: Some(4),
+                ..Explicit::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("HOSTNAME=trainer"), "{e}");
+        assert!(e.to_string().contains("-3"), "{e}");
+    }
+
+    #[test]
+    fn a_kubernetes_job_without_a_world_size_says_how_to_give_one() {
+        let e = env(&[
+            ("JOB_COMPLETION_INDEX", "0"),
+            ("HOSTNAME", "t-0"),
+            ("HETERO_SERVICE", "t"),
+        ])
+        .unwrap_err();
+        let LaunchError::Missing { what, read, hint } = &e else {
+            panic!("{e}")
+        };
+        assert_eq!(*what, "world size");
+        assert!(read.contains("JOB_COMPLETION_INDEX=0"), "{read}");
+        assert!(hint.contains("--world"), "{hint}");
+    }
+
+    #[test]
+    fn a_leader_worker_set_gives_everything() {
+        let l = env(&[
+            ("LWS_LEADER_ADDRESS", "serve-0.serve.default"),
+            ("LWS_WORKER_INDEX", "1"),
+            ("LWS_GROUP_SIZE", "2"),
+        ])
+        .unwrap();
+        assert_eq!(
+            (l.rank, l.world, l.leader.host.as_str()),
+            (1, 2, "serve-0.serve.default")
+        );
+    }
+
+    #[test]
+    fn mpirun_on_one_host_leads_from_loopback_and_elsewhere_needs_a_leader() {
+        let one_host = env(&[
+            ("OMPI_COMM_WORLD_RANK", "1"),
+            ("OMPI_COMM_WORLD_SIZE", "3"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "3"),
+        ])
+        .unwrap();
+        assert_eq!(one_host.leader.host, "127.0.0.1");
+        let spread = env(&[
+            ("OMPI_COMM_WORLD_RANK", "1"),
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+            ("OMPI_COMM_WORLD_LOCAL_SIZE", "2"),
+        ])
+        .unwrap_err();
+        assert!(
+            matches!(
+                spread,
+                LaunchError::Missing {
+                    what: "leader address",
+                    ..
+                }
+            ),
+            "{spread}"
+        );
+    }
+
+    #[test]
+    fn mpirun_inside_slurm_takes_mpis_rank_and_slurms_first_host() {
+        let l = env(&[
+            ("SLURM_PROCID", "0"),
+            ("SLURM_NTASKS", "1"),
+            ("SLURM_JOB_NODELIST", "c[5-6]"),
+            ("OMPI_COMM_WORLD_RANK", "3"),
+            ("OMPI_COMM_WORLD_SIZE", "4"),
+        ])
+        .unwrap();
+        assert_eq!((l.rank, l.world, l.leader.host.as_str()), (3, 4, "c5"));
+    }
+
+    #[test]
+    fn two_launchers_that_disagree_are_refused_naming_both() {
+        let e = launch(
+            &[("SLURM_PROCID", "1"), ("SLURM_NTASKS", "2"), ("SLURM_NODELIST", "a")],
+            &Explicit {
+                rank: Some(0),
+                ..Explicit::default()
+            },
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            LaunchError::Disagree {
+                what: "rank",
+                a: "--rank=0".into(),
+                b: "SLURM_PROCID=1".into()
+            }
+        );
+        let e = env(&[
+            ("LWS_LEADER_ADDRESS", "x"),
+            ("LWS_WORKER_INDEX", "1"),
+            ("LWS_GROUP_SIZE", "2"),
+            ("JOB_COMPLETION_INDEX", "0"),
+        ])
+        .unwrap_err();
+        assert!(e.to_string().contains("JOB_COMPLETION_INDEX=0"), "{e}");
+        assert!(e.to_string().contains("LWS_WORKER_INDEX=1"), "{e}");
+    }
+
+    #[test]
+    fn a_rank_at_or_past_the_world_size_is_refused() {
+        let e = env(&[("SLURM_PROCID", "2"), ("SLURM_NTASKS", "2"), ("SLURM_NODELIST", "a")]).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "rank SLURM_PROCID=2 is not below the world size SLURM_NTASKS=2; ranks run from 0 to world - 1"
+        );
+    }
+
+    #[test]
+    fn nothing_at_all_names_every_way_to_say_it() {
+        let e = env(&[]).unwrap_err();
+        let text = e.to_string();
+        assert!(text.starts_with("no rank for this process; read: nothing."), "{text}");
+        assert!(text.contains("srun") && text.contains("--rank"), "{text}");
+    }
+
+    #[test]
+    fn hostile_values_are_refused_not_trusted() {
+        for (name, value) in [
+            ("SLURM_PROCID", "-1"),
+            ("SLURM_PROCID", "99999999999999999999999"),
+            ("SLURM_NTASKS", "0"),
+            ("SLURM_NTASKS", "70000"),
+            ("LWS_LEADER_ADDRESS", "evil host"),
+            ("LWS_LEADER_ADDRESS", "a/b"),
+        ] {
+            let e = env(&[(name, value)]).unwrap_err();
+            assert!(matches!(e, LaunchError::Malformed { .. }), "{name}={value}: {e}");
+            assert!(e.to_string().starts_with(name), "{e}");
+        }
+        let long = "h".repeat(300);
+        assert!(parse_leader(&long, "--leader").is_err());
+        assert!(parse_leader("h:0", "--leader").is_err());
+        assert!(parse_leader("h:70000", "--leader").is_err());
+    }
+
+    #[test]
+    fn leaders_parse_with_and_without_ports() {
+        let p = |t| parse_leader(t, "--leader").unwrap();
+        assert_eq!(
+            p("host"),
+            Leader {
+                host: "host".into(),
+                port: None
+            }
+        );
+        assert_eq!(p("host:29400").port, Some(29400));
+        assert_eq!(p("fd00::1").host, "fd00::1");
+        assert_eq!(p("[fd00::1]:7").to_string(), "[fd00::1]:7");
+    }
+}
