@@ -231,3 +231,32 @@ fn mpirun_starts_two_ranks_that_train_one_job() {
     assert!(t.contains("rank 1: job-000001 succeeded"), "{t}");
     assert!(dir.path().join("runs/job-000001/summary.json").exists(), "{t}");
 }
+
+/// Debian's Slurm: `deploy/slurm/test.sh` starts a one-node cluster of its own
+/// (munged, slurmctld, slurmd), trains the subset job with `sbatch --wait`
+/// through `hetero run` and through Hetero's own cluster started by `srun`,
+/// checks both run summaries, and stops everything it started. `.ci/run`
+/// installs Slurm; elsewhere the test says it did not run.
+#[test]
+fn slurm_trains_through_hetero_run_and_through_heteros_own_cluster() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/slurm/test.sh");
+    let mut c = Command::new("bash");
+    c.arg(&script).arg(env!("CARGO_BIN_EXE_hetero"));
+    for (name, _) in std::env::vars() {
+        if name.starts_with("SLURM_") || name.starts_with("HETERO_") {
+            c.env_remove(name);
+        }
+    }
+    let out = c.output().unwrap();
+    let t = text(&out);
+    if out.status.code() == Some(2) && std::env::var_os("CI").is_none() {
+        eprintln!("Slurm cannot run here: {t}not run");
+        return;
+    }
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("hetero run under srun: 2 workers, 4000 samples"), "{t}");
+    assert!(
+        t.contains("hetero's own cluster under srun: 2 workers, 4000 samples"),
+        "{t}"
+    );
+}
