@@ -14,9 +14,10 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::builder::TypedValueParser as _;
 use clap::{Args, Subcommand};
+use hetero_cluster::launch_env::{self, Explicit, Launch};
 use hetero_data::model_fetch as models;
 use hetero_infer::Arch;
 use hetero_infer::generate::{self, Finish, Generation, chat_prompt};
@@ -84,9 +85,9 @@ pub struct ServeArgs {
 pub struct InferWorkerArgs {
     /// The same model as the front's.
     pub model: String,
-    /// This worker's rank (1 … workers − 1).
+    /// This worker's rank (1 … workers − 1; default: from the launcher, with `--mesh launcher`).
     #[arg(long)]
-    pub rank: usize,
+    pub rank: Option<usize>,
     /// Address to bind instead of this rank's --mesh address (e.g. 0.0.0.0:PORT).
     #[arg(long)]
     pub listen: Option<String>,
@@ -110,14 +111,34 @@ pub fn serve(args: &ServeArgs) -> Result<ExitCode> {
         dry_run: args.place.dry_run,
         api_key,
     };
-    hetero_serve::server::serve(&args.model, &options, &args.place.placing(128, 32))?;
+    hetero_serve::server::serve(&args.model, &options, &args.place.placing(128, 32)?)?;
     Ok(ExitCode::SUCCESS)
 }
 
 /// `hetero infer-worker`: one non-front rank of a mesh.
 pub fn infer_worker(args: &InferWorkerArgs) -> Result<ExitCode> {
-    let place = args.place.placing(128, 32);
-    hetero_serve::worker::infer_worker(&args.model, args.rank, &place, args.listen.as_deref())?;
+    let place = args.place.placing(128, 32)?;
+    // Without --rank, the launcher says (a LeaderWorkerSet, srun, mpirun …).
+    let launched = match (args.rank, args.place.mesh.launched()?) {
+        (None, None) => Some(launcher().map_err(|e| anyhow::anyhow!("no --rank, and {e}"))?),
+        (_, launched) => launched,
+    };
+    let rank = match (args.rank, launched) {
+        (Some(rank), Some(launch)) if rank != launch.rank => {
+            bail!(
+                "--rank {rank} disagrees with the launcher's rank {} ({})",
+                launch.rank,
+                launch.read.join(", ")
+            )
+        }
+        (Some(rank), _) => rank,
+        (None, Some(launch)) => launch.rank,
+        (None, None) => unreachable!("resolved above"),
+    };
+    if rank == 0 {
+        bail!("rank 0 is the front: run `hetero serve` or `hetero infer` there, not infer-worker");
+    }
+    hetero_serve::worker::infer_worker(&args.model, rank, &place, args.listen.as_deref())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -166,10 +187,15 @@ pub struct MeshArgs {
     /// Worker processes (rank 0 is this one).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
-    /// Comma-separated data-plane addresses of all ranks, rank 0 first, when the
-    /// workers run on other hosts (each started with `hetero infer-worker`).
+    /// Comma-separated data-plane addresses (IP:PORT or HOST:PORT) of all ranks,
+    /// rank 0 first, when the workers run on other hosts (each started with
+    /// `hetero infer-worker`). `launcher`: every rank's host from a
+    /// LeaderWorkerSet's or an Indexed Job's variables, at --mesh-port.
     #[arg(long)]
     pub mesh: Option<String>,
+    /// The data-plane port of every rank with `--mesh launcher`.
+    #[arg(long, default_value_t = 29_500)]
+    pub mesh_port: u16,
     /// Data-plane token every worker must hold (default: a fresh one for local workers).
     #[arg(long, env = "HETERO_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
@@ -206,11 +232,16 @@ pub struct PlacingArgs {
 impl PlacingArgs {
     /// The placing these arguments ask for; `auto` plans for `seq` tokens (a
     /// request, or a prompt) and `tokens` decode steps.
-    pub fn placing(&self, seq: usize, tokens: usize) -> Placing {
-        Placing {
+    pub fn placing(&self, seq: usize, tokens: usize) -> Result<Placing> {
+        let mesh = self.mesh.list()?;
+        let workers = match &mesh {
+            Some(list) => list.split(',').count(),
+            None => self.mesh.workers,
+        };
+        Ok(Placing {
             placement: self.placement.clone(),
-            workers: self.mesh.workers,
-            mesh: self.mesh.mesh.clone(),
+            workers,
+            mesh,
             token: self.mesh.token.clone(),
             profile: self.profile.clone(),
             plan_seq: seq,
@@ -220,7 +251,44 @@ impl PlacingArgs {
                 per_worker: self.max_memory.map(|mib| mib.saturating_mul(1 << 20)),
                 ..Default::default()
             },
+        })
+    }
+}
+
+/// Where this process stands, from the launcher's variables alone.
+fn launcher() -> Result<Launch, launch_env::LaunchError> {
+    launch_env::resolve(&|name| std::env::var(name).ok(), &Explicit::default())
+}
+
+/// `--mesh launcher`'s keyword.
+const LAUNCHER: &str = "launcher";
+
+impl MeshArgs {
+    /// Where this process stands, when `--mesh launcher` asks the launcher.
+    pub fn launched(&self) -> Result<Option<Launch>> {
+        if self.mesh.as_deref() != Some(LAUNCHER) {
+            return Ok(None);
         }
+        let launch = launcher().map_err(|e| anyhow::anyhow!("--mesh launcher: {e}"))?;
+        Ok(Some(launch))
+    }
+
+    /// The mesh's address list: `--mesh` as given, or every rank's host from the
+    /// launcher's naming at `--mesh-port`.
+    pub fn list(&self) -> Result<Option<String>> {
+        let Some(launch) = self.launched()? else {
+            return Ok(self.mesh.clone());
+        };
+        let peers = launch.peers.as_ref().with_context(|| {
+            format!(
+                "--mesh launcher: this launcher does not name every rank's host (read: {}); \
+                 LeaderWorkerSet and Indexed Jobs with HETERO_SERVICE do, elsewhere give --mesh HOST:PORT,…",
+                launch.read.join(", ")
+            )
+        })?;
+        let port = self.mesh_port;
+        let hosts: Vec<String> = (0..launch.world).map(|r| format!("{}:{port}", peers.host(r))).collect();
+        Ok(Some(hosts.join(",")))
     }
 }
 
@@ -331,7 +399,7 @@ pub fn infer(args: &InferArgs) -> Result<ExitCode> {
         place,
     } = args;
     let (max_tokens, chat, dry_run) = (*max_tokens, *chat, place.dry_run);
-    let place = &place.placing(128, max_tokens);
+    let place = &place.placing(128, max_tokens)?;
     // Checked before the model is opened and the workers start.
     sampling.generation(max_tokens)?;
     let text = prompt.join(" ");

@@ -86,9 +86,10 @@ pub fn profile(args: &ProfileArgs) -> Result<ExitCode> {
         );
     }
     let model = open_model(name)?;
+    let mesh = args.mesh.list()?;
     let place = Placing {
-        workers: args.mesh.workers,
-        mesh: args.mesh.mesh.clone(),
+        workers: mesh.as_ref().map_or(args.mesh.workers, |list| list.split(',').count()),
+        mesh,
         token: args.mesh.token.clone(),
         profile: Some(out.clone()),
         plan_seq: args.seq,

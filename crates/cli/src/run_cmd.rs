@@ -464,6 +464,7 @@ mod tests {
             engines: vec![Engine::Slurm],
             job: job.map(str::to_string),
             read: vec![],
+            peers: None,
         }
     }
 

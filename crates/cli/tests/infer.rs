@@ -484,3 +484,61 @@ fn a_converted_folder_in_the_hugging_face_cache_is_served_by_its_hub_name() {
         "{stderr}"
     );
 }
+
+/// A LeaderWorkerSet's worker: no `--rank`, it takes its rank from
+/// `LWS_WORKER_INDEX`, and the mesh is given by host names (as pods' DNS
+/// names are), resolved by each rank.
+#[test]
+fn a_worker_placed_by_a_leaderworkerset_takes_its_rank_from_it_and_host_names_form_the_mesh() {
+    let port = || {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let mesh = format!("localhost:{},localhost:{}", port(), port());
+    let mut worker = hetero()
+        .args([
+            "infer-worker",
+            "smollm2",
+            "--placement",
+            "tensor-parallel",
+            "--mesh",
+            &mesh,
+        ])
+        .env("HETERO_TOKEN", "lws-test-token")
+        .env("LWS_LEADER_ADDRESS", "localhost")
+        .env("LWS_WORKER_INDEX", "1")
+        .env("LWS_GROUP_SIZE", "2")
+        .spawn()
+        .unwrap();
+    let out = hetero()
+        .args(["infer", "smollm2", "The capital of France is", "--max-tokens", "3"])
+        .args(["--placement", "tensor-parallel", "--mesh", &mesh])
+        .env("HETERO_TOKEN", "lws-test-token")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    let _ = worker.kill();
+    let _ = worker.wait();
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.starts_with(" Paris."), "{stdout}");
+}
+
+#[test]
+fn an_infer_worker_that_cannot_tell_its_rank_says_how_to_give_it() {
+    let out = hetero()
+        .args(["infer-worker", "smollm2", "--mesh", "localhost:1,localhost:2"])
+        .env("HETERO_TOKEN", "t")
+        .env_remove("LWS_WORKER_INDEX")
+        .env_remove("SLURM_PROCID")
+        .env_remove("OMPI_COMM_WORLD_RANK")
+        .env_remove("JOB_COMPLETION_INDEX")
+        .env_remove("HETERO_RANK")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert!(!out.status.success(), "{stdout}\n{stderr}");
+    assert!(stderr.contains("no --rank, and no rank for this process"), "{stderr}");
+}

@@ -127,6 +127,41 @@ pub struct Launch {
     pub job: Option<String>,
     /// Every variable that was read, `NAME=value`.
     pub read: Vec<String>,
+    /// How every rank's host is named, when the launcher's naming says so (an
+    /// inference mesh needs each rank's address, not only the leader's).
+    pub peers: Option<Peers>,
+}
+
+/// How a launcher names the host of each rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Peers {
+    /// A LeaderWorkerSet: the leader is `<lws>-<group>.<service>…`, worker `i` is
+    /// `<lws>-<group>-<i>.<service>…`.
+    LeaderWorkerSet {
+        /// `LWS_LEADER_ADDRESS`.
+        leader: String,
+    },
+    /// An Indexed Job under a headless Service: rank `i` is `<stem>-<i>.<service>`.
+    IndexedJob {
+        /// The pod name without its index.
+        stem: String,
+        /// The headless Service (the pods' subdomain).
+        service: String,
+    },
+}
+
+impl Peers {
+    /// The host name of `rank`.
+    pub fn host(&self, rank: usize) -> String {
+        match self {
+            Peers::LeaderWorkerSet { leader } if rank == 0 => leader.clone(),
+            Peers::LeaderWorkerSet { leader } => match leader.split_once('.') {
+                Some((pod, domain)) => format!("{pod}-{rank}.{domain}"),
+                None => format!("{leader}-{rank}"),
+            },
+            Peers::IndexedJob { stem, service } => format!("{stem}-{rank}.{service}"),
+        }
+    }
 }
 
 /// An environment that does not say where this process stands.
@@ -178,6 +213,7 @@ struct Reading {
     world: Option<Fact<usize>>,
     leader: Option<Fact<Leader>>,
     job: Option<String>,
+    peers: Option<Peers>,
 }
 
 impl Reading {
@@ -188,6 +224,7 @@ impl Reading {
             world: None,
             leader: None,
             job: None,
+            peers: None,
         }
     }
 
@@ -254,6 +291,7 @@ pub fn resolve(env: &dyn Fn(&str) -> Option<String>, explicit: &Explicit) -> Res
         });
     }
     let job = readings.iter().find_map(|r| r.job.clone());
+    let peers = readings.iter().find_map(|r| r.peers.clone());
     Ok(Launch {
         rank: rank.value,
         world: world.value,
@@ -261,6 +299,7 @@ pub fn resolve(env: &dyn Fn(&str) -> Option<String>, explicit: &Explicit) -> Res
         engines: readings.iter().map(|r| r.engine).collect(),
         job,
         read,
+        peers,
     })
 }
 
@@ -353,6 +392,10 @@ fn kubernetes(var: &mut dyn FnMut(&str) -> Option<String>) -> Result<Reading, La
             from: format!("HOSTNAME={hostname} + HETERO_SERVICE={service}"),
         });
         r.job = Some(format!("kubernetes:{host}"));
+        r.peers = Some(Peers::IndexedJob {
+            stem: stem.to_string(),
+            service,
+        });
     }
     Ok(r)
 }
@@ -369,6 +412,7 @@ fn leader_worker_set(var: &mut dyn FnMut(&str) -> Option<String>) -> Result<Read
             &address,
         ));
         r.job = Some(format!("lws:{address}"));
+        r.peers = Some(Peers::LeaderWorkerSet { leader: address });
     }
     Ok(r)
 }
@@ -594,6 +638,9 @@ mod tests {
         .unwrap();
         assert_eq!((l.rank, l.world), (3, 4));
         assert_eq!(l.leader.host, "train-workers-0-0.train");
+        let peers = l.peers.unwrap();
+        assert_eq!(peers.host(0), "train-workers-0-0.train");
+        assert_eq!(peers.host(2), "train-workers-0-2.train");
         assert_eq!(l.engines, vec![Engine::Flags, Engine::Kubernetes]);
     }
 

@@ -104,14 +104,59 @@ pub fn idle(arch: &Arch, workers: usize) -> Placement {
     Placement::named("single", &arch.layout(), workers).expect("single fits every model")
 }
 
+/// How long a host name of `--mesh` may take to resolve. In Kubernetes a pod's
+/// name resolves only once the pod runs, and the ranks of one group start in
+/// any order.
+const RESOLVE_FOR: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// The addresses of a `--mesh` list: `IP:PORT` or `HOST:PORT` entries (host names
+/// resolved, waiting up to [`RESOLVE_FOR`] for names not yet known).
 pub(crate) fn parse_mesh(list: &str) -> Result<Vec<SocketAddr>> {
-    list.split(',')
-        .map(|a| {
-            a.trim()
-                .parse()
-                .with_context(|| format!("{a:?} in --mesh is not HOST:PORT"))
-        })
-        .collect()
+    const MAX_RANKS: usize = 4096;
+    let entries: Vec<&str> = list.split(',').map(str::trim).collect();
+    if entries.len() > MAX_RANKS {
+        bail!("--mesh has {} addresses; at most {MAX_RANKS}", entries.len());
+    }
+    entries.into_iter().map(|a| resolve_entry(a, RESOLVE_FOR)).collect()
+}
+
+/// One `--mesh` entry as an address, retrying a name that does not resolve yet.
+fn resolve_entry(entry: &str, wait: std::time::Duration) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    if let Ok(addr) = entry.parse() {
+        return Ok(addr);
+    }
+    let (host, port) = entry
+        .rsplit_once(':')
+        .filter(|(h, _)| !h.is_empty() && h.len() <= 253)
+        .with_context(|| format!("{entry:?} in --mesh is not HOST:PORT"))?;
+    let port: u16 = port
+        .parse()
+        .with_context(|| format!("{entry:?} in --mesh: {port:?} is not a port"))?;
+    let started = std::time::Instant::now();
+    loop {
+        match (host, port).to_socket_addrs() {
+            Ok(mut addrs) => {
+                if let Some(addr) = addrs.next() {
+                    return Ok(addr);
+                }
+            }
+            Err(e) if started.elapsed() >= wait => {
+                bail!(
+                    "{host} in --mesh does not resolve (tried for {} s): {e}",
+                    wait.as_secs()
+                )
+            }
+            Err(_) => {}
+        }
+        if started.elapsed() >= wait {
+            bail!(
+                "{host} in --mesh resolves to no address (tried for {} s)",
+                wait.as_secs()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 }
 
 /// What the run must hold beyond its weights, and what a worker may use.
@@ -148,4 +193,23 @@ pub fn load_part(model: &Model, p: &Placement, rank: usize) -> Result<Worker<Inf
         rank,
         &Default::default(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_entries_take_addresses_and_host_names() {
+        let addrs = parse_mesh("10.0.0.1:47100, localhost:47101").unwrap();
+        assert_eq!(addrs[0], "10.0.0.1:47100".parse().unwrap());
+        assert_eq!(addrs[1].port(), 47101);
+        assert!(addrs[1].ip().is_loopback(), "{:?}", addrs[1]);
+        for bad in ["host", ":80", "host:port", "host:70000"] {
+            let e = parse_mesh(bad).unwrap_err().to_string();
+            assert!(e.contains("--mesh"), "{bad}: {e}");
+        }
+        let too_many = vec!["127.0.0.1:1"; 4097].join(",");
+        assert!(parse_mesh(&too_many).is_err());
+    }
 }

@@ -147,7 +147,7 @@ pub fn run(command: BenchCommand) -> Result<ExitCode> {
             place,
         } => crate::bench::infer::run(&crate::bench::infer::InferBench {
             model: &model,
-            place: &place.placing(seq, tokens),
+            place: &place.placing(seq, tokens)?,
             requests,
             tokens,
             seq,
