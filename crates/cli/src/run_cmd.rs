@@ -56,14 +56,14 @@ type Asked = watch::Receiver<bool>;
 pub struct RunArgs {
     /// The job spec (TOML). `cluster.workers` is replaced by the world size.
     pub spec: PathBuf,
-    /// This process's rank (default: from srun, mpirun, Kubernetes or LeaderWorkerSet).
-    #[arg(long, env = "HETERO_RANK")]
+    /// This process's rank (default: HETERO_RANK, or from srun, mpirun, Kubernetes or LeaderWorkerSet).
+    #[arg(long)]
     pub rank: Option<usize>,
-    /// Ranks in the job.
-    #[arg(long, env = "HETERO_WORLD")]
+    /// Ranks in the job (default: HETERO_WORLD, or from the launcher).
+    #[arg(long)]
     pub world: Option<usize>,
-    /// Where rank 0 runs: HOST[:PORT].
-    #[arg(long, env = "HETERO_LEADER")]
+    /// Where rank 0 runs: HOST[:PORT] (default: HETERO_LEADER, or from the launcher).
+    #[arg(long)]
     pub leader: Option<String>,
     /// The port rank 0's coordinator listens on, when --leader names none.
     #[arg(long, env = "HETERO_PORT", default_value_t = 29_400)]

@@ -260,3 +260,174 @@ fn slurm_trains_through_hetero_run_and_through_heteros_own_cluster() {
         "{t}"
     );
 }
+
+/// Where kubernetes-validate (PyPI) is installed for the manifest test: the
+/// user's cache, installed there on first use.
+fn kubernetes_validate() -> Option<PathBuf> {
+    let dir = PathBuf::from(std::env::var_os("HOME")?).join(".cache/hetero/kubernetes-validate");
+    if dir.join("kubernetes_validate").is_dir() {
+        return Some(dir);
+    }
+    let ok = Command::new("python3")
+        .args(["-m", "pip", "install", "--quiet", "--target"])
+        .arg(&dir)
+        .arg("kubernetes-validate==1.37.0")
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some(dir)
+}
+
+/// The environment a container of a rendered manifest sets (literal values;
+/// secrets and fields as placeholders), plus `extra`, as a launcher variable
+/// lookup.
+fn container_env(container: &serde_json::Value, extra: &[(&str, String)]) -> std::collections::HashMap<String, String> {
+    let mut env: std::collections::HashMap<String, String> = container["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let value = e["value"].as_str().unwrap_or("(from the cluster)");
+            (e["name"].as_str().unwrap().to_string(), value.to_string())
+        })
+        .collect();
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.clone())));
+    env
+}
+
+fn resolve(env: &std::collections::HashMap<String, String>) -> hetero_cluster::launch_env::Launch {
+    hetero_cluster::launch_env::resolve(&|name| env.get(name).cloned(), &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn args_of(container: &serde_json::Value) -> Vec<&str> {
+    container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect()
+}
+
+fn find<'a>(objects: &'a serde_json::Value, kind: &str) -> &'a serde_json::Value {
+    objects
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["kind"] == kind)
+        .unwrap_or_else(|| panic!("no {kind} in {objects}"))
+}
+
+/// Every kustomization under deploy/kubernetes renders (`kubectl kustomize`)
+/// and validates strictly against the Kubernetes schemas and the JobSet and
+/// LeaderWorkerSet CRDs (`deploy/kubernetes/validate.py`). Then each pod that
+/// runs `hetero run`, `hetero serve` or `infer-worker` is given what its
+/// engine adds (the index, the pod's host name, LeaderWorkerSet's variables),
+/// and `launch_env` must find in that environment the rank, world and leader
+/// the manifest means.
+#[test]
+fn the_kubernetes_manifests_validate_and_set_what_hetero_run_reads() {
+    let has_kubectl = Command::new("kubectl").args(["version", "--client"]).output().is_ok();
+    let validator = kubernetes_validate();
+    let (true, Some(validator)) = (has_kubectl, validator) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI has kubectl and installs kubernetes-validate"
+        );
+        eprintln!("kubectl or kubernetes-validate is missing: not run");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let rendered = dir.path().join("rendered.json");
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/kubernetes/validate.py"))
+        .arg("--json")
+        .arg(&rendered)
+        .env("PYTHONPATH", &validator)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let all: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&rendered).unwrap()).unwrap();
+
+    // Hetero's own cluster: agents reach the coordinator's Service at its port.
+    for k in ["base", "overlays/nvidia", "overlays/amd", "overlays/ascend"] {
+        let service = find(&all[k], "Service");
+        let port = &service["spec"]["ports"][0]["port"];
+        let agent = &find(&all[k], "DaemonSet")["spec"]["template"]["spec"]["containers"][0];
+        let args = args_of(agent);
+        let target = format!("{}:{port}", service["metadata"]["name"].as_str().unwrap());
+        assert!(
+            args.windows(2).any(|w| w == ["--coordinator", target.as_str()]),
+            "{k}: {args:?}"
+        );
+    }
+
+    // A JobSet: pod i of job 0 is <jobset>-workers-0-<i>, under the JobSet's name.
+    let jobset = find(&all["jobset"], "JobSet");
+    let name = jobset["metadata"]["name"].as_str().unwrap();
+    let job = &jobset["spec"]["replicatedJobs"][0];
+    let pods = job["template"]["spec"]["completions"].as_u64().unwrap() as usize;
+    let container = &job["template"]["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(args_of(container)[0], "run");
+    for i in 0..pods {
+        let pod = format!("{name}-{}-0-{i}", job["name"].as_str().unwrap());
+        let l = resolve(&container_env(
+            container,
+            &[("JOB_COMPLETION_INDEX", i.to_string()), ("HOSTNAME", pod)],
+        ));
+        assert_eq!((l.rank, l.world), (i, pods));
+        assert_eq!(l.leader.host, format!("{name}-workers-0-0.{name}"));
+    }
+
+    // An Indexed Job: pod i is <job>-<i>, its subdomain the headless Service.
+    let job = find(&all["indexed-job"], "Job");
+    let service = find(&all["indexed-job"], "Service");
+    let name = job["metadata"]["name"].as_str().unwrap();
+    let pod_spec = &job["spec"]["template"]["spec"];
+    assert_eq!(pod_spec["subdomain"], service["metadata"]["name"]);
+    assert_eq!(service["spec"]["clusterIP"], "None", "the Service must be headless");
+    let pods = job["spec"]["completions"].as_u64().unwrap() as usize;
+    for i in 0..pods {
+        let l = resolve(&container_env(
+            &pod_spec["containers"][0],
+            &[
+                ("JOB_COMPLETION_INDEX", i.to_string()),
+                ("HOSTNAME", format!("{name}-{i}")),
+            ],
+        ));
+        assert_eq!((l.rank, l.world), (i, pods));
+        assert_eq!(
+            l.leader.host,
+            format!("{name}-0.{}", pod_spec["subdomain"].as_str().unwrap())
+        );
+    }
+
+    // A LeaderWorkerSet: the leader is rank 0, the worker rank 1, and the mesh
+    // the front builds names the worker's pod at the port the worker listens on.
+    let lws = find(&all["leaderworkerset"], "LeaderWorkerSet");
+    let name = lws["metadata"]["name"].as_str().unwrap();
+    let template = &lws["spec"]["leaderWorkerTemplate"];
+    let size = template["size"].as_u64().unwrap() as usize;
+    let leader_address = format!("{name}-0.{name}.default");
+    for (part, index) in [("leaderTemplate", 0), ("workerTemplate", 1)] {
+        let container = &template[part]["spec"]["containers"][0];
+        let args = args_of(container);
+        assert!(args.windows(2).any(|w| w == ["--mesh", "launcher"]), "{part}: {args:?}");
+        let l = resolve(&container_env(
+            container,
+            &[
+                ("LWS_LEADER_ADDRESS", leader_address.clone()),
+                ("LWS_WORKER_INDEX", index.to_string()),
+                ("LWS_GROUP_SIZE", size.to_string()),
+            ],
+        ));
+        assert_eq!((l.rank, l.world), (index, size));
+        let peers = l.peers.unwrap();
+        assert_eq!(peers.host(1), format!("{name}-0-1.{name}.default"));
+    }
+    let worker = args_of(&template["workerTemplate"]["spec"]["containers"][0]);
+    let listen = worker.windows(2).find(|w| w[0] == "--listen").unwrap()[1];
+    assert!(
+        listen.ends_with(":29500"),
+        "the worker listens at --mesh-port's default: {listen}"
+    );
+}

@@ -56,8 +56,9 @@ impl Engine {
     }
 }
 
-/// What the user gave on the command line (clap also fills these from
-/// `HETERO_RANK`, `HETERO_WORLD` and `HETERO_LEADER`).
+/// What the user gave on the command line. The same facts may also come as
+/// `HETERO_RANK`, `HETERO_WORLD` and `HETERO_LEADER`, read here like any
+/// launcher's variables.
 #[derive(Debug, Clone, Default)]
 pub struct Explicit {
     /// `--rank`.
@@ -244,6 +245,7 @@ pub fn resolve(env: &dyn Fn(&str) -> Option<String>, explicit: &Explicit) -> Res
     };
     let mut readings = vec![
         flags(explicit)?,
+        hetero_vars(&mut var)?,
         slurm(&mut var)?,
         kubernetes(&mut var)?,
         leader_worker_set(&mut var)?,
@@ -296,7 +298,11 @@ pub fn resolve(env: &dyn Fn(&str) -> Option<String>, explicit: &Explicit) -> Res
         rank: rank.value,
         world: world.value,
         leader: leader.value,
-        engines: readings.iter().map(|r| r.engine).collect(),
+        engines: {
+            let mut engines: Vec<Engine> = readings.iter().map(|r| r.engine).collect();
+            engines.dedup();
+            engines
+        },
         job,
         read,
         peers,
@@ -336,6 +342,22 @@ fn flags(explicit: &Explicit) -> Result<Reading, LaunchError> {
     }
     if let Some(leader) = &explicit.leader {
         r.leader = Some(Fact::new(parse_leader(leader, "--leader")?, "--leader", leader));
+    }
+    Ok(r)
+}
+
+/// `HETERO_RANK`, `HETERO_WORLD`, `HETERO_LEADER`: the flags' variables, which a
+/// manifest sets where the engine says nothing (a Kubernetes Job's size).
+fn hetero_vars(var: &mut dyn FnMut(&str) -> Option<String>) -> Result<Reading, LaunchError> {
+    let mut r = Reading::new(Engine::Flags);
+    r.rank = number(var, "HETERO_RANK", false)?;
+    r.world = number(var, "HETERO_WORLD", true)?;
+    if let Some(leader) = var("HETERO_LEADER") {
+        r.leader = Some(Fact::new(
+            parse_leader(&leader, "HETERO_LEADER")?,
+            "HETERO_LEADER",
+            &leader,
+        ));
     }
     Ok(r)
 }
@@ -642,6 +664,32 @@ mod tests {
         assert_eq!(peers.host(0), "train-workers-0-0.train");
         assert_eq!(peers.host(2), "train-workers-0-2.train");
         assert_eq!(l.engines, vec![Engine::Flags, Engine::Kubernetes]);
+    }
+
+    #[test]
+    fn the_flags_variables_count_as_flags_and_must_agree_with_them() {
+        let l = env(&[
+            ("JOB_COMPLETION_INDEX", "1"),
+            ("HOSTNAME", "t-1"),
+            ("HETERO_SERVICE", "t"),
+            ("HETERO_WORLD", "2"),
+        ])
+        .unwrap();
+        assert_eq!((l.rank, l.world, l.leader.host.as_str()), (1, 2, "t-0.t"));
+        assert_eq!(l.engines, vec![Engine::Flags, Engine::Kubernetes]);
+        let e = launch(
+            &[("HETERO_WORLD", "2")],
+            &Explicit {
+                rank: Some(0),
+                world: Some(3),
+                leader: Some("h".into()),
+            },
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("--world=3") && e.to_string().contains("HETERO_WORLD=2"),
+            "{e}"
+        );
     }
 
     #[test]
