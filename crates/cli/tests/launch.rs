@@ -431,3 +431,47 @@ fn the_kubernetes_manifests_validate_and_set_what_hetero_run_reads() {
         "the worker listens at --mesh-port's default: {listen}"
     );
 }
+
+/// `deploy/container/build.sh` writes the image as an OCI archive without a
+/// registry or a container tool, and `deploy/container/run.sh` runs
+/// `hetero local` on the subset job inside it (chrooted, in namespaces of its
+/// own, with only the image's files and environment).
+#[test]
+fn the_image_built_without_a_registry_trains_the_subset_inside() {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
+    if !is_root {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+        eprintln!("running inside the image needs root (mount namespaces, chroot): not run");
+        return;
+    }
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/container");
+    let dir = tempfile::tempdir().unwrap();
+    let built = Command::new("bash")
+        .arg(deploy.join("build.sh"))
+        .args(["--binary", env!("CARGO_BIN_EXE_hetero"), "--out"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(built.status.success(), "{}", text(&built));
+    let archive = dir.path().join("hetero-image.tar");
+    let listing = Command::new("tar").arg("-tf").arg(&archive).output().unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    assert!(
+        listing.contains("oci-layout") && listing.contains("index.json"),
+        "{listing}"
+    );
+    // The host's copy of the data stays out of reach: only the image's files count.
+    let out = Command::new("bash")
+        .arg(deploy.join("run.sh"))
+        .arg(&archive)
+        .args(["local", "/opt/hetero/examples/fashion-mnist-subset.toml"])
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("job job-000001 (fashion-mnist-subset) succeeded"), "{t}");
+    assert!(t.contains("summary: /opt/hetero/runs/job-000001/summary.json"), "{t}");
+}
