@@ -9,7 +9,8 @@ set -euo pipefail
 archive=${1:?usage: run.sh IMAGE.tar HETERO-ARGS…}
 shift
 root=$(mktemp -d /tmp/hetero-image.XXXXXX)
-trap 'umount -R "$root/rootfs/proc" "$root/rootfs/dev" "$root/rootfs/tmp" 2>/dev/null || true; rm -rf "$root"' EXIT
+# The mounts live in the namespace and end with it; the folder is removed here.
+trap 'rm -rf --one-file-system "$root"' EXIT
 python3 - "$archive" "$root" <<'PY'
 import json, sys, tarfile
 archive, root = sys.argv[1], sys.argv[2]
@@ -30,7 +31,7 @@ workdir=$(cat "$root/workdir")
 mapfile -t env <"$root/env"
 # The image's own environment only, as an engine gives it, then chroot and
 # WORKDIR (util-linux's unshare --root --wd).
-exec unshare --mount --pid --fork --propagation private sh -c '
+unshare --mount --pid --fork --propagation private sh -c '
   root=$1; workdir=$2; shift 2
   mount -t proc proc "$root/proc"
   mount --rbind /dev "$root/dev"
