@@ -194,10 +194,10 @@ fn a_rank_alone_fails_at_its_rendezvous_timeout_saying_who_is_missing() {
     );
 }
 
-/// Debian's Open MPI: `mpirun -n 2 hetero run SPEC` trains the job. `.ci/run`
+/// Debian's Open MPI: `mpirun -n 3 hetero run SPEC` trains the job. `.ci/run`
 /// installs it; elsewhere the test says it did not run.
 #[test]
-fn mpirun_starts_two_ranks_that_train_one_job() {
+fn mpirun_starts_three_ranks_that_train_one_job() {
     let Ok(which) = Command::new("sh").args(["-c", "command -v mpirun"]).output() else {
         return;
     };
@@ -213,7 +213,7 @@ fn mpirun_starts_two_ranks_that_train_one_job() {
     let spec = spec(dir.path());
     let port = free_port().to_string();
     let out = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "-n", "2"])
+        .args(["--allow-run-as-root", "--oversubscribe", "-n", "3"])
         .args(["-x", "HETERO_TOKEN", "-x", "HETERO_PORT"])
         .arg(env!("CARGO_BIN_EXE_hetero"))
         .arg("run")
@@ -228,8 +228,12 @@ fn mpirun_starts_two_ranks_that_train_one_job() {
     assert!(out.status.success(), "{t}");
     assert!(t.contains("(open-mpi)"), "{t}");
     assert!(t.contains("job job-000001 (launched) succeeded"), "{t}");
-    assert!(t.contains("rank 1: job-000001 succeeded"), "{t}");
-    assert!(dir.path().join("runs/job-000001/summary.json").exists(), "{t}");
+    assert!(t.contains("rank 1: job-000001 succeeded") && t.contains("rank 2: job-000001 succeeded"), "{t}");
+    let summary: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("runs/job-000001/summary.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(summary["workers"], 3, "{summary}");
 }
 
 /// Debian's Slurm: `deploy/slurm/test.sh` starts a one-node cluster of its own
