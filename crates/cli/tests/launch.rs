@@ -124,7 +124,9 @@ fn two_ranks_started_as_srun_starts_them_train_one_job_and_exit_with_its_outcome
 fn an_incomplete_or_contradictory_launcher_environment_is_refused_naming_its_variables() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(dir.path());
-    let cases: [(&[(&str, &str)], &[&str], &[&str]); 4] = [
+    // (launcher variables, flags, what the refusal must say)
+    type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a [&'a str]);
+    let cases: [Case; 4] = [
         (&[], &[], &["no rank for this process; read: nothing", "srun", "--rank"]),
         (
             &[
@@ -228,11 +230,13 @@ fn mpirun_starts_three_ranks_that_train_one_job() {
     assert!(out.status.success(), "{t}");
     assert!(t.contains("(open-mpi)"), "{t}");
     assert!(t.contains("job job-000001 (launched) succeeded"), "{t}");
-    assert!(t.contains("rank 1: job-000001 succeeded") && t.contains("rank 2: job-000001 succeeded"), "{t}");
-    let summary: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(dir.path().join("runs/job-000001/summary.json")).unwrap(),
-    )
-    .unwrap();
+    assert!(
+        t.contains("rank 1: job-000001 succeeded") && t.contains("rank 2: job-000001 succeeded"),
+        "{t}"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("runs/job-000001/summary.json")).unwrap())
+            .unwrap();
     assert_eq!(summary["workers"], 3, "{summary}");
 }
 
