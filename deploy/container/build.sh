@@ -40,8 +40,15 @@ mkdir -p "$rootfs"/{usr/local/bin,etc,root,proc,sys,dev,run,opt/hetero/examples,
 install -d -m 1777 "$rootfs/tmp"
 # The binary without its debug sections: the image needs none.
 objcopy --strip-debug "$binary" "$rootfs/usr/local/bin/hetero"
-# Every shared library it links, at the path the loader looks for it.
-ldd "$binary" | awk '/=> \// { print $3 } /^[ \t]*\/[^ ]+/ { print $1 }' | while read -r lib; do
+# Every shared library it links, at the path the loader looks for it. A static
+# binary links none; a library the loader cannot find stops the build.
+links=$(ldd "$binary" 2>&1 || true)
+if grep -q "not found" <<<"$links"; then
+  echo "the binary links libraries this machine does not have:" >&2
+  grep "not found" <<<"$links" >&2
+  exit 1
+fi
+awk '/=> \// { print $3 } /^[ \t]*\/[^ ]+/ { print $1 }' <<<"$links" | while read -r lib; do
   mkdir -p "$rootfs$(dirname "$lib")"
   cp -L "$lib" "$rootfs$lib"
 done
@@ -59,4 +66,9 @@ for m in ${models//,/ }; do
 done
 echo "context: $out (rootfs $(du -sh "$rootfs" | cut -f1))"
 ((context_only)) && exit 0
-python3 "$repo/deploy/container/oci_archive.py" "$repo/deploy/Containerfile" "$rootfs" "$out/hetero-image.tar" hetero:latest
+case $(uname -m) in
+  x86_64) arch=amd64 ;;
+  aarch64) arch=arm64 ;;
+  *) arch=$(uname -m) ;;
+esac
+python3 "$repo/deploy/container/oci_archive.py" "$repo/deploy/Containerfile" "$rootfs" "$out/hetero-image.tar" hetero:latest "$arch"

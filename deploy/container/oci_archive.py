@@ -2,9 +2,11 @@
 """Writes an OCI image archive of one layer: the folder ROOTFS, with the config
 (ENV, WORKDIR, ENTRYPOINT, CMD) that CONTAINERFILE gives a `FROM scratch` image.
 
-  oci_archive.py CONTAINERFILE ROOTFS OUT.tar NAME:TAG
+  oci_archive.py CONTAINERFILE ROOTFS OUT.tar NAME:TAG ARCH
 
-The layer is reproducible: entries sorted, owned by root, dated at the epoch.
+ARCH is the image's architecture as OCI names it (amd64, arm64). The layer is
+reproducible: entries sorted, owned by root, dated at the epoch. It is written
+through temporary files, so an image with models in it never sits in memory.
 """
 import gzip
 import hashlib
@@ -14,6 +16,7 @@ import os
 import shlex
 import sys
 import tarfile
+import tempfile
 
 
 def config_of(containerfile):
@@ -43,10 +46,27 @@ def config_of(containerfile):
     return {"Env": env, "WorkingDir": workdir, "Entrypoint": entrypoint, "Cmd": cmd}
 
 
-def layer_of(rootfs):
-    """The gzip'd tar of ROOTFS and the sha256 of the uncompressed tar."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+class Hashing(io.RawIOBase):
+    """A write-only stream that hashes what passes through to `inner`."""
+
+    def __init__(self, inner):
+        self.inner, self.sha, self.size = inner, hashlib.sha256(), 0
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        self.sha.update(data)
+        self.size += len(data)
+        return self.inner.write(data)
+
+
+def layer_of(rootfs, out):
+    """Writes the gzip'd tar of ROOTFS to the file OUT; returns the sha256 of the
+    uncompressed tar (the layer's diff id)."""
+    gz = gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0)
+    raw = Hashing(gz)
+    with tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for top, dirs, files in os.walk(rootfs):
             dirs.sort()
             for name in sorted(dirs) + sorted(files):
@@ -60,18 +80,29 @@ def layer_of(rootfs):
                         tar.addfile(info, f)
                 else:
                     tar.addfile(info)
-    data = raw.getvalue()
-    diff_id = "sha256:" + hashlib.sha256(data).hexdigest()
-    return gzip.compress(data, compresslevel=6, mtime=0), diff_id
+    gz.close()
+    return "sha256:" + raw.sha.hexdigest()
+
+
+def file_digest(f):
+    """The sha256 and size of the open file F, read from its start."""
+    f.seek(0)
+    sha, size = hashlib.sha256(), 0
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        sha.update(chunk)
+        size += len(chunk)
+    return "sha256:" + sha.hexdigest(), size
 
 
 def main():
-    if len(sys.argv) != 5:
+    if len(sys.argv) != 6:
         sys.exit(__doc__)
-    containerfile, rootfs, out, name = sys.argv[1:]
-    layer, diff_id = layer_of(rootfs)
+    containerfile, rootfs, out, name, arch = sys.argv[1:]
+    layer_file = tempfile.TemporaryFile()
+    diff_id = layer_of(rootfs, layer_file)
+    layer_digest, layer_size = file_digest(layer_file)
     config = {
-        "architecture": "amd64",
+        "architecture": arch,
         "os": "linux",
         "config": config_of(containerfile),
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
@@ -85,7 +116,7 @@ def main():
         return {"mediaType": media_type, "digest": digest, "size": len(data)}
 
     config_desc = blob(json.dumps(config, sort_keys=True).encode(), "application/vnd.oci.image.config.v1+json")
-    layer_desc = blob(layer, "application/vnd.oci.image.layer.v1.tar+gzip")
+    layer_desc = {"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": layer_size}
     manifest = {
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -110,7 +141,11 @@ def main():
         add("index.json", json.dumps(index, sort_keys=True).encode())
         for digest, data in blobs.items():
             add("blobs/sha256/" + digest.split(":", 1)[1], data)
-    print(f"image: {out} ({name}, layer {len(layer) / 1e6:.0f} MB, {manifest_desc['digest'][:19]}…)")
+        info = tarfile.TarInfo("blobs/sha256/" + layer_digest.split(":", 1)[1])
+        info.size, info.mtime = layer_size, 0
+        layer_file.seek(0)
+        tar.addfile(info, layer_file)
+    print(f"image: {out} ({name}, {arch}, layer {layer_size / 1e6:.0f} MB, {manifest_desc['digest'][:19]}…)")
 
 
 if __name__ == "__main__":

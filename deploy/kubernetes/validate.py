@@ -10,7 +10,7 @@
   as the core kinds they are: a JobSet's job template as a batch/v1 Job, and a
   LeaderWorkerSet's leader and worker templates as v1 Pods.
 
-  python3 deploy/kubernetes/validate.py [--json OUT]   (needs kubectl and kubernetes-validate)
+  python3 deploy/kubernetes/validate.py [--json OUT]   (needs kubectl, or KUBECTL=PATH, and kubernetes-validate)
 
 --json writes every rendered object, by kustomization, for tests/launch.rs to
 read. Exit 0: everything valid; 1: the errors are printed, naming the object.
@@ -95,7 +95,10 @@ def main():
     errors, rendered = [], {}
     for k in KUSTOMIZATIONS:
         text = subprocess.run(
-            ["kubectl", "kustomize", os.path.join(HERE, k)], check=True, capture_output=True, text=True
+            [os.environ.get("KUBECTL", "kubectl"), "kustomize", os.path.join(HERE, k)],
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         objects = [o for o in yaml.safe_load_all(text) if o]
         rendered[k] = objects

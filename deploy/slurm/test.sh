@@ -20,8 +20,9 @@ done
 [ -x "$hetero" ] || { echo "no hetero binary at $hetero" >&2; exit 2; }
 [ "$(id -u)" = 0 ] || { echo "the test cluster's daemons run as root (SlurmUser=root)" >&2; exit 2; }
 
+# The munge key must never be readable by anyone else, not even for a moment.
+umask 077
 dir=$(mktemp -d /tmp/hetero-slurm.XXXXXX)
-chmod 755 "$dir"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 ctld_port=$(free_port)
 slurmd_port=$(free_port)
@@ -123,14 +124,14 @@ PY
 
 cd "$dir/work"
 echo "== sbatch --wait hetero-run.sbatch (2 tasks, each a hetero run rank)"
-HETERO=$hetero sbatch --wait --ntasks=2 --output="$dir/work/run-%j.out" \
+HETERO=$hetero sbatch --wait --time=10 --ntasks=2 --output="$dir/work/run-%j.out" \
   "$repo/deploy/slurm/hetero-run.sbatch" "$spec"
 cat "$dir"/work/run-*.out | grep -E "hetero run: rank|job job-|succeeded" || true
 check "hetero run under srun" "$dir/work/runs/job-000001/summary.json"
 rm -rf "$dir/work/runs"
 
 echo "== sbatch --wait hetero-cluster.sbatch (Hetero's own coordinator and agent, started by srun)"
-HETERO=$hetero HETERO_STATE=$dir/work/cluster sbatch --wait --output="$dir/work/cluster-%j.out" \
+HETERO=$hetero HETERO_STATE=$dir/work/cluster sbatch --wait --time=10 --output="$dir/work/cluster-%j.out" \
   "$repo/deploy/slurm/hetero-cluster.sbatch" "$spec"
 cat "$dir"/work/cluster-*.out | grep -E "alive|job job-|succeeded" || true
 check "hetero's own cluster under srun" "$dir/work/runs/job-000001/summary.json"

@@ -68,9 +68,13 @@ pub struct RunArgs {
     /// The port rank 0's coordinator listens on, when --leader names none.
     #[arg(long, env = "HETERO_PORT", default_value_t = 29_400)]
     pub port: u16,
-    /// Secret every rank shares (default: derived from the launcher's job id, with a warning).
+    /// Secret every rank shares.
     #[arg(long, env = "HETERO_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Without HETERO_TOKEN: derive the token from the launcher's job id (no
+    /// secret: for networks you trust).
+    #[arg(long)]
+    pub token_from_job_id: bool,
     /// Address other ranks reach this one's worker at (default: this host's
     /// address on the route to the leader).
     #[arg(long, env = "HETERO_DATA_HOST")]
@@ -87,7 +91,8 @@ pub struct RunArgs {
     /// Seconds to wait for every rank to join (and, on other ranks, for the leader).
     #[arg(long, default_value_t = 300)]
     pub rendezvous_timeout: u64,
-    /// Folder for this rank's files (default: a new temporary folder).
+    /// Folder for this rank's files, kept between runs (each rank uses
+    /// `rank-N/` in it; default: a new temporary folder).
     #[arg(long)]
     pub work_dir: Option<PathBuf>,
 }
@@ -116,23 +121,24 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     spec.resolve_paths(&base);
     let backend = hetero_job::Backend::from_name(&args.backend)
         .with_context(|| format!("--backend {:?}: choose {}", args.backend, hetero_job::Backend::names()))?;
-    let token = token(args.token.as_deref(), &launch, port)?;
+    let token = token(args.token.as_deref(), args.token_from_job_id, &launch, port)?;
     let leader_is_here = launch.rank == 0;
     if leader_is_here && spec.task.is_none() && spec.inference.is_none() && spec.dataset.kind == "fashion-mnist" {
         data_cmd::ensure_fashion_mnist(&spec.dataset.path)?;
     }
+    let timeout = Duration::from_secs(args.rendezvous_timeout.max(1));
+    // Each rank's own folder, even when every rank is given one --work-dir on a
+    // shared file system: an agent's identity file must not be shared.
     let scratch = tempfile::tempdir().context("creating this rank's folder")?;
-    let work_dir = match &args.work_dir {
-        Some(dir) => std::path::absolute(dir)?,
+    let rank_dir = match &args.work_dir {
+        Some(dir) => std::path::absolute(dir)?.join(format!("rank-{}", launch.rank)),
         None => scratch.path().to_path_buf(),
     };
-    std::fs::create_dir_all(&work_dir).with_context(|| format!("creating {}", work_dir.display()))?;
+    std::fs::create_dir_all(&rank_dir).with_context(|| format!("creating {}", rank_dir.display()))?;
     let leader_address = format!("{}:{port}", bracketed(&launch.leader.host));
     let data_host = match &args.data_host {
         Some(h) => h.clone(),
-        None => route_to(&launch.leader.host, port).with_context(|| {
-            format!("finding this host's address on the route to {leader_address} (give --data-host)")
-        })?,
+        None => data_host(&launch, port, timeout)?,
     };
     let mut config = AgentConfig::new(
         if leader_is_here {
@@ -142,7 +148,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         },
         token.clone(),
         1,
-        work_dir.join("agent"),
+        rank_dir.join("agent"),
         std::env::current_exe()?,
     );
     config.data_host = data_host;
@@ -152,7 +158,6 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     if backend != hetero_job::Backend::Auto {
         config.backend = backend.name().into();
     }
-    let timeout = Duration::from_secs(args.rendezvous_timeout.max(1));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -166,42 +171,107 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
             let _ = asked_tx.send(true);
         });
         let (stop, stop_rx) = watch::channel(false);
+        // A store of this run's own: a reused --work-dir never shows the other
+        // ranks an earlier run's job.
+        let store = tempfile::Builder::new()
+            .prefix("coordinator-")
+            .tempdir_in(&rank_dir)
+            .context("creating the coordinator's folder")?;
         let served = if leader_is_here {
-            Some(serve_coordinator(&work_dir, &token, port, &args.dashboard, stop_rx.clone()).await?)
+            Some(serve_coordinator(store.path(), &token, port, &args.dashboard, stop_rx.clone()).await?)
         } else {
             None
         };
-        let agent = tokio::spawn(agent::run(config, stop_rx));
-        let outcome = if leader_is_here {
-            lead(&launch, &token, port, &text, &base, timeout, asked).await
-        } else {
-            follow_leader(&launch, &leader_address, &token, timeout, asked).await
+        let mut agent = tokio::spawn(agent::run(config, stop_rx));
+        let work = async {
+            if leader_is_here {
+                lead(&launch, &token, port, &text, &base, timeout, asked).await
+            } else {
+                follow_leader(&launch, &leader_address, &token, timeout, asked).await
+            }
+        };
+        // The agent ends only when told to; ending first, it failed (a refused
+        // token, another protocol), and waiting on would only time out.
+        let outcome = tokio::select! {
+            outcome = work => outcome,
+            ended = &mut agent => Err(match ended {
+                Ok(Err(e)) => anyhow!("rank {}: this rank's agent stopped: {e}", launch.rank),
+                _ => anyhow!("rank {}: this rank's agent stopped", launch.rank),
+            }),
         };
         let _ = stop.send(true);
-        let _ = agent.await;
+        if !agent.is_finished() {
+            let _ = agent.await;
+        }
         if let Some(server) = served {
             let _ = server.await;
         }
+        drop(store);
         drop(scratch);
         Ok(if outcome? { ExitCode::SUCCESS } else { ExitCode::FAILURE })
     })
 }
 
-/// The token every rank shares: the one given, else one derived from the
-/// launcher's job id (the same on every rank of this job, different for the next).
-fn token(given: Option<&str>, launch: &Launch, port: u16) -> Result<String> {
+/// The address other ranks reach this rank's worker at: this host's address on
+/// the route to the leader. A pod's DNS name appears only once the pod runs, so
+/// the leader's name is retried until `timeout`.
+fn data_host(launch: &Launch, port: u16, timeout: Duration) -> Result<String> {
+    let started = Instant::now();
+    let mut said = false;
+    let host = &launch.leader.host;
+    let ip = loop {
+        match route_to(host, port) {
+            Ok(ip) => break ip,
+            Err(e) if started.elapsed() >= timeout => {
+                return Err(e.context(format!(
+                    "finding this host's address on the route to the leader {host} for {} s (give --data-host)",
+                    timeout.as_secs()
+                )));
+            }
+            Err(e) => {
+                if !said {
+                    println!(
+                        "rank {}: waiting for the leader's name {host} to resolve ({e:#})",
+                        launch.rank
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    };
+    let loopback = ip.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
+    let named_loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback());
+    if loopback && !named_loopback && launch.world > 1 {
+        eprintln!(
+            "warning: rank {}: {host} resolves to a loopback address here ({ip}; /etc/hosts often maps this host's \
+             own name so), so this rank's worker listens on loopback: ranks on other hosts cannot reach it. \
+             If any rank runs elsewhere, give --data-host (HETERO_DATA_HOST) with this host's address.",
+            launch.rank
+        );
+    }
+    Ok(ip)
+}
+
+/// The token every rank shares: the one given, or with `--token-from-job-id`
+/// one derived from the launcher's job id (the same on every rank of this job).
+fn token(given: Option<&str>, from_job_id: bool, launch: &Launch, port: u16) -> Result<String> {
     if let Some(t) = given.map(str::trim).filter(|t| !t.is_empty()) {
         return Ok(t.to_string());
     }
-    let Some(job) = &launch.job else {
+    if !from_job_id {
         bail!(
-            "no HETERO_TOKEN, and the launcher gives no job id to derive one from: set HETERO_TOKEN (or --token) \
-             to the same secret on every rank"
+            "no HETERO_TOKEN: set it (or --token) to the same secret on every rank, e.g. \
+             `export HETERO_TOKEN=$(openssl rand -hex 16)` before srun or mpirun -x HETERO_TOKEN, or a Secret on \
+             Kubernetes. On a network you trust, --token-from-job-id derives one from the launcher's job id."
         )
+    }
+    let Some(job) = &launch.job else {
+        bail!("--token-from-job-id: the launcher gives no job id to derive a token from; set HETERO_TOKEN")
     };
     eprintln!(
-        "warning: no HETERO_TOKEN: the token is derived from the launcher's job id ({job}), so anyone who can \
-         reach port {port} of the leader and knows that id can join; set HETERO_TOKEN to a secret on every rank"
+        "warning: --token-from-job-id: the token is derived from the launcher's job id ({job}), which is no \
+         secret: anyone who can reach port {port} of the leader and knows it can join"
     );
     let digest = Sha256::digest(format!("hetero run token v1\0{job}").as_bytes());
     Ok(hetero_proto::auth::hex(&digest[..16]))
@@ -242,16 +312,8 @@ async fn serve_coordinator(
     mut stop: watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<Result<(), hetero_cluster::ClusterError>>> {
     let coordinator = Coordinator::open(CoordinatorConfig::new(work_dir.join("coordinator.redb"), token))?;
-    // Every interface, IPv6 and IPv4 (a dual-stack socket), so `localhost` reaches
-    // it whichever family it resolves to; IPv4 alone where IPv6 is off.
-    let listener = match tokio::net::TcpListener::bind(format!("[::]:{port}")).await {
-        Ok(l) => l,
-        Err(_) => tokio::net::TcpListener::bind(format!("0.0.0.0:{port}"))
-            .await
-            .with_context(|| {
-                format!("rank 0 binding port {port} for the coordinator (another job's port? give --port)")
-            })?,
-    };
+    let listener = listen_everywhere(port)
+        .with_context(|| format!("rank 0 binding port {port} for the coordinator (another job's port? give --port)"))?;
     let listen = listener.local_addr()?;
     let board = tokio::net::TcpListener::bind(dashboard)
         .await
@@ -264,6 +326,33 @@ async fn serve_coordinator(
     Ok(tokio::spawn(coordinator.serve(listener, async move {
         let _ = stop.changed().await;
     })))
+}
+
+/// A listener on every interface at `port`: one dual-stack socket (IPv6 and
+/// IPv4, whatever the system's default), so the leader's name reaches it
+/// whichever family it resolves to; IPv4 alone where IPv6 is off.
+fn listen_everywhere(port: u16) -> Result<tokio::net::TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let dual = || -> std::io::Result<Socket> {
+        let socket = Socket::new(Domain::IPV6, Type::STREAM, None)?;
+        socket.set_only_v6(false)?;
+        socket.set_reuse_address(true)?;
+        socket.bind(&std::net::SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+        Ok(socket)
+    };
+    let socket = match dual() {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => return Err(e.into()),
+        Err(_) => {
+            let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+            socket.set_reuse_address(true)?;
+            socket.bind(&std::net::SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, port)).into())?;
+            socket
+        }
+    };
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(tokio::net::TcpListener::from_std(socket.into())?)
 }
 
 /// Rank 0: waits for every rank, submits the job, follows it, then lingers until
@@ -378,7 +467,7 @@ async fn follow_leader(
         match answer {
             Ok(jobs) => {
                 reached = Some(Instant::now());
-                if let Some(job) = jobs.first() {
+                if let Some(job) = jobs.iter().max_by_key(|j| j.submitted_unix_ms) {
                     if seen_job != job.job_id {
                         println!("rank {}: worker of {} ({})", launch.rank, job.job_id, job.name);
                         seen_job = job.job_id.clone();
@@ -469,13 +558,18 @@ mod tests {
     }
 
     #[test]
-    fn a_derived_token_is_the_same_for_one_job_and_differs_for_the_next() {
-        let a = token(None, &launch(Some("slurm:1")), 1).unwrap();
-        assert_eq!(a, token(None, &launch(Some("slurm:1")), 1).unwrap());
-        assert_ne!(a, token(None, &launch(Some("slurm:2")), 1).unwrap());
-        assert_eq!(token(Some(" s3cret "), &launch(Some("slurm:1")), 1).unwrap(), "s3cret");
-        let e = token(None, &launch(None), 1).unwrap_err().to_string();
-        assert!(e.contains("HETERO_TOKEN"), "{e}");
+    fn a_token_is_required_unless_derived_on_request() {
+        let e = token(None, false, &launch(Some("slurm:1")), 1).unwrap_err().to_string();
+        assert!(
+            e.contains("no HETERO_TOKEN") && e.contains("--token-from-job-id"),
+            "{e}"
+        );
+        assert_eq!(token(Some(" s3cret "), false, &launch(None), 1).unwrap(), "s3cret");
+        let a = token(None, true, &launch(Some("slurm:1")), 1).unwrap();
+        assert_eq!(a, token(None, true, &launch(Some("slurm:1")), 1).unwrap());
+        assert_ne!(a, token(None, true, &launch(Some("slurm:2")), 1).unwrap());
+        let e = token(None, true, &launch(None), 1).unwrap_err().to_string();
+        assert!(e.contains("no job id"), "{e}");
     }
 
     #[test]

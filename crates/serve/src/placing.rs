@@ -110,18 +110,21 @@ pub fn idle(arch: &Arch, workers: usize) -> Placement {
 const RESOLVE_FOR: std::time::Duration = std::time::Duration::from_secs(180);
 
 /// The addresses of a `--mesh` list: `IP:PORT` or `HOST:PORT` entries (host names
-/// resolved, waiting up to [`RESOLVE_FOR`] for names not yet known).
+/// resolved, waiting up to [`RESOLVE_FOR`] in all for names not yet known).
 pub(crate) fn parse_mesh(list: &str) -> Result<Vec<SocketAddr>> {
     const MAX_RANKS: usize = 4096;
     let entries: Vec<&str> = list.split(',').map(str::trim).collect();
     if entries.len() > MAX_RANKS {
         bail!("--mesh has {} addresses; at most {MAX_RANKS}", entries.len());
     }
-    entries.into_iter().map(|a| resolve_entry(a, RESOLVE_FOR)).collect()
+    // One deadline for the whole list, however many names wait.
+    let deadline = std::time::Instant::now() + RESOLVE_FOR;
+    entries.into_iter().map(|a| resolve_entry(a, deadline)).collect()
 }
 
-/// One `--mesh` entry as an address, retrying a name that does not resolve yet.
-fn resolve_entry(entry: &str, wait: std::time::Duration) -> Result<SocketAddr> {
+/// One `--mesh` entry as an address, retrying a name that does not resolve
+/// yet until `deadline`.
+fn resolve_entry(entry: &str, deadline: std::time::Instant) -> Result<SocketAddr> {
     use std::net::ToSocketAddrs;
     if let Ok(addr) = entry.parse() {
         return Ok(addr);
@@ -133,27 +136,22 @@ fn resolve_entry(entry: &str, wait: std::time::Duration) -> Result<SocketAddr> {
     let port: u16 = port
         .parse()
         .with_context(|| format!("{entry:?} in --mesh: {port:?} is not a port"))?;
-    let started = std::time::Instant::now();
+    let wait = RESOLVE_FOR.as_secs();
     loop {
+        let over = std::time::Instant::now() >= deadline;
         match (host, port).to_socket_addrs() {
             Ok(mut addrs) => {
                 if let Some(addr) = addrs.next() {
                     return Ok(addr);
                 }
+                if over {
+                    bail!("{host} in --mesh resolves to no address (the mesh's names were tried for {wait} s)");
+                }
             }
-            Err(e) if started.elapsed() >= wait => {
-                bail!(
-                    "{host} in --mesh does not resolve (tried for {} s): {e}",
-                    wait.as_secs()
-                )
+            Err(e) if over => {
+                bail!("{host} in --mesh does not resolve (the mesh's names were tried for {wait} s): {e}")
             }
             Err(_) => {}
-        }
-        if started.elapsed() >= wait {
-            bail!(
-                "{host} in --mesh resolves to no address (tried for {} s)",
-                wait.as_secs()
-            );
         }
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
