@@ -32,7 +32,7 @@ use hetero_cluster::coordinator::{Coordinator, CoordinatorConfig};
 use hetero_cluster::launch_env::{self, Explicit, Launch};
 use hetero_job::JobSpec;
 use hetero_proto as pb;
-use hetero_proto::client::{Client, connect};
+use hetero_proto::client::{Client, ClientError, connect};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
@@ -458,7 +458,13 @@ async fn follow_leader(
     let mut seen_job = String::new();
     loop {
         if client.is_none() {
-            client = connect(leader, token).await.ok();
+            match connect(leader, token).await {
+                Ok(c) => client = Some(c),
+                Err(e @ ClientError::WrongToken { .. }) => {
+                    bail!("rank {}: {e}; every rank needs the same HETERO_TOKEN", launch.rank)
+                }
+                Err(_) => {}
+            }
         }
         let answer = match client.as_mut() {
             Some(c) => c.list_jobs(pb::ListJobsRequest {}).await.map(|r| r.into_inner().jobs),
@@ -479,6 +485,10 @@ async fn follow_leader(
                     }
                 }
             }
+            Err(status) if status.code() == tonic::Code::Unauthenticated => bail!(
+                "rank {}: the leader at {leader} refused this rank's token: every rank needs the same HETERO_TOKEN",
+                launch.rank
+            ),
             Err(status) => {
                 client = None;
                 match reached {

@@ -195,10 +195,40 @@ fn a_rank_alone_fails_at_its_rendezvous_timeout_saying_who_is_missing() {
             .output()
             .unwrap()
     };
-    let leader = alone("0");
+    // Rank 0 waits for a second rank. One comes with another token: it is
+    // refused at once, saying so, and never joins, so rank 0 waits out its
+    // timeout alone.
+    let leader = hetero_run()
+        .arg(&spec)
+        .args(["--rank", "0", "--world", "2", "--leader", "127.0.0.1"])
+        .args(["--port", &port, "--rendezvous-timeout", "8"])
+        .env("HETERO_TOKEN", "t")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let listening = (0..300).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).is_ok()
+    });
+    assert!(listening, "rank 0 never listened");
+    let stranger = hetero_run()
+        .arg(&spec)
+        .args(["--rank", "1", "--world", "2", "--leader", "127.0.0.1"])
+        .args(["--port", &port, "--rendezvous-timeout", "60"])
+        .env("HETERO_TOKEN", "another")
+        .output()
+        .unwrap();
+    let s = text(&stranger);
+    assert!(!stranger.status.success(), "{s}");
+    assert!(
+        s.contains("a wrong cluster token"),
+        "a wrong token ends the rank at once, saying so: {s}"
+    );
+    let leader = finish(leader);
     let t = text(&leader);
     assert!(!leader.status.success(), "{t}");
-    assert!(t.contains("only 1 of 2 ranks joined within 2 s"), "{t}");
+    assert!(t.contains("only 1 of 2 ranks joined within 8 s"), "{t}");
     let follower = alone("1");
     let t = text(&follower);
     assert!(!follower.status.success(), "{t}");
@@ -396,6 +426,13 @@ fn the_kubernetes_manifests_validate_and_set_what_hetero_run_reads() {
         );
     }
 
+    // The engines' naming, as their controllers write it: JobSet's pods are
+    // <jobset>-<job>-<jobIndex>-<podIndex> under the subdomain <jobset>
+    // (placement.GenPodName, GetSubdomain); an Indexed Job's pods are
+    // <job>-<index> under their subdomain; LeaderWorkerSet's leader address is
+    // <lws>-<group>.<subdomain>.<namespace> and its workers' pods
+    // <lws>-<group>-<index> (pkg/utils/pod/pod_utils.go).
+    //
     // A JobSet: pod i of job 0 is <jobset>-workers-0-<i>, under the JobSet's name.
     let jobset = find(&all["jobset"], "JobSet");
     let name = jobset["metadata"]["name"].as_str().unwrap();

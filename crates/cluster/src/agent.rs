@@ -220,6 +220,8 @@ pub async fn run(mut config: AgentConfig, mut shutdown: watch::Receiver<bool>) -
         if client.is_none() {
             match connect(&config.coordinator, &config.token).await {
                 Ok(c) => client = Some(c),
+                // A coordinator of another token stays one: say so and stop.
+                Err(e @ hetero_proto::client::ClientError::WrongToken { .. }) => return Err(e.into()),
                 Err(e) => {
                     if !warned {
                         tracing::warn!(error = %e, "coordinator unreachable; retrying");

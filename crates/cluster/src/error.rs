@@ -60,7 +60,9 @@ impl From<hetero_proto::client::ClientError> for ClusterError {
     fn from(e: hetero_proto::client::ClientError) -> Self {
         use hetero_proto::client::ClientError;
         match e {
-            ClientError::Connect { address, message } => ClusterError::Connect { address, message },
+            ClientError::Connect { address, message } | ClientError::WrongToken { address, message } => {
+                ClusterError::Connect { address, message }
+            }
             ClientError::Rpc { context, status } => ClusterError::Rpc { context, status },
         }
     }

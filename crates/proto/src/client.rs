@@ -19,6 +19,16 @@ pub enum ClientError {
         /// Why.
         message: String,
     },
+    /// The coordinator's TLS certificate does not come from this token: the
+    /// token is wrong (or the server is not Hetero's coordinator). Retrying
+    /// cannot help.
+    #[error("cannot reach the coordinator at {address}: {message}")]
+    WrongToken {
+        /// The address tried.
+        address: String,
+        /// Why.
+        message: String,
+    },
     /// A gRPC call failed.
     #[error("{context}: {status}")]
     Rpc {
@@ -160,10 +170,13 @@ pub async fn connect_trusting(address: &str, token: &str, trust: &Trust) -> Resu
                 "{why} — the coordinator's certificate is not signed by the authority in {TLS_CA_ENV} for this name"
             )
         } else if why.contains("certificate") {
-            format!(
-                "{why} — the coordinator's certificate does not come from this token: a wrong cluster \
-                 token (or not Hetero's coordinator)"
-            )
+            return ClientError::WrongToken {
+                address: address.to_string(),
+                message: format!(
+                    "{why} — the coordinator's certificate does not come from this token: a wrong cluster \
+                     token (or not Hetero's coordinator)"
+                ),
+            };
         } else {
             format!("{why} (a coordinator started with --insecure is reached as http://{address})")
         })
