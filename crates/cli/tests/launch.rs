@@ -120,6 +120,105 @@ fn two_ranks_started_as_srun_starts_them_train_one_job_and_exit_with_its_outcome
     );
 }
 
+/// A rank killed with its whole process group, as `srun` or Kubernetes end a
+/// failed task, is lost as a node under `hetero local` is: the survivors take
+/// over its samples and finish, and their ranks exit with success.
+#[test]
+fn a_rank_killed_mid_run_is_lost_and_the_others_finish_the_job() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path());
+    let text_of = std::fs::read_to_string(&spec)
+        .unwrap()
+        .replace("epochs = 1", "epochs = 6");
+    std::fs::write(&spec, text_of).unwrap();
+    let port = free_port().to_string();
+    let start = |rank: &str| {
+        let mut c = hetero_run();
+        c.arg(&spec)
+            .args(["--rank", rank, "--world", "3", "--leader", "127.0.0.1"])
+            .args(["--port", &port, "--rendezvous-timeout", "120"])
+            .env("HETERO_TOKEN", "t")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group, so that the group can be killed whole.
+            .process_group(0);
+        c.spawn().unwrap()
+    };
+    let mut leader = start("0");
+    let follower = start("1");
+    let victim = start("2");
+    let (lines_tx, lines) = std::sync::mpsc::channel();
+    let stdout = leader.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines_tx.send(line.clone());
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let line = lines
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("rank 0 never finished its first epoch");
+        if line.starts_with("epoch 1/6") {
+            break;
+        }
+    }
+    // Its process group is its own (pgid = pid), checked before anything is
+    // killed; `--` keeps the negative id an id and not an option.
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", victim.id())).unwrap();
+    let pgrp: u32 = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(2)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(pgrp, victim.id(), "rank 2 is not its own process group");
+    let killed = Command::new("kill")
+        .args(["-s", "KILL", "--", &format!("-{pgrp}")])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let victim = finish(victim);
+    let victim_text = format!("{:?} {}", victim.status, text(&victim));
+    let status = leader.wait().unwrap();
+    let mut lead_text = reader.join().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut leader.stderr.take().unwrap(), &mut stderr).unwrap();
+    lead_text.push_str(&stderr);
+    let follower = finish(follower);
+    assert!(status.success(), "rank 0:\n{lead_text}");
+    assert!(follower.status.success(), "rank 1:\n{}", text(&follower));
+    assert!(lead_text.contains("job job-000001 (launched) succeeded"), "{lead_text}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("runs/job-000001/summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["epochs"], 6, "{summary}");
+    assert_eq!(
+        summary["lost_workers"].as_array().map(Vec::len),
+        Some(1),
+        "{summary}\nrank 2: {victim_text}\nrank 0: {lead_text}"
+    );
+    // Every epoch, the one of the loss too, visits each of the 4,000 samples once.
+    for e in summary["history"].as_array().unwrap() {
+        let c = &e["coverage"];
+        assert_eq!(
+            (c["visited"].as_u64(), c["distinct"].as_u64()),
+            (Some(4_000), Some(4_000)),
+            "epoch {}: {c}",
+            e["epoch"]
+        );
+    }
+}
+
 #[test]
 fn an_incomplete_or_contradictory_launcher_environment_is_refused_naming_its_variables() {
     let dir = tempfile::tempdir().unwrap();
