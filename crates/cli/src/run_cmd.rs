@@ -82,6 +82,10 @@ pub struct RunArgs {
     /// burn backend of this rank's worker when the job asks for `auto`.
     #[arg(long, default_value = "auto")]
     pub backend: String,
+    /// GPUs this rank offers besides its CPU slot: BACKEND:COUNT[:MEMORY_GB]
+    /// (e.g. cuda:1 with `srun --gpus-per-task=1`); needs a build with that backend.
+    #[arg(long = "gpu", value_name = "BACKEND:COUNT[:GB]")]
+    pub gpus: Vec<String>,
     /// This rank reads no dataset from disk: it receives its samples from the others.
     #[arg(long)]
     pub no_local_data: bool,
@@ -121,6 +125,11 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     spec.resolve_paths(&base);
     let backend = hetero_job::Backend::from_name(&args.backend)
         .with_context(|| format!("--backend {:?}: choose {}", args.backend, hetero_job::Backend::names()))?;
+    let gpus = args
+        .gpus
+        .iter()
+        .map(|g| server_cmds::parse_gpu(g))
+        .collect::<Result<Vec<_>>>()?;
     let token = token(args.token.as_deref(), args.token_from_job_id, &launch, port)?;
     let leader_is_here = launch.rank == 0;
     if leader_is_here && spec.task.is_none() && spec.inference.is_none() && spec.dataset.kind == "fashion-mnist" {
@@ -155,6 +164,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
     config.hostname = server_cmds::this_host();
     config.gflops = hetero_worker::backend::measure_gflops(backend);
     config.no_local_data = args.no_local_data;
+    config.gpus = gpus;
     if backend != hetero_job::Backend::Auto {
         config.backend = backend.name().into();
     }

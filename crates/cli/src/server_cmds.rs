@@ -223,7 +223,7 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<ExitCode> {
 }
 
 /// One `--gpu BACKEND:COUNT[:GB]`, checked against the backends this build drives.
-fn parse_gpu(arg: &str) -> Result<GpuGroup> {
+pub fn parse_gpu(arg: &str) -> Result<GpuGroup> {
     let parts: Vec<&str> = arg.split(':').collect();
     let usage = || format!("--gpu {arg:?}: expected BACKEND:COUNT[:MEMORY_GB], e.g. cuda:2:24");
     let (name, count) = match parts.as_slice() {

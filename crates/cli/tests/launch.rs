@@ -225,7 +225,7 @@ fn an_incomplete_or_contradictory_launcher_environment_is_refused_naming_its_var
     let spec = spec(dir.path());
     // (launcher variables, flags, what the refusal must say)
     type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str], &'a [&'a str]);
-    let cases: [Case; 4] = [
+    let cases: [Case; 5] = [
         (&[], &[], &["no rank for this process; read: nothing", "srun", "--rank"]),
         (
             &[
@@ -249,6 +249,20 @@ fn an_incomplete_or_contradictory_launcher_environment_is_refused_naming_its_var
             &[("OMPI_COMM_WORLD_RANK", "1"), ("OMPI_COMM_WORLD_SIZE", "4")],
             &[],
             &["no leader address", "OMPI_COMM_WORLD_RANK=1", "--leader"],
+        ),
+        (
+            &[],
+            &[
+                "--rank",
+                "0",
+                "--world",
+                "1",
+                "--leader",
+                "127.0.0.1",
+                "--gpu",
+                "cuda:1",
+            ],
+            &["--gpu \"cuda:1\": this build does not drive cuda"],
         ),
     ];
     // Without a token a rank refuses to start, saying how to give one.
