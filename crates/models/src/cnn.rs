@@ -52,10 +52,33 @@ impl CnnConfig {
 
 impl<B: Backend> Classifier<B> for Cnn<B> {
     fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
+        let features = self.convolutions(images);
+        self.head(features)
+    }
+
+    /// The convolutions: a twentieth of the parameters, most of the compute.
+    fn body(&self, images: Tensor<B, 4>) -> Result<Tensor<B, 2>, Tensor<B, 4>> {
+        Ok(self.convolutions(images))
+    }
+
+    /// The fully connected layers: most of the parameters, little compute.
+    fn head(&self, features: Tensor<B, 2>) -> Tensor<B, 2> {
+        self.fc2.forward(self.act.forward(self.fc1.forward(features))) // (B, classes)
+    }
+
+    fn head_params(&self) -> Option<usize> {
+        Some(crate::checkpoint::count(&self.fc1) + crate::checkpoint::count(&self.fc2))
+    }
+}
+
+impl<B: Backend> Cnn<B> {
+    /// # Shapes
+    /// - images: `[batch, 1, 28, 28]`
+    /// - returns: `[batch, 3136]`
+    fn convolutions(&self, images: Tensor<B, 4>) -> Tensor<B, 2> {
         let x = self.pool.forward(self.act.forward(self.conv1.forward(images))); // (B, 32, 14, 14)
         let x = self.pool.forward(self.act.forward(self.conv2.forward(x))); // (B, 64, 7, 7)
-        let x = x.flatten::<2>(1, 3); // (B, 3136)
-        self.fc2.forward(self.act.forward(self.fc1.forward(x))) // (B, classes)
+        x.flatten::<2>(1, 3) // (B, 3136)
     }
 }
 
@@ -64,6 +87,34 @@ mod tests {
     use burn::backend::Flex;
 
     use super::*;
+
+    #[test]
+    fn the_head_over_the_body_is_the_network_and_holds_the_last_parameters() {
+        let device = Default::default();
+        let model = CnnConfig::new().init::<Flex>(&device);
+        let images = Tensor::<Flex, 4>::random([2, 1, 28, 28], burn::tensor::Distribution::Default, &device);
+        let whole = model.forward(images.clone());
+        let parts = model.head(model.body(images).unwrap());
+        whole.into_data().assert_eq(&parts.into_data(), true);
+        // Visiting order puts fc1 and fc2 last: the head is the flat tail.
+        let flat = crate::checkpoint::flatten(&model);
+        let head = model.head_params().unwrap();
+        let fc2_bias = model
+            .fc2
+            .bias
+            .as_ref()
+            .unwrap()
+            .val()
+            .into_data()
+            .to_vec::<f32>()
+            .unwrap();
+        assert_eq!(&flat[flat.len() - fc2_bias.len()..], &fc2_bias[..]);
+        let fc1_weight = model.fc1.weight.val().into_data().to_vec::<f32>().unwrap();
+        assert_eq!(
+            &flat[flat.len() - head..flat.len() - head + fc1_weight.len()],
+            &fc1_weight[..]
+        );
+    }
 
     #[test]
     fn output_shape() {

@@ -34,4 +34,33 @@ pub trait Classifier<B: Backend>: Module<B> {
     /// - images: `[batch, 1, height, width]`
     /// - returns: `[batch, classes]` logits
     fn forward(&self, images: Tensor<B, 4>) -> Tensor<B, 2>;
+
+    /// The network's first part, images → features, when it splits into a body
+    /// and a head with `forward(x) == head(body(x))` and the head's parameters
+    /// last in visiting order. A trainer then exchanges the head's gradients
+    /// while it computes the body's. `Err(images)`, the default: it does not
+    /// split.
+    ///
+    /// # Shapes
+    /// - images: `[batch, 1, height, width]`
+    /// - returns: `[batch, features]`
+    fn body(&self, images: Tensor<B, 4>) -> Result<Tensor<B, 2>, Tensor<B, 4>> {
+        Err(images)
+    }
+
+    /// The network's last part, features → logits (only called when `body`
+    /// splits).
+    ///
+    /// # Shapes
+    /// - features: `[batch, features]`
+    /// - returns: `[batch, classes]` logits
+    fn head(&self, features: Tensor<B, 2>) -> Tensor<B, 2> {
+        features
+    }
+
+    /// Scalars in the head's parameters: the last ones of the model's flat
+    /// parameters (`None`: it does not split).
+    fn head_params(&self) -> Option<usize> {
+        None
+    }
 }

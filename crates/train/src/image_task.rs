@@ -434,6 +434,24 @@ where
         classification_sums(model.forward(batch.images), batch.labels)
     }
 
+    fn head_params(&self, model: &M) -> Option<usize> {
+        model.head_params()
+    }
+
+    fn staged_loss(&self, model: &M, batch: ImageBatch<B>) -> Result<crate::Staged<B>, ImageBatch<B>> {
+        let ImageBatch { images, labels } = batch;
+        let features = model.body(images).map_err(|images| ImageBatch {
+            images,
+            labels: labels.clone(),
+        })?;
+        let leaf = features.clone().detach().require_grad();
+        let logits = model.head(leaf.clone());
+        let loss = CrossEntropyLossConfig::new()
+            .init(&logits.device())
+            .forward(logits, labels);
+        Ok(crate::Staged { features, leaf, loss })
+    }
+
     fn presence(&self) -> Option<Vec<f32>> {
         (!self.images.is_complete()).then(|| self.images.presence_words())
     }

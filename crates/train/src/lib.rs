@@ -38,5 +38,5 @@ pub use error::TrainError;
 pub use membership::{FixedMembership, Membership, Regroup};
 pub use optim::{FlatOptimizer, OptimizerConfig, OptimizerState};
 pub use report::{Coverage, Event, RunSummary, WorkerFigures};
-pub use task::{Evaluation, Task, TaskContext, seeded_model};
+pub use task::{Evaluation, Staged, Task, TaskContext, seeded_model};
 pub use trainer::{ServerGroup, Throttle, TrainOptions, Trainer, compute_threads, train};

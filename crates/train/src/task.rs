@@ -33,6 +33,21 @@ pub struct Evaluation {
     pub count: f64,
 }
 
+/// A loss in two stages: backward from `loss` gives the head's gradients and
+/// `leaf`'s; backward from `features` weighted by `leaf`'s gradient then gives
+/// the body's. Together they are the gradients of one backward pass.
+pub struct Staged<B: AutodiffBackend> {
+    /// The body's output, tracked back to its parameters.
+    ///
+    /// # Shapes
+    /// - `[batch, features]`
+    pub features: Tensor<B, 2>,
+    /// `features` detached and tracked anew: the head's input.
+    pub leaf: Tensor<B, 2>,
+    /// The batch's mean loss, computed by the head from `leaf`.
+    pub loss: Tensor<B, 1>,
+}
+
 /// Single-machine training code, run data-parallel by Hetero.
 pub trait Task<B: AutodiffBackend> {
     /// The model being trained.
@@ -54,6 +69,21 @@ pub trait Task<B: AutodiffBackend> {
     fn loss(&self, model: &Self::Model, batch: Self::Batch) -> Tensor<B, 1>;
     /// Summed loss and accuracy over the batch.
     fn evaluate(&self, model: &Self::Model, batch: Self::Batch) -> Evaluation;
+
+    /// Scalars at the end of the model's flat parameters that
+    /// [`Task::staged_loss`] computes first (`None`, the default: the loss is
+    /// one stage). The trainer sends their gradients to the other workers while
+    /// it computes the rest, as DDP's buckets do.
+    fn head_params(&self, _model: &Self::Model) -> Option<usize> {
+        None
+    }
+
+    /// [`Task::loss`] in two stages, when [`Task::head_params`] says so: the
+    /// loss over a detached copy of the model's features, and the features
+    /// themselves. `Err(batch)` gives the batch back for [`Task::loss`].
+    fn staged_loss(&self, _model: &Self::Model, batch: Self::Batch) -> Result<Staged<B>, Self::Batch> {
+        Err(batch)
+    }
 
     /// Which samples this worker holds when it lacks some (a machine without the
     /// dataset's files), as bits packed 16 to a float

@@ -11,6 +11,8 @@
 //! group), so its box hands back an allreduce box ([`Aggregate::on_loss`]) and
 //! the trainer swaps one for the other — nothing else changes.
 
+use std::ops::Range;
+
 use hetero_comm::Ring;
 use hetero_comm::server::ServerClient;
 use hetero_data::assign::Assignment;
@@ -37,7 +39,42 @@ pub(crate) struct Work<'a> {
     pub weight: f32,
     /// Computes this worker's gradients, each multiplied by the scale given, and
     /// its batch's mean loss.
-    pub gradients: &'a mut dyn FnMut(f32) -> (Vec<f32>, f32),
+    pub gradients: Box<dyn FnOnce(f32) -> Grads<'a> + 'a>,
+}
+
+/// A worker's gradients: whole, or in two stages (the head's first, see
+/// [`crate::Staged`]) so that the head's can travel while the rest are computed.
+pub(crate) enum Grads<'a> {
+    /// Every parameter's gradient, and the batch's mean loss.
+    Whole(Vec<f32>, f32),
+    /// The head's gradients in `first` (zeros outside `range`); `rest` computes
+    /// the others (zeros inside `range`).
+    Staged {
+        first: Vec<f32>,
+        range: Range<usize>,
+        loss: f32,
+        rest: Box<dyn FnOnce() -> Vec<f32> + 'a>,
+    },
+}
+
+impl Grads<'_> {
+    /// Every gradient at once, and the loss.
+    fn whole(self) -> (Vec<f32>, f32) {
+        match self {
+            Grads::Whole(flat, loss) => (flat, loss),
+            Grads::Staged {
+                mut first,
+                range,
+                loss,
+                rest,
+            } => {
+                let mut rest = rest();
+                rest[range.clone()].copy_from_slice(&first[range.clone()]);
+                std::mem::swap(&mut first, &mut rest);
+                (first, loss)
+            }
+        }
+    }
 }
 
 /// One strategy's way of turning every worker's gradients into the next model.
@@ -128,7 +165,7 @@ impl Work<'_> {
     /// batch's loss in one extra slot at the end — what a sum over the workers turns
     /// into the global batch's gradient and mean loss; then the throttle's idling.
     fn weighted(self, clock: &mut StepClock<'_>) -> Vec<f32> {
-        let (mut flat, loss) = (self.gradients)(self.weight);
+        let (mut flat, loss) = (self.gradients)(self.weight).whole();
         flat.push(loss * self.weight);
         clock.idle(self.samples);
         flat
@@ -143,12 +180,68 @@ impl Aggregate for Allreduce {
         clock: &mut StepClock<'_>,
         work: Work<'_>,
     ) -> Result<f32, TrainError> {
-        let mut flat = work.weighted(clock);
-        clock.communicate(|| ring.allreduce_sum(&mut flat))?;
+        let Work {
+            samples,
+            weight,
+            gradients,
+        } = work;
+        let mut flat = match gradients(weight) {
+            Grads::Staged {
+                first,
+                range,
+                loss,
+                rest,
+            } => overlapped(ring, clock, samples, first, range, loss * weight, rest)?,
+            whole => {
+                let (mut flat, loss) = whole.whole();
+                flat.push(loss * weight);
+                clock.idle(samples);
+                clock.communicate(|| ring.allreduce_sum(&mut flat))?;
+                flat
+            }
+        };
         let global_loss = flat.pop().expect("loss slot");
         model.optimizer.step(&mut model.params, &flat);
         Ok(global_loss)
     }
+}
+
+/// The staged allreduce: the head's gradients (`range`, most of the bytes)
+/// travel on a thread of their own while this one computes the rest; then the
+/// rest and the loss share (`loss_share`, one extra slot) travel in a second,
+/// small allreduce. Each scalar is summed once, as in one allreduce. Returns the
+/// summed gradients with the summed loss in the last slot.
+///
+/// Every member of the ring runs the same two collectives in the same order:
+/// whether a step is staged depends on the model, never on a worker's batch.
+fn overlapped(
+    ring: &mut Ring,
+    clock: &mut StepClock<'_>,
+    samples: usize,
+    first: Vec<f32>,
+    range: Range<usize>,
+    loss_share: f32,
+    rest: Box<dyn FnOnce() -> Vec<f32> + '_>,
+) -> Result<Vec<f32>, TrainError> {
+    let mut head = first[range.clone()].to_vec();
+    drop(first);
+    let (mut flat, sent) = std::thread::scope(|scope| {
+        let exchange = scope.spawn(|| ring.allreduce_sum(&mut head));
+        let flat = rest();
+        clock.idle(samples);
+        let sent = clock.communicate(|| exchange.join());
+        (flat, sent)
+    });
+    sent.map_err(|_| TrainError::Config("the thread exchanging gradients panicked".into()))??;
+    flat[range.clone()].copy_from_slice(&head);
+    let mut others: Vec<f32> = flat[..range.start].iter().chain(&flat[range.end..]).copied().collect();
+    others.push(loss_share);
+    clock.communicate(|| ring.allreduce_sum(&mut others))?;
+    let loss = others.pop().expect("loss slot");
+    flat[..range.start].copy_from_slice(&others[..range.start]);
+    flat[range.end..].copy_from_slice(&others[range.start..]);
+    flat.push(loss);
+    Ok(flat)
 }
 
 /// Local SGD: each worker steps on its own gradients, and the models are averaged
@@ -181,7 +274,7 @@ impl Aggregate for LocalSgd {
         clock: &mut StepClock<'_>,
         work: Work<'_>,
     ) -> Result<f32, TrainError> {
-        let (grads, loss) = (work.gradients)(1.0);
+        let (grads, loss) = (work.gradients)(1.0).whole();
         if work.samples > 0 {
             model.optimizer.step(&mut model.params, &grads);
         }

@@ -52,7 +52,7 @@ pub use self::elastic::REBALANCE_DRIFT;
 pub use self::meter::{Throttle, compute_threads};
 pub use self::options::TrainOptions;
 
-use self::aggregate::{Aggregate, Flat, Work};
+use self::aggregate::{Aggregate, Flat, Grads, Work};
 use self::elastic::Boundary;
 use self::meter::Meter;
 use self::run_state::RunState;
@@ -63,7 +63,7 @@ use crate::params;
 use crate::report::{
     Coverage, EpochRecord, Event, LOSS_CURVE_POINTS, RunSummary, WorkerFigures, downsample, seconds_to_accuracy,
 };
-use crate::{Evaluation, Task, TrainError};
+use crate::{Evaluation, Staged, Task, TrainError};
 
 /// One worker's side of a data-parallel run.
 pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
@@ -110,13 +110,68 @@ impl<B: AutodiffBackend, T: Task<B>> Local<B, T> {
     }
 
     /// Gradients of the samples `indices`, each multiplied by `scale`, and the
-    /// batch's mean loss. An empty batch contributes `len` zeros.
-    fn gradients(&mut self, indices: &[usize], scale: f32, len: usize) -> (Vec<f32>, f32) {
+    /// batch's mean loss: in two stages when the task's loss comes so
+    /// ([`Task::staged_loss`]), for every worker alike, so that every worker
+    /// runs the same collectives. An empty batch contributes `len` zeros.
+    fn gradients(&mut self, indices: &[usize], scale: f32, len: usize) -> Grads<'_> {
+        let head = self.task.head_params(self.model()).filter(|&h| h > 0 && h < len);
+        let Some(head) = head else {
+            let (flat, loss) = self.whole_gradients(indices, scale, len);
+            return Grads::Whole(flat, loss);
+        };
+        let range = len - head..len;
         if indices.is_empty() {
-            return (vec![0.0; len], 0.0);
+            return Grads::Staged {
+                first: vec![0.0; len],
+                range,
+                loss: 0.0,
+                rest: Box::new(move || vec![0.0; len]),
+            };
         }
         let model = self.model.take().expect("model is present between steps");
         let batch = self.task.train_batch(indices, &self.device);
+        let Staged { features, leaf, loss } = match self.task.staged_loss(&model, batch) {
+            Ok(staged) => staged,
+            Err(batch) => {
+                self.model = Some(model);
+                let (flat, loss) = self.whole_gradients_of(batch, scale);
+                return Grads::Whole(flat, loss);
+            }
+        };
+        let grads = loss.backward();
+        let leaf_grad = leaf.grad(&grads).expect("the head's input is tracked");
+        let mut head_grads = GradientsParams::from_grads(grads, &model);
+        let local_loss = loss.into_scalar().elem::<f32>();
+        let (first, _) = params::take_grads::<B, _>(&model, &mut head_grads, scale);
+        let slot = &mut self.model;
+        Grads::Staged {
+            first,
+            range,
+            loss: local_loss,
+            rest: Box::new(move || {
+                // The body's gradients: backward from its features, weighted by
+                // the gradient the head's pass gave them.
+                let weighted = (features * Tensor::from_inner(leaf_grad)).sum();
+                let mut body_grads = GradientsParams::from_grads(weighted.backward(), &model);
+                let (flat, _) = params::take_grads::<B, _>(&model, &mut body_grads, scale);
+                *slot = Some(model);
+                flat
+            }),
+        }
+    }
+
+    /// [`Local::gradients`] in one stage.
+    fn whole_gradients(&mut self, indices: &[usize], scale: f32, len: usize) -> (Vec<f32>, f32) {
+        if indices.is_empty() {
+            return (vec![0.0; len], 0.0);
+        }
+        let batch = self.task.train_batch(indices, &self.device);
+        self.whole_gradients_of(batch, scale)
+    }
+
+    /// Gradients of `batch`, each multiplied by `scale`, and its mean loss.
+    fn whole_gradients_of(&mut self, batch: T::Batch, scale: f32) -> (Vec<f32>, f32) {
+        let model = self.model.take().expect("model is present between steps");
         let loss = self.task.loss(&model, batch);
         let mut grads = GradientsParams::from_grads(loss.backward(), &model);
         let local_loss = loss.into_scalar().elem::<f32>();
@@ -183,7 +238,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         let work = Work {
             samples: indices.len(),
             weight: indices.len() as f32 / global.max(1) as f32,
-            gradients: &mut |scale| local.gradients(indices, scale, len),
+            gradients: Box::new(|scale| local.gradients(indices, scale, len)),
         };
         let ring = ring.as_mut().expect("a ring is present between regroups");
         let loss = aggregate.step(ring, flat, &mut clock, work)?;

@@ -252,3 +252,85 @@ fn asynchronous_parameter_server_trains() {
         "evaluation is global"
     );
 }
+
+/// A task whose loss is computed in one stage: `inner`'s, without its split.
+struct OneStage<T>(T);
+
+impl<T: hetero_train::Task<B>> hetero_train::Task<B> for OneStage<T> {
+    type Model = T::Model;
+    type Batch = T::Batch;
+    fn train_len(&self) -> usize {
+        self.0.train_len()
+    }
+    fn test_len(&self) -> usize {
+        self.0.test_len()
+    }
+    fn model(&self, device: &burn::tensor::Device<B>) -> T::Model {
+        self.0.model(device)
+    }
+    fn train_batch(&self, indices: &[usize], device: &burn::tensor::Device<B>) -> T::Batch {
+        self.0.train_batch(indices, device)
+    }
+    fn test_batch(&self, indices: &[usize], device: &burn::tensor::Device<B>) -> T::Batch {
+        self.0.test_batch(indices, device)
+    }
+    fn loss(&self, model: &T::Model, batch: T::Batch) -> burn::tensor::Tensor<B, 1> {
+        self.0.loss(model, batch)
+    }
+    fn evaluate(&self, model: &T::Model, batch: T::Batch) -> hetero_train::Evaluation {
+        self.0.evaluate(model, batch)
+    }
+}
+
+/// The CNN's staged step (the head's gradients exchanged while the body's are
+/// computed, on three workers, one of them with an empty batch) ends where one
+/// machine's one-stage step with the whole batch ends.
+#[test]
+fn a_staged_step_on_three_workers_equals_one_stage_on_one() {
+    let task = cnn_task();
+    let model = seeded_model(&task, &Default::default(), 0);
+    assert!(
+        hetero_train::Task::<B>::head_params(&task, &model).is_some(),
+        "the CNN splits"
+    );
+    let batches: Vec<Vec<usize>> = (0..3).map(|s| (s * 8..s * 8 + 8).collect()).collect();
+    let options = || TrainOptions::new(1, 8, 5).with_optimizer(Optimizer::Adam, 1e-2);
+    let mut solo = Trainer::new(
+        OneStage(cnn_task()),
+        Default::default(),
+        ring_of(1).pop().unwrap(),
+        options(),
+    )
+    .unwrap();
+    for b in &batches {
+        solo.step(b, 8).unwrap();
+    }
+    let expected = solo.parameters();
+    // Local batches of 5, 3 and 0 samples.
+    let cuts = [(0, 5), (5, 8), (8, 8)];
+    let results: Vec<Vec<f32>> = thread::scope(|s| {
+        let handles: Vec<_> = ring_of(3)
+            .into_iter()
+            .zip(cuts)
+            .map(|(ring, (a, b))| {
+                let batches = &batches;
+                s.spawn(move || {
+                    let mut t = Trainer::new(cnn_task(), Default::default(), ring, options()).unwrap();
+                    for batch in batches {
+                        t.step(&batch[a..b], 8).unwrap();
+                    }
+                    t.parameters()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(results[0], results[1], "workers drifted apart");
+    assert_eq!(results[0], results[2], "workers drifted apart");
+    let worst = expected
+        .iter()
+        .zip(&results[0])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-4, "max parameter difference {worst}");
+}
