@@ -10,7 +10,7 @@
 //! [preprocess] resize, normalize, crop_padding, horizontal_flip, noise_std
 //! [training]  epochs, global_batch_size, optimizer, learning_rate, loss, seed,
 //!             strategy, sync_every, staleness, checkpoint_every, resume_from,
-//!             stall_after_secs
+//!             stall_after_secs, overlap
 //! [cluster]   workers, backend, threads_per_worker, device, memory_per_worker_mb
 //! [scheduling] priority, after, policy
 //! [output]    dir
@@ -236,6 +236,14 @@ pub struct TrainingSpec {
     /// (0: never).
     #[serde(default = "five_minutes")]
     pub stall_after_secs: u64,
+    /// Exchange the head's gradients while the body's are computed, for models
+    /// that split so (the CNN).
+    #[serde(default = "yes")]
+    pub overlap: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn five_minutes() -> u64 {
@@ -465,6 +473,7 @@ const TRAINING: &[&str] = &[
     "checkpoint_every",
     "resume_from",
     "stall_after_secs",
+    "overlap",
 ];
 const CLUSTER: &[&str] = &[
     "workers",
@@ -691,6 +700,7 @@ impl JobSpec {
             stall_after_secs: tr
                 .int("stall_after_secs", 0, 7 * 24 * 3600)?
                 .map_or(five_minutes(), |s| s as u64),
+            overlap: tr.bool("overlap")?.unwrap_or(true),
             epochs: tr.int("epochs", 1, 100_000)?.unwrap_or(1),
             global_batch_size: tr.int("global_batch_size", 1, 1 << 20)?.unwrap_or(128),
             optimizer,
@@ -1175,6 +1185,16 @@ workers = 3
         assert!(err.to_string().contains("local-sgd"), "{err}");
         let s = JobSpec::from_json(&s.to_json()).unwrap();
         assert_eq!(s.training.strategy, Strategy::Hierarchical);
+    }
+
+    #[test]
+    fn overlap_is_on_unless_turned_off() {
+        assert!(JobSpec::parse(GOOD).unwrap().training.overlap);
+        let s = edit("epochs = 2", "epochs = 2\noverlap = false").unwrap();
+        assert!(!s.training.overlap);
+        assert!(!JobSpec::from_json(&s.to_json()).unwrap().training.overlap);
+        let err = edit("epochs = 2", "epochs = 2\noverlap = 1").unwrap_err();
+        assert!(matches!(err, SpecError::WrongType { key, .. } if key == "training.overlap"));
     }
 
     #[test]

@@ -147,6 +147,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 task,
                 model: Some(model),
                 device,
+                overlap: options.overlap,
             },
             flat: Flat {
                 params: flat,
@@ -195,6 +196,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 task,
                 model: Some(model),
                 device,
+                overlap: options.overlap,
             },
             flat: Flat { params, optimizer },
             aggregate,

@@ -102,6 +102,8 @@ struct Local<B: AutodiffBackend, T: Task<B>> {
     /// `None` only inside a step.
     model: Option<T::Model>,
     device: B::Device,
+    /// Whether steps may compute in two stages (`TrainOptions::overlap`).
+    overlap: bool,
 }
 
 impl<B: AutodiffBackend, T: Task<B>> Local<B, T> {
@@ -115,6 +117,7 @@ impl<B: AutodiffBackend, T: Task<B>> Local<B, T> {
     /// runs the same collectives. An empty batch contributes `len` zeros.
     fn gradients(&mut self, indices: &[usize], scale: f32, len: usize) -> Grads<'_> {
         let head = self.task.head_params(self.model()).filter(|&h| h > 0 && h < len);
+        let head = head.filter(|_| self.overlap);
         let Some(head) = head else {
             let (flat, loss) = self.whole_gradients(indices, scale, len);
             return Grads::Whole(flat, loss);

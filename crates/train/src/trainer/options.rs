@@ -45,6 +45,9 @@ pub struct TrainOptions {
     /// steps of the run, at its own local batch (a weighted job: compute scores
     /// are only the starting guess).
     pub measure_split: bool,
+    /// Exchange the head's gradients while the body's are computed, when the
+    /// task's loss comes in two stages ([`crate::Task::staged_loss`]).
+    pub overlap: bool,
     /// Where the lowest-ranked worker saves checkpoints (`None`: nowhere).
     pub checkpoint: Option<PathBuf>,
     /// Save a checkpoint every N epochs (and after the last; 0: never).
@@ -73,6 +76,7 @@ impl TrainOptions {
             exchange_fraction: 0.0,
             rebalance: false,
             measure_split: false,
+            overlap: true,
             checkpoint: None,
             checkpoint_every: 1,
             resume: None,
@@ -90,6 +94,7 @@ impl TrainOptions {
         o.exchange_fraction = spec.dataset.exchange_fraction;
         o.rebalance = spec.dataset.rebalance;
         o.measure_split = spec.dataset.split == hetero_job::SplitKind::Weighted;
+        o.overlap = t.overlap;
         o.checkpoint_every = t.checkpoint_every;
         o.resume = t.resume_from.clone();
         o
