@@ -53,6 +53,11 @@ pub struct CoordinatorArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// A folder whose jobs' datasets workers on hosts without them may fetch
+    /// from this coordinator (checked against their SHA-256); repeatable. Only
+    /// datasets inside these folders are ever sent.
+    #[arg(long = "serve-data", value_name = "DIR")]
+    pub serve_data: Vec<PathBuf>,
 }
 
 /// `hetero agent`'s options.
@@ -169,6 +174,19 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<ExitCode> {
     let mut config = CoordinatorConfig::new(data_dir.join("coordinator.redb"), &token);
     config.dead_after = std::time::Duration::from_secs(args.dead_after.max(1));
     config.tls = control_tls(args.insecure, args.tls_cert.clone().zip(args.tls_key.clone()))?;
+    for dir in &args.serve_data {
+        let real = dir
+            .canonicalize()
+            .with_context(|| format!("--serve-data {}", dir.display()))?;
+        if !real.is_dir() {
+            bail!("--serve-data {}: not a folder", dir.display());
+        }
+        println!(
+            "serving datasets under {} to workers whose hosts lack them",
+            real.display()
+        );
+        config.serve_data.push(real);
+    }
     let served = config.tls.clone();
     config.alert_webhook = args
         .alert_webhook

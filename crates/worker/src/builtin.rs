@@ -31,8 +31,9 @@ pub fn run() -> Result<(), WorkerError> {
 }
 
 /// An image task from the dataset's files, or — on a host told to read no
-/// dataset (`--no-local-data`) or without the dataset's folder — one to build
-/// from the facts a worker that read the files sends.
+/// dataset (`--no-local-data`) or without the dataset's folder — from the
+/// files the coordinator sends when it serves them (`--serve-data`), else one to
+/// build from the facts a worker that read the files sends.
 fn prepare_images<M>(
     spec: &JobSpec,
     init: impl Fn(&SystemDevice) -> M + Send + 'static,
@@ -49,6 +50,13 @@ where
                  remove the folder there, or start its agent with --no-local-data)"
             )
         });
+    }
+    if let Some(folder) = crate::fetch_data::from_coordinator()? {
+        let mut fetched = spec.clone();
+        fetched.dataset.path = folder;
+        return ImageTask::from_spec(&fetched, init)
+            .map(Prepared::Ready)
+            .map_err(|e| format!("the dataset the coordinator sent: {e}"));
     }
     eprintln!(
         "no dataset read here ({}): waiting for the dataset's facts and samples from the other workers",

@@ -17,6 +17,7 @@ pub mod backend;
 pub mod builtin;
 pub mod distill;
 pub mod env;
+pub mod fetch_data;
 pub mod memory;
 pub mod probe;
 pub mod rendezvous;

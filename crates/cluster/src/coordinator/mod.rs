@@ -18,10 +18,12 @@
 //! each heartbeat rather than queued, so a restarted coordinator, which reloads the
 //! state, owes no agent a message it forgot.
 
+pub mod data_source;
 mod jobs;
 mod nodes;
 mod rendezvous;
 mod rpc;
+mod serving;
 mod telemetry;
 mod wire;
 
@@ -60,6 +62,9 @@ pub struct CoordinatorConfig {
     pub alert_webhook: Option<Webhook>,
     /// How gRPC is served.
     pub tls: ControlTls,
+    /// Folders whose jobs' datasets workers without the files may fetch from
+    /// here (`--serve-data`; empty: none).
+    pub serve_data: Vec<PathBuf>,
 }
 
 /// How the coordinator serves gRPC.
@@ -90,6 +95,7 @@ impl CoordinatorConfig {
             dead_after: Duration::from_secs(10),
             alert_webhook: None,
             tls: ControlTls::Token,
+            serve_data: Vec::new(),
         }
     }
 }
@@ -146,6 +152,16 @@ struct Inner {
     config: CoordinatorConfig,
     /// Alerts on their way to the webhook (taken by `serve`, which delivers them).
     alert_rx: Mutex<Option<mpsc::UnboundedReceiver<AlertRecord>>>,
+    /// Each job's served dataset, listed once: its folder and files.
+    served: Mutex<std::collections::HashMap<String, Arc<Served>>>,
+}
+
+/// A job's dataset as this coordinator serves it.
+pub(crate) struct Served {
+    /// The canonical folder.
+    pub folder: PathBuf,
+    /// Its files, with sizes and digests.
+    pub files: Vec<data_source::ServedFile>,
 }
 
 /// A coordinator; clone it freely (it is a handle).
@@ -170,6 +186,7 @@ impl Coordinator {
                 store,
                 config,
                 alert_rx: Mutex::new(Some(alert_rx)),
+                served: Mutex::default(),
             }),
         })
     }

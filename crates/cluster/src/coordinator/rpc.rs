@@ -19,6 +19,7 @@ use super::{Coordinator, Refusal, wire};
 use crate::now_ms;
 
 type LogStream = Pin<Box<dyn Stream<Item = Result<pb::LogEntry, Status>> + Send>>;
+type DataStream = Pin<Box<dyn Stream<Item = Result<pb::DataChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl CoordinatorRpc for Coordinator {
@@ -191,6 +192,23 @@ impl CoordinatorRpc for Coordinator {
         Ok(Response::new(pb::CancelJobResponse {
             state: pb::JobState::from(state) as i32,
         }))
+    }
+
+    async fn dataset_files(
+        &self,
+        req: Request<pb::DatasetFilesRequest>,
+    ) -> Result<Response<pb::DatasetFilesResponse>, Status> {
+        Ok(Response::new(self.dataset_listing(&req.into_inner().job_id).await?))
+    }
+
+    type FetchDatasetFileStream = DataStream;
+
+    async fn fetch_dataset_file(
+        &self,
+        req: Request<pb::FetchDatasetFileRequest>,
+    ) -> Result<Response<DataStream>, Status> {
+        let chunks = self.dataset_chunks(req.into_inner()).await?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(chunks))))
     }
 
     async fn list_alerts(

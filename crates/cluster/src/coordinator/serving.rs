@@ -1,0 +1,108 @@
+//! The two calls that serve a job's dataset files to its workers
+//! ([`super::data_source`] decides what may be served).
+
+use std::io::Read;
+use std::sync::Arc;
+
+use hetero_job::JobSpec;
+use hetero_proto as pb;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::data_source::{self, CHUNK};
+use super::{Coordinator, Served};
+
+impl Coordinator {
+    /// The dataset of `job_id` as served here, listed once and kept; `Ok(Err(why))`
+    /// when it is not served.
+    pub(crate) async fn served_dataset(&self, job_id: &str) -> Result<Result<Arc<Served>, String>, Status> {
+        if let Some(s) = self.inner.served.lock().unwrap_or_else(|p| p.into_inner()).get(job_id) {
+            return Ok(Ok(s.clone()));
+        }
+        let spec_json = {
+            let st = self.lock();
+            st.jobs.find(job_id)?.spec_json.clone()
+        };
+        let spec = JobSpec::from_json(&spec_json).map_err(|e| Status::internal(format!("the job's spec: {e}")))?;
+        let allowed = self.inner.config.serve_data.clone();
+        let listed = tokio::task::spawn_blocking(move || {
+            let folder = data_source::served_folder(&allowed, &spec.dataset.path)?;
+            let files = data_source::list(&folder)?;
+            Ok::<_, String>(Served { folder, files })
+        })
+        .await
+        .map_err(|e| Status::internal(format!("listing the dataset: {e}")))?;
+        Ok(match listed {
+            Ok(served) => {
+                let served = Arc::new(served);
+                self.inner
+                    .served
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(job_id.to_string(), served.clone());
+                Ok(served)
+            }
+            Err(why) => Err(why),
+        })
+    }
+
+    /// The listing a worker asks for.
+    pub(crate) async fn dataset_listing(&self, job_id: &str) -> Result<pb::DatasetFilesResponse, Status> {
+        Ok(match self.served_dataset(job_id).await? {
+            Ok(served) => pb::DatasetFilesResponse {
+                served: true,
+                why: String::new(),
+                files: served
+                    .files
+                    .iter()
+                    .map(|f| pb::DatasetFile {
+                        name: f.name.clone(),
+                        size: f.size,
+                        sha256: f.sha256.clone(),
+                    })
+                    .collect(),
+            },
+            Err(why) => pb::DatasetFilesResponse {
+                served: false,
+                why,
+                files: vec![],
+            },
+        })
+    }
+
+    /// One file from `offset`, in chunks of at most [`CHUNK`] bytes.
+    pub(crate) async fn dataset_chunks(
+        &self,
+        req: pb::FetchDatasetFileRequest,
+    ) -> Result<mpsc::Receiver<Result<pb::DataChunk, Status>>, Status> {
+        let served = self
+            .served_dataset(&req.job_id)
+            .await?
+            .map_err(Status::failed_precondition)?;
+        let (mut file, mut left) = data_source::open_at(&served.folder, &served.files, &req.name, req.offset)
+            .map_err(Status::invalid_argument)?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; CHUNK];
+            while left > 0 {
+                let want = buf.len().min(left as usize);
+                let chunk = match file.read(&mut buf[..want]) {
+                    Ok(0) => Err(Status::data_loss(format!("{} ended early", req.name))),
+                    Ok(n) => Ok(pb::DataChunk {
+                        data: buf[..n].to_vec(),
+                    }),
+                    Err(e) => Err(Status::internal(format!("reading {}: {e}", req.name))),
+                };
+                let failed = chunk.is_err();
+                if let Ok(c) = &chunk {
+                    left -= c.data.len() as u64;
+                }
+                // The worker hung up: nothing more to send.
+                if tx.blocking_send(chunk).is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
