@@ -160,3 +160,39 @@ fn a_dataset_outside_the_served_folders_is_not_sent() {
         "{t}"
     );
 }
+
+/// A text corpus cannot travel between workers, but it can come from the
+/// coordinator: two agents that read no data train the transformer on it.
+#[test]
+fn a_text_corpus_comes_from_the_coordinator_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let served = dir.path().join("served");
+    let corpus = served.join("shakespeare");
+    std::fs::create_dir_all(&corpus).unwrap();
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data/shakespeare-subset");
+    for entry in std::fs::read_dir(&committed).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), corpus.join(entry.file_name())).unwrap();
+    }
+    let state = dir.path().join("state");
+    let (_coordinator, port) = coordinator(&state, &served);
+    let _agents: Vec<Killed> = (0..2)
+        .map(|i| agent_without_data(port, &state, &dir.path().join(format!("agent-{i}"))))
+        .collect();
+    let spec = dir.path().join("bard.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"bard\"\n[model]\nkind = \"transformer\"\n[dataset]\nkind = \"text\"\npath = {corpus:?}\n\
+             tokenizer = \"char\"\ncontext = 32\ntrain_limit = 200\ntest_limit = 40\n[training]\nepochs = 1\n\
+             global_batch_size = 16\nlearning_rate = 0.003\n[cluster]\nworkers = 2\n[output]\ndir = {:?}\n",
+            dir.path().join("runs")
+        ),
+    )
+    .unwrap();
+    let out = submit(port, &state, &spec);
+    let t = text(&out);
+    assert!(out.status.success(), "{t}");
+    assert!(t.contains("dataset from the coordinator"), "{t}");
+    assert!(dir.path().join("runs/job-000001/summary.json").exists(), "{t}");
+}

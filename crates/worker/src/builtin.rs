@@ -22,12 +22,34 @@ pub fn run() -> Result<(), WorkerError> {
             |ctx, _| prepare_images(&ctx.spec, |d| MlpConfig::new().init(d)),
             Some(|t: &ImageTask<SystemBackend, _>| t.facts().to_bytes()),
         ),
-        ModelKind::Transformer => crate::try_run(|ctx, _| TextTask::from_spec(&ctx.spec).map_err(|e| e.to_string())),
+        ModelKind::Transformer => crate::try_run(|ctx, _| prepare_text(&ctx.spec)),
         ModelKind::Distill => crate::distill::run(&setup.spec),
         ModelKind::Custom => Err(WorkerError::Setup(
             "model.kind = \"custom\" runs the program named in [task], not the built-in worker".into(),
         )),
     }
+}
+
+/// A text task from the corpus's files: on a host told to read no dataset, or
+/// without the corpus's folder, from the files the coordinator sends when it
+/// serves them (`--serve-data`). Text cannot travel between workers.
+fn prepare_text(spec: &JobSpec) -> Result<TextTask, String> {
+    let told = std::env::var_os(WorkerEnv::NO_LOCAL_DATA).is_some_and(|v| v == "1");
+    if told || !spec.dataset.path.exists() {
+        if let Some(folder) = crate::fetch_data::from_coordinator()? {
+            let mut fetched = spec.clone();
+            fetched.dataset.path = folder;
+            return TextTask::from_spec(&fetched).map_err(|e| format!("the corpus the coordinator sent: {e}"));
+        }
+        if told {
+            return Err(
+                "this agent reads no dataset from disk, and a text corpus cannot travel between workers: \
+                 serve it from the coordinator (hetero coordinator --serve-data DIR)"
+                    .into(),
+            );
+        }
+    }
+    TextTask::from_spec(spec).map_err(|e| e.to_string())
 }
 
 /// An image task from the dataset's files, or — on a host told to read no
