@@ -92,6 +92,10 @@ pub struct AgentArgs {
     /// jobs; other jobs read their files as usual).
     #[arg(long)]
     pub no_local_data: bool,
+    /// GB the data cache in --work-dir may hold (samples received, datasets
+    /// fetched); at start, the folders used least recently are removed until it fits.
+    #[arg(long, default_value_t = 20.0)]
+    pub data_cache_max_gb: f64,
 }
 
 /// Creates `dir` if needed and makes it the owner's alone (0700): it holds the
@@ -289,7 +293,11 @@ pub fn agent(args: &AgentArgs) -> Result<ExitCode> {
         backend,
         gpus,
         no_local_data,
+        data_cache_max_gb,
     } = args;
+    if !(data_cache_max_gb.is_finite() && *data_cache_max_gb >= 0.0) {
+        bail!("--data-cache-max-gb {data_cache_max_gb}: give a size in GB, 0 or more");
+    }
     let gpus = gpus.iter().map(|g| parse_gpu(g)).collect::<Result<Vec<_>>>()?;
     let backend = hetero_job::Backend::from_name(backend)
         .with_context(|| format!("--backend {backend:?}: choose auto, flex or ndarray"))?;
@@ -324,6 +332,7 @@ pub fn agent(args: &AgentArgs) -> Result<ExitCode> {
     }
     config.gpus = gpus;
     config.no_local_data = *no_local_data;
+    config.data_cache_max = (data_cache_max_gb * 1e9).min(u64::MAX as f64) as u64;
     println!(
         "agent: cpu {} slot(s), {gflops:.1} GFLOP/s measured, speed cap {speed}; {} declared device kind(s); coordinator {}",
         config.slots,

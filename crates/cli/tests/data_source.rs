@@ -66,9 +66,16 @@ fn coordinator(state: &Path, served: &Path) -> (Killed, u16) {
 
 /// An agent with one slot whose host reads no dataset from disk.
 fn agent_without_data(port: u16, state: &Path, work: &Path) -> Killed {
+    agent_with(port, state, work, &[])
+}
+
+/// [`agent_without_data`] with `extra` options.
+fn agent_with(port: u16, state: &Path, work: &Path, extra: &[&str]) -> Killed {
     let child = hetero("agent", state)
         .args(["--coordinator", &format!("127.0.0.1:{port}")])
-        .args(["--slots", "1", "--no-local-data", "--work-dir"])
+        .args(["--slots", "1", "--no-local-data"])
+        .args(extra)
+        .arg("--work-dir")
         .arg(work)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -116,7 +123,7 @@ fn workers_without_the_data_fetch_it_from_the_coordinator_that_serves_it() {
     }
     let state = dir.path().join("state");
     let (_coordinator, port) = coordinator(&state, &served);
-    let _agents: Vec<Killed> = (0..2)
+    let agents: Vec<Killed> = (0..2)
         .map(|i| agent_without_data(port, &state, &dir.path().join(format!("agent-{i}"))))
         .collect();
     let spec = spec(dir.path(), &data);
@@ -136,6 +143,21 @@ fn workers_without_the_data_fetch_it_from_the_coordinator_that_serves_it() {
     let t = text(&second);
     assert!(second.status.success(), "{t}");
     assert!(t.contains("0.0 MB fetched, 4 file(s) already in"), "{t}");
+
+    // An agent started again with room for nothing empties its cache first.
+    drop(agents);
+    let cache = dir.path().join("agent-0/data-cache");
+    assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 1, "one dataset cached");
+    let _again = agent_with(port, &state, &dir.path().join("agent-0"), &["--data-cache-max-gb", "0"]);
+    let emptied = (0..200).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        std::fs::read_dir(&cache).is_ok_and(|d| d.count() == 0)
+    });
+    assert!(
+        emptied,
+        "the cache was not emptied: {:?}",
+        std::fs::read_dir(&cache).map(|d| d.count())
+    );
 }
 
 /// A dataset outside the served folders is not sent: the workers say why, and

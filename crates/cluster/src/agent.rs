@@ -63,6 +63,9 @@ pub struct AgentConfig {
     /// This host reads no dataset from disk: its workers receive their samples
     /// from workers that hold them (`--no-local-data`).
     pub no_local_data: bool,
+    /// Bytes the data cache (`<work dir>/data-cache`) may hold: at start, the
+    /// folders used least recently are removed until it fits.
+    pub data_cache_max: u64,
 }
 
 /// GPUs of one burn backend on this machine: one worker per device.
@@ -94,6 +97,7 @@ impl AgentConfig {
             gpus: vec![],
             stopped_grace: Duration::from_secs(15),
             no_local_data: false,
+            data_cache_max: 20 << 30,
         }
     }
 }
@@ -209,6 +213,7 @@ fn remember_id(config: &AgentConfig, agent_id: &str, key: &str) {
 /// Runs the agent until `shutdown` becomes true; its workers are killed then.
 pub async fn run(mut config: AgentConfig, mut shutdown: watch::Receiver<bool>) -> Result<(), ClusterError> {
     add_discovered_gpus(&mut config);
+    keep_cache_within(&config);
     let tasks: Tasks = Arc::default();
     let mut client: Option<Client> = None;
     let mut agent_id = String::new();
@@ -332,6 +337,20 @@ pub async fn run(mut config: AgentConfig, mut shutdown: watch::Receiver<bool>) -
         }
     }
     Ok(())
+}
+
+/// Shrinks the data cache to its size, the folders used least recently first.
+/// It runs before any worker of this agent does, so none loses a folder it uses.
+fn keep_cache_within(config: &AgentConfig) {
+    let cache = config.work_dir.join("data-cache");
+    match hetero_job::cache_space::evict(&cache, config.data_cache_max) {
+        Ok(e) => {
+            for (path, bytes) in &e.removed {
+                tracing::info!(folder = %path.display(), bytes, "removed from the data cache (least recently used)");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, cache = %cache.display(), "could not keep the data cache within its size"),
+    }
 }
 
 /// Registers the task as running (synchronously, so the next heartbeat lists it)

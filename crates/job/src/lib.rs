@@ -9,8 +9,10 @@
 //! It also holds the contract between a worker and the control plane, so that
 //! neither links the other: [`worker_env`] (the environment an agent starts a
 //! worker with, its role, its exit statuses) and [`events`] (the progress events
-//! and run summary a worker prints).
+//! and run summary a worker prints), and [`cache_space`] (how the data cache an
+//! agent gives its workers is marked and kept within its size).
 
+pub mod cache_space;
 pub mod error;
 pub mod events;
 mod section;

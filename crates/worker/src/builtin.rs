@@ -120,6 +120,7 @@ where
         ]
         .concat();
         let dir = std::path::PathBuf::from(root).join(cache_key(&spec.dataset.path, &description));
+        hetero_job::cache_space::mark_used(&dir);
         let (task, loaded) = task.with_cache(BundleCache::new(&dir));
         if loaded.images > 0 {
             eprintln!(

@@ -64,6 +64,7 @@ async fn fetch(coordinator: &str, token: &str, job_id: &str, cache: &Path) -> Re
     }
     check_listing(&listing.files)?;
     let folder = cache.join(format!("served-{}", listing_digest(&listing.files)));
+    hetero_job::cache_space::mark_used(&folder);
     let total: u64 = listing.files.iter().map(|f| f.size).sum();
     let (mut fetched, mut kept) = (0u64, 0usize);
     for file in &listing.files {
