@@ -185,6 +185,16 @@ pub fn coordinator(args: &CoordinatorArgs) -> Result<ExitCode> {
         if !real.is_dir() {
             bail!("--serve-data {}: not a folder", dir.display());
         }
+        // The store and the token file are never a dataset.
+        if let Ok(own) = data_dir.canonicalize()
+            && own.starts_with(&real)
+        {
+            bail!(
+                "--serve-data {}: it holds this coordinator's --data-dir ({}), with its token and store",
+                dir.display(),
+                own.display()
+            );
+        }
         println!(
             "serving datasets under {} to workers whose hosts lack them",
             real.display()

@@ -130,7 +130,12 @@ fn workers_without_the_data_fetch_it_from_the_coordinator_that_serves_it() {
     let first = submit(port, &state, &spec);
     let t = text(&first);
     assert!(first.status.success(), "{t}");
-    assert!(t.contains("dataset from the coordinator: 4 file(s)"), "{t}");
+    assert_eq!(
+        t.matches("dataset from the coordinator: 4 file(s), 2.2 MB; 2.2 MB fetched")
+            .count(),
+        2,
+        "{t}"
+    );
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("runs/job-000001/summary.json")).unwrap())
             .unwrap();
@@ -142,7 +147,11 @@ fn workers_without_the_data_fetch_it_from_the_coordinator_that_serves_it() {
     let second = submit(port, &state, &spec);
     let t = text(&second);
     assert!(second.status.success(), "{t}");
-    assert!(t.contains("0.0 MB fetched, 4 file(s) already in"), "{t}");
+    assert_eq!(
+        t.matches("0.0 MB fetched, 4 file(s) already in").count(),
+        2,
+        "both workers take the files from their cache: {t}"
+    );
 
     // An agent started again with room for nothing empties its cache first.
     drop(agents);

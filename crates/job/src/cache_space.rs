@@ -8,11 +8,14 @@
 //!
 //! A worker that uses a folder marks it ([`mark_used`]: a `.last-used` file
 //! it rewrites), and the agent evicts when it starts ([`evict`]), when none of
-//! its workers run. So no folder is taken from under a worker. A folder
-//! without a mark counts from its own modification time.
+//! its workers run. So no folder is taken from under one of its workers.
+//!
+//! Only marked folders are ever removed. Anything else someone put there is
+//! left alone, and a cache that is a symbolic link is not followed (it may
+//! lead to a disk of other things). A folder that cannot be measured is
+//! skipped, not a reason to stop.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
 
 /// The file whose modification time says when a cache folder was last used.
 pub const MARK: &str = ".last-used";
@@ -37,6 +40,15 @@ pub struct Evicted {
 /// most `max_bytes`. A missing cache is an empty one.
 pub fn evict(cache: &Path, max_bytes: u64) -> std::io::Result<Evicted> {
     let mut folders = Vec::new();
+    match std::fs::symlink_metadata(cache) {
+        Ok(m) if m.file_type().is_symlink() => {
+            return Err(std::io::Error::other(format!(
+                "{} is a symbolic link: the cache is not kept within its size through it",
+                cache.display()
+            )));
+        }
+        _ => {}
+    }
     let entries = match std::fs::read_dir(cache) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Evicted::default()),
@@ -48,11 +60,12 @@ pub fn evict(cache: &Path, max_bytes: u64) -> std::io::Result<Evicted> {
             continue;
         }
         let path = entry.path();
-        let used = std::fs::metadata(path.join(MARK))
-            .or_else(|_| entry.metadata())
-            .and_then(|m| m.modified())
-            .unwrap_or(SystemTime::UNIX_EPOCH);
-        folders.push((used, size_of(&path)?, path));
+        // Marked by a worker, or not the cache's to remove.
+        let Ok(used) = std::fs::metadata(path.join(MARK)).and_then(|m| m.modified()) else {
+            continue;
+        };
+        let Ok(size) = size_of(&path) else { continue };
+        folders.push((used, size, path));
     }
     folders.sort();
     let mut total: u64 = folders.iter().map(|(_, size, _)| size).sum();
@@ -85,7 +98,7 @@ fn size_of(dir: &Path) -> std::io::Result<u64> {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::time::{Duration, SystemTime};
 
     use super::*;
 
@@ -120,6 +133,24 @@ mod tests {
         let e = evict(&cache, 1000).unwrap();
         assert_eq!(e.removed, vec![(recent.clone(), 1000)]);
         assert!(middle.exists());
+    }
+
+    #[test]
+    fn only_marked_folders_are_removed_and_a_linked_cache_is_not_followed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("data-cache");
+        let theirs = cache.join("someone-elses");
+        std::fs::create_dir_all(&theirs).unwrap();
+        std::fs::write(theirs.join("file"), vec![0u8; 500]).unwrap();
+        let ours = folder(&cache, "ours", 100, 5);
+        let e = evict(&cache, 0).unwrap();
+        assert_eq!(e.removed, vec![(ours, 100)]);
+        assert!(theirs.exists());
+        let linked = tmp.path().join("linked-cache");
+        std::os::unix::fs::symlink(&cache, &linked).unwrap();
+        folder(&cache, "again", 100, 5);
+        assert!(evict(&linked, 0).is_err());
+        assert!(cache.join("again").exists());
     }
 
     #[test]

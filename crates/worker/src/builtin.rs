@@ -73,12 +73,17 @@ where
             )
         });
     }
-    if let Some(folder) = crate::fetch_data::from_coordinator()? {
-        let mut fetched = spec.clone();
-        fetched.dataset.path = folder;
-        return ImageTask::from_spec(&fetched, init)
-            .map(Prepared::Ready)
-            .map_err(|e| format!("the dataset the coordinator sent: {e}"));
+    // The ring route remains when the coordinator cannot send the files.
+    match crate::fetch_data::from_coordinator() {
+        Ok(Some(folder)) => {
+            let mut fetched = spec.clone();
+            fetched.dataset.path = folder;
+            return ImageTask::from_spec(&fetched, init)
+                .map(Prepared::Ready)
+                .map_err(|e| format!("the dataset the coordinator sent: {e}"));
+        }
+        Ok(None) => {}
+        Err(e) => eprintln!("{e}; taking the samples from the other workers instead"),
     }
     eprintln!(
         "no dataset read here ({}): waiting for the dataset's facts and samples from the other workers",

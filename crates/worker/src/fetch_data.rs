@@ -25,6 +25,8 @@ use tokio_stream::StreamExt;
 const MAX_FILES: usize = 100_000;
 /// The most bytes a served dataset may hold.
 const MAX_BYTES: u64 = 16 << 30;
+/// The longest wait for the next chunk of a file.
+const CHUNK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// The folder holding this job's dataset as the coordinator serves it,
 /// fetched into the data cache (`Ok(None)`: the coordinator does not serve it,
@@ -151,7 +153,12 @@ async fn fetch_file(
         .into_inner();
     let (mut sha, mut size) = (Sha256::new(), 0u64);
     let written = async {
-        while let Some(chunk) = stream.next().await {
+        loop {
+            // A coordinator that stops sending mid-file is not waited on for ever.
+            let next = tokio::time::timeout(CHUNK_WAIT, stream.next())
+                .await
+                .map_err(|_| format!("no data for {} s", CHUNK_WAIT.as_secs()))?;
+            let Some(chunk) = next else { break };
             let chunk = chunk.map_err(|s| s.message().to_string())?;
             size += chunk.data.len() as u64;
             if size > file.size {

@@ -69,33 +69,58 @@ pub fn served_folder(allowed: &[PathBuf], path: &Path) -> Result<PathBuf, String
 /// its size and SHA-256; refused past [`MAX_FILES`] or [`MAX_BYTES`].
 pub fn list(folder: &Path) -> Result<Vec<ServedFile>, String> {
     let mut names = Vec::new();
-    collect(folder, folder, 0, &mut names)?;
+    let mut left_out = Vec::new();
+    collect(folder, folder, 0, &mut names, &mut left_out)?;
+    if let Some(first) = left_out.first() {
+        // A worker given part of a dataset would train on part of it, silently.
+        return Err(format!(
+            "{} entr(ies) of the dataset cannot be sent (links, or folders deeper than {MAX_DEPTH}), e.g. {first}",
+            left_out.len()
+        ));
+    }
     names.sort();
+    // The sizes first: a dataset past the limit is refused before anything is read.
     let mut total = 0u64;
-    let mut files = Vec::with_capacity(names.len());
-    for name in names {
-        let (size, sha256) = digest(&folder.join(&name)).map_err(|e| format!("reading {name}: {e}"))?;
-        total += size;
+    for name in &names {
+        total += std::fs::symlink_metadata(folder.join(name))
+            .map_err(|e| format!("{name}: {e}"))?
+            .len();
         if total > MAX_BYTES {
             return Err(format!("the dataset holds more than {} GiB", MAX_BYTES >> 30));
         }
+    }
+    let mut files = Vec::with_capacity(names.len());
+    for name in names {
+        let (size, sha256) = digest(&folder.join(&name)).map_err(|e| format!("reading {name}: {e}"))?;
         files.push(ServedFile { name, size, sha256 });
     }
     Ok(files)
 }
 
-fn collect(root: &Path, dir: &Path, depth: usize, names: &mut Vec<String>) -> Result<(), String> {
+fn collect(
+    root: &Path,
+    dir: &Path,
+    depth: usize,
+    names: &mut Vec<String>,
+    left_out: &mut Vec<String>,
+) -> Result<(), String> {
     let entries = std::fs::read_dir(dir).map_err(|e| format!("listing {}: {e}", dir.display()))?;
     for entry in entries {
         let entry = entry.map_err(|e| format!("listing {}: {e}", dir.display()))?;
+        // Hidden files are no dataset's (and may be a secret someone keeps there).
+        if entry.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
         // Not followed: a link could lead out of the served folder.
         let kind = entry
             .file_type()
             .map_err(|e| format!("{}: {e}", entry.path().display()))?;
         let path = entry.path();
         if kind.is_dir() && depth < MAX_DEPTH {
-            collect(root, &path, depth + 1, names)?;
-        } else if kind.is_file() {
+            collect(root, &path, depth + 1, names, left_out)?;
+        } else if !kind.is_file() {
+            left_out.push(path.display().to_string());
+        } else {
             let relative = path.strip_prefix(root).expect("below the root");
             let name = relative
                 .components()
@@ -193,16 +218,27 @@ mod tests {
     }
 
     #[test]
-    fn a_symbolic_link_out_of_the_folder_is_neither_served_nor_listed() {
+    fn a_symbolic_link_is_never_followed_and_a_dataset_holding_one_is_refused() {
         let (dir, data) = tree();
-        std::os::unix::fs::symlink(dir.path().join("secret"), data.join("link")).unwrap();
-        std::os::unix::fs::symlink(dir.path(), dir.path().join("served/escape")).unwrap();
-        let allowed = vec![dir.path().join("served")];
         let files = list(&data).unwrap();
         let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
         assert_eq!(names, ["class-a/x.png", "train.idx"]);
+        std::os::unix::fs::symlink(dir.path().join("secret"), data.join("link")).unwrap();
+        std::os::unix::fs::symlink(dir.path(), dir.path().join("served/escape")).unwrap();
+        let allowed = vec![dir.path().join("served")];
+        let e = list(&data).unwrap_err();
+        assert!(e.contains("cannot be sent") && e.contains("link"), "{e}");
         assert!(served_folder(&allowed, &dir.path().join("served/escape")).is_err());
         assert!(open_at(&data, &files, "link", 0).is_err());
+    }
+
+    #[test]
+    fn hidden_files_are_not_listed() {
+        let (_dir, data) = tree();
+        std::fs::write(data.join(".token"), b"secret").unwrap();
+        let files = list(&data).unwrap();
+        assert!(files.iter().all(|f| !f.name.contains("token")));
+        assert!(open_at(&data, &files, ".token", 0).is_err());
     }
 
     #[test]

@@ -152,8 +152,12 @@ struct Inner {
     config: CoordinatorConfig,
     /// Alerts on their way to the webhook (taken by `serve`, which delivers them).
     alert_rx: Mutex<Option<mpsc::UnboundedReceiver<AlertRecord>>>,
-    /// Each job's served dataset, listed once: its folder and files.
-    served: Mutex<std::collections::HashMap<String, Arc<Served>>>,
+    /// Each job's served dataset, listed once (its folder and files), or why it
+    /// is not served; dropped when a file is found changed.
+    served: Mutex<std::collections::HashMap<String, Result<Arc<Served>, String>>>,
+    /// Held while a dataset is listed: the workers of a job ask at once, and the
+    /// files are read and hashed once, not once per worker.
+    listing: tokio::sync::Mutex<()>,
 }
 
 /// A job's dataset as this coordinator serves it.
@@ -187,6 +191,7 @@ impl Coordinator {
                 config,
                 alert_rx: Mutex::new(Some(alert_rx)),
                 served: Mutex::default(),
+                listing: tokio::sync::Mutex::new(()),
             }),
         })
     }

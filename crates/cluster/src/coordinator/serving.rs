@@ -16,8 +16,20 @@ impl Coordinator {
     /// The dataset of `job_id` as served here, listed once and kept; `Ok(Err(why))`
     /// when it is not served.
     pub(crate) async fn served_dataset(&self, job_id: &str) -> Result<Result<Arc<Served>, String>, Status> {
-        if let Some(s) = self.inner.served.lock().unwrap_or_else(|p| p.into_inner()).get(job_id) {
-            return Ok(Ok(s.clone()));
+        let known = || {
+            self.inner
+                .served
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(job_id)
+                .cloned()
+        };
+        if let Some(s) = known() {
+            return Ok(s);
+        }
+        let _one_at_a_time = self.inner.listing.lock().await;
+        if let Some(s) = known() {
+            return Ok(s);
         }
         let spec_json = {
             let st = self.lock();
@@ -32,18 +44,13 @@ impl Coordinator {
         })
         .await
         .map_err(|e| Status::internal(format!("listing the dataset: {e}")))?;
-        Ok(match listed {
-            Ok(served) => {
-                let served = Arc::new(served);
-                self.inner
-                    .served
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(job_id.to_string(), served.clone());
-                Ok(served)
-            }
-            Err(why) => Err(why),
-        })
+        let listed = listed.map(Arc::new);
+        self.inner
+            .served
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job_id.to_string(), listed.clone());
+        Ok(listed)
     }
 
     /// The listing a worker asks for.
@@ -79,8 +86,19 @@ impl Coordinator {
             .served_dataset(&req.job_id)
             .await?
             .map_err(Status::failed_precondition)?;
-        let (mut file, mut left) = data_source::open_at(&served.folder, &served.files, &req.name, req.offset)
-            .map_err(Status::invalid_argument)?;
+        let (mut file, mut left) = match data_source::open_at(&served.folder, &served.files, &req.name, req.offset) {
+            Ok(opened) => opened,
+            Err(why) => {
+                // The folder may have changed: the next worker to ask gets a
+                // new listing, not this one again.
+                self.inner
+                    .served
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&req.job_id);
+                return Err(Status::invalid_argument(why));
+            }
+        };
         let (tx, rx) = mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; CHUNK];

@@ -136,9 +136,17 @@ impl<B: AutodiffBackend, T: Task<B>> Local<B, T> {
         let Staged { features, leaf, loss } = match self.task.staged_loss(&model, batch) {
             Ok(staged) => staged,
             Err(batch) => {
+                // The task said its loss comes in two stages but gave one: the
+                // gradients are whole, sent as two stages all the same, so that
+                // this worker runs the collectives every other one runs.
                 self.model = Some(model);
                 let (flat, loss) = self.whole_gradients_of(batch, scale);
-                return Grads::Whole(flat, loss);
+                return Grads::Staged {
+                    first: flat.clone(),
+                    range,
+                    loss,
+                    rest: Box::new(move || flat),
+                };
             }
         };
         let grads = loss.backward();

@@ -294,7 +294,9 @@ fn a_staged_step_on_three_workers_equals_one_stage_on_one() {
         "the CNN splits"
     );
     let batches: Vec<Vec<usize>> = (0..3).map(|s| (s * 8..s * 8 + 8).collect()).collect();
-    let options = || TrainOptions::new(1, 8, 5).with_optimizer(Optimizer::Adam, 1e-2);
+    // Plain SGD: a gradient scaled wrongly moves the parameters by as much
+    // (Adam would hide a constant factor).
+    let options = || TrainOptions::new(1, 8, 5).with_optimizer(Optimizer::Sgd, 1e-2);
     let mut solo = Trainer::new(
         OneStage(cnn_task()),
         Default::default(),
@@ -302,13 +304,11 @@ fn a_staged_step_on_three_workers_equals_one_stage_on_one() {
         options(),
     )
     .unwrap();
-    for b in &batches {
-        solo.step(b, 8).unwrap();
-    }
+    let solo_losses: Vec<f32> = batches.iter().map(|b| solo.step(b, 8).unwrap()).collect();
     let expected = solo.parameters();
     // Local batches of 5, 3 and 0 samples.
     let cuts = [(0, 5), (5, 8), (8, 8)];
-    let results: Vec<Vec<f32>> = thread::scope(|s| {
+    let runs: Vec<(Vec<f32>, Vec<f32>)> = thread::scope(|s| {
         let handles: Vec<_> = ring_of(3)
             .into_iter()
             .zip(cuts)
@@ -316,20 +316,25 @@ fn a_staged_step_on_three_workers_equals_one_stage_on_one() {
                 let batches = &batches;
                 s.spawn(move || {
                     let mut t = Trainer::new(cnn_task(), Default::default(), ring, options()).unwrap();
-                    for batch in batches {
-                        t.step(&batch[a..b], 8).unwrap();
-                    }
-                    t.parameters()
+                    let losses = batches.iter().map(|batch| t.step(&batch[a..b], 8).unwrap()).collect();
+                    (t.parameters(), losses)
                 })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
+    let results: Vec<&Vec<f32>> = runs.iter().map(|(p, _)| p).collect();
     assert_eq!(results[0], results[1], "workers drifted apart");
     assert_eq!(results[0], results[2], "workers drifted apart");
+    // Every worker's step loss is the global batch's, the one machine's.
+    for (_, losses) in &runs {
+        for (got, want) in losses.iter().zip(&solo_losses) {
+            assert!((got - want).abs() < 1e-5, "step loss {got} against {want}");
+        }
+    }
     let worst = expected
         .iter()
-        .zip(&results[0])
+        .zip(results[0].iter())
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(worst < 1e-4, "max parameter difference {worst}");
