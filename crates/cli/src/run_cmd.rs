@@ -144,7 +144,11 @@ pub fn run(args: &RunArgs) -> Result<ExitCode> {
         None => scratch.path().to_path_buf(),
     };
     std::fs::create_dir_all(&rank_dir).with_context(|| format!("creating {}", rank_dir.display()))?;
-    let leader_address = format!("{}:{port}", bracketed(&launch.leader.host));
+    let leader_address = launch_env::Leader {
+        host: launch.leader.host.clone(),
+        port: Some(port),
+    }
+    .to_string();
     let data_host = match &args.data_host {
         Some(h) => h.clone(),
         None => data_host(&launch, port, timeout)?,
@@ -285,15 +289,6 @@ fn token(given: Option<&str>, from_job_id: bool, launch: &Launch, port: u16) -> 
     );
     let digest = Sha256::digest(format!("hetero run token v1\0{job}").as_bytes());
     Ok(hetero_proto::auth::hex(&digest[..16]))
-}
-
-/// `host` as it goes before `:port` (IPv6 in brackets).
-fn bracketed(host: &str) -> String {
-    if host.contains(':') {
-        format!("[{host}]")
-    } else {
-        host.to_string()
-    }
 }
 
 /// This host's address on the route to `host:port`: the address the other

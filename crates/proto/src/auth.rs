@@ -77,6 +77,16 @@ impl Interceptor for AttachToken {
     }
 }
 
+/// The length and SHA-256 (lowercase hex) of the file at `path`: how a dataset
+/// file the coordinator serves is named in its listing and checked on arrival.
+pub fn file_sha256(path: &std::path::Path) -> std::io::Result<(u64, String)> {
+    use sha2::{Digest, Sha256};
+    let mut file = std::fs::File::open(path)?;
+    let mut sha = Sha256::new();
+    let size = std::io::copy(&mut file, &mut sha)?;
+    Ok((size, hex(&sha.finalize())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -71,7 +71,8 @@ async fn fetch(coordinator: &str, token: &str, job_id: &str, cache: &Path) -> Re
     let (mut fetched, mut kept) = (0u64, 0usize);
     for file in &listing.files {
         let path = folder.join(&file.name);
-        if matches!(digest_of(&path), Ok((size, sha)) if size == file.size && sha == file.sha256) {
+        if matches!(hetero_proto::auth::file_sha256(&path), Ok((size, sha)) if size == file.size && sha == file.sha256)
+        {
             kept += 1;
             continue;
         }
@@ -185,14 +186,6 @@ async fn fetch_file(
         return Err(fail(e));
     }
     Ok(())
-}
-
-/// The length and SHA-256 of the file at `path`.
-fn digest_of(path: &Path) -> std::io::Result<(u64, String)> {
-    let mut file = std::fs::File::open(path)?;
-    let mut sha = Sha256::new();
-    let size = std::io::copy(&mut file, &mut sha)?;
-    Ok((size, hetero_proto::auth::hex(&sha.finalize())))
 }
 
 #[cfg(test)]

@@ -15,10 +15,8 @@
 //! checked again when it is read: a file that changed since it was listed
 //! cannot be passed off under the old name.
 
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-
-use sha2::{Digest, Sha256};
 
 /// The most files one dataset may have to be served.
 pub const MAX_FILES: usize = 100_000;
@@ -91,7 +89,8 @@ pub fn list(folder: &Path) -> Result<Vec<ServedFile>, String> {
     }
     let mut files = Vec::with_capacity(names.len());
     for name in names {
-        let (size, sha256) = digest(&folder.join(&name)).map_err(|e| format!("reading {name}: {e}"))?;
+        let (size, sha256) =
+            hetero_proto::auth::file_sha256(&folder.join(&name)).map_err(|e| format!("reading {name}: {e}"))?;
         files.push(ServedFile { name, size, sha256 });
     }
     Ok(files)
@@ -137,27 +136,6 @@ fn collect(
     Ok(())
 }
 
-/// The length and SHA-256 of the file at `path`.
-fn digest(path: &Path) -> std::io::Result<(u64, String)> {
-    let mut file = std::fs::File::open(path)?;
-    let mut sha = Sha256::new();
-    let mut buf = vec![0u8; CHUNK];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        sha.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((size, hex(&sha.finalize())))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The file `name` of the listing `files` of `folder`, opened at `offset`,
 /// and the bytes left to send.
 pub fn open_at(folder: &Path, files: &[ServedFile], name: &str, offset: u64) -> Result<(std::fs::File, u64), String> {
@@ -191,6 +169,10 @@ pub fn open_at(folder: &Path, files: &[ServedFile], name: &str, offset: u64) -> 
 
 #[cfg(test)]
 mod tests {
+    use std::io::Read;
+
+    use sha2::{Digest, Sha256};
+
     use super::*;
 
     fn tree() -> (tempfile::TempDir, PathBuf) {
@@ -247,7 +229,7 @@ mod tests {
         let files = list(&data).unwrap();
         let idx = files.iter().find(|f| f.name == "train.idx").unwrap();
         assert_eq!(idx.size, 5);
-        assert_eq!(idx.sha256, hex(&Sha256::digest(b"hello")));
+        assert_eq!(idx.sha256, hetero_proto::auth::hex(&Sha256::digest(b"hello")));
         let (mut file, left) = open_at(&data, &files, "train.idx", 2).unwrap();
         let mut rest = String::new();
         file.read_to_string(&mut rest).unwrap();

@@ -30,15 +30,21 @@ pub(super) fn flags(explicit: &Explicit) -> Result<Reading, LaunchError> {
 /// `HETERO_RANK`, `HETERO_WORLD`, `HETERO_LEADER`: the flags' variables, which a
 /// manifest sets where the engine says nothing (a Kubernetes Job's size).
 pub(super) fn hetero_vars(var: &mut dyn FnMut(&str) -> Option<String>) -> Result<Reading, LaunchError> {
-    let mut r = Reading::new(Engine::Flags);
-    r.rank = number(var, "HETERO_RANK", false)?;
-    r.world = number(var, "HETERO_WORLD", true)?;
-    if let Some(leader) = var("HETERO_LEADER") {
-        r.leader = Some(Fact::new(
-            parse_leader(&leader, "HETERO_LEADER")?,
-            "HETERO_LEADER",
-            &leader,
-        ));
+    stated(var, Engine::Flags, ["HETERO_RANK", "HETERO_WORLD", "HETERO_LEADER"])
+}
+
+/// A reading of `engine` from three variables that state the rank, the world
+/// size and the leader's address as they are.
+fn stated(
+    var: &mut dyn FnMut(&str) -> Option<String>,
+    engine: Engine,
+    [rank, world, leader]: [&str; 3],
+) -> Result<Reading, LaunchError> {
+    let mut r = Reading::new(engine);
+    r.rank = number(var, rank, false)?;
+    r.world = number(var, world, true)?;
+    if let Some(address) = var(leader) {
+        r.leader = Some(Fact::new(parse_leader(&address, leader)?, leader, &address));
     }
     Ok(r)
 }
@@ -111,15 +117,13 @@ pub(super) fn kubernetes(var: &mut dyn FnMut(&str) -> Option<String>) -> Result<
 
 /// A LeaderWorkerSet group: the controller sets all three.
 pub(super) fn leader_worker_set(var: &mut dyn FnMut(&str) -> Option<String>) -> Result<Reading, LaunchError> {
-    let mut r = Reading::new(Engine::LeaderWorkerSet);
-    r.rank = number(var, "LWS_WORKER_INDEX", false)?;
-    r.world = number(var, "LWS_GROUP_SIZE", true)?;
-    if let Some(address) = var("LWS_LEADER_ADDRESS") {
-        r.leader = Some(Fact::new(
-            parse_leader(&address, "LWS_LEADER_ADDRESS")?,
-            "LWS_LEADER_ADDRESS",
-            &address,
-        ));
+    let mut r = stated(
+        var,
+        Engine::LeaderWorkerSet,
+        ["LWS_WORKER_INDEX", "LWS_GROUP_SIZE", "LWS_LEADER_ADDRESS"],
+    )?;
+    if let Some(leader) = &r.leader {
+        let address = leader.value.host.clone();
         r.job = Some(format!("lws:{address}"));
         r.peers = Some(Peers::LeaderWorkerSet { leader: address });
     }

@@ -144,10 +144,10 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         meter.add(Duration::ZERO, comm);
         Ok(Trainer {
             local: Local {
+                head: task.head_params(&model).filter(|_| options.overlap),
                 task,
                 model: Some(model),
                 device,
-                overlap: options.overlap,
             },
             flat: Flat {
                 params: flat,
@@ -193,10 +193,10 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         run.members = regroup.members.clone();
         Ok(Trainer {
             local: Local {
+                head: task.head_params(&model).filter(|_| options.overlap),
                 task,
                 model: Some(model),
                 device,
-                overlap: options.overlap,
             },
             flat: Flat { params, optimizer },
             aggregate,

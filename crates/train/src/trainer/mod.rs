@@ -102,8 +102,10 @@ struct Local<B: AutodiffBackend, T: Task<B>> {
     /// `None` only inside a step.
     model: Option<T::Model>,
     device: B::Device,
-    /// Whether steps may compute in two stages (`TrainOptions::overlap`).
-    overlap: bool,
+    /// Scalars at the end of the flat parameters that steps compute first
+    /// ([`Task::head_params`]); `None`: one stage (or `TrainOptions::overlap`
+    /// is off). The model's shape never changes, so this is asked once.
+    head: Option<usize>,
 }
 
 impl<B: AutodiffBackend, T: Task<B>> Local<B, T> {
@@ -116,9 +118,7 @@ impl<B: AutodiffBackend, T: Task<B>> Local<B, T> {
     /// ([`Task::staged_loss`]), for every worker alike, so that every worker
     /// runs the same collectives. An empty batch contributes `len` zeros.
     fn gradients(&mut self, indices: &[usize], scale: f32, len: usize) -> Grads<'_> {
-        let head = self.task.head_params(self.model()).filter(|&h| h > 0 && h < len);
-        let head = head.filter(|_| self.overlap);
-        let Some(head) = head else {
+        let Some(head) = self.head.filter(|&h| h > 0 && h < len) else {
             let (flat, loss) = self.whole_gradients(indices, scale, len);
             return Grads::Whole(flat, loss);
         };
