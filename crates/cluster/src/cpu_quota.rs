@@ -56,16 +56,21 @@ pub enum Version {
 }
 
 impl CpuQuota {
-    /// A group named `name` allowed `cores` cores' worth of CPU time (0.25: a
-    /// quarter of one core; 1.5: one and a half).
+    /// A group for `name` allowed `cores` cores' worth of CPU time (0.25: a
+    /// quarter of one core; 1.5: one and a half). Its folder is this group's
+    /// alone: task names repeat across coordinators (every local cluster's first
+    /// job is `job-000001`), and two agents on one host must not share a quota.
     pub fn create(name: &str, cores: f64) -> Result<CpuQuota, String> {
+        static MADE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let made = MADE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("{}-{made}-{name}", std::process::id());
         if !(cores > 0.0 && cores.is_finite()) {
             return Err(format!("a CPU quota of {cores} cores"));
         }
         let (quota, period) = quota_and_period(cores);
         let mut why = Vec::new();
         for version in [Version::V2, Version::V1] {
-            match Self::try_create(version, name, quota, period) {
+            match Self::try_create(version, &name, quota, period) {
                 Ok(q) => return Ok(q),
                 Err(e) => why.push(e),
             }
@@ -211,6 +216,18 @@ mod tests {
         let dir = quota.path().to_path_buf();
         drop(quota);
         assert!(!dir.exists(), "the group is removed once its process ended");
+    }
+
+    #[test]
+    fn two_groups_for_one_task_name_are_two_groups() {
+        let (Ok(a), Ok(b)) = (
+            CpuQuota::create("job-000001-r0", 0.5),
+            CpuQuota::create("job-000001-r0", 0.25),
+        ) else {
+            eprintln!("no CPU quota here: nothing to share");
+            return;
+        };
+        assert_ne!(a.path(), b.path());
     }
 
     #[test]

@@ -25,7 +25,8 @@ pub struct Members {
     pub weights: Vec<f64>,
 }
 
-/// How long a worker waits for the slowest peer to arrive.
+/// How long a worker waits for the slowest peer to arrive — counted from the
+/// last time the coordinator sent the job's dataset to a member still fetching it.
 pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Publishes `address` for this rank and returns every rank's address.
@@ -55,7 +56,10 @@ pub fn members(
 ) -> Result<Members, WorkerError> {
     let _waiting = liveness::on_peers();
     runtime()?.block_on(async {
-        let started = Instant::now();
+        // Counted from the start, or from the last chunk of the dataset the
+        // coordinator sent to a member that has not arrived yet.
+        let mut started = Instant::now();
+        let mut said_fetching = false;
         let mut client = None;
         // Why the coordinator could not be asked, while it is away (restarting): the
         // record of who arrived survives a restart, so asking again is enough.
@@ -99,6 +103,15 @@ pub fn members(
                 Err(s) => return Err(WorkerError::Rendezvous(s.message().to_string())),
             };
             away_because = None;
+            if resp.dataset_in_flight {
+                started = Instant::now();
+                if !said_fetching {
+                    eprintln!(
+                        "waiting for the other workers: the coordinator is still sending the dataset to one of them"
+                    );
+                    said_fetching = true;
+                }
+            }
             if resp.ready {
                 let addresses = resp
                     .addresses
@@ -142,12 +155,23 @@ fn coordinator_away(s: &tonic::Status) -> bool {
 pub struct CoordinatorMembership {
     setup: WorkerSetup,
     listener: TcpListener,
+    /// The runtime and connection the epoch boundaries' questions go over, kept
+    /// from one epoch to the next: a new runtime and TLS connection each time
+    /// cost ~45 ms a boundary, more under a CPU quota, and the whole ring waits
+    /// for the slowest asker. A connection that fails is dropped and made again.
+    runtime: Option<tokio::runtime::Runtime>,
+    client: Option<hetero_proto::client::Client>,
 }
 
 impl CoordinatorMembership {
     /// Regroups `setup`'s worker, listening on `listener` (the data-plane one).
     pub fn new(setup: WorkerSetup, listener: TcpListener) -> Self {
-        CoordinatorMembership { setup, listener }
+        CoordinatorMembership {
+            setup,
+            listener,
+            runtime: None,
+            client: None,
+        }
     }
 }
 
@@ -207,30 +231,37 @@ impl Membership for CoordinatorMembership {
 
     fn joiners_waiting(&mut self, generation: u64, epoch: usize) -> Result<bool, TrainError> {
         let fail = |e: String| TrainError::Config(format!("cannot ask the coordinator for joining workers: {e}"));
-        let setup = &self.setup;
         let _waiting = liveness::on_peers();
-        runtime().map_err(|e| fail(e.to_string()))?.block_on(async {
+        let runtime = match self.runtime.take() {
+            Some(r) => r,
+            None => runtime().map_err(|e| fail(e.to_string()))?,
+        };
+        let (setup, kept) = (&self.setup, &mut self.client);
+        let answer = runtime.block_on(async {
             // A coordinator that blinks or restarts must not split the ring's
             // decision: ask again until it answers (it keeps its decision for this
             // epoch across a restart), for at most COORDINATOR_OUTAGE.
             let started = Instant::now();
             loop {
-                let why = match hetero_proto::client::connect(&setup.coordinator, &setup.token).await {
-                    Err(e) => e.to_string(),
-                    Ok(mut client) => {
-                        let req = pb::CheckMembershipRequest {
-                            job_id: setup.job_id.clone(),
-                            rank: setup.rank as u32,
-                            generation,
-                            epoch: epoch as u64,
-                        };
-                        match client.check_membership(req).await {
-                            Ok(r) => return Ok(r.into_inner().regroup),
-                            Err(s) if coordinator_away(&s) => s.message().to_string(),
-                            Err(s) => return Err(fail(s.message().to_string())),
-                        }
-                    }
+                // A kept connection the coordinator has since closed fails at
+                // once: a new one is tried straight away, without the pause.
+                let reused = kept.is_some();
+                let answer = match kept {
+                    Some(client) => ask_joiners(client, setup, generation, epoch).await,
+                    None => match hetero_proto::client::connect(&setup.coordinator, &setup.token).await {
+                        Ok(client) => ask_joiners(kept.insert(client), setup, generation, epoch).await,
+                        Err(e) => Err(NoAnswer::Away(e.to_string())),
+                    },
                 };
+                let why = match answer {
+                    Ok(regroup) => return Ok(regroup),
+                    Err(NoAnswer::Refused(why)) => return Err(fail(why)),
+                    Err(NoAnswer::Away(why)) => why,
+                };
+                *kept = None;
+                if reused {
+                    continue;
+                }
                 if started.elapsed() > COORDINATOR_OUTAGE {
                     return Err(fail(format!(
                         "unreachable for {} s: {why}",
@@ -239,6 +270,38 @@ impl Membership for CoordinatorMembership {
                 }
                 tokio::time::sleep(AWAY_RETRY).await;
             }
-        })
+        });
+        self.runtime = Some(runtime);
+        answer
+    }
+}
+
+/// Why a question to the coordinator got no answer.
+enum NoAnswer {
+    /// It is away (restarting, unreachable, the connection closed): worth
+    /// asking again.
+    Away(String),
+    /// It refused: asking again gets the same.
+    Refused(String),
+}
+
+/// Asks the coordinator over `client` whether lost workers wait to rejoin the
+/// ring of `generation` after `epoch`.
+async fn ask_joiners(
+    client: &mut hetero_proto::client::Client,
+    setup: &WorkerSetup,
+    generation: u64,
+    epoch: usize,
+) -> Result<bool, NoAnswer> {
+    let req = pb::CheckMembershipRequest {
+        job_id: setup.job_id.clone(),
+        rank: setup.rank as u32,
+        generation,
+        epoch: epoch as u64,
+    };
+    match client.check_membership(req).await {
+        Ok(r) => Ok(r.into_inner().regroup),
+        Err(s) if coordinator_away(&s) => Err(NoAnswer::Away(s.message().to_string())),
+        Err(s) => Err(NoAnswer::Refused(s.message().to_string())),
     }
 }

@@ -11,16 +11,22 @@
 //! ring), in the same run: the job with an even split, with the weighted split
 //! (compute scores as the starting guess, then set from the throughput measured a
 //! few steps into the first epoch), and weighted and rebalanced between epochs;
-//! then each device alone at each local batch the jobs ended with. An even split
+//! each job is followed by its devices alone at the local batches it ended with,
+//! so a baseline is measured minutes, not a quarter of an hour, from the job it
+//! judges, and `--rounds` repeats the lot to show the spread. The devices alone
+//! are measured twice: one after another on an idle host, and all at once (each
+//! in a job of its own), which loads the shared cores' caches and memory as the
+//! job does — see [`solo_rates`]. The workers combine
+//! their work by `--strategy` (the spec's `training.strategy`). An even split
 //! is bound by the slowest device (n × its speed ÷ the sum), printed beside it.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use hetero_cluster::local::LocalCluster;
 use hetero_data::shard::Split;
+use hetero_job::Strategy;
 use hetero_job::events::RunSummary;
 use hetero_proto as pb;
 use hetero_proto::client;
@@ -37,6 +43,10 @@ pub struct HeteroBench<'a> {
     pub global_batch: usize,
     /// Epochs per run.
     pub epochs: usize,
+    /// How the job's workers combine their work (a device alone just steps).
+    pub strategy: Strategy,
+    /// Times every variant is measured (each with its own solo baselines).
+    pub rounds: usize,
     /// Fashion-MNIST folder.
     pub data: &'a Path,
 }
@@ -67,8 +77,76 @@ const VARIANTS: [Variant; 3] = [
     },
 ];
 
-/// Epochs of a device's solo run: its speed is steady after the first.
-const SOLO_EPOCHS: usize = 2;
+/// A device training alone.
+const ALONE: Variant = Variant {
+    label: "alone",
+    weighted: false,
+    rebalance: false,
+};
+
+/// Samples a device trains on alone (over two epochs of a smaller dataset): its
+/// speed is steady long before, and the slowest device takes half a minute.
+const SOLO_SAMPLES: usize = 8000;
+
+/// Samples a device at full speed trains on alone while the others do too
+/// (slower ones in proportion to their speed, so that all end about together).
+const TOGETHER_SAMPLES: usize = 16000;
+
+/// Each device's samples/s training alone at `batches[device]`: one device after
+/// another on an otherwise idle host, or (`at_once`) every device at once, each
+/// in a job of its own, so the host is as loaded as in the job. The devices of
+/// this emulation share two cores' caches and memory: a device computes ~15 %
+/// slower while the others run, which the first baseline blames on the job and
+/// the second does not; separate machines would not share them.
+fn solo_rates(
+    b: &HeteroBench,
+    rt: &tokio::runtime::Runtime,
+    data: &Path,
+    gflops: f32,
+    batches: &[usize],
+    at_once: bool,
+) -> Result<Vec<f64>> {
+    let fastest = b.speeds.iter().cloned().fold(0.0f32, f32::max);
+    let solo = |device: usize| -> Result<f64> {
+        let (speed, batch) = (b.speeds[device], batches[device]);
+        let samples = if at_once {
+            ((TOGETHER_SAMPLES as f32 * speed / fastest) as usize).max(batch)
+        } else {
+            SOLO_SAMPLES
+        };
+        let limit = b.train_limit.min(samples);
+        let run = rt.block_on(job(
+            b,
+            data,
+            &[speed],
+            gflops,
+            batch,
+            ALONE,
+            (limit, samples.div_ceil(limit)),
+        ))?;
+        Ok(run.summary.samples_per_sec)
+    };
+    let rates: Vec<f64> = if at_once {
+        std::thread::scope(|s| {
+            let running: Vec<_> = (0..b.speeds.len()).map(|d| s.spawn(move || solo(d))).collect();
+            running
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a solo run panicked"))))
+                .collect::<Result<_>>()
+        })?
+    } else {
+        (0..b.speeds.len()).map(solo).collect::<Result<_>>()?
+    };
+    let how = if at_once { "all at once" } else { "one at a time" };
+    let each: Vec<String> = rates
+        .iter()
+        .zip(batches)
+        .enumerate()
+        .map(|(d, (rate, batch))| format!("device {d} at batch {batch}: {rate:.0}"))
+        .collect();
+    println!("    alone, {how}: {} samples/s", each.join(", "));
+    Ok(rates)
+}
 
 /// Runs the benchmark and prints its table.
 pub fn run(b: &HeteroBench) -> Result<()> {
@@ -92,76 +170,102 @@ pub fn run(b: &HeteroBench) -> Result<()> {
     let gflops = hetero_worker::backend::measure_gflops(hetero_job::Backend::Flex);
     let n = b.speeds.len();
     println!(
-        "heterogeneous efficiency: {} workers of {}, {} samples × {} epoch(s), global batch {}, devices at {:?} of one core",
-        n, b.model, b.train_limit, b.epochs, b.global_batch, b.speeds
+        "heterogeneous efficiency: {} workers of {}, {} samples × {} epoch(s), global batch {}, devices at {:?} of one core, {}",
+        n,
+        b.model,
+        b.train_limit,
+        b.epochs,
+        b.global_batch,
+        b.speeds,
+        strategy_toml(b.strategy).trim().replace('\n', ", ")
     );
-    let mut jobs = Vec::new();
-    for v in VARIANTS {
-        let r = rt.block_on(job(b, &data, b.speeds, gflops, b.global_batch, v, b.epochs))?;
-        let s = &r.summary;
-        println!(
-            "  {:<20} {:.0} samples/s over {:.1} s",
-            v.label, s.samples_per_sec, s.wall_secs
-        );
-        jobs.push((v, r));
-    }
-    // Each device alone at every local batch a job ended with.
-    let mut solo: BTreeMap<(usize, usize), f64> = BTreeMap::new();
-    for (_, r) in &jobs {
-        for (device, batch) in r.final_batches(b.global_batch).into_iter().enumerate() {
-            if let std::collections::btree_map::Entry::Vacant(slot) = solo.entry((device, batch)) {
-                let alone = Variant {
-                    label: "alone",
-                    weighted: false,
-                    rebalance: false,
-                };
-                let speed = b.speeds[device];
-                let r = rt.block_on(job(b, &data, &[speed], gflops, batch, alone, SOLO_EPOCHS.min(b.epochs)))?;
-                let rate = r.summary.samples_per_sec;
-                println!("  device {device} (speed {speed}) alone at batch {batch}: {rate:.0} samples/s");
-                slot.insert(rate);
-            }
+    // Rounds of every variant, each job followed by its devices alone: the host's
+    // speed drifts by ±10 % over minutes, so a baseline is measured next to the
+    // job it judges, and rounds show the spread.
+    let mut runs: Vec<(Variant, Measured)> = Vec::new();
+    for round in 1..=b.rounds {
+        for v in VARIANTS {
+            let run = rt.block_on(job(
+                b,
+                &data,
+                b.speeds,
+                gflops,
+                b.global_batch,
+                v,
+                (b.train_limit, b.epochs),
+            ))?;
+            let s = &run.summary;
+            println!(
+                "  round {round} {:<20} {:.0} samples/s over {:.1} s",
+                v.label, s.samples_per_sec, s.wall_secs
+            );
+            let batches = run.final_batches(b.global_batch);
+            let alone = solo_rates(b, &rt, &data, gflops, &batches, false)?;
+            let together = solo_rates(b, &rt, &data, gflops, &batches, true)?;
+            runs.push((v, Measured { run, alone, together }));
         }
     }
-    let alone = |r: &JobRun| -> Vec<f64> {
-        let batches = r.final_batches(b.global_batch);
-        batches.iter().enumerate().map(|(d, &bt)| solo[&(d, bt)]).collect()
-    };
-    // The even split's bound: every device steps at the slowest one's pace.
-    let even_alone = alone(&jobs[0].1);
-    let slowest = even_alone.iter().cloned().fold(f64::INFINITY, f64::min);
-    let even_bound = n as f64 * slowest / even_alone.iter().sum::<f64>();
     println!();
-    println!("devices slowed by {}", jobs[0].1.slowed);
+    println!("devices slowed by {}", runs[0].1.run.slowed);
     println!(
-        "{:<20} {:>10} {:>10} {:>11}   by device: local batch, samples, compute s / comm s",
-        "split", "samples/s", "sum alone", "efficiency"
+        "{:<24} {:>10} {:>10} {:>11} {:>10} {:>11} {:>9} {:>10}   by device: local batch, samples, compute s / comm s",
+        "split (round)", "samples/s", "sum alone", "efficiency", "sum at once", "efficiency", "accuracy", "last loss"
     );
-    for (v, r) in &jobs {
-        let s = &r.summary;
-        let sum: f64 = alone(r).iter().sum();
-        let batches = r.final_batches(b.global_batch);
-        let figures: Vec<String> = r
+    for (i, (v, m)) in runs.iter().enumerate() {
+        let label = format!("{} ({})", v.label, i / VARIANTS.len() + 1);
+        let s = &m.run.summary;
+        let batches = m.run.final_batches(b.global_batch);
+        let figures: Vec<String> = m
+            .run
             .by_device(&s.per_worker)
             .iter()
             .zip(&batches)
             .map(|(w, batch)| format!("{batch}, {}, {:.1}/{:.1}", w.samples, w.compute_secs, w.comm_secs))
             .collect();
         println!(
-            "{:<20} {:>10.0} {:>10.0} {:>11.3}   {}",
-            v.label,
+            "{:<24} {:>10.0} {:>10.0} {:>11.3} {:>10.0} {:>11.3} {:>9} {:>10.4}   {}",
+            label,
             s.samples_per_sec,
-            sum,
-            s.samples_per_sec / sum,
+            m.alone.iter().sum::<f64>(),
+            m.efficiency(),
+            m.together.iter().sum::<f64>(),
+            m.efficiency_together(),
+            s.test_accuracy.map_or("-".into(), |a| format!("{:.1} %", a * 100.0)),
+            s.last_epoch_loss,
             figures.join(" | ")
         );
     }
-    println!("the even split's bound (n × the slowest alone ÷ the sum): {even_bound:.3}");
+    println!();
+    println!(
+        "over {} round(s): median efficiency (lowest–highest), against the devices alone one at a time | all at once",
+        b.rounds
+    );
+    for v in VARIANTS {
+        let of_variant: Vec<&Measured> = runs
+            .iter()
+            .filter(|(r, _)| r.label == v.label)
+            .map(|(_, m)| m)
+            .collect();
+        let (median, low, high) = spread(of_variant.iter().map(|m| m.efficiency()).collect());
+        let (median_t, low_t, high_t) = spread(of_variant.iter().map(|m| m.efficiency_together()).collect());
+        println!(
+            "  {:<20} {median:.3} ({low:.3}–{high:.3}) | {median_t:.3} ({low_t:.3}–{high_t:.3})",
+            v.label
+        );
+    }
+    // The even split's bound: every device steps at the slowest one's pace.
+    let bounds = runs
+        .iter()
+        .filter(|(v, _)| !v.weighted)
+        .map(|(_, m)| n as f64 * m.alone.iter().cloned().fold(f64::INFINITY, f64::min) / m.alone.iter().sum::<f64>())
+        .collect();
+    let (median, low, high) = spread(bounds);
+    println!("  the even split's bound (n × the slowest alone ÷ the sum): {median:.3} ({low:.3}–{high:.3})");
     println!();
     println!("how the weighted splits converged (shares by device at each epoch's end):");
     let total: f64 = b.speeds.iter().map(|&s| s as f64).sum();
     let scores: Vec<f64> = b.speeds.iter().map(|&s| s as f64 / total).collect();
-    for (v, r) in jobs.iter().filter(|(v, _)| v.weighted) {
+    for (v, r) in runs.iter().filter(|(v, _)| v.weighted).map(|(v, m)| (v, &m.run)) {
         let mut steps = vec![format!("scores {}", percentages(&scores))];
         steps.extend(
             r.summary
@@ -174,6 +278,35 @@ pub fn run(b: &HeteroBench) -> Result<()> {
     Ok(())
 }
 
+/// The strategy named on the command line (`--strategy`, `--sync-every`).
+pub fn strategy(name: &str, sync_every: Option<usize>) -> Result<Strategy> {
+    let strategy = match name {
+        "allreduce" => Strategy::Allreduce,
+        "hierarchical" => Strategy::Hierarchical,
+        "parameter-server" => Strategy::ParameterServer { staleness: 0 },
+        "local-sgd" => Strategy::LocalSgd {
+            sync_every: sync_every.unwrap_or(8),
+        },
+        other => bail!("--strategy {other:?}: one of allreduce, local-sgd, parameter-server, hierarchical"),
+    };
+    match (strategy, sync_every) {
+        (Strategy::LocalSgd { sync_every: 0 }, _) => bail!("--sync-every must be at least 1"),
+        (Strategy::LocalSgd { .. }, _) | (_, None) => Ok(strategy),
+        (_, Some(_)) => bail!("--sync-every is only read with --strategy local-sgd"),
+    }
+}
+
+/// The `[training]` lines that choose `strategy` in a spec.
+fn strategy_toml(strategy: Strategy) -> String {
+    match strategy {
+        Strategy::LocalSgd { sync_every } => format!("strategy = \"local-sgd\"\nsync_every = {sync_every}\n"),
+        Strategy::ParameterServer { staleness } => {
+            format!("strategy = \"parameter-server\"\nstaleness = {staleness}\n")
+        }
+        other => format!("strategy = \"{}\"\n", other.name()),
+    }
+}
+
 fn percentages(shares: &[f64]) -> String {
     shares
         .iter()
@@ -181,6 +314,40 @@ fn percentages(shares: &[f64]) -> String {
         .collect::<Vec<_>>()
         .join("/")
         + " %"
+}
+
+/// The median, lowest and highest of `values` (not empty).
+fn spread(mut values: Vec<f64>) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    let median = if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
+    };
+    (median, values[0], values[n - 1])
+}
+
+/// A job of the benchmark and each device's speed alone, measured right after
+/// it at the local batch the device ended the job with.
+struct Measured {
+    run: JobRun,
+    /// Samples/s of each device alone, one at a time, by device.
+    alone: Vec<f64>,
+    /// Samples/s of each device alone, all at once, by device.
+    together: Vec<f64>,
+}
+
+impl Measured {
+    /// The job's throughput over the sum of its devices' alone, one at a time.
+    fn efficiency(&self) -> f64 {
+        self.run.summary.samples_per_sec / self.alone.iter().sum::<f64>()
+    }
+
+    /// The job's throughput over the sum of its devices' alone, all at once.
+    fn efficiency_together(&self) -> f64 {
+        self.run.summary.samples_per_sec / self.together.iter().sum::<f64>()
+    }
 }
 
 /// A finished job of the benchmark.
@@ -226,10 +393,16 @@ async fn job(
     gflops: f32,
     batch: usize,
     variant: Variant,
-    epochs: usize,
+    (train_limit, epochs): (usize, usize),
 ) -> Result<JobRun> {
     let split = if variant.weighted { "weighted" } else { "even" };
     let rebalance = variant.rebalance;
+    // A device alone just steps: its strategy would only add a server to wait on.
+    let strategy = strategy_toml(if speeds.len() > 1 {
+        b.strategy
+    } else {
+        Strategy::Allreduce
+    });
     let program = std::env::current_exe()?;
     let out = tempfile::tempdir()?;
     let cluster = LocalCluster::start_agents(speeds.len(), |i, agent| {
@@ -242,10 +415,10 @@ async fn job(
     let spec = format!(
         "name = \"bench-{split}\"\n[model]\nkind = \"{}\"\n[dataset]\npath = \"{}\"\ntrain_limit = {}\ntest_limit = 100\n\
          split = \"{split}\"\nrebalance = {rebalance}\n[training]\nepochs = {}\nglobal_batch_size = {batch}\ncheckpoint_every = 0\n\
-         [cluster]\nworkers = {}\nthreads_per_worker = 1\n[output]\ndir = \"{}\"\n",
+         {strategy}[cluster]\nworkers = {}\nthreads_per_worker = 1\n[output]\ndir = \"{}\"\n",
         b.model,
         data.display(),
-        b.train_limit,
+        train_limit,
         epochs,
         speeds.len(),
         out.path().display()
@@ -301,4 +474,32 @@ async fn job(
         slowed,
         devices,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_line_names_a_strategy_and_only_local_sgd_reads_sync_every() {
+        assert_eq!(strategy("allreduce", None).unwrap(), Strategy::Allreduce);
+        assert_eq!(
+            strategy("local-sgd", None).unwrap(),
+            Strategy::LocalSgd { sync_every: 8 }
+        );
+        assert_eq!(
+            strategy_toml(strategy("local-sgd", Some(4)).unwrap()),
+            "strategy = \"local-sgd\"\nsync_every = 4\n"
+        );
+        let wrong = strategy("ring", None).unwrap_err().to_string();
+        assert!(wrong.contains("\"ring\"") && wrong.contains("local-sgd"), "{wrong}");
+        assert!(strategy("allreduce", Some(4)).is_err());
+        assert!(strategy("local-sgd", Some(0)).is_err());
+    }
+
+    #[test]
+    fn spread_gives_the_median_and_the_extremes() {
+        assert_eq!(spread(vec![0.9, 0.7, 0.8]), (0.8, 0.7, 0.9));
+        assert_eq!(spread(vec![0.6, 0.8]), (0.7, 0.6, 0.8));
+    }
 }

@@ -75,6 +75,16 @@ pub enum BenchCommand {
         /// Epochs per run.
         #[arg(long, default_value_t = 3)]
         epochs: usize,
+        /// How the workers combine their work: allreduce, local-sgd,
+        /// parameter-server or hierarchical (the spec's `training.strategy`).
+        #[arg(long, default_value = "allreduce")]
+        strategy: String,
+        /// Local steps between two averages, with --strategy local-sgd.
+        #[arg(long)]
+        sync_every: Option<usize>,
+        /// Times every split is measured, each job with its own solo baselines.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=20))]
+        rounds: u16,
         /// Folder with Fashion-MNIST.
         #[arg(long, default_value = "data/fashion-mnist-subset")]
         data: std::path::PathBuf,
@@ -159,6 +169,9 @@ pub fn run(command: BenchCommand) -> Result<ExitCode> {
             train_limit,
             batch,
             epochs,
+            strategy,
+            sync_every,
+            rounds,
             data,
         } => crate::bench::hetero::run(&crate::bench::hetero::HeteroBench {
             speeds: &speeds,
@@ -166,6 +179,8 @@ pub fn run(command: BenchCommand) -> Result<ExitCode> {
             train_limit,
             global_batch: batch,
             epochs,
+            strategy: crate::bench::hetero::strategy(&strategy, sync_every)?,
+            rounds: rounds.into(),
             data: &data,
         })?,
         BenchCommand::Train {

@@ -158,6 +158,10 @@ struct Inner {
     /// Held while a dataset is listed: the workers of a job ask at once, and the
     /// files are read and hashed once, not once per worker.
     listing: tokio::sync::Mutex<()>,
+    /// When a chunk of each job's dataset last went out (jobs sent to within
+    /// [`serving::IN_FLIGHT`]): the rendezvous tells waiting workers a member is
+    /// still fetching.
+    sending: Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// A job's dataset as this coordinator serves it.
@@ -192,6 +196,7 @@ impl Coordinator {
                 alert_rx: Mutex::new(Some(alert_rx)),
                 served: Mutex::default(),
                 listing: tokio::sync::Mutex::new(()),
+                sending: Mutex::default(),
             }),
         })
     }

@@ -92,8 +92,11 @@ impl CoordinatorRpc for Coordinator {
         req: Request<pb::RendezvousRequest>,
     ) -> Result<Response<pb::RendezvousResponse>, Status> {
         let arriving = wire::arriving(req.into_inner());
+        let job_id = arriving.job_id.clone();
         let answer = self.apply(|jobs, _, l| jobs.arrive(l.store, arriving))?;
-        Ok(Response::new(wire::answer(answer)))
+        let mut response = wire::answer(answer);
+        response.dataset_in_flight = !response.ready && self.dataset_in_flight(&job_id);
+        Ok(Response::new(response))
     }
 
     async fn check_membership(

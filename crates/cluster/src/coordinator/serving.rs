@@ -1,8 +1,16 @@
 //! The two calls that serve a job's dataset files to its workers
-//! ([`super::data_source`] decides what may be served).
+//! ([`super::data_source`] decides what may be served), and whether a job's
+//! files are on their way.
+//!
+//! A worker fetches its dataset before it joins the rendezvous, so the members
+//! that have the data wait for it there. A transfer can outlast their wait (a few
+//! GB over a slow link), so the rendezvous says when this job's files went out
+//! lately, and the waiting workers count their wait from then: a stalled
+//! transfer still ends the job, a slow one does not.
 
 use std::io::Read;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use hetero_job::JobSpec;
 use hetero_proto as pb;
@@ -12,7 +20,26 @@ use tonic::Status;
 use super::data_source::{self, CHUNK};
 use super::{Coordinator, Served};
 
+/// How recently a chunk must have gone out for a job's dataset to count as on
+/// its way (a fetching worker asks for the next file at once, and a file's
+/// chunks follow each other, so a live transfer sends far more often).
+pub(crate) const IN_FLIGHT: Duration = Duration::from_secs(15);
+
 impl Coordinator {
+    /// Whether a chunk of `job_id`'s dataset went out within [`IN_FLIGHT`].
+    pub(crate) fn dataset_in_flight(&self, job_id: &str) -> bool {
+        let sending = self.inner.sending.lock().unwrap_or_else(|p| p.into_inner());
+        sending.get(job_id).is_some_and(|at| at.elapsed() < IN_FLIGHT)
+    }
+
+    /// Notes that a chunk of `job_id`'s dataset is going out now, forgetting
+    /// jobs whose transfers have ended.
+    fn note_sending(&self, job_id: &str) {
+        let mut sending = self.inner.sending.lock().unwrap_or_else(|p| p.into_inner());
+        sending.retain(|_, at| at.elapsed() < IN_FLIGHT);
+        sending.insert(job_id.to_string(), Instant::now());
+    }
+
     /// The dataset of `job_id` as served here, listed once and kept; `Ok(Err(why))`
     /// when it is not served.
     pub(crate) async fn served_dataset(&self, job_id: &str) -> Result<Result<Arc<Served>, String>, Status> {
@@ -100,6 +127,7 @@ impl Coordinator {
             }
         };
         let (tx, rx) = mpsc::channel(4);
+        let coordinator = self.clone();
         tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; CHUNK];
             while left > 0 {
@@ -114,6 +142,7 @@ impl Coordinator {
                 let failed = chunk.is_err();
                 if let Ok(c) = &chunk {
                     left -= c.data.len() as u64;
+                    coordinator.note_sending(&req.job_id);
                 }
                 // The worker hung up: nothing more to send.
                 if tx.blocking_send(chunk).is_err() || failed {
@@ -122,5 +151,30 @@ impl Coordinator {
             }
         });
         Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coordinator::CoordinatorConfig;
+
+    #[test]
+    fn a_job_counts_as_fetching_only_while_its_chunks_go_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Coordinator::open(CoordinatorConfig::new(dir.path().join("c.redb"), "token")).unwrap();
+        assert!(!c.dataset_in_flight("job-1"));
+        c.note_sending("job-1");
+        assert!(c.dataset_in_flight("job-1"));
+        assert!(!c.dataset_in_flight("job-2"));
+        // Its last chunk went out a window ago: the transfer has ended.
+        let long_ago = Instant::now().checked_sub(IN_FLIGHT).unwrap();
+        c.inner.sending.lock().unwrap().insert("job-1".into(), long_ago);
+        assert!(!c.dataset_in_flight("job-1"));
+        c.note_sending("job-2");
+        assert!(
+            !c.inner.sending.lock().unwrap().contains_key("job-1"),
+            "ended transfers are forgotten"
+        );
     }
 }

@@ -183,5 +183,6 @@ pub(crate) fn answer(a: Answer) -> pb::RendezvousResponse {
         members: a.members,
         weights: a.weights,
         generation: a.generation,
+        dataset_in_flight: false,
     }
 }

@@ -259,10 +259,17 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         Ok(loss)
     }
 
-    /// Evaluates the test set, each worker a balanced part; every worker gets the
-    /// totals.
+    /// Evaluates the test set, each worker a part by its share of the training
+    /// batch (so a slow device does not hold the others up); every worker gets
+    /// the totals.
     pub fn evaluate(&mut self) -> Result<Option<Evaluation>, TrainError> {
         self.evaluate_with(&mut [])
+    }
+
+    /// The test samples `[start, end)` member `rank` evaluates (and, on a host
+    /// without the dataset, must hold): its share of the training batch.
+    fn test_part(&self, rank: usize) -> (usize, usize) {
+        eval_part(self.local.task.test_len(), &self.run.shares(), self.world(), rank)
     }
 
     /// [`Trainer::evaluate`], summing `extra` over the workers in the same exchange.
@@ -270,7 +277,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         self.fill_if_due()?;
         let len = self.local.task.test_len();
         let started = Instant::now();
-        let (a, b) = shard::balanced(len, self.world(), self.rank);
+        let (a, b) = self.test_part(self.rank);
         let mut sums = Evaluation::default();
         let step = self.options.eval_batch.max(1);
         for start in (a..b).step_by(step) {
@@ -536,12 +543,16 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     }
 
     /// Between two epochs: follows measured throughput (`rate`, this worker's
-    /// samples per second of compute; always when the first measurement of a
-    /// weighted run is still due), passes samples to the neighbours and lets lost
-    /// workers back in.
+    /// samples per second of compute over the epoch), passes samples to the
+    /// neighbours and lets lost workers back in. The throughput is followed with
+    /// `rebalance`; always when the first measurement of a weighted run is still
+    /// due; and once after a weighted run's first epoch, whose whole-epoch
+    /// figures settle a split that a few steps' measurement may have missed (a
+    /// worker under a CPU quota can look fast for a few steps).
     fn between_epochs(&mut self, rate: f64, on_event: &mut dyn FnMut(Event)) -> Result<(), TrainError> {
         let o = self.options.clone();
-        if (o.rebalance || self.run.measure_at.is_some())
+        let first_epoch_ended = o.measure_split && self.run.epoch == 1;
+        if (o.rebalance || self.run.measure_at.is_some() || first_epoch_ended)
             && self.world() > 1
             && let Some(e) = self.resilient(on_event, |t| t.follow_throughput(rate, Boundary::BetweenEpochs))?
         {
@@ -575,4 +586,34 @@ pub fn train<B: AutodiffBackend, T: Task<B>>(
     on_event: &mut dyn FnMut(Event),
 ) -> Result<RunSummary, TrainError> {
     Trainer::new(task, device, ring, options)?.run(on_event)
+}
+
+/// The test samples `[start, end)` that worker `rank` of `world` evaluates: its
+/// share of the training batch (`shares`, by rank) of the `len` samples, so every
+/// worker evaluates for about as long as it steps; a balanced part when the shares
+/// do not describe this ring.
+fn eval_part(len: usize, shares: &[f64], world: usize, rank: usize) -> (usize, usize) {
+    if shares.len() == world {
+        Split::weighted(shares).shard_bounds(len, rank)
+    } else {
+        shard::balanced(len, world, rank)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::eval_part;
+
+    #[test]
+    fn a_slow_worker_evaluates_its_share_and_every_sample_once() {
+        let shares = [0.5714, 0.2857, 0.1429];
+        let parts: Vec<_> = (0..3).map(|r| eval_part(1000, &shares, 3, r)).collect();
+        assert_eq!(parts[0].0, 0);
+        assert_eq!(parts[2].1, 1000);
+        assert!(parts.windows(2).all(|w| w[0].1 == w[1].0), "{parts:?}");
+        let lens: Vec<usize> = parts.iter().map(|(a, b)| b - a).collect();
+        assert!(lens[2] < 150 && lens[0] > 560, "{lens:?}");
+        // Shares of another ring (a worker was just lost): balanced parts.
+        assert_eq!(eval_part(10, &shares, 2, 1), (5, 10));
+    }
 }

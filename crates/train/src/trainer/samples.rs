@@ -32,7 +32,6 @@ use std::time::Instant;
 
 use burn::tensor::backend::AutodiffBackend;
 use hetero_data::held::present;
-use hetero_data::shard;
 
 use super::Trainer;
 use crate::report::Event;
@@ -102,7 +101,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// The samples member `rank` needs: its shard, and its part of the test set.
     fn needs(&self, rank: usize) -> Vec<usize> {
         let train_len = self.local.task.train_len();
-        let (a, b) = shard::balanced(self.local.task.test_len(), self.world(), rank);
+        let (a, b) = self.test_part(rank);
         let mut ids = self.run.assignment.shard(rank).to_vec();
         ids.extend((a..b).map(|i| train_len + i));
         ids

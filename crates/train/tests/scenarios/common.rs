@@ -62,6 +62,8 @@ pub struct Recorded {
     /// Time each sample of a training batch takes on top of its compute: a
     /// slower device whose slowness no other test's load can hide.
     pub delay: Duration,
+    /// The training batch from which `delay` applies (0: from the first).
+    pub delay_from: usize,
 }
 
 impl Task<B> for Recorded {
@@ -87,7 +89,9 @@ impl Task<B> for Recorded {
             panic!("worker killed on purpose (test)");
         }
         self.seen.lock().unwrap().extend_from_slice(indices);
-        std::thread::sleep(self.delay * indices.len() as u32);
+        if n >= self.delay_from {
+            std::thread::sleep(self.delay * indices.len() as u32);
+        }
         self.inner.train_batch(indices, device)
     }
     fn test_batch(
@@ -221,6 +225,7 @@ pub fn recorded(len: usize, seen: &Arc<Mutex<Vec<usize>>>, die_at: Option<usize>
         die_at,
         calls: std::cell::Cell::new(0),
         delay: Duration::ZERO,
+        delay_from: 0,
     }
 }
 

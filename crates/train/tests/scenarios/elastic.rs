@@ -34,6 +34,7 @@ fn survivors_finish_when_a_worker_dies_mid_epoch() {
                         die_at: (rank == 2).then_some(4),
                         calls: std::cell::Cell::new(0),
                         delay: Duration::ZERO,
+                        delay_from: 0,
                     };
                     let options = TrainOptions::new(epochs, global, 7).with_optimizer(Optimizer::Adam, 1e-2);
                     let mut t = Trainer::new(task, Default::default(), ring, options)

@@ -64,6 +64,62 @@ fn a_weighted_run_sets_its_split_from_measured_throughput_within_the_first_epoch
     );
 }
 
+/// A few steps can mislead (a worker under a CPU quota may run them
+/// unthrottled): here rank 1 slows down only after the first measurement, which
+/// saw two equal workers. The first epoch's whole figures set the next epoch's
+/// split, even without `rebalance`, and only that once.
+#[test]
+fn a_weighted_run_settles_its_split_on_the_whole_first_epoch() {
+    let (len, global, epochs) = (600, 40, 3);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let finished = train_ring(2, |rank| {
+        let mut task = recorded(len, &seen, None);
+        if rank == 1 {
+            task.delay = Duration::from_millis(3);
+            // After the measurement at the third step (a fifth of 15 steps, at least 3).
+            task.delay_from = 5;
+        }
+        let mut o = TrainOptions::new(epochs, global, 5).with_optimizer(Optimizer::Sgd, 1e-2);
+        o.weights = vec![1.0, 1.0];
+        o.measure_split = true;
+        assert!(!o.rebalance);
+        (task, o)
+    });
+    for (summary, _, events) in &finished {
+        let between: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Rebalanced {
+                    epoch,
+                    shares,
+                    within_epoch: false,
+                    ..
+                } => Some((*epoch, shares)),
+                _ => None,
+            })
+            .collect();
+        let [(1, shares)] = between[..] else {
+            panic!("one settling after the first epoch, none later: {events:?}")
+        };
+        let first = &summary.history[0].shares;
+        assert!(first[1] > 0.4, "the first steps saw equal workers: {first:?}");
+        assert!(
+            shares[1] < first[1] - 0.05,
+            "rank 1's share drops: {first:?} → {shares:?}"
+        );
+        assert_eq!(summary.history[1].shares, *shares);
+        assert_eq!(summary.history[2].shares, *shares, "no rebalance after that");
+        for h in &summary.history {
+            let c = h.coverage;
+            assert_eq!((c.visited, c.distinct), (len, len), "epoch {}: {c:?}", h.epoch);
+        }
+    }
+    assert!(
+        visits(&seen, len).iter().all(|&n| n == epochs),
+        "every sample once per epoch"
+    );
+}
+
 /// The measured split outlives a lost worker: the survivors keep their measured
 /// shares (the membership's scores are empty here, which would mean an even
 /// split), so the slow survivor still gets the smaller part.
