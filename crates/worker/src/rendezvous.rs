@@ -25,8 +25,9 @@ pub struct Members {
     pub weights: Vec<f64>,
 }
 
-/// How long a worker waits for the slowest peer to arrive — counted from the
-/// last time the coordinator sent the job's dataset to a member still fetching it.
+/// How long a worker waits for the slowest peer to arrive — counted again from
+/// each answer that says the coordinator is still sending the job's dataset to a
+/// member (a chunk went out within the last 15 s).
 pub const RENDEZVOUS_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Publishes `address` for this rank and returns every rank's address.
@@ -56,8 +57,8 @@ pub fn members(
 ) -> Result<Members, WorkerError> {
     let _waiting = liveness::on_peers();
     runtime()?.block_on(async {
-        // Counted from the start, or from the last chunk of the dataset the
-        // coordinator sent to a member that has not arrived yet.
+        // Counted from the start, or from the last answer that said the
+        // coordinator is still sending a member the dataset.
         let mut started = Instant::now();
         let mut said_fetching = false;
         let mut client = None;
@@ -158,10 +159,18 @@ pub struct CoordinatorMembership {
     /// The runtime and connection the epoch boundaries' questions go over, kept
     /// from one epoch to the next: a new runtime and TLS connection each time
     /// cost ~45 ms a boundary, more under a CPU quota, and the whole ring waits
-    /// for the slowest asker. A connection that fails is dropped and made again.
+    /// for the slowest asker. The runtime runs only while a question is asked,
+    /// so nothing answers the coordinator's HTTP/2 pings in between, and it
+    /// closes the connection after ~30 s: a connection idle for [`KEEP_IDLE`]
+    /// is made again, and a kept one that fails in any way is tried once anew.
     runtime: Option<tokio::runtime::Runtime>,
-    client: Option<hetero_proto::client::Client>,
+    /// The kept connection, and when it last answered.
+    client: Option<(hetero_proto::client::Client, Instant)>,
 }
+
+/// How long a kept connection to the coordinator may idle and still be used:
+/// below the coordinator's ping interval (10 s), so no ping went unanswered.
+const KEEP_IDLE: Duration = Duration::from_secs(8);
 
 impl CoordinatorMembership {
     /// Regroups `setup`'s worker, listening on `listener` (the data-plane one).
@@ -236,7 +245,11 @@ impl Membership for CoordinatorMembership {
             Some(r) => r,
             None => runtime().map_err(|e| fail(e.to_string()))?,
         };
-        let (setup, kept) = (&self.setup, &mut self.client);
+        let kept = &mut self.client;
+        if kept.as_ref().is_some_and(|(_, used)| used.elapsed() > KEEP_IDLE) {
+            *kept = None;
+        }
+        let setup = &self.setup;
         let answer = runtime.block_on(async {
             // A coordinator that blinks or restarts must not split the ring's
             // decision: ask again until it answers (it keeps its decision for this
@@ -244,24 +257,32 @@ impl Membership for CoordinatorMembership {
             let started = Instant::now();
             loop {
                 // A kept connection the coordinator has since closed fails at
-                // once: a new one is tried straight away, without the pause.
+                // once, in whatever words: a new one is tried straight away.
                 let reused = kept.is_some();
                 let answer = match kept {
-                    Some(client) => ask_joiners(client, setup, generation, epoch).await,
+                    Some((client, _)) => ask_joiners(client, setup, generation, epoch).await,
                     None => match hetero_proto::client::connect(&setup.coordinator, &setup.token).await {
-                        Ok(client) => ask_joiners(kept.insert(client), setup, generation, epoch).await,
+                        Ok(client) => {
+                            ask_joiners(&mut kept.insert((client, Instant::now())).0, setup, generation, epoch).await
+                        }
                         Err(e) => Err(NoAnswer::Away(e.to_string())),
                     },
                 };
+                if answer.is_ok() {
+                    if let Some((_, used)) = kept.as_mut() {
+                        *used = Instant::now();
+                    }
+                } else {
+                    *kept = None;
+                    if reused {
+                        continue;
+                    }
+                }
                 let why = match answer {
                     Ok(regroup) => return Ok(regroup),
                     Err(NoAnswer::Refused(why)) => return Err(fail(why)),
                     Err(NoAnswer::Away(why)) => why,
                 };
-                *kept = None;
-                if reused {
-                    continue;
-                }
                 if started.elapsed() > COORDINATOR_OUTAGE {
                     return Err(fail(format!(
                         "unreachable for {} s: {why}",

@@ -84,8 +84,10 @@ const ALONE: Variant = Variant {
     rebalance: false,
 };
 
-/// Samples a device trains on alone (over two epochs of a smaller dataset): its
-/// speed is steady long before, and the slowest device takes half a minute.
+/// Samples a device trains on alone (over as many epochs of a smaller
+/// `--train-limit` as it takes, the first step's warm-up included, as in the
+/// job): its speed is steady long before, and the slowest device takes half a
+/// minute.
 const SOLO_SAMPLES: usize = 8000;
 
 /// Samples a device at full speed trains on alone while the others do too
@@ -155,6 +157,9 @@ pub fn run(b: &HeteroBench) -> Result<()> {
     }
     if b.speeds.len() < 2 {
         bail!("give two or more devices (--speeds 1,0.5,0.25)");
+    }
+    if b.train_limit == 0 {
+        bail!("--train-limit must be at least 1 (samples per epoch)");
     }
     let data = std::path::absolute(b.data)?;
     if !hetero_data::mnist::is_complete(&data) {
