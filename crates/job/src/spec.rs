@@ -279,6 +279,36 @@ pub enum Strategy {
 }
 
 impl Strategy {
+    /// Every name a spec may give, for messages.
+    pub const NAMES: &'static str = "allreduce, hierarchical, parameter-server, local-sgd";
+
+    /// The strategy a spec names, with its `sync_every` (local-sgd, default 8)
+    /// and `staleness` (parameter-server, default 0); `None` for an unknown name.
+    pub fn from_spec(name: &str, sync_every: Option<usize>, staleness: Option<usize>) -> Option<Strategy> {
+        Some(match name {
+            "allreduce" => Strategy::Allreduce,
+            "hierarchical" => Strategy::Hierarchical,
+            "parameter-server" => Strategy::ParameterServer {
+                staleness: staleness.unwrap_or(0),
+            },
+            "local-sgd" => Strategy::LocalSgd {
+                sync_every: sync_every.unwrap_or(8),
+            },
+            _ => return None,
+        })
+    }
+
+    /// The `[training]` lines of a spec that choose this strategy.
+    pub fn spec_lines(self) -> String {
+        match self {
+            Strategy::LocalSgd { sync_every } => format!("strategy = \"local-sgd\"\nsync_every = {sync_every}\n"),
+            Strategy::ParameterServer { staleness } => {
+                format!("strategy = \"parameter-server\"\nstaleness = {staleness}\n")
+            }
+            other => format!("strategy = \"{}\"\n", other.name()),
+        }
+    }
+
     /// The name used in specs.
     pub fn name(self) -> &'static str {
         match self {
@@ -662,20 +692,15 @@ impl JobSpec {
         }
         let sync_every = tr.int("sync_every", 1, 1_000_000)?;
         let staleness = tr.int("staleness", 0, 1000)?;
-        let strategy = match tr.string("strategy")?.as_deref() {
-            Some("allreduce") | None => Strategy::Allreduce,
-            Some("hierarchical") => Strategy::Hierarchical,
-            Some("parameter-server") => Strategy::ParameterServer {
-                staleness: staleness.unwrap_or(0),
-            },
-            Some("local-sgd") => Strategy::LocalSgd {
-                sync_every: sync_every.unwrap_or(8),
-            },
-            Some(other) => {
+        let strategy_name = tr.string("strategy")?;
+        let strategy = match Strategy::from_spec(strategy_name.as_deref().unwrap_or("allreduce"), sync_every, staleness)
+        {
+            Some(s) => s,
+            None => {
                 return Err(tr.invalid(
                     "strategy",
-                    other,
-                    "one of: allreduce, hierarchical, parameter-server, local-sgd",
+                    strategy_name.as_deref().unwrap_or_default(),
+                    &format!("one of: {}", Strategy::NAMES),
                 ));
             }
         };

@@ -182,7 +182,7 @@ pub fn run(b: &HeteroBench) -> Result<()> {
         b.epochs,
         b.global_batch,
         b.speeds,
-        strategy_toml(b.strategy).trim().replace('\n', ", ")
+        b.strategy.spec_lines().trim().replace('\n', ", ")
     );
     // Rounds of every variant, each job followed by its devices alone: the host's
     // speed drifts by ±10 % over minutes, so a baseline is measured next to the
@@ -232,9 +232,9 @@ pub fn run(b: &HeteroBench) -> Result<()> {
             label,
             s.samples_per_sec,
             m.alone.iter().sum::<f64>(),
-            m.efficiency(),
+            m.efficiency(&m.alone),
             m.together.iter().sum::<f64>(),
-            m.efficiency_together(),
+            m.efficiency(&m.together),
             s.test_accuracy.map_or("-".into(), |a| format!("{:.1} %", a * 100.0)),
             s.last_epoch_loss,
             figures.join(" | ")
@@ -251,8 +251,8 @@ pub fn run(b: &HeteroBench) -> Result<()> {
             .filter(|(r, _)| r.label == v.label)
             .map(|(_, m)| m)
             .collect();
-        let (median, low, high) = spread(of_variant.iter().map(|m| m.efficiency()).collect());
-        let (median_t, low_t, high_t) = spread(of_variant.iter().map(|m| m.efficiency_together()).collect());
+        let (median, low, high) = spread(of_variant.iter().map(|m| m.efficiency(&m.alone)).collect());
+        let (median_t, low_t, high_t) = spread(of_variant.iter().map(|m| m.efficiency(&m.together)).collect());
         println!(
             "  {:<20} {median:.3} ({low:.3}–{high:.3}) | {median_t:.3} ({low_t:.3}–{high_t:.3})",
             v.label
@@ -285,30 +285,13 @@ pub fn run(b: &HeteroBench) -> Result<()> {
 
 /// The strategy named on the command line (`--strategy`, `--sync-every`).
 pub fn strategy(name: &str, sync_every: Option<usize>) -> Result<Strategy> {
-    let strategy = match name {
-        "allreduce" => Strategy::Allreduce,
-        "hierarchical" => Strategy::Hierarchical,
-        "parameter-server" => Strategy::ParameterServer { staleness: 0 },
-        "local-sgd" => Strategy::LocalSgd {
-            sync_every: sync_every.unwrap_or(8),
-        },
-        other => bail!("--strategy {other:?}: one of allreduce, local-sgd, parameter-server, hierarchical"),
+    let Some(strategy) = Strategy::from_spec(name, sync_every, None) else {
+        bail!("--strategy {name:?}: one of {}", Strategy::NAMES);
     };
     match (strategy, sync_every) {
         (Strategy::LocalSgd { sync_every: 0 }, _) => bail!("--sync-every must be at least 1"),
         (Strategy::LocalSgd { .. }, _) | (_, None) => Ok(strategy),
         (_, Some(_)) => bail!("--sync-every is only read with --strategy local-sgd"),
-    }
-}
-
-/// The `[training]` lines that choose `strategy` in a spec.
-fn strategy_toml(strategy: Strategy) -> String {
-    match strategy {
-        Strategy::LocalSgd { sync_every } => format!("strategy = \"local-sgd\"\nsync_every = {sync_every}\n"),
-        Strategy::ParameterServer { staleness } => {
-            format!("strategy = \"parameter-server\"\nstaleness = {staleness}\n")
-        }
-        other => format!("strategy = \"{}\"\n", other.name()),
     }
 }
 
@@ -344,14 +327,10 @@ struct Measured {
 }
 
 impl Measured {
-    /// The job's throughput over the sum of its devices' alone, one at a time.
-    fn efficiency(&self) -> f64 {
-        self.run.summary.samples_per_sec / self.alone.iter().sum::<f64>()
-    }
-
-    /// The job's throughput over the sum of its devices' alone, all at once.
-    fn efficiency_together(&self) -> f64 {
-        self.run.summary.samples_per_sec / self.together.iter().sum::<f64>()
+    /// The job's throughput over the sum of its devices' rates `alone`
+    /// (`self.alone` or `self.together`).
+    fn efficiency(&self, alone: &[f64]) -> f64 {
+        self.run.summary.samples_per_sec / alone.iter().sum::<f64>()
     }
 }
 
@@ -403,11 +382,12 @@ async fn job(
     let split = if variant.weighted { "weighted" } else { "even" };
     let rebalance = variant.rebalance;
     // A device alone just steps: its strategy would only add a server to wait on.
-    let strategy = strategy_toml(if speeds.len() > 1 {
+    let strategy = if speeds.len() > 1 {
         b.strategy
     } else {
         Strategy::Allreduce
-    });
+    }
+    .spec_lines();
     let program = std::env::current_exe()?;
     let out = tempfile::tempdir()?;
     let cluster = LocalCluster::start_agents(speeds.len(), |i, agent| {
@@ -493,7 +473,7 @@ mod tests {
             Strategy::LocalSgd { sync_every: 8 }
         );
         assert_eq!(
-            strategy_toml(strategy("local-sgd", Some(4)).unwrap()),
+            strategy("local-sgd", Some(4)).unwrap().spec_lines(),
             "strategy = \"local-sgd\"\nsync_every = 4\n"
         );
         let wrong = strategy("ring", None).unwrap_err().to_string();
