@@ -152,6 +152,9 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Hetero's workers flush subnormal floats to zero (Adam's moments decay into
+    # them and x86 computes on them slowly): the peer does the same.
+    torch.set_flush_denormal(True)
     torch.manual_seed(args.seed)
     loss_fn = nn.CrossEntropyLoss()
     if args.model == "transformer":

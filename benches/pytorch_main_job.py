@@ -52,6 +52,8 @@ def share(batch: int, world: int, rank: int) -> range:
 
 def run(rank: int, args) -> None:
     torch.set_num_threads(args.threads)
+    # As Hetero's workers do (see pytorch_baseline.py).
+    torch.set_flush_denormal(True)
     world = args.workers
     if world > 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

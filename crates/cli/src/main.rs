@@ -149,6 +149,8 @@ enum Command {
 
 fn main() -> ExitCode {
     hetero_worker::memory::keep_freed_buffers();
+    // Before any thread computes: in-process training (benches) as well as workers.
+    hetero_worker::float_mode::flush_subnormals();
     let cli = Cli::parse();
     if matches!(cli.command, Command::Worker) {
         // An inference job's workers serve a model instead of training one.

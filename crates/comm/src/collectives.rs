@@ -24,6 +24,7 @@ use std::thread;
 
 use crate::frame::FrameKind;
 use crate::link::{Receiver, Sender};
+use crate::precision::Precision;
 use crate::{CommError, Ring};
 
 /// Floats per piece: 256 KiB frames keep the pipeline full without large copies.
@@ -42,14 +43,6 @@ fn chunk_bounds(len: usize, world: usize, chunk: usize) -> (usize, usize) {
 
 fn pieces(start: usize, end: usize) -> impl Iterator<Item = (usize, usize)> {
     (start..end).step_by(PIECE).map(move |s| (s, (s + PIECE).min(end)))
-}
-
-fn encode(values: &[f32]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(values.len() * 4);
-    for v in values {
-        out.extend_from_slice(&v.to_le_bytes());
-    }
-    out
 }
 
 /// Runs `body` with a writer thread that sends every queued piece to `next` as a
@@ -122,11 +115,18 @@ impl Ring {
 
     /// Sums `buf` element-wise across all ranks; every rank ends with the same sum.
     pub fn allreduce_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
-        let result = self.ring_sum(buf);
+        self.allreduce_sum_as(buf, Precision::F32)
+    }
+
+    /// [`Ring::allreduce_sum`] with the floats travelling at `precision`: added
+    /// in f32, rounded where they travel, and every rank ends with the same
+    /// (rounded) sums. Every rank must pass the same precision.
+    pub fn allreduce_sum_as(&mut self, buf: &mut [f32], precision: Precision) -> Result<(), CommError> {
+        let result = self.ring_sum(buf, precision);
         self.fail(result)
     }
 
-    fn ring_sum(&mut self, buf: &mut [f32]) -> Result<(), CommError> {
+    fn ring_sum(&mut self, buf: &mut [f32], precision: Precision) -> Result<(), CommError> {
         let world = self.config.world;
         let rank = self.config.rank;
         let max = self.config.max_frame;
@@ -139,33 +139,36 @@ impl Ring {
         with_writer(next, FrameKind::Data, next_name, |tx| {
             let (s, e) = chunk_bounds(len, world, rank);
             for (a, b) in pieces(s, e) {
-                tx.send(encode(&buf[a..b])).ok();
+                tx.send(precision.encode(&buf[a..b])).ok();
             }
             let mut frame = Vec::new();
             for k in 0..steps {
                 let chunk = (rank + 2 * world - k - 1) % world;
                 let reducing = k < world - 1;
+                // After the last reduce step this rank owns `chunk`, summed: it
+                // keeps what the others will receive, to the last bit.
+                let owned = k == world - 2;
                 let forwarding = k + 1 < steps;
                 let (s, e) = chunk_bounds(len, world, chunk);
                 for (a, b) in pieces(s, e) {
                     prev.recv(&mut frame, max, &prev_name, "allreduce")?;
-                    if frame.len() != (b - a) * 4 {
+                    let expected = (b - a) * precision.bytes();
+                    if frame.len() != expected {
                         return Err(CommError::Protocol {
                             peer: prev_name,
                             reason: format!(
-                                "allreduce piece of {} bytes where {} were expected (peers disagree on the buffer length?)",
+                                "allreduce piece of {} bytes where {expected} were expected (peers disagree on the buffer length or the precision?)",
                                 frame.len(),
-                                (b - a) * 4
                             ),
                         });
                     }
                     let dst = &mut buf[a..b];
-                    for (d, bytes) in dst.iter_mut().zip(frame.chunks_exact(4)) {
-                        let v = f32::from_le_bytes(bytes.try_into().expect("4 bytes"));
-                        if reducing { *d += v } else { *d = v }
+                    precision.fold(dst, &frame, reducing);
+                    if owned {
+                        precision.round(dst);
                     }
                     if forwarding {
-                        tx.send(encode(dst)).ok();
+                        tx.send(precision.encode(dst)).ok();
                     }
                 }
             }
@@ -200,7 +203,7 @@ impl Ring {
         with_writer(next, FrameKind::Data, next_name, |tx| {
             if rank == root {
                 for (a, b) in pieces(0, buf.len()) {
-                    tx.send(encode(&buf[a..b])).ok();
+                    tx.send(Precision::F32.encode(&buf[a..b])).ok();
                 }
                 return Ok(());
             }
@@ -213,9 +216,7 @@ impl Ring {
                         reason: "broadcast piece of unexpected length".into(),
                     });
                 }
-                for (d, bytes) in buf[a..b].iter_mut().zip(frame.chunks_exact(4)) {
-                    *d = f32::from_le_bytes(bytes.try_into().expect("4 bytes"));
-                }
+                Precision::F32.fold(&mut buf[a..b], &frame, false);
                 if rank != last {
                     tx.send(frame.clone()).ok();
                 }
@@ -384,6 +385,30 @@ mod tests {
                 for (rank, got) in results.iter().enumerate() {
                     assert_eq!(got, &expected, "world {world}, len {len}, rank {rank}");
                 }
+            }
+        }
+    }
+
+    /// At bf16 every rank ends with the same bits, within bf16's rounding of
+    /// the exact sum (each partial sum is rounded once per hop), and half the
+    /// bytes travel (a rank that disagreed on the precision would be refused).
+    #[test]
+    fn a_bf16_allreduce_agrees_to_the_bit_within_rounding_of_the_sum() {
+        let value = |rank: usize, i: usize| ((i * 7919 + rank * 104_729) % 10_007) as f32 * 1.37e-3 - 6.5;
+        for world in 2..=4 {
+            let len = 300_007;
+            let results = on_ring(world, |ring| {
+                let mut buf: Vec<f32> = (0..len).map(|i| value(ring.rank(), i)).collect();
+                ring.allreduce_sum_as(&mut buf, Precision::Bf16).unwrap();
+                buf
+            });
+            for got in &results[1..] {
+                assert!(got == &results[0], "world {world}: ranks disagree");
+            }
+            for (i, got) in results[0].iter().enumerate() {
+                let exact: f32 = (0..world).map(|r| value(r, i)).sum();
+                let bound: f32 = (0..world).map(|r| value(r, i).abs()).sum::<f32>() * world as f32 / 256.0;
+                assert!((got - exact).abs() <= bound, "world {world}, [{i}]: {got} for {exact}");
             }
         }
     }

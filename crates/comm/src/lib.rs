@@ -26,9 +26,11 @@ pub mod handshake;
 pub mod link;
 pub mod liveness;
 pub mod mesh;
+pub mod precision;
 pub mod ring;
 pub mod server;
 
 pub use error::CommError;
 pub use mesh::Mesh;
+pub use precision::Precision;
 pub use ring::{Ring, RingConfig};

@@ -32,6 +32,7 @@ use std::time::Instant;
 
 use crate::frame::FrameKind;
 use crate::link::{self, Receiver, Sender};
+use crate::precision::Precision;
 use crate::ring::{accept_ranks, check_membership, dial};
 use crate::{CommError, RingConfig};
 
@@ -122,7 +123,7 @@ impl Mesh {
 
     /// Sends `values` to rank `to`.
     pub fn send(&mut self, to: usize, values: &[f32]) -> Result<(), CommError> {
-        let bytes = encode(values);
+        let bytes = Precision::F32.encode(values);
         self.sender(to)?
             .send(FrameKind::Data, &bytes)
             .map_err(|e| CommError::io(format!("sending to rank {to}"), e))?;
@@ -211,7 +212,7 @@ impl Mesh {
             let send_chunk = (pos + 2 * g - step) % g;
             let recv_chunk = (pos + 2 * g - step - 1) % g;
             let (a, b) = bounds(send_chunk);
-            let outgoing = encode(&buf[a..b]);
+            let outgoing = Precision::F32.encode(&buf[a..b]);
             let (c, d) = bounds(recv_chunk);
             incoming.resize(d - c, 0f32);
             self.send_recv(next, &outgoing, prev, &mut incoming)?;
@@ -310,7 +311,7 @@ impl Mesh {
         for step in 0..g - 1 {
             let send = (pos + g - step) % g;
             let recv = (pos + g - step - 1) % g;
-            let outgoing = encode(&all[offsets[send]..offsets[send] + sizes[send]]);
+            let outgoing = Precision::F32.encode(&all[offsets[send]..offsets[send] + sizes[send]]);
             incoming.resize(sizes[recv], 0f32);
             self.send_recv(next, &outgoing, prev, &mut incoming)?;
             place(&mut all, recv, &incoming);
@@ -398,7 +399,7 @@ impl Mesh {
     /// Sends `buf` to each of `others` and receives from each a buffer of the
     /// length `lens` gives it, in `others`' order.
     fn exchange(&mut self, others: &[usize], buf: &[f32], lens: &[usize]) -> Result<Vec<Vec<f32>>, CommError> {
-        let bytes = encode(buf);
+        let bytes = Precision::F32.encode(buf);
         let max = self.config.max_frame;
         let mut received: Vec<Vec<f32>> = lens.iter().map(|&n| vec![0f32; n]).collect();
         if bytes.len() <= THREADED && lens.iter().all(|&n| n * 4 <= THREADED) {
@@ -479,10 +480,6 @@ fn not_a_peer(peer: usize, world: usize) -> CommError {
     CommError::Config(format!("rank {peer} is not a peer in a mesh of {world}"))
 }
 
-fn encode(values: &[f32]) -> Vec<u8> {
-    values.iter().flat_map(|v| v.to_le_bytes()).collect()
-}
-
 fn decode_into(kind: FrameKind, frame: &[u8], into: &mut [f32], peer: &str) -> Result<(), CommError> {
     if kind == FrameKind::Abort {
         return Err(CommError::Protocol {
@@ -500,9 +497,7 @@ fn decode_into(kind: FrameKind, frame: &[u8], into: &mut [f32], peer: &str) -> R
             ),
         });
     }
-    for (d, b) in into.iter_mut().zip(frame.chunks_exact(4)) {
-        *d = f32::from_le_bytes(b.try_into().expect("4 bytes"));
-    }
+    Precision::F32.fold(into, frame, false);
     Ok(())
 }
 

@@ -29,8 +29,8 @@ pub const CHECKPOINT_FILE: &str = "checkpoint.bin";
 /// checkpoint there can be read without the TOML it came from (`hetero export`).
 pub const SPEC_FILE: &str = "spec.json";
 pub use spec::{
-    Backend, ClusterSpec, DATASET_KINDS, DatasetSpec, InferenceSpec, JobSpec, ModelKind, NormalizeSpec, Optimizer,
-    Policy, PreprocessSpec, SchedulingSpec, SplitKind, Strategy, TaskSpec, TrainingSpec,
+    Backend, ClusterSpec, DATASET_KINDS, DatasetSpec, ExchangePrecision, InferenceSpec, JobSpec, ModelKind,
+    NormalizeSpec, Optimizer, Policy, PreprocessSpec, SchedulingSpec, SplitKind, Strategy, TaskSpec, TrainingSpec,
 };
 pub use transformer::{DecoupleSpec, DistillSpec, SubBlockVariant, TransformerSpec};
 pub use worker_env::{WorkerEnv, WorkerRole};

@@ -10,7 +10,7 @@
 //! [preprocess] resize, normalize, crop_padding, horizontal_flip, noise_std
 //! [training]  epochs, global_batch_size, optimizer, learning_rate, loss, seed,
 //!             strategy, sync_every, staleness, checkpoint_every, resume_from,
-//!             stall_after_secs, overlap
+//!             stall_after_secs, overlap, exchange_precision
 //! [cluster]   workers, backend, threads_per_worker, device, memory_per_worker_mb
 //! [scheduling] priority, after, policy
 //! [output]    dir
@@ -240,6 +240,21 @@ pub struct TrainingSpec {
     /// that split so (the CNN).
     #[serde(default = "yes")]
     pub overlap: bool,
+    /// How the floats an allreduce or local SGD exchanges travel.
+    #[serde(default)]
+    pub exchange_precision: ExchangePrecision,
+}
+
+/// How the floats workers exchange travel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExchangePrecision {
+    /// Every bit (f32).
+    #[default]
+    F32,
+    /// bfloat16: half the bytes. Gradients (allreduce) or the models' changes
+    /// since the last average (local SGD) are rounded to 8 bits of mantissa.
+    Bf16,
 }
 
 fn yes() -> bool {
@@ -504,6 +519,7 @@ const TRAINING: &[&str] = &[
     "resume_from",
     "stall_after_secs",
     "overlap",
+    "exchange_precision",
 ];
 const CLUSTER: &[&str] = &[
     "workers",
@@ -718,8 +734,21 @@ impl JobSpec {
                 "staleness is only read with strategy = \"parameter-server\"",
             ));
         }
+        let exchange_precision = match tr.string("exchange_precision")?.as_deref() {
+            None | Some("f32") => ExchangePrecision::F32,
+            Some("bf16") => ExchangePrecision::Bf16,
+            Some(other) => return Err(tr.invalid("exchange_precision", other, "one of: f32, bf16")),
+        };
+        if exchange_precision != ExchangePrecision::F32 && strategy.uses_parameter_server() {
+            return Err(tr.invalid(
+                "exchange_precision",
+                "bf16",
+                "only allreduce and local-sgd exchange at another precision; a parameter server's exchange is f32",
+            ));
+        }
         let training = TrainingSpec {
             strategy,
+            exchange_precision,
             checkpoint_every: tr.int("checkpoint_every", 0, 100_000)?.unwrap_or(1),
             resume_from: tr.string("resume_from")?.map(PathBuf::from),
             stall_after_secs: tr
@@ -1210,6 +1239,26 @@ workers = 3
         assert!(err.to_string().contains("local-sgd"), "{err}");
         let s = JobSpec::from_json(&s.to_json()).unwrap();
         assert_eq!(s.training.strategy, Strategy::Hierarchical);
+    }
+
+    #[test]
+    fn exchange_precision_is_f32_unless_bf16_is_asked_where_it_applies() {
+        assert_eq!(
+            JobSpec::parse(GOOD).unwrap().training.exchange_precision,
+            ExchangePrecision::F32
+        );
+        let s = edit("epochs = 2", "epochs = 2\nexchange_precision = \"bf16\"").unwrap();
+        assert_eq!(s.training.exchange_precision, ExchangePrecision::Bf16);
+        let back = JobSpec::from_json(&s.to_json()).unwrap();
+        assert_eq!(back.training.exchange_precision, ExchangePrecision::Bf16);
+        let err = edit("epochs = 2", "epochs = 2\nexchange_precision = \"fp8\"").unwrap_err();
+        assert!(err.to_string().contains("one of: f32, bf16"), "{err}");
+        let err = edit(
+            "epochs = 2",
+            "epochs = 2\nexchange_precision = \"bf16\"\nstrategy = \"parameter-server\"",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("parameter server's exchange is f32"), "{err}");
     }
 
     #[test]

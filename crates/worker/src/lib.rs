@@ -18,6 +18,7 @@ pub mod builtin;
 pub mod distill;
 pub mod env;
 pub mod fetch_data;
+pub mod float_mode;
 pub mod memory;
 pub mod probe;
 pub mod rendezvous;
@@ -112,6 +113,7 @@ where
     F: FnOnce(&TaskContext, &SystemDevice) -> Result<Prepared<T>, String>,
 {
     memory::keep_freed_buffers();
+    float_mode::flush_subnormals();
     let setup = WorkerSetup::from_env()?;
     end_with_the_agent();
     let chosen = backend::choose(setup.spec.cluster.backend, setup.backend.as_deref()).map_err(WorkerError::Setup)?;

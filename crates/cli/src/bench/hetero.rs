@@ -12,8 +12,9 @@
 //! (compute scores as the starting guess, then set from the throughput measured a
 //! few steps into the first epoch), and weighted and rebalanced between epochs;
 //! each job is followed by its devices alone at the local batches it ended with,
-//! so a baseline is measured minutes, not a quarter of an hour, from the job it
-//! judges, and `--rounds` repeats the lot to show the spread. The devices alone
+//! each for about as long as the job ran, so a baseline is measured minutes, not
+//! a quarter of an hour, from the job it judges, and `--rounds` repeats the lot
+//! to show the spread. The devices alone
 //! are measured twice: one after another on an idle host, and all at once (each
 //! in a job of its own), which loads the shared cores' caches and memory as the
 //! job does — see [`solo_rates`]. The workers combine
@@ -26,8 +27,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use hetero_cluster::local::LocalCluster;
 use hetero_data::shard::Split;
-use hetero_job::Strategy;
 use hetero_job::events::RunSummary;
+use hetero_job::{ExchangePrecision, Strategy};
 use hetero_proto as pb;
 use hetero_proto::client;
 
@@ -45,6 +46,8 @@ pub struct HeteroBench<'a> {
     pub epochs: usize,
     /// How the job's workers combine their work (a device alone just steps).
     pub strategy: Strategy,
+    /// How the floats they exchange travel.
+    pub precision: ExchangePrecision,
     /// Times every variant is measured (each with its own solo baselines).
     pub rounds: usize,
     /// Fashion-MNIST folder.
@@ -84,17 +87,12 @@ const ALONE: Variant = Variant {
     rebalance: false,
 };
 
-/// Samples a device trains on alone (over as many epochs of a smaller
-/// `--train-limit` as it takes, the first step's warm-up included, as in the
-/// job): its speed is steady long before, and the slowest device takes half a
-/// minute.
-const SOLO_SAMPLES: usize = 8000;
+/// The fewest samples a device trains on alone (over as many epochs of a smaller
+/// `--train-limit` as it takes, the first step's warm-up included, as in the job).
+const LEAST_SOLO_SAMPLES: usize = 2000;
 
-/// Samples a device at full speed trains on alone while the others do too
-/// (slower ones in proportion to their speed, so that all end about together).
-const TOGETHER_SAMPLES: usize = 16000;
-
-/// Each device's samples/s training alone at `batches[device]`: one device after
+/// Each device's samples/s training alone on `samples[device]` samples at
+/// `batches[device]` (see [`JobRun::solo_samples`]): one device after
 /// another on an otherwise idle host, or (`at_once`) every device at once, each
 /// in a job of its own, so the host is as loaded as in the job. The devices of
 /// this emulation share two cores' caches and memory: a device computes ~15 %
@@ -105,17 +103,11 @@ fn solo_rates(
     rt: &tokio::runtime::Runtime,
     data: &Path,
     gflops: f32,
-    batches: &[usize],
+    (batches, samples): (&[usize], &[usize]),
     at_once: bool,
 ) -> Result<Vec<f64>> {
-    let fastest = b.speeds.iter().cloned().fold(0.0f32, f32::max);
     let solo = |device: usize| -> Result<f64> {
-        let (speed, batch) = (b.speeds[device], batches[device]);
-        let samples = if at_once {
-            ((TOGETHER_SAMPLES as f32 * speed / fastest) as usize).max(batch)
-        } else {
-            SOLO_SAMPLES
-        };
+        let (speed, batch, samples) = (b.speeds[device], batches[device], samples[device]);
         let limit = b.train_limit.min(samples);
         let run = rt.block_on(job(
             b,
@@ -161,6 +153,9 @@ pub fn run(b: &HeteroBench) -> Result<()> {
     if b.train_limit == 0 {
         bail!("--train-limit must be at least 1 (samples per epoch)");
     }
+    if b.precision != ExchangePrecision::F32 && b.strategy.uses_parameter_server() {
+        bail!("--exchange-precision applies to allreduce and local-sgd; a parameter server's exchange is f32");
+    }
     let data = std::path::absolute(b.data)?;
     if !hetero_data::mnist::is_complete(&data) {
         bail!(
@@ -175,14 +170,15 @@ pub fn run(b: &HeteroBench) -> Result<()> {
     let gflops = hetero_worker::backend::measure_gflops(hetero_job::Backend::Flex);
     let n = b.speeds.len();
     println!(
-        "heterogeneous efficiency: {} workers of {}, {} samples × {} epoch(s), global batch {}, devices at {:?} of one core, {}",
+        "heterogeneous efficiency: {} workers of {}, {} samples × {} epoch(s), global batch {}, devices at {:?} of one core, {}, exchange at {:?}",
         n,
         b.model,
         b.train_limit,
         b.epochs,
         b.global_batch,
         b.speeds,
-        b.strategy.spec_lines().trim().replace('\n', ", ")
+        b.strategy.spec_lines().trim().replace('\n', ", "),
+        b.precision
     );
     // Rounds of every variant, each job followed by its devices alone: the host's
     // speed drifts by ±10 % over minutes, so a baseline is measured next to the
@@ -204,9 +200,9 @@ pub fn run(b: &HeteroBench) -> Result<()> {
                 "  round {round} {:<20} {:.0} samples/s over {:.1} s",
                 v.label, s.samples_per_sec, s.wall_secs
             );
-            let batches = run.final_batches(b.global_batch);
-            let alone = solo_rates(b, &rt, &data, gflops, &batches, false)?;
-            let together = solo_rates(b, &rt, &data, gflops, &batches, true)?;
+            let work = (&run.final_batches(b.global_batch)[..], &run.solo_samples()[..]);
+            let alone = solo_rates(b, &rt, &data, gflops, work, false)?;
+            let together = solo_rates(b, &rt, &data, gflops, work, true)?;
             runs.push((v, Measured { run, alone, together }));
         }
     }
@@ -281,6 +277,15 @@ pub fn run(b: &HeteroBench) -> Result<()> {
         println!("  {:<20} {}", v.label, steps.join(" → "));
     }
     Ok(())
+}
+
+/// The precision named on the command line (`--exchange-precision`).
+pub fn precision(name: &str) -> Result<ExchangePrecision> {
+    match name {
+        "f32" => Ok(ExchangePrecision::F32),
+        "bf16" => Ok(ExchangePrecision::Bf16),
+        other => bail!("--exchange-precision {other:?}: one of f32, bf16"),
+    }
 }
 
 /// The strategy named on the command line (`--strategy`, `--sync-every`).
@@ -362,6 +367,23 @@ impl JobRun {
         by_device
     }
 
+    /// How many samples each device trains on alone, by device: as many as it
+    /// computes in the job's wall time at the rate it computed in the job, so
+    /// that every baseline spans about as long as the job (the host's speed
+    /// drifts over seconds too, and a short baseline catches one moment of it)
+    /// and, all at once, the devices load the host for all of it.
+    fn solo_samples(&self) -> Vec<usize> {
+        let wall = self.summary.wall_secs;
+        self.by_device(&self.summary.per_worker)
+            .iter()
+            .map(|w| {
+                let rate = w.samples as f64 / w.compute_secs.max(1e-9);
+                let samples = if rate.is_finite() { rate * wall } else { 0.0 };
+                (samples.min(1e9) as usize).max(LEAST_SOLO_SAMPLES)
+            })
+            .collect()
+    }
+
     /// Per-rank figures listed by device.
     fn by_device<T: Clone>(&self, per_rank: &[T]) -> Vec<T> {
         let mut order: Vec<usize> = (0..self.devices.len()).collect();
@@ -383,11 +405,14 @@ async fn job(
     let rebalance = variant.rebalance;
     // A device alone just steps: its strategy would only add a server to wait on.
     let strategy = if speeds.len() > 1 {
-        b.strategy
+        let precision = match b.precision {
+            ExchangePrecision::F32 => "",
+            ExchangePrecision::Bf16 => "exchange_precision = \"bf16\"\n",
+        };
+        format!("{}{precision}", b.strategy.spec_lines())
     } else {
-        Strategy::Allreduce
-    }
-    .spec_lines();
+        Strategy::Allreduce.spec_lines()
+    };
     let program = std::env::current_exe()?;
     let out = tempfile::tempdir()?;
     let cluster = LocalCluster::start_agents(speeds.len(), |i, agent| {

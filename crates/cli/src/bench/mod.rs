@@ -82,6 +82,10 @@ pub enum BenchCommand {
         /// Local steps between two averages, with --strategy local-sgd.
         #[arg(long)]
         sync_every: Option<usize>,
+        /// How the exchanged floats travel: f32 or bf16 (the spec's
+        /// `training.exchange_precision`; allreduce and local-sgd).
+        #[arg(long, default_value = "f32")]
+        exchange_precision: String,
         /// Times every split is measured, each job with its own solo baselines.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=20))]
         rounds: u16,
@@ -171,9 +175,11 @@ pub fn run(command: BenchCommand) -> Result<ExitCode> {
             epochs,
             strategy,
             sync_every,
+            exchange_precision,
             rounds,
             data,
         } => crate::bench::hetero::run(&crate::bench::hetero::HeteroBench {
+            precision: crate::bench::hetero::precision(&exchange_precision)?,
             speeds: &speeds,
             model: &model,
             train_limit,

@@ -13,8 +13,8 @@
 
 use std::ops::Range;
 
-use hetero_comm::Ring;
 use hetero_comm::server::ServerClient;
+use hetero_comm::{Precision, Ring};
 use hetero_data::assign::Assignment;
 use hetero_job::Strategy;
 
@@ -126,6 +126,10 @@ pub(crate) trait Aggregate: Send {
         true
     }
 
+    /// After any new ring formed (a loss, joiners), once every member adopted
+    /// one state: forgets whatever it held that the members may no longer share.
+    fn on_regroup(&mut self) {}
+
     /// After the ring lost a member: the aggregation the survivors go on with,
     /// when it is not this one.
     fn on_loss(&mut self) -> Option<Box<dyn Aggregate>> {
@@ -138,13 +142,16 @@ pub(crate) trait Aggregate: Send {
     }
 }
 
-/// The aggregation a ring of every worker runs for `strategy`.
-pub(crate) fn on_ring(strategy: Strategy) -> Result<Box<dyn Aggregate>, TrainError> {
+/// The aggregation a ring of every worker runs for `strategy`, exchanging at
+/// `precision`.
+pub(crate) fn on_ring(strategy: Strategy, precision: Precision) -> Result<Box<dyn Aggregate>, TrainError> {
     match strategy {
-        Strategy::Allreduce => Ok(Box::new(Allreduce)),
+        Strategy::Allreduce => Ok(Box::new(Allreduce { precision })),
         Strategy::LocalSgd { sync_every } => Ok(Box::new(LocalSgd {
             every: sync_every.max(1),
             steps: 0,
+            precision,
+            anchor: None,
         })),
         Strategy::ParameterServer { .. } | Strategy::Hierarchical => Err(TrainError::Config(format!(
             "strategy {} needs a parameter server (Trainer::with_server)",
@@ -157,8 +164,11 @@ pub(crate) fn on_ring(strategy: Strategy) -> Result<Box<dyn Aggregate>, TrainErr
 /// `local_batch / global_batch` is exactly the gradient of the mean loss over the
 /// global batch, whatever the split, so every worker applies the same update and a
 /// step on `n` workers equals a step on one machine with the whole batch. The
-/// batch's mean loss travels in the same allreduce (one extra float).
-pub(crate) struct Allreduce;
+/// batch's mean loss travels in the same allreduce (one extra float). At a
+/// precision below f32 every worker applies the same rounded sum.
+pub(crate) struct Allreduce {
+    pub precision: Precision,
+}
 
 impl Work<'_> {
     /// This worker's gradients, each multiplied by its share, with its share of the
@@ -191,12 +201,12 @@ impl Aggregate for Allreduce {
                 range,
                 loss,
                 rest,
-            } => overlapped(ring, clock, samples, first, range, loss * weight, rest)?,
+            } => overlapped(ring, self.precision, clock, samples, first, range, loss * weight, rest)?,
             whole => {
                 let (mut flat, loss) = whole.whole();
                 flat.push(loss * weight);
                 clock.idle(samples);
-                clock.communicate(|| ring.allreduce_sum(&mut flat))?;
+                clock.communicate(|| ring.allreduce_sum_as(&mut flat, self.precision))?;
                 flat
             }
         };
@@ -214,8 +224,10 @@ impl Aggregate for Allreduce {
 ///
 /// Every member of the ring runs the same two collectives in the same order:
 /// whether a step is staged depends on the model, never on a worker's batch.
+#[allow(clippy::too_many_arguments)]
 fn overlapped(
     ring: &mut Ring,
+    precision: Precision,
     clock: &mut StepClock<'_>,
     samples: usize,
     first: Vec<f32>,
@@ -226,7 +238,7 @@ fn overlapped(
     let mut head = first[range.clone()].to_vec();
     drop(first);
     let (mut flat, sent) = std::thread::scope(|scope| {
-        let exchange = scope.spawn(|| ring.allreduce_sum(&mut head));
+        let exchange = scope.spawn(|| ring.allreduce_sum_as(&mut head, precision));
         let flat = rest();
         clock.idle(samples);
         let sent = clock.communicate(|| exchange.join());
@@ -236,7 +248,7 @@ fn overlapped(
     flat[range.clone()].copy_from_slice(&head);
     let mut others: Vec<f32> = flat[..range.start].iter().chain(&flat[range.end..]).copied().collect();
     others.push(loss_share);
-    clock.communicate(|| ring.allreduce_sum(&mut others))?;
+    clock.communicate(|| ring.allreduce_sum_as(&mut others, precision))?;
     let loss = others.pop().expect("loss slot");
     flat[..range.start].copy_from_slice(&others[..range.start]);
     flat[range.end..].copy_from_slice(&others[range.start..]);
@@ -247,20 +259,46 @@ fn overlapped(
 /// Local SGD: each worker steps on its own gradients, and the models are averaged
 /// (weighted by batch share) every `every` steps and at the end of each epoch —
 /// one model-sized allreduce per `every` steps, for weak links.
+///
+/// Below f32 the models themselves would lose too much (a weight rounded to 8
+/// bits of mantissa moves more than many steps do), so what travels is each
+/// model's change since the last average, the `anchor` every member holds
+/// alike; the first average after the run starts or a ring re-forms, when the
+/// members may hold different anchors or none, travels whole in f32.
 pub(crate) struct LocalSgd {
     every: usize,
     /// Steps since the epoch began.
     steps: usize,
+    precision: Precision,
+    /// The model the last average gave every member (kept only below f32).
+    anchor: Option<Vec<f32>>,
 }
 
 impl LocalSgd {
     /// Replaces every worker's model by the average weighted by `weight` (this
     /// worker's share); returns the sum of `loss_share` over the workers.
-    fn average(ring: &mut Ring, model: &mut Flat, weight: f32, loss_share: f32) -> Result<f32, TrainError> {
-        let mut flat: Vec<f32> = model.params.iter().map(|p| p * weight).collect();
+    fn average(&mut self, ring: &mut Ring, model: &mut Flat, weight: f32, loss_share: f32) -> Result<f32, TrainError> {
+        let anchor = self.anchor.take().filter(|_| self.precision != Precision::F32);
+        let mut flat: Vec<f32> = match &anchor {
+            Some(a) => model.params.iter().zip(a).map(|(p, a)| (p - a) * weight).collect(),
+            None => model.params.iter().map(|p| p * weight).collect(),
+        };
         flat.push(loss_share);
-        ring.allreduce_sum(&mut flat)?;
+        let precision = if anchor.is_some() {
+            self.precision
+        } else {
+            Precision::F32
+        };
+        ring.allreduce_sum_as(&mut flat, precision)?;
         let loss = flat.pop().expect("loss slot");
+        if let Some(a) = anchor {
+            // The shares sum to one, so the weighted changes added to the
+            // anchor are the weighted average of the models.
+            flat.iter_mut().zip(a).for_each(|(f, a)| *f += a);
+        }
+        if self.precision != Precision::F32 {
+            self.anchor = Some(flat.clone());
+        }
         model.params = flat;
         Ok(loss)
     }
@@ -281,7 +319,7 @@ impl Aggregate for LocalSgd {
         self.steps += 1;
         clock.idle(work.samples);
         if self.steps.is_multiple_of(self.every) {
-            clock.communicate(|| Self::average(ring, model, work.weight, loss * work.weight))
+            clock.communicate(|| self.average(ring, model, work.weight, loss * work.weight))
         } else {
             Ok(loss)
         }
@@ -294,8 +332,18 @@ impl Aggregate for LocalSgd {
         weight: f32,
         loss: f32,
     ) -> Result<Option<f32>, TrainError> {
+        // The epoch's last step may just have averaged (its steps are a multiple
+        // of `every`): the models already agree.
+        let averaged = self.steps.is_multiple_of(self.every);
         self.steps = 0;
-        Self::average(ring, model, weight, loss * weight).map(Some)
+        match averaged {
+            true => Ok(None),
+            false => self.average(ring, model, weight, loss * weight).map(Some),
+        }
+    }
+
+    fn on_regroup(&mut self) {
+        self.anchor = None;
     }
 
     fn losses_are_global(&self) -> bool {
@@ -377,7 +425,9 @@ impl Aggregate for ThroughServer {
         // group's leader; the server's optimiser state goes with it, so the ring
         // starts a fresh one from the latest global model.
         drop(self.client.take());
-        Some(Box::new(Allreduce))
+        Some(Box::new(Allreduce {
+            precision: Precision::F32,
+        }))
     }
 
     fn finish(&mut self) -> Result<(), TrainError> {

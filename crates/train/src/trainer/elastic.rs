@@ -25,6 +25,16 @@ use crate::{Task, TrainError};
 /// Relative drift of measured throughput from the split that triggers a rebalance.
 pub const REBALANCE_DRIFT: f64 = 0.05;
 
+/// Steps between two checks of the split within an epoch, with `rebalance`: each
+/// compares the throughput every worker measured since the last one.
+///
+/// Why within the epoch: a device's speed drifts (other load, heat, a host's
+/// neighbours), and a split that is off by a few percent makes every fast worker
+/// wait for the slow one at every exchange until the epoch ends. Why this many:
+/// each check is one small collective, and the window must be long enough that a
+/// CPU quota's 10 ms periods and the host's jitter average out.
+pub const PACE_STEPS: u64 = 32;
+
 impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// Retries `op` after regrouping for as long as the ring breaks and survivors
     /// remain.
@@ -147,6 +157,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         };
         self.ring().broadcast_bytes(&mut state, owner)?;
         self.adopt(Handover::from_bytes(&state)?)?;
+        self.aggregate.on_regroup();
         self.joining = false;
 
         let old_shares = self.run.shares();
@@ -205,6 +216,35 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         Ok(events)
     }
 
+    /// Whether the split is checked before this step: with `rebalance`, every
+    /// [`PACE_STEPS`] steps of a ring of every worker (a parameter server's
+    /// groups have rings of their own), once the first measurement is done and
+    /// while enough of the epoch is left to gain from it (its last steps, where
+    /// shards run out unevenly, would also mislead the measurement). Decided on
+    /// the step count, which every member agrees on, because the check is a
+    /// collective.
+    pub(super) fn pace_due(&self) -> bool {
+        self.options.rebalance
+            && self.world() > 1
+            && !self.options.strategy.uses_parameter_server()
+            && self.run.measure_at.is_none()
+            && self.run.updates > 0
+            && self.run.updates.is_multiple_of(PACE_STEPS)
+            && self.run.assignment.steps_left() > (PACE_STEPS / 2) as usize
+    }
+
+    /// This worker's training samples per second of compute since its pace
+    /// window began (0 when it trained on none: the split then stays).
+    pub(super) fn window_rate(&self) -> f64 {
+        let (samples, compute) = self.pace_mark;
+        (self.meter.samples - samples) as f64 / (self.meter.compute - compute).as_secs_f64().max(1e-9)
+    }
+
+    /// Starts a new pace window here.
+    pub(super) fn mark_pace(&mut self) {
+        self.pace_mark = (self.meter.samples, self.meter.compute);
+    }
+
     /// Adjusts the split to the throughput each worker measured (`rate` is this
     /// worker's training samples per second of compute) when it drifted from the
     /// split by more than [`REBALANCE_DRIFT`] — or, for the first measurement of a
@@ -244,6 +284,11 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         }
         let split = Split::weighted(&wanted);
         let global = self.options.global_batch;
+        // Within an epoch only local batches decide who waits for whom: a drift
+        // their rounding cannot follow changes nothing.
+        if when == Boundary::WithinEpoch && !first && split.local_batches(global) == self.run.assignment.batches() {
+            return Ok(None);
+        }
         match when {
             Boundary::WithinEpoch => self.run.assignment = self.run.assignment.migrate(&[], &[], &split, global),
             Boundary::BetweenEpochs => self.run.assignment.rebalance(&split, global),

@@ -18,9 +18,9 @@
 //!
 //! A weighted run sets its split from the throughput every worker measured a few
 //! steps into its first epoch (compute scores are only the starting guess);
-//! between epochs the split can follow measured throughput again
-//! ([`Event::Rebalanced`]) and shards can pass a fraction of their samples to the
-//! ring neighbour. When the
+//! with `rebalance` the split follows measured throughput again, between epochs
+//! and every [`elastic::PACE_STEPS`] steps within one ([`Event::Rebalanced`]),
+//! and shards can pass a fraction of their samples to the ring neighbour. When the
 //! ring breaks, the trainer asks its [`Membership`] for a ring of the survivors, they
 //! adopt the most advanced survivor's model, optimiser and position, share out the
 //! lost workers' remaining samples, and go on ([`Event::Migrated`]). With a
@@ -94,6 +94,9 @@ pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
     /// This worker's samples and compute time after its first step, which warms
     /// up: throughput is measured from there.
     warmed: Option<(u64, std::time::Duration)>,
+    /// This worker's samples and compute time where its pace window began (the
+    /// epoch's start or the last check of the split within it).
+    pace_mark: (u64, std::time::Duration),
 }
 
 /// The user's task, its model and the device it computes on.
@@ -333,12 +336,18 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// after a ring re-formed mid-operation every member, retrying this step from
     /// the state it adopted, takes the same collectives.
     fn next_step(&mut self) -> Result<(f32, usize), TrainError> {
-        if self.world() > 1
+        let measuring = self.world() > 1
             && self.run.measure_at.is_some_and(|at| self.run.updates >= at)
-            && !self.run.assignment.epoch_done()
-            && let Some(e) = self.follow_throughput(self.measured_rate(), Boundary::WithinEpoch)?
-        {
-            self.pending_events.push(e);
+            && !self.run.assignment.epoch_done();
+        if measuring || self.pace_due() {
+            let rate = match measuring {
+                true => self.measured_rate(),
+                false => self.window_rate(),
+            };
+            if let Some(e) = self.follow_throughput(rate, Boundary::WithinEpoch)? {
+                self.pending_events.push(e);
+            }
+            self.mark_pace();
         }
         self.fill_if_due()?;
         let indices = self.run.assignment.next_batch(self.rank).to_vec();
@@ -385,6 +394,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             let epoch = self.run.epoch;
             self.run.assignment.begin_epoch(o.seed, epoch);
             self.samples_due = true;
+            self.mark_pace();
             let mut loss_share = 0.0f64;
             let mut loss_sum = 0.0f64;
             let (epoch_samples, epoch_compute) = (self.meter.samples, self.meter.compute);

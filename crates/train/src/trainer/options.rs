@@ -4,8 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use hetero_comm::Precision;
 use hetero_data::shard::Split;
-use hetero_job::{JobSpec, Strategy};
+use hetero_job::{ExchangePrecision, JobSpec, Strategy};
 
 use crate::optim::OptimizerConfig;
 
@@ -37,6 +38,8 @@ pub struct TrainOptions {
     /// (`super::aggregate`); a parameter-server strategy needs
     /// `super::Trainer::with_server`.
     pub strategy: Strategy,
+    /// How the floats of an allreduce or a local-SGD average travel.
+    pub precision: Precision,
     /// Share of each shard passed to the ring neighbour after every epoch.
     pub exchange_fraction: f64,
     /// Re-split between epochs when measured throughput drifts from the split.
@@ -73,6 +76,7 @@ impl TrainOptions {
                 learning_rate: 1e-3,
             },
             strategy: Strategy::Allreduce,
+            precision: Precision::F32,
             exchange_fraction: 0.0,
             rebalance: false,
             measure_split: false,
@@ -91,6 +95,10 @@ impl TrainOptions {
         let mut o =
             TrainOptions::new(t.epochs, t.global_batch_size, t.seed).with_optimizer(t.optimizer, t.learning_rate);
         o.strategy = t.strategy;
+        o.precision = match t.exchange_precision {
+            ExchangePrecision::F32 => Precision::F32,
+            ExchangePrecision::Bf16 => Precision::Bf16,
+        };
         o.exchange_fraction = spec.dataset.exchange_fraction;
         o.rebalance = spec.dataset.rebalance;
         o.measure_split = spec.dataset.split == hetero_job::SplitKind::Weighted;

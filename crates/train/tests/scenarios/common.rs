@@ -64,6 +64,9 @@ pub struct Recorded {
     pub delay: Duration,
     /// The training batch from which `delay` applies (0: from the first).
     pub delay_from: usize,
+    /// Time each sample takes before `delay_from`: equal workers that stay equal
+    /// whatever else loads the machine, since sleeping outweighs computing.
+    pub delay_before: Duration,
 }
 
 impl Task<B> for Recorded {
@@ -89,9 +92,12 @@ impl Task<B> for Recorded {
             panic!("worker killed on purpose (test)");
         }
         self.seen.lock().unwrap().extend_from_slice(indices);
-        if n >= self.delay_from {
-            std::thread::sleep(self.delay * indices.len() as u32);
-        }
+        let delay = if n >= self.delay_from {
+            self.delay
+        } else {
+            self.delay_before
+        };
+        std::thread::sleep(delay * indices.len() as u32);
         self.inner.train_batch(indices, device)
     }
     fn test_batch(
@@ -226,6 +232,7 @@ pub fn recorded(len: usize, seen: &Arc<Mutex<Vec<usize>>>, die_at: Option<usize>
         calls: std::cell::Cell::new(0),
         delay: Duration::ZERO,
         delay_from: 0,
+        delay_before: Duration::ZERO,
     }
 }
 

@@ -35,6 +35,7 @@ fn survivors_finish_when_a_worker_dies_mid_epoch() {
                         calls: std::cell::Cell::new(0),
                         delay: Duration::ZERO,
                         delay_from: 0,
+                        delay_before: Duration::ZERO,
                     };
                     let options = TrainOptions::new(epochs, global, 7).with_optimizer(Optimizer::Adam, 1e-2);
                     let mut t = Trainer::new(task, Default::default(), ring, options)

@@ -64,6 +64,55 @@ fn a_weighted_run_sets_its_split_from_measured_throughput_within_the_first_epoch
     );
 }
 
+/// With `rebalance`, the split keeps following the workers within an epoch:
+/// rank 1 slows down only after the first measurement (which saw two equal
+/// workers), and a check of the split 32 steps in re-shares the rest of the same
+/// epoch — the only epoch of this run — so the fast worker stops waiting for it
+/// before the epoch ends. Every sample is still visited exactly once.
+#[test]
+fn with_rebalance_a_worker_that_slows_mid_epoch_gets_less_of_that_epoch() {
+    let (len, global) = (960, 16);
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let finished = train_ring(2, |rank| {
+        let mut task = recorded(len, &seen, None);
+        // Equal workers (sleep outweighs compute), until rank 1 slows down after
+        // the measurement at step 8 (a fifth of 60 steps, at most 8).
+        task.delay = Duration::from_millis(1);
+        if rank == 1 {
+            (task.delay_before, task.delay, task.delay_from) = (task.delay, Duration::from_millis(4), 16);
+        }
+        let mut o = TrainOptions::new(1, global, 5).with_optimizer(Optimizer::Sgd, 1e-2);
+        o.weights = vec![1.0, 1.0];
+        o.measure_split = true;
+        o.rebalance = true;
+        (task, o)
+    });
+    for (summary, _, events) in &finished {
+        let within: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Rebalanced {
+                    epoch: 0,
+                    shares,
+                    within_epoch: true,
+                    ..
+                } => Some(shares),
+                _ => None,
+            })
+            .collect();
+        let [measured, paced, ..] = within[..] else {
+            panic!("the first measurement and a later check within the epoch: {events:?}")
+        };
+        assert!(measured[1] > 0.4, "the first steps saw equal workers: {measured:?}");
+        assert!(paced[1] < 0.3, "rank 1's share follows its slowdown: {paced:?}");
+        assert_eq!(summary.history[0].shares, **within.last().unwrap());
+        let c = summary.history[0].coverage;
+        assert_eq!((c.visited, c.distinct), (len, len), "{c:?}");
+    }
+    assert_eq!(finished[0].1, finished[1].1, "one model");
+    assert!(visits(&seen, len).iter().all(|&n| n == 1), "every sample once");
+}
+
 /// A few steps can mislead (a worker under a CPU quota may run them
 /// unthrottled): here rank 1 slows down only after the first measurement, which
 /// saw two equal workers. The first epoch's whole figures set the next epoch's
@@ -74,10 +123,11 @@ fn a_weighted_run_settles_its_split_on_the_whole_first_epoch() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let finished = train_ring(2, |rank| {
         let mut task = recorded(len, &seen, None);
+        // Equal workers (sleep outweighs compute), until rank 1 slows down after
+        // the measurement at the third step (a fifth of 15 steps, at least 3).
+        task.delay = Duration::from_millis(1);
         if rank == 1 {
-            task.delay = Duration::from_millis(3);
-            // After the measurement at the third step (a fifth of 15 steps, at least 3).
-            task.delay_from = 5;
+            (task.delay_before, task.delay, task.delay_from) = (task.delay, Duration::from_millis(4), 5);
         }
         let mut o = TrainOptions::new(epochs, global, 5).with_optimizer(Optimizer::Sgd, 1e-2);
         o.weights = vec![1.0, 1.0];

@@ -3,6 +3,7 @@
 use std::thread;
 use std::time::Duration;
 
+use hetero_comm::Precision;
 use hetero_comm::server::ServerClient;
 use hetero_job::{Optimizer, Strategy};
 use hetero_models::MlpConfig;
@@ -108,31 +109,39 @@ fn unequal_local_batches_equal_one_full_batch() {
     assert!(worst < 1e-5, "max parameter difference {worst}");
 }
 
+/// Every worker's parameters after `steps` steps of the CNN, each worker on its
+/// part of one global batch (`parts`, one per worker of a loopback ring).
+fn steps_on_parts(parts: &[&[usize]], steps: usize, options: &TrainOptions) -> Vec<Vec<f32>> {
+    let global = parts.iter().map(|p| p.len()).sum();
+    thread::scope(|s| {
+        let handles: Vec<_> = ring_of(parts.len())
+            .into_iter()
+            .zip(parts)
+            .map(|(ring, part)| {
+                let options = options.clone();
+                s.spawn(move || {
+                    let mut t = Trainer::new(cnn_task(), Default::default(), ring, options).unwrap();
+                    for _ in 0..steps {
+                        t.step(part, global).unwrap();
+                    }
+                    t.parameters()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Local SGD that averages after every step is, for plain SGD, exactly the
 /// allreduce step: Σ s_w (p − lr·g_w) = p − lr·Σ s_w g_w.
 #[test]
 fn local_sgd_every_step_equals_allreduce_for_sgd() {
     let batch: Vec<usize> = (0..8).collect();
     let parts = [&batch[..5], &batch[5..]];
-    let run = |strategy: Strategy| -> Vec<Vec<f32>> {
-        thread::scope(|s| {
-            let handles: Vec<_> = ring_of(2)
-                .into_iter()
-                .zip(parts)
-                .map(|(ring, part)| {
-                    s.spawn(move || {
-                        let mut options = TrainOptions::new(1, 8, 5).with_optimizer(Optimizer::Sgd, 1e-2);
-                        options.strategy = strategy;
-                        let mut t = Trainer::new(cnn_task(), Default::default(), ring, options).unwrap();
-                        for _ in 0..3 {
-                            t.step(part, 8).unwrap();
-                        }
-                        t.parameters()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
-        })
+    let run = |strategy: Strategy| {
+        let mut options = TrainOptions::new(1, 8, 5).with_optimizer(Optimizer::Sgd, 1e-2);
+        options.strategy = strategy;
+        steps_on_parts(&parts, 3, &options)
     };
     let allreduce = run(Strategy::Allreduce);
     let local = run(Strategy::LocalSgd { sync_every: 1 });
@@ -145,6 +154,42 @@ fn local_sgd_every_step_equals_allreduce_for_sgd() {
     // Between averages the models differ; after one they agree again.
     let rare = run(Strategy::LocalSgd { sync_every: 2 });
     assert_ne!(rare[0], rare[1], "3 steps with sync_every 2 end between averages");
+}
+
+/// At bf16 the exchange is half the bytes and every worker still ends with
+/// the same model, to the bit — the ring rounds each summed chunk where it is
+/// owned, before handing it round — close to the f32 run's: for allreduce
+/// (rounded gradients) and for local SGD (rounded changes since the last
+/// average; its first average, with no agreed anchor yet, is f32).
+#[test]
+fn at_bf16_workers_agree_to_the_bit_and_stay_close_to_f32() {
+    let batch: Vec<usize> = (0..12).collect();
+    let parts = [&batch[..6], &batch[6..9], &batch[9..]];
+    let run = |strategy: Strategy, precision: Precision| {
+        // Plain SGD: Adam's normalised steps would amplify any difference (a
+        // gradient near zero flips its step), bf16's or another's.
+        let mut options = TrainOptions::new(1, 12, 5).with_optimizer(Optimizer::Sgd, 5e-2);
+        options.strategy = strategy;
+        options.precision = precision;
+        steps_on_parts(&parts, 4, &options)
+    };
+    for strategy in [Strategy::Allreduce, Strategy::LocalSgd { sync_every: 2 }] {
+        let exact = run(strategy, Precision::F32);
+        let rounded = run(strategy, Precision::Bf16);
+        assert_eq!(rounded[0], rounded[1], "{strategy:?}: one model");
+        assert_eq!(rounded[0], rounded[2], "{strategy:?}: one model");
+        let (mut worst, mut moved) = (0f32, 0f32);
+        let start = params::flatten(&seeded_model(&cnn_task(), &Default::default(), 5));
+        for ((r, e), s) in rounded[0].iter().zip(&exact[0]).zip(&start) {
+            worst = worst.max((r - e).abs());
+            moved = moved.max((e - s).abs());
+        }
+        assert_ne!(rounded[0], exact[0], "{strategy:?}: bf16 rounds");
+        assert!(
+            worst < moved / 10.0,
+            "{strategy:?}: {worst} off f32 after steps of up to {moved}"
+        );
+    }
 }
 
 /// The parameter server (one group per worker) and the hierarchical strategy
