@@ -8,10 +8,10 @@
 //! differences from a point every worker agrees on, whose rounding error is small
 //! beside the step they make (PyTorch DDP's `bf16_compress_hook` does the same).
 //!
-//! The sums stay f32 while they are added; only what travels is rounded, and each
-//! rank rounds the chunk it owns before handing it round, so that every rank ends
-//! with exactly the same values — a ring whose members disagree by one bit would
-//! drift apart.
+//! Each rank adds in f32 and rounds only what it forwards, so in a ring of n
+//! ranks a sum is rounded up to n − 1 times on its way; and each rank rounds the
+//! chunk it owns before handing it round, so that every rank ends with exactly
+//! the same values — a ring whose members disagree by one bit would drift apart.
 
 /// How floats travel in an allreduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -343,6 +343,10 @@ impl Aggregate for LocalSgd {
     }
 
     fn on_regroup(&mut self) {
+        // Every member now holds the adopted model: counting steps from here is
+        // agreed, where each member's own count (one may have stepped on after a
+        // collective that failed elsewhere) is not.
+        self.steps = 0;
         self.anchor = None;
     }
 

@@ -216,33 +216,34 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         Ok(events)
     }
 
-    /// Whether the split is checked before this step: with `rebalance`, every
-    /// [`PACE_STEPS`] steps of a ring of every worker (a parameter server's
+    /// Whether the split is checked before this step: with `rebalance`,
+    /// [`PACE_STEPS`] steps after the epoch began or the last check, on a ring
+    /// of every worker (a parameter server's
     /// groups have rings of their own), once the first measurement is done and
     /// while enough of the epoch is left to gain from it (its last steps, where
     /// shards run out unevenly, would also mislead the measurement). Decided on
-    /// the step count, which every member agrees on, because the check is a
-    /// collective.
+    /// step counts every member agrees on — the run's, and the run's at the
+    /// window's start, which every member marks at the same step — because the
+    /// check is a collective.
     pub(super) fn pace_due(&self) -> bool {
         self.options.rebalance
             && self.world() > 1
             && !self.options.strategy.uses_parameter_server()
             && self.run.measure_at.is_none()
-            && self.run.updates > 0
-            && self.run.updates.is_multiple_of(PACE_STEPS)
+            && self.run.updates >= self.pace_mark.0 + PACE_STEPS
             && self.run.assignment.steps_left() > (PACE_STEPS / 2) as usize
     }
 
     /// This worker's training samples per second of compute since its pace
     /// window began (0 when it trained on none: the split then stays).
     pub(super) fn window_rate(&self) -> f64 {
-        let (samples, compute) = self.pace_mark;
+        let (_, samples, compute) = self.pace_mark;
         (self.meter.samples - samples) as f64 / (self.meter.compute - compute).as_secs_f64().max(1e-9)
     }
 
     /// Starts a new pace window here.
     pub(super) fn mark_pace(&mut self) {
-        self.pace_mark = (self.meter.samples, self.meter.compute);
+        self.pace_mark = (self.run.updates, self.meter.samples, self.meter.compute);
     }
 
     /// Adjusts the split to the throughput each worker measured (`rate` is this

@@ -94,9 +94,10 @@ pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
     /// This worker's samples and compute time after its first step, which warms
     /// up: throughput is measured from there.
     warmed: Option<(u64, std::time::Duration)>,
-    /// This worker's samples and compute time where its pace window began (the
-    /// epoch's start or the last check of the split within it).
-    pace_mark: (u64, std::time::Duration),
+    /// The run's step count, and this worker's samples and compute time, where
+    /// its pace window began (the epoch's start or the last check of the split
+    /// within it).
+    pace_mark: (u64, u64, std::time::Duration),
 }
 
 /// The user's task, its model and the device it computes on.

@@ -66,7 +66,7 @@ fn a_weighted_run_sets_its_split_from_measured_throughput_within_the_first_epoch
 
 /// With `rebalance`, the split keeps following the workers within an epoch:
 /// rank 1 slows down only after the first measurement (which saw two equal
-/// workers), and a check of the split 32 steps in re-shares the rest of the same
+/// workers), and a check of the split 32 steps after it re-shares the rest of the same
 /// epoch — the only epoch of this run — so the fast worker stops waiting for it
 /// before the epoch ends. Every sample is still visited exactly once.
 #[test]
