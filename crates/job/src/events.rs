@@ -43,8 +43,8 @@ pub enum Event {
     },
     /// Measured throughput drifted from the split: shards and local batches now
     /// follow `shares` (one per worker, summing to 1) — from the rest of `epoch`
-    /// when `within_epoch` (the first measurement of a weighted run), else from
-    /// `epoch` on.
+    /// when `within_epoch` (the first measurement of a weighted run, or a check
+    /// of the split with `rebalance`), else from `epoch` on.
     Rebalanced {
         /// The first epoch with the new split (the current one when `within_epoch`).
         epoch: usize,

@@ -257,6 +257,28 @@ pub enum ExchangePrecision {
     Bf16,
 }
 
+impl ExchangePrecision {
+    /// Every name a spec may give, for messages.
+    pub const NAMES: &'static str = "f32, bf16";
+
+    /// The precision a spec names; `None` for an unknown name.
+    pub fn from_name(name: &str) -> Option<ExchangePrecision> {
+        match name {
+            "f32" => Some(ExchangePrecision::F32),
+            "bf16" => Some(ExchangePrecision::Bf16),
+            _ => None,
+        }
+    }
+
+    /// The name a spec gives it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ExchangePrecision::F32 => "f32",
+            ExchangePrecision::Bf16 => "bf16",
+        }
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -734,10 +756,15 @@ impl JobSpec {
                 "staleness is only read with strategy = \"parameter-server\"",
             ));
         }
-        let exchange_precision = match tr.string("exchange_precision")?.as_deref() {
-            None | Some("f32") => ExchangePrecision::F32,
-            Some("bf16") => ExchangePrecision::Bf16,
-            Some(other) => return Err(tr.invalid("exchange_precision", other, "one of: f32, bf16")),
+        let exchange_precision = match tr.string("exchange_precision")? {
+            None => ExchangePrecision::F32,
+            Some(name) => ExchangePrecision::from_name(&name).ok_or_else(|| {
+                tr.invalid(
+                    "exchange_precision",
+                    &name,
+                    &format!("one of: {}", ExchangePrecision::NAMES),
+                )
+            })?,
         };
         if exchange_precision != ExchangePrecision::F32 && strategy.uses_parameter_server() {
             return Err(tr.invalid(

@@ -14,12 +14,12 @@
 //! each job is followed by its devices alone at the local batches it ended with,
 //! each for about as long as the job ran, so a baseline is measured minutes, not
 //! a quarter of an hour, from the job it judges, and `--rounds` repeats the lot
-//! to show the spread. The devices alone
-//! are measured twice: one after another on an idle host, and all at once (each
-//! in a job of its own), which loads the shared cores' caches and memory as the
-//! job does — see [`solo_rates`]. The workers combine
-//! their work by `--strategy` (the spec's `training.strategy`). An even split
-//! is bound by the slowest device (n × its speed ÷ the sum), printed beside it.
+//! to show the spread. The devices alone are measured twice: one after another
+//! on an idle host, and all at once (each in a job of its own), which loads the
+//! shared cores' caches and memory as the job does — see [`solo_rates`]. The
+//! workers combine their work by `--strategy` (the spec's `training.strategy`)
+//! and exchange at `--exchange-precision`. An even split is bound by the slowest
+//! device (n × its speed ÷ the sum), printed beside it.
 
 use std::path::Path;
 use std::time::Duration;
@@ -170,7 +170,7 @@ pub fn run(b: &HeteroBench) -> Result<()> {
     let gflops = hetero_worker::backend::measure_gflops(hetero_job::Backend::Flex);
     let n = b.speeds.len();
     println!(
-        "heterogeneous efficiency: {} workers of {}, {} samples × {} epoch(s), global batch {}, devices at {:?} of one core, {}, exchange at {:?}",
+        "heterogeneous efficiency: {} workers of {}, {} samples × {} epoch(s), global batch {}, devices at {:?} of one core, {}, exchange_precision = {}",
         n,
         b.model,
         b.train_limit,
@@ -178,7 +178,7 @@ pub fn run(b: &HeteroBench) -> Result<()> {
         b.global_batch,
         b.speeds,
         b.strategy.spec_lines().trim().replace('\n', ", "),
-        b.precision
+        b.precision.name()
     );
     // Rounds of every variant, each job followed by its devices alone: the host's
     // speed drifts by ±10 % over minutes, so a baseline is measured next to the
@@ -281,11 +281,8 @@ pub fn run(b: &HeteroBench) -> Result<()> {
 
 /// The precision named on the command line (`--exchange-precision`).
 pub fn precision(name: &str) -> Result<ExchangePrecision> {
-    match name {
-        "f32" => Ok(ExchangePrecision::F32),
-        "bf16" => Ok(ExchangePrecision::Bf16),
-        other => bail!("--exchange-precision {other:?}: one of f32, bf16"),
-    }
+    ExchangePrecision::from_name(name)
+        .with_context(|| format!("--exchange-precision {name:?}: one of {}", ExchangePrecision::NAMES))
 }
 
 /// The strategy named on the command line (`--strategy`, `--sync-every`).
@@ -405,11 +402,11 @@ async fn job(
     let rebalance = variant.rebalance;
     // A device alone just steps: its strategy would only add a server to wait on.
     let strategy = if speeds.len() > 1 {
-        let precision = match b.precision {
-            ExchangePrecision::F32 => "",
-            ExchangePrecision::Bf16 => "exchange_precision = \"bf16\"\n",
-        };
-        format!("{}{precision}", b.strategy.spec_lines())
+        format!(
+            "{}exchange_precision = \"{}\"\n",
+            b.strategy.spec_lines(),
+            b.precision.name()
+        )
     } else {
         Strategy::Allreduce.spec_lines()
     };

@@ -9,6 +9,23 @@ use hetero_train::{Event, TrainOptions, Trainer};
 
 use crate::common::*;
 
+/// The rebalances a worker reported within epochs (`within`) or between them:
+/// each one's epoch, new shares and measured rates, in order.
+fn rebalances(events: &[Event], within: bool) -> Vec<(usize, &Vec<f64>, &Vec<f64>)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::Rebalanced {
+                epoch,
+                shares,
+                rates,
+                within_epoch,
+            } if *within_epoch == within => Some((*epoch, shares, rates)),
+            _ => None,
+        })
+        .collect()
+}
+
 /// Compute scores that are wrong — equal, for a worker many times slower — are
 /// only the starting guess: a few steps into the first epoch the workers measure
 /// themselves, the slow one's share drops, the rest of that epoch is re-shared,
@@ -30,19 +47,8 @@ fn a_weighted_run_sets_its_split_from_measured_throughput_within_the_first_epoch
         (task, o)
     });
     for (summary, _, events) in &finished {
-        let measured: Vec<_> = events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Rebalanced {
-                    epoch: 0,
-                    shares,
-                    rates,
-                    within_epoch: true,
-                } => Some((shares, rates)),
-                _ => None,
-            })
-            .collect();
-        let [(shares, rates)] = measured[..] else {
+        let measured = rebalances(events, true);
+        let [(0, shares, rates)] = measured[..] else {
             panic!("one measurement in the first epoch: {events:?}")
         };
         assert!(rates[0] > rates[1], "the throttled worker is slower: {rates:?}");
@@ -88,17 +94,10 @@ fn with_rebalance_a_worker_that_slows_mid_epoch_gets_less_of_that_epoch() {
         (task, o)
     });
     for (summary, _, events) in &finished {
-        let within: Vec<_> = events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Rebalanced {
-                    epoch: 0,
-                    shares,
-                    within_epoch: true,
-                    ..
-                } => Some(shares),
-                _ => None,
-            })
+        let within: Vec<_> = rebalances(events, true)
+            .into_iter()
+            .filter(|&(epoch, ..)| epoch == 0)
+            .map(|(_, shares, _)| shares)
             .collect();
         let [measured, paced, ..] = within[..] else {
             panic!("the first measurement and a later check within the epoch: {events:?}")
@@ -136,19 +135,8 @@ fn a_weighted_run_settles_its_split_on_the_whole_first_epoch() {
         (task, o)
     });
     for (summary, _, events) in &finished {
-        let between: Vec<_> = events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Rebalanced {
-                    epoch,
-                    shares,
-                    within_epoch: false,
-                    ..
-                } => Some((*epoch, shares)),
-                _ => None,
-            })
-            .collect();
-        let [(1, shares)] = between[..] else {
+        let between = rebalances(events, false);
+        let [(1, shares, _)] = between[..] else {
             panic!("one settling after the first epoch, none later: {events:?}")
         };
         let first = &summary.history[0].shares;
