@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use hetero_cluster::cpu_pin::{self, CpuSet};
 use hetero_cluster::local::LocalCluster;
 use hetero_job::{Backend, JobSpec};
 use hetero_proto as pb;
@@ -70,6 +71,24 @@ fn resolve_auto(spec: &JobSpec, groups: &mut [(f32, Backend)]) {
 }
 
 /// Runs the job in `spec_path` on an embedded cluster and reports how it went.
+/// The CPUs each group's agent runs its workers on when the groups emulate unlike
+/// devices (a speed cap below 1): packed so that no core is asked for more than
+/// its time ([`hetero_cluster::cpu_pin::pack`]). Unpinned (`Ok` of none) for one
+/// group or groups at full speed; `Err(why)` when the emulated devices ask for more
+/// than the host has, and they then share its cores.
+fn pin_emulated_devices(groups: &[(f32, Backend)], slots: u32, threads: usize) -> Result<Vec<CpuSet>, String> {
+    if groups.len() < 2 || groups.iter().all(|(speed, _)| *speed >= 1.0) {
+        return Ok(vec![]);
+    }
+    let demands: Vec<f64> = groups
+        .iter()
+        .map(|(speed, _)| *speed as f64 * slots as f64 * threads.max(1) as f64)
+        .collect();
+    cpu_pin::pack_here(&demands)
+}
+
+/// `hetero local SPEC [--workers N] [--group …]`: runs the job on an embedded
+/// cluster, one agent per group, and follows it to its end.
 pub fn run(spec_path: &Path, workers: Option<usize>, groups: &[String]) -> Result<ExitCode> {
     let parsed = groups.iter().map(|g| parse_group(g)).collect::<Result<Vec<_>>>()?;
     let no_data: Vec<bool> = parsed.iter().map(|g| g.2).collect();
@@ -102,8 +121,10 @@ pub fn run(spec_path: &Path, workers: Option<usize>, groups: &[String]) -> Resul
         for (_, backend) in &groups {
             profiles.push(hetero_worker::backend::measure_gflops(*backend));
         }
+        let pins = pin_emulated_devices(&groups, slots, spec.cluster.threads_per_worker);
         let cluster = LocalCluster::start_agents(groups.len(), |i, agent| {
             let (speed, backend) = groups[i];
+            agent.cpus = pins.as_ref().ok().and_then(|p| p.get(i).cloned());
             agent.slots = slots;
             agent.worker_program = program.clone();
             agent.gflops = profiles[i];
@@ -121,10 +142,17 @@ pub fn run(spec_path: &Path, workers: Option<usize>, groups: &[String]) -> Resul
             spec.cluster.workers
         );
         for (i, ((speed, backend), gflops)) in groups.iter().zip(&profiles).enumerate() {
+            let pinned = match &pins {
+                Ok(p) => p.get(i).map(|c| format!(", on CPUs {c}")).unwrap_or_default(),
+                Err(_) => String::new(),
+            };
             println!(
-                "  agent {i}: cpu group, {slots} slot(s), backend {}, speed cap {speed}, {gflops:.0} GFLOP/s measured",
+                "  agent {i}: cpu group, {slots} slot(s), backend {}, speed cap {speed}{pinned}, {gflops:.0} GFLOP/s measured",
                 backend.name()
             );
+        }
+        if let Err(why) = &pins {
+            println!("  not pinned: {why}");
         }
         println!("dashboard: {}", cluster.dashboard_link());
         let mut client = cluster.client().await?;

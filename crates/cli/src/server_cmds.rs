@@ -8,6 +8,7 @@ use hetero_cluster::agent::{self, AgentConfig, GpuGroup};
 use hetero_cluster::agent_config::AgentFile;
 use hetero_cluster::alerts::Webhook;
 use hetero_cluster::coordinator::{ControlTls, Coordinator, CoordinatorConfig};
+use hetero_cluster::cpu_pin::CpuSet;
 use tokio::sync::watch;
 
 use crate::connection::{Connection, read_token_file};
@@ -65,7 +66,8 @@ pub struct CoordinatorArgs {
 pub struct AgentArgs {
     #[command(flatten)]
     pub conn: Connection,
-    /// Workers this machine runs at once (default: its core count).
+    /// Workers this machine runs at once (default: its core count, or the CPUs
+    /// `--cpus` names).
     #[arg(long)]
     pub slots: Option<u32>,
     /// Address other machines reach this one's workers at.
@@ -77,7 +79,8 @@ pub struct AgentArgs {
     /// Configuration file: CPU slots, speed cap, declared devices (see docs/cluster.md).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Speed cap of this agent's CPU in (0, 1]: workers idle to emulate a slower device.
+    /// Speed cap of this agent's CPU in (0, 1]: its workers get that share of their
+    /// cores' time (a CPU quota, else a sleep throttle) to emulate a slower device.
     #[arg(long)]
     pub speed: Option<f64>,
     /// burn backend of this agent's CPU workers for jobs that ask for `auto`.
@@ -96,6 +99,11 @@ pub struct AgentArgs {
     /// fetched); at start, the folders used least recently are removed until it fits.
     #[arg(long, default_value_t = 20.0)]
     pub data_cache_max_gb: f64,
+    /// CPUs this agent's workers run on, in the kernel's list format (`1`, `0-3`,
+    /// `0,2`; Linux): emulated devices sharing a host each keep cores of their own.
+    /// The agent's speed score is still measured on all the host's cores.
+    #[arg(long, value_name = "LIST")]
+    pub cpus: Option<String>,
 }
 
 /// Creates `dir` if needed and makes it the owner's alone (0700): it holds the
@@ -304,11 +312,17 @@ pub fn agent(args: &AgentArgs) -> Result<ExitCode> {
         gpus,
         no_local_data,
         data_cache_max_gb,
+        cpus,
     } = args;
     if !(data_cache_max_gb.is_finite() && *data_cache_max_gb >= 0.0) {
         bail!("--data-cache-max-gb {data_cache_max_gb}: give a size in GB, 0 or more");
     }
     let gpus = gpus.iter().map(|g| parse_gpu(g)).collect::<Result<Vec<_>>>()?;
+    let cpus = cpus
+        .as_deref()
+        .map(|list| CpuSet::parse(list).and_then(CpuSet::checked))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("--cpus: {e}"))?;
     let backend = hetero_job::Backend::from_name(backend)
         .with_context(|| format!("--backend {backend:?}: choose auto, flex or ndarray"))?;
     let token = conn.token()?;
@@ -320,9 +334,13 @@ pub fn agent(args: &AgentArgs) -> Result<ExitCode> {
     if !(speed > 0.0 && speed <= 1.0) {
         bail!("--speed {speed} is not allowed; a speed cap is in (0, 1]");
     }
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1);
+    // A pinned agent runs one worker per CPU it was given, not per core of the host.
+    let cores = match &cpus {
+        Some(c) => c.cpus().len() as u32,
+        None => std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+    };
     let hostname = this_host();
     let gflops = hetero_worker::backend::measure_gflops(backend);
     let mut config = AgentConfig::new(
@@ -343,8 +361,10 @@ pub fn agent(args: &AgentArgs) -> Result<ExitCode> {
     config.gpus = gpus;
     config.no_local_data = *no_local_data;
     config.data_cache_max = (data_cache_max_gb * 1e9).min(u64::MAX as f64) as u64;
+    let pinned = cpus.as_ref().map(|c| format!(" on CPUs {c}")).unwrap_or_default();
+    config.cpus = cpus;
     println!(
-        "agent: cpu {} slot(s), {gflops:.1} GFLOP/s measured, speed cap {speed}; {} declared device kind(s); coordinator {}",
+        "agent: cpu {} slot(s){pinned}, {gflops:.1} GFLOP/s measured, speed cap {speed}; {} declared device kind(s); coordinator {}",
         config.slots,
         config.declared.len(),
         config.coordinator

@@ -25,6 +25,7 @@ use hetero_job::worker_env::{JOB_FATAL_EXIT, STALLED_EXIT, WorkerEnv, WorkerRole
 
 use crate::ClusterError;
 use crate::agent_config::DeclaredDevice;
+use crate::cpu_pin::CpuSet;
 use crate::cpu_quota::CpuQuota;
 use crate::records::TaskState;
 use hetero_proto::client::{Client, connect};
@@ -66,6 +67,9 @@ pub struct AgentConfig {
     /// Bytes the data cache (`<work dir>/data-cache`) may hold: at start, the
     /// folders used least recently are removed until it fits.
     pub data_cache_max: u64,
+    /// The CPUs this agent's workers run on (`--cpus`); `None`: wherever the
+    /// kernel puts them.
+    pub cpus: Option<CpuSet>,
 }
 
 /// GPUs of one burn backend on this machine: one worker per device.
@@ -98,6 +102,7 @@ impl AgentConfig {
             stopped_grace: Duration::from_secs(15),
             no_local_data: false,
             data_cache_max: 20 << 30,
+            cpus: None,
         }
     }
 }
@@ -125,9 +130,13 @@ fn add_discovered_gpus(config: &mut AgentConfig) {
 pub fn discover_groups(config: &AgentConfig) -> Vec<pb::ResourceGroup> {
     let mut sys = sysinfo::System::new();
     sys.refresh_memory();
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get() as u32)
-        .unwrap_or(1);
+    // A pinned agent's workers compute on its CPUs alone: their threads are sized to them.
+    let cores = match &config.cpus {
+        Some(cpus) => cpus.cpus().len() as u32,
+        None => std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+    };
     let mut groups = vec![pb::ResourceGroup {
         kind: "cpu".into(),
         devices: cores,
@@ -519,12 +528,12 @@ async fn supervise(
         command.env(WorkerEnv::WEIGHTS, weights.join(","));
     }
     command.env(WorkerEnv::DEVICE_INDEX, device_index.to_string());
-    match WorkerRole::from_name(&a.role) {
-        Ok(WorkerRole::Worker) => {}
-        Ok(role) => {
-            command.env(WorkerEnv::ROLE, role.name());
-        }
+    let role = match WorkerRole::from_name(&a.role) {
+        Ok(role) => role,
         Err(e) => return Ended::failed(format!("the coordinator's assignment: {e}")),
+    };
+    if role != WorkerRole::Worker {
+        command.env(WorkerEnv::ROLE, role.name());
     }
     if !a.groups.is_empty() {
         command.env(WorkerEnv::GROUPS, a.groups.join(","));
@@ -560,6 +569,12 @@ async fn supervise(
             );
         }
         None => {}
+    }
+    // A worker computes on its device's CPUs; a parameter server is no device's
+    // work, and pinned there it would take time a device's quota was packed into.
+    if let Some(cpus) = config.cpus.as_ref().filter(|_| role == WorkerRole::Worker) {
+        cpus.pin(&mut command);
+        tracing::info!(task_id = %a.task_id, cpus = %cpus, "the worker runs pinned to its agent's CPUs");
     }
     let mut child = match command.spawn() {
         Ok(c) => c,

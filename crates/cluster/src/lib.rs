@@ -16,6 +16,8 @@
 //! - [`agent`]: registration, heartbeats, worker processes, log forwarding;
 //! - [`agent_config`]: an agent's file of declared devices and speed cap;
 //! - [`cpu_quota`]: a capped CPU worker's control group and its CPU quota;
+//! - [`cpu_pin`]: the CPUs an agent's workers run on, and how emulated devices
+//!   are packed onto a host's cores;
 //! - the token-carrying gRPC client every node uses is `hetero_proto::client`;
 //! - [`local`]: a whole cluster inside one process, for `hetero local` and tests.
 //!
@@ -26,6 +28,7 @@ pub mod agent;
 pub mod agent_config;
 pub mod alerts;
 pub mod coordinator;
+pub mod cpu_pin;
 pub mod cpu_quota;
 pub mod dashboard;
 pub mod dashboard_access;

@@ -44,6 +44,16 @@ async fn wait_for(client: &mut Client, job_id: &str, done: impl Fn(&pb::JobInfo)
     info
 }
 
+/// The nodes the coordinator knows.
+async fn nodes(client: &mut Client) -> Vec<pb::NodeInfo> {
+    client
+        .list_nodes(pb::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes
+}
+
 async fn get(client: &mut Client, job_id: &str) -> pb::JobInfo {
     client
         .get_job(pb::GetJobRequest { job_id: job_id.into() })
@@ -205,12 +215,7 @@ async fn wrong_or_missing_token_is_refused_and_changes_nothing() {
             .jobs
             .is_empty()
     );
-    let nodes = client
-        .list_nodes(pb::ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes;
+    let nodes = nodes(&mut client).await;
     assert!(nodes.iter().all(|n| n.hostname != "evil"));
     cluster.shutdown().await;
 }
@@ -478,6 +483,44 @@ async fn declared_devices_are_registered_scheduled_and_run_their_command() {
     cluster.shutdown().await;
 }
 
+/// An agent given CPUs starts its workers on those alone (every process and thread
+/// they start inherits it), and reports as many cores as it was given.
+#[tokio::test]
+async fn a_pinned_agents_workers_run_on_its_cpus_alone() {
+    use hetero_cluster::cpu_pin::CpuSet;
+    let allowed = CpuSet::allowed().unwrap();
+    let last = CpuSet::of(vec![*allowed.cpus().last().unwrap()]).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = LocalCluster::start_with(|a| {
+        a.slots = 1;
+        a.worker_program = "/bin/false".into();
+        a.cpus = Some(last.clone());
+    })
+    .await
+    .unwrap();
+    let mut client = cluster.client().await.unwrap();
+    // The worker's child reports its own affinity, as the kernel has it.
+    let affinity = script(
+        dir.path(),
+        "affinity.sh",
+        "sh -c 'grep Cpus_allowed_list /proc/self/status'",
+    );
+    let job = submit(&mut client, custom_spec(&affinity, 1)).await;
+    let info = wait_for(&mut client, &job, ended).await;
+    assert_eq!(info.state, pb::JobState::Succeeded as i32, "{info:?}");
+    let texts = client::log_texts(&mut client, &job).await.unwrap();
+    let reported: Vec<&str> = texts
+        .iter()
+        .filter_map(|t| t.strip_prefix("Cpus_allowed_list:"))
+        .map(str::trim)
+        .collect();
+    assert_eq!(reported, [last.to_string().as_str()], "{texts:?}");
+    let nodes = nodes(&mut client).await;
+    let cpu = nodes[0].groups.iter().find(|g| g.kind == "cpu").unwrap();
+    assert_eq!(cpu.devices, 1, "one pinned CPU, one core");
+    cluster.shutdown().await;
+}
+
 /// A TCP relay on loopback that forwards both ways to `to` and keeps a copy of
 /// every byte the client sent.
 async fn recording_relay(to: String) -> (String, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
@@ -619,12 +662,7 @@ async fn a_node_id_is_taken_back_only_with_its_key() {
         .unwrap()
         .into_inner();
     assert_eq!(again.agent_id, "node-1");
-    let nodes = client
-        .list_nodes(pb::ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes;
+    let nodes = nodes(&mut client).await;
     assert_eq!(nodes.len(), 2, "{nodes:?}");
     stop.send(true).unwrap();
     handle.await.unwrap();

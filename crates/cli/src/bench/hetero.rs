@@ -14,9 +14,12 @@
 //! each job is followed by its devices alone at the local batches it ended with,
 //! each for about as long as the job ran, so a baseline is measured minutes, not
 //! a quarter of an hour, from the job it judges, and `--rounds` repeats the lot
-//! to show the spread. The devices alone are measured twice: one after another
-//! on an idle host, and all at once (each in a job of its own), which loads the
-//! shared cores' caches and memory as the job does — see [`solo_rates`]. The
+//! to show the spread. Each device runs on CPUs packed for it
+//! ([`cpu_pin::pack`]: at 1 / 0.5 / 0.25 on two cores, a core for the full-speed
+//! device and one shared by the others), in the job and alone, as separate
+//! machines would; `--no-pin` lets them share every core. The devices alone are
+//! measured twice: one after another on an idle host, and all at once (each in a
+//! job of its own), which loads the host as the job does — see [`solo_rates`]. The
 //! workers combine their work by `--strategy` (the spec's `training.strategy`)
 //! and exchange at `--exchange-precision`. An even split is bound by the slowest
 //! device (n × its speed ÷ the sum), printed beside it.
@@ -25,6 +28,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use hetero_cluster::cpu_pin::{self, CpuSet};
 use hetero_cluster::local::LocalCluster;
 use hetero_data::shard::Split;
 use hetero_job::events::RunSummary;
@@ -50,6 +54,10 @@ pub struct HeteroBench<'a> {
     pub precision: ExchangePrecision,
     /// Times every variant is measured (each with its own solo baselines).
     pub rounds: usize,
+    /// Exchange while computing (the spec's `training.overlap`).
+    pub overlap: bool,
+    /// Pin each device to cores of its own ([`cpu_pin::pack`]), in the job and alone.
+    pub pin: bool,
     /// Fashion-MNIST folder.
     pub data: &'a Path,
 }
@@ -94,16 +102,18 @@ const LEAST_SOLO_SAMPLES: usize = 2000;
 /// Each device's samples/s training alone on `samples[device]` samples at
 /// `batches[device]` (see [`JobRun::solo_samples`]): one device after
 /// another on an otherwise idle host, or (`at_once`) every device at once, each
-/// in a job of its own, so the host is as loaded as in the job. The devices of
-/// this emulation share two cores' caches and memory: a device computes ~15 %
-/// slower while the others run, which the first baseline blames on the job and
-/// the second does not; separate machines would not share them.
+/// in a job of its own, so the host is as loaded as in the job. Unpinned, the
+/// devices of this emulation share two cores: a device computes 10–20 % slower
+/// while the others run, which the first baseline blames on the job and the
+/// second does not; separate machines would not share them. Pinned, each device
+/// runs on its `pins[device]` alone too.
 fn solo_rates(
     b: &HeteroBench,
     rt: &tokio::runtime::Runtime,
     data: &Path,
     gflops: f32,
     (batches, samples): (&[usize], &[usize]),
+    pins: &[CpuSet],
     at_once: bool,
 ) -> Result<Vec<f64>> {
     let solo = |device: usize| -> Result<f64> {
@@ -112,7 +122,7 @@ fn solo_rates(
         let run = rt.block_on(job(
             b,
             data,
-            &[speed],
+            (&[speed], pins.get(device..=device).unwrap_or_default()),
             gflops,
             batch,
             ALONE,
@@ -169,8 +179,21 @@ pub fn run(b: &HeteroBench) -> Result<()> {
         .build()?;
     let gflops = hetero_worker::backend::measure_gflops(hetero_job::Backend::Flex);
     let n = b.speeds.len();
+    let demands: Vec<f64> = b.speeds.iter().map(|&s| s as f64).collect();
+    let (pins, pinned) = match b.pin.then(|| cpu_pin::pack_here(&demands)) {
+        Some(Ok(pins)) => {
+            let each: Vec<String> = pins.iter().map(|p| p.to_string()).collect();
+            let how = format!(
+                "each device on its own CPUs ({}), in the job and alone",
+                each.join(" | ")
+            );
+            (pins, how)
+        }
+        Some(Err(why)) => (vec![], format!("not pinned: {why}; the devices share every core")),
+        None => (vec![], "not pinned (--no-pin): the devices share every core".into()),
+    };
     println!(
-        "heterogeneous efficiency: {} workers of {}, {} samples × {} epoch(s), global batch {}, devices at {:?} of one core, {}, exchange_precision = {}",
+        "heterogeneous efficiency: {} workers of {}, {} samples × {} epoch(s), global batch {}, devices at {:?} of one core, {}, exchange_precision = {}, overlap = {}",
         n,
         b.model,
         b.train_limit,
@@ -178,8 +201,10 @@ pub fn run(b: &HeteroBench) -> Result<()> {
         b.global_batch,
         b.speeds,
         b.strategy.spec_lines().trim().replace('\n', ", "),
-        b.precision.name()
+        b.precision.name(),
+        b.overlap
     );
+    println!("{pinned}");
     // Rounds of every variant, each job followed by its devices alone: the host's
     // speed drifts by ±10 % over minutes, so a baseline is measured next to the
     // job it judges, and rounds show the spread.
@@ -189,7 +214,7 @@ pub fn run(b: &HeteroBench) -> Result<()> {
             let run = rt.block_on(job(
                 b,
                 &data,
-                b.speeds,
+                (b.speeds, &pins),
                 gflops,
                 b.global_batch,
                 v,
@@ -201,8 +226,8 @@ pub fn run(b: &HeteroBench) -> Result<()> {
                 v.label, s.samples_per_sec, s.wall_secs
             );
             let work = (&run.final_batches(b.global_batch)[..], &run.solo_samples()[..]);
-            let alone = solo_rates(b, &rt, &data, gflops, work, false)?;
-            let together = solo_rates(b, &rt, &data, gflops, work, true)?;
+            let alone = solo_rates(b, &rt, &data, gflops, work, &pins, false)?;
+            let together = solo_rates(b, &rt, &data, gflops, work, &pins, true)?;
             runs.push((v, Measured { run, alone, together }));
         }
     }
@@ -389,10 +414,12 @@ impl JobRun {
     }
 }
 
+/// One job on devices at `speeds`, each pinned to `pins[device]` (unpinned when
+/// `pins` is empty).
 async fn job(
     b: &HeteroBench<'_>,
     data: &Path,
-    speeds: &[f32],
+    (speeds, pins): (&[f32], &[CpuSet]),
     gflops: f32,
     batch: usize,
     variant: Variant,
@@ -403,9 +430,10 @@ async fn job(
     // A device alone just steps: its strategy would only add a server to wait on.
     let strategy = if speeds.len() > 1 {
         format!(
-            "{}exchange_precision = \"{}\"\n",
+            "{}exchange_precision = \"{}\"\noverlap = {}\n",
             b.strategy.spec_lines(),
-            b.precision.name()
+            b.precision.name(),
+            b.overlap
         )
     } else {
         Strategy::Allreduce.spec_lines()
@@ -417,6 +445,7 @@ async fn job(
         agent.worker_program = program.clone();
         agent.gflops = gflops;
         agent.speed = speeds[i];
+        agent.cpus = pins.get(i).cloned();
     })
     .await?;
     let spec = format!(

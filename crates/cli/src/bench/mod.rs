@@ -89,6 +89,15 @@ pub enum BenchCommand {
         /// Times every split is measured, each job with its own solo baselines.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=20))]
         rounds: u16,
+        /// Exchange after computing, not while computing (the spec's
+        /// `training.overlap = false`): local SGD averages at once, allreduce sends
+        /// all gradients after the whole backward pass.
+        #[arg(long)]
+        no_overlap: bool,
+        /// Leave the devices unpinned: they share all the host's cores (by default
+        /// each runs on cores packed for it, as separate machines would).
+        #[arg(long)]
+        no_pin: bool,
         /// Folder with Fashion-MNIST.
         #[arg(long, default_value = "data/fashion-mnist-subset")]
         data: std::path::PathBuf,
@@ -177,8 +186,12 @@ pub fn run(command: BenchCommand) -> Result<ExitCode> {
             sync_every,
             exchange_precision,
             rounds,
+            no_overlap,
+            no_pin,
             data,
         } => crate::bench::hetero::run(&crate::bench::hetero::HeteroBench {
+            pin: !no_pin,
+            overlap: !no_overlap,
             precision: crate::bench::hetero::precision(&exchange_precision)?,
             speeds: &speeds,
             model: &model,

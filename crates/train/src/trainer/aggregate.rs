@@ -82,7 +82,8 @@ pub(crate) trait Aggregate: Send {
     /// One step: computes this worker's gradients through `work`, combines them
     /// with the others' over `ring` (inside `clock.communicate`, after
     /// `clock.idle`) and leaves the next model in `model`. Returns the step's
-    /// loss (the global batch's, or this worker's between two local-SGD averages).
+    /// loss (the global batch's, or with local SGD this worker's but at an
+    /// average made at once).
     fn step(
         &mut self,
         ring: &mut Ring,
@@ -143,8 +144,13 @@ pub(crate) trait Aggregate: Send {
 }
 
 /// The aggregation a ring of every worker runs for `strategy`, exchanging at
-/// `precision`.
-pub(crate) fn on_ring(strategy: Strategy, precision: Precision) -> Result<Box<dyn Aggregate>, TrainError> {
+/// `precision`; with `overlap`, local SGD's averages travel while the next step
+/// computes ([`LocalSgd`]).
+pub(crate) fn on_ring(
+    strategy: Strategy,
+    precision: Precision,
+    overlap: bool,
+) -> Result<Box<dyn Aggregate>, TrainError> {
     match strategy {
         Strategy::Allreduce => Ok(Box::new(Allreduce { precision })),
         Strategy::LocalSgd { sync_every } => Ok(Box::new(LocalSgd {
@@ -152,6 +158,8 @@ pub(crate) fn on_ring(strategy: Strategy, precision: Precision) -> Result<Box<dy
             steps: 0,
             precision,
             anchor: None,
+            overlap,
+            due: None,
         })),
         Strategy::ParameterServer { .. } | Strategy::Hierarchical => Err(TrainError::Config(format!(
             "strategy {} needs a parameter server (Trainer::with_server)",
@@ -265,6 +273,13 @@ fn overlapped(
 /// model's change since the last average, the `anchor` every member holds
 /// alike; the first average after the run starts or a ring re-forms, when the
 /// members may hold different anchors or none, travels whole in f32.
+///
+/// With `overlap`, an average due after a step travels on a thread of its own
+/// while the next step's gradients are computed, at the model not yet averaged;
+/// that step's update then lands on the average. The exchange hides behind a
+/// step's compute instead of stopping every worker, for one step of staleness
+/// in the gradient after each average. An epoch still ends on one agreed model:
+/// its last average is made at the epoch's end, with nothing to hide behind.
 pub(crate) struct LocalSgd {
     every: usize,
     /// Steps since the epoch began.
@@ -272,12 +287,26 @@ pub(crate) struct LocalSgd {
     precision: Precision,
     /// The model the last average gave every member (kept only below f32).
     anchor: Option<Vec<f32>>,
+    /// Send each average while the next step computes.
+    overlap: bool,
+    /// With `overlap`: the average the last step made due, not yet sent.
+    due: Option<Outgoing>,
+}
+
+/// This worker's part of one average of the models.
+struct Outgoing {
+    /// Its weighted model, or weighted change since `anchor`, and its loss share
+    /// in one extra slot at the end; the sum over the workers once exchanged.
+    flat: Vec<f32>,
+    precision: Precision,
+    /// What the summed changes are added to (`None`: the models travel whole).
+    anchor: Option<Vec<f32>>,
 }
 
 impl LocalSgd {
-    /// Replaces every worker's model by the average weighted by `weight` (this
-    /// worker's share); returns the sum of `loss_share` over the workers.
-    fn average(&mut self, ring: &mut Ring, model: &mut Flat, weight: f32, loss_share: f32) -> Result<f32, TrainError> {
+    /// What this worker adds to an average of the models weighted by `weight`
+    /// (its share), with `loss_share` summed alongside.
+    fn outgoing(&mut self, model: &Flat, weight: f32, loss_share: f32) -> Outgoing {
         let anchor = self.anchor.take().filter(|_| self.precision != Precision::F32);
         let mut flat: Vec<f32> = match &anchor {
             Some(a) => model.params.iter().zip(a).map(|(p, a)| (p - a) * weight).collect(),
@@ -289,7 +318,17 @@ impl LocalSgd {
         } else {
             Precision::F32
         };
-        ring.allreduce_sum_as(&mut flat, precision)?;
+        Outgoing {
+            flat,
+            precision,
+            anchor,
+        }
+    }
+
+    /// Makes the exchanged sum `summed` every worker's model; returns the summed
+    /// loss shares.
+    fn arrived(&mut self, summed: Outgoing, model: &mut Flat) -> f32 {
+        let Outgoing { mut flat, anchor, .. } = summed;
         let loss = flat.pop().expect("loss slot");
         if let Some(a) = anchor {
             // The shares sum to one, so the weighted changes added to the
@@ -300,7 +339,20 @@ impl LocalSgd {
             self.anchor = Some(flat.clone());
         }
         model.params = flat;
-        Ok(loss)
+        loss
+    }
+
+    /// Replaces every worker's model by the average weighted by `weight` (this
+    /// worker's share) now; returns the sum of `loss_share` over the workers.
+    fn average(&mut self, ring: &mut Ring, model: &mut Flat, weight: f32, loss_share: f32) -> Result<f32, TrainError> {
+        let out = self.outgoing(model, weight, loss_share);
+        self.send(ring, model, out)
+    }
+
+    /// Exchanges `out` and makes the sum every worker's model.
+    fn send(&mut self, ring: &mut Ring, model: &mut Flat, mut out: Outgoing) -> Result<f32, TrainError> {
+        ring.allreduce_sum_as(&mut out.flat, out.precision)?;
+        Ok(self.arrived(out, model))
     }
 }
 
@@ -312,17 +364,39 @@ impl Aggregate for LocalSgd {
         clock: &mut StepClock<'_>,
         work: Work<'_>,
     ) -> Result<f32, TrainError> {
-        let (grads, loss) = (work.gradients)(1.0).whole();
-        if work.samples > 0 {
+        let Work {
+            samples,
+            weight,
+            gradients,
+        } = work;
+        let (grads, loss) = match self.due.take() {
+            None => gradients(1.0).whole(),
+            Some(mut out) => {
+                let (sent, computed) = std::thread::scope(|scope| {
+                    let exchange = scope.spawn(|| ring.allreduce_sum_as(&mut out.flat, out.precision));
+                    let computed = gradients(1.0).whole();
+                    (clock.communicate(|| exchange.join()), computed)
+                });
+                sent.map_err(|_| TrainError::Config("the thread averaging the models panicked".into()))??;
+                self.arrived(out, model);
+                computed
+            }
+        };
+        if samples > 0 {
             model.optimizer.step(&mut model.params, &grads);
         }
         self.steps += 1;
-        clock.idle(work.samples);
-        if self.steps.is_multiple_of(self.every) {
-            clock.communicate(|| self.average(ring, model, work.weight, loss * work.weight))
-        } else {
-            Ok(loss)
+        clock.idle(samples);
+        if !self.steps.is_multiple_of(self.every) {
+            return Ok(loss);
         }
+        if self.overlap {
+            // Sent during the next step; this step's own loss stands for it, as
+            // between averages (the epoch's losses are summed at its end).
+            self.due = Some(self.outgoing(model, weight, loss * weight));
+            return Ok(loss);
+        }
+        clock.communicate(|| self.average(ring, model, weight, loss * weight))
     }
 
     fn end_epoch(
@@ -333,12 +407,14 @@ impl Aggregate for LocalSgd {
         loss: f32,
     ) -> Result<Option<f32>, TrainError> {
         // The epoch's last step may just have averaged (its steps are a multiple
-        // of `every`): the models already agree.
+        // of `every`): the models already agree. Overlapped, that average is
+        // still due, and is sent now.
         let averaged = self.steps.is_multiple_of(self.every);
         self.steps = 0;
-        match averaged {
-            true => Ok(None),
-            false => self.average(ring, model, weight, loss * weight).map(Some),
+        match (self.due.take(), averaged) {
+            (Some(due), _) => self.send(ring, model, due).map(Some),
+            (None, true) => Ok(None),
+            (None, false) => self.average(ring, model, weight, loss * weight).map(Some),
         }
     }
 
@@ -348,6 +424,7 @@ impl Aggregate for LocalSgd {
         // collective that failed elsewhere) is not.
         self.steps = 0;
         self.anchor = None;
+        self.due = None;
     }
 
     fn losses_are_global(&self) -> bool {

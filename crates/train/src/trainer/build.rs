@@ -39,7 +39,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// every worker, which combine their work as `options.strategy` says (a ring
     /// strategy: allreduce or local-sgd).
     pub fn new(task: T, device: B::Device, ring: Ring, options: TrainOptions) -> Result<Self, TrainError> {
-        let aggregate = aggregate::on_ring(options.strategy, options.precision)?;
+        let aggregate = aggregate::on_ring(options.strategy, options.precision, options.overlap)?;
         let (rank, world) = (ring.rank(), ring.world());
         Self::start(task, device, ring, aggregate, None, (rank, world), options)
     }
@@ -183,9 +183,9 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     ) -> Result<Self, TrainError> {
         // A ring that admits joiners is an allreduce ring, whatever the job began as.
         let aggregate = if options.strategy.uses_parameter_server() {
-            aggregate::on_ring(hetero_job::Strategy::Allreduce, hetero_comm::Precision::F32)?
+            aggregate::on_ring(hetero_job::Strategy::Allreduce, hetero_comm::Precision::F32, false)?
         } else {
-            aggregate::on_ring(options.strategy, options.precision)?
+            aggregate::on_ring(options.strategy, options.precision, options.overlap)?
         };
         let model = seeded_model(&task, &device, options.seed);
         let params = params::flatten(&model);

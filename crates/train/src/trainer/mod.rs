@@ -237,8 +237,10 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// One step on this worker's samples `indices`, part of a batch of `global`
     /// samples over which the gradient is averaged (the global batch; with an
     /// asynchronous parameter server, this worker's group's batch, since each push
-    /// is a step of its own). Returns the batch's mean loss (with local-sgd between
-    /// averages: the local batch's).
+    /// is a step of its own). Returns the batch's mean loss (with local-sgd, the
+    /// local batch's but at an average made at once). With local-sgd and
+    /// `overlap`, an average due after the last step is sent during this one, and
+    /// one due after this step waits for the next step or the epoch's end.
     pub fn step(&mut self, indices: &[usize], global: usize) -> Result<f32, TrainError> {
         let Trainer {
             local,

@@ -48,8 +48,10 @@ pub struct TrainOptions {
     /// steps of the run, at its own local batch (a weighted job: compute scores
     /// are only the starting guess).
     pub measure_split: bool,
-    /// Exchange the head's gradients while the body's are computed, when the
-    /// task's loss comes in two stages ([`crate::Task::staged_loss`]).
+    /// Exchange while computing: with allreduce, the head's gradients while the
+    /// body's are computed, when the task's loss comes in two stages
+    /// ([`crate::Task::staged_loss`]); with local SGD, each average while the
+    /// next step computes (one step of staleness).
     pub overlap: bool,
     /// Where the lowest-ranked worker saves checkpoints (`None`: nowhere).
     pub checkpoint: Option<PathBuf>,
