@@ -70,7 +70,6 @@ fn resolve_auto(spec: &JobSpec, groups: &mut [(f32, Backend)]) {
     }
 }
 
-/// Runs the job in `spec_path` on an embedded cluster and reports how it went.
 /// The CPUs each group's agent runs its workers on when the groups emulate unlike
 /// devices (a speed cap below 1): packed so that no core is asked for more than
 /// its time ([`hetero_cluster::cpu_pin::pack`]). Unpinned (`Ok` of none) for one
@@ -87,8 +86,7 @@ fn pin_emulated_devices(groups: &[(f32, Backend)], slots: u32, threads: usize) -
     cpu_pin::pack_here(&demands)
 }
 
-/// `hetero local SPEC [--workers N] [--group …]`: runs the job on an embedded
-/// cluster, one agent per group, and follows it to its end.
+/// Runs the job in `spec_path` on an embedded cluster and reports how it went.
 pub fn run(spec_path: &Path, workers: Option<usize>, groups: &[String]) -> Result<ExitCode> {
     let parsed = groups.iter().map(|g| parse_group(g)).collect::<Result<Vec<_>>>()?;
     let no_data: Vec<bool> = parsed.iter().map(|g| g.2).collect();

@@ -8,7 +8,7 @@ use hetero_cluster::agent::{self, AgentConfig, GpuGroup};
 use hetero_cluster::agent_config::AgentFile;
 use hetero_cluster::alerts::Webhook;
 use hetero_cluster::coordinator::{ControlTls, Coordinator, CoordinatorConfig};
-use hetero_cluster::cpu_pin::CpuSet;
+use hetero_cluster::cpu_pin::{self, CpuSet};
 use tokio::sync::watch;
 
 use crate::connection::{Connection, read_token_file};
@@ -335,12 +335,7 @@ pub fn agent(args: &AgentArgs) -> Result<ExitCode> {
         bail!("--speed {speed} is not allowed; a speed cap is in (0, 1]");
     }
     // A pinned agent runs one worker per CPU it was given, not per core of the host.
-    let cores = match &cpus {
-        Some(c) => c.cpus().len() as u32,
-        None => std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1),
-    };
+    let cores = cpu_pin::cores(cpus.as_ref());
     let hostname = this_host();
     let gflops = hetero_worker::backend::measure_gflops(backend);
     let mut config = AgentConfig::new(

@@ -131,12 +131,7 @@ pub fn discover_groups(config: &AgentConfig) -> Vec<pb::ResourceGroup> {
     let mut sys = sysinfo::System::new();
     sys.refresh_memory();
     // A pinned agent's workers compute on its CPUs alone: their threads are sized to them.
-    let cores = match &config.cpus {
-        Some(cpus) => cpus.cpus().len() as u32,
-        None => std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1),
-    };
+    let cores = crate::cpu_pin::cores(config.cpus.as_ref());
     let mut groups = vec![pb::ResourceGroup {
         kind: "cpu".into(),
         devices: cores,

@@ -205,6 +205,16 @@ pub fn pack(demands: &[f64], cpus: &CpuSet) -> Result<Vec<CpuSet>, String> {
         .collect())
 }
 
+/// The cores an agent's workers compute on: its pinned CPUs, else the host's.
+pub fn cores(pinned: Option<&CpuSet>) -> u32 {
+    match pinned {
+        Some(cpus) => cpus.0.len() as u32,
+        None => std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
+    }
+}
+
 /// [`pack`] onto the CPUs this process may use.
 pub fn pack_here(demands: &[f64]) -> Result<Vec<CpuSet>, String> {
     pack(demands, &CpuSet::allowed()?)

@@ -342,14 +342,8 @@ impl LocalSgd {
         loss
     }
 
-    /// Replaces every worker's model by the average weighted by `weight` (this
-    /// worker's share) now; returns the sum of `loss_share` over the workers.
-    fn average(&mut self, ring: &mut Ring, model: &mut Flat, weight: f32, loss_share: f32) -> Result<f32, TrainError> {
-        let out = self.outgoing(model, weight, loss_share);
-        self.send(ring, model, out)
-    }
-
-    /// Exchanges `out` and makes the sum every worker's model.
+    /// Exchanges `out` and makes the sum every worker's model; returns the
+    /// summed loss shares.
     fn send(&mut self, ring: &mut Ring, model: &mut Flat, mut out: Outgoing) -> Result<f32, TrainError> {
         ring.allreduce_sum_as(&mut out.flat, out.precision)?;
         Ok(self.arrived(out, model))
@@ -390,13 +384,14 @@ impl Aggregate for LocalSgd {
         if !self.steps.is_multiple_of(self.every) {
             return Ok(loss);
         }
+        let out = self.outgoing(model, weight, loss * weight);
         if self.overlap {
             // Sent during the next step; this step's own loss stands for it, as
             // between averages (the epoch's losses are summed at its end).
-            self.due = Some(self.outgoing(model, weight, loss * weight));
+            self.due = Some(out);
             return Ok(loss);
         }
-        clock.communicate(|| self.average(ring, model, weight, loss * weight))
+        clock.communicate(|| self.send(ring, model, out))
     }
 
     fn end_epoch(
@@ -411,11 +406,12 @@ impl Aggregate for LocalSgd {
         // still due, and is sent now.
         let averaged = self.steps.is_multiple_of(self.every);
         self.steps = 0;
-        match (self.due.take(), averaged) {
-            (Some(due), _) => self.send(ring, model, due).map(Some),
-            (None, true) => Ok(None),
-            (None, false) => self.average(ring, model, weight, loss * weight).map(Some),
-        }
+        let out = match (self.due.take(), averaged) {
+            (Some(due), _) => due,
+            (None, true) => return Ok(None),
+            (None, false) => self.outgoing(model, weight, loss * weight),
+        };
+        self.send(ring, model, out).map(Some)
     }
 
     fn on_regroup(&mut self) {
