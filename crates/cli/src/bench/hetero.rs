@@ -54,6 +54,8 @@ pub struct HeteroBench<'a> {
     pub precision: ExchangePrecision,
     /// Times every variant is measured (each with its own solo baselines).
     pub rounds: usize,
+    /// The splits to run, in [`VARIANTS`]' order (see [`splits`]).
+    pub splits: Vec<Variant>,
     /// Exchange while computing (the spec's `training.overlap`).
     pub overlap: bool,
     /// Pin each device to cores of its own ([`cpu_pin::pack`]), in the job and alone.
@@ -63,8 +65,8 @@ pub struct HeteroBench<'a> {
 }
 
 /// How a job divides its work.
-#[derive(Debug, Clone, Copy)]
-struct Variant {
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Variant {
     label: &'static str,
     weighted: bool,
     rebalance: bool,
@@ -210,7 +212,7 @@ pub fn run(b: &HeteroBench) -> Result<()> {
     // job it judges, and rounds show the spread.
     let mut runs: Vec<(Variant, Measured)> = Vec::new();
     for round in 1..=b.rounds {
-        for v in VARIANTS {
+        for &v in &b.splits {
             let run = rt.block_on(job(
                 b,
                 &data,
@@ -238,7 +240,7 @@ pub fn run(b: &HeteroBench) -> Result<()> {
         "split (round)", "samples/s", "sum alone", "efficiency", "sum at once", "efficiency", "accuracy", "last loss"
     );
     for (i, (v, m)) in runs.iter().enumerate() {
-        let label = format!("{} ({})", v.label, i / VARIANTS.len() + 1);
+        let label = format!("{} ({})", v.label, i / b.splits.len() + 1);
         let s = &m.run.summary;
         let batches = m.run.final_batches(b.global_batch);
         let figures: Vec<String> = m
@@ -266,7 +268,7 @@ pub fn run(b: &HeteroBench) -> Result<()> {
         "over {} round(s): median efficiency (lowest–highest), against the devices alone one at a time | all at once",
         b.rounds
     );
-    for v in VARIANTS {
+    for &v in &b.splits {
         let of_variant: Vec<&Measured> = runs
             .iter()
             .filter(|(r, _)| r.label == v.label)
@@ -280,13 +282,15 @@ pub fn run(b: &HeteroBench) -> Result<()> {
         );
     }
     // The even split's bound: every device steps at the slowest one's pace.
-    let bounds = runs
+    let bounds: Vec<f64> = runs
         .iter()
         .filter(|(v, _)| !v.weighted)
         .map(|(_, m)| n as f64 * m.alone.iter().cloned().fold(f64::INFINITY, f64::min) / m.alone.iter().sum::<f64>())
         .collect();
-    let (median, low, high) = spread(bounds);
-    println!("  the even split's bound (n × the slowest alone ÷ the sum): {median:.3} ({low:.3}–{high:.3})");
+    if !bounds.is_empty() {
+        let (median, low, high) = spread(bounds);
+        println!("  the even split's bound (n × the slowest alone ÷ the sum): {median:.3} ({low:.3}–{high:.3})");
+    }
     println!();
     println!("how the weighted splits converged (shares by device at each epoch's end):");
     let total: f64 = b.speeds.iter().map(|&s| s as f64).sum();
@@ -302,6 +306,24 @@ pub fn run(b: &HeteroBench) -> Result<()> {
         println!("  {:<20} {}", v.label, steps.join(" → "));
     }
     Ok(())
+}
+
+/// The splits named on the command line (`--splits`), in [`VARIANTS`]' order.
+pub fn splits(names: &[String]) -> Result<Vec<Variant>> {
+    let known = || VARIANTS.map(|v| v.label).join(", ");
+    for name in names {
+        if !VARIANTS.iter().any(|v| v.label == name) {
+            bail!("--splits {name:?}: each one of {}", known());
+        }
+    }
+    let chosen: Vec<Variant> = VARIANTS
+        .into_iter()
+        .filter(|v| names.iter().any(|n| n == v.label))
+        .collect();
+    if chosen.is_empty() {
+        bail!("--splits: name one or more of {}", known());
+    }
+    Ok(chosen)
 }
 
 /// The precision named on the command line (`--exchange-precision`).
@@ -531,6 +553,19 @@ mod tests {
         assert!(wrong.contains("\"ring\"") && wrong.contains("local-sgd"), "{wrong}");
         assert!(strategy("allreduce", Some(4)).is_err());
         assert!(strategy("local-sgd", Some(0)).is_err());
+    }
+
+    #[test]
+    fn the_command_line_names_splits_and_they_run_in_one_order() {
+        let names = |n: &[&str]| n.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let chosen = splits(&names(&["weighted+rebalance", "even"])).unwrap();
+        assert_eq!(chosen, vec![VARIANTS[0], VARIANTS[2]]);
+        let wrong = splits(&names(&["uneven"])).unwrap_err().to_string();
+        assert!(
+            wrong.contains("\"uneven\"") && wrong.contains("weighted+rebalance"),
+            "{wrong}"
+        );
+        assert!(splits(&[]).is_err());
     }
 
     #[test]

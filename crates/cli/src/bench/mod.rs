@@ -89,6 +89,9 @@ pub enum BenchCommand {
         /// Times every split is measured, each job with its own solo baselines.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=20))]
         rounds: u16,
+        /// Which splits to run: even, weighted, weighted+rebalance (all by default).
+        #[arg(long, value_delimiter = ',', default_value = "even,weighted,weighted+rebalance")]
+        splits: Vec<String>,
         /// Exchange after computing, not while computing (the spec's
         /// `training.overlap = false`): local SGD averages at once, allreduce sends
         /// all gradients after the whole backward pass.
@@ -186,10 +189,12 @@ pub fn run(command: BenchCommand) -> Result<ExitCode> {
             sync_every,
             exchange_precision,
             rounds,
+            splits,
             no_overlap,
             no_pin,
             data,
         } => crate::bench::hetero::run(&crate::bench::hetero::HeteroBench {
+            splits: crate::bench::hetero::splits(&splits)?,
             pin: !no_pin,
             overlap: !no_overlap,
             precision: crate::bench::hetero::precision(&exchange_precision)?,

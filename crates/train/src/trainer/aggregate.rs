@@ -141,6 +141,46 @@ pub(crate) trait Aggregate: Send {
     fn finish(&mut self) -> Result<(), TrainError> {
         Ok(())
     }
+
+    /// Where floats ride in this aggregation's own exchanges (`None`: it has
+    /// none every worker makes alike, and the trainer sums them itself).
+    fn rider(&mut self) -> Option<&mut Rider> {
+        None
+    }
+}
+
+/// Floats the trainer has summed over the workers in the next exchange a
+/// strategy makes anyway — the rates of a check of the split — so that they
+/// need no collective of their own: a collective is a barrier, where every
+/// worker waits for the slowest to arrive (25–80 ms a check on 1 / 0.5 / 0.25
+/// devices), while the strategy's own exchange is already waited for, or
+/// hidden behind a step's compute.
+///
+/// Every member boards the same number of floats at the same exchange (the
+/// trainer decides on step counts they agree on), so the sums arrive after the
+/// same step everywhere.
+#[derive(Debug, Default)]
+pub(crate) struct Rider {
+    /// Waiting for the next exchange.
+    pub waiting: Option<Vec<f32>>,
+    /// Summed over the workers, for the trainer to take.
+    pub arrived: Option<Vec<f32>>,
+}
+
+impl Rider {
+    /// Appends what waits to `buf`, an exchange's buffer; returns how many floats.
+    fn board(&mut self, buf: &mut Vec<f32>) -> usize {
+        let riders = self.waiting.take().unwrap_or_default();
+        buf.extend(&riders);
+        riders.len()
+    }
+
+    /// Takes the last `n` floats of the summed `buf` as what arrived.
+    fn alight(&mut self, buf: &mut Vec<f32>, n: usize) {
+        if n > 0 {
+            self.arrived = Some(buf.split_off(buf.len() - n));
+        }
+    }
 }
 
 /// The aggregation a ring of every worker runs for `strategy`, exchanging at
@@ -152,7 +192,10 @@ pub(crate) fn on_ring(
     overlap: bool,
 ) -> Result<Box<dyn Aggregate>, TrainError> {
     match strategy {
-        Strategy::Allreduce => Ok(Box::new(Allreduce { precision })),
+        Strategy::Allreduce => Ok(Box::new(Allreduce {
+            precision,
+            rider: Rider::default(),
+        })),
         Strategy::LocalSgd { sync_every } => Ok(Box::new(LocalSgd {
             every: sync_every.max(1),
             steps: 0,
@@ -160,6 +203,7 @@ pub(crate) fn on_ring(
             anchor: None,
             overlap,
             due: None,
+            rider: Rider::default(),
         })),
         Strategy::ParameterServer { .. } | Strategy::Hierarchical => Err(TrainError::Config(format!(
             "strategy {} needs a parameter server (Trainer::with_server)",
@@ -176,6 +220,8 @@ pub(crate) fn on_ring(
 /// precision below f32 every worker applies the same rounded sum.
 pub(crate) struct Allreduce {
     pub precision: Precision,
+    /// Floats the trainer sums in the next step's exchange, after the loss slot.
+    pub rider: Rider,
 }
 
 impl Work<'_> {
@@ -203,32 +249,47 @@ impl Aggregate for Allreduce {
             weight,
             gradients,
         } = work;
-        let mut flat = match gradients(weight) {
+        let (mut flat, riders) = match gradients(weight) {
             Grads::Staged {
                 first,
                 range,
                 loss,
                 rest,
-            } => overlapped(ring, self.precision, clock, samples, first, range, loss * weight, rest)?,
+            } => {
+                let mut tail = vec![loss * weight];
+                let riders = self.rider.board(&mut tail);
+                let flat = overlapped(ring, self.precision, clock, samples, first, range, tail, rest)?;
+                (flat, riders)
+            }
             whole => {
                 let (mut flat, loss) = whole.whole();
                 flat.push(loss * weight);
+                let riders = self.rider.board(&mut flat);
                 clock.idle(samples);
                 clock.communicate(|| ring.allreduce_sum_as(&mut flat, self.precision))?;
-                flat
+                (flat, riders)
             }
         };
+        self.rider.alight(&mut flat, riders);
         let global_loss = flat.pop().expect("loss slot");
         model.optimizer.step(&mut model.params, &flat);
         Ok(global_loss)
+    }
+
+    fn on_regroup(&mut self) {
+        self.rider = Rider::default();
+    }
+
+    fn rider(&mut self) -> Option<&mut Rider> {
+        Some(&mut self.rider)
     }
 }
 
 /// The staged allreduce: the head's gradients (`range`, most of the bytes)
 /// travel on a thread of their own while this one computes the rest; then the
-/// rest and the loss share (`loss_share`, one extra slot) travel in a second,
-/// small allreduce. Each scalar is summed once, as in one allreduce. Returns the
-/// summed gradients with the summed loss in the last slot.
+/// rest and `tail` (the loss share and any riders) travel in a second, small
+/// allreduce. Each scalar is summed once, as in one allreduce. Returns the
+/// summed gradients followed by the summed `tail`.
 ///
 /// Every member of the ring runs the same two collectives in the same order:
 /// whether a step is staged depends on the model, never on a worker's batch.
@@ -240,7 +301,7 @@ fn overlapped(
     samples: usize,
     first: Vec<f32>,
     range: Range<usize>,
-    loss_share: f32,
+    tail: Vec<f32>,
     rest: Box<dyn FnOnce() -> Vec<f32> + '_>,
 ) -> Result<Vec<f32>, TrainError> {
     let mut head = first[range.clone()].to_vec();
@@ -255,12 +316,13 @@ fn overlapped(
     sent.map_err(|_| TrainError::Config("the thread exchanging gradients panicked".into()))??;
     flat[range.clone()].copy_from_slice(&head);
     let mut others: Vec<f32> = flat[..range.start].iter().chain(&flat[range.end..]).copied().collect();
-    others.push(loss_share);
+    let gradients = others.len();
+    others.extend(tail);
     clock.communicate(|| ring.allreduce_sum_as(&mut others, precision))?;
-    let loss = others.pop().expect("loss slot");
+    let tail = others.split_off(gradients);
     flat[..range.start].copy_from_slice(&others[..range.start]);
     flat[range.end..].copy_from_slice(&others[range.start..]);
-    flat.push(loss);
+    flat.extend(tail);
     Ok(flat)
 }
 
@@ -291,6 +353,8 @@ pub(crate) struct LocalSgd {
     overlap: bool,
     /// With `overlap`: the average the last step made due, not yet sent.
     due: Option<Outgoing>,
+    /// Floats the trainer sums in the next average, after the loss slot.
+    rider: Rider,
 }
 
 /// This worker's part of one average of the models.
@@ -301,6 +365,8 @@ struct Outgoing {
     precision: Precision,
     /// What the summed changes are added to (`None`: the models travel whole).
     anchor: Option<Vec<f32>>,
+    /// Floats riding after the loss slot ([`Rider`]).
+    riders: usize,
 }
 
 impl LocalSgd {
@@ -313,6 +379,7 @@ impl LocalSgd {
             None => model.params.iter().map(|p| p * weight).collect(),
         };
         flat.push(loss_share);
+        let riders = self.rider.board(&mut flat);
         let precision = if anchor.is_some() {
             self.precision
         } else {
@@ -322,13 +389,20 @@ impl LocalSgd {
             flat,
             precision,
             anchor,
+            riders,
         }
     }
 
     /// Makes the exchanged sum `summed` every worker's model; returns the summed
     /// loss shares.
     fn arrived(&mut self, summed: Outgoing, model: &mut Flat) -> f32 {
-        let Outgoing { mut flat, anchor, .. } = summed;
+        let Outgoing {
+            mut flat,
+            anchor,
+            riders,
+            ..
+        } = summed;
+        self.rider.alight(&mut flat, riders);
         let loss = flat.pop().expect("loss slot");
         if let Some(a) = anchor {
             // The shares sum to one, so the weighted changes added to the
@@ -421,6 +495,11 @@ impl Aggregate for LocalSgd {
         self.steps = 0;
         self.anchor = None;
         self.due = None;
+        self.rider = Rider::default();
+    }
+
+    fn rider(&mut self) -> Option<&mut Rider> {
+        Some(&mut self.rider)
     }
 
     fn losses_are_global(&self) -> bool {
@@ -504,6 +583,7 @@ impl Aggregate for ThroughServer {
         drop(self.client.take());
         Some(Box::new(Allreduce {
             precision: Precision::F32,
+            rider: Rider::default(),
         }))
     }
 

@@ -35,6 +35,29 @@ pub const REBALANCE_DRIFT: f64 = 0.05;
 /// CPU quota's 10 ms periods and the host's jitter average out.
 pub const PACE_STEPS: u64 = 32;
 
+/// The most steps between two checks: each check that keeps the split doubles
+/// the wait for the next, up to this, and one that moves it starts again at
+/// [`PACE_STEPS`].
+///
+/// Why back off: a balanced split gains nothing from a check, and a longer
+/// window measures with less noise, so the split stops chasing the host's
+/// jitter (on 1 / 0.5 / 0.25 devices a check every 32 steps moved a local batch
+/// back and forth by one sample every few checks, each move re-sharing the
+/// epoch's unvisited samples). A device that slows down for good is still
+/// followed within this many steps.
+pub const PACE_STEPS_MOST: u64 = 4 * PACE_STEPS;
+
+/// The steps until the next check of the split after one made `every` steps
+/// after the last: back to [`PACE_STEPS`] when it `moved` the split, else twice
+/// as many, up to [`PACE_STEPS_MOST`].
+pub(super) fn next_pace(every: u64, moved: bool) -> u64 {
+    if moved {
+        PACE_STEPS
+    } else {
+        (every * 2).clamp(PACE_STEPS, PACE_STEPS_MOST)
+    }
+}
+
 impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// Retries `op` after regrouping for as long as the ring breaks and survivors
     /// remain.
@@ -135,8 +158,10 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         let new_world = regroup.members.len();
         self.ring = Some(regroup.ring);
         self.rank = self.ring().rank();
-        // Shards and test parts are dealt anew: members may lack samples now.
+        // Shards and test parts are dealt anew: members may lack samples now
+        // (a joiner may hold none).
         self.samples_due = true;
+        self.all_hold_everything = false;
         let mut steps = vec![0f32; new_world];
         steps[self.rank] = if self.joining {
             0.0
@@ -158,6 +183,12 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         self.ring().broadcast_bytes(&mut state, owner)?;
         self.adopt(Handover::from_bytes(&state)?)?;
         self.aggregate.on_regroup();
+        // Checks of the split count from here on every member alike (a joiner
+        // has no window of its own, survivors may have backed off differently);
+        // rates riding in an exchange the ring lost are dropped with it.
+        self.pace_every = PACE_STEPS;
+        self.pace_riding = false;
+        self.mark_pace();
         self.joining = false;
 
         let old_shares = self.run.shares();
@@ -217,20 +248,21 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     }
 
     /// Whether the split is checked before this step: with `rebalance`,
-    /// [`PACE_STEPS`] steps after the epoch began or the last check, on a ring
-    /// of every worker (a parameter server's
-    /// groups have rings of their own), once the first measurement is done and
-    /// while enough of the epoch is left to gain from it (its last steps, where
-    /// shards run out unevenly, would also mislead the measurement). Decided on
-    /// step counts every member agrees on — the run's, and the run's at the
-    /// window's start, which every member marks at the same step — because the
-    /// check is a collective.
+    /// `pace_every` steps ([`next_pace`]) after the epoch began or the last
+    /// check, once the last check's rates are back, on a ring of every worker
+    /// (a parameter server's groups have rings of their own), once the first
+    /// measurement is done and while enough of the epoch is left to gain from it
+    /// (its last steps, where shards run out unevenly, would also mislead the
+    /// measurement). Decided on step counts every member agrees on — the run's,
+    /// and the run's at the window's start, which every member marks at the same
+    /// step — because every member's rates must board the same exchange.
     pub(super) fn pace_due(&self) -> bool {
         self.options.rebalance
             && self.world() > 1
             && !self.options.strategy.uses_parameter_server()
             && self.run.measure_at.is_none()
-            && self.run.updates >= self.pace_mark.0 + PACE_STEPS
+            && !self.pace_riding
+            && self.run.updates >= self.pace_mark.0 + self.pace_every
             && self.run.assignment.steps_left() > (PACE_STEPS / 2) as usize
     }
 
@@ -252,9 +284,22 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// weighted run, by anything at all. `when` says whether an epoch is under way
     /// (its unvisited samples are re-shared) or about to begin.
     pub(super) fn follow_throughput(&mut self, rate: f64, when: Boundary) -> Result<Option<Event>, TrainError> {
+        let mut rates = self.own_rate(rate);
+        self.global_sum(&mut rates)?;
+        self.follow_rates(&rates, when)
+    }
+
+    /// This worker's `rate` in its slot of a vector of every member's, zeros
+    /// elsewhere: what a sum over the ring turns into every member's rate.
+    pub(super) fn own_rate(&self, rate: f64) -> Vec<f32> {
         let mut rates = vec![0f32; self.world()];
         rates[self.rank] = rate as f32;
-        self.global_sum(&mut rates)?;
+        rates
+    }
+
+    /// [`Trainer::follow_throughput`] once every member's rate is known (`rates`,
+    /// by position on the ring, the same on every member).
+    pub(super) fn follow_rates(&mut self, rates: &[f32], when: Boundary) -> Result<Option<Event>, TrainError> {
         let first = self.run.measure_at.take().is_some();
         let rates: Vec<f64> = rates.iter().map(|&r| r as f64).collect();
         if let Some(slow) = rates.iter().position(|r| !(r.is_finite() && *r > 0.0)) {
@@ -313,4 +358,21 @@ pub(super) enum Boundary {
     WithinEpoch,
     /// Before an epoch begins: whole shards are resized.
     BetweenEpochs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checks_that_keep_the_split_come_less_often_and_one_that_moves_it_restarts_them() {
+        let kept = |n: usize| (0..n).fold(PACE_STEPS, |every, _| next_pace(every, false));
+        assert_eq!([kept(0), kept(1), kept(2)], [32, 64, 128]);
+        assert_eq!(
+            kept(10),
+            PACE_STEPS_MOST,
+            "bounded, so a lasting slowdown is still followed"
+        );
+        assert_eq!(next_pace(kept(10), true), PACE_STEPS);
+    }
 }

@@ -19,7 +19,8 @@
 //! A weighted run sets its split from the throughput every worker measured a few
 //! steps into its first epoch (compute scores are only the starting guess);
 //! with `rebalance` the split follows measured throughput again, between epochs
-//! and every [`elastic::PACE_STEPS`] steps within one ([`Event::Rebalanced`]),
+//! and every [`elastic::PACE_STEPS`] steps within one, less often while the split
+//! holds ([`elastic::next_pace`], [`Event::Rebalanced`]),
 //! and shards can pass a fraction of their samples to the ring neighbour. When the
 //! ring breaks, the trainer asks its [`Membership`] for a ring of the survivors, they
 //! adopt the most advanced survivor's model, optimiser and position, share out the
@@ -98,6 +99,14 @@ pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
     /// its pace window began (the epoch's start or the last check of the split
     /// within it).
     pace_mark: (u64, u64, std::time::Duration),
+    /// Steps from `pace_mark` to the next check of the split ([`elastic::next_pace`]).
+    pace_every: u64,
+    /// A check's rates ride in the strategy's next exchange, not yet back
+    /// ([`aggregate::Rider`]).
+    pace_riding: bool,
+    /// Every member of this ring holds the whole dataset (learnt in a fill of
+    /// the samples): later fills have nothing to do.
+    all_hold_everything: bool,
 }
 
 /// The user's task, its model and the device it computes on.
@@ -320,6 +329,16 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         Ok(())
     }
 
+    /// Follows a check of the split within the epoch that found `rates`; the
+    /// next check comes sooner if it moved the split ([`elastic::next_pace`]:
+    /// every member sees the same sums, so backs off alike).
+    fn follow_pace(&mut self, rates: &[f32]) -> Result<(), TrainError> {
+        let moved = self.follow_rates(rates, Boundary::WithinEpoch)?;
+        self.pace_every = elastic::next_pace(self.pace_every, moved.is_some());
+        self.pending_events.extend(moved);
+        Ok(())
+    }
+
     /// This worker's training samples per second of compute since its first step
     /// (which warms up: allocations, caches); a worker that has taken only that
     /// step (one that just joined) counts it too.
@@ -342,13 +361,30 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         let measuring = self.world() > 1
             && self.run.measure_at.is_some_and(|at| self.run.updates >= at)
             && !self.run.assignment.epoch_done();
-        if measuring || self.pace_due() {
-            let rate = match measuring {
-                true => self.measured_rate(),
-                false => self.window_rate(),
-            };
-            if let Some(e) = self.follow_throughput(rate, Boundary::WithinEpoch)? {
-                self.pending_events.push(e);
+        let arrived = self.aggregate.rider().and_then(|r| r.arrived.take());
+        if measuring {
+            // The first measurement decides the split at once (it starts from
+            // mere scores): a collective of its own.
+            let event = self.follow_throughput(self.measured_rate(), Boundary::WithinEpoch)?;
+            self.pending_events.extend(event);
+            self.pace_every = elastic::PACE_STEPS;
+            self.mark_pace();
+        } else if let Some(rates) = arrived {
+            // A check's rates came back with the strategy's exchange, after the
+            // same step on every member: each applies them before this one.
+            self.pace_riding = false;
+            self.follow_pace(&rates)?;
+        } else if self.pace_due() {
+            let mut rates = self.own_rate(self.window_rate());
+            match self.aggregate.rider() {
+                Some(rider) => {
+                    rider.waiting = Some(rates);
+                    self.pace_riding = true;
+                }
+                None => {
+                    self.global_sum(&mut rates)?;
+                    self.follow_pace(&rates)?;
+                }
             }
             self.mark_pace();
         }
@@ -397,6 +433,12 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             let epoch = self.run.epoch;
             self.run.assignment.begin_epoch(o.seed, epoch);
             self.samples_due = true;
+            // Rates of a check that came back after the last epoch's last step
+            // (or not at all) are of a split that is no more.
+            if let Some(rider) = self.aggregate.rider() {
+                *rider = Default::default();
+            }
+            self.pace_riding = false;
             self.mark_pace();
             let mut loss_share = 0.0f64;
             let mut loss_sum = 0.0f64;

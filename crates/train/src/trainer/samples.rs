@@ -110,6 +110,13 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// Makes every member hold the samples it needs (see the module's design);
     /// returns what moved, when anything did.
     pub(super) fn fill_samples(&mut self) -> Result<Option<Event>, TrainError> {
+        // Every member held the whole dataset when last asked, and one that
+        // holds it keeps it: nothing can be lacking, and asking would be a
+        // collective — a barrier where every worker waits for the slowest —
+        // at every epoch's start and every change of the split.
+        if self.all_hold_everything {
+            return Ok(None);
+        }
         let world = self.world();
         let len = self.local.task.train_len() + self.local.task.test_len();
         let words = len.div_ceil(16);
@@ -123,12 +130,16 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             )));
         }
         let lacks = |words: &[f32], ids: &[usize]| ids.iter().find(|&&id| !present(words, id)).copied();
-        let mut lacking = vec![0f32; world];
+        // One slot per member: 1 when it lacks a sample it needs; then how
+        // many members hold only part of the dataset.
+        let mut lacking = vec![0f32; world + 1];
         lacking[self.rank] = f32::from(u8::from(
             mine.as_ref()
                 .is_some_and(|w| lacks(w, &self.needs(self.rank)).is_some()),
         ));
+        lacking[world] = f32::from(u8::from(mine.is_some()));
         self.global_sum(&mut lacking)?;
+        self.all_hold_everything = lacking[world] == 0.0;
         if lacking.iter().all(|&x| x == 0.0) {
             return Ok(None);
         }

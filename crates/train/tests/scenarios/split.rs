@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
-use hetero_job::Optimizer;
+use hetero_job::{Optimizer, Strategy};
 use hetero_train::{Event, TrainOptions, Trainer};
 
 use crate::common::*;
@@ -77,6 +77,18 @@ fn a_weighted_run_sets_its_split_from_measured_throughput_within_the_first_epoch
 /// before the epoch ends. Every sample is still visited exactly once.
 #[test]
 fn with_rebalance_a_worker_that_slows_mid_epoch_gets_less_of_that_epoch() {
+    slows_mid_epoch(Strategy::Allreduce, false);
+}
+
+/// The same with local SGD, whose check's rates ride in an average sent while
+/// the next step computes (they come back a few steps after the check, after
+/// the same step on both workers).
+#[test]
+fn with_local_sgd_the_checks_rates_ride_in_an_overlapped_average() {
+    slows_mid_epoch(Strategy::LocalSgd { sync_every: 4 }, true);
+}
+
+fn slows_mid_epoch(strategy: Strategy, overlap: bool) {
     let (len, global) = (960, 16);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let finished = train_ring(2, |rank| {
@@ -91,6 +103,7 @@ fn with_rebalance_a_worker_that_slows_mid_epoch_gets_less_of_that_epoch() {
         o.weights = vec![1.0, 1.0];
         o.measure_split = true;
         o.rebalance = true;
+        (o.strategy, o.overlap) = (strategy, overlap);
         (task, o)
     });
     for (summary, _, events) in &finished {
