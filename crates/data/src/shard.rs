@@ -83,7 +83,7 @@ impl Split {
     ///
     /// Why not the largest remainders: a part's step takes `part / ideal` of the
     /// time an exact split would, so a sample more lengthens a small part's step
-    /// far more than a large one's — at ideals 60.4 / 26.4 / 9.1 of 96, the
+    /// far more than a large one's — at ideals 60.4 / 26.4 / 9.2 of 96, the
     /// largest remainder may give the extra sample to the 26 (its step 2.3 %
     /// longer than exact, and everyone waits for it), where the 60 takes it for
     /// 1 %. Each extra sample goes where the step it lengthens stays shortest

@@ -291,6 +291,9 @@ pub fn run(b: &HeteroBench) -> Result<()> {
         let (median, low, high) = spread(bounds);
         println!("  the even split's bound (n × the slowest alone ÷ the sum): {median:.3} ({low:.3}–{high:.3})");
     }
+    if !b.splits.iter().any(|v| v.weighted) {
+        return Ok(());
+    }
     println!();
     println!("how the weighted splits converged (shares by device at each epoch's end):");
     let total: f64 = b.speeds.iter().map(|&s| s as f64).sum();

@@ -147,6 +147,12 @@ pub(crate) trait Aggregate: Send {
     fn rider(&mut self) -> Option<&mut Rider> {
         None
     }
+
+    /// Steps until floats given to [`Aggregate::rider`] now are summed (0: in
+    /// this step's exchange) — the same on every member.
+    fn steps_to_exchange(&self) -> usize {
+        0
+    }
 }
 
 /// Floats the trainer has summed over the workers in the next exchange a
@@ -500,6 +506,12 @@ impl Aggregate for LocalSgd {
 
     fn rider(&mut self) -> Option<&mut Rider> {
         Some(&mut self.rider)
+    }
+
+    fn steps_to_exchange(&self) -> usize {
+        // Riders board the next average made (at a step that is a multiple of
+        // `every`); overlapped, it is sent during the step after.
+        self.every - self.steps % self.every - 1 + usize::from(self.overlap)
     }
 
     fn losses_are_global(&self) -> bool {

@@ -31,13 +31,14 @@ pub const REBALANCE_DRIFT: f64 = 0.05;
 /// Why within the epoch: a device's speed drifts (other load, heat, a host's
 /// neighbours), and a split that is off by a few percent makes every fast worker
 /// wait for the slow one at every exchange until the epoch ends. Why this many:
-/// each check is one small collective, and the window must be long enough that a
-/// CPU quota's 10 ms periods and the host's jitter average out.
+/// each check moves a few floats (riding in the strategy's own exchange, see
+/// [`super::aggregate::Rider`]), and the window must be long enough that a CPU
+/// quota's 10 ms periods and the host's jitter average out.
 pub const PACE_STEPS: u64 = 32;
 
-/// The most steps between two checks: each check that keeps the split doubles
-/// the wait for the next, up to this, and one that moves it starts again at
-/// [`PACE_STEPS`].
+/// The most steps between two checks: each check within an epoch that keeps
+/// the split doubles the wait for the next, up to this, and one that moves it
+/// starts again at [`PACE_STEPS`] (as does a re-formed ring).
 ///
 /// Why back off: a balanced split gains nothing from a check, and a longer
 /// window measures with less noise, so the split stops chasing the host's

@@ -376,7 +376,16 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             self.follow_pace(&rates)?;
         } else if self.pace_due() {
             let mut rates = self.own_rate(self.window_rate());
-            match self.aggregate.rider() {
+            // Rates ride only when they come back with enough of the epoch left
+            // to follow them (local SGD may average rarely); else they take a
+            // collective of their own.
+            let left_after = self
+                .run
+                .assignment
+                .steps_left()
+                .saturating_sub(self.aggregate.steps_to_exchange());
+            let in_time = left_after > (elastic::PACE_STEPS / 2) as usize;
+            match self.aggregate.rider().filter(|_| in_time) {
                 Some(rider) => {
                     rider.waiting = Some(rates);
                     self.pace_riding = true;

@@ -7,9 +7,11 @@
 //! re-formed after a loss, the first measurement re-shared an epoch — the members
 //! run [`Trainer::fill_samples`] before their next step or evaluation:
 //!
-//! 1. one float per member says whether it lacks any sample it needs; when none
-//!    does (every worker read the files, or already holds its part) that is all
-//!    it costs;
+//! 1. one float per member says whether it lacks any sample it needs, and one
+//!    more counts the members that hold only part of the dataset; when none
+//!    lacks anything (every worker read the files, or already holds its part)
+//!    that is all it costs — and once none holds only a part, later fills cost
+//!    nothing at all until the ring re-forms;
 //! 2. otherwise every member's presence bits are summed into one table;
 //! 3. every member plans the same transfers from it ([`plan`]): each sample a
 //!    member needs — its shard, and its part of the test set — comes from the

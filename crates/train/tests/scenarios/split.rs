@@ -88,6 +88,14 @@ fn with_local_sgd_the_checks_rates_ride_in_an_overlapped_average() {
     slows_mid_epoch(Strategy::LocalSgd { sync_every: 4 }, true);
 }
 
+/// With averages too rare to bring a check's rates back within the epoch (one
+/// per 100 steps, in an epoch of 60), the check takes a collective of its own
+/// and the split still follows.
+#[test]
+fn with_rare_averages_a_check_takes_a_collective_of_its_own() {
+    slows_mid_epoch(Strategy::LocalSgd { sync_every: 100 }, true);
+}
+
 fn slows_mid_epoch(strategy: Strategy, overlap: bool) {
     let (len, global) = (960, 16);
     let seen = Arc::new(Mutex::new(Vec::new()));
