@@ -169,15 +169,24 @@ pub(crate) trait Aggregate: Send {
 pub(crate) struct Rider {
     /// Waiting for the next exchange.
     pub waiting: Option<Vec<f32>>,
+    /// Boarded an exchange whose sums are not back yet.
+    aboard: bool,
     /// Summed over the workers, for the trainer to take.
     pub arrived: Option<Vec<f32>>,
 }
 
 impl Rider {
+    /// Whether floats handed over are not yet back in the trainer's hands
+    /// (waiting, aboard, or arrived and not taken).
+    pub fn travelling(&self) -> bool {
+        self.waiting.is_some() || self.aboard || self.arrived.is_some()
+    }
+
     /// Appends what waits to `buf`, an exchange's buffer; returns how many floats.
     fn board(&mut self, buf: &mut Vec<f32>) -> usize {
         let riders = self.waiting.take().unwrap_or_default();
         buf.extend(&riders);
+        self.aboard |= !riders.is_empty();
         riders.len()
     }
 
@@ -185,6 +194,7 @@ impl Rider {
     fn alight(&mut self, buf: &mut Vec<f32>, n: usize) {
         if n > 0 {
             self.arrived = Some(buf.split_off(buf.len() - n));
+            self.aboard = false;
         }
     }
 }

@@ -186,9 +186,9 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         self.aggregate.on_regroup();
         // Checks of the split count from here on every member alike (a joiner
         // has no window of its own, survivors may have backed off differently);
-        // rates riding in an exchange the ring lost are dropped with it.
+        // rates riding in an exchange the ring lost were dropped with it
+        // (`on_regroup`).
         self.pace_every = PACE_STEPS;
-        self.pace_riding = false;
         self.mark_pace();
         self.joining = false;
 
@@ -257,12 +257,13 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// measurement). Decided on step counts every member agrees on — the run's,
     /// and the run's at the window's start, which every member marks at the same
     /// step — because every member's rates must board the same exchange.
-    pub(super) fn pace_due(&self) -> bool {
+    pub(super) fn pace_due(&mut self) -> bool {
+        let travelling = self.aggregate.rider().is_some_and(|r| r.travelling());
         self.options.rebalance
             && self.world() > 1
             && !self.options.strategy.uses_parameter_server()
             && self.run.measure_at.is_none()
-            && !self.pace_riding
+            && !travelling
             && self.run.updates >= self.pace_mark.0 + self.pace_every
             && self.run.assignment.steps_left() > (PACE_STEPS / 2) as usize
     }

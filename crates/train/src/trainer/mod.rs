@@ -101,9 +101,6 @@ pub struct Trainer<B: AutodiffBackend, T: Task<B>> {
     pace_mark: (u64, u64, std::time::Duration),
     /// Steps from `pace_mark` to the next check of the split ([`elastic::next_pace`]).
     pace_every: u64,
-    /// A check's rates ride in the strategy's next exchange, not yet back
-    /// ([`aggregate::Rider`]).
-    pace_riding: bool,
     /// Every member of this ring holds the whole dataset (learnt in a fill of
     /// the samples): later fills have nothing to do.
     all_hold_everything: bool,
@@ -372,7 +369,6 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
         } else if let Some(rates) = arrived {
             // A check's rates came back with the strategy's exchange, after the
             // same step on every member: each applies them before this one.
-            self.pace_riding = false;
             self.follow_pace(&rates)?;
         } else if self.pace_due() {
             let mut rates = self.own_rate(self.window_rate());
@@ -386,10 +382,7 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
                 .saturating_sub(self.aggregate.steps_to_exchange());
             let in_time = left_after > (elastic::PACE_STEPS / 2) as usize;
             match self.aggregate.rider().filter(|_| in_time) {
-                Some(rider) => {
-                    rider.waiting = Some(rates);
-                    self.pace_riding = true;
-                }
+                Some(rider) => rider.waiting = Some(rates),
                 None => {
                     self.global_sum(&mut rates)?;
                     self.follow_pace(&rates)?;
@@ -447,7 +440,6 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
             if let Some(rider) = self.aggregate.rider() {
                 *rider = Default::default();
             }
-            self.pace_riding = false;
             self.mark_pace();
             let mut loss_share = 0.0f64;
             let mut loss_sum = 0.0f64;
