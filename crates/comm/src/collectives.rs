@@ -102,7 +102,10 @@ impl Ring {
         }
     }
 
+    /// Both links, with the names of the peers at their ends; an allreduce
+    /// running in the background lands first ([`Ring::settle`]).
     fn peers(&mut self) -> (&mut Sender, &mut Receiver, String, String) {
+        self.settle();
         let world = self.config.world;
         let rank = self.config.rank;
         let next = format!("rank {}", (rank + 1) % world);

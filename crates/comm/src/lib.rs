@@ -19,6 +19,7 @@
 //! Everything is blocking `std::net`: a training worker is synchronous burn code and
 //! needs no async runtime on its hot path.
 
+pub mod background;
 pub mod collectives;
 pub mod error;
 pub mod frame;

@@ -17,6 +17,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use crate::CommError;
+use crate::background::Background;
 use crate::frame::DEFAULT_MAX_FRAME;
 use crate::handshake;
 use crate::link::{self, Cipher, Keys, Receiver, Sender};
@@ -82,6 +83,9 @@ pub struct Ring {
     pub(crate) next: Option<Sender>,
     /// Link from `rank − 1` (read side). `None` when `world == 1`.
     pub(crate) prev: Option<Receiver>,
+    /// An allreduce running on a thread of its own with both links
+    /// ([`crate::background`]).
+    pub(crate) background: Background,
 }
 
 impl Ring {
@@ -105,6 +109,7 @@ impl Ring {
                 config,
                 next: None,
                 prev: None,
+                background: Background::Idle,
             });
         }
         let deadline = Instant::now() + config.connect_timeout;
@@ -130,6 +135,7 @@ impl Ring {
             next: Some(Sender::new(next.stream, next.keys.as_ref().map(|k| &k.send))),
             prev: Some(Receiver::new(prev.stream, prev.keys.as_ref().map(|k| &k.recv))),
             config,
+            background: Background::Idle,
         })
     }
 }

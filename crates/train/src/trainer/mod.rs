@@ -245,8 +245,9 @@ impl<B: AutodiffBackend, T: Task<B>> Trainer<B, T> {
     /// asynchronous parameter server, this worker's group's batch, since each push
     /// is a step of its own). Returns the batch's mean loss (with local-sgd, the
     /// local batch's but at an average made at once). With local-sgd and
-    /// `overlap`, an average due after the last step is sent during this one, and
-    /// one due after this step waits for the next step or the epoch's end.
+    /// `overlap`, an average made after this step travels while the next
+    /// `sync_every / 2` steps compute (at least one), and lands after them or
+    /// when the epoch ends.
     pub fn step(&mut self, indices: &[usize], global: usize) -> Result<f32, TrainError> {
         let Trainer {
             local,

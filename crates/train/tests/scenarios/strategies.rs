@@ -196,42 +196,45 @@ fn at_bf16_workers_agree_to_the_bit_and_stay_close_to_f32() {
     }
 }
 
-/// Overlapped local SGD sends each average while the next step computes (here
-/// after every step, the epoch's last included): the workers still end every
-/// epoch on one model, at bf16 too, and learn as with the averages made at once,
-/// a step of staleness apart.
+/// Overlapped local SGD sends each average while the next steps compute (here
+/// averages after every step and every 4 steps, landing 1 and 2 steps later),
+/// and each worker adds the steps it took meanwhile to the average when it
+/// lands: the workers still end every epoch on one model, at bf16 too, and
+/// learn as with the averages made at once, those steps of staleness apart.
 #[test]
 fn overlapped_local_sgd_ends_each_epoch_on_one_model_and_learns_like_the_plain_one() {
-    let run = |overlap: bool, precision: Precision| {
+    let run = |every: usize, overlap: bool, precision: Precision| {
         train_ring(3, |_| {
             let mut o = TrainOptions::new(4, 12, 5).with_optimizer(Optimizer::Sgd, 1e-1);
-            o.strategy = Strategy::LocalSgd { sync_every: 1 };
+            o.strategy = Strategy::LocalSgd { sync_every: every };
             o.overlap = overlap;
             o.precision = precision;
             (cnn_task(), o)
         })
     };
-    let plain = run(false, Precision::F32);
-    for precision in [Precision::F32, Precision::Bf16] {
-        let overlapped = run(true, precision);
-        for (summary, model, _) in &overlapped[1..] {
-            assert_eq!(*model, overlapped[0].1, "{precision:?}: one model");
-            assert_eq!(summary.history.len(), 4);
+    for every in [1, 4] {
+        let plain = run(every, false, Precision::F32);
+        for precision in [Precision::F32, Precision::Bf16] {
+            let overlapped = run(every, true, precision);
+            for (summary, model, _) in &overlapped[1..] {
+                assert_eq!(*model, overlapped[0].1, "every {every}, {precision:?}: one model");
+                assert_eq!(summary.history.len(), 4);
+            }
+            assert_ne!(
+                overlapped[0].1, plain[0].1,
+                "every {every}, {precision:?}: the averages arrive steps late"
+            );
+            let losses = |f: &[Finished]| -> Vec<f64> { f[0].0.history.iter().map(|h| h.train_loss).collect() };
+            let (p, o) = (losses(&plain), losses(&overlapped));
+            // The kernels' parallel sums vary by a few thousandths between runs:
+            // the bounds are what the run learned, not its last digits.
+            let last = o.len() - 1;
+            assert!(o[last] < o[0], "every {every}, {precision:?}: it learns: {o:?}");
+            assert!(
+                (o[last] - p[last]).abs() < p[0] - p[last],
+                "every {every}, {precision:?}: {o:?} ends nearer the plain run's last loss than the plain run's first is: {p:?}"
+            );
         }
-        assert_ne!(
-            overlapped[0].1, plain[0].1,
-            "{precision:?}: the gradients are a step stale"
-        );
-        let losses = |f: &[Finished]| -> Vec<f64> { f[0].0.history.iter().map(|h| h.train_loss).collect() };
-        let (p, o) = (losses(&plain), losses(&overlapped));
-        // The kernels' parallel sums vary by a few thousandths between runs:
-        // the bounds are what the run learned, not its last digits.
-        let last = o.len() - 1;
-        assert!(o[last] < o[0], "{precision:?}: it learns: {o:?}");
-        assert!(
-            (o[last] - p[last]).abs() < p[0] - p[last],
-            "{precision:?}: {o:?} ends nearer the plain run's last loss than the plain run's first is: {p:?}"
-        );
     }
 }
 
