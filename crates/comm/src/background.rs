@@ -11,7 +11,9 @@
 //! runs its collectives in one order, so a background allreduce never overtakes
 //! another collective, nor is overtaken by one. A ring dropped while its links
 //! are away shuts their sockets, so the thread and the neighbours learn at once
-//! instead of waiting out the read timeout.
+//! instead of waiting out the read timeout. A failure shows when the caller
+//! finishes the allreduce or runs another collective, whichever comes first —
+//! steps later for local SGD, which then regroups as after any other failure.
 
 use std::net::{Shutdown, TcpStream};
 use std::thread::JoinHandle;
@@ -68,15 +70,15 @@ impl Ring {
         .flatten()
         .filter_map(Result::ok)
         .collect();
-        let mut away = Ring {
-            config: self.config.clone(),
-            next: self.next.take(),
-            prev: self.prev.take(),
-            background: Background::Idle,
-        };
+        // The links go to the thread only once it runs: a thread that cannot
+        // be started leaves them here.
+        let (hand_over, links) = std::sync::mpsc::channel::<Ring>();
         let thread = std::thread::Builder::new()
             .name(format!("allreduce-r{}", self.config.rank))
             .spawn(move || {
+                let Ok(mut away) = links.recv() else {
+                    unreachable!("the links are sent right after the thread starts");
+                };
                 let result = away.allreduce_sum_as(&mut buf, precision).map(|()| buf);
                 Flight {
                     next: away.next.take(),
@@ -85,6 +87,13 @@ impl Ring {
                 }
             })
             .map_err(|e| CommError::io("starting a background allreduce", e))?;
+        let away = Ring {
+            config: self.config.clone(),
+            next: self.next.take(),
+            prev: self.prev.take(),
+            background: Background::Idle,
+        };
+        hand_over.send(away).expect("the thread waits for its links");
         self.background = Background::Away { thread, sockets };
         Ok(())
     }
@@ -103,6 +112,22 @@ impl Ring {
     /// Whether an allreduce started in the background has not been finished.
     pub fn allreduce_under_way(&self) -> bool {
         !matches!(self.background, Background::Idle)
+    }
+
+    /// A background allreduce's failure, taken for the collective about to run:
+    /// it closed the links, so that collective would only fail on a closed
+    /// socket. [`Ring::finish_allreduce`] then says it failed before.
+    pub(crate) fn background_failure(&mut self) -> Result<(), CommError> {
+        if !matches!(self.background, Background::Landed(Err(_))) {
+            return Ok(());
+        }
+        let Background::Landed(Err(e)) = std::mem::take(&mut self.background) else {
+            unreachable!("checked above");
+        };
+        self.background = Background::Landed(Err(CommError::Config(format!(
+            "the allreduce started in the background failed: {e}"
+        ))));
+        Err(e)
     }
 
     /// Waits for a background allreduce, if one is away, and takes its links
@@ -227,5 +252,33 @@ mod tests {
             handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
         });
         assert_eq!(errors.len(), 2);
+    }
+
+    #[test]
+    fn a_collective_after_a_failed_background_allreduce_reports_that_failure() {
+        let mut rings = loopback(3, "background", "token").unwrap();
+        drop(rings.pop());
+        let results = std::thread::scope(|s| {
+            let handles: Vec<_> = rings
+                .into_iter()
+                .map(|mut ring| {
+                    s.spawn(move || {
+                        ring.start_allreduce_sum_as(vec![1.0; 1000], Precision::F32).unwrap();
+                        let broadcast = ring.broadcast(&mut [0.0; 4], 0).unwrap_err().to_string();
+                        (broadcast, ring.finish_allreduce().unwrap_err().to_string())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        });
+        for (broadcast, finished) in results {
+            // The allreduce's own failure (a closed neighbour), not the closed
+            // socket the broadcast would have met.
+            assert!(!broadcast.contains("during broadcast"), "{broadcast}");
+            assert!(
+                finished.contains("failed") && finished.contains(&broadcast),
+                "{finished}"
+            );
+        }
     }
 }

@@ -102,18 +102,23 @@ impl Ring {
         }
     }
 
-    /// Both links, with the names of the peers at their ends; an allreduce
-    /// running in the background lands first ([`Ring::settle`]).
-    fn peers(&mut self) -> (&mut Sender, &mut Receiver, String, String) {
+    /// Both links, with the names of the peers at their ends. An allreduce
+    /// running in the background lands first ([`Ring::settle`]); if it failed,
+    /// its error is this collective's (it closed the links), so the cause is
+    /// what the caller sees.
+    fn peers(&mut self) -> Result<(&mut Sender, &mut Receiver, String, String), CommError> {
         self.settle();
+        self.background_failure()?;
         let world = self.config.world;
         let rank = self.config.rank;
         let next = format!("rank {}", (rank + 1) % world);
         let prev = format!("rank {}", (rank + world - 1) % world);
         let (Some(n), Some(p)) = (self.next.as_mut(), self.prev.as_mut()) else {
-            unreachable!("a ring of more than one worker has both streams");
+            return Err(CommError::Config(format!(
+                "rank {rank}'s ring has lost its links (a failed collective closed them)"
+            )));
         };
-        (n, p, next, prev)
+        Ok((n, p, next, prev))
     }
 
     /// Sums `buf` element-wise across all ranks; every rank ends with the same sum.
@@ -138,7 +143,7 @@ impl Ring {
         }
         let len = buf.len();
         let steps = 2 * (world - 1);
-        let (next, prev, next_name, prev_name) = self.peers();
+        let (next, prev, next_name, prev_name) = self.peers()?;
         with_writer(next, FrameKind::Data, next_name, |tx| {
             let (s, e) = chunk_bounds(len, world, rank);
             for (a, b) in pieces(s, e) {
@@ -202,7 +207,7 @@ impl Ring {
             return Ok(());
         }
         let last = (root + world - 1) % world;
-        let (next, prev, next_name, prev_name) = self.peers();
+        let (next, prev, next_name, prev_name) = self.peers()?;
         with_writer(next, FrameKind::Data, next_name, |tx| {
             if rank == root {
                 for (a, b) in pieces(0, buf.len()) {
@@ -249,7 +254,7 @@ impl Ring {
             return Ok(());
         }
         let last = (root + world - 1) % world;
-        let (next, prev, next_name, prev_name) = self.peers();
+        let (next, prev, next_name, prev_name) = self.peers()?;
         with_writer(next, FrameKind::Message, next_name, |tx| {
             if rank == root {
                 tx.send((msg.len() as u64).to_le_bytes().to_vec()).ok();
@@ -282,7 +287,7 @@ impl Ring {
             return Ok(msg.to_vec());
         }
         let max = self.config.max_frame;
-        let (next, prev, next_name, prev_name) = self.peers();
+        let (next, prev, next_name, prev_name) = self.peers()?;
         with_writer(next, FrameKind::Message, next_name, |tx| {
             tx.send((msg.len() as u64).to_le_bytes().to_vec()).ok();
             for piece in msg.chunks(MESSAGE_PIECE) {

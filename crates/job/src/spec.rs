@@ -236,8 +236,9 @@ pub struct TrainingSpec {
     /// (0: never).
     #[serde(default = "five_minutes")]
     pub stall_after_secs: u64,
-    /// Exchange the head's gradients while the body's are computed, for models
-    /// that split so (the CNN).
+    /// Exchange while computing: the head's gradients while the body's are
+    /// computed, for models that split so (the CNN); with local SGD, each
+    /// average while the next `sync_every / 2` steps compute.
     #[serde(default = "yes")]
     pub overlap: bool,
     /// How the floats an allreduce or local SGD exchanges travel.

@@ -200,8 +200,8 @@ impl Rider {
 }
 
 /// The aggregation a ring of every worker runs for `strategy`, exchanging at
-/// `precision`; with `overlap`, local SGD's averages travel while the next step
-/// computes ([`LocalSgd`]).
+/// `precision`; with `overlap`, local SGD's averages travel while the next
+/// steps compute ([`LocalSgd`]).
 pub(crate) fn on_ring(
     strategy: Strategy,
     precision: Precision,

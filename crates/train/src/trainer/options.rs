@@ -51,7 +51,8 @@ pub struct TrainOptions {
     /// Exchange while computing: with allreduce, the head's gradients while the
     /// body's are computed, when the task's loss comes in two stages
     /// ([`crate::Task::staged_loss`]); with local SGD, each average while the
-    /// next step computes (one step of staleness).
+    /// next `sync_every / 2` steps compute (at least one; as many steps of
+    /// staleness).
     pub overlap: bool,
     /// Where the lowest-ranked worker saves checkpoints (`None`: nowhere).
     pub checkpoint: Option<PathBuf>,

@@ -81,7 +81,7 @@ fn with_rebalance_a_worker_that_slows_mid_epoch_gets_less_of_that_epoch() {
 }
 
 /// The same with local SGD, whose check's rates ride in an average sent while
-/// the next step computes (they come back a few steps after the check, after
+/// the next steps compute (they come back a few steps after the check, after
 /// the same step on both workers).
 #[test]
 fn with_local_sgd_the_checks_rates_ride_in_an_overlapped_average() {
