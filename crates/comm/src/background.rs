@@ -172,13 +172,17 @@ mod tests {
     use super::*;
     use crate::ring::loopback;
 
-    /// Runs `f` on every rank of a loopback ring of `world`, each on a thread.
-    fn each_rank<T: Send>(world: usize, f: impl Fn(Ring) -> T + Sync) -> Vec<T> {
-        let rings = loopback(world, "background", "token").unwrap();
+    /// Runs `f` on each of `rings`, each on a thread.
+    fn each_of<T: Send>(rings: Vec<Ring>, f: impl Fn(Ring) -> T + Sync) -> Vec<T> {
         std::thread::scope(|s| {
             let handles: Vec<_> = rings.into_iter().map(|r| s.spawn(|| f(r))).collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         })
+    }
+
+    /// Runs `f` on every rank of a loopback ring of `world`, each on a thread.
+    fn each_rank<T: Send>(world: usize, f: impl Fn(Ring) -> T + Sync) -> Vec<T> {
+        each_of(loopback(world, "background", "token").unwrap(), f)
     }
 
     fn input(rank: usize, len: usize) -> Vec<f32> {
@@ -239,17 +243,9 @@ mod tests {
         // Its thread waits for neighbours that have not started: the drop must
         // end that thread (else it would hang here) and close its links.
         drop(last);
-        let errors = std::thread::scope(|s| {
-            let handles: Vec<_> = rings
-                .into_iter()
-                .map(|mut ring| {
-                    s.spawn(move || {
-                        ring.start_allreduce_sum_as(vec![1.0; 1000], Precision::F32).unwrap();
-                        ring.finish_allreduce().unwrap_err()
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        let errors = each_of(rings, |mut ring| {
+            ring.start_allreduce_sum_as(vec![1.0; 1000], Precision::F32).unwrap();
+            ring.finish_allreduce().unwrap_err()
         });
         assert_eq!(errors.len(), 2);
     }
@@ -258,18 +254,10 @@ mod tests {
     fn a_collective_after_a_failed_background_allreduce_reports_that_failure() {
         let mut rings = loopback(3, "background", "token").unwrap();
         drop(rings.pop());
-        let results = std::thread::scope(|s| {
-            let handles: Vec<_> = rings
-                .into_iter()
-                .map(|mut ring| {
-                    s.spawn(move || {
-                        ring.start_allreduce_sum_as(vec![1.0; 1000], Precision::F32).unwrap();
-                        let broadcast = ring.broadcast(&mut [0.0; 4], 0).unwrap_err().to_string();
-                        (broadcast, ring.finish_allreduce().unwrap_err().to_string())
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect::<Vec<_>>()
+        let results = each_of(rings, |mut ring| {
+            ring.start_allreduce_sum_as(vec![1.0; 1000], Precision::F32).unwrap();
+            let broadcast = ring.broadcast(&mut [0.0; 4], 0).unwrap_err().to_string();
+            (broadcast, ring.finish_allreduce().unwrap_err().to_string())
         });
         for (broadcast, finished) in results {
             // The allreduce's own failure (a closed neighbour), not the closed
