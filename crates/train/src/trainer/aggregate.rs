@@ -370,7 +370,7 @@ pub(crate) struct LocalSgd {
     precision: Precision,
     /// The model the last average gave every member (kept only below f32).
     anchor: Option<Vec<f32>>,
-    /// Send each average while the next `every` steps compute.
+    /// Send each average while the next steps compute ([`LocalSgd::landing`]).
     overlap: bool,
     /// With `overlap`: the average on its way.
     away: Option<Away>,
@@ -425,15 +425,10 @@ impl LocalSgd {
         }
     }
 
-    /// Makes the exchanged sum `summed` every worker's model; returns the summed
-    /// loss shares.
-    fn arrived(&mut self, summed: Outgoing, model: &mut Flat) -> f32 {
-        let Outgoing {
-            mut flat,
-            anchor,
-            riders,
-            ..
-        } = summed;
+    /// Makes `flat`, an exchanged sum of [`Outgoing::flat`] (changes since
+    /// `anchor`, or whole models without one, then the loss shares and `riders`
+    /// floats), every worker's model; returns the summed loss shares.
+    fn arrived(&mut self, mut flat: Vec<f32>, anchor: Option<Vec<f32>>, riders: usize, model: &mut Flat) -> f32 {
         self.rider.alight(&mut flat, riders);
         let loss = flat.pop().expect("loss slot");
         if let Some(a) = anchor {
@@ -452,7 +447,7 @@ impl LocalSgd {
     /// summed loss shares.
     fn send(&mut self, ring: &mut Ring, model: &mut Flat, mut out: Outgoing) -> Result<f32, TrainError> {
         ring.allreduce_sum_as(&mut out.flat, out.precision)?;
-        Ok(self.arrived(out, model))
+        Ok(self.arrived(out.flat, out.anchor, out.riders, model))
     }
 
     /// Steps an average travels before it lands (0: it is made at once): half
@@ -494,13 +489,7 @@ impl LocalSgd {
         let flat = ring.finish_allreduce()?;
         // `sent` becomes the progress since sending.
         sent.iter_mut().zip(&model.params).for_each(|(s, p)| *s = p - *s);
-        let summed = Outgoing {
-            flat,
-            precision: self.precision,
-            anchor,
-            riders,
-        };
-        let loss = self.arrived(summed, model);
+        let loss = self.arrived(flat, anchor, riders, model);
         model.params.iter_mut().zip(&sent).for_each(|(p, d)| *p += d);
         Ok(Some(loss))
     }
